@@ -1,0 +1,273 @@
+//! Model configuration: the serde mirror of HF's `config.json` ([`HfConfig`]) kept apart from
+//! the validated runtime form ([`LlamaConfig`]) that the model is built from. The file format
+//! has optional and legacy spellings (top-level `rope_theta` vs `rope_parameters`); the runtime
+//! form has exactly one answer for each question, so model code never re-derives defaults.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::Path;
+
+/// `config.json` as HF transformers writes it for `LlamaForCausalLM`.
+///
+/// Unknown keys are kept in `extra` so that rewriting a config (resize, merge) preserves them.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct HfConfig {
+    pub hidden_size: Option<usize>,
+    pub intermediate_size: Option<usize>,
+    pub num_hidden_layers: Option<usize>,
+    pub num_attention_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub num_key_value_heads: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub head_dim: Option<usize>,
+    pub vocab_size: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_theta: Option<f64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_parameters: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rope_scaling: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_position_embeddings: Option<usize>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tie_word_embeddings: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub hidden_act: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub attention_bias: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mlp_bias: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub eos_token_id: Option<serde_json::Value>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+/// How RoPE frequencies are rescaled for long contexts.
+#[derive(Debug, Clone, PartialEq)]
+pub enum RopeScaling {
+    None,
+    /// Positions divided by `factor` (HF `linear`).
+    Linear { factor: f64 },
+    /// LLaMA-3.1's piecewise scaling of wavelengths (HF `llama3`).
+    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
+}
+
+/// The validated configuration the model is built from.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlamaConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_layers: usize,
+    pub num_heads: usize,
+    pub num_kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab_size: usize,
+    pub rms_norm_eps: f64,
+    pub rope_theta: f64,
+    pub rope_scaling: RopeScaling,
+    pub max_position_embeddings: usize,
+    pub tie_word_embeddings: bool,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_ids: Vec<u32>,
+}
+
+fn token_ids(v: &Option<serde_json::Value>) -> Vec<u32> {
+    match v {
+        Some(serde_json::Value::Number(n)) => n.as_u64().map(|x| vec![x as u32]).unwrap_or_default(),
+        Some(serde_json::Value::Array(a)) => a.iter().filter_map(|x| x.as_u64()).map(|x| x as u32).collect(),
+        _ => vec![],
+    }
+}
+
+fn f64_field(obj: &serde_json::Value, key: &str) -> Option<f64> {
+    obj.get(key).and_then(|v| v.as_f64())
+}
+
+impl HfConfig {
+    /// Reads `config.json` from a model folder (or the file itself).
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let text = std::fs::read_to_string(&file)
+            .with_context(|| format!("cannot read {}: a model folder needs an HF config.json", file.display()))?;
+        serde_json::from_str(&text).with_context(|| format!("{} is not a valid config.json", file.display()))
+    }
+
+    /// Writes the config atomically.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let text = serde_json::to_string_pretty(self)?;
+        crate::io::atomic::write(&dir.join("config.json"), text.as_bytes())
+    }
+
+    /// Checks every key the model needs and resolves legacy spellings.
+    pub fn to_runtime(&self) -> Result<LlamaConfig> {
+        fn req(v: Option<usize>, key: &str) -> Result<usize> {
+            match v {
+                Some(0) => bail!("config.json: `{key}` is 0; it must be a positive integer"),
+                Some(x) => Ok(x),
+                None => bail!("config.json: missing key `{key}` (a LLaMA config needs it)"),
+            }
+        }
+        if let Some(mt) = &self.model_type {
+            if !matches!(mt.as_str(), "llama" | "mistral" | "qwen2" | "smollm" | "smollm2") {
+                bail!("config.json: model_type `{mt}` is not a LLaMA-family model; linly-lora supports model_type `llama`");
+            }
+        }
+        if let Some(act) = &self.hidden_act {
+            if act != "silu" {
+                bail!("config.json: hidden_act `{act}` is not supported; LLaMA uses `silu`");
+            }
+        }
+        if self.attention_bias == Some(true) || self.mlp_bias == Some(true) {
+            bail!("config.json: attention_bias/mlp_bias = true is not supported (LLaMA has no linear biases)");
+        }
+        let hidden_size = req(self.hidden_size, "hidden_size")?;
+        let num_heads = req(self.num_attention_heads, "num_attention_heads")?;
+        let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
+        if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
+            bail!("config.json: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
+        }
+        let head_dim = match self.head_dim {
+            Some(d) => d,
+            None => {
+                if hidden_size % num_heads != 0 {
+                    bail!("config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}; set `head_dim`");
+                }
+                hidden_size / num_heads
+            }
+        };
+        if head_dim % 2 != 0 {
+            bail!("config.json: head_dim {head_dim} must be even for RoPE");
+        }
+        let params = self.rope_parameters.as_ref();
+        let rope_theta = self
+            .rope_theta
+            .or_else(|| params.and_then(|p| f64_field(p, "rope_theta")))
+            .unwrap_or(10000.0);
+        // transformers 5 folds the scaling into `rope_parameters`; older files use `rope_scaling`.
+        let scaling_obj = self.rope_scaling.as_ref().filter(|v| !v.is_null()).or(params);
+        let rope_scaling = match scaling_obj {
+            None => RopeScaling::None,
+            Some(obj) => {
+                let ty = obj
+                    .get("rope_type")
+                    .or_else(|| obj.get("type"))
+                    .and_then(|v| v.as_str())
+                    .unwrap_or("default");
+                let factor = || {
+                    f64_field(obj, "factor").with_context(|| format!("config.json: rope scaling `{ty}` needs `factor`"))
+                };
+                match ty {
+                    "default" => RopeScaling::None,
+                    "linear" => RopeScaling::Linear { factor: factor()? },
+                    "llama3" => RopeScaling::Llama3 {
+                        factor: factor()?,
+                        low_freq_factor: f64_field(obj, "low_freq_factor").unwrap_or(1.0),
+                        high_freq_factor: f64_field(obj, "high_freq_factor").unwrap_or(4.0),
+                        original_max_position_embeddings: f64_field(obj, "original_max_position_embeddings")
+                            .unwrap_or(8192.0),
+                    },
+                    other => bail!(
+                        "config.json: rope scaling type `{other}` is not supported; supported: default, linear, llama3"
+                    ),
+                }
+            }
+        };
+        let eos = token_ids(&self.eos_token_id);
+        Ok(LlamaConfig {
+            hidden_size,
+            intermediate_size: req(self.intermediate_size, "intermediate_size")?,
+            num_layers: req(self.num_hidden_layers, "num_hidden_layers")?,
+            num_heads,
+            num_kv_heads,
+            head_dim,
+            vocab_size: req(self.vocab_size, "vocab_size")?,
+            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rope_theta,
+            rope_scaling,
+            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
+            bos_token_id: token_ids(&self.bos_token_id).first().copied(),
+            eos_token_ids: eos,
+        })
+    }
+}
+
+impl LlamaConfig {
+    /// Loads and validates `config.json` from a model folder.
+    pub fn load(dir: &Path) -> Result<Self> {
+        HfConfig::load(dir)?.to_runtime().with_context(|| format!("in {}", dir.display()))
+    }
+
+    /// A synthetic shape, for benchmarks and tests that need no weights.
+    pub fn synthetic(hidden: usize, layers: usize, heads: usize, kv_heads: usize, ffn: usize, vocab: usize) -> Self {
+        LlamaConfig {
+            hidden_size: hidden,
+            intermediate_size: ffn,
+            num_layers: layers,
+            num_heads: heads,
+            num_kv_heads: kv_heads,
+            head_dim: hidden / heads,
+            vocab_size: vocab,
+            rms_norm_eps: 1e-5,
+            rope_theta: 10000.0,
+            rope_scaling: RopeScaling::None,
+            max_position_embeddings: 4096,
+            tie_word_embeddings: false,
+            bos_token_id: Some(1),
+            eos_token_ids: vec![2],
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(s: &str) -> Result<LlamaConfig> {
+        serde_json::from_str::<HfConfig>(s).unwrap().to_runtime()
+    }
+    const BASE: &str = r#""hidden_size":64,"intermediate_size":176,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":320"#;
+
+    #[test]
+    fn rope_theta_top_level_and_nested() {
+        let a = parse(&format!("{{{BASE},\"rope_theta\":500000.0}}")).unwrap();
+        assert_eq!(a.rope_theta, 500000.0);
+        let b = parse(&format!("{{{BASE},\"rope_parameters\":{{\"rope_theta\":1000.0,\"rope_type\":\"default\"}}}}")).unwrap();
+        assert_eq!(b.rope_theta, 1000.0);
+        assert_eq!(b.rope_scaling, RopeScaling::None);
+        assert_eq!(b.num_kv_heads, 4);
+        assert_eq!(b.head_dim, 16);
+    }
+
+    #[test]
+    fn rope_scaling_types() {
+        let l = parse(&format!("{{{BASE},\"rope_scaling\":{{\"type\":\"linear\",\"factor\":2.0}}}}")).unwrap();
+        assert_eq!(l.rope_scaling, RopeScaling::Linear { factor: 2.0 });
+        let l3 = parse(&format!(
+            "{{{BASE},\"rope_scaling\":{{\"rope_type\":\"llama3\",\"factor\":8.0,\"low_freq_factor\":1.0,\"high_freq_factor\":4.0,\"original_max_position_embeddings\":8192}}}}"
+        ))
+        .unwrap();
+        assert!(matches!(l3.rope_scaling, RopeScaling::Llama3 { factor, .. } if factor == 8.0));
+        let err = parse(&format!("{{{BASE},\"rope_scaling\":{{\"type\":\"yarn\",\"factor\":2.0}}}}")).unwrap_err();
+        assert!(err.to_string().contains("yarn"), "{err}");
+    }
+
+    #[test]
+    fn missing_key_is_named() {
+        let err = parse(r#"{"hidden_size":64,"num_hidden_layers":2,"num_attention_heads":4,"vocab_size":320}"#).unwrap_err();
+        assert!(err.to_string().contains("intermediate_size"), "{err}");
+    }
+
+    #[test]
+    fn gqa_must_divide() {
+        let err = parse(&format!("{{{BASE},\"num_key_value_heads\":3}}")).unwrap_err();
+        assert!(err.to_string().contains("num_key_value_heads"), "{err}");
+    }
+}

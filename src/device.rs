@@ -1,0 +1,44 @@
+//! `--device cpu|cuda:N` → a burn device. The CPU backend is flex (pure Rust); CUDA goes
+//! through libtorch and exists only in builds with `--features tch`.
+
+use anyhow::{bail, Result};
+use burn::tensor::Device;
+
+/// Parses a device name.
+pub fn parse(name: &str) -> Result<Device> {
+    let name = name.trim().to_ascii_lowercase();
+    if name == "cpu" {
+        return cpu();
+    }
+    if let Some(idx) = name.strip_prefix("cuda") {
+        let idx = idx.strip_prefix(':').unwrap_or(if idx.is_empty() { "0" } else { idx });
+        let idx: usize = idx.parse().map_err(|_| anyhow::anyhow!("bad device `{name}`: use cpu or cuda:N"))?;
+        return cuda(idx);
+    }
+    bail!("unknown device `{name}`: use cpu or cuda:N")
+}
+
+#[cfg(feature = "flex")]
+fn cpu() -> Result<Device> {
+    Ok(Device::flex())
+}
+
+#[cfg(not(feature = "flex"))]
+fn cpu() -> Result<Device> {
+    #[allow(deprecated)]
+    #[cfg(feature = "tch")]
+    return Ok(Device::libtorch());
+    #[cfg(not(feature = "tch"))]
+    bail!("this build has no CPU backend: rebuild with the default `flex` feature")
+}
+
+#[cfg(feature = "tch")]
+fn cuda(idx: usize) -> Result<Device> {
+    #[allow(deprecated)]
+    Ok(Device::libtorch_cuda(idx))
+}
+
+#[cfg(not(feature = "tch"))]
+fn cuda(_idx: usize) -> Result<Device> {
+    bail!("this build has no GPU backend: rebuild with `--features tch` (see scripts/setup-libtorch.sh)")
+}

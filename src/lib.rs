@@ -1,0 +1,21 @@
+//! linly-lora: teach an English LLaMA-family model a new language cheaply.
+//!
+//! The recipe of Linly, Chinese-LLaMA-Alpaca and Colossal-LLaMA-2: extend the tokenizer,
+//! resize the embedding and LM head with sub-token-mean rows, train LoRA adapters together
+//! with the embedding and head on mixed data, merge, and serve.
+//!
+//! Where things live:
+//! - [`model`]: the one LLaMA definition (attention, RoPE, norms, KV cache);
+//!   LoRA is applied in [`model::linear::Linear::forward`].
+//! - [`lora`]: LoRA layers and adapters.
+//! - [`io`]: file formats (safetensors, weight folders, atomic writes).
+//! - [`infer`]: evaluation, sampling, generation and chat templates.
+
+pub mod bench;
+pub mod config;
+pub mod device;
+pub mod infer;
+pub mod io;
+pub mod lora;
+pub mod model;
+pub mod tokenizer;

@@ -1,0 +1,294 @@
+//! The `linly-lora` command line: parses arguments and calls into the library.
+
+use anyhow::Result;
+use clap::{Args, Parser, Subcommand};
+use linly_lora::infer::{self, chat, eval, generate, sample::SamplingParams, ModelSpec};
+use linly_lora::io::safetensors::FloatType;
+use std::io::Write;
+use std::path::PathBuf;
+
+#[derive(Parser)]
+#[command(
+    name = "linly-lora",
+    version,
+    about = "Teach an English LLaMA-family model a new language cheaply",
+    long_about = "Teach an English LLaMA-family model a new language (first of all Chinese) cheaply, the \
+Linly / Chinese-LLaMA recipe: extend the tokenizer, resize the embedding and LM head with sub-token-mean \
+rows, train LoRA adapters with a trainable embedding and head on mixed data (fp16 with a loss scaler that \
+survives new rows), merge, and run it.\n\nModels are HF folders (config.json + safetensors [+ tokenizer.json])."
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Score text or token ids: mean NLL, perplexity, bits per character
+    Eval(EvalArgs),
+    /// Generate a continuation of a prompt, streamed as it is produced
+    Generate(GenerateArgs),
+    /// Interactive chat REPL (/reset clears history, /quit or Ctrl-D exits)
+    Chat(ChatArgs),
+    /// Train LoRA + embeddings from a recipe.toml (not yet implemented)
+    Train(TrainArgs),
+    /// Merge LoRA adapters into the base model (not yet implemented)
+    Merge(StubArgs),
+    /// Vocabulary tools: extend, resize, stats, encode (not yet implemented)
+    Vocab(StubArgs),
+    /// Benchmarks on random-weight models of named shapes
+    Bench {
+        #[command(subcommand)]
+        what: BenchCmd,
+    },
+}
+
+#[derive(Args, Clone)]
+struct ModelArgs {
+    /// HF model folder (config.json + model.safetensors or sharded safetensors)
+    #[arg(long)]
+    model: PathBuf,
+    /// PEFT adapter folder, applied unmerged; repeat to stack adapters in order
+    #[arg(long = "adapter")]
+    adapters: Vec<PathBuf>,
+    /// Tokenizer folder or tokenizer.json (default: the last adapter's, else the model's)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Device: cpu, or cuda:N in builds with --features tch
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    /// Compute dtype the weights are converted to: f32, f16 or bf16
+    #[arg(long, default_value = "f32")]
+    dtype: FloatType,
+}
+
+impl ModelArgs {
+    fn spec(&self) -> ModelSpec {
+        ModelSpec {
+            model: self.model.clone(),
+            adapters: self.adapters.clone(),
+            device: self.device.clone(),
+            dtype: self.dtype,
+            tokenizer: self.tokenizer.clone(),
+        }
+    }
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// UTF-8 text file to score (needs a tokenizer); reports bits/char too
+    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    text: Option<PathBuf>,
+    /// Token ids: safetensors with int64 `input_ids` [B, T], or JSONL of id arrays
+    #[arg(long)]
+    ids: Option<PathBuf>,
+    /// Window length for long inputs (default: the model's context)
+    #[arg(long)]
+    window: Option<usize>,
+    /// Print one JSON object instead of a summary
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Args, Clone)]
+struct SamplingArgs {
+    /// Maximum number of new tokens
+    #[arg(long, default_value_t = 128)]
+    max_new_tokens: usize,
+    /// Always take the most likely token (the default unless --temperature is given)
+    #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
+    greedy: bool,
+    /// Sampling temperature
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability
+    #[arg(long)]
+    top_p: Option<f32>,
+    /// Keep only the K most likely tokens (0 = all)
+    #[arg(long)]
+    top_k: Option<usize>,
+    /// HF-style repetition penalty (1.0 = off)
+    #[arg(long, default_value_t = 1.0)]
+    repetition_penalty: f32,
+    /// Random seed for sampling
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Recompute the whole prefix every step instead of using the KV cache
+    #[arg(long)]
+    no_cache: bool,
+}
+
+impl SamplingArgs {
+    fn options(&self) -> generate::GenerateOptions {
+        let sampling_requested = self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some();
+        generate::GenerateOptions {
+            max_new_tokens: self.max_new_tokens,
+            sampling: SamplingParams {
+                greedy: self.greedy || !sampling_requested,
+                temperature: self.temperature.unwrap_or(1.0),
+                top_p: self.top_p.unwrap_or(1.0),
+                top_k: self.top_k.unwrap_or(0),
+                repetition_penalty: self.repetition_penalty,
+                seed: self.seed,
+            },
+            no_cache: self.no_cache,
+            stop_ids: vec![],
+        }
+    }
+}
+
+#[derive(Args)]
+struct GenerateArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt text (needs a tokenizer)
+    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    prompt: Option<String>,
+    /// Prompt as comma-separated token ids, e.g. 1,2,3
+    #[arg(long, value_delimiter = ',')]
+    prompt_ids: Option<Vec<u32>>,
+    #[command(flatten)]
+    s: SamplingArgs,
+    /// Print the prompt and generated ids
+    #[arg(long)]
+    print_ids: bool,
+}
+
+#[derive(Args)]
+struct ChatArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Prompt template (default: chatml if the tokenizer has <|im_start|>, else alpaca)
+    #[arg(long)]
+    template: Option<chat::Template>,
+    /// System prompt (chatml and llama2 templates)
+    #[arg(long)]
+    system: Option<String>,
+    #[command(flatten)]
+    s: SamplingArgs,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    /// The recipe (TOML)
+    recipe: PathBuf,
+    /// Continue from the last checkpoint
+    #[arg(long)]
+    resume: bool,
+}
+
+#[derive(Args)]
+struct StubArgs {
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
+    rest: Vec<String>,
+}
+
+#[derive(Subcommand)]
+enum BenchCmd {
+    /// Prefill and decode tokens/s of a random model (shapes: tiny, smollm2-135m, 160m, 1b, 7b)
+    Forward {
+        #[arg(long, default_value = "smollm2-135m")]
+        shape: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: FloatType,
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        #[arg(long, default_value_t = 64)]
+        decode: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+    },
+}
+
+fn main() {
+    if let Err(e) = run(Cli::parse()) {
+        eprintln!("error: {e:#}");
+        std::process::exit(1);
+    }
+}
+
+fn run(cli: Cli) -> Result<()> {
+    match cli.cmd {
+        Cmd::Eval(a) => {
+            let loaded = infer::load(&a.m.spec())?;
+            let report = match (&a.text, &a.ids) {
+                (Some(t), _) => eval::eval_text(&loaded, &linly_lora::tokenizer::read_text(t)?, a.window)?,
+                (_, Some(i)) => eval::eval_ids(&loaded, &infer::read_ids_file(i)?, a.window)?,
+                _ => unreachable!("clap requires one"),
+            };
+            if a.json {
+                println!("{}", serde_json::to_string(&report)?);
+            } else {
+                println!("tokens scored: {}\nmean NLL:      {:.6} nats/token\nperplexity:    {:.4}", report.tokens, report.mean_nll, report.perplexity);
+                if let (Some(c), Some(b)) = (report.chars, report.bits_per_char) {
+                    println!("characters:    {c}\nbits/char:     {b:.6}");
+                }
+            }
+        }
+        Cmd::Generate(a) => {
+            let loaded = infer::load(&a.m.spec())?;
+            let mut opts = a.s.options();
+            opts.stop_ids = loaded.model.config.eos_token_ids.clone();
+            let prompt = match (&a.prompt, &a.prompt_ids) {
+                (_, Some(ids)) => ids.clone(),
+                (Some(p), _) => {
+                    let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("--prompt needs a tokenizer.json in the model folder; use --prompt-ids"))?;
+                    let mut ids = tok.encode(p, true)?;
+                    if let Some(eos) = tok.token_id("</s>").or(tok.token_id("<|endoftext|>")) {
+                        opts.stop_ids.push(eos);
+                    }
+                    if let Some(bos) = loaded.model.config.bos_token_id {
+                        if ids.first() != Some(&bos) && tok.adds_bos(bos) {
+                            ids.insert(0, bos);
+                        }
+                    }
+                    ids
+                }
+                _ => unreachable!("clap requires one"),
+            };
+            let mut out = std::io::stdout().lock();
+            let mut dec = linly_lora::tokenizer::StreamDecoder::new();
+            if let (Some(tok), Some(p)) = (&loaded.tok, &a.prompt) {
+                let _ = tok;
+                write!(out, "{p}")?;
+            }
+            let new = generate::generate(&loaded.model, &prompt, &opts, &loaded.device, |id| {
+                if let Some(tok) = &loaded.tok {
+                    if !opts.stop_ids.contains(&id) {
+                        if let Some(s) = dec.push(tok, id)? {
+                            write!(out, "{s}")?;
+                            out.flush()?;
+                        }
+                    }
+                }
+                Ok(true)
+            })?;
+            writeln!(out)?;
+            if a.print_ids || loaded.tok.is_none() {
+                let j = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
+                writeln!(out, "prompt_ids: {}\ngenerated_ids: {}", j(&prompt), j(&new))?;
+            }
+        }
+        Cmd::Chat(a) => {
+            let loaded = infer::load(&a.m.spec())?;
+            let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("chat needs a tokenizer.json in the model folder (or --tokenizer)"))?;
+            let template = a.template.unwrap_or_else(|| chat::default_template(tok));
+            let stdin = std::io::stdin();
+            let mut input = stdin.lock();
+            let mut out = std::io::stdout();
+            chat::repl(&loaded, template, a.system.as_deref(), &a.s.options(), &mut input, &mut out)?;
+        }
+        Cmd::Train(_) => anyhow::bail!("`train` is not yet implemented (tracked in the train issue)"),
+        Cmd::Merge(_) => anyhow::bail!("`merge` is not yet implemented (tracked in the LoRA/merge issue)"),
+        Cmd::Vocab(_) => anyhow::bail!("`vocab` is not yet implemented (tracked in the vocabulary issue)"),
+        Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
+            let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,92 @@
+//! The LLaMA architecture: one definition used by training, merge checks and inference alike.
+//!
+//! Tensors carry their backend in their device (burn 0.22), so the same module runs on flex
+//! (CPU) and libtorch (GPU), in f32, f16 or bf16, with or without autodiff. LoRA branches and
+//! trainable new vocabulary rows are parts of this same module (see [`linear::Linear`] and
+//! [`embedding::TokenTable`]); there is no second model for training.
+
+pub mod attention;
+pub mod cache;
+pub mod embedding;
+pub mod linear;
+pub mod load;
+pub mod mlp;
+pub mod norm;
+pub mod rope;
+
+use crate::config::LlamaConfig;
+use burn::module::Module;
+use burn::tensor::{Int, Tensor};
+
+pub use attention::Attention;
+pub use cache::KvCache;
+pub use embedding::TokenTable;
+pub use linear::Linear;
+pub use mlp::Mlp;
+pub use norm::RmsNorm;
+
+/// One transformer block: pre-norm attention and pre-norm SwiGLU MLP, both residual.
+#[derive(Module, Debug)]
+pub struct DecoderLayer {
+    pub self_attn: Attention,
+    pub mlp: Mlp,
+    pub input_layernorm: RmsNorm,
+    pub post_attention_layernorm: RmsNorm,
+}
+
+impl DecoderLayer {
+    pub fn forward(&self, x: Tensor<3>, rope: &rope::RopeTables, cache: Option<&mut cache::LayerCache>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, cache);
+        h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
+    }
+}
+
+/// `LlamaForCausalLM`.
+#[derive(Module, Debug)]
+pub struct Llama {
+    pub embed_tokens: TokenTable,
+    pub layers: Vec<DecoderLayer>,
+    pub norm: RmsNorm,
+    /// `None` when the LM head is tied to the embedding.
+    pub lm_head: Option<TokenTable>,
+    #[module(skip)]
+    pub config: LlamaConfig,
+}
+
+impl Llama {
+    pub fn vocab_size(&self) -> usize {
+        self.embed_tokens.rows()
+    }
+
+    /// Final hidden states `[B, T, hidden]` for `ids` `[B, T]`. With a cache, positions continue
+    /// after what the cache holds and the new keys/values are appended to it.
+    pub fn hidden(&self, ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t] = ids.dims();
+        let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
+        let mut x = self.embed_tokens.embed(ids);
+        let rope = rope::RopeTables::new(&self.config, start, t, &x.device(), x.dtype());
+        for (i, layer) in self.layers.iter().enumerate() {
+            let lc = cache.as_deref_mut().map(|c| c.layer(i));
+            x = layer.forward(x, &rope, lc);
+        }
+        if let Some(c) = cache {
+            c.advance(t);
+        }
+        self.norm.forward(x)
+    }
+
+    /// Projects hidden states to vocabulary logits.
+    pub fn logits(&self, hidden: Tensor<3>) -> Tensor<3> {
+        self.lm_head.as_ref().unwrap_or(&self.embed_tokens).project(hidden)
+    }
+
+    /// Logits `[B, T, vocab]` for `ids` `[B, T]`.
+    pub fn forward(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.logits(self.hidden(ids, cache))
+    }
+
+    /// An empty cache sized for this model.
+    pub fn new_cache(&self) -> KvCache {
+        KvCache::new(self.config.num_layers, self.config.max_position_embeddings)
+    }
+}

@@ -1,0 +1,94 @@
+//! The model's tokenizer (`tokenizer.json` through the `tokenizers` crate) and its
+//! `tokenizer_config.json` (chat template, special tokens). Models without one — the test
+//! fixtures — are driven by token ids.
+
+use anyhow::{Context, Result};
+use std::path::Path;
+
+pub struct Tok {
+    pub inner: tokenizers::Tokenizer,
+    /// `chat_template` from tokenizer_config.json, if any.
+    pub chat_template: Option<String>,
+}
+
+impl Tok {
+    /// Loads `tokenizer.json` from a folder (or the file itself). `Ok(None)` when the folder
+    /// has none.
+    pub fn load_optional(path: &Path) -> Result<Option<Self>> {
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        if !file.exists() {
+            return Ok(None);
+        }
+        Self::load(&file).map(Some)
+    }
+
+    pub fn load(path: &Path) -> Result<Self> {
+        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
+        let inner = tokenizers::Tokenizer::from_file(&file)
+            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))?;
+        let cfg_path = file.with_file_name("tokenizer_config.json");
+        let chat_template = std::fs::read_to_string(&cfg_path)
+            .ok()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(&s).ok())
+            .and_then(|v| v.get("chat_template").and_then(|t| t.as_str()).map(String::from));
+        Ok(Tok { inner, chat_template })
+    }
+
+    pub fn encode(&self, text: &str, add_special: bool) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
+    }
+
+    pub fn token_id(&self, piece: &str) -> Option<u32> {
+        self.inner.token_to_id(piece)
+    }
+
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    /// Whether encoding with special tokens already puts `bos` first.
+    pub fn adds_bos(&self, bos: u32) -> bool {
+        self.encode("a", true).map(|ids| ids.first() == Some(&bos)).unwrap_or(false)
+    }
+}
+
+/// Turns a growing list of ids into text chunks as they become printable: multi-byte
+/// characters split over several byte-fallback tokens are held back until complete.
+pub struct StreamDecoder {
+    ids: Vec<u32>,
+    printed: usize,
+}
+
+impl StreamDecoder {
+    pub fn new() -> Self {
+        StreamDecoder { ids: Vec::new(), printed: 0 }
+    }
+
+    /// Adds one id and returns the newly printable text, if any.
+    pub fn push(&mut self, tok: &Tok, id: u32) -> Result<Option<String>> {
+        self.ids.push(id);
+        let text = tok.decode(&self.ids)?;
+        if text.ends_with('\u{FFFD}') || text.len() < self.printed || !text.is_char_boundary(self.printed) {
+            return Ok(None);
+        }
+        let new = text[self.printed..].to_string();
+        self.printed = text.len();
+        Ok(if new.is_empty() { None } else { Some(new) })
+    }
+}
+
+impl Default for StreamDecoder {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Reads a text file for scoring, with a clear error.
+pub fn read_text(path: &Path) -> Result<String> {
+    std::fs::read_to_string(path).with_context(|| format!("cannot read {} as UTF-8 text", path.display()))
+}
