@@ -93,7 +93,8 @@ fn f64_field(obj: &serde_json::Value, key: &str) -> Option<f64> {
 impl HfConfig {
     /// Reads `config.json` from a model folder (or the file itself).
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("config.json") } else { path.to_path_buf() };
+        let is_file = path.extension().map(|e| e == "json").unwrap_or(false);
+        let file = if is_file { path.to_path_buf() } else { path.join("config.json") };
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read {}: a model folder needs an HF config.json", file.display()))?;
         serde_json::from_str(&text).with_context(|| format!("{} is not a valid config.json", file.display()))

@@ -57,3 +57,72 @@ pub fn logits_of(model: &linly_lora::model::Llama, ids: &[Vec<u32>]) -> Vec<f32>
     }
     out
 }
+
+/// Writes a random-weight LLaMA folder with `vocab` rows and (optionally) a tokenizer copied
+/// from `tokenizer_dir`, for CLI tests that need text in and out.
+pub fn random_model(dir: &std::path::Path, vocab: usize, tokenizer_dir: Option<&std::path::Path>) {
+    use linly_lora::io::safetensors::{encode_f32, write_all, FloatType};
+    let (h, ffn, layers, heads, kv) = (32usize, 64usize, 2usize, 4usize, 2usize);
+    let hd = h / heads;
+    let cfg = serde_json::json!({
+        "architectures": ["LlamaForCausalLM"], "model_type": "llama",
+        "hidden_size": h, "intermediate_size": ffn, "num_hidden_layers": layers,
+        "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
+    });
+    std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    let mut state: u64 = 0x9E3779B97F4A7C15;
+    let mut rnd = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                state ^= state << 13;
+                state ^= state >> 7;
+                state ^= state << 17;
+                ((state >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    };
+    let mut t = Vec::new();
+    let mut add = |name: String, shape: Vec<usize>, v: Vec<f32>| t.push((name, "F32".to_string(), shape, encode_f32(&v, FloatType::F32)));
+    add("model.embed_tokens.weight".into(), vec![vocab, h], rnd(vocab * h, 0.5));
+    add("lm_head.weight".into(), vec![vocab, h], rnd(vocab * h, 0.5));
+    add("model.norm.weight".into(), vec![h], vec![1.0; h]);
+    for l in 0..layers {
+        let p = format!("model.layers.{l}");
+        for (n, o, i) in [("self_attn.q_proj", heads * hd, h), ("self_attn.k_proj", kv * hd, h), ("self_attn.v_proj", kv * hd, h), ("self_attn.o_proj", h, heads * hd), ("mlp.gate_proj", ffn, h), ("mlp.up_proj", ffn, h), ("mlp.down_proj", h, ffn)] {
+            add(format!("{p}.{n}.weight"), vec![o, i], rnd(o * i, 0.2));
+        }
+        add(format!("{p}.input_layernorm.weight"), vec![h], vec![1.0; h]);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![h], vec![1.0; h]);
+    }
+    write_all(&dir.join("model.safetensors"), &t, None).unwrap();
+    if let Some(td) = tokenizer_dir {
+        for f in ["tokenizer.json", "tokenizer_config.json"] {
+            if td.join(f).exists() {
+                std::fs::copy(td.join(f), dir.join(f)).unwrap();
+            }
+        }
+    }
+}
+
+/// Runs the built binary; returns (success, stdout, stderr).
+pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
+    use std::io::Write;
+    use std::process::{Command, Stdio};
+    let mut child = Command::new(env!("CARGO_BIN_EXE_linly-lora"))
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        let mut si = child.stdin.take().unwrap();
+        if let Some(s) = stdin {
+            si.write_all(s.as_bytes()).unwrap();
+        }
+    }
+    let out = child.wait_with_output().unwrap();
+    (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+}

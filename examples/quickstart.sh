@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# The main job, end to end on the CPU (flex backend), from a fresh clone.
+#
+# Today it runs on the bundled reference model (tests/fixtures/tiny_llama, produced by HF
+# transformers + PEFT): it scores token ids, decodes greedily with the KV cache and checks
+# the continuation against the reference. The SmolLM2 Chinese pipeline replaces it when the
+# GGUF-import/quickstart work lands.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+cargo build --release --quiet
+BIN=./target/release/linly-lora
+FIX=tests/fixtures/tiny_llama
+
+echo "== eval: base model on the reference ids"
+$BIN eval --model $FIX/base --ids $FIX/expected.safetensors
+
+echo
+echo "== generate: greedy, 16 new tokens from the merged model"
+OUT=$($BIN generate --model $FIX/merged --prompt-ids 1,82,247,209,68,340,51,84 --greedy --max-new-tokens 16 --print-ids)
+echo "$OUT"
+WANT="generated_ids: 68,359,359,359,359,359,359,359,359,359,359,359,359,359,359,359"
+if grep -q "$WANT" <<<"$OUT"; then
+  echo "matches the HF transformers reference (greedy_output)"
+else
+  echo "MISMATCH with the HF reference: expected $WANT" >&2
+  exit 1
+fi
+
+echo
+echo "== bench: SmolLM2-135M shape, random weights"
+$BIN bench forward --shape smollm2-135m --prompt 128 --decode 32 --reps 2

@@ -1,0 +1,201 @@
+//! Choosing which characters and words to add.
+
+use super::{is_cjk, is_han};
+use anyhow::{bail, Context, Result};
+use std::collections::{HashMap, HashSet};
+use std::io::BufRead;
+use std::path::{Path, PathBuf};
+
+/// How to choose new pieces from text statistics (see the module docs for the rules).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SelectConfig {
+    /// Text files (UTF-8, any layout) to count frequencies in. Empty: use the word list's
+    /// frequency column instead.
+    pub corpus: Vec<PathBuf>,
+    /// Word list, one entry per line: `word [freq [anything]]` separated by whitespace (jieba's
+    /// `dict.txt` works as is). A missing frequency counts as 1. Required when `max_words > 0`.
+    pub wordlist: Option<PathBuf>,
+    /// How many new characters to add at most (Linly: ~8,000).
+    pub max_chars: usize,
+    /// How many new words to add at most (Linly: ~20,000).
+    pub max_words: usize,
+    /// Characters and words seen fewer times are not added.
+    pub min_freq: u64,
+    /// Longest word, in characters, worth a token. Longer words are rare in running text and
+    /// need intermediate pieces; 4 covers idioms (成语).
+    pub max_word_chars: usize,
+}
+
+impl Default for SelectConfig {
+    fn default() -> Self {
+        SelectConfig { corpus: Vec::new(), wordlist: None, max_chars: 8_000, max_words: 20_000, min_freq: 1, max_word_chars: 4 }
+    }
+}
+
+/// Reads a `word [freq ...]` list, keeping the highest frequency of a repeated word.
+fn read_wordlist(path: &Path) -> Result<Vec<(String, u64)>> {
+    let file = std::fs::File::open(path)
+        .with_context(|| format!("cannot open word list {} (pass a file like jieba's dict.txt)", path.display()))?;
+    let mut seen: HashMap<String, usize> = HashMap::new();
+    let mut words: Vec<(String, u64)> = Vec::new();
+    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+        let line = line.with_context(|| format!("{}:{}: not UTF-8 text", path.display(), n + 1))?;
+        let mut fields = line.split_whitespace();
+        let Some(word) = fields.next() else { continue };
+        let freq = match fields.next() {
+            Some(f) => f.parse::<u64>().with_context(|| {
+                format!("{}:{}: frequency {f:?} is not a whole number; expected `word freq [tag]`", path.display(), n + 1)
+            })?,
+            None => 1,
+        };
+        match seen.get(word) {
+            Some(&i) => words[i].1 = words[i].1.max(freq),
+            None => {
+                seen.insert(word.to_owned(), words.len());
+                words.push((word.to_owned(), freq));
+            }
+        }
+    }
+    Ok(words)
+}
+
+/// Character counts and forward-maximum-matching word counts over the corpus files.
+fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<(HashMap<char, u64>, HashMap<String, u64>)> {
+    let mut chars: HashMap<char, u64> = HashMap::new();
+    let mut words: HashMap<String, u64> = HashMap::new();
+    let mut buf: Vec<char> = Vec::new();
+    let mut key = String::new();
+    for path in files {
+        let file = std::fs::File::open(path).with_context(|| format!("cannot open corpus file {}", path.display()))?;
+        for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
+            let line = line.with_context(|| format!("{}:{}: not UTF-8 text", path.display(), n + 1))?;
+            buf.clear();
+            buf.extend(line.chars());
+            for &c in &buf {
+                if is_cjk(c) {
+                    *chars.entry(c).or_default() += 1;
+                }
+            }
+            let mut i = 0;
+            while i < buf.len() {
+                let mut step = 1;
+                if is_han(buf[i]) && !dict.is_empty() {
+                    let mut run = i;
+                    while run < buf.len() && run - i < max_len && is_han(buf[run]) {
+                        run += 1;
+                    }
+                    for len in (2..=run - i).rev() {
+                        key.clear();
+                        key.extend(&buf[i..i + len]);
+                        if dict.contains(key.as_str()) {
+                            *words.entry(key.clone()).or_default() += 1;
+                            step = len;
+                            break;
+                        }
+                    }
+                }
+                i += step;
+            }
+        }
+    }
+    Ok((chars, words))
+}
+
+/// Most frequent first, then by text so the order is reproducible.
+fn rank<K: Ord + Clone>(counts: impl IntoIterator<Item = (K, u64)>, min_freq: u64) -> Vec<(K, u64)> {
+    let mut v: Vec<(K, u64)> = counts.into_iter().filter(|(_, f)| *f >= min_freq.max(1)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v
+}
+
+/// Chooses characters then words. `is_token(text)` says whether the old tokenizer already has
+/// `text` as one vocab entry.
+pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+    if cfg.max_words > 0 && cfg.wordlist.is_none() {
+        bail!("choosing words needs a word list (e.g. jieba's dict.txt); pass one, or set the word count to 0 to add characters only");
+    }
+    if cfg.corpus.is_empty() && cfg.wordlist.is_none() {
+        bail!("nothing to choose pieces from: give corpus files and/or a word list with frequencies");
+    }
+    let max_word_chars = cfg.max_word_chars.max(2);
+    let wordlist = match &cfg.wordlist {
+        Some(p) => read_wordlist(p)?,
+        None => Vec::new(),
+    };
+    let is_word = |w: &str| {
+        let n = w.chars().count();
+        (2..=max_word_chars).contains(&n) && w.chars().all(is_han)
+    };
+
+    let (char_freq, word_freq): (HashMap<char, u64>, HashMap<String, u64>) = if cfg.corpus.is_empty() {
+        let mut chars: HashMap<char, u64> = HashMap::new();
+        for (w, f) in &wordlist {
+            if w.chars().all(is_han) {
+                for c in w.chars() {
+                    *chars.entry(c).or_default() += f;
+                }
+            }
+        }
+        let words = wordlist.iter().filter(|(w, _)| is_word(w)).cloned().collect();
+        (chars, words)
+    } else {
+        let dict: HashSet<&str> = wordlist.iter().map(|(w, _)| w.as_str()).filter(|w| is_word(w)).collect();
+        count_corpus(&cfg.corpus, &dict, max_word_chars)?
+    };
+
+    let mut buf = [0u8; 4];
+    let mut chosen_chars: HashSet<char> = HashSet::new();
+    let mut out = Vec::new();
+    for (c, _) in rank(char_freq, cfg.min_freq) {
+        if chosen_chars.len() >= cfg.max_chars {
+            break;
+        }
+        if is_cjk(c) && !is_token(c.encode_utf8(&mut buf)) {
+            chosen_chars.insert(c);
+            out.push(c.to_string());
+        }
+    }
+    let mut n_words = 0;
+    for (w, _) in rank(word_freq, cfg.min_freq) {
+        if n_words >= cfg.max_words {
+            break;
+        }
+        let chars_ok = w.chars().all(|c| chosen_chars.contains(&c) || is_token(c.encode_utf8(&mut buf)));
+        if chars_ok && is_word(&w) && !is_token(&w) {
+            out.push(w);
+            n_words += 1;
+        }
+    }
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn picks_frequent_new_chars_then_words() {
+        let dir = tempfile::tempdir().unwrap();
+        let wl = dir.path().join("dict.txt");
+        std::fs::write(&wl, "中国 100 ns\n国家 50 n\n我们 80 r\n我 500 r\nAT&T 3 nz\n中华人民共和国 9 ns\n").unwrap();
+        let known = |s: &str| s == "我";
+        let cfg = SelectConfig { wordlist: Some(wl.clone()), max_chars: 3, max_words: 10, ..Default::default() };
+        let got = select_pieces(&cfg, &known).unwrap();
+        // 国 150 > 中 100 > 们 80 > 家 50: 家 is cut by max_chars, so 国家 cannot be built.
+        assert_eq!(got, vec!["国", "中", "们", "中国", "我们"]);
+
+        let corpus = dir.path().join("c.txt");
+        std::fs::write(&corpus, "我们国家，我们中国。国家\n").unwrap();
+        let cfg = SelectConfig { corpus: vec![corpus], wordlist: Some(wl), max_chars: 10, max_words: 10, min_freq: 2, ..Default::default() };
+        let got = select_pieces(&cfg, &known).unwrap();
+        assert_eq!(got, vec!["国", "们", "家", "国家", "我们"]);
+
+        let cfg = SelectConfig { wordlist: None, corpus: vec![], ..Default::default() };
+        assert!(select_pieces(&cfg, &known).is_err());
+        let bad = dir.path().join("bad.txt");
+        std::fs::write(&bad, "中国 many\n").unwrap();
+        let cfg = SelectConfig { wordlist: Some(bad), ..Default::default() };
+        let err = select_pieces(&cfg, &known).unwrap_err();
+        assert!(format!("{err:#}").contains("bad.txt:1"), "{err:#}");
+    }
+}

@@ -1,0 +1,104 @@
+//! The command line, end to end: the flags and JSON keys that are a contract.
+
+mod common;
+use common::*;
+
+fn s(p: &std::path::Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn help_lists_commands() {
+    let (ok, out, _) = run_cli(&["--help"], None);
+    assert!(ok);
+    for c in ["eval", "generate", "chat", "train", "merge", "vocab", "bench"] {
+        assert!(out.contains(c), "--help lacks {c}:\n{out}");
+    }
+    let (ok, out, _) = run_cli(&["generate", "--help"], None);
+    assert!(ok && out.contains("--device") && out.contains("--adapter") && out.contains("--top-p"), "{out}");
+}
+
+#[test]
+fn eval_ids_json_contract() {
+    let exp = tiny().join("expected.safetensors");
+    let (ok, out, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(&exp), "--json"], None);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["tokens"], 46);
+    let nll = v["mean_nll"].as_f64().unwrap();
+    assert!((v["perplexity"].as_f64().unwrap() - nll.exp()).abs() < 1e-9);
+    // The same ids as JSONL give the same answer.
+    let e = Expected::load();
+    let dir = tempfile::tempdir().unwrap();
+    let jl = dir.path().join("ids.jsonl");
+    let lines: Vec<String> = e.ids("input_ids").iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+    std::fs::write(&jl, lines.join("\n")).unwrap();
+    let (ok, out2, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(&jl), "--json"], None);
+    assert!(ok, "{err}");
+    let v2: serde_json::Value = serde_json::from_str(out2.trim()).unwrap();
+    assert_eq!(v2["mean_nll"], v["mean_nll"]);
+}
+
+#[test]
+fn generate_prompt_ids_greedy() {
+    let e = Expected::load();
+    let prompt: Vec<String> = e.ids("greedy_prompt")[0].iter().map(|x| x.to_string()).collect();
+    let want: Vec<String> = e.ids("greedy_output")[0][8..].iter().map(|x| x.to_string()).collect();
+    let (ok, out, err) = run_cli(
+        &["generate", "--model", s(&tiny().join("merged")), "--prompt-ids", &prompt.join(","), "--greedy", "--max-new-tokens", "16", "--print-ids"],
+        None,
+    );
+    assert!(ok, "{err}");
+    assert!(out.contains(&format!("generated_ids: {}", want.join(","))), "{out}");
+}
+
+#[test]
+fn text_eval_generate_and_chat_with_a_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let m = dir.path().join("m");
+    std::fs::create_dir(&m).unwrap();
+    random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "Hello world. 你好，世界！").unwrap();
+    let (ok, out, err) = run_cli(&["eval", "--model", s(&m), "--text", s(&text), "--json"], None);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["chars"], 19);
+    let bpc = v["bits_per_char"].as_f64().unwrap();
+    let total_bits = v["mean_nll"].as_f64().unwrap() * v["tokens"].as_f64().unwrap() / std::f64::consts::LN_2;
+    assert!((bpc - total_bits / 19.0).abs() < 1e-9);
+    // Windowed scoring covers the same positions.
+    let (ok, out_w, err) = run_cli(&["eval", "--model", s(&m), "--text", s(&text), "--json", "--window", "8"], None);
+    assert!(ok, "{err}");
+    let vw: serde_json::Value = serde_json::from_str(out_w.trim()).unwrap();
+    assert_eq!(vw["tokens"], v["tokens"]);
+
+    let (ok, out, err) = run_cli(&["generate", "--model", s(&m), "--prompt", "Hello", "--max-new-tokens", "5", "--print-ids"], None);
+    assert!(ok, "{err}");
+    assert!(out.starts_with("Hello") && out.contains("prompt_ids: 1,15043"), "{out}");
+    let (ok, out, err) = run_cli(
+        &["generate", "--model", s(&m), "--prompt", "Hello", "--max-new-tokens", "5", "--temperature", "0.8", "--top-p", "0.9", "--top-k", "50", "--seed", "3"],
+        None,
+    );
+    assert!(ok, "{err}\n{out}");
+
+    let (ok, out, err) = run_cli(&["chat", "--model", s(&m), "--max-new-tokens", "4"], Some("你好\n/reset\nhi\n"));
+    assert!(ok, "{err}");
+    assert!(out.contains("Alpaca") && out.contains("(history cleared)"), "{out}");
+    let (ok, _, err) = run_cli(&["chat", "--model", s(&m), "--template", "chatml", "--max-new-tokens", "2"], Some("hi\n/quit\n"));
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn cli_errors_are_clear() {
+    let (ok, _, err) = run_cli(&["eval", "--model", "/nope", "--ids", "/nope.jsonl"], None);
+    assert!(!ok && err.contains("/nope/config.json"), "{err}");
+    let (ok, _, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--text", "/dev/null"], None);
+    assert!(!ok && err.contains("no tokenizer.json"), "{err}");
+    let (ok, _, err) = run_cli(&["generate", "--model", s(&tiny().join("base")), "--prompt-ids", "1,999999"], None);
+    assert!(!ok && err.contains("999999") && err.contains("vocabulary"), "{err}");
+    let (ok, _, err) = run_cli(&["generate", "--model", s(&tiny().join("base")), "--prompt-ids", "1", "--device", "cuda:0"], None);
+    assert!(!ok && err.contains("--features tch"), "{err}");
+    let (ok, _, err) = run_cli(&["train", "x.toml"], None);
+    assert!(!ok && err.contains("not yet implemented"), "{err}");
+}
