@@ -1,6 +1,14 @@
 //! LoRA: low-rank adapters on the model's projections, PEFT's design split into the layer
 //! (here), its configuration, and adapter save/load.
 
+pub mod adapter;
+pub mod config;
+pub mod merge;
+pub mod model;
+pub mod save;
+
+pub use model::{inject, set_table_modes, LoraInit, LoraSettings, TableMode};
+
 use burn::module::{Module, Param};
 use burn::tensor::{Distribution, Tensor};
 
@@ -37,4 +45,3 @@ impl LoraBranch {
         x.matmul(a.transpose()).matmul(b.transpose()) * self.scale
     }
 }
-pub mod adapter;

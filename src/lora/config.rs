@@ -1,0 +1,155 @@
+//! `adapter_config.json`, PEFT's LoRA configuration.
+
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
+use std::path::Path;
+
+/// The projections LoRA can target, by PEFT module name.
+pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
+
+/// PEFT's `trainable_token_indices`: one list for the embedding (and a tied head), or one per module.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TokenIndices {
+    List(Vec<usize>),
+    PerModule(BTreeMap<String, Vec<usize>>),
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct AdapterConfig {
+    #[serde(default = "lora")]
+    pub peft_type: String,
+    pub r: usize,
+    pub lora_alpha: f64,
+    #[serde(default)]
+    pub lora_dropout: f64,
+    #[serde(default)]
+    pub target_modules: TargetModules,
+    #[serde(default)]
+    pub modules_to_save: Option<Vec<String>>,
+    #[serde(default)]
+    pub trainable_token_indices: Option<TokenIndices>,
+    #[serde(default)]
+    pub use_rslora: bool,
+    #[serde(default)]
+    pub use_dora: bool,
+    #[serde(default)]
+    pub fan_in_fan_out: bool,
+    #[serde(default = "none")]
+    pub bias: String,
+    #[serde(default)]
+    pub rank_pattern: BTreeMap<String, usize>,
+    #[serde(default)]
+    pub alpha_pattern: BTreeMap<String, f64>,
+    #[serde(default)]
+    pub base_model_name_or_path: Option<String>,
+    #[serde(default = "causal")]
+    pub task_type: Option<String>,
+    /// Everything else PEFT writes, kept so a round trip loses nothing.
+    #[serde(flatten)]
+    pub extra: serde_json::Map<String, serde_json::Value>,
+}
+
+fn lora() -> String {
+    "LORA".into()
+}
+fn none() -> String {
+    "none".into()
+}
+fn causal() -> Option<String> {
+    Some("CAUSAL_LM".into())
+}
+
+/// PEFT accepts a list of names or a single regex string.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[serde(untagged)]
+pub enum TargetModules {
+    List(Vec<String>),
+    Regex(String),
+}
+
+impl Default for TargetModules {
+    fn default() -> Self {
+        TargetModules::List(vec![])
+    }
+}
+
+impl AdapterConfig {
+    /// A fresh config as PEFT would write it for these settings.
+    pub fn new(r: usize, alpha: f64, dropout: f64, rslora: bool, targets: &[String]) -> Self {
+        let mut extra = serde_json::Map::new();
+        extra.insert("inference_mode".into(), true.into());
+        extra.insert("init_lora_weights".into(), true.into());
+        extra.insert("peft_version".into(), "0.21.0".into());
+        AdapterConfig {
+            peft_type: lora(),
+            r,
+            lora_alpha: alpha,
+            lora_dropout: dropout,
+            target_modules: TargetModules::List(targets.to_vec()),
+            modules_to_save: None,
+            trainable_token_indices: None,
+            use_rslora: rslora,
+            use_dora: false,
+            fan_in_fan_out: false,
+            bias: none(),
+            rank_pattern: BTreeMap::new(),
+            alpha_pattern: BTreeMap::new(),
+            base_model_name_or_path: None,
+            task_type: causal(),
+            extra,
+        }
+    }
+
+    pub fn load(dir: &Path) -> Result<Self> {
+        let p = dir.join("adapter_config.json");
+        let text = std::fs::read_to_string(&p).with_context(|| format!("cannot read {}: an adapter folder needs PEFT's adapter_config.json", p.display()))?;
+        let c: AdapterConfig = serde_json::from_str(&text).with_context(|| format!("{} is not a valid PEFT adapter config", p.display()))?;
+        c.check().with_context(|| format!("in {}", p.display()))?;
+        Ok(c)
+    }
+
+    pub fn check(&self) -> Result<()> {
+        if self.peft_type.to_uppercase() != "LORA" {
+            bail!("peft_type `{}` is not supported; only LORA adapters", self.peft_type);
+        }
+        if self.use_dora {
+            bail!("DoRA adapters (use_dora = true) are not supported");
+        }
+        if self.fan_in_fan_out {
+            bail!("fan_in_fan_out = true (GPT-2 Conv1D layout) does not apply to LLaMA projections");
+        }
+        if self.bias != "none" {
+            bail!("bias = `{}` is not supported; LLaMA projections have no bias (use bias = \"none\")", self.bias);
+        }
+        if self.r == 0 {
+            bail!("r must be positive");
+        }
+        Ok(())
+    }
+
+    /// The scale for a module: `alpha/r` (or `alpha/√r` with rsLoRA), with PEFT's per-module
+    /// `rank_pattern` / `alpha_pattern` overrides matched on the module name's suffix.
+    pub fn scale_for(&self, module: &str, rank: usize) -> f64 {
+        let matches = |pat: &str| module == pat || module.ends_with(&format!(".{pat}"));
+        let alpha = self.alpha_pattern.iter().find(|(p, _)| matches(p)).map(|(_, a)| *a).unwrap_or(self.lora_alpha);
+        if self.use_rslora {
+            alpha / (rank as f64).sqrt()
+        } else {
+            alpha / rank as f64
+        }
+    }
+
+    /// Token rows trained in `new_rows` mode, for the embedding and the head.
+    pub fn token_indices(&self, module: &str) -> Option<Vec<usize>> {
+        match self.trainable_token_indices.as_ref()? {
+            TokenIndices::List(v) => Some(v.clone()),
+            TokenIndices::PerModule(m) => m.get(module).cloned(),
+        }
+    }
+
+    pub fn to_json(&self) -> Result<String> {
+        Ok(serde_json::to_string_pretty(self)?)
+    }
+}

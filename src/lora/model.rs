@@ -1,0 +1,138 @@
+//! Putting fresh LoRA branches into a model and choosing which token rows train — PEFT's
+//! `LoraModel` injection, for the one model definition.
+
+use super::adapter::{linear_of, module_path};
+use super::LoraBranch;
+use crate::model::{Llama, TokenTable};
+use anyhow::{bail, Result};
+use burn::module::Param;
+use burn::tensor::{Device, Tensor, TensorData};
+use rand::rngs::StdRng;
+use rand::{Rng, SeedableRng};
+
+/// How A is initialised (B is always zero, so a fresh adapter changes nothing).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LoraInit {
+    /// PEFT's default: kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in).
+    Kaiming,
+    /// PEFT's `init_lora_weights="gaussian"`: N(0, 1/r).
+    Gaussian,
+}
+
+#[derive(Debug, Clone)]
+pub struct LoraSettings {
+    pub r: usize,
+    pub alpha: f64,
+    pub dropout: f64,
+    pub rslora: bool,
+    pub targets: Vec<String>,
+    pub init: LoraInit,
+    pub seed: u64,
+}
+
+impl LoraSettings {
+    pub fn scale(&self) -> f64 {
+        if self.rslora {
+            self.alpha / (self.r as f64).sqrt()
+        } else {
+            self.alpha / self.r as f64
+        }
+    }
+}
+
+/// PEFT's kaiming-uniform(a=√5) bound for A: gain·√(3/fan_in) with gain = √(2/(1+5)).
+pub fn kaiming_bound(fan_in: usize) -> f64 {
+    (2.0f64 / 6.0).sqrt() * (3.0 / fan_in as f64).sqrt()
+}
+
+/// Adds one fresh LoRA branch to every targeted projection.
+pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()> {
+    for t in &s.targets {
+        if !super::config::TARGETS.contains(&t.as_str()) {
+            bail!("unknown LoRA target `{t}`; choose from {:?}", super::config::TARGETS);
+        }
+    }
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    for layer in 0..model.config.num_layers {
+        for t in super::config::TARGETS {
+            if !s.targets.iter().any(|x| x == t) {
+                continue;
+            }
+            let lin = linear_of(model, &module_path(layer, t)).expect("every layer has every projection");
+            let (out, inp) = (lin.out_features(), lin.in_features());
+            let a: Vec<f32> = match s.init {
+                LoraInit::Kaiming => {
+                    let b = kaiming_bound(inp) as f32;
+                    (0..s.r * inp).map(|_| rng.random_range(-b..b)).collect()
+                }
+                LoraInit::Gaussian => {
+                    let std = 1.0 / s.r as f32;
+                    (0..s.r * inp).map(|_| std * gaussian(&mut rng)).collect()
+                }
+            };
+            let a = Tensor::from_data(TensorData::new(a, [s.r, inp]), device);
+            let b = Tensor::zeros([out, s.r], device);
+            lin.lora.push(LoraBranch::new(a, b, s.scale(), s.dropout));
+        }
+    }
+    Ok(())
+}
+
+/// A standard normal sample (Box–Muller), so initialisation depends only on the seed.
+pub fn gaussian(rng: &mut StdRng) -> f32 {
+    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
+    let u2: f64 = rng.random();
+    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
+}
+
+/// What trains in a token table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TableMode {
+    Frozen,
+    /// The whole table (PEFT `modules_to_save`).
+    All,
+    /// Only rows added by vocabulary extension (PEFT `trainable_token_indices`).
+    NewRows,
+}
+
+impl std::str::FromStr for TableMode {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s {
+            "frozen" => Ok(TableMode::Frozen),
+            "all" => Ok(TableMode::All),
+            "new_rows" => Ok(TableMode::NewRows),
+            _ => bail!("unknown table mode `{s}`: use all, new_rows or frozen"),
+        }
+    }
+}
+
+fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTable> {
+    let w = t.weight();
+    let [rows, hidden] = w.dims();
+    Ok(match mode {
+        TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None },
+        TableMode::All => TokenTable { base: Param::from_tensor(w).set_require_grad(true), extra: None },
+        TableMode::NewRows => {
+            if rows <= old_vocab {
+                bail!("new_rows: the table has {rows} rows, no more than the old vocabulary of {old_vocab}; extend the vocabulary first or use `all`");
+            }
+            let base = w.clone().slice([0..old_vocab, 0..hidden]);
+            let extra = w.slice([old_vocab..rows, 0..hidden]);
+            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(Param::from_tensor(extra).set_require_grad(true)) }
+        }
+    })
+}
+
+/// Sets what trains in the embedding and the head. A tied model stays tied when both tables
+/// train the same way (one table, as `ensure_weight_tying`), and is untied when they differ.
+pub fn set_table_modes(model: &mut Llama, embed: TableMode, head: TableMode, old_vocab: usize) -> Result<()> {
+    if model.lm_head.is_none() && embed != head {
+        model.lm_head = Some(retable(&model.embed_tokens, head, old_vocab)?);
+        model.config.tie_word_embeddings = false;
+    } else if let Some(h) = &model.lm_head {
+        model.lm_head = Some(retable(h, head, old_vocab)?);
+    }
+    model.embed_tokens = retable(&model.embed_tokens, embed, old_vocab)?;
+    Ok(())
+}
