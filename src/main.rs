@@ -32,8 +32,8 @@ enum Cmd {
     Chat(ChatArgs),
     /// Train LoRA + embeddings from a recipe.toml (not yet implemented)
     Train(TrainArgs),
-    /// Merge LoRA adapters into the base model (not yet implemented)
-    Merge(StubArgs),
+    /// Merge LoRA adapters (and their embedding/LM-head tables) into the base model, streamed
+    Merge(MergeArgs),
     /// Vocabulary tools: extend, resize, stats, encode (not yet implemented)
     Vocab(StubArgs),
     /// Benchmarks on random-weight models of named shapes
@@ -180,6 +180,31 @@ struct TrainArgs {
 }
 
 #[derive(Args)]
+struct MergeArgs {
+    /// Base HF model folder
+    #[arg(long)]
+    base: PathBuf,
+    /// PEFT adapter folder; repeat to stack adapters, applied in order (Chinese-LLaMA-Alpaca Plus style)
+    #[arg(long = "adapter", required = true)]
+    adapters: Vec<PathBuf>,
+    /// Output folder (must not exist; written atomically)
+    #[arg(long)]
+    out: PathBuf,
+    /// Storage dtype of the output (default: each tensor keeps the base's dtype)
+    #[arg(long)]
+    dtype: Option<FloatType>,
+    /// Tokenizer folder to ship with the model (default: the last adapter's, else the base's)
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
+    /// Maximum shard size, e.g. 5GB, 500MB
+    #[arg(long, default_value = "5GB")]
+    shard_size: String,
+    /// Accept a tokenizer with fewer tokens than embedding rows (deliberately padded vocabularies)
+    #[arg(long)]
+    allow_vocab_padding: bool,
+}
+
+#[derive(Args)]
 struct StubArgs {
     #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
     rest: Vec<String>,
@@ -283,7 +308,27 @@ fn run(cli: Cli) -> Result<()> {
             chat::repl(&loaded, template, a.system.as_deref(), &a.s.options(), &mut input, &mut out)?;
         }
         Cmd::Train(_) => anyhow::bail!("`train` is not yet implemented (tracked in the train issue)"),
-        Cmd::Merge(_) => anyhow::bail!("`merge` is not yet implemented (tracked in the LoRA/merge issue)"),
+        Cmd::Merge(a) => {
+            let opts = linly_lora::lora::merge::MergeOptions {
+                base: a.base,
+                adapters: a.adapters,
+                out: a.out,
+                dtype: a.dtype,
+                tokenizer: a.tokenizer,
+                shard_size: linly_lora::lora::merge::parse_size(&a.shard_size)?,
+                allow_vocab_padding: a.allow_vocab_padding,
+            };
+            let r = linly_lora::lora::merge::merge(&opts)?;
+            println!(
+                "merged {} LoRA pairs into {} tensors ({} shard(s), vocab {}, tied {}) -> {}",
+                r.lora_pairs_merged,
+                r.tensors,
+                r.shards,
+                r.vocab_size,
+                r.tie_word_embeddings,
+                r.out.display()
+            );
+        }
         Cmd::Vocab(_) => anyhow::bail!("`vocab` is not yet implemented (tracked in the vocabulary issue)"),
         Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
             let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;

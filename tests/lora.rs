@@ -61,3 +61,312 @@ fn adapter_flag_on_eval() {
     let r = infer::eval::eval_ids(&loaded, &exp.ids("resized_input_ids"), None).unwrap();
     assert_eq!(r.tokens, 46);
 }
+
+mod merge {
+    use super::common::*;
+    use linly_lora::io::safetensors::{FloatType, SafetensorsFile};
+    use linly_lora::io::weights::WeightStore;
+    use linly_lora::lora::merge::{merge, MergeOptions};
+    use linly_lora::model::Llama;
+    use std::path::{Path, PathBuf};
+
+    pub fn opts(out: &Path, adapters: Vec<PathBuf>) -> MergeOptions {
+        MergeOptions { base: tiny().join("base"), adapters, out: out.to_path_buf(), dtype: None, tokenizer: None, shard_size: 5_000_000_000, allow_vocab_padding: false }
+    }
+
+    #[test]
+    fn merge_reproduces_peft_merged_model() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("merged");
+        let r = merge(&opts(&out, vec![tiny().join("adapter")])).unwrap();
+        assert_eq!(r.vocab_size, 384);
+        assert_eq!(r.lora_pairs_merged, 14);
+        let ours = SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
+        let theirs = SafetensorsFile::open(&tiny().join("merged/model.safetensors")).unwrap();
+        assert_eq!(ours.names(), theirs.names());
+        for n in theirs.names() {
+            let (a, b) = (ours.require(&n).unwrap(), theirs.require(&n).unwrap());
+            assert_eq!(a.shape, b.shape, "{n}");
+            let e = rel_err(&a.to_f32().unwrap(), &b.to_f32().unwrap());
+            assert!(e <= 1e-5, "{n}: relative error {e:e} > 1e-5");
+        }
+        let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["vocab_size"], 384);
+        assert_eq!(cfg["tie_word_embeddings"], false);
+        let model = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        let exp = Expected::load();
+        let got = logits_of(&model, &exp.ids("resized_input_ids"));
+        let (want, _) = exp.f32("merged_logits");
+        let e = rel_err(&got, &want);
+        assert!(e <= 1e-4, "merged logits relative error {e:e}");
+    }
+
+    #[test]
+    fn merge_shards_and_converts_dtype() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("m");
+        let mut o = opts(&out, vec![tiny().join("adapter")]);
+        o.shard_size = 200_000;
+        o.dtype = Some(FloatType::BF16);
+        let r = merge(&o).unwrap();
+        assert!(r.shards > 1);
+        assert!(out.join("model.safetensors.index.json").exists() && !out.join("model.safetensors").exists());
+        let store = WeightStore::open(&out).unwrap();
+        assert_eq!(format!("{:?}", store.raw("model.layers.0.mlp.up_proj.weight").unwrap().dtype), "BF16");
+        let model = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        let exp = Expected::load();
+        let got = logits_of(&model, &exp.ids("resized_input_ids"));
+        let (want, _) = exp.f32("merged_logits");
+        assert!(rel_err(&got, &want) < 2e-2);
+    }
+}
+
+mod modes {
+    use super::common::*;
+    use super::merge::opts;
+    use linly_lora::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+    use linly_lora::lora::adapter::apply;
+    use linly_lora::lora::config::AdapterConfig;
+    use linly_lora::lora::merge::merge;
+    use linly_lora::lora::save::{save, TableSave};
+    use linly_lora::lora::{set_table_modes, TableMode};
+    use linly_lora::model::Llama;
+    use std::path::Path;
+
+    /// The fixture adapter with its tables' first 320 rows reset to the base rows: an `all`
+    /// adapter whose only table change is the 64 new rows.
+    fn all_adapter_with_base_rows(dir: &Path) {
+        let src = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
+        let base = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
+        let mut t = Vec::new();
+        for n in src.names() {
+            let r = src.require(&n).unwrap();
+            let mut v = r.to_f32().unwrap();
+            let base_key = if n.ends_with("embed_tokens.weight") { Some("model.embed_tokens.weight") } else if n.ends_with("lm_head.weight") { Some("lm_head.weight") } else { None };
+            if let Some(k) = base_key {
+                let b = base.require(k).unwrap().to_f32().unwrap();
+                v[..b.len()].copy_from_slice(&b);
+            }
+            t.push((n.clone(), "F32".to_string(), r.shape.to_vec(), encode_f32(&v, FloatType::F32)));
+        }
+        std::fs::create_dir_all(dir).unwrap();
+        write_all(&dir.join("adapter_model.safetensors"), &t, None).unwrap();
+        std::fs::copy(tiny().join("adapter/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+    }
+
+    #[test]
+    fn new_rows_adapter_stores_only_new_rows_and_merges_like_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let all = dir.path().join("all");
+        all_adapter_with_base_rows(&all);
+        let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
+        let mut model = apply(base, &all, &cpu()).unwrap();
+        set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        let new = dir.path().join("new");
+        let cfg = AdapterConfig::load(&all).unwrap();
+        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &new, &[]).unwrap();
+        let f = SafetensorsFile::open(&new.join("adapter_model.safetensors")).unwrap();
+        let tables: Vec<String> = f.names().into_iter().filter(|n| !n.contains("lora_")).collect();
+        assert_eq!(tables, vec!["base_model.model.lm_head.token_adapter.trainable_tokens_delta", "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]);
+        for n in &tables {
+            assert_eq!(f.require(n).unwrap().shape, &[64, 64]);
+        }
+        let c = AdapterConfig::load(&new).unwrap();
+        assert_eq!(c.token_indices("embed_tokens").unwrap(), (320..384).collect::<Vec<_>>());
+        assert!(c.modules_to_save.is_none());
+        // The tables take 64 rows instead of 384.
+        let table_bytes = |p: &Path| {
+            let f = SafetensorsFile::open(&p.join("adapter_model.safetensors")).unwrap();
+            f.names().iter().filter(|n| !n.contains("lora_")).map(|n| f.require(n).unwrap().bytes.len()).sum::<usize>()
+        };
+        assert_eq!(table_bytes(&all), 6 * table_bytes(&new));
+
+        let (m1, m2) = (dir.path().join("m_all"), dir.path().join("m_new"));
+        merge(&opts(&m1, vec![all.clone()])).unwrap();
+        merge(&opts(&m2, vec![new.clone()])).unwrap();
+        let (a, b) = (SafetensorsFile::open(&m1.join("model.safetensors")).unwrap(), SafetensorsFile::open(&m2.join("model.safetensors")).unwrap());
+        assert_eq!(a.names(), b.names());
+        for n in a.names() {
+            assert!(a.require(&n).unwrap().bytes == b.require(&n).unwrap().bytes, "{n} differs between all and new_rows merges");
+        }
+        // Unmerged, the new_rows adapter gives the same logits as the all adapter.
+        let exp = Expected::load();
+        let ids = exp.ids("resized_input_ids");
+        let la = logits_of(&apply(Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap(), &all, &cpu()).unwrap(), &ids);
+        let lb = logits_of(&apply(Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap(), &new, &cpu()).unwrap(), &ids);
+        assert!(rel_err(&lb, &la) < 1e-6);
+    }
+
+    fn tied_base(dir: &Path) {
+        let src = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
+        let t: Vec<_> = src
+            .names()
+            .into_iter()
+            .filter(|n| n != "lm_head.weight")
+            .map(|n| {
+                let r = src.require(&n).unwrap();
+                (n.clone(), "F32".to_string(), r.shape.to_vec(), r.bytes.to_vec())
+            })
+            .collect();
+        std::fs::create_dir_all(dir).unwrap();
+        write_all(&dir.join("model.safetensors"), &t, None).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("base/config.json")).unwrap()).unwrap();
+        cfg["tie_word_embeddings"] = true.into();
+        std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
+    }
+
+    #[test]
+    fn tied_embeddings_in_both_modes() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("tied");
+        tied_base(&base_dir);
+        let exp = Expected::load();
+        let ids = exp.ids("input_ids");
+        let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
+        for (embed, head, expect_tied) in [(TableMode::All, TableMode::All, true), (TableMode::NewRows, TableMode::NewRows, true), (TableMode::All, TableMode::Frozen, false)] {
+            let mut model = Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
+            assert!(model.lm_head.is_none());
+            // Grow by 8 rows so new_rows has something to train (a frozen head cannot carry new
+            // rows, so that case keeps the size); perturb rows so "trained" differs.
+            let w = model.embed_tokens.weight();
+            let grown = if head == TableMode::Frozen { w * 1.01 } else { burn::tensor::Tensor::cat(vec![w.clone(), w.clone().slice([0..8, 0..64]) * 0.5], 0) * 1.01 };
+            model.embed_tokens = linly_lora::model::TokenTable::new(grown);
+            set_table_modes(&mut model, embed, head, 320).unwrap();
+            assert_eq!(model.lm_head.is_none(), expect_tied, "{embed:?}/{head:?}");
+            let ad = dir.path().join(format!("ad-{embed:?}-{head:?}"));
+            save(&model, &cfg, TableSave { embed, lm_head: head, old_vocab: 320 }, &ad, &[]).unwrap();
+            let out = dir.path().join(format!("m-{embed:?}-{head:?}"));
+            let mut o = opts(&out, vec![ad.clone()]);
+            o.base = base_dir.clone();
+            let r = merge(&o).unwrap();
+            assert_eq!(r.tie_word_embeddings, expect_tied, "{embed:?}/{head:?}");
+            assert_eq!(SafetensorsFile::open(&out.join("model.safetensors")).unwrap().contains("lm_head.weight"), !expect_tied);
+            // Merged = unmerged.
+            let merged = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+            let unmerged = apply(Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap(), &ad, &cpu()).unwrap();
+            let e = rel_err(&logits_of(&merged, &ids), &logits_of(&unmerged, &ids));
+            assert!(e < 1e-5, "{embed:?}/{head:?}: merged vs unmerged {e:e}");
+            // And the table actually changed the model relative to the base.
+            let base_logits = logits_of(&Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap(), &ids);
+            assert!(rel_err(&logits_of(&merged, &ids)[..base_logits.len()], &base_logits) > 1e-4);
+        }
+    }
+
+    #[test]
+    fn new_rows_train_only_new_rows_and_lora_grads_are_rank_sized() {
+        use linly_lora::lora::{inject, LoraInit, LoraSettings};
+        let device = cpu().autodiff();
+        let base = Llama::load(&tiny().join("base"), &device, FloatType::F32).unwrap();
+        let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
+        for (_, lin) in linly_lora::lora::adapter::linears(&model) {
+            assert_eq!(lin.lora.len(), 1);
+        }
+        // Drop the fixture's LoRA and add a fresh one (B = 0: the model output is unchanged).
+        let before = logits_of(&model, &Expected::load().ids("resized_input_ids"));
+        let s = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["q_proj".into(), "down_proj".into()], init: LoraInit::Kaiming, seed: 1 };
+        inject(&mut model, &s, &device).unwrap();
+        let after = logits_of(&model, &Expected::load().ids("resized_input_ids"));
+        assert!(rel_err(&after, &before) < 1e-7, "a fresh adapter must not change the output");
+        set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        let ids = linly_lora::infer::ids_tensor(&Expected::load().ids("resized_input_ids")[0], &device);
+        let loss = model.forward(ids, None).sum();
+        let grads = loss.backward();
+        assert!(model.embed_tokens.base.val().grad(&grads).is_none(), "old rows must be frozen");
+        assert_eq!(model.embed_tokens.extra.as_ref().unwrap().val().grad(&grads).unwrap().dims(), [64, 64]);
+        assert_eq!(model.lm_head.as_ref().unwrap().extra.as_ref().unwrap().val().grad(&grads).unwrap().dims(), [64, 64]);
+        let q = &model.layers[0].self_attn.q_proj;
+        assert!(q.weight.val().grad(&grads).is_none(), "base weights must be frozen");
+        let fresh = &q.lora[1];
+        assert_eq!(fresh.a.val().grad(&grads).unwrap().dims(), [4, 64]);
+        assert_eq!(fresh.b.val().grad(&grads).unwrap().dims(), [64, 4]);
+        // Kaiming-uniform(a=√5) bound: 1/√in.
+        let a = linly_lora::io::weights::tensor_to_f32(fresh.a.val());
+        let bound = 1.0 / 8.0;
+        assert!(a.iter().all(|x| x.abs() <= bound) && a.iter().any(|x| x.abs() > bound * 0.9));
+    }
+}
+
+mod broken {
+    use super::common::*;
+    use super::merge::opts;
+    use linly_lora::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+    use linly_lora::lora::merge::merge;
+    use std::path::{Path, PathBuf};
+
+    /// Copies the fixture adapter with tensors renamed/reshaped by `edit`.
+    fn edited(dir: &Path, edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(String, Vec<usize>, Vec<f32>)>) -> PathBuf {
+        let src = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
+        let t: Vec<_> = src
+            .names()
+            .into_iter()
+            .filter_map(|n| {
+                let r = src.require(&n).unwrap();
+                edit(&n, r.shape.to_vec(), r.to_f32().unwrap()).map(|(n, s, v)| (n, "F32".to_string(), s, encode_f32(&v, FloatType::F32)))
+            })
+            .collect();
+        std::fs::create_dir_all(dir).unwrap();
+        write_all(&dir.join("adapter_model.safetensors"), &t, None).unwrap();
+        std::fs::copy(tiny().join("adapter/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
+        dir.to_path_buf()
+    }
+
+    fn expect_rejected(o: linly_lora::lora::merge::MergeOptions, needle: &str) {
+        let parent = o.out.parent().unwrap().to_path_buf();
+        let before: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+        let e = format!("{:#}", merge(&o).unwrap_err());
+        assert!(e.contains(needle), "error lacks `{needle}`: {e}");
+        assert!(!o.out.exists(), "a rejected merge left {}", o.out.display());
+        let after: Vec<_> = std::fs::read_dir(&parent).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(before, after, "a rejected merge left files behind");
+    }
+
+    #[test]
+    fn target_missing_from_base() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = edited(&dir.path().join("ad"), |n, s, v| Some((n.replace("layers.1.", "layers.7."), s, v)));
+        expect_rejected(opts(&dir.path().join("out"), vec![ad]), "model.layers.7");
+    }
+
+    #[test]
+    fn lora_shape_mismatch() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = edited(&dir.path().join("ad"), |n, s, v| {
+            if n.contains("layers.0.mlp.up_proj.lora_A") {
+                Some((n.into(), vec![s[0], s[1] - 1], v[..s[0] * (s[1] - 1)].to_vec()))
+            } else {
+                Some((n.into(), s, v))
+            }
+        });
+        expect_rejected(opts(&dir.path().join("out"), vec![ad]), "another model");
+    }
+
+    #[test]
+    fn vocabulary_grown_on_one_table_only() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = edited(&dir.path().join("ad"), |n, s, v| (!n.contains("lm_head")).then(|| (n.into(), s, v)));
+        expect_rejected(opts(&dir.path().join("out"), vec![ad]), "must carry both tables");
+    }
+
+    #[test]
+    fn tokenizer_disagrees_with_rows() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut o = opts(&dir.path().join("out"), vec![tiny().join("adapter")]);
+        o.tokenizer = Some(fixture("llama2-tokenizer"));
+        expect_rejected(o, "--tokenizer");
+    }
+
+    #[test]
+    fn existing_output_and_bad_config() {
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("out");
+        std::fs::create_dir(&out).unwrap();
+        let e = format!("{:#}", merge(&opts(&out, vec![tiny().join("adapter")])).unwrap_err());
+        assert!(e.contains("already exists"), "{e}");
+        let ad = dir.path().join("dora");
+        std::fs::create_dir(&ad).unwrap();
+        std::fs::copy(tiny().join("adapter/adapter_model.safetensors"), ad.join("adapter_model.safetensors")).unwrap();
+        let cfg = std::fs::read_to_string(tiny().join("adapter/adapter_config.json")).unwrap().replace("\"use_dora\": false", "\"use_dora\": true");
+        std::fs::write(ad.join("adapter_config.json"), cfg).unwrap();
+        expect_rejected(opts(&dir.path().join("out2"), vec![ad]), "DoRA");
+    }
+}

@@ -99,6 +99,7 @@ impl RawTensor<'_> {
 /// A validated, memory-mapped safetensors file.
 pub struct SafetensorsFile {
     path: PathBuf,
+    file: File,
     mmap: memmap2::Mmap,
     data_start: usize,
     meta: Metadata,
@@ -116,7 +117,7 @@ impl SafetensorsFile {
                 path.display()
             )
         })?;
-        Ok(SafetensorsFile { path: path.to_path_buf(), mmap, data_start: 8 + n, meta })
+        Ok(SafetensorsFile { path: path.to_path_buf(), file, mmap, data_start: 8 + n, meta })
     }
 
     pub fn path(&self) -> &Path {
@@ -142,6 +143,19 @@ impl SafetensorsFile {
         let info = self.meta.info(name)?;
         let (s, e) = info.data_offsets;
         Some(RawTensor { dtype: info.dtype, shape: &info.shape, bytes: &self.mmap[self.data_start + s..self.data_start + e] })
+    }
+
+    /// Reads a tensor's bytes with `pread` instead of through the map. Streaming tools (merge)
+    /// use this so pages they are done with never count towards their resident memory.
+    pub fn read_owned(&self, name: &str) -> Result<(Dtype, Vec<usize>, Vec<u8>)> {
+        use std::os::unix::fs::FileExt;
+        let info = self.meta.info(name).with_context(|| format!("{}: missing tensor `{name}`", self.path.display()))?;
+        let (s, e) = info.data_offsets;
+        let mut buf = vec![0u8; e - s];
+        self.file
+            .read_exact_at(&mut buf, (self.data_start + s) as u64)
+            .with_context(|| format!("{}: reading tensor `{name}`", self.path.display()))?;
+        Ok((info.dtype, info.shape.clone(), buf))
     }
 
     /// Like [`get`](Self::get), but a missing tensor is an error naming the file.

@@ -90,6 +90,14 @@ impl WeightStore {
         }
     }
 
+    /// A tensor's bytes read without the map (see [`SafetensorsFile::read_owned`]).
+    pub fn read_owned(&self, name: &str) -> Result<(safetensors::Dtype, Vec<usize>, Vec<u8>)> {
+        match self.index.get(name) {
+            Some(&i) => self.files[i].read_owned(name),
+            None => bail!("{}: missing tensor `{name}`", self.dir.display()),
+        }
+    }
+
     /// A float tensor with its shape checked against `expected`.
     pub fn raw_checked(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>> {
         let raw = self.raw(name)?;

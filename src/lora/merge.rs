@@ -1,1 +1,351 @@
-//! merge
+//! `merge`: `W + s·B·A` (in f32 whatever the storage dtype) for every LoRA pair of every
+//! adapter, in order, plus table replacement/growth, streamed tensor by tensor into sharded
+//! safetensors. Everything is validated before the first byte is written, and the output
+//! folder appears only when complete.
+
+use super::adapter::{AdapterFile, TableUpdate};
+use crate::config::HfConfig;
+use crate::io::atomic::StagedDir;
+use crate::io::safetensors::{encode_f32, FloatType, RawTensor, StreamWriter, TensorSpec};
+use crate::io::weights::WeightStore;
+use anyhow::{bail, Context, Result};
+use burn::tensor::{Tensor, TensorData};
+use safetensors::Dtype;
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub base: PathBuf,
+    pub adapters: Vec<PathBuf>,
+    pub out: PathBuf,
+    /// Output storage dtype; `None` keeps each tensor's dtype.
+    pub dtype: Option<FloatType>,
+    pub tokenizer: Option<PathBuf>,
+    pub shard_size: u64,
+    /// Accept a tokenizer with fewer tokens than embedding rows (padded vocabularies).
+    pub allow_vocab_padding: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct MergeReport {
+    pub out: PathBuf,
+    pub tensors: usize,
+    pub lora_pairs_merged: usize,
+    pub shards: usize,
+    pub vocab_size: usize,
+    pub tie_word_embeddings: bool,
+    pub bytes_written: u64,
+    pub tokenizer_from: Option<PathBuf>,
+}
+
+/// Parses sizes like `5GB`, `500MB`, `2GiB`, `1000000`.
+pub fn parse_size(s: &str) -> Result<u64> {
+    let t = s.trim().to_ascii_uppercase();
+    let (num, mult) = [("GIB", 1u64 << 30), ("MIB", 1 << 20), ("KIB", 1 << 10), ("GB", 1_000_000_000), ("MB", 1_000_000), ("KB", 1000), ("B", 1)]
+        .iter()
+        .find_map(|(suf, m)| t.strip_suffix(suf).map(|n| (n.trim().to_string(), *m)))
+        .unwrap_or((t.clone(), 1));
+    let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("bad size `{s}`: use e.g. 5GB, 500MB or a byte count"))?;
+    if v <= 0.0 {
+        bail!("size `{s}` must be positive");
+    }
+    Ok((v * mult as f64) as u64)
+}
+
+/// What the output will hold, decided before writing.
+struct Plan {
+    specs: Vec<TensorSpec>,
+    embed_rows: usize,
+    tied_out: bool,
+    base_tied: bool,
+}
+
+const EMBED: &str = "model.embed_tokens.weight";
+const HEAD: &str = "lm_head.weight";
+
+fn same_update(a: &AdapterFile, e: &TableUpdate, h: &TableUpdate) -> Result<bool> {
+    Ok(match (e, h) {
+        (TableUpdate::Full { .. }, TableUpdate::Full { .. }) => a.raw(e.key())?.bytes == a.raw(h.key())?.bytes,
+        (TableUpdate::Rows { indices: i1, .. }, TableUpdate::Rows { indices: i2, .. }) => i1 == i2 && a.raw(e.key())?.bytes == a.raw(h.key())?.bytes,
+        _ => false,
+    })
+}
+
+fn plan(opts: &MergeOptions, store: &WeightStore, cfg: &HfConfig, adapters: &[AdapterFile], tok_vocab: Option<(usize, PathBuf)>) -> Result<Plan> {
+    let rt = cfg.to_runtime().with_context(|| format!("{}", opts.base.display()))?;
+    let base_tied = rt.tie_word_embeddings || !store.contains(HEAD);
+    let embed_raw = store.raw(EMBED)?;
+    let (mut embed_rows, hidden) = (embed_raw.shape[0], embed_raw.shape[1]);
+    let mut head_rows = if base_tied { embed_rows } else { store.raw(HEAD)?.shape[0] };
+    let mut tied_out = base_tied;
+    for ad in adapters {
+        for (module, keys) in &ad.lora {
+            let wname = format!("{module}.weight");
+            let w = store.raw(&wname).with_context(|| {
+                format!("adapter {} targets `{module}`, which {} does not have: this adapter belongs to another model", ad.dir.display(), opts.base.display())
+            })?;
+            let (a, b) = (ad.raw(&keys.a)?, ad.raw(&keys.b)?);
+            if w.shape.len() != 2 || a.shape[1] != w.shape[1] || b.shape[0] != w.shape[0] {
+                bail!(
+                    "adapter {}: `{module}` has lora_A {:?} / lora_B {:?} but the base weight is {:?}: this adapter was trained on another model",
+                    ad.dir.display(),
+                    a.shape,
+                    b.shape,
+                    w.shape
+                );
+            }
+        }
+        for u in [&ad.embed, &ad.lm_head].into_iter().flatten() {
+            let h = ad.raw(u.key())?.shape[1];
+            if h != hidden {
+                bail!("adapter {}: `{}` has hidden size {h} but the base's is {hidden}", ad.dir.display(), u.key());
+            }
+        }
+        let new_embed = match &ad.embed {
+            Some(u) => ad.rows_after(u, embed_rows)?,
+            None => embed_rows,
+        };
+        let new_head = match &ad.lm_head {
+            Some(u) => ad.rows_after(u, head_rows)?,
+            None => head_rows,
+        };
+        // Identical updates to both tables keep a tied model tied; anything else unties it.
+        tied_out = tied_out
+            && match (&ad.embed, &ad.lm_head) {
+                (None, None) => true,
+                (Some(e), Some(h)) => same_update(ad, e, h)?,
+                _ => false,
+            };
+        if new_embed != new_head {
+            bail!(
+                "after adapter {} embed_tokens would have {new_embed} rows but lm_head {new_head}: an adapter that grows the vocabulary must carry both tables (modules_to_save = [\"embed_tokens\", \"lm_head\"])",
+                ad.dir.display()
+            );
+        }
+        embed_rows = new_embed;
+        head_rows = new_head;
+    }
+    if let Some((n, dir)) = tok_vocab {
+        if n > embed_rows {
+            bail!(
+                "tokenizer {} has {n} tokens but the merged model would have {embed_rows} embedding rows: pass --tokenizer of the vocabulary the adapter was trained with, or an adapter that carries the resized embed_tokens/lm_head",
+                dir.display()
+            );
+        }
+        if n < embed_rows && !opts.allow_vocab_padding {
+            bail!(
+                "tokenizer {} has {n} tokens but the merged model would have {embed_rows} embedding rows: pass --tokenizer of the extended vocabulary (e.g. the adapter's folder), or --allow-vocab-padding if the extra rows are deliberate padding",
+                dir.display()
+            );
+        }
+    }
+    let mut specs = Vec::new();
+    for name in store.names() {
+        if name == HEAD && tied_out {
+            continue;
+        }
+        let raw = store.raw(&name)?;
+        let mut shape = raw.shape.to_vec();
+        if name == EMBED || name == HEAD {
+            shape[0] = embed_rows;
+        }
+        specs.push(TensorSpec { name: name.clone(), dtype: out_dtype(&raw, opts.dtype), shape });
+    }
+    if base_tied && !tied_out {
+        let raw = store.raw(EMBED)?;
+        specs.push(TensorSpec { name: HEAD.into(), dtype: out_dtype(&raw, opts.dtype), shape: vec![embed_rows, hidden] });
+    }
+    Ok(Plan { specs, embed_rows, tied_out, base_tied })
+}
+
+fn out_dtype(raw: &RawTensor<'_>, want: Option<FloatType>) -> String {
+    match (raw.float_type(), want) {
+        (Some(_), Some(w)) => w.safetensors_name().into(),
+        (Some(f), None) => f.safetensors_name().into(),
+        _ => format!("{:?}", raw.dtype),
+    }
+}
+
+fn float_type_of(name: &str) -> Option<FloatType> {
+    match name {
+        "F32" => Some(FloatType::F32),
+        "F16" => Some(FloatType::F16),
+        "BF16" => Some(FloatType::BF16),
+        _ => None,
+    }
+}
+
+/// `w += scale · B·A`, with the product on the CPU backend (burn flex's threaded GEMM).
+fn add_lora(w: &mut [f32], a: &[f32], b: &[f32], out: usize, r: usize, inp: usize, scale: f64) {
+    let device = crate::device::parse("cpu").expect("cpu");
+    let bt: Tensor<2> = Tensor::from_data(TensorData::new(b.to_vec(), [out, r]), &device);
+    let at: Tensor<2> = Tensor::from_data(TensorData::new(a.to_vec(), [r, inp]), &device);
+    let d = crate::io::weights::tensor_to_f32(bt.matmul(at));
+    let s = scale as f32;
+    for (x, y) in w.iter_mut().zip(d) {
+        *x += s * y;
+    }
+}
+
+fn owned_f32(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<Vec<f32>> {
+    RawTensor { dtype, shape, bytes }.to_f32()
+}
+
+/// Computes one output tensor: base, then every adapter's update in order.
+fn compute(name: &str, spec: &TensorSpec, store: &WeightStore, adapters: &[AdapterFile], plan: &Plan) -> Result<Vec<u8>> {
+    let src = if name == HEAD && plan.base_tied { EMBED } else { name };
+    let (dtype, shape, bytes) = store.read_owned(src)?;
+    let module = name.strip_suffix(".weight").unwrap_or(name);
+    let is_table = name == EMBED || name == HEAD;
+    let touched = is_table && adapters.iter().any(|a| if name == EMBED { a.embed.is_some() } else { a.lm_head.is_some() })
+        || adapters.iter().any(|a| a.lora.contains_key(module));
+    let out_ty = float_type_of(&spec.dtype);
+    if !touched && format!("{dtype:?}") == spec.dtype && shape == spec.shape {
+        return Ok(bytes);
+    }
+    let out_ty = out_ty.with_context(|| format!("tensor `{name}` of dtype {dtype:?} cannot be converted"))?;
+    let mut w = owned_f32(dtype, &shape, &bytes)?;
+    drop(bytes);
+    if is_table {
+        let hidden = shape[1];
+        let mut rows = shape[0];
+        for ad in adapters {
+            let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
+            if let Some(u) = u {
+                rows = ad.update_table(u, &mut w, rows, hidden)?;
+            }
+        }
+        if rows != spec.shape[0] {
+            bail!("internal: `{name}` has {rows} rows, planned {}", spec.shape[0]);
+        }
+    } else {
+        for ad in adapters {
+            if let Some(keys) = ad.lora.get(module) {
+                let (out, inp) = (shape[0], shape[1]);
+                let (a, b) = (ad.raw(&keys.a)?, ad.raw(&keys.b)?);
+                let r = a.shape[0];
+                add_lora(&mut w, &a.to_f32()?, &b.to_f32()?, out, r, inp, ad.scale(module)?);
+            }
+        }
+    }
+    Ok(encode_f32(&w, out_ty))
+}
+
+/// Tokenizer files to copy and the folder they come from.
+const TOKENIZER_FILES: [&str; 6] = ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "tokenizer.model", "added_tokens.json", "vocab_extension.json"];
+
+fn tokenizer_source(opts: &MergeOptions) -> Option<PathBuf> {
+    if let Some(t) = &opts.tokenizer {
+        return Some(if t.is_file() { t.parent().map(Path::to_path_buf).unwrap_or_default() } else { t.clone() });
+    }
+    opts.adapters.iter().rev().find(|a| a.join("tokenizer.json").exists()).cloned().or_else(|| opts.base.join("tokenizer.json").exists().then(|| opts.base.clone()))
+}
+
+pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
+    if opts.adapters.is_empty() {
+        bail!("merge needs at least one --adapter");
+    }
+    if opts.out.exists() {
+        bail!("{} already exists: choose another --out or remove it first", opts.out.display());
+    }
+    let cfg = HfConfig::load(&opts.base)?;
+    let store = WeightStore::open(&opts.base)?;
+    let adapters = opts.adapters.iter().map(|a| AdapterFile::open(a)).collect::<Result<Vec<_>>>()?;
+    let tok_dir = tokenizer_source(opts);
+    let tok_vocab = match &tok_dir {
+        Some(d) if d.join("tokenizer.json").exists() => Some((crate::tokenizer::Tok::load(d)?.vocab_size(), d.clone())),
+        Some(d) if opts.tokenizer.is_some() => bail!("--tokenizer {}: no tokenizer.json there", d.display()),
+        _ => None,
+    };
+    let plan = plan(opts, &store, &cfg, &adapters, tok_vocab)?;
+
+    // Shards: tensors in name order, a new shard when the next tensor would overflow.
+    let mut specs = plan.specs.clone();
+    specs.sort_by(|a, b| a.name.cmp(&b.name));
+    let mut shards: Vec<Vec<TensorSpec>> = vec![vec![]];
+    let mut cur = 0u64;
+    for s in specs {
+        let len = s.byte_len()? as u64;
+        if cur > 0 && cur + len > opts.shard_size {
+            shards.push(vec![]);
+            cur = 0;
+        }
+        cur += len;
+        shards.last_mut().unwrap().push(s);
+    }
+    let n = shards.len();
+    let staged = StagedDir::new(&opts.out, false)?;
+    let mut weight_map = serde_json::Map::new();
+    let mut total = 0u64;
+    let mut lora_pairs = 0usize;
+    for (k, shard) in shards.iter().enumerate() {
+        let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
+        let mut w = StreamWriter::create(&staged.path().join(&fname), shard.clone(), Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
+        for spec in shard {
+            let bytes = compute(&spec.name, spec, &store, &adapters, &plan).with_context(|| format!("merging `{}`", spec.name))?;
+            let module = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+            lora_pairs += adapters.iter().filter(|a| a.lora.contains_key(module)).count();
+            total += bytes.len() as u64;
+            w.write(&spec.name, &bytes)?;
+            weight_map.insert(spec.name.clone(), fname.clone().into());
+        }
+        w.finish()?;
+    }
+    if n > 1 {
+        let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
+        crate::io::atomic::write(&staged.path().join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
+    }
+    let mut out_cfg = cfg.clone();
+    out_cfg.vocab_size = Some(plan.embed_rows);
+    out_cfg.tie_word_embeddings = Some(plan.tied_out);
+    if let Some(d) = opts.dtype {
+        let name = match d {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
+        };
+        for key in ["torch_dtype", "dtype"] {
+            if out_cfg.extra.contains_key(key) || key == "torch_dtype" {
+                out_cfg.extra.insert(key.into(), name.into());
+            }
+        }
+    }
+    out_cfg.save(staged.path())?;
+    if opts.base.join("generation_config.json").exists() {
+        std::fs::copy(opts.base.join("generation_config.json"), staged.path().join("generation_config.json"))?;
+    }
+    if let Some(d) = &tok_dir {
+        for f in TOKENIZER_FILES {
+            if d.join(f).exists() {
+                std::fs::copy(d.join(f), staged.path().join(f))?;
+            }
+        }
+    }
+    let out = staged.commit()?;
+    Ok(MergeReport {
+        out,
+        tensors: plan.specs.len(),
+        lora_pairs_merged: lora_pairs,
+        shards: n,
+        vocab_size: plan.embed_rows,
+        tie_word_embeddings: plan.tied_out,
+        bytes_written: total,
+        tokenizer_from: tok_dir,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes() {
+        assert_eq!(parse_size("5GB").unwrap(), 5_000_000_000);
+        assert_eq!(parse_size("2GiB").unwrap(), 2 << 30);
+        assert_eq!(parse_size("500mb").unwrap(), 500_000_000);
+        assert_eq!(parse_size("1234").unwrap(), 1234);
+        assert!(parse_size("lots").is_err());
+    }
+}

@@ -257,10 +257,16 @@ impl BpeState {
 
     /// HF `BPE::tokenize` for one pre-tokenized word (no dropout).
     pub(crate) fn tokenize(&self, word: &str) -> Vec<u32> {
+        self.tokenize_with(word, self.ignore_merges)
+    }
+
+    /// Like [`Self::tokenize`]; `whole_word_lookup: false` ignores `ignore_merges`, to check that
+    /// the merges alone reach a piece (needed when it occurs inside a longer word).
+    pub(crate) fn tokenize_with(&self, word: &str, whole_word_lookup: bool) -> Vec<u32> {
         if word.is_empty() {
             return Vec::new();
         }
-        if self.ignore_merges {
+        if whole_word_lookup {
             if let Some(&id) = self.vocab.get(word) {
                 return vec![id];
             }

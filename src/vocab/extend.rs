@@ -86,14 +86,20 @@ fn add_piece(state: &mut BpeState, piece: &str) -> bool {
         state.push_piece(piece, &mut journal);
         return true;
     }
-    let leaves = state.tokenize(piece);
+    let leaves = state.tokenize_with(piece, false);
     let mut offsets = vec![0usize];
     for id in &leaves {
         if Some(*id) == state.unk || (matches!(state.family, Family::Char { .. }) && state.is_byte_fallback_id(*id)) {
             return false;
         }
         let Some(s) = state.id_to_piece.get(id) else { return false };
-        offsets.push(offsets.last().copied().unwrap_or(0) + s.len());
+        let at = offsets.last().copied().unwrap_or(0);
+        // Leaves must spell the piece exactly, or the spans below would not be pieces (or even
+        // char boundaries).
+        if piece.get(at..at + s.len()) != Some(s.as_str()) {
+            return false;
+        }
+        offsets.push(at + s.len());
     }
     let k = leaves.len();
     if k < 2 || offsets[k] != piece.len() {
@@ -151,7 +157,7 @@ fn add_piece(state: &mut BpeState, piece: &str) -> bool {
         out
     }
     let id = build(state, &mut journal, piece, &offsets, &leaves, &split, 0, k);
-    if state.tokenize(piece) != [id] {
+    if state.tokenize_with(piece, false) != [id] {
         state.rollback(journal);
         return false;
     }
@@ -217,7 +223,7 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         PieceSource::Pieces(p) => p.iter().filter(|p| !p.is_empty()).cloned().collect(),
         PieceSource::Select(cfg) => {
             let present = |s: &str| state.vocab.contains_key(&state.to_model_alphabet(s));
-            select_pieces(cfg, &present)?
+            select_pieces(cfg, &present, state.family == Family::Char { metaspace: true })?
         }
     };
 
@@ -259,7 +265,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             todo.push((raw.clone(), piece));
         }
     }
-    todo.sort_by_key(|(raw, _)| raw.chars().count());
+    // Word-initial pieces (`▁他`) last: their merges must only absorb the space/dummy prefix, never
+    // compete with the merges that segment the word itself.
+    todo.sort_by_key(|(raw, _)| (raw.starts_with(' '), raw.chars().count()));
     let todo_len = todo.len();
 
     let mut requested: HashSet<String> = HashSet::new();

@@ -227,7 +227,7 @@ pub fn init_new_rows(
     ext.validate()?;
     ensure!(dim > 0, "embedding dim must be > 0");
     ensure!(
-        old.len() == old_rows * dim,
+        old_rows.checked_mul(dim) == Some(old.len()),
         "table has {} values, expected old_rows × dim = {old_rows} × {dim}",
         old.len()
     );
@@ -240,13 +240,12 @@ pub fn init_new_rows(
     if init == InitMethod::Random {
         ensure!(init_std.is_finite() && init_std >= 0.0, "init std must be a finite number ≥ 0, got {init_std}");
     }
-    let rows = |ids: &'_ [u32]| ids.iter().map(move |&id| &old[id as usize * dim..(id as usize + 1) * dim]);
     let n_new = ext.added();
     let needs_global_mean = init != InitMethod::Random;
-    let global_mean = if needs_global_mean && old_rows > 0 { mean_rows(old.chunks_exact(dim), dim) } else { vec![0.0; dim] };
     if needs_global_mean && old_rows == 0 {
         bail!("cannot take a mean of an empty table");
     }
+    let global_mean = if needs_global_mean { mean_rows(old.chunks_exact(dim), dim) } else { Vec::new() };
 
     let mut out = Vec::with_capacity(n_new * dim);
     match init {
@@ -255,7 +254,8 @@ pub fn init_new_rows(
                 if ids.is_empty() {
                     out.extend_from_slice(&global_mean);
                 } else {
-                    out.extend(mean_rows(rows(ids), dim));
+                    let rows = ids.iter().map(|&id| &old[id as usize * dim..(id as usize + 1) * dim]);
+                    out.extend(mean_rows(rows, dim));
                 }
             }
         }

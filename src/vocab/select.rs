@@ -24,11 +24,19 @@ pub struct SelectConfig {
     /// Longest word, in characters, worth a token. Longer words are rare in running text and
     /// need intermediate pieces; 4 covers idioms (成语).
     pub max_word_chars: usize,
+    /// SentencePiece-style tokenizers only (ignored otherwise): also add `▁`+piece for this many
+    /// of the most frequent characters/words that start a text. The normalizer prepends `▁` to
+    /// every text and Chinese has no spaces, so without these each sentence pays one extra token
+    /// for a lone `▁`. Frequencies: how often the piece opens a line or follows whitespace in the
+    /// corpus; without a corpus, the word list's own frequency for the entry (for a single
+    /// character, its frequency as a one-character word). Their merges come after all others, so
+    /// they never change how the Chinese itself is segmented.
+    pub max_prefixed: usize,
 }
 
 impl Default for SelectConfig {
     fn default() -> Self {
-        SelectConfig { corpus: Vec::new(), wordlist: None, max_chars: 8_000, max_words: 20_000, min_freq: 1, max_word_chars: 4 }
+        SelectConfig { corpus: Vec::new(), wordlist: None, max_chars: 8_000, max_words: 20_000, min_freq: 1, max_word_chars: 4, max_prefixed: 0 }
     }
 }
 
@@ -59,10 +67,14 @@ fn read_wordlist(path: &Path) -> Result<Vec<(String, u64)>> {
     Ok(words)
 }
 
-/// Character counts and forward-maximum-matching word counts over the corpus files.
-fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<(HashMap<char, u64>, HashMap<String, u64>)> {
+type Counts = (HashMap<char, u64>, HashMap<String, u64>, HashMap<String, u64>);
+
+/// Character counts, forward-maximum-matching word counts, and counts of the segment (word or
+/// character) that opens a line or follows whitespace.
+fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<Counts> {
     let mut chars: HashMap<char, u64> = HashMap::new();
     let mut words: HashMap<String, u64> = HashMap::new();
+    let mut initial: HashMap<String, u64> = HashMap::new();
     let mut buf: Vec<char> = Vec::new();
     let mut key = String::new();
     for path in files {
@@ -79,6 +91,7 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
             let mut i = 0;
             while i < buf.len() {
                 let mut step = 1;
+                let starts_text = i == 0 || buf[i - 1].is_whitespace();
                 if is_han(buf[i]) && !dict.is_empty() {
                     let mut run = i;
                     while run < buf.len() && run - i < max_len && is_han(buf[run]) {
@@ -94,11 +107,14 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
                         }
                     }
                 }
+                if starts_text && is_han(buf[i]) {
+                    *initial.entry(buf[i..i + step].iter().collect()).or_default() += 1;
+                }
                 i += step;
             }
         }
     }
-    Ok((chars, words))
+    Ok((chars, words, initial))
 }
 
 /// Most frequent first, then by text so the order is reproducible.
@@ -108,9 +124,10 @@ fn rank<K: Ord + Clone>(counts: impl IntoIterator<Item = (K, u64)>, min_freq: u6
     v
 }
 
-/// Chooses characters then words. `is_token(text)` says whether the old tokenizer already has
-/// `text` as one vocab entry.
-pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool) -> Result<Vec<String>> {
+/// Chooses characters, then words, then (if `metaspace`) space-prefixed pieces, written with a
+/// leading space (`" 他"`) since pieces are text. `is_token(text)` says whether the old tokenizer
+/// already has `text` as one vocab entry.
+pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool, metaspace: bool) -> Result<Vec<String>> {
     if cfg.max_words > 0 && cfg.wordlist.is_none() {
         bail!("choosing words needs a word list (e.g. jieba's dict.txt); pass one, or set the word count to 0 to add characters only");
     }
@@ -127,7 +144,7 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool)
         (2..=max_word_chars).contains(&n) && w.chars().all(is_han)
     };
 
-    let (char_freq, word_freq): (HashMap<char, u64>, HashMap<String, u64>) = if cfg.corpus.is_empty() {
+    let (char_freq, word_freq, initial_freq): Counts = if cfg.corpus.is_empty() {
         let mut chars: HashMap<char, u64> = HashMap::new();
         for (w, f) in &wordlist {
             if w.chars().all(is_han) {
@@ -137,7 +154,8 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool)
             }
         }
         let words = wordlist.iter().filter(|(w, _)| is_word(w)).cloned().collect();
-        (chars, words)
+        let initial = wordlist.iter().filter(|(w, _)| w.chars().count() <= max_word_chars && w.chars().all(is_han)).cloned().collect();
+        (chars, words, initial)
     } else {
         let dict: HashSet<&str> = wordlist.iter().map(|(w, _)| w.as_str()).filter(|w| is_word(w)).collect();
         count_corpus(&cfg.corpus, &dict, max_word_chars)?
@@ -156,14 +174,30 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool)
         }
     }
     let mut n_words = 0;
+    let mut chosen_words: HashSet<String> = HashSet::new();
     for (w, _) in rank(word_freq, cfg.min_freq) {
         if n_words >= cfg.max_words {
             break;
         }
         let chars_ok = w.chars().all(|c| chosen_chars.contains(&c) || is_token(c.encode_utf8(&mut buf)));
         if chars_ok && is_word(&w) && !is_token(&w) {
+            chosen_words.insert(w.clone());
             out.push(w);
             n_words += 1;
+        }
+    }
+    if metaspace {
+        let mut n_prefixed = 0;
+        for (w, _) in rank(initial_freq, cfg.min_freq) {
+            if n_prefixed >= cfg.max_prefixed {
+                break;
+            }
+            let prefixed = format!(" {w}");
+            let single = w.chars().count() == 1 && chosen_chars.contains(&w.chars().next().unwrap_or_default());
+            if (single || chosen_words.contains(&w) || is_token(&w)) && !is_token(&prefixed) {
+                out.push(prefixed);
+                n_prefixed += 1;
+            }
         }
     }
     Ok(out)
@@ -180,22 +214,30 @@ mod tests {
         std::fs::write(&wl, "中国 100 ns\n国家 50 n\n我们 80 r\n我 500 r\nAT&T 3 nz\n中华人民共和国 9 ns\n").unwrap();
         let known = |s: &str| s == "我";
         let cfg = SelectConfig { wordlist: Some(wl.clone()), max_chars: 3, max_words: 10, ..Default::default() };
-        let got = select_pieces(&cfg, &known).unwrap();
+        let got = select_pieces(&cfg, &known, false).unwrap();
         // 国 150 > 中 100 > 们 80 > 家 50: 家 is cut by max_chars, so 国家 cannot be built.
         assert_eq!(got, vec!["国", "中", "们", "中国", "我们"]);
 
         let corpus = dir.path().join("c.txt");
-        std::fs::write(&corpus, "我们国家，我们中国。国家\n").unwrap();
-        let cfg = SelectConfig { corpus: vec![corpus], wordlist: Some(wl), max_chars: 10, max_words: 10, min_freq: 2, ..Default::default() };
-        let got = select_pieces(&cfg, &known).unwrap();
-        assert_eq!(got, vec!["国", "们", "家", "国家", "我们"]);
+        std::fs::write(&corpus, "我们国家，我们中国。国家 我们\n").unwrap();
+        let cfg = SelectConfig { corpus: vec![corpus], wordlist: Some(wl.clone()), max_chars: 10, max_words: 10, min_freq: 2, ..Default::default() };
+        let got = select_pieces(&cfg, &known, false).unwrap();
+        assert_eq!(got, vec!["们", "国", "家", "我们", "国家"]);
+        // Only 我们 opens a text twice (line start, after the space).
+        let cfg = SelectConfig { max_prefixed: 5, ..cfg };
+        let got = select_pieces(&cfg, &known, true).unwrap();
+        assert_eq!(got, vec!["们", "国", "家", "我们", "国家", " 我们"]);
+        // Without a corpus the word list's frequencies rank the candidates; 家 was not chosen.
+        let cfg = SelectConfig { wordlist: Some(wl.clone()), max_chars: 3, max_words: 10, max_prefixed: 3, ..Default::default() };
+        let got = select_pieces(&cfg, &known, true).unwrap();
+        assert_eq!(&got[5..], [" 我", " 中国", " 我们"]);
 
         let cfg = SelectConfig { wordlist: None, corpus: vec![], ..Default::default() };
-        assert!(select_pieces(&cfg, &known).is_err());
+        assert!(select_pieces(&cfg, &known, false).is_err());
         let bad = dir.path().join("bad.txt");
         std::fs::write(&bad, "中国 many\n").unwrap();
         let cfg = SelectConfig { wordlist: Some(bad), ..Default::default() };
-        let err = select_pieces(&cfg, &known).unwrap_err();
+        let err = select_pieces(&cfg, &known, false).unwrap_err();
         assert!(format!("{err:#}").contains("bad.txt:1"), "{err:#}");
     }
 }

@@ -1,0 +1,938 @@
+//! GGUF → Hugging Face folder for LLaMA-architecture models.
+//!
+//! Output (`--out DIR`):
+//! * `model.safetensors`: every weight dequantized to f32, un-permuted (Q/K) and stored in the
+//!   requested dtype. 1-D tensors (the RMSNorm weights) stay f32 whatever the dtype: llama.cpp
+//!   stores them as f32, they are tiny, and rounding them to bf16 would change the model for
+//!   no gain. Loaders that want a single dtype cast on load, as transformers does.
+//! * `config.json` (`LlamaForCausalLM`), `generation_config.json`;
+//! * `tokenizer.json`, `tokenizer_config.json` (with `chat_template`), `special_tokens_map.json`
+//!   when the GGUF carries a tokenizer (see [`super::tokenizer`]).
+//!
+//! Everything is written into a hidden temporary folder next to `DIR` and renamed into place at
+//! the end, so a failed import leaves no `DIR` behind. Tensors are converted one at a time
+//! straight into the output file, so peak memory is about one tensor in f32, not the model.
+
+use super::dequant::dequantize;
+use super::layout::{gguf_to_hf_name, unpermute_qk_rows};
+use super::reader::{GgmlType, GgufFile, GgufMmap, GgufTensor};
+use super::tokenizer::{build_tokenizer, HfTokenizerFiles};
+use anyhow::{anyhow, bail, Context, Result};
+use half::{bf16, f16};
+use serde_json::{json, Map, Value};
+use std::collections::{BTreeMap, BTreeSet};
+use std::fmt;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// The dtype of the 2-D weights in the output `model.safetensors`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum OutDType {
+    #[default]
+    F32,
+    F16,
+    BF16,
+}
+
+impl OutDType {
+    /// `f32`, `f16` or `bf16` (the CLI spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "f32",
+            OutDType::F16 => "f16",
+            OutDType::BF16 => "bf16",
+        }
+    }
+
+    fn safetensors_name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "F32",
+            OutDType::F16 => "F16",
+            OutDType::BF16 => "BF16",
+        }
+    }
+
+    fn torch_name(self) -> &'static str {
+        match self {
+            OutDType::F32 => "float32",
+            OutDType::F16 => "float16",
+            OutDType::BF16 => "bfloat16",
+        }
+    }
+
+    fn size(self) -> usize {
+        match self {
+            OutDType::F32 => 4,
+            OutDType::F16 | OutDType::BF16 => 2,
+        }
+    }
+
+    /// Little-endian bytes of `x` in this dtype (round-to-nearest-even for the 16-bit ones).
+    fn encode(self, x: &[f32]) -> Vec<u8> {
+        let mut out = Vec::with_capacity(x.len() * self.size());
+        match self {
+            OutDType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
+            OutDType::F16 => x.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())),
+            OutDType::BF16 => x.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())),
+        }
+        out
+    }
+}
+
+impl FromStr for OutDType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        match s.to_ascii_lowercase().as_str() {
+            "f32" | "float32" | "fp32" => Ok(OutDType::F32),
+            "f16" | "float16" | "fp16" => Ok(OutDType::F16),
+            "bf16" | "bfloat16" => Ok(OutDType::BF16),
+            _ => bail!("unknown dtype `{s}`: use f32, f16 or bf16"),
+        }
+    }
+}
+
+impl fmt::Display for OutDType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// What [`import_gguf`] did.
+#[derive(Debug, Clone)]
+pub struct ImportReport {
+    /// The folder written (`--out`).
+    pub out_dir: PathBuf,
+    /// Number of tensors in `model.safetensors`.
+    pub n_tensors: usize,
+    /// Number of parameters written.
+    pub n_params: u64,
+    /// GGUF storage types of the imported tensors and how many tensors had each (`Q4_1: 210`).
+    pub source_types: BTreeMap<String, usize>,
+    /// dtype of the 2-D weights (1-D norms are always f32).
+    pub dtype: OutDType,
+    /// True when the GGUF has no `output.weight`, so `lm_head` shares the embedding.
+    pub tied_embeddings: bool,
+    pub num_layers: usize,
+    pub hidden_size: usize,
+    pub vocab_size: usize,
+    /// `gpt2` or `llama` (with the pre-tokenizer name when there is one), or `None` when the
+    /// GGUF has no tokenizer and none was written.
+    pub tokenizer: Option<String>,
+    /// Whether a chat template was carried over into `tokenizer_config.json`.
+    pub chat_template: bool,
+    /// Files written into `out_dir`.
+    pub files: Vec<String>,
+    /// Non-fatal oddities worth showing the user.
+    pub warnings: Vec<String>,
+}
+
+/// LLaMA hyper-parameters from `llama.*` metadata.
+#[derive(Debug, Clone)]
+struct LlamaMeta {
+    n_layer: usize,
+    n_embd: usize,
+    n_ff: usize,
+    n_head: usize,
+    n_head_kv: usize,
+    head_dim: usize,
+    context_length: u64,
+    rms_eps: f64,
+    rope_theta: f64,
+    rope_scaling: Option<Value>,
+}
+
+/// One output tensor and where it comes from.
+struct Planned<'f, 'a> {
+    hf_name: String,
+    src: &'f GgufTensor<'a>,
+    /// Row-major HF shape.
+    shape: Vec<usize>,
+    dtype: OutDType,
+    /// Heads to un-permute over, for `attn_q` / `attn_k`.
+    unpermute_heads: Option<usize>,
+}
+
+fn usize_of(v: u64, key: &str) -> Result<usize> {
+    usize::try_from(v).map_err(|_| anyhow!("`{key}` = {v} is too large"))
+}
+
+fn required(g: &GgufFile<'_>, key: &str) -> Result<usize> {
+    let v = g.get_u64(key)?.ok_or_else(|| anyhow!("metadata `{key}` is missing (a LLaMA GGUF needs it)"))?;
+    if v == 0 {
+        bail!("metadata `{key}` is 0");
+    }
+    usize_of(v, key)
+}
+
+fn read_meta(g: &GgufFile<'_>, warnings: &mut Vec<String>) -> Result<LlamaMeta> {
+    let arch = g.get_str("general.architecture")?.ok_or_else(|| anyhow!("metadata `general.architecture` is missing"))?;
+    if arch != "llama" {
+        bail!("architecture `{arch}` is not supported: only `llama` GGUF files can be imported");
+    }
+    if g.get_u64("llama.expert_count")?.unwrap_or(0) > 0 {
+        bail!("mixture-of-experts LLaMA (llama.expert_count > 0) is not supported");
+    }
+    let n_embd = required(g, "llama.embedding_length")?;
+    let n_layer = required(g, "llama.block_count")?;
+    let n_ff = required(g, "llama.feed_forward_length")?;
+    let n_head = required(g, "llama.attention.head_count")?;
+    let n_head_kv = match g.get_u64("llama.attention.head_count_kv")? {
+        None => n_head,
+        Some(0) => bail!("metadata `llama.attention.head_count_kv` is 0"),
+        Some(v) => usize_of(v, "llama.attention.head_count_kv")?,
+    };
+    if n_head % n_head_kv != 0 {
+        bail!("head_count {n_head} is not a multiple of head_count_kv {n_head_kv}");
+    }
+    let key_length = g.get_u64("llama.attention.key_length")?;
+    let value_length = g.get_u64("llama.attention.value_length")?;
+    let head_dim = match key_length {
+        Some(k) => usize_of(k, "llama.attention.key_length")?,
+        None => {
+            if n_embd % n_head != 0 {
+                bail!("embedding_length {n_embd} is not divisible by head_count {n_head} and no key_length is given");
+            }
+            n_embd / n_head
+        }
+    };
+    if let Some(v) = value_length {
+        if v != head_dim as u64 {
+            bail!("attention.value_length {v} differs from key_length {head_dim}; HF LLaMA needs them equal");
+        }
+    }
+    if head_dim == 0 || head_dim % 2 != 0 {
+        bail!("head dimension {head_dim} must be a positive even number for RoPE");
+    }
+    if let Some(rd) = g.get_u64("llama.rope.dimension_count")? {
+        if rd != head_dim as u64 {
+            bail!("rope.dimension_count {rd} differs from the head dimension {head_dim}: partial rotary embeddings are not supported");
+        }
+    }
+    let context_length = match g.get_u64("llama.context_length")? {
+        Some(c) if c > 0 => c,
+        _ => {
+            warnings.push("`llama.context_length` is missing; max_position_embeddings set to 2048".into());
+            2048
+        }
+    };
+    let rms_eps = match g.get_f64("llama.attention.layer_norm_rms_epsilon")? {
+        Some(e) => e,
+        None => {
+            warnings.push("`llama.attention.layer_norm_rms_epsilon` is missing; rms_norm_eps set to 1e-5".into());
+            1e-5
+        }
+    };
+    let rope_theta = g.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
+    let rope_scaling = rope_scaling(g, head_dim, rope_theta, warnings)?;
+    Ok(LlamaMeta { n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, context_length, rms_eps, rope_theta, rope_scaling })
+}
+
+/// `rope_scaling` for config.json from `llama.rope.scaling.*`, or from a `rope_freqs` tensor
+/// (how convert_hf_to_gguf.py stores LLaMA-3.1-style scaling).
+fn rope_scaling(g: &GgufFile<'_>, head_dim: usize, theta: f64, warnings: &mut Vec<String>) -> Result<Option<Value>> {
+    let ty = g.get_str("llama.rope.scaling.type")?;
+    let factor = match g.get_f64("llama.rope.scaling.factor")? {
+        Some(f) => Some(f),
+        None => g.get_f64("llama.rope.scale_linear")?,
+    };
+    let orig = g.get_u64("llama.rope.scaling.original_context_length")?;
+    if let Some(freqs) = g.tensor("rope_freqs.weight") {
+        return Ok(llama3_scaling_from_freqs(freqs, head_dim, theta, orig, warnings));
+    }
+    Ok(match (ty, factor) {
+        (Some("none"), _) | (None, None) => None,
+        (Some("linear") | None, Some(f)) if f != 1.0 => Some(json!({"rope_type": "linear", "factor": f})),
+        (Some("linear") | None, Some(_)) => None,
+        (Some("yarn"), Some(f)) => {
+            let mut v = json!({"rope_type": "yarn", "factor": f});
+            if let Some(o) = orig {
+                v["original_max_position_embeddings"] = json!(o);
+            }
+            Some(v)
+        }
+        (Some(other), _) => {
+            warnings.push(format!("rope scaling type `{other}` (factor {factor:?}) is not carried into config.json"));
+            None
+        }
+    })
+}
+
+/// Recognises convert_hf_to_gguf.py's LLaMA-3 `rope_freqs`: factor 1 for high frequencies,
+/// `factor` for low ones, a smooth blend in between, with the published LLaMA-3.1/3.2 constants
+/// (low_freq_factor 1, high_freq_factor 4, original context 8192 unless the file says otherwise).
+fn llama3_scaling_from_freqs(
+    t: &GgufTensor<'_>,
+    head_dim: usize,
+    theta: f64,
+    orig: Option<u64>,
+    warnings: &mut Vec<String>,
+) -> Option<Value> {
+    let values = match dequantize(t.ggml_type, t.data, t.n_elements() as usize) {
+        Ok(v) if v.len() == head_dim / 2 => v,
+        _ => {
+            warnings.push(format!("`rope_freqs.weight` ({} {:?}) is not a head_dim/2 vector; rope scaling left out", t.ggml_type, t.dims));
+            return None;
+        }
+    };
+    let factor = values.iter().copied().fold(f32::MIN, f32::max) as f64;
+    let (low, high, old_ctx) = (1.0f64, 4.0f64, orig.unwrap_or(8192) as f64);
+    let low_wavelen = old_ctx / low;
+    let high_wavelen = old_ctx / high;
+    let matches = values.iter().enumerate().all(|(i, &v)| {
+        let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
+        let wavelen = 2.0 * std::f64::consts::PI / freq;
+        let want = if wavelen < high_wavelen {
+            1.0
+        } else if wavelen > low_wavelen {
+            factor
+        } else {
+            let smooth = (old_ctx / wavelen - low) / (high - low);
+            1.0 / ((1.0 - smooth) / factor + smooth)
+        };
+        (v as f64 - want).abs() <= 1e-3 * want.abs().max(1.0)
+    });
+    if matches && factor > 1.0 {
+        Some(json!({
+            "rope_type": "llama3", "factor": super::reader::f32_to_f64_decimal(factor as f32),
+            "low_freq_factor": low, "high_freq_factor": high, "original_max_position_embeddings": old_ctx as u64,
+        }))
+    } else {
+        warnings.push("`rope_freqs.weight` does not match LLaMA-3 rope scaling with the standard constants; rope_scaling left out of config.json".into());
+        None
+    }
+}
+
+/// Checks every tensor against the metadata and decides its HF name, shape and dtype.
+fn plan<'f, 'a>(g: &'f GgufFile<'a>, m: &LlamaMeta, dtype: OutDType) -> Result<(Vec<Planned<'f, 'a>>, usize, bool)> {
+    let embd = g.tensor("token_embd.weight").ok_or_else(|| anyhow!("tensor `token_embd.weight` is missing"))?;
+    let vocab = match embd.hf_shape()[..] {
+        [v, e] if e == m.n_embd && v > 0 => v,
+        _ => bail!("tensor `token_embd.weight` has GGUF dims {:?}; expected [{}, vocab]", embd.dims, m.n_embd),
+    };
+    let q_rows = m.n_head * m.head_dim;
+    let kv_rows = m.n_head_kv * m.head_dim;
+    let mut planned = Vec::new();
+    let mut seen = BTreeSet::new();
+    for t in &g.tensors {
+        if t.name == "rope_freqs.weight" {
+            continue; // folded into config.json's rope_scaling
+        }
+        let ctx = || format!("tensor `{}` ({} {:?})", t.name, t.ggml_type, t.dims);
+        let name = gguf_to_hf_name(t.name)
+            .ok_or_else(|| anyhow!("not a LLaMA weight this importer knows; refusing to drop it silently"))
+            .with_context(ctx)?;
+        if let Some(l) = name.layer {
+            if l >= m.n_layer {
+                return Err(anyhow!("layer {l} is beyond block_count {}", m.n_layer)).with_context(ctx);
+            }
+        }
+        if !t.ggml_type.can_dequantize() {
+            return Err(anyhow!("type {} cannot be dequantized by this importer", t.ggml_type)).with_context(ctx);
+        }
+        let want: Vec<usize> = match name.kind {
+            "token_embd.weight" | "output.weight" => vec![vocab, m.n_embd],
+            "output_norm.weight" | "attn_norm" | "ffn_norm" => vec![m.n_embd],
+            "attn_q" => vec![q_rows, m.n_embd],
+            "attn_k" | "attn_v" => vec![kv_rows, m.n_embd],
+            "attn_output" => vec![m.n_embd, q_rows],
+            "ffn_gate" | "ffn_up" => vec![m.n_ff, m.n_embd],
+            "ffn_down" => vec![m.n_embd, m.n_ff],
+            other => return Err(anyhow!("no shape rule for `{other}`")).with_context(ctx),
+        };
+        let shape = t.hf_shape();
+        if shape != want {
+            return Err(anyhow!("HF shape {shape:?} does not match {want:?} implied by the llama.* metadata")).with_context(ctx);
+        }
+        let unpermute_heads = match name.kind {
+            "attn_q" => Some(m.n_head),
+            "attn_k" => Some(m.n_head_kv),
+            _ => None,
+        };
+        let dtype = if shape.len() == 1 { OutDType::F32 } else { dtype };
+        seen.insert(name.hf_name.clone());
+        planned.push(Planned { hf_name: name.hf_name, src: t, shape, dtype, unpermute_heads });
+    }
+    let mut missing = Vec::new();
+    for n in ["model.embed_tokens.weight", "model.norm.weight"] {
+        if !seen.contains(n) {
+            missing.push(n.to_string());
+        }
+    }
+    for l in 0..m.n_layer {
+        for module in [
+            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
+            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+        ] {
+            let n = format!("model.layers.{l}.{module}.weight");
+            if !seen.contains(&n) {
+                missing.push(n);
+            }
+        }
+    }
+    if !missing.is_empty() {
+        let shown: Vec<&str> = missing.iter().take(6).map(String::as_str).collect();
+        bail!("{} weights are missing from the GGUF, e.g. {}", missing.len(), shown.join(", "));
+    }
+    let tied = !seen.contains("lm_head.weight");
+    planned.sort_by(|a, b| a.hf_name.cmp(&b.hf_name));
+    Ok((planned, vocab, tied))
+}
+
+/// Dequantizes, un-permutes and encodes one tensor.
+fn convert(p: &Planned<'_, '_>) -> Result<Vec<u8>> {
+    let t = p.src;
+    let n = usize::try_from(t.n_elements()).map_err(|_| anyhow!("too many elements"))?;
+    let mut values = dequantize(t.ggml_type, t.data, n)?;
+    if let Some(heads) = p.unpermute_heads {
+        values = unpermute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
+    }
+    Ok(p.dtype.encode(&values))
+}
+
+/// Streams the planned tensors into a safetensors file, then re-reads its header to check it.
+fn write_safetensors(path: &Path, planned: &[Planned<'_, '_>]) -> Result<()> {
+    let mut header = Map::new();
+    header.insert("__metadata__".into(), json!({"format": "pt"}));
+    let mut offset = 0u64;
+    for p in planned {
+        let n: u64 = p.shape.iter().map(|&d| d as u64).product::<u64>() * p.dtype.size() as u64;
+        header.insert(
+            p.hf_name.clone(),
+            json!({"dtype": p.dtype.safetensors_name(), "shape": p.shape, "data_offsets": [offset, offset + n]}),
+        );
+        offset += n;
+    }
+    let mut header = serde_json::to_vec(&Value::Object(header))?;
+    header.resize(header.len().next_multiple_of(8), b' ');
+    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
+    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
+    w.write_all(&(header.len() as u64).to_le_bytes())?;
+    w.write_all(&header)?;
+    for p in planned {
+        let bytes = convert(p).with_context(|| format!("converting tensor `{}` → `{}`", p.src.name, p.hf_name))?;
+        w.write_all(&bytes).with_context(|| format!("writing {}", path.display()))?;
+    }
+    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", path.display()))?;
+    file.sync_all()?;
+    drop(file);
+
+    let file = std::fs::File::open(path)?;
+    // SAFETY: read-only map of a file this function just wrote and nobody else knows about.
+    let map = unsafe { memmap2::Mmap::map(&file) }?;
+    safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow!("the written safetensors file does not validate: {e:?}"))?;
+    Ok(())
+}
+
+fn config_json(m: &LlamaMeta, vocab: usize, tied: bool, dtype: OutDType, ids: &TokenIds) -> Value {
+    let mut c = json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "hidden_size": m.n_embd,
+        "intermediate_size": m.n_ff,
+        "num_hidden_layers": m.n_layer,
+        "num_attention_heads": m.n_head,
+        "num_key_value_heads": m.n_head_kv,
+        "head_dim": m.head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": m.rms_eps,
+        "rope_theta": m.rope_theta,
+        "max_position_embeddings": m.context_length,
+        "vocab_size": vocab,
+        "tie_word_embeddings": tied,
+        "attention_bias": false,
+        "attention_dropout": 0.0,
+        "mlp_bias": false,
+        "initializer_range": 0.02,
+        "use_cache": true,
+        "torch_dtype": dtype.torch_name(),
+    });
+    if let Some(r) = &m.rope_scaling {
+        c["rope_scaling"] = r.clone();
+    }
+    for (k, v) in [("bos_token_id", ids.bos), ("eos_token_id", ids.eos), ("pad_token_id", ids.pad)] {
+        if let Some(v) = v {
+            c[k] = json!(v);
+        }
+    }
+    c
+}
+
+struct TokenIds {
+    bos: Option<u32>,
+    eos: Option<u32>,
+    pad: Option<u32>,
+}
+
+/// Removes the temporary folder unless the import got as far as renaming it.
+struct TempDir {
+    path: PathBuf,
+    keep: bool,
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        if !self.keep {
+            let _ = std::fs::remove_dir_all(&self.path);
+        }
+    }
+}
+
+fn write_json(dir: &Path, name: &str, v: &Value, files: &mut Vec<String>) -> Result<()> {
+    let mut text = serde_json::to_string_pretty(v)?;
+    text.push('\n');
+    std::fs::write(dir.join(name), text).with_context(|| format!("writing {name}"))?;
+    files.push(name.to_string());
+    Ok(())
+}
+
+/// Imports a LLaMA GGUF file into a new HF model folder `out`.
+///
+/// Fails, leaving no `out`, when the file is not a valid GGUF, not a `llama` model, has tensors
+/// of types that cannot be dequantized or that the metadata does not account for, or when `out`
+/// exists and is not an empty folder.
+pub fn import_gguf(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport> {
+    import_inner(path, out, dtype).with_context(|| format!("importing {} into {}", path.display(), out.display()))
+}
+
+fn import_inner(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport> {
+    let out_was_empty_dir = match std::fs::read_dir(out) {
+        Ok(mut entries) => {
+            if entries.next().is_some() {
+                bail!("{} already exists and is not empty; choose a new output folder", out.display());
+            }
+            true
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => false,
+        Err(_) if out.exists() => bail!("{} already exists and is not a folder", out.display()),
+        Err(e) => return Err(e).with_context(|| format!("cannot inspect {}", out.display())),
+    };
+
+    let map = GgufMmap::open(path)?;
+    let gguf = map.parse()?;
+    let mut warnings = Vec::new();
+    let meta = read_meta(&gguf, &mut warnings).context("reading llama.* metadata")?;
+    let (planned, vocab, tied) = plan(&gguf, &meta, dtype)?;
+    let tok: Option<HfTokenizerFiles> =
+        build_tokenizer(&gguf, Some(meta.context_length)).context("rebuilding the tokenizer from tokenizer.ggml.*")?;
+    match &tok {
+        None => warnings.push("the GGUF has no tokenizer (tokenizer.ggml.tokens); no tokenizer files were written".into()),
+        Some(t) => {
+            warnings.extend(t.warnings.iter().map(|w| format!("tokenizer: {w}")));
+            if t.n_tokens != vocab {
+                warnings.push(format!("the tokenizer has {} tokens but the embedding has {vocab} rows", t.n_tokens));
+            }
+        }
+    }
+    if let Some(v) = gguf.get_u64("llama.vocab_size")? {
+        if v != vocab as u64 {
+            warnings.push(format!("llama.vocab_size is {v} but token_embd.weight has {vocab} rows; using {vocab}"));
+        }
+    }
+    let ids = match &tok {
+        Some(t) => TokenIds { bos: t.bos_token_id, eos: t.eos_token_id, pad: t.pad_token_id },
+        None => {
+            let id = |k: &str| gguf.get_u64(k).ok().flatten().and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < vocab);
+            TokenIds {
+                bos: id("tokenizer.ggml.bos_token_id"),
+                eos: id("tokenizer.ggml.eos_token_id"),
+                pad: id("tokenizer.ggml.padding_token_id"),
+            }
+        }
+    };
+
+    let parent = match out.parent() {
+        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
+        _ => PathBuf::from("."),
+    };
+    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
+    let base = out.file_name().ok_or_else(|| anyhow!("output path {} has no folder name", out.display()))?;
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    let tmp_path = parent.join(format!(".{}.import-{}-{nanos}", base.to_string_lossy(), std::process::id()));
+    std::fs::create_dir(&tmp_path).with_context(|| format!("cannot create {}", tmp_path.display()))?;
+    let mut tmp = TempDir { path: tmp_path, keep: false };
+
+    let mut files = Vec::new();
+    write_safetensors(&tmp.path.join("model.safetensors"), &planned)?;
+    files.push("model.safetensors".to_string());
+    write_json(&tmp.path, "config.json", &config_json(&meta, vocab, tied, dtype, &ids), &mut files)?;
+    let mut gen = json!({"_from_model_config": true});
+    for (k, v) in [("bos_token_id", ids.bos), ("eos_token_id", ids.eos), ("pad_token_id", ids.pad)] {
+        if let Some(v) = v {
+            gen[k] = json!(v);
+        }
+    }
+    write_json(&tmp.path, "generation_config.json", &gen, &mut files)?;
+    if let Some(t) = &tok {
+        write_json(&tmp.path, "tokenizer.json", &t.tokenizer_json, &mut files)?;
+        write_json(&tmp.path, "tokenizer_config.json", &t.tokenizer_config, &mut files)?;
+        write_json(&tmp.path, "special_tokens_map.json", &t.special_tokens_map, &mut files)?;
+    }
+
+    if out_was_empty_dir {
+        std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
+    }
+    std::fs::rename(&tmp.path, out)
+        .with_context(|| format!("cannot move {} to {}", tmp.path.display(), out.display()))?;
+    tmp.keep = true;
+
+    let mut source_types = BTreeMap::new();
+    for p in &planned {
+        *source_types.entry(p.src.ggml_type.name().to_string()).or_insert(0) += 1;
+    }
+    Ok(ImportReport {
+        out_dir: out.to_path_buf(),
+        n_tensors: planned.len(),
+        n_params: planned.iter().map(|p| p.src.n_elements()).sum(),
+        source_types,
+        dtype,
+        tied_embeddings: tied,
+        num_layers: meta.n_layer,
+        hidden_size: meta.n_embd,
+        vocab_size: vocab,
+        tokenizer: tok.as_ref().map(|t| match &t.pre {
+            Some(p) => format!("{} (pre-tokenizer {p})", t.model),
+            None => t.model.clone(),
+        }),
+        chat_template: tok.as_ref().is_some_and(|t| t.tokenizer_config.get("chat_template").is_some()),
+        files,
+        warnings,
+    })
+}
+
+/// The types [`import_gguf`] accepts for weights, for help texts.
+pub fn supported_types() -> Vec<GgmlType> {
+    use GgmlType::*;
+    vec![F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K, Q3_K, Q4_K, Q5_K, Q6_K]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::layout::permute_qk_rows;
+    use super::super::reader::{GgufArray, GgufValue};
+    use super::super::writer::GgufWriter;
+    use super::*;
+
+    struct Dims {
+        embd: usize,
+        ff: usize,
+        heads: usize,
+        kv: usize,
+        layers: usize,
+        vocab: usize,
+    }
+
+    const D: Dims = Dims { embd: 64, ff: 96, heads: 4, kv: 2, layers: 2, vocab: 24 };
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        // Multiples of 1/64 below 2 in magnitude: exact in f16 and bf16 alike.
+        (0..n).map(|i| (((i * 7919 + seed * 104729) % 255) as f32 - 127.0) / 64.0).collect()
+    }
+
+    /// A tiny LLaMA GGUF whose HF weights are known: `hf(name)` gives them.
+    fn tiny_llama(tied: bool, with_tokenizer: bool) -> (Vec<u8>, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+        let mut w = GgufWriter::new();
+        let s = |x: &'static str| GgufValue::String(x.as_bytes());
+        w.add_kv("general.architecture", &s("llama")).unwrap();
+        w.add_kv("llama.block_count", &GgufValue::U32(D.layers as u32)).unwrap();
+        w.add_kv("llama.context_length", &GgufValue::U32(256)).unwrap();
+        w.add_kv("llama.embedding_length", &GgufValue::U32(D.embd as u32)).unwrap();
+        w.add_kv("llama.feed_forward_length", &GgufValue::U32(D.ff as u32)).unwrap();
+        w.add_kv("llama.attention.head_count", &GgufValue::U32(D.heads as u32)).unwrap();
+        w.add_kv("llama.attention.head_count_kv", &GgufValue::U32(D.kv as u32)).unwrap();
+        w.add_kv("llama.rope.freq_base", &GgufValue::F32(100000.0)).unwrap();
+        w.add_kv("llama.attention.layer_norm_rms_epsilon", &GgufValue::F32(1e-5)).unwrap();
+        w.add_kv("llama.rope.dimension_count", &GgufValue::U32((D.embd / D.heads) as u32)).unwrap();
+        if with_tokenizer {
+            super::super::tokenizer::tests::add_tiny_gpt2_vocab(&mut w);
+        }
+        let hd = D.embd / D.heads;
+        let mut hf = BTreeMap::new();
+        let mut seed = 0;
+        let mut add = |w: &mut GgufWriter, gname: String, hname: String, shape: Vec<usize>, permute: Option<usize>| {
+            seed += 1;
+            let n = shape.iter().product();
+            let v = values(n, seed);
+            let stored = match permute {
+                Some(h) => permute_qk_rows(&v, shape[0], shape[1], h).unwrap(),
+                None => v.clone(),
+            };
+            // 2-D weights go through the F16 dequantizer; the values are exact in f16.
+            if shape.len() == 1 {
+                w.add_f32(&gname, &shape, &stored).unwrap();
+            } else {
+                w.add_f16(&gname, &shape, &stored).unwrap();
+            }
+            hf.insert(hname, (shape, v));
+        };
+        add(&mut w, "token_embd.weight".into(), "model.embed_tokens.weight".into(), vec![D.vocab, D.embd], None);
+        for l in 0..D.layers {
+            let p = |x: &str| format!("model.layers.{l}.{x}.weight");
+            let g = |x: &str| format!("blk.{l}.{x}.weight");
+            add(&mut w, g("attn_norm"), p("input_layernorm"), vec![D.embd], None);
+            add(&mut w, g("attn_q"), p("self_attn.q_proj"), vec![D.heads * hd, D.embd], Some(D.heads));
+            add(&mut w, g("attn_k"), p("self_attn.k_proj"), vec![D.kv * hd, D.embd], Some(D.kv));
+            add(&mut w, g("attn_v"), p("self_attn.v_proj"), vec![D.kv * hd, D.embd], None);
+            add(&mut w, g("attn_output"), p("self_attn.o_proj"), vec![D.embd, D.heads * hd], None);
+            add(&mut w, g("ffn_norm"), p("post_attention_layernorm"), vec![D.embd], None);
+            add(&mut w, g("ffn_gate"), p("mlp.gate_proj"), vec![D.ff, D.embd], None);
+            add(&mut w, g("ffn_up"), p("mlp.up_proj"), vec![D.ff, D.embd], None);
+            add(&mut w, g("ffn_down"), p("mlp.down_proj"), vec![D.embd, D.ff], None);
+        }
+        add(&mut w, "output_norm.weight".into(), "model.norm.weight".into(), vec![D.embd], None);
+        if !tied {
+            add(&mut w, "output.weight".into(), "lm_head.weight".into(), vec![D.vocab, D.embd], None);
+        }
+        (w.to_bytes().unwrap(), hf)
+    }
+
+    fn scratch(name: &str) -> PathBuf {
+        let d = std::env::temp_dir().join(format!("gguf-import-test-{}-{name}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        std::fs::create_dir_all(&d).unwrap();
+        d
+    }
+
+    fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
+        let t = st.tensor(name).unwrap();
+        let v = match t.dtype() {
+            safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
+            safetensors::Dtype::BF16 => t.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            safetensors::Dtype::F16 => t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
+            d => panic!("{d:?}"),
+        };
+        (t.shape().to_vec(), v)
+    }
+
+    #[test]
+    fn imports_tiny_llama_exactly() {
+        let dir = scratch("exact");
+        let (bytes, hf) = tiny_llama(true, true);
+        let src = dir.join("tiny.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        let out = dir.join("out");
+        let report = import_gguf(&src, &out, OutDType::F32).unwrap();
+        assert!(report.tied_embeddings);
+        assert_eq!(report.n_tensors, hf.len());
+        assert_eq!(report.vocab_size, D.vocab);
+        assert_eq!(report.tokenizer.as_deref(), Some("gpt2 (pre-tokenizer smollm)"));
+        assert!(report.chat_template);
+        assert!(report.warnings.is_empty(), "{:?}", report.warnings);
+
+        let st_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+        assert_eq!(st.len(), hf.len());
+        assert!(st.tensor("lm_head.weight").is_err());
+        for (name, (shape, want)) in &hf {
+            let (s, v) = read_f32(&st, name);
+            assert_eq!(&s, shape, "{name}");
+            assert_eq!(&v, want, "{name}: values differ (Q/K un-permutation or dequantization)");
+        }
+
+        let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["hidden_size"], 64);
+        assert_eq!(cfg["num_key_value_heads"], 2);
+        assert_eq!(cfg["head_dim"], 16);
+        assert_eq!(cfg["rms_norm_eps"], 1e-5);
+        assert_eq!(cfg["rope_theta"], 100000.0);
+        assert_eq!(cfg["max_position_embeddings"], 256);
+        assert_eq!(cfg["tie_word_embeddings"], true);
+        assert_eq!(cfg["bos_token_id"], 1);
+        assert_eq!(cfg["eos_token_id"], 2);
+        let tok = tokenizers::Tokenizer::from_file(out.join("tokenizer.json")).unwrap();
+        assert_eq!(tok.encode("Hello world", true).unwrap().get_ids(), &[14, 19]);
+        let tc: Value = serde_json::from_slice(&std::fs::read(out.join("tokenizer_config.json")).unwrap()).unwrap();
+        assert!(tc["chat_template"].as_str().unwrap().contains("im_start"));
+        // Nothing left behind next to the output.
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn untied_bf16_keeps_norms_f32() {
+        let dir = scratch("bf16");
+        let (bytes, hf) = tiny_llama(false, false);
+        let src = dir.join("tiny.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        let out = dir.join("out");
+        std::fs::create_dir(&out).unwrap(); // an empty folder may be replaced
+        let report = import_gguf(&src, &out, OutDType::BF16).unwrap();
+        assert!(!report.tied_embeddings);
+        assert!(report.tokenizer.is_none() && report.warnings.iter().any(|w| w.contains("no tokenizer")));
+        let st_bytes = std::fs::read(out.join("model.safetensors")).unwrap();
+        let st = safetensors::SafeTensors::deserialize(&st_bytes).unwrap();
+        assert_eq!(st.tensor("model.norm.weight").unwrap().dtype(), safetensors::Dtype::F32);
+        assert_eq!(st.tensor("lm_head.weight").unwrap().dtype(), safetensors::Dtype::BF16);
+        let (_, v) = read_f32(&st, "model.layers.1.self_attn.k_proj.weight");
+        let want = &hf["model.layers.1.self_attn.k_proj.weight"].1;
+        // The test values have 7 significant bits, so bf16 keeps them exactly.
+        assert_eq!(&v, want);
+        let cfg: Value = serde_json::from_slice(&std::fs::read(out.join("config.json")).unwrap()).unwrap();
+        assert_eq!(cfg["tie_word_embeddings"], false);
+        assert_eq!(cfg["torch_dtype"], "bfloat16");
+        assert!(!out.join("tokenizer.json").exists());
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn failures_leave_no_output() {
+        let dir = scratch("fail");
+        let (bytes, _) = tiny_llama(true, true);
+        // Truncated file.
+        let src = dir.join("trunc.gguf");
+        std::fs::write(&src, &bytes[..bytes.len() - 100]).unwrap();
+        let out = dir.join("out");
+        let e = format!("{:#}", import_gguf(&src, &out, OutDType::F32).unwrap_err());
+        assert!(e.contains("trunc.gguf") && e.contains("runs past the end"), "{e}");
+        assert!(!out.exists());
+        // Existing non-empty output.
+        let src = dir.join("ok.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        std::fs::create_dir(&out).unwrap();
+        std::fs::write(out.join("x"), b"x").unwrap();
+        assert!(format!("{:#}", import_gguf(&src, &out, OutDType::F32).unwrap_err()).contains("not empty"));
+        std::fs::remove_dir_all(&out).unwrap();
+        let leftovers: Vec<_> = std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name()).collect();
+        assert_eq!(leftovers.len(), 2, "{leftovers:?}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    fn import_bytes(bytes: &[u8], name: &str) -> Result<ImportReport> {
+        let dir = scratch(name);
+        let src = dir.join("m.gguf");
+        std::fs::write(&src, bytes).unwrap();
+        let r = import_gguf(&src, &dir.join("out"), OutDType::F32);
+        std::fs::remove_dir_all(&dir).unwrap();
+        r
+    }
+
+    /// Rebuilds the tiny model's file with one metadata entry replaced or one tensor dropped.
+    fn tweak(edit_kv: Option<(&str, GgufValue<'static>)>, drop_tensor: Option<&str>) -> Vec<u8> {
+        let (bytes, _) = tiny_llama(true, false);
+        let f = super::super::reader::parse(&bytes).unwrap();
+        let mut w = GgufWriter::new();
+        for kv in &f.metadata {
+            match &edit_kv {
+                Some((k, v)) if *k == kv.key => w.add_kv(kv.key, v).unwrap(),
+                _ => w.add_kv(kv.key, &kv.value).unwrap(),
+            }
+        }
+        if let Some((k, v)) = &edit_kv {
+            if f.get(k).is_none() {
+                w.add_kv(k, v).unwrap();
+            }
+        }
+        for t in &f.tensors {
+            if Some(t.name) != drop_tensor {
+                w.add_tensor_raw(t.name, &t.dims, t.ggml_type, t.data.to_vec()).unwrap();
+            }
+        }
+        w.to_bytes().unwrap()
+    }
+
+    #[test]
+    fn metadata_problems_are_named() {
+        let cases: Vec<(Option<(&str, GgufValue<'static>)>, Option<&str>, &str)> = vec![
+            (Some(("general.architecture", GgufValue::String(b"qwen2"))), None, "architecture `qwen2`"),
+            (Some(("llama.attention.head_count", GgufValue::U32(3))), None, "head_count 3 is not a multiple"),
+            (Some(("llama.feed_forward_length", GgufValue::U32(97))), None, "blk.0.ffn_gate.weight"),
+            (Some(("llama.block_count", GgufValue::U32(3))), None, "model.layers.2"),
+            (Some(("llama.block_count", GgufValue::U32(1))), None, "beyond block_count"),
+            (Some(("llama.expert_count", GgufValue::U32(8))), None, "mixture-of-experts"),
+            (Some(("llama.feed_forward_length", GgufValue::Array(GgufArray::U32(vec![96, 96])))), None, "feed_forward_length"),
+            (None, Some("blk.1.ffn_up.weight"), "model.layers.1.mlp.up_proj.weight"),
+            (Some(("llama.rope.dimension_count", GgufValue::U32(8))), None, "partial rotary"),
+        ];
+        for (i, (kv, drop, want)) in cases.into_iter().enumerate() {
+            let e = format!("{:#}", import_bytes(&tweak(kv, drop), &format!("meta{i}")).unwrap_err());
+            assert!(e.contains(want), "case {i}: {e}");
+        }
+    }
+
+    #[test]
+    fn unknown_tensors_and_types_are_refused() {
+        let (bytes, _) = tiny_llama(true, false);
+        let f = super::super::reader::parse(&bytes).unwrap();
+        let mut w = GgufWriter::new();
+        for kv in &f.metadata {
+            w.add_kv(kv.key, &kv.value).unwrap();
+        }
+        for t in &f.tensors {
+            w.add_tensor_raw(t.name, &t.dims, t.ggml_type, t.data.to_vec()).unwrap();
+        }
+        let mut w2 = GgufWriter::new();
+        for kv in &f.metadata {
+            w2.add_kv(kv.key, &kv.value).unwrap();
+        }
+        for t in &f.tensors {
+            if t.name == "blk.0.ffn_up.weight" {
+                // Same shape stored as IQ4_NL (32-element blocks of 18 bytes): parses, cannot import.
+                let n = t.n_elements() as usize;
+                w2.add_tensor_raw(t.name, &t.dims, GgmlType::IQ4_NL, vec![0; n / 32 * 18]).unwrap();
+            } else {
+                w2.add_tensor_raw(t.name, &t.dims, t.ggml_type, t.data.to_vec()).unwrap();
+            }
+        }
+        w.add_f32("blk.0.attn_q.bias", &[64], &[0.0; 64]).unwrap();
+        let e = format!("{:#}", import_bytes(&w.to_bytes().unwrap(), "bias").unwrap_err());
+        assert!(e.contains("blk.0.attn_q.bias") && e.contains("not a LLaMA weight"), "{e}");
+        let e = format!("{:#}", import_bytes(&w2.to_bytes().unwrap(), "iq4").unwrap_err());
+        assert!(e.contains("IQ4_NL") && e.contains("blk.0.ffn_up.weight"), "{e}");
+    }
+
+    #[test]
+    fn rope_scaling_from_metadata_and_rope_freqs() {
+        let (bytes, _) = tiny_llama(true, false);
+        let f = super::super::reader::parse(&bytes).unwrap();
+        let meta = |extra: &[(&str, GgufValue<'static>)], freqs: Option<Vec<f32>>| {
+            let mut w = GgufWriter::new();
+            for kv in &f.metadata {
+                w.add_kv(kv.key, &kv.value).unwrap();
+            }
+            for (k, v) in extra {
+                w.add_kv(k, v).unwrap();
+            }
+            if let Some(fr) = freqs {
+                w.add_f32("rope_freqs.weight", &[fr.len()], &fr).unwrap();
+            }
+            let bytes = w.to_bytes().unwrap();
+            let g = super::super::reader::parse(&bytes).unwrap();
+            let mut warnings = Vec::new();
+            let m = read_meta(&g, &mut warnings).unwrap();
+            (m.rope_scaling, warnings)
+        };
+        assert_eq!(meta(&[], None).0, None);
+        let (r, _) = meta(&[("llama.rope.scaling.type", GgufValue::String(b"linear")), ("llama.rope.scaling.factor", GgufValue::F32(4.0))], None);
+        assert_eq!(r, Some(json!({"rope_type": "linear", "factor": 4.0})));
+        // LLaMA-3 factors exactly as convert_hf_to_gguf.py computes them (factor 8, head_dim 16).
+        let (hd, theta, factor, old_ctx) = (16usize, 100000.0f64, 8.0f64, 8192.0f64);
+        let fr: Vec<f32> = (0..hd / 2)
+            .map(|i| {
+                let freq = 1.0 / theta.powf((2 * i) as f64 / hd as f64);
+                let wl = 2.0 * std::f64::consts::PI / freq;
+                if wl < old_ctx / 4.0 {
+                    1.0
+                } else if wl > old_ctx {
+                    factor as f32
+                } else {
+                    let s = (old_ctx / wl - 1.0) / 3.0;
+                    (1.0 / ((1.0 - s) / factor + s)) as f32
+                }
+            })
+            .collect();
+        let (r, w) = meta(&[], Some(fr));
+        assert_eq!(r.unwrap()["rope_type"], "llama3", "{w:?}");
+        let (r, w) = meta(&[], Some(vec![1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]));
+        assert!(r.is_none() && w.iter().any(|x| x.contains("rope_freqs")));
+    }
+
+    #[test]
+    fn dtype_parsing() {
+        assert_eq!("BF16".parse::<OutDType>().unwrap(), OutDType::BF16);
+        assert_eq!("f16".parse::<OutDType>().unwrap(), OutDType::F16);
+        assert_eq!("float32".parse::<OutDType>().unwrap(), OutDType::F32);
+        assert!("q8".parse::<OutDType>().is_err());
+        assert_eq!(OutDType::BF16.encode(&[1.0, -2.0]), vec![0x80, 0x3F, 0x00, 0xC0]);
+    }
+}

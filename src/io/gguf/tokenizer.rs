@@ -1,0 +1,723 @@
+//! Rebuilds Hugging Face tokenizer files from GGUF `tokenizer.ggml.*` metadata.
+//!
+//! The goal is that the HF tokenizer splits text the way llama.cpp would for the same GGUF:
+//!
+//! * `gpt2` (byte-level BPE): the pre-tokenizer is a `Sequence` of `Split(regex, Isolated)`, one
+//!   per regex llama.cpp uses for the file's `tokenizer.ggml.pre` (llama.cpp applies its list in
+//!   order, each splitting the pieces of the previous one and keeping both matches and gaps;
+//!   `Isolated` is exactly that), followed by `ByteLevel` without its own regex. Merges come
+//!   straight from `tokenizer.ggml.merges`. Pre-types whose llama.cpp behaviour includes
+//!   `ignore_merges` (LLaMA-3 family) set it on the BPE model too.
+//! * `llama` (SentencePiece): a BPE model with `byte_fallback`, and merges derived from the
+//!   scores the way transformers' `SentencePieceExtractor` does (a pair is ranked by the score
+//!   of the piece it makes). SentencePiece merges the adjacent pair whose result scores highest,
+//!   so ranking by that score reproduces it. The normalizer prepends `▁` (when
+//!   `add_space_prefix`, the default) and replaces spaces with `▁`. HF applies it to each
+//!   stretch of text between special tokens, and llama.cpp likewise re-adds the space prefix
+//!   after every special token, so the two agree there too.
+//!
+//! Token types (llama.cpp `llama_token_type`): 1 normal, 2 unknown, 3 control, 4 user-defined,
+//! 5 unused, 6 byte. Control and unknown tokens become special added tokens and user-defined
+//! ones plain added tokens, because those are the kinds llama.cpp matches as whole strings
+//! before running BPE.
+
+use super::reader::{GgufArray, GgufFile};
+use anyhow::{anyhow, bail, Result};
+use serde_json::{json, Map, Value};
+use std::collections::{HashMap, HashSet};
+
+const TYPE_NORMAL: i32 = 1;
+const TYPE_UNKNOWN: i32 = 2;
+const TYPE_CONTROL: i32 = 3;
+const TYPE_USER_DEFINED: i32 = 4;
+
+/// The HF tokenizer files rebuilt from a GGUF, plus what the importer needs to know.
+#[derive(Debug, Clone)]
+pub struct HfTokenizerFiles {
+    /// `tokenizer.json` (HF tokenizers format).
+    pub tokenizer_json: Value,
+    /// `tokenizer_config.json`, including `chat_template` when the GGUF has one.
+    pub tokenizer_config: Value,
+    /// `special_tokens_map.json`.
+    pub special_tokens_map: Value,
+    /// `tokenizer.ggml.model`: `gpt2` or `llama`.
+    pub model: String,
+    /// `tokenizer.ggml.pre`, when present.
+    pub pre: Option<String>,
+    /// Number of tokens in the vocabulary.
+    pub n_tokens: usize,
+    pub bos_token_id: Option<u32>,
+    pub eos_token_id: Option<u32>,
+    pub unk_token_id: Option<u32>,
+    pub pad_token_id: Option<u32>,
+    /// Things that were off but did not stop the rebuild (dropped merges, duplicate tokens, ...).
+    pub warnings: Vec<String>,
+}
+
+struct Vocab {
+    tokens: Vec<String>,
+    types: Vec<i32>,
+    scores: Option<Vec<f32>>,
+    bos: Option<u32>,
+    eos: Option<u32>,
+    unk: Option<u32>,
+    pad: Option<u32>,
+}
+
+const GPT2_REGEX: &str = r"'s|'t|'re|'ve|'m|'ll|'d| ?\p{L}+| ?\p{N}+| ?[^\s\p{L}\p{N}]+|\s+(?!\S)";
+const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+
+/// How llama.cpp pre-tokenizes a byte-level BPE vocab, by `tokenizer.ggml.pre`.
+struct PreTokenizer {
+    regexes: &'static [&'static str],
+    ignore_merges: bool,
+    add_bos_default: bool,
+}
+
+/// llama.cpp's table (llama-vocab.cpp), for the pre-types this importer knows.
+fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
+    let p = |regexes, ignore_merges, add_bos_default| Some(PreTokenizer { regexes, ignore_merges, add_bos_default });
+    match pre {
+        "default" => p(&[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"], false, false),
+        "llama3" | "llama-v3" | "llama-bpe" | "falcon3" | "falcon-h1" | "pixtral" | "midm-2.0" | "lfm2" => {
+            p(&[LLAMA3_REGEX], true, true)
+        }
+        "dbrx" | "smaug-bpe" | "chatglm-bpe" | "glm4" => p(&[LLAMA3_REGEX], false, false),
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
+        | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" | "exaone4"
+        | "a.x-4.0" | "mellum" => p(&[GPT2_REGEX], false, false),
+        "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
+            p(&[r"\p{N}", GPT2_REGEX], false, false)
+        }
+        "qwen2" | "deepseek-r1-qwen" | "stablelm2" | "hunyuan" | "megrez" => p(&[QWEN2_REGEX], false, false),
+        "falcon" => p(&[r"[\p{P}\$\+<=>\^~\|`]+", GPT2_REGEX, "[0-9][0-9][0-9]"], false, false),
+        "tekken" => p(&[TEKKEN_REGEX], true, true),
+        _ => None,
+    }
+}
+
+fn string_array(gguf: &GgufFile<'_>, key: &str, warnings: &mut Vec<String>) -> Result<Option<Vec<String>>> {
+    let Some(v) = gguf.get(key) else { return Ok(None) };
+    let arr = v
+        .as_array()
+        .and_then(GgufArray::as_strings)
+        .ok_or_else(|| anyhow!("metadata `{key}` should be an array of strings"))?;
+    let mut bad = 0usize;
+    let out = arr
+        .iter()
+        .map(|b| match std::str::from_utf8(b) {
+            Ok(s) => s.to_string(),
+            Err(_) => {
+                bad += 1;
+                String::from_utf8_lossy(b).into_owned()
+            }
+        })
+        .collect();
+    if bad > 0 {
+        warnings.push(format!("{bad} entries of `{key}` are not valid UTF-8; invalid bytes were replaced with U+FFFD"));
+    }
+    Ok(Some(out))
+}
+
+fn token_id(gguf: &GgufFile<'_>, key: &str, n: usize, warnings: &mut Vec<String>) -> Result<Option<u32>> {
+    let Some(v) = gguf.get(key) else { return Ok(None) };
+    if let Some(id) = v.as_u64() {
+        if id < n as u64 {
+            return Ok(Some(id as u32));
+        }
+        // llama.cpp writes -1 (as 0xFFFFFFFF when unsigned) for "no such token".
+        if id != 0xFFFF_FFFF && id != u64::MAX {
+            warnings.push(format!("`{key}` = {id} is outside the {n}-token vocabulary; ignored"));
+        }
+        return Ok(None);
+    }
+    match v.as_f64() {
+        Some(x) if x < 0.0 && x.fract() == 0.0 => Ok(None),
+        _ => bail!("metadata `{key}` should be an integer token id"),
+    }
+}
+
+fn read_vocab(gguf: &GgufFile<'_>, warnings: &mut Vec<String>) -> Result<Option<Vocab>> {
+    let Some(tokens) = string_array(gguf, "tokenizer.ggml.tokens", warnings)? else { return Ok(None) };
+    let n = tokens.len();
+    if n == 0 {
+        bail!("`tokenizer.ggml.tokens` is empty");
+    }
+    if n > u32::MAX as usize {
+        bail!("vocabulary of {n} tokens does not fit u32 token ids");
+    }
+    let types = match gguf.get("tokenizer.ggml.token_type") {
+        None => vec![TYPE_NORMAL; n],
+        Some(v) => {
+            let t = v
+                .as_array()
+                .and_then(GgufArray::to_i64_vec)
+                .ok_or_else(|| anyhow!("`tokenizer.ggml.token_type` should be an array of integers"))?;
+            if t.len() != n {
+                warnings.push(format!("`tokenizer.ggml.token_type` has {} entries for {n} tokens; ignored", t.len()));
+                vec![TYPE_NORMAL; n]
+            } else {
+                t.into_iter().map(|x| i32::try_from(x).unwrap_or(0)).collect()
+            }
+        }
+    };
+    let scores = match gguf.get("tokenizer.ggml.scores") {
+        None => None,
+        Some(v) => {
+            let s = v
+                .as_array()
+                .and_then(GgufArray::to_f32_vec)
+                .ok_or_else(|| anyhow!("`tokenizer.ggml.scores` should be an array of numbers"))?;
+            if s.len() != n {
+                warnings.push(format!("`tokenizer.ggml.scores` has {} entries for {n} tokens; ignored", s.len()));
+                None
+            } else {
+                Some(s)
+            }
+        }
+    };
+    Ok(Some(Vocab {
+        bos: token_id(gguf, "tokenizer.ggml.bos_token_id", n, warnings)?,
+        eos: token_id(gguf, "tokenizer.ggml.eos_token_id", n, warnings)?,
+        unk: token_id(gguf, "tokenizer.ggml.unknown_token_id", n, warnings)?,
+        pad: token_id(gguf, "tokenizer.ggml.padding_token_id", n, warnings)?,
+        tokens,
+        types,
+        scores,
+    }))
+}
+
+/// token → first id with that text. Later duplicates cannot be represented in an HF vocab (a
+/// map), so they are reported and left out.
+fn vocab_map<'t>(tokens: &'t [String], warnings: &mut Vec<String>) -> (Map<String, Value>, HashMap<&'t str, u32>) {
+    let mut map = Map::new();
+    let mut index = HashMap::with_capacity(tokens.len());
+    let mut dups = Vec::new();
+    for (id, t) in tokens.iter().enumerate() {
+        if index.contains_key(t.as_str()) {
+            dups.push(id);
+            continue;
+        }
+        index.insert(t.as_str(), id as u32);
+        map.insert(t.clone(), json!(id));
+    }
+    if !dups.is_empty() {
+        let shown: Vec<String> = dups.iter().take(5).map(|i| format!("{i} {:?}", tokens[*i])).collect();
+        warnings.push(format!(
+            "{} token ids repeat an earlier token's text and are left out of the HF vocab (e.g. {})",
+            dups.len(),
+            shown.join(", ")
+        ));
+    }
+    (map, index)
+}
+
+/// Merges for a SentencePiece vocab: every split of a piece into two pieces, ranked by the
+/// piece's score (highest first), then by piece id and the two halves' ids, as transformers'
+/// `SentencePieceExtractor` orders them.
+fn spm_merges(vocab: &Vocab, index: &HashMap<&str, u32>) -> Vec<Value> {
+    let n = vocab.tokens.len();
+    let is_piece = |id: u32| vocab.types.get(id as usize).copied() == Some(TYPE_NORMAL);
+    // Without scores, earlier ids rank first (SentencePiece stores pieces by descending score).
+    let score = |id: usize| match &vocab.scores {
+        Some(s) => s.get(id).copied().filter(|x| !x.is_nan()).unwrap_or(f32::NEG_INFINITY),
+        None => -(id as f32),
+    };
+    let mut found: Vec<(f32, u32, u32, u32)> = Vec::new();
+    for id in 0..n {
+        if !is_piece(id as u32) {
+            continue;
+        }
+        let piece = vocab.tokens[id].as_str();
+        if index.get(piece) != Some(&(id as u32)) {
+            continue; // a duplicate's later copy
+        }
+        for (k, _) in piece.char_indices().skip(1) {
+            let (l, r) = piece.split_at(k);
+            if let (Some(&li), Some(&ri)) = (index.get(l), index.get(r)) {
+                if is_piece(li) && is_piece(ri) {
+                    found.push((score(id), id as u32, li, ri));
+                }
+            }
+        }
+    }
+    found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
+    found
+        .into_iter()
+        .map(|(_, _, l, r)| json!([vocab.tokens[l as usize], vocab.tokens[r as usize]]))
+        .collect()
+}
+
+/// Merges for a byte-level BPE vocab from `tokenizer.ggml.merges`, split as llama.cpp does (at
+/// the first space after the first byte). Merges whose parts or result are not in the vocab
+/// (HF refuses to load those) and repeats (llama.cpp keeps the first rank) are dropped.
+fn bpe_merges(raw: &[String], index: &HashMap<&str, u32>, warnings: &mut Vec<String>) -> Vec<Value> {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut seen = HashSet::with_capacity(raw.len());
+    let (mut malformed, mut unknown, mut repeated) = (0usize, 0usize, 0usize);
+    for m in raw {
+        let split = m.char_indices().nth(1).and_then(|(start, _)| m[start..].find(' ').map(|p| start + p));
+        let Some(pos) = split else {
+            malformed += 1;
+            continue;
+        };
+        let (l, r) = (&m[..pos], &m[pos + 1..]);
+        if !index.contains_key(l) || !index.contains_key(r) || !index.contains_key(format!("{l}{r}").as_str()) {
+            unknown += 1;
+            continue;
+        }
+        if !seen.insert((l, r)) {
+            repeated += 1;
+            continue;
+        }
+        out.push(json!([l, r]));
+    }
+    if malformed + unknown + repeated > 0 {
+        warnings.push(format!(
+            "dropped {malformed} malformed, {unknown} out-of-vocabulary and {repeated} repeated entries of `tokenizer.ggml.merges`"
+        ));
+    }
+    out
+}
+
+fn added_token(id: u32, content: &str, special: bool) -> Value {
+    json!({
+        "id": id, "content": content, "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": special,
+    })
+}
+
+/// Added tokens by type; when the file has no types, the bos/eos/unk tokens are the specials.
+fn added_tokens(vocab: &Vocab, index: &HashMap<&str, u32>, has_types: bool) -> Vec<Value> {
+    let mut out = Vec::new();
+    for (id, t) in vocab.tokens.iter().enumerate() {
+        let id = id as u32;
+        if t.is_empty() || index.get(t.as_str()) != Some(&id) {
+            continue;
+        }
+        let ty = vocab.types[id as usize];
+        let special = if has_types {
+            ty == TYPE_CONTROL || ty == TYPE_UNKNOWN
+        } else {
+            [vocab.bos, vocab.eos, vocab.unk].contains(&Some(id))
+        };
+        if special || (has_types && ty == TYPE_USER_DEFINED) {
+            out.push(added_token(id, t, special));
+        }
+    }
+    out
+}
+
+fn template_processing(vocab: &Vocab, add_bos: bool, add_eos: bool) -> Value {
+    let tok = |id: u32| vocab.tokens[id as usize].clone();
+    let mut single = Vec::new();
+    let mut pair = Vec::new();
+    let mut specials = Map::new();
+    let bos = vocab.bos.filter(|_| add_bos);
+    let eos = vocab.eos.filter(|_| add_eos);
+    for (seq, type_id) in [("A", 0), ("B", 1)] {
+        let mut part = Vec::new();
+        if let Some(b) = bos {
+            part.push(json!({"SpecialToken": {"id": tok(b), "type_id": type_id}}));
+        }
+        part.push(json!({"Sequence": {"id": seq, "type_id": type_id}}));
+        if let Some(e) = eos {
+            part.push(json!({"SpecialToken": {"id": tok(e), "type_id": type_id}}));
+        }
+        if seq == "A" {
+            single.extend(part.iter().cloned());
+        }
+        pair.extend(part);
+    }
+    for id in [bos, eos].into_iter().flatten() {
+        specials.insert(tok(id), json!({"id": tok(id), "ids": [id], "tokens": [tok(id)]}));
+    }
+    json!({"type": "TemplateProcessing", "single": single, "pair": pair, "special_tokens": specials})
+}
+
+fn chat_template(gguf: &GgufFile<'_>) -> Result<Option<Value>> {
+    let default = gguf.get_str("tokenizer.chat_template")?;
+    let mut named = Vec::new();
+    for kv in &gguf.metadata {
+        if let Some(name) = kv.key.strip_prefix("tokenizer.chat_template.") {
+            let t = kv.value.as_str().ok_or_else(|| anyhow!("metadata `{}` should be a UTF-8 string", kv.key))?;
+            named.push(json!({"name": name, "template": t}));
+        }
+    }
+    Ok(match (default, named.is_empty()) {
+        (None, true) => None,
+        (Some(t), true) => Some(json!(t)),
+        (d, false) => {
+            let mut all: Vec<Value> = d.map(|t| json!({"name": "default", "template": t})).into_iter().collect();
+            all.extend(named);
+            Some(Value::Array(all))
+        }
+    })
+}
+
+/// Rebuilds the HF tokenizer files from a GGUF's metadata.
+///
+/// Returns `Ok(None)` when the file has no `tokenizer.ggml.tokens` (a weights-only GGUF), and an
+/// error when the tokenizer is present but of an unsupported kind or malformed.
+/// `model_max_length` goes into `tokenizer_config.json` (usually the context length).
+pub fn build_tokenizer(gguf: &GgufFile<'_>, model_max_length: Option<u64>) -> Result<Option<HfTokenizerFiles>> {
+    let mut warnings = Vec::new();
+    let Some(vocab) = read_vocab(gguf, &mut warnings)? else { return Ok(None) };
+    let model = gguf.get_str("tokenizer.ggml.model")?.unwrap_or("llama").to_string();
+    let pre = gguf.get_str("tokenizer.ggml.pre")?.map(str::to_string);
+    let has_types = gguf.get("tokenizer.ggml.token_type").is_some() && vocab.types.iter().any(|&t| t != TYPE_NORMAL);
+    let (vocab_json, index) = vocab_map(&vocab.tokens, &mut warnings);
+    let added = added_tokens(&vocab, &index, has_types);
+
+    let (tokenizer_json, add_bos, add_eos) = match model.as_str() {
+        "gpt2" => {
+            let pre_name = pre.as_deref().unwrap_or("default");
+            let pt = pre_tokenizer(pre_name).unwrap_or_else(|| {
+                warnings.push(format!(
+                    "unknown tokenizer.ggml.pre `{pre_name}`: using the GPT-2 split regex, which may split some text differently from llama.cpp"
+                ));
+                PreTokenizer { regexes: &[GPT2_REGEX], ignore_merges: false, add_bos_default: false }
+            });
+            let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(pt.add_bos_default);
+            let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+            let raw_merges = string_array(gguf, "tokenizer.ggml.merges", &mut warnings)?
+                .ok_or_else(|| anyhow!("a `gpt2` tokenizer needs `tokenizer.ggml.merges`"))?;
+            let merges = bpe_merges(&raw_merges, &index, &mut warnings);
+            let mut pretokenizers: Vec<Value> = pt
+                .regexes
+                .iter()
+                .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
+                .collect();
+            pretokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+            let post = if (add_bos && vocab.bos.is_some()) || (add_eos && vocab.eos.is_some()) {
+                template_processing(&vocab, add_bos, add_eos)
+            } else {
+                json!({"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": false, "use_regex": true})
+            };
+            let tj = json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": null,
+                "pre_tokenizer": {"type": "Sequence", "pretokenizers": pretokenizers},
+                "post_processor": post,
+                "decoder": {"type": "ByteLevel", "add_prefix_space": true, "trim_offsets": true, "use_regex": true},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": null, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": false, "byte_fallback": false,
+                    "ignore_merges": pt.ignore_merges, "vocab": vocab_json, "merges": merges,
+                },
+            });
+            (tj, add_bos, add_eos)
+        }
+        "llama" => {
+            let add_bos = gguf.get_bool("tokenizer.ggml.add_bos_token")?.unwrap_or(true);
+            let add_eos = gguf.get_bool("tokenizer.ggml.add_eos_token")?.unwrap_or(false);
+            let add_space_prefix = gguf.get_bool("tokenizer.ggml.add_space_prefix")?.unwrap_or(true);
+            if vocab.scores.is_none() {
+                warnings.push("SentencePiece vocab without `tokenizer.ggml.scores`: merges ranked by token id".into());
+            }
+            let merges = spm_merges(&vocab, &index);
+            let replace = json!({"type": "Replace", "pattern": {"String": " "}, "content": "\u{2581}"});
+            let normalizer = if add_space_prefix {
+                json!({"type": "Sequence", "normalizers": [{"type": "Prepend", "prepend": "\u{2581}"}, replace]})
+            } else {
+                replace
+            };
+            let mut decoders = vec![
+                json!({"type": "Replace", "pattern": {"String": "\u{2581}"}, "content": " "}),
+                json!({"type": "ByteFallback"}),
+                json!({"type": "Fuse"}),
+            ];
+            if add_space_prefix {
+                decoders.push(json!({"type": "Strip", "content": " ", "start": 1, "stop": 0}));
+            }
+            let post = if (add_bos && vocab.bos.is_some()) || (add_eos && vocab.eos.is_some()) {
+                template_processing(&vocab, add_bos, add_eos)
+            } else {
+                Value::Null
+            };
+            let unk = vocab.unk.map(|u| vocab.tokens[u as usize].clone());
+            let tj = json!({
+                "version": "1.0",
+                "truncation": null,
+                "padding": null,
+                "added_tokens": added,
+                "normalizer": normalizer,
+                "pre_tokenizer": null,
+                "post_processor": post,
+                "decoder": {"type": "Sequence", "decoders": decoders},
+                "model": {
+                    "type": "BPE", "dropout": null, "unk_token": unk, "continuing_subword_prefix": null,
+                    "end_of_word_suffix": null, "fuse_unk": true, "byte_fallback": true,
+                    "ignore_merges": false, "vocab": vocab_json, "merges": merges,
+                },
+            });
+            (tj, add_bos, add_eos)
+        }
+        other => bail!("tokenizer.ggml.model `{other}` is not supported (only `gpt2` byte-level BPE and `llama` SentencePiece)"),
+    };
+
+    let name = |id: Option<u32>| id.map(|i| json!(vocab.tokens[i as usize])).unwrap_or(Value::Null);
+    let mut special_map = Map::new();
+    for (k, id) in [("bos_token", vocab.bos), ("eos_token", vocab.eos), ("unk_token", vocab.unk), ("pad_token", vocab.pad)] {
+        if id.is_some() {
+            special_map.insert(k.to_string(), name(id));
+        }
+    }
+    let mut decoder_map = Map::new();
+    if let Some(list) = tokenizer_json["added_tokens"].as_array() {
+        for t in list {
+            let mut entry = t.clone();
+            if let Some(o) = entry.as_object_mut() {
+                o.remove("id");
+            }
+            decoder_map.insert(t["id"].to_string(), entry);
+        }
+    }
+    let mut config = json!({
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "add_bos_token": add_bos,
+        "add_eos_token": add_eos,
+        "bos_token": name(vocab.bos),
+        "eos_token": name(vocab.eos),
+        "unk_token": name(vocab.unk),
+        "pad_token": name(vocab.pad),
+        "clean_up_tokenization_spaces": false,
+        "added_tokens_decoder": decoder_map,
+    });
+    if let Some(t) = chat_template(gguf)? {
+        config["chat_template"] = t;
+    }
+    if let Some(m) = model_max_length {
+        config["model_max_length"] = json!(m);
+    }
+
+    Ok(Some(HfTokenizerFiles {
+        tokenizer_json,
+        tokenizer_config: config,
+        special_tokens_map: Value::Object(special_map),
+        model,
+        pre,
+        n_tokens: vocab.tokens.len(),
+        bos_token_id: vocab.bos,
+        eos_token_id: vocab.eos,
+        unk_token_id: vocab.unk,
+        pad_token_id: vocab.pad,
+        warnings,
+    }))
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::super::reader::{parse, GgufValue};
+    use super::super::writer::GgufWriter;
+    use super::*;
+
+    fn strs(v: &[&str]) -> GgufValue<'static> {
+        let owned: Vec<&'static [u8]> = v.iter().map(|s| &*Box::leak(s.as_bytes().to_vec().into_boxed_slice())).collect();
+        GgufValue::Array(GgufArray::String(owned))
+    }
+
+    /// A tiny byte-level BPE vocab that spells "Hello world" in two tokens.
+    pub(crate) fn add_tiny_gpt2_vocab(w: &mut GgufWriter) {
+        let tokens = [
+            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "H", "e", "l", "o", "Ġ", "w", "r", "d", "He", "ll", "Hell",
+            "Hello", "Ġw", "or", "Ġwor", "ld", "Ġworld", "1", "2", "12", "!",
+        ];
+        let merges = ["H e", "l l", "He ll", "Hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"];
+        let mut types = vec![1i32; tokens.len()];
+        types[..3].copy_from_slice(&[3, 3, 3]);
+        w.add_kv("tokenizer.ggml.model", &GgufValue::String(b"gpt2")).unwrap();
+        w.add_kv("tokenizer.ggml.pre", &GgufValue::String(b"smollm")).unwrap();
+        w.add_kv("tokenizer.ggml.tokens", &strs(&tokens)).unwrap();
+        w.add_kv("tokenizer.ggml.token_type", &GgufValue::Array(GgufArray::I32(types))).unwrap();
+        w.add_kv("tokenizer.ggml.merges", &strs(&merges)).unwrap();
+        w.add_kv("tokenizer.ggml.bos_token_id", &GgufValue::U32(1)).unwrap();
+        w.add_kv("tokenizer.ggml.eos_token_id", &GgufValue::U32(2)).unwrap();
+        w.add_kv("tokenizer.ggml.unknown_token_id", &GgufValue::U32(0)).unwrap();
+        w.add_kv("tokenizer.ggml.padding_token_id", &GgufValue::U32(2)).unwrap();
+        w.add_kv("tokenizer.ggml.add_bos_token", &GgufValue::Bool(false)).unwrap();
+        w.add_kv("tokenizer.chat_template", &GgufValue::String(b"{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")).unwrap();
+    }
+
+    /// A tiny SentencePiece vocab: scores favour longer pieces; a few byte tokens.
+    fn add_tiny_llama_vocab(w: &mut GgufWriter, add_space_prefix: Option<bool>) {
+        let pieces: Vec<(&str, f32, i32)> = vec![
+            ("<unk>", 0.0, 2),
+            ("<s>", 0.0, 3),
+            ("</s>", 0.0, 3),
+            ("<0x21>", 0.0, 6), // '!'
+            ("<0x69>", 0.0, 6), // 'i'
+            ("▁", -1.0, 1),
+            ("H", -2.0, 1),
+            ("e", -2.0, 1),
+            ("l", -2.0, 1),
+            ("o", -2.0, 1),
+            ("w", -2.0, 1),
+            ("r", -2.0, 1),
+            ("d", -2.0, 1),
+            ("▁H", -1.5, 1),
+            ("ll", -1.4, 1),
+            ("▁He", -1.3, 1),
+            ("▁Hell", -1.2, 1),
+            ("▁Hello", -1.1, 1),
+            ("▁w", -1.5, 1),
+            ("or", -1.4, 1),
+            ("▁wor", -1.3, 1),
+            ("ld", -1.3, 1),
+            ("▁world", -1.0, 1),
+            ("<user>", 0.0, 4),
+        ];
+        w.add_kv("tokenizer.ggml.model", &GgufValue::String(b"llama")).unwrap();
+        w.add_kv("tokenizer.ggml.tokens", &strs(&pieces.iter().map(|p| p.0).collect::<Vec<_>>())).unwrap();
+        w.add_kv("tokenizer.ggml.scores", &GgufValue::Array(GgufArray::F32(pieces.iter().map(|p| p.1).collect()))).unwrap();
+        w.add_kv("tokenizer.ggml.token_type", &GgufValue::Array(GgufArray::I32(pieces.iter().map(|p| p.2).collect()))).unwrap();
+        w.add_kv("tokenizer.ggml.bos_token_id", &GgufValue::U32(1)).unwrap();
+        w.add_kv("tokenizer.ggml.eos_token_id", &GgufValue::U32(2)).unwrap();
+        w.add_kv("tokenizer.ggml.unknown_token_id", &GgufValue::U32(0)).unwrap();
+        if let Some(b) = add_space_prefix {
+            w.add_kv("tokenizer.ggml.add_space_prefix", &GgufValue::Bool(b)).unwrap();
+        }
+    }
+
+    fn build(w: &GgufWriter) -> HfTokenizerFiles {
+        let bytes = w.to_bytes().unwrap();
+        let f = parse(&bytes).unwrap();
+        build_tokenizer(&f, Some(2048)).unwrap().unwrap()
+    }
+
+    fn load(files: &HfTokenizerFiles) -> tokenizers::Tokenizer {
+        tokenizers::Tokenizer::from_bytes(serde_json::to_vec(&files.tokenizer_json).unwrap()).unwrap()
+    }
+
+    fn ids(t: &tokenizers::Tokenizer, text: &str) -> Vec<u32> {
+        t.encode(text, true).unwrap().get_ids().to_vec()
+    }
+
+    #[test]
+    fn gpt2_vocab_encodes_like_llama_cpp() {
+        let mut w = GgufWriter::new();
+        add_tiny_gpt2_vocab(&mut w);
+        let files = build(&w);
+        assert!(files.warnings.is_empty(), "{:?}", files.warnings);
+        let t = load(&files);
+        assert_eq!(ids(&t, "Hello world"), vec![14, 19]);
+        // Control tokens are matched whole; digits are split one by one (smollm's \p{N} rule),
+        // so the "1 2" merge never applies.
+        assert_eq!(ids(&t, "<|im_start|>Hello<|im_end|>"), vec![1, 14, 2]);
+        assert_eq!(ids(&t, "12"), vec![20, 21]);
+        assert_eq!(t.decode(&[14, 19], false).unwrap(), "Hello world");
+        let cfg = &files.tokenizer_config;
+        assert_eq!(cfg["bos_token"], "<|im_start|>");
+        assert_eq!(cfg["eos_token"], "<|im_end|>");
+        assert_eq!(cfg["add_bos_token"], false);
+        assert!(cfg["chat_template"].as_str().unwrap().contains("<|im_start|>"));
+        assert_eq!(cfg["added_tokens_decoder"]["1"]["content"], "<|im_start|>");
+        assert_eq!(files.special_tokens_map["pad_token"], "<|im_end|>");
+    }
+
+    #[test]
+    fn gpt2_pre_types_change_the_split() {
+        // The same vocab read as "gpt-2": digits stay together, so the "1 2" merge applies.
+        let mut w = GgufWriter::new();
+        add_tiny_gpt2_vocab_with_pre(&mut w, "gpt-2");
+        let t = load(&build(&w));
+        assert_eq!(ids(&t, "12"), vec![22]);
+        let mut w = GgufWriter::new();
+        add_tiny_gpt2_vocab_with_pre(&mut w, "no-such-pre");
+        let files = build(&w);
+        assert!(files.warnings.iter().any(|w| w.contains("no-such-pre")));
+    }
+
+    fn add_tiny_gpt2_vocab_with_pre(w: &mut GgufWriter, pre: &'static str) {
+        let mut tmp = GgufWriter::new();
+        add_tiny_gpt2_vocab(&mut tmp);
+        let bytes = tmp.to_bytes().unwrap();
+        let f = parse(&bytes).unwrap();
+        for kv in &f.metadata {
+            if kv.key == "tokenizer.ggml.pre" {
+                w.add_kv(kv.key, &GgufValue::String(pre.as_bytes())).unwrap();
+            } else {
+                w.add_kv(kv.key, &kv.value).unwrap();
+            }
+        }
+    }
+
+    #[test]
+    fn llama_vocab_encodes_like_llama_cpp() {
+        let mut w = GgufWriter::new();
+        add_tiny_llama_vocab(&mut w, None);
+        let files = build(&w);
+        assert!(files.warnings.is_empty(), "{:?}", files.warnings);
+        let t = load(&files);
+        // BOS is added by default for SentencePiece vocabs; " " before "Hello" comes from the
+        // add_space_prefix normalizer.
+        assert_eq!(ids(&t, "Hello world"), vec![1, 17, 22]);
+        // 'i' and '!' are not pieces: byte fallback.
+        assert_eq!(ids(&t, "Hi!"), vec![1, 13, 4, 3]);
+        // User-defined tokens are matched whole; after a special token llama.cpp re-adds the
+        // space prefix, which the per-segment normalizer also does.
+        assert_eq!(ids(&t, "<user>Hello"), vec![1, 23, 17]);
+        assert_eq!(ids(&t, "</s>Hello"), vec![1, 2, 17]);
+        assert_eq!(t.decode(&[1, 17, 22], true).unwrap(), "Hello world");
+        assert_eq!(files.tokenizer_config["add_bos_token"], true);
+        assert_eq!(files.tokenizer_config["unk_token"], "<unk>");
+    }
+
+    #[test]
+    fn llama_vocab_without_space_prefix() {
+        let mut w = GgufWriter::new();
+        add_tiny_llama_vocab(&mut w, Some(false));
+        let t = load(&build(&w));
+        // No ▁ before "Hello": H, e, ll, o.
+        assert_eq!(ids(&t, "Hello world"), vec![1, 6, 7, 14, 9, 22]);
+    }
+
+    #[test]
+    fn spm_merge_order_follows_scores() {
+        let mut w = GgufWriter::new();
+        add_tiny_llama_vocab(&mut w, None);
+        let files = build(&w);
+        let merges = files.tokenizer_json["model"]["merges"].as_array().unwrap();
+        // "▁world" (-1.0) is the best-scoring piece with a split, then "▁Hello" (-1.1).
+        let firsts: Vec<String> = merges.iter().map(|m| format!("{}{}", m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
+        assert_eq!(firsts[0], "▁world");
+        assert_eq!(firsts[1], "▁Hello");
+        assert!(!firsts.iter().any(|m| m.starts_with('<')), "control/byte tokens are not merge results");
+    }
+
+    #[test]
+    fn hostile_tokenizer_metadata_is_an_error_not_a_panic() {
+        let mut w = GgufWriter::new();
+        w.add_kv("tokenizer.ggml.model", &GgufValue::String(b"gpt2")).unwrap();
+        w.add_kv("tokenizer.ggml.tokens", &strs(&["a", "b", "a", "ab", "\u{0}"])).unwrap();
+        w.add_kv("tokenizer.ggml.token_type", &GgufValue::Array(GgufArray::I32(vec![1, 2]))).unwrap();
+        w.add_kv("tokenizer.ggml.merges", &strs(&["a b", "ab", "a c", "", " ", "a b"])).unwrap();
+        w.add_kv("tokenizer.ggml.bos_token_id", &GgufValue::U32(99)).unwrap();
+        w.add_kv("tokenizer.ggml.eos_token_id", &GgufValue::I32(-1)).unwrap();
+        let files = build(&w);
+        assert_eq!(files.bos_token_id, None);
+        assert_eq!(files.eos_token_id, None);
+        assert!(files.warnings.len() >= 3, "{:?}", files.warnings);
+        let t = load(&files);
+        assert_eq!(ids(&t, "ab"), vec![3]);
+
+        let mut w = GgufWriter::new();
+        w.add_kv("tokenizer.ggml.model", &GgufValue::String(b"bert")).unwrap();
+        w.add_kv("tokenizer.ggml.tokens", &strs(&["a"])).unwrap();
+        let bytes = w.to_bytes().unwrap();
+        assert!(build_tokenizer(&parse(&bytes).unwrap(), None).unwrap_err().to_string().contains("bert"));
+
+        let mut w = GgufWriter::new();
+        w.add_kv("tokenizer.ggml.tokens", &GgufValue::U32(3)).unwrap();
+        let bytes = w.to_bytes().unwrap();
+        assert!(build_tokenizer(&parse(&bytes).unwrap(), None).is_err());
+
+        let bytes = GgufWriter::new().to_bytes().unwrap();
+        assert!(build_tokenizer(&parse(&bytes).unwrap(), None).unwrap().is_none());
+    }
+}
