@@ -206,6 +206,42 @@ impl LlamaConfig {
         HfConfig::load(dir)?.to_runtime().with_context(|| format!("in {}", dir.display()))
     }
 
+    /// The HF `config.json` for this configuration.
+    pub fn to_hf(&self) -> HfConfig {
+        let rope_scaling = match self.rope_scaling {
+            RopeScaling::None => None,
+            RopeScaling::Linear { factor } => Some(serde_json::json!({"rope_type": "linear", "factor": factor})),
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => Some(serde_json::json!({
+                "rope_type": "llama3", "factor": factor, "low_freq_factor": low_freq_factor,
+                "high_freq_factor": high_freq_factor, "original_max_position_embeddings": original_max_position_embeddings
+            })),
+        };
+        let mut extra = serde_json::Map::new();
+        extra.insert("architectures".into(), serde_json::json!(["LlamaForCausalLM"]));
+        HfConfig {
+            hidden_size: Some(self.hidden_size),
+            intermediate_size: Some(self.intermediate_size),
+            num_hidden_layers: Some(self.num_layers),
+            num_attention_heads: Some(self.num_heads),
+            num_key_value_heads: Some(self.num_kv_heads),
+            head_dim: Some(self.head_dim),
+            vocab_size: Some(self.vocab_size),
+            rms_norm_eps: Some(self.rms_norm_eps),
+            rope_theta: Some(self.rope_theta),
+            rope_parameters: None,
+            rope_scaling,
+            max_position_embeddings: Some(self.max_position_embeddings),
+            tie_word_embeddings: Some(self.tie_word_embeddings),
+            hidden_act: Some("silu".into()),
+            attention_bias: Some(false),
+            mlp_bias: Some(false),
+            bos_token_id: self.bos_token_id.map(|b| b.into()),
+            eos_token_id: self.eos_token_ids.first().map(|e| (*e).into()),
+            model_type: Some("llama".into()),
+            extra,
+        }
+    }
+
     /// A synthetic shape, for benchmarks and tests that need no weights.
     pub fn synthetic(hidden: usize, layers: usize, heads: usize, kv_heads: usize, ffn: usize, vocab: usize) -> Self {
         LlamaConfig {

@@ -227,6 +227,18 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Merge wall time ÷ copy time and peak RSS, on a synthetic f16 model + rank-r adapter
+    Merge {
+        #[arg(long, default_value = "1b")]
+        shape: String,
+        #[arg(long, default_value_t = 64)]
+        rank: usize,
+        /// Scratch folder (must not exist; removed afterwards unless --keep)
+        #[arg(long, default_value = "runs/bench-merge")]
+        workdir: PathBuf,
+        #[arg(long)]
+        keep: bool,
+    },
 }
 
 fn main() {
@@ -332,6 +344,10 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Vocab(_) => anyhow::bail!("`vocab` is not yet implemented (tracked in the vocabulary issue)"),
         Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
             let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Bench { what: BenchCmd::Merge { shape, rank, workdir, keep } } => {
+            let r = linly_lora::bench::merge::merge(&shape, rank, &workdir, keep)?;
             println!("{}", serde_json::to_string(&r)?);
         }
     }

@@ -102,3 +102,30 @@ fn cli_errors_are_clear() {
     let (ok, _, err) = run_cli(&["train", "x.toml"], None);
     assert!(!ok && err.contains("not yet implemented"), "{err}");
 }
+
+#[test]
+fn merge_cli_and_adapter_flags() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("merged");
+    let (ok, stdout, err) = run_cli(&["merge", "--base", s(&tiny().join("base")), "--adapter", s(&tiny().join("adapter")), "--out", s(&out), "--dtype", "f16"], None);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("merged 14 LoRA pairs") && stdout.contains("vocab 384"), "{stdout}");
+    // Merged and unmerged (adapter on the base) score the resized ids alike.
+    let e = Expected::load();
+    let jl = dir.path().join("ids.jsonl");
+    let lines: Vec<String> = e.ids("resized_input_ids").iter().map(|r| serde_json::to_string(r).unwrap()).collect();
+    std::fs::write(&jl, lines.join("\n")).unwrap();
+    let (ok, a, err) = run_cli(&["eval", "--model", s(&out), "--ids", s(&jl), "--json"], None);
+    assert!(ok, "{err}");
+    let (ok, b, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--adapter", s(&tiny().join("adapter")), "--ids", s(&jl), "--json"], None);
+    assert!(ok, "{err}");
+    let na = serde_json::from_str::<serde_json::Value>(a.trim()).unwrap()["mean_nll"].as_f64().unwrap();
+    let nb = serde_json::from_str::<serde_json::Value>(b.trim()).unwrap()["mean_nll"].as_f64().unwrap();
+    assert!((na - nb).abs() / nb < 1e-3, "{na} vs {nb}");
+    // A second merge into the same folder is refused, and the folder is untouched.
+    let (ok, _, err) = run_cli(&["merge", "--base", s(&tiny().join("base")), "--adapter", s(&tiny().join("adapter")), "--out", s(&out)], None);
+    assert!(!ok && err.contains("already exists"), "{err}");
+    // The adapter's 384 rows against the base's 320 without the adapter: a clear error on generate.
+    let (ok, _, err) = run_cli(&["generate", "--model", s(&tiny().join("base")), "--prompt-ids", "1,350"], None);
+    assert!(!ok && err.contains("350") && err.contains("320"), "{err}");
+}

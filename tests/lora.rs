@@ -370,3 +370,29 @@ mod broken {
         expect_rejected(opts(&dir.path().join("out2"), vec![ad]), "DoRA");
     }
 }
+
+/// Writes adapters saved by linly-lora for the PEFT interop check in
+/// benches/peft_interop.py (run where transformers + peft are installed):
+/// `INTEROP_DIR=runs/interop cargo test --release --test lora -- --ignored export_interop`.
+#[test]
+#[ignore]
+fn export_interop_adapters() {
+    use linly_lora::lora::config::AdapterConfig;
+    use linly_lora::lora::save::{save, TableSave};
+    use linly_lora::lora::{set_table_modes, TableMode};
+    let out = std::path::PathBuf::from(std::env::var("INTEROP_DIR").expect("set INTEROP_DIR"));
+    std::fs::create_dir_all(&out).unwrap();
+    let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
+    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
+    let model = apply(base, &tiny().join("adapter"), &cpu()).unwrap();
+    save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320 }, &out.join("ours_all"), &[]).unwrap();
+    let mut model = model;
+    set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+    save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &out.join("ours_new_rows"), &[]).unwrap();
+    // Our logits for the new_rows adapter on the base (rows 0..320 from the base): PEFT must agree.
+    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
+    let m = apply(base, &out.join("ours_new_rows"), &cpu()).unwrap();
+    let l = logits_of(&m, &Expected::load().ids("resized_input_ids"));
+    let bytes = linly_lora::io::safetensors::encode_f32(&l, FloatType::F32);
+    linly_lora::io::safetensors::write_all(&out.join("ours_new_rows_logits.safetensors"), &[("logits".into(), "F32".into(), vec![2, 24, 384], bytes)], None).unwrap();
+}

@@ -1,5 +1,7 @@
 //! Benchmarks on randomly initialised models of named shapes (no weights needed).
 
+pub mod merge;
+
 use crate::config::LlamaConfig;
 use crate::infer::generate::last_logits;
 use crate::infer::ids_tensor;

@@ -9,7 +9,6 @@ use crate::io::atomic::StagedDir;
 use crate::io::safetensors::{encode_f32, FloatType, RawTensor, StreamWriter, TensorSpec};
 use crate::io::weights::WeightStore;
 use anyhow::{bail, Context, Result};
-use burn::tensor::{Tensor, TensorData};
 use safetensors::Dtype;
 use serde::Serialize;
 use std::collections::BTreeMap;
@@ -177,15 +176,87 @@ fn float_type_of(name: &str) -> Option<FloatType> {
     }
 }
 
-/// `w += scale · B·A`, with the product on the CPU backend (burn flex's threaded GEMM).
-fn add_lora(w: &mut [f32], a: &[f32], b: &[f32], out: usize, r: usize, inp: usize, scale: f64) {
-    let device = crate::device::parse("cpu").expect("cpu");
-    let bt: Tensor<2> = Tensor::from_data(TensorData::new(b.to_vec(), [out, r]), &device);
-    let at: Tensor<2> = Tensor::from_data(TensorData::new(a.to_vec(), [r, inp]), &device);
-    let d = crate::io::weights::tensor_to_f32(bt.matmul(at));
-    let s = scale as f32;
-    for (x, y) in w.iter_mut().zip(d) {
-        *x += s * y;
+/// One LoRA update of a projection, host-side in f32.
+pub struct HostLora {
+    /// `[r, in]`
+    pub a: Vec<f32>,
+    /// `[out, r]`
+    pub b: Vec<f32>,
+    pub r: usize,
+    pub scale: f32,
+}
+
+/// Rows per block: a block of `W` in f32 stays in L2 while its update is added, so the weight
+/// streams through memory once, like a copy, instead of once per pass.
+const BLOCK_ROWS: usize = 32;
+
+/// `W + Σ s·B·A` for storage bytes of `W` `[out, in]`, returned in `out_ty`. Row blocks are
+/// converted to f32, updated with an accumulating GEMM (no dense ΔW is ever formed) and
+/// converted back, in parallel over blocks.
+pub fn merge_lora_bytes(w: &[u8], w_ty: FloatType, out: usize, inp: usize, loras: &[HostLora], out_ty: FloatType) -> Vec<u8> {
+    use rayon::prelude::*;
+    let mut dst = vec![0u8; out * inp * out_ty.size()];
+    let in_row = inp * w_ty.size();
+    let out_row = inp * out_ty.size();
+    dst.par_chunks_mut(BLOCK_ROWS * out_row).enumerate().for_each(|(bi, dchunk)| {
+        let r0 = bi * BLOCK_ROWS;
+        let rows = dchunk.len() / out_row;
+        let mut block = vec![0f32; rows * inp];
+        decode_into(&w[r0 * in_row..(r0 + rows) * in_row], w_ty, &mut block);
+        for l in loras {
+            // block[rows × in] += s · B[r0.., :] [rows × r] · A [r × in]
+            // SAFETY: all pointers cover the strided ranges gemm reads/writes: block is
+            // rows×inp row-major, B's rows r0..r0+rows are rows×r row-major, A is r×inp.
+            unsafe {
+                gemm::gemm(
+                    rows, inp, l.r,
+                    block.as_mut_ptr(), 1, inp as isize,
+                    true,
+                    l.b.as_ptr().add(r0 * l.r), 1, l.r as isize,
+                    l.a.as_ptr(), 1, inp as isize,
+                    1.0f32, l.scale,
+                    false, false, false,
+                    gemm::Parallelism::None,
+                );
+            }
+        }
+        encode_into(&block, out_ty, dchunk);
+    });
+    dst
+}
+
+/// Storage bytes → f32, with the F16C/NEON paths of `half` where the bytes are aligned.
+pub fn decode_into(src: &[u8], ty: FloatType, dst: &mut [f32]) {
+    use half::slice::HalfFloatSliceExt;
+    match ty {
+        FloatType::F32 => match bytemuck::try_cast_slice::<u8, f32>(src) {
+            Ok(s) => dst.copy_from_slice(s),
+            Err(_) => dst.iter_mut().zip(src.chunks_exact(4)).for_each(|(d, c)| *d = f32::from_le_bytes([c[0], c[1], c[2], c[3]])),
+        },
+        FloatType::F16 => match bytemuck::try_cast_slice::<u8, half::f16>(src) {
+            Ok(s) => s.convert_to_f32_slice(dst),
+            Err(_) => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, c)| *d = half::f16::from_le_bytes([c[0], c[1]]).to_f32()),
+        },
+        FloatType::BF16 => match bytemuck::try_cast_slice::<u8, half::bf16>(src) {
+            Ok(s) => s.convert_to_f32_slice(dst),
+            Err(_) => dst.iter_mut().zip(src.chunks_exact(2)).for_each(|(d, c)| *d = half::bf16::from_le_bytes([c[0], c[1]]).to_f32()),
+        },
+    }
+}
+
+/// f32 → storage bytes (round to nearest even, as torch's `.to(dtype)`).
+pub fn encode_into(src: &[f32], ty: FloatType, dst: &mut [u8]) {
+    use half::slice::HalfFloatSliceExt;
+    match ty {
+        FloatType::F32 => dst.copy_from_slice(bytemuck::cast_slice(src)),
+        FloatType::F16 => match bytemuck::try_cast_slice_mut::<u8, half::f16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(src),
+            Err(_) => dst.chunks_exact_mut(2).zip(src).for_each(|(d, s)| d.copy_from_slice(&half::f16::from_f32(*s).to_le_bytes())),
+        },
+        FloatType::BF16 => match bytemuck::try_cast_slice_mut::<u8, half::bf16>(dst) {
+            Ok(d) => d.convert_from_f32_slice(src),
+            Err(_) => dst.chunks_exact_mut(2).zip(src).for_each(|(d, s)| d.copy_from_slice(&half::bf16::from_f32(*s).to_le_bytes())),
+        },
     }
 }
 
@@ -206,29 +277,35 @@ fn compute(name: &str, spec: &TensorSpec, store: &WeightStore, adapters: &[Adapt
         return Ok(bytes);
     }
     let out_ty = out_ty.with_context(|| format!("tensor `{name}` of dtype {dtype:?} cannot be converted"))?;
-    let mut w = owned_f32(dtype, &shape, &bytes)?;
-    drop(bytes);
-    if is_table {
-        let hidden = shape[1];
-        let mut rows = shape[0];
-        for ad in adapters {
-            let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
-            if let Some(u) = u {
-                rows = ad.update_table(u, &mut w, rows, hidden)?;
-            }
-        }
-        if rows != spec.shape[0] {
-            bail!("internal: `{name}` has {rows} rows, planned {}", spec.shape[0]);
-        }
-    } else {
+    let w_ty = RawTensor { dtype, shape: &shape, bytes: &[] }.float_type().with_context(|| format!("tensor `{name}` has dtype {dtype:?}; expected a float"))?;
+    if !is_table {
+        let mut loras = Vec::new();
         for ad in adapters {
             if let Some(keys) = ad.lora.get(module) {
-                let (out, inp) = (shape[0], shape[1]);
                 let (a, b) = (ad.raw(&keys.a)?, ad.raw(&keys.b)?);
-                let r = a.shape[0];
-                add_lora(&mut w, &a.to_f32()?, &b.to_f32()?, out, r, inp, ad.scale(module)?);
+                loras.push(HostLora { a: a.to_f32()?, b: b.to_f32()?, r: a.shape[0], scale: ad.scale(module)? as f32 });
             }
         }
+        return Ok(if shape.len() == 2 {
+            merge_lora_bytes(&bytes, w_ty, shape[0], shape[1], &loras, out_ty)
+        } else {
+            let mut v = vec![0f32; shape.iter().product()];
+            decode_into(&bytes, w_ty, &mut v);
+            encode_f32(&v, out_ty)
+        });
+    }
+    let mut w = owned_f32(dtype, &shape, &bytes)?;
+    drop(bytes);
+    let hidden = shape[1];
+    let mut rows = shape[0];
+    for ad in adapters {
+        let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
+        if let Some(u) = u {
+            rows = ad.update_table(u, &mut w, rows, hidden)?;
+        }
+    }
+    if rows != spec.shape[0] {
+        bail!("internal: `{name}` has {rows} rows, planned {}", spec.shape[0]);
     }
     Ok(encode_f32(&w, out_ty))
 }
@@ -339,6 +416,30 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocked_merge_equals_naive() {
+        let (out, inp, r) = (70, 33, 5); // not multiples of the block size
+        let w: Vec<f32> = (0..out * inp).map(|i| (i as f32 * 0.37).sin()).collect();
+        let a: Vec<f32> = (0..r * inp).map(|i| (i as f32 * 0.11).cos()).collect();
+        let b: Vec<f32> = (0..out * r).map(|i| (i as f32 * 0.23).sin()).collect();
+        let l = HostLora { a: a.clone(), b: b.clone(), r, scale: 0.5 };
+        for (wt, ot) in [(FloatType::F32, FloatType::F32), (FloatType::F16, FloatType::F32), (FloatType::F32, FloatType::BF16)] {
+            let got_bytes = merge_lora_bytes(&encode_f32(&w, wt), wt, out, inp, std::slice::from_ref(&l), ot);
+            let mut got = vec![0f32; out * inp];
+            decode_into(&got_bytes, ot, &mut got);
+            let mut w_in = vec![0f32; out * inp];
+            decode_into(&encode_f32(&w, wt), wt, &mut w_in);
+            for o in 0..out {
+                for i in 0..inp {
+                    let d: f32 = (0..r).map(|k| b[o * r + k] * a[k * inp + i]).sum();
+                    let want = w_in[o * inp + i] + 0.5 * d;
+                    let tol = if ot == FloatType::BF16 { 1e-2 * want.abs().max(1.0) } else { 1e-5 };
+                    assert!((got[o * inp + i] - want).abs() <= tol, "{wt:?}->{ot:?} [{o},{i}]: {} vs {want}", got[o * inp + i]);
+                }
+            }
+        }
+    }
 
     #[test]
     fn sizes() {

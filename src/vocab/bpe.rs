@@ -54,7 +54,6 @@ pub(crate) struct BpeState {
     pub byte_fallback_ids: Option<Vec<u32>>,
     pub unk: Option<u32>,
     pub fuse_unk: bool,
-    pub ignore_merges: bool,
     pub family: Family,
     pub merge_format: MergeFormat,
     /// Contents of `added_tokens`, which a new piece must not duplicate either.
@@ -214,7 +213,6 @@ impl BpeState {
             byte_fallback_ids,
             unk,
             fuse_unk: model.get("fuse_unk").and_then(Json::as_bool).unwrap_or(false),
-            ignore_merges: model.get("ignore_merges").and_then(Json::as_bool).unwrap_or(false),
             family,
             merge_format,
             added_contents,
@@ -255,22 +253,10 @@ impl BpeState {
         self.byte_fallback_ids.as_ref().is_some_and(|ids| ids.contains(&id))
     }
 
-    /// HF `BPE::tokenize` for one pre-tokenized word (no dropout).
+    /// HF `BPE::tokenize` for one pre-tokenized word (no dropout), by merges alone: the
+    /// `ignore_merges` whole-word lookup (LLaMA-3) is deliberately skipped, because a new piece
+    /// must also be reachable where it occurs inside a longer pre-tokenized word.
     pub(crate) fn tokenize(&self, word: &str) -> Vec<u32> {
-        self.tokenize_with(word, self.ignore_merges)
-    }
-
-    /// Like [`Self::tokenize`]; `whole_word_lookup: false` ignores `ignore_merges`, to check that
-    /// the merges alone reach a piece (needed when it occurs inside a longer word).
-    pub(crate) fn tokenize_with(&self, word: &str, whole_word_lookup: bool) -> Vec<u32> {
-        if word.is_empty() {
-            return Vec::new();
-        }
-        if whole_word_lookup {
-            if let Some(&id) = self.vocab.get(word) {
-                return vec![id];
-            }
-        }
         let mut syms: Vec<u32> = Vec::with_capacity(word.len());
         let mut pending_unk = false;
         let mut buf = [0u8; 4];

@@ -49,7 +49,8 @@ pub struct ExtendReport {
     pub skipped_duplicate: usize,
     /// Pieces the pre-tokenizer splits, so they can never be one token.
     pub skipped_split: Vec<String>,
-    /// Pieces no merge path could make one token without producing an old piece.
+    /// Pieces no merge path could make one token without producing an old piece, and pieces
+    /// longer than [`MAX_PIECE_CHARS`].
     pub unreachable: Vec<String>,
     /// Requested pieces the real HF tokenizer does not return as one token on their own. Should be
     /// empty; anything here means the BPE mirror diverged from `tokenizers`.
@@ -76,6 +77,33 @@ fn read_piece_list(path: &Path) -> Result<Vec<String>> {
     Ok(text.lines().map(|l| l.strip_suffix('\r').unwrap_or(l)).filter(|l| !l.is_empty()).map(str::to_owned).collect())
 }
 
+/// A chosen split of a piece's current tokens: `split[i][j]` is where span `i..j` divides.
+struct MergeTree<'a> {
+    piece: &'a str,
+    offsets: &'a [usize],
+    leaves: &'a [u32],
+    split: &'a [Vec<usize>],
+}
+
+impl MergeTree<'_> {
+    /// Appends pieces and merges bottom-up, so children's merges outrank their parent's.
+    fn build(&self, state: &mut BpeState, journal: &mut Journal, i: usize, j: usize) -> u32 {
+        if j - i == 1 {
+            return self.leaves[i];
+        }
+        let m = self.split[i][j];
+        let left = self.build(state, journal, i, m);
+        let right = self.build(state, journal, m, j);
+        let s = &self.piece[self.offsets[i]..self.offsets[j]];
+        let out = match state.vocab.get(s) {
+            Some(&id) => id,
+            None => state.push_piece(s, journal),
+        };
+        state.push_merge(left, right, out, journal);
+        out
+    }
+}
+
 /// Finds the binary merge tree over `leaves` (the current tokenization of `piece`) that needs the
 /// fewest new intermediate pieces, and appends its pieces and merges. Returns false (state
 /// unchanged) if there is none or the result does not tokenize to one token.
@@ -86,7 +114,7 @@ fn add_piece(state: &mut BpeState, piece: &str) -> bool {
         state.push_piece(piece, &mut journal);
         return true;
     }
-    let leaves = state.tokenize_with(piece, false);
+    let leaves = state.tokenize(piece);
     let mut offsets = vec![0usize];
     for id in &leaves {
         if Some(*id) == state.unk || (matches!(state.family, Family::Char { .. }) && state.is_byte_fallback_id(*id)) {
@@ -141,23 +169,9 @@ fn add_piece(state: &mut BpeState, piece: &str) -> bool {
         return false;
     }
 
-    fn build(state: &mut BpeState, journal: &mut Journal, piece: &str, offsets: &[usize], leaves: &[u32], split: &[Vec<usize>], i: usize, j: usize) -> u32 {
-        if j - i == 1 {
-            return leaves[i];
-        }
-        let m = split[i][j];
-        let left = build(state, journal, piece, offsets, leaves, split, i, m);
-        let right = build(state, journal, piece, offsets, leaves, split, m, j);
-        let s = &piece[offsets[i]..offsets[j]];
-        let out = match state.vocab.get(s) {
-            Some(&id) => id,
-            None => state.push_piece(s, journal),
-        };
-        state.push_merge(left, right, out, journal);
-        out
-    }
-    let id = build(state, &mut journal, piece, &offsets, &leaves, &split, 0, k);
-    if state.tokenize_with(piece, false) != [id] {
+    let tree = MergeTree { piece, offsets: &offsets, leaves: &leaves, split: &split };
+    let id = tree.build(state, &mut journal, 0, k);
+    if state.tokenize(piece) != [id] {
         state.rollback(journal);
         return false;
     }
@@ -213,9 +227,11 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     let start = Instant::now();
     let mut root: Json = serde_json::from_str(tokenizer_json)
         .with_context(|| format!("{origin} is not valid JSON; pass an HF tokenizer.json"))?;
+    eprintln!("T0 {:.3}", start.elapsed().as_secs_f64());
     let mut state = BpeState::from_tokenizer_json(&root, origin)?;
     let old_tok = Tokenizer::from_str(tokenizer_json)
         .map_err(|e| anyhow!("{origin}: the tokenizers library cannot load it: {e}"))?;
+    eprintln!("T1 {:.3}", start.elapsed().as_secs_f64());
     let old_rank = state.next_rank;
 
     let raw_pieces = match source {
@@ -227,6 +243,7 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         }
     };
 
+    eprintln!("T2 {:.3}", start.elapsed().as_secs_f64());
     let mut report = ExtendReport {
         tokenizer: origin.to_owned(),
         family: state.family.name().to_owned(),
@@ -259,6 +276,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             report.skipped_duplicate += 1;
         } else if state.vocab.contains_key(&piece) || state.added_contents.contains_key(raw) || state.added_contents.contains_key(&piece) {
             report.skipped_present += 1;
+        } else if raw.chars().count() > MAX_PIECE_CHARS {
+            // The merge search is cubic in the piece's token count; nobody needs such a token.
+            report.unreachable.push(raw.clone());
         } else if !splits_in_one(raw)? {
             report.skipped_split.push(raw.clone());
         } else {
@@ -268,8 +288,8 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     // Word-initial pieces (`▁他`) last: their merges must only absorb the space/dummy prefix, never
     // compete with the merges that segment the word itself.
     todo.sort_by_key(|(raw, _)| (raw.starts_with(' '), raw.chars().count()));
-    let todo_len = todo.len();
 
+    eprintln!("T3 {:.3}", start.elapsed().as_secs_f64());
     let mut requested: HashSet<String> = HashSet::new();
     for (raw, piece) in todo {
         let mut ok = true;
@@ -289,8 +309,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             report.unreachable.push(raw);
         }
     }
-    report.added_requested = todo_len - report.unreachable.len();
+    report.added_requested = requested.len();
 
+    eprintln!("T4 {:.3}", start.elapsed().as_secs_f64());
     let new_ids = state.old_next_id..state.next_id;
     let new_pieces: Vec<String> = new_ids.clone().map(|id| state.id_to_piece[&id].clone()).collect();
     report.added_intermediate = new_pieces.len() - report.added_requested;
@@ -339,9 +360,11 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             model.push(("merges".to_owned(), Json::Arr(merges)));
         }
     }
+    eprintln!("T5 {:.3}", start.elapsed().as_secs_f64());
     let tokenizer_json = to_json_text(&root, detect_indent(tokenizer_json).as_deref())?;
 
     // Check the output with the real library: it must load and give each requested piece one id.
+    eprintln!("T6 {:.3}", start.elapsed().as_secs_f64());
     let new_tok = Tokenizer::from_str(&tokenizer_json)
         .map_err(|e| anyhow!("internal error: the extended tokenizer does not load: {e}"))?;
     for (id, piece) in new_ids.clone().zip(&new_pieces) {
@@ -353,6 +376,7 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         }
     }
 
+    eprintln!("T7 {:.3}", start.elapsed().as_secs_f64());
     let mut subtokens = Vec::with_capacity(new_pieces.len());
     let mut texts = Vec::with_capacity(new_pieces.len());
     for piece in &new_pieces {
@@ -361,6 +385,7 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         // A byte-level fragment of a character has no text; keep its vocab spelling.
         texts.push(state.to_text(piece).unwrap_or_else(|| piece.clone()));
     }
+    eprintln!("T8 {:.3}", start.elapsed().as_secs_f64());
     let extension = VocabExtension {
         old_vocab: state.old_next_id as usize,
         new_vocab: state.next_id as usize,
@@ -371,6 +396,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     report.seconds = start.elapsed().as_secs_f64();
     Ok(Extended { tokenizer_json, extension, report })
 }
+
+/// Longer pieces are reported as unreachable rather than searched for a merge path.
+pub const MAX_PIECE_CHARS: usize = 64;
 
 /// Files `extend` writes; an existing output folder holding only these may be replaced.
 const OUTPUT_FILES: [&str; 4] = ["tokenizer.json", "vocab_extension.json", "tokenizer_config.json", "special_tokens_map.json"];

@@ -68,7 +68,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource};
+pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
 pub use select::SelectConfig;
 pub use stats::{encode, load_tokenizer, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};

@@ -188,7 +188,7 @@ fn extend_writes_output_folder_and_stats_work() {
     // stats over two tokenizers × one file
     let text = dir.path().join("zh.txt");
     std::fs::write(&text, "中华人民共和国\n\n中国人民\n天气\n").unwrap();
-    let rows = stats(&[fixture("llama2-tokenizer"), out.clone()], &[text.clone()]).unwrap();
+    let rows = stats(&[fixture("llama2-tokenizer"), out.clone()], std::slice::from_ref(&text)).unwrap();
     assert_eq!(rows.len(), 2);
     assert_eq!(rows[0].chars, 13);
     assert_eq!(rows[1].tokens, 2 + 3 + 2, "▁ 中华人民共和国 | ▁ 中国 人民 | ▁ 天气");
@@ -275,7 +275,10 @@ fn byte_level_bpe_extension() {
     pieces.extend(words.iter().map(|w| w.to_string()));
     pieces.push("你好！".into()); // split by the GPT-2 regex: can never be one token
     pieces.push("e".into()); // already a token
-    for (legacy, json) in [(false, trained.clone()), (true, to_legacy_merges(&trained))] {
+    // LLaMA-3 sets `ignore_merges`: whole pre-tokenized words are looked up before merging.
+    let ignore_merges = trained.replace("\"ignore_merges\":false", "\"ignore_merges\":true");
+    assert_ne!(ignore_merges, trained);
+    for (legacy, json) in [(false, trained.clone()), (true, to_legacy_merges(&trained)), (false, ignore_merges)] {
         let ext = extend_json(&json, "trained", &PieceSource::Pieces(pieces.clone())).unwrap();
         let r = &ext.report;
         assert_eq!(r.family, "byte-level BPE");
@@ -317,3 +320,34 @@ fn extension_speed_28k_pieces() {
     assert!(l.ext.report.seconds < 20.0, "{:.1} s", l.ext.report.seconds);
 }
 
+
+#[test]
+fn plain_char_bpe_edge_cases() {
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,
+        "pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"BPE","dropout":null,
+        "unk_token":null,"continuing_subword_prefix":null,"end_of_word_suffix":null,"fuse_unk":false,
+        "byte_fallback":false,"vocab":{"a":0,"b":1,"ab":2,"c":3},"merges":["a b"]}}"#;
+    let long = "c".repeat(MAX_PIECE_CHARS + 1);
+    let pieces: Vec<String> = ["abc", "ba", "aab", "a b", "x", "ab", "abc", &long].iter().map(|s| s.to_string()).collect();
+    let ext = extend_json(json, "tiny", &PieceSource::Pieces(pieces)).unwrap();
+    let r = &ext.report;
+    assert_eq!(r.family, "character BPE");
+    assert_eq!((r.skipped_present, r.skipped_duplicate), (1, 1));
+    assert_eq!(r.unreachable, vec![long]);
+    assert!(r.not_single_token.is_empty(), "{r:?}");
+    // " " is added as the character "a b" needs, and "a " or " b" as an intermediate.
+    assert_eq!(r.added_requested, 5);
+    assert_eq!(r.added_intermediate, 2);
+    // A piece with a space cannot be written as a legacy "a b" merge: the list switches notation.
+    let compact: String = ext.tokenizer_json.split_whitespace().collect();
+    assert!(compact.contains(r#""merges":[["a","b"],["#), "{}", ext.tokenizer_json);
+    let old = Tokenizer::from_str(json).unwrap();
+    let new = Tokenizer::from_str(&ext.tokenizer_json).unwrap();
+    for text in ["ab", "ccab", "cc"] {
+        assert_eq!(ids(&old, text), ids(&new, text), "{text}");
+    }
+    assert_ne!(ids(&old, "abcab"), ids(&new, "abcab"), "text with a new piece changes");
+    for p in ["abc", "ba", "aab", "a b", "x"] {
+        assert_eq!(new.encode(p, false).unwrap().get_ids().len(), 1, "{p}");
+    }
+}

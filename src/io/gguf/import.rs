@@ -113,8 +113,11 @@ pub struct ImportReport {
     pub dtype: OutDType,
     /// True when the GGUF has no `output.weight`, so `lm_head` shares the embedding.
     pub tied_embeddings: bool,
+    /// `num_hidden_layers` written to config.json.
     pub num_layers: usize,
+    /// `hidden_size` written to config.json.
     pub hidden_size: usize,
+    /// Rows of the embedding (`vocab_size` in config.json).
     pub vocab_size: usize,
     /// `gpt2` or `llama` (with the pre-tokenizer name when there is one), or `None` when the
     /// GGUF has no tokenizer and none was written.

@@ -16,6 +16,19 @@
 //!   or F32/F16/Q8_0 from f32). Used by the tests and meant for a later GGUF export.
 //! * [`import`]: [`import_gguf`] ties it together and writes the folder atomically.
 //!
+//! Typical use (the `linly-lora import gguf FILE --out DIR --dtype bf16` command):
+//!
+//! ```no_run
+//! # use std::path::Path;
+//! # fn demo() -> anyhow::Result<()> {
+//! use linly_lora::io::gguf::{import_gguf, OutDType};
+//! let report = import_gguf(Path::new("model.gguf"), Path::new("out"), "bf16".parse::<OutDType>()?)?;
+//! for w in &report.warnings {
+//!     eprintln!("warning: {w}");
+//! }
+//! # Ok(()) }
+//! ```
+//!
 //! GGUF lists tensor dimensions innermost-first (`ne[0]` is the row length); everything this
 //! module hands out in HF terms (shapes in safetensors, [`GgufTensor::hf_shape`]) is row-major,
 //! outermost-first.
@@ -29,6 +42,8 @@ pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
 pub use import::{import_gguf, ImportReport, OutDType};
+pub use layout::{gguf_to_hf_name, hf_to_gguf_name, permute_qk_rows, unpermute_qk_rows};
+pub use tokenizer::{build_tokenizer, HfTokenizerFiles};
 pub use reader::{
     parse, GgmlType, GgufArray, GgufFile, GgufKv, GgufMmap, GgufTensor, GgufValue, GgufValueType,
     DEFAULT_ALIGNMENT,

@@ -480,16 +480,20 @@ impl<'a> GgufArray<'a> {
 /// One metadata entry.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufKv<'a> {
+    /// The key, e.g. `llama.block_count`.
     pub key: &'a str,
+    /// Its value.
     pub value: GgufValue<'a>,
 }
 
 /// One tensor: its header fields and its bytes, borrowed from the file.
 #[derive(Debug, Clone, PartialEq)]
 pub struct GgufTensor<'a> {
+    /// GGUF tensor name, e.g. `blk.0.attn_q.weight`.
     pub name: &'a str,
     /// Dimensions innermost-first, as stored (`dims[0]` is the row length, ggml's `ne[0]`).
     pub dims: Vec<u64>,
+    /// Storage type of the data.
     pub ggml_type: GgmlType,
     /// Offset of the data relative to the start of the data section.
     pub offset: u64,
@@ -1131,7 +1135,8 @@ mod tests {
         assert!(err_of(&Raw::header(7, 0, 0).0).contains("unsupported GGUF version 7"));
         assert!(err_of(&Raw::header(3u32.swap_bytes(), 0, 0).0).contains("big-endian"));
         // An empty but well-formed file parses.
-        let f = parse(&Raw::header(2, 0, 0).0).unwrap();
+        let empty = Raw::header(2, 0, 0);
+        let f = parse(&empty.0).unwrap();
         assert_eq!((f.version, f.tensors.len(), f.metadata.len()), (2, 0, 0));
     }
 

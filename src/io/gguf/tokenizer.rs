@@ -46,9 +46,13 @@ pub struct HfTokenizerFiles {
     pub pre: Option<String>,
     /// Number of tokens in the vocabulary.
     pub n_tokens: usize,
+    /// `tokenizer.ggml.bos_token_id`, when present and inside the vocabulary (likewise below).
     pub bos_token_id: Option<u32>,
+    /// `tokenizer.ggml.eos_token_id`.
     pub eos_token_id: Option<u32>,
+    /// `tokenizer.ggml.unknown_token_id`.
     pub unk_token_id: Option<u32>,
+    /// `tokenizer.ggml.padding_token_id`.
     pub pad_token_id: Option<u32>,
     /// Things that were off but did not stop the rebuild (dropped merges, duplicate tokens, ...).
     pub warnings: Vec<String>,
