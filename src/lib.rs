@@ -17,5 +17,6 @@ pub mod device;
 pub mod infer;
 pub mod io;
 pub mod lora;
+pub mod template;
 pub mod model;
 pub mod tokenizer;

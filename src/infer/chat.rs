@@ -6,84 +6,11 @@ use crate::tokenizer::{StreamDecoder, Tok};
 use anyhow::{bail, Result};
 use std::io::{BufRead, Write};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Template {
-    /// The Alpaca template of the LLama2-chat-13B-Chinese card (Linly).
-    Alpaca,
-    ChatMl,
-    Llama2,
-}
-
-impl std::str::FromStr for Template {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "alpaca" => Ok(Template::Alpaca),
-            "chatml" => Ok(Template::ChatMl),
-            "llama2" => Ok(Template::Llama2),
-            _ => bail!("unknown template `{s}`: use alpaca, chatml or llama2"),
-        }
-    }
-}
+pub use crate::template::{default_template_for, render, Template, Turn, ALPACA_PREFIX, ALPACA_SUFFIX};
 
 /// ChatML where the tokenizer knows `<|im_start|>`, otherwise Alpaca (the Linly default).
 pub fn default_template(tok: &Tok) -> Template {
-    if tok.token_id("<|im_start|>").is_some() {
-        Template::ChatMl
-    } else {
-        Template::Alpaca
-    }
-}
-
-pub const ALPACA_PREFIX: &str =
-    "Below is an instruction that describes a task. Write a response that appropriately completes the request.\n\n### Instruction:\n\n";
-pub const ALPACA_SUFFIX: &str = "\n\n### Response:\n\n";
-
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Turn {
-    pub user: String,
-    pub assistant: String,
-}
-
-/// The prompt for `msg` after `history`, ending where the model's answer starts.
-pub fn render(template: Template, system: Option<&str>, history: &[Turn], msg: &str) -> String {
-    match template {
-        Template::Alpaca => {
-            let instruction = if history.is_empty() {
-                msg.to_string()
-            } else {
-                let mut s = String::new();
-                for t in history {
-                    s.push_str(&format!("Human:{}\nAssistant:{}\n", t.user, t.assistant));
-                }
-                s.push_str(&format!("Human:{msg}"));
-                s
-            };
-            format!("{ALPACA_PREFIX}{instruction}{ALPACA_SUFFIX}")
-        }
-        Template::ChatMl => {
-            let mut s = String::new();
-            if let Some(sys) = system {
-                s.push_str(&format!("<|im_start|>system\n{sys}<|im_end|>\n"));
-            }
-            for t in history {
-                s.push_str(&format!("<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n{}<|im_end|>\n", t.user, t.assistant));
-            }
-            s.push_str(&format!("<|im_start|>user\n{msg}<|im_end|>\n<|im_start|>assistant\n"));
-            s
-        }
-        Template::Llama2 => {
-            let sys = system.map(|s| format!("<<SYS>>\n{s}\n<</SYS>>\n\n")).unwrap_or_default();
-            let mut s = String::new();
-            for (i, t) in history.iter().enumerate() {
-                let p = if i == 0 { sys.as_str() } else { "" };
-                s.push_str(&format!("<s>[INST] {p}{} [/INST] {} </s>", t.user, t.assistant));
-            }
-            let p = if history.is_empty() { sys.as_str() } else { "" };
-            s.push_str(&format!("<s>[INST] {p}{msg} [/INST]"));
-            s
-        }
-    }
+    default_template_for(tok.token_id("<|im_start|>").is_some())
 }
 
 /// Ids that end an answer: the model's EOS ids plus the template's end marker.
@@ -197,22 +124,3 @@ pub fn repl(
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn alpaca_single_and_multi_turn() {
-        let s = render(Template::Alpaca, None, &[], "你好");
-        assert_eq!(s, format!("{ALPACA_PREFIX}你好{ALPACA_SUFFIX}"));
-        let h = vec![Turn { user: "a".into(), assistant: "b".into() }];
-        let s = render(Template::Alpaca, None, &h, "c");
-        assert_eq!(s, format!("{ALPACA_PREFIX}Human:a\nAssistant:b\nHuman:c{ALPACA_SUFFIX}"));
-    }
-
-    #[test]
-    fn chatml_shape() {
-        let s = render(Template::ChatMl, Some("sys"), &[], "hi");
-        assert_eq!(s, "<|im_start|>system\nsys<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n");
-    }
-}
