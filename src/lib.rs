@@ -20,3 +20,4 @@ pub mod lora;
 pub mod template;
 pub mod model;
 pub mod tokenizer;
+pub mod train;

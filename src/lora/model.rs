@@ -112,6 +112,13 @@ fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTab
     let [rows, hidden] = w.dims();
     Ok(match mode {
         TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None },
+        // In `all` mode the table still keeps new rows apart when there are any, so they keep
+        // their f32 path (see TokenTable) and their own overflow group.
+        TableMode::All if rows > old_vocab && old_vocab > 0 => {
+            let base = w.clone().slice([0..old_vocab, 0..hidden]);
+            let extra = w.slice([old_vocab..rows, 0..hidden]);
+            TokenTable { base: Param::from_tensor(base).set_require_grad(true), extra: Some(Param::from_tensor(extra).set_require_grad(true)) }
+        }
         TableMode::All => TokenTable { base: Param::from_tensor(w).set_require_grad(true), extra: None },
         TableMode::NewRows => {
             if rows <= old_vocab {

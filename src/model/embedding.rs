@@ -5,6 +5,11 @@
 //! stay bit-identical and only new rows are saved; in `all` mode `extra` is empty and `base`
 //! trains. Keeping the split inside the lookup (two gathers) avoids concatenating a
 //! multi-hundred-megabyte table on every forward pass.
+//!
+//! New rows compute in f32 whatever the activation dtype: their gradients (scatter-adds over
+//! every position that uses a new token, and the head's `dlogitsᵀ·h`) then accumulate in f32
+//! and cannot overflow fp16 under the loss scale. This is half of how fresh rows are kept from
+//! killing fp16 training (the other half is the loss scaler, `crate::train::scaler`).
 
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
@@ -50,19 +55,19 @@ impl TokenTable {
             None => embedding(base, ids),
             Some(extra) => {
                 let n = self.base_rows() as i64;
-                let extra = extra.val().cast(super::norm::float_dtype(base.dtype()));
+                let dt = super::norm::float_dtype(base.dtype());
                 let is_new = ids.clone().greater_equal_elem(n);
                 let old_ids = ids.clone().clamp_max(n - 1);
                 let new_ids = (ids - n).clamp_min(0);
                 let e_old = embedding(base, old_ids);
-                let e_new = embedding(extra, new_ids);
+                let e_new = embedding(extra.val().cast(burn::tensor::FloatDType::F32), new_ids).cast(dt);
                 let [b, t, d] = e_old.dims();
                 e_old.mask_where(is_new.unsqueeze_dim::<3>(2).expand([b, t, d]), e_new)
             }
         }
     }
 
-    /// LM-head projection `[B, T, hidden]` → `[B, T, rows]`.
+    /// LM-head projection `[B, T, hidden]` → `[B, T, rows]`; f32 when the table has new rows.
     pub fn project(&self, h: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = h.dims();
         let h2 = h.reshape([b * t, d]);
@@ -70,8 +75,10 @@ impl TokenTable {
         let logits = match &self.extra {
             None => h2.matmul(base.transpose()),
             Some(extra) => {
-                let extra = extra.val().cast(super::norm::float_dtype(base.dtype()));
-                Tensor::cat(vec![h2.clone().matmul(base.transpose()), h2.matmul(extra.transpose())], 1)
+                let f32 = burn::tensor::FloatDType::F32;
+                let extra = extra.val().cast(f32);
+                let old = h2.clone().matmul(base.transpose()).cast(f32);
+                Tensor::cat(vec![old, h2.cast(f32).matmul(extra.transpose())], 1)
             }
         };
         let v = logits.dims()[1];

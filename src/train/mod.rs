@@ -1,0 +1,8 @@
+//! Training: LoRA + embedding/head training with mixed data, fp16 loss scaling, checkpoints.
+
+pub mod loss;
+pub mod optim;
+pub mod params;
+pub mod scaler;
+pub mod schedule;
+pub mod step;

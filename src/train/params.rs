@@ -1,0 +1,57 @@
+//! The trainable parameters of a model, by name and group, with mutable access for the
+//! optimizer. Names follow PEFT's, so logs and gradient checks line up with the reference.
+
+use super::scaler::Group;
+use crate::model::{Llama, TokenTable};
+use burn::module::Param;
+use burn::tensor::Tensor;
+
+/// Whether the parameter takes the LoRA learning rate or the embedding/head one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LrGroup {
+    Lora,
+    Table,
+}
+
+pub struct Trainable<'a> {
+    pub name: String,
+    pub group: Group,
+    pub lr_group: LrGroup,
+    pub param: &'a mut Param<Tensor<2>>,
+}
+
+fn tables<'a>(t: &'a mut TokenTable, prefix: &str, out: &mut Vec<Trainable<'a>>) {
+    let TokenTable { base, extra } = t;
+    if base.val().is_require_grad() {
+        out.push(Trainable { name: format!("{prefix}.base"), group: Group::OldRows, lr_group: LrGroup::Table, param: base });
+    }
+    if let Some(e) = extra {
+        if e.val().is_require_grad() {
+            out.push(Trainable { name: format!("{prefix}.new_rows"), group: Group::NewRows, lr_group: LrGroup::Table, param: e });
+        }
+    }
+}
+
+/// Every trainable parameter, in a fixed order (so optimizer state lines up across runs).
+pub fn trainable(model: &mut Llama) -> Vec<Trainable<'_>> {
+    let mut out = Vec::new();
+    let Llama { embed_tokens, layers, lm_head, .. } = model;
+    for (i, layer) in layers.iter_mut().enumerate() {
+        let a = &mut layer.self_attn;
+        let m = &mut layer.mlp;
+        for (t, lin) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+            for (k, br) in lin.lora.iter_mut().enumerate() {
+                let suffix = if k == 0 { String::new() } else { format!(".{k}") };
+                if br.a.val().is_require_grad() {
+                    out.push(Trainable { name: format!("model.layers.{i}.{t}.lora_A{suffix}"), group: Group::Lora, lr_group: LrGroup::Lora, param: &mut br.a });
+                    out.push(Trainable { name: format!("model.layers.{i}.{t}.lora_B{suffix}"), group: Group::Lora, lr_group: LrGroup::Lora, param: &mut br.b });
+                }
+            }
+        }
+    }
+    tables(embed_tokens, "model.embed_tokens", &mut out);
+    if let Some(h) = lm_head {
+        tables(h, "lm_head", &mut out);
+    }
+    out
+}

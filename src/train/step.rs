@@ -1,0 +1,151 @@
+//! One optimizer step: forward/backward over the micro-batches, gradients accumulated per
+//! parameter, one host sync for loss, finiteness and norms, the scaler's decision, global-norm
+//! clipping and AdamW.
+
+use super::loss::nll_sum;
+use super::optim::AdamW;
+use super::params::{trainable, LrGroup};
+use super::scaler::{Action, Group, Scaler, GROUPS};
+use crate::model::Llama;
+use anyhow::{bail, Result};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use std::collections::BTreeMap;
+
+/// One micro-batch: ids and HF-aligned labels (−100 = no loss), `[B][T]`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct MicroBatch {
+    pub input_ids: Vec<Vec<u32>>,
+    pub labels: Vec<Vec<i64>>,
+}
+
+impl MicroBatch {
+    /// Positions that carry loss after the shift.
+    pub fn loss_tokens(&self) -> usize {
+        self.labels.iter().map(|r| r.iter().skip(1).filter(|&&l| l >= 0).count()).sum()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StepHparams {
+    pub lr: f64,
+    pub embed_lr: f64,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct StepOutput {
+    /// Mean NLL over the step's unmasked tokens, before the update.
+    pub loss: f64,
+    pub tokens: usize,
+    /// Global gradient norm after unscaling (before clipping); inf/NaN on overflow.
+    pub grad_norm: f64,
+    pub skipped: bool,
+    pub loss_scale: f32,
+    pub events: Vec<String>,
+    pub overflow_groups: Vec<Group>,
+}
+
+/// Gradients of the trainable parameters, by name, summed over micro-batches.
+pub type Grads = BTreeMap<String, Tensor<2>>;
+
+/// Forward and backward over `batches`; returns the loss sum (as a tensor, not yet read) and
+/// the accumulated gradients of `loss_sum · scale / total_tokens`.
+pub fn forward_backward(model: &mut Llama, batches: &[MicroBatch], scale: f32, device: &Device) -> Result<(Vec<Tensor<1>>, usize, Grads)> {
+    let total: usize = batches.iter().map(|b| b.loss_tokens()).sum();
+    if total == 0 {
+        bail!("a training step has no unmasked label: check the data's labels");
+    }
+    let mut acc: Grads = BTreeMap::new();
+    let mut sums = Vec::new();
+    for mb in batches {
+        let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
+        let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, t]), device);
+        let logits = model.forward(ids, None);
+        let (sum, _) = nll_sum(logits, &mb.labels);
+        let loss = sum.clone() * (scale as f64 / total as f64);
+        sums.push(sum.detach().inner());
+        let grads = loss.backward();
+        for p in trainable(model) {
+            if let Some(g) = p.param.val().grad(&grads) {
+                let g = g.cast(burn::tensor::FloatDType::F32);
+                match acc.remove(&p.name) {
+                    Some(prev) => acc.insert(p.name, prev + g),
+                    None => acc.insert(p.name, g),
+                };
+            }
+        }
+    }
+    Ok((sums, total, acc))
+}
+
+/// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
+pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
+    let scale = scaler.scale;
+    let (sums, total, mut grads) = forward_backward(model, batches, scale, device)?;
+    let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
+    // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group].
+    let inner = device.clone().inner();
+    let mut parts: Vec<Tensor<1>> = sums;
+    let mut finite: Vec<Tensor<1>> = Vec::new();
+    let mut sumsq: Vec<Tensor<1>> = Vec::new();
+    for g in GROUPS {
+        let gs: Vec<&Tensor<2>> = grads.iter().filter(|(n, _)| groups.get(*n).map(|x| x.0) == Some(g)).map(|(_, t)| t).collect();
+        if gs.is_empty() {
+            finite.push(Tensor::ones([1], &inner));
+            sumsq.push(Tensor::zeros([1], &inner));
+            continue;
+        }
+        let f = gs.iter().map(|t| (*t).clone().is_finite().all().float()).fold(Tensor::<1>::ones([1], &inner), |a, b| a * b);
+        let s = gs.iter().map(|t| (*t).clone().square().sum()).fold(Tensor::<1>::zeros([1], &inner), |a, b| a + b);
+        finite.push(f);
+        sumsq.push(s);
+    }
+    let n_sums = parts.len();
+    parts.extend(finite);
+    parts.extend(sumsq);
+    let host: Vec<f32> = Tensor::cat(parts, 0).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading step summaries: {e:?}"))?;
+    let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
+    let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[n_sums + i] > 0.5)).collect();
+    let sq: Vec<f64> = (0..3).map(|i| host[n_sums + 3 + i] as f64).collect();
+    let (action, log) = scaler.update(&flags);
+    let mut events: Vec<String> = log.into_iter().collect();
+    let overflow_groups: Vec<Group> = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
+    let inv = 1.0 / scale as f64;
+    let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
+    let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups };
+    let sanitize: Vec<Group> = match &action {
+        Action::Skip => {
+            out.skipped = true;
+            out.events = events;
+            return Ok(out);
+        }
+        Action::Step => vec![],
+        Action::StepSanitized(g) => g.clone(),
+    };
+    // Norm for clipping: over the finite groups as they are, zeroed entries count as zero.
+    let norm = if sanitize.is_empty() { raw_norm } else { finite_sq.sqrt() * inv };
+    let clip = if hp.max_grad_norm > 0.0 && norm > hp.max_grad_norm { hp.max_grad_norm / (norm + 1e-6) } else { 1.0 };
+    if clip < 1.0 && !sanitize.is_empty() {
+        events.push(format!("clipped sanitized step by {clip:.3e}"));
+    }
+    let mut params = trainable(model);
+    for p in params.iter_mut() {
+        let Some(mut g) = grads.remove(&p.name) else { continue };
+        if sanitize.contains(&p.group) {
+            let bad: Tensor<2, Bool> = g.clone().is_finite().bool_not();
+            g = g.mask_fill(bad, 0.0);
+        }
+        let g = g * (inv * clip);
+        let (lr, wd) = match p.lr_group {
+            LrGroup::Lora => (hp.lr, hp.weight_decay),
+            // No decay on embeddings (as for norms): it would pull trained rows towards zero.
+            LrGroup::Table => (hp.embed_lr, 0.0),
+        };
+        opt.step(&p.name, p.param, g, lr, wd);
+    }
+    out.events = events;
+    Ok(out)
+}
