@@ -13,6 +13,7 @@
 
 pub mod bench;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod infer;
 pub mod io;
@@ -21,3 +22,4 @@ pub mod template;
 pub mod model;
 pub mod tokenizer;
 pub mod train;
+pub mod vocab;

@@ -2,5 +2,6 @@
 //! only names, shapes and f32/f16/bf16 data.
 
 pub mod atomic;
+pub mod gguf;
 pub mod safetensors;
 pub mod weights;

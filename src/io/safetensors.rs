@@ -11,8 +11,9 @@ use std::io::{BufWriter, Write};
 use std::path::{Path, PathBuf};
 
 /// Element types this tool reads and writes for floating-point weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum FloatType {
+    #[default]
     F32,
     F16,
     BF16,
@@ -23,6 +24,22 @@ impl FloatType {
         match self {
             FloatType::F32 => 4,
             _ => 2,
+        }
+    }
+    /// `f32`, `f16` or `bf16` (the CLI spelling).
+    pub fn name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "f32",
+            FloatType::F16 => "f16",
+            FloatType::BF16 => "bf16",
+        }
+    }
+    /// The name config.json uses (`torch_dtype`).
+    pub fn torch_name(self) -> &'static str {
+        match self {
+            FloatType::F32 => "float32",
+            FloatType::F16 => "float16",
+            FloatType::BF16 => "bfloat16",
         }
     }
     pub fn safetensors_name(self) -> &'static str {
@@ -38,6 +55,12 @@ impl FloatType {
             FloatType::F16 => burn::tensor::DType::F16,
             FloatType::BF16 => burn::tensor::DType::BF16,
         }
+    }
+}
+
+impl std::fmt::Display for FloatType {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
     }
 }
 
@@ -58,6 +81,12 @@ pub struct RawTensor<'a> {
     pub dtype: Dtype,
     pub shape: &'a [usize],
     pub bytes: &'a [u8],
+}
+
+impl std::fmt::Debug for RawTensor<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "RawTensor({:?}, {:?})", self.dtype, self.shape)
+    }
 }
 
 impl RawTensor<'_> {

@@ -1,8 +1,10 @@
 //! Training: LoRA + embedding/head training with mixed data, fp16 loss scaling, checkpoints.
 
+pub mod checkpoint;
 pub mod loss;
 pub mod optim;
 pub mod params;
+pub mod recipe;
 pub mod scaler;
 pub mod schedule;
 pub mod step;

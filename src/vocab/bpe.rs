@@ -332,7 +332,12 @@ impl BpeState {
 }
 
 /// GPT-2's `bytes_to_unicode` table: printable bytes map to themselves, the rest to U+0100 onwards.
-pub(crate) fn byte_to_char() -> [char; 256] {
+pub(crate) fn byte_to_char() -> &'static [char; 256] {
+    static TABLE: std::sync::OnceLock<[char; 256]> = std::sync::OnceLock::new();
+    TABLE.get_or_init(build_byte_to_char)
+}
+
+fn build_byte_to_char() -> [char; 256] {
     let mut table = ['\0'; 256];
     let mut n = 0u32;
     for b in 0..=255u8 {

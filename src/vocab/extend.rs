@@ -227,11 +227,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     let start = Instant::now();
     let mut root: Json = serde_json::from_str(tokenizer_json)
         .with_context(|| format!("{origin} is not valid JSON; pass an HF tokenizer.json"))?;
-    eprintln!("T0 {:.3}", start.elapsed().as_secs_f64());
     let mut state = BpeState::from_tokenizer_json(&root, origin)?;
     let old_tok = Tokenizer::from_str(tokenizer_json)
         .map_err(|e| anyhow!("{origin}: the tokenizers library cannot load it: {e}"))?;
-    eprintln!("T1 {:.3}", start.elapsed().as_secs_f64());
     let old_rank = state.next_rank;
 
     let raw_pieces = match source {
@@ -243,7 +241,6 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         }
     };
 
-    eprintln!("T2 {:.3}", start.elapsed().as_secs_f64());
     let mut report = ExtendReport {
         tokenizer: origin.to_owned(),
         family: state.family.name().to_owned(),
@@ -289,7 +286,6 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     // compete with the merges that segment the word itself.
     todo.sort_by_key(|(raw, _)| (raw.starts_with(' '), raw.chars().count()));
 
-    eprintln!("T3 {:.3}", start.elapsed().as_secs_f64());
     let mut requested: HashSet<String> = HashSet::new();
     for (raw, piece) in todo {
         let mut ok = true;
@@ -311,7 +307,6 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     }
     report.added_requested = requested.len();
 
-    eprintln!("T4 {:.3}", start.elapsed().as_secs_f64());
     let new_ids = state.old_next_id..state.next_id;
     let new_pieces: Vec<String> = new_ids.clone().map(|id| state.id_to_piece[&id].clone()).collect();
     report.added_intermediate = new_pieces.len() - report.added_requested;
@@ -360,11 +355,9 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             model.push(("merges".to_owned(), Json::Arr(merges)));
         }
     }
-    eprintln!("T5 {:.3}", start.elapsed().as_secs_f64());
     let tokenizer_json = to_json_text(&root, detect_indent(tokenizer_json).as_deref())?;
 
     // Check the output with the real library: it must load and give each requested piece one id.
-    eprintln!("T6 {:.3}", start.elapsed().as_secs_f64());
     let new_tok = Tokenizer::from_str(&tokenizer_json)
         .map_err(|e| anyhow!("internal error: the extended tokenizer does not load: {e}"))?;
     for (id, piece) in new_ids.clone().zip(&new_pieces) {
@@ -376,7 +369,6 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         }
     }
 
-    eprintln!("T7 {:.3}", start.elapsed().as_secs_f64());
     let mut subtokens = Vec::with_capacity(new_pieces.len());
     let mut texts = Vec::with_capacity(new_pieces.len());
     for piece in &new_pieces {
@@ -385,7 +377,6 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         // A byte-level fragment of a character has no text; keep its vocab spelling.
         texts.push(state.to_text(piece).unwrap_or_else(|| piece.clone()));
     }
-    eprintln!("T8 {:.3}", start.elapsed().as_secs_f64());
     let extension = VocabExtension {
         old_vocab: state.old_next_id as usize,
         new_vocab: state.next_id as usize,
@@ -441,37 +432,15 @@ pub fn extend(input: &Path, source: &PieceSource, out_dir: &Path, overwrite: boo
 
     let extended = extend_json(&text, &file.display().to_string(), source)?;
 
-    let name = out_dir.file_name().with_context(|| format!("{} is not a usable folder name", out_dir.display()))?;
-    let parent = match out_dir.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let _ = std::fs::remove_dir_all(&tmp);
-    let assemble = || -> Result<()> {
-        std::fs::create_dir(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
-        write_atomic(&tmp.join("tokenizer.json"), extended.tokenizer_json.as_bytes())?;
-        extended.extension.save(&tmp.join("vocab_extension.json"))?;
-        for f in COPIED_FILES {
-            let src = in_dir.join(f);
-            if src.is_file() {
-                std::fs::copy(&src, tmp.join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
-            }
+    let staged = crate::io::atomic::StagedDir::new(out_dir, true)?;
+    write_atomic(&staged.path().join("tokenizer.json"), extended.tokenizer_json.as_bytes())?;
+    extended.extension.save(&staged.path().join("vocab_extension.json"))?;
+    for f in COPIED_FILES {
+        let src = in_dir.join(f);
+        if src.is_file() {
+            std::fs::copy(&src, staged.path().join(f)).with_context(|| format!("cannot copy {}", src.display()))?;
         }
-        if out_dir.exists() {
-            let old = parent.join(format!(".{}.old-{}", name.to_string_lossy(), std::process::id()));
-            std::fs::rename(out_dir, &old).with_context(|| format!("cannot move {} aside", out_dir.display()))?;
-            std::fs::rename(&tmp, out_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))?;
-            let _ = std::fs::remove_dir_all(&old);
-        } else {
-            std::fs::rename(&tmp, out_dir).with_context(|| format!("cannot rename {} to {}", tmp.display(), out_dir.display()))?;
-        }
-        Ok(())
-    };
-    if let Err(e) = assemble() {
-        let _ = std::fs::remove_dir_all(&tmp);
-        return Err(e);
     }
+    staged.commit()?;
     Ok(extended.report)
 }

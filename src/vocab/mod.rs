@@ -54,13 +54,15 @@
 //!   frequency is the sum of the frequencies of the words containing it). Words are only chosen if
 //!   all their characters are in the old vocab or among the chosen characters.
 //! * **Output.** `tokenizer.json` keeps the original key order, indentation and merge notation
-//!   (`"a b"` strings or `["a", "b"]` pairs); `tokenizer_config.json` and
+//!   (`"a b"` strings or `["a", "b"]` pairs; a string list becomes pairs only if a new piece
+//!   contains a literal space, which `"a b"` cannot express); `tokenizer_config.json` and
 //!   `special_tokens_map.json` are copied, `tokenizer.model` deliberately is not (a stale
 //!   SentencePiece model would let `transformers` load the unextended slow tokenizer). The output
 //!   folder is built beside the target and renamed into place.
 
 mod bpe;
 mod extend;
+mod model;
 mod json;
 mod resize;
 mod select;
@@ -70,11 +72,11 @@ mod tests;
 
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
+pub use model::{resize_model, ResizeReport};
 pub use select::SelectConfig;
 pub use stats::{encode, load_tokenizer, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};
 
-use anyhow::{bail, Context, Result};
-use std::io::Write;
+use anyhow::{bail, Result};
 use std::path::{Path, PathBuf};
 
 /// `path` itself if it is a file, `path/tokenizer.json` if it is a folder.
@@ -98,26 +100,9 @@ pub fn resolve_tokenizer_file(path: &Path) -> Result<PathBuf> {
     }
 }
 
-/// Writes `bytes` to `path` via a temp file in the same folder and a rename, so readers never see
-/// a half-written file and a crash leaves the old file intact.
+/// Atomic write (temp file + rename), shared with the rest of the crate.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
-    let dir = match path.parent() {
-        Some(d) if !d.as_os_str().is_empty() => d.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    let name = path.file_name().with_context(|| format!("{} is not a file path", path.display()))?;
-    let tmp = dir.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
-    let result = (|| -> Result<()> {
-        let mut f = std::fs::File::create(&tmp)?;
-        f.write_all(bytes)?;
-        f.sync_all()?;
-        std::fs::rename(&tmp, path)?;
-        Ok(())
-    })();
-    if result.is_err() {
-        let _ = std::fs::remove_file(&tmp);
-    }
-    result.with_context(|| format!("cannot write {} (is the folder writable?)", path.display()))
+    crate::io::atomic::write(path, bytes)
 }
 
 /// Han ideographs (CJK Unified Ideographs incl. extensions, compatibility ideographs).

@@ -2,6 +2,7 @@
 
 use super::{is_cjk, is_han};
 use anyhow::{bail, Context, Result};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::io::BufRead;
 use std::path::{Path, PathBuf};
@@ -40,14 +41,22 @@ impl Default for SelectConfig {
     }
 }
 
-/// Reads a `word [freq ...]` list, keeping the highest frequency of a repeated word.
-fn read_wordlist(path: &Path) -> Result<Vec<(String, u64)>> {
-    let file = std::fs::File::open(path)
-        .with_context(|| format!("cannot open word list {} (pass a file like jieba's dict.txt)", path.display()))?;
-    let mut seen: HashMap<String, usize> = HashMap::new();
-    let mut words: Vec<(String, u64)> = Vec::new();
-    for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: not UTF-8 text", path.display(), n + 1))?;
+/// Reads a UTF-8 text file whole; a decoding error names the line.
+fn read_text(path: &Path, what: &str) -> Result<String> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read {what} {}", path.display()))?;
+    String::from_utf8(bytes).map_err(|e| {
+        let at = e.utf8_error().valid_up_to();
+        let line = e.as_bytes()[..at].iter().filter(|&&b| b == b'\n').count() + 1;
+        anyhow::anyhow!("{}:{line}: not UTF-8 text; the {what} must be UTF-8", path.display())
+    })
+}
+
+/// Parses a `word [freq ...]` list, keeping the highest frequency of a repeated word. Borrows
+/// from `text`: jieba's dict has 349k lines, and owning each word tripled selection time.
+fn parse_wordlist<'t>(text: &'t str, path: &Path) -> Result<Vec<(&'t str, u64)>> {
+    let mut seen: HashMap<&str, usize> = HashMap::new();
+    let mut words: Vec<(&str, u64)> = Vec::new();
+    for (n, line) in text.lines().enumerate() {
         let mut fields = line.split_whitespace();
         let Some(word) = fields.next() else { continue };
         let freq = match fields.next() {
@@ -59,19 +68,19 @@ fn read_wordlist(path: &Path) -> Result<Vec<(String, u64)>> {
         match seen.get(word) {
             Some(&i) => words[i].1 = words[i].1.max(freq),
             None => {
-                seen.insert(word.to_owned(), words.len());
-                words.push((word.to_owned(), freq));
+                seen.insert(word, words.len());
+                words.push((word, freq));
             }
         }
     }
     Ok(words)
 }
 
-type Counts = (HashMap<char, u64>, HashMap<String, u64>, HashMap<String, u64>);
+type Counts<'t> = (HashMap<char, u64>, Vec<(Cow<'t, str>, u64)>, Vec<(Cow<'t, str>, u64)>);
 
 /// Character counts, forward-maximum-matching word counts, and counts of the segment (word or
 /// character) that opens a line or follows whitespace.
-fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<Counts> {
+fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<Counts<'static>> {
     let mut chars: HashMap<char, u64> = HashMap::new();
     let mut words: HashMap<String, u64> = HashMap::new();
     let mut initial: HashMap<String, u64> = HashMap::new();
@@ -79,6 +88,7 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
     let mut key = String::new();
     for path in files {
         let file = std::fs::File::open(path).with_context(|| format!("cannot open corpus file {}", path.display()))?;
+        // Line by line: a corpus may not fit in memory.
         for (n, line) in std::io::BufReader::new(file).lines().enumerate() {
             let line = line.with_context(|| format!("{}:{}: not UTF-8 text", path.display(), n + 1))?;
             buf.clear();
@@ -114,7 +124,8 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
             }
         }
     }
-    Ok((chars, words, initial))
+    let owned = |m: HashMap<String, u64>| m.into_iter().map(|(w, f)| (Cow::Owned(w), f)).collect();
+    Ok((chars, owned(words), owned(initial)))
 }
 
 /// Most frequent first, then by text so the order is reproducible.
@@ -135,10 +146,11 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
         bail!("nothing to choose pieces from: give corpus files and/or a word list with frequencies");
     }
     let max_word_chars = cfg.max_word_chars.max(2);
-    let wordlist = match &cfg.wordlist {
-        Some(p) => read_wordlist(p)?,
-        None => Vec::new(),
+    let wordlist_text = match &cfg.wordlist {
+        Some(p) => read_text(p, "word list")?,
+        None => String::new(),
     };
+    let wordlist = parse_wordlist(&wordlist_text, cfg.wordlist.as_deref().unwrap_or(Path::new("")))?;
     let is_word = |w: &str| {
         let n = w.chars().count();
         (2..=max_word_chars).contains(&n) && w.chars().all(is_han)
@@ -153,11 +165,15 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
                 }
             }
         }
-        let words = wordlist.iter().filter(|(w, _)| is_word(w)).cloned().collect();
-        let initial = wordlist.iter().filter(|(w, _)| w.chars().count() <= max_word_chars && w.chars().all(is_han)).cloned().collect();
+        let words = wordlist.iter().filter(|(w, _)| is_word(w)).map(|&(w, f)| (Cow::Borrowed(w), f)).collect();
+        let initial = wordlist
+            .iter()
+            .filter(|(w, _)| w.chars().count() <= max_word_chars && w.chars().all(is_han))
+            .map(|&(w, f)| (Cow::Borrowed(w), f))
+            .collect();
         (chars, words, initial)
     } else {
-        let dict: HashSet<&str> = wordlist.iter().map(|(w, _)| w.as_str()).filter(|w| is_word(w)).collect();
+        let dict: HashSet<&str> = wordlist.iter().map(|&(w, _)| w).filter(|w| is_word(w)).collect();
         count_corpus(&cfg.corpus, &dict, max_word_chars)?
     };
 
@@ -181,8 +197,8 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
         }
         let chars_ok = w.chars().all(|c| chosen_chars.contains(&c) || is_token(c.encode_utf8(&mut buf)));
         if chars_ok && is_word(&w) && !is_token(&w) {
-            chosen_words.insert(w.clone());
-            out.push(w);
+            chosen_words.insert(w.to_string());
+            out.push(w.into_owned());
             n_words += 1;
         }
     }
@@ -194,7 +210,7 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
             }
             let prefixed = format!(" {w}");
             let single = w.chars().count() == 1 && chosen_chars.contains(&w.chars().next().unwrap_or_default());
-            if (single || chosen_words.contains(&w) || is_token(&w)) && !is_token(&prefixed) {
+            if (single || chosen_words.contains(w.as_ref()) || is_token(&w)) && !is_token(&prefixed) {
                 out.push(prefixed);
                 n_prefixed += 1;
             }

@@ -302,6 +302,7 @@ fn q6_k(b: &[u8], y: &mut [f32]) {
 }
 
 #[cfg(test)]
+#[allow(clippy::needless_range_loop)] // element-index formulas read best as index loops
 mod tests {
     use super::*;
 
@@ -458,7 +459,7 @@ mod tests {
         b.extend(pack_k4(sc, mn));
         // qh: element l of sub-block s gets bit s of qh[l]; set it for even l only.
         b.extend((0..32).map(|l| if l % 2 == 0 { 0xFF } else { 0x00 }));
-        b.extend(std::iter::repeat(0x31u8).take(128)); // low nibble 1, high nibble 3
+        b.extend(std::iter::repeat_n(0x31u8, 128)); // low nibble 1, high nibble 3
         let y = deq(GgmlType::Q5_K, &b);
         for e in 0..256 {
             let l = e % 32;
@@ -473,7 +474,7 @@ mod tests {
         // ql byte i: low nibble i % 16, high nibble 15 - i % 16; qh byte: 0b11_10_01_00, so the
         // four 2-bit fields (q1..q4) are 0, 1, 2, 3; scales s = 1..=16 with alternating sign.
         let mut b: Vec<u8> = (0..128u32).map(|i| ((i % 16) | ((15 - i % 16) << 4)) as u8).collect();
-        b.extend(std::iter::repeat(0b1110_0100u8).take(64));
+        b.extend(std::iter::repeat_n(0b1110_0100u8, 64));
         let scales: Vec<i8> = (1..=16).map(|s| if s % 2 == 0 { -(s as i8) } else { s as i8 }).collect();
         b.extend(scales.iter().map(|&s| s as u8));
         b.extend(h(0.125));
@@ -531,7 +532,7 @@ mod tests {
         }
         let hmask: Vec<u8> = (0..32u8).map(|l| if l % 2 == 0 { 0xFF } else { 0 }).collect();
         let mut b = hmask;
-        b.extend(std::iter::repeat(0b1110_0100u8).take(64)); // 2-bit fields 0,1,2,3 by shift
+        b.extend(std::iter::repeat_n(0b1110_0100u8, 64)); // 2-bit fields 0,1,2,3 by shift
         b.extend(packed);
         b.extend(h(2.0));
         assert_eq!(b.len(), 110);

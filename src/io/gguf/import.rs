@@ -18,85 +18,13 @@ use super::layout::{gguf_to_hf_name, unpermute_qk_rows};
 use super::reader::{GgmlType, GgufFile, GgufMmap, GgufTensor};
 use super::tokenizer::{build_tokenizer, HfTokenizerFiles};
 use anyhow::{anyhow, bail, Context, Result};
-use half::{bf16, f16};
-use serde_json::{json, Map, Value};
+use serde_json::{json, Value};
 use std::collections::{BTreeMap, BTreeSet};
-use std::fmt;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::str::FromStr;
 
 /// The dtype of the 2-D weights in the output `model.safetensors`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
-pub enum OutDType {
-    #[default]
-    F32,
-    F16,
-    BF16,
-}
+pub use crate::io::safetensors::FloatType as OutDType;
 
-impl OutDType {
-    /// `f32`, `f16` or `bf16` (the CLI spelling).
-    pub fn name(self) -> &'static str {
-        match self {
-            OutDType::F32 => "f32",
-            OutDType::F16 => "f16",
-            OutDType::BF16 => "bf16",
-        }
-    }
-
-    fn safetensors_name(self) -> &'static str {
-        match self {
-            OutDType::F32 => "F32",
-            OutDType::F16 => "F16",
-            OutDType::BF16 => "BF16",
-        }
-    }
-
-    fn torch_name(self) -> &'static str {
-        match self {
-            OutDType::F32 => "float32",
-            OutDType::F16 => "float16",
-            OutDType::BF16 => "bfloat16",
-        }
-    }
-
-    fn size(self) -> usize {
-        match self {
-            OutDType::F32 => 4,
-            OutDType::F16 | OutDType::BF16 => 2,
-        }
-    }
-
-    /// Little-endian bytes of `x` in this dtype (round-to-nearest-even for the 16-bit ones).
-    fn encode(self, x: &[f32]) -> Vec<u8> {
-        let mut out = Vec::with_capacity(x.len() * self.size());
-        match self {
-            OutDType::F32 => x.iter().for_each(|v| out.extend_from_slice(&v.to_le_bytes())),
-            OutDType::F16 => x.iter().for_each(|&v| out.extend_from_slice(&f16::from_f32(v).to_bits().to_le_bytes())),
-            OutDType::BF16 => x.iter().for_each(|&v| out.extend_from_slice(&bf16::from_f32(v).to_bits().to_le_bytes())),
-        }
-        out
-    }
-}
-
-impl FromStr for OutDType {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s.to_ascii_lowercase().as_str() {
-            "f32" | "float32" | "fp32" => Ok(OutDType::F32),
-            "f16" | "float16" | "fp16" => Ok(OutDType::F16),
-            "bf16" | "bfloat16" => Ok(OutDType::BF16),
-            _ => bail!("unknown dtype `{s}`: use f32, f16 or bf16"),
-        }
-    }
-}
-
-impl fmt::Display for OutDType {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(self.name())
-    }
-}
 
 /// What [`import_gguf`] did.
 #[derive(Debug, Clone)]
@@ -169,7 +97,8 @@ fn required(g: &GgufFile<'_>, key: &str) -> Result<usize> {
 }
 
 fn read_meta(g: &GgufFile<'_>, warnings: &mut Vec<String>) -> Result<LlamaMeta> {
-    let arch = g.get_str("general.architecture")?.ok_or_else(|| anyhow!("metadata `general.architecture` is missing"))?;
+    let arch =
+        g.get_str("general.architecture")?.ok_or_else(|| anyhow!("metadata `general.architecture` is missing"))?;
     if arch != "llama" {
         bail!("architecture `{arch}` is not supported: only `llama` GGUF files can be imported");
     }
@@ -228,7 +157,18 @@ fn read_meta(g: &GgufFile<'_>, warnings: &mut Vec<String>) -> Result<LlamaMeta> 
     };
     let rope_theta = g.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
     let rope_scaling = rope_scaling(g, head_dim, rope_theta, warnings)?;
-    Ok(LlamaMeta { n_layer, n_embd, n_ff, n_head, n_head_kv, head_dim, context_length, rms_eps, rope_theta, rope_scaling })
+    Ok(LlamaMeta {
+        n_layer,
+        n_embd,
+        n_ff,
+        n_head,
+        n_head_kv,
+        head_dim,
+        context_length,
+        rms_eps,
+        rope_theta,
+        rope_scaling,
+    })
 }
 
 /// `rope_scaling` for config.json from `llama.rope.scaling.*`, or from a `rope_freqs` tensor
@@ -274,7 +214,10 @@ fn llama3_scaling_from_freqs(
     let values = match dequantize(t.ggml_type, t.data, t.n_elements() as usize) {
         Ok(v) if v.len() == head_dim / 2 => v,
         _ => {
-            warnings.push(format!("`rope_freqs.weight` ({} {:?}) is not a head_dim/2 vector; rope scaling left out", t.ggml_type, t.dims));
+            warnings.push(format!(
+                "`rope_freqs.weight` ({} {:?}) is not a head_dim/2 vector; rope scaling left out",
+                t.ggml_type, t.dims
+            ));
             return None;
         }
     };
@@ -345,7 +288,8 @@ fn plan<'f, 'a>(g: &'f GgufFile<'a>, m: &LlamaMeta, dtype: OutDType) -> Result<(
         };
         let shape = t.hf_shape();
         if shape != want {
-            return Err(anyhow!("HF shape {shape:?} does not match {want:?} implied by the llama.* metadata")).with_context(ctx);
+            return Err(anyhow!("HF shape {shape:?} does not match {want:?} implied by the llama.* metadata"))
+                .with_context(ctx);
         }
         let unpermute_heads = match name.kind {
             "attn_q" => Some(m.n_head),
@@ -364,8 +308,15 @@ fn plan<'f, 'a>(g: &'f GgufFile<'a>, m: &LlamaMeta, dtype: OutDType) -> Result<(
     }
     for l in 0..m.n_layer {
         for module in [
-            "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj",
-            "mlp.up_proj", "mlp.down_proj", "input_layernorm", "post_attention_layernorm",
+            "self_attn.q_proj",
+            "self_attn.k_proj",
+            "self_attn.v_proj",
+            "self_attn.o_proj",
+            "mlp.gate_proj",
+            "mlp.up_proj",
+            "mlp.down_proj",
+            "input_layernorm",
+            "post_attention_layernorm",
         ] {
             let n = format!("model.layers.{l}.{module}.weight");
             if !seen.contains(&n) {
@@ -390,41 +341,21 @@ fn convert(p: &Planned<'_, '_>) -> Result<Vec<u8>> {
     if let Some(heads) = p.unpermute_heads {
         values = unpermute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
     }
-    Ok(p.dtype.encode(&values))
+    Ok(crate::io::safetensors::encode_f32(&values, p.dtype))
 }
 
 /// Streams the planned tensors into a safetensors file, then re-reads its header to check it.
 fn write_safetensors(path: &Path, planned: &[Planned<'_, '_>]) -> Result<()> {
-    let mut header = Map::new();
-    header.insert("__metadata__".into(), json!({"format": "pt"}));
-    let mut offset = 0u64;
-    for p in planned {
-        let n: u64 = p.shape.iter().map(|&d| d as u64).product::<u64>() * p.dtype.size() as u64;
-        header.insert(
-            p.hf_name.clone(),
-            json!({"dtype": p.dtype.safetensors_name(), "shape": p.shape, "data_offsets": [offset, offset + n]}),
-        );
-        offset += n;
-    }
-    let mut header = serde_json::to_vec(&Value::Object(header))?;
-    header.resize(header.len().next_multiple_of(8), b' ');
-    let file = std::fs::File::create(path).with_context(|| format!("cannot create {}", path.display()))?;
-    let mut w = std::io::BufWriter::with_capacity(8 << 20, file);
-    w.write_all(&(header.len() as u64).to_le_bytes())?;
-    w.write_all(&header)?;
-    for p in planned {
+    use crate::io::safetensors::{StreamWriter, TensorSpec};
+    let specs = planned.iter().map(|p| TensorSpec { name: p.hf_name.clone(), dtype: p.dtype.safetensors_name().into(), shape: p.shape.clone() }).collect();
+    let mut w = StreamWriter::create(path, specs, Some([("format".to_string(), "pt".to_string())].into()))?;
+    let by_name: std::collections::HashMap<&str, &Planned<'_, '_>> = planned.iter().map(|p| (p.hf_name.as_str(), p)).collect();
+    for name in w.order() {
+        let p = by_name[name.as_str()];
         let bytes = convert(p).with_context(|| format!("converting tensor `{}` → `{}`", p.src.name, p.hf_name))?;
-        w.write_all(&bytes).with_context(|| format!("writing {}", path.display()))?;
+        w.write(&name, &bytes)?;
     }
-    let file = w.into_inner().map_err(|e| e.into_error()).with_context(|| format!("writing {}", path.display()))?;
-    file.sync_all()?;
-    drop(file);
-
-    let file = std::fs::File::open(path)?;
-    // SAFETY: read-only map of a file this function just wrote and nobody else knows about.
-    let map = unsafe { memmap2::Mmap::map(&file) }?;
-    safetensors::SafeTensors::deserialize(&map).map_err(|e| anyhow!("the written safetensors file does not validate: {e:?}"))?;
-    Ok(())
+    w.finish()
 }
 
 fn config_json(m: &LlamaMeta, vocab: usize, tied: bool, dtype: OutDType, ids: &TokenIds) -> Value {
@@ -468,19 +399,6 @@ struct TokenIds {
 }
 
 /// Removes the temporary folder unless the import got as far as renaming it.
-struct TempDir {
-    path: PathBuf,
-    keep: bool,
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if !self.keep {
-            let _ = std::fs::remove_dir_all(&self.path);
-        }
-    }
-}
-
 fn write_json(dir: &Path, name: &str, v: &Value, files: &mut Vec<String>) -> Result<()> {
     let mut text = serde_json::to_string_pretty(v)?;
     text.push('\n');
@@ -519,7 +437,9 @@ fn import_inner(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport
     let tok: Option<HfTokenizerFiles> =
         build_tokenizer(&gguf, Some(meta.context_length)).context("rebuilding the tokenizer from tokenizer.ggml.*")?;
     match &tok {
-        None => warnings.push("the GGUF has no tokenizer (tokenizer.ggml.tokens); no tokenizer files were written".into()),
+        None => {
+            warnings.push("the GGUF has no tokenizer (tokenizer.ggml.tokens); no tokenizer files were written".into())
+        }
         Some(t) => {
             warnings.extend(t.warnings.iter().map(|w| format!("tokenizer: {w}")));
             if t.n_tokens != vocab {
@@ -535,7 +455,9 @@ fn import_inner(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport
     let ids = match &tok {
         Some(t) => TokenIds { bos: t.bos_token_id, eos: t.eos_token_id, pad: t.pad_token_id },
         None => {
-            let id = |k: &str| gguf.get_u64(k).ok().flatten().and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < vocab);
+            let id = |k: &str| {
+                gguf.get_u64(k).ok().flatten().and_then(|v| u32::try_from(v).ok()).filter(|&v| (v as usize) < vocab)
+            };
             TokenIds {
                 bos: id("tokenizer.ggml.bos_token_id"),
                 eos: id("tokenizer.ggml.eos_token_id"),
@@ -544,40 +466,28 @@ fn import_inner(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport
         }
     };
 
-    let parent = match out.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => PathBuf::from("."),
-    };
-    std::fs::create_dir_all(&parent).with_context(|| format!("cannot create {}", parent.display()))?;
-    let base = out.file_name().ok_or_else(|| anyhow!("output path {} has no folder name", out.display()))?;
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
-    let tmp_path = parent.join(format!(".{}.import-{}-{nanos}", base.to_string_lossy(), std::process::id()));
-    std::fs::create_dir(&tmp_path).with_context(|| format!("cannot create {}", tmp_path.display()))?;
-    let mut tmp = TempDir { path: tmp_path, keep: false };
+    let staged = crate::io::atomic::StagedDir::new(out, true)?;
+    let tmp_dir = staged.path().to_path_buf();
 
     let mut files = Vec::new();
-    write_safetensors(&tmp.path.join("model.safetensors"), &planned)?;
+    write_safetensors(&tmp_dir.join("model.safetensors"), &planned)?;
     files.push("model.safetensors".to_string());
-    write_json(&tmp.path, "config.json", &config_json(&meta, vocab, tied, dtype, &ids), &mut files)?;
+    write_json(&tmp_dir, "config.json", &config_json(&meta, vocab, tied, dtype, &ids), &mut files)?;
     let mut gen = json!({"_from_model_config": true});
     for (k, v) in [("bos_token_id", ids.bos), ("eos_token_id", ids.eos), ("pad_token_id", ids.pad)] {
         if let Some(v) = v {
             gen[k] = json!(v);
         }
     }
-    write_json(&tmp.path, "generation_config.json", &gen, &mut files)?;
+    write_json(&tmp_dir, "generation_config.json", &gen, &mut files)?;
     if let Some(t) = &tok {
-        write_json(&tmp.path, "tokenizer.json", &t.tokenizer_json, &mut files)?;
-        write_json(&tmp.path, "tokenizer_config.json", &t.tokenizer_config, &mut files)?;
-        write_json(&tmp.path, "special_tokens_map.json", &t.special_tokens_map, &mut files)?;
+        write_json(&tmp_dir, "tokenizer.json", &t.tokenizer_json, &mut files)?;
+        write_json(&tmp_dir, "tokenizer_config.json", &t.tokenizer_config, &mut files)?;
+        write_json(&tmp_dir, "special_tokens_map.json", &t.special_tokens_map, &mut files)?;
     }
 
-    if out_was_empty_dir {
-        std::fs::remove_dir(out).with_context(|| format!("cannot replace the empty folder {}", out.display()))?;
-    }
-    std::fs::rename(&tmp.path, out)
-        .with_context(|| format!("cannot move {} to {}", tmp.path.display(), out.display()))?;
-    tmp.keep = true;
+    let _ = out_was_empty_dir;
+    staged.commit()?;
 
     let mut source_types = BTreeMap::new();
     for p in &planned {
@@ -632,8 +542,11 @@ mod tests {
         (0..n).map(|i| (((i * 7919 + seed * 104729) % 255) as f32 - 127.0) / 64.0).collect()
     }
 
-    /// A tiny LLaMA GGUF whose HF weights are known: `hf(name)` gives them.
-    fn tiny_llama(tied: bool, with_tokenizer: bool) -> (Vec<u8>, BTreeMap<String, (Vec<usize>, Vec<f32>)>) {
+    /// HF name → (row-major shape, values).
+    type HfWeights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
+
+    /// A tiny LLaMA GGUF and the HF weights it should import to.
+    fn tiny_llama(tied: bool, with_tokenizer: bool) -> (Vec<u8>, HfWeights) {
         let mut w = GgufWriter::new();
         let s = |x: &'static str| GgufValue::String(x.as_bytes());
         w.add_kv("general.architecture", &s("llama")).unwrap();
@@ -698,13 +611,8 @@ mod tests {
 
     fn read_f32(st: &safetensors::SafeTensors<'_>, name: &str) -> (Vec<usize>, Vec<f32>) {
         let t = st.tensor(name).unwrap();
-        let v = match t.dtype() {
-            safetensors::Dtype::F32 => t.data().chunks_exact(4).map(|b| f32::from_le_bytes([b[0], b[1], b[2], b[3]])).collect(),
-            safetensors::Dtype::BF16 => t.data().chunks_exact(2).map(|b| bf16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            safetensors::Dtype::F16 => t.data().chunks_exact(2).map(|b| f16::from_le_bytes([b[0], b[1]]).to_f32()).collect(),
-            d => panic!("{d:?}"),
-        };
-        (t.shape().to_vec(), v)
+        let raw = crate::io::safetensors::RawTensor { dtype: t.dtype(), shape: t.shape(), bytes: t.data() };
+        (t.shape().to_vec(), raw.to_f32().unwrap())
     }
 
     #[test]
@@ -836,14 +744,19 @@ mod tests {
 
     #[test]
     fn metadata_problems_are_named() {
-        let cases: Vec<(Option<(&str, GgufValue<'static>)>, Option<&str>, &str)> = vec![
+        type Case = (Option<(&'static str, GgufValue<'static>)>, Option<&'static str>, &'static str);
+        let cases: Vec<Case> = vec![
             (Some(("general.architecture", GgufValue::String(b"qwen2"))), None, "architecture `qwen2`"),
             (Some(("llama.attention.head_count", GgufValue::U32(3))), None, "head_count 3 is not a multiple"),
             (Some(("llama.feed_forward_length", GgufValue::U32(97))), None, "blk.0.ffn_gate.weight"),
             (Some(("llama.block_count", GgufValue::U32(3))), None, "model.layers.2"),
             (Some(("llama.block_count", GgufValue::U32(1))), None, "beyond block_count"),
             (Some(("llama.expert_count", GgufValue::U32(8))), None, "mixture-of-experts"),
-            (Some(("llama.feed_forward_length", GgufValue::Array(GgufArray::U32(vec![96, 96])))), None, "feed_forward_length"),
+            (
+                Some(("llama.feed_forward_length", GgufValue::Array(GgufArray::U32(vec![96, 96])))),
+                None,
+                "feed_forward_length",
+            ),
             (None, Some("blk.1.ffn_up.weight"), "model.layers.1.mlp.up_proj.weight"),
             (Some(("llama.rope.dimension_count", GgufValue::U32(8))), None, "partial rotary"),
         ];
@@ -906,7 +819,13 @@ mod tests {
             (m.rope_scaling, warnings)
         };
         assert_eq!(meta(&[], None).0, None);
-        let (r, _) = meta(&[("llama.rope.scaling.type", GgufValue::String(b"linear")), ("llama.rope.scaling.factor", GgufValue::F32(4.0))], None);
+        let (r, _) = meta(
+            &[
+                ("llama.rope.scaling.type", GgufValue::String(b"linear")),
+                ("llama.rope.scaling.factor", GgufValue::F32(4.0)),
+            ],
+            None,
+        );
         assert_eq!(r, Some(json!({"rope_type": "linear", "factor": 4.0})));
         // LLaMA-3 factors exactly as convert_hf_to_gguf.py computes them (factor 8, head_dim 16).
         let (hd, theta, factor, old_ctx) = (16usize, 100000.0f64, 8.0f64, 8192.0f64);
@@ -936,6 +855,6 @@ mod tests {
         assert_eq!("f16".parse::<OutDType>().unwrap(), OutDType::F16);
         assert_eq!("float32".parse::<OutDType>().unwrap(), OutDType::F32);
         assert!("q8".parse::<OutDType>().is_err());
-        assert_eq!(OutDType::BF16.encode(&[1.0, -2.0]), vec![0x80, 0x3F, 0x00, 0xC0]);
+        assert_eq!(crate::io::safetensors::encode_f32(&[1.0, -2.0], OutDType::BF16), vec![0x80, 0x3F, 0x00, 0xC0]);
     }
 }

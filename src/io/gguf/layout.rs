@@ -72,7 +72,7 @@ pub fn hf_to_gguf_name(name: &str) -> Option<String> {
 }
 
 fn check_heads(rows: usize, cols: usize, n_head: usize, len: usize) -> Result<usize> {
-    if n_head == 0 || rows % (2 * n_head) != 0 {
+    if n_head == 0 || !rows.is_multiple_of(2 * n_head) {
         bail!("cannot (un)permute {rows} rows over {n_head} heads: rows must be a multiple of 2 × heads");
     }
     match rows.checked_mul(cols) {
@@ -143,7 +143,14 @@ mod tests {
             assert_eq!(hf_to_gguf_name(hf).unwrap(), g);
         }
         assert_eq!(gguf_to_hf_name("blk.7.attn_q.weight").unwrap().layer, Some(7));
-        for bad in ["blk.x.attn_q.weight", "blk.01.attn_q.weight", "blk.1.attn_q.bias", "blk..attn_q.weight", "rope_freqs.weight", "blk.1.ffn_gate_exps.weight"] {
+        for bad in [
+            "blk.x.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk.1.attn_q.bias",
+            "blk..attn_q.weight",
+            "rope_freqs.weight",
+            "blk.1.ffn_gate_exps.weight",
+        ] {
             assert_eq!(gguf_to_hf_name(bad), None, "{bad}");
         }
     }
@@ -171,7 +178,10 @@ mod tests {
                 assert_ne!(p, x);
             }
             assert_eq!(unpermute_qk_rows(&p, rows, cols, heads).unwrap(), x);
-            assert_eq!(permute_qk_rows(&unpermute_qk_rows(&x, rows, cols, heads).unwrap(), rows, cols, heads).unwrap(), x);
+            assert_eq!(
+                permute_qk_rows(&unpermute_qk_rows(&x, rows, cols, heads).unwrap(), rows, cols, heads).unwrap(),
+                x
+            );
         }
     }
 

@@ -43,9 +43,8 @@ pub mod writer;
 pub use dequant::{dequantize, dequantize_into};
 pub use import::{import_gguf, ImportReport, OutDType};
 pub use layout::{gguf_to_hf_name, hf_to_gguf_name, permute_qk_rows, unpermute_qk_rows};
-pub use tokenizer::{build_tokenizer, HfTokenizerFiles};
 pub use reader::{
-    parse, GgmlType, GgufArray, GgufFile, GgufKv, GgufMmap, GgufTensor, GgufValue, GgufValueType,
-    DEFAULT_ALIGNMENT,
+    parse, GgmlType, GgufArray, GgufFile, GgufKv, GgufMmap, GgufTensor, GgufValue, GgufValueType, DEFAULT_ALIGNMENT,
 };
+pub use tokenizer::{build_tokenizer, HfTokenizerFiles};
 pub use writer::GgufWriter;

@@ -186,7 +186,7 @@ impl GgmlType {
     /// number of blocks or the size overflows.
     pub fn bytes_for(self, n_elements: u64) -> Option<u64> {
         let bs = self.block_size();
-        if n_elements % bs != 0 {
+        if !n_elements.is_multiple_of(bs) {
             return None;
         }
         (n_elements / bs).checked_mul(self.type_size())
@@ -267,8 +267,8 @@ impl GgufValueType {
             U16 | I16 => 2,
             U32 | I32 | F32 => 4,
             U64 | I64 | F64 => 8,
-            String => 8,       // u64 length, possibly empty
-            Array => 4 + 8,    // element type + count, possibly empty
+            String => 8,    // u64 length, possibly empty
+            Array => 4 + 8, // element type + count, possibly empty
         }
     }
 }
@@ -556,9 +556,10 @@ impl<'a> GgufFile<'a> {
     pub fn get_u64(&self, key: &str) -> Result<Option<u64>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v.as_u64().map(Some).ok_or_else(|| {
-                anyhow!("metadata `{key}` should be a non-negative integer, found {}", describe(v))
-            }),
+            Some(v) => v
+                .as_u64()
+                .map(Some)
+                .ok_or_else(|| anyhow!("metadata `{key}` should be a non-negative integer, found {}", describe(v))),
         }
     }
 
@@ -577,10 +578,9 @@ impl<'a> GgufFile<'a> {
     pub fn get_bool(&self, key: &str) -> Result<Option<bool>> {
         match self.get(key) {
             None => Ok(None),
-            Some(v) => v
-                .as_bool()
-                .map(Some)
-                .ok_or_else(|| anyhow!("metadata `{key}` should be a bool, found {}", describe(v))),
+            Some(v) => {
+                v.as_bool().map(Some).ok_or_else(|| anyhow!("metadata `{key}` should be a bool, found {}", describe(v)))
+            }
         }
     }
 }
@@ -699,7 +699,8 @@ impl<'a> Cursor<'a> {
 }
 
 fn utf8<'a>(bytes: &'a [u8], what: &str) -> Result<&'a str> {
-    std::str::from_utf8(bytes).map_err(|e| anyhow!("{what} is not valid UTF-8 ({e}): {:?}", String::from_utf8_lossy(bytes)))
+    std::str::from_utf8(bytes)
+        .map_err(|e| anyhow!("{what} is not valid UTF-8 ({e}): {:?}", String::from_utf8_lossy(bytes)))
 }
 
 fn read_value<'a>(c: &mut Cursor<'a>, ty: GgufValueType) -> Result<GgufValue<'a>> {
@@ -814,7 +815,8 @@ fn read_tensor_info<'a>(c: &mut Cursor<'a>) -> Result<TensorInfo<'a>> {
         }
         let at = c.pos;
         let type_id = c.u32()?;
-        let ty = GgmlType::from_id(type_id).ok_or_else(|| anyhow!("has unknown ggml type id {type_id} (at byte {at})"))?;
+        let ty =
+            GgmlType::from_id(type_id).ok_or_else(|| anyhow!("has unknown ggml type id {type_id} (at byte {at})"))?;
         let offset = c.u64()?;
         Ok(TensorInfo { name, dims, ty, offset })
     };
@@ -879,9 +881,8 @@ pub fn parse(bytes: &[u8]) -> Result<GgufFile<'_>> {
     }
 
     let header_end = c.pos as u64;
-    let data_offset = header_end
-        .checked_next_multiple_of(alignment)
-        .ok_or_else(|| anyhow!("data section offset overflows"))?;
+    let data_offset =
+        header_end.checked_next_multiple_of(alignment).ok_or_else(|| anyhow!("data section offset overflows"))?;
     let file_len = bytes.len() as u64;
 
     let mut tensors = Vec::with_capacity(infos.len());
@@ -895,7 +896,7 @@ pub fn parse(bytes: &[u8]) -> Result<GgufFile<'_>> {
             .filter(|&n| n <= i64::MAX as u64)
             .ok_or_else(|| anyhow!("element count overflows"))
             .with_context(ctx)?;
-        if info.dims[0] % info.ty.block_size() != 0 {
+        if !info.dims[0].is_multiple_of(info.ty.block_size()) {
             return Err(anyhow!(
                 "row length {} is not a multiple of the {} block size {}",
                 info.dims[0],
@@ -905,8 +906,9 @@ pub fn parse(bytes: &[u8]) -> Result<GgufFile<'_>> {
             .with_context(ctx);
         }
         let n_bytes = info.ty.bytes_for(n_elements).ok_or_else(|| anyhow!("byte size overflows")).with_context(ctx)?;
-        if info.offset % alignment != 0 {
-            return Err(anyhow!("data offset {} is not a multiple of the alignment {alignment}", info.offset)).with_context(ctx);
+        if !info.offset.is_multiple_of(alignment) {
+            return Err(anyhow!("data offset {} is not a multiple of the alignment {alignment}", info.offset))
+                .with_context(ctx);
         }
         let start = data_offset.checked_add(info.offset);
         let end = start.and_then(|s| s.checked_add(n_bytes));
@@ -997,7 +999,7 @@ mod tests {
             self.u32(ty).u64(offset)
         }
         fn pad_to(&mut self, align: usize) -> &mut Self {
-            while self.0.len() % align != 0 {
+            while !self.0.len().is_multiple_of(align) {
                 self.0.push(0);
             }
             self

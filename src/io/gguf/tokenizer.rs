@@ -89,9 +89,9 @@ fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
             p(&[LLAMA3_REGEX], true, true)
         }
         "dbrx" | "smaug-bpe" | "chatglm-bpe" | "glm4" => p(&[LLAMA3_REGEX], false, false),
-        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es" | "jina-v2-de"
-        | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling" | "exaone4"
-        | "a.x-4.0" | "mellum" => p(&[GPT2_REGEX], false, false),
+        "gpt-2" | "gpt2" | "phi-2" | "jina-es" | "jina-de" | "gigachat" | "jina-v1-en" | "jina-v2-es"
+        | "jina-v2-de" | "jina-v2-code" | "roberta-bpe" | "mpt" | "olmo" | "jais" | "trillion" | "granite-docling"
+        | "exaone4" | "a.x-4.0" | "mellum" => p(&[GPT2_REGEX], false, false),
         "starcoder" | "refact" | "command-r" | "smollm" | "codeshell" | "exaone" | "minerva-7b" => {
             p(&[r"\p{N}", GPT2_REGEX], false, false)
         }
@@ -248,10 +248,7 @@ fn spm_merges(vocab: &Vocab, index: &HashMap<&str, u32>) -> Vec<Value> {
         }
     }
     found.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)).then(a.2.cmp(&b.2)).then(a.3.cmp(&b.3)));
-    found
-        .into_iter()
-        .map(|(_, _, l, r)| json!([vocab.tokens[l as usize], vocab.tokens[r as usize]]))
-        .collect()
+    found.into_iter().map(|(_, _, l, r)| json!([vocab.tokens[l as usize], vocab.tokens[r as usize]])).collect()
 }
 
 /// Merges for a byte-level BPE vocab from `tokenizer.ggml.merges`, split as llama.cpp does (at
@@ -394,7 +391,9 @@ pub fn build_tokenizer(gguf: &GgufFile<'_>, model_max_length: Option<u64>) -> Re
                 .iter()
                 .map(|r| json!({"type": "Split", "pattern": {"Regex": r}, "behavior": "Isolated", "invert": false}))
                 .collect();
-            pretokenizers.push(json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}));
+            pretokenizers.push(
+                json!({"type": "ByteLevel", "add_prefix_space": false, "trim_offsets": true, "use_regex": false}),
+            );
             let post = if (add_bos && vocab.bos.is_some()) || (add_eos && vocab.eos.is_some()) {
                 template_processing(&vocab, add_bos, add_eos)
             } else {
@@ -462,12 +461,16 @@ pub fn build_tokenizer(gguf: &GgufFile<'_>, model_max_length: Option<u64>) -> Re
             });
             (tj, add_bos, add_eos)
         }
-        other => bail!("tokenizer.ggml.model `{other}` is not supported (only `gpt2` byte-level BPE and `llama` SentencePiece)"),
+        other => bail!(
+            "tokenizer.ggml.model `{other}` is not supported (only `gpt2` byte-level BPE and `llama` SentencePiece)"
+        ),
     };
 
     let name = |id: Option<u32>| id.map(|i| json!(vocab.tokens[i as usize])).unwrap_or(Value::Null);
     let mut special_map = Map::new();
-    for (k, id) in [("bos_token", vocab.bos), ("eos_token", vocab.eos), ("unk_token", vocab.unk), ("pad_token", vocab.pad)] {
+    for (k, id) in
+        [("bos_token", vocab.bos), ("eos_token", vocab.eos), ("unk_token", vocab.unk), ("pad_token", vocab.pad)]
+    {
         if id.is_some() {
             special_map.insert(k.to_string(), name(id));
         }
@@ -522,15 +525,38 @@ pub(crate) mod tests {
     use super::*;
 
     fn strs(v: &[&str]) -> GgufValue<'static> {
-        let owned: Vec<&'static [u8]> = v.iter().map(|s| &*Box::leak(s.as_bytes().to_vec().into_boxed_slice())).collect();
+        let owned: Vec<&'static [u8]> =
+            v.iter().map(|s| &*Box::leak(s.as_bytes().to_vec().into_boxed_slice())).collect();
         GgufValue::Array(GgufArray::String(owned))
     }
 
     /// A tiny byte-level BPE vocab that spells "Hello world" in two tokens.
     pub(crate) fn add_tiny_gpt2_vocab(w: &mut GgufWriter) {
         let tokens = [
-            "<|endoftext|>", "<|im_start|>", "<|im_end|>", "H", "e", "l", "o", "Ġ", "w", "r", "d", "He", "ll", "Hell",
-            "Hello", "Ġw", "or", "Ġwor", "ld", "Ġworld", "1", "2", "12", "!",
+            "<|endoftext|>",
+            "<|im_start|>",
+            "<|im_end|>",
+            "H",
+            "e",
+            "l",
+            "o",
+            "Ġ",
+            "w",
+            "r",
+            "d",
+            "He",
+            "ll",
+            "Hell",
+            "Hello",
+            "Ġw",
+            "or",
+            "Ġwor",
+            "ld",
+            "Ġworld",
+            "1",
+            "2",
+            "12",
+            "!",
         ];
         let merges = ["H e", "l l", "He ll", "Hell o", "Ġ w", "o r", "Ġw or", "l d", "Ġwor ld", "1 2"];
         let mut types = vec![1i32; tokens.len()];
@@ -545,7 +571,11 @@ pub(crate) mod tests {
         w.add_kv("tokenizer.ggml.unknown_token_id", &GgufValue::U32(0)).unwrap();
         w.add_kv("tokenizer.ggml.padding_token_id", &GgufValue::U32(2)).unwrap();
         w.add_kv("tokenizer.ggml.add_bos_token", &GgufValue::Bool(false)).unwrap();
-        w.add_kv("tokenizer.chat_template", &GgufValue::String(b"{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}")).unwrap();
+        w.add_kv(
+            "tokenizer.chat_template",
+            &GgufValue::String(b"{% for m in messages %}<|im_start|>{{ m['content'] }}<|im_end|>{% endfor %}"),
+        )
+        .unwrap();
     }
 
     /// A tiny SentencePiece vocab: scores favour longer pieces; a few byte tokens.
@@ -578,8 +608,10 @@ pub(crate) mod tests {
         ];
         w.add_kv("tokenizer.ggml.model", &GgufValue::String(b"llama")).unwrap();
         w.add_kv("tokenizer.ggml.tokens", &strs(&pieces.iter().map(|p| p.0).collect::<Vec<_>>())).unwrap();
-        w.add_kv("tokenizer.ggml.scores", &GgufValue::Array(GgufArray::F32(pieces.iter().map(|p| p.1).collect()))).unwrap();
-        w.add_kv("tokenizer.ggml.token_type", &GgufValue::Array(GgufArray::I32(pieces.iter().map(|p| p.2).collect()))).unwrap();
+        w.add_kv("tokenizer.ggml.scores", &GgufValue::Array(GgufArray::F32(pieces.iter().map(|p| p.1).collect())))
+            .unwrap();
+        w.add_kv("tokenizer.ggml.token_type", &GgufValue::Array(GgufArray::I32(pieces.iter().map(|p| p.2).collect())))
+            .unwrap();
         w.add_kv("tokenizer.ggml.bos_token_id", &GgufValue::U32(1)).unwrap();
         w.add_kv("tokenizer.ggml.eos_token_id", &GgufValue::U32(2)).unwrap();
         w.add_kv("tokenizer.ggml.unknown_token_id", &GgufValue::U32(0)).unwrap();
@@ -688,7 +720,8 @@ pub(crate) mod tests {
         let files = build(&w);
         let merges = files.tokenizer_json["model"]["merges"].as_array().unwrap();
         // "▁world" (-1.0) is the best-scoring piece with a split, then "▁Hello" (-1.1).
-        let firsts: Vec<String> = merges.iter().map(|m| format!("{}{}", m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
+        let firsts: Vec<String> =
+            merges.iter().map(|m| format!("{}{}", m[0].as_str().unwrap(), m[1].as_str().unwrap())).collect();
         assert_eq!(firsts[0], "▁world");
         assert_eq!(firsts[1], "▁Hello");
         assert!(!firsts.iter().any(|m| m.starts_with('<')), "control/byte tokens are not merge results");

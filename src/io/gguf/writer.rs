@@ -73,10 +73,13 @@ impl GgufWriter {
         if ne.is_empty() || ne.len() > MAX_DIMS {
             bail!("tensor `{name}` has {} dimensions; GGUF allows 1 to {MAX_DIMS}", ne.len());
         }
-        if ne[0] % ty.block_size() != 0 {
+        if !ne[0].is_multiple_of(ty.block_size()) {
             bail!("tensor `{name}`: row length {} is not a multiple of the {ty} block size {}", ne[0], ty.block_size());
         }
-        let n = ne.iter().try_fold(1u64, |a, &d| a.checked_mul(d)).ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))?;
+        let n = ne
+            .iter()
+            .try_fold(1u64, |a, &d| a.checked_mul(d))
+            .ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))?;
         let want = ty.bytes_for(n).ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))?;
         if want != data.len() as u64 {
             bail!("tensor `{name}`: {n} {ty} elements take {want} bytes, got {}", data.len());
@@ -101,7 +104,7 @@ impl GgufWriter {
     /// its last dimension (the row length) must be a multiple of 32.
     pub fn add_q8_0(&mut self, name: &str, shape: &[usize], data: &[f32]) -> Result<()> {
         let ne = ne_of(shape);
-        if ne.first().is_some_and(|&c| c % 32 != 0) {
+        if ne.first().is_some_and(|&c| !c.is_multiple_of(32)) {
             bail!("tensor `{name}`: Q8_0 needs rows that are a multiple of 32, got {}", ne[0]);
         }
         self.add_tensor_raw(name, &ne, GgmlType::Q8_0, quantize_q8_0(data)?)
@@ -225,7 +228,7 @@ fn put_array(out: &mut Vec<u8>, a: &GgufArray<'_>, depth: usize) -> Result<()> {
 /// ggml's `quantize_row_q8_0_ref`: per block of 32, `d = max|x| / 127`, `q = round(x / d)`
 /// (half away from zero, like C's `roundf`), `d` stored as f16.
 pub fn quantize_q8_0(x: &[f32]) -> Result<Vec<u8>> {
-    if x.len() % 32 != 0 {
+    if !x.len().is_multiple_of(32) {
         bail!("Q8_0 quantizes blocks of 32 values; got {}", x.len());
     }
     let mut out = Vec::with_capacity(x.len() / 32 * 34);

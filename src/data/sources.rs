@@ -1,0 +1,528 @@
+//! The `[[data]]` blocks of a recipe and the readers that turn their files into [`Example`]s
+//! (text, before tokenization). Every reader is strict: a malformed record is an error that
+//! names `file:line`, never a skipped line, so a typo in a data file cannot silently shrink the
+//! training set.
+
+use crate::template::{render, Template, Turn};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+/// Instruction for the zh→en view of a `parallel` pair. Written in Chinese because an
+/// instruction in the language of the sentence is what a Chinese user types; it matches the
+/// wording of the translation records in the HSK/Chinese-LLaMA-Alpaca style data
+/// (`把下面的句子翻译成英文。`) closely without copying it, so mixing both sources does not
+/// duplicate identical prompts.
+pub const ZH_TO_EN_INSTRUCTION: &str = "将下面的句子翻译成英文。";
+/// Instruction for the en→zh view of a `parallel` pair (English, for the same reason).
+pub const EN_TO_ZH_INSTRUCTION: &str = "Translate the following sentence into Chinese.";
+
+/// What a `[[data]]` block's file holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(try_from = "String", into = "String")]
+pub enum SourceKind {
+    /// `.txt` (documents separated by blank lines), or `.jsonl`/`.json` records with `"text"`.
+    /// Loss on every token.
+    Text,
+    /// TSV `zh<TAB>en`; every pair yields zh→en and en→zh translation examples and the
+    /// concatenated text `"{zh}\n{en}"`.
+    Parallel,
+    /// Alpaca `{instruction, input, output}` records (JSON array or JSONL), optionally multi-turn
+    /// through `history` or `conversations`. Loss on the response only.
+    Alpaca,
+    /// Pre-tokenized JSONL `{"input_ids": [...], "labels": [...]}` (labels optional).
+    Tokenized,
+}
+
+impl SourceKind {
+    /// The recipe spelling.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SourceKind::Text => "text",
+            SourceKind::Parallel => "parallel",
+            SourceKind::Alpaca => "alpaca",
+            SourceKind::Tokenized => "tokenized",
+        }
+    }
+}
+
+impl fmt::Display for SourceKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl FromStr for SourceKind {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s {
+            "text" => SourceKind::Text,
+            "parallel" => SourceKind::Parallel,
+            "alpaca" => SourceKind::Alpaca,
+            "tokenized" => SourceKind::Tokenized,
+            _ => bail!("unknown data kind `{s}`: use `text`, `parallel`, `alpaca` or `tokenized`"),
+        })
+    }
+}
+
+impl TryFrom<String> for SourceKind {
+    type Error = anyhow::Error;
+    fn try_from(s: String) -> Result<Self> {
+        s.parse()
+    }
+}
+
+impl From<SourceKind> for String {
+    fn from(k: SourceKind) -> String {
+        k.as_str().to_string()
+    }
+}
+
+/// A source's sampling weight: fixed, or `[start, end]` interpolated linearly over training
+/// progress (`step / total_steps`), which is how a curriculum shifts from, say, mostly English
+/// to mostly Chinese.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Weight {
+    /// `weight = 0.5`
+    Fixed(f64),
+    /// `weight = [start, end]`
+    Ramp([f64; 2]),
+}
+
+// Hand-written so that `weight = [1, 2, 3]` or `weight = "high"` says what a weight is, instead
+// of serde's "did not match any variant of untagged enum".
+impl<'de> Deserialize<'de> for Weight {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> std::result::Result<Self, D::Error> {
+        use serde::de::{Error, IgnoredAny, SeqAccess, Visitor};
+        struct V;
+        impl<'de> Visitor<'de> for V {
+            type Value = Weight;
+            fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str("a weight: a number ≥ 0, or [start, end] for a curriculum")
+            }
+            fn visit_f64<E: Error>(self, v: f64) -> std::result::Result<Weight, E> {
+                Ok(Weight::Fixed(v))
+            }
+            fn visit_i64<E: Error>(self, v: i64) -> std::result::Result<Weight, E> {
+                Ok(Weight::Fixed(v as f64))
+            }
+            fn visit_u64<E: Error>(self, v: u64) -> std::result::Result<Weight, E> {
+                Ok(Weight::Fixed(v as f64))
+            }
+            fn visit_seq<A: SeqAccess<'de>>(self, mut a: A) -> std::result::Result<Weight, A::Error> {
+                let start: f64 = a.next_element()?.ok_or_else(|| A::Error::invalid_length(0, &self))?;
+                let end: f64 = a.next_element()?.ok_or_else(|| A::Error::invalid_length(1, &self))?;
+                if a.next_element::<IgnoredAny>()?.is_some() {
+                    return Err(A::Error::invalid_length(3, &self));
+                }
+                Ok(Weight::Ramp([start, end]))
+            }
+        }
+        d.deserialize_any(V)
+    }
+}
+
+impl Default for Weight {
+    fn default() -> Self {
+        Weight::Fixed(1.0)
+    }
+}
+
+impl Weight {
+    /// The weight at `progress` in `[0, 1]` (clamped).
+    pub fn at(&self, progress: f64) -> f64 {
+        let p = if progress.is_nan() { 0.0 } else { progress.clamp(0.0, 1.0) };
+        match *self {
+            Weight::Fixed(w) => w,
+            Weight::Ramp([a, b]) => a + (b - a) * p,
+        }
+    }
+
+    pub(crate) fn check(&self) -> Result<()> {
+        let vals: &[f64] = match self {
+            Weight::Fixed(w) => std::slice::from_ref(w),
+            Weight::Ramp(r) => r,
+        };
+        for &w in vals {
+            if !w.is_finite() || w < 0.0 {
+                bail!("weight {w} is invalid: use a number ≥ 0 or `[start, end]` with both ≥ 0");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// One `[[data]]` block of a recipe. Deserialize it straight from the recipe (unknown keys are
+/// rejected so a misspelt `weigth` is an error, not a silent default).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SourceSpec {
+    /// `text`, `parallel`, `alpaca` or `tokenized`.
+    pub kind: SourceKind,
+    /// Relative paths are resolved against the directory given to
+    /// [`load_sources`](super::load_sources) (the recipe's folder).
+    pub path: PathBuf,
+    /// Sampling weight (default 1).
+    #[serde(default)]
+    pub weight: Weight,
+    /// A free label (`zh`, `en`, `zh-en`) carried into reports.
+    #[serde(default)]
+    pub lang: Option<String>,
+    /// Name used in reports; defaults to the file name.
+    #[serde(default)]
+    pub name: Option<String>,
+    /// Use only the first N records (documents, pairs, alpaca records, lines) of the file; the
+    /// whole file is still validated.
+    #[serde(default)]
+    pub limit: Option<usize>,
+}
+
+impl SourceSpec {
+    /// A block with weight 1 and no labels.
+    pub fn new(kind: SourceKind, path: impl Into<PathBuf>) -> Self {
+        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None }
+    }
+
+    /// Sets the weight.
+    pub fn with_weight(mut self, w: Weight) -> Self {
+        self.weight = w;
+        self
+    }
+
+    /// `name`, else the file name, plus the `lang` label when there is one.
+    pub fn display_name(&self) -> String {
+        let base = self.name.clone().unwrap_or_else(|| {
+            self.path.file_name().map(|f| f.to_string_lossy().into_owned()).unwrap_or_else(|| self.path.display().to_string())
+        });
+        match &self.lang {
+            Some(l) if self.name.is_none() => format!("{base} [{l}]"),
+            _ => base,
+        }
+    }
+}
+
+/// One training example before tokenization.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Example {
+    /// Plain text: `[bos] + tokens + [eos]`, loss on all of it.
+    Text(String),
+    /// A rendered prompt and its answer: `[bos] + tokens(prompt + response) + [eos]`, loss on
+    /// the response and the EOS only.
+    Prompted {
+        /// The rendered template, ending where the answer starts.
+        prompt: String,
+        /// The answer (EOS is added as an id, not as text).
+        response: String,
+    },
+    /// Ids as given (no BOS/EOS added); `labels` HF-aligned, `-100` = no loss; `None` = all.
+    Ids {
+        /// Token ids.
+        ids: Vec<u32>,
+        /// Same length as `ids`.
+        labels: Option<Vec<i64>>,
+    },
+}
+
+/// Reads a source file into examples, each with the 1-based line it starts on (for errors
+/// raised later, e.g. an id outside the vocabulary).
+pub fn read_examples(kind: SourceKind, path: &Path) -> Result<Vec<(usize, Example)>> {
+    let bytes = std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    let text = match String::from_utf8(bytes) {
+        Ok(t) => t,
+        Err(e) => {
+            let upto = e.utf8_error().valid_up_to();
+            let line = 1 + e.as_bytes()[..upto].iter().filter(|&&b| b == b'\n').count();
+            bail!("{}:{line}: not valid UTF-8; data files must be UTF-8 text", path.display());
+        }
+    };
+    let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
+    let file = path.display().to_string();
+    let out = match kind {
+        SourceKind::Text => read_text(&file, path, text)?,
+        SourceKind::Parallel => read_parallel(&file, text)?,
+        SourceKind::Alpaca => read_alpaca(&file, text)?,
+        SourceKind::Tokenized => read_tokenized(&file, text)?,
+    };
+    if out.is_empty() {
+        bail!("{file}: no examples found; the file is empty or has only blank lines (remove the [[data]] block or fill the file)");
+    }
+    Ok(out)
+}
+
+fn is_json_file(path: &Path) -> bool {
+    matches!(path.extension().and_then(|e| e.to_str()), Some("json" | "jsonl"))
+}
+
+fn read_text(file: &str, path: &Path, text: &str) -> Result<Vec<(usize, Example)>> {
+    if is_json_file(path) {
+        #[derive(Deserialize)]
+        struct Rec {
+            text: String,
+        }
+        let mut out = Vec::new();
+        for (line, raw) in json_records(file, text)? {
+            let r: Rec = parse_record(file, line, raw, "a text record needs a string field \"text\"")?;
+            if r.text.trim().is_empty() {
+                bail!("{file}:{line}: empty \"text\"; remove the record");
+            }
+            out.push((line, Example::Text(r.text)));
+        }
+        return Ok(out);
+    }
+    // One document per blank-line-separated block: lines inside a block keep their newlines
+    // (and indentation, for code), so line-per-sentence files become paragraph documents.
+    let mut out = Vec::new();
+    let mut cur: Option<(usize, String)> = None;
+    for (i, line) in text.lines().enumerate() {
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            if let Some(doc) = cur.take() {
+                out.push((doc.0, Example::Text(doc.1)));
+            }
+        } else {
+            match &mut cur {
+                Some((_, s)) => {
+                    s.push('\n');
+                    s.push_str(line);
+                }
+                None => cur = Some((i + 1, line.to_string())),
+            }
+        }
+    }
+    if let Some(doc) = cur {
+        out.push((doc.0, Example::Text(doc.1)));
+    }
+    Ok(out)
+}
+
+/// The Alpaca prompt for an instruction with optional input, as the `alpaca` kind renders it.
+pub fn alpaca_prompt(instruction: &str, input: &str, history: &[Turn]) -> String {
+    let msg = if input.trim().is_empty() { instruction.to_string() } else { format!("{instruction}\n\n{input}") };
+    render(Template::Alpaca, None, history, &msg)
+}
+
+fn read_parallel(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        let n = i + 1;
+        let line = line.strip_suffix('\r').unwrap_or(line);
+        if line.trim().is_empty() {
+            continue;
+        }
+        let fields: Vec<&str> = line.split('\t').collect();
+        if fields.len() != 2 {
+            bail!(
+                "{file}:{n}: expected `zh<TAB>en` (2 tab-separated fields), found {}; fix or remove the line",
+                fields.len()
+            );
+        }
+        let (zh, en) = (fields[0].trim(), fields[1].trim());
+        if zh.is_empty() || en.is_empty() {
+            bail!("{file}:{n}: one side of the pair is empty; fix or remove the line");
+        }
+        out.push((n, Example::Prompted { prompt: alpaca_prompt(ZH_TO_EN_INSTRUCTION, zh, &[]), response: en.to_string() }));
+        out.push((n, Example::Prompted { prompt: alpaca_prompt(EN_TO_ZH_INSTRUCTION, en, &[]), response: zh.to_string() }));
+        out.push((n, Example::Text(format!("{zh}\n{en}"))));
+    }
+    Ok(out)
+}
+
+#[derive(Deserialize)]
+struct AlpacaRec {
+    instruction: Option<String>,
+    input: Option<String>,
+    output: Option<String>,
+    history: Option<Vec<(String, String)>>,
+    conversations: Option<Vec<ConvTurn>>,
+}
+
+#[derive(Deserialize)]
+struct ConvTurn {
+    #[serde(alias = "role")]
+    from: String,
+    #[serde(alias = "content")]
+    value: String,
+}
+
+fn read_alpaca(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+    let mut out = Vec::new();
+    let hint = "an alpaca record is {\"instruction\", \"input\", \"output\"} (optionally \"history\": [[q, a], ...]) or {\"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}, ...]}";
+    for (line, raw) in json_records(file, text)? {
+        let r: AlpacaRec = parse_record(file, line, raw, hint)?;
+        let (prompt, response) = if let Some(conv) = r.conversations {
+            if r.instruction.is_some() || r.output.is_some() || r.history.is_some() {
+                bail!("{file}:{line}: record has both \"conversations\" and instruction/output/history; use one form");
+            }
+            conversation(file, line, &conv)?
+        } else {
+            let instruction = r.instruction.with_context(|| format!("{file}:{line}: missing \"instruction\"; {hint}"))?;
+            let output = r.output.with_context(|| format!("{file}:{line}: missing \"output\"; {hint}"))?;
+            let input = r.input.unwrap_or_default();
+            if instruction.trim().is_empty() && input.trim().is_empty() {
+                bail!("{file}:{line}: empty \"instruction\" and \"input\"; remove the record");
+            }
+            let history: Vec<Turn> = r.history.unwrap_or_default().into_iter().map(|(user, assistant)| Turn { user, assistant }).collect();
+            (alpaca_prompt(&instruction, &input, &history), output)
+        };
+        if response.trim().is_empty() {
+            bail!("{file}:{line}: empty response (\"output\" or last assistant turn); there is nothing to learn, remove the record");
+        }
+        out.push((line, Example::Prompted { prompt, response }));
+    }
+    Ok(out)
+}
+
+/// ShareGPT-style turns: human/gpt alternating, starting with human and ending with gpt. The
+/// last exchange is the example; earlier ones become the history inside the instruction.
+fn conversation(file: &str, line: usize, conv: &[ConvTurn]) -> Result<(String, String)> {
+    let role = |t: &ConvTurn| -> Result<bool> {
+        match t.from.to_ascii_lowercase().as_str() {
+            "human" | "user" => Ok(true),
+            "gpt" | "assistant" | "bot" => Ok(false),
+            "system" => bail!("{file}:{line}: \"system\" turns are not supported (the Alpaca template has no system slot); fold it into the first human turn"),
+            other => bail!("{file}:{line}: unknown speaker `{other}` in \"conversations\"; use human/user or gpt/assistant"),
+        }
+    };
+    if conv.is_empty() || !conv.len().is_multiple_of(2) {
+        bail!("{file}:{line}: \"conversations\" must alternate human, gpt, ... and end with a gpt turn (found {} turns)", conv.len());
+    }
+    let mut turns = Vec::new();
+    for pair in conv.chunks(2) {
+        if !role(&pair[0])? || role(&pair[1])? {
+            bail!("{file}:{line}: \"conversations\" must alternate human, gpt, human, gpt, ...");
+        }
+        turns.push(Turn { user: pair[0].value.clone(), assistant: pair[1].value.clone() });
+    }
+    let last = turns.pop().expect("non-empty: checked above");
+    Ok((alpaca_prompt(&last.user, "", &turns), last.assistant))
+}
+
+fn read_tokenized(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+    #[derive(Deserialize)]
+    struct Rec {
+        input_ids: Vec<i64>,
+        labels: Option<Vec<i64>>,
+    }
+    let mut out = Vec::new();
+    for (line, raw) in json_records(file, text)? {
+        let r: Rec = parse_record(file, line, raw, "a tokenized record is {\"input_ids\": [...], \"labels\": [...]}")?;
+        if r.input_ids.is_empty() {
+            bail!("{file}:{line}: empty \"input_ids\"; remove the record");
+        }
+        let mut ids = Vec::with_capacity(r.input_ids.len());
+        for &id in &r.input_ids {
+            if id < 0 || id > u32::MAX as i64 {
+                bail!("{file}:{line}: input id {id} is not a token id");
+            }
+            ids.push(id as u32);
+        }
+        if let Some(l) = &r.labels {
+            if l.len() != ids.len() {
+                bail!("{file}:{line}: {} labels for {} input_ids; they must have equal length", l.len(), ids.len());
+            }
+        }
+        out.push((line, Example::Ids { ids, labels: r.labels }));
+    }
+    Ok(out)
+}
+
+/// Splits a JSON array or a JSONL file into per-record slices with their starting line, so that
+/// every later error (syntax or schema) can name the record's line.
+pub(crate) fn json_records<'a>(file: &str, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
+    let trimmed = text.trim_start();
+    if trimmed.starts_with('[') {
+        return split_json_array(file, text);
+    }
+    Ok(text
+        .lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| (i + 1, l))
+        .collect())
+}
+
+fn split_json_array<'a>(file: &str, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
+    let b = text.as_bytes();
+    let mut line = 1usize;
+    let mut i = 0usize;
+    let skip_ws = |i: &mut usize, line: &mut usize| {
+        while *i < b.len() && b[*i].is_ascii_whitespace() {
+            if b[*i] == b'\n' {
+                *line += 1;
+            }
+            *i += 1;
+        }
+    };
+    skip_ws(&mut i, &mut line);
+    // Caller checked the '['.
+    i += 1;
+    let mut out = Vec::new();
+    loop {
+        skip_ws(&mut i, &mut line);
+        if i >= b.len() {
+            bail!("{file}:{line}: the JSON array is not closed (missing `]`)");
+        }
+        if b[i] == b']' && out.is_empty() {
+            i += 1;
+            break;
+        }
+        let (start, start_line) = (i, line);
+        let (mut depth, mut in_str, mut esc) = (0i64, false, false);
+        while i < b.len() {
+            let c = b[i];
+            if c == b'\n' {
+                line += 1;
+            }
+            if in_str {
+                if esc {
+                    esc = false;
+                } else if c == b'\\' {
+                    esc = true;
+                } else if c == b'"' {
+                    in_str = false;
+                }
+            } else {
+                match c {
+                    b'"' => in_str = true,
+                    b'{' | b'[' => depth += 1,
+                    b'}' | b']' if depth > 0 => depth -= 1,
+                    b',' | b']' if depth == 0 => break,
+                    _ => {}
+                }
+            }
+            i += 1;
+        }
+        if i >= b.len() {
+            bail!("{file}:{start_line}: the JSON array is not closed (record starting here runs to the end of the file)");
+        }
+        let raw = text[start..i].trim_end();
+        if raw.is_empty() {
+            bail!("{file}:{start_line}: empty record in the JSON array (a stray or trailing comma?)");
+        }
+        out.push((start_line, raw));
+        let sep = b[i];
+        i += 1;
+        if sep == b']' {
+            break;
+        }
+    }
+    skip_ws(&mut i, &mut line);
+    if i < b.len() {
+        bail!("{file}:{line}: unexpected text after the closing `]` of the JSON array");
+    }
+    Ok(out)
+}
+
+/// Parses one record, reporting serde's position relative to the whole file.
+pub(crate) fn parse_record<'a, T: Deserialize<'a>>(file: &str, line: usize, raw: &'a str, hint: &str) -> Result<T> {
+    serde_json::from_str(raw).map_err(|e| {
+        let abs = line + e.line().saturating_sub(1);
+        let msg = e.to_string();
+        let suffix = format!(" at line {} column {}", e.line(), e.column());
+        let msg = msg.strip_suffix(&suffix).unwrap_or(&msg);
+        anyhow::anyhow!("{file}:{abs}: malformed record: {msg}; {hint}")
+    })
+}

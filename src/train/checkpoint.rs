@@ -1,0 +1,97 @@
+//! Checkpoints: the adapter (PEFT format), AdamW moments, scaler state, data position and step,
+//! written into a staging folder and renamed into place, so a `kill -9` leaves either the
+//! previous checkpoint or a complete new one. The last `keep_last` are kept.
+
+use super::optim::{AdamW, Moments};
+use crate::io::atomic::StagedDir;
+use crate::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+use crate::io::weights::tensor_to_f32;
+use anyhow::{bail, Context, Result};
+use burn::tensor::{Device, Tensor, TensorData};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Everything but tensors.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps completed.
+    pub step: usize,
+    pub scaler: super::scaler::Scaler,
+    /// The data mixer's serialised position.
+    pub data: serde_json::Value,
+    /// Adam step counts by parameter name.
+    pub adam_t: std::collections::BTreeMap<String, u64>,
+    /// A hash of the recipe, to refuse resuming a different run.
+    pub recipe_hash: u64,
+}
+
+pub fn dir_for(out: &Path, step: usize) -> PathBuf {
+    out.join("checkpoints").join(format!("step-{step:08}"))
+}
+
+/// Completed checkpoints, oldest first.
+pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name().to_string_lossy().into_owned();
+            let step = name.strip_prefix("step-")?.parse().ok()?;
+            e.path().join("state.json").exists().then(|| (step, e.path()))
+        })
+        .collect();
+    v.sort();
+    v
+}
+
+/// Writes a checkpoint. `write_adapter` fills the adapter subfolder (it is given its path).
+pub fn save(out: &Path, state: &TrainState, opt: &AdamW, keep_last: usize, write_adapter: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+    let final_dir = dir_for(out, state.step);
+    std::fs::create_dir_all(out.join("checkpoints"))?;
+    let staged = StagedDir::new(&final_dir, true)?;
+    write_adapter(&staged.path().join("adapter"))?;
+    let mut t = Vec::new();
+    for (name, m) in &opt.state {
+        for (k, x) in [("m", &m.m), ("v", &m.v)] {
+            let dims = x.dims();
+            t.push((format!("{name}.{k}"), "F32".to_string(), dims.to_vec(), encode_f32(&tensor_to_f32(x.clone()), FloatType::F32)));
+        }
+    }
+    if !t.is_empty() {
+        write_all(&staged.path().join("optimizer.safetensors"), &t, None)?;
+    }
+    let mut st = state.clone();
+    st.adam_t = opt.state.iter().map(|(n, m)| (n.clone(), m.t)).collect();
+    crate::io::atomic::write(&staged.path().join("state.json"), serde_json::to_string_pretty(&st)?.as_bytes())?;
+    let dir = staged.commit()?;
+    let all = list(out);
+    if all.len() > keep_last {
+        for (_, p) in &all[..all.len() - keep_last] {
+            let _ = std::fs::remove_dir_all(p);
+        }
+    }
+    Ok(dir)
+}
+
+/// Loads a checkpoint's state and optimizer moments (onto `device`, without autodiff).
+pub fn load(dir: &Path, device: &Device) -> Result<(TrainState, AdamW)> {
+    let text = std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{}: missing state.json", dir.display()))?;
+    let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: bad state.json", dir.display()))?;
+    let mut opt = AdamW::default();
+    let p = dir.join("optimizer.safetensors");
+    if p.exists() {
+        let f = SafetensorsFile::open(&p)?;
+        for (name, t) in &state.adam_t {
+            let get = |k: &str| -> Result<Tensor<2>> {
+                let r = f.require(&format!("{name}.{k}"))?;
+                if r.shape.len() != 2 {
+                    bail!("{}: {name}.{k} is not 2-D", p.display());
+                }
+                Ok(Tensor::from_data(TensorData::new(r.to_f32()?, [r.shape[0], r.shape[1]]), device))
+            };
+            opt.state.insert(name.clone(), Moments { m: get("m")?, v: get("v")?, t: *t });
+        }
+    }
+    Ok((state, opt))
+}

@@ -1,0 +1,462 @@
+//! `recipe.toml`: every key documented in recipes/README.md. Parsing rejects unknown keys;
+//! [`Recipe::load`] then checks values and files before any training starts, and each error
+//! names the key and the fix. Relative paths are relative to the recipe's folder.
+
+use crate::lora::{LoraInit, TableMode};
+use crate::train::scaler::{ScalerConfig, ScalerKind};
+use crate::train::schedule::Schedule;
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Recipe {
+    pub model: ModelSection,
+    #[serde(default)]
+    pub vocab: Option<VocabSection>,
+    #[serde(default)]
+    pub lora: LoraSection,
+    #[serde(default)]
+    pub trainable: TrainableSection,
+    #[serde(default)]
+    pub data: Vec<crate::data::SourceSpec>,
+    #[serde(default)]
+    pub mix: MixSection,
+    #[serde(default)]
+    pub train: TrainSection,
+    #[serde(default)]
+    pub precision: PrecisionSection,
+    pub output: OutputSection,
+    #[serde(default)]
+    pub eval: Vec<EvalSection>,
+    #[serde(default)]
+    pub stage: Vec<StageSection>,
+    /// The recipe's folder, for relative paths (not a key).
+    #[serde(skip)]
+    pub root: PathBuf,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSection {
+    pub path: PathBuf,
+    /// Tokenizer folder, when not the model's own (and no [vocab] brings one).
+    #[serde(default)]
+    pub tokenizer: Option<PathBuf>,
+    #[serde(default = "cpu")]
+    pub device: String,
+}
+
+fn cpu() -> String {
+    "cpu".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VocabSection {
+    /// vocab_extension.json from `linly-lora vocab extend` (its folder holds the new tokenizer).
+    #[serde(default)]
+    pub extension: Option<PathBuf>,
+    /// Or: a file of new pieces, one per line, to extend with in-run.
+    #[serde(default)]
+    pub add: Option<PathBuf>,
+    #[serde(default = "subtoken_mean")]
+    pub init: String,
+    #[serde(default)]
+    pub seed: u64,
+}
+
+fn subtoken_mean() -> String {
+    "subtoken-mean".into()
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoraSection {
+    #[serde(default = "r8")]
+    pub r: usize,
+    #[serde(default = "a16")]
+    pub alpha: f64,
+    #[serde(default)]
+    pub dropout: f64,
+    #[serde(default)]
+    pub rslora: bool,
+    #[serde(default = "all_targets")]
+    pub targets: Vec<String>,
+    #[serde(default)]
+    pub init_from: Option<PathBuf>,
+    /// `kaiming` (PEFT's default) or `gaussian`.
+    #[serde(default = "kaiming")]
+    pub init: String,
+    /// `false` trains no LoRA (embeddings-only runs).
+    #[serde(default = "yes")]
+    pub enabled: bool,
+}
+
+fn r8() -> usize {
+    8
+}
+fn a16() -> f64 {
+    16.0
+}
+fn yes() -> bool {
+    true
+}
+fn kaiming() -> String {
+    "kaiming".into()
+}
+fn all_targets() -> Vec<String> {
+    crate::lora::config::TARGETS.iter().map(|s| s.to_string()).collect()
+}
+
+impl Default for LoraSection {
+    fn default() -> Self {
+        LoraSection { r: 8, alpha: 16.0, dropout: 0.0, rslora: false, targets: all_targets(), init_from: None, init: kaiming(), enabled: true }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainableSection {
+    #[serde(default = "all")]
+    pub embed_tokens: String,
+    #[serde(default = "all")]
+    pub lm_head: String,
+}
+
+fn all() -> String {
+    "all".into()
+}
+
+impl Default for TrainableSection {
+    fn default() -> Self {
+        TrainableSection { embed_tokens: all(), lm_head: all() }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct MixSection {
+    /// Colossal-LLaMA-2's bucketed mixing: bucket k takes bin k of every source.
+    #[serde(default)]
+    pub bucketed: bool,
+    #[serde(default)]
+    pub bins: Option<usize>,
+    /// Whole-document packing (Linly); false puts one document per sequence.
+    #[serde(default = "yes")]
+    pub packing: bool,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrainSection {
+    pub seq_len: usize,
+    pub batch_size: usize,
+    pub grad_accum: usize,
+    pub steps: usize,
+    pub lr: f64,
+    pub embed_lr: Option<f64>,
+    pub warmup_ratio: f64,
+    pub schedule: String,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    pub seed: u64,
+}
+
+impl Default for TrainSection {
+    fn default() -> Self {
+        TrainSection {
+            seq_len: 512,
+            batch_size: 8,
+            grad_accum: 1,
+            steps: 1000,
+            lr: 2e-4,
+            embed_lr: None,
+            warmup_ratio: 0.05,
+            schedule: "cosine".into(),
+            weight_decay: 0.01,
+            max_grad_norm: 1.0,
+            seed: 42,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PrecisionSection {
+    /// fp32 | fp16 | bf16: the compute dtype and the storage of frozen weights.
+    pub dtype: String,
+    /// linly | naive (GradScaler semantics, for comparison).
+    pub scaler: String,
+    pub init_scale: f32,
+    pub growth_interval: u32,
+    pub hysteresis: u32,
+    pub min_scale: f32,
+}
+
+impl Default for PrecisionSection {
+    fn default() -> Self {
+        let d = ScalerConfig::default();
+        PrecisionSection { dtype: "fp32".into(), scaler: "linly".into(), init_scale: d.init_scale, growth_interval: d.growth_interval, hysteresis: d.hysteresis, min_scale: d.min_scale }
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OutputSection {
+    pub dir: PathBuf,
+    #[serde(default = "n500")]
+    pub save_every: usize,
+    #[serde(default = "n2")]
+    pub keep_last: usize,
+    /// Score the [[eval]] files every N steps (0 = only at the end).
+    #[serde(default)]
+    pub eval_every: usize,
+    /// Draw loss / loss-scale PNGs at the end.
+    #[serde(default = "yes")]
+    pub plots: bool,
+}
+
+fn n500() -> usize {
+    500
+}
+fn n2() -> usize {
+    2
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvalSection {
+    pub path: PathBuf,
+    #[serde(default)]
+    pub name: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StageSection {
+    #[serde(default)]
+    pub name: Option<String>,
+    pub steps: usize,
+    #[serde(default)]
+    pub lr: Option<f64>,
+    #[serde(default)]
+    pub embed_lr: Option<f64>,
+    /// Whether LoRA trains in this stage.
+    #[serde(default)]
+    pub lora: Option<bool>,
+    #[serde(default)]
+    pub trainable: Option<TrainableSection>,
+}
+
+/// A stage resolved against the recipe's defaults.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Stage {
+    pub name: String,
+    pub steps: usize,
+    pub lr: f64,
+    pub embed_lr: f64,
+    pub lora: bool,
+    pub embed: TableMode,
+    pub head: TableMode,
+}
+
+impl Recipe {
+    /// Parses and checks a recipe. Nothing is loaded or trained here.
+    pub fn load(path: &Path) -> Result<Self> {
+        let text = std::fs::read_to_string(path).with_context(|| format!("cannot read recipe {}", path.display()))?;
+        Self::parse(&text, path.parent().unwrap_or(Path::new(".")))
+            .with_context(|| format!("recipe {}", path.display()))
+    }
+
+    pub fn parse(text: &str, root: &Path) -> Result<Self> {
+        let mut r: Recipe = toml::from_str(text).map_err(|e| anyhow::anyhow!("{e}"))?;
+        r.root = root.to_path_buf();
+        r.check()?;
+        Ok(r)
+    }
+
+    pub fn resolve(&self, p: &Path) -> PathBuf {
+        if p.is_absolute() { p.to_path_buf() } else { self.root.join(p) }
+    }
+
+    fn check(&self) -> Result<()> {
+        let must_exist = |key: &str, p: &Path| -> Result<()> {
+            let full = self.resolve(p);
+            if !full.exists() {
+                bail!("{key} = {:?}: {} does not exist (paths are relative to the recipe's folder)", p, full.display());
+            }
+            Ok(())
+        };
+        must_exist("[model] path", &self.model.path)?;
+        if !self.resolve(&self.model.path).join("config.json").exists() {
+            bail!("[model] path = {:?}: no config.json there; point it at an HF model folder (for GGUF, run `linly-lora import gguf` first)", self.model.path);
+        }
+        if let Some(t) = &self.model.tokenizer {
+            must_exist("[model] tokenizer", t)?;
+        }
+        crate::device::parse(&self.model.device).context("[model] device")?;
+        if let Some(v) = &self.vocab {
+            match (&v.extension, &v.add) {
+                (Some(e), None) => must_exist("[vocab] extension", e)?,
+                (None, Some(a)) => must_exist("[vocab] add", a)?,
+                (Some(_), Some(_)) => bail!("[vocab]: give either `extension` or `add`, not both"),
+                (None, None) => bail!("[vocab]: give `extension = \"vocab_extension.json\"` or `add = \"words.txt\"`"),
+            }
+            if !["subtoken-mean", "mean", "noisy-mean", "random"].contains(&v.init.as_str()) {
+                bail!("[vocab] init = {:?}: use subtoken-mean, mean, noisy-mean or random", v.init);
+            }
+        }
+        let l = &self.lora;
+        if l.r == 0 {
+            bail!("[lora] r = 0: the rank must be at least 1 (use `enabled = false` to train no LoRA)");
+        }
+        if !(0.0..1.0).contains(&l.dropout) {
+            bail!("[lora] dropout = {}: must be in [0, 1)", l.dropout);
+        }
+        if l.alpha <= 0.0 {
+            bail!("[lora] alpha = {}: must be positive", l.alpha);
+        }
+        for t in &l.targets {
+            if !crate::lora::config::TARGETS.contains(&t.as_str()) {
+                bail!("[lora] targets: `{t}` is not a projection; choose from {:?}", crate::lora::config::TARGETS);
+            }
+        }
+        if l.targets.is_empty() && l.enabled {
+            bail!("[lora] targets is empty; list projections or set `enabled = false`");
+        }
+        self.lora_init()?;
+        if let Some(p) = &l.init_from {
+            must_exist("[lora] init_from", p)?;
+            if !self.resolve(p).join("adapter_config.json").exists() {
+                bail!("[lora] init_from = {:?}: no adapter_config.json there; point it at a PEFT adapter folder", p);
+            }
+        }
+        table_mode("[trainable] embed_tokens", &self.trainable.embed_tokens)?;
+        table_mode("[trainable] lm_head", &self.trainable.lm_head)?;
+        if self.data.is_empty() {
+            bail!("no [[data]] blocks: add at least one, e.g. [[data]] kind = \"text\" path = \"zh.txt\"");
+        }
+        for (i, d) in self.data.iter().enumerate() {
+            must_exist(&format!("[[data]] #{} path", i + 1), &d.path)?;
+        }
+        if self.mix.bucketed && self.mix.bins.unwrap_or(0) < 1 {
+            bail!("[mix] bucketed = true needs `bins` ≥ 1");
+        }
+        let t = &self.train;
+        if t.seq_len < 8 {
+            bail!("[train] seq_len = {}: must be at least 8", t.seq_len);
+        }
+        if t.batch_size == 0 || t.grad_accum == 0 {
+            bail!("[train] batch_size and grad_accum must be at least 1");
+        }
+        if t.lr <= 0.0 || t.embed_lr.is_some_and(|x| x < 0.0) {
+            bail!("[train] lr must be positive (embed_lr ≥ 0)");
+        }
+        if !(0.0..1.0).contains(&t.warmup_ratio) {
+            bail!("[train] warmup_ratio = {}: must be in [0, 1)", t.warmup_ratio);
+        }
+        t.schedule.parse::<Schedule>().context("[train] schedule")?;
+        if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
+            bail!("[train] weight_decay and max_grad_norm must be ≥ 0 (max_grad_norm 0 = no clipping)");
+        }
+        if self.stage.is_empty() && t.steps == 0 {
+            bail!("[train] steps = 0: train at least one step");
+        }
+        self.dtype()?;
+        self.scaler()?;
+        let o = &self.output;
+        if o.save_every == 0 || o.keep_last == 0 {
+            bail!("[output] save_every and keep_last must be at least 1");
+        }
+        for (i, e) in self.eval.iter().enumerate() {
+            must_exist(&format!("[[eval]] #{} path", i + 1), &e.path)?;
+        }
+        for (i, s) in self.stage.iter().enumerate() {
+            if s.steps == 0 {
+                bail!("[[stage]] #{} steps = 0: every stage trains at least one step", i + 1);
+            }
+        }
+        self.stages()?;
+        Ok(())
+    }
+
+    pub fn lora_init(&self) -> Result<LoraInit> {
+        match self.lora.init.as_str() {
+            "kaiming" => Ok(LoraInit::Kaiming),
+            "gaussian" => Ok(LoraInit::Gaussian),
+            o => bail!("[lora] init = {o:?}: use kaiming or gaussian"),
+        }
+    }
+
+    pub fn dtype(&self) -> Result<crate::io::safetensors::FloatType> {
+        use crate::io::safetensors::FloatType;
+        match self.precision.dtype.as_str() {
+            "fp32" | "f32" => Ok(FloatType::F32),
+            "fp16" | "f16" => Ok(FloatType::F16),
+            "bf16" => Ok(FloatType::BF16),
+            o => bail!("[precision] dtype = {o:?}: use fp32, fp16 or bf16"),
+        }
+    }
+
+    pub fn scaler(&self) -> Result<ScalerConfig> {
+        let p = &self.precision;
+        let base = match p.scaler.as_str() {
+            "linly" => ScalerConfig::default(),
+            "naive" => ScalerConfig::naive(),
+            o => bail!("[precision] scaler = {o:?}: use linly or naive"),
+        };
+        if p.init_scale <= 0.0 || p.growth_interval == 0 {
+            bail!("[precision] init_scale must be positive and growth_interval ≥ 1");
+        }
+        let mut c = ScalerConfig { init_scale: p.init_scale, growth_interval: p.growth_interval, ..base };
+        if c.kind == ScalerKind::Linly {
+            c.hysteresis = p.hysteresis.max(1);
+            c.min_scale = p.min_scale;
+        }
+        // Only fp16 needs scaling; bf16 and fp32 have fp32's range.
+        if self.precision.dtype != "fp16" && self.precision.dtype != "f16" {
+            c.init_scale = 1.0;
+            c.growth_interval = u32::MAX;
+        }
+        Ok(c)
+    }
+
+    /// The training stages: the [[stage]] blocks, or one stage from [train] and [trainable].
+    pub fn stages(&self) -> Result<Vec<Stage>> {
+        let t = &self.train;
+        let embed_lr = t.embed_lr.unwrap_or(t.lr);
+        let base_embed = table_mode("[trainable] embed_tokens", &self.trainable.embed_tokens)?;
+        let base_head = table_mode("[trainable] lm_head", &self.trainable.lm_head)?;
+        if self.stage.is_empty() {
+            return Ok(vec![Stage { name: "train".into(), steps: t.steps, lr: t.lr, embed_lr, lora: self.lora.enabled, embed: base_embed, head: base_head }]);
+        }
+        self.stage
+            .iter()
+            .enumerate()
+            .map(|(i, s)| {
+                let (embed, head) = match &s.trainable {
+                    Some(tr) => (table_mode(&format!("[[stage]] #{} trainable.embed_tokens", i + 1), &tr.embed_tokens)?, table_mode(&format!("[[stage]] #{} trainable.lm_head", i + 1), &tr.lm_head)?),
+                    None => (base_embed, base_head),
+                };
+                let lora = s.lora.unwrap_or(self.lora.enabled);
+                if lora && !self.lora.enabled {
+                    bail!("[[stage]] #{} lora = true but [lora] enabled = false", i + 1);
+                }
+                if !lora && embed == TableMode::Frozen && head == TableMode::Frozen {
+                    bail!("[[stage]] #{}: nothing trains (no LoRA, both tables frozen)", i + 1);
+                }
+                Ok(Stage { name: s.name.clone().unwrap_or(format!("stage{}", i + 1)), steps: s.steps, lr: s.lr.unwrap_or(t.lr), embed_lr: s.embed_lr.or(t.embed_lr).unwrap_or(s.lr.unwrap_or(t.lr)), lora, embed, head })
+            })
+            .collect()
+    }
+
+    pub fn total_steps(&self) -> Result<usize> {
+        Ok(self.stages()?.iter().map(|s| s.steps).sum())
+    }
+}
+
+fn table_mode(key: &str, v: &str) -> Result<TableMode> {
+    v.parse::<TableMode>().with_context(|| format!("{key} = {v:?}"))
+}

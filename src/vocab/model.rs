@@ -1,0 +1,121 @@
+//! `vocab resize`: grow a model folder's embedding and LM head for an extended vocabulary. This
+//! is where new rows are initialised (the math is [`super::init_new_rows`]); training's in-run
+//! extension calls the same [`resize_tables`].
+
+use super::{resize_table, InitMethod, VocabExtension};
+use crate::config::HfConfig;
+use crate::io::atomic::StagedDir;
+use crate::io::safetensors::{encode_f32, StreamWriter, TensorSpec};
+use crate::io::weights::WeightStore;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Serialize)]
+pub struct ResizeReport {
+    pub out: PathBuf,
+    pub old_vocab: usize,
+    pub new_vocab: usize,
+    pub init: String,
+    pub tied: bool,
+    /// New pieces whose sub-token list was empty (they got the mean of all rows).
+    pub empty_subtokens: usize,
+}
+
+/// The model's init std (`initializer_range`, 0.02 when absent), for `random` rows.
+pub fn init_std(cfg: &HfConfig) -> f32 {
+    cfg.extra.get("initializer_range").and_then(|v| v.as_f64()).unwrap_or(0.02) as f32
+}
+
+/// New embedding and head tables `[new_vocab, hidden]` (head `None` when tied), each row set
+/// from its own table's old rows, as Linly and Colossal-LLaMA-2's `init_model.py` do.
+pub fn resize_tables(embed: &[f32], head: Option<&[f32]>, hidden: usize, ext: &VocabExtension, init: InitMethod, seed: u64, std: f32) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let rows = embed.len() / hidden;
+    if rows != ext.old_vocab {
+        bail!(
+            "the model has {rows} embedding rows but vocab_extension.json says old_vocab = {}: resize the model the extension was made for",
+            ext.old_vocab
+        );
+    }
+    let e = resize_table(embed, rows, hidden, ext, init, seed, std)?;
+    // A different seed for the head, so noisy/random rows of the two tables are independent.
+    let h = head.map(|h| resize_table(h, rows, hidden, ext, init, seed.wrapping_add(1), std)).transpose()?;
+    Ok((e, h))
+}
+
+/// Resizes `model` into `out` (atomic). The tokenizer beside `extension` (if any) and the
+/// extension itself are copied in, so the output folder is self-contained.
+pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64, out: &Path) -> Result<ResizeReport> {
+    let ext = VocabExtension::load(extension)?;
+    let mut cfg = HfConfig::load(model)?;
+    let rt = cfg.to_runtime()?;
+    let store = WeightStore::open(model)?;
+    let hidden = rt.hidden_size;
+    let tied = rt.tie_word_embeddings || !store.contains("lm_head.weight");
+    if rt.vocab_size != ext.old_vocab {
+        bail!(
+            "{}: config.json has vocab_size {} but {} was made for a vocabulary of {}: pass the extension made from this model's tokenizer",
+            model.display(),
+            rt.vocab_size,
+            extension.display(),
+            ext.old_vocab
+        );
+    }
+    if out.exists() {
+        bail!("{} already exists: choose another --out or remove it first", out.display());
+    }
+    let (embed, _) = store.f32("model.embed_tokens.weight")?;
+    let head = if tied { None } else { Some(store.f32("lm_head.weight")?.0) };
+    let (new_embed, new_head) = resize_tables(&embed, head.as_deref(), hidden, &ext, init, seed, init_std(&cfg))?;
+    drop((embed, head));
+    let staged = StagedDir::new(out, false)?;
+    let specs: Vec<TensorSpec> = store
+        .names()
+        .into_iter()
+        .map(|n| {
+            let raw = store.raw(&n)?;
+            let mut shape = raw.shape.to_vec();
+            if n == "model.embed_tokens.weight" || n == "lm_head.weight" {
+                shape[0] = ext.new_vocab;
+            }
+            Ok(TensorSpec { name: n.clone(), dtype: format!("{:?}", raw.dtype), shape })
+        })
+        .collect::<Result<_>>()?;
+    let mut w = StreamWriter::create(&staged.path().join("model.safetensors"), specs, Some([("format".to_string(), "pt".to_string())].into()))?;
+    for name in w.order() {
+        let raw = store.raw(&name)?;
+        let table = match name.as_str() {
+            "model.embed_tokens.weight" => Some(&new_embed),
+            "lm_head.weight" => new_head.as_ref(),
+            _ => None,
+        };
+        match table {
+            Some(t) => {
+                let ty = raw.float_type().with_context(|| format!("{name} is not a float tensor"))?;
+                w.write(&name, &encode_f32(t, ty))?;
+            }
+            None => w.write(&name, raw.bytes)?,
+        }
+    }
+    w.finish()?;
+    cfg.vocab_size = Some(ext.new_vocab);
+    cfg.save(staged.path())?;
+    for f in ["generation_config.json"] {
+        if model.join(f).exists() {
+            std::fs::copy(model.join(f), staged.path().join(f))?;
+        }
+    }
+    let ext_dir = extension.parent().unwrap_or(Path::new("."));
+    let tok_src = if ext_dir.join("tokenizer.json").exists() { Some(ext_dir) } else { None };
+    if let Some(d) = tok_src {
+        for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+            if d.join(f).exists() {
+                std::fs::copy(d.join(f), staged.path().join(f))?;
+            }
+        }
+    }
+    std::fs::copy(extension, staged.path().join("vocab_extension.json"))?;
+    let out = staged.commit()?;
+    Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied, empty_subtokens: ext.empty_subtokens() })
+}
+
