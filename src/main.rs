@@ -34,8 +34,16 @@ enum Cmd {
     Train(TrainArgs),
     /// Merge LoRA adapters (and their embedding/LM-head tables) into the base model, streamed
     Merge(MergeArgs),
-    /// Vocabulary tools: extend, resize, stats, encode (not yet implemented)
-    Vocab(StubArgs),
+    /// Vocabulary tools: extend a tokenizer, resize a model for it, measure tokens/char
+    Vocab {
+        #[command(subcommand)]
+        what: VocabCmd,
+    },
+    /// Import a model from another format (GGUF) into an HF folder
+    Import {
+        #[command(subcommand)]
+        what: ImportCmd,
+    },
     /// Benchmarks on random-weight models of named shapes
     Bench {
         #[command(subcommand)]
@@ -211,6 +219,86 @@ struct StubArgs {
 }
 
 #[derive(Subcommand)]
+enum VocabCmd {
+    /// Add pieces as real BPE entries with merges (not "added tokens"); writes tokenizer.json and vocab_extension.json
+    Extend {
+        /// tokenizer.json or the folder holding it (SentencePiece-style or byte-level BPE)
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// File of new pieces, one per line
+        #[arg(long, conflicts_with_all = ["from_corpus", "wordlist"], required_unless_present_any = ["from_corpus", "wordlist"])]
+        add: Option<PathBuf>,
+        /// Choose frequent characters and words by their counts in this text (repeatable); without it,
+        /// by the --wordlist's own frequency column
+        #[arg(long)]
+        from_corpus: Vec<PathBuf>,
+        /// How many pieces to add in corpus mode (split 8:20 between characters and words, as Linly)
+        #[arg(long, default_value_t = 28_000)]
+        max_new: usize,
+        /// Ignore characters/words seen fewer times than this
+        #[arg(long, default_value_t = 2)]
+        min_freq: u64,
+        /// Word list for candidate words (`word freq POS` per line, e.g. jieba's dict.txt)
+        #[arg(long)]
+        wordlist: Option<PathBuf>,
+        /// Longest word, in characters
+        #[arg(long, default_value_t = 4)]
+        max_word_chars: usize,
+        /// SentencePiece tokenizers: also add ▁+piece for this many text-initial pieces (taken from the word budget)
+        #[arg(long, default_value_t = 0)]
+        prefixed: usize,
+        /// Output folder (replaced atomically)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow embed_tokens and lm_head for a vocab_extension.json (new rows: sub-token mean by default)
+    Resize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        extension: PathBuf,
+        /// subtoken-mean | mean | noisy-mean | random
+        #[arg(long, default_value = "subtoken-mean")]
+        init: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Tokens per character, byte-fallback tokens and round-trip failures, per tokenizer × file
+    Stats {
+        #[arg(long = "tokenizer", required = true)]
+        tokenizers: Vec<PathBuf>,
+        #[arg(long = "text", required = true)]
+        texts: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the ids and pieces of a string
+    Encode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
+}
+
+#[derive(Subcommand)]
+enum ImportCmd {
+    /// GGUF v2/v3 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) → HF folder with tokenizer.json
+    Gguf {
+        file: PathBuf,
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of the 2-D weights (norms stay f32)
+        #[arg(long, default_value = "f32")]
+        dtype: FloatType,
+    },
+}
+
+#[derive(Subcommand)]
 enum BenchCmd {
     /// Prefill and decode tokens/s of a random model (shapes: tiny, smollm2-135m, 160m, 1b, 7b)
     Forward {
@@ -246,6 +334,59 @@ fn main() {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
+}
+
+fn vocab(cmd: VocabCmd) -> Result<()> {
+    use linly_lora::vocab;
+    match cmd {
+        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, prefixed, out, json } => {
+            let source = match add {
+                Some(f) => vocab::PieceSource::List(f),
+                None => {
+                    let chars = max_new * 8 / 28;
+                    vocab::PieceSource::Select(vocab::SelectConfig {
+                        corpus: from_corpus,
+                        max_words: if wordlist.is_some() { max_new.saturating_sub(chars + prefixed) } else { 0 },
+                        max_chars: if wordlist.is_some() { chars } else { max_new },
+                        wordlist,
+                        min_freq,
+                        max_word_chars,
+                        max_prefixed: prefixed,
+                    })
+                }
+            };
+            let r = vocab::extend(&tokenizer, &source, &out, false)?;
+            if json {
+                println!("{}", serde_json::to_string(&r)?);
+            } else {
+                println!(
+                    "{} ({}): {} -> {} tokens ({} requested pieces added, {} intermediate, {} already present, {} duplicates, {} unreachable) in {:.2} s -> {}",
+                    r.tokenizer, r.family, r.old_vocab, r.new_vocab, r.added_requested, r.added_intermediate, r.skipped_present, r.skipped_duplicate, r.unreachable.len(), r.seconds, out.display()
+                );
+            }
+        }
+        VocabCmd::Resize { model, extension, init, seed, out } => {
+            let init: vocab::InitMethod = init.parse()?;
+            let r = vocab::resize_model(&model, &extension, init, seed, &out)?;
+            println!("resized {} -> {} rows ({} init{}, tied {}) -> {}", r.old_vocab, r.new_vocab, r.init,
+                if r.empty_subtokens > 0 { format!(", {} pieces without sub-tokens got the mean row", r.empty_subtokens) } else { String::new() },
+                r.tied, r.out.display());
+        }
+        VocabCmd::Stats { tokenizers, texts, json } => {
+            let rows = vocab::stats(&tokenizers, &texts)?;
+            if json {
+                println!("{}", serde_json::json!({ "results": rows }));
+            } else {
+                print!("{}", vocab::render_table(&rows));
+            }
+        }
+        VocabCmd::Encode { tokenizer, text } => {
+            let tok = vocab::load_tokenizer(&tokenizer)?;
+            let e = vocab::encode(&tok, &text, false)?;
+            println!("ids:     {:?}\npieces:  {:?}\ndecoded: {:?}", e.ids, e.pieces, e.decoded);
+        }
+    }
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -341,7 +482,25 @@ fn run(cli: Cli) -> Result<()> {
                 r.out.display()
             );
         }
-        Cmd::Vocab(_) => anyhow::bail!("`vocab` is not yet implemented (tracked in the vocabulary issue)"),
+        Cmd::Vocab { what } => vocab(what)?,
+        Cmd::Import { what: ImportCmd::Gguf { file, out, dtype } } => {
+            let r = linly_lora::io::gguf::import_gguf(&file, &out, dtype)?;
+            for w in &r.warnings {
+                eprintln!("warning: {w}");
+            }
+            println!(
+                "imported {} tensors ({} parameters; source types {:?}) -> {} [{} layers, hidden {}, vocab {}, tied {}, tokenizer {}]",
+                r.n_tensors,
+                r.n_params,
+                r.source_types,
+                r.out_dir.display(),
+                r.num_layers,
+                r.hidden_size,
+                r.vocab_size,
+                r.tied_embeddings,
+                r.tokenizer.as_deref().unwrap_or("none")
+            );
+        }
         Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
             let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;
             println!("{}", serde_json::to_string(&r)?);
