@@ -35,7 +35,19 @@ fn cpu() -> Result<Device> {
 #[cfg(feature = "tch")]
 fn cuda(idx: usize) -> Result<Device> {
     #[allow(deprecated)]
-    Ok(Device::libtorch_cuda(idx))
+    let d = Device::libtorch_cuda(idx);
+    // libtorch panics on a missing device; probe once so the user gets an error instead.
+    let hook = std::panic::take_hook();
+    std::panic::set_hook(Box::new(|_| {}));
+    let probe = std::panic::catch_unwind(|| {
+        let t: burn::tensor::Tensor<1> = burn::tensor::Tensor::zeros([1], &d);
+        let _ = t.into_data();
+    });
+    std::panic::set_hook(hook);
+    match probe {
+        Ok(()) => Ok(d),
+        Err(_) => bail!("cuda:{idx} is not available (no CUDA device, or libtorch was built without CUDA); use --device cpu"),
+    }
 }
 
 #[cfg(not(feature = "tch"))]

@@ -49,6 +49,13 @@ impl FloatType {
             FloatType::BF16 => "BF16",
         }
     }
+    pub fn burn_float(self) -> burn::tensor::FloatDType {
+        match self {
+            FloatType::F32 => burn::tensor::FloatDType::F32,
+            FloatType::F16 => burn::tensor::FloatDType::F16,
+            FloatType::BF16 => burn::tensor::FloatDType::BF16,
+        }
+    }
     pub fn burn(self) -> burn::tensor::DType {
         match self {
             FloatType::F32 => burn::tensor::DType::F32,

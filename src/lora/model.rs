@@ -109,6 +109,7 @@ impl std::str::FromStr for TableMode {
 
 fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTable> {
     let w = t.weight();
+    let master = |x: Tensor<2>| Param::from_tensor(x.cast(burn::tensor::FloatDType::F32)).set_require_grad(true);
     let [rows, hidden] = w.dims();
     Ok(match mode {
         TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None },
@@ -117,16 +118,16 @@ fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTab
         TableMode::All if rows > old_vocab && old_vocab > 0 => {
             let base = w.clone().slice([0..old_vocab, 0..hidden]);
             let extra = w.slice([old_vocab..rows, 0..hidden]);
-            TokenTable { base: Param::from_tensor(base).set_require_grad(true), extra: Some(Param::from_tensor(extra).set_require_grad(true)) }
+            TokenTable { base: master(base), extra: Some(master(extra)) }
         }
-        TableMode::All => TokenTable { base: Param::from_tensor(w).set_require_grad(true), extra: None },
+        TableMode::All => TokenTable { base: master(w), extra: None },
         TableMode::NewRows => {
             if rows <= old_vocab {
                 bail!("new_rows: the table has {rows} rows, no more than the old vocabulary of {old_vocab}; extend the vocabulary first or use `all`");
             }
             let base = w.clone().slice([0..old_vocab, 0..hidden]);
             let extra = w.slice([old_vocab..rows, 0..hidden]);
-            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(Param::from_tensor(extra).set_require_grad(true)) }
+            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)) }
         }
     })
 }

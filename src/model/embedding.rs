@@ -48,7 +48,7 @@ impl TokenTable {
         }
     }
 
-    /// Embeds ids `[B, T]` → `[B, T, hidden]`.
+    /// Embeds ids `[B, T]` → `[B, T, hidden]`, in the table's own dtype (the caller casts).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         let base = self.base.val();
         match &self.extra {
@@ -71,7 +71,8 @@ impl TokenTable {
     pub fn project(&self, h: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = h.dims();
         let h2 = h.reshape([b * t, d]);
-        let base = self.base.val();
+        // A trainable table is an f32 master; the product runs in the activation dtype.
+        let base = self.base.val().cast(super::norm::float_dtype(h2.dtype()));
         let logits = match &self.extra {
             None => h2.matmul(base.transpose()),
             Some(extra) => {

@@ -43,7 +43,7 @@ impl WeightSource for Random<'_> {
     }
 }
 
-fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool) -> Result<Llama> {
+fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool, dtype: FloatType) -> Result<Llama> {
     let (hd, ffn, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
     let (q_out, kv_out) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim);
     let norm = |name: &str| -> Result<RmsNorm> {
@@ -80,7 +80,7 @@ fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool) -> Resul
     } else {
         bail!("missing tensor `lm_head.weight` and config.json has tie_word_embeddings = false; set it to true if the head is tied")
     };
-    Ok(Llama { embed_tokens, layers, norm: norm("model.norm.weight")?, lm_head, config: cfg.clone() })
+    Ok(Llama { embed_tokens, layers, norm: norm("model.norm.weight")?, lm_head, config: cfg.clone(), dtype })
 }
 
 impl Llama {
@@ -92,11 +92,11 @@ impl Llama {
     }
 
     pub fn from_store(cfg: &LlamaConfig, store: &WeightStore, device: &Device, dtype: FloatType) -> Result<Self> {
-        build(cfg, &FromStore { store, device, dtype }, store.contains("lm_head.weight"))
+        build(cfg, &FromStore { store, device, dtype }, store.contains("lm_head.weight"), dtype)
     }
 
     /// Random weights (N(0, 0.02), unit norms) of a given shape, built on the device.
     pub fn random(cfg: &LlamaConfig, device: &Device, dtype: FloatType) -> Self {
-        build(cfg, &Random { device, dtype, std: 0.02 }, true).expect("random init cannot fail")
+        build(cfg, &Random { device, dtype, std: 0.02 }, true, dtype).expect("random init cannot fail")
     }
 }

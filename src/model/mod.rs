@@ -51,6 +51,9 @@ pub struct Llama {
     pub lm_head: Option<TokenTable>,
     #[module(skip)]
     pub config: LlamaConfig,
+    /// Activation dtype; frozen weights are stored in it, trainable masters stay f32.
+    #[module(skip)]
+    pub dtype: crate::io::safetensors::FloatType,
 }
 
 impl Llama {
@@ -63,7 +66,7 @@ impl Llama {
     pub fn hidden(&self, ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
         let [_, t] = ids.dims();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let mut x = self.embed_tokens.embed(ids);
+        let mut x = self.embed_tokens.embed(ids).cast(self.dtype.burn_float());
         let rope = rope::RopeTables::new(&self.config, start, t, &x.device(), x.dtype());
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| c.layer(i));
