@@ -30,7 +30,7 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Interactive chat REPL (/reset clears history, /quit or Ctrl-D exits)
     Chat(ChatArgs),
-    /// Train LoRA + embeddings from a recipe.toml (not yet implemented)
+    /// Train LoRA + embedding/LM head from a recipe.toml (see recipes/README.md)
     Train(TrainArgs),
     /// Merge LoRA adapters (and their embedding/LM-head tables) into the base model, streamed
     Merge(MergeArgs),
@@ -182,9 +182,15 @@ struct ChatArgs {
 struct TrainArgs {
     /// The recipe (TOML)
     recipe: PathBuf,
-    /// Continue from the last checkpoint
+    /// Continue from the last checkpoint in the recipe's [output] dir
     #[arg(long)]
     resume: bool,
+    /// No progress bar (metrics still go to metrics.jsonl)
+    #[arg(long)]
+    quiet: bool,
+    /// Stop after N steps of this invocation (checkpoints as usual); resume later with --resume
+    #[arg(long)]
+    stop_after: Option<usize>,
 }
 
 #[derive(Args)]
@@ -460,7 +466,15 @@ fn run(cli: Cli) -> Result<()> {
             let mut out = std::io::stdout();
             chat::repl(&loaded, template, a.system.as_deref(), &a.s.options(), &mut input, &mut out)?;
         }
-        Cmd::Train(_) => anyhow::bail!("`train` is not yet implemented (tracked in the train issue)"),
+        Cmd::Train(a) => {
+            let r = linly_lora::train::run::train(&linly_lora::train::run::TrainOptions {
+                recipe: a.recipe,
+                resume: a.resume,
+                progress: !a.quiet,
+                stop_after: a.stop_after,
+            })?;
+            println!("{}", serde_json::to_string_pretty(&r)?);
+        }
         Cmd::Merge(a) => {
             let opts = linly_lora::lora::merge::MergeOptions {
                 base: a.base,

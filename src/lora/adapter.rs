@@ -230,6 +230,19 @@ pub fn linears(model: &Llama) -> Vec<(String, &Linear)> {
     v
 }
 
+/// Every projection of the model with its module path, mutably.
+pub fn linears_mut(model: &mut Llama) -> Vec<(String, &mut Linear)> {
+    let mut v = Vec::new();
+    for (i, l) in model.layers.iter_mut().enumerate() {
+        let a = &mut l.self_attn;
+        let m = &mut l.mlp;
+        for (t, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj), ("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
+            v.push((module_path(i, t), lin));
+        }
+    }
+    v
+}
+
 pub(crate) fn linear_of<'a>(model: &'a mut Llama, module: &str) -> Option<&'a mut Linear> {
     linear_mut(model, module)
 }

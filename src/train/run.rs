@@ -1,0 +1,424 @@
+//! `linly-lora train recipe.toml`: builds the model (base, vocabulary growth, LoRA), the data
+//! mixer, and runs the stages, writing metrics, checkpoints and the final adapter.
+
+use super::checkpoint::{self, TrainState};
+use super::optim::AdamW;
+use super::recipe::{Recipe, Stage};
+use super::scaler::Scaler;
+use super::schedule::{lr_factor, Schedule};
+use super::step::{train_step, MicroBatch, StepHparams};
+use crate::data::{self, Encoder, MixConfig, Mixer};
+use crate::lora::save::TableSave;
+use crate::lora::{self, set_table_modes, TableMode};
+use crate::model::Llama;
+use crate::vocab::{InitMethod, VocabExtension};
+use anyhow::{bail, Context, Result};
+use burn::module::Param;
+use serde::Serialize;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Default)]
+pub struct TrainOptions {
+    pub recipe: PathBuf,
+    pub resume: bool,
+    /// Draw a progress bar on stderr.
+    pub progress: bool,
+    /// Stop after this many steps in this invocation (as if killed), for resume tests.
+    pub stop_after: Option<usize>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct TrainReport {
+    pub out_dir: PathBuf,
+    pub adapter_dir: Option<PathBuf>,
+    pub start_step: usize,
+    pub end_step: usize,
+    pub total_steps: usize,
+    pub first_loss: Option<f64>,
+    pub last_loss: Option<f64>,
+    pub skipped_steps: u64,
+    pub packing_efficiency: f64,
+    pub tokens_per_s: f64,
+    pub old_vocab: usize,
+    pub new_vocab: usize,
+}
+
+/// The model as the recipe wants it before any step, plus what saving needs.
+pub struct Prepared {
+    pub model: Llama,
+    pub tokenizer: Option<PathBuf>,
+    pub extension: Option<PathBuf>,
+    pub old_vocab: usize,
+}
+
+/// Grows a loaded model's tables for `ext` (embedding and head separately), in memory. The
+/// same [`crate::vocab::resize_tables`] as `vocab resize`.
+pub fn resize_loaded(model: &mut Llama, ext: &VocabExtension, init: InitMethod, seed: u64, init_std: f32) -> Result<()> {
+    use crate::io::weights::{f32_data, tensor_to_f32};
+    let hidden = model.config.hidden_size;
+    let embed = tensor_to_f32(model.embed_tokens.weight());
+    let head = model.lm_head.as_ref().map(|h| tensor_to_f32(h.weight()));
+    let (e, h) = crate::vocab::resize_tables(&embed, head.as_deref(), hidden, ext, init, seed, init_std)?;
+    let device = model.embed_tokens.base.val().device();
+    let dt = model.dtype;
+    let up = |v: &[f32]| crate::model::TokenTable::new(burn::tensor::Tensor::from_data(f32_data(v, [ext.new_vocab, hidden], dt), (&device, dt.burn())));
+    model.embed_tokens = up(&e);
+    if let Some(h) = h {
+        model.lm_head = Some(up(&h));
+    }
+    model.config.vocab_size = ext.new_vocab;
+    Ok(())
+}
+
+/// Base model + vocabulary growth + adapter (`adapter_dir`: `init_from` or a checkpoint), or
+/// fresh LoRA branches.
+pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapter_dir: Option<&Path>) -> Result<Prepared> {
+    let dtype = recipe.dtype()?;
+    let model_dir = recipe.resolve(&recipe.model.path);
+    let mut model = Llama::load(&model_dir, device, dtype)?;
+    let mut tokenizer = match &recipe.model.tokenizer {
+        Some(t) => Some(recipe.resolve(t)),
+        None => model_dir.join("tokenizer.json").exists().then(|| model_dir.clone()),
+    };
+    let mut extension = None;
+    let mut old_vocab = model.vocab_size();
+    if let Some(v) = &recipe.vocab {
+        let ext_path = match (&v.extension, &v.add) {
+            (Some(e), _) => recipe.resolve(e),
+            (None, Some(add)) => {
+                // In-run extension: the new tokenizer lands in the output folder.
+                let src = tokenizer.clone().context("[vocab] add needs the model's tokenizer.json (or [model] tokenizer)")?;
+                let dir = out.join("tokenizer");
+                crate::vocab::extend(&src, &crate::vocab::PieceSource::List(recipe.resolve(add)), &dir, true)?;
+                dir.join("vocab_extension.json")
+            }
+            _ => unreachable!("checked by the recipe"),
+        };
+        let ext = VocabExtension::load(&ext_path)?;
+        let ext_dir = ext_path.parent().map(Path::to_path_buf).unwrap_or_default();
+        if ext_dir.join("tokenizer.json").exists() {
+            tokenizer = Some(ext_dir);
+        }
+        let init: InitMethod = v.init.parse()?;
+        if model.vocab_size() == ext.old_vocab {
+            let std = crate::vocab::init_std(&crate::config::HfConfig::load(&model_dir)?);
+            resize_loaded(&mut model, &ext, init, v.seed, std)?;
+        } else if model.vocab_size() != ext.new_vocab {
+            bail!(
+                "[vocab] extension: the model has {} rows but the extension goes {} -> {}: use the extension made from this model's tokenizer",
+                model.vocab_size(),
+                ext.old_vocab,
+                ext.new_vocab
+            );
+        }
+        old_vocab = ext.old_vocab;
+        extension = Some(ext_path);
+    }
+    match adapter_dir {
+        Some(a) => model = lora::adapter::apply(model, a, device)?,
+        None if recipe.lora.enabled => lora::inject(
+            &mut model,
+            &lora::LoraSettings {
+                r: recipe.lora.r,
+                alpha: recipe.lora.alpha,
+                dropout: recipe.lora.dropout,
+                rslora: recipe.lora.rslora,
+                targets: recipe.lora.targets.clone(),
+                init: recipe.lora_init()?,
+                seed: recipe.train.seed,
+            },
+            device,
+        )?,
+        None => {}
+    }
+    for (_, lin) in lora::adapter::linears_mut(&mut model) {
+        for br in lin.lora.iter_mut() {
+            br.dropout = recipe.lora.dropout;
+        }
+    }
+    Ok(Prepared { model, tokenizer, extension, old_vocab })
+}
+
+/// Applies a stage's choices: which tables train, whether LoRA trains.
+pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize) -> Result<()> {
+    set_table_modes(model, stage.embed, stage.head, old_vocab)?;
+    for (_, lin) in lora::adapter::linears_mut(model) {
+        for br in lin.lora.iter_mut() {
+            for p in [&mut br.a, &mut br.b] {
+                let v = p.val().detach().cast(burn::tensor::FloatDType::F32);
+                *p = Param::initialized(p.id, if stage.lora { v.require_grad() } else { v });
+            }
+        }
+    }
+    Ok(())
+}
+
+/// `all` > `new_rows` > `frozen`: what an adapter must carry after the stages so far.
+fn widest(a: TableMode, b: TableMode) -> TableMode {
+    use TableMode::*;
+    match (a, b) {
+        (All, _) | (_, All) => All,
+        (NewRows, _) | (_, NewRows) => NewRows,
+        _ => Frozen,
+    }
+}
+
+fn table_save(stages: &[Stage], upto: usize, old_vocab: usize) -> TableSave {
+    let (mut e, mut h) = (TableMode::Frozen, TableMode::Frozen);
+    for s in &stages[..=upto.min(stages.len() - 1)] {
+        e = widest(e, s.embed);
+        h = widest(h, s.head);
+    }
+    TableSave { embed: e, lm_head: h, old_vocab }
+}
+
+fn stage_at(stages: &[Stage], step: usize) -> (usize, usize) {
+    let mut start = 0;
+    for (i, s) in stages.iter().enumerate() {
+        if step < start + s.steps {
+            return (i, start);
+        }
+        start += s.steps;
+    }
+    (stages.len() - 1, start - stages.last().map(|s| s.steps).unwrap_or(0))
+}
+
+fn recipe_hash(text: &str) -> u64 {
+    // FNV-1a: stable across Rust versions, unlike DefaultHasher.
+    text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
+}
+
+/// A tokenizer for runs whose data is all `tokenized` and whose model has no tokenizer.json.
+fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#;
+    let tok: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut enc = Encoder::new(tok, None, eos)?;
+    enc.vocab_size = vocab;
+    Ok(enc)
+}
+
+pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
+    let recipe_text = std::fs::read_to_string(&opts.recipe).with_context(|| format!("cannot read recipe {}", opts.recipe.display()))?;
+    let recipe = Recipe::load(&opts.recipe)?;
+    let out = recipe.resolve(&recipe.output.dir);
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
+    let stages = recipe.stages()?;
+    let total: usize = stages.iter().map(|s| s.steps).sum();
+    let base_device = crate::device::parse(&recipe.model.device)?;
+    let device = base_device.clone().autodiff();
+    let hash = recipe_hash(&recipe_text);
+
+    let ckpts = checkpoint::list(&out);
+    let resume_from = if opts.resume {
+        Some(ckpts.last().cloned().with_context(|| format!("--resume: no checkpoint in {}/checkpoints", out.display()))?)
+    } else {
+        if !ckpts.is_empty() {
+            bail!("{} already holds checkpoints of a run: pass --resume to continue it, or choose another [output] dir", out.display());
+        }
+        None
+    };
+    let (state, opt) = match &resume_from {
+        Some((_, dir)) => {
+            let (st, o) = checkpoint::load(dir, &base_device)?;
+            if st.recipe_hash != hash {
+                bail!("{}: the recipe changed since this checkpoint was written; resume with the same recipe", dir.display());
+            }
+            (Some(st), o)
+        }
+        None => (None, AdamW::default()),
+    };
+    let adapter_dir = match &resume_from {
+        Some((_, d)) => Some(d.join("adapter")),
+        None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
+    };
+    let Prepared { mut model, tokenizer, extension, old_vocab } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
+    let new_vocab = model.vocab_size();
+
+    // Data.
+    let eos = model.config.eos_token_ids.first().copied().unwrap_or(2);
+    let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
+    let mut enc = match &tokenizer {
+        Some(t) => Encoder::from_file(t, model.config.bos_token_id, eos)?,
+        None if all_tokenized => ids_only_encoder(new_vocab, eos)?,
+        None => bail!("the model has no tokenizer.json: add [model] tokenizer, or use only `tokenized` data"),
+    };
+    enc.vocab_size = enc.vocab_size.max(new_vocab).min(new_vocab.max(enc.vocab_size));
+    if enc.vocab_size > new_vocab {
+        bail!("the tokenizer has {} tokens but the model {new_vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
+    }
+    enc.vocab_size = new_vocab;
+    let sources = data::load_sources(&recipe.data, &recipe.root, &enc, Some(&out.join("token-cache")))?;
+    let mut mcfg = MixConfig::new(recipe.train.seq_len, recipe.train.seed);
+    mcfg.bucketed = recipe.mix.bucketed;
+    if let Some(b) = recipe.mix.bins {
+        mcfg.bins = b;
+    }
+    mcfg.packing = recipe.mix.packing;
+    mcfg.pad_id = model.config.eos_token_ids.first().copied().unwrap_or(0);
+    let mut mixer = Mixer::new(sources, mcfg)?;
+
+    let mut scaler = Scaler::new(recipe.scaler()?);
+    let mut opt = opt;
+    let start = match &state {
+        Some(st) => {
+            mixer.restore(serde_json::from_value(st.data.clone())?)?;
+            scaler = st.scaler.clone();
+            st.step
+        }
+        None => 0,
+    };
+    // Metrics: keep exactly the lines up to the resumed step, as an uninterrupted run has them.
+    let metrics_path = out.join("metrics.jsonl");
+    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= start))
+        .map(String::from)
+        .collect();
+    crate::io::atomic::write(&metrics_path, kept.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
+    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    if start == 0 {
+        std::fs::copy(&opts.recipe, out.join("recipe.toml"))?;
+    }
+
+    let schedule: Schedule = recipe.train.schedule.parse()?;
+    let bar = if opts.progress { Some(progress_bar(total, start)) } else { None };
+    let mut current_stage = usize::MAX;
+    let (mut first_loss, mut last_loss) = (None, None);
+    let t_run = Instant::now();
+    let mut tokens_run = 0usize;
+    let end = opts.stop_after.map(|n| (start + n).min(total)).unwrap_or(total);
+    for step in start..end {
+        let (si, stage_start) = stage_at(&stages, step);
+        if si != current_stage {
+            enter_stage(&mut model, &stages[si], old_vocab)?;
+            current_stage = si;
+        }
+        let stage = &stages[si];
+        let warmup = (recipe.train.warmup_ratio * stage.steps as f64).ceil() as usize;
+        let f = lr_factor(schedule, step - stage_start, stage.steps, warmup);
+        let hp = StepHparams { lr: stage.lr * f, embed_lr: stage.embed_lr * f, weight_decay: recipe.train.weight_decay, max_grad_norm: recipe.train.max_grad_norm };
+        // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
+        device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
+        let mut batches = Vec::with_capacity(recipe.train.grad_accum);
+        for _ in 0..recipe.train.grad_accum {
+            let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
+            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels });
+        }
+        let t0 = Instant::now();
+        let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
+        let dt = t0.elapsed().as_secs_f64();
+        let positions: usize = batches.iter().map(|b| b.input_ids.len() * b.input_ids[0].len()).sum();
+        tokens_run += positions;
+        first_loss.get_or_insert(r.loss);
+        last_loss = Some(r.loss);
+        let line = serde_json::json!({
+            "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
+            "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
+            "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
+            "events": r.events,
+        });
+        writeln!(metrics, "{line}")?;
+        if let Some(b) = &bar {
+            b.set_position((step + 1) as u64);
+            b.set_message(format!("loss {:.4} scale {} {}", r.loss, r.loss_scale, if r.skipped { "skipped" } else { "" }));
+            for e in &r.events {
+                b.println(format!("step {}: {e}", step + 1));
+            }
+        } else {
+            for e in &r.events {
+                eprintln!("step {}: {e}", step + 1);
+            }
+        }
+        let done = step + 1;
+        if recipe.output.eval_every > 0 && done % recipe.output.eval_every == 0 && !recipe.eval.is_empty() {
+            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), &base_device)?;
+            writeln!(metrics, "{}", serde_json::json!({"step": done, "eval": ev}))?;
+        }
+        if done % recipe.output.save_every == 0 || done == total {
+            let ts = table_save(&stages, si, old_vocab);
+            let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash };
+            let cfg = adapter_config(&recipe);
+            checkpoint::save(&out, &st, &opt, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
+        }
+    }
+    if let Some(b) = &bar {
+        b.finish();
+    }
+    let mut adapter_out = None;
+    if end == total {
+        let ts = table_save(&stages, stages.len() - 1, old_vocab);
+        let mut extra: Vec<PathBuf> = vec![opts.recipe.clone()];
+        if let (Some(t), Some(_)) = (&tokenizer, &extension) {
+            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
+                if t.join(f).exists() {
+                    extra.push(t.join(f));
+                }
+            }
+        }
+        if let Some(e) = &extension {
+            extra.push(e.clone());
+        }
+        let refs: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
+        let dir = out.join("adapter");
+        lora::save::save(&model, &adapter_config(&recipe), ts, &dir, &refs)?;
+        adapter_out = Some(dir);
+        if !recipe.eval.is_empty() {
+            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), &base_device)?;
+            writeln!(metrics, "{}", serde_json::json!({"step": total, "eval": ev}))?;
+        }
+        if recipe.output.plots {
+            if let Err(e) = super::plot::plot_metrics(&metrics_path, &out) {
+                eprintln!("warning: plots not drawn: {e:#}");
+            }
+        }
+    }
+    let secs = t_run.elapsed().as_secs_f64();
+    let report = TrainReport {
+        out_dir: out.clone(),
+        adapter_dir: adapter_out,
+        start_step: start,
+        end_step: end,
+        total_steps: total,
+        first_loss,
+        last_loss,
+        skipped_steps: scaler.skipped_steps,
+        packing_efficiency: mixer.stats().efficiency(),
+        tokens_per_s: tokens_run as f64 / secs.max(1e-9),
+        old_vocab,
+        new_vocab,
+    };
+    crate::io::atomic::write(&out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
+    Ok(report)
+}
+
+fn adapter_config(recipe: &Recipe) -> crate::lora::config::AdapterConfig {
+    let mut c = crate::lora::config::AdapterConfig::new(recipe.lora.r, recipe.lora.alpha, recipe.lora.dropout, recipe.lora.rslora, &recipe.lora.targets);
+    c.base_model_name_or_path = Some(recipe.resolve(&recipe.model.path).display().to_string());
+    c
+}
+
+/// bits/char of the current model on each [[eval]] file.
+fn evaluate(recipe: &Recipe, model: &Llama, tokenizer: Option<&Path>, device: &burn::tensor::Device) -> Result<Vec<serde_json::Value>> {
+    use burn::module::Module;
+    let tok = crate::tokenizer::Tok::load(tokenizer.context("[[eval]] needs a tokenizer")?)?;
+    let plain = model.valid();
+    let loaded = crate::infer::Loaded { model: plain, tok: Some(tok), device: device.clone() };
+    let mut out = Vec::new();
+    for e in &recipe.eval {
+        let path = recipe.resolve(&e.path);
+        let text = crate::tokenizer::read_text(&path)?;
+        let r = crate::infer::eval::eval_text(&loaded, &text, Some(recipe.train.seq_len.max(256)))?;
+        out.push(serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens}));
+    }
+    Ok(out)
+}
+
+fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
+    let b = indicatif::ProgressBar::new(total as u64);
+    b.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}").unwrap().progress_chars("=> "));
+    b.set_position(start as u64);
+    b
+}
