@@ -46,3 +46,272 @@ fn sft_loss_and_gradients_match_peft() {
         assert!(e <= 1e-3, "{name}: relative error {e:e} > 1e-3");
     }
 }
+
+mod recipes {
+    use super::common::*;
+    use linly_lora::train::recipe::Recipe;
+    use linly_lora::train::run::{train, TrainOptions};
+    use std::path::{Path, PathBuf};
+
+    fn p(x: &Path) -> String {
+        x.display().to_string()
+    }
+
+    /// Writes a recipe into `dir` and returns its path.
+    fn recipe(dir: &Path, body: &str) -> PathBuf {
+        let f = dir.join("recipe.toml");
+        std::fs::write(&f, body).unwrap();
+        f
+    }
+
+    fn metrics(out: &Path) -> Vec<serde_json::Value> {
+        std::fs::read_to_string(out.join("metrics.jsonl")).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).filter(|v: &serde_json::Value| v.get("loss").is_some()).collect()
+    }
+
+    #[test]
+    fn sft_step_one_through_a_recipe_matches_peft() {
+        let dir = tempfile::tempdir().unwrap();
+        let e = Expected::load();
+        let (labels, shape) = e.i64("sft_labels");
+        let ids = e.ids("resized_input_ids");
+        let lines: Vec<String> = ids.iter().zip(labels.chunks(shape[1])).map(|(i, l)| serde_json::json!({"input_ids": i, "labels": l}).to_string()).collect();
+        std::fs::write(dir.path().join("sft.jsonl"), lines.join("\n")).unwrap();
+        let r = recipe(
+            dir.path(),
+            &format!(
+                r#"
+[model]
+path = "{base}"
+[vocab]
+extension = "{ext}"
+[lora]
+r = 8
+alpha = 16
+dropout = 0.0
+init_from = "{adapter}"
+[[data]]
+kind = "tokenized"
+path = "sft.jsonl"
+[mix]
+packing = false
+[train]
+seq_len = 24
+batch_size = 2
+grad_accum = 1
+steps = 1
+lr = 1e-4
+warmup_ratio = 0.0
+schedule = "constant"
+weight_decay = 0.0
+max_grad_norm = 0.0
+seed = 1
+[output]
+dir = "out"
+plots = false
+"#,
+                base = p(&tiny().join("base")),
+                ext = p(&tiny().join("vocab_extension.json")),
+                adapter = p(&tiny().join("adapter"))
+            ),
+        );
+        let rep = train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
+        let want = e.f32("sft_loss").0[0] as f64;
+        let got = rep.first_loss.unwrap();
+        assert!((got - want).abs() / want <= 1e-4, "step-1 loss {got} vs PEFT's {want}");
+        let m = metrics(&dir.path().join("out"));
+        assert_eq!(m.len(), 1);
+        assert_eq!(m[0]["tokens"], 2 * (23 - 5)); // 23 shifted positions per row, 5 of them masked
+    }
+
+    fn text_recipe(dir: &Path, model: &Path, steps: usize, extra: &str) -> PathBuf {
+        text_recipe_d(dir, model, steps, extra, 0.1)
+    }
+
+    fn text_recipe_d(dir: &Path, model: &Path, steps: usize, extra: &str, dropout: f64) -> PathBuf {
+        let fx = fixture("data");
+        recipe(
+            dir,
+            &format!(
+                r#"
+[model]
+path = "{model}"
+[lora]
+r = 4
+alpha = 8
+dropout = {dropout}
+targets = ["q_proj", "v_proj", "down_proj"]
+[trainable]
+embed_tokens = "all"
+lm_head = "all"
+[[data]]
+kind = "parallel"
+path = "{fx}/hsk_zh_en_sample.tsv"
+weight = [0.2, 0.8]
+[[data]]
+kind = "alpaca"
+path = "{fx}/alpaca_sample.json"
+weight = 1.0
+[[data]]
+kind = "text"
+path = "{fx}/text_sample.txt"
+weight = [0.8, 0.2]
+[train]
+seq_len = 64
+batch_size = 2
+grad_accum = 2
+steps = {steps}
+lr = 3e-3
+embed_lr = 3e-3
+warmup_ratio = 0.1
+schedule = "cosine"
+weight_decay = 0.01
+max_grad_norm = 1.0
+seed = 5
+[output]
+dir = "out"
+save_every = 2
+keep_last = 2
+{extra}
+"#,
+                model = p(model),
+                fx = p(&fx),
+                dropout = dropout
+            ),
+        )
+    }
+
+    #[test]
+    fn loss_falls_on_real_chinese_data() {
+        let dir = tempfile::tempdir().unwrap();
+        let m = dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let r = text_recipe(dir.path(), &m, 30, "");
+        let rep = train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
+        let ms = metrics(&dir.path().join("out"));
+        let avg = |s: &[serde_json::Value]| s.iter().map(|v| v["loss"].as_f64().unwrap()).sum::<f64>() / s.len() as f64;
+        let (first, last) = (avg(&ms[..5]), avg(&ms[ms.len() - 5..]));
+        assert!(last < first - 0.5, "loss did not fall: {first} -> {last}");
+        assert!(rep.adapter_dir.unwrap().join("adapter_model.safetensors").exists());
+        assert!(dir.path().join("out/loss.png").exists() && dir.path().join("out/loss_scale.png").exists());
+        assert!(rep.packing_efficiency > 0.5, "{}", rep.packing_efficiency);
+        // The adapter loads for inference.
+        let spec = linly_lora::infer::ModelSpec { adapters: vec![dir.path().join("out/adapter")], ..linly_lora::infer::ModelSpec::new(&m) };
+        linly_lora::infer::load(&spec).unwrap();
+    }
+
+    /// Dropout masks come from the device RNG, seeded per step. The CLI trains one model per
+    /// process, so this test drives the real binary (parallel tests in one process would share
+    /// that RNG) and really `kill -9`s it.
+    #[test]
+    fn resume_after_kill_9_reproduces_the_uninterrupted_run() {
+        use std::process::{Command, Stdio};
+        let m_dir = tempfile::tempdir().unwrap();
+        let m = m_dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let bin = env!("CARGO_BIN_EXE_linly-lora");
+        let a = tempfile::tempdir().unwrap();
+        let ra = text_recipe(a.path(), &m, 10, "");
+        let st = Command::new(bin).args(["train", "--quiet"]).arg(&ra).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success());
+        let b = tempfile::tempdir().unwrap();
+        let rb = text_recipe(b.path(), &m, 10, "");
+        let mut child = Command::new(bin).args(["train", "--quiet"]).arg(&rb).stdout(Stdio::null()).stderr(Stdio::null()).spawn().unwrap();
+        let ck = b.path().join("out/checkpoints/step-00000004/state.json");
+        let t0 = std::time::Instant::now();
+        while !ck.exists() && t0.elapsed().as_secs() < 120 {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        }
+        child.kill().unwrap(); // SIGKILL
+        child.wait().unwrap();
+        assert!(ck.exists(), "no checkpoint within 120 s");
+        assert!(!b.path().join("out/adapter").exists(), "the run finished before the kill; nothing was resumed");
+        let fresh = Command::new(bin).args(["train", "--quiet"]).arg(&rb).output().unwrap();
+        assert!(!fresh.status.success() && String::from_utf8_lossy(&fresh.stderr).contains("--resume"), "a second fresh run into the same dir must be refused");
+        let st = Command::new(bin).args(["train", "--quiet", "--resume"]).arg(&rb).stdout(Stdio::null()).status().unwrap();
+        assert!(st.success());
+        let (ma, mb) = (metrics(&a.path().join("out")), metrics(&b.path().join("out")));
+        assert_eq!(ma.len(), 10);
+        assert_eq!(mb.len(), 10, "metrics after resume hold exactly one line per step");
+        for (x, y) in ma.iter().zip(&mb) {
+            assert_eq!(x["step"], y["step"]);
+            assert_eq!(x["loss"], y["loss"], "loss differs at step {}", x["step"]);
+            assert_eq!(x["grad_norm"], y["grad_norm"]);
+        }
+        let fa = std::fs::read(a.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+        let fb = std::fs::read(b.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+        assert!(fa == fb, "final adapters differ");
+        let n = std::fs::read_dir(b.path().join("out/checkpoints")).unwrap().count();
+        assert_eq!(n, 2, "keep_last = 2");
+    }
+
+    #[test]
+    fn stop_and_resume_in_process_without_dropout() {
+        let m_dir = tempfile::tempdir().unwrap();
+        let m = m_dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let a = tempfile::tempdir().unwrap();
+        train(&TrainOptions { recipe: text_recipe_d(a.path(), &m, 6, "", 0.0), ..Default::default() }).unwrap();
+        let b = tempfile::tempdir().unwrap();
+        let rb = text_recipe_d(b.path(), &m, 6, "", 0.0);
+        assert_eq!(train(&TrainOptions { recipe: rb.clone(), stop_after: Some(3), ..Default::default() }).unwrap().end_step, 3);
+        assert!(train(&TrainOptions { recipe: rb.clone(), ..Default::default() }).is_err());
+        assert_eq!(train(&TrainOptions { recipe: rb, resume: true, ..Default::default() }).unwrap().start_step, 2);
+        let (ma, mb) = (metrics(&a.path().join("out")), metrics(&b.path().join("out")));
+        assert_eq!(ma.len(), mb.len());
+        for (x, y) in ma.iter().zip(&mb) {
+            assert_eq!(x["loss"], y["loss"], "loss differs at step {}", x["step"]);
+        }
+    }
+
+    #[test]
+    fn recipe_errors_name_the_key() {
+        let dir = tempfile::tempdir().unwrap();
+        let base = format!("[model]\npath = \"{}\"\n[[data]]\nkind = \"tokenized\"\npath = \"{}\"\n[output]\ndir = \"out\"\n", p(&tiny().join("base")), p(&fixture("data/tiny_ids.jsonl")));
+        let cases: Vec<(String, &str)> = vec![
+            (base.clone() + "[train]\nseq_len = 0\nbatch_size = 1\ngrad_accum = 1\nsteps = 1\nlr = 1e-3\nwarmup_ratio = 0.0\nschedule = \"cosine\"\nweight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 1\n", "seq_len"),
+            (base.clone() + "[lora]\nr = 0\n", "[lora] r"),
+            (base.clone() + "[lora]\nrank = 8\n", "rank"),
+            (base.clone() + "[lora]\ntargets = [\"qkv\"]\n", "qkv"),
+            (base.clone() + "[trainable]\nembed_tokens = \"some\"\n", "embed_tokens"),
+            (base.clone() + "[precision]\ndtype = \"fp8\"\n", "dtype"),
+            (base.clone() + "[precision]\nscaler = \"magic\"\n", "scaler"),
+            (base.clone() + "[vocab]\ninit = \"subtoken-mean\"\n", "[vocab]"),
+            (base.clone() + "[vocab]\nextension = \"nope.json\"\n", "[vocab] extension"),
+            (base.replace("tiny_ids.jsonl", "missing.jsonl"), "[[data]] #1 path"),
+            (base.replace("kind = \"tokenized\"", "kind = \"poetry\""), "poetry"),
+            (base.replace("[output]\ndir = \"out\"\n", ""), "output"),
+            (base.clone() + "[[stage]]\nsteps = 0\n", "[[stage]] #1"),
+            (base.clone() + "[lora]\ninit_from = \"/nonexistent\"\n", "init_from"),
+            (base.replace(&p(&tiny().join("base")), "/nonexistent/model"), "[model] path"),
+        ];
+        for (i, (text, needle)) in cases.iter().enumerate() {
+            let f = dir.path().join(format!("r{i}.toml"));
+            std::fs::write(&f, text).unwrap();
+            let e = format!("{:#}", Recipe::load(&f).unwrap_err());
+            assert!(e.contains(needle), "case {i}: error lacks `{needle}`: {e}");
+        }
+        // Weights that are all zero fail when the data is built, before any step.
+        let f = dir.path().join("zero.toml");
+        let with_ext = base.replace("[[data]]", &format!("[vocab]\nextension = \"{}\"\n[[data]]", p(&tiny().join("vocab_extension.json"))));
+        std::fs::write(&f, with_ext.replace("kind = \"tokenized\"", "kind = \"tokenized\"\nweight = 0") + "[train]\nseq_len = 16\nbatch_size = 1\ngrad_accum = 1\nsteps = 1\nlr = 1e-3\nwarmup_ratio = 0.0\nschedule = \"cosine\"\nweight_decay = 0.0\nmax_grad_norm = 1.0\nseed = 1\n").unwrap();
+        let e = format!("{:#}", train(&TrainOptions { recipe: f, ..Default::default() }).unwrap_err());
+        assert!(e.contains("weight"), "{e}");
+        assert!(!dir.path().join("out/metrics.jsonl").exists() || std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap().is_empty());
+    }
+
+    #[test]
+    fn shipped_recipes_parse() {
+        for entry in std::fs::read_dir(fixture("../../recipes")).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                let text = std::fs::read_to_string(&path).unwrap();
+                // Real-model recipes point at folders made by the quickstart; parse their keys only.
+                toml::from_str::<Recipe>(&text).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
+        Recipe::load(&fixture("../../recipes/tiny-cpu.toml")).unwrap();
+    }
+}
