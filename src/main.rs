@@ -321,6 +321,44 @@ enum BenchCmd {
         #[arg(long, default_value_t = 3)]
         reps: usize,
     },
+    /// Training tokens/s and peak RSS: LoRA on all 7 projections + embed/lm_head, AdamW, random tokens
+    Train {
+        #[arg(long, default_value = "smollm2-135m")]
+        shape: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        #[arg(long, default_value = "f32")]
+        dtype: FloatType,
+        #[arg(long, default_value_t = 8)]
+        rank: usize,
+        #[arg(long, default_value_t = 4)]
+        batch: usize,
+        #[arg(long, default_value_t = 256)]
+        seq: usize,
+        #[arg(long, default_value_t = 3)]
+        warmup: usize,
+        #[arg(long, default_value_t = 10)]
+        steps: usize,
+    },
+    /// fp16 loss-scaler experiment: random / mean / sub-token-mean new rows × GradScaler-style vs linly scaler
+    Scaler {
+        #[arg(long, default_value = "runs/bench-scaler")]
+        workdir: PathBuf,
+        #[arg(long, default_value = "tests/fixtures/llama2-tokenizer")]
+        tokenizer: PathBuf,
+        #[arg(long, default_value = "tests/fixtures/zh/jieba_dict.txt")]
+        wordlist: PathBuf,
+        /// Folder with hsk_zh_en_sample.tsv, alpaca_sample.json, text_sample.txt
+        #[arg(long, default_value = "tests/fixtures/data")]
+        data: PathBuf,
+        #[arg(long, default_value_t = 100)]
+        steps: usize,
+        #[arg(long, default_value_t = 2e-4)]
+        lr: f64,
+        /// Std of the `random` rows (the LLama2-chat-13B-Chinese failure used N(0, 1)-scale rows)
+        #[arg(long, default_value_t = 1.0)]
+        random_std: f32,
+    },
     /// Merge wall time ÷ copy time and peak RSS, on a synthetic f16 model + rank-r adapter
     Merge {
         #[arg(long, default_value = "1b")]
@@ -518,6 +556,15 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
             let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;
             println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Bench { what: BenchCmd::Train { shape, device, dtype, rank, batch, seq, warmup, steps } } => {
+            let r = linly_lora::bench::train::train(&shape, &device, dtype, rank, batch, seq, warmup, steps)?;
+            println!("{}", serde_json::to_string(&r)?);
+        }
+        Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std } } => {
+            let rows = linly_lora::bench::scaler::run(&linly_lora::bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std })?;
+            println!("{}", linly_lora::bench::scaler::markdown(&rows));
+            println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Bench { what: BenchCmd::Merge { shape, rank, workdir, keep } } => {
             let r = linly_lora::bench::merge::merge(&shape, rank, &workdir, keep)?;

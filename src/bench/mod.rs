@@ -1,6 +1,8 @@
 //! Benchmarks on randomly initialised models of named shapes (no weights needed).
 
 pub mod merge;
+pub mod scaler;
+pub mod train;
 
 use crate::config::LlamaConfig;
 use crate::infer::generate::last_logits;

@@ -21,11 +21,14 @@ pub struct TokenTable {
     pub base: Param<Tensor<2>>,
     /// `[extra_rows, hidden]`, ids `base_rows..`.
     pub extra: Option<Param<Tensor<2>>>,
+    /// New rows compute in f32 (the default). `false` runs them in the activation dtype like
+    /// everything else — what a DeepSpeed/GradScaler setup does — for the scaler benchmark.
+    pub extra_f32: bool,
 }
 
 impl TokenTable {
     pub fn new(weight: Tensor<2>) -> Self {
-        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None }
+        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true }
     }
 
     pub fn base_rows(&self) -> usize {
@@ -60,7 +63,8 @@ impl TokenTable {
                 let old_ids = ids.clone().clamp_max(n - 1);
                 let new_ids = (ids - n).clamp_min(0);
                 let e_old = embedding(base, old_ids);
-                let e_new = embedding(extra.val().cast(burn::tensor::FloatDType::F32), new_ids).cast(dt);
+                let new_dt = if self.extra_f32 { burn::tensor::FloatDType::F32 } else { dt };
+                let e_new = embedding(extra.val().cast(new_dt), new_ids).cast(dt);
                 let [b, t, d] = e_old.dims();
                 e_old.mask_where(is_new.unsqueeze_dim::<3>(2).expand([b, t, d]), e_new)
             }
@@ -77,9 +81,10 @@ impl TokenTable {
             None => h2.matmul(base.transpose()),
             Some(extra) => {
                 let f32 = burn::tensor::FloatDType::F32;
-                let extra = extra.val().cast(f32);
+                let new_dt = if self.extra_f32 { f32 } else { super::norm::float_dtype(h2.dtype()) };
+                let extra = extra.val().cast(new_dt);
                 let old = h2.clone().matmul(base.transpose()).cast(f32);
-                Tensor::cat(vec![old, h2.cast(f32).matmul(extra.transpose())], 1)
+                Tensor::cat(vec![old, h2.cast(new_dt).matmul(extra.transpose()).cast(f32)], 1)
             }
         };
         let v = logits.dims()[1];

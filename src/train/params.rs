@@ -21,7 +21,7 @@ pub struct Trainable<'a> {
 }
 
 fn tables<'a>(t: &'a mut TokenTable, prefix: &str, out: &mut Vec<Trainable<'a>>) {
-    let TokenTable { base, extra } = t;
+    let TokenTable { base, extra, .. } = t;
     if base.val().is_require_grad() {
         out.push(Trainable { name: format!("{prefix}.base"), group: Group::OldRows, lr_group: LrGroup::Table, param: base });
     }

@@ -65,6 +65,9 @@ pub struct VocabSection {
     pub init: String,
     #[serde(default)]
     pub seed: u64,
+    /// Std of `random` / scale of `noisy-mean` rows (default: the model's initializer_range).
+    #[serde(default)]
+    pub init_std: Option<f32>,
 }
 
 fn subtoken_mean() -> String {
@@ -149,7 +152,7 @@ pub struct MixSection {
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[serde(deny_unknown_fields, default)]
 pub struct TrainSection {
     pub seq_len: usize,
     pub batch_size: usize,
@@ -193,12 +196,15 @@ pub struct PrecisionSection {
     pub growth_interval: u32,
     pub hysteresis: u32,
     pub min_scale: f32,
+    /// New vocabulary rows compute in f32 (default true). `false` is the DeepSpeed/GradScaler
+    /// setup (everything in the low dtype), kept for the scaler benchmark.
+    pub new_rows_f32: bool,
 }
 
 impl Default for PrecisionSection {
     fn default() -> Self {
         let d = ScalerConfig::default();
-        PrecisionSection { dtype: "fp32".into(), scaler: "linly".into(), init_scale: d.init_scale, growth_interval: d.growth_interval, hysteresis: d.hysteresis, min_scale: d.min_scale }
+        PrecisionSection { dtype: "fp32".into(), scaler: "linly".into(), init_scale: d.init_scale, growth_interval: d.growth_interval, hysteresis: d.hysteresis, min_scale: d.min_scale, new_rows_f32: true }
     }
 }
 

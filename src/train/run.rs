@@ -103,7 +103,10 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
         }
         let init: InitMethod = v.init.parse()?;
         if model.vocab_size() == ext.old_vocab {
-            let std = crate::vocab::init_std(&crate::config::HfConfig::load(&model_dir)?);
+            let std = match v.init_std {
+                Some(s) => s,
+                None => crate::vocab::init_std(&crate::config::HfConfig::load(&model_dir)?),
+            };
             resize_loaded(&mut model, &ext, init, v.seed, std)?;
         } else if model.vocab_size() != ext.new_vocab {
             bail!(
@@ -142,7 +145,11 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
 }
 
 /// Applies a stage's choices: which tables train, whether LoRA trains.
-pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize) -> Result<()> {
+pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool) -> Result<()> {
+    model.embed_tokens.extra_f32 = new_rows_f32;
+    if let Some(h) = model.lm_head.as_mut() {
+        h.extra_f32 = new_rows_f32;
+    }
     set_table_modes(model, stage.embed, stage.head, old_vocab)?;
     for (_, lin) in lora::adapter::linears_mut(model) {
         for br in lin.lora.iter_mut() {
@@ -200,8 +207,9 @@ fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
-    let recipe_text = std::fs::read_to_string(&opts.recipe).with_context(|| format!("cannot read recipe {}", opts.recipe.display()))?;
     let recipe = Recipe::load(&opts.recipe)?;
+    // The parsed recipe, not its text: comments and formatting may change between resumes.
+    let recipe_text = serde_json::to_string(&recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let stages = recipe.stages()?;
@@ -293,7 +301,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     for step in start..end {
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
-            enter_stage(&mut model, &stages[si], old_vocab)?;
+            enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32)?;
             current_stage = si;
         }
         let stage = &stages[si];
