@@ -454,41 +454,17 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Generate(a) => {
             let loaded = infer::load(&a.m.spec())?;
             let mut opts = a.s.options();
-            opts.stop_ids = loaded.model.config.eos_token_ids.clone();
+            opts.stop_ids = generate::default_stop_ids(&loaded);
             let prompt = match (&a.prompt, &a.prompt_ids) {
                 (_, Some(ids)) => ids.clone(),
-                (Some(p), _) => {
-                    let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("--prompt needs a tokenizer.json in the model folder; use --prompt-ids"))?;
-                    let mut ids = tok.encode(p, true)?;
-                    if let Some(eos) = tok.token_id("</s>").or(tok.token_id("<|endoftext|>")) {
-                        opts.stop_ids.push(eos);
-                    }
-                    if let Some(bos) = loaded.model.config.bos_token_id {
-                        if ids.first() != Some(&bos) && tok.adds_bos(bos) {
-                            ids.insert(0, bos);
-                        }
-                    }
-                    ids
-                }
+                (Some(p), _) => generate::text_prompt(&loaded, p)?,
                 _ => unreachable!("clap requires one"),
             };
             let mut out = std::io::stdout().lock();
-            let mut dec = linly_lora::tokenizer::StreamDecoder::new();
-            if let (Some(tok), Some(p)) = (&loaded.tok, &a.prompt) {
-                let _ = tok;
+            if let (Some(_), Some(p)) = (&loaded.tok, &a.prompt) {
                 write!(out, "{p}")?;
             }
-            let new = generate::generate(&loaded.model, &prompt, &opts, &loaded.device, |id| {
-                if let Some(tok) = &loaded.tok {
-                    if !opts.stop_ids.contains(&id) {
-                        if let Some(s) = dec.push(tok, id)? {
-                            write!(out, "{s}")?;
-                            out.flush()?;
-                        }
-                    }
-                }
-                Ok(true)
-            })?;
+            let new = generate::stream(&loaded, &prompt, &opts, &mut out)?;
             writeln!(out)?;
             if a.print_ids || loaded.tok.is_none() {
                 let j = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");

@@ -1,8 +1,8 @@
 //! Chat prompt templates and the interactive REPL.
 
-use super::generate::{generate, GenerateOptions};
+use super::generate::GenerateOptions;
 use super::Loaded;
-use crate::tokenizer::{StreamDecoder, Tok};
+use crate::tokenizer::Tok;
 use anyhow::{bail, Result};
 use std::io::{BufRead, Write};
 
@@ -13,32 +13,26 @@ pub fn default_template(tok: &Tok) -> Template {
     default_template_for(tok.token_id("<|im_start|>").is_some())
 }
 
-/// Ids that end an answer: the model's EOS ids plus the template's end marker.
+/// Ids that end an answer: the model's EOS ids, the tokenizer's end markers, and ChatML's
+/// `<|im_end|>` under that template.
 pub fn stop_ids(loaded: &Loaded, tok: &Tok, template: Template) -> Vec<u32> {
-    let mut v = loaded.model.config.eos_token_ids.clone();
-    for p in ["</s>", "<|endoftext|>", "<|im_end|>", "<|eot_id|>"] {
-        if let Some(id) = tok.token_id(p) {
-            if p != "<|im_end|>" || template == Template::ChatMl {
-                v.push(id);
-            }
-        }
+    let mut v = super::generate::default_stop_ids(loaded);
+    if template == Template::ChatMl {
+        v.extend(tok.token_id("<|im_end|>"));
     }
     v.sort();
     v.dedup();
     v
 }
 
-/// Tokenizes a rendered prompt. Templates that spell `<s>` themselves get no extra BOS.
+/// Tokenizes a rendered prompt. Templates that spell their own markers (`<s>`, `<|im_start|>`)
+/// get no extra BOS.
 pub fn encode_prompt(loaded: &Loaded, tok: &Tok, template: Template, text: &str) -> Result<Vec<u32>> {
-    let mut ids = tok.encode(text, template != Template::Llama2)?;
-    if template != Template::Llama2 && template != Template::ChatMl {
-        if let Some(bos) = loaded.model.config.bos_token_id {
-            if ids.first() != Some(&bos) && tok.adds_bos(bos) {
-                ids.insert(0, bos);
-            }
-        }
+    match template {
+        Template::Alpaca => super::generate::text_prompt(loaded, text),
+        Template::Llama2 => tok.encode(text, false),
+        Template::ChatMl => tok.encode(text, true),
     }
-    Ok(ids)
 }
 
 /// Drops the oldest turns until the prompt plus `reserve` new tokens fits the context.
@@ -105,20 +99,9 @@ pub fn repl(
                 continue;
             }
         };
-        let mut dec = StreamDecoder::new();
-        let mut answer_ids = Vec::new();
-        let stops = opts.stop_ids.clone();
-        generate(&loaded.model, &ids, &opts, &loaded.device, |id| {
-            if !stops.contains(&id) {
-                answer_ids.push(id);
-                if let Some(s) = dec.push(tok, id)? {
-                    write!(out, "{s}")?;
-                    out.flush()?;
-                }
-            }
-            Ok(true)
-        })?;
+        let new = super::generate::stream(loaded, &ids, &opts, out)?;
         writeln!(out)?;
+        let answer_ids: Vec<u32> = new.into_iter().filter(|id| !opts.stop_ids.contains(id)).collect();
         let answer = tok.decode(&answer_ids)?;
         history.push(Turn { user: msg.to_string(), assistant: answer.trim().to_string() });
     }

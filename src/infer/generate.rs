@@ -64,3 +64,44 @@ pub fn generate(
     }
     Ok(out)
 }
+
+/// Tokenizes a plain-text prompt: special tokens as the tokenizer adds them, and the model's BOS
+/// first when the tokenizer normally adds it.
+pub fn text_prompt(loaded: &super::Loaded, text: &str) -> Result<Vec<u32>> {
+    let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("a text prompt needs a tokenizer.json in the model folder (or --tokenizer); use --prompt-ids"))?;
+    let mut ids = tok.encode(text, true)?;
+    if let Some(bos) = loaded.model.config.bos_token_id {
+        if ids.first() != Some(&bos) && tok.adds_bos(bos) {
+            ids.insert(0, bos);
+        }
+    }
+    Ok(ids)
+}
+
+/// The model's EOS ids plus the tokenizer's end-of-text markers.
+pub fn default_stop_ids(loaded: &super::Loaded) -> Vec<u32> {
+    let mut v = loaded.model.config.eos_token_ids.clone();
+    if let Some(tok) = &loaded.tok {
+        v.extend(["</s>", "<|endoftext|>", "<|eot_id|>"].iter().filter_map(|p| tok.token_id(p)));
+    }
+    v.sort();
+    v.dedup();
+    v
+}
+
+/// Generates and writes the new text to `out` as it becomes printable (nothing when the model
+/// has no tokenizer). Stop ids are not printed. Returns the new ids.
+pub fn stream(loaded: &super::Loaded, prompt: &[u32], opts: &GenerateOptions, out: &mut dyn std::io::Write) -> Result<Vec<u32>> {
+    let mut dec = crate::tokenizer::StreamDecoder::new();
+    generate(&loaded.model, prompt, opts, &loaded.device, |id| {
+        if let Some(tok) = &loaded.tok {
+            if !opts.stop_ids.contains(&id) {
+                if let Some(s) = dec.push(tok, id)? {
+                    write!(out, "{s}")?;
+                    out.flush()?;
+                }
+            }
+        }
+        Ok(true)
+    })
+}
