@@ -357,19 +357,37 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
     let mut weight_map = serde_json::Map::new();
     let mut total = 0u64;
     let mut lora_pairs = 0usize;
-    for (k, shard) in shards.iter().enumerate() {
-        let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
-        let mut w = StreamWriter::create(&staged.path().join(&fname), shard.clone(), Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
-        for spec in shard {
-            let bytes = compute(&spec.name, spec, &store, &adapters, &plan).with_context(|| format!("merging `{}`", spec.name))?;
-            let module = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
-            lora_pairs += adapters.iter().filter(|a| a.lora.contains_key(module)).count();
-            total += bytes.len() as u64;
-            w.write(&spec.name, &bytes)?;
-            weight_map.insert(spec.name.clone(), fname.clone().into());
+    // Compute the next tensor while the previous one is written: merge time approaches the
+    // larger of I/O and arithmetic instead of their sum. At most two computed tensors wait.
+    let order: Vec<&TensorSpec> = shards.iter().flatten().collect();
+    let write_result: Result<()> = std::thread::scope(|scope| {
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        let (store, adapters, plan, order_ref) = (&store, &adapters, &plan, &order);
+        scope.spawn(move || {
+            for spec in order_ref {
+                let r = compute(&spec.name, spec, store, adapters, plan).with_context(|| format!("merging `{}`", spec.name));
+                let failed = r.is_err();
+                if tx.send(r).is_err() || failed {
+                    break;
+                }
+            }
+        });
+        for (k, shard) in shards.iter().enumerate() {
+            let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
+            let mut w = StreamWriter::create(&staged.path().join(&fname), shard.clone(), Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
+            for spec in shard {
+                let bytes = rx.recv().map_err(|_| anyhow::anyhow!("merge worker stopped"))??;
+                let module = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
+                lora_pairs += adapters.iter().filter(|a| a.lora.contains_key(module)).count();
+                total += bytes.len() as u64;
+                w.write(&spec.name, &bytes)?;
+                weight_map.insert(spec.name.clone(), fname.clone().into());
+            }
+            w.finish()?;
         }
-        w.finish()?;
-    }
+        Ok(())
+    });
+    write_result?;
     if n > 1 {
         let index = serde_json::json!({"metadata": {"total_size": total}, "weight_map": weight_map});
         crate::io::atomic::write(&staged.path().join("model.safetensors.index.json"), serde_json::to_string_pretty(&index)?.as_bytes())?;
