@@ -252,7 +252,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         None if all_tokenized => ids_only_encoder(new_vocab, eos)?,
         None => bail!("the model has no tokenizer.json: add [model] tokenizer, or use only `tokenized` data"),
     };
-    enc.vocab_size = enc.vocab_size.max(new_vocab).min(new_vocab.max(enc.vocab_size));
     if enc.vocab_size > new_vocab {
         bail!("the tokenizer has {} tokens but the model {new_vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
     }
