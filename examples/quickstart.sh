@@ -2,9 +2,10 @@
 # The main job, end to end on the CPU (flex backend), from a fresh clone.
 #
 # Today it runs on the bundled reference model (tests/fixtures/tiny_llama, produced by HF
-# transformers + PEFT): it scores token ids, decodes greedily with the KV cache and checks
-# the continuation against the reference. The SmolLM2 Chinese pipeline replaces it when the
-# GGUF-import/quickstart work lands.
+# transformers + PEFT): it scores token ids, decodes greedily with the KV cache and checks the
+# continuation against the reference, then does the main job in miniature — resize the
+# vocabulary, train LoRA + embedding/head from recipes/tiny-cpu.toml, merge, evaluate. The
+# SmolLM2 Chinese pipeline replaces it when the quickstart work lands.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 cargo build --release --quiet
@@ -25,6 +26,17 @@ else
   echo "MISMATCH with the HF reference: expected $WANT" >&2
   exit 1
 fi
+
+echo
+echo "== train: recipes/tiny-cpu.toml (vocabulary 320 -> 384, LoRA + embed/lm_head, 20 steps)"
+rm -rf runs/tiny-cpu
+$BIN train recipes/tiny-cpu.toml --quiet | grep -E '"(first_loss|last_loss|packing_efficiency|adapter_dir)"'
+
+echo
+echo "== merge the trained adapter and score the merged model"
+$BIN merge --base $FIX/base --adapter runs/tiny-cpu/adapter --out runs/tiny-cpu/merged
+$BIN eval --model runs/tiny-cpu/merged --ids $FIX/expected.safetensors
+echo "(metrics: runs/tiny-cpu/metrics.jsonl, plots: runs/tiny-cpu/loss.png, loss_scale.png)"
 
 echo
 echo "== bench: SmolLM2-135M shape, random weights"
