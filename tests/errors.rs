@@ -12,6 +12,14 @@ fn copy_base(to: &Path) {
     }
 }
 
+/// Rewrites `dir/config.json` through `edit`.
+fn edit_config(dir: &Path, edit: impl FnOnce(&mut serde_json::Value)) {
+    let p = dir.join("config.json");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).unwrap()).unwrap();
+    edit(&mut cfg);
+    std::fs::write(p, cfg.to_string()).unwrap();
+}
+
 fn load_err(dir: &Path) -> String {
     match Llama::load(dir, &cpu(), FloatType::F32) {
         Ok(_) => panic!("loading {} should fail", dir.display()),
@@ -99,9 +107,9 @@ fn missing_tensor_names_tensor() {
 fn missing_config_key() {
     let dir = tempfile::tempdir().unwrap();
     copy_base(dir.path());
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-    cfg.as_object_mut().unwrap().remove("num_hidden_layers");
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    edit_config(dir.path(), |c| {
+        c.as_object_mut().unwrap().remove("num_hidden_layers");
+    });
     let e = load_err(dir.path());
     assert!(e.contains("num_hidden_layers") && e.contains("config.json"), "{e}");
 }
@@ -155,9 +163,7 @@ fn sharded_checkpoint_loads_and_bad_index_is_named() {
 fn unknown_rope_type_is_rejected() {
     let dir = tempfile::tempdir().unwrap();
     copy_base(dir.path());
-    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("config.json")).unwrap()).unwrap();
-    cfg["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0});
-    std::fs::write(dir.path().join("config.json"), cfg.to_string()).unwrap();
+    edit_config(dir.path(), |c| c["rope_scaling"] = serde_json::json!({"rope_type": "dynamic", "factor": 2.0}));
     let e = load_err(dir.path());
     assert!(e.contains("dynamic") && e.contains("linear"), "{e}");
 }

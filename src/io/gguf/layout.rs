@@ -87,23 +87,17 @@ fn check_heads(rows: usize, cols: usize, n_head: usize, len: usize) -> Result<us
 /// `h·2·half + 2·i + s`, i.e. `reshape(n_head, 2, half, cols).swapaxes(1, 2)`. `n_head` is the
 /// number of attention heads for `attn_q` and of KV heads for `attn_k`.
 pub fn unpermute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
-    let half = check_heads(rows, cols, n_head, data.len())?;
-    let mut out = vec![0f32; data.len()];
-    for h in 0..n_head {
-        for s in 0..2 {
-            for i in 0..half {
-                let hf_row = h * 2 * half + s * half + i;
-                let gguf_row = h * 2 * half + 2 * i + s;
-                out[hf_row * cols..(hf_row + 1) * cols].copy_from_slice(&data[gguf_row * cols..(gguf_row + 1) * cols]);
-            }
-        }
-    }
-    Ok(out)
+    move_qk_rows(data, rows, cols, n_head, true)
 }
 
 /// Applies llama.cpp's Q/K permutation (HF layout → GGUF layout); the inverse of
 /// [`unpermute_qk_rows`].
 pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) -> Result<Vec<f32>> {
+    move_qk_rows(data, rows, cols, n_head, false)
+}
+
+/// Moves rows between the two layouts: GGUF row `h·2·half + 2·i + s` ↔ HF row `h·2·half + s·half + i`.
+fn move_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize, to_hf: bool) -> Result<Vec<f32>> {
     let half = check_heads(rows, cols, n_head, data.len())?;
     let mut out = vec![0f32; data.len()];
     for h in 0..n_head {
@@ -111,7 +105,8 @@ pub fn permute_qk_rows(data: &[f32], rows: usize, cols: usize, n_head: usize) ->
             for i in 0..half {
                 let hf_row = h * 2 * half + s * half + i;
                 let gguf_row = h * 2 * half + 2 * i + s;
-                out[gguf_row * cols..(gguf_row + 1) * cols].copy_from_slice(&data[hf_row * cols..(hf_row + 1) * cols]);
+                let (dst, src) = if to_hf { (hf_row, gguf_row) } else { (gguf_row, hf_row) };
+                out[dst * cols..(dst + 1) * cols].copy_from_slice(&data[src * cols..(src + 1) * cols]);
             }
         }
     }
