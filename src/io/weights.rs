@@ -98,6 +98,13 @@ impl WeightStore {
         }
     }
 
+    /// See [`SafetensorsFile::release`].
+    pub fn release(&self, name: &str) {
+        if let Some(&i) = self.index.get(name) {
+            self.files[i].release(name);
+        }
+    }
+
     /// A float tensor with its shape checked against `expected`.
     pub fn raw_checked(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>> {
         let raw = self.raw(name)?;

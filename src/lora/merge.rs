@@ -194,8 +194,16 @@ const BLOCK_ROWS: usize = 32;
 /// converted to f32, updated with an accumulating GEMM (no dense ΔW is ever formed) and
 /// converted back, in parallel over blocks.
 pub fn merge_lora_bytes(w: &[u8], w_ty: FloatType, out: usize, inp: usize, loras: &[HostLora], out_ty: FloatType) -> Vec<u8> {
+    let mut dst = Vec::new();
+    merge_lora_into(w, w_ty, out, inp, loras, out_ty, &mut dst);
+    dst
+}
+
+/// [`merge_lora_bytes`] into a reused buffer (no fresh pages to fault in per tensor).
+pub fn merge_lora_into(w: &[u8], w_ty: FloatType, out: usize, inp: usize, loras: &[HostLora], out_ty: FloatType, dst: &mut Vec<u8>) {
     use rayon::prelude::*;
-    let mut dst = vec![0u8; out * inp * out_ty.size()];
+    dst.clear();
+    dst.resize(out * inp * out_ty.size(), 0);
     let in_row = inp * w_ty.size();
     let out_row = inp * out_ty.size();
     dst.par_chunks_mut(BLOCK_ROWS * out_row).enumerate().for_each(|(bi, dchunk)| {
@@ -222,7 +230,6 @@ pub fn merge_lora_bytes(w: &[u8], w_ty: FloatType, out: usize, inp: usize, loras
         }
         encode_into(&block, out_ty, dchunk);
     });
-    dst
 }
 
 /// Storage bytes → f32, with the F16C/NEON paths of `half` where the bytes are aligned.
@@ -264,21 +271,29 @@ fn owned_f32(dtype: Dtype, shape: &[usize], bytes: &[u8]) -> Result<Vec<f32>> {
     RawTensor { dtype, shape, bytes }.to_f32()
 }
 
-/// Computes one output tensor: base, then every adapter's update in order.
-fn compute(name: &str, spec: &TensorSpec, store: &WeightStore, adapters: &[AdapterFile], plan: &Plan) -> Result<Vec<u8>> {
+/// One output tensor's bytes: straight from the base's map when unchanged, else computed.
+enum Chunk<'a> {
+    Borrowed(&'a [u8]),
+    Owned(Vec<u8>),
+}
+
+/// Computes one output tensor: base, then every adapter's update in order. `buf` is a reused
+/// buffer for the result.
+fn compute<'a>(name: &str, spec: &TensorSpec, store: &'a WeightStore, adapters: &[AdapterFile], plan: &Plan, mut buf: Vec<u8>) -> Result<Chunk<'a>> {
     let src = if name == HEAD && plan.base_tied { EMBED } else { name };
-    let (dtype, shape, bytes) = store.read_owned(src)?;
+    let raw = store.raw(src)?;
+    let (dtype, shape, bytes) = (raw.dtype, raw.shape.to_vec(), raw.bytes);
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let is_table = name == EMBED || name == HEAD;
     let touched = is_table && adapters.iter().any(|a| if name == EMBED { a.embed.is_some() } else { a.lm_head.is_some() })
         || adapters.iter().any(|a| a.lora.contains_key(module));
     let out_ty = float_type_of(&spec.dtype);
     if !touched && format!("{dtype:?}") == spec.dtype && shape == spec.shape {
-        return Ok(bytes);
+        return Ok(Chunk::Borrowed(bytes));
     }
     let out_ty = out_ty.with_context(|| format!("tensor `{name}` of dtype {dtype:?} cannot be converted"))?;
-    let w_ty = RawTensor { dtype, shape: &shape, bytes: &[] }.float_type().with_context(|| format!("tensor `{name}` has dtype {dtype:?}; expected a float"))?;
-    if !is_table {
+    let w_ty = raw.float_type().with_context(|| format!("tensor `{name}` has dtype {dtype:?}; expected a float"))?;
+    let result = if !is_table {
         let mut loras = Vec::new();
         for ad in adapters {
             if let Some(keys) = ad.lora.get(module) {
@@ -286,28 +301,31 @@ fn compute(name: &str, spec: &TensorSpec, store: &WeightStore, adapters: &[Adapt
                 loras.push(HostLora { a: a.to_f32()?, b: b.to_f32()?, r: a.shape[0], scale: ad.scale(module)? as f32 });
             }
         }
-        return Ok(if shape.len() == 2 {
-            merge_lora_bytes(&bytes, w_ty, shape[0], shape[1], &loras, out_ty)
+        if shape.len() == 2 {
+            merge_lora_into(bytes, w_ty, shape[0], shape[1], &loras, out_ty, &mut buf);
+            buf
         } else {
             let mut v = vec![0f32; shape.iter().product()];
-            decode_into(&bytes, w_ty, &mut v);
+            decode_into(bytes, w_ty, &mut v);
             encode_f32(&v, out_ty)
-        });
-    }
-    let mut w = owned_f32(dtype, &shape, &bytes)?;
-    drop(bytes);
-    let hidden = shape[1];
-    let mut rows = shape[0];
-    for ad in adapters {
-        let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
-        if let Some(u) = u {
-            rows = ad.update_table(u, &mut w, rows, hidden)?;
         }
-    }
-    if rows != spec.shape[0] {
-        bail!("internal: `{name}` has {rows} rows, planned {}", spec.shape[0]);
-    }
-    Ok(encode_f32(&w, out_ty))
+    } else {
+        let mut w = owned_f32(dtype, &shape, bytes)?;
+        let hidden = shape[1];
+        let mut rows = shape[0];
+        for ad in adapters {
+            let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
+            if let Some(u) = u {
+                rows = ad.update_table(u, &mut w, rows, hidden)?;
+            }
+        }
+        if rows != spec.shape[0] {
+            bail!("internal: `{name}` has {rows} rows, planned {}", spec.shape[0]);
+        }
+        encode_f32(&w, out_ty)
+    };
+    store.release(src);
+    Ok(Chunk::Owned(result))
 }
 
 /// Tokenizer files to copy and the folder they come from.
@@ -361,11 +379,13 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
     // larger of I/O and arithmetic instead of their sum. At most two computed tensors wait.
     let order: Vec<&TensorSpec> = shards.iter().flatten().collect();
     let write_result: Result<()> = std::thread::scope(|scope| {
-        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Vec<u8>>>(1);
+        let (tx, rx) = std::sync::mpsc::sync_channel::<Result<Chunk<'_>>>(1);
+        let (back_tx, back_rx) = std::sync::mpsc::channel::<Vec<u8>>();
         let (store, adapters, plan, order_ref) = (&store, &adapters, &plan, &order);
         scope.spawn(move || {
             for spec in order_ref {
-                let r = compute(&spec.name, spec, store, adapters, plan).with_context(|| format!("merging `{}`", spec.name));
+                let buf = back_rx.try_recv().unwrap_or_default();
+                let r = compute(&spec.name, spec, store, adapters, plan, buf).with_context(|| format!("merging `{}`", spec.name));
                 let failed = r.is_err();
                 if tx.send(r).is_err() || failed {
                     break;
@@ -376,11 +396,21 @@ pub fn merge(opts: &MergeOptions) -> Result<MergeReport> {
             let fname = if n == 1 { "model.safetensors".to_string() } else { format!("model-{:05}-of-{:05}.safetensors", k + 1, n) };
             let mut w = StreamWriter::create(&staged.path().join(&fname), shard.clone(), Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
             for spec in shard {
-                let bytes = rx.recv().map_err(|_| anyhow::anyhow!("merge worker stopped"))??;
+                let chunk = rx.recv().map_err(|_| anyhow::anyhow!("merge worker stopped"))??;
                 let module = spec.name.strip_suffix(".weight").unwrap_or(&spec.name);
                 lora_pairs += adapters.iter().filter(|a| a.lora.contains_key(module)).count();
-                total += bytes.len() as u64;
-                w.write(&spec.name, &bytes)?;
+                match chunk {
+                    Chunk::Borrowed(bytes) => {
+                        total += bytes.len() as u64;
+                        w.write(&spec.name, bytes)?;
+                        store.release(&spec.name);
+                    }
+                    Chunk::Owned(bytes) => {
+                        total += bytes.len() as u64;
+                        w.write(&spec.name, &bytes)?;
+                        let _ = back_tx.send(bytes);
+                    }
+                }
                 weight_map.insert(spec.name.clone(), fname.clone().into());
             }
             w.finish()?;
