@@ -1,5 +1,6 @@
 //! `--device cpu|cuda:N` → a burn device. The CPU backend is flex (pure Rust); CUDA goes
-//! through libtorch and exists only in builds with `--features tch`.
+//! through libtorch and exists only in builds with `--features tch` (which also offer
+//! `libtorch-cpu`, libtorch's CPU backend, to check that path without a GPU).
 
 use anyhow::{bail, Result};
 use burn::tensor::Device;
@@ -9,6 +10,14 @@ pub fn parse(name: &str) -> Result<Device> {
     let name = name.trim().to_ascii_lowercase();
     if name == "cpu" {
         return cpu();
+    }
+    if name == "libtorch-cpu" {
+        // libtorch's CPU backend: checks the GPU code path (burn-tch) on a machine without one.
+        #[cfg(feature = "tch")]
+        #[allow(deprecated)]
+        return Ok(Device::libtorch());
+        #[cfg(not(feature = "tch"))]
+        bail!("`libtorch-cpu` needs a build with `--features tch`");
     }
     if let Some(idx) = name.strip_prefix("cuda") {
         let idx = idx.strip_prefix(':').unwrap_or(if idx.is_empty() { "0" } else { idx });
