@@ -64,22 +64,13 @@ fn header_lying_about_offsets() {
 fn wrong_shape_names_tensor() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(tiny().join("base/config.json"), dir.path().join("config.json")).unwrap();
-    let src = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
-    let tensors: Vec<_> = src
-        .names()
-        .into_iter()
-        .map(|n| {
-            let r = src.require(&n).unwrap();
-            let mut shape = r.shape.to_vec();
-            let mut v = r.to_f32().unwrap();
-            if n == "model.layers.1.mlp.up_proj.weight" {
-                shape = vec![shape[0] - 1, shape[1]];
-                v.truncate(shape[0] * shape[1]);
-            }
-            (n, "F32".to_string(), shape, encode_f32(&v, FloatType::F32))
-        })
-        .collect();
-    write_all(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &dir.path().join("model.safetensors"), |n, mut shape, mut v| {
+        if n == "model.layers.1.mlp.up_proj.weight" {
+            shape[0] -= 1;
+            v.truncate(shape[0] * shape[1]);
+        }
+        Some((n.to_string(), FloatType::F32, shape, v))
+    });
     let e = load_err(dir.path());
     assert!(e.contains("model.layers.1.mlp.up_proj.weight") && e.contains("[175, 64]") && e.contains("[176, 64]"), "{e}");
 }
@@ -88,17 +79,9 @@ fn wrong_shape_names_tensor() {
 fn missing_tensor_names_tensor() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::copy(tiny().join("base/config.json"), dir.path().join("config.json")).unwrap();
-    let src = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
-    let tensors: Vec<_> = src
-        .names()
-        .into_iter()
-        .filter(|n| n != "model.norm.weight")
-        .map(|n| {
-            let r = src.require(&n).unwrap();
-            (n.clone(), "F32".to_string(), r.shape.to_vec(), r.bytes.to_vec())
-        })
-        .collect();
-    write_all(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &dir.path().join("model.safetensors"), |n, shape, v| {
+        (n != "model.norm.weight").then(|| (n.to_string(), FloatType::F32, shape, v))
+    });
     let e = load_err(dir.path());
     assert!(e.contains("missing tensor `model.norm.weight`"), "{e}");
 }

@@ -124,7 +124,7 @@ mod merge {
 mod modes {
     use super::common::*;
     use super::merge::opts;
-    use linly_lora::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+    use linly_lora::io::safetensors::{FloatType, SafetensorsFile};
     use linly_lora::lora::adapter::apply;
     use linly_lora::lora::config::AdapterConfig;
     use linly_lora::lora::merge::merge;
@@ -136,21 +136,16 @@ mod modes {
     /// The fixture adapter with its tables' first 320 rows reset to the base rows: an `all`
     /// adapter whose only table change is the 64 new rows.
     fn all_adapter_with_base_rows(dir: &Path) {
-        let src = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
         let base = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
-        let mut t = Vec::new();
-        for n in src.names() {
-            let r = src.require(&n).unwrap();
-            let mut v = r.to_f32().unwrap();
+        std::fs::create_dir_all(dir).unwrap();
+        rewrite_safetensors(&tiny().join("adapter/adapter_model.safetensors"), &dir.join("adapter_model.safetensors"), |n, s, mut v| {
             let base_key = if n.ends_with("embed_tokens.weight") { Some("model.embed_tokens.weight") } else if n.ends_with("lm_head.weight") { Some("lm_head.weight") } else { None };
             if let Some(k) = base_key {
                 let b = base.require(k).unwrap().to_f32().unwrap();
                 v[..b.len()].copy_from_slice(&b);
             }
-            t.push((n.clone(), "F32".to_string(), r.shape.to_vec(), encode_f32(&v, FloatType::F32)));
-        }
-        std::fs::create_dir_all(dir).unwrap();
-        write_all(&dir.join("adapter_model.safetensors"), &t, None).unwrap();
+            Some((n.to_string(), FloatType::F32, s, v))
+        });
         std::fs::copy(tiny().join("adapter/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
     }
 
@@ -198,18 +193,10 @@ mod modes {
     }
 
     fn tied_base(dir: &Path) {
-        let src = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
-        let t: Vec<_> = src
-            .names()
-            .into_iter()
-            .filter(|n| n != "lm_head.weight")
-            .map(|n| {
-                let r = src.require(&n).unwrap();
-                (n.clone(), "F32".to_string(), r.shape.to_vec(), r.bytes.to_vec())
-            })
-            .collect();
         std::fs::create_dir_all(dir).unwrap();
-        write_all(&dir.join("model.safetensors"), &t, None).unwrap();
+        rewrite_safetensors(&tiny().join("base/model.safetensors"), &dir.join("model.safetensors"), |n, s, v| {
+            (n != "lm_head.weight").then(|| (n.to_string(), FloatType::F32, s, v))
+        });
         let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tiny().join("base/config.json")).unwrap()).unwrap();
         cfg["tie_word_embeddings"] = true.into();
         std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();
@@ -289,23 +276,16 @@ mod modes {
 mod broken {
     use super::common::*;
     use super::merge::opts;
-    use linly_lora::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+    use linly_lora::io::safetensors::FloatType;
     use linly_lora::lora::merge::merge;
     use std::path::{Path, PathBuf};
 
     /// Copies the fixture adapter with tensors renamed/reshaped by `edit`.
     fn edited(dir: &Path, edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(String, Vec<usize>, Vec<f32>)>) -> PathBuf {
-        let src = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
-        let t: Vec<_> = src
-            .names()
-            .into_iter()
-            .filter_map(|n| {
-                let r = src.require(&n).unwrap();
-                edit(&n, r.shape.to_vec(), r.to_f32().unwrap()).map(|(n, s, v)| (n, "F32".to_string(), s, encode_f32(&v, FloatType::F32)))
-            })
-            .collect();
         std::fs::create_dir_all(dir).unwrap();
-        write_all(&dir.join("adapter_model.safetensors"), &t, None).unwrap();
+        rewrite_safetensors(&tiny().join("adapter/adapter_model.safetensors"), &dir.join("adapter_model.safetensors"), |n, s, v| {
+            edit(n, s, v).map(|(n, s, v)| (n, FloatType::F32, s, v))
+        });
         std::fs::copy(tiny().join("adapter/adapter_config.json"), dir.join("adapter_config.json")).unwrap();
         dir.to_path_buf()
     }

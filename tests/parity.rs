@@ -90,18 +90,8 @@ fn eval_ids_is_consistent_with_reference_logits() {
 
 #[test]
 fn bf16_copy_loads_within_1e2() {
-    use linly_lora::io::safetensors::{encode_f32, write_all, SafetensorsFile};
     let dir = tempfile::tempdir().unwrap();
-    let src = SafetensorsFile::open(&tiny().join("base/model.safetensors")).unwrap();
-    let tensors: Vec<_> = src
-        .names()
-        .into_iter()
-        .map(|n| {
-            let r = src.require(&n).unwrap();
-            (n.clone(), "BF16".to_string(), r.shape.to_vec(), encode_f32(&r.to_f32().unwrap(), FloatType::BF16))
-        })
-        .collect();
-    write_all(&dir.path().join("model.safetensors"), &tensors, None).unwrap();
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &dir.path().join("model.safetensors"), |n, shape, v| Some((n.to_string(), FloatType::BF16, shape, v)));
     std::fs::copy(tiny().join("base/config.json"), dir.path().join("config.json")).unwrap();
     let exp = Expected::load();
     let (want, _) = exp.f32("base_logits");

@@ -126,3 +126,23 @@ pub fn run_cli(args: &[&str], stdin: Option<&str>) -> (bool, String, String) {
     let out = child.wait_with_output().unwrap();
     (out.status.success(), String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
 }
+
+/// Rewrites a safetensors file tensor by tensor: `edit(name, shape, values)` returns the tensor
+/// to write (name, storage type, shape, values) or `None` to drop it.
+pub fn rewrite_safetensors(
+    src: &std::path::Path,
+    dst: &std::path::Path,
+    edit: impl Fn(&str, Vec<usize>, Vec<f32>) -> Option<(String, linly_lora::io::safetensors::FloatType, Vec<usize>, Vec<f32>)>,
+) {
+    use linly_lora::io::safetensors::{encode_f32, write_all, SafetensorsFile};
+    let f = SafetensorsFile::open(src).unwrap();
+    let tensors: Vec<_> = f
+        .names()
+        .into_iter()
+        .filter_map(|n| {
+            let r = f.require(&n).unwrap();
+            edit(&n, r.shape.to_vec(), r.to_f32().unwrap()).map(|(name, ty, shape, v)| (name, ty.safetensors_name().to_string(), shape, encode_f32(&v, ty)))
+        })
+        .collect();
+    write_all(dst, &tensors, None).unwrap();
+}
