@@ -304,16 +304,24 @@ enum ImportCmd {
     },
 }
 
+/// The random-weight model a benchmark runs.
+#[derive(Args)]
+struct BenchModel {
+    /// tiny, smollm2-135m, 160m, 1b or 7b
+    #[arg(long, default_value = "smollm2-135m")]
+    shape: String,
+    #[arg(long, default_value = "cpu")]
+    device: String,
+    #[arg(long, default_value = "f32")]
+    dtype: FloatType,
+}
+
 #[derive(Subcommand)]
 enum BenchCmd {
     /// Prefill and decode tokens/s of a random model (shapes: tiny, smollm2-135m, 160m, 1b, 7b)
     Forward {
-        #[arg(long, default_value = "smollm2-135m")]
-        shape: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: FloatType,
+        #[command(flatten)]
+        m: BenchModel,
         #[arg(long, default_value_t = 128)]
         prompt: usize,
         #[arg(long, default_value_t = 64)]
@@ -323,12 +331,8 @@ enum BenchCmd {
     },
     /// Training tokens/s and peak RSS: LoRA on all 7 projections + embed/lm_head, AdamW, random tokens
     Train {
-        #[arg(long, default_value = "smollm2-135m")]
-        shape: String,
-        #[arg(long, default_value = "cpu")]
-        device: String,
-        #[arg(long, default_value = "f32")]
-        dtype: FloatType,
+        #[command(flatten)]
+        m: BenchModel,
         #[arg(long, default_value_t = 8)]
         rank: usize,
         #[arg(long, default_value_t = 4)]
@@ -529,12 +533,12 @@ fn run(cli: Cli) -> Result<()> {
                 r.tokenizer.as_deref().unwrap_or("none")
             );
         }
-        Cmd::Bench { what: BenchCmd::Forward { shape, device, dtype, prompt, decode, reps } } => {
-            let r = linly_lora::bench::forward(&shape, &device, dtype, prompt, decode, reps)?;
+        Cmd::Bench { what: BenchCmd::Forward { m, prompt, decode, reps } } => {
+            let r = linly_lora::bench::forward(&m.shape, &m.device, m.dtype, prompt, decode, reps)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Cmd::Bench { what: BenchCmd::Train { shape, device, dtype, rank, batch, seq, warmup, steps } } => {
-            let r = linly_lora::bench::train::train(&shape, &device, dtype, rank, batch, seq, warmup, steps)?;
+        Cmd::Bench { what: BenchCmd::Train { m, rank, batch, seq, warmup, steps } } => {
+            let r = linly_lora::bench::train::train(&m.shape, &m.device, m.dtype, rank, batch, seq, warmup, steps)?;
             println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std } } => {

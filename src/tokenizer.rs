@@ -23,9 +23,8 @@ impl Tok {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-        let inner = tokenizers::Tokenizer::from_file(&file)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))?;
+        let file = crate::vocab::resolve_tokenizer_file(path)?;
+        let inner = crate::vocab::load_tokenizer(&file)?;
         let cfg_path = file.with_file_name("tokenizer_config.json");
         let chat_template = std::fs::read_to_string(&cfg_path)
             .ok()

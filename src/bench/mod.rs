@@ -70,7 +70,7 @@ pub fn forward(shape_name: &str, device_name: &str, dtype: FloatType, prompt: us
     Ok(ForwardBench {
         shape: shape_name.into(),
         device: device_name.into(),
-        dtype: format!("{dtype:?}"),
+        dtype: dtype.name().into(),
         threads: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
         prompt_tokens: prompt,
         prefill_tokens_per_s: prompt as f64 / best_prefill,

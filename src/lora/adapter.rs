@@ -67,11 +67,6 @@ pub fn parse_module(path: &str) -> Option<(usize, &str)> {
     super::config::TARGETS.contains(&name).then_some((n, name))
 }
 
-/// The module path of a target, for writing keys.
-pub fn module_path(layer: usize, target: &str) -> String {
-    let group = if matches!(target, "gate_proj" | "up_proj" | "down_proj") { "mlp" } else { "self_attn" };
-    format!("model.layers.{layer}.{group}.{target}")
-}
 
 impl AdapterFile {
     pub fn open(dir: &Path) -> Result<Self> {
@@ -202,49 +197,22 @@ impl AdapterFile {
     }
 }
 
-fn linear_mut<'a>(model: &'a mut Llama, module: &str) -> Option<&'a mut Linear> {
-    let (n, name) = parse_module(module)?;
+/// The projection at a module path (`model.layers.0.self_attn.q_proj`).
+pub(crate) fn linear_mut<'a>(model: &'a mut Llama, module: &str) -> Option<&'a mut Linear> {
+    let (n, _) = parse_module(module)?;
     let layer = model.layers.get_mut(n)?;
-    Some(match name {
-        "q_proj" => &mut layer.self_attn.q_proj,
-        "k_proj" => &mut layer.self_attn.k_proj,
-        "v_proj" => &mut layer.self_attn.v_proj,
-        "o_proj" => &mut layer.self_attn.o_proj,
-        "gate_proj" => &mut layer.mlp.gate_proj,
-        "up_proj" => &mut layer.mlp.up_proj,
-        "down_proj" => &mut layer.mlp.down_proj,
-        _ => return None,
-    })
+    let prefix = format!("model.layers.{n}.");
+    layer.projections_mut().into_iter().find(|(p, _)| module.strip_prefix(&prefix) == Some(*p)).map(|(_, l)| l)
 }
 
-/// Every projection of the model with its module path, for saving and injection.
+/// Every projection of the model with its module path, for saving.
 pub fn linears(model: &Llama) -> Vec<(String, &Linear)> {
-    let mut v = Vec::new();
-    for (i, l) in model.layers.iter().enumerate() {
-        let a = &l.self_attn;
-        let m = &l.mlp;
-        for (t, lin) in [("q_proj", &a.q_proj), ("k_proj", &a.k_proj), ("v_proj", &a.v_proj), ("o_proj", &a.o_proj), ("gate_proj", &m.gate_proj), ("up_proj", &m.up_proj), ("down_proj", &m.down_proj)] {
-            v.push((module_path(i, t), lin));
-        }
-    }
-    v
+    model.layers.iter().enumerate().flat_map(|(i, l)| l.projections().map(|(p, lin)| (format!("model.layers.{i}.{p}"), lin))).collect()
 }
 
-/// Every projection of the model with its module path, mutably.
+/// Every projection of the model with its module path, mutably, in layer then target order.
 pub fn linears_mut(model: &mut Llama) -> Vec<(String, &mut Linear)> {
-    let mut v = Vec::new();
-    for (i, l) in model.layers.iter_mut().enumerate() {
-        let a = &mut l.self_attn;
-        let m = &mut l.mlp;
-        for (t, lin) in [("q_proj", &mut a.q_proj), ("k_proj", &mut a.k_proj), ("v_proj", &mut a.v_proj), ("o_proj", &mut a.o_proj), ("gate_proj", &mut m.gate_proj), ("up_proj", &mut m.up_proj), ("down_proj", &mut m.down_proj)] {
-            v.push((module_path(i, t), lin));
-        }
-    }
-    v
-}
-
-pub(crate) fn linear_of<'a>(model: &'a mut Llama, module: &str) -> Option<&'a mut Linear> {
-    linear_mut(model, module)
+    model.layers.iter_mut().enumerate().flat_map(|(i, l)| l.projections_mut().map(move |(p, lin)| (format!("model.layers.{i}.{p}"), lin))).collect()
 }
 
 fn host_tensor(raw: &RawTensor<'_>, device: &Device) -> Result<Tensor<2>> {

@@ -1,7 +1,7 @@
 //! Putting fresh LoRA branches into a model and choosing which token rows train — PEFT's
 //! `LoraModel` injection, for the one model definition.
 
-use super::adapter::{linear_of, module_path};
+use super::adapter::linears_mut;
 use super::LoraBranch;
 use crate::model::{Llama, TokenTable};
 use anyhow::{bail, Result};
@@ -53,27 +53,25 @@ pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()
         }
     }
     let mut rng = StdRng::seed_from_u64(s.seed);
-    for layer in 0..model.config.num_layers {
-        for t in super::config::TARGETS {
-            if !s.targets.iter().any(|x| x == t) {
-                continue;
-            }
-            let lin = linear_of(model, &module_path(layer, t)).expect("every layer has every projection");
-            let (out, inp) = (lin.out_features(), lin.in_features());
-            let a: Vec<f32> = match s.init {
-                LoraInit::Kaiming => {
-                    let b = kaiming_bound(inp) as f32;
-                    (0..s.r * inp).map(|_| rng.random_range(-b..b)).collect()
-                }
-                LoraInit::Gaussian => {
-                    let std = 1.0 / s.r as f32;
-                    (0..s.r * inp).map(|_| std * gaussian(&mut rng)).collect()
-                }
-            };
-            let a = Tensor::from_data(TensorData::new(a, [s.r, inp]), device);
-            let b = Tensor::zeros([out, s.r], device);
-            lin.lora.push(LoraBranch::new(a, b, s.scale(), s.dropout));
+    for (path, lin) in linears_mut(model) {
+        let target = path.rsplit('.').next().unwrap_or_default();
+        if !s.targets.iter().any(|x| x == target) {
+            continue;
         }
+        let (out, inp) = (lin.out_features(), lin.in_features());
+        let a: Vec<f32> = match s.init {
+            LoraInit::Kaiming => {
+                let b = kaiming_bound(inp) as f32;
+                (0..s.r * inp).map(|_| rng.random_range(-b..b)).collect()
+            }
+            LoraInit::Gaussian => {
+                let std = 1.0 / s.r as f32;
+                (0..s.r * inp).map(|_| std * gaussian(&mut rng)).collect()
+            }
+        };
+        let a = Tensor::from_data(TensorData::new(a, [s.r, inp]), device);
+        let b = Tensor::zeros([out, s.r], device);
+        lin.lora.push(LoraBranch::new(a, b, s.scale(), s.dropout));
     }
     Ok(())
 }

@@ -37,9 +37,7 @@ pub fn trainable(model: &mut Llama) -> Vec<Trainable<'_>> {
     let mut out = Vec::new();
     let Llama { embed_tokens, layers, lm_head, .. } = model;
     for (i, layer) in layers.iter_mut().enumerate() {
-        let a = &mut layer.self_attn;
-        let m = &mut layer.mlp;
-        for (t, lin) in [("self_attn.q_proj", &mut a.q_proj), ("self_attn.k_proj", &mut a.k_proj), ("self_attn.v_proj", &mut a.v_proj), ("self_attn.o_proj", &mut a.o_proj), ("mlp.gate_proj", &mut m.gate_proj), ("mlp.up_proj", &mut m.up_proj), ("mlp.down_proj", &mut m.down_proj)] {
+        for (t, lin) in layer.projections_mut() {
             for (k, br) in lin.lora.iter_mut().enumerate() {
                 let suffix = if k == 0 { String::new() } else { format!(".{k}") };
                 if br.a.val().is_require_grad() {
