@@ -34,6 +34,11 @@ enum Cmd {
     Train(TrainArgs),
     /// Merge LoRA adapters (and their embedding/LM-head tables) into the base model, streamed
     Merge(MergeArgs),
+    /// Adapter tools: pack a trained adapter for shipping
+    Adapter {
+        #[command(subcommand)]
+        what: AdapterCmd,
+    },
     /// Vocabulary tools: extend a tokenizer, resize a model for it, measure tokens/char
     Vocab {
         #[command(subcommand)]
@@ -48,6 +53,25 @@ enum Cmd {
     Bench {
         #[command(subcommand)]
         what: BenchCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum AdapterCmd {
+    /// Rewrite an adapter folder for shipping: tensors in --dtype (f16 halves a trained f32
+    /// adapter) and a tied model's table stored once (training writes it under both
+    /// embed_tokens and lm_head). The result loads and merges to the same model up to the
+    /// rounding of --dtype.
+    Pack {
+        /// The trained adapter folder (adapter_config.json + adapter_model.safetensors)
+        #[arg(long)]
+        adapter: PathBuf,
+        /// Output folder (replaced atomically; other files such as the tokenizer are copied)
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype of every tensor: f32, f16 or bf16
+        #[arg(long, default_value = "f16")]
+        dtype: FloatType,
     },
 }
 
@@ -512,6 +536,17 @@ fn run(cli: Cli) -> Result<()> {
                 r.vocab_size,
                 r.tie_word_embeddings,
                 r.out.display()
+            );
+        }
+        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype } } => {
+            let r = linly_lora::lora::save::pack(&adapter, &out, dtype)?;
+            println!(
+                "packed {} tensors: {:.1} MB -> {:.1} MB{} -> {}",
+                r.tensors,
+                r.bytes_in as f64 / 1e6,
+                r.bytes_out as f64 / 1e6,
+                if r.deduplicated_head { " (tied lm_head stored once)" } else { "" },
+                out.display()
             );
         }
         Cmd::Vocab { what } => vocab(what)?,

@@ -239,6 +239,51 @@ mod modes {
         }
     }
 
+    /// `adapter pack`: f16 storage, a tied table stored once, and the packed adapter still
+    /// applies and merges (tied stays tied) to the model of the original up to f16 rounding.
+    #[test]
+    fn packed_tied_adapter_matches_the_original() {
+        let dir = tempfile::tempdir().unwrap();
+        let base_dir = dir.path().join("tied");
+        tied_base(&base_dir);
+        let ids = Expected::load().ids("input_ids");
+        let mut model = Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
+        let w = model.embed_tokens.weight();
+        model.embed_tokens = linly_lora::model::TokenTable::new(burn::tensor::Tensor::cat(vec![w.clone(), w.slice([0..8, 0..64]) * 0.5], 0));
+        set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
+        let ad = dir.path().join("ad");
+        std::fs::write(dir.path().join("recipe.toml"), "# how it was trained").unwrap();
+        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &ad, &[&dir.path().join("recipe.toml")]).unwrap();
+        let packed = dir.path().join("packed");
+        let r = linly_lora::lora::save::pack(&ad, &packed, FloatType::F16).unwrap();
+        assert!(r.deduplicated_head);
+        assert!(packed.join("recipe.toml").exists(), "other files are copied");
+        let st = SafetensorsFile::open(&packed.join("adapter_model.safetensors")).unwrap();
+        assert!(st.names().iter().all(|n| !n.contains("lm_head")), "{:?}", st.names());
+        assert!(st.names().iter().all(|n| format!("{:?}", st.get(n).unwrap().dtype) == "F16"));
+        let cfg_json = std::fs::read_to_string(packed.join("adapter_config.json")).unwrap();
+        assert!(!cfg_json.contains("lm_head"), "{cfg_json}");
+        // f32 -> f16 halves the bytes, and the head is gone: well under half.
+        assert!(r.bytes_out * 3 < r.bytes_in, "{r:?}");
+
+        let load = || Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
+        let orig = apply(load(), &ad, &cpu()).unwrap();
+        let pk = apply(load(), &packed, &cpu()).unwrap();
+        assert!(pk.lm_head.is_none(), "an embed-only adapter keeps a tied model tied");
+        assert_eq!(pk.embed_tokens.rows(), 328);
+        let e = rel_err(&logits_of(&pk, &ids), &logits_of(&orig, &ids));
+        assert!(e > 0.0 && e < 2e-3, "packed vs original logits: {e:e}");
+        let out = dir.path().join("merged");
+        let mut o = opts(&out, vec![packed.clone()]);
+        o.base = base_dir.clone();
+        let m = merge(&o).unwrap();
+        assert!(m.tie_word_embeddings);
+        assert_eq!(m.vocab_size, 328);
+        let merged = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        assert!(rel_err(&logits_of(&merged, &ids), &logits_of(&pk, &ids)) < 1e-5);
+    }
+
     #[test]
     fn new_rows_train_only_new_rows_and_lora_grads_are_rank_sized() {
         use linly_lora::lora::{inject, LoraInit, LoraSettings};

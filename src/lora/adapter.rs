@@ -279,17 +279,27 @@ fn apply_tables(model: &mut Llama, ad: &AdapterFile, device: &Device) -> Result<
     let upload = |v: &[f32], n: usize| -> TokenTable {
         TokenTable::new(Tensor::from_data(crate::io::weights::f32_data(v, [n, hidden], dtype), (device, dtype.burn())))
     };
+    let was_tied = model.lm_head.is_none();
+    // Trainable-token rows for only embed_tokens of a tied model update its one table (PEFT's
+    // weight-tied trainable tokens); a whole embed_tokens alone unties it (modules_to_save).
+    let tied_rows_only = was_tied && matches!(ad.embed, Some(TableUpdate::Rows { .. })) && ad.lm_head.is_none();
     let embed_rows = embed.as_ref().map(|e| e.1).unwrap_or(rows);
-    let head_rows = head.as_ref().map(|h| h.1).unwrap_or(old_head.as_ref().map(|h| h.dims()[0]).unwrap_or(rows));
+    let head_rows = match &head {
+        Some(h) => h.1,
+        None if tied_rows_only => embed_rows,
+        None => old_head.as_ref().map(|h| h.dims()[0]).unwrap_or(rows),
+    };
     if embed_rows != head_rows {
         bail!(
             "{}: after this adapter embed_tokens has {embed_rows} rows but lm_head has {head_rows}; the adapter must update both tables when it grows the vocabulary",
             ad.dir.display()
         );
     }
-    let was_tied = model.lm_head.is_none();
     match (embed, head) {
         (Some((e, n)), Some((h, _))) if was_tied && e == h => {
+            model.embed_tokens = upload(&e, n);
+        }
+        (Some((e, n)), None) if tied_rows_only => {
             model.embed_tokens = upload(&e, n);
         }
         (e, h) => {

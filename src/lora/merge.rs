@@ -59,6 +59,9 @@ struct Plan {
     embed_rows: usize,
     tied_out: bool,
     base_tied: bool,
+    /// Per adapter: its embed_tokens update also updates the head, because the model was still
+    /// tied when it applied and the adapter carries no lm_head of its own.
+    head_from_embed: Vec<bool>,
 }
 
 const EMBED: &str = "model.embed_tokens.weight";
@@ -79,6 +82,7 @@ fn plan(opts: &MergeOptions, store: &WeightStore, cfg: &HfConfig, adapters: &[Ad
     let (mut embed_rows, hidden) = (embed_raw.shape[0], embed_raw.shape[1]);
     let mut head_rows = if base_tied { embed_rows } else { store.raw(HEAD)?.shape[0] };
     let mut tied_out = base_tied;
+    let mut head_from_embed = Vec::with_capacity(adapters.len());
     for ad in adapters {
         for (module, keys) in &ad.lora {
             let wname = format!("{module}.weight");
@@ -106,16 +110,23 @@ fn plan(opts: &MergeOptions, store: &WeightStore, cfg: &HfConfig, adapters: &[Ad
             Some(u) => ad.rows_after(u, embed_rows)?,
             None => embed_rows,
         };
+        // Trainable-token rows for only embed_tokens of a tied model update its one table, as
+        // PEFT's weight-tied trainable tokens do (a packed adapter stores them once). A whole
+        // embed_tokens alone unties it, as PEFT's modules_to_save copy does.
+        let embed_only = tied_out && matches!(ad.embed, Some(TableUpdate::Rows { .. })) && ad.lm_head.is_none();
+        head_from_embed.push(embed_only);
         let new_head = match &ad.lm_head {
             Some(u) => ad.rows_after(u, head_rows)?,
+            None if embed_only => new_embed,
             None => head_rows,
         };
         // Identical updates to both tables keep a tied model tied; anything else unties it.
         tied_out = tied_out
             && match (&ad.embed, &ad.lm_head) {
                 (None, None) => true,
+                (Some(_), None) => embed_only,
                 (Some(e), Some(h)) => same_update(ad, e, h)?,
-                _ => false,
+                (None, Some(_)) => false,
             };
         if new_embed != new_head {
             bail!(
@@ -156,7 +167,7 @@ fn plan(opts: &MergeOptions, store: &WeightStore, cfg: &HfConfig, adapters: &[Ad
         let raw = store.raw(EMBED)?;
         specs.push(TensorSpec { name: HEAD.into(), dtype: out_dtype(&raw, opts.dtype), shape: vec![embed_rows, hidden] });
     }
-    Ok(Plan { specs, embed_rows, tied_out, base_tied })
+    Ok(Plan { specs, embed_rows, tied_out, base_tied, head_from_embed })
 }
 
 fn out_dtype(raw: &RawTensor<'_>, want: Option<FloatType>) -> String {
@@ -277,6 +288,15 @@ enum Chunk<'a> {
     Owned(Vec<u8>),
 }
 
+/// The update adapter `i` makes to table `name`, if any.
+fn table_update<'x>(name: &str, i: usize, a: &'x AdapterFile, plan: &Plan) -> Option<&'x TableUpdate> {
+    if name == EMBED {
+        a.embed.as_ref()
+    } else {
+        a.lm_head.as_ref().or(if plan.head_from_embed[i] { a.embed.as_ref() } else { None })
+    }
+}
+
 /// Computes one output tensor: base, then every adapter's update in order. `buf` is a reused
 /// buffer for the result.
 fn compute<'a>(name: &str, spec: &TensorSpec, store: &'a WeightStore, adapters: &[AdapterFile], plan: &Plan, mut buf: Vec<u8>) -> Result<Chunk<'a>> {
@@ -285,7 +305,8 @@ fn compute<'a>(name: &str, spec: &TensorSpec, store: &'a WeightStore, adapters: 
     let (dtype, shape, bytes) = (raw.dtype, raw.shape.to_vec(), raw.bytes);
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let is_table = name == EMBED || name == HEAD;
-    let touched = is_table && adapters.iter().any(|a| if name == EMBED { a.embed.is_some() } else { a.lm_head.is_some() })
+    let update_of = |i: usize, a: &AdapterFile| table_update(name, i, a, plan).is_some();
+    let touched = is_table && adapters.iter().enumerate().any(|(i, a)| update_of(i, a))
         || adapters.iter().any(|a| a.lora.contains_key(module));
     let out_ty = float_type_of(&spec.dtype);
     if !touched && format!("{dtype:?}") == spec.dtype && shape == spec.shape {
@@ -313,9 +334,8 @@ fn compute<'a>(name: &str, spec: &TensorSpec, store: &'a WeightStore, adapters: 
         let mut w = owned_f32(dtype, &shape, bytes)?;
         let hidden = shape[1];
         let mut rows = shape[0];
-        for ad in adapters {
-            let u = if name == EMBED { &ad.embed } else { &ad.lm_head };
-            if let Some(u) = u {
+        for (i, ad) in adapters.iter().enumerate() {
+            if let Some(u) = table_update(name, i, ad, plan) {
                 rows = ad.update_table(u, &mut w, rows, hidden)?;
             }
         }

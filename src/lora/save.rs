@@ -100,3 +100,67 @@ pub fn save(model: &Llama, base_cfg: &AdapterConfig, tables: TableSave, dir: &Pa
     staged.commit()?;
     Ok(())
 }
+
+/// What [`pack`] did, for the CLI to report.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct PackReport {
+    pub tensors: usize,
+    pub bytes_in: u64,
+    pub bytes_out: u64,
+    /// The head's trainable rows were dropped because they equal the embedding's (tied model).
+    pub deduplicated_head: bool,
+}
+
+/// Rewrites an adapter folder for shipping: every float tensor in `dtype` (f16 halves an f32
+/// adapter), and a tied head stored once. Training saves a tied table under both
+/// `embed_tokens` and `lm_head` so that PEFT versions which untie trainable tables get the same
+/// model; when the two trainable-token entries are identical, `pack` keeps only `embed_tokens`,
+/// which loaders (ours, and PEFT's weight-tied trainable tokens) apply to the one shared table.
+/// Whole tables (`modules_to_save`) keep both copies: alone, an embed_tokens table unties. Other files in
+/// the folder (tokenizer, extension, recipe) are copied.
+pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
+    use anyhow::Context;
+    use crate::io::safetensors::SafetensorsFile;
+    let mut cfg = AdapterConfig::load(src)?;
+    let wpath = src.join(WEIGHTS);
+    let file = SafetensorsFile::open(&wpath)?;
+    const EMBED_ROWS: &str = "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta";
+    const HEAD_ROWS: &str = "base_model.model.lm_head.token_adapter.trainable_tokens_delta";
+    let same = |a: &str, b: &str| match (file.get(a), file.get(b)) {
+        (Some(x), Some(y)) => x.shape == y.shape && x.bytes == y.bytes,
+        _ => false,
+    };
+    // Only trainable-token rows are stored once: loaders give an embed_tokens-only row update of
+    // a tied model to both tables, but a lone whole embed_tokens (modules_to_save) unties it.
+    let drop_head = same(EMBED_ROWS, HEAD_ROWS) && cfg.token_indices("embed_tokens") == cfg.token_indices("lm_head");
+    let mut out: Vec<Entry> = Vec::new();
+    let mut bytes_in = 0u64;
+    for name in file.names() {
+        let t = file.require(&name)?;
+        bytes_in += t.bytes.len() as u64;
+        if drop_head && name == HEAD_ROWS {
+            continue;
+        }
+        let v = t.to_f32().with_context(|| format!("{}: tensor `{name}` is not a float tensor", wpath.display()))?;
+        out.push((name.clone(), dtype.safetensors_name().into(), t.shape.to_vec(), encode_f32(&v, dtype)));
+    }
+    if drop_head {
+        if let Some(TokenIndices::PerModule(m)) = cfg.trainable_token_indices.as_mut() {
+            m.remove("lm_head");
+        }
+    }
+    let bytes_out = out.iter().map(|e| e.3.len() as u64).sum();
+    let tensors = out.len();
+    let staged = StagedDir::new(dst, true)?;
+    write_all(&staged.path().join(WEIGHTS), &out, Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
+    crate::io::atomic::write(&staged.path().join(CONFIG), cfg.to_json()?.as_bytes())?;
+    for entry in std::fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {
+        let p = entry?.path();
+        let name = p.file_name().unwrap_or_default();
+        if p.is_file() && name != WEIGHTS && name != CONFIG {
+            std::fs::copy(&p, staged.path().join(name)).with_context(|| format!("cannot copy {}", p.display()))?;
+        }
+    }
+    staged.commit()?;
+    Ok(PackReport { tensors, bytes_in, bytes_out, deduplicated_head: drop_head })
+}
