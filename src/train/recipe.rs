@@ -138,7 +138,7 @@ impl Default for TrainableSection {
     }
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct MixSection {
     /// Colossal-LLaMA-2's bucketed mixing: bucket k takes bin k of every source.
@@ -149,6 +149,14 @@ pub struct MixSection {
     /// Whole-document packing (Linly); false puts one document per sequence.
     #[serde(default = "yes")]
     pub packing: bool,
+}
+
+// Written out, not derived: a recipe without a [mix] section must pack too (a derived Default
+// would say `packing = false`, silently wasting two thirds of every row on short documents).
+impl Default for MixSection {
+    fn default() -> Self {
+        MixSection { bucketed: false, bins: None, packing: true }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
