@@ -421,3 +421,35 @@ fn export_interop_adapters() {
     let bytes = linly_lora::io::safetensors::encode_f32(&l, FloatType::F32);
     linly_lora::io::safetensors::write_all(&out.join("ours_new_rows_logits.safetensors"), &[("logits".into(), "F32".into(), vec![2, 24, 384], bytes)], None).unwrap();
 }
+
+/// Every adapter shipped in `adapters/` is self-consistent without its base model: PEFT config
+/// and tensors parse, tensors are f16, the trainable-token rows cover exactly the vocabulary the
+/// shipped tokenizer adds, and the extension agrees with both.
+#[test]
+fn shipped_adapters_are_consistent() {
+    use linly_lora::lora::adapter::{AdapterFile, TableUpdate};
+    let root = fixture("../../adapters");
+    let mut seen = 0;
+    for entry in std::fs::read_dir(&root).unwrap() {
+        let dir = entry.unwrap().path();
+        if !dir.join("adapter_config.json").exists() {
+            continue;
+        }
+        seen += 1;
+        let ad = AdapterFile::open(&dir).unwrap_or_else(|e| panic!("{}: {e:#}", dir.display()));
+        assert!(!ad.lora.is_empty(), "{}: no LoRA branches", dir.display());
+        let st = SafetensorsFile::open(&dir.join("adapter_model.safetensors")).unwrap();
+        for n in st.names() {
+            assert_eq!(format!("{:?}", st.get(&n).unwrap().dtype), "F16", "{}: {n}", dir.display());
+        }
+        let ext: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(dir.join("vocab_extension.json")).unwrap()).unwrap();
+        let (old, new) = (ext["old_vocab"].as_u64().unwrap() as usize, ext["new_vocab"].as_u64().unwrap() as usize);
+        let tok = linly_lora::tokenizer::Tok::load(&dir).unwrap();
+        assert_eq!(tok.vocab_size(), new, "{}", dir.display());
+        match &ad.embed {
+            Some(TableUpdate::Rows { indices, .. }) => assert_eq!(indices.clone(), (old..new).collect::<Vec<_>>(), "{}", dir.display()),
+            other => panic!("{}: expected trainable-token rows for embed_tokens, got {other:?}", dir.display()),
+        }
+    }
+    assert!(seen >= 1, "no adapter found under {}", root.display());
+}

