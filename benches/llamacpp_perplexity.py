@@ -22,7 +22,7 @@ first N/2+1 tokens with `linly-lora eval --ids`, and takes the difference: by ca
 the NLL of positions N/2+1 .. N-1, the tokens llama.cpp scores. llama.cpp's mean NLL comes from
 `--ppl-output-type 1` (six decimals); its total is that mean times the scored-token count.
 
-llama.cpp runs in two configurations:
+llama.cpp runs in up to four configurations (--configs); the two default ones:
 
 * `q4_1-default`: the GGUF as given, default options (what a user gets). ggml's CPU matmul
   with quantized weights quantizes the activations too (Q8_1 / Q8_0 blocks), and the KV cache
@@ -30,6 +30,8 @@ llama.cpp runs in two configurations:
 * `f32-exact`: the same GGUF re-exported as F32 with `llama-quantize --allow-requantize ... F32`
   (exact dequantization, which is what `linly-lora import gguf --dtype f32` does), run with an
   f32 KV cache and flash attention off. The remaining differences are float summation order.
+
+`q4_1-f32kv` and `f32-default` separate the two effects (activation quantization, f16 KV cache).
 
 Per character: both sides score the same tokens, so bits/char uses the characters those tokens
 cover (a character counts for the token holding its first UTF-8 byte; pieces come from the
@@ -50,6 +52,14 @@ import sys
 import time
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# name -> (run the F32 re-export?, f32 KV cache and no flash attention?, description)
+CONFIGS = {
+    "q4_1-default": (False, False, "the GGUF as given, default options"),
+    "q4_1-f32kv": (False, True, "the GGUF as given, f32 KV cache, flash attention off"),
+    "f32-default": (True, False, "F32 re-export, default options (f16 KV cache)"),
+    "f32-exact": (True, True, "F32 re-export, f32 KV cache, flash attention off"),
+}
 
 
 def run(cmd, **kw):
@@ -277,11 +287,14 @@ def main():
                    help="prefix of benches/build_llama_cpp.sh (default: $LLAMA_CPP_DIR or target/llama.cpp)")
     p.add_argument("--work", default=os.path.join(REPO, "target/llamacpp-ppl"),
                    help="scratch folder (default: target/llamacpp-ppl)")
-    p.add_argument("--no-f32", action="store_true", help="skip the F32 re-export run of llama.cpp")
+    p.add_argument("--configs", default="q4_1-default,f32-exact",
+                   help="llama.cpp runs, comma-separated, from: " + ", ".join(f"{k} ({v[2]})" for k, v in CONFIGS.items())
+                   + " (default: q4_1-default,f32-exact)")
     p.add_argument("--json", dest="json_out", help="also write the results here")
     a = p.parse_args()
     a.bin_dir = os.path.join(a.llama_dir, "bin")
-    for t in ("llama-perplexity", "llama-tokenize") + (() if a.no_f32 else ("llama-quantize",)):
+    needs_f32 = any(CONFIGS.get(c.strip(), (False,))[0] for c in a.configs.split(","))
+    for t in ("llama-perplexity", "llama-tokenize") + (("llama-quantize",) if needs_f32 else ()):
         if not os.access(os.path.join(a.bin_dir, t), os.X_OK):
             raise SystemExit(f"{a.bin_dir}/{t} not found: build it with benches/build_llama_cpp.sh "
                              f"(LLAMA_CPP_DIR={a.llama_dir})")
@@ -296,13 +309,15 @@ def main():
             run([a.linly, "import", "gguf", a.gguf, "--out", model, "--dtype", "f32"])
     table = piece_bytes_table(os.path.join(model, "tokenizer.json"))
 
-    a.configs = [("q4_1-default", a.gguf, False)]
-    if not a.no_f32:
-        f32 = os.path.join(a.work, os.path.splitext(os.path.basename(a.gguf))[0] + ".F32.gguf")
-        if not os.path.exists(f32):
-            run([os.path.join(a.bin_dir, "llama-quantize"), "--allow-requantize", a.gguf, f32 + ".tmp", "F32"])
-            os.replace(f32 + ".tmp", f32)
-        a.configs.append(("f32-exact", f32, True))
+    wanted = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = set(wanted) - set(CONFIGS)
+    if unknown or not wanted:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    f32 = os.path.join(a.work, os.path.splitext(os.path.basename(a.gguf))[0] + ".F32.gguf")
+    if any(CONFIGS[c][0] for c in wanted) and not os.path.exists(f32):
+        run([os.path.join(a.bin_dir, "llama-quantize"), "--allow-requantize", a.gguf, f32 + ".tmp", "F32"])
+        os.replace(f32 + ".tmp", f32)
+    a.configs = [(c, f32 if CONFIGS[c][0] else a.gguf, CONFIGS[c][1]) for c in wanted]
 
     texts = [(os.path.splitext(os.path.basename(t))[0], t) for t in a.text]
     if a.zh_tsv:
