@@ -293,7 +293,11 @@ def main():
     p.add_argument("--json", dest="json_out", help="also write the results here")
     a = p.parse_args()
     a.bin_dir = os.path.join(a.llama_dir, "bin")
-    needs_f32 = any(CONFIGS.get(c.strip(), (False,))[0] for c in a.configs.split(","))
+    wanted = [c.strip() for c in a.configs.split(",") if c.strip()]
+    unknown = set(wanted) - set(CONFIGS)
+    if unknown or not wanted:
+        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
+    needs_f32 = any(CONFIGS[c][0] for c in wanted)
     for t in ("llama-perplexity", "llama-tokenize") + (("llama-quantize",) if needs_f32 else ()):
         if not os.access(os.path.join(a.bin_dir, t), os.X_OK):
             raise SystemExit(f"{a.bin_dir}/{t} not found: build it with benches/build_llama_cpp.sh "
@@ -309,10 +313,6 @@ def main():
             run([a.linly, "import", "gguf", a.gguf, "--out", model, "--dtype", "f32"])
     table = piece_bytes_table(os.path.join(model, "tokenizer.json"))
 
-    wanted = [c.strip() for c in a.configs.split(",") if c.strip()]
-    unknown = set(wanted) - set(CONFIGS)
-    if unknown or not wanted:
-        raise SystemExit(f"--configs: unknown {sorted(unknown)}; choose from {', '.join(CONFIGS)}")
     f32 = os.path.join(a.work, os.path.splitext(os.path.basename(a.gguf))[0] + ".F32.gguf")
     if any(CONFIGS[c][0] for c in wanted) and not os.path.exists(f32):
         run([os.path.join(a.bin_dir, "llama-quantize"), "--allow-requantize", a.gguf, f32 + ".tmp", "F32"])
