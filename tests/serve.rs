@@ -46,6 +46,11 @@ impl Reference {
 
     /// (prompt ids, generated ids, answer text without stop ids).
     fn answer(&self, text: &str, chat_msg: bool, max_new: usize) -> (Vec<u32>, Vec<u32>, String) {
+        self.answer_with(text, chat_msg, max_new, false)
+    }
+
+    /// `ignore_eos`: generate with no stop ids, as the server does for `"ignore_eos": true`.
+    fn answer_with(&self, text: &str, chat_msg: bool, max_new: usize, ignore_eos: bool) -> (Vec<u32>, Vec<u32>, String) {
         let l = &self.loaded;
         let tok = l.tok.as_ref().unwrap();
         let (ids, stop_ids) = if chat_msg {
@@ -54,6 +59,7 @@ impl Reference {
         } else {
             (infer::generate::text_prompt(l, text).unwrap(), infer::generate::default_stop_ids(l))
         };
+        let stop_ids = if ignore_eos { vec![] } else { stop_ids };
         let opts = GenerateOptions { max_new_tokens: max_new, sampling: SamplingParams::default(), no_cache: false, stop_ids: stop_ids.clone() };
         let new = generate(&l.model, &ids, &opts, &l.device, |_| Ok(true)).unwrap();
         let kept: Vec<u32> = new.iter().copied().filter(|i| !stop_ids.contains(i)).collect();
@@ -201,8 +207,12 @@ async fn sixteen_concurrent_clients_get_generate_answers() {
         let (c, u) = (c.clone(), srv.url());
         let stream = i % 2 == 0;
         let (chat_msg, path) = if i % 4 < 2 { (true, "chat/completions") } else { (false, "completions") };
+        // This random model ends most Alpaca-template answers with EOS at once, which would
+        // compare empty strings: chat clients generate past it (`ignore_eos`).
         let body = if chat_msg {
-            chat_body(p, max_new, stream)
+            let mut b = chat_body(p, max_new, stream);
+            b["ignore_eos"] = json!(true);
+            b
         } else {
             json!({ "prompt": p, "max_tokens": max_new, "temperature": 0, "stream": stream })
         };
@@ -223,7 +233,8 @@ async fn sixteen_concurrent_clients_get_generate_answers() {
     let results = futures_util::future::join_all(futs).await;
     assert!(t0.elapsed() < Duration::from_secs(120));
     for (i, chat_msg, got) in results {
-        let want = r.answer(&prompts[i], chat_msg, max_new).2;
+        let want = r.answer_with(&prompts[i], chat_msg, max_new, chat_msg).2;
+        assert!(!want.is_empty(), "client {i}: an empty answer checks nothing");
         assert_eq!(got, want, "client {i} (chat {chat_msg})");
     }
     let h: Value = c.get(format!("{}/health", srv.url())).send().await.unwrap().json().await.unwrap();
@@ -313,46 +324,58 @@ async fn read_chunks(resp: &mut reqwest::Response, n: usize) -> String {
     panic!("stream ended before {n} chunks: {buf}");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn overload_gets_429_and_disconnect_frees_the_slot() {
-    // A long context and `ignore_eos`, so the first request runs far longer than the test needs.
-    let (_d, m) = model(4096);
-    let srv = start(&m, |o| {
-        o.max_concurrent = 1;
-        o.queue_size = 0;
-    });
-    let c = client();
-    let u = srv.url();
-    let mut long = chat_body("Tell me a long story.", 4000, true);
-    long["ignore_eos"] = json!(true);
-    let mut a = c.post(format!("{u}/v1/chat/completions")).json(&long).send().await.unwrap();
-    assert_eq!(a.status(), 200);
-    read_chunks(&mut a, 3).await;
-
-    // The only slot is taken and there is no queue: 429 at once, not a hang.
-    let t0 = Instant::now();
-    let (s, v) = post(&c, format!("{u}/v1/chat/completions"), &chat_body("hi", 4, false)).await;
-    assert_eq!(s, 429, "{v}");
-    assert_error_body(&v);
-    assert!(t0.elapsed() < Duration::from_secs(10));
-    let h = health(&c, &u).await;
-    assert_eq!((h["active"].as_u64(), h["rejected"].as_u64()), (Some(1), Some(1)), "{h}");
-
-    // The client goes away mid-stream: the worker notices and frees the slot.
-    drop(a);
-    let mut freed = None;
+/// Polls `/health` until `ok` holds (at most 200 × 50 ms).
+async fn wait_health(c: &reqwest::Client, u: &str, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
     for _ in 0..200 {
-        let h = health(&c, &u).await;
-        if h["active"] == 0 && h["cancelled"] == 1 {
-            freed = Some(h);
-            break;
+        let h = health(c, u).await;
+        if ok(&h) {
+            return h;
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    let h = freed.expect("the disconnected stream still holds its slot after 10 s");
-    assert_eq!(h["completed"], 0, "the long request must have been cancelled, not finished: {h}");
-    assert!(h["generated_tokens"].as_u64() == Some(0));
-    let (s, v) = post(&c, format!("{u}/v1/chat/completions"), &chat_body("hi", 4, false)).await;
+    panic!("{what}: not reached within 10 s: {}", health(c, u).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn overload_gets_429_and_disconnect_frees_the_slot() {
+    // A long context and `ignore_eos`, so the long requests run far longer than the test needs.
+    let (_d, m) = model(4096);
+    let srv = start(&m, |o| {
+        o.max_concurrent = 1;
+        o.queue_size = 1;
+    });
+    let c = client();
+    let u = srv.url();
+    let chat = format!("{u}/v1/chat/completions");
+    let mut long = chat_body("Tell me a long story.", 4000, true);
+    long["ignore_eos"] = json!(true);
+    let mut a = c.post(&chat).json(&long).send().await.unwrap();
+    assert_eq!(a.status(), 200);
+    read_chunks(&mut a, 3).await;
+    // B waits in the queue (its stream is open: the role chunk comes at once).
+    let mut b = c.post(&chat).json(&long).send().await.unwrap();
+    assert_eq!(b.status(), 200);
+    read_chunks(&mut b, 1).await;
+    wait_health(&c, &u, "A running, B queued", |h| h["active"] == 1 && h["queued"] == 1).await;
+
+    // One generating, one waiting, no more room: 429 at once, not a hang.
+    let t0 = Instant::now();
+    let (s, v) = post(&c, chat.clone(), &chat_body("hi", 4, false)).await;
+    assert_eq!(s, 429, "{v}");
+    assert_error_body(&v);
+    assert!(t0.elapsed() < Duration::from_secs(10));
+
+    // The waiting client leaves: its place is freed while A still runs.
+    drop(b);
+    let h = wait_health(&c, &u, "queued request dropped", |h| h["cancelled"] == 1 && h["queued"] == 0).await;
+    assert_eq!((h["active"].as_u64(), h["rejected"].as_u64()), (Some(1), Some(1)), "{h}");
+
+    // The running client leaves mid-stream: the worker notices and frees the slot.
+    drop(a);
+    let h = wait_health(&c, &u, "running request dropped", |h| h["active"] == 0 && h["cancelled"] == 2).await;
+    assert_eq!(h["completed"], 0, "the long requests must have been cancelled, not finished: {h}");
+    assert_eq!(h["generated_tokens"], 0, "{h}");
+    let (s, v) = post(&c, chat, &chat_body("hi", 4, false)).await;
     assert_eq!(s, 200, "{v}");
     srv.shutdown().unwrap();
 }

@@ -10,6 +10,7 @@ use super::api::{scan_stop, StopScan};
 use crate::infer::generate::{Finish, GenerateOptions, Stepper};
 use crate::infer::Loaded;
 use crate::tokenizer::StreamDecoder;
+use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::mpsc::{Receiver, TryRecvError};
@@ -68,20 +69,36 @@ enum Outcome {
 /// Runs until every job sender is gone and all admitted work is done.
 pub fn run(loaded: Arc<Loaded>, rx: Receiver<Job>, max_concurrent: usize, stats: Arc<Stats>) {
     let mut active: Vec<Seq> = Vec::new();
+    // Jobs taken off the channel but not started; kept here so that one whose client left
+    // is dropped (and its place freed) at the next round, not when it reaches the front.
+    let mut waiting: VecDeque<Job> = VecDeque::new();
     let mut open = true;
-    while open || !active.is_empty() {
-        // Admit: block only when idle, so a busy worker never waits on the queue.
-        if active.is_empty() {
+    while open || !active.is_empty() || !waiting.is_empty() {
+        // Block only when idle, so a busy worker never waits on the channel.
+        if active.is_empty() && waiting.is_empty() {
             match rx.recv() {
-                Ok(job) => admit(&loaded, job, &mut active, &stats),
+                Ok(job) => waiting.push_back(job),
                 Err(_) => open = false,
             }
         }
-        while open && active.len() < max_concurrent {
+        while open {
             match rx.try_recv() {
-                Ok(job) => admit(&loaded, job, &mut active, &stats),
+                Ok(job) => waiting.push_back(job),
                 Err(TryRecvError::Empty) => break,
                 Err(TryRecvError::Disconnected) => open = false,
+            }
+        }
+        waiting.retain(|j| {
+            let gone = j.tx.is_closed();
+            if gone {
+                stats.cancelled.fetch_add(1, Ordering::Relaxed);
+            }
+            !gone
+        });
+        while active.len() < max_concurrent {
+            match waiting.pop_front() {
+                Some(job) => admit(&loaded, job, &mut active, &stats),
+                None => break,
             }
         }
         stats.active.store(active.len(), Ordering::Relaxed);
@@ -99,17 +116,14 @@ pub fn run(loaded: Arc<Loaded>, rx: Receiver<Job>, max_concurrent: usize, stats:
                 Outcome::Failed => &stats.failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            active.swap_remove(i);
+            // `remove`, not `swap_remove`: the turn order stays the order of arrival.
+            active.remove(i);
             stats.active.store(active.len(), Ordering::Relaxed);
         }
     }
 }
 
 fn admit(loaded: &Loaded, job: Job, active: &mut Vec<Seq>, stats: &Stats) {
-    if job.tx.is_closed() {
-        stats.cancelled.fetch_add(1, Ordering::Relaxed);
-        return;
-    }
     match Stepper::new(&loaded.model, &job.prompt, &job.opts) {
         Ok(stepper) => active.push(Seq { job, stepper, dec: StreamDecoder::new(), text: String::new(), sent: 0, ids: Vec::new() }),
         Err(e) => {
