@@ -1,5 +1,6 @@
 //! HTTP handlers: validation and tokenization happen here (so a bad request is answered at
-//! once, even under load); generation is handed to the worker as a [`Job`].
+//! once, even under load; tokenization runs in `block_in_place` so a 1 MiB prompt does not
+//! stall other connections); generation is handed to the worker as a [`Job`].
 
 use super::api::{self, ApiError, Checked, Usage};
 use super::worker::{Event, Job};
@@ -101,7 +102,8 @@ pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>
         let conv = api::conversation(&req.messages)?;
         let tok = st.loaded.tok.as_ref().expect("checked at start-up");
         let text = chat::render(st.template, conv.system.as_deref(), &conv.history, &conv.user);
-        let ids = chat::encode_prompt(&st.loaded, tok, st.template, &text).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
+        let ids = tokio::task::block_in_place(|| chat::encode_prompt(&st.loaded, tok, st.template, &text))
+            .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;
         Ok::<_, ApiError>((ids, checked))
     }
     .await;
@@ -117,7 +119,8 @@ pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> 
         let (req, s): (api::CompletionRequest, _) = api::parse_body(&bytes)?;
         let checked = api::check_sampling(&s)?;
         // Exactly `linly-lora generate --prompt`'s encoding.
-        let ids = generate::text_prompt(&st.loaded, req.prompt_text()?).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("prompt")))?;
+        let text = req.prompt_text()?;
+        let ids = tokio::task::block_in_place(|| generate::text_prompt(&st.loaded, text)).map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("prompt")))?;
         Ok::<_, ApiError>((ids, checked))
     }
     .await;
