@@ -23,3 +23,4 @@ pub mod model;
 pub mod tokenizer;
 pub mod train;
 pub mod vocab;
+pub mod serve;

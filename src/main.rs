@@ -49,6 +49,15 @@ enum Cmd {
         #[command(subcommand)]
         what: ImportCmd,
     },
+    /// OpenAI-compatible HTTP service: /v1/chat/completions, /v1/completions, /v1/models, /health
+    #[command(long_about = "OpenAI-compatible HTTP service over one loaded model (merged, adapter-applied or \
+imported), so any OpenAI client works unchanged.\n\nEndpoints: POST /v1/chat/completions (messages, temperature, \
+top_p, max_tokens, stop, seed, stream), POST /v1/completions, GET /v1/models, GET /health (no key needed). The \
+chat template comes from the tokenizer as in `chat` (ChatML if it has <|im_start|>, else Alpaca). Requests share \
+the model: up to --max-concurrent generate at once, interleaved one decode step at a time; up to --queue-size \
+more wait; beyond that the answer is 429. Ctrl-C or SIGTERM stops taking connections and lets running requests \
+finish (a second signal exits at once).")]
+    Serve(ServeArgs),
     /// Benchmarks on random-weight models of named shapes
     Bench {
         #[command(subcommand)]
@@ -200,6 +209,39 @@ struct ChatArgs {
     system: Option<String>,
     #[command(flatten)]
     s: SamplingArgs,
+}
+
+#[derive(Args)]
+struct ServeArgs {
+    #[command(flatten)]
+    m: ModelArgs,
+    /// Address to bind; the default answers only this machine (use 0.0.0.0 to expose it, ideally with --api-key)
+    #[arg(long, default_value = "127.0.0.1")]
+    host: String,
+    /// TCP port (0 picks a free one; the address is printed on start)
+    #[arg(long, default_value_t = 8080)]
+    port: u16,
+    /// Requests generating at once; they take turns one decode step each
+    #[arg(long, default_value_t = 16)]
+    max_concurrent: usize,
+    /// Requests waiting for a generation slot; one more is answered 429 at once
+    #[arg(long, default_value_t = 64)]
+    queue_size: usize,
+    /// Require `Authorization: Bearer KEY` on /v1 routes (default: no key). Also read from LINLY_API_KEY
+    #[arg(long, env = "LINLY_API_KEY", hide_env_values = true)]
+    api_key: Option<String>,
+    /// Chat template: alpaca, chatml or llama2 (default: chatml if the tokenizer has <|im_start|>, else alpaca)
+    #[arg(long)]
+    template: Option<chat::Template>,
+    /// New tokens for a request that gives no max_tokens (cut to what the context leaves)
+    #[arg(long, default_value_t = 256)]
+    default_max_tokens: usize,
+    /// Largest request body in bytes; bigger ones get 413
+    #[arg(long, default_value_t = 1 << 20)]
+    max_body_bytes: usize,
+    /// Model id reported by /v1/models and in responses (default: the model folder's name)
+    #[arg(long)]
+    model_name: Option<String>,
 }
 
 #[derive(Args)]
@@ -387,6 +429,21 @@ enum BenchCmd {
         #[arg(long, default_value_t = 1.0)]
         random_std: f32,
     },
+    /// Aggregate generated tokens/s of `serve` at several concurrent client counts, over loopback HTTP
+    Serve {
+        /// A real model folder with a tokenizer (this benchmark needs text in and out)
+        #[command(flatten)]
+        m: ModelArgs,
+        /// Client counts to measure, in order; ratios are against the 1-client row
+        #[arg(long, value_delimiter = ',', default_values_t = [1usize, 4, 16])]
+        clients: Vec<usize>,
+        /// New tokens per request (generated past end-of-sequence, so every request costs the same)
+        #[arg(long, default_value_t = 32)]
+        max_tokens: usize,
+        /// Requests each client sends one after another
+        #[arg(long, default_value_t = 2)]
+        requests: usize,
+    },
     /// Merge wall time ÷ copy time and peak RSS, on a synthetic f16 model + rank-r adapter
     Merge {
         #[arg(long, default_value = "1b")]
@@ -568,6 +625,23 @@ fn run(cli: Cli) -> Result<()> {
                 r.tokenizer.as_deref().unwrap_or("none")
             );
         }
+        Cmd::Serve(a) => {
+            let opts = linly_lora::serve::ServeOptions {
+                spec: a.m.spec(),
+                host: a.host,
+                port: a.port,
+                max_concurrent: a.max_concurrent,
+                queue_size: a.queue_size,
+                api_key: a.api_key,
+                template: a.template,
+                default_max_tokens: a.default_max_tokens,
+                max_body_bytes: a.max_body_bytes,
+                model_name: a.model_name,
+            };
+            linly_lora::serve::serve(&opts, |addr, st| {
+                println!("linly-lora serve: {} ({:?} template) listening on http://{addr}", st.model_id(), st.template());
+            })?;
+        }
         Cmd::Bench { what: BenchCmd::Forward { m, prompt, decode, reps } } => {
             let r = linly_lora::bench::forward(&m.shape, &m.device, m.dtype, prompt, decode, reps)?;
             println!("{}", serde_json::to_string(&r)?);
@@ -579,6 +653,12 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std } } => {
             let rows = linly_lora::bench::scaler::run(&linly_lora::bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std })?;
             println!("{}", linly_lora::bench::scaler::markdown(&rows));
+            println!("{}", serde_json::to_string(&rows)?);
+        }
+        Cmd::Bench { what: BenchCmd::Serve { m, clients, max_tokens, requests } } => {
+            use linly_lora::bench::serve as bs;
+            let rows = bs::run(&bs::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests })?;
+            println!("{}", bs::markdown(&rows));
             println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Bench { what: BenchCmd::Merge { shape, rank, workdir, keep } } => {

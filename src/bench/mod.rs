@@ -2,6 +2,7 @@
 
 pub mod merge;
 pub mod scaler;
+pub mod serve;
 pub mod train;
 
 use crate::config::LlamaConfig;

@@ -2,7 +2,7 @@
 
 use super::ids_tensor;
 use super::sample::{Sampler, SamplingParams};
-use crate::model::Llama;
+use crate::model::{KvCache, Llama};
 use anyhow::{bail, Result};
 use burn::tensor::{Device, FloatDType, Tensor};
 
@@ -22,6 +22,100 @@ pub fn last_logits(logits: Tensor<3>) -> Vec<f32> {
     logits.slice([0..1, t - 1..t, 0..v]).cast(FloatDType::F32).try_into_vec_as::<f32>().expect("f32 logits")
 }
 
+/// Why a generation ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finish {
+    /// A stop id was emitted.
+    Stop,
+    /// `max_new_tokens` or the model's context was reached.
+    Length,
+}
+
+/// One generation advanced a token at a time: the prefill is the first [`Stepper::step`], each
+/// later step feeds the previous token through the KV cache. [`generate`] is a loop over it, so
+/// a caller that interleaves several steppers on one model (the server) makes exactly the same
+/// forward calls per sequence as `generate` and gets the same tokens.
+pub struct Stepper {
+    sampler: Sampler,
+    all: Vec<u32>,
+    prompt_len: usize,
+    cache: Option<KvCache>,
+    pending: Vec<u32>,
+    max_new_tokens: usize,
+    stop_ids: Vec<u32>,
+    finish: Option<Finish>,
+}
+
+impl Stepper {
+    /// Checks the prompt against the model and prepares an empty cache.
+    pub fn new(model: &Llama, prompt: &[u32], opts: &GenerateOptions) -> Result<Self> {
+        if prompt.is_empty() {
+            bail!("the prompt is empty: generation needs at least one token (e.g. BOS)");
+        }
+        let vocab = model.vocab_size() as u32;
+        if let Some(bad) = prompt.iter().find(|&&x| x >= vocab) {
+            bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
+        }
+        let ctx = model.config.max_position_embeddings;
+        if prompt.len() >= ctx {
+            bail!("the prompt has {} tokens but the model's context is {ctx}", prompt.len());
+        }
+        Ok(Stepper {
+            sampler: Sampler::new(opts.sampling.clone()),
+            all: prompt.to_vec(),
+            prompt_len: prompt.len(),
+            cache: if opts.no_cache { None } else { Some(model.new_cache()) },
+            pending: prompt.to_vec(),
+            max_new_tokens: opts.max_new_tokens,
+            stop_ids: opts.stop_ids.clone(),
+            finish: None,
+        })
+    }
+
+    /// Runs one forward pass and returns the chosen id, or `None` once generation has ended
+    /// (see [`Stepper::finish`]). A stop id is returned, then the next call yields `None`.
+    pub fn step(&mut self, model: &Llama, device: &Device) -> Option<u32> {
+        if self.finish.is_some() {
+            return None;
+        }
+        if self.generated().len() >= self.max_new_tokens || self.all.len() >= model.config.max_position_embeddings {
+            self.finish = Some(Finish::Length);
+            return None;
+        }
+        let logits = match self.cache.as_mut() {
+            Some(c) => model.forward(ids_tensor(&self.pending, device), Some(c)),
+            None => model.forward(ids_tensor(&self.all, device), None),
+        };
+        let mut last = last_logits(logits);
+        let id = self.sampler.next(&mut last, &self.all);
+        self.all.push(id);
+        self.pending = vec![id];
+        if self.stop_ids.contains(&id) {
+            self.finish = Some(Finish::Stop);
+        }
+        Some(id)
+    }
+
+    /// Ends the generation early (the caller stopped it, e.g. on a stop string).
+    pub fn stop(&mut self) {
+        self.finish.get_or_insert(Finish::Stop);
+    }
+
+    /// `Some` once generation has ended.
+    pub fn finish(&self) -> Option<Finish> {
+        self.finish
+    }
+
+    pub fn prompt_len(&self) -> usize {
+        self.prompt_len
+    }
+
+    /// The new ids so far (a stop id included when one ended generation).
+    pub fn generated(&self) -> &[u32] {
+        &self.all[self.prompt_len..]
+    }
+}
+
 /// Generates after `prompt`; `on_token` sees each new id as it is chosen and may return
 /// `false` to stop. Returns the new ids (the stop id included when one ended generation).
 pub fn generate(
@@ -31,38 +125,13 @@ pub fn generate(
     device: &Device,
     mut on_token: impl FnMut(u32) -> Result<bool>,
 ) -> Result<Vec<u32>> {
-    if prompt.is_empty() {
-        bail!("the prompt is empty: generation needs at least one token (e.g. BOS)");
-    }
-    let vocab = model.vocab_size() as u32;
-    if let Some(bad) = prompt.iter().find(|&&x| x >= vocab) {
-        bail!("prompt token id {bad} is outside the model's vocabulary of {vocab}");
-    }
-    let ctx = model.config.max_position_embeddings;
-    if prompt.len() >= ctx {
-        bail!("the prompt has {} tokens but the model's context is {ctx}", prompt.len());
-    }
-    let mut sampler = Sampler::new(opts.sampling.clone());
-    let mut all = prompt.to_vec();
-    let mut out = Vec::new();
-    let mut cache = if opts.no_cache { None } else { Some(model.new_cache()) };
-    let mut pending: Vec<u32> = prompt.to_vec();
-    while out.len() < opts.max_new_tokens && all.len() < ctx {
-        let logits = match cache.as_mut() {
-            Some(c) => model.forward(ids_tensor(&pending, device), Some(c)),
-            None => model.forward(ids_tensor(&all, device), None),
-        };
-        let mut last = last_logits(logits);
-        let id = sampler.next(&mut last, &all);
-        all.push(id);
-        out.push(id);
-        pending = vec![id];
-        let go_on = on_token(id)?;
-        if !go_on || opts.stop_ids.contains(&id) {
+    let mut s = Stepper::new(model, prompt, opts)?;
+    while let Some(id) = s.step(model, device) {
+        if !on_token(id)? {
             break;
         }
     }
-    Ok(out)
+    Ok(s.generated().to_vec())
 }
 
 /// Tokenizes a plain-text prompt: special tokens as the tokenizer adds them, and the model's BOS

@@ -61,6 +61,11 @@ pub fn logits_of(model: &linly_lora::model::Llama, ids: &[Vec<u32>]) -> Vec<f32>
 /// Writes a random-weight LLaMA folder with `vocab` rows and (optionally) a tokenizer copied
 /// from `tokenizer_dir`, for CLI tests that need text in and out.
 pub fn random_model(dir: &std::path::Path, vocab: usize, tokenizer_dir: Option<&std::path::Path>) {
+    random_model_ctx(dir, vocab, tokenizer_dir, 128)
+}
+
+/// [`random_model`] with a chosen context length (`max_position_embeddings`).
+pub fn random_model_ctx(dir: &std::path::Path, vocab: usize, tokenizer_dir: Option<&std::path::Path>, ctx: usize) {
     use linly_lora::io::safetensors::{encode_f32, write_all, FloatType};
     let (h, ffn, layers, heads, kv) = (32usize, 64usize, 2usize, 4usize, 2usize);
     let hd = h / heads;
@@ -68,7 +73,7 @@ pub fn random_model(dir: &std::path::Path, vocab: usize, tokenizer_dir: Option<&
         "architectures": ["LlamaForCausalLM"], "model_type": "llama",
         "hidden_size": h, "intermediate_size": ffn, "num_hidden_layers": layers,
         "num_attention_heads": heads, "num_key_value_heads": kv, "vocab_size": vocab,
-        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": 128,
+        "rms_norm_eps": 1e-5, "rope_theta": 10000.0, "max_position_embeddings": ctx,
         "tie_word_embeddings": false, "bos_token_id": 1, "eos_token_id": 2
     });
     std::fs::write(dir.join("config.json"), cfg.to_string()).unwrap();

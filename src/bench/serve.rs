@@ -1,0 +1,106 @@
+//! `bench serve`: aggregate generated tokens/s of `serve` at several client counts, over real
+//! HTTP on loopback. The clients are plain blocking HTTP/1.1 over `TcpStream`, one thread
+//! each, so the measurement includes the whole server path (parsing, tokenization, queue,
+//! worker, JSON) and nothing of a client library's own runtime.
+
+use crate::infer::ModelSpec;
+use crate::serve::{ServeOptions, Server};
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+#[derive(Debug, Clone)]
+pub struct ServeBenchOptions {
+    pub spec: ModelSpec,
+    pub clients: Vec<usize>,
+    /// New tokens per request (`ignore_eos`, so every request generates exactly this many).
+    pub max_tokens: usize,
+    /// Requests each client sends, one after another.
+    pub requests_per_client: usize,
+}
+
+#[derive(Debug, Serialize)]
+pub struct ServeBenchRow {
+    pub clients: usize,
+    pub requests: usize,
+    pub generated_tokens: usize,
+    pub seconds: f64,
+    pub tokens_per_s: f64,
+    /// Against the 1-client row of the same run.
+    pub ratio_vs_1: Option<f64>,
+    pub mean_latency_s: f64,
+}
+
+/// One `POST /v1/completions`, non-streaming; returns the completion token count.
+fn request(addr: SocketAddr, body: &str) -> Result<usize> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(600)))?;
+    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (head, json) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    if !head.starts_with("HTTP/1.1 200") {
+        bail!("server answered {}: {json}", head.lines().next().unwrap_or(""));
+    }
+    let v: serde_json::Value = serde_json::from_str(json).context("response body is not JSON")?;
+    v["usage"]["completion_tokens"].as_u64().map(|n| n as usize).ok_or_else(|| anyhow::anyhow!("no usage in {v}"))
+}
+
+pub fn run(o: &ServeBenchOptions) -> Result<Vec<ServeBenchRow>> {
+    let max_clients = o.clients.iter().copied().max().unwrap_or(1);
+    let mut so = ServeOptions::new(o.spec.clone());
+    so.port = 0;
+    so.max_concurrent = max_clients;
+    so.queue_size = max_clients;
+    let server = Server::start(&so)?;
+    let addr = server.addr;
+    let body = |c: usize, r: usize| {
+        serde_json::json!({ "prompt": format!("Request {r} from client {c}: write a short story about a robot who learns to cook."),
+            "max_tokens": o.max_tokens, "temperature": 0, "ignore_eos": true })
+        .to_string()
+    };
+    // Warm-up: first calls allocate and start the thread pools.
+    request(addr, &body(0, 0))?;
+    let mut rows: Vec<ServeBenchRow> = Vec::new();
+    for &n in &o.clients {
+        let t0 = Instant::now();
+        let handles: Vec<_> = (0..n)
+            .map(|c| {
+                let bodies: Vec<String> = (0..o.requests_per_client).map(|r| body(c, r)).collect();
+                std::thread::spawn(move || -> Result<(usize, f64)> {
+                    let (mut tokens, mut latency) = (0, 0.0);
+                    for b in bodies {
+                        let t = Instant::now();
+                        tokens += request(addr, &b)?;
+                        latency += t.elapsed().as_secs_f64();
+                    }
+                    Ok((tokens, latency))
+                })
+            })
+            .collect();
+        let (mut tokens, mut latency) = (0, 0.0);
+        for h in handles {
+            let (t, l) = h.join().map_err(|_| anyhow::anyhow!("client thread panicked"))??;
+            tokens += t;
+            latency += l;
+        }
+        let seconds = t0.elapsed().as_secs_f64();
+        let requests = n * o.requests_per_client;
+        let tps = tokens as f64 / seconds;
+        let base = rows.iter().find(|r| r.clients == 1).map(|r| r.tokens_per_s);
+        rows.push(ServeBenchRow { clients: n, requests, generated_tokens: tokens, seconds, tokens_per_s: tps, ratio_vs_1: base.map(|b| tps / b), mean_latency_s: latency / requests as f64 });
+    }
+    server.shutdown()?;
+    Ok(rows)
+}
+
+pub fn markdown(rows: &[ServeBenchRow]) -> String {
+    let mut s = String::from("| clients | requests | tokens | seconds | tokens/s | vs 1 client | mean latency, s |\n| --- | --- | --- | --- | --- | --- | --- |\n");
+    for r in rows {
+        let ratio = r.ratio_vs_1.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into());
+        s.push_str(&format!("| {} | {} | {} | {:.1} | {:.1} | {} | {:.1} |\n", r.clients, r.requests, r.generated_tokens, r.seconds, r.tokens_per_s, ratio, r.mean_latency_s));
+    }
+    s
+}
