@@ -195,50 +195,67 @@ mod avx2 {
         _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
     }
 
+    /// Σ dᵢ·sᵢ over blocks, two blocks per step into two accumulators so that consecutive
+    /// blocks' loads and multiply-adds overlap instead of waiting on one FMA chain.
+    #[inline(always)]
+    unsafe fn two_accumulators(nb: usize, block: impl Fn(usize) -> (__m256, __m256)) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 1 < nb {
+            let (d0, s0) = block(i);
+            let (d1, s1) = block(i + 1);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, s1, acc1);
+            i += 2;
+        }
+        if i < nb {
+            let (d0, s0) = block(i);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
         assert!(w.len() >= nb * Q8_0_BYTES && a.len() >= nb * Q8_0_BYTES);
-        let mut acc = _mm256_setzero_ps();
-        for i in 0..nb {
+        let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q8_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
             let d = _mm256_set1_ps(scale2(wp, ap));
             let qw = _mm256_loadu_si256(wp.add(2) as *const __m256i);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8(qw, qa), acc);
-        }
-        hsum(acc)
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q4_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
         assert!(w.len() >= nb * Q4_0_BYTES && a.len() >= nb * Q8_0_BYTES);
-        let mut acc = _mm256_setzero_ps();
         let off = _mm256_set1_epi8(8);
-        for i in 0..nb {
+        let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q4_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
             let d = _mm256_set1_ps(scale2(wp, ap));
             let qw = _mm256_sub_epi8(nibbles32(wp.add(2)), off);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8(qw, qa), acc);
-        }
-        hsum(acc)
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
     unsafe fn q5_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
         assert!(w.len() >= nb * Q5_0_BYTES && a.len() >= nb * Q8_0_BYTES);
-        let mut acc = _mm256_setzero_ps();
         let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
-        for i in 0..nb {
+        let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q5_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
             let d = _mm256_set1_ps(scale2(wp, ap));
             // q − 16 as a signed byte: the nibble when the fifth bit is set, else nibble | 0xF0.
             let qh = _mm256_andnot_si256(bytes_from_bits(wp.add(2)), hi_mask);
             let qw = _mm256_or_si256(nibbles32(wp.add(6)), qh);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
-            acc = _mm256_fmadd_ps(d, mul_sum_i8(qw, qa), acc);
-        }
-        hsum(acc)
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -279,3 +279,107 @@ pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> 
         }
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::import::tests::{scratch, tiny_llama};
+    use super::super::import::{import_gguf, OutDType};
+    use super::super::reader::{parse, GgufFile};
+    use super::super::{dequantize, GgufMmap};
+    use super::*;
+    use crate::io::weights::WeightStore;
+
+    fn strings(g: &GgufFile<'_>, key: &str) -> Vec<String> {
+        let a = g.get(key).unwrap_or_else(|| panic!("{key} missing")).as_array().unwrap();
+        a.as_strings().unwrap().iter().map(|b| String::from_utf8(b.to_vec()).unwrap()).collect()
+    }
+
+    fn tensor_f32(g: &GgufFile<'_>, name: &str) -> Vec<f32> {
+        let t = g.tensor(name).unwrap_or_else(|| panic!("{name} missing"));
+        dequantize(t.ggml_type, t.data, t.n_elements() as usize).unwrap()
+    }
+
+    /// GGUF → import → export: the same tensors (values and llama.cpp row order) and the same
+    /// tokenizer metadata as the file we started from; and export → import gives back the HF
+    /// tensors exactly.
+    #[test]
+    fn gguf_import_export_round_trip() {
+        let dir = scratch("export-rt");
+        let (bytes, _) = tiny_llama(false, true);
+        let src = dir.join("src.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        let hf = dir.join("hf");
+        import_gguf(&src, &hf, OutDType::F32).unwrap();
+        let out = dir.join("out.gguf");
+        let r = export_gguf(&hf, &out, &ExportOptions { ty: ExportType::F32, keep_embeddings: false }).unwrap();
+        assert!(r.warnings.is_empty(), "{:?}", r.warnings);
+        assert_eq!(r.tokenizer.as_deref(), Some("gpt2 (pre smollm)"));
+        assert!(r.chat_template);
+        let a = parse(&bytes).unwrap();
+        let map = GgufMmap::open(&out).unwrap();
+        let b = map.parse().unwrap();
+        assert_eq!(a.tensors.len(), b.tensors.len());
+        for t in &a.tensors {
+            assert_eq!(b.tensor(t.name).unwrap().dims, t.dims, "{}", t.name);
+            assert_eq!(tensor_f32(&a, t.name), tensor_f32(&b, t.name), "{}: values or row order differ", t.name);
+        }
+        for key in ["tokenizer.ggml.tokens", "tokenizer.ggml.merges"] {
+            assert_eq!(strings(&a, key), strings(&b, key), "{key}");
+        }
+        let types = |g: &GgufFile<'_>| g.get("tokenizer.ggml.token_type").unwrap().as_array().unwrap().to_i64_vec().unwrap();
+        assert_eq!(types(&a), types(&b));
+        for key in ["tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.padding_token_id", "llama.block_count", "llama.attention.head_count_kv", "llama.embedding_length"] {
+            assert_eq!(a.get_u64(key).unwrap(), b.get_u64(key).unwrap(), "{key}");
+        }
+        for key in ["tokenizer.ggml.pre", "tokenizer.chat_template", "general.architecture"] {
+            assert_eq!(a.get_str(key).unwrap(), b.get_str(key).unwrap(), "{key}");
+        }
+        // And back: the re-imported folder holds the same tensors as the first import.
+        let hf2 = dir.join("hf2");
+        import_gguf(&out, &hf2, OutDType::F32).unwrap();
+        let (s1, s2) = (WeightStore::open(&hf).unwrap(), WeightStore::open(&hf2).unwrap());
+        assert_eq!(s1.names(), s2.names());
+        for n in s1.names() {
+            assert_eq!(s1.f32(&n).unwrap(), s2.f32(&n).unwrap(), "{n}");
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// Quantized exports re-import to exactly the dequantized quantization of each tensor, with
+    /// the Q/K rows back in HF order.
+    #[test]
+    fn quantized_export_reimports_to_dequantized_values() {
+        let dir = scratch("export-q");
+        let (bytes, _) = tiny_llama(true, true);
+        let src = dir.join("src.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        let hf = dir.join("hf");
+        import_gguf(&src, &hf, OutDType::F32).unwrap();
+        let s1 = WeightStore::open(&hf).unwrap();
+        for ty in ["q8_0", "q4_0", "q4_k"] {
+            let out = dir.join(format!("{ty}.gguf"));
+            let r = export_gguf(&hf, &out, &ExportOptions { ty: ty.parse().unwrap(), keep_embeddings: ty == "q4_0" }).unwrap();
+            let back = dir.join(format!("{ty}-hf"));
+            import_gguf(&out, &back, OutDType::F32).unwrap();
+            let s2 = WeightStore::open(&back).unwrap();
+            for n in s1.names() {
+                let (v, shape) = s1.f32(&n).unwrap();
+                let (w, _) = s2.f32(&n).unwrap();
+                let want = if shape.len() == 1 {
+                    v
+                } else if n.contains("embed_tokens") && ty == "q4_0" {
+                    v.iter().map(|x| half::f16::from_f32(*x).to_f32()).collect()
+                } else {
+                    let q = QType::from_str(ty).unwrap().for_row_length(shape[1]).unwrap();
+                    QuantMatrix::quantize(q, shape[0], shape[1], &v).unwrap().dequantize()
+                };
+                assert_eq!(w, want, "{ty}: {n}");
+            }
+            // 64- and 96-long rows are not whole 256-blocks: q4_k falls back to q5_0.
+            if ty == "q4_k" {
+                assert!(r.types.contains_key("Q5_0") && !r.types.contains_key("Q4_K"), "{:?}", r.types);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
