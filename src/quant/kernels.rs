@@ -13,6 +13,11 @@ use super::blocks::{f16_at, scale_min_k4, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q8
 /// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
 pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 
+/// One weight row against four activation rows at once (prompt processing): each weight block
+/// is loaded and unpacked once for four tokens. The fourth argument holds the activations'
+/// block scales already converted to f32.
+pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
+
 /// One dot-product function per weight type.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -20,13 +25,26 @@ pub struct Kernels {
     pub q4_0: DotFn,
     pub q5_0: DotFn,
     pub q4_k: DotFn,
+    /// Four-token versions for the types with Q8_0 activations (`None`: loop over [`DotFn`]).
+    pub q8_0x4: Option<Dot4Fn>,
+    pub q4_0x4: Option<Dot4Fn>,
+    pub q5_0x4: Option<Dot4Fn>,
     /// `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
 
 impl Kernels {
     pub fn scalar() -> Self {
-        Kernels { q8_0: dot_q8_0_scalar, q4_0: dot_q4_0_scalar, q5_0: dot_q5_0_scalar, q4_k: dot_q4_k_scalar, name: "scalar" }
+        Kernels {
+            q8_0: dot_q8_0_scalar,
+            q4_0: dot_q4_0_scalar,
+            q5_0: dot_q5_0_scalar,
+            q4_k: dot_q4_k_scalar,
+            q8_0x4: None,
+            q4_0x4: None,
+            q5_0x4: None,
+            name: "scalar",
+        }
     }
 
     /// The fastest kernels this CPU runs, detected once.
@@ -140,6 +158,9 @@ mod avx2 {
             q4_0: |w, a, n| unsafe { q4_0(w, a, n) },
             q5_0: |w, a, n| unsafe { q5_0(w, a, n) },
             q4_k: |w, a, n| unsafe { q4_k(w, a, n) },
+            q8_0x4: Some(|w, a, s, n| unsafe { q8_0x4(w, a, s, n) }),
+            q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
+            q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
             name: "avx2",
         }
     }
@@ -256,6 +277,64 @@ mod avx2 {
             (d, mul_sum_i8(qw, qa))
         };
         two_accumulators(nb, block)
+    }
+
+    /// Four activation rows against one weight row; `block(i)` gives weight block i as signed
+    /// bytes and its f32 scale.
+    #[inline(always)]
+    unsafe fn four(a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(usize) -> (__m256i, f32)) -> [f32; 4] {
+        for (r, sc) in a.iter().zip(&s) {
+            assert!(r.len() >= nb * Q8_0_BYTES && sc.len() >= nb);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..nb {
+            let (qw, dw) = block(i);
+            let ax = _mm256_sign_epi8(qw, qw);
+            for k in 0..4 {
+                let ap = a[k].as_ptr().add(i * Q8_0_BYTES);
+                let da = *s[k].get_unchecked(i);
+                let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qa, qw)), ones);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(dot), acc[k]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[inline(always)]
+    unsafe fn f16_scale(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q8_0_BYTES);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q8_0_BYTES);
+            (_mm256_loadu_si256(wp.add(2) as *const __m256i), f16_scale(wp))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q4_0_BYTES);
+        let off = _mm256_set1_epi8(8);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q4_0_BYTES);
+            (_mm256_sub_epi8(nibbles32(wp.add(2)), off), f16_scale(wp))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q5_0_BYTES);
+        let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q5_0_BYTES);
+            let qh = _mm256_andnot_si256(bytes_from_bits(wp.add(2)), hi_mask);
+            (_mm256_or_si256(nibbles32(wp.add(6)), qh), f16_scale(wp))
+        })
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]

@@ -4,7 +4,7 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{DotFn, Kernels};
+use super::kernels::{Dot4Fn, DotFn, Kernels};
 use crate::io::gguf::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -72,6 +72,15 @@ impl QType {
             QType::Q4_0 => blocks::quantize_row_q4_0(x, out),
             QType::Q5_0 => blocks::quantize_row_q5_0(x, out),
             QType::Q4_K => blocks::quantize_row_q4_k(x, out),
+        }
+    }
+
+    fn dot4(self, k: &Kernels) -> Option<Dot4Fn> {
+        match self {
+            QType::Q8_0 => k.q8_0x4,
+            QType::Q4_0 => k.q4_0x4,
+            QType::Q5_0 => k.q5_0x4,
+            QType::Q4_K => None,
         }
     }
 
@@ -215,17 +224,43 @@ impl QuantMatrix {
             self.ty.quantize_act(x, &mut acts);
         }
         let dot = self.ty.dot(k);
+        let dot4 = self.ty.dot4(k);
         let (rb, nb, rows) = (self.row_bytes(), self.cols / self.ty.block(), self.rows);
-        // Enough tasks per thread to balance, few enough that dispatch stays cheap.
-        let per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(4);
+        let act = |t: usize| &acts[t * ab..(t + 1) * ab];
+        // f32 copies of the Q8_0 activation scales, for the four-token kernels.
+        let scales: Vec<f32> = match dot4 {
+            Some(_) if n >= 4 => acts.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect(),
+            _ => Vec::new(),
+        };
+        let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
+        // Enough tasks per thread to balance, few enough that dispatch stays cheap; with many
+        // tokens, also few enough rows that a task's weights stay in L2 while every token
+        // block passes over them.
+        let mut per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(4);
+        if n >= 8 {
+            per_task = per_task.min(64);
+        }
+        // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
+        const TB: usize = 32;
         // out_t is [rows, n]: each task owns a contiguous range of output rows.
         let mut out_t = vec![0f32; rows * n];
         out_t.par_chunks_mut(per_task * n).enumerate().for_each(|(c, o)| {
             let r0 = c * per_task;
-            for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
-                for (t, y) in orow.iter_mut().enumerate() {
-                    *y = dot(w, &acts[t * ab..(t + 1) * ab], nb);
+            for t0 in (0..n).step_by(TB) {
+                let t1 = (t0 + TB).min(n);
+                for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                    let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                    let mut t = t0;
+                    if let (Some(d4), true) = (dot4, n >= 4) {
+                        while t + 4 <= t1 {
+                            let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+                            orow[t..t + 4].copy_from_slice(&d4(w, a, [sc(t), sc(t + 1), sc(t + 2), sc(t + 3)], nb));
+                            t += 4;
+                        }
+                    }
+                    for (u, y) in orow.iter_mut().enumerate().take(t1).skip(t) {
+                        *y = dot(w, act(u), nb);
+                    }
                 }
             }
         });
@@ -296,7 +331,7 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_dequantized_matmul() {
-        let (rows, cols, n) = (37, 512, 3);
+        let (rows, cols, n) = (37, 512, 6); // 6 tokens: one group of four plus two single
         let w = values(rows * cols, 1);
         let x = values(n * cols, 2);
         let mut kernels = vec![Kernels::scalar()];
