@@ -66,8 +66,9 @@ check() { # check LABEL DIR GGUF PROMPT [GEN]
   if [ "$a" = "$b" ]; then tok="equal ($(echo "$a" | tr ',' '\n' | wc -l) ids)"; else tok="DIFFERENT: $a vs $b"; fail=1; fi
   gen="-"
   if [ "${5:-1}" = 1 ]; then
-    # llama-simple prints a character cut by the token limit as U+FFFD; linly-lora holds it back.
-    ta=$(llama_text "$3" "$4" | tr '\n' ' ' | sed 's/ *$//; s/\xEF\xBF\xBD$//'); tb=$(ours_text "$2" "$4" | tr '\n' ' ' | sed 's/ *$//')
+    # llama-simple prints the bytes of a character cut by the token limit; linly-lora holds them back.
+    ta=$(llama_text "$3" "$4" | python3 -c 'import sys; print(sys.stdin.buffer.read().decode("utf-8", "ignore").replace("\n", " ").rstrip())')
+    tb=$(ours_text "$2" "$4" | python3 -c 'import sys; print(sys.stdin.read().replace("\n", " ").rstrip())')
     printf '%s\n%s\n' "$ta" "$tb" > "$WORK/greedy-$1-$(echo "$4" | md5sum | cut -c1-6).txt"
     if [ "$ta" = "$tb" ]; then
       gen="equal: \`${ta:0:70}…\`"
