@@ -418,7 +418,8 @@ mod tests {
         let n = 4096;
         let x = row(n, 3);
         let rms = (x.iter().map(|v| v * v).sum::<f32>() / n as f32).sqrt();
-        let cases: [(GgmlType, fn(&[f32], &mut Vec<u8>), f32); 4] = [
+        type Quantizer = fn(&[f32], &mut Vec<u8>);
+        let cases: [(GgmlType, Quantizer, f32); 4] = [
             (GgmlType::Q8_0, quantize_row_q8_0, 0.01),
             (GgmlType::Q5_0, quantize_row_q5_0, 0.07),
             (GgmlType::Q4_0, quantize_row_q4_0, 0.14),
