@@ -10,6 +10,7 @@
 //! - [`lora`]: LoRA layers and adapters.
 //! - [`io`]: file formats (safetensors, weight folders, atomic writes).
 //! - [`infer`]: evaluation, sampling, generation and chat templates.
+//! - [`quant`]: llama.cpp block formats (Q8_0, Q4_0, Q4_K), CPU kernels, quantized folders.
 
 pub mod bench;
 pub mod config;
@@ -20,6 +21,7 @@ pub mod io;
 pub mod lora;
 pub mod template;
 pub mod model;
+pub mod quant;
 pub mod tokenizer;
 pub mod train;
 pub mod vocab;

@@ -58,6 +58,13 @@ the model: up to --max-concurrent generate at once, interleaved one decode step 
 more wait; beyond that the answer is 429. Ctrl-C or SIGTERM stops taking connections and lets running requests \
 finish (a second signal exits at once).")]
     Serve(ServeArgs),
+    /// Quantize a model to llama.cpp's Q8_0, Q4_0 or Q4_K (a folder that eval/generate/chat run directly)
+    Quantize(QuantizeArgs),
+    /// Export a model to another format (GGUF for llama.cpp / ollama)
+    Export {
+        #[command(subcommand)]
+        what: ExportCmd,
+    },
     /// Benchmarks on random-weight models of named shapes
     Bench {
         #[command(subcommand)]
@@ -370,6 +377,43 @@ enum ImportCmd {
     },
 }
 
+#[derive(Args)]
+struct QuantizeArgs {
+    /// HF model folder to quantize (f32, f16 or bf16 safetensors)
+    #[arg(long)]
+    model: PathBuf,
+    /// q8_0 (8-bit, blocks of 32), q4_0 (4-bit, blocks of 32) or q4_k (4-bit super-blocks of 256;
+    /// rows not a multiple of 256 use q5_0, as llama.cpp does)
+    #[arg(long)]
+    format: linly_lora::quant::QType,
+    /// Output folder (must not exist; written atomically): config.json, tokenizer files, model.gguf
+    #[arg(long)]
+    out: PathBuf,
+    /// Keep the token embedding and LM head in f16 instead of quantizing them
+    #[arg(long)]
+    keep_embeddings: bool,
+}
+
+#[derive(Subcommand)]
+enum ExportCmd {
+    /// HF folder → GGUF for llama.cpp: llama metadata, tokenizer (extended vocabularies included),
+    /// chat template, Q/K rows in llama.cpp's order
+    Gguf {
+        /// HF model folder (e.g. the output of `merge`)
+        #[arg(long)]
+        model: PathBuf,
+        /// Output .gguf file (written atomically)
+        #[arg(long)]
+        out: PathBuf,
+        /// Type of the 2-D weights: f16, f32, q8_0, q4_0 or q4_k (norms are always f32)
+        #[arg(long = "type", default_value = "f16")]
+        ty: linly_lora::io::gguf::ExportType,
+        /// Keep the token embedding and LM head in f16 when quantizing
+        #[arg(long)]
+        keep_embeddings: bool,
+    },
+}
+
 /// The random-weight model a benchmark runs.
 #[derive(Args)]
 struct BenchModel {
@@ -444,6 +488,23 @@ enum BenchCmd {
         #[arg(long, default_value_t = 2)]
         requests: usize,
     },
+    /// pp/tg tokens/s of a model folder (quantized or not), measured like llama-bench's pp N / tg N
+    Quant {
+        /// Model folder (from `linly-lora quantize`, or any HF folder)
+        #[arg(long)]
+        model: PathBuf,
+        /// Prompt tokens processed in one batch (llama-bench -p)
+        #[arg(long, default_value_t = 128)]
+        prompt: usize,
+        /// Tokens generated one at a time from an empty cache (llama-bench -n)
+        #[arg(long, default_value_t = 64)]
+        gen: usize,
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Worker threads (llama-bench -t)
+        #[arg(long, default_value_t = 2)]
+        threads: usize,
+    },
     /// Merge wall time ÷ copy time and peak RSS, on a synthetic f16 model + rank-r adapter
     Merge {
         #[arg(long, default_value = "1b")]
@@ -516,6 +577,21 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
         }
     }
     Ok(())
+}
+
+fn print_export(r: &linly_lora::io::gguf::ExportReport) {
+    for w in &r.warnings {
+        eprintln!("warning: {w}");
+    }
+    println!(
+        "wrote {} tensors {:?}, {:.1} MB, tokenizer {}, chat template {} -> {}",
+        r.n_tensors,
+        r.types,
+        r.bytes as f64 / 1e6,
+        r.tokenizer.as_deref().unwrap_or("none"),
+        r.chat_template,
+        r.path.display()
+    );
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -660,6 +736,18 @@ fn run(cli: Cli) -> Result<()> {
             let rows = bs::run(&bs::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests })?;
             println!("{}", bs::markdown(&rows));
             println!("{}", serde_json::to_string(&rows)?);
+        }
+        Cmd::Quantize(a) => {
+            let r = linly_lora::quant::store::quantize_model(&a.model, &a.out, a.format, a.keep_embeddings)?;
+            print_export(&r);
+        }
+        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings } } => {
+            let r = linly_lora::io::gguf::export_gguf(&model, &out, &linly_lora::io::gguf::ExportOptions { ty, keep_embeddings })?;
+            print_export(&r);
+        }
+        Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {
+            let r = linly_lora::bench::quant::run(&model, prompt, gen, reps, threads)?;
+            println!("{}", serde_json::to_string(&r)?);
         }
         Cmd::Bench { what: BenchCmd::Merge { shape, rank, workdir, keep } } => {
             let r = linly_lora::bench::merge::merge(&shape, rank, &workdir, keep)?;

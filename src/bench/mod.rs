@@ -1,6 +1,7 @@
 //! Benchmarks on randomly initialised models of named shapes (no weights needed).
 
 pub mod merge;
+pub mod quant;
 pub mod scaler;
 pub mod serve;
 pub mod train;

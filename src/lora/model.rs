@@ -110,22 +110,22 @@ fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTab
     let master = |x: Tensor<2>| Param::from_tensor(x.cast(burn::tensor::FloatDType::F32)).set_require_grad(true);
     let [rows, hidden] = w.dims();
     Ok(match mode {
-        TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None, extra_f32: t.extra_f32 },
+        TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None, extra_f32: t.extra_f32, quant: None },
         // In `all` mode the table still keeps new rows apart when there are any, so they keep
         // their f32 path (see TokenTable) and their own overflow group.
         TableMode::All if rows > old_vocab && old_vocab > 0 => {
             let base = w.clone().slice([0..old_vocab, 0..hidden]);
             let extra = w.slice([old_vocab..rows, 0..hidden]);
-            TokenTable { base: master(base), extra: Some(master(extra)), extra_f32: t.extra_f32 }
+            TokenTable { base: master(base), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None }
         }
-        TableMode::All => TokenTable { base: master(w), extra: None, extra_f32: t.extra_f32 },
+        TableMode::All => TokenTable { base: master(w), extra: None, extra_f32: t.extra_f32, quant: None },
         TableMode::NewRows => {
             if rows <= old_vocab {
                 bail!("new_rows: the table has {rows} rows, no more than the old vocabulary of {old_vocab}; extend the vocabulary first or use `all`");
             }
             let base = w.clone().slice([0..old_vocab, 0..hidden]);
             let extra = w.slice([old_vocab..rows, 0..hidden]);
-            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)), extra_f32: t.extra_f32 }
+            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None }
         }
     })
 }

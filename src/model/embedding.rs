@@ -11,9 +11,10 @@
 //! and cannot overflow fp16 under the loss scale. This is half of how fresh rows are kept from
 //! killing fp16 training (the other half is the loss scaler, `crate::train::scaler`).
 
+use super::linear::{Frozen, QuantWeight};
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Int, Tensor, TensorData};
 
 #[derive(Module, Debug)]
 pub struct TokenTable {
@@ -24,15 +25,34 @@ pub struct TokenTable {
     /// New rows compute in f32 (the default). `false` runs them in the activation dtype like
     /// everything else — what a DeepSpeed/GradScaler setup does — for the scaler benchmark.
     pub extra_f32: bool,
+    /// A quantized table (from a quantized model folder). It then holds every row, `base` has
+    /// none and `extra` is `None`: lookups dequantize only the rows asked for, and the LM-head
+    /// product runs in the quantized kernels.
+    pub quant: Option<QuantWeight>,
 }
 
 impl TokenTable {
     pub fn new(weight: Tensor<2>) -> Self {
-        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true }
+        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true, quant: None }
+    }
+
+    /// A frozen table from a loaded weight, dense or quantized.
+    pub fn from_frozen(w: Frozen) -> Self {
+        match w {
+            Frozen::Dense(p) => TokenTable { base: p, extra: None, extra_f32: true, quant: None },
+            Frozen::Quant(q) => {
+                let hidden = q.matrix.cols();
+                let empty = Tensor::zeros([0, hidden], &q.device);
+                TokenTable { base: Param::from_tensor(empty).set_require_grad(false), extra: None, extra_f32: true, quant: Some(q) }
+            }
+        }
     }
 
     pub fn base_rows(&self) -> usize {
-        self.base.shape().dims::<2>()[0]
+        match &self.quant {
+            Some(q) => q.matrix.rows(),
+            None => self.base.shape().dims::<2>()[0],
+        }
     }
 
     pub fn rows(&self) -> usize {
@@ -40,11 +60,17 @@ impl TokenTable {
     }
 
     pub fn hidden(&self) -> usize {
-        self.base.shape().dims::<2>()[1]
+        match &self.quant {
+            Some(q) => q.matrix.cols(),
+            None => self.base.shape().dims::<2>()[1],
+        }
     }
 
     /// The whole table `[rows, hidden]` (for saving and merging, not the hot path).
     pub fn weight(&self) -> Tensor<2> {
+        if let Some(q) = &self.quant {
+            return Frozen::Quant(q.clone()).val();
+        }
         match &self.extra {
             None => self.base.val(),
             Some(e) => Tensor::cat(vec![self.base.val(), e.val().cast(super::norm::float_dtype(self.base.val().dtype()))], 0),
@@ -53,6 +79,12 @@ impl TokenTable {
 
     /// Embeds ids `[B, T]` → `[B, T, hidden]`, in the table's own dtype (the caller casts).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
+        if let Some(q) = &self.quant {
+            let [b, t] = ids.dims();
+            let host: Vec<usize> = ids.into_data().iter::<i64>().map(|x| x as usize).collect();
+            let rows = q.matrix.dequantize_rows(&host).expect("token ids are checked against the vocabulary before the forward pass");
+            return Tensor::from_data(TensorData::new(rows, [b, t, q.matrix.cols()]), &q.device);
+        }
         let base = self.base.val();
         match &self.extra {
             None => embedding(base, ids),
@@ -75,6 +107,11 @@ impl TokenTable {
     pub fn project(&self, h: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = h.dims();
         let h2 = h.reshape([b * t, d]);
+        if let Some(q) = &self.quant {
+            let logits = Frozen::Quant(q.clone()).matmul_t(h2);
+            let v = logits.dims()[1];
+            return logits.reshape([b, t, v]);
+        }
         // A trainable table is an f32 master; the product runs in the activation dtype.
         let base = self.base.val().cast(super::norm::float_dtype(h2.dtype()));
         let logits = match &self.extra {

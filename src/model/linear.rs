@@ -1,38 +1,152 @@
 //! A bias-free projection with a frozen base weight in HF layout `[out, in]`, plus any number
-//! of LoRA branches (see [`crate::lora`]). This is where LoRA is applied in the forward pass.
+//! of LoRA branches (see [`crate::lora`]). This is where LoRA is applied in the forward pass,
+//! and where a quantized weight replaces the dense product (see [`crate::quant`]).
 
 use crate::lora::LoraBranch;
-use burn::module::{Module, Param};
-use burn::tensor::Tensor;
+use crate::quant::QuantMatrix;
+use burn::module::{Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Tensor, TensorData};
+use std::sync::Arc;
+
+/// A frozen `[out, in]` weight: a dense tensor, or a quantized matrix on the host whose
+/// product runs in [`crate::quant::kernels`] (never dequantized whole on the hot path).
+#[derive(Module, Debug)]
+pub enum Frozen {
+    Dense(Param<Tensor<2>>),
+    Quant(QuantWeight),
+}
+
+/// A quantized weight and the device its products are returned on. It is not a parameter:
+/// nothing trains it, and autodiff sees its products as constants.
+#[derive(Clone, Debug)]
+pub struct QuantWeight {
+    pub matrix: Arc<QuantMatrix>,
+    pub device: Device,
+}
+
+impl Module for QuantWeight {
+    fn visit<V: ModuleVisitor>(&self, _visitor: &mut V) {}
+    fn map<M: ModuleMapper>(self, _mapper: &mut M) -> Self {
+        self
+    }
+    fn to_device(self, _: &Device) -> Self {
+        self
+    }
+    fn fork(self, _: &Device) -> Self {
+        self
+    }
+    fn collect_devices(&self, devices: Devices) -> Devices {
+        devices
+    }
+    fn materialize(self) -> Self {
+        self
+    }
+    fn valid(&self) -> Self {
+        self.clone()
+    }
+    fn train(self) -> Self {
+        self
+    }
+}
+
+impl ModuleDisplayDefault for QuantWeight {
+    fn content(&self, content: Content) -> Option<Content> {
+        content.add_single(&format!("{:?}", self.matrix)).optional()
+    }
+}
+
+impl ModuleDisplay for QuantWeight {}
+
+impl std::fmt::Display for QuantWeight {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{:?}", self.matrix)
+    }
+}
+
+impl Frozen {
+    pub fn dense(t: Tensor<2>) -> Self {
+        Frozen::Dense(Param::from_tensor(t).set_require_grad(false))
+    }
+
+    pub fn quant(m: QuantMatrix, device: &Device) -> Self {
+        Frozen::Quant(QuantWeight { matrix: Arc::new(m), device: device.clone() })
+    }
+
+    /// `[rows, cols]`.
+    pub fn dims(&self) -> [usize; 2] {
+        match self {
+            Frozen::Dense(p) => p.shape().dims::<2>(),
+            Frozen::Quant(q) => [q.matrix.rows(), q.matrix.cols()],
+        }
+    }
+
+    /// The dense parameter, `None` for a quantized weight.
+    pub fn as_dense(&self) -> Option<&Param<Tensor<2>>> {
+        match self {
+            Frozen::Dense(p) => Some(p),
+            Frozen::Quant(_) => None,
+        }
+    }
+
+    /// The whole weight as a tensor; a quantized one is dequantized (for saving and merging,
+    /// not the hot path).
+    pub fn val(&self) -> Tensor<2> {
+        match self {
+            Frozen::Dense(p) => p.val(),
+            Frozen::Quant(q) => {
+                let m = &q.matrix;
+                Tensor::from_data(TensorData::new(m.dequantize(), [m.rows(), m.cols()]), &q.device)
+            }
+        }
+    }
+
+    /// `x · Wᵀ` for `x` `[n, in]`, in `x`'s dtype.
+    pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
+        match self {
+            Frozen::Dense(p) => x.matmul(p.val().transpose()),
+            Frozen::Quant(q) => {
+                let [n, _] = x.dims();
+                let dtype = x.dtype();
+                let host = crate::io::weights::tensor_to_f32(x);
+                let y = q.matrix.matmul(&host, n);
+                let t: Tensor<2> = Tensor::from_data(TensorData::new(y, [n, q.matrix.rows()]), &q.device);
+                if dtype != burn::tensor::DType::F32 { t.cast(super::norm::float_dtype(dtype)) } else { t }
+            }
+        }
+    }
+}
 
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[out, in]`, as stored in safetensors; never transposed in memory.
-    pub weight: Param<Tensor<2>>,
+    pub weight: Frozen,
     /// Stacked adapters apply as a sum of rank-r updates, never as a dense ΔW.
     pub lora: Vec<LoraBranch>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor<2>) -> Self {
-        Linear { weight: Param::from_tensor(weight).set_require_grad(false), lora: Vec::new() }
+        Linear { weight: Frozen::dense(weight), lora: Vec::new() }
+    }
+
+    pub fn from_frozen(weight: Frozen) -> Self {
+        Linear { weight, lora: Vec::new() }
     }
 
     pub fn in_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[1]
+        self.weight.dims()[1]
     }
 
     pub fn out_features(&self) -> usize {
-        self.weight.shape().dims::<2>()[0]
+        self.weight.dims()[0]
     }
 
     /// `x·Wᵀ + Σ s·(dropout(x)·Aᵀ)·Bᵀ` over the last dimension of `x` `[B, T, in]`.
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, i] = x.dims();
         let x2 = x.reshape([b * t, i]);
-        let w = self.weight.val();
-        let out = w.dims()[0];
-        let mut y = x2.clone().matmul(w.transpose());
+        let out = self.out_features();
+        let mut y = self.weight.matmul_t(x2.clone());
         for branch in &self.lora {
             y = y + branch.delta(x2.clone());
         }

@@ -12,6 +12,27 @@ use std::path::Path;
 /// Where each weight comes from: a checkpoint or a random initialiser.
 trait WeightSource {
     fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>>;
+
+    /// A projection or token table; quantized sources hand out quantized matrices.
+    fn frozen(&self, name: &str, shape: [usize; 2]) -> Result<linear::Frozen> {
+        Ok(linear::Frozen::dense(self.get(name, shape)?))
+    }
+}
+
+struct FromGguf<'a> {
+    weights: &'a crate::quant::store::GgufWeights,
+    device: &'a Device,
+    dtype: FloatType,
+}
+
+impl WeightSource for FromGguf<'_> {
+    fn get<const D: usize>(&self, name: &str, shape: [usize; D]) -> Result<Tensor<D>> {
+        self.weights.dense(name, shape, self.device, self.dtype)
+    }
+
+    fn frozen(&self, name: &str, shape: [usize; 2]) -> Result<linear::Frozen> {
+        self.weights.frozen(name, shape, self.device, self.dtype)
+    }
 }
 
 struct FromStore<'a> {
@@ -49,7 +70,7 @@ fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool, dtype: F
     let norm = |name: &str| -> Result<RmsNorm> {
         Ok(RmsNorm { weight: Param::from_tensor(src.get(name, [hd])?).set_require_grad(false), eps: cfg.rms_norm_eps })
     };
-    let lin = |name: String, out: usize, inp: usize| -> Result<Linear> { Ok(Linear::new(src.get(&name, [out, inp])?)) };
+    let lin = |name: String, out: usize, inp: usize| -> Result<Linear> { Ok(Linear::from_frozen(src.frozen(&name, [out, inp])?)) };
     let mut layers = Vec::with_capacity(cfg.num_layers);
     for i in 0..cfg.num_layers {
         let p = format!("model.layers.{i}");
@@ -72,11 +93,11 @@ fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool, dtype: F
             post_attention_layernorm: norm(&format!("{p}.post_attention_layernorm.weight"))?,
         });
     }
-    let embed_tokens = TokenTable::new(src.get("model.embed_tokens.weight", [v, hd])?);
+    let embed_tokens = TokenTable::from_frozen(src.frozen("model.embed_tokens.weight", [v, hd])?);
     let lm_head = if cfg.tie_word_embeddings {
         None
     } else if has_lm_head {
-        Some(TokenTable::new(src.get("lm_head.weight", [v, hd])?))
+        Some(TokenTable::from_frozen(src.frozen("lm_head.weight", [v, hd])?))
     } else {
         bail!("missing tensor `lm_head.weight` and config.json has tie_word_embeddings = false; set it to true if the head is tied")
     };
@@ -84,9 +105,16 @@ fn build(cfg: &LlamaConfig, src: &impl WeightSource, has_lm_head: bool, dtype: F
 }
 
 impl Llama {
-    /// Loads an HF folder (`config.json` + safetensors), converting weights to `dtype`.
+    /// Loads an HF folder (`config.json` + safetensors), converting weights to `dtype`, or a
+    /// quantized folder from `linly-lora quantize` (`config.json` + `model.gguf`), whose
+    /// quantized matrices stay quantized.
     pub fn load(dir: &Path, device: &Device, dtype: FloatType) -> Result<Self> {
         let cfg = LlamaConfig::load(dir)?;
+        if crate::quant::store::is_quantized_dir(dir) {
+            let w = crate::quant::store::GgufWeights::open(dir, &cfg)?;
+            return build(&cfg, &FromGguf { weights: &w, device, dtype }, w.contains("lm_head.weight"), dtype)
+                .with_context(|| format!("loading quantized model from {}", dir.display()));
+        }
         let store = WeightStore::open(dir)?;
         Self::from_store(&cfg, &store, device, dtype).with_context(|| format!("loading model from {}", dir.display()))
     }

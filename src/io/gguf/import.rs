@@ -520,7 +520,7 @@ pub fn supported_types() -> Vec<GgmlType> {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::super::layout::permute_qk_rows;
     use super::super::reader::{GgufArray, GgufValue};
     use super::super::writer::GgufWriter;
@@ -546,7 +546,7 @@ mod tests {
     type HfWeights = BTreeMap<String, (Vec<usize>, Vec<f32>)>;
 
     /// A tiny LLaMA GGUF and the HF weights it should import to.
-    fn tiny_llama(tied: bool, with_tokenizer: bool) -> (Vec<u8>, HfWeights) {
+    pub(crate) fn tiny_llama(tied: bool, with_tokenizer: bool) -> (Vec<u8>, HfWeights) {
         let mut w = GgufWriter::new();
         let s = |x: &'static str| GgufValue::String(x.as_bytes());
         w.add_kv("general.architecture", &s("llama")).unwrap();
@@ -602,7 +602,7 @@ mod tests {
         (w.to_bytes().unwrap(), hf)
     }
 
-    fn scratch(name: &str) -> PathBuf {
+    pub(crate) fn scratch(name: &str) -> PathBuf {
         let d = std::env::temp_dir().join(format!("gguf-import-test-{}-{name}", std::process::id()));
         let _ = std::fs::remove_dir_all(&d);
         std::fs::create_dir_all(&d).unwrap();

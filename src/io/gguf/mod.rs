@@ -15,6 +15,8 @@
 //! * [`writer`]: [`GgufWriter`], metadata of every value type and tensors (raw bytes of any type,
 //!   or F32/F16/Q8_0 from f32). Used by the tests and meant for a later GGUF export.
 //! * [`import`]: [`import_gguf`] ties it together and writes the folder atomically.
+//! * [`export`]: [`export_gguf`], the way back: an HF folder to a GGUF llama.cpp runs (F32, F16,
+//!   Q8_0, Q4_0, Q4_K), with the tokenizer metadata from [`vocab_out`].
 //!
 //! Typical use (the `linly-lora import gguf FILE --out DIR --dtype bf16` command):
 //!
@@ -34,13 +36,16 @@
 //! outermost-first.
 
 pub mod dequant;
+pub mod export;
 pub mod import;
 pub mod layout;
 pub mod reader;
 pub mod tokenizer;
+pub mod vocab_out;
 pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
+pub use export::{export_gguf, ExportOptions, ExportReport, ExportType};
 pub use import::{import_gguf, ImportReport, OutDType};
 pub use layout::{gguf_to_hf_name, hf_to_gguf_name, permute_qk_rows, unpermute_qk_rows};
 pub use reader::{

@@ -74,14 +74,14 @@ const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'
 const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// How llama.cpp pre-tokenizes a byte-level BPE vocab, by `tokenizer.ggml.pre`.
-struct PreTokenizer {
-    regexes: &'static [&'static str],
+pub(crate) struct PreTokenizer {
+    pub(crate) regexes: &'static [&'static str],
     ignore_merges: bool,
     add_bos_default: bool,
 }
 
 /// llama.cpp's table (llama-vocab.cpp), for the pre-types this importer knows.
-fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
+pub(crate) fn pre_tokenizer(pre: &str) -> Option<PreTokenizer> {
     let p = |regexes, ignore_merges, add_bos_default| Some(PreTokenizer { regexes, ignore_merges, add_bos_default });
     match pre {
         "default" => p(&[r"[\p{P}\$\+<=>\^~\|]+", GPT2_REGEX, r"\p{N}+", "[0-9][0-9][0-9]"], false, false),

@@ -12,7 +12,9 @@ struct PendingTensor {
     name: String,
     ne: Vec<u64>,
     ty: GgmlType,
+    /// Empty for tensors declared with [`GgufWriter::add_tensor_info`], produced at write time.
     data: Vec<u8>,
+    len: u64,
 }
 
 /// Builds a GGUF file. Keys and tensor names must be unique; tensors are laid out in the order
@@ -67,6 +69,25 @@ impl GgufWriter {
     /// Adds a tensor from raw bytes already in `ty`'s encoding. `ne` lists dimensions
     /// innermost-first (GGUF order: `ne[0]` is the row length).
     pub fn add_tensor_raw(&mut self, name: &str, ne: &[u64], ty: GgmlType, data: Vec<u8>) -> Result<()> {
+        let want = self.check_tensor(name, ne, ty)?;
+        if want != data.len() as u64 {
+            let n: u64 = ne.iter().product();
+            bail!("tensor `{name}`: {n} {ty} elements take {want} bytes, got {}", data.len());
+        }
+        self.tensors.push(PendingTensor { name: name.to_string(), ne: ne.to_vec(), ty, data, len: want });
+        Ok(())
+    }
+
+    /// Declares a tensor whose bytes are produced later, by [`GgufWriter::write_streaming`]:
+    /// the header only needs sizes, so a large model never has to sit in memory whole.
+    pub fn add_tensor_info(&mut self, name: &str, ne: &[u64], ty: GgmlType) -> Result<()> {
+        let len = self.check_tensor(name, ne, ty)?;
+        self.tensors.push(PendingTensor { name: name.to_string(), ne: ne.to_vec(), ty, data: Vec::new(), len });
+        Ok(())
+    }
+
+    /// Validates a new tensor and returns its byte size.
+    fn check_tensor(&self, name: &str, ne: &[u64], ty: GgmlType) -> Result<u64> {
         if self.tensors.iter().any(|t| t.name == name) {
             bail!("duplicate tensor name `{name}`");
         }
@@ -80,12 +101,7 @@ impl GgufWriter {
             .iter()
             .try_fold(1u64, |a, &d| a.checked_mul(d))
             .ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))?;
-        let want = ty.bytes_for(n).ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))?;
-        if want != data.len() as u64 {
-            bail!("tensor `{name}`: {n} {ty} elements take {want} bytes, got {}", data.len());
-        }
-        self.tensors.push(PendingTensor { name: name.to_string(), ne: ne.to_vec(), ty, data });
-        Ok(())
+        ty.bytes_for(n).ok_or_else(|| anyhow!("tensor `{name}`: size overflows"))
     }
 
     /// Adds an f32 tensor. `shape` is row-major, outermost first (HF order); it is reversed on disk.
@@ -127,7 +143,7 @@ impl GgufWriter {
             }
             put_u32(&mut out, t.ty.id());
             put_u64(&mut out, offset);
-            offset = (offset + t.data.len() as u64)
+            offset = (offset + t.len)
                 .checked_next_multiple_of(self.alignment)
                 .ok_or_else(|| anyhow!("data section overflows"))?;
         }
@@ -135,10 +151,13 @@ impl GgufWriter {
         Ok(out)
     }
 
-    /// The whole file.
+    /// The whole file (every tensor must have been added with its data).
     pub fn to_bytes(&self) -> Result<Vec<u8>> {
         let mut out = self.header_bytes()?;
         for t in &self.tensors {
+            if t.data.len() as u64 != t.len {
+                bail!("tensor `{}` was declared without data; use write_streaming", t.name);
+            }
             out.extend(&t.data);
             pad(&mut out, self.alignment);
         }
@@ -151,6 +170,40 @@ impl GgufWriter {
         let tmp = path.with_extension(format!("tmp-{}", std::process::id()));
         std::fs::write(&tmp, &bytes).with_context(|| format!("cannot write {}", tmp.display()))?;
         std::fs::rename(&tmp, path).with_context(|| format!("cannot rename {} to {}", tmp.display(), path.display()))
+    }
+}
+
+impl GgufWriter {
+    /// Writes the file to `path` atomically, asking `produce(i, name)` for the bytes of each
+    /// tensor declared with [`GgufWriter::add_tensor_info`], one at a time, in order.
+    pub fn write_streaming(&self, path: &Path, mut produce: impl FnMut(usize, &str) -> Result<Vec<u8>>) -> Result<()> {
+        use std::io::Write;
+        let header = self.header_bytes()?;
+        crate::io::atomic::write_with(path, |f| {
+            let mut w = std::io::BufWriter::with_capacity(1 << 20, f);
+            w.write_all(&header)?;
+            let mut pos = header.len() as u64;
+            for (i, t) in self.tensors.iter().enumerate() {
+                let produced;
+                let data = if t.data.len() as u64 == t.len && (t.len == 0 || !t.data.is_empty()) {
+                    &t.data
+                } else {
+                    produced = produce(i, &t.name)?;
+                    &produced
+                };
+                if data.len() as u64 != t.len {
+                    bail!("tensor `{}`: produced {} bytes, the header says {}", t.name, data.len(), t.len);
+                }
+                w.write_all(data)?;
+                pos += t.len;
+                let padded = pos.next_multiple_of(self.alignment);
+                w.write_all(&vec![0u8; (padded - pos) as usize])?;
+                pos = padded;
+            }
+            w.flush()?;
+            Ok(())
+        })
+        .with_context(|| format!("writing {}", path.display()))
     }
 }
 
@@ -277,6 +330,30 @@ mod tests {
         assert_eq!(f.alignment, 64);
         assert_eq!(f.tensor("b").unwrap().offset, 64);
         assert_eq!(dequantize(GgmlType::F16, f.tensor("b").unwrap().data, 4).unwrap(), vec![1.0, -1.0, 0.5, 65504.0]);
+    }
+
+    #[test]
+    fn streaming_write_equals_in_memory() {
+        let mut a = GgufWriter::new();
+        let mut b = GgufWriter::new();
+        for w in [&mut a, &mut b] {
+            w.add_kv("k", &GgufValue::U32(7)).unwrap();
+        }
+        let x: Vec<f32> = (0..64).map(|i| i as f32 / 8.0).collect();
+        a.add_f32("x", &[2, 32], &x).unwrap();
+        a.add_q8_0("q", &[2, 32], &x).unwrap();
+        b.add_f32("x", &[2, 32], &x).unwrap();
+        b.add_tensor_info("q", &[32, 2], GgmlType::Q8_0).unwrap();
+        assert!(b.to_bytes().is_err());
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("s.gguf");
+        b.write_streaming(&p, |i, name| {
+            assert_eq!((i, name), (1, "q"));
+            quantize_q8_0(&x)
+        })
+        .unwrap();
+        assert_eq!(std::fs::read(&p).unwrap(), a.to_bytes().unwrap());
+        assert!(b.write_streaming(&p, |_, _| Ok(vec![0; 3])).is_err());
     }
 
     #[test]

@@ -1,0 +1,375 @@
+//! Dot products of one quantized weight row with one quantized activation row, the inner loop
+//! of every quantized matrix product. The pairings are llama.cpp's: Q8_0, Q4_0 and Q5_0 weights
+//! against Q8_0 activations, Q4_K against Q8_K. Products of codes are summed in integers per
+//! block and scaled once per block (`d_w · d_a · Σ q_w q_a`), which is both the speed (8-bit
+//! multiply-adds) and the precision (no rounding inside a block) of the scheme.
+//!
+//! Each pairing has a scalar version and, on x86_64 with AVX2 + FMA + F16C detected at run
+//! time, an AVX2 version; [`Kernels::best`] picks once per process, [`Kernels::scalar`] is
+//! the fallback and the reference the tests hold the SIMD code to.
+
+use super::blocks::{f16_at, scale_min_k4, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_K_BYTES, QK};
+
+/// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
+pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
+
+/// One weight row against four activation rows at once (prompt processing): each weight block
+/// is loaded and unpacked once for four tokens. The fourth argument holds the activations'
+/// block scales already converted to f32.
+pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
+
+/// One dot-product function per weight type.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub q8_0: DotFn,
+    pub q4_0: DotFn,
+    pub q5_0: DotFn,
+    pub q4_k: DotFn,
+    /// Four-token versions for the types with Q8_0 activations (`None`: loop over [`DotFn`]).
+    pub q8_0x4: Option<Dot4Fn>,
+    pub q4_0x4: Option<Dot4Fn>,
+    pub q5_0x4: Option<Dot4Fn>,
+    /// `"avx2"` or `"scalar"`, for reports.
+    pub name: &'static str,
+}
+
+impl Kernels {
+    pub fn scalar() -> Self {
+        Kernels {
+            q8_0: dot_q8_0_scalar,
+            q4_0: dot_q4_0_scalar,
+            q5_0: dot_q5_0_scalar,
+            q4_k: dot_q4_k_scalar,
+            q8_0x4: None,
+            q4_0x4: None,
+            q5_0x4: None,
+            name: "scalar",
+        }
+    }
+
+    /// The fastest kernels this CPU runs, detected once.
+    pub fn best() -> &'static Kernels {
+        static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2::available() && std::env::var_os("LINLY_LORA_NO_SIMD").is_none() {
+                    return avx2::kernels();
+                }
+            }
+            Kernels::scalar()
+        })
+    }
+
+    /// The AVX2 kernels when this CPU has them.
+    pub fn simd() -> Option<Kernels> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                return Some(avx2::kernels());
+            }
+        }
+        None
+    }
+}
+
+fn dot_q8_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q8_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let s: i32 = wb[2..].iter().zip(&ab[2..]).map(|(&x, &y)| (x as i8 as i32) * (y as i8 as i32)).sum();
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+fn dot_q4_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[2 + j];
+            s += ((q & 0x0F) as i32 - 8) * q8[j] as i8 as i32;
+            s += ((q >> 4) as i32 - 8) * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+fn dot_q5_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q5_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let q8 = &ab[2..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[6 + j];
+            let lo = ((q & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32 - 16;
+            let hi = ((q >> 4) as u32 | (((qh >> (j + QK / 2)) & 1) << 4)) as i32 - 16;
+            s += lo * q8[j] as i8 as i32 + hi * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+/// Q4_K × Q8_K: `d·Σ_j sc_j·Σ q4·q8 − dmin·Σ_j m_j·Σ q8` per super-block; the second sum uses
+/// the activation's precomputed 16-element sums.
+fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_K_BYTES).zip(a.chunks_exact(Q8_K_BYTES)).take(nb) {
+        let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        let q8 = &ab[4..260];
+        let bsum = |j: usize| i16::from_le_bytes([ab[260 + 2 * j], ab[261 + 2 * j]]) as i32;
+        let (mut si, mut sm) = (0i32, 0i32);
+        for c in 0..4 {
+            let q4 = &wb[16 + 32 * c..48 + 32 * c];
+            let (sc_l, m_l) = scale_min_k4(2 * c, &wb[4..16]);
+            let (sc_h, m_h) = scale_min_k4(2 * c + 1, &wb[4..16]);
+            let (mut pl, mut ph) = (0i32, 0i32);
+            for l in 0..32 {
+                pl += (q4[l] & 0x0F) as i32 * q8[64 * c + l] as i8 as i32;
+                ph += (q4[l] >> 4) as i32 * q8[64 * c + 32 + l] as i8 as i32;
+            }
+            si += sc_l as i32 * pl + sc_h as i32 * ph;
+            sm += m_l as i32 * (bsum(4 * c) + bsum(4 * c + 1)) + m_h as i32 * (bsum(4 * c + 2) + bsum(4 * c + 3));
+        }
+        sum += f16_at(wb, 0) * ad * si as f32 - f16_at(wb, 2) * ad * sm as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx2 {
+    use super::super::blocks::{scale_min_k4, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_K_BYTES};
+    use super::Kernels;
+    use std::arch::x86_64::*;
+
+    pub fn available() -> bool {
+        is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") && is_x86_feature_detected!("f16c")
+    }
+
+    /// Only called after [`available`] said yes: the wrappers below are sound exactly then.
+    pub fn kernels() -> Kernels {
+        assert!(available());
+        Kernels {
+            q8_0: |w, a, n| unsafe { q8_0(w, a, n) },
+            q4_0: |w, a, n| unsafe { q4_0(w, a, n) },
+            q5_0: |w, a, n| unsafe { q5_0(w, a, n) },
+            q4_k: |w, a, n| unsafe { q4_k(w, a, n) },
+            q8_0x4: Some(|w, a, s, n| unsafe { q8_0x4(w, a, s, n) }),
+            q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
+            q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
+            name: "avx2",
+        }
+    }
+
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn hsum(v: __m256) -> f32 {
+        let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+        let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+        let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
+        _mm_cvtss_f32(s)
+    }
+
+    /// Two f16 scales (at `p` and `q`) multiplied, converted with F16C.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn scale2(p: *const u8, q: *const u8) -> f32 {
+        let a = (p as *const u16).read_unaligned() as i32;
+        let b = (q as *const u16).read_unaligned() as i32;
+        let v = _mm_cvtph_ps(_mm_set_epi32(0, 0, 0, a | (b << 16)));
+        _mm_cvtss_f32(_mm_mul_ss(v, _mm_shuffle_ps(v, v, 1)))
+    }
+
+    /// Σ x·y over 32 signed bytes as 8 f32 lanes (the sign trick makes `maddubs` signed).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
+        let ax = _mm256_sign_epi8(x, x);
+        let sy = _mm256_sign_epi8(y, x);
+        let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, sy), _mm256_set1_epi16(1));
+        _mm256_cvtepi32_ps(dot)
+    }
+
+    /// 16 bytes of nibbles → 32 bytes: low nibbles first (elements 0..16), then high ones.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn nibbles32(p: *const u8) -> __m256i {
+        let b = _mm_loadu_si128(p as *const __m128i);
+        let m = _mm_set1_epi8(0x0F);
+        let lo = _mm_and_si128(b, m);
+        let hi = _mm_and_si128(_mm_srli_epi16(b, 4), m);
+        _mm256_set_m128i(hi, lo)
+    }
+
+    /// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's `bytes_from_bits_32`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+        let x = (p as *const u32).read_unaligned() as i32;
+        let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
+        let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
+        let bytes = _mm256_or_si256(bytes, _mm256_set1_epi64x(0x7fbfdfeff7fbfdfe));
+        _mm256_cmpeq_epi8(bytes, _mm256_set1_epi64x(-1))
+    }
+
+    /// Σ dᵢ·sᵢ over blocks, two blocks per step into two accumulators so that consecutive
+    /// blocks' loads and multiply-adds overlap instead of waiting on one FMA chain.
+    #[inline(always)]
+    unsafe fn two_accumulators(nb: usize, block: impl Fn(usize) -> (__m256, __m256)) -> f32 {
+        let (mut acc0, mut acc1) = (_mm256_setzero_ps(), _mm256_setzero_ps());
+        let mut i = 0;
+        while i + 1 < nb {
+            let (d0, s0) = block(i);
+            let (d1, s1) = block(i + 1);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+            acc1 = _mm256_fmadd_ps(d1, s1, acc1);
+            i += 2;
+        }
+        if i < nb {
+            let (d0, s0) = block(i);
+            acc0 = _mm256_fmadd_ps(d0, s0, acc0);
+        }
+        hsum(_mm256_add_ps(acc0, acc1))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q8_0_BYTES && a.len() >= nb * Q8_0_BYTES);
+        let block = |i: usize| {
+            let (wp, ap) = (w.as_ptr().add(i * Q8_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            let d = _mm256_set1_ps(scale2(wp, ap));
+            let qw = _mm256_loadu_si256(wp.add(2) as *const __m256i);
+            let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q4_0_BYTES && a.len() >= nb * Q8_0_BYTES);
+        let off = _mm256_set1_epi8(8);
+        let block = |i: usize| {
+            let (wp, ap) = (w.as_ptr().add(i * Q4_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            let d = _mm256_set1_ps(scale2(wp, ap));
+            let qw = _mm256_sub_epi8(nibbles32(wp.add(2)), off);
+            let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q5_0_BYTES && a.len() >= nb * Q8_0_BYTES);
+        let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
+        let block = |i: usize| {
+            let (wp, ap) = (w.as_ptr().add(i * Q5_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            let d = _mm256_set1_ps(scale2(wp, ap));
+            // q − 16 as a signed byte: the nibble when the fifth bit is set, else nibble | 0xF0.
+            let qh = _mm256_andnot_si256(bytes_from_bits(wp.add(2)), hi_mask);
+            let qw = _mm256_or_si256(nibbles32(wp.add(6)), qh);
+            let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
+            (d, mul_sum_i8(qw, qa))
+        };
+        two_accumulators(nb, block)
+    }
+
+    /// Four activation rows against one weight row; `block(i)` gives weight block i as signed
+    /// bytes and its f32 scale.
+    #[inline(always)]
+    unsafe fn four(a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(usize) -> (__m256i, f32)) -> [f32; 4] {
+        for (r, sc) in a.iter().zip(&s) {
+            assert!(r.len() >= nb * Q8_0_BYTES && sc.len() >= nb);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for i in 0..nb {
+            let (qw, dw) = block(i);
+            let ax = _mm256_sign_epi8(qw, qw);
+            for k in 0..4 {
+                let ap = a[k].as_ptr().add(i * Q8_0_BYTES);
+                let da = *s[k].get_unchecked(i);
+                let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qa, qw)), ones);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(dot), acc[k]);
+            }
+        }
+        [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    }
+
+    #[inline(always)]
+    unsafe fn f16_scale(p: *const u8) -> f32 {
+        _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q8_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q8_0_BYTES);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q8_0_BYTES);
+            (_mm256_loadu_si256(wp.add(2) as *const __m256i), f16_scale(wp))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q4_0_BYTES);
+        let off = _mm256_set1_epi8(8);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q4_0_BYTES);
+            (_mm256_sub_epi8(nibbles32(wp.add(2)), off), f16_scale(wp))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q5_0x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q5_0_BYTES);
+        let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
+        four(a, s, nb, |i| {
+            let wp = w.as_ptr().add(i * Q5_0_BYTES);
+            let qh = _mm256_andnot_si256(bytes_from_bits(wp.add(2)), hi_mask);
+            (_mm256_or_si256(nibbles32(wp.add(6)), qh), f16_scale(wp))
+        })
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q4_K_BYTES && a.len() >= nb * Q8_K_BYTES);
+        let mut acc = _mm256_setzero_ps();
+        let mut acc_m = 0f32;
+        let m4 = _mm256_set1_epi8(0x0F);
+        for i in 0..nb {
+            let wb = &w[i * Q4_K_BYTES..(i + 1) * Q4_K_BYTES];
+            let ab = &a[i * Q8_K_BYTES..(i + 1) * Q8_K_BYTES];
+            let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+            let dd = _mm_cvtph_ps(_mm_set_epi32(0, 0, 0, (wb.as_ptr() as *const i32).read_unaligned()));
+            let d = _mm_cvtss_f32(dd) * ad;
+            let dmin = _mm_cvtss_f32(_mm_shuffle_ps(dd, dd, 1)) * ad;
+            let bsums = ab.as_ptr().add(260) as *const i16;
+            let mut sm = 0i32;
+            let mut sumi = _mm256_setzero_si256();
+            for c in 0..4 {
+                let (sc_l, m_l) = scale_min_k4(2 * c, &wb[4..16]);
+                let (sc_h, m_h) = scale_min_k4(2 * c + 1, &wb[4..16]);
+                let bs = |j: usize| bsums.add(j).read_unaligned() as i32;
+                sm += m_l as i32 * (bs(4 * c) + bs(4 * c + 1)) + m_h as i32 * (bs(4 * c + 2) + bs(4 * c + 3));
+                let q4 = _mm256_loadu_si256(wb.as_ptr().add(16 + 32 * c) as *const __m256i);
+                let q4l = _mm256_and_si256(q4, m4);
+                let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+                let q8l = _mm256_loadu_si256(ab.as_ptr().add(4 + 64 * c) as *const __m256i);
+                let q8h = _mm256_loadu_si256(ab.as_ptr().add(36 + 64 * c) as *const __m256i);
+                let pl = _mm256_madd_epi16(_mm256_set1_epi16(sc_l as i16), _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(_mm256_set1_epi16(sc_h as i16), _mm256_maddubs_epi16(q4h, q8h));
+                sumi = _mm256_add_epi32(sumi, _mm256_add_epi32(pl, ph));
+            }
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+            acc_m += dmin * sm as f32;
+        }
+        hsum(acc) - acc_m
+    }
+}

@@ -1,0 +1,394 @@
+//! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
+//! product with f32 activations: activations are quantized once per call (Q8_0 or Q8_K), then
+//! every output row is one dot product per token, rows spread over rayon's threads. The
+//! weights are never dequantized on the hot path.
+
+use super::blocks::{self, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
+use super::kernels::{Dot4Fn, DotFn, Kernels};
+use crate::io::gguf::GgmlType;
+use anyhow::{bail, Result};
+use rayon::prelude::*;
+use std::fmt;
+use std::str::FromStr;
+
+/// The weight types linly-lora quantizes to and runs.
+#[allow(non_camel_case_types)] // ggml's names
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum QType {
+    Q8_0,
+    Q4_0,
+    /// Only as Q4_K's stand-in for rows that are not a multiple of 256 (as llama.cpp does).
+    Q5_0,
+    Q4_K,
+}
+
+impl QType {
+    pub fn ggml(self) -> GgmlType {
+        match self {
+            QType::Q8_0 => GgmlType::Q8_0,
+            QType::Q4_0 => GgmlType::Q4_0,
+            QType::Q5_0 => GgmlType::Q5_0,
+            QType::Q4_K => GgmlType::Q4_K,
+        }
+    }
+
+    pub fn from_ggml(t: GgmlType) -> Option<QType> {
+        Some(match t {
+            GgmlType::Q8_0 => QType::Q8_0,
+            GgmlType::Q4_0 => QType::Q4_0,
+            GgmlType::Q5_0 => QType::Q5_0,
+            GgmlType::Q4_K => QType::Q4_K,
+            _ => return None,
+        })
+    }
+
+    pub fn block(self) -> usize {
+        if self == QType::Q4_K { QK_K } else { QK }
+    }
+
+    pub fn block_bytes(self) -> usize {
+        self.ggml().type_size() as usize
+    }
+
+    pub fn name(self) -> &'static str {
+        match self {
+            QType::Q8_0 => "q8_0",
+            QType::Q4_0 => "q4_0",
+            QType::Q5_0 => "q5_0",
+            QType::Q4_K => "q4_k",
+        }
+    }
+
+    /// The type a `cols`-long row actually gets: Q4_K rows that are not whole super-blocks
+    /// fall back to Q5_0, as `llama-quantize` does; `None` when even 32 does not divide `cols`.
+    pub fn for_row_length(self, cols: usize) -> Option<QType> {
+        let t = if self == QType::Q4_K && !cols.is_multiple_of(QK_K) { QType::Q5_0 } else { self };
+        cols.is_multiple_of(t.block()).then_some(t)
+    }
+
+    fn quantize_row(self, x: &[f32], out: &mut Vec<u8>) {
+        match self {
+            QType::Q8_0 => blocks::quantize_row_q8_0(x, out),
+            QType::Q4_0 => blocks::quantize_row_q4_0(x, out),
+            QType::Q5_0 => blocks::quantize_row_q5_0(x, out),
+            QType::Q4_K => blocks::quantize_row_q4_k(x, out),
+        }
+    }
+
+    fn dot4(self, k: &Kernels) -> Option<Dot4Fn> {
+        match self {
+            QType::Q8_0 => k.q8_0x4,
+            QType::Q4_0 => k.q4_0x4,
+            QType::Q5_0 => k.q5_0x4,
+            QType::Q4_K => None,
+        }
+    }
+
+    fn dot(self, k: &Kernels) -> DotFn {
+        match self {
+            QType::Q8_0 => k.q8_0,
+            QType::Q4_0 => k.q4_0,
+            QType::Q5_0 => k.q5_0,
+            QType::Q4_K => k.q4_k,
+        }
+    }
+
+    /// Bytes of one quantized activation row of `cols` values.
+    fn act_bytes(self, cols: usize) -> usize {
+        if self == QType::Q4_K { cols / QK_K * Q8_K_BYTES } else { cols / QK * Q8_0_BYTES }
+    }
+
+    fn quantize_act(self, x: &[f32], out: &mut [u8]) {
+        if self == QType::Q4_K { blocks::quantize_act_q8_k(x, out) } else { blocks::quantize_act_q8_0(x, out) }
+    }
+}
+
+impl FromStr for QType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> Result<Self> {
+        Ok(match s.to_ascii_lowercase().as_str() {
+            "q8_0" => QType::Q8_0,
+            "q4_0" => QType::Q4_0,
+            "q4_k" => QType::Q4_K,
+            "q5_0" => QType::Q5_0,
+            _ => bail!("unknown quantization `{s}`: use q8_0, q4_0 or q4_k"),
+        })
+    }
+}
+
+impl fmt::Display for QType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A row-major quantized matrix: `rows` rows of `cols` values, each row `row_bytes` of blocks.
+#[derive(Clone)]
+pub struct QuantMatrix {
+    ty: QType,
+    rows: usize,
+    cols: usize,
+    data: Vec<u8>,
+}
+
+impl fmt::Debug for QuantMatrix {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "QuantMatrix({} [{}, {}])", self.ty, self.rows, self.cols)
+    }
+}
+
+impl QuantMatrix {
+    /// Quantizes a row-major f32 matrix (rows in parallel).
+    pub fn quantize(ty: QType, rows: usize, cols: usize, x: &[f32]) -> Result<Self> {
+        if x.len() != rows * cols {
+            bail!("a {rows}×{cols} matrix needs {} values, got {}", rows * cols, x.len());
+        }
+        if !cols.is_multiple_of(ty.block()) {
+            bail!("{ty} needs rows that are a multiple of {}, got {cols}", ty.block());
+        }
+        let rb = cols / ty.block() * ty.block_bytes();
+        let mut data = vec![0u8; rows * rb];
+        data.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each_init(
+            || Vec::with_capacity(rb),
+            |buf, (out, row)| {
+                buf.clear();
+                ty.quantize_row(row, buf);
+                out.copy_from_slice(buf);
+            },
+        );
+        Ok(QuantMatrix { ty, rows, cols, data })
+    }
+
+    /// Wraps bytes already in `ty`'s encoding (e.g. from a GGUF file), checking their size.
+    pub fn from_bytes(ty: QType, rows: usize, cols: usize, data: Vec<u8>) -> Result<Self> {
+        if !cols.is_multiple_of(ty.block()) {
+            bail!("{ty} needs rows that are a multiple of {}, got {cols}", ty.block());
+        }
+        let want = rows * (cols / ty.block()) * ty.block_bytes();
+        if data.len() != want {
+            bail!("a {rows}×{cols} {ty} matrix takes {want} bytes, got {}", data.len());
+        }
+        Ok(QuantMatrix { ty, rows, cols, data })
+    }
+
+    pub fn qtype(&self) -> QType {
+        self.ty
+    }
+    pub fn rows(&self) -> usize {
+        self.rows
+    }
+    pub fn cols(&self) -> usize {
+        self.cols
+    }
+    pub fn bytes(&self) -> &[u8] {
+        &self.data
+    }
+    pub fn into_bytes(self) -> Vec<u8> {
+        self.data
+    }
+    pub fn row_bytes(&self) -> usize {
+        self.cols / self.ty.block() * self.ty.block_bytes()
+    }
+
+    /// The whole matrix in f32 (for export and tests, not for inference).
+    pub fn dequantize(&self) -> Vec<f32> {
+        crate::io::gguf::dequantize(self.ty.ggml(), &self.data, self.rows * self.cols).expect("sizes checked at construction")
+    }
+
+    /// The listed rows in f32, `[ids.len(), cols]`: an embedding lookup.
+    pub fn dequantize_rows(&self, ids: &[usize]) -> Result<Vec<f32>> {
+        let rb = self.row_bytes();
+        let mut out = vec![0f32; ids.len() * self.cols];
+        for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
+            if id >= self.rows {
+                bail!("row {id} is outside a matrix of {} rows", self.rows);
+            }
+            crate::io::gguf::dequantize_into(self.ty.ggml(), &self.data[id * rb..(id + 1) * rb], o)?;
+        }
+        Ok(out)
+    }
+
+    /// `x · Wᵀ` for `x` `[n, cols]` row-major: returns `[n, rows]`.
+    pub fn matmul(&self, x: &[f32], n: usize) -> Vec<f32> {
+        self.matmul_with(x, n, Kernels::best())
+    }
+
+    /// [`Self::matmul`] with the given kernels (tests compare scalar and SIMD).
+    pub fn matmul_with(&self, x: &[f32], n: usize, k: &Kernels) -> Vec<f32> {
+        assert_eq!(x.len(), n * self.cols, "activation shape");
+        let ab = self.ty.act_bytes(self.cols);
+        let mut acts = vec![0u8; n * ab];
+        if n > 1 {
+            acts.par_chunks_mut(ab).zip(x.par_chunks(self.cols)).for_each(|(a, r)| self.ty.quantize_act(r, a));
+        } else {
+            self.ty.quantize_act(x, &mut acts);
+        }
+        let dot = self.ty.dot(k);
+        let dot4 = self.ty.dot4(k);
+        let (rb, nb, rows) = (self.row_bytes(), self.cols / self.ty.block(), self.rows);
+        let act = |t: usize| &acts[t * ab..(t + 1) * ab];
+        // f32 copies of the Q8_0 activation scales, for the four-token kernels.
+        let scales: Vec<f32> = match dot4 {
+            Some(_) if n >= 4 => acts.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect(),
+            _ => Vec::new(),
+        };
+        let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
+        // Enough tasks per thread to balance, few enough that dispatch stays cheap; with many
+        // tokens, also few enough rows that a task's weights stay in L2 while every token
+        // block passes over them.
+        let mut per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(4);
+        if n >= 8 {
+            per_task = per_task.min(64);
+        }
+        // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
+        const TB: usize = 32;
+        // out_t is [rows, n]: each task owns a contiguous range of output rows.
+        let mut out_t = vec![0f32; rows * n];
+        out_t.par_chunks_mut(per_task * n).enumerate().for_each(|(c, o)| {
+            let r0 = c * per_task;
+            for t0 in (0..n).step_by(TB) {
+                let t1 = (t0 + TB).min(n);
+                for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                    let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                    let mut t = t0;
+                    if let (Some(d4), true) = (dot4, n >= 4) {
+                        while t + 4 <= t1 {
+                            let a = [act(t), act(t + 1), act(t + 2), act(t + 3)];
+                            orow[t..t + 4].copy_from_slice(&d4(w, a, [sc(t), sc(t + 1), sc(t + 2), sc(t + 3)], nb));
+                            t += 4;
+                        }
+                    }
+                    for (u, y) in orow.iter_mut().enumerate().take(t1).skip(t) {
+                        *y = dot(w, act(u), nb);
+                    }
+                }
+            }
+        });
+        if n == 1 {
+            return out_t;
+        }
+        let mut out = vec![0f32; n * rows];
+        for r in 0..rows {
+            for t in 0..n {
+                out[t * rows + r] = out_t[r * n + t];
+            }
+        }
+        out
+    }
+
+    /// Moves whole rows: output row `i` is input row `perm[i]`. Rows are independent blocks,
+    /// so this is how llama.cpp's Q/K row order is undone without dequantizing.
+    pub fn permute_rows(&self, perm: &[usize]) -> Result<Self> {
+        if perm.len() != self.rows {
+            bail!("row permutation of length {} for {} rows", perm.len(), self.rows);
+        }
+        let rb = self.row_bytes();
+        let mut data = Vec::with_capacity(self.data.len());
+        for &p in perm {
+            if p >= self.rows {
+                bail!("row permutation index {p} out of range");
+            }
+            data.extend_from_slice(&self.data[p * rb..(p + 1) * rb]);
+        }
+        Ok(QuantMatrix { data, ..*self })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::io::gguf::dequantize;
+
+    fn values(n: usize, seed: usize) -> Vec<f32> {
+        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1001) as f32 / 500.0 - 1.0 + ((i + seed) as f32 * 0.01).sin()).collect()
+    }
+
+    /// The exact product of the dequantized weights and the dequantized activations, in f64:
+    /// what the integer kernels compute up to f32 rounding.
+    fn reference(m: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
+        let w = m.dequantize();
+        let ab = m.ty.act_bytes(m.cols);
+        let mut y = vec![0f64; n * m.rows];
+        for t in 0..n {
+            let mut a = vec![0u8; ab];
+            m.ty.quantize_act(&x[t * m.cols..(t + 1) * m.cols], &mut a);
+            let xa: Vec<f32> = if m.ty == QType::Q4_K {
+                a.chunks(Q8_K_BYTES)
+                    .flat_map(|b| {
+                        let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
+                        b[4..260].iter().map(move |&q| d * q as i8 as f32).collect::<Vec<_>>()
+                    })
+                    .collect()
+            } else {
+                dequantize(GgmlType::Q8_0, &a, m.cols).unwrap()
+            };
+            for r in 0..m.rows {
+                y[t * m.rows + r] = (0..m.cols).map(|c| w[r * m.cols + c] as f64 * xa[c] as f64).sum();
+            }
+        }
+        y
+    }
+
+    #[test]
+    fn kernels_agree_with_dequantized_matmul() {
+        let (rows, cols, n) = (37, 512, 6); // 6 tokens: one group of four plus two single
+        let w = values(rows * cols, 1);
+        let x = values(n * cols, 2);
+        let mut kernels = vec![Kernels::scalar()];
+        kernels.extend(Kernels::simd());
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_K] {
+            let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
+            let want = reference(&m, &x, n);
+            let wd = m.dequantize();
+            for k in &kernels {
+                let y = m.matmul_with(&x, n, k);
+                for (i, (&a, &b)) in y.iter().zip(&want).enumerate() {
+                    let (t, r) = (i / rows, i % rows);
+                    let scale: f64 = (0..cols).map(|c| (wd[r * cols + c] * x[t * cols + c]).abs() as f64).sum();
+                    assert!((a as f64 - b).abs() <= 1e-5 * scale + 1e-6, "{ty} {}: [{t},{r}] {a} vs {b}", k.name);
+                }
+                // And close to the unquantized product (the quantization error itself).
+                for t in 0..n {
+                    for r in 0..rows {
+                        let exact: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
+                        let scale: f64 = (0..cols).map(|c| (w[r * cols + c] * x[t * cols + c]).abs() as f64).sum();
+                        let tol = if ty == QType::Q8_0 { 0.02 } else { 0.12 };
+                        assert!((y[t * rows + r] as f64 - exact).abs() <= tol * scale, "{ty} {}: [{t},{r}]", k.name);
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn simd_matches_scalar() {
+        // Both paths sum the same integers per block; only the f32 order of the block sums
+        // differs.
+        let Some(simd) = Kernels::simd() else { return };
+        let (rows, cols) = (9, 768);
+        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 31) % 15) as f32 - 7.0).collect();
+        let x: Vec<f32> = (0..cols).map(|i| ((i * 17) % 255) as f32 - 127.0).collect();
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_K] {
+            let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
+            let a = m.matmul_with(&x, 1, &Kernels::scalar());
+            let b = m.matmul_with(&x, 1, &simd);
+            for (u, v) in a.iter().zip(&b) {
+                assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{ty}: {u} vs {v}");
+            }
+        }
+    }
+
+    #[test]
+    fn fallback_and_shapes() {
+        assert_eq!(QType::Q4_K.for_row_length(576), Some(QType::Q5_0));
+        assert_eq!(QType::Q4_K.for_row_length(1536), Some(QType::Q4_K));
+        assert_eq!(QType::Q8_0.for_row_length(576), Some(QType::Q8_0));
+        assert_eq!(QType::Q4_0.for_row_length(100), None);
+        assert!(QuantMatrix::quantize(QType::Q4_K, 2, 32, &[0.0; 64]).is_err());
+        assert!(QuantMatrix::from_bytes(QType::Q8_0, 2, 32, vec![0; 67]).is_err());
+        let m = QuantMatrix::quantize(QType::Q8_0, 3, 32, &values(96, 5)).unwrap();
+        let p = m.permute_rows(&[2, 0, 1]).unwrap();
+        assert_eq!(p.dequantize_rows(&[0]).unwrap(), m.dequantize_rows(&[2]).unwrap());
+        assert!(m.dequantize_rows(&[3]).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! Quantized CPU inference: llama.cpp's block formats, hand-written dot-product kernels, and
+//! the quantized model folder.
+//!
+//! * [`blocks`]: Q8_0, Q4_0, Q5_0 and Q4_K quantizers byte-identical to ggml's reference ones,
+//!   and the Q8_0 / Q8_K activation quantizers. Dequantization is
+//!   [`crate::io::gguf::dequantize`].
+//! * [`kernels`]: quantized-weight × quantized-activation dot products, scalar and AVX2.
+//! * [`matrix`]: [`QuantMatrix`], a quantized `[out, in]` weight and its multi-threaded product
+//!   with f32 activations. [`crate::model::linear::Linear`] holds either a dense tensor or one
+//!   of these, so the one model definition runs quantized models.
+//! * [`store`]: the on-disk format, shared by `linly-lora quantize` (a folder with `config.json`,
+//!   the tokenizer and `model.gguf`) and `linly-lora export gguf` (the GGUF alone): GGUF with
+//!   llama.cpp's names, metadata and Q/K row order, so a quantized folder's `model.gguf` runs in
+//!   llama.cpp as is.
+
+pub mod blocks;
+pub mod store;
+pub mod kernels;
+pub mod matrix;
+
+pub use kernels::Kernels;
+pub use matrix::{QType, QuantMatrix};
