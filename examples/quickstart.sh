@@ -86,6 +86,9 @@ fi
 stamp "prepare the data"
 python3 examples/quickstart_data.py "$SRC" $Q/data
 
+# Everything from here on is rebuilt on every run (the commands refuse to overwrite a folder).
+rm -rf $Q/tokenizer $Q/resized $Q/train $Q/merged $Q/quick.toml
+
 stamp "extend the vocabulary (characters + jieba words, by frequency in the Chinese training text)"
 $BIN vocab extend --tokenizer $Q/base --wordlist $SRC/jieba/jieba/dict.txt \
   --from-corpus $Q/data/vocab_corpus.txt --max-new 20000 --out $Q/tokenizer --json >$Q/vocab_extend.json
@@ -102,7 +105,6 @@ if [ "${QUICK:-0}" = 1 ]; then
   sed -i 's#"\.\./runs/quickstart/#"#' $RECIPE
 fi
 stamp "train ($RECIPE)"
-rm -rf $Q/train
 $BIN train $RECIPE
 
 stamp "merge"
