@@ -26,10 +26,13 @@ use anyhow::{anyhow, bail, Result};
 use serde_json::{json, Map, Value};
 use std::collections::{HashMap, HashSet};
 
-const TYPE_NORMAL: i32 = 1;
-const TYPE_UNKNOWN: i32 = 2;
-const TYPE_CONTROL: i32 = 3;
-const TYPE_USER_DEFINED: i32 = 4;
+/// llama.cpp's `tokenizer.ggml.token_type` values (`llama_token_type`), for import and export.
+pub(crate) const TYPE_NORMAL: i32 = 1;
+pub(crate) const TYPE_UNKNOWN: i32 = 2;
+pub(crate) const TYPE_CONTROL: i32 = 3;
+pub(crate) const TYPE_USER_DEFINED: i32 = 4;
+pub(crate) const TYPE_UNUSED: i32 = 5;
+pub(crate) const TYPE_BYTE: i32 = 6;
 
 /// The HF tokenizer files rebuilt from a GGUF, plus what the importer needs to know.
 #[derive(Debug, Clone)]

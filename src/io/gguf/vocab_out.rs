@@ -15,19 +15,13 @@
 //! convert_hf_to_gguf.py pads them, because llama.cpp wants one token per row.
 
 use super::reader::{GgufArray, GgufValue};
-use super::tokenizer::pre_tokenizer;
+use super::tokenizer::{pre_tokenizer, TYPE_BYTE as BYTE, TYPE_CONTROL as CONTROL, TYPE_NORMAL as NORMAL, TYPE_UNKNOWN as UNKNOWN, TYPE_UNUSED as UNUSED, TYPE_USER_DEFINED as USER_DEFINED};
 use super::writer::GgufWriter;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::Path;
 
-const NORMAL: i32 = 1;
-const UNKNOWN: i32 = 2;
-const CONTROL: i32 = 3;
-const USER_DEFINED: i32 = 4;
-const UNUSED: i32 = 5;
-const BYTE: i32 = 6;
 
 /// The vocabulary as GGUF metadata, owned.
 #[derive(Debug, Clone)]
