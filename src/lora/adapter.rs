@@ -69,6 +69,14 @@ pub fn parse_module(path: &str) -> Option<(usize, &str)> {
 
 
 impl AdapterFile {
+    /// Whether this adapter updates a tied model's one table from `embed_tokens` rows alone.
+    /// Trainable-token rows given only for `embed_tokens` update both uses of a tied table (PEFT's
+    /// weight-tied trainable tokens; `adapter pack` stores them once); a whole `embed_tokens`
+    /// alone unties it, as PEFT's `modules_to_save` copy does. Used by `apply` and `merge`.
+    pub fn updates_tied_table_from_embed_rows(&self, tied: bool) -> bool {
+        tied && matches!(self.embed, Some(TableUpdate::Rows { .. })) && self.lm_head.is_none()
+    }
+
     pub fn open(dir: &Path) -> Result<Self> {
         let config = AdapterConfig::load(dir)?;
         let wpath = dir.join(WEIGHTS);
@@ -280,9 +288,7 @@ fn apply_tables(model: &mut Llama, ad: &AdapterFile, device: &Device) -> Result<
         TokenTable::new(Tensor::from_data(crate::io::weights::f32_data(v, [n, hidden], dtype), (device, dtype.burn())))
     };
     let was_tied = model.lm_head.is_none();
-    // Trainable-token rows for only embed_tokens of a tied model update its one table (PEFT's
-    // weight-tied trainable tokens); a whole embed_tokens alone unties it (modules_to_save).
-    let tied_rows_only = was_tied && matches!(ad.embed, Some(TableUpdate::Rows { .. })) && ad.lm_head.is_none();
+    let tied_rows_only = ad.updates_tied_table_from_embed_rows(was_tied);
     let embed_rows = embed.as_ref().map(|e| e.1).unwrap_or(rows);
     let head_rows = match &head {
         Some(h) => h.1,

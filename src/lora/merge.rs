@@ -110,10 +110,7 @@ fn plan(opts: &MergeOptions, store: &WeightStore, cfg: &HfConfig, adapters: &[Ad
             Some(u) => ad.rows_after(u, embed_rows)?,
             None => embed_rows,
         };
-        // Trainable-token rows for only embed_tokens of a tied model update its one table, as
-        // PEFT's weight-tied trainable tokens do (a packed adapter stores them once). A whole
-        // embed_tokens alone unties it, as PEFT's modules_to_save copy does.
-        let embed_only = tied_out && matches!(ad.embed, Some(TableUpdate::Rows { .. })) && ad.lm_head.is_none();
+        let embed_only = ad.updates_tied_table_from_embed_rows(tied_out);
         head_from_embed.push(embed_only);
         let new_head = match &ad.lm_head {
             Some(u) => ad.rows_after(u, head_rows)?,
