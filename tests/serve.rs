@@ -296,6 +296,7 @@ async fn bad_input_is_answered_not_crashed() {
     let big = json!({ "messages": [{ "role": "user", "content": "x".repeat(64 * 1024) }] }).to_string();
     let r = send(big).await.unwrap();
     assert_eq!(r.status(), 413);
+    assert_eq!(r.headers().get("connection").and_then(|v| v.to_str().ok()), Some("close"), "an unread body must end the connection");
     assert_error_body(&r.json().await.unwrap());
     // Unknown path.
     assert_eq!(c.get(format!("{u}/v2/nothing")).send().await.unwrap().status(), 404);

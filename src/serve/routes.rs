@@ -63,10 +63,20 @@ pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
         let ok = given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes()));
         if !ok {
             let msg = if given.is_none() { "missing `Authorization: Bearer <key>` header" } else { "wrong API key" };
-            return ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", msg).into_response();
+            let mut resp = ApiError::new(StatusCode::UNAUTHORIZED, "invalid_request_error", "invalid_api_key", msg).into_response();
+            // The body of a rejected request is never read; a reused connection would fail.
+            if has_body(&req) {
+                resp.headers_mut().insert(header::CONNECTION, header::HeaderValue::from_static("close"));
+            }
+            return resp;
         }
     }
     next.run(req).await
+}
+
+fn has_body(req: &Request) -> bool {
+    let h = req.headers();
+    h.contains_key(header::TRANSFER_ENCODING) || h.get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() != "0")
 }
 
 /// Compares without an early exit, so the time taken does not reveal how much of a guess matched.
