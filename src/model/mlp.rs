@@ -14,7 +14,13 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = silu(self.gate_proj.forward(x.clone()));
-        self.down_proj.forward(g * self.up_proj.forward(x))
+        let g = self.gate_proj.forward(x.clone());
+        let u = self.up_proj.forward(x);
+        // f32 on flex: one fused kernel each way (see `fused`); the composition otherwise.
+        let h = match super::fused::swiglu(&g, &u) {
+            Some(h) => h,
+            None => silu(g) * u,
+        };
+        self.down_proj.forward(h)
     }
 }

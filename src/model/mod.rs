@@ -8,6 +8,7 @@
 pub mod attention;
 pub mod cache;
 pub mod embedding;
+pub mod fused;
 pub mod linear;
 pub mod load;
 pub mod mlp;

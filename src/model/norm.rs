@@ -12,6 +12,10 @@ pub struct RmsNorm {
 
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // f32 on flex: one fused pass each way (see `fused`); the composition below otherwise.
+        if let Some(y) = super::fused::rms_norm(&x, &self.weight.val(), self.eps) {
+            return y;
+        }
         let dtype = x.dtype();
         let x32 = x.cast(FloatDType::F32);
         let var = x32.clone().square().mean_dim(2);
