@@ -173,14 +173,14 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8], qw: Option<&[f32]>) ->
         }
         iscale = -(nmax as f32 + 0.1 * is as f32) / max;
         let (mut sumlx, mut suml2) = (0f32, 0f32);
-        for i in 0..x.len() {
-            let l = code(iscale, x[i]);
-            sumlx += w(i) * x[i] * l as f32;
+        for (i, &v) in x.iter().enumerate() {
+            let l = code(iscale, v);
+            sumlx += w(i) * v * l as f32;
             suml2 += w(i) * (l * l) as f32;
         }
         if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
-            for i in 0..x.len() {
-                codes[i] = (code(iscale, x[i]) + nmax) as i8;
+            for (c, &v) in codes.iter_mut().zip(x) {
+                *c = (code(iscale, v) + nmax) as i8;
             }
             scale = sumlx / suml2;
             best = scale * sumlx;
