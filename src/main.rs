@@ -386,8 +386,11 @@ struct QuantizeArgs {
     /// HF model folder to quantize (f32, f16 or bf16 safetensors)
     #[arg(long)]
     model: PathBuf,
-    /// q8_0 (8-bit, blocks of 32), q4_0 (4-bit, blocks of 32) or q4_k (4-bit super-blocks of 256;
-    /// rows not a multiple of 256 use q5_0, as llama.cpp does)
+    /// q8_0 (8.5 bits/weight), q4_0 or q4_k, with llama-quantize's mixes (see README):
+    /// q4_0 = Q4_0 (error-minimizing scales) + LM head/tied token table in Q6_K (Q8_0 when rows are
+    /// not whole 256-blocks); q4_k = Q4_K_M: Q4_K, with attn_v/ffn_down in Q6_K in the first and
+    /// last eighth of the layers and every third between, the head as for q4_0, and rows that
+    /// cannot hold Q4_K in Q4_1 or Q5_0, whichever reconstructs the tensor better
     #[arg(long)]
     format: linly_lora::quant::QType,
     /// Output folder (must not exist; written atomically): config.json, tokenizer files, model.gguf
@@ -396,6 +399,10 @@ struct QuantizeArgs {
     /// Keep the token embedding and LM head in f16 instead of quantizing them
     #[arg(long)]
     keep_embeddings: bool,
+    /// Every 2-D weight in the format (q5_0 where q4_k does not fit) with ggml's reference
+    /// quantizers, like llama-quantize --pure
+    #[arg(long)]
+    pure: bool,
 }
 
 #[derive(Subcommand)]
@@ -415,6 +422,9 @@ enum ExportCmd {
         /// Keep the token embedding and LM head in f16 when quantizing
         #[arg(long)]
         keep_embeddings: bool,
+        /// Quantized types: every 2-D weight in the type, no llama.cpp mix (as `quantize --pure`)
+        #[arg(long)]
+        pure: bool,
     },
 }
 
@@ -743,11 +753,11 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Quantize(a) => {
-            let r = linly_lora::quant::store::quantize_model(&a.model, &a.out, a.format, a.keep_embeddings)?;
+            let r = linly_lora::quant::store::quantize_model(&a.model, &a.out, a.format, a.keep_embeddings, a.pure)?;
             print_export(&r);
         }
-        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings } } => {
-            let r = linly_lora::io::gguf::export_gguf(&model, &out, &linly_lora::io::gguf::ExportOptions { ty, keep_embeddings })?;
+        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure } } => {
+            let r = linly_lora::io::gguf::export_gguf(&model, &out, &linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure })?;
             print_export(&r);
         }
         Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {

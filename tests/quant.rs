@@ -16,7 +16,7 @@ use linly_lora::quant::{store, QType};
 fn quantized_tiny(ty: QType, keep_embeddings: bool) -> (tempfile::TempDir, std::path::PathBuf) {
     let tmp = tempfile::tempdir().unwrap();
     let out = tmp.path().join(format!("tiny-{ty}"));
-    let r = store::quantize_model(&tiny().join("base"), &out, ty, keep_embeddings).unwrap();
+    let r = store::quantize_model(&tiny().join("base"), &out, ty, keep_embeddings, false).unwrap();
     // The fixture's FFN width 176 is not a multiple of 32: down_proj stays f16, with a warning.
     assert!(r.warnings.iter().any(|w| w.contains("mlp.down_proj")), "{:?}", r.warnings);
     (tmp, out)
@@ -89,7 +89,7 @@ fn sentencepiece_and_extended_vocab_survive_export_and_import() {
         std::fs::create_dir_all(&model).unwrap();
         random_model(&model, vocab, Some(tok_dir));
         let gguf = tmp.path().join(format!("{name}.gguf"));
-        let rep = export_gguf(&model, &gguf, &ExportOptions { ty: ExportType::F32, keep_embeddings: false }).unwrap();
+        let rep = export_gguf(&model, &gguf, &ExportOptions { ty: ExportType::F32, keep_embeddings: false, pure: false }).unwrap();
         assert_eq!(rep.tokenizer.as_deref(), Some("llama"));
         let back = tmp.path().join(format!("{name}-back"));
         import_gguf(&gguf, &back, FloatType::F32).unwrap();

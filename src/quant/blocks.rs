@@ -9,11 +9,17 @@
 //! | Q8_0 | 32 | 34 | `f16 d; i8 qs[32]`, `x ≈ d·q`, `d = max|x| / 127` |
 //! | Q4_0 | 32 | 18 | `f16 d; u8 qs[16]`, `x ≈ d·(q − 8)`, element j in the low nibble of byte j, element j+16 in its high nibble |
 //! | Q5_0 | 32 | 22 | `f16 d; u32 qh; u8 qs[16]`, as Q4_0 with a fifth bit in `qh` (bit j for element j), offset 16 |
+//! | Q4_1 | 32 | 20 | `f16 d, m; u8 qs[16]`, `x ≈ d·q + m`, nibble order as Q4_0 |
 //! | Q4_K | 256 | 144 | `f16 d, dmin; u8 scales[12]; u8 qs[128]`, 8 sub-blocks of 32 with 6-bit scale/min |
+//! | Q6_K | 256 | 210 | `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`, 16 sub-blocks of 16, `x ≈ d·sc·(q − 32)` |
 //!
 //! Activation formats (quantized per call, never stored): Q8_0 as llama.cpp's x86 path computes
-//! it (scale `127 / max|x|`, round half to even), and Q8_K (`f32 d; i8 qs[256]; i16 bsums[16]`)
-//! for the k-quants.
+//! it (scale `127 / max|x|`, round half to even), Q8_1 (Q8_0 plus `d·Σq`, for Q4_1's offset) and
+//! Q8_K (`f32 d; i8 qs[256]; i16 bsums[16]`) for the k-quants.
+//!
+//! Besides the reference quantizers, [`quantize_row_q4_0_rmse`] is ggml's importance-weighted
+//! Q4_0 (`quantize_row_q4_0_impl`: a search over 19 scales for the least weighted squared
+//! error), used by `quantize` by default; its bytes are ordinary Q4_0.
 //!
 //! Dequantization lives in [`crate::io::gguf::dequant`] (ported from ggml's reference); the
 //! tests here quantize with these functions and dequantize with that one.
@@ -26,6 +32,11 @@ pub const Q8_0_BYTES: usize = 34;
 pub const Q4_0_BYTES: usize = 18;
 pub const Q5_0_BYTES: usize = 22;
 pub const Q4_K_BYTES: usize = 144;
+pub const Q4_1_BYTES: usize = 20;
+/// `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`.
+pub const Q6_K_BYTES: usize = 210;
+/// `f16 d; f16 s; i8 qs[32]` with `s = d·Σq` (ggml's block_q8_1, the activations of Q4_1).
+pub const Q8_1_BYTES: usize = 36;
 /// `f32 d; i8 qs[256]; i16 bsums[16]`.
 pub const Q8_K_BYTES: usize = 4 + QK_K + 2 * QK_K / 16;
 
@@ -111,6 +122,151 @@ pub fn quantize_row_q5_0(x: &[f32], out: &mut Vec<u8>) {
         }
         out.extend(qh.to_le_bytes());
         out.extend(qs);
+    }
+}
+
+/// `quantize_row_q4_1_ref`: `d = (max − min) / 15`, `m = min`, `q = min(15, trunc((x − min)/d + 0.5))`.
+pub fn quantize_row_q4_1(x: &[f32], out: &mut Vec<u8>) {
+    assert!(x.len().is_multiple_of(QK), "Q4_1 rows are whole blocks of 32");
+    for b in x.chunks_exact(QK) {
+        let min = b.iter().fold(f32::MAX, |m, &v| if v < m { v } else { m });
+        let max = b.iter().fold(-f32::MAX, |m, &v| if v > m { v } else { m });
+        let d = (max - min) / 15.0;
+        let id = if d != 0.0 { 1.0 / d } else { 0.0 };
+        out.extend(f16_bits(d));
+        out.extend(f16_bits(min));
+        for j in 0..QK / 2 {
+            let q0 = (((b[j] - min) * id + 0.5) as i8).min(15) as u8;
+            let q1 = (((b[j + QK / 2] - min) * id + 0.5) as i8).min(15) as u8;
+            out.push(q0 | (q1 << 4));
+        }
+    }
+}
+
+const GROUP_MAX_EPS: f32 = 1e-15;
+
+/// ggml's `make_qx_quants`: a symmetric scale for `x` with codes in `[−nmax, nmax)` (stored as
+/// `l + nmax` in `codes`), searched over 19 candidate scales around `nmax / max` for the least
+/// weighted squared error. Weights are `qw` when given, else `x²` (`rmse_type` 1, the only
+/// type used here).
+fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8], qw: Option<&[f32]>) -> f32 {
+    let (amax, max) = signed_absmax(x);
+    if amax < GROUP_MAX_EPS {
+        codes.iter_mut().for_each(|v| *v = 0);
+        return 0.0;
+    }
+    let w = |i: usize| qw.map_or(x[i] * x[i], |q| q[i]);
+    let code = |iscale: f32, v: f32| nearest_int(iscale * v).clamp(-nmax, nmax - 1);
+    let mut iscale = -(nmax as f32) / max;
+    let (mut sumlx, mut suml2) = (0f32, 0f32);
+    for i in 0..x.len() {
+        let l = code(iscale, x[i]);
+        codes[i] = (l + nmax) as i8;
+        sumlx += w(i) * x[i] * l as f32;
+        suml2 += w(i) * (l * l) as f32;
+    }
+    let mut scale = if suml2 != 0.0 { sumlx / suml2 } else { 0.0 };
+    let mut best = scale * sumlx;
+    for is in -9..=9 {
+        if is == 0 {
+            continue;
+        }
+        iscale = -(nmax as f32 + 0.1 * is as f32) / max;
+        let (mut sumlx, mut suml2) = (0f32, 0f32);
+        for (i, &v) in x.iter().enumerate() {
+            let l = code(iscale, v);
+            sumlx += w(i) * v * l as f32;
+            suml2 += w(i) * (l * l) as f32;
+        }
+        if suml2 > 0.0 && sumlx * sumlx > best * suml2 {
+            for (c, &v) in codes.iter_mut().zip(x) {
+                *c = (code(iscale, v) + nmax) as i8;
+            }
+            scale = sumlx / suml2;
+            best = scale * sumlx;
+        }
+    }
+    scale
+}
+
+/// `quantize_row_q4_0_impl` (ggml's Q4_0 with an importance matrix): per block, weights
+/// `imp[j]·sqrt(σ² + x_j²)` (σ² the row's mean square) and the scale from [`make_qx_quants`].
+/// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix-text`:
+/// the reference quantizer maps the extreme exactly and spends the other 15 levels on whatever
+/// is left, this one minimizes the (weighted) error of the whole block.
+pub fn quantize_row_q4_0_rmse(x: &[f32], imp: Option<&[f32]>, out: &mut Vec<u8>) {
+    assert!(x.len().is_multiple_of(QK), "Q4_0 rows are whole blocks of 32");
+    let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+    let mut w = [0f32; QK];
+    let mut l = [0i8; QK];
+    for (ib, b) in x.chunks_exact(QK).enumerate() {
+        for j in 0..QK {
+            w[j] = imp.map_or(1.0, |q| q[QK * ib + j]) * (sigma2 + b[j] * b[j]).sqrt();
+        }
+        let d = make_qx_quants(8, b, &mut l, Some(&w));
+        out.extend(f16_bits(d));
+        for j in 0..QK / 2 {
+            out.push(l[j] as u8 | ((l[j + QK / 2] as u8) << 4));
+        }
+    }
+}
+
+/// `quantize_row_q6_K_ref`: per sub-block of 16 a scale from [`make_qx_quants`] (32 levels,
+/// weights x²), the 16 scales quantized to i8 against `d = max_scale / −128`, then the 6-bit
+/// codes recomputed with the rounded scales and split into low nibbles (`ql`) and high 2 bits
+/// (`qh`) in ggml's interleaved order.
+pub fn quantize_row_q6_k(x: &[f32], out: &mut Vec<u8>) {
+    assert!(x.len().is_multiple_of(QK_K), "Q6_K rows are whole super-blocks of 256");
+    for xb in x.chunks_exact(QK_K) {
+        let mut l = [0i8; QK_K];
+        let mut scales = [0f32; QK_K / 16];
+        let (mut max_scale, mut max_abs_scale) = (0f32, 0f32);
+        for ib in 0..QK_K / 16 {
+            let s = make_qx_quants(32, &xb[16 * ib..16 * ib + 16], &mut l[16 * ib..16 * ib + 16], None);
+            scales[ib] = s;
+            if s.abs() > max_abs_scale {
+                max_abs_scale = s.abs();
+                max_scale = s;
+            }
+        }
+        let mut block = [0u8; Q6_K_BYTES];
+        if max_abs_scale < GROUP_MAX_EPS {
+            out.extend(block);
+            continue;
+        }
+        let iscale = -128.0 / max_scale;
+        let d16 = f16_bits(1.0 / iscale);
+        let d = f16_at(&d16, 0);
+        let mut sc = [0i8; QK_K / 16];
+        for ib in 0..QK_K / 16 {
+            sc[ib] = nearest_int(iscale * scales[ib]).min(127) as i8;
+        }
+        for j in 0..QK_K / 16 {
+            let dj = d * sc[j] as f32;
+            if dj == 0.0 {
+                continue;
+            }
+            for ii in 0..16 {
+                l[16 * j + ii] = (nearest_int(xb[16 * j + ii] / dj).clamp(-32, 31) + 32) as i8;
+            }
+        }
+        let l = l.map(|v| v as u8);
+        let (ql, rest) = block.split_at_mut(128);
+        let (qh, rest) = rest.split_at_mut(64);
+        for (n, j) in (0..QK_K).step_by(128).enumerate() {
+            let (ql, qh) = (&mut ql[64 * n..64 * n + 64], &mut qh[32 * n..32 * n + 32]);
+            for i in 0..32 {
+                let (q1, q2, q3, q4) = (l[j + i], l[j + i + 32], l[j + i + 64], l[j + i + 96]);
+                ql[i] = (q1 & 0xF) | ((q3 & 0xF) << 4);
+                ql[i + 32] = (q2 & 0xF) | ((q4 & 0xF) << 4);
+                qh[i] = (q1 >> 4) | ((q2 >> 4) << 2) | ((q3 >> 4) << 4) | ((q4 >> 4) << 6);
+            }
+        }
+        for (o, s) in rest[..16].iter_mut().zip(sc) {
+            *o = s as u8;
+        }
+        rest[16..18].copy_from_slice(&d16);
+        out.extend(block);
     }
 }
 
@@ -268,6 +424,24 @@ pub fn quantize_act_q8_0(x: &[f32], out: &mut [u8]) {
     }
 }
 
+/// Activations to Q8_1 (llama.cpp's x86 `quantize_row_q8_1`): Q8_0's codes plus
+/// `s = d · Σq` in f16, which carries a Q4_1 weight's offset `m` through the dot product.
+pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
+    for (b, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BYTES)) {
+        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
+        let d = amax / 127.0;
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        let mut sum = 0i32;
+        for (q, &v) in o[4..].iter_mut().zip(b) {
+            let c = nearest_int(v * id);
+            sum += c;
+            *q = c as i8 as u8;
+        }
+        o[..2].copy_from_slice(&f16_bits(d));
+        o[2..4].copy_from_slice(&f16_bits(sum as f32 * d));
+    }
+}
+
 /// `quantize_row_q8_K_ref`: `iscale = −127 / max` (signed extreme), codes capped at 127, the
 /// scale stored as f32 `1 / iscale`, and the sums of each 16 codes (used for the mins of Q4_K).
 pub fn quantize_act_q8_k(x: &[f32], out: &mut [u8]) {
@@ -414,13 +588,101 @@ mod tests {
     }
 
     #[test]
+    fn q4_1_block_by_hand() {
+        // x = −2 + 0.5·(j mod 16): min −2, max 5.5, d = 7.5/15 = 0.5, codes j mod 16, except
+        // x[1] = −1.3 (trunc(0.7·2 + 0.5) = 1) and x[2] = −0.7 (trunc(1.3·2 + 0.5) = 3).
+        let mut x: Vec<f32> = (0..32).map(|j| -2.0 + 0.5 * (j % 16) as f32).collect();
+        x[1] = -1.3;
+        x[2] = -0.7;
+        let mut b = Vec::new();
+        quantize_row_q4_1(&x, &mut b);
+        assert_eq!(b.len(), Q4_1_BYTES);
+        assert_eq!(&b[..2], &f16_bits(0.5));
+        assert_eq!(&b[2..4], &f16_bits(-2.0));
+        // byte j: element j low, element j + 16 high.
+        assert_eq!(b[4], 0x00);
+        assert_eq!(b[5], 0x11);
+        assert_eq!(b[6], 0x23);
+        assert_eq!(b[4 + 15], 0xFF);
+        // A block already on a Q4_1 grid comes back exactly: the re-quantization a Q4_1-sourced
+        // model (SmolLM2's GGUF) gets is lossless.
+        let y = deq(GgmlType::Q4_1, &b, 32);
+        let mut b2 = Vec::new();
+        quantize_row_q4_1(&y, &mut b2);
+        assert_eq!(b2, b);
+    }
+
+    #[test]
+    fn q6_k_block_by_hand() {
+        // Sub-block ib is s_ib·(4i − 32), s_ib = 0.01·(ib + 1): the extreme −32·s_ib is negative,
+        // so make_qx_quants' scale is s_ib with codes 4i − 32 exactly. The largest, 0.16, sets
+        // d = 0.16 / −128 and the i8 scales round(−800·s_ib) = −8·(ib + 1); the stored codes
+        // are 4i (offset 32), i.e. c = 4·(l mod 16) for every element, in all four quarters.
+        let x: Vec<f32> = (0..256).map(|e| 0.01 * (e / 16 + 1) as f32 * (4 * (e % 16)) as f32 - 0.01 * (e / 16 + 1) as f32 * 32.0).collect();
+        let mut b = Vec::new();
+        quantize_row_q6_k(&x, &mut b);
+        assert_eq!(b.len(), Q6_K_BYTES);
+        for ib in 0..16 {
+            assert_eq!(b[192 + ib] as i8, -8 * (ib as i8 + 1), "scale {ib}");
+        }
+        assert!((f16_at(&b, 208) + 0.00125).abs() < 1e-6, "d = {}", f16_at(&b, 208));
+        for n in 0..2 {
+            for l in 0..32 {
+                let c = 4 * (l % 16) as u8;
+                let lo = (c & 15) | ((c & 15) << 4);
+                assert_eq!(b[64 * n + l], lo, "ql[{n}][{l}]");
+                assert_eq!(b[64 * n + 32 + l], lo, "ql[{n}][{}]", l + 32);
+                assert_eq!(b[128 + 32 * n + l], (c >> 4) * 0x55, "qh[{n}][{l}]");
+            }
+        }
+        // Spot values: l = 5 → c = 20: nibble 4, high bits 1 → 0x44 / 0x55; l = 15 → 60: 0xCC / 0xFF.
+        assert_eq!((b[5], b[128 + 5]), (0x44, 0x55));
+        assert_eq!((b[15], b[128 + 15]), (0xCC, 0xFF));
+        let y = deq(GgmlType::Q6_K, &b, 256);
+        for (a, v) in x.iter().zip(&y) {
+            assert!((a - v).abs() < 1e-3 * 0.16 * 32.0, "{a} vs {v}");
+        }
+    }
+
+    /// The error-minimizing Q4_0 is still Q4_0 (dequantized by the ordinary rule) and never
+    /// worse than the reference quantizer in its own weighted error, block by block.
+    #[test]
+    fn q4_0_rmse_beats_reference() {
+        let x = row(4096, 7);
+        let sigma2 = x.iter().map(|v| v * v).sum::<f32>() / x.len() as f32;
+        let (mut a, mut b) = (Vec::new(), Vec::new());
+        quantize_row_q4_0(&x, &mut a);
+        quantize_row_q4_0_rmse(&x, None, &mut b);
+        let (ya, yb) = (deq(GgmlType::Q4_0, &a, 4096), deq(GgmlType::Q4_0, &b, 4096));
+        let werr = |y: &[f32], k: usize| -> f64 {
+            (32 * k..32 * k + 32).map(|i| ((sigma2 + x[i] * x[i]).sqrt() * (x[i] - y[i]).powi(2)) as f64).sum()
+        };
+        let (mut ta, mut tb) = (0f64, 0f64);
+        for k in 0..128 {
+            // f16 rounding of the chosen scale allows a hair of slack.
+            assert!(werr(&yb, k) <= werr(&ya, k) * 1.001 + 1e-9, "block {k}");
+            ta += werr(&ya, k);
+            tb += werr(&yb, k);
+        }
+        assert!(tb < 0.97 * ta, "search gained too little: {tb} vs {ta}");
+        // An importance of zero on a column lets the search ignore it.
+        let mut imp = vec![1f32; 4096];
+        imp[0] = 0.0;
+        let mut c = Vec::new();
+        quantize_row_q4_0_rmse(&x, Some(&imp), &mut c);
+        assert_eq!(c.len(), a.len());
+    }
+
+    #[test]
     fn round_trip_error_bounds() {
         let n = 4096;
         let x = row(n, 3);
         let rms = (x.iter().map(|v| v * v).sum::<f32>() / n as f32).sqrt();
         type Quantizer = fn(&[f32], &mut Vec<u8>);
-        let cases: [(GgmlType, Quantizer, f32); 4] = [
+        let cases: [(GgmlType, Quantizer, f32); 6] = [
             (GgmlType::Q8_0, quantize_row_q8_0, 0.01),
+            (GgmlType::Q6_K, quantize_row_q6_k, 0.03),
+            (GgmlType::Q4_1, quantize_row_q4_1, 0.10),
             (GgmlType::Q5_0, quantize_row_q5_0, 0.07),
             (GgmlType::Q4_0, quantize_row_q4_0, 0.14),
             (GgmlType::Q4_K, quantize_row_q4_k, 0.10),
@@ -441,6 +703,10 @@ mod tests {
                     GgmlType::Q8_0 => (amax / 127.0, 0.5),
                     GgmlType::Q5_0 => (amax / 16.0, 1.0),
                     GgmlType::Q4_0 => (amax / 8.0, 1.0),
+                    // Q4_1: half of (max − min)/15 ≤ 2·amax/15 / 2; Q6_K: a sixteenth-block's
+                    // half step plus its i8 scale rounding, within amax/32.
+                    GgmlType::Q4_1 => (2.0 * amax / 15.0, 0.5),
+                    GgmlType::Q6_K => (amax / 32.0, 1.0),
                     _ => (2.0 * amax / 15.0, 1.0),
                 };
                 for (a, v) in xb.iter().zip(yb) {
@@ -455,7 +721,7 @@ mod tests {
     #[test]
     fn zero_blocks_stay_zero() {
         let x = vec![0f32; 256];
-        for q in [quantize_row_q8_0, quantize_row_q4_0, quantize_row_q5_0, quantize_row_q4_k] {
+        for q in [quantize_row_q8_0, quantize_row_q4_0, quantize_row_q5_0, quantize_row_q4_k, quantize_row_q4_1, quantize_row_q6_k] {
             let mut b = Vec::new();
             q(&x, &mut b);
             assert!(b.len() >= 34);
@@ -476,6 +742,16 @@ mod tests {
             for (u, v) in xb.iter().zip(yb) {
                 assert!((u - v).abs() <= amax / 254.0 + amax * 1e-3);
             }
+        }
+        // Q8_1: the same codes as Q8_0 after a 4-byte head, and s = d·Σq.
+        let mut a1 = vec![0u8; 16 * Q8_1_BYTES];
+        quantize_act_q8_1(&x, &mut a1);
+        for ((b0, b1), xb) in a.chunks(Q8_0_BYTES).zip(a1.chunks(Q8_1_BYTES)).zip(x.chunks(32)) {
+            assert_eq!(&b0[..2], &b1[..2]);
+            assert_eq!(&b0[2..], &b1[4..]);
+            let sum: i32 = b1[4..].iter().map(|&q| q as i8 as i32).sum();
+            let d = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0; // unrounded, as ggml
+            assert_eq!(&b1[2..4], &f16_bits(d * sum as f32));
         }
         let mut k = vec![0u8; 2 * Q8_K_BYTES];
         quantize_act_q8_k(&x, &mut k);

@@ -1,6 +1,6 @@
 //! Dot products of one quantized weight row with one quantized activation row, the inner loop
 //! of every quantized matrix product. The pairings are llama.cpp's: Q8_0, Q4_0 and Q5_0 weights
-//! against Q8_0 activations, Q4_K against Q8_K. Products of codes are summed in integers per
+//! against Q8_0 activations, Q4_1 against Q8_1, Q4_K and Q6_K against Q8_K. Products of codes are summed in integers per
 //! block and scaled once per block (`d_w · d_a · Σ q_w q_a`), which is both the speed (8-bit
 //! multiply-adds) and the precision (no rounding inside a block) of the scheme.
 //!
@@ -8,7 +8,7 @@
 //! time, an AVX2 version; [`Kernels::best`] picks once per process, [`Kernels::scalar`] is
 //! the fallback and the reference the tests hold the SIMD code to.
 
-use super::blocks::{f16_at, scale_min_k4, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_K_BYTES, QK};
+use super::blocks::{f16_at, scale_min_k4, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
 
 /// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
 pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
@@ -25,10 +25,15 @@ pub struct Kernels {
     pub q4_0: DotFn,
     pub q5_0: DotFn,
     pub q4_k: DotFn,
+    pub q4_1: DotFn,
+    pub q6_k: DotFn,
     /// Four-token versions for the types with Q8_0 activations (`None`: loop over [`DotFn`]).
     pub q8_0x4: Option<Dot4Fn>,
     pub q4_0x4: Option<Dot4Fn>,
     pub q5_0x4: Option<Dot4Fn>,
+    /// Q4_1 against four Q8_1 rows (the scales argument holds their `d`; `s` is read from the
+    /// blocks).
+    pub q4_1x4: Option<Dot4Fn>,
     /// `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -40,9 +45,12 @@ impl Kernels {
             q4_0: dot_q4_0_scalar,
             q5_0: dot_q5_0_scalar,
             q4_k: dot_q4_k_scalar,
+            q4_1: dot_q4_1_scalar,
+            q6_k: dot_q6_k_scalar,
             q8_0x4: None,
             q4_0x4: None,
             q5_0x4: None,
+            q4_1x4: None,
             name: "scalar",
         }
     }
@@ -114,6 +122,50 @@ fn dot_q5_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
+/// Q4_1 × Q8_1: `d_w·d_a·Σ q_w·q_a + m_w·s_a` per block (`s_a = d_a·Σ q_a`).
+fn dot_q4_1_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)).take(nb) {
+        let q8 = &ab[4..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[4 + j];
+            s += (q & 0x0F) as i32 * q8[j] as i8 as i32 + (q >> 4) as i32 * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32 + f16_at(wb, 2) * f16_at(ab, 2);
+    }
+    sum
+}
+
+/// Q6_K × Q8_K: `d_w·d_a·Σ_j sc_j·Σ (q6 − 32)·q8` over the 16 sub-blocks of 16 of a super-block.
+/// Element `128n + 32k + l` has its low nibble in `ql[64n + l + 32·(k&1)]` (high nibble for
+/// k ≥ 2) and its high two bits at `2k` in `qh[32n + l]`.
+fn dot_q6_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q6_K_BYTES).zip(a.chunks_exact(Q8_K_BYTES)).take(nb) {
+        let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        let q8 = &ab[4..260];
+        let sc = &wb[192..208];
+        let mut si = 0i32;
+        for n in 0..2 {
+            let (ql, qh) = (&wb[64 * n..64 * n + 64], &wb[128 + 32 * n..160 + 32 * n]);
+            for k in 0..4 {
+                let mut p = [0i32; 2];
+                for l in 0..32 {
+                    let lo = ql[l + 32 * (k & 1)];
+                    let lo = if k < 2 { lo & 0x0F } else { lo >> 4 };
+                    let q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) as i32 - 32;
+                    p[l / 16] += q * q8[128 * n + 32 * k + l] as i8 as i32;
+                }
+                let j = 8 * n + 2 * k;
+                si += sc[j] as i8 as i32 * p[0] + sc[j + 1] as i8 as i32 * p[1];
+            }
+        }
+        sum += f16_at(wb, 208) * ad * si as f32;
+    }
+    sum
+}
+
 /// Q4_K × Q8_K: `d·Σ_j sc_j·Σ q4·q8 − dmin·Σ_j m_j·Σ q8` per super-block; the second sum uses
 /// the activation's precomputed 16-element sums.
 fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
@@ -142,7 +194,7 @@ fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::blocks::{scale_min_k4, Q4_0_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q8_0_BYTES, Q8_K_BYTES};
+    use super::super::blocks::{scale_min_k4, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
     use super::Kernels;
     use std::arch::x86_64::*;
 
@@ -158,9 +210,12 @@ mod avx2 {
             q4_0: |w, a, n| unsafe { q4_0(w, a, n) },
             q5_0: |w, a, n| unsafe { q5_0(w, a, n) },
             q4_k: |w, a, n| unsafe { q4_k(w, a, n) },
+            q4_1: |w, a, n| unsafe { q4_1(w, a, n) },
+            q6_k: |w, a, n| unsafe { q6_k(w, a, n) },
             q8_0x4: Some(|w, a, s, n| unsafe { q8_0x4(w, a, s, n) }),
             q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
             q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
+            q4_1x4: Some(|w, a, s, n| unsafe { q4_1x4(w, a, s, n) }),
             name: "avx2",
         }
     }
@@ -371,5 +426,94 @@ mod avx2 {
             acc_m += dmin * sm as f32;
         }
         hsum(acc) - acc_m
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q4_1_BYTES && a.len() >= nb * Q8_1_BYTES);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        let mut summs = 0f32;
+        for i in 0..nb {
+            let (wp, ap) = (w.as_ptr().add(i * Q4_1_BYTES), a.as_ptr().add(i * Q8_1_BYTES));
+            // d_w, m_w, d_a, s_a in one F16C conversion.
+            let h = _mm_cvtph_ps(_mm_set_epi32(0, 0, (ap as *const i32).read_unaligned(), (wp as *const i32).read_unaligned()));
+            let mut f = [0f32; 4];
+            _mm_storeu_ps(f.as_mut_ptr(), h);
+            summs += f[1] * f[3];
+            // Codes 0..15 are unsigned: maddubs takes them as is.
+            let qw = nibbles32(wp.add(4));
+            let qa = _mm256_loadu_si256(ap.add(4) as *const __m256i);
+            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(f[0] * f[2]), _mm256_cvtepi32_ps(dot), acc);
+        }
+        hsum(acc) + summs
+    }
+
+    /// As ggml's AVX2 Q6_K kernel: 6-bit codes assembled unsigned (0..63) so that `maddubs`
+    /// applies, and the −32 offset taken off once per super-block as `32·Σ_j sc_j·bsum_j`.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q6_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
+        assert!(w.len() >= nb * Q6_K_BYTES && a.len() >= nb * Q8_K_BYTES);
+        let m15 = _mm256_set1_epi8(15);
+        let m3 = _mm256_set1_epi8(3);
+        let mut acc = _mm256_setzero_ps();
+        for i in 0..nb {
+            let wp = w.as_ptr().add(i * Q6_K_BYTES);
+            let ap = a.as_ptr().add(i * Q8_K_BYTES);
+            let d = f16_scale(wp.add(208)) * (ap as *const f32).read_unaligned();
+            let scales = _mm_loadu_si128(wp.add(192) as *const __m128i);
+            let bsums = _mm256_loadu_si256(ap.add(260) as *const __m256i);
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, _mm256_cvtepi8_epi16(scales)), 5);
+            let mut sc = [0i8; 16];
+            _mm_storeu_si128(sc.as_mut_ptr() as *mut __m128i, scales);
+            let mut sumi = _mm256_setzero_si256();
+            for n in 0..2 {
+                let ql0 = _mm256_loadu_si256(wp.add(64 * n) as *const __m256i);
+                let ql1 = _mm256_loadu_si256(wp.add(64 * n + 32) as *const __m256i);
+                let qh = _mm256_loadu_si256(wp.add(128 + 32 * n) as *const __m256i);
+                let q = [
+                    _mm256_or_si256(_mm256_and_si256(ql0, m15), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(ql1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
+                    _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)),
+                ];
+                for (k, qk) in q.iter().enumerate() {
+                    let q8 = _mm256_loadu_si256(ap.add(4 + 128 * n + 32 * k) as *const __m256i);
+                    let j = 8 * n + 2 * k;
+                    // maddubs lanes 0..8 hold elements 0..16 (sub-block j), lanes 8..16 the next 16.
+                    let s16 = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1] as i16), _mm_set1_epi16(sc[j] as i16));
+                    sumi = _mm256_add_epi32(sumi, _mm256_madd_epi16(s16, _mm256_maddubs_epi16(*qk, q8)));
+                }
+            }
+            sumi = _mm256_sub_epi32(sumi, offset);
+            acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
+        }
+        hsum(acc)
+    }
+
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_1x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+        assert!(w.len() >= nb * Q4_1_BYTES);
+        for (r, sc) in a.iter().zip(&s) {
+            assert!(r.len() >= nb * Q8_1_BYTES && sc.len() >= nb);
+        }
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        let mut summs = [0f32; 4];
+        for i in 0..nb {
+            let wp = w.as_ptr().add(i * Q4_1_BYTES);
+            let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((wp as *const i32).read_unaligned()));
+            let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+            let qw = nibbles32(wp.add(4));
+            for k in 0..4 {
+                let ap = a[k].as_ptr().add(i * Q8_1_BYTES);
+                summs[k] += mw * f16_scale(ap.add(2));
+                let qa = _mm256_loadu_si256(ap.add(4) as *const __m256i);
+                let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
+                acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *s[k].get_unchecked(i)), _mm256_cvtepi32_ps(dot), acc[k]);
+            }
+        }
+        [hsum(acc[0]) + summs[0], hsum(acc[1]) + summs[1], hsum(acc[2]) + summs[2], hsum(acc[3]) + summs[3]]
     }
 }

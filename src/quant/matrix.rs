@@ -1,9 +1,9 @@
 //! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
-//! product with f32 activations: activations are quantized once per call (Q8_0 or Q8_K), then
+//! product with f32 activations: activations are quantized once per call (Q8_0, Q8_1 or Q8_K), then
 //! every output row is one dot product per token, rows spread over rayon's threads. The
 //! weights are never dequantized on the hot path.
 
-use super::blocks::{self, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
+use super::blocks::{self, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
 use super::kernels::{Dot4Fn, DotFn, Kernels};
 use crate::io::gguf::GgmlType;
 use anyhow::{bail, Result};
@@ -17,9 +17,14 @@ use std::str::FromStr;
 pub enum QType {
     Q8_0,
     Q4_0,
-    /// Only as Q4_K's stand-in for rows that are not a multiple of 256 (as llama.cpp does).
+    /// Only in mixes: Q4_K's stand-in for rows that are not a multiple of 256 (as llama.cpp does).
     Q5_0,
+    /// Only in mixes: the other stand-in for Q4_K (smaller than Q5_0; chosen per tensor when it
+    /// reconstructs the tensor at least as well).
+    Q4_1,
     Q4_K,
+    /// Only in mixes: the token table and the more sensitive layers of `q4_k` (as Q4_K_M).
+    Q6_K,
 }
 
 impl QType {
@@ -29,6 +34,8 @@ impl QType {
             QType::Q4_0 => GgmlType::Q4_0,
             QType::Q5_0 => GgmlType::Q5_0,
             QType::Q4_K => GgmlType::Q4_K,
+            QType::Q4_1 => GgmlType::Q4_1,
+            QType::Q6_K => GgmlType::Q6_K,
         }
     }
 
@@ -38,12 +45,19 @@ impl QType {
             GgmlType::Q4_0 => QType::Q4_0,
             GgmlType::Q5_0 => QType::Q5_0,
             GgmlType::Q4_K => QType::Q4_K,
+            GgmlType::Q4_1 => QType::Q4_1,
+            GgmlType::Q6_K => QType::Q6_K,
             _ => return None,
         })
     }
 
     pub fn block(self) -> usize {
-        if self == QType::Q4_K { QK_K } else { QK }
+        if self.is_k() { QK_K } else { QK }
+    }
+
+    /// Super-blocks of 256 with Q8_K activations.
+    pub fn is_k(self) -> bool {
+        matches!(self, QType::Q4_K | QType::Q6_K)
     }
 
     pub fn block_bytes(self) -> usize {
@@ -56,6 +70,8 @@ impl QType {
             QType::Q4_0 => "q4_0",
             QType::Q5_0 => "q5_0",
             QType::Q4_K => "q4_k",
+            QType::Q4_1 => "q4_1",
+            QType::Q6_K => "q6_k",
         }
     }
 
@@ -72,6 +88,8 @@ impl QType {
             QType::Q4_0 => blocks::quantize_row_q4_0(x, out),
             QType::Q5_0 => blocks::quantize_row_q5_0(x, out),
             QType::Q4_K => blocks::quantize_row_q4_k(x, out),
+            QType::Q4_1 => blocks::quantize_row_q4_1(x, out),
+            QType::Q6_K => blocks::quantize_row_q6_k(x, out),
         }
     }
 
@@ -80,7 +98,8 @@ impl QType {
             QType::Q8_0 => k.q8_0x4,
             QType::Q4_0 => k.q4_0x4,
             QType::Q5_0 => k.q5_0x4,
-            QType::Q4_K => None,
+            QType::Q4_1 => k.q4_1x4,
+            QType::Q4_K | QType::Q6_K => None,
         }
     }
 
@@ -90,16 +109,35 @@ impl QType {
             QType::Q4_0 => k.q4_0,
             QType::Q5_0 => k.q5_0,
             QType::Q4_K => k.q4_k,
+            QType::Q4_1 => k.q4_1,
+            QType::Q6_K => k.q6_k,
+        }
+    }
+
+    /// Bytes of one activation block (Q8_0, Q8_1 or Q8_K).
+    fn act_block_bytes(self) -> usize {
+        match self {
+            _ if self.is_k() => Q8_K_BYTES,
+            QType::Q4_1 => Q8_1_BYTES,
+            _ => Q8_0_BYTES,
         }
     }
 
     /// Bytes of one quantized activation row of `cols` values.
     fn act_bytes(self, cols: usize) -> usize {
-        if self == QType::Q4_K { cols / QK_K * Q8_K_BYTES } else { cols / QK * Q8_0_BYTES }
+        match self {
+            _ if self.is_k() => cols / QK_K * Q8_K_BYTES,
+            QType::Q4_1 => cols / QK * Q8_1_BYTES,
+            _ => cols / QK * Q8_0_BYTES,
+        }
     }
 
     fn quantize_act(self, x: &[f32], out: &mut [u8]) {
-        if self == QType::Q4_K { blocks::quantize_act_q8_k(x, out) } else { blocks::quantize_act_q8_0(x, out) }
+        match self {
+            _ if self.is_k() => blocks::quantize_act_q8_k(x, out),
+            QType::Q4_1 => blocks::quantize_act_q8_1(x, out),
+            _ => blocks::quantize_act_q8_0(x, out),
+        }
     }
 }
 
@@ -111,6 +149,8 @@ impl FromStr for QType {
             "q4_0" => QType::Q4_0,
             "q4_k" => QType::Q4_K,
             "q5_0" => QType::Q5_0,
+            "q4_1" => QType::Q4_1,
+            "q6_k" => QType::Q6_K,
             _ => bail!("unknown quantization `{s}`: use q8_0, q4_0 or q4_k"),
         })
     }
@@ -157,6 +197,25 @@ impl QuantMatrix {
             },
         );
         Ok(QuantMatrix { ty, rows, cols, data })
+    }
+
+    /// Q4_0 by ggml's error-minimizing search ([`blocks::quantize_row_q4_0_rmse`]); `imp` is a
+    /// per-column importance (`cols` values, e.g. mean squared activations), or unit.
+    pub fn quantize_q4_0_rmse(rows: usize, cols: usize, x: &[f32], imp: Option<&[f32]>) -> Result<Self> {
+        if x.len() != rows * cols || !cols.is_multiple_of(QK) || imp.is_some_and(|w| w.len() != cols) {
+            bail!("a {rows}×{cols} Q4_0 matrix needs {} values and rows of whole 32-blocks", rows * cols);
+        }
+        let rb = cols / QK * QType::Q4_0.block_bytes();
+        let mut data = vec![0u8; rows * rb];
+        data.par_chunks_mut(rb).zip(x.par_chunks(cols)).for_each_init(
+            || Vec::with_capacity(rb),
+            |buf, (out, row)| {
+                buf.clear();
+                blocks::quantize_row_q4_0_rmse(row, imp, buf);
+                out.copy_from_slice(buf);
+            },
+        );
+        Ok(QuantMatrix { ty: QType::Q4_0, rows, cols, data })
     }
 
     /// Wraps bytes already in `ty`'s encoding (e.g. from a GGUF file), checking their size.
@@ -229,7 +288,7 @@ impl QuantMatrix {
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         // f32 copies of the Q8_0 activation scales, for the four-token kernels.
         let scales: Vec<f32> = match dot4 {
-            Some(_) if n >= 4 => acts.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect(),
+            Some(_) if n >= 4 => acts.chunks_exact(self.ty.act_block_bytes()).map(|b| blocks::f16_at(b, 0)).collect(),
             _ => Vec::new(),
         };
         let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
@@ -312,18 +371,30 @@ mod tests {
         for t in 0..n {
             let mut a = vec![0u8; ab];
             m.ty.quantize_act(&x[t * m.cols..(t + 1) * m.cols], &mut a);
-            let xa: Vec<f32> = if m.ty == QType::Q4_K {
+            let xa: Vec<f32> = if m.ty.is_k() {
                 a.chunks(Q8_K_BYTES)
                     .flat_map(|b| {
                         let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
                         b[4..260].iter().map(move |&q| d * q as i8 as f32).collect::<Vec<_>>()
                     })
                     .collect()
+            } else if m.ty == QType::Q4_1 {
+                a.chunks(Q8_1_BYTES).flat_map(|b| b[4..].iter().map(|&q| blocks::f16_at(b, 0) * q as i8 as f32).collect::<Vec<_>>()).collect()
             } else {
                 dequantize(GgmlType::Q8_0, &a, m.cols).unwrap()
             };
             for r in 0..m.rows {
                 y[t * m.rows + r] = (0..m.cols).map(|c| w[r * m.cols + c] as f64 * xa[c] as f64).sum();
+                if m.ty == QType::Q4_1 {
+                    // The kernel takes Σ m·x from the activation's f16 `s = d·Σq`, not from
+                    // the codes: add the difference that rounding makes.
+                    let rb = m.row_bytes();
+                    for (i, b) in a.chunks(Q8_1_BYTES).enumerate() {
+                        let wm = blocks::f16_at(&m.data[r * rb + i * 20..], 2) as f64;
+                        let exact: f64 = b[4..].iter().map(|&q| blocks::f16_at(b, 0) as f64 * q as i8 as f64).sum();
+                        y[t * m.rows + r] += wm * (blocks::f16_at(b, 2) as f64 - exact);
+                    }
+                }
             }
         }
         y
@@ -336,7 +407,7 @@ mod tests {
         let x = values(n * cols, 2);
         let mut kernels = vec![Kernels::scalar()];
         kernels.extend(Kernels::simd());
-        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_K] {
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
             let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
             let want = reference(&m, &x, n);
             let wd = m.dequantize();
@@ -352,7 +423,7 @@ mod tests {
                     for r in 0..rows {
                         let exact: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
                         let scale: f64 = (0..cols).map(|c| (w[r * cols + c] * x[t * cols + c]).abs() as f64).sum();
-                        let tol = if ty == QType::Q8_0 { 0.02 } else { 0.12 };
+                        let tol = if matches!(ty, QType::Q8_0 | QType::Q6_K) { 0.02 } else { 0.12 };
                         assert!((y[t * rows + r] as f64 - exact).abs() <= tol * scale, "{ty} {}: [{t},{r}]", k.name);
                     }
                 }
@@ -368,7 +439,7 @@ mod tests {
         let (rows, cols) = (9, 768);
         let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 31) % 15) as f32 - 7.0).collect();
         let x: Vec<f32> = (0..cols).map(|i| ((i * 17) % 255) as f32 - 127.0).collect();
-        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_K] {
+        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
             let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
             let a = m.matmul_with(&x, 1, &Kernels::scalar());
             let b = m.matmul_with(&x, 1, &simd);

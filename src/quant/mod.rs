@@ -1,8 +1,9 @@
 //! Quantized CPU inference: llama.cpp's block formats, hand-written dot-product kernels, and
 //! the quantized model folder.
 //!
-//! * [`blocks`]: Q8_0, Q4_0, Q5_0 and Q4_K quantizers byte-identical to ggml's reference ones,
-//!   and the Q8_0 / Q8_K activation quantizers. Dequantization is
+//! * [`blocks`]: Q8_0, Q4_0, Q4_1, Q5_0, Q4_K and Q6_K quantizers byte-identical to ggml's
+//!   reference ones, ggml's error-minimizing Q4_0, and the Q8_0 / Q8_1 / Q8_K activation
+//!   quantizers. Which weight gets which type is [`crate::io::gguf::export_mix`]. Dequantization is
 //!   [`crate::io::gguf::dequantize`].
 //! * [`kernels`]: quantized-weight × quantized-activation dot products, scalar and AVX2.
 //! * [`matrix`]: [`QuantMatrix`], a quantized `[out, in]` weight and its multi-threaded product

@@ -29,17 +29,20 @@ pub fn is_quantized_dir(dir: &Path) -> bool {
 }
 
 /// `linly-lora quantize`: writes `out` (which must not exist) atomically.
-pub fn quantize_model(model_dir: &Path, out: &Path, ty: QType, keep_embeddings: bool) -> Result<ExportReport> {
+pub fn quantize_model(model_dir: &Path, out: &Path, ty: QType, keep_embeddings: bool, pure: bool) -> Result<ExportReport> {
+    if !matches!(ty, QType::Q8_0 | QType::Q4_0 | QType::Q4_K) {
+        bail!("`quantize --format {ty}`: use q8_0, q4_0 or q4_k ({ty} is only used inside their mixes)");
+    }
     if is_quantized_dir(model_dir) {
         bail!("{} is already quantized; quantize the original f32/f16/bf16 folder", model_dir.display());
     }
     let staged = crate::io::atomic::StagedDir::new(out, false)?;
-    let opts = ExportOptions { ty: ExportType::Quant(ty), keep_embeddings };
+    let opts = ExportOptions { ty: ExportType::Quant(ty), keep_embeddings, pure };
     let mut report = export_gguf(model_dir, &staged.path().join(MODEL_FILE), &opts)?;
     let mut cfg = crate::config::HfConfig::load(model_dir)?;
     cfg.extra.insert(
         "linly_quantization".into(),
-        serde_json::json!({"format": ty.name(), "file": MODEL_FILE, "keep_embeddings": keep_embeddings, "source": model_dir.display().to_string()}),
+        serde_json::json!({"format": ty.name(), "mix": if pure { "pure" } else { "llama.cpp" }, "types": report.types, "file": MODEL_FILE, "keep_embeddings": keep_embeddings, "source": model_dir.display().to_string()}),
     );
     cfg.save(staged.path())?;
     for f in COPIED {

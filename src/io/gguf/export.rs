@@ -1,11 +1,17 @@
 //! HF LLaMA folder → GGUF that llama.cpp loads: `llama.*` hyper-parameters, the tokenizer
 //! (see [`super::vocab_out`]), the chat template, Q/K rows permuted into llama.cpp's order
 //! ([`super::layout::permute_qk_rows`], the inverse of what import undoes), and every 2-D weight
-//! as F32, F16 or one of [`QType`] (quantized with [`crate::quant::blocks`]).
+//! as F32, F16 or one of [`QType`] (quantized with [`crate::quant::blocks`], typed per tensor by
+//! [`super::export_mix`]).
+//!
+//! A tensor with two candidate types (Q4_1 or Q5_0 for rows that cannot hold Q4_K) is quantized
+//! both ways in a first pass and keeps the one with the smaller squared reconstruction error;
+//! the header needs every tensor's size before the data.
 //!
 //! The header is written first from the tensor sizes alone, then each tensor is read,
 //! permuted, converted and written in turn, so peak memory is one tensor in f32.
 
+use super::export_mix::{candidates, Role};
 use super::layout::{hf_to_gguf_name, permute_qk_rows};
 use super::reader::{GgmlType, GgufValue};
 use super::vocab_out::gguf_vocab;
@@ -56,6 +62,9 @@ pub struct ExportOptions {
     pub ty: ExportType,
     /// Keep the token embedding (and an untied LM head) in F16 instead of `ty`.
     pub keep_embeddings: bool,
+    /// llama-quantize's `--pure`: every 2-D weight in `ty` (Q5_0 where Q4_K does not fit) with
+    /// ggml's reference quantizers, instead of the llama.cpp mix and the error-minimizing Q4_0.
+    pub pure: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -72,14 +81,17 @@ pub struct ExportReport {
 }
 
 /// llama.cpp's `llama_ftype` for the file as a whole (informational for llama.cpp).
-fn file_type(ty: ExportType) -> u32 {
+fn file_type(ty: ExportType, pure: bool) -> u32 {
     match ty {
+        ExportType::Quant(QType::Q4_K) if !pure => 15, // Q4_K_M
         ExportType::F32 => 0,
         ExportType::F16 => 1,
         ExportType::Quant(QType::Q4_0) => 2,
         ExportType::Quant(QType::Q8_0) => 7,
         ExportType::Quant(QType::Q5_0) => 8,
         ExportType::Quant(QType::Q4_K) => 14, // Q4_K_S: Q4_K where rows allow
+        ExportType::Quant(QType::Q4_1) => 3,
+        ExportType::Quant(QType::Q6_K) => 18,
     }
 }
 
@@ -93,18 +105,45 @@ struct Plan {
     permute: Option<usize>,
 }
 
-/// The GGUF type of a 2-D weight with `cols`-long rows.
-fn type_for(ty: ExportType, cols: usize, warnings: &mut Vec<String>, name: &str) -> GgmlType {
+/// Where a 2-D weight sits in the model, for [`candidates`].
+#[derive(Clone, Copy)]
+struct Place {
+    role: Role,
+    layer: usize,
+    n_layers: usize,
+}
+
+/// The GGUF types a 2-D weight with `cols`-long rows may take (one, or two to choose between
+/// by reconstruction error).
+fn types_for(ty: ExportType, pure: bool, place: Place, cols: usize, warnings: &mut Vec<String>, name: &str) -> Vec<GgmlType> {
     match ty {
-        ExportType::F32 => GgmlType::F32,
-        ExportType::F16 => GgmlType::F16,
-        ExportType::Quant(q) => match q.for_row_length(cols) {
-            Some(t) => t.ggml(),
+        ExportType::F32 => vec![GgmlType::F32],
+        ExportType::F16 => vec![GgmlType::F16],
+        ExportType::Quant(q) => match candidates(q, pure, place.role, place.layer, place.n_layers, cols) {
+            Some(ts) => ts.into_iter().map(QType::ggml).collect(),
             None => {
                 warnings.push(format!("`{name}`: rows of {cols} are not whole {q} blocks; stored as F16"));
-                GgmlType::F16
+                vec![GgmlType::F16]
             }
         },
+    }
+}
+
+/// Squared reconstruction error of `values` stored as `ty`.
+fn reconstruction_error(values: &[f32], rows: usize, cols: usize, ty: GgmlType, pure: bool) -> Result<f64> {
+    let q = QType::from_ggml(ty).with_context(|| format!("cannot measure {ty}"))?;
+    let m = quantize_matrix(q, rows, cols, values, pure)?;
+    let y = m.dequantize();
+    Ok(values.par_iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum())
+}
+
+/// The quantizer `quantize` uses: ggml's reference ones, except Q4_0 outside `pure`, which gets
+/// ggml's error-minimizing scale search (same block format).
+fn quantize_matrix(q: QType, rows: usize, cols: usize, values: &[f32], pure: bool) -> Result<QuantMatrix> {
+    if q == QType::Q4_0 && !pure {
+        QuantMatrix::quantize_q4_0_rmse(rows, cols, values, None)
+    } else {
+        QuantMatrix::quantize(q, rows, cols, values)
     }
 }
 
@@ -149,7 +188,7 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
     let name = model_dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "model".into());
     w.add_kv("general.architecture", &GgufValue::String(&s("llama")))?;
     w.add_kv("general.name", &GgufValue::String(&s(&name)))?;
-    w.add_kv("general.file_type", &GgufValue::U32(file_type(opts.ty)))?;
+    w.add_kv("general.file_type", &GgufValue::U32(file_type(opts.ty, opts.pure)))?;
     if matches!(opts.ty, ExportType::Quant(_)) {
         w.add_kv("general.quantization_version", &GgufValue::U32(2))?;
     }
@@ -182,17 +221,31 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
 
     let (hd, v) = (cfg.hidden_size, cfg.vocab_size);
     let mut plans = Vec::new();
-    let mut add = |hf: String, shape: Vec<usize>, ty: GgmlType, permute: Option<usize>| {
+    // Tensors with two candidate types, decided below.
+    let mut choices: Vec<(usize, Vec<GgmlType>)> = Vec::new();
+    let mut add = |hf: String, shape: Vec<usize>, tys: Vec<GgmlType>, permute: Option<usize>| {
         let gguf = hf_to_gguf_name(&hf).expect("LLaMA names map to GGUF");
-        plans.push(Plan { gguf, hf, shape, ty, permute });
+        if tys.len() > 1 {
+            choices.push((plans.len(), tys.clone()));
+        }
+        plans.push(Plan { gguf, hf, shape, ty: tys[0], permute });
     };
+    let n_layers = cfg.num_layers;
+    let tied = cfg.tie_word_embeddings;
+    let place = |role: Role, layer: usize| Place { role, layer, n_layers };
     let table_ty = if opts.keep_embeddings && opts.ty != ExportType::F32 { ExportType::F16 } else { opts.ty };
-    add("model.embed_tokens.weight".into(), vec![v, hd], type_for(table_ty, hd, &mut warnings, "token_embd"), None);
+    let table = types_for(table_ty, opts.pure, place(Role::TokenTable { tied }, 0), hd, &mut warnings, "token_embd");
+    add("model.embed_tokens.weight".into(), vec![v, hd], table, None);
     let (q_out, kv_out, ffn) = (cfg.num_heads * cfg.head_dim, cfg.num_kv_heads * cfg.head_dim, cfg.intermediate_size);
     for l in 0..cfg.num_layers {
         let p = format!("model.layers.{l}");
         let mut lin = |m: &str, rows: usize, cols: usize, permute: Option<usize>| {
-            let t = type_for(opts.ty, cols, &mut warnings, m);
+            let role = match m {
+                "self_attn.v_proj" => Role::AttnV,
+                "mlp.down_proj" => Role::FfnDown,
+                _ => Role::Other,
+            };
+            let t = types_for(opts.ty, opts.pure, place(role, l), cols, &mut warnings, m);
             add(format!("{p}.{m}.weight"), vec![rows, cols], t, permute);
         };
         lin("self_attn.q_proj", q_out, hd, Some(cfg.num_heads));
@@ -202,15 +255,30 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
         lin("mlp.gate_proj", ffn, hd, None);
         lin("mlp.up_proj", ffn, hd, None);
         lin("mlp.down_proj", hd, ffn, None);
-        add(format!("{p}.input_layernorm.weight"), vec![hd], GgmlType::F32, None);
-        add(format!("{p}.post_attention_layernorm.weight"), vec![hd], GgmlType::F32, None);
+        add(format!("{p}.input_layernorm.weight"), vec![hd], vec![GgmlType::F32], None);
+        add(format!("{p}.post_attention_layernorm.weight"), vec![hd], vec![GgmlType::F32], None);
     }
-    add("model.norm.weight".into(), vec![hd], GgmlType::F32, None);
+    add("model.norm.weight".into(), vec![hd], vec![GgmlType::F32], None);
     if !cfg.tie_word_embeddings {
         if !store.contains("lm_head.weight") {
             bail!("config.json says the LM head is not tied but there is no `lm_head.weight`");
         }
-        add("lm_head.weight".into(), vec![v, hd], type_for(table_ty, hd, &mut warnings, "output"), None);
+        let head = types_for(table_ty, opts.pure, place(Role::Output, 0), hd, &mut warnings, "output");
+        add("lm_head.weight".into(), vec![v, hd], head, None);
+    }
+    for (i, tys) in choices {
+        let p = &mut plans[i];
+        let (values, _) = store.f32(&p.hf)?;
+        store.release(&p.hf);
+        let mut best = (f64::INFINITY, tys[0]);
+        for &t in &tys {
+            let e = reconstruction_error(&values, p.shape[0], p.shape[1], t, opts.pure)
+                .with_context(|| format!("quantizing `{}` as {t}", p.hf))?;
+            if e < best.0 {
+                best = (e, t);
+            }
+        }
+        p.ty = best.1;
     }
     let rope_factors = llama3_rope_factors(&cfg);
     if let Some(f) = &rope_factors {
@@ -231,7 +299,7 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
         if let Some(heads) = p.permute {
             values = permute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
         }
-        encode(&values, &p.shape, p.ty).with_context(|| format!("converting `{}`", p.hf))
+        encode(&values, &p.shape, p.ty, opts.pure).with_context(|| format!("converting `{}`", p.hf))
     })?;
 
     let mut types = BTreeMap::new();
@@ -256,8 +324,8 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
     })
 }
 
-/// f32 values (row-major `shape`) in GGUF type `ty`.
-pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> {
+/// f32 values (row-major `shape`) in GGUF type `ty`; `pure` as in [`ExportOptions`].
+pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType, pure: bool) -> Result<Vec<u8>> {
     Ok(match ty {
         GgmlType::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
         GgmlType::F16 => {
@@ -275,7 +343,7 @@ pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType) -> Result<Vec<u8>> 
                 [r, c] => (*r, *c),
                 _ => bail!("only matrices are quantized"),
             };
-            QuantMatrix::quantize(q, rows, cols, values)?.into_bytes()
+            quantize_matrix(q, rows, cols, values, pure)?.into_bytes()
         }
     })
 }
@@ -311,7 +379,7 @@ mod tests {
         let hf = dir.join("hf");
         import_gguf(&src, &hf, OutDType::F32).unwrap();
         let out = dir.join("out.gguf");
-        let r = export_gguf(&hf, &out, &ExportOptions { ty: ExportType::F32, keep_embeddings: false }).unwrap();
+        let r = export_gguf(&hf, &out, &ExportOptions { ty: ExportType::F32, keep_embeddings: false, pure: false }).unwrap();
         assert!(r.warnings.is_empty(), "{:?}", r.warnings);
         assert_eq!(r.tokenizer.as_deref(), Some("gpt2 (pre smollm)"));
         assert!(r.chat_template);
@@ -358,7 +426,7 @@ mod tests {
         let s1 = WeightStore::open(&hf).unwrap();
         for ty in ["q8_0", "q4_0", "q4_k"] {
             let out = dir.join(format!("{ty}.gguf"));
-            let r = export_gguf(&hf, &out, &ExportOptions { ty: ty.parse().unwrap(), keep_embeddings: ty == "q4_0" }).unwrap();
+            let r = export_gguf(&hf, &out, &ExportOptions { ty: ty.parse().unwrap(), keep_embeddings: ty == "q4_0", pure: true }).unwrap();
             let back = dir.join(format!("{ty}-hf"));
             import_gguf(&out, &back, OutDType::F32).unwrap();
             let s2 = WeightStore::open(&back).unwrap();
@@ -378,6 +446,55 @@ mod tests {
             // 64- and 96-long rows are not whole 256-blocks: q4_k falls back to q5_0.
             if ty == "q4_k" {
                 assert!(r.types.contains_key("Q5_0") && !r.types.contains_key("Q4_K"), "{:?}", r.types);
+            }
+        }
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    /// The default (mixed) exports: every tensor in a type [`candidates`] allows, the head in
+    /// Q8_0 (rows of 64 cannot hold Q6_K), two-way choices won by the smaller reconstruction
+    /// error, and the re-imported values exactly the chosen type's dequantization.
+    #[test]
+    fn mixed_export_follows_the_mix() {
+        let dir = scratch("export-mix");
+        let (bytes, _) = tiny_llama(true, true);
+        let src = dir.join("src.gguf");
+        std::fs::write(&src, &bytes).unwrap();
+        let hf = dir.join("hf");
+        import_gguf(&src, &hf, OutDType::F32).unwrap();
+        let s1 = WeightStore::open(&hf).unwrap();
+        let cfg = LlamaConfig::load(&hf).unwrap();
+        for ty in [QType::Q4_0, QType::Q4_K] {
+            let out = dir.join(format!("mix-{ty}.gguf"));
+            let r = export_gguf(&hf, &out, &ExportOptions { ty: ExportType::Quant(ty), keep_embeddings: false, pure: false }).unwrap();
+            assert!(!r.types.contains_key("F16"), "{ty}: {:?}", r.types);
+            let map = GgufMmap::open(&out).unwrap();
+            let g = map.parse().unwrap();
+            for t in g.tensors.iter().filter(|t| t.dims.len() == 2) {
+                let hf_name = super::super::gguf_to_hf_name(t.name).unwrap();
+                let role = Role::of(t.name, cfg.tie_word_embeddings);
+                let cols = t.dims[0] as usize;
+                let allowed = candidates(ty, false, role, hf_name.layer.unwrap_or(0), cfg.num_layers, cols).unwrap();
+                let got = QType::from_ggml(t.ggml_type).unwrap();
+                assert!(allowed.contains(&got), "{ty}: {} is {got}, allowed {allowed:?}", t.name);
+                if matches!(role, Role::TokenTable { tied: true } | Role::Output) {
+                    assert_eq!(got, QType::Q8_0, "{ty}: the head of 64-wide rows");
+                }
+                let (v, shape) = s1.f32(&hf_name.hf_name).unwrap();
+                let v = match t.name {
+                    n if n.contains("attn_q") => permute_qk_rows(&v, shape[0], shape[1], cfg.num_heads).unwrap(),
+                    n if n.contains("attn_k") => permute_qk_rows(&v, shape[0], shape[1], cfg.num_kv_heads).unwrap(),
+                    _ => v,
+                };
+                let want = quantize_matrix(got, shape[0], shape[1], &v, false).unwrap();
+                assert_eq!(t.data, want.bytes(), "{ty}: {} bytes", t.name);
+                for &other in &allowed {
+                    let (a, b) = (
+                        reconstruction_error(&v, shape[0], shape[1], got.ggml(), false).unwrap(),
+                        reconstruction_error(&v, shape[0], shape[1], other.ggml(), false).unwrap(),
+                    );
+                    assert!(a <= b, "{ty}: {} kept {got} ({a}) over {other} ({b})", t.name);
+                }
             }
         }
         std::fs::remove_dir_all(&dir).unwrap();

@@ -16,7 +16,8 @@
 //!   or F32/F16/Q8_0 from f32). Used by the tests and meant for a later GGUF export.
 //! * [`import`]: [`import_gguf`] ties it together and writes the folder atomically.
 //! * [`export`]: [`export_gguf`], the way back: an HF folder to a GGUF llama.cpp runs (F32, F16,
-//!   Q8_0, Q4_0, Q4_K), with the tokenizer metadata from [`vocab_out`].
+//!   Q8_0, Q4_0, Q4_K), with the tokenizer metadata from [`vocab_out`]; [`export_mix`] picks each
+//!   weight's type the way llama-quantize does (Q4_K_M's mix for `q4_k`).
 //!
 //! Typical use (the `linly-lora import gguf FILE --out DIR --dtype bf16` command):
 //!
@@ -37,6 +38,7 @@
 
 pub mod dequant;
 pub mod export;
+pub mod export_mix;
 pub mod import;
 pub mod layout;
 pub mod reader;
