@@ -53,13 +53,14 @@ ours_ids() { $LL vocab encode --tokenizer "$1" --text "$2" | sed -n 's/^ids: *\[
 llama_text() { "$LLAMA_BIN/llama-simple" -m "$1" -n "$NGEN" "$2" 2>/dev/null; }
 ours_text() { $LL generate --model "$1" --prompt "$2" --max-new-tokens "$NGEN" --greedy 2>/dev/null; }
 
+# Set before the check so that a speed-only run (SKIP_CHECK=1) can still read them at the end.
+fail=0
+diverged=0
 if [ -z "${SKIP_CHECK:-}" ]; then
 echo "## llama.cpp check: tokens and greedy continuations"
 echo
 echo "| model | prompt | prompt tokens (llama-tokenize = ours) | greedy $NGEN tokens (llama-simple = linly-lora) |"
 echo "| --- | --- | --- | --- |"
-fail=0
-diverged=0
 check() { # check LABEL DIR GGUF PROMPT [GEN]
   local a b ta tb tok gen
   a=$(llama_ids "$3" "$4"); b=$(ours_ids "$2" "$4")
