@@ -413,17 +413,23 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
-    /// Quantized exports re-import to exactly the dequantized quantization of each tensor, with
-    /// the Q/K rows back in HF order.
-    #[test]
-    fn quantized_export_reimports_to_dequantized_values() {
-        let dir = scratch("export-q");
+    /// The tiny tied GGUF imported into `dir/hf` as f32, and its tensors.
+    fn imported_tiny_llama(dir: &Path) -> (PathBuf, WeightStore) {
         let (bytes, _) = tiny_llama(true, true);
         let src = dir.join("src.gguf");
         std::fs::write(&src, &bytes).unwrap();
         let hf = dir.join("hf");
         import_gguf(&src, &hf, OutDType::F32).unwrap();
-        let s1 = WeightStore::open(&hf).unwrap();
+        let store = WeightStore::open(&hf).unwrap();
+        (hf, store)
+    }
+
+    /// Quantized exports re-import to exactly the dequantized quantization of each tensor, with
+    /// the Q/K rows back in HF order.
+    #[test]
+    fn quantized_export_reimports_to_dequantized_values() {
+        let dir = scratch("export-q");
+        let (hf, s1) = imported_tiny_llama(&dir);
         for ty in ["q8_0", "q4_0", "q4_k"] {
             let out = dir.join(format!("{ty}.gguf"));
             let r = export_gguf(&hf, &out, &ExportOptions { ty: ty.parse().unwrap(), keep_embeddings: ty == "q4_0", pure: true }).unwrap();
@@ -457,12 +463,7 @@ mod tests {
     #[test]
     fn mixed_export_follows_the_mix() {
         let dir = scratch("export-mix");
-        let (bytes, _) = tiny_llama(true, true);
-        let src = dir.join("src.gguf");
-        std::fs::write(&src, &bytes).unwrap();
-        let hf = dir.join("hf");
-        import_gguf(&src, &hf, OutDType::F32).unwrap();
-        let s1 = WeightStore::open(&hf).unwrap();
+        let (hf, s1) = imported_tiny_llama(&dir);
         let cfg = LlamaConfig::load(&hf).unwrap();
         for ty in [QType::Q4_0, QType::Q4_K] {
             let out = dir.join(format!("mix-{ty}.gguf"));
