@@ -13,18 +13,23 @@ pub struct RmsNorm {
 impl RmsNorm {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         // f32 on flex: one fused pass each way (see `fused`); the composition below otherwise.
-        if let Some(y) = super::fused::rms_norm(&x, &self.weight.val(), self.eps) {
-            return y;
-        }
-        let dtype = x.dtype();
-        let x32 = x.cast(FloatDType::F32);
-        let var = x32.clone().square().mean_dim(2);
-        let normed = x32 * (var + self.eps).sqrt().recip();
         let w = self.weight.val();
-        let normed = normed.cast(w.dtype());
-        let out = normed * w.unsqueeze::<3>();
-        if out.dtype() != dtype { out.cast(float_dtype(dtype)) } else { out }
+        match super::fused::rms_norm(&x, &w, self.eps) {
+            Some(y) => y,
+            None => rms_norm_composed(x, w, self.eps),
+        }
     }
+}
+
+/// RMSNorm from tensor ops, for every backend and dtype; the fused kernel's reference.
+pub fn rms_norm_composed(x: Tensor<3>, w: Tensor<1>, eps: f64) -> Tensor<3> {
+    let dtype = x.dtype();
+    let x32 = x.cast(FloatDType::F32);
+    let var = x32.clone().square().mean_dim(2);
+    let normed = x32 * (var + eps).sqrt().recip();
+    let normed = normed.cast(w.dtype());
+    let out = normed * w.unsqueeze::<3>();
+    if out.dtype() != dtype { out.cast(float_dtype(dtype)) } else { out }
 }
 
 /// The float dtype of a tensor's dtype (panics only on a non-float, which is a bug here).
