@@ -130,6 +130,11 @@ for m in ("base", "resized", "merged"):
     tok = "base" if m == "base" else "extended"
     rows[m] = {"zh_bits_per_char": ev[(m, "zh")]["bits_per_char"], "en_bits_per_char": ev[(m, "en")]["bits_per_char"],
                "zh_tokens_per_char": tpc[(tok, "zh")], "en_tokens_per_char": tpc[(tok, "en")]}
+    # Where the zh loss sits: targets that are added pieces vs base-vocabulary ones.
+    split = ev[(m, "zh")].get("by_vocab")
+    if split:
+        rows[m]["zh_added_targets_nats_per_token"] = split["added"]["mean_nll"]
+        rows[m]["zh_added_targets_bits_per_char"] = split["added"]["bits_per_char"]
 b, a = rows["base"], rows["merged"]
 report = {
     "rows": rows,
@@ -151,6 +156,11 @@ for m in ("base", "resized", "merged"):
     r = rows[m]
     print(f"{m:<10} {r['zh_bits_per_char']:>13.3f} {r['en_bits_per_char']:>13.4f} {r['zh_tokens_per_char']:>15.3f}")
 print(f"change     {report['zh_bits_per_char_change']:>+13.1%} {report['en_bits_per_char_change']:>+13.2%}")
+for m in ("resized", "merged"):
+    r = rows[m]
+    if "zh_added_targets_nats_per_token" in r:
+        print(f"  {m}: added-piece targets carry {r['zh_added_targets_bits_per_char']:.3f} of the zh bits/char "
+              f"({r['zh_added_targets_nats_per_token']:.2f} nats each)")
 print(f"wall time  {wall // 60} min {wall % 60} s (build, fetch, import, extend, resize, train, merge, 6 evals)")
 for k, ok in report["targets"].items():
     print(f"  target {k}: {'met' if ok else 'NOT met'}")

@@ -625,6 +625,12 @@ fn run(cli: Cli) -> Result<()> {
                 if let (Some(c), Some(b)) = (report.chars, report.bits_per_char) {
                     println!("characters:    {c}\nbits/char:     {b:.6}");
                 }
+                if let Some(sp) = &report.by_vocab {
+                    for (name, p) in [("base-vocabulary targets", &sp.base), ("added-token targets", &sp.added)] {
+                        let share = p.bits_per_char.map(|b| format!(", {b:.4} bits/char")).unwrap_or_default();
+                        println!("{name}: {} tokens, {:.4} nats/token{share}", p.tokens, p.mean_nll);
+                    }
+                }
             }
         }
         Cmd::Generate(a) => {

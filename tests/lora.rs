@@ -60,6 +60,47 @@ fn adapter_flag_on_eval() {
     let exp = Expected::load();
     let r = infer::eval::eval_ids(&loaded, &exp.ids("resized_input_ids"), None).unwrap();
     assert_eq!(r.tokens, 46);
+    assert!(r.by_vocab.is_none(), "no vocab_extension.json beside the tokenizer: no split");
+}
+
+/// `eval` splits the loss between base-vocabulary and added targets; each part equals the sum of
+/// −log softmax of PEFT's reference logits over that part's positions.
+#[test]
+fn eval_splits_loss_between_base_and_added_tokens() {
+    let spec = ModelSpec { adapters: vec![tiny().join("adapter")], ..ModelSpec::new(tiny().join("base")) };
+    let mut loaded = infer::load(&spec).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::copy(tiny().join("vocab_extension.json"), dir.path().join("vocab_extension.json")).unwrap();
+    loaded.first_added_id = infer::added_from(dir.path()).unwrap();
+    assert_eq!(loaded.first_added_id, Some(320));
+    let exp = Expected::load();
+    let ids = exp.ids("resized_input_ids");
+    let (logits, shape) = exp.f32("adapter_logits");
+    let (t, v) = (shape[1], shape[2]);
+    let (mut want_base, mut want_added, mut n_added) = (0.0f64, 0.0f64, 0usize);
+    for (b, seq) in ids.iter().enumerate() {
+        for p in 0..t - 1 {
+            let row = &logits[(b * t + p) * v..(b * t + p + 1) * v];
+            let max = row.iter().cloned().fold(f32::NEG_INFINITY, f32::max) as f64;
+            let lse = max + row.iter().map(|&x| (x as f64 - max).exp()).sum::<f64>().ln();
+            let target = seq[p + 1];
+            let nll = lse - row[target as usize] as f64;
+            if target >= 320 {
+                want_added += nll;
+                n_added += 1;
+            } else {
+                want_base += nll;
+            }
+        }
+    }
+    assert!(n_added > 0 && n_added < 46, "the fixture's ids mix base and added targets ({n_added} added)");
+    let r = infer::eval::eval_ids(&loaded, &ids, None).unwrap();
+    let sp = r.by_vocab.expect("split");
+    assert_eq!((sp.base.tokens, sp.added.tokens), (46 - n_added, n_added));
+    for (got, want) in [(sp.base.total_nll, want_base), (sp.added.total_nll, want_added)] {
+        assert!((got - want).abs() / want < 1e-4, "part NLL {got} vs reference {want}");
+    }
+    assert!((sp.base.total_nll + sp.added.total_nll - r.total_nll).abs() < 1e-9 * r.total_nll.max(1.0));
 }
 
 mod merge {

@@ -13,6 +13,10 @@ use serde::Serialize;
 
 #[derive(Debug, Clone, Serialize)]
 pub struct EvalReport {
+    /// Where the loss sits when the vocabulary was extended: targets below the extension's
+    /// `old_vocab` against the added ones.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub by_vocab: Option<VocabSplit>,
     /// Positions scored.
     pub tokens: usize,
     /// Nats per token.
@@ -27,8 +31,50 @@ pub struct EvalReport {
     pub total_nll: f64,
 }
 
-/// Sum of −log p(ids[t] | ids[..t]) for t in `from..ids.len()`, with `ids` fitting the context.
-fn window_nll(model: &Llama, ids: &[u32], from: usize, device: &burn::tensor::Device) -> f64 {
+/// NLL of the targets that were in the base vocabulary and of the added ones. A model that extends
+/// the vocabulary predicts fewer tokens, each harder: this says whether the added rows or the old
+/// ones carry the loss (bits/char of each part add up to the total).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct VocabSplit {
+    /// First added id (`old_vocab` of the extension).
+    pub first_added_id: u32,
+    pub base: PartScore,
+    pub added: PartScore,
+}
+
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct PartScore {
+    pub tokens: usize,
+    /// Total NLL in nats.
+    pub total_nll: f64,
+    /// Nats per token of this part (0 when it has none).
+    pub mean_nll: f64,
+    /// This part's share of bits/char, when characters are known.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_char: Option<f64>,
+}
+
+impl VocabSplit {
+    fn new(first_added_id: u32) -> Self {
+        VocabSplit { first_added_id, ..Default::default() }
+    }
+
+    fn add(&mut self, target: u32, nll: f64) {
+        let part = if target >= self.first_added_id { &mut self.added } else { &mut self.base };
+        part.tokens += 1;
+        part.total_nll += nll;
+    }
+
+    fn finish(&mut self, chars: Option<usize>) {
+        for p in [&mut self.base, &mut self.added] {
+            p.mean_nll = if p.tokens > 0 { p.total_nll / p.tokens as f64 } else { 0.0 };
+            p.bits_per_char = chars.map(|c| p.total_nll / std::f64::consts::LN_2 / c.max(1) as f64);
+        }
+    }
+}
+
+/// −log p(ids[t] | ids[..t]) for each t in `from..ids.len()`, with `ids` fitting the context.
+fn window_nll(model: &Llama, ids: &[u32], from: usize, device: &burn::tensor::Device) -> Result<Vec<f32>> {
     let t = ids.len();
     let logits = model.forward(ids_tensor(ids, device), None).cast(burn::tensor::FloatDType::F32);
     let v = logits.dims()[2];
@@ -38,54 +84,74 @@ fn window_nll(model: &Llama, ids: &[u32], from: usize, device: &burn::tensor::De
     let targets: Vec<i64> = ids[from..].iter().map(|&x| x as i64).collect();
     let idx: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [1, n, 1]), device);
     let picked = logp.gather(2, idx);
-    -(picked.sum().into_scalar::<f32>() as f64)
+    let picked = picked.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading log-probabilities: {e:?}"))?;
+    Ok(picked.into_iter().map(|x| -x).collect())
 }
 
-/// Total NLL and count over all next-token positions 1..T-1 of one sequence. Sequences longer
-/// than `window` are scored in overlapping windows: each window re-reads half a window of
-/// context and scores only positions not scored before.
-pub fn sequence_nll(model: &Llama, ids: &[u32], window: usize, device: &burn::tensor::Device) -> (f64, usize) {
+/// −log p(ids[t] | ids[..t]) for every t in 1..T. Sequences longer than `window` are scored in
+/// overlapping windows: each window re-reads half a window of context and scores only positions
+/// not scored before.
+pub fn token_nll(model: &Llama, ids: &[u32], window: usize, device: &burn::tensor::Device) -> Result<Vec<f32>> {
     if ids.len() < 2 {
-        return (0.0, 0);
+        return Ok(Vec::new());
     }
     let window = window.max(2);
     if ids.len() <= window {
-        return (window_nll(model, ids, 1, device), ids.len() - 1);
+        return window_nll(model, ids, 1, device);
     }
     let stride = (window / 2).max(1);
-    let mut total = 0.0;
+    let mut out = Vec::with_capacity(ids.len() - 1);
     let mut scored_to = 1; // next position to score
     let mut start = 0;
     loop {
         let end = (start + window).min(ids.len());
-        total += window_nll(model, &ids[start..end], scored_to - start, device);
+        out.extend(window_nll(model, &ids[start..end], scored_to - start, device)?);
         scored_to = end;
         if end == ids.len() {
             break;
         }
         start = end.saturating_sub(window - stride).max(start + 1);
     }
-    (total, ids.len() - 1)
+    Ok(out)
 }
 
-/// Scores id sequences.
+/// Scores id sequences. When the tokenizer came with a vocabulary extension, the report also
+/// splits the loss between base and added targets.
 pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Result<EvalReport> {
     let vocab = loaded.model.vocab_size() as u32;
     let window = window.unwrap_or(loaded.model.config.max_position_embeddings);
     let (mut nll, mut n) = (0.0, 0usize);
+    let mut split = loaded.first_added_id.map(VocabSplit::new);
     for (i, s) in seqs.iter().enumerate() {
         if let Some(bad) = s.iter().find(|&&x| x >= vocab) {
             bail!("sequence {i}: token id {bad} is outside the model's vocabulary of {vocab}");
         }
-        let (a, b) = sequence_nll(&loaded.model, s, window, &loaded.device);
-        nll += a;
-        n += b;
+        let per_token = token_nll(&loaded.model, s, window, &loaded.device)?;
+        for (&target, &x) in s[1..].iter().zip(&per_token) {
+            nll += x as f64;
+            if let Some(sp) = split.as_mut() {
+                sp.add(target, x as f64);
+            }
+        }
+        n += per_token.len();
     }
     if n == 0 {
         bail!("nothing to score: every sequence needs at least 2 tokens");
     }
+    if let Some(sp) = split.as_mut() {
+        sp.finish(None);
+    }
     let mean = nll / n as f64;
-    Ok(EvalReport { tokens: n, mean_nll: mean, perplexity: mean.exp(), chars: None, bits_per_char: None, sequences: seqs.len(), total_nll: nll })
+    Ok(EvalReport {
+        tokens: n,
+        mean_nll: mean,
+        perplexity: mean.exp(),
+        chars: None,
+        bits_per_char: None,
+        sequences: seqs.len(),
+        total_nll: nll,
+        by_vocab: split,
+    })
 }
 
 /// Scores a text: tokenized with BOS first (so the first character is scored too), NLL over
@@ -104,6 +170,9 @@ pub fn eval_text(loaded: &Loaded, text: &str, window: Option<usize>) -> Result<E
     let mut r = eval_ids(loaded, &[ids], window)?;
     let chars = text.chars().count();
     r.chars = Some(chars);
+    if let Some(sp) = r.by_vocab.as_mut() {
+        sp.finish(Some(chars));
+    }
     r.bits_per_char = Some(r.total_nll / std::f64::consts::LN_2 / chars.max(1) as f64);
     Ok(r)
 }

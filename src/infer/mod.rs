@@ -35,6 +35,9 @@ pub struct Loaded {
     pub model: Llama,
     pub tok: Option<Tok>,
     pub device: Device,
+    /// `old_vocab` of the `vocab_extension.json` beside the tokenizer: ids from here on are the
+    /// added pieces, which `eval` reports on their own.
+    pub first_added_id: Option<u32>,
 }
 
 /// Loads the model, applies adapters unmerged, and finds the tokenizer.
@@ -56,7 +59,18 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded> {
             );
         }
     }
-    Ok(Loaded { model, tok, device })
+    let first_added_id = added_from(&tok_dir)?;
+    Ok(Loaded { model, tok, device, first_added_id })
+}
+
+/// The first added id, from `DIR/vocab_extension.json` when the tokenizer folder has one.
+pub fn added_from(tok_dir: &Path) -> Result<Option<u32>> {
+    let p = if tok_dir.is_dir() { tok_dir.join("vocab_extension.json") } else { tok_dir.with_file_name("vocab_extension.json") };
+    if !p.exists() {
+        return Ok(None);
+    }
+    let ext = crate::vocab::VocabExtension::load(&p)?;
+    Ok(Some(ext.old_vocab as u32))
 }
 
 /// The tokenizer to use: `--tokenizer`, else the last adapter that ships one, else the model's.

@@ -243,6 +243,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
     let Prepared { mut model, tokenizer, extension, old_vocab } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
     let new_vocab = model.vocab_size();
+    let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
     // Data.
     let eos = model.config.eos_token_ids.first().copied().unwrap_or(2);
@@ -341,7 +342,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let done = step + 1;
         if recipe.output.eval_every > 0 && done % recipe.output.eval_every == 0 && !recipe.eval.is_empty() {
-            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), &base_device)?;
+            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
             writeln!(metrics, "{}", serde_json::json!({"step": done, "eval": ev}))?;
         }
         if done % recipe.output.save_every == 0 || done == total {
@@ -373,7 +374,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         lora::save::save(&model, &adapter_config(&recipe), ts, &dir, &refs)?;
         adapter_out = Some(dir);
         if !recipe.eval.is_empty() {
-            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), &base_device)?;
+            let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
             writeln!(metrics, "{}", serde_json::json!({"step": total, "eval": ev}))?;
         }
         if recipe.output.plots {
@@ -408,17 +409,22 @@ fn adapter_config(recipe: &Recipe) -> crate::lora::config::AdapterConfig {
 }
 
 /// bits/char of the current model on each [[eval]] file.
-fn evaluate(recipe: &Recipe, model: &Llama, tokenizer: Option<&Path>, device: &burn::tensor::Device) -> Result<Vec<serde_json::Value>> {
+fn evaluate(recipe: &Recipe, model: &Llama, tokenizer: Option<&Path>, first_added_id: Option<u32>, device: &burn::tensor::Device) -> Result<Vec<serde_json::Value>> {
     use burn::module::Module;
     let tok = crate::tokenizer::Tok::load(tokenizer.context("[[eval]] needs a tokenizer")?)?;
     let plain = model.valid();
-    let loaded = crate::infer::Loaded { model: plain, tok: Some(tok), device: device.clone() };
+    let loaded = crate::infer::Loaded { model: plain, tok: Some(tok), device: device.clone(), first_added_id };
     let mut out = Vec::new();
     for e in &recipe.eval {
         let path = recipe.resolve(&e.path);
         let text = crate::tokenizer::read_text(&path)?;
         let r = crate::infer::eval::eval_text(&loaded, &text, Some(recipe.train.seq_len.max(256)))?;
-        out.push(serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens}));
+        let mut v = serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens});
+        if let Some(sp) = &r.by_vocab {
+            v["added_bits_per_char"] = serde_json::json!(sp.added.bits_per_char);
+            v["added_mean_nll"] = serde_json::json!(sp.added.mean_nll);
+        }
+        out.push(v);
     }
     Ok(out)
 }
