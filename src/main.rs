@@ -486,6 +486,9 @@ enum BenchCmd {
         /// Std of the `random` rows (the LLama2-chat-13B-Chinese failure used N(0, 1)-scale rows)
         #[arg(long, default_value_t = 1.0)]
         random_std: f32,
+        /// Which inits of the new rows to run, comma-separated (each under both scalers)
+        #[arg(long, value_delimiter = ',', default_value = "random,mean,subtoken-mean")]
+        inits: Vec<String>,
     },
     /// Aggregate generated tokens/s of `serve` at several concurrent client counts, over loopback HTTP
     Serve {
@@ -534,7 +537,17 @@ enum BenchCmd {
 }
 
 fn main() {
-    if let Err(e) = run(Cli::parse()) {
+    let cli = Cli::parse();
+    if !matches!(cli.cmd, Cmd::Serve(..) | Cmd::Bench { what: BenchCmd::Serve { .. } }) {
+        // `linly-lora eval ... | head` should end quietly, as Unix tools do, instead of panicking
+        // in println! on the closed pipe. Not for `serve`, whose sockets must survive clients
+        // that hang up.
+        // SAFETY: restoring the default disposition of a signal before any thread starts.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
+    if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");
         std::process::exit(1);
     }
@@ -747,8 +760,8 @@ fn run(cli: Cli) -> Result<()> {
             let r = linly_lora::bench::train::train(&m.shape, &m.device, m.dtype, rank, batch, seq, warmup, steps)?;
             println!("{}", serde_json::to_string(&r)?);
         }
-        Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std } } => {
-            let rows = linly_lora::bench::scaler::run(&linly_lora::bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std })?;
+        Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits } } => {
+            let rows = linly_lora::bench::scaler::run(&linly_lora::bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits })?;
             println!("{}", linly_lora::bench::scaler::markdown(&rows));
             println!("{}", serde_json::to_string(&rows)?);
         }

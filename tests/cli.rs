@@ -39,6 +39,26 @@ fn eval_ids_json_contract() {
     assert_eq!(v2["mean_nll"], v["mean_nll"]);
 }
 
+/// `linly-lora eval ... | head` ends quietly like a Unix tool: no panic message when the reader
+/// has gone before the report is printed.
+#[test]
+fn closed_stdout_ends_quietly() {
+    use std::process::{Command, Stdio};
+    let exp = tiny().join("expected.safetensors");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_linly-lora"))
+        .args(["eval", "--model", s(&tiny().join("base")), "--ids", s(&exp)])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    // The model takes milliseconds to load; the pipe is closed long before the first line.
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!err.contains("panicked"), "{err}");
+    assert!(!out.status.success(), "writing to a closed pipe cannot succeed");
+}
+
 #[test]
 fn generate_prompt_ids_greedy() {
     let e = Expected::load();

@@ -34,13 +34,20 @@ pub struct ScalerBenchOptions {
     pub steps: usize,
     pub lr: f64,
     pub random_std: f32,
+    /// Subset of `random`, `mean`, `subtoken-mean`.
+    pub inits: Vec<String>,
 }
+
+const INITS: [&str; 3] = ["random", "mean", "subtoken-mean"];
 
 fn p(x: &Path) -> String {
     x.display().to_string()
 }
 
 pub fn run(o: &ScalerBenchOptions) -> Result<Vec<ScalerRun>> {
+    if let Some(bad) = o.inits.iter().find(|i| !INITS.contains(&i.as_str())) {
+        anyhow::bail!("--inits: unknown init `{bad}`; choose from {}", INITS.join(", "));
+    }
     if o.workdir.exists() {
         anyhow::bail!("{} exists; pass a fresh --workdir", o.workdir.display());
     }
@@ -63,7 +70,7 @@ pub fn run(o: &ScalerBenchOptions) -> Result<Vec<ScalerRun>> {
         false,
     )?;
     let mut out = Vec::new();
-    for init in ["random", "mean", "subtoken-mean"] {
+    for init in o.inits.iter().map(String::as_str) {
         for scaler in ["naive", "linly"] {
             let dir = o.workdir.join(format!("{init}-{scaler}"));
             std::fs::create_dir_all(&dir)?;
