@@ -326,3 +326,47 @@ keep_last = 2
         Recipe::load(&fixture("../../recipes/tiny-cpu.toml")).unwrap();
     }
 }
+
+/// A forward pass that overflows fp16 because fresh rows are huge is not the loss scale's
+/// fault: GradScaler halves the scale on every such step and never recovers; this crate's scaler
+/// scales the outlier new rows down to the old rows' RMS, skips once with the scale kept, and
+/// the next step trains.
+#[test]
+fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
+    use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::scaler::{Scaler, ScalerConfig};
+    use linly_lora::train::step::{train_step, StepHparams};
+    let device = cpu().autodiff();
+    let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+    let blown_up = || {
+        let base = Llama::load(&tiny().join("base"), &device, FloatType::F16).unwrap();
+        let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
+        set_table_modes(&mut model, TableMode::All, TableMode::All, 320).unwrap();
+        for t in std::iter::once(&mut model.embed_tokens).chain(model.lm_head.as_mut()) {
+            let e = t.extra.take().unwrap();
+            let id = e.id;
+            t.extra = Some(burn::module::Param::initialized(id, (e.val() * 1e6).detach().require_grad()));
+        }
+        model
+    };
+    let batch = [fixture_batch()];
+
+    let mut model = blown_up();
+    let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+    let first = train_step(&mut model, &mut opt, &mut scaler, &batch, &hp, &device).unwrap();
+    assert!(!first.loss.is_finite(), "the test needs a non-finite forward pass, got loss {}", first.loss);
+    assert!(first.skipped);
+    assert!(first.events.iter().any(|e| e.contains("non-finite forward pass") && e.contains("scaled to the old rows' mean RMS")), "{:?}", first.events);
+    assert_eq!(scaler.scale, 65536.0, "the scale is kept");
+    let second = train_step(&mut model, &mut opt, &mut scaler, &batch, &hp, &device).unwrap();
+    assert!(second.loss.is_finite() && !second.skipped, "after the rescue the step trains: {second:?}");
+
+    // GradScaler on the same model: every step skipped and halved.
+    let mut model = blown_up();
+    let (mut opt, mut naive) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::naive()));
+    for _ in 0..3 {
+        let out = train_step(&mut model, &mut opt, &mut naive, &batch, &hp, &device).unwrap();
+        assert!(out.skipped && !out.loss.is_finite());
+    }
+    assert_eq!(naive.scale, 65536.0 / 8.0);
+}

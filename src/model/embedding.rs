@@ -128,3 +128,103 @@ impl TokenTable {
         logits.reshape([b, t, v])
     }
 }
+
+/// What [`TokenTable::rescue_new_rows`] did.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowRescue {
+    /// New rows scaled down (or cleared of non-finite values).
+    pub rows: usize,
+    /// The largest RMS among them before the rescue (∞ for a non-finite row).
+    pub max_rms: f32,
+    /// The RMS they were scaled to: the mean RMS of the old rows.
+    pub target_rms: f32,
+}
+
+impl TokenTable {
+    /// Scales every new row whose RMS exceeds `factor` × the old rows' mean RMS down to that
+    /// mean, and zeroes non-finite values first. The trainer calls this when a forward pass is
+    /// non-finite in fp16 training: no loss scale can fix activations that overflow because
+    /// fresh rows are orders of magnitude larger than the rows the network was trained on, and
+    /// halving the scale forever is how such runs died. `None` when the table has no trainable
+    /// new rows or none is an outlier (the overflow is somewhere else).
+    pub fn rescue_new_rows(&mut self, factor: f32) -> Option<RowRescue> {
+        let extra = self.extra.as_mut()?;
+        let [n, d] = extra.shape().dims::<2>();
+        let base: Vec<f32> = self.base.val().try_into_vec_as::<f32>().ok()?;
+        let target = mean_row_rms(&base, d)?;
+        let t = extra.val();
+        let device = t.device();
+        let mut rows: Vec<f32> = t.clone().try_into_vec_as::<f32>().ok()?;
+        let r = rescale_outlier_rows(&mut rows, d, target, factor);
+        if r.rows == 0 {
+            return None;
+        }
+        let id = extra.id;
+        let dtype = super::norm::float_dtype(t.dtype());
+        let fresh = Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &device).cast(dtype);
+        *extra = Param::initialized(id, fresh.require_grad());
+        Some(r)
+    }
+}
+
+/// Mean over rows of sqrt(mean(x²)); `None` for an empty or non-finite table.
+pub fn mean_row_rms(table: &[f32], d: usize) -> Option<f32> {
+    if d == 0 || table.is_empty() {
+        return None;
+    }
+    let rows = table.len() / d;
+    let sum: f64 = table.chunks_exact(d).map(row_rms).sum();
+    let m = (sum / rows as f64) as f32;
+    m.is_finite().then_some(m)
+}
+
+fn row_rms(r: &[f32]) -> f64 {
+    (r.iter().map(|&x| x as f64 * x as f64).sum::<f64>() / r.len() as f64).sqrt()
+}
+
+/// Zeroes non-finite values of each row and scales rows whose RMS exceeds `factor · target` (or
+/// that held non-finite values) to RMS `target`, keeping their direction.
+pub fn rescale_outlier_rows(rows: &mut [f32], d: usize, target: f32, factor: f32) -> RowRescue {
+    let mut out = RowRescue { rows: 0, max_rms: 0.0, target_rms: target };
+    for r in rows.chunks_exact_mut(d) {
+        let bad = r.iter().any(|x| !x.is_finite());
+        let rms = if bad { f64::INFINITY } else { row_rms(r) };
+        if !bad && rms <= (factor * target) as f64 {
+            continue;
+        }
+        r.iter_mut().filter(|x| !x.is_finite()).for_each(|x| *x = 0.0);
+        let now = row_rms(r);
+        let k = if now > 0.0 { target as f64 / now } else { 0.0 };
+        r.iter_mut().for_each(|x| *x = (*x as f64 * k) as f32);
+        out.rows += 1;
+        out.max_rms = out.max_rms.max(rms as f32);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outlier_rows_are_scaled_to_the_target_and_keep_their_direction() {
+        // d = 2: rms([3, 4]) = sqrt(12.5); rms([30, 40]) = sqrt(1250); a non-finite row.
+        let mut rows = vec![3.0, 4.0, 30.0, 40.0, f32::NAN, 2.0];
+        let target = 12.5f32.sqrt();
+        let r = rescale_outlier_rows(&mut rows, 2, target, 4.0);
+        assert_eq!(r.rows, 2);
+        assert!(r.max_rms.is_infinite());
+        assert_eq!(&rows[..2], &[3.0, 4.0], "rows within factor × target are untouched");
+        assert!((rows[2] - 3.0).abs() < 1e-5 && (rows[3] - 4.0).abs() < 1e-5, "{rows:?}");
+        // [0, 2] scaled to rms sqrt(12.5): [0, 5].
+        assert!(rows[4] == 0.0 && (rows[5] - 5.0).abs() < 1e-5, "{rows:?}");
+    }
+
+    #[test]
+    fn mean_row_rms_of_known_rows() {
+        let m = mean_row_rms(&[3.0, 4.0, 0.0, 0.0], 2).unwrap();
+        assert!((m - 12.5f32.sqrt() / 2.0).abs() < 1e-6);
+        assert_eq!(mean_row_rms(&[], 2), None);
+        assert_eq!(mean_row_rms(&[f32::INFINITY, 0.0], 2), None);
+    }
+}

@@ -5,7 +5,7 @@
 use super::loss::nll_sum;
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
-use super::scaler::{Action, Group, Scaler, GROUPS};
+use super::scaler::{Action, Group, Scaler, ScalerKind, GROUPS, RESCUE_RMS_FACTOR};
 use crate::model::Llama;
 use anyhow::{bail, Result};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -109,6 +109,13 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[n_sums + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[n_sums + 3 + i] as f64).collect();
+    if !loss_sum.is_finite() && scaler.cfg.kind == ScalerKind::Linly {
+        if let Some(what) = rescue_new_rows(model) {
+            let event = scaler.skip_for_row_rescue(&what);
+            let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups });
+        }
+    }
     let (action, log) = scaler.update(&flags);
     let mut events: Vec<String> = log.into_iter().collect();
     let overflow_groups: Vec<Group> = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
@@ -148,4 +155,21 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     }
     out.events = events;
     Ok(out)
+}
+
+/// Scales outlier new rows of the embedding and the (untied) head down to the old rows' RMS;
+/// a description of what changed, or `None` when no new row was an outlier.
+fn rescue_new_rows(model: &mut Llama) -> Option<String> {
+    let mut done = Vec::new();
+    if let Some(r) = model.embed_tokens.rescue_new_rows(RESCUE_RMS_FACTOR) {
+        done.push(("embed_tokens", r));
+    }
+    if let Some(r) = model.lm_head.as_mut().and_then(|h| h.rescue_new_rows(RESCUE_RMS_FACTOR)) {
+        done.push(("lm_head", r));
+    }
+    if done.is_empty() {
+        return None;
+    }
+    let parts: Vec<String> = done.iter().map(|(t, r)| format!("{} new {t} rows with RMS up to {:.3e} scaled to the old rows' mean RMS {:.3e}", r.rows, r.max_rms, r.target_rms)).collect();
+    Some(parts.join(", "))
 }
