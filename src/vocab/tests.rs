@@ -49,17 +49,22 @@ struct Llama {
     ext: Extended,
 }
 
+/// The pieces [`llama`] asks for.
+fn llama_source() -> PieceSource {
+    PieceSource::Select(SelectConfig {
+        wordlist: Some(fixture("zh/jieba_dict.txt")),
+        max_chars: 8_000,
+        max_words: 19_000,
+        max_prefixed: 1_000,
+        ..SelectConfig::default()
+    })
+}
+
 fn llama() -> &'static Llama {
     static CELL: OnceLock<Llama> = OnceLock::new();
     CELL.get_or_init(|| {
         let text = read("llama2-tokenizer/tokenizer.json");
-        let source = PieceSource::Select(SelectConfig {
-            wordlist: Some(fixture("zh/jieba_dict.txt")),
-            max_chars: 8_000,
-            max_words: 19_000,
-            max_prefixed: 1_000,
-            ..SelectConfig::default()
-        });
+        let source = llama_source();
         let ext = extend_json(&text, "llama2-tokenizer/tokenizer.json", &source).unwrap();
         let r = &ext.report;
         eprintln!(
@@ -319,13 +324,7 @@ fn extension_is_fast_and_deterministic() {
     // Again with the chosen pieces given as a list: times the extension without the selection,
     // and the same input must give the same bytes.
     let text = read("llama2-tokenizer/tokenizer.json");
-    let source = PieceSource::Select(SelectConfig {
-        wordlist: Some(fixture("zh/jieba_dict.txt")),
-        max_chars: 8_000,
-        max_words: 19_000,
-        max_prefixed: 1_000,
-        ..SelectConfig::default()
-    });
+    let source = llama_source();
     let again = extend_json(&text, "llama2-tokenizer/tokenizer.json", &source).unwrap();
     assert_eq!(again.tokenizer_json, l.ext.tokenizer_json);
     assert_eq!(again.extension, l.ext.extension);
