@@ -196,7 +196,7 @@ mod tests {
         let total = 9;
         let x: Tensor<3> = Tensor::from_data(TensorData::new(values(total * hidden, 5), [1, total, hidden]), &device);
         let rope_all = RopeTables::new(&cfg, 0, total, &device, burn::tensor::DType::F32);
-        let want = attn.forward(x.clone(), &rope_all, None).into_data().into_vec::<f32>().unwrap();
+        let want = attn.forward(x.clone(), &rope_all, None).into_data().try_into_vec::<f32>().unwrap();
         let run = |pieces: &[(usize, usize)], composed_first: bool| {
             let mut cache = LayerCache::default();
             let mut got = Vec::new();
@@ -207,9 +207,9 @@ mod tests {
                     // What a composed call (another dtype, say) leaves in the cache.
                     let heads = |y: Tensor<3>, k: usize| y.reshape([1, len, k, d]).swap_dims(1, 2);
                     let _ = cache.append(rope.apply(heads(attn.k_proj.forward(xs.clone()), kvh)), heads(attn.v_proj.forward(xs.clone()), kvh));
-                    got.extend(attn.forward(xs, &rope, None).into_data().into_vec::<f32>().unwrap());
+                    got.extend(attn.forward(xs, &rope, None).into_data().try_into_vec::<f32>().unwrap());
                 } else {
-                    got.extend(attn.forward(xs, &rope, Some(&mut cache)).into_data().into_vec::<f32>().unwrap());
+                    got.extend(attn.forward(xs, &rope, Some(&mut cache)).into_data().try_into_vec::<f32>().unwrap());
                 }
             }
             got
@@ -237,7 +237,7 @@ mod tests {
         let rope = RopeTables::new(&cfg, 7, 3, &device, burn::tensor::DType::F32);
         let x = values(3 * 4 * 8, 9);
         let t: Tensor<4> = Tensor::from_data(TensorData::new(x.clone(), [1, 3, 4, 8]), &device);
-        let want = rope.apply(t.swap_dims(1, 2)).swap_dims(1, 2).into_data().convert::<f32>().into_vec::<f32>().unwrap();
+        let want = rope.apply(t.swap_dims(1, 2)).swap_dims(1, 2).into_data().convert::<f32>().try_into_vec::<f32>().unwrap();
         let mut got = x;
         rotate_rows(&mut got, &rope.cos_host, &rope.sin_host, 4, 8);
         assert_eq!(got, want, "same products, same sum: bit-identical");

@@ -14,7 +14,7 @@
 
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::*};
-use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, OnceLock, TryLockError};
 use std::time::{Duration, Instant};
 
 /// How long an idle helper waits for work (spinning, then yielding) before it parks.
@@ -92,7 +92,12 @@ impl Team {
             (0..tasks).for_each(f);
             return true;
         }
-        let Ok(_busy) = self.busy.try_lock() else { return false };
+        // A job that panicked poisons the lock; the team itself is still sound then.
+        let _busy = match self.busy.try_lock() {
+            Ok(g) => g,
+            Err(TryLockError::Poisoned(p)) => p.into_inner(),
+            Err(TryLockError::WouldBlock) => return false,
+        };
         let s = &*self.shared;
         // SAFETY: erasing the lifetime is sound because this function clears the job and
         // waits until no helper is inside it (`active` = 0) before returning.
