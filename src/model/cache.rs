@@ -22,7 +22,7 @@ pub struct HostKv {
 impl HostKv {
     /// Cached positions.
     pub fn len(&self) -> usize {
-        if self.width == 0 { 0 } else { self.k.len() / self.width }
+        self.k.len().checked_div(self.width).unwrap_or(0)
     }
 
     pub fn is_empty(&self) -> bool {

@@ -323,12 +323,14 @@ impl QuantMatrix {
         const TB: usize = 32;
         // Each out_t is [rows, n]: each task owns a contiguous range of one matrix's output rows.
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
-        let tasks: Vec<(usize, usize, &mut [f32])> = outs
+        // (matrix, first row, its output rows)
+        type Task<'a> = (usize, usize, &'a mut [f32]);
+        let tasks: Vec<Task> = outs
             .iter_mut()
             .enumerate()
             .flat_map(|(mi, o)| o.chunks_mut(per_task * n).enumerate().map(move |(c, oc)| (mi, c * per_task, oc)))
             .collect();
-        let body = |(mi, r0, o): (usize, usize, &mut [f32])| {
+        let body = |(mi, r0, o): Task| {
             let m = ms[mi];
             let (dot, dot4, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.row_bytes(), m.cols / m.ty.block());
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
@@ -351,7 +353,8 @@ impl QuantMatrix {
             }
         };
         // The spinning team (see `team`), or rayon when another thread is using it.
-        let slots: Vec<Mutex<Option<(usize, usize, &mut [f32])>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
+        // Each task is taken exactly once; the lock only makes that hand-over safe.
+        let slots: Vec<Mutex<Option<Task>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
         let work = |i: usize| {
             let task = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
             if let Some(task) = task {
