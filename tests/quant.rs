@@ -107,3 +107,54 @@ fn sentencepiece_and_extended_vocab_survive_export_and_import() {
         }
     }
 }
+
+/// Deterministic test values in [-1, 1).
+fn pseudo(n: usize, seed: usize) -> Vec<f32> {
+    (0..n).map(|i| ((i * 7919 + seed * 104729) % 1001) as f32 / 500.0 - 1.0).collect()
+}
+
+#[test]
+fn shared_products_equal_separate_ones() {
+    use linly_lora::quant::{Kernels, QuantMatrix};
+    let cols = 256;
+    let mut kernels = vec![Kernels::scalar()];
+    kernels.extend(Kernels::simd());
+    for n in [1, 5] {
+        let x = pseudo(n * cols, 3);
+        // Q/K/V-like (three row counts, one activation format) and a mix of activation formats
+        // (Q8_0, Q8_1, Q8_K), which falls back to one product each.
+        for tys in [[QType::Q8_0, QType::Q4_0, QType::Q5_0], [QType::Q4_1, QType::Q4_1, QType::Q4_1], [QType::Q8_0, QType::Q4_1, QType::Q4_K]] {
+            let ms: Vec<QuantMatrix> = tys.iter().zip([24, 8, 13]).enumerate().map(|(i, (&ty, rows))| QuantMatrix::quantize(ty, rows, cols, &pseudo(rows * cols, i)).unwrap()).collect();
+            let refs: Vec<&QuantMatrix> = ms.iter().collect();
+            for k in &kernels {
+                let shared = QuantMatrix::matmul_shared_with(&refs, &x, n, k);
+                for (m, y) in ms.iter().zip(&shared) {
+                    assert_eq!(y, &m.matmul_with(&x, n, k), "{tys:?} n={n} {}", k.name);
+                }
+            }
+        }
+    }
+}
+
+/// Q8_0 codes may be −128 in a GGUF made elsewhere: the SIMD kernel must not lose their sign
+/// (`_mm256_sign_epi8` cannot negate −128, so the sign trick belongs on the weight side).
+#[test]
+fn simd_q8_0_takes_code_minus_128() {
+    use linly_lora::quant::{Kernels, QuantMatrix};
+    let Some(simd) = Kernels::simd() else { return };
+    let (rows, cols) = (8, 64);
+    let mut data = Vec::new();
+    for r in 0..rows {
+        for b in 0..cols / 32 {
+            data.extend_from_slice(&half::f16::from_f32(0.01 * (r + 1) as f32).to_le_bytes());
+            data.extend((0..32).map(|i| if (i + b + r) % 3 == 0 { 0x80u8 } else { (i as i8 - 16) as u8 }));
+        }
+    }
+    let m = QuantMatrix::from_bytes(QType::Q8_0, rows, cols, data).unwrap();
+    let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { -0.5 } else { 0.25 + i as f32 * 0.01 }).collect();
+    let a = m.matmul_with(&x, 1, &Kernels::scalar());
+    let b = m.matmul_with(&x, 1, &simd);
+    for (u, v) in a.iter().zip(&b) {
+        assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{u} vs {v}");
+    }
+}

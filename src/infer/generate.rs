@@ -82,10 +82,15 @@ impl Stepper {
             self.finish = Some(Finish::Length);
             return None;
         }
-        let logits = match self.cache.as_mut() {
-            Some(c) => model.forward(ids_tensor(&self.pending, device), Some(c)),
-            None => model.forward(ids_tensor(&self.all, device), None),
-        };
+        // The forward pass runs on a rayon worker (`scope` moves it there when the caller is not
+        // one): a matrix product started from a worker shares the work with the other workers
+        // and takes part itself, while one started from outside the pool parks the caller and
+        // wakes it again, twice per product — 200+ times per token.
+        let (cache, pending, all) = (self.cache.as_mut(), &self.pending, &self.all);
+        let logits = rayon::scope(|_| match cache {
+            Some(c) => model.forward(ids_tensor(pending, device), Some(c)),
+            None => model.forward(ids_tensor(all, device), None),
+        });
         let mut last = last_logits(logits);
         let id = self.sampler.next(&mut last, &self.all);
         self.all.push(id);

@@ -153,3 +153,33 @@ impl Linear {
         y.reshape([b, t, out])
     }
 }
+
+impl Linear {
+    /// `forward` of several projections that read the same `x` (Q/K/V, gate/up). Quantized
+    /// weights without adapters share one quantization of `x` and one thread dispatch
+    /// ([`QuantMatrix::matmul_shared`]); anything else runs each projection's own `forward`.
+    pub fn forward_shared<const N: usize>(ls: [&Linear; N], x: Tensor<3>) -> [Tensor<3>; N] {
+        let mats: Vec<&QuantMatrix> = ls
+            .iter()
+            .filter_map(|l| match (&l.weight, l.lora.is_empty()) {
+                (Frozen::Quant(q), true) => Some(&*q.matrix),
+                _ => None,
+            })
+            .collect();
+        if N < 2 || mats.len() != N {
+            return ls.map(|l| l.forward(x.clone()));
+        }
+        let [b, t, i] = x.dims();
+        let dtype = x.dtype();
+        let host = crate::io::weights::tensor_to_f32(x.reshape([b * t, i]));
+        let device = match &ls[0].weight {
+            Frozen::Quant(q) => q.device.clone(),
+            Frozen::Dense(_) => unreachable!("all quantized, checked above"),
+        };
+        let mut ys = QuantMatrix::matmul_shared(&mats, &host, b * t).into_iter();
+        ls.map(|l| {
+            let y: Tensor<3> = Tensor::from_data(TensorData::new(ys.next().expect("one product per matrix"), [b, t, l.out_features()]), &device);
+            if dtype != burn::tensor::DType::F32 { y.cast(super::norm::float_dtype(dtype)) } else { y }
+        })
+    }
+}

@@ -14,8 +14,8 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
-        let g = self.gate_proj.forward(x.clone());
-        let u = self.up_proj.forward(x);
+        // One pass over `x` for both projections that read it (see `Linear::forward_shared`).
+        let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x);
         // f32 on flex: one fused kernel each way (see `fused`); the composition otherwise.
         let h = match super::fused::swiglu(&g, &u) {
             Some(h) => h,

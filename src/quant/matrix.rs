@@ -5,11 +5,13 @@
 
 use super::blocks::{self, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
 use super::kernels::{Dot4Fn, DotFn, Kernels};
+use super::team::Team;
 use crate::io::gguf::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::fmt;
 use std::str::FromStr;
+use std::sync::Mutex;
 
 /// The weight types linly-lora quantizes to and runs.
 #[allow(non_camel_case_types)] // ggml's names
@@ -274,41 +276,68 @@ impl QuantMatrix {
 
     /// [`Self::matmul`] with the given kernels (tests compare scalar and SIMD).
     pub fn matmul_with(&self, x: &[f32], n: usize, k: &Kernels) -> Vec<f32> {
-        assert_eq!(x.len(), n * self.cols, "activation shape");
-        let ab = self.ty.act_bytes(self.cols);
+        Self::matmul_shared_with(&[self], x, n, k).pop().expect("one matrix, one product")
+    }
+
+    /// `x · Wᵢᵀ` for several matrices that read the same input (Q/K/V, gate/up): `x` is
+    /// quantized once and all their rows go out to the threads in one dispatch, instead of one
+    /// quantization and one fan-out per matrix. Matrices whose activations differ (another row
+    /// length or activation format) fall back to one product each.
+    pub fn matmul_shared(ms: &[&QuantMatrix], x: &[f32], n: usize) -> Vec<Vec<f32>> {
+        Self::matmul_shared_with(ms, x, n, Kernels::best())
+    }
+
+    /// [`Self::matmul_shared`] with the given kernels.
+    pub fn matmul_shared_with(ms: &[&QuantMatrix], x: &[f32], n: usize, k: &Kernels) -> Vec<Vec<f32>> {
+        let Some(first) = ms.first() else { return Vec::new() };
+        let (ty, cols) = (first.ty, first.cols);
+        if ms.iter().any(|m| m.cols != cols || m.ty.act_block_bytes() != ty.act_block_bytes()) {
+            return ms.iter().map(|m| m.matmul_with(x, n, k)).collect();
+        }
+        assert_eq!(x.len(), n * cols, "activation shape");
+        let ab = ty.act_bytes(cols);
         let mut acts = vec![0u8; n * ab];
         if n > 1 {
-            acts.par_chunks_mut(ab).zip(x.par_chunks(self.cols)).for_each(|(a, r)| self.ty.quantize_act(r, a));
+            acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| ty.quantize_act(r, a));
         } else {
-            self.ty.quantize_act(x, &mut acts);
+            ty.quantize_act(x, &mut acts);
         }
-        let dot = self.ty.dot(k);
-        let dot4 = self.ty.dot4(k);
-        let (rb, nb, rows) = (self.row_bytes(), self.cols / self.ty.block(), self.rows);
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
-        // f32 copies of the Q8_0 activation scales, for the four-token kernels.
-        let scales: Vec<f32> = match dot4 {
-            Some(_) if n >= 4 => acts.chunks_exact(self.ty.act_block_bytes()).map(|b| blocks::f16_at(b, 0)).collect(),
-            _ => Vec::new(),
+        let nb_act = ab / ty.act_block_bytes();
+        // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels.
+        let scales: Vec<f32> = if n >= 4 && ms.iter().any(|m| m.ty.dot4(k).is_some()) {
+            acts.chunks_exact(ty.act_block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
+        } else {
+            Vec::new()
         };
-        let sc = |t: usize| &scales[t * nb..(t + 1) * nb];
+        let sc = |t: usize| &scales[t * nb_act..(t + 1) * nb_act];
         // Enough tasks per thread to balance, few enough that dispatch stays cheap; with many
         // tokens, also few enough rows that a task's weights stay in L2 while every token
         // block passes over them.
-        let mut per_task = rows.div_ceil(rayon::current_num_threads() * 4).max(4);
+        let total: usize = ms.iter().map(|m| m.rows).sum();
+        let mut per_task = total.div_ceil(rayon::current_num_threads() * 4).max(4);
         if n >= 8 {
             per_task = per_task.min(64);
         }
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
         const TB: usize = 32;
-        // out_t is [rows, n]: each task owns a contiguous range of output rows.
-        let mut out_t = vec![0f32; rows * n];
-        out_t.par_chunks_mut(per_task * n).enumerate().for_each(|(c, o)| {
-            let r0 = c * per_task;
+        // Each out_t is [rows, n]: each task owns a contiguous range of one matrix's output rows.
+        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        // (matrix, first row, its output rows)
+        type Task<'a> = (usize, usize, &'a mut [f32]);
+        let tasks: Vec<Task> = outs
+            .iter_mut()
+            .enumerate()
+            .flat_map(|(mi, o)| o.chunks_mut(per_task * n).enumerate().map(move |(c, oc)| (mi, c * per_task, oc)))
+            .collect();
+        let body = |(mi, r0, o): Task| {
+            let m = ms[mi];
+            let (dot, dot4, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.row_bytes(), m.cols / m.ty.block());
+            let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
                 for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                    let w = &self.data[(r0 + i) * rb..(r0 + i + 1) * rb];
+                    let w = row(r0 + i);
                     let mut t = t0;
                     if let (Some(d4), true) = (dot4, n >= 4) {
                         while t + 4 <= t1 {
@@ -322,17 +351,34 @@ impl QuantMatrix {
                     }
                 }
             }
-        });
-        if n == 1 {
-            return out_t;
-        }
-        let mut out = vec![0f32; n * rows];
-        for r in 0..rows {
-            for t in 0..n {
-                out[t * rows + r] = out_t[r * n + t];
+        };
+        // The spinning team (see `team`), or rayon when another thread is using it.
+        // Each task is taken exactly once; the lock only makes that hand-over safe.
+        let slots: Vec<Mutex<Option<Task>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
+        let work = |i: usize| {
+            let task = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
+            if let Some(task) = task {
+                body(task);
             }
+        };
+        if !Team::get(rayon::current_num_threads()).run(slots.len(), &work) {
+            (0..slots.len()).into_par_iter().for_each(work);
         }
-        out
+        if n == 1 {
+            return outs;
+        }
+        outs.into_iter()
+            .zip(ms)
+            .map(|(out_t, m)| {
+                let mut out = vec![0f32; n * m.rows];
+                for r in 0..m.rows {
+                    for t in 0..n {
+                        out[t * m.rows + r] = out_t[r * n + t];
+                    }
+                }
+                out
+            })
+            .collect()
     }
 
     /// Moves whole rows: output row `i` is input row `perm[i]`. Rows are independent blocks,
@@ -402,7 +448,13 @@ mod tests {
 
     #[test]
     fn kernels_agree_with_dequantized_matmul() {
-        let (rows, cols, n) = (37, 512, 6); // 6 tokens: one group of four plus two single
+        // 6 tokens: one group of four plus two single; and one token.
+        for (rows, cols, n) in [(37, 512, 6), (37, 512, 1)] {
+            agree_with_dequantized(rows, cols, n);
+        }
+    }
+
+    fn agree_with_dequantized(rows: usize, cols: usize, n: usize) {
         let w = values(rows * cols, 1);
         let x = values(n * cols, 2);
         let mut kernels = vec![Kernels::scalar()];

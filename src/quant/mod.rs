@@ -9,6 +9,7 @@
 //! * [`matrix`]: [`QuantMatrix`], a quantized `[out, in]` weight and its multi-threaded product
 //!   with f32 activations. [`crate::model::linear::Linear`] holds either a dense tensor or one
 //!   of these, so the one model definition runs quantized models.
+//! * [`team`]: the spinning helper threads the per-token products run on.
 //! * [`store`]: the on-disk format, shared by `linly-lora quantize` (a folder with `config.json`,
 //!   the tokenizer and `model.gguf`) and `linly-lora export gguf` (the GGUF alone): GGUF with
 //!   llama.cpp's names, metadata and Q/K row order, so a quantized folder's `model.gguf` runs in
@@ -18,6 +19,7 @@ pub mod blocks;
 pub mod store;
 pub mod kernels;
 pub mod matrix;
+pub mod team;
 
 pub use kernels::Kernels;
 pub use matrix::{QType, QuantMatrix};
