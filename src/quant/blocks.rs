@@ -673,6 +673,42 @@ mod tests {
         assert_eq!(c.len(), a.len());
     }
 
+    /// make_qx_quants' scale follows the weights. x = (−8, 3.5), 16 levels: weight on x₀ alone
+    /// keeps the start scale −8/max → codes (−8, 4), scale Σwxl/Σwl² = 64/64 = 1 (x₀ exact);
+    /// weight on x₁ alone gives the same codes but scale 3.5·4/16 = 0.875 (x₁ exact). No other
+    /// candidate beats either strictly (for one weighted element every code gives the same
+    /// Σwxl²/Σwl² = w·x²), so these are the answers, in exact binary arithmetic.
+    #[test]
+    fn importance_moves_the_q4_0_scale_by_hand() {
+        let x = [-8.0f32, 3.5];
+        let mut l = [0i8; 2];
+        assert_eq!(make_qx_quants(8, &x, &mut l, Some(&[1.0, 0.0])), 1.0);
+        assert_eq!(l, [0, 12]); // −8 + 8, 4 + 8
+        assert_eq!(make_qx_quants(8, &x, &mut l, Some(&[0.0, 1.0])), 0.875);
+        assert_eq!(l, [0, 12]);
+        // Through quantize_row_q4_0_impl: a 32-block (−8, 3.5, 0, ...); importance on column 0 or
+        // on column 1 (weights imp·sqrt(σ² + x²), so the other column weighs nothing). The first
+        // stores d = 1 and reconstructs x₀; the second d = 0.875 and reconstructs x₁.
+        let mut row = vec![0f32; 32];
+        row[0] = -8.0;
+        row[1] = 3.5;
+        let (mut e0, mut e1) = (vec![0f32; 32], vec![0f32; 32]);
+        e0[0] = 1.0;
+        e1[1] = 1.0;
+        let (mut b0, mut b1) = (Vec::new(), Vec::new());
+        quantize_row_q4_0_rmse(&row, Some(&e0), &mut b0);
+        quantize_row_q4_0_rmse(&row, Some(&e1), &mut b1);
+        assert_eq!(&b0[..2], &f16_bits(1.0));
+        assert_eq!(&b1[..2], &f16_bits(0.875));
+        let (y0, y1) = (deq(GgmlType::Q4_0, &b0, 32), deq(GgmlType::Q4_0, &b1, 32));
+        assert_eq!((y0[0], y0[1]), (-8.0, 4.0));
+        assert_eq!((y1[0], y1[1]), (-7.0, 3.5));
+        // Unit importance weighs both by sqrt(σ² + x²): x₀ dominates and the scale is neither.
+        let mut bu = Vec::new();
+        quantize_row_q4_0_rmse(&row, None, &mut bu);
+        assert_ne!(&bu[..2], &b1[..2]);
+    }
+
     #[test]
     fn round_trip_error_bounds() {
         let n = 4096;

@@ -9,12 +9,14 @@
 //! * [`matrix`]: [`QuantMatrix`], a quantized `[out, in]` weight and its multi-threaded product
 //!   with f32 activations. [`crate::model::linear::Linear`] holds either a dense tensor or one
 //!   of these, so the one model definition runs quantized models.
+//! * [`imatrix`]: importance matrices (llama-imatrix's mean x² per input column) for `quantize --imatrix`.
 //! * [`store`]: the on-disk format, shared by `linly-lora quantize` (a folder with `config.json`,
 //!   the tokenizer and `model.gguf`) and `linly-lora export gguf` (the GGUF alone): GGUF with
 //!   llama.cpp's names, metadata and Q/K row order, so a quantized folder's `model.gguf` runs in
 //!   llama.cpp as is.
 
 pub mod blocks;
+pub mod imatrix;
 pub mod store;
 pub mod kernels;
 pub mod matrix;
