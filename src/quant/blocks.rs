@@ -191,7 +191,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8], qw: Option<&[f32]>) ->
 
 /// `quantize_row_q4_0_impl` (ggml's Q4_0 with an importance matrix): per block, weights
 /// `imp[j]·sqrt(σ² + x_j²)` (σ² the row's mean square) and the scale from [`make_qx_quants`].
-/// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix-text`:
+/// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix`:
 /// the reference quantizer maps the extreme exactly and spends the other 15 levels on whatever
 /// is left, this one minimizes the (weighted) error of the whole block.
 pub fn quantize_row_q4_0_rmse(x: &[f32], imp: Option<&[f32]>, out: &mut Vec<u8>) {
