@@ -73,6 +73,9 @@ fn weighted_errors(dir: &std::path::Path, m: &Imatrix) -> HashMap<String, f64> {
     let mut out = HashMap::new();
     for t in g.tensors.iter().filter(|t| t.ggml_type.name() == "Q4_0") {
         let name = gguf_to_hf_name(t.name).unwrap();
+        if name.layer.is_none() {
+            continue; // the untied token table is Q4_0 too, and has no importance
+        }
         let (w, shape) = src.f32(&name.hf_name).unwrap();
         let mut y = dequantize(t.ggml_type, t.data, w.len()).unwrap();
         // Q and K rows are in llama.cpp's order in the GGUF (fixture: 4 heads, 2 KV heads).
