@@ -698,11 +698,12 @@ mod tests {
         let (mut b0, mut b1) = (Vec::new(), Vec::new());
         quantize_row_q4_0_rmse(&row, Some(&e0), &mut b0);
         quantize_row_q4_0_rmse(&row, Some(&e1), &mut b1);
-        assert_eq!(&b0[..2], &f16_bits(1.0));
-        assert_eq!(&b1[..2], &f16_bits(0.875));
+        // Here the weight sqrt(σ² + x²) is not a power of two, so the exact ties above can fall
+        // either way by a rounding: x₀'s side may pick codes −7 and d = 8/7 (f16 1.1426), which
+        // reconstructs x₀ as well; what the importance decides is which column comes out exact.
         let (y0, y1) = (deq(GgmlType::Q4_0, &b0, 32), deq(GgmlType::Q4_0, &b1, 32));
-        assert_eq!((y0[0], y0[1]), (-8.0, 4.0));
-        assert_eq!((y1[0], y1[1]), (-7.0, 3.5));
+        assert!((y0[0] + 8.0).abs() < 2e-3, "{:?}", &y0[..2]);
+        assert!((y1[1] - 3.5).abs() < 2e-3 && (y1[0] + 8.0).abs() > 0.5, "{:?}", &y1[..2]);
         // Unit importance weighs both by sqrt(σ² + x²): x₀ dominates and the scale is neither.
         let mut bu = Vec::new();
         quantize_row_q4_0_rmse(&row, None, &mut bu);

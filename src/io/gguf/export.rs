@@ -526,12 +526,12 @@ mod tests {
                     n if n.contains("attn_k") => permute_qk_rows(&v, shape[0], shape[1], cfg.num_kv_heads).unwrap(),
                     _ => v,
                 };
-                let want = quantize_matrix(got, shape[0], shape[1], &v, false).unwrap();
+                let want = quantize_matrix(got, shape[0], shape[1], &v, false, None).unwrap();
                 assert_eq!(t.data, want.bytes(), "{ty}: {} bytes", t.name);
                 for &other in &allowed {
                     let (a, b) = (
-                        reconstruction_error(&v, shape[0], shape[1], got.ggml(), false).unwrap(),
-                        reconstruction_error(&v, shape[0], shape[1], other.ggml(), false).unwrap(),
+                        reconstruction_error(&v, shape[0], shape[1], got.ggml(), false, None).unwrap(),
+                        reconstruction_error(&v, shape[0], shape[1], other.ggml(), false, None).unwrap(),
                     );
                     assert!(a <= b, "{ty}: {} kept {got} ({a}) over {other} ({b})", t.name);
                 }
