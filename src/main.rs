@@ -60,6 +60,15 @@ finish (a second signal exits at once).")]
     Serve(ServeArgs),
     /// Quantize a model to llama.cpp's Q8_0, Q4_0 or Q4_K (a folder that eval/generate/chat run directly)
     Quantize(QuantizeArgs),
+    /// Importance matrix for `quantize --imatrix`: mean x² of every projection's input columns over a calibration text
+    #[command(long_about = "Runs the f32/f16/bf16 model over a calibration text and records, for every layer \
+projection (q/k/v/o, gate/up/down), the mean over tokens of x_j² for each input column j of what that projection \
+multiplies: llama-imatrix's importance matrix. `quantize --imatrix FILE` then weights each weight's rounding error \
+by its column's importance (ggml's quant_weights).\n\nIt is a separate command, as in llama.cpp, because one \
+matrix serves every format and re-quantization, and collecting it costs a forward pass over the text. Use text \
+like what the model will see, and never the text you evaluate on. The file is safetensors: one F32 [in] tensor \
+per weight under its HF name, with the token count and sources in the metadata.")]
+    Imatrix(ImatrixArgs),
     /// Export a model to another format (GGUF for llama.cpp / ollama)
     Export {
         #[command(subcommand)]
@@ -403,6 +412,29 @@ struct QuantizeArgs {
     /// quantizers, like llama-quantize --pure
     #[arg(long)]
     pure: bool,
+    /// Importance matrix from `linly-lora imatrix` on this model: Q4_0 weights are rounded to
+    /// minimize the error weighted by it (llama-quantize --imatrix)
+    #[arg(long)]
+    imatrix: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct ImatrixArgs {
+    /// HF model folder (f32, f16 or bf16 safetensors; not a quantized folder)
+    #[arg(long)]
+    model: PathBuf,
+    /// UTF-8 calibration text (disjoint from any text you evaluate on)
+    #[arg(long)]
+    text: PathBuf,
+    /// Tokens per forward pass (non-overlapping windows, like llama-imatrix's chunks)
+    #[arg(long, default_value_t = 512)]
+    window: usize,
+    /// Use at most this many tokens of the text
+    #[arg(long)]
+    max_tokens: Option<usize>,
+    /// Output file (safetensors, written atomically)
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Subcommand)]
@@ -425,6 +457,9 @@ enum ExportCmd {
         /// Quantized types: every 2-D weight in the type, no llama.cpp mix (as `quantize --pure`)
         #[arg(long)]
         pure: bool,
+        /// Importance matrix from `linly-lora imatrix` (as `quantize --imatrix`)
+        #[arg(long)]
+        imatrix: Option<PathBuf>,
     },
 }
 
@@ -772,11 +807,18 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Quantize(a) => {
-            let r = linly_lora::quant::store::quantize_model(&a.model, &a.out, a.format, a.keep_embeddings, a.pure)?;
+            let m = a.imatrix.as_deref().map(linly_lora::quant::imatrix::Imatrix::load).transpose()?;
+            let r = linly_lora::quant::store::quantize_model_imatrix(&a.model, &a.out, a.format, a.keep_embeddings, a.pure, m.as_ref())?;
             print_export(&r);
         }
-        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure } } => {
-            let r = linly_lora::io::gguf::export_gguf(&model, &out, &linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure })?;
+        Cmd::Imatrix(a) => {
+            let m = linly_lora::quant::imatrix::run(&a.model, &a.text, a.window, a.max_tokens, &a.out)?;
+            println!("{} tensors, {} tokens in {} windows -> {}", m.columns.len(), m.tokens, m.meta["windows"], a.out.display());
+        }
+        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure, imatrix } } => {
+            let m = imatrix.as_deref().map(linly_lora::quant::imatrix::Imatrix::load).transpose()?;
+            let opts = linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure };
+            let r = linly_lora::io::gguf::export_gguf_imatrix(&model, &out, &opts, m.as_ref())?;
             print_export(&r);
         }
         Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {

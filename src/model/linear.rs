@@ -1,8 +1,10 @@
 //! A bias-free projection with a frozen base weight in HF layout `[out, in]`, plus any number
 //! of LoRA branches (see [`crate::lora`]). This is where LoRA is applied in the forward pass,
-//! and where a quantized weight replaces the dense product (see [`crate::quant`]).
+//! and where a quantized weight replaces the dense product (see [`crate::quant`]). An optional
+//! [`ColumnTap`] records what the projection sees, for `linly-lora imatrix`.
 
 use crate::lora::LoraBranch;
+use crate::quant::imatrix::ColumnTap;
 use crate::quant::QuantMatrix;
 use burn::module::{Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
@@ -122,15 +124,19 @@ pub struct Linear {
     pub weight: Frozen,
     /// Stacked adapters apply as a sum of rank-r updates, never as a dense ΔW.
     pub lora: Vec<LoraBranch>,
+    /// Installed only while an importance matrix is collected: accumulates the column sums of
+    /// squares of this projection's input (see [`crate::quant::imatrix`]).
+    #[module(skip)]
+    pub tap: Option<Arc<ColumnTap>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor<2>) -> Self {
-        Linear { weight: Frozen::dense(weight), lora: Vec::new() }
+        Linear { weight: Frozen::dense(weight), lora: Vec::new(), tap: None }
     }
 
     pub fn from_frozen(weight: Frozen) -> Self {
-        Linear { weight, lora: Vec::new() }
+        Linear { weight, lora: Vec::new(), tap: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -145,6 +151,9 @@ impl Linear {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         let [b, t, i] = x.dims();
         let x2 = x.reshape([b * t, i]);
+        if let Some(tap) = &self.tap {
+            tap.record(&x2);
+        }
         let out = self.out_features();
         let mut y = self.weight.matmul_t(x2.clone());
         for branch in &self.lora {
@@ -156,12 +165,14 @@ impl Linear {
 
 impl Linear {
     /// `forward` of several projections that read the same `x` (Q/K/V, gate/up). Quantized
-    /// weights without adapters share one quantization of `x` and one thread dispatch
+    /// weights without adapters or taps share one quantization of `x` and one thread dispatch
     /// ([`QuantMatrix::matmul_shared`]); anything else runs each projection's own `forward`.
     pub fn forward_shared<const N: usize>(ls: [&Linear; N], x: Tensor<3>) -> [Tensor<3>; N] {
         let mats: Vec<&QuantMatrix> = ls
             .iter()
-            .filter_map(|l| match (&l.weight, l.lora.is_empty()) {
+            // A tapped projection (importance-matrix collection) goes through `forward`, where
+            // the tap records its input.
+            .filter_map(|l| match (&l.weight, l.lora.is_empty() && l.tap.is_none()) {
                 (Frozen::Quant(q), true) => Some(&*q.matrix),
                 _ => None,
             })

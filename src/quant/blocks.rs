@@ -191,7 +191,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8], qw: Option<&[f32]>) ->
 
 /// `quantize_row_q4_0_impl` (ggml's Q4_0 with an importance matrix): per block, weights
 /// `imp[j]·sqrt(σ² + x_j²)` (σ² the row's mean square) and the scale from [`make_qx_quants`].
-/// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix-text`:
+/// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix`:
 /// the reference quantizer maps the extreme exactly and spends the other 15 levels on whatever
 /// is left, this one minimizes the (weighted) error of the whole block.
 pub fn quantize_row_q4_0_rmse(x: &[f32], imp: Option<&[f32]>, out: &mut Vec<u8>) {
@@ -671,6 +671,43 @@ mod tests {
         let mut c = Vec::new();
         quantize_row_q4_0_rmse(&x, Some(&imp), &mut c);
         assert_eq!(c.len(), a.len());
+    }
+
+    /// make_qx_quants' scale follows the weights. x = (−8, 3.5), 16 levels: weight on x₀ alone
+    /// keeps the start scale −8/max → codes (−8, 4), scale Σwxl/Σwl² = 64/64 = 1 (x₀ exact);
+    /// weight on x₁ alone gives the same codes but scale 3.5·4/16 = 0.875 (x₁ exact). No other
+    /// candidate beats either strictly (for one weighted element every code gives the same
+    /// Σwxl²/Σwl² = w·x²), so these are the answers, in exact binary arithmetic.
+    #[test]
+    fn importance_moves_the_q4_0_scale_by_hand() {
+        let x = [-8.0f32, 3.5];
+        let mut l = [0i8; 2];
+        assert_eq!(make_qx_quants(8, &x, &mut l, Some(&[1.0, 0.0])), 1.0);
+        assert_eq!(l, [0, 12]); // −8 + 8, 4 + 8
+        assert_eq!(make_qx_quants(8, &x, &mut l, Some(&[0.0, 1.0])), 0.875);
+        assert_eq!(l, [0, 12]);
+        // Through quantize_row_q4_0_impl: a 32-block (−8, 3.5, 0, ...); importance on column 0 or
+        // on column 1 (weights imp·sqrt(σ² + x²), so the other column weighs nothing). The first
+        // stores d = 1 and reconstructs x₀; the second d = 0.875 and reconstructs x₁.
+        let mut row = vec![0f32; 32];
+        row[0] = -8.0;
+        row[1] = 3.5;
+        let (mut e0, mut e1) = (vec![0f32; 32], vec![0f32; 32]);
+        e0[0] = 1.0;
+        e1[1] = 1.0;
+        let (mut b0, mut b1) = (Vec::new(), Vec::new());
+        quantize_row_q4_0_rmse(&row, Some(&e0), &mut b0);
+        quantize_row_q4_0_rmse(&row, Some(&e1), &mut b1);
+        // Here the weight sqrt(σ² + x²) is not a power of two, so the exact ties above can fall
+        // either way by a rounding: x₀'s side may pick codes −7 and d = 8/7 (f16 1.1426), which
+        // reconstructs x₀ as well; what the importance decides is which column comes out exact.
+        let (y0, y1) = (deq(GgmlType::Q4_0, &b0, 32), deq(GgmlType::Q4_0, &b1, 32));
+        assert!((y0[0] + 8.0).abs() < 2e-3, "{:?}", &y0[..2]);
+        assert!((y1[1] - 3.5).abs() < 2e-3 && (y1[0] + 8.0).abs() > 0.5, "{:?}", &y1[..2]);
+        // Unit importance weighs both by sqrt(σ² + x²): x₀ dominates and the scale is neither.
+        let mut bu = Vec::new();
+        quantize_row_q4_0_rmse(&row, None, &mut bu);
+        assert_ne!(&bu[..2], &b1[..2]);
     }
 
     #[test]

@@ -10,12 +10,14 @@
 //!   with f32 activations. [`crate::model::linear::Linear`] holds either a dense tensor or one
 //!   of these, so the one model definition runs quantized models.
 //! * [`team`]: the spinning helper threads the per-token products run on.
+//! * [`imatrix`]: importance matrices (llama-imatrix's mean x² per input column) for `quantize --imatrix`.
 //! * [`store`]: the on-disk format, shared by `linly-lora quantize` (a folder with `config.json`,
 //!   the tokenizer and `model.gguf`) and `linly-lora export gguf` (the GGUF alone): GGUF with
 //!   llama.cpp's names, metadata and Q/K row order, so a quantized folder's `model.gguf` runs in
 //!   llama.cpp as is.
 
 pub mod blocks;
+pub mod imatrix;
 pub mod store;
 pub mod kernels;
 pub mod matrix;

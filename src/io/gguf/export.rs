@@ -8,6 +8,11 @@
 //! both ways in a first pass and keeps the one with the smaller squared reconstruction error;
 //! the header needs every tensor's size before the data.
 //!
+//! With an importance matrix ([`export_gguf_imatrix`], `quantize --imatrix`), the layer
+//! projections stored in a type that has ggml's importance-weighted quantizer (Q4_0) get it,
+//! with that tensor's per-column importance; nothing else changes, and without one the bytes
+//! are exactly those of [`export_gguf`].
+//!
 //! The header is written first from the tensor sizes alone, then each tensor is read,
 //! permuted, converted and written in turn, so peak memory is one tensor in f32.
 
@@ -18,6 +23,7 @@ use super::vocab_out::gguf_vocab;
 use super::writer::GgufWriter;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::WeightStore;
+use crate::quant::imatrix::Imatrix;
 use crate::quant::{QType, QuantMatrix};
 use anyhow::{bail, Context, Result};
 use half::f16;
@@ -130,18 +136,35 @@ fn types_for(ty: ExportType, pure: bool, place: Place, cols: usize, warnings: &m
 }
 
 /// Squared reconstruction error of `values` stored as `ty`.
-fn reconstruction_error(values: &[f32], rows: usize, cols: usize, ty: GgmlType, pure: bool) -> Result<f64> {
+fn reconstruction_error(values: &[f32], rows: usize, cols: usize, ty: GgmlType, pure: bool, imp: Option<&[f32]>) -> Result<f64> {
     let q = QType::from_ggml(ty).with_context(|| format!("cannot measure {ty}"))?;
-    let m = quantize_matrix(q, rows, cols, values, pure)?;
+    let m = quantize_matrix(q, rows, cols, values, pure, imp)?;
     let y = m.dequantize();
     Ok(values.par_iter().zip(&y).map(|(a, b)| ((a - b) as f64).powi(2)).sum())
 }
 
+/// Whether `q` has an importance-weighted quantizer here (ggml's `quantize_row_q4_0_impl`);
+/// the other types are quantized as without an importance matrix.
+pub fn uses_importance(q: QType) -> bool {
+    q == QType::Q4_0
+}
+
+/// The per-column importance for tensor `hf` stored as `ty`: `None` without an importance
+/// matrix, for the token table / LM head (their input is not collected; in the mixes they are
+/// Q8_0, which has no importance path in ggml either) and for types in which it is unused.
+fn importance<'a>(imatrix: Option<&'a Imatrix>, hf: &str, ty: GgmlType, cols: usize) -> Result<Option<&'a [f32]>> {
+    match (imatrix, QType::from_ggml(ty)) {
+        (Some(m), Some(q)) if uses_importance(q) && hf.starts_with("model.layers.") => m.get(hf, cols).map(Some),
+        _ => Ok(None),
+    }
+}
+
 /// The quantizer `quantize` uses: ggml's reference ones, except Q4_0 outside `pure`, which gets
-/// ggml's error-minimizing scale search (same block format).
-fn quantize_matrix(q: QType, rows: usize, cols: usize, values: &[f32], pure: bool) -> Result<QuantMatrix> {
-    if q == QType::Q4_0 && !pure {
-        QuantMatrix::quantize_q4_0_rmse(rows, cols, values, None)
+/// ggml's error-minimizing scale search (same block format), and Q4_0 with an importance `imp`
+/// (even under `pure`, as llama-quantize does), which weights that search by it.
+fn quantize_matrix(q: QType, rows: usize, cols: usize, values: &[f32], pure: bool, imp: Option<&[f32]>) -> Result<QuantMatrix> {
+    if q == QType::Q4_0 && (imp.is_some() || !pure) {
+        QuantMatrix::quantize_q4_0_rmse(rows, cols, values, imp)
     } else {
         QuantMatrix::quantize(q, rows, cols, values)
     }
@@ -176,10 +199,15 @@ fn llama3_rope_factors(cfg: &LlamaConfig) -> Option<Vec<f32>> {
 
 /// Writes `model_dir` (an HF folder) as a GGUF file at `out`, atomically.
 pub fn export_gguf(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
-    export_inner(model_dir, out, opts).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
+    export_gguf_imatrix(model_dir, out, opts, None)
 }
 
-fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<ExportReport> {
+/// [`export_gguf`] with an importance matrix for the quantizers (see the module docs).
+pub fn export_gguf_imatrix(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>) -> Result<ExportReport> {
+    export_inner(model_dir, out, opts, imatrix).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
+}
+
+fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>) -> Result<ExportReport> {
     let cfg = LlamaConfig::load(model_dir)?;
     let store = WeightStore::open(model_dir)?;
     let mut warnings = Vec::new();
@@ -272,13 +300,18 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
         store.release(&p.hf);
         let mut best = (f64::INFINITY, tys[0]);
         for &t in &tys {
-            let e = reconstruction_error(&values, p.shape[0], p.shape[1], t, opts.pure)
+            let imp = importance(imatrix, &p.hf, t, p.shape[1])?;
+            let e = reconstruction_error(&values, p.shape[0], p.shape[1], t, opts.pure, imp)
                 .with_context(|| format!("quantizing `{}` as {t}", p.hf))?;
             if e < best.0 {
                 best = (e, t);
             }
         }
         p.ty = best.1;
+    }
+    // A missing or mismatched importance entry fails here, before anything is written.
+    for p in &plans {
+        importance(imatrix, &p.hf, p.ty, p.shape[p.shape.len() - 1])?;
     }
     let rope_factors = llama3_rope_factors(&cfg);
     if let Some(f) = &rope_factors {
@@ -299,7 +332,8 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
         if let Some(heads) = p.permute {
             values = permute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
         }
-        encode(&values, &p.shape, p.ty, opts.pure).with_context(|| format!("converting `{}`", p.hf))
+        let imp = importance(imatrix, &p.hf, p.ty, p.shape[p.shape.len() - 1])?;
+        encode_with(&values, &p.shape, p.ty, opts.pure, imp).with_context(|| format!("converting `{}`", p.hf))
     })?;
 
     let mut types = BTreeMap::new();
@@ -326,6 +360,11 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result<Ex
 
 /// f32 values (row-major `shape`) in GGUF type `ty`; `pure` as in [`ExportOptions`].
 pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType, pure: bool) -> Result<Vec<u8>> {
+    encode_with(values, shape, ty, pure, None)
+}
+
+/// [`encode`] with a per-column importance for the quantizers that use one.
+pub fn encode_with(values: &[f32], shape: &[usize], ty: GgmlType, pure: bool, imp: Option<&[f32]>) -> Result<Vec<u8>> {
     Ok(match ty {
         GgmlType::F32 => values.iter().flat_map(|x| x.to_le_bytes()).collect(),
         GgmlType::F16 => {
@@ -343,7 +382,7 @@ pub fn encode(values: &[f32], shape: &[usize], ty: GgmlType, pure: bool) -> Resu
                 [r, c] => (*r, *c),
                 _ => bail!("only matrices are quantized"),
             };
-            quantize_matrix(q, rows, cols, values, pure)?.into_bytes()
+            quantize_matrix(q, rows, cols, values, pure, imp)?.into_bytes()
         }
     })
 }
@@ -487,12 +526,12 @@ mod tests {
                     n if n.contains("attn_k") => permute_qk_rows(&v, shape[0], shape[1], cfg.num_kv_heads).unwrap(),
                     _ => v,
                 };
-                let want = quantize_matrix(got, shape[0], shape[1], &v, false).unwrap();
+                let want = quantize_matrix(got, shape[0], shape[1], &v, false, None).unwrap();
                 assert_eq!(t.data, want.bytes(), "{ty}: {} bytes", t.name);
                 for &other in &allowed {
                     let (a, b) = (
-                        reconstruction_error(&v, shape[0], shape[1], got.ggml(), false).unwrap(),
-                        reconstruction_error(&v, shape[0], shape[1], other.ggml(), false).unwrap(),
+                        reconstruction_error(&v, shape[0], shape[1], got.ggml(), false, None).unwrap(),
+                        reconstruction_error(&v, shape[0], shape[1], other.ggml(), false, None).unwrap(),
                     );
                     assert!(a <= b, "{ty}: {} kept {got} ({a}) over {other} ({b})", t.name);
                 }
