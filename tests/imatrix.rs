@@ -53,10 +53,10 @@ fn collection_matches_column_means_computed_from_the_weights() {
     assert_ne!(m.columns["model.layers.0.mlp.gate_proj.weight"], m.columns["model.layers.0.self_attn.q_proj.weight"]);
     // The taps are gone afterwards: the same model runs unchanged (collection is read-only).
     let mut loaded = load(&ModelSpec::new(tiny().join("base"))).unwrap();
-    let before = logits_of(&loaded.model, &[ids.clone()]);
+    let before = logits_of(&loaded.model, std::slice::from_ref(&ids));
     collect(&mut loaded, &ids, 7).unwrap();
     assert!(loaded.model.layers.iter().all(|l| l.projections().iter().all(|(_, p)| p.tap.is_none())));
-    assert_eq!(logits_of(&loaded.model, &[ids.clone()]), before);
+    assert_eq!(logits_of(&loaded.model, std::slice::from_ref(&ids)), before);
     // Windows are independent passes, as llama-imatrix's chunks: a different window gives
     // different attention outputs (o_proj) but the same first-layer q input.
     let mut loaded = load(&ModelSpec::new(tiny().join("base"))).unwrap();
