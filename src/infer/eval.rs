@@ -162,11 +162,7 @@ pub fn eval_text(loaded: &Loaded, text: &str, window: Option<usize>) -> Result<E
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("the model folder has no tokenizer.json: use --ids, or pass --tokenizer DIR"))?;
     let mut ids = tok.encode(text, true)?;
-    if let Some(bos) = loaded.model.config.bos_token_id {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
-    }
+    super::prepend_bos(loaded, &mut ids);
     let mut r = eval_ids(loaded, &[ids], window)?;
     let chars = text.chars().count();
     r.chars = Some(chars);

@@ -86,6 +86,16 @@ fn tokenizer_dir(spec: &ModelSpec) -> PathBuf {
     spec.model.clone()
 }
 
+/// Puts the model's BOS first when it has one and `ids` do not start with it, so that a
+/// scored text's first token is predicted too (`eval`, `imatrix`).
+pub fn prepend_bos(loaded: &Loaded, ids: &mut Vec<u32>) {
+    if let Some(bos) = loaded.model.config.bos_token_id {
+        if ids.first() != Some(&bos) {
+            ids.insert(0, bos);
+        }
+    }
+}
+
 /// Ids `[1, T]` on the device.
 pub fn ids_tensor(ids: &[u32], device: &Device) -> Tensor<2, Int> {
     let v: Vec<i64> = ids.iter().map(|&x| x as i64).collect();

@@ -134,11 +134,7 @@ pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option
         .ok_or_else(|| anyhow!("{} has no tokenizer.json; imatrix needs one to read --text", model_dir.display()))?;
     let text = crate::tokenizer::read_text(text_path)?;
     let mut ids = tok.encode(&text, true)?;
-    if let Some(bos) = loaded.model.config.bos_token_id {
-        if ids.first() != Some(&bos) {
-            ids.insert(0, bos);
-        }
-    }
+    crate::infer::prepend_bos(&loaded, &mut ids);
     if let Some(n) = max_tokens {
         ids.truncate(n);
     }

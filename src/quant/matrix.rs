@@ -116,29 +116,48 @@ impl QType {
         }
     }
 
-    /// Bytes of one activation block (Q8_0, Q8_1 or Q8_K).
-    fn act_block_bytes(self) -> usize {
+    /// The format its kernels read activations in, as llama.cpp pairs them.
+    fn act(self) -> Act {
         match self {
-            _ if self.is_k() => Q8_K_BYTES,
-            QType::Q4_1 => Q8_1_BYTES,
-            _ => Q8_0_BYTES,
+            _ if self.is_k() => Act::Q8_K,
+            QType::Q4_1 => Act::Q8_1,
+            _ => Act::Q8_0,
+        }
+    }
+}
+
+/// Quantized activation formats (ggml's names). Matrices that read the same format can share one quantization
+/// of their input ([`QuantMatrix::matmul_shared`]).
+#[allow(non_camel_case_types)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Act {
+    Q8_0,
+    /// Q8_0 plus `s = d·Σq` per block, for weights with a minimum (Q4_1).
+    Q8_1,
+    /// Super-blocks of 256 with an f32 scale, for the k-quants.
+    Q8_K,
+}
+
+impl Act {
+    fn block_bytes(self) -> usize {
+        match self {
+            Act::Q8_0 => Q8_0_BYTES,
+            Act::Q8_1 => Q8_1_BYTES,
+            Act::Q8_K => Q8_K_BYTES,
         }
     }
 
-    /// Bytes of one quantized activation row of `cols` values.
-    fn act_bytes(self, cols: usize) -> usize {
-        match self {
-            _ if self.is_k() => cols / QK_K * Q8_K_BYTES,
-            QType::Q4_1 => cols / QK * Q8_1_BYTES,
-            _ => cols / QK * Q8_0_BYTES,
-        }
+    /// Bytes of one quantized row of `cols` values.
+    fn row_bytes(self, cols: usize) -> usize {
+        let block = if self == Act::Q8_K { QK_K } else { QK };
+        cols / block * self.block_bytes()
     }
 
-    fn quantize_act(self, x: &[f32], out: &mut [u8]) {
+    fn quantize(self, x: &[f32], out: &mut [u8]) {
         match self {
-            _ if self.is_k() => blocks::quantize_act_q8_k(x, out),
-            QType::Q4_1 => blocks::quantize_act_q8_1(x, out),
-            _ => blocks::quantize_act_q8_0(x, out),
+            Act::Q8_0 => blocks::quantize_act_q8_0(x, out),
+            Act::Q8_1 => blocks::quantize_act_q8_1(x, out),
+            Act::Q8_K => blocks::quantize_act_q8_k(x, out),
         }
     }
 }
@@ -291,22 +310,23 @@ impl QuantMatrix {
     pub fn matmul_shared_with(ms: &[&QuantMatrix], x: &[f32], n: usize, k: &Kernels) -> Vec<Vec<f32>> {
         let Some(first) = ms.first() else { return Vec::new() };
         let (ty, cols) = (first.ty, first.cols);
-        if ms.iter().any(|m| m.cols != cols || m.ty.act_block_bytes() != ty.act_block_bytes()) {
+        if ms.iter().any(|m| m.cols != cols || m.ty.act() != ty.act()) {
             return ms.iter().map(|m| m.matmul_with(x, n, k)).collect();
         }
         assert_eq!(x.len(), n * cols, "activation shape");
-        let ab = ty.act_bytes(cols);
+        let act_ty = ty.act();
+        let ab = act_ty.row_bytes(cols);
         let mut acts = vec![0u8; n * ab];
         if n > 1 {
-            acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| ty.quantize_act(r, a));
+            acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a));
         } else {
-            ty.quantize_act(x, &mut acts);
+            act_ty.quantize(x, &mut acts);
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
-        let nb_act = ab / ty.act_block_bytes();
+        let nb_act = ab / act_ty.block_bytes();
         // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels.
         let scales: Vec<f32> = if n >= 4 && ms.iter().any(|m| m.ty.dot4(k).is_some()) {
-            acts.chunks_exact(ty.act_block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
+            acts.chunks_exact(act_ty.block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
         } else {
             Vec::new()
         };
@@ -412,11 +432,11 @@ mod tests {
     /// what the integer kernels compute up to f32 rounding.
     fn reference(m: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
         let w = m.dequantize();
-        let ab = m.ty.act_bytes(m.cols);
+        let ab = m.ty.act().row_bytes(m.cols);
         let mut y = vec![0f64; n * m.rows];
         for t in 0..n {
             let mut a = vec![0u8; ab];
-            m.ty.quantize_act(&x[t * m.cols..(t + 1) * m.cols], &mut a);
+            m.ty.act().quantize(&x[t * m.cols..(t + 1) * m.cols], &mut a);
             let xa: Vec<f32> = if m.ty.is_k() {
                 a.chunks(Q8_K_BYTES)
                     .flat_map(|b| {

@@ -124,6 +124,12 @@ impl Scaler {
         Scaler { cfg, scale, good_steps: 0, hysteresis_left: h, skipped_at_floor: 0, overflows: [0; 3], skipped_steps: 0, min_seen: scale }
     }
 
+    /// Whether a non-finite forward pass should rescue outlier new rows (this scaler) rather
+    /// than count as an overflow (GradScaler).
+    pub fn rescues_rows(&self) -> bool {
+        self.cfg.kind == ScalerKind::Linly
+    }
+
     /// The trainer scaled outlier new rows down after a non-finite forward pass: the step is
     /// skipped, the scale and the growth count stay, and the overflow is counted as the new
     /// rows'. Returns the log line.

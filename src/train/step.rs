@@ -5,7 +5,7 @@
 use super::loss::nll_sum;
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
-use super::scaler::{Action, Group, Scaler, ScalerKind, GROUPS, RESCUE_RMS_FACTOR};
+use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
 use crate::model::Llama;
 use anyhow::{bail, Result};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
@@ -109,7 +109,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[n_sums + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[n_sums + 3 + i] as f64).collect();
-    if !loss_sum.is_finite() && scaler.cfg.kind == ScalerKind::Linly {
+    if !loss_sum.is_finite() && scaler.rescues_rows() {
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
