@@ -10,8 +10,8 @@ use linly_lora::model::Llama;
 #[test]
 fn adapter_unmerged_matches_peft_logits() {
     let exp = Expected::load();
-    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-    let model = apply(base, &tiny().join("adapter"), &cpu()).unwrap();
+    let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+    let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
     assert_eq!(model.vocab_size(), 384);
     let got = logits_of(&model, &exp.ids("resized_input_ids"));
     let (want, shape) = exp.f32("adapter_logits");
@@ -27,8 +27,8 @@ fn saved_adapter_round_trips_bit_exactly() {
     use linly_lora::lora::TableMode;
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("ours");
-    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-    let model = apply(base, &tiny().join("adapter"), &cpu()).unwrap();
+    let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+    let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
     let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
     save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320 }, &out, &[]).unwrap();
     let theirs = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
@@ -46,8 +46,8 @@ fn saved_adapter_round_trips_bit_exactly() {
     assert_eq!(c2.modules_to_save, Some(vec!["embed_tokens".to_string(), "lm_head".to_string()]));
     // And it still gives PEFT's logits.
     let exp = Expected::load();
-    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-    let again = apply(base, &out, &cpu()).unwrap();
+    let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+    let again = apply(base, &out, &dev()).unwrap();
     let got = logits_of(&again, &exp.ids("resized_input_ids"));
     let (want, _) = exp.f32("adapter_logits");
     assert!(rel_err(&got, &want) <= 1e-4);
@@ -134,7 +134,7 @@ mod merge {
         let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).unwrap()).unwrap();
         assert_eq!(cfg["vocab_size"], 384);
         assert_eq!(cfg["tie_word_embeddings"], false);
-        let model = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        let model = Llama::load(&out, &dev(), FloatType::F32).unwrap();
         let exp = Expected::load();
         let got = logits_of(&model, &exp.ids("resized_input_ids"));
         let (want, _) = exp.f32("merged_logits");
@@ -154,7 +154,7 @@ mod merge {
         assert!(out.join("model.safetensors.index.json").exists() && !out.join("model.safetensors").exists());
         let store = WeightStore::open(&out).unwrap();
         assert_eq!(format!("{:?}", store.raw("model.layers.0.mlp.up_proj.weight").unwrap().dtype), "BF16");
-        let model = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        let model = Llama::load(&out, &dev(), FloatType::F32).unwrap();
         let exp = Expected::load();
         let got = logits_of(&model, &exp.ids("resized_input_ids"));
         let (want, _) = exp.f32("merged_logits");
@@ -195,8 +195,8 @@ mod modes {
         let dir = tempfile::tempdir().unwrap();
         let all = dir.path().join("all");
         all_adapter_with_base_rows(&all);
-        let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-        let mut model = apply(base, &all, &cpu()).unwrap();
+        let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+        let mut model = apply(base, &all, &dev()).unwrap();
         set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
         let new = dir.path().join("new");
         let cfg = AdapterConfig::load(&all).unwrap();
@@ -228,8 +228,8 @@ mod modes {
         // Unmerged, the new_rows adapter gives the same logits as the all adapter.
         let exp = Expected::load();
         let ids = exp.ids("resized_input_ids");
-        let la = logits_of(&apply(Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap(), &all, &cpu()).unwrap(), &ids);
-        let lb = logits_of(&apply(Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap(), &new, &cpu()).unwrap(), &ids);
+        let la = logits_of(&apply(Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap(), &all, &dev()).unwrap(), &ids);
+        let lb = logits_of(&apply(Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap(), &new, &dev()).unwrap(), &ids);
         assert!(rel_err(&lb, &la) < 1e-6);
     }
 
@@ -252,7 +252,7 @@ mod modes {
         let ids = exp.ids("input_ids");
         let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
         for (embed, head, expect_tied) in [(TableMode::All, TableMode::All, true), (TableMode::NewRows, TableMode::NewRows, true), (TableMode::All, TableMode::Frozen, false)] {
-            let mut model = Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
+            let mut model = Llama::load(&base_dir, &dev(), FloatType::F32).unwrap();
             assert!(model.lm_head.is_none());
             // Grow by 8 rows so new_rows has something to train (a frozen head cannot carry new
             // rows, so that case keeps the size); perturb rows so "trained" differs.
@@ -270,12 +270,12 @@ mod modes {
             assert_eq!(r.tie_word_embeddings, expect_tied, "{embed:?}/{head:?}");
             assert_eq!(SafetensorsFile::open(&out.join("model.safetensors")).unwrap().contains("lm_head.weight"), !expect_tied);
             // Merged = unmerged.
-            let merged = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
-            let unmerged = apply(Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap(), &ad, &cpu()).unwrap();
+            let merged = Llama::load(&out, &dev(), FloatType::F32).unwrap();
+            let unmerged = apply(Llama::load(&base_dir, &dev(), FloatType::F32).unwrap(), &ad, &dev()).unwrap();
             let e = rel_err(&logits_of(&merged, &ids), &logits_of(&unmerged, &ids));
             assert!(e < 1e-5, "{embed:?}/{head:?}: merged vs unmerged {e:e}");
             // And the table actually changed the model relative to the base.
-            let base_logits = logits_of(&Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap(), &ids);
+            let base_logits = logits_of(&Llama::load(&base_dir, &dev(), FloatType::F32).unwrap(), &ids);
             assert!(rel_err(&logits_of(&merged, &ids)[..base_logits.len()], &base_logits) > 1e-4);
         }
     }
@@ -288,7 +288,7 @@ mod modes {
         let base_dir = dir.path().join("tied");
         tied_base(&base_dir);
         let ids = Expected::load().ids("input_ids");
-        let mut model = Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
+        let mut model = Llama::load(&base_dir, &dev(), FloatType::F32).unwrap();
         let w = model.embed_tokens.weight();
         model.embed_tokens = linly_lora::model::TokenTable::new(burn::tensor::Tensor::cat(vec![w.clone(), w.slice([0..8, 0..64]) * 0.5], 0));
         set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
@@ -308,9 +308,9 @@ mod modes {
         // f32 -> f16 halves the bytes, and the head is gone: well under half.
         assert!(r.bytes_out * 3 < r.bytes_in, "{r:?}");
 
-        let load = || Llama::load(&base_dir, &cpu(), FloatType::F32).unwrap();
-        let orig = apply(load(), &ad, &cpu()).unwrap();
-        let pk = apply(load(), &packed, &cpu()).unwrap();
+        let load = || Llama::load(&base_dir, &dev(), FloatType::F32).unwrap();
+        let orig = apply(load(), &ad, &dev()).unwrap();
+        let pk = apply(load(), &packed, &dev()).unwrap();
         assert!(pk.lm_head.is_none(), "an embed-only adapter keeps a tied model tied");
         assert_eq!(pk.embed_tokens.rows(), 328);
         let e = rel_err(&logits_of(&pk, &ids), &logits_of(&orig, &ids));
@@ -321,7 +321,7 @@ mod modes {
         let m = merge(&o).unwrap();
         assert!(m.tie_word_embeddings);
         assert_eq!(m.vocab_size, 328);
-        let merged = Llama::load(&out, &cpu(), FloatType::F32).unwrap();
+        let merged = Llama::load(&out, &dev(), FloatType::F32).unwrap();
         assert!(rel_err(&logits_of(&merged, &ids), &logits_of(&pk, &ids)) < 1e-5);
     }
 
@@ -449,15 +449,15 @@ fn export_interop_adapters() {
     let out = std::path::PathBuf::from(std::env::var("INTEROP_DIR").expect("set INTEROP_DIR"));
     std::fs::create_dir_all(&out).unwrap();
     let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
-    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-    let model = apply(base, &tiny().join("adapter"), &cpu()).unwrap();
+    let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+    let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
     save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320 }, &out.join("ours_all"), &[]).unwrap();
     let mut model = model;
     set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
     save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &out.join("ours_new_rows"), &[]).unwrap();
     // Our logits for the new_rows adapter on the base (rows 0..320 from the base): PEFT must agree.
-    let base = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
-    let m = apply(base, &out.join("ours_new_rows"), &cpu()).unwrap();
+    let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+    let m = apply(base, &out.join("ours_new_rows"), &dev()).unwrap();
     let l = logits_of(&m, &Expected::load().ids("resized_input_ids"));
     let bytes = linly_lora::io::safetensors::encode_f32(&l, FloatType::F32);
     linly_lora::io::safetensors::write_all(&out.join("ours_new_rows_logits.safetensors"), &[("logits".into(), "F32".into(), vec![2, 24, 384], bytes)], None).unwrap();

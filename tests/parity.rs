@@ -13,7 +13,7 @@ use linly_lora::model::Llama;
 #[test]
 fn base_logits_match_hf() {
     let exp = Expected::load();
-    let model = Llama::load(&tiny().join("base"), &cpu(), FloatType::F32).unwrap();
+    let model = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
     let ids = exp.ids("input_ids");
     let (want, shape) = exp.f32("base_logits");
     assert_eq!(shape, vec![2, 24, 320]);
@@ -26,7 +26,7 @@ fn base_logits_match_hf() {
 #[test]
 fn merged_logits_match_hf() {
     let exp = Expected::load();
-    let model = Llama::load(&tiny().join("merged"), &cpu(), FloatType::F32).unwrap();
+    let model = Llama::load(&tiny().join("merged"), &dev(), FloatType::F32).unwrap();
     let got = logits_of(&model, &exp.ids("resized_input_ids"));
     let (want, _) = exp.f32("merged_logits");
     let e = rel_err(&got, &want);
@@ -35,10 +35,10 @@ fn merged_logits_match_hf() {
 
 fn greedy(no_cache: bool) -> Vec<u32> {
     let exp = Expected::load();
-    let model = Llama::load(&tiny().join("merged"), &cpu(), FloatType::F32).unwrap();
+    let model = Llama::load(&tiny().join("merged"), &dev(), FloatType::F32).unwrap();
     let prompt = &exp.ids("greedy_prompt")[0];
     let opts = GenerateOptions { max_new_tokens: 16, sampling: SamplingParams::default(), no_cache, stop_ids: vec![] };
-    let new = generate(&model, prompt, &opts, &cpu(), |_| Ok(true)).unwrap();
+    let new = generate(&model, prompt, &opts, &dev(), |_| Ok(true)).unwrap();
     let mut all = prompt.clone();
     all.extend(new);
     all
@@ -96,7 +96,7 @@ fn bf16_copy_loads_within_1e2() {
     let exp = Expected::load();
     let (want, _) = exp.f32("base_logits");
     for compute in [FloatType::F32, FloatType::BF16] {
-        let model = Llama::load(dir.path(), &cpu(), compute).unwrap();
+        let model = Llama::load(dir.path(), &dev(), compute).unwrap();
         let got = logits_of(&model, &exp.ids("input_ids"));
         let e = rel_err(&got, &want);
         assert!(e <= 1e-2, "bf16 weights, {compute:?} compute: relative error {e:e} > 1e-2");

@@ -17,7 +17,7 @@ fn fixture_batch() -> MicroBatch {
 
 #[test]
 fn sft_loss_and_gradients_match_peft() {
-    let device = cpu().autodiff();
+    let device = dev().autodiff();
     let base = Llama::load(&tiny().join("base"), &device, FloatType::F32).unwrap();
     let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
     set_table_modes(&mut model, TableMode::All, TableMode::All, 320).unwrap();
@@ -180,6 +180,67 @@ keep_last = 2
         )
     }
 
+    /// Chinese-LLaMA's two stages (new rows alone, then LoRA + new rows) in fp16: the switch
+    /// rebuilds the table parameters from the last stage's, which must work on every backend
+    /// (libtorch refused non-leaf tensors there) and keep training. Runs on LINLY_TEST_DEVICE.
+    #[test]
+    fn two_stage_fp16_run_switches_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny();
+        let device = std::env::var("LINLY_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+        let r = recipe(
+            dir.path(),
+            &format!(
+                r#"
+[model]
+path = "{base}"
+device = "{device}"
+[vocab]
+extension = "{ext}"
+init = "subtoken-mean"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+[trainable]
+embed_tokens = "new_rows"
+lm_head = "new_rows"
+[[data]]
+kind = "tokenized"
+path = "{ids}"
+[train]
+seq_len = 32
+batch_size = 2
+lr = 1e-3
+warmup_ratio = 0.0
+[[stage]]
+name = "rows"
+steps = 3
+lora = false
+[[stage]]
+name = "lora+rows"
+steps = 3
+lora = true
+[precision]
+dtype = "fp16"
+[output]
+dir = "out"
+save_every = 100
+plots = false
+"#,
+                base = p(&tiny.join("base")),
+                ext = p(&tiny.join("vocab_extension.json")),
+                ids = p(&fixture("data/tiny_ids.jsonl")),
+            ),
+        );
+        let rep = train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
+        let ms = metrics(&dir.path().join("out"));
+        let stages: Vec<&str> = ms.iter().map(|m| m["stage"].as_str().unwrap()).collect();
+        assert_eq!(stages, ["rows", "rows", "rows", "lora+rows", "lora+rows", "lora+rows"]);
+        assert!(ms.iter().all(|m| m["loss"].as_f64().is_some_and(f64::is_finite)), "{ms:?}");
+        assert!(rep.adapter_dir.unwrap().join("adapter_model.safetensors").exists());
+    }
+
     #[test]
     fn loss_falls_on_real_chinese_data() {
         let dir = tempfile::tempdir().unwrap();
@@ -336,7 +397,7 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
     use linly_lora::train::optim::{AdamW, AdamWConfig};
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, StepHparams};
-    let device = cpu().autodiff();
+    let device = dev().autodiff();
     let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
     let blown_up = || {
         let base = Llama::load(&tiny().join("base"), &device, FloatType::F16).unwrap();

@@ -106,16 +106,24 @@ impl std::str::FromStr for TableMode {
 }
 
 fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTable> {
-    let w = t.weight();
+    // Detached: at a stage switch the table's tensors belong to the last stage's graph, and a
+    // new stage's parameters must be fresh leaves (libtorch refuses to track a non-leaf).
+    let w = t.weight().detach();
     let master = |x: Tensor<2>| Param::from_tensor(x.cast(burn::tensor::FloatDType::F32)).set_require_grad(true);
     let [rows, hidden] = w.dims();
+    // Old rows and new rows as they are stored: when the table already keeps the new rows
+    // apart (a stage switch), take them from there, so their f32 masters are not rounded
+    // through the joined table's (possibly f16) dtype.
+    let split = || match &t.extra {
+        Some(e) if t.base.val().dims()[0] == old_vocab => (t.base.val().detach(), e.val().detach()),
+        _ => (w.clone().slice([0..old_vocab, 0..hidden]), w.clone().slice([old_vocab..rows, 0..hidden])),
+    };
     Ok(match mode {
         TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None, extra_f32: t.extra_f32, quant: None },
         // In `all` mode the table still keeps new rows apart when there are any, so they keep
         // their f32 path (see TokenTable) and their own overflow group.
         TableMode::All if rows > old_vocab && old_vocab > 0 => {
-            let base = w.clone().slice([0..old_vocab, 0..hidden]);
-            let extra = w.slice([old_vocab..rows, 0..hidden]);
+            let (base, extra) = split();
             TokenTable { base: master(base), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None }
         }
         TableMode::All => TokenTable { base: master(w), extra: None, extra_f32: t.extra_f32, quant: None },
@@ -123,8 +131,7 @@ fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTab
             if rows <= old_vocab {
                 bail!("new_rows: the table has {rows} rows, no more than the old vocabulary of {old_vocab}; extend the vocabulary first or use `all`");
             }
-            let base = w.clone().slice([0..old_vocab, 0..hidden]);
-            let extra = w.slice([old_vocab..rows, 0..hidden]);
+            let (base, extra) = split();
             TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None }
         }
     })

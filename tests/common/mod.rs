@@ -47,9 +47,18 @@ pub fn cpu() -> burn::tensor::Device {
     linly_lora::device::parse("cpu").unwrap()
 }
 
+/// The device of the fixture-parity tests: the CPU unless `LINLY_TEST_DEVICE` names another
+/// (`cuda:0` in a `--features tch` build), so the GPU path is held to the same HF+PEFT numbers
+/// by the same tests instead of a second copy of them.
+pub fn dev() -> burn::tensor::Device {
+    let name = std::env::var("LINLY_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+    linly_lora::device::parse(&name).unwrap_or_else(|e| panic!("LINLY_TEST_DEVICE={name}: {e:#}"))
+}
+
 /// Logits of `model` on each row of `ids`, flattened in [B, T, V] order.
 pub fn logits_of(model: &linly_lora::model::Llama, ids: &[Vec<u32>]) -> Vec<f32> {
-    let device = cpu();
+    use burn::module::Module;
+    let device = model.devices().into_iter().next().expect("a model holds tensors");
     let mut out = Vec::new();
     for row in ids {
         let l = model.forward(linly_lora::infer::ids_tensor(row, &device), None);

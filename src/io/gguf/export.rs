@@ -117,6 +117,8 @@ struct Place {
     role: Role,
     layer: usize,
     n_layers: usize,
+    /// Whether an importance matrix is given: llama.cpp's mix changes with one.
+    imatrix: bool,
 }
 
 /// The GGUF types a 2-D weight with `cols`-long rows may take (one, or two to choose between
@@ -125,7 +127,7 @@ fn types_for(ty: ExportType, pure: bool, place: Place, cols: usize, warnings: &m
     match ty {
         ExportType::F32 => vec![GgmlType::F32],
         ExportType::F16 => vec![GgmlType::F16],
-        ExportType::Quant(q) => match candidates(q, pure, place.role, place.layer, place.n_layers, cols) {
+        ExportType::Quant(q) => match candidates(q, pure, place.imatrix, place.role, place.layer, place.n_layers, cols) {
             Some(ts) => ts.into_iter().map(QType::ggml).collect(),
             None => {
                 warnings.push(format!("`{name}`: rows of {cols} are not whole {q} blocks; stored as F16"));
@@ -260,7 +262,7 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Opt
     };
     let n_layers = cfg.num_layers;
     let tied = cfg.tie_word_embeddings;
-    let place = |role: Role, layer: usize| Place { role, layer, n_layers };
+    let place = |role: Role, layer: usize| Place { role, layer, n_layers, imatrix: imatrix.is_some() };
     let table_ty = if opts.keep_embeddings && opts.ty != ExportType::F32 { ExportType::F16 } else { opts.ty };
     let table = types_for(table_ty, opts.pure, place(Role::TokenTable { tied }, 0), hd, &mut warnings, "token_embd");
     add("model.embed_tokens.weight".into(), vec![v, hd], table, None);
@@ -514,7 +516,7 @@ mod tests {
                 let hf_name = super::super::gguf_to_hf_name(t.name).unwrap();
                 let role = Role::of(t.name, cfg.tie_word_embeddings);
                 let cols = t.dims[0] as usize;
-                let allowed = candidates(ty, false, role, hf_name.layer.unwrap_or(0), cfg.num_layers, cols).unwrap();
+                let allowed = candidates(ty, false, false, role, hf_name.layer.unwrap_or(0), cfg.num_layers, cols).unwrap();
                 let got = QType::from_ggml(t.ggml_type).unwrap();
                 assert!(allowed.contains(&got), "{ty}: {} is {got}, allowed {allowed:?}", t.name);
                 if matches!(role, Role::TokenTable { tied: true } | Role::Output) {

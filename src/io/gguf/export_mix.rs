@@ -6,6 +6,9 @@
 //!   whole 256-blocks (576 for SmolLM2), for every 4-bit format;
 //! * `q4_k` (Q4_K_M): `attn_v` and `ffn_down` in Q6_K in the first and last eighth of the layers
 //!   and every third layer between (`use_more_bits`), Q4_K elsewhere;
+//! * `q4_0` with an importance matrix: `ffn_down` in Q4_1 in the first eighth of the layers
+//!   (llama.cpp's "guard against craziness in the first few ffn_down layers", which it applies
+//!   only with an imatrix so that a plain Q4_0 stays what it always was);
 //! * rows that are not whole 256-blocks cannot hold a k-quant: Q6_K falls back to Q8_0 and
 //!   Q4_K to Q5_0 (llama.cpp) or Q4_1, whichever reconstructs the tensor better (Q4_1 is
 //!   5.0 bits/weight against Q5_0's 5.5 and wins ties; on a source that already lies on a Q4_1
@@ -49,7 +52,7 @@ pub fn use_more_bits(layer: usize, n_layers: usize) -> bool {
 /// The types a weight may take, best first: one, or two when the choice is made by
 /// reconstruction error (the caller measures both and keeps the first on a tie). `None`: no
 /// quantized type fits the row length (the caller stores F16).
-pub fn candidates(format: QType, pure: bool, role: Role, layer: usize, n_layers: usize, cols: usize) -> Option<Vec<QType>> {
+pub fn candidates(format: QType, pure: bool, imatrix: bool, role: Role, layer: usize, n_layers: usize, cols: usize) -> Option<Vec<QType>> {
     let want = if pure {
         format
     } else {
@@ -57,6 +60,7 @@ pub fn candidates(format: QType, pure: bool, role: Role, layer: usize, n_layers:
             (QType::Q8_0, _) => QType::Q8_0,
             (_, Role::Output | Role::TokenTable { tied: true }) => QType::Q6_K,
             (QType::Q4_K, Role::AttnV | Role::FfnDown) if use_more_bits(layer, n_layers) => QType::Q6_K,
+            (QType::Q4_0, Role::FfnDown) if imatrix && layer < n_layers / 8 => QType::Q4_1,
             (f, _) => f,
         }
     };
@@ -87,7 +91,7 @@ mod tests {
 
     #[test]
     fn smollm2_mixes() {
-        let c = |f, pure, role, layer, cols| candidates(f, pure, role, layer, 30, cols);
+        let c = |f, pure, role, layer, cols| candidates(f, pure, false, role, layer, 30, cols);
         let tied = Role::TokenTable { tied: true };
         // q4_k (Q4_K_M) on SmolLM2-135M's shapes: 576-wide rows cannot hold k-quants.
         assert_eq!(c(QType::Q4_K, false, tied, 0, 576), Some(vec![QType::Q8_0]));
@@ -103,6 +107,14 @@ mod tests {
         // q4_0: the head in Q6_K/Q8_0, the rest Q4_0.
         assert_eq!(c(QType::Q4_0, false, tied, 0, 576), Some(vec![QType::Q8_0]));
         assert_eq!(c(QType::Q4_0, false, Role::FfnDown, 0, 1536), Some(vec![QType::Q4_0]));
+        // q4_0 with an importance matrix: ffn_down of layers 0..n/8 (0, 1, 2 of 30) in Q4_1,
+        // as llama.cpp does; the rest unchanged.
+        let with_imatrix = |role, layer| candidates(QType::Q4_0, false, true, role, layer, 30, 1536);
+        let q41: Vec<usize> = (0..30).filter(|&l| with_imatrix(Role::FfnDown, l) == Some(vec![QType::Q4_1])).collect();
+        assert_eq!(q41, vec![0, 1, 2]);
+        assert_eq!(with_imatrix(Role::FfnDown, 3), Some(vec![QType::Q4_0]));
+        assert_eq!(with_imatrix(Role::AttnV, 0), Some(vec![QType::Q4_0]));
+        assert_eq!(candidates(QType::Q4_0, true, true, Role::FfnDown, 0, 30, 1536), Some(vec![QType::Q4_0]), "--pure");
         // q8_0 is Q8_0 throughout.
         assert_eq!(c(QType::Q8_0, false, tied, 0, 576), Some(vec![QType::Q8_0]));
         // --pure: the format everywhere, llama.cpp's Q5_0 fallback only.
