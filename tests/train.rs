@@ -241,6 +241,62 @@ plots = false
         assert!(rep.adapter_dir.unwrap().join("adapter_model.safetensors").exists());
     }
 
+    /// A `lora = false` stage (Chinese-LLaMA's embeddings-only first stage) leaves LoRA exactly
+    /// where it started: B stays zero, so the stage cannot touch the base model's behaviour.
+    #[test]
+    fn lora_false_stage_leaves_lora_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny();
+        let r = recipe(
+            dir.path(),
+            &format!(
+                r#"
+[model]
+path = "{base}"
+[vocab]
+extension = "{ext}"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.05
+[trainable]
+embed_tokens = "new_rows"
+lm_head = "new_rows"
+[[data]]
+kind = "tokenized"
+path = "{ids}"
+[train]
+seq_len = 32
+batch_size = 2
+lr = 1e-2
+warmup_ratio = 0.0
+[[stage]]
+name = "rows"
+steps = 3
+lora = false
+[output]
+dir = "out"
+plots = false
+"#,
+                base = p(&tiny.join("base")),
+                ext = p(&tiny.join("vocab_extension.json")),
+                ids = p(&fixture("data/tiny_ids.jsonl")),
+            ),
+        );
+        train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
+        let st = linly_lora::io::safetensors::SafetensorsFile::open(&dir.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+        let mut seen = 0;
+        for name in st.names().into_iter().filter(|n| n.contains("lora_B")) {
+            let v = st.require(&name).unwrap().to_f32().unwrap();
+            assert!(v.iter().all(|&x| x == 0.0), "{name} moved in a lora = false stage");
+            seen += 1;
+        }
+        assert!(seen > 0, "the adapter holds no lora_B");
+        // The new rows did train.
+        let rows = st.require(&st.names().into_iter().find(|n| n.contains("embed_tokens")).unwrap()).unwrap().to_f32().unwrap();
+        assert!(rows.iter().any(|&x| x != 0.0));
+    }
+
     #[test]
     fn loss_falls_on_real_chinese_data() {
         let dir = tempfile::tempdir().unwrap();
