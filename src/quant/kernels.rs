@@ -8,7 +8,7 @@
 //! time, an AVX2 version; [`Kernels::best`] picks once per process, [`Kernels::scalar`] is
 //! the fallback and the reference the tests hold the SIMD code to.
 
-use super::blocks::{f16_at, scale_min_k4, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
+use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
 
 /// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
 pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
@@ -17,6 +17,12 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 /// is loaded and unpacked once for four tokens. The fourth argument holds the activations'
 /// block scales already converted to f32.
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
+
+/// Eight interleaved Q4_0 rows ([`super::blocks::pack_q4_0x8`]) against one Q8_0 activation
+/// row: `gemv(group, act, act_sums, n_blocks)` → the eight dot products. `act_sums[b]` is
+/// `Σ q` over activation block `b` (the SIMD kernel multiplies unsigned codes and takes the
+/// `−8` offset off afterwards as `8·Σq`).
+pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
 
 /// One dot-product function per weight type.
 #[derive(Clone, Copy)]
@@ -34,6 +40,9 @@ pub struct Kernels {
     /// Q4_1 against four Q8_1 rows (the scales argument holds their `d`; `s` is read from the
     /// blocks).
     pub q4_1x4: Option<Dot4Fn>,
+    /// Q4_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
+    /// keeps Q4_0 weights in).
+    pub q4_0x8: Gemv8Fn,
     /// `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -51,6 +60,7 @@ impl Kernels {
             q4_0x4: None,
             q5_0x4: None,
             q4_1x4: None,
+            q4_0x8: gemv_q4_0x8_scalar,
             name: "scalar",
         }
     }
@@ -103,6 +113,29 @@ fn dot_q4_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
         sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
     }
     sum
+}
+
+/// The reference for the interleaved layout: the same integer sums per block as
+/// [`dot_q4_0_scalar`] (codes minus 8 times the activation codes, read straight from the
+/// layout), scaled and summed in the same order, so each output equals that kernel's result
+/// on the row-major row exactly. It does not use `act_sums`, so that tests check them.
+fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    for (g, ab) in w.chunks_exact(Q4_0X8_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
+            let mut s = 0i32;
+            for t in 0..4 {
+                for k in 0..4 {
+                    let q = g[16 + 32 * t + 4 * r + k];
+                    s += ((q & 0x0F) as i32 - 8) * q8[4 * t + k] as i8 as i32;
+                    s += ((q >> 4) as i32 - 8) * q8[16 + 4 * t + k] as i8 as i32;
+                }
+            }
+            *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;
+        }
+    }
+    out
 }
 
 fn dot_q5_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
@@ -194,7 +227,7 @@ fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
 
 #[cfg(target_arch = "x86_64")]
 mod avx2 {
-    use super::super::blocks::{scale_min_k4, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
+    use super::super::blocks::{scale_min_k4, Q4_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
     use super::Kernels;
     use std::arch::x86_64::*;
 
@@ -216,6 +249,7 @@ mod avx2 {
             q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
             q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
             q4_1x4: Some(|w, a, s, n| unsafe { q4_1x4(w, a, s, n) }),
+            q4_0x8: |w, a, s, n| unsafe { q4_0x8(w, a, s, n) },
             name: "avx2",
         }
     }
@@ -316,6 +350,43 @@ mod avx2 {
             (d, mul_sum_i8(qw, qa))
         };
         two_accumulators(nb, block)
+    }
+
+    /// Eight interleaved Q4_0 rows against one Q8_0 row, one pass over the group's stream.
+    /// Per block column: the unsigned nibbles (0..15) of each 32-byte chunk go straight into
+    /// `maddubs` against the activation's matching four bytes broadcast to every 32-bit lane
+    /// (lane r = row r), so no sign trick is needed; the eight 16-bit partial sums of a block
+    /// fit in i16 (|Σ| ≤ 8·2·15·127 = 30 480) and are widened once per block by `madd`; the
+    /// offset is taken off in integers as `8·Σq_a`; then one FMA with the eight rows' scales
+    /// (one F16C load) times the activation's scale.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0x8(w: &[u8], a: &[u8], act_sums: &[i32], nb: usize) -> [f32; 8] {
+        assert!(w.len() >= nb * Q4_0X8_BYTES && a.len() >= nb * Q8_0_BYTES && act_sums.len() >= nb);
+        let m4 = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = _mm256_setzero_ps();
+        for b in 0..nb {
+            let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+            let ap = a.as_ptr().add(b * Q8_0_BYTES);
+            let at = |k: usize| _mm256_set1_epi32((ap.add(2 + 4 * k) as *const i32).read_unaligned());
+            let mut s16 = [_mm256_setzero_si256(); 2];
+            for t in 0..4 {
+                let q = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+                let lo = _mm256_and_si256(q, m4);
+                let hi = _mm256_and_si256(_mm256_srli_epi16(q, 4), m4);
+                // Two chains, so that the adds of consecutive chunks overlap.
+                s16[0] = _mm256_add_epi16(s16[0], _mm256_maddubs_epi16(lo, at(t)));
+                s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(hi, at(4 + t)));
+            }
+            let s32 = _mm256_madd_epi16(_mm256_add_epi16(s16[0], s16[1]), ones);
+            let s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * *act_sums.get_unchecked(b)));
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(ap)));
+            acc = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc);
+        }
+        let mut out = [0f32; 8];
+        _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        out
     }
 
     #[target_feature(enable = "avx2,fma,f16c")]
