@@ -254,6 +254,23 @@ mod avx2 {
         }
     }
 
+    /// How far ahead of the current weight block the kernels prefetch. Decoding is a stream
+    /// over every weight once per token, mostly from DRAM; the hardware prefetcher alone left
+    /// the loads of the weights as the kernels' hottest instructions (perf annotate). Measured
+    /// on the 2-core EPYC, one thread, `bench quant --gen 64`: q4_0 decode +10–15 % at 1–8 KiB
+    /// (no clear best among them), q8_0 +13 % at 2 KiB.
+    const PREFETCH_AHEAD: usize = 2048;
+
+    /// Prefetches `LINES` cache lines at [`PREFETCH_AHEAD`] bytes past `p` (the caller's block
+    /// size rounded up to lines). Past the end of the weights it is a no-op, never a fault.
+    #[inline(always)]
+    unsafe fn prefetch<const LINES: usize>(p: *const u8) {
+        let p = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
+        for l in 0..LINES {
+            _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l));
+        }
+    }
+
     #[inline]
     #[target_feature(enable = "avx2,fma,f16c")]
     fn hsum(v: __m256) -> f32 {
@@ -330,6 +347,7 @@ mod avx2 {
         assert!(w.len() >= nb * Q8_0_BYTES && a.len() >= nb * Q8_0_BYTES);
         let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q8_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            prefetch::<1>(wp);
             let d = _mm256_set1_ps(scale2(wp, ap));
             let qw = _mm256_loadu_si256(wp.add(2) as *const __m256i);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
@@ -344,6 +362,7 @@ mod avx2 {
         let off = _mm256_set1_epi8(8);
         let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q4_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            prefetch::<1>(wp);
             let d = _mm256_set1_ps(scale2(wp, ap));
             let qw = _mm256_sub_epi8(nibbles32(wp.add(2)), off);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
@@ -367,6 +386,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for b in 0..nb {
             let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+            prefetch::<3>(g);
             let ap = a.as_ptr().add(b * Q8_0_BYTES);
             let at = |k: usize| _mm256_set1_epi32((ap.add(2 + 4 * k) as *const i32).read_unaligned());
             let mut s16 = [_mm256_setzero_si256(); 2];
@@ -395,6 +415,7 @@ mod avx2 {
         let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
         let block = |i: usize| {
             let (wp, ap) = (w.as_ptr().add(i * Q5_0_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
+            prefetch::<1>(wp);
             let d = _mm256_set1_ps(scale2(wp, ap));
             // q − 16 as a signed byte: the nibble when the fifth bit is set, else nibble | 0xF0.
             let qh = _mm256_andnot_si256(bytes_from_bits(wp.add(2)), hi_mask);
@@ -471,6 +492,7 @@ mod avx2 {
         let m4 = _mm256_set1_epi8(0x0F);
         for i in 0..nb {
             let wb = &w[i * Q4_K_BYTES..(i + 1) * Q4_K_BYTES];
+            prefetch::<3>(wb.as_ptr());
             let ab = &a[i * Q8_K_BYTES..(i + 1) * Q8_K_BYTES];
             let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
             let dd = _mm_cvtph_ps(_mm_set_epi32(0, 0, 0, (wb.as_ptr() as *const i32).read_unaligned()));
@@ -507,6 +529,7 @@ mod avx2 {
         let mut summs = 0f32;
         for i in 0..nb {
             let (wp, ap) = (w.as_ptr().add(i * Q4_1_BYTES), a.as_ptr().add(i * Q8_1_BYTES));
+            prefetch::<1>(wp);
             // d_w, m_w, d_a, s_a in one F16C conversion.
             let h = _mm_cvtph_ps(_mm_set_epi32(0, 0, (ap as *const i32).read_unaligned(), (wp as *const i32).read_unaligned()));
             let mut f = [0f32; 4];
@@ -531,6 +554,7 @@ mod avx2 {
         let mut acc = _mm256_setzero_ps();
         for i in 0..nb {
             let wp = w.as_ptr().add(i * Q6_K_BYTES);
+            prefetch::<4>(wp);
             let ap = a.as_ptr().add(i * Q8_K_BYTES);
             let d = f16_scale(wp.add(208)) * (ap as *const f32).read_unaligned();
             let scales = _mm_loadu_si128(wp.add(192) as *const __m128i);
