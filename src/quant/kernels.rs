@@ -24,6 +24,10 @@ pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
 /// `−8` offset off afterwards as `8·Σq`).
 pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
 
+/// [`Gemv8Fn`] for four activation rows at once (prompt processing): each block column of the
+/// group is loaded and unpacked once for four tokens. Returns `[token][row]`.
+pub type Gemm4x8Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 8]; 4];
+
 /// One dot-product function per weight type.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -43,6 +47,8 @@ pub struct Kernels {
     /// Q4_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
     /// keeps Q4_0 weights in).
     pub q4_0x8: Gemv8Fn,
+    /// Its four-token version (`None`: loop over [`Gemv8Fn`]).
+    pub q4_0x8x4: Option<Gemm4x8Fn>,
     /// `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -61,6 +67,7 @@ impl Kernels {
             q5_0x4: None,
             q4_1x4: None,
             q4_0x8: gemv_q4_0x8_scalar,
+            q4_0x8x4: None,
             name: "scalar",
         }
     }
@@ -250,6 +257,7 @@ mod avx2 {
             q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
             q4_1x4: Some(|w, a, s, n| unsafe { q4_1x4(w, a, s, n) }),
             q4_0x8: |w, a, s, n| unsafe { q4_0x8(w, a, s, n) },
+            q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
             name: "avx2",
         }
     }
@@ -406,6 +414,48 @@ mod avx2 {
         }
         let mut out = [0f32; 8];
         _mm256_storeu_ps(out.as_mut_ptr(), acc);
+        out
+    }
+
+    /// [`q4_0x8`] against four activation rows: the block column's nibbles are unpacked once
+    /// into eight registers and reused for the four tokens.
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
+        assert!(w.len() >= nb * Q4_0X8_BYTES);
+        for (r, s) in a.iter().zip(&act_sums) {
+            assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
+        }
+        let m4 = _mm256_set1_epi8(0x0F);
+        let ones = _mm256_set1_epi16(1);
+        let mut acc = [_mm256_setzero_ps(); 4];
+        for b in 0..nb {
+            let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+            prefetch::<3>(g);
+            let mut q = [_mm256_setzero_si256(); 8];
+            for t in 0..4 {
+                let raw = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+                q[t] = _mm256_and_si256(raw, m4);
+                q[4 + t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+            for k in 0..4 {
+                let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+                let mut s16 = [_mm256_setzero_si256(); 2];
+                for t in 0..4 {
+                    let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+                    s16[0] = _mm256_add_epi16(s16[0], _mm256_maddubs_epi16(q[t], at(t)));
+                    s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(q[4 + t], at(4 + t)));
+                }
+                let s32 = _mm256_madd_epi16(_mm256_add_epi16(s16[0], s16[1]), ones);
+                let s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * *act_sums[k].get_unchecked(b)));
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(ap)));
+                acc[k] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[k]);
+            }
+        }
+        let mut out = [[0f32; 8]; 4];
+        for (o, v) in out.iter_mut().zip(acc) {
+            _mm256_storeu_ps(o.as_mut_ptr(), v);
+        }
         out
     }
 

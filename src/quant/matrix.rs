@@ -425,7 +425,19 @@ impl QuantMatrix {
                 for (gi, og) in o_groups.chunks_exact_mut(Q4_0X8_ROWS * n).enumerate() {
                     let r = r0 + gi * Q4_0X8_ROWS;
                     let w = &m.data[r * rb..(r + Q4_0X8_ROWS) * rb];
-                    for t in t0..t1 {
+                    let mut t = t0;
+                    if let Some(g4) = k.q4_0x8x4 {
+                        while t + 4 <= t1 {
+                            let y = g4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
+                            for (u, yu) in y.iter().enumerate() {
+                                for (j, &v) in yu.iter().enumerate() {
+                                    og[j * n + t + u] = v;
+                                }
+                            }
+                            t += 4;
+                        }
+                    }
+                    for t in t..t1 {
                         let y = (k.q4_0x8)(w, act(t), sum(t), nb);
                         for (j, v) in y.into_iter().enumerate() {
                             og[j * n + t] = v;
