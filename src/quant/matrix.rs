@@ -1,6 +1,7 @@
 //! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
 //! product with f32 activations: activations are quantized once per call (Q8_0, Q8_1 or Q8_K), then
-//! every output row is one dot product per token, rows spread over rayon's threads. The
+//! every output row is one dot product per token (eight rows per pass for Q4_0, see
+//! [`QuantMatrix`]), rows spread over the team's threads. The
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
