@@ -158,3 +158,106 @@ fn simd_q8_0_takes_code_minus_128() {
         assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{u} vs {v}");
     }
 }
+
+/// Q4_0 matrices keep their rows in interleaved groups of eight (one pass of the GEMV kernel
+/// makes eight outputs). Every output must equal the row-major dot kernel's on the GGUF bytes
+/// of its row: exactly for the scalar kernels (same integer sums, same order), to f32
+/// rounding for SIMD; row counts that leave tails (rows % 8 ≠ 0), fewer rows than a group,
+/// one and several tokens.
+#[test]
+fn q4_0_interleaved_rows_equal_the_row_dot_kernel() {
+    use linly_lora::quant::blocks::{quantize_act_q8_0, Q8_0_BYTES};
+    use linly_lora::quant::{Kernels, QuantMatrix};
+    let mut kernels = vec![Kernels::scalar()];
+    kernels.extend(Kernels::simd());
+    for (rows, cols) in [(8, 32), (5, 64), (13, 96), (37, 576), (64, 1536)] {
+        let w = pseudo(rows * cols, rows);
+        let m = QuantMatrix::quantize(QType::Q4_0, rows, cols, &w).unwrap();
+        let raw = m.bytes().into_owned();
+        let (nb, rb) = (cols / 32, cols / 32 * 18);
+        for n in [1, 3, 6] {
+            let x = pseudo(n * cols, 7 + n);
+            let mut acts = vec![0u8; n * nb * Q8_0_BYTES];
+            for (a, r) in acts.chunks_exact_mut(nb * Q8_0_BYTES).zip(x.chunks_exact(cols)) {
+                quantize_act_q8_0(r, a);
+            }
+            for k in &kernels {
+                let y = m.matmul_with(&x, n, k);
+                for t in 0..n {
+                    let a = &acts[t * nb * Q8_0_BYTES..(t + 1) * nb * Q8_0_BYTES];
+                    for r in 0..rows {
+                        let want = (k.q4_0)(&raw[r * rb..(r + 1) * rb], a, nb);
+                        let got = y[t * rows + r];
+                        if k.name == "scalar" {
+                            assert_eq!(got, want, "[{rows}×{cols}] n={n} t={t} r={r}");
+                        } else {
+                            let scale: f32 = w[r * cols..(r + 1) * cols].iter().zip(&x[t * cols..]).map(|(u, v)| (u * v).abs()).sum();
+                            assert!((got - want).abs() <= 1e-5 * scale + 1e-6, "[{rows}×{cols}] n={n} t={t} r={r}: {got} vs {want}");
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// The interleaved kernel's 16-bit partial sums at their largest: every nibble 15 (code +7) or
+/// 0 (code −8) against activation codes ±127, all of one sign per block, so that a wrong
+/// bound (i16 overflow) or a lost offset shows.
+#[test]
+fn q4_0_interleaved_kernel_at_extreme_codes() {
+    use linly_lora::quant::{Kernels, QuantMatrix};
+    let Some(simd) = Kernels::simd() else { return };
+    let (rows, cols) = (16, 128);
+    let mut data = Vec::new();
+    for r in 0..rows {
+        for b in 0..cols / 32 {
+            data.extend_from_slice(&half::f16::from_f32(0.5 + 0.01 * r as f32).to_le_bytes());
+            data.extend(std::iter::repeat_n(if (r + b) % 2 == 0 { 0xFFu8 } else { 0x00 }, 16));
+        }
+    }
+    let m = QuantMatrix::from_bytes(QType::Q4_0, rows, cols, data.clone()).unwrap();
+    assert_eq!(&*m.bytes(), &data[..], "the GGUF bytes come back unchanged");
+    for sign in [1.0f32, -1.0] {
+        let x: Vec<f32> = (0..cols).map(|i| if (i / 32) % 3 == 2 { -sign } else { sign }).collect();
+        let a = m.matmul_with(&x, 1, &Kernels::scalar());
+        let b = m.matmul_with(&x, 1, &simd);
+        for (r, (u, v)) in a.iter().zip(&b).enumerate() {
+            // By hand: per block d·(1/127·127)·32·code, code 7 or −8, activations ±1.
+            let d = half::f16::from_f32(0.5 + 0.01 * r as f32).to_f32();
+            let want: f32 = (0..cols / 32).map(|bl| {
+                let code = if (r + bl) % 2 == 0 { 7.0 } else { -8.0 };
+                let s = if bl % 3 == 2 { -sign } else { sign };
+                d * 32.0 * code * s
+            }).sum();
+            assert!((u - want).abs() <= 1e-3 * want.abs().max(1.0), "scalar row {r}: {u} vs {want}");
+            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "row {r}: {u} vs {v}");
+        }
+    }
+}
+
+/// What hands Q4_0 bytes or rows out reads through the interleaving: GGUF bytes, single rows
+/// (embedding lookups), full dequantization, row permutations.
+#[test]
+fn q4_0_interleaved_matrix_gives_gguf_bytes_and_rows_back() {
+    use linly_lora::io::gguf::{dequantize, GgmlType};
+    use linly_lora::quant::QuantMatrix;
+    for rows in [3, 8, 21] {
+        let cols = 64;
+        let raw = QuantMatrix::quantize(QType::Q8_0, rows, cols, &pseudo(rows * cols, 1)).unwrap();
+        // Any bytes with valid f16 scales are Q4_0 codes: build them from the Q8_0 row bytes.
+        let data: Vec<u8> = raw.bytes().chunks_exact(34).flat_map(|b| b[..18].to_vec()).collect();
+        let m = QuantMatrix::from_bytes(QType::Q4_0, rows, cols, data.clone()).unwrap();
+        assert_eq!(&*m.bytes(), &data[..]);
+        assert_eq!(m.clone().into_bytes(), data);
+        let all = dequantize(GgmlType::Q4_0, &data, rows * cols).unwrap();
+        assert_eq!(m.dequantize(), all);
+        let ids: Vec<usize> = (0..rows).rev().collect();
+        let got = m.dequantize_rows(&ids).unwrap();
+        for (i, &r) in ids.iter().enumerate() {
+            assert_eq!(&got[i * cols..(i + 1) * cols], &all[r * cols..(r + 1) * cols], "row {r}");
+        }
+        let p = m.permute_rows(&ids).unwrap();
+        assert_eq!(p.dequantize(), got);
+    }
+}

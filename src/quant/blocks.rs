@@ -211,6 +211,59 @@ pub fn quantize_row_q4_0_rmse(x: &[f32], imp: Option<&[f32]>, out: &mut Vec<u8>)
     }
 }
 
+/// Rows per interleaved Q4_0 group ([`pack_q4_0x8`]).
+pub const Q4_0X8_ROWS: usize = 8;
+/// Bytes of one block column of an interleaved group: the same as eight Q4_0 blocks.
+pub const Q4_0X8_BYTES: usize = Q4_0X8_ROWS * Q4_0_BYTES;
+
+/// Interleaves eight Q4_0 rows of `nb` blocks (`src`, row-major, `8·nb·18` bytes) so that a
+/// GEMV reads them as one sequential stream and produces eight outputs per pass (llama.cpp's
+/// `CPU_REPACK` idea, in a layout of our own). Block column `b` takes 144 bytes at `144·b`:
+///
+/// * the eight rows' f16 scales `d[0..8]` (16 bytes), loaded as one F16C vector;
+/// * four chunks `t = 0..4` of 32 bytes, chunk `t` holding bytes `qs[4t..4t+4]` of rows 0..7
+///   in order. Byte `i` of a Q4_0 block holds element `i` (low nibble) and `i + 16` (high), so
+///   a chunk's low nibbles are elements `4t..4t+4` of every row and its high nibbles elements
+///   `16+4t..20+4t`: each 32-bit lane is one row, which `maddubs` + `madd` sum per lane
+///   against the activation's matching four bytes broadcast to all lanes.
+///
+/// The codes are not changed (no XOR), so [`unpack_q4_0x8`] restores the GGUF bytes exactly.
+pub fn pack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let rb = nb * Q4_0_BYTES;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q4_0 rows of {nb} blocks");
+    for (b, out) in dst.chunks_exact_mut(Q4_0X8_BYTES).enumerate() {
+        for r in 0..Q4_0X8_ROWS {
+            let blk = &src[r * rb + b * Q4_0_BYTES..r * rb + (b + 1) * Q4_0_BYTES];
+            out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+            for t in 0..4 {
+                let o = 16 + 32 * t + 4 * r;
+                out[o..o + 4].copy_from_slice(&blk[2 + 4 * t..6 + 4 * t]);
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_q4_0x8`]: eight row-major Q4_0 rows from one interleaved group.
+pub fn unpack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let rb = nb * Q4_0_BYTES;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q4_0 rows of {nb} blocks");
+    for (b, g) in src.chunks_exact(Q4_0X8_BYTES).enumerate() {
+        for r in 0..Q4_0X8_ROWS {
+            let blk = &mut dst[r * rb + b * Q4_0_BYTES..r * rb + (b + 1) * Q4_0_BYTES];
+            unpack_q4_0x8_block(g, r, blk);
+        }
+    }
+}
+
+/// Row `r`'s Q4_0 block (18 bytes) out of one interleaved block column `g` (144 bytes).
+pub fn unpack_q4_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
+    blk[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
+    for t in 0..4 {
+        let o = 16 + 32 * t + 4 * r;
+        blk[2 + 4 * t..6 + 4 * t].copy_from_slice(&g[o..o + 4]);
+    }
+}
+
 /// `quantize_row_q6_K_ref`: per sub-block of 16 a scale from [`make_qx_quants`] (32 levels,
 /// weights x²), the 16 scales quantized to i8 against `d = max_scale / −128`, then the 6-bit
 /// codes recomputed with the rounded scales and split into low nibbles (`ql`) and high 2 bits
@@ -802,5 +855,31 @@ mod tests {
                 assert_eq!(i16::from_le_bytes([kb[260 + 2 * j], kb[261 + 2 * j]]) as i32, s);
             }
         }
+    }
+
+    #[test]
+    fn q4_0x8_packing_places_each_byte_and_round_trips() {
+        // Eight rows of three blocks, every byte distinct by (row, block, position).
+        let nb = 3;
+        let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
+        let src: Vec<u8> = (0..8).flat_map(|r| (0..nb).flat_map(move |b| (0..Q4_0_BYTES).map(move |i| byte(r, b, i)))).collect();
+        let mut packed = vec![0u8; src.len()];
+        pack_q4_0x8(&src, nb, &mut packed);
+        // By the layout's definition: column b at 144·b; scale of row r at 2r; qs[4t + k] of
+        // row r at 16 + 32t + 4r + k.
+        for b in 0..nb {
+            let g = &packed[b * Q4_0X8_BYTES..];
+            for r in 0..8 {
+                assert_eq!([g[2 * r], g[2 * r + 1]], [byte(r, b, 0), byte(r, b, 1)]);
+                for t in 0..4 {
+                    for k in 0..4 {
+                        assert_eq!(g[16 + 32 * t + 4 * r + k], byte(r, b, 2 + 4 * t + k), "b{b} r{r} t{t} k{k}");
+                    }
+                }
+            }
+        }
+        let mut back = vec![0u8; src.len()];
+        unpack_q4_0x8(&packed, nb, &mut back);
+        assert_eq!(back, src);
     }
 }

@@ -1,14 +1,16 @@
 //! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
 //! product with f32 activations: activations are quantized once per call (Q8_0, Q8_1 or Q8_K), then
-//! every output row is one dot product per token, rows spread over rayon's threads. The
+//! every output row is one dot product per token (eight rows per pass for Q4_0, see
+//! [`QuantMatrix`]), rows spread over the team's threads. The
 //! weights are never dequantized on the hot path.
 
-use super::blocks::{self, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
+use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
 use super::kernels::{Dot4Fn, DotFn, Kernels};
 use super::team::Team;
 use crate::io::gguf::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
+use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
 use std::sync::Mutex;
@@ -183,13 +185,22 @@ impl fmt::Display for QType {
     }
 }
 
-/// A row-major quantized matrix: `rows` rows of `cols` values, each row `row_bytes` of blocks.
+/// A quantized matrix: `rows` rows of `cols` values, each row `row_bytes` of blocks.
+///
+/// Q4_0 matrices keep their rows in interleaved groups of eight ([`blocks::pack_q4_0x8`]), so
+/// that one sequential pass of the GEMV kernel makes eight outputs; the `rows % 8` rows after
+/// the last group stay row-major. A group takes the bytes of its eight rows, so every row
+/// outside a group sits where it would in the row-major matrix, and the size does not change.
+/// Everything that hands bytes out ([`Self::bytes`], [`Self::into_bytes`]) or reads single
+/// rows gives the GGUF row-major order back. Other types are stored row-major.
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: QType,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
+    /// Rows `0..packed` are in interleaved groups of eight (a multiple of 8; 0 when not Q4_0).
+    packed: usize,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -217,7 +228,7 @@ impl QuantMatrix {
                 out.copy_from_slice(buf);
             },
         );
-        Ok(QuantMatrix { ty, rows, cols, data })
+        Ok(QuantMatrix::new(ty, rows, cols, data))
     }
 
     /// Q4_0 by ggml's error-minimizing search ([`blocks::quantize_row_q4_0_rmse`]); `imp` is a
@@ -236,7 +247,7 @@ impl QuantMatrix {
                 out.copy_from_slice(buf);
             },
         );
-        Ok(QuantMatrix { ty: QType::Q4_0, rows, cols, data })
+        Ok(QuantMatrix::new(QType::Q4_0, rows, cols, data))
     }
 
     /// Wraps bytes already in `ty`'s encoding (e.g. from a GGUF file), checking their size.
@@ -248,7 +259,22 @@ impl QuantMatrix {
         if data.len() != want {
             bail!("a {rows}×{cols} {ty} matrix takes {want} bytes, got {}", data.len());
         }
-        Ok(QuantMatrix { ty, rows, cols, data })
+        Ok(QuantMatrix::new(ty, rows, cols, data))
+    }
+
+    /// Wraps checked row-major bytes, interleaving Q4_0 rows in groups of eight (in place,
+    /// groups in parallel).
+    fn new(ty: QType, rows: usize, cols: usize, mut data: Vec<u8>) -> Self {
+        let packed = if ty == QType::Q4_0 { rows / Q4_0X8_ROWS * Q4_0X8_ROWS } else { 0 };
+        if packed > 0 {
+            let nb = cols / QK;
+            let gb = Q4_0X8_ROWS * nb * ty.block_bytes();
+            data[..packed / Q4_0X8_ROWS * gb].par_chunks_mut(gb).for_each(|g| {
+                let rows8 = g.to_vec();
+                blocks::pack_q4_0x8(&rows8, nb, g);
+            });
+        }
+        QuantMatrix { ty, rows, cols, data, packed }
     }
 
     pub fn qtype(&self) -> QType {
@@ -260,11 +286,39 @@ impl QuantMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    pub fn bytes(&self) -> &[u8] {
-        &self.data
+    /// The bytes in GGUF order (row-major; borrowed unless Q4_0 groups must be undone).
+    pub fn bytes(&self) -> Cow<'_, [u8]> {
+        if self.packed == 0 {
+            return Cow::Borrowed(&self.data);
+        }
+        Cow::Owned(self.clone().into_bytes())
     }
-    pub fn into_bytes(self) -> Vec<u8> {
+    /// The bytes in GGUF order (row-major), the interleaved groups undone in place.
+    pub fn into_bytes(mut self) -> Vec<u8> {
+        if self.packed > 0 {
+            let nb = self.cols / QK;
+            let rb = self.row_bytes();
+            let gb = Q4_0X8_ROWS * rb;
+            self.data[..self.packed * rb].par_chunks_mut(gb).for_each(|g| {
+                let group = g.to_vec();
+                blocks::unpack_q4_0x8(&group, nb, g);
+            });
+        }
         self.data
+    }
+    /// Row `r` in its GGUF bytes.
+    fn row(&self, r: usize) -> Cow<'_, [u8]> {
+        let rb = self.row_bytes();
+        if r >= self.packed {
+            return Cow::Borrowed(&self.data[r * rb..(r + 1) * rb]);
+        }
+        let (g, j) = (r / Q4_0X8_ROWS, r % Q4_0X8_ROWS);
+        let group = &self.data[g * Q4_0X8_ROWS * rb..(g + 1) * Q4_0X8_ROWS * rb];
+        let mut out = vec![0u8; rb];
+        for (col, blk) in group.chunks_exact(blocks::Q4_0X8_BYTES).zip(out.chunks_exact_mut(blocks::Q4_0_BYTES)) {
+            blocks::unpack_q4_0x8_block(col, j, blk);
+        }
+        Cow::Owned(out)
     }
     pub fn row_bytes(&self) -> usize {
         self.cols / self.ty.block() * self.ty.block_bytes()
@@ -272,18 +326,17 @@ impl QuantMatrix {
 
     /// The whole matrix in f32 (for export and tests, not for inference).
     pub fn dequantize(&self) -> Vec<f32> {
-        crate::io::gguf::dequantize(self.ty.ggml(), &self.data, self.rows * self.cols).expect("sizes checked at construction")
+        crate::io::gguf::dequantize(self.ty.ggml(), &self.bytes(), self.rows * self.cols).expect("sizes checked at construction")
     }
 
     /// The listed rows in f32, `[ids.len(), cols]`: an embedding lookup.
     pub fn dequantize_rows(&self, ids: &[usize]) -> Result<Vec<f32>> {
-        let rb = self.row_bytes();
         let mut out = vec![0f32; ids.len() * self.cols];
         for (&id, o) in ids.iter().zip(out.chunks_exact_mut(self.cols)) {
             if id >= self.rows {
                 bail!("row {id} is outside a matrix of {} rows", self.rows);
             }
-            crate::io::gguf::dequantize_into(self.ty.ggml(), &self.data[id * rb..(id + 1) * rb], o)?;
+            crate::io::gguf::dequantize_into(self.ty.ggml(), &self.row(id), o)?;
         }
         Ok(out)
     }
@@ -331,6 +384,13 @@ impl QuantMatrix {
             Vec::new()
         };
         let sc = |t: usize| &scales[t * nb_act..(t + 1) * nb_act];
+        // Σq per activation block, for the interleaved Q4_0 kernel's offset.
+        let sums: Vec<i32> = if ms.iter().any(|m| m.packed > 0) {
+            acts.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()
+        } else {
+            Vec::new()
+        };
+        let sum = |t: usize| &sums[t * nb_act..(t + 1) * nb_act];
         // Enough tasks per thread to balance, few enough that dispatch stays cheap; with many
         // tokens, also few enough rows that a task's weights stay in L2 while every token
         // block passes over them.
@@ -339,6 +399,8 @@ impl QuantMatrix {
         if n >= 8 {
             per_task = per_task.min(64);
         }
+        // Whole groups of eight, so that every task starts on an interleaved Q4_0 group.
+        let per_task = per_task.next_multiple_of(Q4_0X8_ROWS);
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
         const TB: usize = 32;
         // Each out_t is [rows, n]: each task owns a contiguous range of one matrix's output rows.
@@ -354,10 +416,37 @@ impl QuantMatrix {
             let m = ms[mi];
             let (dot, dot4, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.row_bytes(), m.cols / m.ty.block());
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
+            // Rows r0..r1 of this task in interleaved groups, eight outputs per pass; the rest
+            // one row at a time.
+            let r1 = m.packed.clamp(r0, r0 + o.len() / n);
+            debug_assert!(r1 == r0 || r0.is_multiple_of(Q4_0X8_ROWS), "tasks start on a group");
+            let (o_groups, o) = o.split_at_mut((r1 - r0) * n);
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
+                for (gi, og) in o_groups.chunks_exact_mut(Q4_0X8_ROWS * n).enumerate() {
+                    let r = r0 + gi * Q4_0X8_ROWS;
+                    let w = &m.data[r * rb..(r + Q4_0X8_ROWS) * rb];
+                    let mut t = t0;
+                    if let Some(g4) = k.q4_0x8x4 {
+                        while t + 4 <= t1 {
+                            let y = g4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
+                            for (u, yu) in y.iter().enumerate() {
+                                for (j, &v) in yu.iter().enumerate() {
+                                    og[j * n + t + u] = v;
+                                }
+                            }
+                            t += 4;
+                        }
+                    }
+                    for t in t..t1 {
+                        let y = (k.q4_0x8)(w, act(t), sum(t), nb);
+                        for (j, v) in y.into_iter().enumerate() {
+                            og[j * n + t] = v;
+                        }
+                    }
+                }
                 for (i, orow) in o.chunks_exact_mut(n).enumerate() {
-                    let w = row(r0 + i);
+                    let w = row(r1 + i);
                     let mut t = t0;
                     if let (Some(d4), true) = (dot4, n >= 4) {
                         while t + 4 <= t1 {
@@ -407,15 +496,14 @@ impl QuantMatrix {
         if perm.len() != self.rows {
             bail!("row permutation of length {} for {} rows", perm.len(), self.rows);
         }
-        let rb = self.row_bytes();
         let mut data = Vec::with_capacity(self.data.len());
         for &p in perm {
             if p >= self.rows {
                 bail!("row permutation index {p} out of range");
             }
-            data.extend_from_slice(&self.data[p * rb..(p + 1) * rb]);
+            data.extend_from_slice(&self.row(p));
         }
-        Ok(QuantMatrix { data, ..*self })
+        Ok(QuantMatrix::new(self.ty, self.rows, self.cols, data))
     }
 }
 

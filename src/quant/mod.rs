@@ -5,7 +5,8 @@
 //!   reference ones, ggml's error-minimizing Q4_0, and the Q8_0 / Q8_1 / Q8_K activation
 //!   quantizers. Which weight gets which type is [`crate::io::gguf::export_mix`]. Dequantization is
 //!   [`crate::io::gguf::dequantize`].
-//! * [`kernels`]: quantized-weight × quantized-activation dot products, scalar and AVX2.
+//! * [`kernels`]: quantized-weight × quantized-activation dot products, scalar and AVX2, and the
+//!   eight-row GEMV over Q4_0 rows interleaved at load ([`blocks::pack_q4_0x8`]).
 //! * [`matrix`]: [`QuantMatrix`], a quantized `[out, in]` weight and its multi-threaded product
 //!   with f32 activations. [`crate::model::linear::Linear`] holds either a dense tensor or one
 //!   of these, so the one model definition runs quantized models.

@@ -529,7 +529,7 @@ mod tests {
                     _ => v,
                 };
                 let want = quantize_matrix(got, shape[0], shape[1], &v, false, None).unwrap();
-                assert_eq!(t.data, want.bytes(), "{ty}: {} bytes", t.name);
+                assert_eq!(t.data, &*want.bytes(), "{ty}: {} bytes", t.name);
                 for &other in &allowed {
                     let (a, b) = (
                         reconstruction_error(&v, shape[0], shape[1], got.ggml(), false, None).unwrap(),
