@@ -180,16 +180,12 @@ keep_last = 2
         )
     }
 
-    /// Chinese-LLaMA's two stages (new rows alone, then LoRA + new rows) in fp16: the switch
-    /// rebuilds the table parameters from the last stage's, which must work on every backend
-    /// (libtorch refused non-leaf tensors there) and keep training. Runs on LINLY_TEST_DEVICE.
-    #[test]
-    fn two_stage_fp16_run_switches_stages() {
-        let dir = tempfile::tempdir().unwrap();
+    /// The tiny fixture with its extended vocabulary, new rows + LoRA r 4, on `device`, with the
+    /// given `[[stage]]` blocks and `[precision]` dtype, for the stage tests.
+    fn tiny_stage_recipe(dir: &Path, device: &str, dtype: &str, dropout: f64, lr: f64, stages: &str) -> PathBuf {
         let tiny = tiny();
-        let device = std::env::var("LINLY_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
-        let r = recipe(
-            dir.path(),
+        recipe(
+            dir,
             &format!(
                 r#"
 [model]
@@ -201,7 +197,7 @@ init = "subtoken-mean"
 [lora]
 r = 4
 alpha = 8
-dropout = 0.0
+dropout = {dropout}
 [trainable]
 embed_tokens = "new_rows"
 lm_head = "new_rows"
@@ -211,18 +207,11 @@ path = "{ids}"
 [train]
 seq_len = 32
 batch_size = 2
-lr = 1e-3
+lr = {lr}
 warmup_ratio = 0.0
-[[stage]]
-name = "rows"
-steps = 3
-lora = false
-[[stage]]
-name = "lora+rows"
-steps = 3
-lora = true
+{stages}
 [precision]
-dtype = "fp16"
+dtype = "{dtype}"
 [output]
 dir = "out"
 save_every = 100
@@ -232,7 +221,18 @@ plots = false
                 ext = p(&tiny.join("vocab_extension.json")),
                 ids = p(&fixture("data/tiny_ids.jsonl")),
             ),
-        );
+        )
+    }
+
+    /// Chinese-LLaMA's two stages (new rows alone, then LoRA + new rows) in fp16: the switch
+    /// rebuilds the table parameters from the last stage's, which must work on every backend
+    /// (libtorch refused non-leaf tensors there) and keep training. Runs on LINLY_TEST_DEVICE.
+    #[test]
+    fn two_stage_fp16_run_switches_stages() {
+        let dir = tempfile::tempdir().unwrap();
+        let device = std::env::var("LINLY_TEST_DEVICE").unwrap_or_else(|_| "cpu".into());
+        let stages = "[[stage]]\nname = \"rows\"\nsteps = 3\nlora = false\n[[stage]]\nname = \"lora+rows\"\nsteps = 3\nlora = true";
+        let r = tiny_stage_recipe(dir.path(), &device, "fp16", 0.0, 1e-3, stages);
         let rep = train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
         let ms = metrics(&dir.path().join("out"));
         let stages: Vec<&str> = ms.iter().map(|m| m["stage"].as_str().unwrap()).collect();
@@ -246,43 +246,7 @@ plots = false
     #[test]
     fn lora_false_stage_leaves_lora_untouched() {
         let dir = tempfile::tempdir().unwrap();
-        let tiny = tiny();
-        let r = recipe(
-            dir.path(),
-            &format!(
-                r#"
-[model]
-path = "{base}"
-[vocab]
-extension = "{ext}"
-[lora]
-r = 4
-alpha = 8
-dropout = 0.05
-[trainable]
-embed_tokens = "new_rows"
-lm_head = "new_rows"
-[[data]]
-kind = "tokenized"
-path = "{ids}"
-[train]
-seq_len = 32
-batch_size = 2
-lr = 1e-2
-warmup_ratio = 0.0
-[[stage]]
-name = "rows"
-steps = 3
-lora = false
-[output]
-dir = "out"
-plots = false
-"#,
-                base = p(&tiny.join("base")),
-                ext = p(&tiny.join("vocab_extension.json")),
-                ids = p(&fixture("data/tiny_ids.jsonl")),
-            ),
-        );
+        let r = tiny_stage_recipe(dir.path(), "cpu", "fp32", 0.05, 1e-2, "[[stage]]\nname = \"rows\"\nsteps = 3\nlora = false");
         train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
         let st = linly_lora::io::safetensors::SafetensorsFile::open(&dir.path().join("out/adapter/adapter_model.safetensors")).unwrap();
         let mut seen = 0;
