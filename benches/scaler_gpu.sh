@@ -23,6 +23,8 @@ SCALERS=${SCALERS:-naive linly}
 W=runs/scaler-gpu
 SRC=recipes/quickstart-smollm2-gpu.toml
 mkdir -p $W
+# The per-run recipes live in recipes/ (their relative paths); never leave them behind.
+trap 'rm -f recipes/.scaler-gpu-*.toml' EXIT
 pids=()
 for init in $INITS; do
   for scaler in $SCALERS; do
@@ -41,7 +43,6 @@ for init in $INITS; do
   done
 done
 wait "${pids[@]}"
-rm -f recipes/.scaler-gpu-*.toml
 python3 - $W $INITS <<'PY'
 import json, os, sys
 w, inits = sys.argv[1], sys.argv[2:]

@@ -155,10 +155,9 @@ pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_
         for br in lin.lora.iter_mut() {
             for p in [&mut br.a, &mut br.b] {
                 let v = p.val().detach().cast(burn::tensor::FloatDType::F32);
-                // The flag must be set on the Param itself: a Param made from a tensor that is
-                // merely not tracked still asks for a gradient, so a `lora = false` stage
-                // trained LoRA anyway.
-                *p = Param::initialized(p.id, if stage.lora { v.require_grad() } else { v }).set_require_grad(stage.lora);
+                // The flag is set on the Param itself: a Param made from a tensor that is merely
+                // not tracked still asks for a gradient, so a `lora = false` stage trained LoRA.
+                *p = Param::initialized(p.id, v).set_require_grad(stage.lora);
             }
         }
     }
