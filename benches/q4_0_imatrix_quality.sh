@@ -4,7 +4,11 @@
 # tests/fixtures/zh/hsk_zh_en.tsv) and the quickstart's held-out Lu Xun / Alice.
 #
 #   ZH_CHARS=48000 EN_CHARS=1000000 bash benches/q4_0_imatrix_quality.sh
+#   GPTQ=1 ZH_CHARS=8000 EN_CHARS=26100 bash benches/q4_0_imatrix_quality.sh
 #
+# GPTQ=1 quantizes with `quantize --gptq` on the same calibration text (gate/up by GPTQ, the
+# other Q4_0 weights by importance-weighted rounding from the same pass) instead of
+# `imatrix` + `quantize --imatrix`.
 # The calibration text is whole lines from the start of the quickstart's training files, up to
 # ZH_CHARS characters of runs/quickstart/data/zh_news.txt and EN_CHARS of en_replay.txt; it
 # shares no 20-character substring with the four texts (checked and printed). Needs
@@ -40,9 +44,15 @@ for t in texts:
     print(f"{t}: {shared} 20-character substrings shared with the calibration text")
     assert shared == 0, "the calibration text overlaps an eval text"
 PY
-[ -f $W/$TAG.imatrix ] || $BIN imatrix --model runs/quickstart/base --text $W/calib-$TAG.txt --window 512 --out $W/$TAG.imatrix
-rm -rf $W/q4_0-$TAG
-$BIN quantize --model runs/quickstart/base --format q4_0 --imatrix $W/$TAG.imatrix --out $W/q4_0-$TAG
+if [ "${GPTQ:-0}" = 1 ]; then
+  TAG=gptq-$TAG
+  rm -rf $W/q4_0-$TAG
+  $BIN quantize --model runs/quickstart/base --format q4_0 --gptq $W/calib-${TAG#gptq-}.txt --calib-window 512 --out $W/q4_0-$TAG
+else
+  [ -f $W/$TAG.imatrix ] || $BIN imatrix --model runs/quickstart/base --text $W/calib-$TAG.txt --window 512 --out $W/$TAG.imatrix
+  rm -rf $W/q4_0-$TAG
+  $BIN quantize --model runs/quickstart/base --format q4_0 --imatrix $W/$TAG.imatrix --out $W/q4_0-$TAG
+fi
 bpc() { $BIN eval --model "$1" --text "$2" --window 1024 --json | python3 -c 'import json,sys;print(json.load(sys.stdin)["bits_per_char"])'; }
 printf "%-45s %10s %10s %8s\n" text f32 q4_0 change
 for t in $TEXTS; do

@@ -416,6 +416,22 @@ struct QuantizeArgs {
     /// minimize the error weighted by it (llama-quantize --imatrix)
     #[arg(long)]
     imatrix: Option<PathBuf>,
+    /// Calibration text for GPTQ (q4_0): the model runs over it once; the MLP's gate/up
+    /// projections are quantized by GPTQ (each rounding error is compensated in the row's later
+    /// columns, along the inverse of the inputs' XᵀX) and the other Q4_0 weights are rounded with
+    /// the importance matrix of the same pass. Replaces --imatrix. Still a plain Q4_0 GGUF
+    #[arg(long, value_name = "TEXT", conflicts_with = "imatrix")]
+    gptq: Option<PathBuf>,
+    /// Tokens per forward pass over the --gptq text
+    #[arg(long, default_value_t = 512, requires = "gptq")]
+    calib_window: usize,
+    /// Use at most this many tokens of the --gptq text
+    #[arg(long, requires = "gptq")]
+    calib_tokens: Option<usize>,
+    /// GPTQ's damping of the Hessian, as a fraction of its mean diagonal: larger trusts the
+    /// calibration text less (and moves the result towards --imatrix rounding)
+    #[arg(long, default_value_t = linly_lora::quant::gptq::DAMP, requires = "gptq")]
+    gptq_damp: f64,
 }
 
 #[derive(Args)]
@@ -460,6 +476,12 @@ enum ExportCmd {
         /// Importance matrix from `linly-lora imatrix` (as `quantize --imatrix`)
         #[arg(long)]
         imatrix: Option<PathBuf>,
+        /// Calibration text for GPTQ with `--type q4_0` (as `quantize --gptq`)
+        #[arg(long, value_name = "TEXT", conflicts_with = "imatrix")]
+        gptq: Option<PathBuf>,
+        /// Tokens per forward pass over the --gptq text
+        #[arg(long, default_value_t = 512, requires = "gptq")]
+        calib_window: usize,
     },
 }
 
@@ -807,18 +829,19 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Quantize(a) => {
-            let m = a.imatrix.as_deref().map(linly_lora::quant::imatrix::Imatrix::load).transpose()?;
-            let r = linly_lora::quant::store::quantize_model_imatrix(&a.model, &a.out, a.format, a.keep_embeddings, a.pure, m.as_ref())?;
+            let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&a.model, a.imatrix.as_deref(), a.gptq.as_deref(), a.calib_window, a.calib_tokens, a.gptq_damp)?;
+            let r = linly_lora::quant::store::quantize_model_imatrix(&a.model, &a.out, a.format, a.keep_embeddings, a.pure, m.as_ref(), h.as_ref())?;
             print_export(&r);
         }
         Cmd::Imatrix(a) => {
             let m = linly_lora::quant::imatrix::run(&a.model, &a.text, a.window, a.max_tokens, &a.out)?;
             println!("{} tensors, {} tokens in {} windows -> {}", m.columns.len(), m.tokens, m.meta["windows"], a.out.display());
         }
-        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure, imatrix } } => {
-            let m = imatrix.as_deref().map(linly_lora::quant::imatrix::Imatrix::load).transpose()?;
+        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure, imatrix, gptq, calib_window } } => {
+            let damp = linly_lora::quant::gptq::DAMP;
+            let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&model, imatrix.as_deref(), gptq.as_deref(), calib_window, None, damp)?;
             let opts = linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure };
-            let r = linly_lora::io::gguf::export_gguf_imatrix(&model, &out, &opts, m.as_ref())?;
+            let r = linly_lora::io::gguf::export_gguf_calibrated(&model, &out, &opts, m.as_ref(), h.as_ref())?;
             print_export(&r);
         }
         Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {

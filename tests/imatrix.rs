@@ -1,6 +1,8 @@
 //! Importance matrices (`linly-lora imatrix`, `quantize --imatrix`): collection through the one
 //! model gives the column means of x² computed independently from the weights, quantizing with
-//! one weights the error as intended and still runs, and a wrong file is refused by name.
+//! one weights the error as intended and still runs, and a wrong file is refused by name. GPTQ
+//! (`quantize --gptq`) lowers the calibration output error of the weights it is used for and
+//! leaves every other tensor as importance-weighted rounding makes it.
 
 mod common;
 use common::*;
@@ -9,7 +11,7 @@ use linly_lora::io::gguf::{dequantize, gguf_to_hf_name, unpermute_qk_rows, GgufM
 use linly_lora::io::safetensors::FloatType;
 use linly_lora::io::weights::WeightStore;
 use linly_lora::model::Llama;
-use linly_lora::quant::imatrix::{collect, Imatrix};
+use linly_lora::quant::imatrix::{collect, collect_with_hessians, Imatrix};
 use linly_lora::quant::{store, QType};
 use std::collections::HashMap;
 
@@ -101,7 +103,7 @@ fn quantize_with_imatrix_round_trip() {
     let base = tiny().join("base");
     let (plain, with) = (tmp.path().join("plain"), tmp.path().join("with"));
     store::quantize_model(&base, &plain, QType::Q4_0, false, false).unwrap();
-    store::quantize_model_imatrix(&base, &with, QType::Q4_0, false, false, Some(&m)).unwrap();
+    store::quantize_model_imatrix(&base, &with, QType::Q4_0, false, false, Some(&m), None).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(with.join("config.json")).unwrap()).unwrap();
     assert_eq!(cfg["linly_quantization"]["imatrix"]["tokens"], m.tokens);
     // The importance changes the rounding of the Q4_0 layer weights and leaves the rest (the
@@ -174,4 +176,88 @@ fn imatrix_cli_and_its_errors() {
     assert!(run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--out", &s(&q8a)], None).0);
     assert!(run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--imatrix", &s(&im), "--out", &s(&q8b)], None).0);
     assert_eq!(std::fs::read(q8a.join("model.gguf")).unwrap(), std::fs::read(q8b.join("model.gguf")).unwrap());
+    // GPTQ from the CLI: q4_0 only, and not together with --imatrix.
+    let g = tmp.path().join("g");
+    let (ok, stdout, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q4_0", "--gptq", &s(&text), "--calib-window", "32", "--out", &s(&g)], None);
+    assert!(ok, "{stderr}");
+    assert!(stdout.contains("Q4_0") && stderr.contains("calibrated on"), "{stdout}{stderr}");
+    let cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(g.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["linly_quantization"]["gptq"], true);
+    let (ok, _, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--gptq", &s(&text), "--out", &s(&out)], None);
+    assert!(!ok && stderr.contains("--format q4_0"), "{stderr}");
+    let (ok, _, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q4_0", "--gptq", &s(&text), "--imatrix", &s(&im), "--out", &s(&out)], None);
+    assert!(!ok && stderr.contains("cannot be used with"), "{stderr}");
+    assert!(!out.exists());
+    // export gguf takes the same calibration; its GGUF equals the quantized folder's.
+    let gg = tmp.path().join("g.gguf");
+    let (ok, _, stderr) = run_cli(&["export", "gguf", "--model", &s(&model), "--type", "q4_0", "--gptq", &s(&text), "--calib-window", "32", "--out", &s(&gg)], None);
+    assert!(ok, "{stderr}");
+    let (a, b) = (GgufMmap::open(&gg).unwrap(), GgufMmap::open(&g.join(store::MODEL_FILE)).unwrap());
+    let (ga, gb) = (a.parse().unwrap(), b.parse().unwrap());
+    assert!(ga.tensors.iter().zip(&gb.tensors).all(|(x, y)| x.name == y.name && x.data == y.data));
+    let (ok, _, stderr) = run_cli(&["export", "gguf", "--model", &s(&model), "--type", "q8_0", "--gptq", &s(&text), "--out", &s(&gg)], None);
+    assert!(!ok && stderr.contains("--format q4_0"), "{stderr}");
+}
+
+/// `Σ_rows (w − ŵ) H (w − ŵ)ᵀ / tokens`: the mean squared change of the weight's outputs on the
+/// calibration inputs.
+fn output_error(w: &[f32], q: &[f32], cols: usize, h: &[f64], tokens: u64) -> f64 {
+    let mut e = 0.0;
+    for (a, b) in w.chunks(cols).zip(q.chunks(cols)) {
+        let d: Vec<f64> = a.iter().zip(b).map(|(a, b)| (a - b) as f64).collect();
+        for i in 0..cols {
+            e += d[i] * (0..cols).map(|j| h[i * cols + j] * d[j]).sum::<f64>();
+        }
+    }
+    e / tokens as f64
+}
+
+#[test]
+fn gptq_lowers_the_output_error_of_gate_and_up_only() {
+    let base = tiny().join("base");
+    let ids: Vec<u32> = Expected::load().ids("input_ids").concat();
+    let mut loaded = load(&ModelSpec::new(&base)).unwrap();
+    let (m, h) = collect_with_hessians(&mut loaded, &ids, 1 << 20, true).unwrap();
+    // One Hessian per layer, of gate_proj's input (up_proj reads the same), symmetric, and its
+    // diagonal per token is the importance matrix's column means (no token is 10× the median here).
+    assert_eq!(h.grams.keys().collect::<Vec<_>>(), ["model.layers.0.mlp.gate_proj.weight", "model.layers.1.mlp.gate_proj.weight"]);
+    assert_eq!(h.tokens, ids.len() as u64);
+    for l in 0..2 {
+        let up = format!("model.layers.{l}.mlp.up_proj.weight");
+        let g = h.get(&up, 64).unwrap();
+        assert!((0..64).all(|i| (0..64).all(|j| (g[i * 64 + j] - g[j * 64 + i]).abs() <= 1e-9 * g[i * 64 + i].abs().max(1.0))));
+        assert!(rel_err(&h.importance(&up, 64).unwrap(), &m.columns[&up]) < 1e-5);
+        assert!(h.get(&format!("model.layers.{l}.self_attn.q_proj.weight"), 64).is_none());
+    }
+    let tmp = tempfile::tempdir().unwrap();
+    let (rtn, gptq) = (tmp.path().join("rtn"), tmp.path().join("gptq"));
+    store::quantize_model_imatrix(&base, &rtn, QType::Q4_0, false, false, Some(&m), None).unwrap();
+    store::quantize_model_imatrix(&base, &gptq, QType::Q4_0, false, false, Some(&m), Some(&h)).unwrap();
+    let src = WeightStore::open(&base).unwrap();
+    let (a, b) = (GgufMmap::open(&rtn.join(store::MODEL_FILE)).unwrap(), GgufMmap::open(&gptq.join(store::MODEL_FILE)).unwrap());
+    let (ga, gb) = (a.parse().unwrap(), b.parse().unwrap());
+    let mut seen = 0;
+    for (ta, tb) in ga.tensors.iter().zip(&gb.tensors) {
+        assert_eq!((ta.name, ta.ggml_type), (tb.name, tb.ggml_type));
+        let hf = gguf_to_hf_name(ta.name).unwrap().hf_name;
+        if !linly_lora::quant::gptq::applies_to(&hf) {
+            assert!(ta.data == tb.data, "{} changed", ta.name);
+            continue;
+        }
+        assert_eq!(ta.ggml_type.name(), "Q4_0");
+        assert_ne!(ta.data, tb.data, "{}", ta.name);
+        // What GPTQ is for: on the calibration inputs, the outputs move less.
+        let (w, _) = src.f32(&hf).unwrap();
+        let (qa, qb) = (dequantize(ta.ggml_type, ta.data, w.len()).unwrap(), dequantize(tb.ggml_type, tb.data, w.len()).unwrap());
+        let (ea, eb) = (output_error(&w, &qa, 64, h.get(&hf, 64).unwrap(), h.tokens), output_error(&w, &qb, 64, h.get(&hf, 64).unwrap(), h.tokens));
+        eprintln!("{hf}: output error rounding {ea:.3e}, GPTQ {eb:.3e}");
+        assert!(eb < 0.8 * ea, "{hf}: GPTQ {eb} vs rounding {ea}");
+        seen += 1;
+    }
+    assert_eq!(seen, 4, "gate and up of two layers");
+    // And the model runs close to f32.
+    let ids = Expected::load().ids("input_ids");
+    let want = logits_of(&Llama::load(&base, &cpu(), FloatType::F32).unwrap(), &ids);
+    let got = logits_of(&Llama::load(&gptq, &cpu(), FloatType::F32).unwrap(), &ids);
+    assert!(rel_err(&got, &want) < 0.2, "{}", rel_err(&got, &want));
 }

@@ -211,6 +211,13 @@ pub fn quantize_row_q4_0_rmse(x: &[f32], imp: Option<&[f32]>, out: &mut Vec<u8>)
     }
 }
 
+/// The scale ggml's importance-weighted Q4_0 search picks for one block `x` with per-value
+/// weights `qw` (as [`quantize_row_q4_0_rmse`] computes them); 0 for an all-zero block.
+pub fn q4_0_block_scale(x: &[f32], qw: &[f32]) -> f32 {
+    let mut l = [0i8; QK];
+    make_qx_quants(8, x, &mut l, Some(qw))
+}
+
 /// Rows per interleaved Q4_0 group ([`pack_q4_0x8`]).
 pub const Q4_0X8_ROWS: usize = 8;
 /// Bytes of one block column of an interleaved group: the same as eight Q4_0 blocks.

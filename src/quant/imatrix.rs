@@ -14,6 +14,7 @@
 //! `linly-imatrix`, `version` = `1`, `tokens` (rows averaged over), `windows`, `window`,
 //! `text`, `model`. Written atomically.
 
+use super::gptq::Hessians;
 use crate::infer::{ids_tensor, Loaded};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Context, Result};
@@ -25,19 +26,49 @@ use std::sync::{Arc, Mutex};
 /// The `format` metadata value of an importance-matrix file.
 pub const FORMAT: &str = "linly-imatrix";
 
+/// A token's contribution to a Hessian is capped at this many times the median token's (see
+/// [`ColumnTap::record`]).
+pub const GRAM_CLIP: f32 = 10.0;
+
 /// Column sums of squares of every input a projection has seen, and how many rows that was.
 #[derive(Debug, Default)]
 pub struct ColumnTap {
     acc: Mutex<(Vec<f64>, u64)>,
+    /// `Σ xᵀx` (`[cols, cols]`, row-major) when GPTQ's Hessian is collected too.
+    gram: Option<Mutex<Vec<f64>>>,
 }
 
 impl ColumnTap {
     /// Adds `x` `[rows, cols]`: Σ_rows x² per column. The square and the row sum run as tensor
     /// ops (one `[cols]` vector comes to the host), the running total in f64 so that tens of
     /// thousands of tokens do not lose the small columns.
+    /// A tap that also sums the full `xᵀx` ([`crate::quant::gptq`]'s Hessian).
+    pub fn with_gram() -> Self {
+        ColumnTap { gram: Some(Mutex::default()), ..Default::default() }
+    }
+
     pub fn record(&self, x: &Tensor<2>) {
         let [rows, cols] = x.dims();
         let x = x.clone().cast(burn::tensor::FloatDType::F32);
+        if let Some(g) = &self.gram {
+            // A few tokens (the first of a window, in most layers' down_proj) carry activations
+            // 10³–10⁵ times the median's square norm and would make the Hessian theirs alone:
+            // GPTQ would then fit those tokens and move every other token's output. Each
+            // token's share is capped at GRAM_CLIP times the window's median square norm.
+            let norms = crate::io::weights::tensor_to_f32((x.clone() * x.clone()).sum_dim(1).reshape([rows]));
+            let mut sorted = norms.clone();
+            sorted.sort_by(f32::total_cmp);
+            let cap = GRAM_CLIP * sorted[rows / 2];
+            let w: Vec<f32> = norms.iter().map(|&n| if n > cap && n > 0.0 { (cap / n).sqrt() } else { 1.0 }).collect();
+            let xw = x.clone() * Tensor::<1>::from_data(burn::tensor::TensorData::new(w, [rows]), &x.device()).reshape([rows, 1]);
+            // One GEMM per window; the running sum in f64 as for the diagonal.
+            let xtx = crate::io::weights::tensor_to_f32(xw.clone().transpose().matmul(xw).reshape([cols * cols]));
+            let mut g = g.lock().expect("imatrix tap poisoned");
+            if g.is_empty() {
+                *g = vec![0.0; cols * cols];
+            }
+            g.iter_mut().zip(xtx).for_each(|(a, v)| *a += v as f64);
+        }
         let sums = crate::io::weights::tensor_to_f32((x.clone() * x).sum_dim(0).reshape([cols]));
         let mut acc = self.acc.lock().expect("imatrix tap poisoned");
         if acc.0.is_empty() {
@@ -55,6 +86,11 @@ impl ColumnTap {
         let acc = self.acc.lock().expect("imatrix tap poisoned");
         (acc.1 > 0).then(|| (acc.0.iter().map(|s| (s / acc.1 as f64) as f32).collect(), acc.1))
     }
+
+    /// The summed `xᵀx`, when collected and something was recorded.
+    pub fn take_gram(&self) -> Option<Vec<f64>> {
+        self.gram.as_ref().map(|g| std::mem::take(&mut *g.lock().expect("imatrix tap poisoned"))).filter(|g| !g.is_empty())
+    }
 }
 
 /// An importance matrix: HF weight name → per-column mean of x².
@@ -70,11 +106,12 @@ pub struct Imatrix {
 }
 
 /// Installs a fresh tap on every layer projection, returning them with their HF weight names.
-pub fn install_taps(model: &mut Llama) -> Vec<(String, Arc<ColumnTap>)> {
+/// With `hessians`, the taps of the projections in [`Hessians::OWNERS`] also sum `xᵀx`.
+pub fn install_taps(model: &mut Llama, hessians: bool) -> Vec<(String, Arc<ColumnTap>)> {
     let mut taps = Vec::new();
     for (l, layer) in model.layers.iter_mut().enumerate() {
         for (path, lin) in layer.projections_mut() {
-            let tap = Arc::new(ColumnTap::default());
+            let tap = Arc::new(if hessians && Hessians::OWNERS.contains(&path) { ColumnTap::with_gram() } else { ColumnTap::default() });
             lin.tap = Some(tap.clone());
             taps.push((format!("model.layers.{l}.{path}.weight"), tap));
         }
@@ -95,11 +132,16 @@ pub fn remove_taps(model: &mut Llama) {
 /// chunks; a last, shorter window is used too) and returns the column means of every
 /// projection's input.
 pub fn collect(loaded: &mut Loaded, ids: &[u32], window: usize) -> Result<Imatrix> {
+    Ok(collect_with_hessians(loaded, ids, window, false)?.0)
+}
+
+/// [`collect`], and with `hessians` also GPTQ's `Σ xᵀx` of each distinct projection input.
+pub fn collect_with_hessians(loaded: &mut Loaded, ids: &[u32], window: usize, hessians: bool) -> Result<(Imatrix, Hessians)> {
     if ids.is_empty() {
         bail!("the calibration text has no tokens");
     }
     let window = window.clamp(1, loaded.model.config.max_position_embeddings);
-    let taps = install_taps(&mut loaded.model);
+    let taps = install_taps(&mut loaded.model, hessians);
     let mut windows = 0;
     for chunk in ids.chunks(window) {
         // The final norm's output is not needed; `hidden` skips the LM head's product.
@@ -108,22 +150,57 @@ pub fn collect(loaded: &mut Loaded, ids: &[u32], window: usize) -> Result<Imatri
     }
     remove_taps(&mut loaded.model);
     let mut m = Imatrix::default();
+    let mut h = Hessians::default();
     for (name, tap) in taps {
         let (v, rows) = tap.means().ok_or_else(|| anyhow!("`{name}` saw no input"))?;
         m.tokens = rows;
+        if let Some(g) = tap.take_gram() {
+            h.grams.insert(name.clone(), (v.len(), g));
+            h.tokens = rows;
+        }
         m.columns.insert(name, v);
     }
     m.meta.insert("windows".into(), windows.to_string());
     m.meta.insert("window".into(), window.to_string());
-    Ok(m)
+    Ok((m, h))
 }
 
 /// `linly-lora imatrix`: tokenizes `text` like `eval` (BOS first when the model has one), keeps
 /// at most `max_tokens`, collects and writes `out`.
 pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option<usize>, out: &Path) -> Result<Imatrix> {
+    let (mut m, _) = calibrate(model_dir, text_path, window, max_tokens, false)?;
+    m.save(out)?;
+    Ok(m)
+}
+
+/// What `quantize` / `export gguf` quantize with: the importance matrix from `imatrix_file`, or,
+/// with `gptq_text`, the importance matrix and GPTQ's Hessians from one pass over that text
+/// (`damp`: GPTQ's damping). Prints how many tokens were calibrated on.
+pub fn load_or_calibrate(
+    model_dir: &Path,
+    imatrix_file: Option<&Path>,
+    gptq_text: Option<&Path>,
+    window: usize,
+    max_tokens: Option<usize>,
+    damp: f64,
+) -> Result<(Option<Imatrix>, Option<Hessians>)> {
+    match gptq_text {
+        Some(text) => {
+            let (m, mut h) = calibrate(model_dir, text, window, max_tokens, true)?;
+            h.damp = damp;
+            eprintln!("calibrated on {} tokens of {}", m.tokens, text.display());
+            Ok((Some(m), Some(h)))
+        }
+        None => Ok((imatrix_file.map(Imatrix::load).transpose()?, None)),
+    }
+}
+
+/// Tokenizes `text` like `eval` (BOS first when the model has one), keeps at most
+/// `max_tokens`, and collects the importance matrix and, with `hessians`, GPTQ's Hessians.
+pub fn calibrate(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option<usize>, hessians: bool) -> Result<(Imatrix, Hessians)> {
     if super::store::is_quantized_dir(model_dir) {
         bail!(
-            "{} is already quantized: compute the importance matrix on the original f32/f16/bf16 folder it was made from",
+            "{} is already quantized: calibrate on the original f32/f16/bf16 folder it was made from",
             model_dir.display()
         );
     }
@@ -131,18 +208,17 @@ pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option
     let tok = loaded
         .tok
         .as_ref()
-        .ok_or_else(|| anyhow!("{} has no tokenizer.json; imatrix needs one to read --text", model_dir.display()))?;
+        .ok_or_else(|| anyhow!("{} has no tokenizer.json; calibration needs one to read {}", model_dir.display(), text_path.display()))?;
     let text = crate::tokenizer::read_text(text_path)?;
     let mut ids = tok.encode(&text, true)?;
     crate::infer::prepend_bos(&loaded, &mut ids);
     if let Some(n) = max_tokens {
         ids.truncate(n);
     }
-    let mut m = collect(&mut loaded, &ids, window)?;
+    let (mut m, h) = collect_with_hessians(&mut loaded, &ids, window, hessians)?;
     m.meta.insert("text".into(), text_path.display().to_string());
     m.meta.insert("model".into(), model_dir.display().to_string());
-    m.save(out)?;
-    Ok(m)
+    Ok((m, h))
 }
 
 impl Imatrix {

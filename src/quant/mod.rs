@@ -18,6 +18,7 @@
 //!   llama.cpp as is.
 
 pub mod blocks;
+pub mod gptq;
 pub mod imatrix;
 pub mod store;
 pub mod kernels;

@@ -10,7 +10,8 @@ use super::{QType, QuantMatrix};
 use crate::config::LlamaConfig;
 use crate::io::gguf::layout::unpermute_qk_rows;
 use super::imatrix::Imatrix;
-use crate::io::gguf::{export_gguf_imatrix, gguf_to_hf_name, ExportOptions, ExportReport, ExportType, GgmlType, GgufMmap};
+use super::gptq::Hessians;
+use crate::io::gguf::{export_gguf_calibrated, gguf_to_hf_name, ExportOptions, ExportReport, ExportType, GgmlType, GgufMmap};
 use crate::io::safetensors::FloatType;
 use crate::model::linear::Frozen;
 use anyhow::{anyhow, bail, Context, Result};
@@ -31,12 +32,21 @@ pub fn is_quantized_dir(dir: &Path) -> bool {
 
 /// `linly-lora quantize`: writes `out` (which must not exist) atomically.
 pub fn quantize_model(model_dir: &Path, out: &Path, ty: QType, keep_embeddings: bool, pure: bool) -> Result<ExportReport> {
-    quantize_model_imatrix(model_dir, out, ty, keep_embeddings, pure, None)
+    quantize_model_imatrix(model_dir, out, ty, keep_embeddings, pure, None, None)
 }
 
 /// [`quantize_model`] with an importance matrix (`quantize --imatrix`, see
 /// [`crate::io::gguf::export_gguf_imatrix`]); it is named in `config.json`.
-pub fn quantize_model_imatrix(model_dir: &Path, out: &Path, ty: QType, keep_embeddings: bool, pure: bool, imatrix: Option<&Imatrix>) -> Result<ExportReport> {
+#[allow(clippy::too_many_arguments)]
+pub fn quantize_model_imatrix(
+    model_dir: &Path,
+    out: &Path,
+    ty: QType,
+    keep_embeddings: bool,
+    pure: bool,
+    imatrix: Option<&Imatrix>,
+    hessians: Option<&Hessians>,
+) -> Result<ExportReport> {
     if !matches!(ty, QType::Q8_0 | QType::Q4_0 | QType::Q4_K) {
         bail!("`quantize --format {ty}`: use q8_0, q4_0 or q4_k ({ty} is only used inside their mixes)");
     }
@@ -45,11 +55,12 @@ pub fn quantize_model_imatrix(model_dir: &Path, out: &Path, ty: QType, keep_embe
     }
     let staged = crate::io::atomic::StagedDir::new(out, false)?;
     let opts = ExportOptions { ty: ExportType::Quant(ty), keep_embeddings, pure };
-    let mut report = export_gguf_imatrix(model_dir, &staged.path().join(MODEL_FILE), &opts, imatrix)?;
+    let mut report = export_gguf_calibrated(model_dir, &staged.path().join(MODEL_FILE), &opts, imatrix, hessians)?;
     let mut cfg = crate::config::HfConfig::load(model_dir)?;
     let mut info = serde_json::json!({"format": ty.name(), "mix": if pure { "pure" } else { "llama.cpp" }, "types": report.types, "file": MODEL_FILE, "keep_embeddings": keep_embeddings, "source": model_dir.display().to_string()});
     if let Some(m) = imatrix {
         info["imatrix"] = serde_json::json!({"file": m.path.display().to_string(), "tokens": m.tokens, "text": m.meta.get("text")});
+        info["gptq"] = serde_json::json!(hessians.is_some());
     }
     cfg.extra.insert("linly_quantization".into(), info);
     cfg.save(staged.path())?;

@@ -23,6 +23,7 @@ use super::vocab_out::gguf_vocab;
 use super::writer::GgufWriter;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::WeightStore;
+use crate::quant::gptq::{self, Hessians};
 use crate::quant::imatrix::Imatrix;
 use crate::quant::{QType, QuantMatrix};
 use anyhow::{bail, Context, Result};
@@ -206,10 +207,44 @@ pub fn export_gguf(model_dir: &Path, out: &Path, opts: &ExportOptions) -> Result
 
 /// [`export_gguf`] with an importance matrix for the quantizers (see the module docs).
 pub fn export_gguf_imatrix(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>) -> Result<ExportReport> {
-    export_inner(model_dir, out, opts, imatrix).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
+    export_gguf_calibrated(model_dir, out, opts, imatrix, None)
 }
 
-fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>) -> Result<ExportReport> {
+/// [`export_gguf_imatrix`], and with `hessians` the Q4_0 layer projections are quantized by
+/// GPTQ ([`crate::quant::gptq`]) instead of rounded one weight at a time.
+pub fn export_gguf_calibrated(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
+    export_inner(model_dir, out, opts, imatrix, hessians).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
+}
+
+/// GPTQ's Q4_0 bytes for `values` (HF row order), or `None` when the tensor is not stored as
+/// Q4_0 or is not one GPTQ is used for ([`gptq::applies_to`]).
+fn gptq_bytes(hessians: Option<&Hessians>, hf: &str, ty: GgmlType, shape: &[usize], values: &[f32]) -> Result<Option<Vec<u8>>> {
+    let (Some(h), GgmlType::Q4_0, [rows, cols]) = (hessians, ty, shape) else {
+        return Ok(None);
+    };
+    if !gptq::applies_to(hf) {
+        return Ok(None);
+    }
+    let (Some(g), Some(imp)) = (h.get(hf, *cols), h.importance(hf, *cols)) else {
+        bail!("no calibration Hessian of {cols} columns for `{hf}`");
+    };
+    let u = gptq::inverse_cholesky_upper(g, *cols, h.damp).with_context(|| format!("GPTQ for `{hf}`"))?;
+    gptq::quantize_q4_0(values, *rows, *cols, &u, &imp).map(Some)
+}
+
+/// Moves whole rows of `bytes` (`rows` of `row_bytes`) into llama.cpp's Q/K order, as
+/// [`permute_qk_rows`] does for f32 rows.
+fn permute_qk_row_bytes(bytes: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>> {
+    let row_bytes = bytes.len() / rows;
+    let index: Vec<f32> = (0..rows).map(|i| i as f32).collect();
+    let order = permute_qk_rows(&index, rows, 1, heads)?;
+    Ok(order.iter().flat_map(|&src| bytes[src as usize * row_bytes..][..row_bytes].iter().copied()).collect())
+}
+
+fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
+    if hessians.is_some() && opts.ty != ExportType::Quant(QType::Q4_0) {
+        bail!("GPTQ (`--gptq`) writes Q4_0 blocks: use it with q4_0 (`quantize --format q4_0`, `export gguf --type q4_0`), or `--imatrix` for {}", opts.ty);
+    }
     let cfg = LlamaConfig::load(model_dir)?;
     let store = WeightStore::open(model_dir)?;
     let mut warnings = Vec::new();
@@ -331,6 +366,12 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Opt
             bail!("{}: tensor `{}` has shape {shape:?}, expected {:?} from config.json", store.file_of(&p.hf).display(), p.hf, p.shape);
         }
         store.release(&p.hf);
+        if let Some(b) = gptq_bytes(hessians, &p.hf, p.ty, &p.shape, &values)? {
+            return match p.permute {
+                Some(heads) => permute_qk_row_bytes(&b, p.shape[0], heads),
+                None => Ok(b),
+            };
+        }
         if let Some(heads) = p.permute {
             values = permute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
         }

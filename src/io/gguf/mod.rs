@@ -47,7 +47,7 @@ pub mod vocab_out;
 pub mod writer;
 
 pub use dequant::{dequantize, dequantize_into};
-pub use export::{export_gguf, export_gguf_imatrix, ExportOptions, ExportReport, ExportType};
+pub use export::{export_gguf, export_gguf_calibrated, export_gguf_imatrix, ExportOptions, ExportReport, ExportType};
 pub use import::{import_gguf, ImportReport, OutDType};
 pub use layout::{gguf_to_hf_name, hf_to_gguf_name, permute_qk_rows, unpermute_qk_rows};
 pub use reader::{
