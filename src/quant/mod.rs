@@ -12,6 +12,8 @@
 //!   of these, so the one model definition runs quantized models.
 //! * [`team`]: the spinning helper threads the per-token products run on.
 //! * [`imatrix`]: importance matrices (llama-imatrix's mean x² per input column) for `quantize --imatrix`.
+//! * [`gptq`]: GPTQ into Q4_0 blocks for the MLP's gate/up projections (`quantize --gptq TEXT`),
+//!   with the Hessian collected in the same pass as the importance matrix.
 //! * [`store`]: the on-disk format, shared by `linly-lora quantize` (a folder with `config.json`,
 //!   the tokenizer and `model.gguf`) and `linly-lora export gguf` (the GGUF alone): GGUF with
 //!   llama.cpp's names, metadata and Q/K row order, so a quantized folder's `model.gguf` runs in

@@ -13,6 +13,10 @@
 //! with that tensor's per-column importance; nothing else changes, and without one the bytes
 //! are exactly those of [`export_gguf`].
 //!
+//! With GPTQ's Hessians as well ([`export_gguf_calibrated`], `--gptq`), the Q4_0 weights that
+//! [`crate::quant::gptq::applies_to`] names are quantized by GPTQ in HF row order, and their
+//! rows are then moved into llama.cpp's Q/K order as bytes (rows are whole blocks).
+//!
 //! The header is written first from the tensor sizes alone, then each tensor is read,
 //! permuted, converted and written in turn, so peak memory is one tensor in f32.
 
