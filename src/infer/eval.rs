@@ -88,7 +88,7 @@ fn window_nll(model: &Llama, ids: &[u32], from: usize, device: &burn::tensor::De
     Ok(picked.into_iter().map(|x| -x).collect())
 }
 
-/// −log p(ids[t] | ids[..t]) for every t in 1..T. Sequences longer than `window` are scored in
+/// `−log p(ids[t] | ids[..t])` for every t in 1..T. Sequences longer than `window` are scored in
 /// overlapping windows: each window re-reads half a window of context and scores only positions
 /// not scored before.
 pub fn token_nll(model: &Llama, ids: &[u32], window: usize, device: &burn::tensor::Device) -> Result<Vec<f32>> {

@@ -22,7 +22,7 @@ pub fn write(path: &Path, bytes: &[u8]) -> Result<()> {
     write_with(path, |f| f.write_all(bytes).map_err(Into::into))
 }
 
-/// Like [`write`], with the content produced by a callback that streams into the file.
+/// Like [`write()`], with the content produced by a callback that streams into the file.
 pub fn write_with(path: &Path, fill: impl FnOnce(&mut fs::File) -> Result<()>) -> Result<()> {
     let tmp = temp_sibling(path);
     let result = (|| -> Result<()> {

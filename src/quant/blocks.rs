@@ -190,7 +190,7 @@ fn make_qx_quants(nmax: i32, x: &[f32], codes: &mut [i8], qw: Option<&[f32]>) ->
 }
 
 /// `quantize_row_q4_0_impl` (ggml's Q4_0 with an importance matrix): per block, weights
-/// `imp[j]·sqrt(σ² + x_j²)` (σ² the row's mean square) and the scale from [`make_qx_quants`].
+/// `imp[j]·sqrt(σ² + x_j²)` (σ² the row's mean square) and the scale from `make_qx_quants`.
 /// `imp = None` is a unit importance, which is how `quantize` runs without `--imatrix`:
 /// the reference quantizer maps the extreme exactly and spends the other 15 levels on whatever
 /// is left, this one minimizes the (weighted) error of the whole block.
@@ -271,7 +271,7 @@ pub fn unpack_q4_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
     }
 }
 
-/// `quantize_row_q6_K_ref`: per sub-block of 16 a scale from [`make_qx_quants`] (32 levels,
+/// `quantize_row_q6_K_ref`: per sub-block of 16 a scale from `make_qx_quants` (32 levels,
 /// weights x²), the 16 scales quantized to i8 against `d = max_scale / −128`, then the 6-bit
 /// codes recomputed with the rounded scales and split into low nibbles (`ql`) and high 2 bits
 /// (`qh`) in ggml's interleaved order.
@@ -409,7 +409,7 @@ pub fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
 }
 
 /// `quantize_row_q4_K_ref` (no importance matrix): per sub-block of 32, weights
-/// `sqrt(mean x²) + |x|`, a scale and min from [`make_qkx2_quants`]; the 8 scales and 8 mins are
+/// `sqrt(mean x²) + |x|`, a scale and min from `make_qkx2_quants`; the 8 scales and 8 mins are
 /// then quantized to 6 bits against the super-block's `d` and `dmin`, and the codes recomputed
 /// with the rounded scales.
 pub fn quantize_row_q4_k(x: &[f32], out: &mut Vec<u8>) {

@@ -6,7 +6,7 @@
 //! interrupt) takes about as long as the small Q/K/V products themselves, so those ran on one
 //! core in practice. A team's helpers spin on a generation counter for a while after each job
 //! (as ggml's thread pool does) and so pick up the next product within a fraction of a
-//! microsecond; after [`SPIN`] without work they park on a condition variable.
+//! microsecond; after `SPIN` without work they park on a condition variable.
 //!
 //! Tasks are claimed from an atomic counter by the caller and the helpers alike, so an uneven
 //! split balances itself. One job runs at a time: a caller that finds the team busy (another

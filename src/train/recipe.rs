@@ -41,7 +41,7 @@ pub struct Recipe {
 #[serde(deny_unknown_fields)]
 pub struct ModelSection {
     pub path: PathBuf,
-    /// Tokenizer folder, when not the model's own (and no [vocab] brings one).
+    /// Tokenizer folder, when not the model's own (and no `[vocab]` brings one).
     #[serde(default)]
     pub tokenizer: Option<PathBuf>,
     #[serde(default = "cpu")]
@@ -224,7 +224,7 @@ pub struct OutputSection {
     pub save_every: usize,
     #[serde(default = "n2")]
     pub keep_last: usize,
-    /// Score the [[eval]] files every N steps (0 = only at the end).
+    /// Score the `[[eval]]` files every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
     /// Draw loss / loss-scale PNGs at the end.
@@ -437,7 +437,7 @@ impl Recipe {
         Ok(c)
     }
 
-    /// The training stages: the [[stage]] blocks, or one stage from [train] and [trainable].
+    /// The training stages: the `[[stage]]` blocks, or one stage from `[train]` and `[trainable]`.
     pub fn stages(&self) -> Result<Vec<Stage>> {
         let t = &self.train;
         let embed_lr = t.embed_lr.unwrap_or(t.lr);

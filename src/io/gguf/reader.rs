@@ -7,7 +7,7 @@
 //!
 //! The file is untrusted input. Rules the parser keeps so that it can neither panic nor be
 //! talked into a huge allocation:
-//! * every read goes through [`Cursor`], which checks the bytes are there first;
+//! * every read goes through `Cursor`, which checks the bytes are there first;
 //! * a count (tensors, keys, array elements) is rejected when even the smallest possible
 //!   encoding of that many items could not fit in the bytes left, so a `Vec::with_capacity(n)`
 //!   is bounded by the file size;
