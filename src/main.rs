@@ -664,6 +664,13 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
     Ok(())
 }
 
+/// After a `--gptq` calibration pass: how much text it saw.
+fn print_calibration(m: &Option<linly_lora::quant::imatrix::Imatrix>, h: &Option<linly_lora::quant::gptq::Hessians>) {
+    if let (Some(m), Some(_)) = (m, h) {
+        eprintln!("calibrated on {} tokens of {}", m.tokens, m.meta.get("text").map_or("?", String::as_str));
+    }
+}
+
 fn print_export(r: &linly_lora::io::gguf::ExportReport) {
     for w in &r.warnings {
         eprintln!("warning: {w}");
@@ -830,6 +837,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Quantize(a) => {
             let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&a.model, a.imatrix.as_deref(), a.gptq.as_deref(), a.calib_window, a.calib_tokens, a.gptq_damp)?;
+            print_calibration(&m, &h);
             let r = linly_lora::quant::store::quantize_model_imatrix(&a.model, &a.out, a.format, a.keep_embeddings, a.pure, m.as_ref(), h.as_ref())?;
             print_export(&r);
         }
@@ -840,6 +848,7 @@ fn run(cli: Cli) -> Result<()> {
         Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure, imatrix, gptq, calib_window } } => {
             let damp = linly_lora::quant::gptq::DAMP;
             let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&model, imatrix.as_deref(), gptq.as_deref(), calib_window, None, damp)?;
+            print_calibration(&m, &h);
             let opts = linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure };
             let r = linly_lora::io::gguf::export_gguf_calibrated(&model, &out, &opts, m.as_ref(), h.as_ref())?;
             print_export(&r);

@@ -39,22 +39,22 @@ pub struct ColumnTap {
 }
 
 impl ColumnTap {
-    /// Adds `x` `[rows, cols]`: Σ_rows x² per column. The square and the row sum run as tensor
-    /// ops (one `[cols]` vector comes to the host), the running total in f64 so that tens of
-    /// thousands of tokens do not lose the small columns.
     /// A tap that also sums the full `xᵀx` ([`crate::quant::gptq`]'s Hessian).
     pub fn with_gram() -> Self {
         ColumnTap { gram: Some(Mutex::default()), ..Default::default() }
     }
 
+    /// Adds `x` `[rows, cols]`: Σ_rows x² per column. The square and the row sum run as tensor
+    /// ops (one `[cols]` vector comes to the host), the running total in f64 so that tens of
+    /// thousands of tokens do not lose the small columns.
     pub fn record(&self, x: &Tensor<2>) {
         let [rows, cols] = x.dims();
         let x = x.clone().cast(burn::tensor::FloatDType::F32);
         if let Some(g) = &self.gram {
-            // A few tokens (the first of a window, in most layers' down_proj) carry activations
-            // 10³–10⁵ times the median's square norm and would make the Hessian theirs alone:
-            // GPTQ would then fit those tokens and move every other token's output. Each
-            // token's share is capped at GRAM_CLIP times the window's median square norm.
+            // A token whose square norm is far above the window's median (SmolLM2's down_proj
+            // input has ones at 10³–10⁵ times it) would make the Hessian its alone, and GPTQ
+            // would fit it and move every other token's output. Each token's share is capped
+            // at GRAM_CLIP times the median; on the gate/up input it rarely bites.
             let norms = crate::io::weights::tensor_to_f32((x.clone() * x.clone()).sum_dim(1).reshape([rows]));
             let mut sorted = norms.clone();
             sorted.sort_by(f32::total_cmp);
@@ -175,7 +175,7 @@ pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option
 
 /// What `quantize` / `export gguf` quantize with: the importance matrix from `imatrix_file`, or,
 /// with `gptq_text`, the importance matrix and GPTQ's Hessians from one pass over that text
-/// (`damp`: GPTQ's damping). Prints how many tokens were calibrated on.
+/// (`damp`: GPTQ's damping).
 pub fn load_or_calibrate(
     model_dir: &Path,
     imatrix_file: Option<&Path>,
@@ -188,7 +188,6 @@ pub fn load_or_calibrate(
         Some(text) => {
             let (m, mut h) = calibrate(model_dir, text, window, max_tokens, true)?;
             h.damp = damp;
-            eprintln!("calibrated on {} tokens of {}", m.tokens, text.display());
             Ok((Some(m), Some(h)))
         }
         None => Ok((imatrix_file.map(Imatrix::load).transpose()?, None)),

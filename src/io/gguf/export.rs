@@ -14,8 +14,8 @@
 //! are exactly those of [`export_gguf`].
 //!
 //! With GPTQ's Hessians as well ([`export_gguf_calibrated`], `--gptq`), the Q4_0 weights that
-//! [`crate::quant::gptq::applies_to`] names are quantized by GPTQ in HF row order, and their
-//! rows are then moved into llama.cpp's Q/K order as bytes (rows are whole blocks).
+//! [`crate::quant::gptq::applies_to`] names (gate/up, whose rows llama.cpp does not reorder)
+//! are quantized by GPTQ instead.
 //!
 //! The header is written first from the tensor sizes alone, then each tensor is read,
 //! permuted, converted and written in turn, so peak memory is one tensor in f32.
@@ -236,15 +236,6 @@ fn gptq_bytes(hessians: Option<&Hessians>, hf: &str, ty: GgmlType, shape: &[usiz
     gptq::quantize_q4_0(values, *rows, *cols, &u, &imp).map(Some)
 }
 
-/// Moves whole rows of `bytes` (`rows` of `row_bytes`) into llama.cpp's Q/K order, as
-/// [`permute_qk_rows`] does for f32 rows.
-fn permute_qk_row_bytes(bytes: &[u8], rows: usize, heads: usize) -> Result<Vec<u8>> {
-    let row_bytes = bytes.len() / rows;
-    let index: Vec<f32> = (0..rows).map(|i| i as f32).collect();
-    let order = permute_qk_rows(&index, rows, 1, heads)?;
-    Ok(order.iter().flat_map(|&src| bytes[src as usize * row_bytes..][..row_bytes].iter().copied()).collect())
-}
-
 fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
     if hessians.is_some() && opts.ty != ExportType::Quant(QType::Q4_0) {
         bail!("GPTQ (`--gptq`) writes Q4_0 blocks: use it with q4_0 (`quantize --format q4_0`, `export gguf --type q4_0`), or `--imatrix` for {}", opts.ty);
@@ -371,10 +362,8 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Opt
         }
         store.release(&p.hf);
         if let Some(b) = gptq_bytes(hessians, &p.hf, p.ty, &p.shape, &values)? {
-            return match p.permute {
-                Some(heads) => permute_qk_row_bytes(&b, p.shape[0], heads),
-                None => Ok(b),
-            };
+            debug_assert!(p.permute.is_none(), "GPTQ is not used for Q/K, whose rows are reordered");
+            return Ok(b);
         }
         if let Some(heads) = p.permute {
             values = permute_qk_rows(&values, p.shape[0], p.shape[1], heads)?;
