@@ -3,6 +3,7 @@
 
 pub mod adapter;
 pub mod config;
+pub mod fused;
 pub mod merge;
 pub mod model;
 pub mod save;
@@ -32,16 +33,25 @@ impl LoraBranch {
     /// The update for `x` `[N, in]` → `[N, out]`, in `x`'s dtype (masters may be f32 while the
     /// activations are f16: gradients flow through the cast).
     pub fn delta(&self, x: Tensor<2>) -> Tensor<2> {
-        let dt = crate::model::norm::float_dtype(x.dtype());
-        let a = self.a.val().cast(dt);
-        let b = self.b.val().cast(dt);
-        let x = if self.dropout > 0.0 && x.device().is_autodiff() {
+        let xd = self.dropped_input(&x).unwrap_or(x);
+        self.delta_of_dropped(xd)
+    }
+
+    /// The branch's input after LoRA dropout, when it applies (training with dropout > 0);
+    /// `None` means the branch reads `x` itself.
+    pub fn dropped_input(&self, x: &Tensor<2>) -> Option<Tensor<2>> {
+        (self.dropout > 0.0 && x.device().is_autodiff()).then(|| {
             let keep = 1.0 - self.dropout;
             let mask = x.random_like(Distribution::Bernoulli(keep));
-            x * mask / keep
-        } else {
-            x
-        };
-        x.matmul(a.transpose()).matmul(b.transpose()) * self.scale
+            x.clone() * mask / keep
+        })
+    }
+
+    /// [`Self::delta`] of an input that has been through dropout already.
+    pub fn delta_of_dropped(&self, xd: Tensor<2>) -> Tensor<2> {
+        let dt = crate::model::norm::float_dtype(xd.dtype());
+        let a = self.a.val().cast(dt);
+        let b = self.b.val().cast(dt);
+        xd.matmul(a.transpose()).matmul(b.transpose()) * self.scale
     }
 }

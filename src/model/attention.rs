@@ -7,11 +7,17 @@
 //! buffers ([`host_attention`]). Decoding one token otherwise costs some thirty small burn ops
 //! per layer (narrow/cat/neg for RoPE, a concatenation of the whole cache, the expansion of
 //! the shared K/V heads, softmax), whose dispatch and allocations took a large share of a
-//! ~10 ms token. Training and no-cache calls keep the composed path, which is also the
-//! reference the fused one is tested against.
+//! ~10 ms token.
+//!
+//! Training and other calls without a cache on flex in f32 take
+//! [`super::fused_attention::causal_attention`]: RoPE, the causal softmax and the value product
+//! in one op with a hand-written backward. Everything else (libtorch, f16/bf16, caches of
+//! batch > 1) runs [`Attention::composed_context`], the reference both fused paths are tested
+//! against.
 
 use super::cache::{HostKv, LayerCache};
 use super::fused::{flex_f32, from_plain, new_tensor, values, FlexF32};
+use super::fused_attention::causal_attention;
 use super::linear::Linear;
 use super::rope::{rotate_rows, RopeTables};
 use burn::module::Module;
@@ -33,18 +39,33 @@ pub struct Attention {
 
 impl Attention {
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let [b, t, _] = x.dims();
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let b = x.dims()[0];
+        let sizes = [self.num_heads, self.num_kv_heads, self.head_dim];
         // One pass over the input for the three projections that read it (see
         // `Linear::forward_shared`).
         let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x);
-        let cache = match cache {
-            Some(c) if b == 1 => match self.fused(&q, &k, &v, rope, c) {
-                Some(ctx) => return self.o_proj.forward(ctx),
-                None => Some(c),
+        let ctx = match cache {
+            Some(c) if b == 1 => match self.fused(&q, &k, &v, rope, &mut *c) {
+                Some(ctx) => ctx,
+                None => Self::composed_context(q, k, v, rope, Some(c), sizes),
             },
-            other => other,
+            Some(c) => Self::composed_context(q, k, v, rope, Some(c), sizes),
+            // Without a cache (training, batched scoring) the positions start at 0: one fused
+            // op on f32 flex (see `fused_attention`), the composition elsewhere.
+            None => match if rope.start == 0 { causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, sizes) } else { None } {
+                Some(ctx) => ctx,
+                None => Self::composed_context(q, k, v, rope, None, sizes),
+            },
         };
+        self.o_proj.forward(ctx)
+    }
+
+    /// The context `[B, T, heads·head_dim]` from the projections `q` `[B, T, heads·head_dim]`,
+    /// `k`/`v` `[B, T, kv_heads·head_dim]`, composed from burn ops: RoPE, the cache append,
+    /// shared K/V heads repeated, and burn's `attention`. Any backend and dtype; the reference
+    /// the fused paths are tested against.
+    pub fn composed_context(q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, rope: &RopeTables, cache: Option<&mut LayerCache>, [h, kvh, d]: [usize; 3]) -> Tensor<3> {
+        let [b, t, _] = q.dims();
         let heads = |y: Tensor<3>, n: usize| y.reshape([b, t, n, d]).swap_dims(1, 2);
         let q = rope.apply(heads(q, h));
         let k = rope.apply(heads(k, kvh));
@@ -68,7 +89,7 @@ impl Attention {
         };
         let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal };
         let ctx = attention(q, k, v, mask, None, opts);
-        self.o_proj.forward(ctx.swap_dims(1, 2).reshape([b, t, h * d]))
+        ctx.swap_dims(1, 2).reshape([b, t, h * d])
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when

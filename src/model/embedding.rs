@@ -11,6 +11,7 @@
 //! and cannot overflow fp16 under the loss scale. This is half of how fresh rows are kept from
 //! killing fp16 training (the other half is the loss scaler, `crate::train::scaler`).
 
+use super::gemm::matmul_t;
 use super::linear::{Frozen, QuantWeight};
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
@@ -115,13 +116,13 @@ impl TokenTable {
         // A trainable table is an f32 master; the product runs in the activation dtype.
         let base = self.base.val().cast(super::norm::float_dtype(h2.dtype()));
         let logits = match &self.extra {
-            None => h2.matmul(base.transpose()),
+            None => matmul_t(h2, base),
             Some(extra) => {
                 let f32 = burn::tensor::FloatDType::F32;
                 let new_dt = if self.extra_f32 { f32 } else { super::norm::float_dtype(h2.dtype()) };
                 let extra = extra.val().cast(new_dt);
-                let old = h2.clone().matmul(base.transpose()).cast(f32);
-                Tensor::cat(vec![old, h2.cast(new_dt).matmul(extra.transpose()).cast(f32)], 1)
+                let old = matmul_t(h2.clone(), base).cast(f32);
+                Tensor::cat(vec![old, matmul_t(h2.cast(new_dt), extra).cast(f32)], 1)
             }
         };
         let v = logits.dims()[1];

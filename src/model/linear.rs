@@ -105,7 +105,7 @@ impl Frozen {
     /// `x · Wᵀ` for `x` `[n, in]`, in `x`'s dtype.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
-            Frozen::Dense(p) => x.matmul(p.val().transpose()),
+            Frozen::Dense(p) => super::gemm::matmul_t(x, p.val()),
             Frozen::Quant(q) => {
                 let [n, _] = x.dims();
                 let dtype = x.dtype();
@@ -155,6 +155,16 @@ impl Linear {
             tap.record(&x2);
         }
         let out = self.out_features();
+        if let (Frozen::Dense(w), [branch]) = (&self.weight, self.lora.as_slice()) {
+            // One branch on a dense weight (training, unmerged inference): the fused op on f32
+            // flex, else the composition below with the same dropped-out input.
+            let xd = branch.dropped_input(&x2);
+            if let Some(y) = crate::lora::fused::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale) {
+                return y.reshape([b, t, out]);
+            }
+            let y = self.weight.matmul_t(x2.clone()) + branch.delta_of_dropped(xd.unwrap_or(x2));
+            return y.reshape([b, t, out]);
+        }
         let mut y = self.weight.matmul_t(x2.clone());
         for branch in &self.lora {
             y = y + branch.delta(x2.clone());

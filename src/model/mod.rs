@@ -9,6 +9,8 @@ pub mod attention;
 pub mod cache;
 pub mod embedding;
 pub mod fused;
+pub mod fused_attention;
+pub mod gemm;
 pub mod linear;
 pub mod load;
 pub mod mlp;

@@ -1,0 +1,194 @@
+//! A frozen projection with one LoRA branch, `y = x·Wᵀ + s·(x_d·Aᵀ)·Bᵀ`, as one op with a
+//! hand-written backward on flex in f32 (`x_d` is `x` after LoRA dropout, or `x` itself).
+//!
+//! Why: composed, the branch adds three `[N, out]` passes forward (the rank-r product's output,
+//! its scaling, the sum) and as many backward, plus a second `[N, in]` input gradient that is
+//! then summed; across the 210 projections of a 30-layer model that was a visible share of a
+//! 2-core training step. Here the branch is accumulated into the base product's output by
+//! the GEMM itself, and the input gradient `dy·W + s·(dy·B)·A` is one buffer. The base weight
+//! gets no gradient: it is frozen by construction (the op declines a weight that wants one).
+//!
+//! [`super::LoraBranch::delta`] with `Linear::forward` stays the reference; the unit test
+//! checks output and every gradient against it.
+
+use crate::model::fused::{dims, flex_f32, from_plain, from_tracked, new_tensor, values, FlexF32};
+use crate::model::gemm::{gemm, View};
+use burn::tensor::Tensor;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+
+/// Forward on host values: `x`, `xd` `[n, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
+/// Returns `y` `[n, out]` and `u = xd·Aᵀ` `[n, r]` (kept for the gradient of B).
+pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], scale: f32, [n, inp, out, r]: [usize; 4]) -> (Vec<f32>, Vec<f32>) {
+    let mut y = vec![0f32; n * out];
+    gemm(&mut y, out, [n, out, inp], View::rows(x, 0, inp), View::t(w, 0, inp), 1.0, false, true);
+    let mut u = vec![0f32; n * r];
+    gemm(&mut u, r, [n, r, inp], View::rows(xd, 0, inp), View::t(a, 0, inp), 1.0, false, true);
+    gemm(&mut y, out, [n, out, r], View::rows(&u, 0, r), View::t(b, 0, r), scale, true, true);
+    (y, u)
+}
+
+/// Gradients from `dy` `[n, out]`: `(dx, dxd, da, db)`. With `same_input` the branch's input
+/// gradient is added into `dx` and `dxd` is `None`.
+#[allow(clippy::too_many_arguments)]
+pub fn backward_values(xd: &[f32], u: &[f32], w: &[f32], a: &[f32], b: &[f32], dy: &[f32], scale: f32, same_input: bool, [n, inp, out, r]: [usize; 4]) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+    let mut dyb = vec![0f32; n * r];
+    gemm(&mut dyb, r, [n, r, out], View::rows(dy, 0, out), View::rows(b, 0, r), 1.0, false, true);
+    let mut dx = vec![0f32; n * inp];
+    gemm(&mut dx, inp, [n, inp, out], View::rows(dy, 0, out), View::rows(w, 0, inp), 1.0, false, true);
+    let dxd = if same_input {
+        gemm(&mut dx, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, true, true);
+        None
+    } else {
+        let mut g = vec![0f32; n * inp];
+        gemm(&mut g, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, false, true);
+        Some(g)
+    };
+    let mut da = vec![0f32; r * inp];
+    gemm(&mut da, inp, [r, inp, n], View::t(&dyb, 0, r), View::rows(xd, 0, inp), scale, false, true);
+    let mut db = vec![0f32; out * r];
+    gemm(&mut db, r, [out, r, n], View::t(dy, 0, out), View::rows(u, 0, r), scale, false, true);
+    (dx, dxd, da, db)
+}
+
+#[derive(Debug)]
+struct LoraLinearBackward;
+
+#[derive(Debug, Clone)]
+struct State {
+    xd: FlexTensor,
+    u: Vec<f32>,
+    w: FlexTensor,
+    a: FlexTensor,
+    b: FlexTensor,
+    scale: f32,
+    same_input: bool,
+    sizes: [usize; 4],
+}
+
+impl Backward<Flex, 4> for LoraLinearBackward {
+    type State = State;
+
+    fn backward(self, ops: Ops<Self::State, 4>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let s = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [px, pxd, pa, pb] = ops.parents;
+        let [n, inp, out, r] = s.sizes;
+        let (dx, dxd, da, db) = backward_values(&values(&s.xd), &s.u, &values(&s.w), &values(&s.a), &values(&s.b), &values(&dy), s.scale, s.same_input, s.sizes);
+        if let Some(node) = px {
+            grads.register::<Flex>(node.id, new_tensor(dx, vec![n, inp]));
+        }
+        if let (Some(node), Some(g)) = (pxd, dxd) {
+            grads.register::<Flex>(node.id, new_tensor(g, vec![n, inp]));
+        }
+        if let Some(node) = pa {
+            grads.register::<Flex>(node.id, new_tensor(da, vec![r, inp]));
+        }
+        if let Some(node) = pb {
+            grads.register::<Flex>(node.id, new_tensor(db, vec![out, r]));
+        }
+    }
+}
+
+/// `x·Wᵀ + scale·(xd·Aᵀ)·Bᵀ` for f32 flex `x` `[n, in]` (and `xd`, the branch's input after
+/// dropout, `None` for `x` itself); `None` when a tensor is not f32 flex or `w` wants a
+/// gradient (the caller composes it instead).
+pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f64) -> Option<Tensor<2>> {
+    let [n, inp] = x.dims();
+    let [out, inw] = w.dims();
+    let [r, ina] = a.dims();
+    if inw != inp || ina != inp || b.dims() != [out, r] || xd.is_some_and(|t| t.dims() != [n, inp]) || w.is_require_grad() {
+        return None;
+    }
+    let sizes = [n, inp, out, r];
+    let scale = scale as f32;
+    let xd_t = xd.unwrap_or(x);
+    match (flex_f32(x)?, flex_f32(xd_t)?, flex_f32(w)?, flex_f32(a)?, flex_f32(b)?) {
+        (FlexF32::Plain(xp), FlexF32::Plain(xdp), FlexF32::Plain(wp), FlexF32::Plain(ap), FlexF32::Plain(bp)) => {
+            let (y, _) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
+            Some(from_plain(new_tensor(y, vec![n, out])))
+        }
+        (FlexF32::Tracked(xa), FlexF32::Tracked(xda), FlexF32::Tracked(wa), FlexF32::Tracked(aa), FlexF32::Tracked(ba)) => {
+            let (xp, xg) = xa.into_parts();
+            let (xdp, xdg) = xda.into_parts();
+            let (wp, _) = wa.into_parts();
+            let (ap, ag) = aa.into_parts();
+            let (bp, bg) = ba.into_parts();
+            let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
+            let y = new_tensor(y, vec![n, out]);
+            debug_assert_eq!(dims(&y), vec![n, out]);
+            Some(from_tracked(match LoraLinearBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([xg, xdg, ag, bg]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish(State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes }, y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }))
+        }
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use burn::tensor::{Device, Distribution};
+
+    fn vec_of(t: Tensor<2>) -> Vec<f32> {
+        t.into_data().try_into_vec::<f32>().unwrap()
+    }
+
+    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
+        assert_eq!(a.len(), b.len(), "{what}: lengths");
+        for (i, (x, y)) in a.iter().zip(b).enumerate() {
+            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
+        }
+    }
+
+    /// Output and the gradients of x, A and B equal the composition `x·Wᵀ + s·(xd·Aᵀ)·Bᵀ`, with
+    /// the branch reading `x` itself and reading a separate (dropped-out) input; W gets none.
+    #[test]
+    fn matches_composition_forward_and_gradients() {
+        let dev = Device::flex().autodiff();
+        let (n, inp, out, r, s) = (37, 24, 19, 4, 2.5);
+        let x0: Tensor<2> = Tensor::random([n, inp], Distribution::Normal(0.0, 1.0), &dev);
+        let w: Tensor<2> = Tensor::random([out, inp], Distribution::Normal(0.0, 0.3), &dev);
+        let a0: Tensor<2> = Tensor::random([r, inp], Distribution::Normal(0.0, 0.3), &dev);
+        let b0: Tensor<2> = Tensor::random([out, r], Distribution::Normal(0.0, 0.3), &dev);
+        let up: Tensor<2> = Tensor::random([n, out], Distribution::Normal(0.0, 1.0), &dev);
+        let mask: Tensor<2> = Tensor::random([n, inp], Distribution::Bernoulli(0.8), &dev);
+        for dropped in [false, true] {
+            let run = |fused: bool| {
+                let (x, a, b) = (x0.clone().detach().require_grad(), a0.clone().detach().require_grad(), b0.clone().detach().require_grad());
+                let xd = dropped.then(|| x.clone() * mask.clone() / 0.8);
+                let y = if fused {
+                    lora_linear(&x, xd.as_ref(), &w, &a, &b, s).expect("f32 flex takes the fused path")
+                } else {
+                    let xb = xd.clone().unwrap_or(x.clone());
+                    x.clone().matmul(w.clone().transpose()) + xb.matmul(a.clone().transpose()).matmul(b.clone().transpose()) * s
+                };
+                let g = (y.clone() * up.clone()).sum().backward();
+                assert!(w.grad(&g).is_none(), "the frozen weight gets no gradient");
+                [vec_of(y.detach()), vec_of(x.grad(&g).unwrap()), vec_of(a.grad(&g).unwrap()), vec_of(b.grad(&g).unwrap())]
+            };
+            let (f, c) = (run(true), run(false));
+            for (i, what) in ["y", "dx", "dA", "dB"].iter().enumerate() {
+                assert_close(&f[i], &c[i], 1e-5, &format!("{what} (dropout {dropped})"));
+            }
+        }
+        // Without autodiff: the same output.
+        let plain = Device::flex();
+        let p = |t: &Tensor<2>| Tensor::<2>::from_data(t.clone().into_data(), &plain);
+        let y = lora_linear(&p(&x0), None, &p(&w), &p(&a0), &p(&b0), s).unwrap();
+        let want = p(&x0).matmul(p(&w).transpose()) + p(&x0).matmul(p(&a0).transpose()).matmul(p(&b0).transpose()) * s;
+        assert_close(&vec_of(y), &vec_of(want), 1e-5, "plain");
+    }
+
+    #[test]
+    fn a_weight_that_wants_a_gradient_is_declined() {
+        let dev = Device::flex().autodiff();
+        let x: Tensor<2> = Tensor::ones([2, 3], &dev);
+        let w: Tensor<2> = Tensor::<2>::ones([4, 3], &dev).require_grad();
+        let (a, b) = (Tensor::<2>::ones([1, 3], &dev), Tensor::<2>::ones([4, 1], &dev));
+        assert!(lora_linear(&x, None, &w, &a, &b, 1.0).is_none());
+    }
+}

@@ -1,0 +1,188 @@
+//! A bounds-checked wrapper over the `gemm` crate (the kernel flex's own matmul uses) for the
+//! fused ops, which multiply strided views of host buffers without building tensors; and
+//! [`try_matmul_t`], `x·Wᵀ` as an autodiff op on top of it.
+//!
+//! Why an op of our own for a plain product: flex allocates every matmul output as a byte
+//! vector and then copies it into a 16-byte-aligned buffer (burn-flex 0.22 `FlexTensor::empty`
+//! → `Bytes::from_bytes_vec`), a second full write of each result. For the LM head that is the
+//! `[tokens, vocab]` logits forward and the `[vocab, hidden]` table gradient backward, some
+//! 300 MB per training step at SmolLM2's size. Outputs built here are f32 vectors, kept as
+//! they are.
+
+use super::fused::{flex_f32, from_plain, from_tracked, new_tensor, values, FlexF32};
+use burn::tensor::Tensor;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_flex::{Flex, FlexTensor};
+
+/// A read-only strided matrix view: element `(i, j)` is `data[off + i·rs + j·cs]`.
+#[derive(Clone, Copy)]
+pub struct View<'a> {
+    pub data: &'a [f32],
+    pub off: usize,
+    pub rs: usize,
+    pub cs: usize,
+}
+
+impl<'a> View<'a> {
+    /// The row-major matrix at `off` with row stride `rs`.
+    pub fn rows(data: &'a [f32], off: usize, rs: usize) -> Self {
+        View { data, off, rs, cs: 1 }
+    }
+
+    /// The transpose of the row-major matrix at `off` with row stride `rs`.
+    pub fn t(data: &'a [f32], off: usize, rs: usize) -> Self {
+        View { data, off, rs: 1, cs: rs }
+    }
+}
+
+/// `c[m×n] = scale·a[m×k]·b[k×n]`, or `c += …` with `accumulate`; `c` row-major with row stride
+/// `ldc`. `parallel` spreads one product over the rayon pool; callers that already run one
+/// product per task pass `false`.
+#[allow(clippy::too_many_arguments)]
+pub fn gemm(c: &mut [f32], ldc: usize, [m, n, k]: [usize; 3], a: View, b: View, scale: f32, accumulate: bool, parallel: bool) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            c.chunks_mut(ldc).take(m).for_each(|r| r[..n].iter_mut().for_each(|x| *x = 0.0));
+        }
+        return;
+    }
+    let last = |v: &View, r: usize, cl: usize| v.off + (r - 1) * v.rs + (cl - 1) * v.cs;
+    assert!(last(&a, m, k) < a.data.len() && last(&b, k, n) < b.data.len(), "gemm operand out of bounds: {m}×{k} · {k}×{n}");
+    assert!((m - 1) * ldc + n <= c.len(), "gemm output out of bounds: {m}×{n}, row stride {ldc}, {} values", c.len());
+    let par = if parallel && m * n * k >= 1 << 18 { gemm::Parallelism::Rayon(0) } else { gemm::Parallelism::None };
+    // SAFETY: the asserts above bound every element gemm reads (a, b) and writes (c).
+    unsafe {
+        gemm::gemm(
+            m, n, k,
+            c.as_mut_ptr(), 1, ldc as isize,
+            accumulate,
+            a.data.as_ptr().add(a.off), a.cs as isize, a.rs as isize,
+            b.data.as_ptr().add(b.off), b.cs as isize, b.rs as isize,
+            1.0f32, scale,
+            false, false, false,
+            par,
+        );
+    }
+}
+
+#[derive(Debug)]
+struct MatmulTBackward;
+
+impl Backward<Flex, 2> for MatmulTBackward {
+    /// x `[n, k]`, w `[m, k]`.
+    type State = (FlexTensor, FlexTensor);
+
+    fn backward(self, ops: Ops<Self::State, 2>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let (x, w) = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [px, pw] = ops.parents;
+        let (xv, wv, dyv) = (values(&x), values(&w), values(&dy));
+        let k = w.layout().shape()[1];
+        let (n, m) = (xv.len() / k, wv.len() / k);
+        if let Some(node) = px {
+            // dx = dy·W
+            let mut dx = vec![0f32; n * k];
+            gemm(&mut dx, k, [n, k, m], View::rows(&dyv, 0, m), View::rows(&wv, 0, k), 1.0, false, true);
+            grads.register::<Flex>(node.id, new_tensor(dx, vec![n, k]));
+        }
+        if let Some(node) = pw {
+            // dW = dyᵀ·x
+            let mut dw = vec![0f32; m * k];
+            gemm(&mut dw, k, [m, k, n], View::t(&dyv, 0, m), View::rows(&xv, 0, k), 1.0, false, true);
+            grads.register::<Flex>(node.id, new_tensor(dw, vec![m, k]));
+        }
+    }
+}
+
+/// `x·Wᵀ` for f32 flex `x` `[n, k]` and `w` `[m, k]`, with gradients for whichever of the two
+/// is tracked; `None` for anything else (see [`matmul_t`]).
+pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
+    let [n, k] = x.dims();
+    let [m, kw] = w.dims();
+    if k != kw {
+        return None;
+    }
+    let product = |x: &FlexTensor, w: &FlexTensor| {
+        let mut y = vec![0f32; n * m];
+        gemm(&mut y, m, [n, m, k], View::rows(&values(x), 0, k), View::t(&values(w), 0, k), 1.0, false, true);
+        new_tensor(y, vec![n, m])
+    };
+    match (flex_f32(x)?, flex_f32(w)?) {
+        (FlexF32::Plain(xp), FlexF32::Plain(wp)) => Some(from_plain(product(&xp, &wp))),
+        (FlexF32::Tracked(xa), FlexF32::Tracked(wa)) => {
+            let (xp, xg) = xa.into_parts();
+            let (wp, wg) = wa.into_parts();
+            let y = product(&xp, &wp);
+            Some(from_tracked(match MatmulTBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([xg, wg]).compute_bound().stateful() {
+                OpsKind::Tracked(prep) => prep.finish((xp, wp), y),
+                OpsKind::UnTracked(prep) => prep.finish(y),
+            }))
+        }
+        _ => None,
+    }
+}
+
+/// `x·Wᵀ`: [`try_matmul_t`] where it applies, burn's matmul on other backends and dtypes.
+pub fn matmul_t(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
+    match try_matmul_t(&x, &w) {
+        Some(y) => y,
+        None => x.matmul(w.transpose()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
+        (0..m * n).map(|ij| (0..k).map(|l| a[(ij / n) * k + l] * b[l * n + ij % n]).sum()).collect()
+    }
+
+    #[test]
+    fn views_transposes_scale_and_accumulate() {
+        let (m, n, k) = (5, 7, 3);
+        let a: Vec<f32> = (0..m * k).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let b: Vec<f32> = (0..k * n).map(|i| (i as f32).sin()).collect();
+        let want = naive(&a, &b, m, n, k);
+        let mut c = vec![0f32; m * n];
+        gemm(&mut c, n, [m, n, k], View::rows(&a, 0, k), View::rows(&b, 0, n), 1.0, false, false);
+        c.iter().zip(&want).for_each(|(x, y)| assert!((x - y).abs() < 1e-5));
+        // aᵀ stored as k×m, bᵀ stored as n×k: the same product through transposed views.
+        let at: Vec<f32> = (0..k * m).map(|i| a[(i % m) * k + i / m]).collect();
+        let bt: Vec<f32> = (0..n * k).map(|i| b[(i % k) * n + i / k]).collect();
+        gemm(&mut c, n, [m, n, k], View::t(&at, 0, m), View::t(&bt, 0, k), 2.0, true, true);
+        c.iter().zip(&want).for_each(|(x, y)| assert!((x - 3.0 * y).abs() < 1e-4));
+        // k = 0 writes zeros.
+        gemm(&mut c, n, [m, n, 0], View::rows(&a, 0, k), View::rows(&b, 0, n), 1.0, false, false);
+        assert!(c.iter().all(|&x| x == 0.0));
+    }
+
+    /// `try_matmul_t` equals burn's `x.matmul(wᵀ)` forward and in both gradients.
+    #[test]
+    fn matmul_t_matches_burn() {
+        use burn::tensor::{Device, Distribution};
+        let dev = Device::flex().autodiff();
+        let x0: Tensor<2> = Tensor::random([9, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let w0: Tensor<2> = Tensor::random([11, 6], Distribution::Normal(0.0, 1.0), &dev);
+        let up: Tensor<2> = Tensor::random([9, 11], Distribution::Normal(0.0, 1.0), &dev);
+        let run = |ours: bool| {
+            let (x, w) = (x0.clone().detach().require_grad(), w0.clone().detach().require_grad());
+            let y = if ours { try_matmul_t(&x, &w).expect("f32 flex") } else { x.clone().matmul(w.clone().transpose()) };
+            let g = (y.clone() * up.clone()).sum().backward();
+            [y.detach(), x.grad(&g).unwrap(), w.grad(&g).unwrap()].map(|t| t.into_data().try_into_vec::<f32>().unwrap())
+        };
+        let (a, b) = (run(true), run(false));
+        for (p, q) in a.iter().zip(&b) {
+            p.iter().zip(q).for_each(|(u, v)| assert!((u - v).abs() <= 1e-5 * (1.0 + v.abs()), "{u} vs {v}"));
+        }
+        // A frozen weight gets no gradient.
+        let x = x0.clone().detach().require_grad();
+        let g = try_matmul_t(&x, &w0).unwrap().sum().backward();
+        assert!(x.grad(&g).is_some() && w0.grad(&g).is_none());
+    }
+}
