@@ -11,12 +11,12 @@
 //! [`super::LoraBranch::delta`] with `Linear::forward` stays the reference; the unit test
 //! checks output and every gradient against it.
 
-use crate::model::fused::{dims, flex_f32, from_plain, from_tracked, new_tensor, values, FlexF32};
+use crate::model::fused::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use crate::model::gemm::{gemm, View};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 
 /// Forward on host values: `x`, `xd` `[n, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
@@ -118,11 +118,7 @@ pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Ten
             let (bp, bg) = ba.into_parts();
             let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
             let y = new_tensor(y, vec![n, out]);
-            debug_assert_eq!(dims(&y), vec![n, out]);
-            Some(from_tracked(match LoraLinearBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([xg, xdg, ag, bg]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish(State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes }, y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }))
+            Some(from_tracked(record(LoraLinearBackward, [xg, xdg, ag, bg], || State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes }, y)))
         }
         _ => None,
     }

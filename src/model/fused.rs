@@ -14,7 +14,7 @@
 use burn::tensor::{DType, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, NodeGuard, Ops, OpsKind};
 use burn_autodiff::Autodiff;
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
@@ -49,6 +49,15 @@ pub fn from_tracked<const D: usize>(t: AdTensor) -> Tensor<D> {
 
 pub fn from_plain<const D: usize>(t: FlexTensor) -> Tensor<D> {
     Tensor::from_primitive::<Flex>(t)
+}
+
+/// Puts `out`, computed by `op` from `parents`, into the autodiff graph: with `state` kept for
+/// `op`'s backward when a parent wants a gradient, as a constant otherwise.
+pub fn record<Op: Backward<Flex, N>, const N: usize>(op: Op, parents: [NodeGuard; N], state: impl FnOnce() -> Op::State, out: FlexTensor) -> AdTensor {
+    match op.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>(parents).compute_bound().stateful() {
+        OpsKind::Tracked(prep) => prep.finish(state(), out),
+        OpsKind::UnTracked(prep) => prep.finish(out),
+    }
 }
 
 /// The values of a flex f32 tensor in row-major order, borrowed when already contiguous.
@@ -238,10 +247,7 @@ pub fn rms_norm(x: &Tensor<3>, w: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
             let (wp, wg) = wa.into_parts();
             let (y, inv) = rms_norm_rows(&values(&xp), &values(&wp), eps);
             let out = new_tensor(y, dims(&xp));
-            Some(from_tracked(match RmsNormBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([xg, wg]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((xp, wp, inv), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            }))
+            Some(from_tracked(record(RmsNormBackward, [xg, wg], || (xp, wp, inv), out)))
         }
         _ => None,
     }
@@ -316,10 +322,7 @@ pub fn swiglu<const D: usize>(g: &Tensor<D>, u: &Tensor<D>) -> Option<Tensor<D>>
             let (gp, gg) = ga.into_parts();
             let (up, ug) = ua.into_parts();
             let out = new_tensor(swiglu_values(&values(&gp), &values(&up)), dims(&gp));
-            Some(from_tracked(match SwigluBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([gg, ug]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((gp, up), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            }))
+            Some(from_tracked(record(SwigluBackward, [gg, ug], || (gp, up), out)))
         }
         _ => None,
     }

@@ -12,12 +12,13 @@
 //! The composed path in [`super::attention`] stays the reference: the unit tests check this
 //! op's output and its three gradients against it.
 
-use super::fused::{dims, exp_approx, flex_f32, from_plain, from_tracked, max_of, new_tensor, values, FlexF32};
+use super::fused::{dims, exp_approx, flex_f32, from_plain, from_tracked, max_of, new_tensor, record, values, FlexF32};
 use super::gemm::{gemm, View};
+use super::rope::rotate_rows;
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 
@@ -44,19 +45,13 @@ impl Dims {
     }
 }
 
-/// Rotates `t` rows of `d` values (row stride `rs` in `src`) into contiguous `dst` `[t, d]`:
-/// `x·cos + rotate_half(x)·sin`, the same products and sum as [`super::rope::RopeTables::apply`].
+/// Copies `t` rows of `d` values (row stride `rs` in `src`) into contiguous `dst` `[t, d]` and
+/// rotates them with [`rotate_rows`], the host rotation the cached inference path uses.
 fn rotate_into(dst: &mut [f32], src: &[f32], off: usize, rs: usize, cos: &[f32], sin: &[f32], d: usize) {
-    let half = d / 2;
     for (i, out) in dst.chunks_exact_mut(d).enumerate() {
-        let x = &src[off + i * rs..][..d];
-        let (c, s) = (&cos[i * d..][..d], &sin[i * d..][..d]);
-        for j in 0..half {
-            let (a, b) = (x[j], x[half + j]);
-            out[j] = a * c[j] + (-b) * s[j];
-            out[half + j] = b * c[half + j] + a * s[half + j];
-        }
+        out.copy_from_slice(&src[off + i * rs..][..d]);
     }
+    rotate_rows(dst, cos, sin, 1, d);
 }
 
 /// The transpose of [`rotate_into`]'s rotation applied to a gradient `[t, d]`, in place.
@@ -251,10 +246,8 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
             let (vp, vg) = va.into_parts();
             let (out, saved) = forward_values(&values(&qp), &values(&kp), &values(&vp), cos, sin, s);
             let out = new_tensor(out, dims(&qp));
-            Some(from_tracked(match AttentionBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([qg, kg, vg]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((vp, out.clone(), saved, cos.to_vec(), sin.to_vec(), s), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            }))
+            let kept = out.clone();
+            Some(from_tracked(record(AttentionBackward, [qg, kg, vg], || (vp, kept, saved, cos.to_vec(), sin.to_vec(), s), out)))
         }
         _ => None,
     }

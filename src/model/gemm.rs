@@ -9,11 +9,11 @@
 //! 300 MB per training step at SmolLM2's size. Outputs built here are f32 vectors, kept as
 //! they are.
 
-use super::fused::{flex_f32, from_plain, from_tracked, new_tensor, values, FlexF32};
+use super::fused::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 
 /// A read-only strided matrix view: element `(i, j)` is `data[off + i·rs + j·cs]`.
@@ -118,10 +118,7 @@ pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
             let (xp, xg) = xa.into_parts();
             let (wp, wg) = wa.into_parts();
             let y = product(&xp, &wp);
-            Some(from_tracked(match MatmulTBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([xg, wg]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((xp, wp), y),
-                OpsKind::UnTracked(prep) => prep.finish(y),
-            }))
+            Some(from_tracked(record(MatmulTBackward, [xg, wg], || (xp, wp), y)))
         }
         _ => None,
     }

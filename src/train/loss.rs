@@ -6,12 +6,12 @@
 //! `g·(softmax − onehot)` in one sweep, so the only vocabulary-sized tensor is the logits buffer
 //! itself. Elsewhere (libtorch, f16/bf16 logits) it is composed from `log_softmax` and `gather`.
 
-use crate::model::fused::{self, from_plain, from_tracked, new_tensor, values, FlexF32};
+use crate::model::fused::{self, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops, OpsKind};
+use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
 use std::sync::Arc;
@@ -132,10 +132,7 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Arc<Vec<i64>>) -> Option<Te
             let (x, guard) = a.into_parts();
             let (lse, nll) = ce_forward_rows(&values(&x), v, &targets);
             let out = new_tensor(vec![nll as f32], vec![1]);
-            Some(from_tracked(match CrossEntropyBackward.prepare::<burn_autodiff::checkpoint::strategy::NoCheckpointing>([guard]).compute_bound().stateful() {
-                OpsKind::Tracked(prep) => prep.finish((x, lse, targets), out),
-                OpsKind::UnTracked(prep) => prep.finish(out),
-            }))
+            Some(from_tracked(record(CrossEntropyBackward, [guard], || (x, lse, targets), out)))
         }
     }
 }
