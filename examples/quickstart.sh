@@ -124,4 +124,4 @@ echo "(report: $Q/report.json; plots: $Q/train/loss.png, $Q/train/loss_scale.png
 echo
 QUESTION="请用中文介绍一下北京。"
 stamp "chat with the merged model: $QUESTION"
-echo "$QUESTION" | $BIN chat --model $Q/merged --template alpaca --max-new-tokens 80
+echo "$QUESTION" | $BIN chat --model $Q/merged --max-new-tokens 80

@@ -2,8 +2,10 @@
 //! model is trained on exactly the prompt it is later asked with. Pure string functions.
 
 use anyhow::{bail, Result};
+use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Template {
     /// The Alpaca template of the LLama2-chat-13B-Chinese card (Linly).
     Alpaca,
@@ -22,6 +24,27 @@ impl std::str::FromStr for Template {
         }
     }
 }
+
+impl Template {
+    /// The spelling used by `--template` and by recipes.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Template::Alpaca => "alpaca",
+            Template::ChatMl => "chatml",
+            Template::Llama2 => "llama2",
+        }
+    }
+}
+
+impl std::fmt::Display for Template {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+/// Closes an assistant turn in ChatML. Training answers end with it (then EOS, unless EOS is
+/// this very token, as in SmolLM2) because chat stops on it.
+pub const CHATML_END: &str = "<|im_end|>";
 
 /// ChatML when the tokenizer has `<|im_start|>`, otherwise Alpaca (the Linly default).
 pub fn default_template_for(has_im_start: bool) -> Template {

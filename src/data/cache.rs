@@ -10,15 +10,15 @@
 //! A file that is truncated, corrupt or stale is a cache miss and is rewritten; files are written
 //! to a temporary name and renamed, so a killed run never leaves a half file under the real name.
 
-use super::sources::{SourceKind, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
+use super::sources::{instruction_answer, instruction_prompt, SourceKind, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
 use super::tokenize::{Docs, Encoder};
-use crate::template::{ALPACA_PREFIX, ALPACA_SUFFIX};
+use crate::template::{Template, Turn};
 use anyhow::{Context, Result};
 use std::io::Write;
 use std::path::{Path, PathBuf};
 
 /// Version of the encoding rules and file layout.
-pub const FORMAT: u32 = 1;
+pub const FORMAT: u32 = 2;
 const MAGIC: &[u8; 8] = b"LLDATA\0\x01";
 
 /// FNV-1a, 128-bit: stable across Rust releases, unlike `DefaultHasher`, so caches survive a
@@ -48,7 +48,7 @@ pub(crate) struct Key {
     hash: u128,
 }
 
-pub(crate) fn key(kind: SourceKind, path: &Path, meta: &std::fs::Metadata, limit: Option<usize>, enc: &Encoder) -> Key {
+pub(crate) fn key(kind: SourceKind, template: Template, path: &Path, meta: &std::fs::Metadata, limit: Option<usize>, enc: &Encoder) -> Key {
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mtime = meta
         .modified()
@@ -56,9 +56,16 @@ pub(crate) fn key(kind: SourceKind, path: &Path, meta: &std::fs::Metadata, limit
         .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
         .map(|d| format!("{}.{:09}", d.as_secs(), d.subsec_nanos()))
         .unwrap_or_else(|| "unknown".into());
-    let templates = hash128(format!("{ALPACA_PREFIX}\0{ALPACA_SUFFIX}\0{ZH_TO_EN_INSTRUCTION}\0{EN_TO_ZH_INSTRUCTION}").as_bytes());
+    // A rendered sample stands for the template code: editing a template invalidates the cache.
+    let history = [Turn { user: "u".into(), assistant: "a".into() }];
+    let sample = format!(
+        "{}\0{}\0{ZH_TO_EN_INSTRUCTION}\0{EN_TO_ZH_INSTRUCTION}",
+        instruction_prompt(template, "i", "x", &history),
+        instruction_answer(template, "o")
+    );
+    let templates = hash128(sample.as_bytes());
     let text = format!(
-        "linly-lora data cache v{FORMAT}\nkind={kind}\nlimit={limit:?}\npath={}\nsize={}\nmtime={mtime}\ntokenizer={}\nbos={:?}\neos={}\nvocab={}\ntemplates={templates:032x}\n",
+        "linly-lora data cache v{FORMAT}\nkind={kind}\ntemplate={template}\nlimit={limit:?}\npath={}\nsize={}\nmtime={mtime}\ntokenizer={}\nbos={:?}\neos={}\nvocab={}\ntemplates={templates:032x}\n",
         abs.display(),
         meta.len(),
         enc.fingerprint(),

@@ -63,7 +63,7 @@ mod tokenize;
 
 pub use mix::{Batch, MixConfig, Mixer, MixerState};
 pub use pack::{PackStats, SourceStats};
-pub use sources::{alpaca_prompt, read_examples, Example, SourceKind, SourceSpec, Weight, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
+pub use sources::{instruction_answer, instruction_prompt, read_examples, Example, SourceKind, SourceSpec, Weight, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
 pub use tokenize::{load_source, load_sources, Docs, Encoder, TokenizedSource};
 
 #[cfg(test)]

@@ -3,7 +3,7 @@
 //! names `file:line`, never a skipped line, so a typo in a data file cannot silently shrink the
 //! training set.
 
-use crate::template::{render, Template, Turn};
+use crate::template::{render, Template, Turn, CHATML_END};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -178,18 +178,40 @@ pub struct SourceSpec {
     /// whole file is still validated.
     #[serde(default)]
     pub limit: Option<usize>,
+    /// Prompt template for `alpaca` and `parallel` blocks: `alpaca` (default, Linly's),
+    /// `chatml` or `llama2`. Train with the template the model will be asked with: a chat
+    /// model such as SmolLM2-Instruct already follows its own (ChatML) and nothing else.
+    #[serde(default)]
+    pub template: Option<Template>,
 }
 
 impl SourceSpec {
     /// A block with weight 1 and no labels.
     pub fn new(kind: SourceKind, path: impl Into<PathBuf>) -> Self {
-        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None }
+        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None }
     }
 
     /// Sets the weight.
     pub fn with_weight(mut self, w: Weight) -> Self {
         self.weight = w;
         self
+    }
+
+    /// The prompt template of an instruction block (`alpaca` unless the block names one).
+    pub fn template(&self) -> Template {
+        self.template.unwrap_or(Template::Alpaca)
+    }
+
+    /// Checks what can be checked without the file: the weight, and that `template` sits on a
+    /// block whose examples have prompts.
+    pub fn check(&self) -> Result<()> {
+        self.weight.check()?;
+        if let Some(t) = self.template {
+            if !matches!(self.kind, SourceKind::Alpaca | SourceKind::Parallel) {
+                bail!("`template = \"{t}\"` applies only to `alpaca` and `parallel` blocks (a `{}` block has no prompts); remove it", self.kind);
+            }
+        }
+        Ok(())
     }
 
     /// `name`, else the file name, plus the `lang` label when there is one.
@@ -210,7 +232,9 @@ pub enum Example {
     /// Plain text: `[bos] + tokens + [eos]`, loss on all of it.
     Text(String),
     /// A rendered prompt and its answer: `[bos] + tokens(prompt + response) + [eos]`, loss on
-    /// the response and the EOS only.
+    /// the response and the EOS only. A prompt that spells BOS itself (`<s>[INST]`, or
+    /// SmolLM2's `<|im_start|>`, which is its BOS) gets no second one, and an answer that ends
+    /// in EOS (`<|im_end|>` there) no second EOS: chat builds its prompts the same way.
     Prompted {
         /// The rendered template, ending where the answer starts.
         prompt: String,
@@ -228,7 +252,7 @@ pub enum Example {
 
 /// Reads a source file into examples, each with the 1-based line it starts on (for errors
 /// raised later, e.g. an id outside the vocabulary).
-pub fn read_examples(kind: SourceKind, path: &Path) -> Result<Vec<(usize, Example)>> {
+pub fn read_examples(kind: SourceKind, template: Template, path: &Path) -> Result<Vec<(usize, Example)>> {
     let bytes = std::fs::read(path).with_context(|| format!("cannot read data file {}", path.display()))?;
     let text = match String::from_utf8(bytes) {
         Ok(t) => t,
@@ -242,8 +266,8 @@ pub fn read_examples(kind: SourceKind, path: &Path) -> Result<Vec<(usize, Exampl
     let file = path.display().to_string();
     let out = match kind {
         SourceKind::Text => read_text(&file, path, text)?,
-        SourceKind::Parallel => read_parallel(&file, text)?,
-        SourceKind::Alpaca => read_alpaca(&file, text)?,
+        SourceKind::Parallel => read_parallel(&file, text, template)?,
+        SourceKind::Alpaca => read_alpaca(&file, text, template)?,
         SourceKind::Tokenized => read_tokenized(&file, text)?,
     };
     if out.is_empty() {
@@ -298,13 +322,23 @@ fn read_text(file: &str, path: &Path, text: &str) -> Result<Vec<(usize, Example)
     Ok(out)
 }
 
-/// The Alpaca prompt for an instruction with optional input, as the `alpaca` kind renders it.
-pub fn alpaca_prompt(instruction: &str, input: &str, history: &[Turn]) -> String {
+/// The prompt for an instruction with optional input, as `alpaca` and `parallel` blocks render
+/// it: the same [`render`] that chat uses, so training and inference see the same text.
+pub fn instruction_prompt(template: Template, instruction: &str, input: &str, history: &[Turn]) -> String {
     let msg = if input.trim().is_empty() { instruction.to_string() } else { format!("{instruction}\n\n{input}") };
-    render(Template::Alpaca, None, history, &msg)
+    render(template, None, history, &msg)
 }
 
-fn read_parallel(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+/// The answer as it is trained: ChatML closes the turn with `<|im_end|>`, which chat stops on.
+/// Alpaca and Llama-2 answers end with EOS, which the encoder adds as an id.
+pub fn instruction_answer(template: Template, output: &str) -> String {
+    match template {
+        Template::ChatMl => format!("{output}{CHATML_END}"),
+        Template::Alpaca | Template::Llama2 => output.to_string(),
+    }
+}
+
+fn read_parallel(file: &str, text: &str, template: Template) -> Result<Vec<(usize, Example)>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
         let n = i + 1;
@@ -323,8 +357,8 @@ fn read_parallel(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
         if zh.is_empty() || en.is_empty() {
             bail!("{file}:{n}: one side of the pair is empty; fix or remove the line");
         }
-        out.push((n, Example::Prompted { prompt: alpaca_prompt(ZH_TO_EN_INSTRUCTION, zh, &[]), response: en.to_string() }));
-        out.push((n, Example::Prompted { prompt: alpaca_prompt(EN_TO_ZH_INSTRUCTION, en, &[]), response: zh.to_string() }));
+        out.push((n, Example::Prompted { prompt: instruction_prompt(template, ZH_TO_EN_INSTRUCTION, zh, &[]), response: instruction_answer(template, en) }));
+        out.push((n, Example::Prompted { prompt: instruction_prompt(template, EN_TO_ZH_INSTRUCTION, en, &[]), response: instruction_answer(template, zh) }));
         out.push((n, Example::Text(format!("{zh}\n{en}"))));
     }
     Ok(out)
@@ -347,7 +381,7 @@ struct ConvTurn {
     value: String,
 }
 
-fn read_alpaca(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+fn read_alpaca(file: &str, text: &str, template: Template) -> Result<Vec<(usize, Example)>> {
     let mut out = Vec::new();
     let hint = "an alpaca record is {\"instruction\", \"input\", \"output\"} (optionally \"history\": [[q, a], ...]) or {\"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}, ...]}";
     for (line, raw) in json_records(file, text)? {
@@ -356,7 +390,7 @@ fn read_alpaca(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
             if r.instruction.is_some() || r.output.is_some() || r.history.is_some() {
                 bail!("{file}:{line}: record has both \"conversations\" and instruction/output/history; use one form");
             }
-            conversation(file, line, &conv)?
+            conversation(file, line, &conv, template)?
         } else {
             let instruction = r.instruction.with_context(|| format!("{file}:{line}: missing \"instruction\"; {hint}"))?;
             let output = r.output.with_context(|| format!("{file}:{line}: missing \"output\"; {hint}"))?;
@@ -365,24 +399,24 @@ fn read_alpaca(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
                 bail!("{file}:{line}: empty \"instruction\" and \"input\"; remove the record");
             }
             let history: Vec<Turn> = r.history.unwrap_or_default().into_iter().map(|(user, assistant)| Turn { user, assistant }).collect();
-            (alpaca_prompt(&instruction, &input, &history), output)
+            (instruction_prompt(template, &instruction, &input, &history), output)
         };
         if response.trim().is_empty() {
             bail!("{file}:{line}: empty response (\"output\" or last assistant turn); there is nothing to learn, remove the record");
         }
-        out.push((line, Example::Prompted { prompt, response }));
+        out.push((line, Example::Prompted { prompt, response: instruction_answer(template, &response) }));
     }
     Ok(out)
 }
 
 /// ShareGPT-style turns: human/gpt alternating, starting with human and ending with gpt. The
 /// last exchange is the example; earlier ones become the history inside the instruction.
-fn conversation(file: &str, line: usize, conv: &[ConvTurn]) -> Result<(String, String)> {
+fn conversation(file: &str, line: usize, conv: &[ConvTurn], template: Template) -> Result<(String, String)> {
     let role = |t: &ConvTurn| -> Result<bool> {
         match t.from.to_ascii_lowercase().as_str() {
             "human" | "user" => Ok(true),
             "gpt" | "assistant" | "bot" => Ok(false),
-            "system" => bail!("{file}:{line}: \"system\" turns are not supported (the Alpaca template has no system slot); fold it into the first human turn"),
+            "system" => bail!("{file}:{line}: \"system\" turns are not supported in training data (the Alpaca template has no system slot); fold it into the first human turn"),
             other => bail!("{file}:{line}: unknown speaker `{other}` in \"conversations\"; use human/user or gpt/assistant"),
         }
     };
@@ -397,7 +431,7 @@ fn conversation(file: &str, line: usize, conv: &[ConvTurn]) -> Result<(String, S
         turns.push(Turn { user: pair[0].value.clone(), assistant: pair[1].value.clone() });
     }
     let last = turns.pop().expect("non-empty: checked above");
-    Ok((alpaca_prompt(&last.user, "", &turns), last.assistant))
+    Ok((instruction_prompt(template, &last.user, "", &turns), last.assistant))
 }
 
 fn read_tokenized(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {

@@ -29,7 +29,7 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 #[test]
 fn text_txt_is_blank_line_separated_blocks() {
-    let ex = read_examples(SourceKind::Text, &fixture("text_sample.txt")).unwrap();
+    let ex = read_examples(SourceKind::Text, Template::Alpaca, &fixture("text_sample.txt")).unwrap();
     let lines: Vec<usize> = ex.iter().map(|(l, _)| *l).collect();
     assert_eq!(lines, vec![1, 4, 6, 10, 13]);
     assert_eq!(ex[0].1, Example::Text("北京是中华人民共和国的首都，也是全国的政治和文化中心。\n这座城市有三千多年的建城史。".into()));
@@ -38,7 +38,7 @@ fn text_txt_is_blank_line_separated_blocks() {
 
 #[test]
 fn text_jsonl_reads_text_field() {
-    let ex = read_examples(SourceKind::Text, &fixture("text_sample.jsonl")).unwrap();
+    let ex = read_examples(SourceKind::Text, Template::Alpaca, &fixture("text_sample.jsonl")).unwrap();
     assert_eq!(ex.len(), 3);
     assert_eq!(ex[1].1, Example::Text("Tea originated in southwest China.".into()));
     assert_eq!(ex[2].1, Example::Text("汉字是世界上最古老的文字之一。\n它已经有几千年的历史。".into()));
@@ -46,7 +46,7 @@ fn text_jsonl_reads_text_field() {
 
 #[test]
 fn parallel_gives_both_directions_and_text() {
-    let ex = read_examples(SourceKind::Parallel, &fixture("hsk_zh_en_sample.tsv")).unwrap();
+    let ex = read_examples(SourceKind::Parallel, Template::Alpaca, &fixture("hsk_zh_en_sample.tsv")).unwrap();
     assert_eq!(ex.len(), 30 * 3);
     let zh2en = format!("{ALPACA_PREFIX}{ZH_TO_EN_INSTRUCTION}\n\n老师，您好！{ALPACA_SUFFIX}");
     let en2zh = format!("{ALPACA_PREFIX}{EN_TO_ZH_INSTRUCTION}\n\nHello, teacher!{ALPACA_SUFFIX}");
@@ -58,7 +58,7 @@ fn parallel_gives_both_directions_and_text() {
 
 #[test]
 fn alpaca_records_with_and_without_input() {
-    let ex = read_examples(SourceKind::Alpaca, &fixture("alpaca_sample.json")).unwrap();
+    let ex = read_examples(SourceKind::Alpaca, Template::Alpaca, &fixture("alpaca_sample.json")).unwrap();
     assert_eq!(ex.len(), 32);
     // Record 1 (line 2 of the pretty-printed array) has an input.
     assert_eq!(ex[0].0, 2);
@@ -72,7 +72,7 @@ fn alpaca_records_with_and_without_input() {
 
 #[test]
 fn alpaca_multi_turn_history_and_conversations() {
-    let ex = read_examples(SourceKind::Alpaca, &fixture("multiturn.jsonl")).unwrap();
+    let ex = read_examples(SourceKind::Alpaca, Template::Alpaca, &fixture("multiturn.jsonl")).unwrap();
     assert_eq!(ex.len(), 4);
     let h = format!(
         "{ALPACA_PREFIX}Human:你好，你是谁？\nAssistant:我是一个中文助手。\nHuman:上海在哪里？\nAssistant:上海在中国东部。\nHuman:那北京呢？{ALPACA_SUFFIX}"
@@ -87,7 +87,7 @@ fn alpaca_multi_turn_history_and_conversations() {
 
 #[test]
 fn tokenized_records_and_labels() {
-    let ex = read_examples(SourceKind::Tokenized, &fixture("tokenized_sample.jsonl")).unwrap();
+    let ex = read_examples(SourceKind::Tokenized, Template::Alpaca, &fixture("tokenized_sample.jsonl")).unwrap();
     assert_eq!(ex.len(), 3);
     let (ids, loss) = enc().encode(&ex[0].1).unwrap();
     assert_eq!(ids, vec![1, 15043, 29892, 3186, 29991, 2]);
@@ -115,6 +115,64 @@ fn spec_deserializes_weights_and_rejects_unknowns() {
     assert!(e.contains("weigth"), "{e}");
 }
 
+/// The LLaMA-2 tokenizer with ChatML markers added, BOS = `<|im_start|>` and EOS = `<|im_end|>`:
+/// the arrangement of SmolLM2-Instruct, where the markers are the special tokens.
+fn chatml_enc() -> (Encoder, u32, u32) {
+    let p = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/llama2-tokenizer/tokenizer.json");
+    let mut tok = tokenizers::Tokenizer::from_file(&p).unwrap();
+    // SmolLM2's byte-level tokenizer adds nothing around the text (no `<s>` post-processor).
+    tok.with_post_processor(None::<tokenizers::PostProcessorWrapper>);
+    let _ = tok.add_special_tokens(vec![
+        tokenizers::AddedToken::from("<|im_start|>", true),
+        tokenizers::AddedToken::from("<|im_end|>", true),
+    ]);
+    let (start, end) = (tok.token_to_id("<|im_start|>").unwrap(), tok.token_to_id("<|im_end|>").unwrap());
+    (Encoder::new(tok, Some(start), end).unwrap(), start, end)
+}
+
+#[test]
+fn chatml_instructions_are_the_chat_prompt_and_close_the_turn_once() {
+    let (e, start, end) = chatml_enc();
+    for (kind, f) in [(SourceKind::Alpaca, "alpaca_sample.json"), (SourceKind::Alpaca, "multiturn.jsonl"), (SourceKind::Parallel, "hsk_zh_en_sample.tsv")] {
+        for (_, ex) in read_examples(kind, Template::ChatMl, &fixture(f)).unwrap() {
+            let Example::Prompted { prompt, response } = &ex else { continue };
+            assert!(prompt.starts_with("<|im_start|>user\n") && prompt.ends_with("<|im_end|>\n<|im_start|>assistant\n"), "{prompt}");
+            assert!(response.ends_with("<|im_end|>") && !response.ends_with("<|im_end|><|im_end|>"), "{response}");
+            let (ids, loss) = e.encode(&ex).unwrap();
+            // The prompt spells BOS itself and the answer ends in EOS: neither is doubled.
+            assert_eq!((ids[0], ids[1] != start), (start, true), "{prompt}");
+            assert_eq!((ids[ids.len() - 1], ids[ids.len() - 2] != end), (end, true), "{response}");
+            // Chat tokenizes the same rendered prompt, so training ids start with chat's ids.
+            let chat_ids = e.tokenizer().encode(prompt.as_str(), true).unwrap().get_ids().to_vec();
+            assert_eq!(&ids[..chat_ids.len()], &chat_ids[..]);
+            assert!(loss[..chat_ids.len()].iter().all(|&l| !l) && loss[chat_ids.len()..].iter().all(|&l| l));
+        }
+    }
+    let ex = read_examples(SourceKind::Alpaca, Template::ChatMl, &fixture("multiturn.jsonl")).unwrap();
+    let hist = vec![Turn { user: "你好".into(), assistant: "你好！有什么可以帮你的？".into() }];
+    assert_eq!(ex[1].1, Example::Prompted { prompt: render(Template::ChatMl, None, &hist, "今天天气怎么样？"), response: "我看不到天气预报，不过希望是个晴天。<|im_end|>".into() });
+}
+
+#[test]
+fn template_key_is_checked_against_kind_and_tokenizer() {
+    let s: SourceSpec = serde_json::from_str(r#"{"kind": "alpaca", "path": "a.json", "template": "chatml"}"#).unwrap();
+    assert_eq!(s.template(), Template::ChatMl);
+    assert_eq!(SourceSpec::new(SourceKind::Alpaca, "a.json").template(), Template::Alpaca);
+    let e = serde_json::from_str::<SourceSpec>(r#"{"kind": "alpaca", "path": "a", "template": "chatgpt"}"#).unwrap_err().to_string();
+    assert!(e.contains("chatgpt") && e.contains("chatml"), "{e}");
+    let s: SourceSpec = serde_json::from_str(r#"{"kind": "text", "path": "a.txt", "template": "chatml"}"#).unwrap();
+    let e = format!("{:#}", s.check().unwrap_err());
+    assert!(e.contains("only to `alpaca` and `parallel`"), "{e}");
+    // ChatML with a tokenizer that lacks the markers would train on split-up `<|im_start|>` text.
+    let d = tempfile::tempdir().unwrap();
+    let p = write(d.path(), "a.jsonl", "{\"instruction\": \"你好\", \"output\": \"你好！\"}\n");
+    let spec = SourceSpec { template: Some(Template::ChatMl), ..SourceSpec::new(SourceKind::Alpaca, &p) };
+    let e = err_text(load_source(0, &spec, d.path(), enc(), None));
+    assert!(e.contains("no `<|im_start|>` token") && e.contains("template = \"alpaca\""), "{e}");
+    let (ce, _, _) = chatml_enc();
+    assert_eq!(load_source(0, &spec, d.path(), &ce, None).unwrap().docs.offsets.len(), 2);
+}
+
 // ---------------------------------------------------------------- tokenization
 
 #[test]
@@ -122,7 +180,7 @@ fn prompted_labels_mask_exactly_the_prompt() {
     let e = enc();
     let mut checked = 0;
     for (kind, f) in [(SourceKind::Alpaca, "alpaca_sample.json"), (SourceKind::Alpaca, "multiturn.jsonl"), (SourceKind::Parallel, "hsk_zh_en_sample.tsv")] {
-        for (_, ex) in read_examples(kind, &fixture(f)).unwrap() {
+        for (_, ex) in read_examples(kind, Template::Alpaca, &fixture(f)).unwrap() {
             let Example::Prompted { prompt, response } = &ex else { continue };
             let (ids, loss) = e.encode(&ex).unwrap();
             assert_eq!(ids[0], 1);

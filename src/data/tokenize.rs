@@ -2,6 +2,7 @@
 
 use super::cache;
 use super::sources::{read_examples, Example, SourceKind, SourceSpec};
+use crate::template::{Template, CHATML_END};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -75,14 +76,17 @@ impl Encoder {
                 // straddles the boundary counts as prompt.
                 let full = format!("{prompt}{response}");
                 let enc = self.tokenizer.encode(full.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-                let mut ids = bos.clone();
-                let mut loss = vec![false; bos.len()];
+                let spelled_bos = self.bos.is_some() && enc.get_ids().first() == self.bos.as_ref();
+                let mut ids = if spelled_bos { Vec::new() } else { bos.clone() };
+                let mut loss = vec![false; ids.len()];
                 for (&id, &(start, _)) in enc.get_ids().iter().zip(enc.get_offsets()) {
                     ids.push(id);
                     loss.push(start >= prompt.len());
                 }
-                ids.push(self.eos);
-                loss.push(true);
+                if ids.last() != Some(&self.eos) || !loss.last().copied().unwrap_or(false) {
+                    ids.push(self.eos);
+                    loss.push(true);
+                }
                 Ok((ids, loss))
             }
             Example::Ids { ids, labels } => {
@@ -182,7 +186,17 @@ pub fn load_sources(specs: &[SourceSpec], base_dir: &Path, enc: &Encoder, cache_
 /// Reads and tokenizes one `[[data]]` block (`index` is 0-based, used in error messages).
 pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encoder, cache_dir: Option<&Path>) -> Result<TokenizedSource> {
     let ctx = || block(index, spec);
-    spec.weight.check().with_context(ctx)?;
+    spec.check().with_context(ctx)?;
+    if spec.template() == Template::ChatMl {
+        for marker in ["<|im_start|>", CHATML_END] {
+            if enc.tokenizer().token_to_id(marker).is_none() {
+                return Err(anyhow::anyhow!(
+                    "`template = \"chatml\"` but the tokenizer has no `{marker}` token, so the markers would be split into ordinary pieces; use `template = \"alpaca\"` (or a tokenizer with ChatML tokens)"
+                ))
+                .with_context(ctx);
+            }
+        }
+    }
     let path = if spec.path.is_absolute() { spec.path.clone() } else { base_dir.join(&spec.path) };
     let meta = std::fs::metadata(&path)
         .with_context(|| format!("data file {} not found; fix `path` (relative paths start at {})", path.display(), base_dir.display()))
@@ -190,13 +204,13 @@ pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encod
     if !meta.is_file() {
         return Err(anyhow::anyhow!("{} is not a file; `path` must name one data file", path.display())).with_context(ctx);
     }
-    let key = cache::key(spec.kind, &path, &meta, spec.limit, enc);
+    let key = cache::key(spec.kind, spec.template(), &path, &meta, spec.limit, enc);
     if let Some(dir) = cache_dir {
         if let Some(docs) = cache::load(dir, &path, &key) {
             return Ok(TokenizedSource { spec: spec.clone(), path, docs, from_cache: true });
         }
     }
-    let docs = tokenize_file(spec.kind, &path, spec.limit, enc).with_context(ctx)?;
+    let docs = tokenize_file(spec.kind, spec.template(), &path, spec.limit, enc).with_context(ctx)?;
     if let Some(dir) = cache_dir {
         cache::store(dir, &path, &key, &docs)
             .with_context(|| format!("cannot write the token cache in {}; check the folder is writable", dir.display()))?;
@@ -204,8 +218,8 @@ pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encod
     Ok(TokenizedSource { spec: spec.clone(), path, docs, from_cache: false })
 }
 
-fn tokenize_file(kind: SourceKind, path: &Path, limit: Option<usize>, enc: &Encoder) -> Result<Docs> {
-    let mut examples = read_examples(kind, path)?;
+fn tokenize_file(kind: SourceKind, template: Template, path: &Path, limit: Option<usize>, enc: &Encoder) -> Result<Docs> {
+    let mut examples = read_examples(kind, template, path)?;
     if let Some(n) = limit {
         // A parallel pair is three examples; the limit counts pairs.
         let per = if kind == SourceKind::Parallel { 3 } else { 1 };
