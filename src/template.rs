@@ -42,6 +42,8 @@ impl std::fmt::Display for Template {
     }
 }
 
+/// Opens a ChatML turn; SmolLM2 uses it as its BOS.
+pub const CHATML_START: &str = "<|im_start|>";
 /// Closes an assistant turn in ChatML. Training answers end with it (then EOS, unless EOS is
 /// this very token, as in SmolLM2) because chat stops on it.
 pub const CHATML_END: &str = "<|im_end|>";

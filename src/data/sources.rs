@@ -416,7 +416,7 @@ fn conversation(file: &str, line: usize, conv: &[ConvTurn], template: Template) 
         match t.from.to_ascii_lowercase().as_str() {
             "human" | "user" => Ok(true),
             "gpt" | "assistant" | "bot" => Ok(false),
-            "system" => bail!("{file}:{line}: \"system\" turns are not supported in training data (the Alpaca template has no system slot); fold it into the first human turn"),
+            "system" => bail!("{file}:{line}: \"system\" turns are not supported in training data (the Alpaca template, the default, has no system slot); fold it into the first human turn"),
             other => bail!("{file}:{line}: unknown speaker `{other}` in \"conversations\"; use human/user or gpt/assistant"),
         }
     };

@@ -2,7 +2,7 @@
 
 use super::cache;
 use super::sources::{read_examples, Example, SourceKind, SourceSpec};
-use crate::template::{Template, CHATML_END};
+use crate::template::{Template, CHATML_END, CHATML_START};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
@@ -76,7 +76,7 @@ impl Encoder {
                 // straddles the boundary counts as prompt.
                 let full = format!("{prompt}{response}");
                 let enc = self.tokenizer.encode(full.as_str(), false).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
-                let spelled_bos = self.bos.is_some() && enc.get_ids().first() == self.bos.as_ref();
+                let spelled_bos = self.bos.is_some_and(|b| enc.get_ids().first() == Some(&b));
                 let mut ids = if spelled_bos { Vec::new() } else { bos.clone() };
                 let mut loss = vec![false; ids.len()];
                 for (&id, &(start, _)) in enc.get_ids().iter().zip(enc.get_offsets()) {
@@ -188,7 +188,7 @@ pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encod
     let ctx = || block(index, spec);
     spec.check().with_context(ctx)?;
     if spec.template() == Template::ChatMl {
-        for marker in ["<|im_start|>", CHATML_END] {
+        for marker in [CHATML_START, CHATML_END] {
             if enc.tokenizer().token_to_id(marker).is_none() {
                 return Err(anyhow::anyhow!(
                     "`template = \"chatml\"` but the tokenizer has no `{marker}` token, so the markers would be split into ordinary pieces; use `template = \"alpaca\"` (or a tokenizer with ChatML tokens)"

@@ -6,7 +6,7 @@ use crate::tokenizer::Tok;
 use anyhow::{bail, Result};
 use std::io::{BufRead, Write};
 
-pub use crate::template::{default_template_for, render, Template, Turn, ALPACA_PREFIX, ALPACA_SUFFIX};
+pub use crate::template::{default_template_for, render, Template, Turn, ALPACA_PREFIX, ALPACA_SUFFIX, CHATML_END};
 
 /// ChatML where the tokenizer knows `<|im_start|>`, otherwise Alpaca (the Linly default).
 pub fn default_template(tok: &Tok) -> Template {
@@ -18,7 +18,7 @@ pub fn default_template(tok: &Tok) -> Template {
 pub fn stop_ids(loaded: &Loaded, tok: &Tok, template: Template) -> Vec<u32> {
     let mut v = super::generate::default_stop_ids(loaded);
     if template == Template::ChatMl {
-        v.extend(tok.token_id("<|im_end|>"));
+        v.extend(tok.token_id(CHATML_END));
     }
     v.sort();
     v.dedup();
