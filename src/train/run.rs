@@ -53,25 +53,6 @@ pub struct Prepared {
     pub old_vocab: usize,
 }
 
-/// Grows a loaded model's tables for `ext` (embedding and head separately), in memory. The
-/// same [`crate::vocab::resize_tables`] as `vocab resize`.
-pub fn resize_loaded(model: &mut Llama, ext: &VocabExtension, init: InitMethod, seed: u64, init_std: f32) -> Result<()> {
-    use crate::io::weights::{f32_data, tensor_to_f32};
-    let hidden = model.config.hidden_size;
-    let embed = tensor_to_f32(model.embed_tokens.weight());
-    let head = model.lm_head.as_ref().map(|h| tensor_to_f32(h.weight()));
-    let (e, h) = crate::vocab::resize_tables(&embed, head.as_deref(), hidden, ext, init, seed, init_std)?;
-    let device = model.embed_tokens.base.val().device();
-    let dt = model.dtype;
-    let up = |v: &[f32]| crate::model::TokenTable::new(burn::tensor::Tensor::from_data(f32_data(v, [ext.new_vocab, hidden], dt), (&device, dt.burn())));
-    model.embed_tokens = up(&e);
-    if let Some(h) = h {
-        model.lm_head = Some(up(&h));
-    }
-    model.config.vocab_size = ext.new_vocab;
-    Ok(())
-}
-
 /// Base model + vocabulary growth + adapter (`adapter_dir`: `init_from` or a checkpoint), or
 /// fresh LoRA branches.
 pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapter_dir: Option<&Path>) -> Result<Prepared> {
@@ -107,7 +88,20 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
                 Some(s) => s,
                 None => crate::vocab::init_std(&crate::config::HfConfig::load(&model_dir)?),
             };
-            resize_loaded(&mut model, &ext, init, v.seed, std)?;
+            crate::vocab::resize_loaded(&mut model, &ext, init, v.seed, std)?;
+            if let Some(sides) = init.distill_sides() {
+                let text = match &v.init_text {
+                    Some(t) => recipe.resolve(t),
+                    None => default_init_text(recipe).context("[vocab] init = \"distill*\" needs a text of the new language: set [vocab] init_text or add a `text` source")?,
+                };
+                let tok_dir = ext_path.parent().filter(|d| d.join("tokenizer.json").exists()).context("[vocab] init = \"distill*\" needs the extended tokenizer.json beside the extension")?;
+                let mut opts = crate::vocab::distill::DistillOptions { sides, seed: v.seed, ..Default::default() };
+                if let Some(n) = v.init_tokens {
+                    opts.tokens = n;
+                }
+                let r = crate::vocab::distill::distill_model(&mut model, &ext, tok_dir, &text, &opts, |s| eprintln!("[vocab] init: {s}"))?;
+                eprintln!("[vocab] init {}: {}", init, serde_json::to_string(&r)?);
+            }
         } else if model.vocab_size() != ext.new_vocab {
             bail!(
                 "[vocab] extension: the model has {} rows but the extension goes {} -> {}: use the extension made from this model's tokenizer",
@@ -142,6 +136,14 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
         }
     }
     Ok(Prepared { model, tokenizer, extension, old_vocab })
+}
+
+/// The text a `distill*` init reads when the recipe names none: the first `text` source in
+/// Chinese, else the first `text` source.
+fn default_init_text(recipe: &Recipe) -> Option<PathBuf> {
+    let texts: Vec<_> = recipe.data.iter().filter(|d| d.kind == data::SourceKind::Text).collect();
+    let pick = texts.iter().find(|d| d.lang.as_deref() == Some("zh")).or(texts.first())?;
+    Some(recipe.resolve(&pick.path))
 }
 
 /// Applies a stage's choices: which tables train, whether LoRA trains.

@@ -2,7 +2,10 @@
 //! is where new rows are initialised (the math is [`super::init_new_rows`]); training's in-run
 //! extension calls the same [`resize_tables`].
 
+use super::distill::DistillOptions;
 use super::{resize_table, InitMethod, VocabExtension};
+use crate::io::safetensors::FloatType;
+use crate::model::Llama;
 use crate::config::HfConfig;
 use crate::io::atomic::StagedDir;
 use crate::io::safetensors::{encode_f32, StreamWriter, TensorSpec};
@@ -20,6 +23,8 @@ pub struct ResizeReport {
     pub tied: bool,
     /// New pieces whose sub-token list was empty (they got the mean of all rows).
     pub empty_subtokens: usize,
+    /// What a model-based init did.
+    pub distill: Option<super::distill::DistillReport>,
 }
 
 /// The model's init std (`initializer_range`, 0.02 when absent), for `random` rows.
@@ -43,9 +48,38 @@ pub fn resize_tables(embed: &[f32], head: Option<&[f32]>, hidden: usize, ext: &V
     Ok((e, h))
 }
 
+/// Grows a loaded model's tables for `ext` (embedding and head separately), in memory, with a
+/// table-only init; the model-based methods start here from sub-token means and are then fitted
+/// by [`super::distill::distill_model`]. The same [`resize_tables`] as `vocab resize`.
+pub fn resize_loaded(model: &mut Llama, ext: &VocabExtension, init: InitMethod, seed: u64, init_std: f32) -> Result<()> {
+    use crate::io::weights::{f32_data, tensor_to_f32};
+    let hidden = model.config.hidden_size;
+    let embed = tensor_to_f32(model.embed_tokens.weight());
+    let head = model.lm_head.as_ref().map(|h| tensor_to_f32(h.weight()));
+    let (e, h) = resize_tables(&embed, head.as_deref(), hidden, ext, init, seed, init_std)?;
+    let device = model.embed_tokens.base.val().device();
+    let dt = model.dtype;
+    let up = |v: &[f32]| crate::model::TokenTable::new(burn::tensor::Tensor::from_data(f32_data(v, [ext.new_vocab, hidden], dt), (&device, dt.burn())));
+    model.embed_tokens = up(&e);
+    if let Some(h) = h {
+        model.lm_head = Some(up(&h));
+    }
+    model.config.vocab_size = ext.new_vocab;
+    Ok(())
+}
+
+/// What a model-based init (`distill*`) needs besides the model: the training text its contexts
+/// come from, the settings, and the device it runs on.
+#[derive(Debug, Clone)]
+pub struct DistillSpec {
+    pub text: PathBuf,
+    pub opts: DistillOptions,
+    pub device: burn::tensor::Device,
+}
+
 /// Resizes `model` into `out` (atomic). The tokenizer beside `extension` (if any) and the
 /// extension itself are copied in, so the output folder is self-contained.
-pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64, out: &Path) -> Result<ResizeReport> {
+pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64, distill: Option<&DistillSpec>, out: &Path) -> Result<ResizeReport> {
     let ext = VocabExtension::load(extension)?;
     let mut cfg = HfConfig::load(model)?;
     let rt = cfg.to_runtime()?;
@@ -64,12 +98,32 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
     if out.exists() {
         bail!("{} already exists: choose another --out or remove it first", out.display());
     }
-    let (embed, _) = store.f32("model.embed_tokens.weight")?;
-    let head = if tied { None } else { Some(store.f32("lm_head.weight")?.0) };
-    let (new_embed, new_head) = resize_tables(&embed, head.as_deref(), hidden, &ext, init, seed, init_std(&cfg))?;
-    drop((embed, head));
+    let ext_dir = extension.parent().unwrap_or(Path::new("."));
+    let tok_src = if ext_dir.join("tokenizer.json").exists() { Some(ext_dir) } else { None };
+    let mut distilled = None;
+    let (new_embed, new_head) = match init.distill_sides() {
+        None => {
+            let (embed, _) = store.f32("model.embed_tokens.weight")?;
+            let head = if tied { None } else { Some(store.f32("lm_head.weight")?.0) };
+            resize_tables(&embed, head.as_deref(), hidden, &ext, init, seed, init_std(&cfg))?
+        }
+        Some(sides) => {
+            let spec = distill.with_context(|| format!("--init {init} fits the new rows against the model on a text: pass --init-text FILE (the training text of the new language, never evaluation text)"))?;
+            let tok_dir = tok_src.with_context(|| format!("--init {init} reads the text with the extended tokenizer, but {} has no tokenizer.json beside it", extension.display()))?;
+            let mut m = Llama::load(model, &spec.device.clone().autodiff(), FloatType::F32)?;
+            resize_loaded(&mut m, &ext, InitMethod::SubtokenMean, seed, init_std(&cfg))?;
+            let mut opts = spec.opts.clone();
+            opts.sides = sides;
+            let r = super::distill::distill_model(&mut m, &ext, tok_dir, &spec.text, &opts, |s| eprintln!("vocab resize: {s}"))?;
+            distilled = Some(r);
+            let e = crate::io::weights::tensor_to_f32(m.embed_tokens.weight());
+            let h = m.lm_head.as_ref().map(|h| crate::io::weights::tensor_to_f32(h.weight()));
+            (e, h)
+        }
+    };
+    let untie = tied && new_head.is_some();
     let staged = StagedDir::new(out, false)?;
-    let specs: Vec<TensorSpec> = store
+    let mut specs: Vec<TensorSpec> = store
         .names()
         .into_iter()
         .map(|n| {
@@ -81,9 +135,14 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
             Ok(TensorSpec { name: n.clone(), dtype: format!("{:?}", raw.dtype), shape })
         })
         .collect::<Result<_>>()?;
+    let embed_dtype = format!("{:?}", store.raw("model.embed_tokens.weight")?.dtype);
+    if untie && !store.contains("lm_head.weight") {
+        specs.push(TensorSpec { name: "lm_head.weight".into(), dtype: embed_dtype, shape: vec![ext.new_vocab, hidden] });
+    }
     let mut w = StreamWriter::create(&staged.path().join("model.safetensors"), specs, Some([("format".to_string(), "pt".to_string())].into()))?;
     for name in w.order() {
-        let raw = store.raw(&name)?;
+        // A head that untying adds is stored in the embedding's dtype.
+        let raw = if store.contains(&name) { store.raw(&name)? } else { store.raw("model.embed_tokens.weight")? };
         let table = match name.as_str() {
             "model.embed_tokens.weight" => Some(&new_embed),
             "lm_head.weight" => new_head.as_ref(),
@@ -99,14 +158,15 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
     }
     w.finish()?;
     cfg.vocab_size = Some(ext.new_vocab);
+    if untie {
+        cfg.tie_word_embeddings = Some(false);
+    }
     cfg.save(staged.path())?;
     for f in ["generation_config.json"] {
         if model.join(f).exists() {
             std::fs::copy(model.join(f), staged.path().join(f))?;
         }
     }
-    let ext_dir = extension.parent().unwrap_or(Path::new("."));
-    let tok_src = if ext_dir.join("tokenizer.json").exists() { Some(ext_dir) } else { None };
     if let Some(d) = tok_src {
         for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
             if d.join(f).exists() {
@@ -116,6 +176,6 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
     }
     std::fs::copy(extension, staged.path().join("vocab_extension.json"))?;
     let out = staged.commit()?;
-    Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied, empty_subtokens: ext.empty_subtokens() })
+    Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied: tied && !untie, empty_subtokens: ext.empty_subtokens(), distill: distilled })
 }
 

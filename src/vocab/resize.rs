@@ -125,6 +125,14 @@ pub enum InitMethod {
     NoisyMean,
     /// N(0, init_std²), as for a freshly initialised model.
     Random,
+    /// Both sides fitted against the base model on the training text (see
+    /// [`super::distill`]): input rows by Token Distillation, head rows by a softmax regression
+    /// on the base's hidden states. Unties a tied table.
+    Distill,
+    /// Only the input rows by Token Distillation; a tied table stays tied (the head uses them).
+    DistillInput,
+    /// Only the head rows (softmax regression); input rows stay sub-token means. Unties.
+    DistillHead,
 }
 
 impl InitMethod {
@@ -135,6 +143,31 @@ impl InitMethod {
             InitMethod::Mean => "mean",
             InitMethod::NoisyMean => "noisy-mean",
             InitMethod::Random => "random",
+            InitMethod::Distill => "distill",
+            InitMethod::DistillInput => "distill-input",
+            InitMethod::DistillHead => "distill-head",
+        }
+    }
+
+    /// Every spelling, for help texts and errors.
+    pub const ALL: [InitMethod; 7] = [
+        InitMethod::SubtokenMean,
+        InitMethod::Mean,
+        InitMethod::NoisyMean,
+        InitMethod::Random,
+        InitMethod::Distill,
+        InitMethod::DistillInput,
+        InitMethod::DistillHead,
+    ];
+
+    /// The sides a model-based method fits; `None` for the table-only methods.
+    pub fn distill_sides(self) -> Option<super::distill::Sides> {
+        use super::distill::Sides;
+        match self {
+            InitMethod::Distill => Some(Sides { input: true, output: true }),
+            InitMethod::DistillInput => Some(Sides { input: true, output: false }),
+            InitMethod::DistillHead => Some(Sides { input: false, output: true }),
+            _ => None,
         }
     }
 }
@@ -148,13 +181,13 @@ impl fmt::Display for InitMethod {
 impl FromStr for InitMethod {
     type Err = anyhow::Error;
     fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "subtoken-mean" => InitMethod::SubtokenMean,
-            "mean" => InitMethod::Mean,
-            "noisy-mean" => InitMethod::NoisyMean,
-            "random" => InitMethod::Random,
-            _ => bail!("unknown init method {s:?}; expected one of subtoken-mean, mean, noisy-mean, random"),
-        })
+        match InitMethod::ALL.iter().find(|m| m.as_str() == s) {
+            Some(m) => Ok(*m),
+            None => {
+                let all: Vec<&str> = InitMethod::ALL.iter().map(|m| m.as_str()).collect();
+                bail!("unknown init method {s:?}; expected one of {}", all.join(", "))
+            }
+        }
     }
 }
 
@@ -249,7 +282,8 @@ pub fn init_new_rows(
 
     let mut out = Vec::with_capacity(n_new * dim);
     match init {
-        InitMethod::SubtokenMean => {
+        // The model-based methods start from sub-token means; `super::distill` fits them.
+        InitMethod::SubtokenMean | InitMethod::Distill | InitMethod::DistillInput | InitMethod::DistillHead => {
             for ids in &ext.subtokens {
                 if ids.is_empty() {
                     out.extend_from_slice(&global_mean);
