@@ -451,3 +451,48 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
     }
     assert_eq!(naive.scale, 65536.0 / 8.0);
 }
+
+/// `loss_by_source` in metrics.jsonl comes from the step's per-row NLL: on both loss paths
+/// (fused in f32, composed in f16) the rows, concatenated over micro-batches, add up to the step
+/// loss, and grouped by source they give each source's loss computed on its own.
+#[test]
+fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
+    use linly_lora::train::metrics::by_source;
+    use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::scaler::{Scaler, ScalerConfig};
+    use linly_lora::train::step::{train_step, StepHparams};
+    let device = dev().autodiff();
+    let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+    let fx = fixture_batch();
+    let row = |i: usize| MicroBatch { input_ids: vec![fx.input_ids[i].clone()], labels: vec![fx.labels[i].clone()] };
+    let two = |a: usize, b: usize| MicroBatch { input_ids: vec![fx.input_ids[a].clone(), fx.input_ids[b].clone()], labels: vec![fx.labels[a].clone(), fx.labels[b].clone()] };
+    for (dtype, tol) in [(FloatType::F32, 1e-4), (FloatType::F16, 5e-3)] {
+        let load = || {
+            let base = Llama::load(&tiny().join("base"), &device, dtype).unwrap();
+            let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
+            set_table_modes(&mut model, TableMode::All, TableMode::All, 320).unwrap();
+            model
+        };
+        // Each row's mean NLL on its own, before any update.
+        let alone: Vec<f64> = (0..2)
+            .map(|i| {
+                let (sums, n, _) = forward_backward(&mut load(), &[row(i)], 1.0, &device).unwrap();
+                sums[0].clone().into_scalar::<f32>() as f64 / n as f64
+            })
+            .collect();
+        // Two micro-batches, rows in swapped order in the second: source "a" is row 0, "b" row 1.
+        let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+        let out = train_step(&mut load(), &mut opt, &mut scaler, &[two(0, 1), two(1, 0)], &hp, &device).unwrap();
+        assert_eq!(out.row_nll.len(), 4);
+        assert_eq!(out.row_tokens.iter().sum::<usize>(), out.tokens);
+        let sum: f64 = out.row_nll.iter().sum();
+        assert!((sum - out.loss * out.tokens as f64).abs() <= 1e-5 * sum.abs(), "{dtype:?}: rows {sum} vs loss·tokens {}", out.loss * out.tokens as f64);
+        let names = ["a".to_string(), "b".to_string()];
+        let (loss, tokens) = by_source(&names, &[0, 1, 1, 0], &out.row_nll, &out.row_tokens);
+        for (i, n) in names.iter().enumerate() {
+            let got = loss[n].as_f64().unwrap();
+            assert!((got - alone[i]).abs() <= tol * alone[i], "{dtype:?}: source {n}: {got} vs row alone {}", alone[i]);
+            assert_eq!(tokens[n].as_u64().unwrap() as usize, 2 * fx.labels[i][1..].iter().filter(|&&l| l >= 0).count());
+        }
+    }
+}

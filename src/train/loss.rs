@@ -5,6 +5,10 @@
 //! `[B·T, V]` tensor, and the backward pass overwrites the saved logits with
 //! `g·(softmax − onehot)` in one sweep, so the only vocabulary-sized tensor is the logits buffer
 //! itself. Elsewhere (libtorch, f16/bf16 logits) it is composed from `log_softmax` and `gather`.
+//!
+//! [`nll_sum_rows`] also splits the sum by batch row, for per-source loss in metrics.jsonl: the
+//! fused sweep has the per-row values on the host already; the composed path keeps them as a
+//! `[B]` tensor for the step's single host read.
 
 use crate::model::fused::{self, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::activation::log_softmax;
@@ -18,21 +22,61 @@ use std::sync::Arc;
 
 /// Sum of next-token NLL over unmasked positions (f32 scalar tensor `[1]`), and their count.
 pub fn nll_sum(logits: Tensor<3>, labels: &[Vec<i64>]) -> (Tensor<1>, usize) {
+    let r = nll_sum_rows(logits, labels);
+    (r.sum, r.tokens)
+}
+
+/// Per batch row NLL sums: where the loss already has them on the host (fused flex path), or
+/// a `[B]` tensor not yet read, so that the step can fetch it with its one host read.
+#[derive(Debug, Clone)]
+pub enum RowSums {
+    Host(Vec<f64>),
+    Device(Tensor<1>),
+}
+
+/// [`nll_sum`] with the split by batch row that per-source loss logging needs.
+#[derive(Debug, Clone)]
+pub struct NllRows {
+    /// Σ NLL over the batch (f32 `[1]`, on the autodiff graph).
+    pub sum: Tensor<1>,
+    /// Unmasked positions in the batch.
+    pub tokens: usize,
+    /// Σ NLL of each batch row; the rows add up to `sum` (up to f32 rounding).
+    pub rows: RowSums,
+    /// Unmasked positions of each batch row.
+    pub row_tokens: Vec<usize>,
+}
+
+/// Unmasked positions per batch row after the shift.
+pub fn row_loss_tokens(labels: &[Vec<i64>]) -> Vec<usize> {
+    labels.iter().map(|r| r.iter().skip(1).filter(|&&l| l >= 0).count()).collect()
+}
+
+/// [`nll_sum`] plus the per-row sums (no extra device work on the fused path; one `[B]`
+/// reduction on the composed path).
+pub fn nll_sum_rows(logits: Tensor<3>, labels: &[Vec<i64>]) -> NllRows {
     let [b, t, v] = logits.dims();
-    // Row b·T + i of the flattened logits predicts labels[b][i+1]; each sequence's last row has
-    // no target.
-    let targets: Vec<i64> = labels.iter().flat_map(|row| (0..t).map(move |i| if i + 1 < t && row[i + 1] >= 0 { row[i + 1] } else { -1 })).collect();
-    let n = targets.iter().filter(|&&x| x >= 0).count();
+    let row_tokens = row_loss_tokens(labels);
+    let tokens = row_tokens.iter().sum();
     if logits.dtype() == burn::tensor::DType::F32 {
-        if let Some(sum) = cross_entropy_sum(logits.clone().reshape([b * t, v]), Arc::new(targets.clone())) {
-            return (sum, n);
+        // Row b·T + i of the flattened logits predicts labels[b][i+1]; each sequence's last row
+        // has no target.
+        let targets: Vec<i64> = labels.iter().flat_map(|row| (0..t).map(move |i| if i + 1 < t && row[i + 1] >= 0 { row[i + 1] } else { -1 })).collect();
+        if let Some((sum, rows)) = cross_entropy_sum_rows(logits.clone().reshape([b * t, v]), Arc::new(targets), t) {
+            return NllRows { sum, tokens, rows: RowSums::Host(rows), row_tokens };
         }
     }
-    (composed_nll_sum(logits, labels), n)
+    let rows = composed_nll_rows(logits, labels);
+    NllRows { sum: rows.clone().sum(), tokens, rows: RowSums::Device(rows.detach()), row_tokens }
 }
 
 /// The composed reference: `−Σ log_softmax(logits)[target]` over unmasked positions.
 pub fn composed_nll_sum(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
+    composed_nll_rows(logits, labels).sum()
+}
+
+/// The composed loss per batch row, `[B]`.
+pub fn composed_nll_rows(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     let [b, t, v] = logits.dims();
     let device = logits.device();
     let mut targets = Vec::with_capacity(b * (t - 1));
@@ -47,27 +91,31 @@ pub fn composed_nll_sum(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     let logp = log_softmax(logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
     let idx: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [b, t - 1, 1]), &device);
     let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
-    -(logp.gather(2, idx) * m).sum()
+    -(logp.gather(2, idx) * m).sum_dim(1).reshape([b])
 }
 
 /// Per row of `x` `[n, v]`: log-sum-exp, and the summed NLL of rows whose target is ≥ 0.
 pub fn ce_forward_rows(x: &[f32], v: usize, targets: &[i64]) -> (Vec<f32>, f64) {
+    let (lse, groups) = ce_forward_groups(x, v, targets, targets.len().max(1));
+    (lse, groups.iter().sum())
+}
+
+/// [`ce_forward_rows`] with the NLL summed per group of `group` consecutive rows (one group per
+/// sequence when `group` is the sequence length).
+pub fn ce_forward_groups(x: &[f32], v: usize, targets: &[i64], group: usize) -> (Vec<f32>, Vec<f64>) {
     let mut lse = vec![0f32; targets.len()];
-    let nll: f64 = lse
-        .par_iter_mut()
-        .enumerate()
-        .map(|(i, out)| {
-            let row = &x[i * v..][..v];
-            let m = fused::max_of(row);
-            let l = m + fused::sum_exp_shifted(row, m).ln();
-            *out = l;
-            match targets[i] {
-                t if t >= 0 => (l - row[t as usize]) as f64,
-                _ => 0.0,
-            }
-        })
-        .sum();
-    (lse, nll)
+    // Per-position values first so the sweep stays parallel over positions even for one sequence.
+    let mut nll = vec![0f64; targets.len()];
+    lse.par_iter_mut().zip(nll.par_iter_mut()).enumerate().for_each(|(i, (out, n))| {
+        let row = &x[i * v..][..v];
+        let m = fused::max_of(row);
+        let l = m + fused::sum_exp_shifted(row, m).ln();
+        *out = l;
+        if targets[i] >= 0 {
+            *n = (l - row[targets[i] as usize]) as f64;
+        }
+    });
+    (lse, nll.chunks(group).map(|c| c.iter().sum()).collect())
 }
 
 /// `dx = g·(softmax(x) − onehot(target))` per row, written over `x`; rows without a target get 0.
@@ -120,19 +168,28 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
 
 /// Fused `Σ NLL` over rows of f32 flex logits `[n, v]`; `None` for other backends or dtypes.
 pub fn cross_entropy_sum(logits: Tensor<2>, targets: Arc<Vec<i64>>) -> Option<Tensor<1>> {
+    let n = targets.len().max(1);
+    cross_entropy_sum_rows(logits, targets, n).map(|(sum, _)| sum)
+}
+
+/// [`cross_entropy_sum`] plus the NLL of each group of `group` consecutive rows, read on the
+/// host where the forward sweep computes it anyway. The sum is the groups' sum, so the two agree.
+pub fn cross_entropy_sum_rows(logits: Tensor<2>, targets: Arc<Vec<i64>>, group: usize) -> Option<(Tensor<1>, Vec<f64>)> {
     let [_, v] = logits.dims();
     match fused::flex_f32(&logits)? {
         FlexF32::Plain(x) => {
             drop(logits);
-            let (_, nll) = ce_forward_rows(&values(&x), v, &targets);
-            Some(from_plain(new_tensor(vec![nll as f32], vec![1])))
+            let (_, rows) = ce_forward_groups(&values(&x), v, &targets, group);
+            let nll: f64 = rows.iter().sum();
+            Some((from_plain(new_tensor(vec![nll as f32], vec![1])), rows))
         }
         FlexF32::Tracked(a) => {
             drop(logits);
             let (x, guard) = a.into_parts();
-            let (lse, nll) = ce_forward_rows(&values(&x), v, &targets);
+            let (lse, rows) = ce_forward_groups(&values(&x), v, &targets, group);
+            let nll: f64 = rows.iter().sum();
             let out = new_tensor(vec![nll as f32], vec![1]);
-            Some(from_tracked(record(CrossEntropyBackward, [guard], || (x, lse, targets), out)))
+            Some((from_tracked(record(CrossEntropyBackward, [guard], || (x, lse, targets), out)), rows))
         }
     }
 }
@@ -169,6 +226,35 @@ mod tests {
         }
         // The last position of each row and masked labels get no gradient.
         assert!(gf[(t - 1) * v..t * v].iter().all(|&g| g == 0.0));
+    }
+
+    #[test]
+    fn row_sums_add_up_to_the_total_and_match_each_row_alone_on_both_paths() {
+        let dev = Device::flex().autodiff();
+        let (b, t, v) = (3, 7, 29);
+        let x: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 3.0), &dev).require_grad();
+        let lab = labels(b, t, v);
+        // Each row on its own through the composed reference.
+        let alone: Vec<f64> = (0..b).map(|i| composed_nll_sum(x.clone().slice([i..i + 1, 0..t, 0..v]), &lab[i..i + 1]).into_scalar::<f32>() as f64).collect();
+        let want_tokens: Vec<usize> = lab.iter().map(|r| r[1..].iter().filter(|&&l| l >= 0).count()).collect();
+        // Fused (f32 flex) and composed (f16 logits) paths.
+        for half in [false, true] {
+            let logits = if half { x.clone().cast(FloatDType::F16) } else { x.clone() * 1.0 };
+            let r = nll_sum_rows(logits, &lab);
+            let rows: Vec<f64> = match (&r.rows, half) {
+                (RowSums::Host(v), false) => v.clone(),
+                (RowSums::Device(t), true) => t.clone().into_data().try_to_vec::<f32>().unwrap().into_iter().map(|x| x as f64).collect(),
+                (other, _) => panic!("half={half}: unexpected path {other:?}"),
+            };
+            let total = r.sum.into_scalar::<f32>() as f64;
+            let tol = if half { 2e-3 } else { 1e-5 };
+            assert!((rows.iter().sum::<f64>() - total).abs() <= 1e-6 * total.abs(), "half={half}: rows {rows:?} vs total {total}");
+            for (got, want) in rows.iter().zip(&alone) {
+                assert!((got - want).abs() <= tol * want.abs(), "half={half}: row {got} vs alone {want}");
+            }
+            assert_eq!(r.row_tokens, want_tokens);
+            assert_eq!(r.tokens, want_tokens.iter().sum::<usize>());
+        }
     }
 
     #[test]

@@ -2,6 +2,7 @@
 
 pub mod checkpoint;
 pub mod loss;
+pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod plot;

@@ -234,7 +234,7 @@ pub struct OutputSection {
     /// Score the `[[eval]]` files every N steps (0 = only at the end).
     #[serde(default)]
     pub eval_every: usize,
-    /// Draw loss / loss-scale PNGs at the end.
+    /// Draw the loss, eval and loss-scale PNGs at the end.
     #[serde(default = "yes")]
     pub plots: bool,
 }
@@ -252,6 +252,10 @@ pub struct EvalSection {
     pub path: PathBuf,
     #[serde(default)]
     pub name: Option<String>,
+    /// A free label (`zh`, `en`) carried into metrics.jsonl and the eval plot's legend.
+    /// Not serialized when absent, so recipes without it keep their resume hash.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lang: Option<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

@@ -270,6 +270,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     mcfg.packing = recipe.mix.packing;
     mcfg.pad_id = model.config.eos_token_ids.first().copied().unwrap_or(0);
     let mut mixer = Mixer::new(sources, mcfg)?;
+    let source_names = super::metrics::source_labels(&recipe.data);
 
     let mut scaler = Scaler::new(recipe.scaler()?);
     let mut opt = opt;
@@ -315,8 +316,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
         device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let mut batches = Vec::with_capacity(recipe.train.grad_accum);
+        let mut source_of_row = Vec::new();
         for _ in 0..recipe.train.grad_accum {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
+            source_of_row.extend(b.source_of_row);
             batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels });
         }
         let t0 = Instant::now();
@@ -326,11 +329,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         tokens_run += positions;
         first_loss.get_or_insert(r.loss);
         last_loss = Some(r.loss);
+        let (loss_by_source, tokens_by_source) = super::metrics::by_source(&source_names, &source_of_row, &r.row_nll, &r.row_tokens);
         let line = serde_json::json!({
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
-            "events": r.events,
+            "events": r.events, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         writeln!(metrics, "{line}")?;
         if let Some(b) = &bar {
@@ -382,7 +386,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             writeln!(metrics, "{}", serde_json::json!({"step": total, "eval": ev}))?;
         }
         if recipe.output.plots {
-            if let Err(e) = super::plot::plot_metrics(&metrics_path, &out) {
+            if let Err(e) = super::plot::plot_metrics(&metrics_path, &out, &source_names) {
                 eprintln!("warning: plots not drawn: {e:#}");
             }
         }
@@ -423,7 +427,7 @@ fn evaluate(recipe: &Recipe, model: &Llama, tokenizer: Option<&Path>, first_adde
         let path = recipe.resolve(&e.path);
         let text = crate::tokenizer::read_text(&path)?;
         let r = crate::infer::eval::eval_text(&loaded, &text, Some(recipe.train.seq_len.max(256)))?;
-        let mut v = serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens});
+        let mut v = serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "lang": e.lang, "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens});
         if let Some(sp) = &r.by_vocab {
             v["added_bits_per_char"] = serde_json::json!(sp.added.bits_per_char);
             v["added_mean_nll"] = serde_json::json!(sp.added.mean_nll);

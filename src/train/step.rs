@@ -1,8 +1,8 @@
 //! One optimizer step: forward/backward over the micro-batches, gradients accumulated per
-//! parameter, one host sync for loss, finiteness and norms, the scaler's decision, global-norm
-//! clipping and AdamW.
+//! parameter, one host sync for loss (total and per batch row), finiteness and norms, the
+//! scaler's decision, global-norm clipping and AdamW.
 
-use super::loss::nll_sum;
+use super::loss::{nll_sum_rows, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
 use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
@@ -44,28 +44,58 @@ pub struct StepOutput {
     pub loss_scale: f32,
     pub events: Vec<String>,
     pub overflow_groups: Vec<Group>,
+    /// Σ NLL of each batch row, micro-batches concatenated in order (the order of
+    /// `Batch::source_of_row`); they add up to `loss · tokens`.
+    pub row_nll: Vec<f64>,
+    /// Loss tokens of each batch row, in the same order.
+    pub row_tokens: Vec<usize>,
 }
 
 /// Gradients of the trainable parameters, by name, summed over micro-batches.
 pub type Grads = BTreeMap<String, Tensor<2>>;
 
+/// What [`forward_backward_rows`] leaves for the step's host read.
+pub struct Forward {
+    /// Σ NLL per micro-batch (`[1]` tensors, not yet read).
+    pub sums: Vec<Tensor<1>>,
+    /// Per batch row Σ NLL, per micro-batch: on the host already, or a `[B]` tensor to read.
+    pub rows: Vec<RowSums>,
+    /// Loss tokens per batch row, micro-batches concatenated.
+    pub row_tokens: Vec<usize>,
+    pub total: usize,
+    pub grads: Grads,
+}
+
 /// Forward and backward over `batches`; returns the loss sum (as a tensor, not yet read) and
 /// the accumulated gradients of `loss_sum · scale / total_tokens`.
 pub fn forward_backward(model: &mut Llama, batches: &[MicroBatch], scale: f32, device: &Device) -> Result<(Vec<Tensor<1>>, usize, Grads)> {
+    let f = forward_backward_rows(model, batches, scale, device)?;
+    Ok((f.sums, f.total, f.grads))
+}
+
+/// [`forward_backward`] that also keeps the loss of each batch row.
+pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f32, device: &Device) -> Result<Forward> {
     let total: usize = batches.iter().map(|b| b.loss_tokens()).sum();
     if total == 0 {
         bail!("a training step has no unmasked label: check the data's labels");
     }
     let mut acc: Grads = BTreeMap::new();
     let mut sums = Vec::new();
+    let mut rows = Vec::new();
+    let mut row_tokens = Vec::new();
     for mb in batches {
         let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
         let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, t]), device);
         let logits = model.forward(ids, None);
-        let (sum, _) = nll_sum(logits, &mb.labels);
-        let loss = sum.clone() * (scale as f64 / total as f64);
-        sums.push(sum.detach().inner());
+        let r = nll_sum_rows(logits, &mb.labels);
+        let loss = r.sum.clone() * (scale as f64 / total as f64);
+        sums.push(r.sum.detach().inner());
+        rows.push(match r.rows {
+            RowSums::Device(t) => RowSums::Device(t.inner()),
+            host => host,
+        });
+        row_tokens.extend(r.row_tokens);
         let grads = loss.backward();
         for p in trainable(model) {
             if let Some(g) = p.param.val().grad(&grads) {
@@ -77,15 +107,16 @@ pub fn forward_backward(model: &mut Llama, batches: &[MicroBatch], scale: f32, d
             }
         }
     }
-    Ok((sums, total, acc))
+    Ok(Forward { sums, rows, row_tokens, total, grads: acc })
 }
 
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
 pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
     let scale = scaler.scale;
-    let (sums, total, mut grads) = forward_backward(model, batches, scale, device)?;
+    let Forward { sums, rows, row_tokens, total, mut grads } = forward_backward_rows(model, batches, scale, device)?;
     let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
-    // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group].
+    // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group, row sums of
+    // the composed loss...].
     let inner = device.clone().inner();
     let mut parts: Vec<Tensor<1>> = sums;
     let mut finite: Vec<Tensor<1>> = Vec::new();
@@ -105,7 +136,17 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let n_sums = parts.len();
     parts.extend(finite);
     parts.extend(sumsq);
+    let n_fixed = parts.len();
+    parts.extend(rows.iter().filter_map(|r| if let RowSums::Device(t) = r { Some(t.clone()) } else { None }));
     let host: Vec<f32> = Tensor::cat(parts, 0).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading step summaries: {e:?}"))?;
+    let mut device_rows = host[n_fixed..].iter().map(|&x| x as f64);
+    let mut row_nll = Vec::with_capacity(row_tokens.len());
+    for r in rows {
+        match r {
+            RowSums::Host(v) => row_nll.extend(v),
+            RowSums::Device(t) => row_nll.extend(device_rows.by_ref().take(t.dims()[0])),
+        }
+    }
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[n_sums + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[n_sums + 3 + i] as f64).collect();
@@ -113,7 +154,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups });
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens });
         }
     }
     let (action, log) = scaler.update(&flags);
@@ -122,7 +163,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let inv = 1.0 / scale as f64;
     let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
     let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
-    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups };
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens };
     let sanitize: Vec<Group> = match &action {
         Action::Skip => {
             out.skipped = true;
