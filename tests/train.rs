@@ -12,7 +12,7 @@ use linly_lora::train::step::{forward_backward, MicroBatch};
 fn fixture_batch() -> MicroBatch {
     let e = Expected::load();
     let (labels, shape) = e.i64("sft_labels");
-    MicroBatch { input_ids: e.ids("resized_input_ids"), labels: labels.chunks(shape[1]).map(|c| c.to_vec()).collect() }
+    MicroBatch::new(e.ids("resized_input_ids"), labels.chunks(shape[1]).map(|c| c.to_vec()).collect())
 }
 
 #[test]
@@ -464,8 +464,8 @@ fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
     let device = dev().autodiff();
     let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
     let fx = fixture_batch();
-    let row = |i: usize| MicroBatch { input_ids: vec![fx.input_ids[i].clone()], labels: vec![fx.labels[i].clone()] };
-    let two = |a: usize, b: usize| MicroBatch { input_ids: vec![fx.input_ids[a].clone(), fx.input_ids[b].clone()], labels: vec![fx.labels[a].clone(), fx.labels[b].clone()] };
+    let row = |i: usize| MicroBatch::new(vec![fx.input_ids[i].clone()], vec![fx.labels[i].clone()]);
+    let two = |a: usize, b: usize| MicroBatch::new(vec![fx.input_ids[a].clone(), fx.input_ids[b].clone()], vec![fx.labels[a].clone(), fx.labels[b].clone()]);
     for (dtype, tol) in [(FloatType::F32, 1e-4), (FloatType::F16, 5e-3)] {
         let load = || {
             let base = Llama::load(&tiny().join("base"), &device, dtype).unwrap();
@@ -494,5 +494,93 @@ fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
             assert!((got - alone[i]).abs() <= tol * alone[i], "{dtype:?}: source {n}: {got} vs row alone {}", alone[i]);
             assert_eq!(tokens[n].as_u64().unwrap() as usize, 2 * fx.labels[i][1..].iter().filter(|&&l| l >= 0).count());
         }
+    }
+}
+
+mod self_distillation {
+    use super::common::*;
+    use burn::module::Param;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use linly_lora::io::safetensors::FloatType;
+    use linly_lora::lora::{self, adapter::linears_mut, LoraInit, LoraSettings};
+    use linly_lora::model::Llama;
+    use linly_lora::train::step::{base_logits, forward_backward_rows, MicroBatch};
+
+    fn with_lora(model: &mut Llama, device: &burn::tensor::Device) {
+        let s = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], init: LoraInit::Kaiming, seed: 3 };
+        lora::inject(model, &s, device).unwrap();
+    }
+
+    fn batch(weight: f32) -> MicroBatch {
+        // Old-vocabulary text only: the case the term is for (replay of what the base reads).
+        let ids: Vec<Vec<u32>> = (0..2).map(|r| (0..12).map(|i| ((r * 97 + i * 31 + 5) % 320) as u32).collect()).collect();
+        let labels = ids.iter().map(|row| row.iter().map(|&x| x as i64).collect()).collect();
+        MicroBatch { self_distill: vec![weight, weight], ..MicroBatch::new(ids, labels) }
+    }
+
+    fn host_logits(model: &Llama, ids: &[Vec<u32>], device: &burn::tensor::Device) -> Vec<f64> {
+        let flat: Vec<i64> = ids.iter().flatten().map(|&x| x as i64).collect();
+        let t: Tensor<2, Int> = Tensor::from_data(TensorData::new(flat, [ids.len(), ids[0].len()]), device);
+        model.forward(t, None).try_into_vec_as::<f32>().unwrap().into_iter().map(|x| x as f64).collect()
+    }
+
+    fn log_softmax(row: &[f64]) -> Vec<f64> {
+        let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+        let l = m + row.iter().map(|x| (x - m).exp()).sum::<f64>().ln();
+        row.iter().map(|x| x - l).collect()
+    }
+
+    #[test]
+    fn zero_when_the_model_is_the_base() {
+        let device = dev().autodiff();
+        let mut m = Llama::load(&tiny().join("base"), &device, FloatType::F32).unwrap();
+        // PEFT's init: B = 0, so the adapted model is the base.
+        with_lora(&mut m, &device);
+        let f = forward_backward_rows(&mut m, &[batch(1.0)], 1.0, &device).unwrap();
+        let kd = f.kd.expect("rows with a weight run the teacher").into_scalar::<f32>();
+        assert!(kd.abs() < 1e-5, "KL of the base against itself: {kd}");
+        let none = forward_backward_rows(&mut m, &[batch(0.0)], 1.0, &device).unwrap();
+        assert!(none.kd.is_none(), "no weight, no teacher pass");
+    }
+
+    #[test]
+    fn teacher_is_the_base_and_the_value_is_the_weighted_kl() {
+        let device = dev().autodiff();
+        let base = Llama::load(&tiny().join("base"), &device, FloatType::F32).unwrap();
+        let mut m = base.clone();
+        with_lora(&mut m, &device);
+        for (_, lin) in linears_mut(&mut m) {
+            for br in lin.lora.iter_mut() {
+                let shape = br.b.val().dims();
+                br.b = Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.2), &device)).set_require_grad(true);
+            }
+        }
+        let mb = batch(0.5);
+        let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
+        let v = 320;
+        let want_teacher = host_logits(&base, &mb.input_ids, &device);
+        let flat: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
+        let teacher: Vec<f64> = base_logits(&mut m, Tensor::from_data(TensorData::new(flat, [b, t]), &device)).try_into_vec_as::<f32>().unwrap().into_iter().map(|x| x as f64).collect();
+        let err = teacher.iter().zip(&want_teacher).map(|(a, c)| (a - c).abs()).fold(0.0, f64::max);
+        assert!(err < 1e-5, "the teacher is the model without its LoRA branches: max diff {err}");
+        let student = host_logits(&m, &mb.input_ids, &device);
+        assert!(student.iter().zip(&want_teacher).any(|(a, c)| (a - c).abs() > 1e-3), "the adapted model must differ from the base");
+        // Hand-computed: Σ_rows w Σ_{pos < T-1} KL(q ‖ p) in f64.
+        let mut want = 0.0;
+        for r in 0..b {
+            for i in 0..t - 1 {
+                let o = (r * t + i) * v;
+                let lq = log_softmax(&want_teacher[o..o + v]);
+                let lp = log_softmax(&student[o..o + v]);
+                want += 0.5 * lq.iter().zip(&lp).map(|(q, p)| q.exp() * (q - p)).sum::<f64>();
+            }
+        }
+        let f = forward_backward_rows(&mut m, &[mb], 1.0, &device).unwrap();
+        let got = f.kd.unwrap().into_scalar::<f32>() as f64;
+        assert!(want > 1e-3, "a changed model has a KL: {want}");
+        assert!((got - want).abs() <= 1e-4 * want, "self-distillation sum {got} vs hand-computed {want}");
+        // The LoRA branches are back after the teacher pass and get gradients from the term.
+        assert!(linears_mut(&mut m).into_iter().any(|(_, l)| !l.lora.is_empty()));
+        assert!(f.grads.keys().any(|k| k.contains("lora_B")), "{:?}", f.grads.keys().collect::<Vec<_>>());
     }
 }

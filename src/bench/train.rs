@@ -60,7 +60,7 @@ pub fn train(shape: &str, device_name: &str, dtype: FloatType, rank: usize, batc
             })
             .collect();
         let labels = ids.iter().map(|r: &Vec<u32>| r.iter().map(|&x| x as i64).collect()).collect();
-        MicroBatch { input_ids: ids, labels }
+        MicroBatch::new(ids, labels)
     };
     for _ in 0..warmup {
         train_step(&mut model, &mut opt, &mut scaler, &[batch_of()], &hp, &device)?;

@@ -183,12 +183,18 @@ pub struct SourceSpec {
     /// model such as SmolLM2-Instruct already follows its own (ChatML) and nothing else.
     #[serde(default)]
     pub template: Option<Template>,
+    /// Weight of the self-distillation term on this source's rows: KL(base ‖ model) on every
+    /// position whose target is an old-vocabulary token, the base being the same weights with
+    /// the LoRA branches off. Against forgetting, on text the base already reads (English
+    /// replay); leave it 0 on the new language, where the base cannot know the new pieces.
+    #[serde(default)]
+    pub self_distill: f64,
 }
 
 impl SourceSpec {
     /// A block with weight 1 and no labels.
     pub fn new(kind: SourceKind, path: impl Into<PathBuf>) -> Self {
-        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None }
+        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None, self_distill: 0.0 }
     }
 
     /// Sets the weight.

@@ -270,6 +270,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     mcfg.packing = recipe.mix.packing;
     mcfg.pad_id = model.config.eos_token_ids.first().copied().unwrap_or(0);
     let mut mixer = Mixer::new(sources, mcfg)?;
+    let distill_w: Vec<f32> = recipe.data.iter().map(|d| d.self_distill as f32).collect();
     let source_names = super::metrics::source_labels(&recipe.data);
 
     let mut scaler = Scaler::new(recipe.scaler()?);
@@ -319,8 +320,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let mut source_of_row = Vec::new();
         for _ in 0..recipe.train.grad_accum {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
-            source_of_row.extend(b.source_of_row);
-            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels });
+            source_of_row.extend(b.source_of_row.iter().copied());
+            let self_distill: Vec<f32> = b.source_of_row.iter().map(|&s| distill_w[s]).collect();
+            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill });
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
@@ -334,7 +336,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
-            "events": r.events, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         writeln!(metrics, "{line}")?;
         if let Some(b) = &bar {

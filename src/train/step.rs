@@ -2,7 +2,7 @@
 //! parameter, one host sync for loss (total and per batch row), finiteness and norms, the
 //! scaler's decision, global-norm clipping and AdamW.
 
-use super::loss::{nll_sum_rows, RowSums};
+use super::loss::{nll_sum_rows, self_distill_sum, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
 use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
@@ -16,9 +16,18 @@ use std::collections::BTreeMap;
 pub struct MicroBatch {
     pub input_ids: Vec<Vec<u32>>,
     pub labels: Vec<Vec<i64>>,
+    /// Per row: the weight of the self-distillation term (`[[data]] self_distill` of the row's
+    /// source); empty or all zero: no teacher pass for this micro-batch.
+    #[serde(default)]
+    pub self_distill: Vec<f32>,
 }
 
 impl MicroBatch {
+    /// A micro-batch without self-distillation.
+    pub fn new(input_ids: Vec<Vec<u32>>, labels: Vec<Vec<i64>>) -> Self {
+        MicroBatch { input_ids, labels, self_distill: Vec::new() }
+    }
+
     /// Positions that carry loss after the shift.
     pub fn loss_tokens(&self) -> usize {
         self.labels.iter().map(|r| r.iter().skip(1).filter(|&&l| l >= 0).count()).sum()
@@ -49,6 +58,9 @@ pub struct StepOutput {
     pub row_nll: Vec<f64>,
     /// Loss tokens of each batch row, in the same order.
     pub row_tokens: Vec<usize>,
+    /// Σ weight · KL(base ‖ model) of the self-distillation term over the step, per loss token
+    /// (it is added to the loss on the same scale as the NLL); `None` when no row had a weight.
+    pub self_distill: Option<f64>,
 }
 
 /// Gradients of the trainable parameters, by name, summed over micro-batches.
@@ -64,6 +76,8 @@ pub struct Forward {
     pub row_tokens: Vec<usize>,
     pub total: usize,
     pub grads: Grads,
+    /// Σ of the self-distillation term (`[1]`, not yet read), when any row had a weight.
+    pub kd: Option<Tensor<1>>,
 }
 
 /// Forward and backward over `batches`; returns the loss sum (as a tensor, not yet read) and
@@ -83,13 +97,30 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
     let mut sums = Vec::new();
     let mut rows = Vec::new();
     let mut row_tokens = Vec::new();
+    let mut kd: Option<Tensor<1>> = None;
     for mb in batches {
         let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
         let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, t]), device);
+        let teacher = if mb.self_distill.iter().any(|&w| w > 0.0) { Some(base_logits(model, ids.clone())) } else { None };
         let logits = model.forward(ids, None);
+        let kd_sum = teacher.map(|tl| {
+            let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
+            self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill)
+        });
         let r = nll_sum_rows(logits, &mb.labels);
-        let loss = r.sum.clone() * (scale as f64 / total as f64);
+        let objective = match &kd_sum {
+            Some(k) => r.sum.clone() + k.clone(),
+            None => r.sum.clone(),
+        };
+        if let Some(k) = kd_sum {
+            let k = k.detach().inner();
+            kd = Some(match kd.take() {
+                Some(prev) => prev + k,
+                None => k,
+            });
+        }
+        let loss = objective * (scale as f64 / total as f64);
         sums.push(r.sum.detach().inner());
         rows.push(match r.rows {
             RowSums::Device(t) => RowSums::Device(t.inner()),
@@ -107,13 +138,29 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
             }
         }
     }
-    Ok(Forward { sums, rows, row_tokens, total, grads: acc })
+    Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd })
+}
+
+/// The teacher of self-distillation: the same model with every LoRA branch taken out, on the
+/// same ids, detached. Its head rows past the old vocabulary are dropped by
+/// [`self_distill_sum`], and on text of the old vocabulary the new input rows are never read:
+/// that is the base model, at the cost of one forward pass and no second copy of the weights.
+pub fn base_logits(model: &mut Llama, ids: Tensor<2, Int>) -> Tensor<3> {
+    let mut saved = Vec::new();
+    for (_, lin) in crate::lora::adapter::linears_mut(model) {
+        saved.push(std::mem::take(&mut lin.lora));
+    }
+    let logits = model.forward(ids, None).detach();
+    for ((_, lin), br) in crate::lora::adapter::linears_mut(model).into_iter().zip(saved) {
+        lin.lora = br;
+    }
+    logits
 }
 
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
 pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
     let scale = scaler.scale;
-    let Forward { sums, rows, row_tokens, total, mut grads } = forward_backward_rows(model, batches, scale, device)?;
+    let Forward { sums, rows, row_tokens, total, mut grads, kd } = forward_backward_rows(model, batches, scale, device)?;
     let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
     // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group, row sums of
     // the composed loss...].
@@ -133,7 +180,13 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         finite.push(f);
         sumsq.push(s);
     }
-    let n_sums = parts.len();
+    let has_kd = kd.is_some();
+    // The objective's sum (NLL + self-distillation) decides finiteness; the NLL alone is the
+    // reported loss.
+    if let Some(k) = kd {
+        parts.push(k);
+    }
+    let n_sums = parts.len() - has_kd as usize;
     parts.extend(finite);
     parts.extend(sumsq);
     let n_fixed = parts.len();
@@ -148,13 +201,15 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         }
     }
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
-    let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[n_sums + i] > 0.5)).collect();
-    let sq: Vec<f64> = (0..3).map(|i| host[n_sums + 3 + i] as f64).collect();
+    let self_distill = has_kd.then(|| host[n_sums] as f64 / total as f64);
+    let off = n_sums + has_kd as usize;
+    let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[off + i] > 0.5)).collect();
+    let sq: Vec<f64> = (0..3).map(|i| host[off + 3 + i] as f64).collect();
     if !loss_sum.is_finite() && scaler.rescues_rows() {
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens });
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill });
         }
     }
     let (action, log) = scaler.update(&flags);
@@ -163,7 +218,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let inv = 1.0 / scale as f64;
     let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
     let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
-    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens };
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill };
     let sanitize: Vec<Group> = match &action {
         Action::Skip => {
             out.skipped = true;
