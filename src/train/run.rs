@@ -220,6 +220,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let device = base_device.clone().autodiff();
     let hash = recipe_hash(&recipe_text);
 
+    checkpoint::clean(&out, recipe.output.keep_last);
     let ckpts = checkpoint::list(&out);
     let resume_from = if opts.resume {
         Some(ckpts.last().cloned().with_context(|| format!("--resume: no checkpoint in {}/checkpoints", out.display()))?)
