@@ -555,3 +555,43 @@ fn debris_of_killed_runs_is_cleaned_by_the_next_run() {
     left.sort();
     assert_eq!(left, ["step-00000002", "step-00000003"]);
 }
+
+/// In fp32 a non-finite loss is an error at once, not a skipped step that trains nothing.
+#[test]
+fn non_finite_fp32_loss_is_an_error() {
+    use linly_lora::io::safetensors::FloatType;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(tiny().join("base/config.json"), model.join("config.json")).unwrap();
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &model.join("model.safetensors"), |n, shape, mut v| {
+        if n == "model.norm.weight" {
+            v[0] = f32::NAN;
+        }
+        Some((n.to_string(), FloatType::F32, shape, v))
+    });
+    let recipe = format!(
+        r#"[model]
+path = "{model}"
+[lora]
+r = 2
+[[data]]
+kind = "tokenized"
+path = "{ids}"
+[train]
+seq_len = 16
+batch_size = 1
+steps = 2
+[output]
+dir = "out"
+plots = false
+"#,
+        model = s(&model),
+        ids = s(&fixture("data/tiny_ids.jsonl"))
+    );
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, recipe).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("step 1") && err.contains("NaN") && !err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("out/adapter").exists() && !dir.path().join("out/checkpoints/step-00000001").exists());
+}

@@ -301,6 +301,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_run = Instant::now();
     let mut tokens_run = 0usize;
     let end = opts.stop_after.map(|n| (start + n).min(total)).unwrap_or(total);
+    let fp32 = recipe.dtype()? == crate::io::safetensors::FloatType::F32;
     for step in start..end {
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
@@ -320,6 +321,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
+        // In fp32 no loss scale can explain a non-finite loss: skipping steps would only hide a
+        // NaN weight or corrupt data until the run ends with nothing learned.
+        if fp32 && !r.loss.is_finite() {
+            bail!(
+                "step {}: the loss is {} in fp32, so the model or the data is broken (a NaN or huge weight in {}, or a learning rate that diverged); nothing was saved for this step",
+                step + 1,
+                r.loss,
+                recipe.model.path.display()
+            );
+        }
         let dt = t0.elapsed().as_secs_f64();
         let positions: usize = batches.iter().map(|b| b.input_ids.len() * b.input_ids[0].len()).sum();
         tokens_run += positions;
