@@ -270,11 +270,11 @@ fn plan<'f, 'a>(g: &'f GgufFile<'a>, m: &LlamaMeta, dtype: OutDType) -> Result<(
     // sized by it, instead of naming 4 billion missing layers one string at a time.
     const LAYER_TENSORS: usize = 9;
     if m.n_layer > g.tensors.len() / LAYER_TENSORS {
+        let max = g.tensors.len() / LAYER_TENSORS;
         bail!(
-            "metadata `llama.block_count` = {} but the file holds {} tensors ({} layers at most): the header is corrupt",
+            "metadata `llama.block_count` = {} but the file holds {} tensors ({max} layers at most): the weights of model.layers.{max} and beyond are missing, or the header is corrupt",
             m.n_layer,
-            g.tensors.len(),
-            g.tensors.len() / LAYER_TENSORS
+            g.tensors.len()
         );
     }
     let embd = g.tensor("token_embd.weight").ok_or_else(|| anyhow!("tensor `token_embd.weight` is missing"))?;
