@@ -111,7 +111,7 @@ impl HfConfig {
             } else {
                 ""
             };
-            anyhow::anyhow!("{} is not valid JSON: {e} (line {line}: {shown}){hint}", file.display())
+            anyhow::anyhow!("{} is not a valid config.json: {e} (line {line}: {shown}){hint}", file.display())
         })?;
         // Typed here, by key, because serde's errors through the flattened `extra` map name
         // neither the key nor the line.

@@ -587,8 +587,10 @@ dir = "out"
 plots = false
 "#,
         model = s(&model),
-        ids = s(&fixture("data/tiny_ids.jsonl"))
+        ids = s(&dir.path().join("ids.jsonl"))
     );
+    let lines: Vec<String> = (0..4).map(|k| serde_json::json!({ "input_ids": (1..20).map(|i| i * 7 + k).collect::<Vec<u32>>() }).to_string()).collect();
+    std::fs::write(dir.path().join("ids.jsonl"), lines.join("\n")).unwrap();
     let rp = dir.path().join("recipe.toml");
     std::fs::write(&rp, recipe).unwrap();
     let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
