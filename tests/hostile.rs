@@ -597,3 +597,26 @@ plots = false
     assert!(!ok && err.contains("step 1") && err.contains("NaN") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out/adapter").exists() && !dir.path().join("out/checkpoints/step-00000001").exists());
 }
+
+/// Training's [output] dir: never a folder holding its inputs, and a new run never writes into
+/// a folder holding files it did not write.
+#[test]
+fn train_output_dir_is_guarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, &base).unwrap();
+    let before = snapshot(dir.path());
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("notes.txt"), "{err}");
+    assert!(before == snapshot(dir.path()));
+    // The recipe's own folder holds its data file.
+    std::fs::write(&rp, base.replace("dir = \"out\"", "dir = \".\"")).unwrap();
+    let before2 = snapshot(dir.path());
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("[output] dir") && err.contains("zh.txt"), "{err}");
+    assert!(before2 == snapshot(dir.path()));
+}

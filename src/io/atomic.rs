@@ -76,8 +76,26 @@ fn same_file(a: &Path, b: &Path) -> bool {
 /// with `force`); and it may not exist at all unless `force`. Also removes what dead earlier
 /// runs left staged beside `out` ([`clean_stale`]).
 pub fn check_out(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+    check_not_input(out, inputs)?;
     let out_r = resolved(out);
     let exists = out.symlink_metadata().is_ok();
+    for input in inputs {
+        let in_r = resolved(input);
+        if exists && out_r.starts_with(&in_r) {
+            anyhow::bail!("--out {} is a file of the input {}: replacing it would change the input (even with --force); choose a new name", out.display(), input.display());
+        }
+    }
+    clean_stale(out);
+    if exists && !force {
+        anyhow::bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
+    }
+    Ok(())
+}
+
+/// The part of [`check_out`] for outputs that are written into rather than replaced (training's
+/// `[output] dir`): `out` may be neither one of `inputs` nor a folder holding one.
+pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
+    let out_r = resolved(out);
     for input in inputs {
         let in_r = resolved(input);
         if in_r == out_r || same_file(input, out) {
@@ -86,13 +104,6 @@ pub fn check_out(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
         if in_r.starts_with(&out_r) {
             anyhow::bail!("--out {} holds the input {}: replacing it would delete the input (even with --force); choose another --out", out.display(), input.display());
         }
-        if exists && out_r.starts_with(&in_r) {
-            anyhow::bail!("--out {} is a file of the input {}: replacing it would change the input (even with --force); choose a new name", out.display(), input.display());
-        }
-    }
-    clean_stale(out);
-    if exists && !force {
-        anyhow::bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
     }
     Ok(())
 }
