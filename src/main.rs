@@ -395,7 +395,7 @@ enum ImportCmd {
     /// GGUF v2/v3 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) → HF folder with tokenizer.json
     Gguf {
         file: PathBuf,
-        /// Output HF folder (must not exist or be empty, unless --force; written atomically)
+        /// Output HF folder (must not exist unless --force; written atomically)
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype of the 2-D weights (norms stay f32)
@@ -619,8 +619,9 @@ enum BenchCmd {
     },
 }
 
-// Value parsers for numeric flags: clap's own accept `NaN`, `inf` and 0, which either panic
-// deep inside (a 0 window) or turn every probability into NaN and sample garbage.
+// Value parsers for numeric flags: clap's own accept `NaN`, `inf` and 0, which either mean
+// nothing (a 0-token window or budget, silently raised or answered empty) or turn every
+// probability into NaN and sample garbage.
 
 fn positive_f32(s: &str) -> Result<f32, String> {
     let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
