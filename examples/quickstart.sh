@@ -10,11 +10,15 @@
 # 3. prepares the data (examples/quickstart_data.py) with held-out Chinese and English prose
 #    from sources the training never sees;
 # 4. extends the vocabulary with Chinese characters and words chosen from the training text;
-# 5. resizes embed/lm_head with sub-token-mean rows (runs/quickstart/resized);
-# 6. trains LoRA + the new embedding rows from recipes/quickstart-smollm2.toml;
+# 5. resizes embed/lm_head with rows fitted against the base model on the Chinese training text
+#    (`--init distill`: Token Distillation for the input rows, a softmax regression on the
+#    model's hidden states for the head rows; runs/quickstart/resized);
+# 6. trains LoRA + the new rows from recipes/quickstart-smollm2.toml, with self-distillation
+#    against the base on the English replay;
 # 7. merges (runs/quickstart/merged);
-# 8. evaluates base, resized and merged on the held-out text, writes runs/quickstart/report.json
-#    and prints the table, then asks the merged model a question in Chinese.
+# 8. evaluates base, resized and merged on the held-out texts (Lu Xun; zh_CN manual pages when
+#    Debian's manpages-zh could be fetched; Alice), writes runs/quickstart/report.json and prints
+#    the table, then asks the merged model a question in Chinese.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -52,6 +56,22 @@ for line in $PACKAGES; do
   got=$(sha256sum "$DL/$file" | cut -d' ' -f1)
   [ "$got" = "$sha" ] || { echo "quickstart: $DL/$file has sha256 $got, expected $sha; delete it and re-run" >&2; exit 1; }
 done
+
+# A second held-out Chinese text of another genre, from Debian (needs apt-get; skipped without).
+MANPAGES_DEB=manpages-zh_1.6.4.0-1_all.deb
+MANPAGES_SHA=81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1
+if [ ! -f "$DL/$MANPAGES_DEB" ] && command -v apt-get >/dev/null; then
+  (cd "$DL" && apt-get download manpages-zh=1.6.4.0-1 >/dev/null 2>&1) \
+    || echo "quickstart: apt-get download manpages-zh failed; the second held-out Chinese text is skipped" >&2
+fi
+if [ -f "$DL/$MANPAGES_DEB" ]; then
+  got=$(sha256sum "$DL/$MANPAGES_DEB" | cut -d' ' -f1)
+  [ "$got" = "$MANPAGES_SHA" ] || { echo "quickstart: $DL/$MANPAGES_DEB has sha256 $got, expected $MANPAGES_SHA; delete it and re-run" >&2; exit 1; }
+  if [ ! -d "$SRC/manpages-zh" ]; then
+    rm -rf "$SRC/manpages-zh.tmp" && mkdir -p "$SRC/manpages-zh.tmp"
+    dpkg-deb -x "$DL/$MANPAGES_DEB" "$SRC/manpages-zh.tmp" && mv "$SRC/manpages-zh.tmp" "$SRC/manpages-zh"
+  fi
+fi
 
 stamp "unpack"
 python3 - "$DL" "$SRC" <<'EOF'
@@ -92,11 +112,18 @@ rm -rf $Q/tokenizer $Q/resized $Q/train $Q/merged $Q/quick.toml
 stamp "extend the vocabulary (characters + jieba words, by frequency in the Chinese training text)"
 $BIN vocab extend --tokenizer $Q/base --wordlist $SRC/jieba/jieba/dict.txt \
   --from-corpus $Q/data/vocab_corpus.txt --max-new 16000 --out $Q/tokenizer --json >$Q/vocab_extend.json
-$BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
-  --text $Q/data/heldout_zh.txt --text $Q/data/heldout_en.txt --json >$Q/vocab_stats.json
+HELDOUT="zh en"
+[ -f $Q/data/heldout2_zh.txt ] && HELDOUT="zh zh2 en"
+held() { case $1 in zh) echo $Q/data/heldout_zh.txt ;; zh2) echo $Q/data/heldout2_zh.txt ;; en) echo $Q/data/heldout_en.txt ;; esac; }
+$BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer $(for l in $HELDOUT; do echo --text $(held $l); done) --json >$Q/vocab_stats.json
 
-stamp "resize embed/lm_head (sub-token-mean)"
-$BIN vocab resize --model $Q/base --extension $Q/tokenizer/vocab_extension.json --init subtoken-mean --out $Q/resized
+# The new rows start where the base model is: fitted against it on the Chinese training text
+# (never on the held-out texts; the settings were chosen on data/valid_zh.txt).
+stamp "resize embed/lm_head (distill init: Token Distillation + head regression)"
+INIT_FLAGS=""
+[ "${QUICK:-0}" = 1 ] && INIT_FLAGS="--init-tokens 256 --init-head-tokens 512 --init-input-epochs 1 --init-head-epochs 1"
+$BIN vocab resize --model $Q/base --extension $Q/tokenizer/vocab_extension.json --init distill \
+  --init-text $Q/data/zh_news.txt $INIT_FLAGS --out $Q/resized
 
 RECIPE=recipes/quickstart-smollm2.toml
 if [ "${QUICK:-0}" = 1 ]; then
@@ -108,12 +135,12 @@ stamp "train ($RECIPE)"
 $BIN train $RECIPE
 
 stamp "merge"
-$BIN merge --base $Q/base --adapter $Q/train/adapter --out $Q/merged
+$BIN merge --base $Q/resized --adapter $Q/train/adapter --out $Q/merged
 
 stamp "evaluate on held-out text (base, resized, merged)"
 for m in base resized merged; do
-  for lang in zh en; do
-    $BIN eval --model $Q/$m --text $Q/data/heldout_$lang.txt --window 1024 --json >$Q/eval_${m}_$lang.json
+  for lang in $HELDOUT; do
+    $BIN eval --model $Q/$m --text $(held $lang) --window 1024 --json >$Q/eval_${m}_$lang.json
   done
 done
 

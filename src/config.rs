@@ -49,6 +49,10 @@ pub struct HfConfig {
     pub extra: serde_json::Map<String, serde_json::Value>,
 }
 
+/// The longest context a config may declare (16M tokens, beyond any LLaMA-family model): a larger
+/// `max_position_embeddings` is a corrupt file, not a model.
+pub const MAX_CONTEXT: usize = 1 << 24;
+
 /// How RoPE frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -97,7 +101,34 @@ impl HfConfig {
         let file = if is_file { path.to_path_buf() } else { path.join("config.json") };
         let text = std::fs::read_to_string(&file)
             .with_context(|| format!("cannot read {}: a model folder needs an HF config.json", file.display()))?;
-        serde_json::from_str(&text).with_context(|| format!("{} is not a valid config.json", file.display()))
+        let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
+            // The line itself, because Python's json.dump writes NaN and Infinity, which are not
+            // JSON, and serde's "expected value" names neither the key nor the value.
+            let line = e.line();
+            let shown = text.lines().nth(line.saturating_sub(1)).unwrap_or("").trim();
+            let hint = if ["NaN", "Infinity"].iter().any(|w| shown.contains(w)) {
+                "; JSON has no NaN or Infinity: write the model's real value"
+            } else {
+                ""
+            };
+            anyhow::anyhow!("{} is not a valid config.json: {e} (line {line}: {shown}){hint}", file.display())
+        })?;
+        // Typed here, by key, because serde's errors through the flattened `extra` map name
+        // neither the key nor the line.
+        if let Some(obj) = value.as_object() {
+            let whole = ["hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim", "vocab_size", "max_position_embeddings"];
+            for key in whole {
+                if let Some(v) = obj.get(key).filter(|v| !v.is_null() && !v.is_u64()) {
+                    bail!("{}: `{key}` = {v} must be a whole number", file.display());
+                }
+            }
+            for key in ["rms_norm_eps", "rope_theta"] {
+                if let Some(v) = obj.get(key).filter(|v| !v.is_null() && !v.is_number()) {
+                    bail!("{}: `{key}` = {v} must be a number", file.display());
+                }
+            }
+        }
+        serde_json::from_value(value).with_context(|| format!("{} is not a valid config.json", file.display()))
     }
 
     /// Writes the config atomically.
@@ -108,6 +139,12 @@ impl HfConfig {
 
     /// Checks every key the model needs and resolves legacy spellings.
     pub fn to_runtime(&self) -> Result<LlamaConfig> {
+        fn positive(v: f64, key: &str, fix: &str) -> Result<f64> {
+            if !(v.is_finite() && v > 0.0) {
+                bail!("config.json: `{key}` = {v} must be a finite number above 0 ({fix})");
+            }
+            Ok(v)
+        }
         fn req(v: Option<usize>, key: &str) -> Result<usize> {
             match v {
                 Some(0) => bail!("config.json: `{key}` is 0; it must be a positive integer"),
@@ -143,8 +180,8 @@ impl HfConfig {
                 hidden_size / num_heads
             }
         };
-        if head_dim % 2 != 0 {
-            bail!("config.json: head_dim {head_dim} must be even for RoPE");
+        if head_dim == 0 || head_dim % 2 != 0 {
+            bail!("config.json: head_dim {head_dim} must be a positive even number for RoPE");
         }
         let params = self.rope_parameters.as_ref();
         let rope_theta = self
@@ -180,6 +217,32 @@ impl HfConfig {
                 }
             }
         };
+        // Checked here, where the file enters, because a NaN epsilon or theta does not fail
+        // later: it turns every logit into NaN, and a huge context sizes caches by it.
+        let rms_norm_eps = positive(self.rms_norm_eps.unwrap_or(1e-6), "rms_norm_eps", "LLaMA uses 1e-5 or 1e-6")?;
+        if rms_norm_eps >= 1.0 {
+            bail!("config.json: `rms_norm_eps` = {rms_norm_eps} is not a small epsilon; LLaMA uses 1e-5 or 1e-6");
+        }
+        positive(rope_theta, "rope_theta", "LLaMA uses 10000, LLaMA-3 500000")?;
+        match &rope_scaling {
+            RopeScaling::None => {}
+            RopeScaling::Linear { factor } => {
+                positive(*factor, "rope_scaling.factor", "e.g. 2.0 for twice the context")?;
+            }
+            RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
+                positive(*factor, "rope_scaling.factor", "LLaMA-3.1 uses 8.0")?;
+                positive(*low_freq_factor, "rope_scaling.low_freq_factor", "LLaMA-3.1 uses 1.0")?;
+                positive(*high_freq_factor, "rope_scaling.high_freq_factor", "LLaMA-3.1 uses 4.0")?;
+                positive(*original_max_position_embeddings, "rope_scaling.original_max_position_embeddings", "LLaMA-3.1 uses 8192")?;
+                if high_freq_factor <= low_freq_factor {
+                    bail!("config.json: rope_scaling.high_freq_factor {high_freq_factor} must be larger than low_freq_factor {low_freq_factor}");
+                }
+            }
+        }
+        let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);
+        if max_position_embeddings == 0 || max_position_embeddings > MAX_CONTEXT {
+            bail!("config.json: `max_position_embeddings` = {max_position_embeddings} must be between 1 and {MAX_CONTEXT} (the model's context length, e.g. 4096)");
+        }
         let eos = token_ids(&self.eos_token_id);
         Ok(LlamaConfig {
             hidden_size,
@@ -189,10 +252,10 @@ impl HfConfig {
             num_kv_heads,
             head_dim,
             vocab_size: req(self.vocab_size, "vocab_size")?,
-            rms_norm_eps: self.rms_norm_eps.unwrap_or(1e-6),
+            rms_norm_eps,
             rope_theta,
             rope_scaling,
-            max_position_embeddings: self.max_position_embeddings.unwrap_or(2048),
+            max_position_embeddings,
             tie_word_embeddings: self.tie_word_embeddings.unwrap_or(false),
             bos_token_id: token_ids(&self.bos_token_id).first().copied(),
             eos_token_ids: eos,

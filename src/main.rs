@@ -91,12 +91,15 @@ enum AdapterCmd {
         /// The trained adapter folder (adapter_config.json + adapter_model.safetensors)
         #[arg(long)]
         adapter: PathBuf,
-        /// Output folder (replaced atomically; other files such as the tokenizer are copied)
+        /// Output folder (must not exist unless --force; written atomically; other files such as the tokenizer are copied)
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype of every tensor: f32, f16 or bf16
         #[arg(long, default_value = "f16")]
         dtype: FloatType,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -141,8 +144,8 @@ struct EvalArgs {
     /// Token ids: safetensors with int64 `input_ids` [B, T], or JSONL of id arrays
     #[arg(long)]
     ids: Option<PathBuf>,
-    /// Window length for long inputs (default: the model's context)
-    #[arg(long)]
+    /// Window length for long inputs (default: the model's context; at least 2)
+    #[arg(long, value_parser = at_least::<2>)]
     window: Option<usize>,
     /// Print one JSON object instead of a summary
     #[arg(long)]
@@ -157,17 +160,17 @@ struct SamplingArgs {
     /// Always take the most likely token (the default unless --temperature is given)
     #[arg(long, conflicts_with_all = ["temperature", "top_p", "top_k"])]
     greedy: bool,
-    /// Sampling temperature
-    #[arg(long)]
+    /// Sampling temperature (above 0; for temperature 0 use --greedy)
+    #[arg(long, value_parser = positive_f32)]
     temperature: Option<f32>,
-    /// Nucleus sampling: keep the smallest set of tokens with this much probability
-    #[arg(long)]
+    /// Nucleus sampling: keep the smallest set of tokens with this much probability (0 < p ≤ 1)
+    #[arg(long, value_parser = probability)]
     top_p: Option<f32>,
     /// Keep only the K most likely tokens (0 = all)
     #[arg(long)]
     top_k: Option<usize>,
-    /// HF-style repetition penalty (1.0 = off)
-    #[arg(long, default_value_t = 1.0)]
+    /// HF-style repetition penalty (1.0 = off; above 0)
+    #[arg(long, default_value_t = 1.0, value_parser = positive_f32)]
     repetition_penalty: f32,
     /// Random seed for sampling
     #[arg(long, default_value_t = 0)]
@@ -238,7 +241,7 @@ struct ServeArgs {
     #[arg(long, default_value_t = 8080)]
     port: u16,
     /// Requests generating at once; they take turns one decode step each
-    #[arg(long, default_value_t = 16)]
+    #[arg(long, default_value_t = 16, value_parser = at_least::<1>)]
     max_concurrent: usize,
     /// Requests waiting for a generation slot; one more is answered 429 at once
     #[arg(long, default_value_t = 64)]
@@ -249,11 +252,11 @@ struct ServeArgs {
     /// Chat template: alpaca, chatml or llama2 (default: chatml if the tokenizer has <|im_start|>, else alpaca)
     #[arg(long)]
     template: Option<chat::Template>,
-    /// New tokens for a request that gives no max_tokens (cut to what the context leaves)
-    #[arg(long, default_value_t = 256)]
+    /// New tokens for a request that gives no max_tokens (cut to what the context leaves; at least 1)
+    #[arg(long, default_value_t = 256, value_parser = at_least::<1>)]
     default_max_tokens: usize,
     /// Largest request body in bytes; bigger ones get 413
-    #[arg(long, default_value_t = 1 << 20)]
+    #[arg(long, default_value_t = 1 << 20, value_parser = at_least::<1>)]
     max_body_bytes: usize,
     /// Model id reported by /v1/models and in responses (default: the model folder's name)
     #[arg(long)]
@@ -283,9 +286,12 @@ struct MergeArgs {
     /// PEFT adapter folder; repeat to stack adapters, applied in order (Chinese-LLaMA-Alpaca Plus style)
     #[arg(long = "adapter", required = true)]
     adapters: Vec<PathBuf>,
-    /// Output folder (must not exist; written atomically)
+    /// Output folder (must not exist unless --force; written atomically)
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out once the new output is complete (never one of the inputs)
+    #[arg(long)]
+    force: bool,
     /// Storage dtype of the output (default: each tensor keeps the base's dtype)
     #[arg(long)]
     dtype: Option<FloatType>,
@@ -339,9 +345,12 @@ enum VocabCmd {
         /// SentencePiece tokenizers: also add ▁+piece for this many text-initial pieces (taken from the word budget)
         #[arg(long, default_value_t = 0)]
         prefixed: usize,
-        /// Output folder (replaced atomically)
+        /// Output folder (must not exist unless --force; written atomically)
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
         #[arg(long)]
         json: bool,
     },
@@ -384,8 +393,12 @@ enum VocabCmd {
         /// Device the distill methods run on
         #[arg(long, default_value = "cpu")]
         device: String,
+        /// Output model folder (must not exist unless --force; written atomically)
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
     },
     /// Tokens per character, byte-fallback tokens and round-trip failures, per tokenizer × file
     Stats {
@@ -410,11 +423,15 @@ enum ImportCmd {
     /// GGUF v2/v3 (F32, F16, BF16, Q8_0, Q4_0, Q4_1, Q5_0, Q5_1, Q2_K..Q6_K) → HF folder with tokenizer.json
     Gguf {
         file: PathBuf,
+        /// Output HF folder (must not exist unless --force; written atomically)
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype of the 2-D weights (norms stay f32)
         #[arg(long, default_value = "f32")]
         dtype: FloatType,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
     },
 }
 
@@ -430,9 +447,12 @@ struct QuantizeArgs {
     /// cannot hold Q4_K in Q4_1 or Q5_0, whichever reconstructs the tensor better
     #[arg(long)]
     format: linly_lora::quant::QType,
-    /// Output folder (must not exist; written atomically): config.json, tokenizer files, model.gguf
+    /// Output folder (must not exist unless --force; written atomically): config.json, tokenizer files, model.gguf
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out once the new output is complete (never one of the inputs)
+    #[arg(long)]
+    force: bool,
     /// Keep the token embedding and LM head in f16 instead of quantizing them
     #[arg(long)]
     keep_embeddings: bool,
@@ -451,14 +471,14 @@ struct QuantizeArgs {
     #[arg(long, value_name = "TEXT", conflicts_with = "imatrix")]
     gptq: Option<PathBuf>,
     /// Tokens per forward pass over the --gptq text
-    #[arg(long, default_value_t = 512, requires = "gptq")]
+    #[arg(long, default_value_t = 512, requires = "gptq", value_parser = at_least::<1>)]
     calib_window: usize,
     /// Use at most this many tokens of the --gptq text
-    #[arg(long, requires = "gptq")]
+    #[arg(long, requires = "gptq", value_parser = at_least::<1>)]
     calib_tokens: Option<usize>,
     /// GPTQ's damping of the Hessian, as a fraction of its mean diagonal: larger trusts the
     /// calibration text less (and moves the result towards --imatrix rounding)
-    #[arg(long, default_value_t = linly_lora::quant::gptq::DAMP, requires = "gptq")]
+    #[arg(long, default_value_t = linly_lora::quant::gptq::DAMP, requires = "gptq", value_parser = positive_f64)]
     gptq_damp: f64,
 }
 
@@ -471,14 +491,17 @@ struct ImatrixArgs {
     #[arg(long)]
     text: PathBuf,
     /// Tokens per forward pass (non-overlapping windows, like llama-imatrix's chunks)
-    #[arg(long, default_value_t = 512)]
+    #[arg(long, default_value_t = 512, value_parser = at_least::<1>)]
     window: usize,
     /// Use at most this many tokens of the text
-    #[arg(long)]
+    #[arg(long, value_parser = at_least::<1>)]
     max_tokens: Option<usize>,
-    /// Output file (safetensors, written atomically)
+    /// Output file (safetensors; must not exist unless --force; written atomically)
     #[arg(long)]
     out: PathBuf,
+    /// Replace an existing --out once the new output is complete (never one of the inputs)
+    #[arg(long)]
+    force: bool,
 }
 
 #[derive(Subcommand)]
@@ -489,9 +512,12 @@ enum ExportCmd {
         /// HF model folder (e.g. the output of `merge`)
         #[arg(long)]
         model: PathBuf,
-        /// Output .gguf file (written atomically)
+        /// Output .gguf file (must not exist unless --force; written atomically)
         #[arg(long)]
         out: PathBuf,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
         /// Type of the 2-D weights: f16, f32, q8_0, q4_0 or q4_k (norms are always f32)
         #[arg(long = "type", default_value = "f16")]
         ty: linly_lora::io::gguf::ExportType,
@@ -508,7 +534,7 @@ enum ExportCmd {
         #[arg(long, value_name = "TEXT", conflicts_with = "imatrix")]
         gptq: Option<PathBuf>,
         /// Tokens per forward pass over the --gptq text
-        #[arg(long, default_value_t = 512, requires = "gptq")]
+        #[arg(long, default_value_t = 512, requires = "gptq", value_parser = at_least::<1>)]
         calib_window: usize,
     },
 }
@@ -621,6 +647,42 @@ enum BenchCmd {
     },
 }
 
+// Value parsers for numeric flags: clap's own accept `NaN`, `inf` and 0, which either mean
+// nothing (a 0-token window or budget, silently raised or answered empty) or turn every
+// probability into NaN and sample garbage.
+
+fn positive_f32(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{v} is not a finite number above 0"));
+    }
+    Ok(v)
+}
+
+fn positive_f64(s: &str) -> Result<f64, String> {
+    let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(v.is_finite() && v > 0.0) {
+        return Err(format!("{v} is not a finite number above 0"));
+    }
+    Ok(v)
+}
+
+fn probability(s: &str) -> Result<f32, String> {
+    let v = positive_f32(s)?;
+    if v > 1.0 {
+        return Err(format!("{v} is not a probability in (0, 1]"));
+    }
+    Ok(v)
+}
+
+fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
+    let v: usize = s.parse().map_err(|e| format!("{e}"))?;
+    if v < MIN {
+        return Err(format!("{v} is below the minimum of {MIN}"));
+    }
+    Ok(v)
+}
+
 fn main() {
     let cli = Cli::parse();
     if !matches!(cli.cmd, Cmd::Serve(..) | Cmd::Bench { what: BenchCmd::Serve { .. } }) {
@@ -641,7 +703,8 @@ fn main() {
 fn vocab(cmd: VocabCmd) -> Result<()> {
     use linly_lora::vocab;
     match cmd {
-        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, json } => {
+        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, force, json } => {
+            let inputs: Vec<PathBuf> = [&tokenizer].into_iter().chain(&add).chain(&wordlist).chain(&from_corpus).cloned().collect();
             let source = match add {
                 Some(f) => vocab::PieceSource::List(f),
                 None => {
@@ -658,7 +721,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                     })
                 }
             };
-            let r = vocab::extend(&tokenizer, &source, &out, false)?;
+            let r = write_out(&out, &inputs, force, |o| vocab::extend(&tokenizer, &source, o, false))?;
             if json {
                 println!("{}", serde_json::to_string(&r)?);
             } else {
@@ -668,7 +731,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                 );
             }
         }
-        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out } => {
+        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out, force } => {
             let init: vocab::InitMethod = init.parse()?;
             let spec = match init_text {
                 Some(text) => Some(vocab::DistillSpec {
@@ -678,13 +741,15 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                 }),
                 None => None,
             };
-            let r = vocab::resize_model(&model, &extension, init, seed, spec.as_ref(), &out)?;
+            let mut inputs = vec![model.clone(), extension.clone()];
+            inputs.extend(spec.as_ref().map(|s| s.text.clone()));
+            let r = write_out(&out, &inputs, force, |o| vocab::resize_model(&model, &extension, init, seed, spec.as_ref(), o))?;
             if let Some(d) = &r.distill {
                 eprintln!("distill: {}", serde_json::to_string(d)?);
             }
             println!("resized {} -> {} rows ({} init{}, tied {}) -> {}", r.old_vocab, r.new_vocab, r.init,
                 if r.empty_subtokens > 0 { format!(", {} pieces without sub-tokens got the mean row", r.empty_subtokens) } else { String::new() },
-                r.tied, r.out.display());
+                r.tied, out.display());
         }
         VocabCmd::Stats { tokenizers, texts, json } => {
             let rows = vocab::stats(&tokenizers, &texts)?;
@@ -723,6 +788,18 @@ fn print_export(r: &linly_lora::io::gguf::ExportReport) {
         r.chat_template,
         r.path.display()
     );
+}
+
+/// [`linly_lora::io::atomic::check_out`] for a command's `--out`.
+fn check_out(out: &std::path::Path, inputs: &[PathBuf], force: bool) -> Result<()> {
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    linly_lora::io::atomic::check_out(out, &inputs, force)
+}
+
+/// [`linly_lora::io::atomic::write_out`]: every command that writes `--out` goes through it.
+fn write_out<T>(out: &std::path::Path, inputs: &[PathBuf], force: bool, make: impl FnOnce(&std::path::Path) -> Result<T>) -> Result<T> {
+    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
+    linly_lora::io::atomic::write_out(out, &inputs, force, make)
 }
 
 fn run(cli: Cli) -> Result<()> {
@@ -788,16 +865,22 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string_pretty(&r)?);
         }
         Cmd::Merge(a) => {
-            let opts = linly_lora::lora::merge::MergeOptions {
+            let mut inputs = vec![a.base.clone()];
+            inputs.extend(a.adapters.iter().cloned());
+            inputs.extend(a.tokenizer.iter().cloned());
+            let mut opts = linly_lora::lora::merge::MergeOptions {
                 base: a.base,
                 adapters: a.adapters,
-                out: a.out,
+                out: a.out.clone(),
                 dtype: a.dtype,
                 tokenizer: a.tokenizer,
                 shard_size: linly_lora::lora::merge::parse_size(&a.shard_size)?,
                 allow_vocab_padding: a.allow_vocab_padding,
             };
-            let r = linly_lora::lora::merge::merge(&opts)?;
+            let r = write_out(&a.out, &inputs, a.force, |o| {
+                opts.out = o.to_path_buf();
+                linly_lora::lora::merge::merge(&opts)
+            })?;
             println!(
                 "merged {} LoRA pairs into {} tensors ({} shard(s), vocab {}, tied {}) -> {}",
                 r.lora_pairs_merged,
@@ -805,11 +888,11 @@ fn run(cli: Cli) -> Result<()> {
                 r.shards,
                 r.vocab_size,
                 r.tie_word_embeddings,
-                r.out.display()
+                a.out.display()
             );
         }
-        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype } } => {
-            let r = linly_lora::lora::save::pack(&adapter, &out, dtype)?;
+        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => {
+            let r = write_out(&out, &[adapter.clone()], force, |o| linly_lora::lora::save::pack(&adapter, o, dtype))?;
             println!(
                 "packed {} tensors: {:.1} MB -> {:.1} MB{} -> {}",
                 r.tensors,
@@ -820,8 +903,8 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Vocab { what } => vocab(what)?,
-        Cmd::Import { what: ImportCmd::Gguf { file, out, dtype } } => {
-            let r = linly_lora::io::gguf::import_gguf(&file, &out, dtype)?;
+        Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => {
+            let r = write_out(&out, &[file.clone()], force, |o| linly_lora::io::gguf::import_gguf(&file, o, dtype))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }
@@ -830,7 +913,7 @@ fn run(cli: Cli) -> Result<()> {
                 r.n_tensors,
                 r.n_params,
                 r.source_types,
-                r.out_dir.display(),
+                out.display(),
                 r.num_layers,
                 r.hidden_size,
                 r.vocab_size,
@@ -875,21 +958,28 @@ fn run(cli: Cli) -> Result<()> {
             println!("{}", serde_json::to_string(&rows)?);
         }
         Cmd::Quantize(a) => {
+            let inputs: Vec<PathBuf> = [Some(a.model.clone()), a.imatrix.clone(), a.gptq.clone()].into_iter().flatten().collect();
+            check_out(&a.out, &inputs, a.force)?;
             let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&a.model, a.imatrix.as_deref(), a.gptq.as_deref(), a.calib_window, a.calib_tokens, a.gptq_damp)?;
             print_calibration(&m, &h);
-            let r = linly_lora::quant::store::quantize_model_imatrix(&a.model, &a.out, a.format, a.keep_embeddings, a.pure, m.as_ref(), h.as_ref())?;
+            let mut r = write_out(&a.out, &inputs, a.force, |o| linly_lora::quant::store::quantize_model_imatrix(&a.model, o, a.format, a.keep_embeddings, a.pure, m.as_ref(), h.as_ref()))?;
+            r.path = a.out.join(r.path.file_name().unwrap_or_default());
             print_export(&r);
         }
         Cmd::Imatrix(a) => {
-            let m = linly_lora::quant::imatrix::run(&a.model, &a.text, a.window, a.max_tokens, &a.out)?;
+            let m = write_out(&a.out, &[a.model.clone(), a.text.clone()], a.force, |o| linly_lora::quant::imatrix::run(&a.model, &a.text, a.window, a.max_tokens, o))?;
             println!("{} tensors, {} tokens in {} windows -> {}", m.columns.len(), m.tokens, m.meta["windows"], a.out.display());
         }
-        Cmd::Export { what: ExportCmd::Gguf { model, out, ty, keep_embeddings, pure, imatrix, gptq, calib_window } } => {
+        Cmd::Export { what: ExportCmd::Gguf { model, out, force, ty, keep_embeddings, pure, imatrix, gptq, calib_window } } => {
+            let inputs: Vec<PathBuf> = [Some(model.clone()), imatrix.clone(), gptq.clone()].into_iter().flatten().collect();
+            // Before the calibration pass, which can take minutes.
+            check_out(&out, &inputs, force)?;
             let damp = linly_lora::quant::gptq::DAMP;
             let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&model, imatrix.as_deref(), gptq.as_deref(), calib_window, None, damp)?;
             print_calibration(&m, &h);
             let opts = linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure };
-            let r = linly_lora::io::gguf::export_gguf_calibrated(&model, &out, &opts, m.as_ref(), h.as_ref())?;
+            let mut r = write_out(&out, &inputs, force, |o| linly_lora::io::gguf::export_gguf_calibrated(&model, o, &opts, m.as_ref(), h.as_ref()))?;
+            r.path = out.clone();
             print_export(&r);
         }
         Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {

@@ -195,7 +195,7 @@ fn imatrix_cli_and_its_errors() {
     let (a, b) = (GgufMmap::open(&gg).unwrap(), GgufMmap::open(&g.join(store::MODEL_FILE)).unwrap());
     let (ga, gb) = (a.parse().unwrap(), b.parse().unwrap());
     assert!(ga.tensors.iter().zip(&gb.tensors).all(|(x, y)| x.name == y.name && x.data == y.data));
-    let (ok, _, stderr) = run_cli(&["export", "gguf", "--model", &s(&model), "--type", "q8_0", "--gptq", &s(&text), "--out", &s(&gg)], None);
+    let (ok, _, stderr) = run_cli(&["export", "gguf", "--model", &s(&model), "--type", "q8_0", "--gptq", &s(&text), "--out", &s(&tmp.path().join("g2.gguf"))], None);
     assert!(!ok && stderr.contains("--format q4_0"), "{stderr}");
 }
 

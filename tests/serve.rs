@@ -430,3 +430,25 @@ fn sigterm_finishes_running_requests_then_exits() {
     };
     assert!(status.success(), "exit status {status:?}");
 }
+
+/// A prompt that encodes to no tokens (a tokenizer that adds no BOS, an empty string) is the
+/// client's mistake: 400 naming `prompt`, not a 500 from the worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn empty_prompt_is_a_400() {
+    let d = tempfile::tempdir().unwrap();
+    let tok = d.path().join("tok");
+    std::fs::create_dir(&tok).unwrap();
+    let mut j: Value = serde_json::from_str(&std::fs::read_to_string(fixture("llama2-tokenizer/tokenizer.json")).unwrap()).unwrap();
+    j["post_processor"] = Value::Null;
+    std::fs::write(tok.join("tokenizer.json"), j.to_string()).unwrap();
+    let m = d.path().join("model");
+    std::fs::create_dir(&m).unwrap();
+    random_model_ctx(&m, VOCAB, Some(&tok), 64);
+    let srv = start(&m, |_| {});
+    let r = client().post(format!("{}/v1/completions", srv.url())).json(&json!({ "prompt": "", "max_tokens": 2 })).send().await.unwrap();
+    assert_eq!(r.status(), 400);
+    let v: Value = r.json().await.unwrap();
+    assert_error_body(&v);
+    assert_eq!(v["error"]["param"].as_str(), Some("prompt"), "{v}");
+    srv.shutdown().unwrap();
+}

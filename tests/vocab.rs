@@ -10,7 +10,7 @@ use linly_lora::vocab::{resize_model, InitMethod};
 fn resize_reproduces_reference_rows_and_logits() {
     let dir = tempfile::tempdir().unwrap();
     let out = dir.path().join("resized");
-    let r = resize_model(&tiny().join("base"), &tiny().join("vocab_extension.json"), InitMethod::SubtokenMean, 0, &out).unwrap();
+    let r = resize_model(&tiny().join("base"), &tiny().join("vocab_extension.json"), InitMethod::SubtokenMean, 0, None, &out).unwrap();
     assert_eq!((r.old_vocab, r.new_vocab, r.tied), (320, 384, false));
     let exp = Expected::load();
     let f = SafetensorsFile::open(&out.join("model.safetensors")).unwrap();
@@ -40,7 +40,7 @@ fn resize_rejects_mismatched_extension_and_leaves_nothing() {
     ext["new_vocab"] = (32000 + 64).into();
     std::fs::write(&bad, ext.to_string()).unwrap();
     let out = dir.path().join("out");
-    let e = format!("{:#}", resize_model(&tiny().join("base"), &bad, InitMethod::SubtokenMean, 0, &out).unwrap_err());
+    let e = format!("{:#}", resize_model(&tiny().join("base"), &bad, InitMethod::SubtokenMean, 0, None, &out).unwrap_err());
     assert!(e.contains("320") && e.contains("32000"), "{e}");
     assert!(!out.exists());
 }

@@ -127,7 +127,10 @@ pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Re
             bail!("sequence {i}: token id {bad} is outside the model's vocabulary of {vocab}");
         }
         let per_token = token_nll(&loaded.model, s, window, &loaded.device)?;
-        for (&target, &x) in s[1..].iter().zip(&per_token) {
+        // An empty sequence (a `[]` line, a [B, 0] tensor) has no targets: skipped like a
+        // one-token one, and the "nothing to score" check below catches an input of only these.
+        let targets = s.get(1..).unwrap_or(&[]);
+        for (&target, &x) in targets.iter().zip(&per_token) {
             nll += x as f64;
             if let Some(sp) = split.as_mut() {
                 sp.add(target, x as f64);

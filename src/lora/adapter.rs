@@ -124,9 +124,15 @@ impl AdapterFile {
                 bail!("{}: LoRA on `{m}` is not a LLaMA projection (targets: {:?})", wpath.display(), super::config::TARGETS);
             }
             let (ra, rb) = (file.require(&a)?, file.require(&b)?);
+            for (key, raw) in [(&a, &ra), (&b, &rb)] {
+                if raw.float_type().is_none() {
+                    bail!("{}: tensor `{key}` is stored as {:?}; LoRA weights must be F32, F16 or BF16 (re-save the adapter with PEFT)", wpath.display(), raw.dtype);
+                }
+            }
             if ra.shape.len() != 2 || rb.shape.len() != 2 || ra.shape[0] != rb.shape[1] {
                 bail!("{}: `{m}` has lora_A {:?} and lora_B {:?}; expected [r, in] and [out, r]", wpath.display(), ra.shape, rb.shape);
             }
+            config.check_module(&m, ra.shape[0]).with_context(|| format!("{}: tensors `{a}`, `{b}` disagree with {}", wpath.display(), dir.join(CONFIG).display()))?;
             lora.insert(m, LoraKeys { a, b });
         }
         if let Some((m, b)) = b_keys.into_iter().next() {
@@ -134,6 +140,9 @@ impl AdapterFile {
         }
         for t in [&embed, &lm_head].into_iter().flatten() {
             let raw = file.require(t.key())?;
+            if raw.float_type().is_none() {
+                bail!("{}: tensor `{}` is stored as {:?}; token tables must be F32, F16 or BF16", wpath.display(), t.key(), raw.dtype);
+            }
             if raw.shape.len() != 2 {
                 bail!("{}: `{}` has shape {:?}; expected [rows, hidden]", wpath.display(), t.key(), raw.shape);
             }
@@ -161,6 +170,14 @@ impl AdapterFile {
     pub fn rows_after(&self, update: &TableUpdate, rows: usize) -> Result<usize> {
         let raw = self.raw(update.key())?;
         Ok(match update {
+            // Fewer rows than the base is never a vocabulary change an adapter can mean: applied,
+            // it would silently drop the base's last tokens.
+            TableUpdate::Full { .. } if raw.shape[0] < rows => bail!(
+                "{}: `{}` has {} rows but the base's table has {rows}: this adapter was trained for another (smaller) vocabulary; use the base it was trained on",
+                self.dir.display(),
+                update.key(),
+                raw.shape[0]
+            ),
             TableUpdate::Full { .. } => raw.shape[0],
             TableUpdate::Rows { indices, .. } => {
                 let max = indices.iter().copied().max().map(|m| m + 1).unwrap_or(0);

@@ -126,6 +126,45 @@ impl AdapterConfig {
         if self.r == 0 {
             bail!("r must be positive");
         }
+        for (key, a) in std::iter::once(("lora_alpha".to_string(), self.lora_alpha)).chain(self.alpha_pattern.iter().map(|(k, a)| (format!("alpha_pattern.{k}"), *a))) {
+            if !(a.is_finite() && a > 0.0) {
+                bail!("{key} = {a} must be a finite number above 0");
+            }
+        }
+        Ok(())
+    }
+
+    /// Checks that LoRA tensors of rank `rank` on `module` (`model.layers.N.self_attn.q_proj`)
+    /// are what this config describes: the module among `target_modules` (a list; a regex is
+    /// not evaluated), its layer among `layers_to_transform`, its rank `r` or its `rank_pattern`
+    /// entry. An adapter whose config disagrees with its tensors was edited or assembled by hand,
+    /// and its scale (alpha / r) is then a guess.
+    pub fn check_module(&self, module: &str, rank: usize) -> Result<()> {
+        let matches = |pat: &str| module == pat || module.ends_with(&format!(".{pat}"));
+        if let TargetModules::List(list) = &self.target_modules {
+            if !list.iter().any(|t| matches(t)) {
+                bail!("`{module}` has LoRA weights but is not in target_modules {list:?}");
+            }
+        }
+        let layer = super::adapter::parse_module(module).map(|(n, _)| n);
+        if let (Some(layers), Some(n)) = (self.extra.get("layers_to_transform"), layer) {
+            let listed: Option<Vec<u64>> = match layers {
+                serde_json::Value::Number(x) => x.as_u64().map(|x| vec![x]),
+                serde_json::Value::Array(a) => a.iter().map(|x| x.as_u64()).collect(),
+                serde_json::Value::Null => None,
+                other => bail!("layers_to_transform = {other} is neither a layer number nor a list of them"),
+            };
+            if let Some(listed) = listed {
+                if !listed.contains(&(n as u64)) {
+                    bail!("`{module}` has LoRA weights but its layer {n} is not in layers_to_transform {listed:?}");
+                }
+            }
+        }
+        let want = self.rank_pattern.iter().find(|(p, _)| matches(p)).map(|(_, r)| *r).unwrap_or(self.r);
+        if rank != want {
+            let source = if want == self.r { format!("r = {want}") } else { format!("rank_pattern gives {want}") };
+            bail!("`{module}` has rank {rank} but {source}");
+        }
         Ok(())
     }
 

@@ -151,7 +151,7 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
     }
     let bytes_out = out.iter().map(|e| e.3.len() as u64).sum();
     let tensors = out.len();
-    let staged = StagedDir::new(dst, true)?;
+    let staged = StagedDir::new(dst, false)?;
     write_all(&staged.path().join(WEIGHTS), &out, Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
     crate::io::atomic::write(&staged.path().join(CONFIG), cfg.to_json()?.as_bytes())?;
     for entry in std::fs::read_dir(src).with_context(|| format!("cannot list {}", src.display()))? {

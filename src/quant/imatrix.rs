@@ -168,6 +168,7 @@ pub fn collect_with_hessians(loaded: &mut Loaded, ids: &[u32], window: usize, he
 /// `linly-lora imatrix`: tokenizes `text` like `eval` (BOS first when the model has one), keeps
 /// at most `max_tokens`, collects and writes `out`.
 pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option<usize>, out: &Path) -> Result<Imatrix> {
+    crate::io::atomic::check_out(out, &[model_dir, text_path], false)?;
     let (mut m, _) = calibrate(model_dir, text_path, window, max_tokens, false)?;
     m.save(out)?;
     Ok(m)

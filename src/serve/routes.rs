@@ -142,6 +142,11 @@ pub async fn completions(State(st): St, body: Result<Bytes, BytesRejection>) -> 
 
 /// Budget check, queue admission (429 when full), then the answer as JSON or SSE.
 async fn submit(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Checked, prompt_param: &str) -> Response {
+    // The client's mistake, not the server's: without a BOS token an empty prompt encodes to
+    // nothing, and the model has no position to predict from.
+    if prompt.is_empty() {
+        return ApiError::bad_request(format!("`{prompt_param}` encodes to no tokens: send some text"), Some(prompt_param)).into_response();
+    }
     let ctx = st.loaded.model.config.max_position_embeddings;
     let max_new = match api::token_budget(prompt.len(), c.max_tokens, st.default_max_tokens, ctx) {
         Ok(m) => m,

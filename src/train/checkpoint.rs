@@ -65,13 +65,42 @@ pub fn save(out: &Path, state: &TrainState, opt: &AdamW, keep_last: usize, write
     st.adam_t = opt.state.iter().map(|(n, m)| (n.clone(), m.t)).collect();
     crate::io::atomic::write(&staged.path().join("state.json"), serde_json::to_string_pretty(&st)?.as_bytes())?;
     let dir = staged.commit()?;
+    prune(out, keep_last);
+    Ok(dir)
+}
+
+/// Removes all but the last `keep_last` checkpoints. Each is first renamed to a staging name, so
+/// a kill in the middle of a removal leaves debris [`clean`] recognises, never a half-deleted
+/// `step-*` that [`list`] would take for a checkpoint.
+fn prune(out: &Path, keep_last: usize) -> usize {
     let all = list(out);
-    if all.len() > keep_last {
-        for (_, p) in &all[..all.len() - keep_last] {
-            let _ = std::fs::remove_dir_all(p);
+    let n = all.len().saturating_sub(keep_last);
+    for (_, p) in &all[..n] {
+        let doomed = crate::io::atomic::temp_sibling(p);
+        if std::fs::rename(p, &doomed).is_ok() {
+            let _ = std::fs::remove_dir_all(&doomed);
         }
     }
-    Ok(dir)
+    n
+}
+
+/// What a killed run left in `out/checkpoints`: staging folders of dead processes (a checkpoint
+/// being written or removed), `step-*` folders without `state.json` (never complete), and
+/// checkpoints beyond `keep_last`. Run before training starts; says on stderr what it removed.
+pub fn clean(out: &Path, keep_last: usize) {
+    let dir = out.join("checkpoints");
+    crate::io::atomic::clean_stale_in(&dir, None);
+    for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        if name.starts_with("step-") && e.path().is_dir() && !e.path().join("state.json").exists() {
+            let _ = std::fs::remove_dir_all(e.path());
+            eprintln!("removed {}: an incomplete checkpoint left by an earlier run", e.path().display());
+        }
+    }
+    let n = prune(out, keep_last);
+    if n > 0 {
+        eprintln!("removed {n} checkpoint(s) of {} beyond [output] keep_last = {keep_last}, left by an earlier run", dir.display());
+    }
 }
 
 /// Loads a checkpoint's state and optimizer moments (onto `device`, without autodiff).

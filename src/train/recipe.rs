@@ -306,7 +306,39 @@ impl Recipe {
         if p.is_absolute() { p.to_path_buf() } else { self.root.join(p) }
     }
 
+    /// Every number in the recipe against its range, before files or anything else: TOML reads
+    /// `nan` and `inf` as floats, and a NaN learning rate trains without a single error into an
+    /// all-NaN adapter. Integer keys are typed, so TOML itself refuses NaN or negatives there.
+    fn check_numbers(&self) -> Result<()> {
+        use Range::*;
+        let t = &self.train;
+        let p = &self.precision;
+        let mut keys: Vec<(String, f64, Range)> = vec![
+            ("[lora] alpha".into(), self.lora.alpha, Positive),
+            ("[lora] dropout".into(), self.lora.dropout, Fraction),
+            ("[train] lr".into(), t.lr, Positive),
+            ("[train] warmup_ratio".into(), t.warmup_ratio, Fraction),
+            ("[train] weight_decay".into(), t.weight_decay, NonNegative),
+            ("[train] max_grad_norm".into(), t.max_grad_norm, NonNegative),
+            ("[precision] init_scale".into(), p.init_scale as f64, Positive),
+            ("[precision] min_scale".into(), p.min_scale as f64, NonNegative),
+        ];
+        keys.extend(t.embed_lr.map(|x| ("[train] embed_lr".into(), x, NonNegative)));
+        if let Some(v) = &self.vocab {
+            keys.extend(v.init_std.map(|x| ("[vocab] init_std".into(), x as f64, NonNegative)));
+        }
+        for (i, st) in self.stage.iter().enumerate() {
+            keys.extend(st.lr.map(|x| (format!("[[stage]] #{} lr", i + 1), x, Positive)));
+            keys.extend(st.embed_lr.map(|x| (format!("[[stage]] #{} embed_lr", i + 1), x, NonNegative)));
+        }
+        for (key, v, range) in keys {
+            range.check(&key, v)?;
+        }
+        Ok(())
+    }
+
     fn check(&self) -> Result<()> {
+        self.check_numbers()?;
         let must_exist = |key: &str, p: &Path| -> Result<()> {
             let full = self.resolve(p);
             if !full.exists() {
@@ -373,8 +405,10 @@ impl Recipe {
         if t.seq_len < 8 {
             bail!("[train] seq_len = {}: must be at least 8", t.seq_len);
         }
-        if t.batch_size == 0 || t.grad_accum == 0 {
-            bail!("[train] batch_size and grad_accum must be at least 1");
+        for (key, v) in [("batch_size", t.batch_size), ("grad_accum", t.grad_accum)] {
+            if v == 0 {
+                bail!("[train] {key} = 0: must be at least 1");
+            }
         }
         if t.lr <= 0.0 || t.embed_lr.is_some_and(|x| x < 0.0) {
             bail!("[train] lr must be positive (embed_lr ≥ 0)");
@@ -392,8 +426,10 @@ impl Recipe {
         self.dtype()?;
         self.scaler()?;
         let o = &self.output;
-        if o.save_every == 0 || o.keep_last == 0 {
-            bail!("[output] save_every and keep_last must be at least 1");
+        for (key, v) in [("save_every", o.save_every), ("keep_last", o.keep_last)] {
+            if v == 0 {
+                bail!("[output] {key} = 0: must be at least 1");
+            }
         }
         for (i, e) in self.eval.iter().enumerate() {
             must_exist(&format!("[[eval]] #{} path", i + 1), &e.path)?;
@@ -432,8 +468,11 @@ impl Recipe {
             "naive" => ScalerConfig::naive(),
             o => bail!("[precision] scaler = {o:?}: use linly or naive"),
         };
-        if p.init_scale <= 0.0 || p.growth_interval == 0 {
-            bail!("[precision] init_scale must be positive and growth_interval ≥ 1");
+        if !(p.init_scale.is_finite() && p.init_scale > 0.0) {
+            bail!("[precision] init_scale = {}: must be a finite number above 0", p.init_scale);
+        }
+        if p.growth_interval == 0 {
+            bail!("[precision] growth_interval = 0: must be at least 1");
         }
         let mut c = ScalerConfig { init_scale: p.init_scale, growth_interval: p.growth_interval, ..base };
         if c.kind == ScalerKind::Linly {
@@ -479,6 +518,31 @@ impl Recipe {
 
     pub fn total_steps(&self) -> Result<usize> {
         Ok(self.stages()?.iter().map(|s| s.steps).sum())
+    }
+}
+
+/// What a numeric recipe key may hold; every range excludes NaN and ±inf.
+#[derive(Debug, Clone, Copy)]
+enum Range {
+    /// > 0: learning rates, alpha, the initial loss scale.
+    Positive,
+    /// ≥ 0, where 0 means "off" or "frozen": weight decay, clipping, embed_lr.
+    NonNegative,
+    /// [0, 1): dropout, warmup_ratio.
+    Fraction,
+}
+
+impl Range {
+    fn check(self, key: &str, v: f64) -> Result<()> {
+        let (ok, want) = match self {
+            Range::Positive => (v > 0.0, "a finite number above 0"),
+            Range::NonNegative => (v >= 0.0, "a finite number ≥ 0"),
+            Range::Fraction => ((0.0..1.0).contains(&v), "a number in [0, 1)"),
+        };
+        if !(ok && v.is_finite()) {
+            bail!("{key} = {v}: must be {want}; see recipes/README.md for typical values");
+        }
+        Ok(())
     }
 }
 

@@ -210,11 +210,49 @@ fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
     Ok(enc)
 }
 
+/// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
+/// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
+/// run, never a folder holding files that training did not write (it would overwrite same-named
+/// ones and mix its files with the user's).
+fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
+    let r = |p: &PathBuf| recipe.resolve(p);
+    let mut inputs = vec![r(&recipe.model.path)];
+    inputs.extend(recipe.model.tokenizer.iter().map(r));
+    if let Some(v) = &recipe.vocab {
+        inputs.extend(v.extension.iter().chain(&v.add).map(r));
+    }
+    inputs.extend(recipe.data.iter().map(|d| r(&d.path)));
+    inputs.extend(recipe.eval.iter().map(|e| r(&e.path)));
+    inputs.extend(recipe.lora.init_from.iter().map(r));
+    let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::io::atomic::check_not_input(out, &refs).context("[output] dir")?;
+    if resume {
+        return Ok(());
+    }
+    const OWN: [&str; 7] = ["checkpoints", "token-cache", "tokenizer", "metrics.jsonl", "recipe.toml", "adapter", "report.json"];
+    let foreign: Vec<String> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !OWN.contains(&n.as_str()) && !n.ends_with(".png") && !n.starts_with('.'))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "[output] dir {} holds files training does not write ({}): choose a new or empty folder so that nothing of yours is overwritten",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let recipe = Recipe::load(&opts.recipe)?;
     // The parsed recipe, not its text: comments and formatting may change between resumes.
     let recipe_text = serde_json::to_string(&recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
+    check_output_dir(&recipe, &out, opts.resume)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let stages = recipe.stages()?;
     let total: usize = stages.iter().map(|s| s.steps).sum();
@@ -222,6 +260,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let device = base_device.clone().autodiff();
     let hash = recipe_hash(&recipe_text);
 
+    checkpoint::clean(&out, recipe.output.keep_last);
     let ckpts = checkpoint::list(&out);
     let resume_from = if opts.resume {
         Some(ckpts.last().cloned().with_context(|| format!("--resume: no checkpoint in {}/checkpoints", out.display()))?)
@@ -304,6 +343,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_run = Instant::now();
     let mut tokens_run = 0usize;
     let end = opts.stop_after.map(|n| (start + n).min(total)).unwrap_or(total);
+    let fp32 = recipe.dtype()? == crate::io::safetensors::FloatType::F32;
     for step in start..end {
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
@@ -326,6 +366,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
+        // In fp32 no loss scale can explain a non-finite loss: skipping steps would only hide a
+        // NaN weight or corrupt data until the run ends with nothing learned.
+        if fp32 && !r.loss.is_finite() {
+            bail!(
+                "step {}: the loss is {} in fp32, so the model or the data is broken (a NaN or huge weight in {}, or a learning rate that diverged); nothing was saved for this step",
+                step + 1,
+                r.loss,
+                recipe.model.path.display()
+            );
+        }
         let dt = t0.elapsed().as_secs_f64();
         let positions: usize = batches.iter().map(|b| b.input_ids.len() * b.input_ids[0].len()).sum();
         tokens_run += positions;

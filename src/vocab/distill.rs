@@ -80,13 +80,13 @@ impl Default for DistillOptions {
     fn default() -> Self {
         DistillOptions {
             sides: Sides { input: true, output: true },
-            tokens: 8192,
-            head_tokens: 32768,
+            tokens: 4096,
+            head_tokens: 16384,
             seq_len: 128,
             batch: 4,
-            input_epochs: 2,
-            input_lr: 0.02,
-            head_epochs: 4,
+            input_epochs: 3,
+            input_lr: 0.25,
+            head_epochs: 5,
             head_lr: 0.5,
             head_batch: 1024,
             seed: 0,

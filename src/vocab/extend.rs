@@ -241,6 +241,14 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         }
     };
 
+    if raw_pieces.is_empty() {
+        let what = match source {
+            PieceSource::List(path) => format!("{} has no pieces (one per line)", path.display()),
+            PieceSource::Pieces(_) => "the list of pieces is empty".to_owned(),
+            PieceSource::Select(_) => "no character or word passed the selection (lower --min-freq, or give more text)".to_owned(),
+        };
+        bail!("nothing to add: {what}; an extension that adds nothing would only change the tokenizer's files");
+    }
     let mut report = ExtendReport {
         tokenizer: origin.to_owned(),
         family: state.family.name().to_owned(),

@@ -77,6 +77,57 @@ pub struct DistillSpec {
     pub device: burn::tensor::Device,
 }
 
+/// An extension made from another tokenizer of the same size passes the `vocab_size` check, and
+/// resizing with it would swap the model's tokenizer for one whose ids mean other text. So when
+/// both tokenizers are at hand, every base token must keep its id in the extension's tokenizer,
+/// and a sample of new pieces must split into the extension's `subtokens` under the model's.
+fn check_extension_matches(model: &Path, extension: &Path, ext: &VocabExtension) -> Result<()> {
+    use tokenizers::Model;
+    let model_tok = model.join("tokenizer.json");
+    let ext_tok = extension.parent().unwrap_or(Path::new(".")).join("tokenizer.json");
+    if !model_tok.exists() || !ext_tok.exists() {
+        return Ok(());
+    }
+    let load = |p: &Path| tokenizers::Tokenizer::from_file(p).map_err(|e| anyhow::anyhow!("cannot load {}: {e}", p.display()));
+    let (old, new) = (load(&model_tok)?, load(&ext_tok)?);
+    let fix = "the extension was made from another tokenizer; run `linly-lora vocab extend` on this model's tokenizer";
+    let new_vocab = new.get_vocab(true);
+    let mut base: Vec<(String, u32)> = old.get_vocab(true).into_iter().collect();
+    base.sort_by_key(|(_, id)| *id);
+    if let Some((piece, id)) = base.iter().find(|(p, id)| new_vocab.get(p) != Some(id)) {
+        bail!(
+            "{}: token {piece:?} is id {id} in the model's {} but {:?} in the extension's: {fix}",
+            extension.display(),
+            model_tok.display(),
+            new_vocab.get(piece)
+        );
+    }
+    let unk = serde_json::from_str::<serde_json::Value>(&std::fs::read_to_string(&model_tok)?)
+        .ok()
+        .and_then(|j| j["model"]["unk_token"].as_str().and_then(|u| old.token_to_id(u)));
+    let step = (ext.added() / 64).max(1);
+    for i in (0..ext.added()).step_by(step) {
+        let id = (ext.old_vocab + i) as u32;
+        let piece = new.id_to_token(id).with_context(|| format!("{}: new token {id} is not in {}: {fix}", extension.display(), ext_tok.display()))?;
+        let ids: Vec<u32> = old
+            .get_model()
+            .tokenize(&piece)
+            .map_err(|e| anyhow::anyhow!("tokenizing {piece:?}: {e}"))?
+            .iter()
+            .map(|t| t.id)
+            .filter(|&t| Some(t) != unk)
+            .collect();
+        if ids != ext.subtokens[i] {
+            bail!(
+                "{}: new token {id} {piece:?} lists sub-tokens {:?}, but the model's tokenizer splits it into {ids:?}: {fix}",
+                extension.display(),
+                ext.subtokens[i]
+            );
+        }
+    }
+    Ok(())
+}
+
 /// Resizes `model` into `out` (atomic). The tokenizer beside `extension` (if any) and the
 /// extension itself are copied in, so the output folder is self-contained.
 pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64, distill: Option<&DistillSpec>, out: &Path) -> Result<ResizeReport> {
@@ -96,8 +147,9 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
         );
     }
     if out.exists() {
-        bail!("{} already exists: choose another --out or remove it first", out.display());
+        bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
     }
+    check_extension_matches(model, extension, &ext)?;
     let ext_dir = extension.parent().unwrap_or(Path::new("."));
     let tok_src = if ext_dir.join("tokenizer.json").exists() { Some(ext_dir) } else { None };
     let mut distilled = None;

@@ -217,6 +217,7 @@ pub fn export_gguf_imatrix(model_dir: &Path, out: &Path, opts: &ExportOptions, i
 /// [`export_gguf_imatrix`], and with `hessians` the Q4_0 layer projections are quantized by
 /// GPTQ ([`crate::quant::gptq`]) instead of rounded one weight at a time.
 pub fn export_gguf_calibrated(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
+    crate::io::atomic::check_out(out, &[model_dir], false)?;
     export_inner(model_dir, out, opts, imatrix, hessians).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
 }
 

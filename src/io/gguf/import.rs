@@ -156,6 +156,17 @@ fn read_meta(g: &GgufFile<'_>, warnings: &mut Vec<String>) -> Result<LlamaMeta> 
         }
     };
     let rope_theta = g.get_f64("llama.rope.freq_base")?.unwrap_or(10000.0);
+    // The same rules as config.json's (crate::config), checked here so that a bad GGUF fails
+    // its import instead of writing a folder that every later command refuses.
+    if context_length > crate::config::MAX_CONTEXT as u64 {
+        bail!("metadata `llama.context_length` = {context_length} is beyond {} tokens: the header is corrupt", crate::config::MAX_CONTEXT);
+    }
+    if !(rms_eps.is_finite() && rms_eps > 0.0 && rms_eps < 1.0) {
+        bail!("metadata `llama.attention.layer_norm_rms_epsilon` = {rms_eps} must be a small positive number (LLaMA uses 1e-5)");
+    }
+    if !(rope_theta.is_finite() && rope_theta > 0.0) {
+        bail!("metadata `llama.rope.freq_base` = {rope_theta} must be a finite number above 0 (LLaMA uses 10000)");
+    }
     let rope_scaling = rope_scaling(g, head_dim, rope_theta, warnings)?;
     Ok(LlamaMeta {
         n_layer,
@@ -179,6 +190,9 @@ fn rope_scaling(g: &GgufFile<'_>, head_dim: usize, theta: f64, warnings: &mut Ve
         Some(f) => Some(f),
         None => g.get_f64("llama.rope.scale_linear")?,
     };
+    if let Some(f) = factor.filter(|f| !(f.is_finite() && *f > 0.0)) {
+        bail!("metadata `llama.rope.scaling.factor` = {f} must be a finite number above 0");
+    }
     let orig = g.get_u64("llama.rope.scaling.original_context_length")?;
     if let Some(freqs) = g.tensor("rope_freqs.weight") {
         return Ok(llama3_scaling_from_freqs(freqs, head_dim, theta, orig, warnings));
@@ -251,6 +265,18 @@ fn llama3_scaling_from_freqs(
 
 /// Checks every tensor against the metadata and decides its HF name, shape and dtype.
 fn plan<'f, 'a>(g: &'f GgufFile<'a>, m: &LlamaMeta, dtype: OutDType) -> Result<(Vec<Planned<'f, 'a>>, usize, bool)> {
+    // Every layer has LAYER_TENSORS tensors in the file, so a `block_count` beyond that is a
+    // corrupt or hostile header: refused before anything (the missing-weights list below) is
+    // sized by it, instead of naming 4 billion missing layers one string at a time.
+    const LAYER_TENSORS: usize = 9;
+    if m.n_layer > g.tensors.len() / LAYER_TENSORS {
+        let max = g.tensors.len() / LAYER_TENSORS;
+        bail!(
+            "metadata `llama.block_count` = {} but the file holds {} tensors ({max} layers at most): the weights of model.layers.{max} and beyond are missing, or the header is corrupt",
+            m.n_layer,
+            g.tensors.len()
+        );
+    }
     let embd = g.tensor("token_embd.weight").ok_or_else(|| anyhow!("tensor `token_embd.weight` is missing"))?;
     let vocab = match embd.hf_shape()[..] {
         [v, e] if e == m.n_embd && v > 0 => v,
@@ -466,7 +492,8 @@ fn import_inner(path: &Path, out: &Path, dtype: OutDType) -> Result<ImportReport
         }
     };
 
-    let staged = crate::io::atomic::StagedDir::new(out, true)?;
+    // An empty folder was checked above: replacing it loses nothing.
+    let staged = crate::io::atomic::StagedDir::new(out, out_was_empty_dir)?;
     let tmp_dir = staged.path().to_path_buf();
 
     let mut files = Vec::new();

@@ -1,0 +1,622 @@
+//! Hostile and careless input (issue #20): no panic, no silent NaN, nothing overwritten, no
+//! unbounded allocation. Each test covers a class of input, not one example of it.
+
+mod common;
+use common::*;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+/// Every file under `root` (or `root` itself) with its bytes, to prove a run left it untouched.
+fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
+    let mut out = BTreeMap::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        if p.is_dir() {
+            out.insert(p.clone(), Vec::new());
+            for e in std::fs::read_dir(&p).unwrap() {
+                stack.push(e.unwrap().path());
+            }
+        } else {
+            out.insert(p.clone(), std::fs::read(&p).unwrap());
+        }
+    }
+    out
+}
+
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
+    }
+}
+
+/// `cmd` with `OUT` replaced by `out`; asserts it fails without panicking and returns stderr.
+fn refused(cmd: &[&str], out: &Path) -> String {
+    let args: Vec<&str> = cmd.iter().map(|a| if *a == "OUT" { s(out) } else { a }).collect();
+    let (ok, _, err) = run_cli(&args, None);
+    assert!(!ok, "{args:?} should fail");
+    assert!(!err.contains("panicked"), "{args:?}: {err}");
+    err
+}
+
+/// The inputs of every command that writes `--out`, in a scratch folder so that a broken guard
+/// could never touch the fixtures.
+struct Inputs {
+    dir: tempfile::TempDir,
+}
+
+impl Inputs {
+    fn new() -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path();
+        copy_dir(&tiny().join("base"), &p.join("base"));
+        copy_dir(&tiny().join("adapter"), &p.join("adapter"));
+        copy_dir(&fixture("llama2-tokenizer"), &p.join("tok"));
+        std::fs::copy(tiny().join("vocab_extension.json"), p.join("vocab_extension.json")).unwrap();
+        std::fs::write(p.join("words.txt"), "你好\n世界\n").unwrap();
+        std::fs::write(p.join("calib.txt"), "hello world, hello again").unwrap();
+        let (ok, _, err) = run_cli(&["export", "gguf", "--model", s(&p.join("base")), "--out", s(&p.join("m.gguf")), "--type", "f32"], None);
+        assert!(ok, "{err}");
+        Inputs { dir }
+    }
+    fn p(&self, rel: &str) -> String {
+        s(&self.dir.path().join(rel)).to_string()
+    }
+    /// Every command that writes `--out`, with `OUT` in place of its output.
+    fn commands(&self) -> Vec<Vec<String>> {
+        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
+        vec![
+            v(&["merge", "--base", &self.p("base"), "--adapter", &self.p("adapter"), "--out", "OUT"]),
+            v(&["adapter", "pack", "--adapter", &self.p("adapter"), "--out", "OUT"]),
+            v(&["vocab", "extend", "--tokenizer", &self.p("tok"), "--add", &self.p("words.txt"), "--out", "OUT"]),
+            v(&["vocab", "resize", "--model", &self.p("base"), "--extension", &self.p("vocab_extension.json"), "--out", "OUT"]),
+            v(&["import", "gguf", &self.p("m.gguf"), "--out", "OUT"]),
+            v(&["export", "gguf", "--model", &self.p("base"), "--out", "OUT"]),
+            v(&["quantize", "--model", &self.p("base"), "--format", "q8_0", "--out", "OUT"]),
+            v(&["imatrix", "--model", &self.p("base"), "--text", &self.p("calib.txt"), "--out", "OUT"]),
+        ]
+    }
+}
+
+#[test]
+fn existing_out_is_refused_and_left_byte_identical() {
+    let inputs = Inputs::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let folder = scratch.path().join("folder");
+    std::fs::create_dir(&folder).unwrap();
+    std::fs::write(folder.join("unrelated.txt"), "not yours").unwrap();
+    let file = scratch.path().join("file.bin");
+    std::fs::write(&file, "not yours either").unwrap();
+    let before = (snapshot(scratch.path()), snapshot(inputs.dir.path()));
+    for cmd in inputs.commands() {
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
+        for out in [&folder, &file] {
+            let err = refused(&cmd, out);
+            assert!(err.contains("already exists") && err.contains("--force"), "{cmd:?} --out {}: {err}", out.display());
+        }
+    }
+    assert!(before == (snapshot(scratch.path()), snapshot(inputs.dir.path())), "a refused command changed files");
+}
+
+#[test]
+fn own_input_is_refused_even_with_force() {
+    let inputs = Inputs::new();
+    let before = snapshot(inputs.dir.path());
+    for cmd in inputs.commands() {
+        let cmd: Vec<&str> = cmd.iter().map(String::as_str).chain(["--force"]).collect();
+        // The command's input paths: the value after an input flag, and import's positional file.
+        let mut targets: Vec<String> = cmd
+            .windows(2)
+            .filter(|w| ["--base", "--adapter", "--tokenizer", "--add", "--model", "--extension", "--text"].contains(&w[0]))
+            .map(|w| w[1].to_string())
+            .collect();
+        if cmd[0] == "import" {
+            targets.push(cmd[2].to_string());
+        }
+        // A file inside an input folder is the input too; so is the folder above an input.
+        let files_inside: Vec<String> = targets
+            .iter()
+            .filter(|t| Path::new(t).is_dir())
+            .map(|t| s(&std::fs::read_dir(t).unwrap().next().unwrap().unwrap().path()).to_string())
+            .collect();
+        targets.extend(files_inside);
+        targets.push(s(inputs.dir.path()).to_string());
+        for t in &targets {
+            let err = refused(&cmd, Path::new(t));
+            assert!(err.contains("even with --force"), "{cmd:?} --out {t}: {err}");
+        }
+    }
+    assert!(before == snapshot(inputs.dir.path()), "a refused command changed its input");
+}
+
+/// `--force` replaces an existing output, file or folder, once the new one is complete.
+#[test]
+fn force_replaces_only_when_done() {
+    let inputs = Inputs::new();
+    let scratch = tempfile::tempdir().unwrap();
+    let gguf = scratch.path().join("out.gguf");
+    std::fs::write(&gguf, "old").unwrap();
+    let (ok, _, err) = run_cli(&["export", "gguf", "--model", &inputs.p("base"), "--out", s(&gguf), "--force"], None);
+    assert!(ok, "{err}");
+    assert_eq!(&std::fs::read(&gguf).unwrap()[..4], b"GGUF");
+    let packed = scratch.path().join("packed");
+    std::fs::create_dir(&packed).unwrap();
+    std::fs::write(packed.join("old.txt"), "old").unwrap();
+    let (ok, _, err) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("adapter"), "--out", s(&packed), "--force"], None);
+    assert!(ok, "{err}");
+    assert!(packed.join("adapter_model.safetensors").exists() && !packed.join("old.txt").exists());
+    // A forced run that fails leaves the old output as it was.
+    let before = snapshot(&packed);
+    let (ok, _, _) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("base"), "--out", s(&packed), "--force"], None);
+    assert!(!ok);
+    assert!(before == snapshot(&packed));
+    let names: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names.len(), 2, "staging left behind: {names:?}");
+}
+
+#[test]
+fn empty_id_sequences_are_a_clean_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let jl = dir.path().join("e.jsonl");
+    std::fs::write(&jl, "[]\n").unwrap();
+    let st = dir.path().join("e.safetensors");
+    linly_lora::io::safetensors::write_all(&st, &[("input_ids".to_string(), "I64".to_string(), vec![2, 0], vec![])], None).unwrap();
+    for ids in [&jl, &st] {
+        let (ok, _, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(ids)], None);
+        assert!(!ok && !err.contains("panicked") && err.contains("nothing to score"), "{err}");
+    }
+    // An empty sequence among scorable ones is skipped.
+    std::fs::write(&jl, "[]\n[1, 2, 3]\n").unwrap();
+    let (ok, out, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(&jl), "--json"], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("\"tokens\":2"), "{out}");
+}
+
+/// Runs the CLI under a 2 GiB address-space limit and a CPU-seconds limit, so "bounded time and
+/// memory" is enforced by the kernel rather than measured: a run that allocates by a corrupt
+/// header's word, or loops on it, is killed and fails the test.
+fn run_bounded(args: &[&str]) -> std::process::Output {
+    use std::os::unix::process::CommandExt;
+    let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_linly-lora"));
+    cmd.args(args).env("RAYON_NUM_THREADS", "1");
+    // SAFETY: only async-signal-safe setrlimit calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            let lim = |r, v| libc::setrlimit(r, &libc::rlimit { rlim_cur: v, rlim_max: v });
+            lim(libc::RLIMIT_AS, 2 << 30);
+            lim(libc::RLIMIT_CPU, 120);
+            Ok(())
+        });
+    }
+    cmd.output().unwrap()
+}
+
+fn find(hay: &[u8], needle: &[u8]) -> usize {
+    hay.windows(needle.len()).position(|w| w == needle).unwrap_or_else(|| panic!("{:?} not in file", String::from_utf8_lossy(needle)))
+}
+
+/// GGUF with a tokenizer (string arrays and all), its every count, length, dimension, type and
+/// offset pushed in turn to its type's maximum: `import gguf` ends (never killed, never panics),
+/// with an error for every size field.
+#[test]
+fn gguf_fields_at_their_maximum_end_in_bounded_memory() {
+    use linly_lora::io::gguf::reader::{parse, GgufArray, GgufValue};
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    std::fs::create_dir(&model).unwrap();
+    random_model(&model, 32000, Some(&fixture("llama2-tokenizer")));
+    let src = dir.path().join("m.gguf");
+    let (ok, _, err) = run_cli(&["export", "gguf", "--model", s(&model), "--out", s(&src)], None);
+    assert!(ok, "{err}");
+    let bytes = std::fs::read(&src).unwrap();
+    // (what, offset, width, must fail)
+    let mut fields: Vec<(String, usize, usize, bool)> = vec![("tensor count".into(), 8, 8, true), ("kv count".into(), 16, 8, true)];
+    {
+        let g = parse(&bytes).unwrap();
+        for kv in &g.metadata {
+            let mut key = (kv.key.len() as u64).to_le_bytes().to_vec();
+            key.extend_from_slice(kv.key.as_bytes());
+            let at = find(&bytes, &key) + key.len() + 4;
+            match &kv.value {
+                GgufValue::U32(_) | GgufValue::I32(_) => fields.push((kv.key.to_string(), at, 4, false)),
+                GgufValue::U64(_) | GgufValue::I64(_) => fields.push((kv.key.to_string(), at, 8, false)),
+                GgufValue::String(_) => fields.push((format!("{} length", kv.key), at, 8, true)),
+                GgufValue::Array(a) => {
+                    fields.push((format!("{} element type", kv.key), at, 4, true));
+                    fields.push((format!("{} length", kv.key), at + 4, 8, true));
+                    if let GgufArray::String(_) = a {
+                        fields.push((format!("{} first string length", kv.key), at + 12, 8, true));
+                    }
+                }
+                _ => {}
+            }
+        }
+        for t in g.tensors.iter().take(3).chain(g.tensors.last()) {
+            let mut name = (t.name.len() as u64).to_le_bytes().to_vec();
+            name.extend_from_slice(t.name.as_bytes());
+            let at = find(&bytes, &name) + name.len();
+            fields.push((format!("{} n_dims", t.name), at, 4, true));
+            for d in 0..t.dims.len() {
+                fields.push((format!("{} dim {d}", t.name), at + 4 + 8 * d, 8, true));
+            }
+            let after = at + 4 + 8 * t.dims.len();
+            fields.push((format!("{} type", t.name), after, 4, true));
+            fields.push((format!("{} offset", t.name), after + 4, 8, true));
+        }
+    }
+    let bad = dir.path().join("bad.gguf");
+    for (what, at, width, must_fail) in fields {
+        let mut b = bytes.clone();
+        b[at..at + width].fill(0xff);
+        std::fs::write(&bad, &b).unwrap();
+        let out = dir.path().join("out");
+        let r = run_bounded(&["import", "gguf", s(&bad), "--out", s(&out)]);
+        let err = String::from_utf8_lossy(&r.stderr);
+        assert!(r.status.code().is_some(), "{what} = max: killed ({:?}): {err}", r.status);
+        assert!(!err.contains("panicked"), "{what} = max: {err}");
+        if must_fail {
+            assert!(!r.status.success(), "{what} = max was imported");
+            assert!(!out.exists(), "{what}: a failed import left {}", out.display());
+        }
+        let _ = std::fs::remove_dir_all(&out);
+    }
+}
+
+/// A recipe that loads, with every section whose numbers the property tests vary.
+fn base_recipe(dir: &Path) -> String {
+    std::fs::write(dir.join("zh.txt"), "你好世界。\n").unwrap();
+    format!(
+        r#"[model]
+path = "{base}"
+[vocab]
+extension = "{ext}"
+[lora]
+[train]
+[precision]
+[mix]
+[output]
+dir = "out"
+[[data]]
+kind = "text"
+path = "zh.txt"
+"#,
+        base = s(&tiny().join("base")),
+        ext = s(&tiny().join("vocab_extension.json"))
+    )
+}
+
+/// Puts `key = value` into `section` of `recipe` (a `[[stage]]` block is appended for stage keys).
+fn with_key(recipe: &str, section: &str, key: &str, value: &str) -> String {
+    if section == "[[stage]]" {
+        let steps = if key == "steps" { String::new() } else { "steps = 1\n".into() };
+        return format!("{recipe}[[stage]]\n{steps}{key} = {value}\n");
+    }
+    recipe.replacen(&format!("{section}\n"), &format!("{section}\n{key} = {value}\n"), 1)
+}
+
+/// Every numeric recipe key, set in turn to NaN, ±inf, 0 and a negative value: a clean error
+/// naming the key, unless the value is legal for it (only 0, for the keys listed as such), and
+/// never an output folder.
+#[test]
+fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
+    use linly_lora::train::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path());
+    Recipe::parse(&base, dir.path()).expect("the base recipe loads");
+    // (section, key, is 0 legal)
+    let keys = [
+        ("[vocab]", "seed", true),
+        ("[vocab]", "init_std", true),
+        ("[lora]", "r", false),
+        ("[lora]", "alpha", false),
+        ("[lora]", "dropout", true),
+        ("[mix]", "bins", true),
+        ("[train]", "seq_len", false),
+        ("[train]", "batch_size", false),
+        ("[train]", "grad_accum", false),
+        ("[train]", "steps", false),
+        ("[train]", "lr", false),
+        ("[train]", "embed_lr", true),
+        ("[train]", "warmup_ratio", true),
+        ("[train]", "weight_decay", true),
+        ("[train]", "max_grad_norm", true),
+        ("[train]", "seed", true),
+        ("[precision]", "init_scale", false),
+        ("[precision]", "growth_interval", false),
+        ("[precision]", "hysteresis", true),
+        ("[precision]", "min_scale", true),
+        ("[output]", "save_every", false),
+        ("[output]", "keep_last", false),
+        ("[output]", "eval_every", true),
+        ("[[stage]]", "steps", false),
+        ("[[stage]]", "lr", false),
+        ("[[stage]]", "embed_lr", true),
+    ];
+    for (section, key, zero_ok) in keys {
+        for value in ["nan", "inf", "-inf", "0", "-1", "-0.5"] {
+            let text = with_key(&base, section, key, value);
+            let r = Recipe::parse(&text, dir.path());
+            if value == "0" && zero_ok {
+                assert!(r.is_ok(), "{section} {key} = 0 should be accepted: {:#}", r.unwrap_err());
+                continue;
+            }
+            let e = format!("{:#}", r.expect_err(&format!("{section} {key} = {value} was accepted")));
+            assert!(e.contains(&format!("{key} =")), "{section} {key} = {value}: error does not name the key: {e}");
+        }
+    }
+    // Through the CLI: the error comes before the [output] folder is created.
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, with_key(&base, "[train]", "lr", "nan")).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("[train] lr = NaN") && !err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("out").exists());
+}
+
+/// The numeric keys of config.json, set to what Python's json.dump writes for NaN and ±inf, to
+/// 0, negatives and absurd sizes: an error naming the key.
+#[test]
+fn every_numeric_config_key_rejects_non_finite_and_out_of_range() {
+    let dir = tempfile::tempdir().unwrap();
+    let text = std::fs::read_to_string(tiny().join("base/config.json")).unwrap();
+    let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let cases: [(&str, &[&str]); 3] = [
+        ("rms_norm_eps", &["NaN", "Infinity", "-Infinity", "0", "-1e-6", "1e999", "2"]),
+        ("rope_theta", &["NaN", "Infinity", "-Infinity", "0", "-10000", "1e999"]),
+        ("max_position_embeddings", &["NaN", "Infinity", "0", "-1", "1000000000000", "18446744073709551615"]),
+    ];
+    for (key, values) in cases {
+        for value in values {
+            let mut c = cfg.clone();
+            c[key] = serde_json::json!("PLACEHOLDER");
+            let raw = serde_json::to_string_pretty(&c).unwrap().replace("\"PLACEHOLDER\"", value);
+            std::fs::write(dir.path().join("config.json"), raw).unwrap();
+            let e = match linly_lora::config::LlamaConfig::load(dir.path()) {
+                Ok(_) => panic!("config.json {key} = {value} was accepted"),
+                Err(e) => format!("{e:#}"),
+            };
+            assert!(e.contains(key), "{key} = {value}: error does not name the key: {e}");
+        }
+    }
+}
+
+/// Sampling and window flags: NaN, ±inf, 0 and negatives are refused by the parser, naming the flag.
+#[test]
+fn sampling_flags_reject_non_finite_and_out_of_range() {
+    let base = tiny().join("base");
+    let gen = |flag: &str, v: &str| run_cli(&["generate", "--model", s(&base), "--prompt-ids", "1,2", "--max-new-tokens", "2", &format!("{flag}={v}")], None);
+    for flag in ["--temperature", "--top-p", "--repetition-penalty"] {
+        for v in ["NaN", "inf", "-inf", "0", "-1"] {
+            let (ok, _, err) = gen(flag, v);
+            assert!(!ok && err.contains(flag) && !err.contains("panicked"), "{flag} {v}: {err}");
+        }
+    }
+    let (ok, _, err) = gen("--top-p", "1.5");
+    assert!(!ok && err.contains("--top-p"), "{err}");
+    for v in ["0", "1", "-1"] {
+        let (ok, _, err) = run_cli(&["eval", "--model", s(&base), "--ids", s(&tiny().join("expected.safetensors")), &format!("--window={v}")], None);
+        assert!(!ok && err.contains("--window") && !err.contains("panicked"), "--window {v}: {err}");
+    }
+    let (ok, _, err) = run_cli(&["serve", "--model", s(&base), "--default-max-tokens", "0"], None);
+    assert!(!ok && err.contains("--default-max-tokens"), "{err}");
+    // Legal values still work.
+    let (ok, _, err) = gen("--temperature", "0.7");
+    assert!(ok, "{err}");
+}
+
+/// A copy of the fixture adapter with its config edited and its tensors rewritten: `edit` gets
+/// (name, dtype, shape, bytes) and returns the tensor to write.
+fn adapter_variant(dir: &Path, cfg_edit: impl FnOnce(&mut serde_json::Value), edit: impl Fn(&str, String, Vec<usize>, Vec<u8>) -> (String, Vec<usize>, Vec<u8>)) -> PathBuf {
+    use linly_lora::io::safetensors::SafetensorsFile;
+    let out = dir.join("adapter");
+    std::fs::create_dir_all(&out).unwrap();
+    let src = tiny().join("adapter");
+    let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+    cfg_edit(&mut cfg);
+    std::fs::write(out.join("adapter_config.json"), cfg.to_string()).unwrap();
+    let f = SafetensorsFile::open(&src.join("adapter_model.safetensors")).unwrap();
+    let tensors: Vec<(String, String, Vec<usize>, Vec<u8>)> = f
+        .names()
+        .into_iter()
+        .map(|n| {
+            let r = f.require(&n).unwrap();
+            let (dtype, shape, bytes) = edit(&n, format!("{:?}", r.dtype), r.shape.to_vec(), r.bytes.to_vec());
+            (n.clone(), dtype, shape, bytes)
+        })
+        .collect();
+    linly_lora::io::safetensors::write_all(&out.join("adapter_model.safetensors"), &tensors, None).unwrap();
+    out
+}
+
+/// Adapters whose config disagrees with their tensors, or whose table would shrink the base's
+/// vocabulary: `merge` and applying at load time both refuse, naming the file and what differs.
+#[test]
+fn adapters_that_disagree_with_their_config_are_refused() {
+    let same = |_: &str, d: String, s: Vec<usize>, b: Vec<u8>| (d, s, b);
+    type Case = (&'static str, Box<dyn Fn(&mut serde_json::Value)>, &'static str);
+    let cases: Vec<Case> = vec![
+        ("target_modules", Box::new(|c| c["target_modules"] = serde_json::json!(["q_proj", "v_proj"])), "not in target_modules"),
+        ("r", Box::new(|c| c["r"] = serde_json::json!(4)), "r = 4"),
+        ("rank_pattern", Box::new(|c| c["rank_pattern"] = serde_json::json!({"q_proj": 2})), "rank_pattern gives 2"),
+        ("layers_to_transform", Box::new(|c| c["layers_to_transform"] = serde_json::json!([0])), "layers_to_transform"),
+    ];
+    let base = tiny().join("merged"); // 384 rows, as the adapter's tables
+    for (what, cfg_edit, want) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let a = adapter_variant(dir.path(), cfg_edit, same);
+        let out = dir.path().join("out");
+        let (ok, _, err) = run_cli(&["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&out)], None);
+        assert!(!ok && err.contains(want) && err.contains("adapter_config.json"), "{what}: {err}");
+        assert!(!out.exists());
+        let (ok, _, err) = run_cli(&["eval", "--model", s(&base), "--adapter", s(&a), "--ids", s(&tiny().join("expected.safetensors"))], None);
+        assert!(!ok && err.contains(want), "{what} (eval): {err}");
+    }
+    // Fewer table rows than the base: would silently drop the base's last tokens.
+    let dir = tempfile::tempdir().unwrap();
+    let a = adapter_variant(dir.path(), |_| {}, |n, d, mut shape, mut b| {
+        if n.ends_with("embed_tokens.weight") || n.ends_with("lm_head.weight") {
+            shape[0] = 300;
+            b.truncate(300 * shape[1] * 4);
+        }
+        (d, shape, b)
+    });
+    let out = dir.path().join("out");
+    let (ok, _, err) = run_cli(&["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&out)], None);
+    assert!(!ok && err.contains("300 rows") && err.contains("384"), "{err}");
+    assert!(!out.exists());
+    // Integer LoRA weights: the error names the file and the tensor.
+    let dir = tempfile::tempdir().unwrap();
+    let a = adapter_variant(dir.path(), |_| {}, |n, d, s, b| if n.ends_with("layers.0.self_attn.q_proj.lora_A.weight") { ("I32".into(), s, b) } else { (d, s, b) });
+    let (ok, _, err) = run_cli(&["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&dir.path().join("out"))], None);
+    assert!(!ok && err.contains("adapter_model.safetensors") && err.contains("layers.0.self_attn.q_proj.lora_A.weight") && err.contains("I32"), "{err}");
+}
+
+/// `vocab resize` with an extension made from another tokenizer of the same size is refused.
+#[test]
+fn resize_refuses_an_extension_from_another_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = fixture("llama2-tokenizer");
+    let words = dir.path().join("words.txt");
+    std::fs::write(&words, "你好\n世界\n中国\n").unwrap();
+    // The model's tokenizer: llama2's with two ids swapped (same size, other text per id).
+    let mut j: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(tok.join("tokenizer.json")).unwrap()).unwrap();
+    let vocab = j["model"]["vocab"].as_object_mut().unwrap();
+    let (a, b) = (vocab["▁the"].clone(), vocab["▁a"].clone());
+    vocab.insert("▁the".into(), b);
+    vocab.insert("▁a".into(), a);
+    let other = dir.path().join("other-tok");
+    std::fs::create_dir(&other).unwrap();
+    std::fs::write(other.join("tokenizer.json"), j.to_string()).unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    random_model(&model, 32000, Some(&other));
+    let ext = dir.path().join("ext");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&tok), "--add", s(&words), "--out", s(&ext)], None);
+    assert!(ok, "{err}");
+    let out = dir.path().join("resized");
+    let (ok, _, err) = run_cli(&["vocab", "resize", "--model", s(&model), "--extension", s(&ext.join("vocab_extension.json")), "--out", s(&out)], None);
+    assert!(!ok && err.contains("another tokenizer"), "{err}");
+    assert!(!out.exists());
+    // The extension made from the model's own tokenizer resizes.
+    let ext2 = dir.path().join("ext2");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&other), "--add", s(&words), "--out", s(&ext2)], None);
+    assert!(ok, "{err}");
+    let (ok, _, err) = run_cli(&["vocab", "resize", "--model", s(&model), "--extension", s(&ext2.join("vocab_extension.json")), "--out", s(&out)], None);
+    assert!(ok, "{err}");
+}
+
+#[test]
+fn empty_word_list_is_an_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let words = dir.path().join("words.txt");
+    std::fs::write(&words, "\n\n").unwrap();
+    let out = dir.path().join("ext");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&fixture("llama2-tokenizer")), "--add", s(&words), "--out", s(&out)], None);
+    assert!(!ok && err.contains("nothing to add") && err.contains("words.txt"), "{err}");
+    assert!(!out.exists());
+}
+
+/// What `kill -9` leaves: a staging folder of a dead process beside `--out`, and in a training
+/// run's checkpoints a staging folder, an incomplete `step-*` and checkpoints beyond keep_last.
+/// The next run removes them and says so; a live process's staging is left alone.
+#[test]
+fn debris_of_killed_runs_is_cleaned_by_the_next_run() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = std::process::Command::new("true").spawn().unwrap();
+    let dead = child.id();
+    child.wait().unwrap();
+    let out = dir.path().join("m.gguf");
+    let stale = dir.path().join(format!(".m.gguf.tmp-{dead}-123"));
+    std::fs::write(&stale, "half a gguf").unwrap();
+    let live = dir.path().join(format!(".m.gguf.tmp-{}-123", std::process::id()));
+    std::fs::write(&live, "someone else's work in progress").unwrap();
+    let (ok, _, err) = run_cli(&["export", "gguf", "--model", s(&tiny().join("base")), "--out", s(&out)], None);
+    assert!(ok, "{err}");
+    assert!(!stale.exists() && live.exists(), "{err}");
+    assert!(err.contains("removed") && err.contains(&format!("pid {dead}")), "{err}");
+
+    // Training's checkpoints.
+    let run = dir.path().join("run");
+    let ck = run.join("checkpoints");
+    for step in [1, 2, 3] {
+        let d = ck.join(format!("step-{step:08}"));
+        std::fs::create_dir_all(d.join("adapter")).unwrap();
+        std::fs::write(d.join("state.json"), "{}").unwrap();
+    }
+    std::fs::create_dir_all(ck.join("step-00000004/adapter")).unwrap(); // half-deleted: no state.json
+    std::fs::create_dir_all(ck.join(format!(".step-00000005.tmp-{dead}-1"))).unwrap();
+    linly_lora::train::checkpoint::clean(&run, 2);
+    let left: Vec<String> = std::fs::read_dir(&ck).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
+    let mut left = left;
+    left.sort();
+    assert_eq!(left, ["step-00000002", "step-00000003"]);
+}
+
+/// In fp32 a non-finite loss is an error at once, not a skipped step that trains nothing.
+#[test]
+fn non_finite_fp32_loss_is_an_error() {
+    use linly_lora::io::safetensors::FloatType;
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("model");
+    std::fs::create_dir(&model).unwrap();
+    std::fs::copy(tiny().join("base/config.json"), model.join("config.json")).unwrap();
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &model.join("model.safetensors"), |n, shape, mut v| {
+        if n == "model.norm.weight" {
+            v[0] = f32::NAN;
+        }
+        Some((n.to_string(), FloatType::F32, shape, v))
+    });
+    let recipe = format!(
+        r#"[model]
+path = "{model}"
+[lora]
+r = 2
+[[data]]
+kind = "tokenized"
+path = "{ids}"
+[train]
+seq_len = 16
+batch_size = 1
+steps = 2
+[output]
+dir = "out"
+plots = false
+"#,
+        model = s(&model),
+        ids = s(&dir.path().join("ids.jsonl"))
+    );
+    let lines: Vec<String> = (0..4).map(|k| serde_json::json!({ "input_ids": (1..20).map(|i| i * 7 + k).collect::<Vec<u32>>() }).to_string()).collect();
+    std::fs::write(dir.path().join("ids.jsonl"), lines.join("\n")).unwrap();
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, recipe).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("step 1") && err.contains("NaN") && !err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("out/adapter").exists() && !dir.path().join("out/checkpoints/step-00000001").exists());
+}
+
+/// Training's [output] dir: never a folder holding its inputs, and a new run never writes into
+/// a folder holding files it did not write.
+#[test]
+fn train_output_dir_is_guarded() {
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path());
+    let out = dir.path().join("out");
+    std::fs::create_dir(&out).unwrap();
+    std::fs::write(out.join("notes.txt"), "mine").unwrap();
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, &base).unwrap();
+    let before = snapshot(dir.path());
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("notes.txt"), "{err}");
+    assert!(before == snapshot(dir.path()));
+    // The recipe's own folder holds its data file.
+    std::fs::write(&rp, base.replace("dir = \"out\"", "dir = \".\"")).unwrap();
+    let before2 = snapshot(dir.path());
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("[output] dir") && err.contains("zh.txt"), "{err}");
+    assert!(before2 == snapshot(dir.path()));
+}
