@@ -312,6 +312,8 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
     let keys = [
         ("[vocab]", "seed", true),
         ("[vocab]", "init_std", true),
+        ("[vocab]", "init_tokens", false),
+        ("[[data]]", "self_distill", true),
         ("[lora]", "r", false),
         ("[lora]", "alpha", false),
         ("[lora]", "dropout", true),

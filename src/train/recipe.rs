@@ -326,6 +326,10 @@ impl Recipe {
         keys.extend(t.embed_lr.map(|x| ("[train] embed_lr".into(), x, NonNegative)));
         if let Some(v) = &self.vocab {
             keys.extend(v.init_std.map(|x| ("[vocab] init_std".into(), x as f64, NonNegative)));
+            keys.extend(v.init_tokens.map(|x| ("[vocab] init_tokens".into(), x as f64, Positive)));
+        }
+        for (i, d) in self.data.iter().enumerate() {
+            keys.push((format!("[[data]] #{} self_distill", i + 1), d.self_distill, NonNegative));
         }
         for (i, st) in self.stage.iter().enumerate() {
             keys.extend(st.lr.map(|x| (format!("[[stage]] #{} lr", i + 1), x, Positive)));
@@ -347,6 +351,9 @@ impl Recipe {
             Ok(())
         };
         must_exist("[model] path", &self.model.path)?;
+        if let Some(t) = self.vocab.as_ref().and_then(|v| v.init_text.as_ref()) {
+            must_exist("[vocab] init_text", t)?;
+        }
         if !self.resolve(&self.model.path).join("config.json").exists() {
             bail!("[model] path = {:?}: no config.json there; point it at an HF model folder (for GGUF, run `linly-lora import gguf` first)", self.model.path);
         }
