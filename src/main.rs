@@ -892,7 +892,7 @@ fn run(cli: Cli) -> Result<()> {
             );
         }
         Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => {
-            let r = write_out(&out, &[adapter.clone()], force, |o| linly_lora::lora::save::pack(&adapter, o, dtype))?;
+            let r = write_out(&out, std::slice::from_ref(&adapter), force, |o| linly_lora::lora::save::pack(&adapter, o, dtype))?;
             println!(
                 "packed {} tensors: {:.1} MB -> {:.1} MB{} -> {}",
                 r.tensors,
@@ -904,7 +904,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Vocab { what } => vocab(what)?,
         Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => {
-            let r = write_out(&out, &[file.clone()], force, |o| linly_lora::io::gguf::import_gguf(&file, o, dtype))?;
+            let r = write_out(&out, std::slice::from_ref(&file), force, |o| linly_lora::io::gguf::import_gguf(&file, o, dtype))?;
             for w in &r.warnings {
                 eprintln!("warning: {w}");
             }

@@ -87,11 +87,14 @@ struct StepLine {
     by_source: Vec<(String, f64)>,
 }
 
+/// One `[[eval]]` entry's (name, lang) and its (step, bits/char) points.
+type EvalCurve = ((String, Option<String>), Vec<(f64, f64)>);
+
 #[derive(Debug, Default)]
 struct Parsed {
     steps: Vec<StepLine>,
     /// Eval entries by (name, lang) in first-seen order: (step, bits/char) points.
-    evals: Vec<((String, Option<String>), Vec<(f64, f64)>)>,
+    evals: Vec<EvalCurve>,
 }
 
 fn parse(text: &str, path: &Path) -> Result<Parsed> {
