@@ -132,3 +132,18 @@ fn each_distill_method_beats_subtoken_mean_on_held_out_text_and_keeps_old_rows()
         assert_eq!(e[320 * 64..] != start_embed[320 * 64..], sides.input, "{name}: the input rows move exactly when the input side is fitted");
     }
 }
+
+#[test]
+fn settings_that_would_panic_or_write_nan_rows_are_errors() {
+    for (opts, key) in [
+        (DistillOptions { input_lr: f64::NAN, ..Default::default() }, "input_lr"),
+        (DistillOptions { head_lr: f64::INFINITY, ..Default::default() }, "head_lr"),
+        (DistillOptions { head_lr: -1.0, ..Default::default() }, "head_lr"),
+        (DistillOptions { seq_len: 0, ..Default::default() }, "seq_len"),
+        (DistillOptions { tokens: 0, ..Default::default() }, "tokens"),
+    ] {
+        let e = format!("{:#}", opts.validate().unwrap_err());
+        assert!(e.contains(key), "{e}");
+    }
+    DistillOptions::default().validate().unwrap();
+}

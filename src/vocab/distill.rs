@@ -76,6 +76,21 @@ pub struct DistillOptions {
     pub seed: u64,
 }
 
+impl DistillOptions {
+    /// Every setting where it enters: a zero length would panic in the chunking, a NaN rate
+    /// would write NaN rows.
+    pub fn validate(&self) -> Result<()> {
+        for (key, v) in [("tokens", self.tokens), ("seq_len", self.seq_len), ("batch", self.batch), ("head_batch", self.head_batch)] {
+            ensure!(v > 0, "distill {key} = 0: must be at least 1");
+        }
+        ensure!(self.seq_len >= 2, "distill seq_len = {}: a context needs at least 2 tokens", self.seq_len);
+        for (key, v) in [("input_lr (--init-input-lr)", self.input_lr), ("head_lr (--init-head-lr)", self.head_lr)] {
+            ensure!(v.is_finite() && v > 0.0, "distill {key} = {v}: must be a finite number above 0");
+        }
+        Ok(())
+    }
+}
+
 impl Default for DistillOptions {
     fn default() -> Self {
         DistillOptions {
@@ -124,7 +139,7 @@ pub struct DistilledRows {
 /// One context: the new-tokenization ids and, for each, the index of its last sub-token in the
 /// old-tokenization expansion.
 #[derive(Debug, Clone, PartialEq)]
-pub struct Context_ {
+pub struct DistillContext {
     pub new_ids: Vec<u32>,
     pub old_ids: Vec<u32>,
     pub aligned: Vec<usize>,
@@ -133,7 +148,7 @@ pub struct Context_ {
 /// Expands a new-tokenization sequence into old ids (each new piece replaced by its sub-tokens)
 /// and records where each new position ends. `None` if a piece has no sub-tokens (it cannot be
 /// read by the base).
-pub fn expand(new_ids: &[u32], ext: &VocabExtension) -> Option<Context_> {
+pub fn expand(new_ids: &[u32], ext: &VocabExtension) -> Option<DistillContext> {
     let old = ext.old_vocab as u32;
     let mut old_ids = Vec::with_capacity(new_ids.len() * 2);
     let mut aligned = Vec::with_capacity(new_ids.len());
@@ -149,12 +164,12 @@ pub fn expand(new_ids: &[u32], ext: &VocabExtension) -> Option<Context_> {
         }
         aligned.push(old_ids.len() - 1);
     }
-    Some(Context_ { new_ids: new_ids.to_vec(), old_ids, aligned })
+    Some(DistillContext { new_ids: new_ids.to_vec(), old_ids, aligned })
 }
 
 /// Cuts `ids` (the new tokenization of the training text) into contexts of `seq_len` that
 /// contain at least one new piece, at most `budget` tokens in all.
-pub fn contexts_from_ids(ids: &[u32], ext: &VocabExtension, seq_len: usize, budget: usize) -> Vec<Context_> {
+pub fn contexts_from_ids(ids: &[u32], ext: &VocabExtension, seq_len: usize, budget: usize) -> Vec<DistillContext> {
     let mut out = Vec::new();
     let mut used = 0;
     for chunk in ids.chunks_exact(seq_len) {
@@ -219,8 +234,9 @@ impl Adam {
 /// Fits new rows for `ext` against `model`, which must already hold the resized tables (new
 /// rows at their starting values, e.g. sub-token mean) on an autodiff device. Returns the new
 /// input rows (and head rows when `opts.sides.output`); the model is left as it was given.
-pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[Context_], opts: &DistillOptions, mut log: impl FnMut(&str)) -> Result<DistilledRows> {
+pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillContext], opts: &DistillOptions, mut log: impl FnMut(&str)) -> Result<DistilledRows> {
     ensure!(model.vocab_size() == ext.new_vocab, "distill: the model has {} rows, the extension {} -> {}: resize first", model.vocab_size(), ext.old_vocab, ext.new_vocab);
+    opts.validate()?;
     ensure!(!contexts.is_empty(), "distill: no context holds a new piece; give a text in the new language (the training text)");
     let all_contexts = contexts;
     let n_td = (opts.tokens / opts.seq_len.max(1)).clamp(1, contexts.len());
@@ -272,7 +288,7 @@ pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[Context_], 
     let mut embed = start_embed.clone();
     if opts.sides.input {
         let t0 = Instant::now();
-        embed = fit_input_rows(model, &teacher_free(model), contexts, &targets, embed, opts, &mut report, &mut log)?;
+        embed = fit_input_rows(&teacher_free(model), contexts, &targets, embed, opts, &mut report, &mut log)?;
         report.input_secs = t0.elapsed().as_secs_f64();
     }
     let head_table = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
@@ -313,11 +329,11 @@ fn with_new_input_rows(model: &Llama, rows: &[f32], old: usize) -> Result<Llama>
 
 /// Teacher targets cached in the file named by `LINLY_DISTILL_CACHE` (for experiments that
 /// vary only the fits): keyed by the contexts' ids, ignored when they differ.
-fn cache_key(contexts: &[Context_]) -> u64 {
+fn cache_key(contexts: &[DistillContext]) -> u64 {
     contexts.iter().flat_map(|c| c.old_ids.iter()).fold(0xcbf29ce484222325u64, |h, &b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-fn teacher_cache_load(contexts: &[Context_], d: usize) -> Option<Vec<Vec<f32>>> {
+fn teacher_cache_load(contexts: &[DistillContext], d: usize) -> Option<Vec<Vec<f32>>> {
     let path = std::env::var_os("LINLY_DISTILL_CACHE")?;
     let bytes = std::fs::read(path).ok()?;
     if bytes.len() < 8 || u64::from_le_bytes(bytes[..8].try_into().ok()?) != cache_key(contexts) {
@@ -334,7 +350,7 @@ fn teacher_cache_load(contexts: &[Context_], d: usize) -> Option<Vec<Vec<f32>>> 
     Some(out)
 }
 
-fn teacher_cache_save(contexts: &[Context_], targets: &[Vec<f32>]) {
+fn teacher_cache_save(contexts: &[DistillContext], targets: &[Vec<f32>]) {
     let Some(path) = std::env::var_os("LINLY_DISTILL_CACHE") else { return };
     let mut bytes = cache_key(contexts).to_le_bytes().to_vec();
     for t in targets {
@@ -376,9 +392,8 @@ fn old_rows_of(t: &TokenTable, old: usize) -> Result<Vec<f32>> {
 /// final hidden states on the new tokenization and the base's at the aligned positions.
 #[allow(clippy::too_many_arguments)]
 fn fit_input_rows(
-    _model: &Llama,
     base: &Llama,
-    contexts: &[Context_],
+    contexts: &[DistillContext],
     targets: &[Vec<f32>],
     mut rows: Vec<f32>,
     opts: &DistillOptions,
@@ -449,7 +464,7 @@ struct HeadData {
     logit_old_label: Vec<f32>,
 }
 
-fn head_data(old_head: &[f32], d: usize, old: usize, contexts: &[Context_], targets: &[Vec<f32>]) -> HeadData {
+fn head_data(old_head: &[f32], d: usize, old: usize, contexts: &[DistillContext], targets: &[Vec<f32>]) -> HeadData {
     let mut x = Vec::new();
     let mut labels = Vec::new();
     for (c, t) in contexts.iter().zip(targets) {
@@ -491,7 +506,7 @@ fn fit_head_rows(
     mut rows: Vec<f32>,
     d: usize,
     old: usize,
-    contexts: &[Context_],
+    contexts: &[DistillContext],
     targets: &[Vec<f32>],
     opts: &DistillOptions,
     report: &mut DistillReport,
@@ -571,7 +586,8 @@ fn fit_head_rows(
 
 /// Contexts from a training text: its paragraphs (lines) in a seeded order, tokenized with the
 /// extended tokenizer in `tokenizer_dir`, cut into `opts.seq_len` pieces up to `opts.tokens`.
-pub fn contexts_from_text(text: &str, tokenizer_dir: &std::path::Path, ext: &VocabExtension, opts: &DistillOptions) -> Result<Vec<Context_>> {
+pub fn contexts_from_text(text: &str, tokenizer_dir: &std::path::Path, ext: &VocabExtension, opts: &DistillOptions) -> Result<Vec<DistillContext>> {
+    opts.validate()?;
     let tok = crate::tokenizer::Tok::load(tokenizer_dir)?;
     ensure!(tok.vocab_size() <= ext.new_vocab, "{}: the tokenizer has {} tokens but the extension {}: use the tokenizer written by `vocab extend`", tokenizer_dir.display(), tok.vocab_size(), ext.new_vocab);
     let mut paras: Vec<&str> = text.lines().map(str::trim).filter(|l| !l.is_empty()).collect();

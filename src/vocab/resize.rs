@@ -191,40 +191,6 @@ impl FromStr for InitMethod {
     }
 }
 
-/// SplitMix64 + Box–Muller: own generator so a seed gives the same rows on every platform and
-/// every `rand` release (rand's `StdRng` stream is explicitly not stable across versions).
-struct Normal {
-    state: u64,
-    spare: Option<f64>,
-}
-
-impl Normal {
-    fn new(seed: u64) -> Self {
-        Normal { state: seed, spare: None }
-    }
-    fn next_u64(&mut self) -> u64 {
-        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.state;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    /// Uniform in (0, 1], so `ln` never sees 0.
-    fn uniform(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-    fn sample(&mut self) -> f64 {
-        if let Some(z) = self.spare.take() {
-            return z;
-        }
-        let (u1, u2) = (self.uniform(), self.uniform());
-        let r = (-2.0 * u1.ln()).sqrt();
-        let t = 2.0 * std::f64::consts::PI * u2;
-        self.spare = Some(r * t.sin());
-        r * t.cos()
-    }
-}
-
 fn mean_rows<'a>(rows: impl Iterator<Item = &'a [f32]>, dim: usize) -> Vec<f32> {
     // f64 accumulation: a 32k-row mean in f32 loses ~3 digits.
     let mut acc = vec![0f64; dim];
@@ -300,14 +266,14 @@ pub fn init_new_rows(
         }
         InitMethod::NoisyMean => {
             let std = 1.0 / (dim as f64).sqrt();
-            let mut rng = Normal::new(seed);
+            let mut rng = crate::rng::SplitMix::new(seed);
             for _ in 0..n_new {
-                out.extend(global_mean.iter().map(|&m| (m as f64 + std * rng.sample()) as f32));
+                out.extend(global_mean.iter().map(|&m| (m as f64 + std * rng.normal()) as f32));
             }
         }
         InitMethod::Random => {
-            let mut rng = Normal::new(seed);
-            out.extend((0..n_new * dim).map(|_| (init_std as f64 * rng.sample()) as f32));
+            let mut rng = crate::rng::SplitMix::new(seed);
+            out.extend((0..n_new * dim).map(|_| (init_std as f64 * rng.normal()) as f32));
         }
     }
     Ok(out)
