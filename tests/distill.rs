@@ -1,6 +1,7 @@
 //! Model-based initialisation of new rows (`vocab resize --init distill*`) on the tiny fixture:
 //! each method must leave the resized model better than sub-token means on text it was not
-//! fitted on, and leave every old row as it was.
+//! fitted on, leave every old input row as it was, and change no old head row but the first
+//! sub-tokens the chain targets list as moved.
 
 mod common;
 use burn::module::Module;
@@ -9,23 +10,27 @@ use linly_lora::io::safetensors::FloatType;
 use linly_lora::io::weights::tensor_to_f32;
 use linly_lora::model::{Llama, TokenTable};
 use linly_lora::rng::SplitMix;
-use linly_lora::vocab::distill::{apply_distilled, distill_rows, expand, DistillOptions, Sides};
+use linly_lora::vocab::distill::{apply_distilled, distill_rows, expand, DistillOptions, HeadTargets, Sides};
 use linly_lora::vocab::{resize_loaded, InitMethod, VocabExtension};
 
 /// The fixture's weights are random and small, so its predictions are nearly uniform and it
 /// "knows" nothing to transfer. A sharper head gives it preferences that text sampled from it
 /// follows, which is what a real base model's knowledge looks like to the new rows.
 fn teacher(device: &burn::tensor::Device) -> Llama {
+    sharpened(device, 12.0)
+}
+
+fn sharpened(device: &burn::tensor::Device, k: f64) -> Llama {
     let mut m = Llama::load(&tiny().join("base"), device, FloatType::F32).unwrap();
     let head = m.lm_head.as_ref().unwrap().weight();
-    m.lm_head = Some(TokenTable::new(head * 12.0));
+    m.lm_head = Some(TokenTable::new(head * k));
     m
 }
 
 /// Old-token sequences sampled from the teacher (temperature 1), with the sub-tokens of a random
-/// multi-token new piece spliced in at about a third of the steps, so that the text uses the new
-/// pieces and what follows them is what the teacher predicts after reading them.
-fn sample(model: &Llama, ext: &VocabExtension, n: usize, len: usize, seed: u64) -> Vec<Vec<u32>> {
+/// multi-token new piece spliced in at a `splice` share of the steps, so that the text uses the
+/// new pieces and what follows them is what the teacher predicts after reading them.
+fn sample(model: &Llama, ext: &VocabExtension, n: usize, len: usize, seed: u64, splice: f64) -> Vec<Vec<u32>> {
     let multi: Vec<&Vec<u32>> = ext.subtokens.iter().filter(|s| s.len() > 1).collect();
     let device = model.devices().into_iter().next().unwrap();
     let mut rng = SplitMix::new(seed);
@@ -33,7 +38,7 @@ fn sample(model: &Llama, ext: &VocabExtension, n: usize, len: usize, seed: u64) 
         .map(|_| {
             let mut ids = vec![rng.below(320) as u32];
             while ids.len() < len {
-                if rng.uniform() < 0.3 {
+                if rng.uniform() < splice {
                     ids.extend_from_slice(multi[rng.below(multi.len())]);
                     continue;
                 }
@@ -55,6 +60,24 @@ fn sample(model: &Llama, ext: &VocabExtension, n: usize, len: usize, seed: u64) 
             ids
         })
         .collect()
+}
+
+/// An extension made the way a corpus-trained one is: the teacher's most frequent bigrams and
+/// trigrams in text it wrote. On such text the teacher's own chain probabilities are the truth,
+/// which is what chain targets assume (spliced-in random pieces contradict the teacher).
+fn corpus_extension(text: &[Vec<u32>]) -> VocabExtension {
+    let mut counts: std::collections::HashMap<Vec<u32>, usize> = Default::default();
+    for s in text {
+        for n in [2, 3] {
+            for w in s.windows(n) {
+                *counts.entry(w.to_vec()).or_default() += 1;
+            }
+        }
+    }
+    let mut grams: Vec<(Vec<u32>, usize)> = counts.into_iter().filter(|(_, c)| *c >= 3).collect();
+    grams.sort_by(|a, b| b.1.cmp(&a.1).then(a.0.cmp(&b.0)));
+    let subtokens: Vec<Vec<u32>> = grams.into_iter().take(32).map(|(g, _)| g).collect();
+    VocabExtension { old_vocab: 320, new_vocab: 320 + subtokens.len(), subtokens, pieces: None }
 }
 
 /// The new tokenization of an old-token sequence: longest sub-token match first.
@@ -104,7 +127,7 @@ fn each_distill_method_beats_subtoken_mean_on_held_out_text_and_keeps_old_rows()
     let ext = VocabExtension::load(&tiny().join("vocab_extension.json")).unwrap();
     let t = teacher(&device);
     let plain = t.valid();
-    let sampled = sample(&plain, &ext, 48, 40, 7);
+    let sampled = sample(&plain, &ext, 48, 40, 7, 0.3);
     let new_tok: Vec<Vec<u32>> = sampled.iter().map(|s| retokenize(s, &ext)).collect();
     assert!(new_tok.iter().flatten().filter(|&&i| i >= 320).count() > 100, "the sampled text must use new pieces");
     // Fixed-length contexts for the fit, from the first 40 sequences; the last 8 are held out.
@@ -117,9 +140,16 @@ fn each_distill_method_beats_subtoken_mean_on_held_out_text_and_keeps_old_rows()
     let base_nll = nll(&resized.valid(), &held_out);
     let (old_embed, old_head) = (rows(&t.embed_tokens), rows(t.lm_head.as_ref().unwrap()));
 
-    for (name, sides) in [("distill", Sides { input: true, output: true }), ("distill-input", Sides { input: true, output: false }), ("distill-head", Sides { input: false, output: true })] {
-        let opts = DistillOptions { sides, tokens: contexts.len() * seq, head_tokens: 0, seq_len: seq, batch: 4, input_epochs: 30, input_lr: 0.1, head_epochs: 5, head_lr: 0.3, head_batch: 64, seed: 1 };
-        let fitted = distill_rows(&resized, &ext, &contexts, &opts, |_| {}).unwrap();
+    // Spliced text: label targets (the chain variants are tested on text the teacher wrote,
+    // below).
+    let cases = [
+        ("distill (label targets)", Sides { input: true, output: true }, HeadTargets::Labels),
+        ("distill-input", Sides { input: true, output: false }, HeadTargets::Labels),
+        ("distill-head (label targets)", Sides { input: false, output: true }, HeadTargets::Labels),
+    ];
+    for (name, sides, head_targets) in cases {
+        let opts = DistillOptions { sides, tokens: contexts.len() * seq, head_tokens: 0, seq_len: seq, batch: 4, input_epochs: 30, input_lr: 0.1, head_epochs: 5, head_lr: 0.3, head_batch: 64, seed: 1, head_targets, move_old_rows: head_targets == HeadTargets::Chain };
+        let fitted = distill_rows(&resized, &ext, &contexts, &[], &opts, |_| {}).unwrap();
         let mut m = resized.clone();
         apply_distilled(&mut m, &ext, &fitted).unwrap();
         let after = nll(&m.valid(), &held_out);
@@ -127,7 +157,13 @@ fn each_distill_method_beats_subtoken_mean_on_held_out_text_and_keeps_old_rows()
         assert!(after < base_nll - 0.01, "{name}: held-out NLL {after} is not below sub-token mean's {base_nll}");
         let (e, h) = (rows(&m.embed_tokens), rows(m.lm_head.as_ref().unwrap()));
         assert_eq!(&e[..320 * 64], &old_embed[..], "{name}: old embedding rows changed");
-        assert_eq!(&h[..320 * 64], &old_head[..], "{name}: old head rows changed");
+        // Only the first sub-tokens' head rows may move (chain targets), and only those listed.
+        let moved = &fitted.report.head_rows_moved;
+        for r in 0..320 {
+            if !moved.contains(&(r as u32)) {
+                assert_eq!(&h[r * 64..(r + 1) * 64], &old_head[r * 64..(r + 1) * 64], "{name}: old head row {r} changed");
+            }
+        }
         let start_embed = rows(&resized.embed_tokens);
         assert_eq!(e[320 * 64..] != start_embed[320 * 64..], sides.input, "{name}: the input rows move exactly when the input side is fitted");
     }
@@ -146,4 +182,91 @@ fn settings_that_would_panic_or_write_nan_rows_are_errors() {
         assert!(e.contains(key), "{e}");
     }
     DistillOptions::default().validate().unwrap();
+}
+
+/// Chain targets that also move the head rows of the new pieces' first sub-tokens: only those
+/// old rows change, the input rows stay, the model still beats sub-token mean, and an adapter
+/// saved from it carries the moved rows, so that applied to the unresized base it gives the
+/// same head.
+#[test]
+fn moved_first_subtoken_rows_are_the_only_old_rows_that_change_and_travel_in_the_adapter() {
+    use linly_lora::lora::save::{save, TableSave};
+    use linly_lora::lora::{config::AdapterConfig, TableMode};
+    let device = cpu().autodiff();
+    let ext = VocabExtension::load(&tiny().join("vocab_extension.json")).unwrap();
+    let t = teacher(&device);
+    let sampled = sample(&t.valid(), &ext, 48, 40, 7, 0.3);
+    let new_tok: Vec<Vec<u32>> = sampled.iter().map(|s| retokenize(s, &ext)).collect();
+    let seq = 24;
+    let contexts: Vec<_> = new_tok[..40].iter().filter(|s| s.len() >= seq).filter_map(|s| expand(&s[..seq], &ext)).collect();
+    let held_out: Vec<Vec<u32>> = new_tok[40..].to_vec();
+    let mut resized = t.clone();
+    resize_loaded(&mut resized, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
+    let stm_nll = nll(&resized.valid(), &held_out);
+
+    let opts = DistillOptions { sides: Sides { input: true, output: true }, tokens: contexts.len() * seq, head_tokens: 0, seq_len: seq, batch: 4, input_epochs: 30, input_lr: 0.1, head_epochs: 5, head_lr: 0.3, head_batch: 64, seed: 1, head_targets: HeadTargets::Chain, move_old_rows: true };
+    let fitted = distill_rows(&resized, &ext, &contexts, &[], &opts, |_| {}).unwrap();
+    let moved = fitted.report.head_rows_moved.clone();
+    assert!(!moved.is_empty(), "the fixture's extension has pieces of several sub-tokens, so some first sub-tokens move");
+    let mut m = resized.clone();
+    apply_distilled(&mut m, &ext, &fitted).unwrap();
+    let after = nll(&m.valid(), &held_out);
+    assert!(after < stm_nll - 0.01, "held-out NLL {after} is not below sub-token mean's {stm_nll}");
+    let (e0, h0) = (rows(&t.embed_tokens), rows(t.lm_head.as_ref().unwrap()));
+    let (e, h) = (rows(&m.embed_tokens), rows(m.lm_head.as_ref().unwrap()));
+    assert_eq!(&e[..320 * 64], &e0[..], "old input rows changed");
+    for r in 0..320 {
+        let same = h[r * 64..(r + 1) * 64] == h0[r * 64..(r + 1) * 64];
+        assert_eq!(same, !moved.contains(&(r as u32)), "old head row {r}: changed {} but listed as moved {}", !same, moved.contains(&(r as u32)));
+    }
+
+    let dir = tempfile::tempdir().unwrap();
+    let ad = dir.path().join("ad");
+    let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
+    let head_moved: Vec<usize> = moved.iter().map(|&r| r as usize).collect();
+    save(&m, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved }, &ad, &[]).unwrap();
+    let applied = linly_lora::lora::adapter::apply(t.valid(), &ad, &cpu()).unwrap();
+    assert_eq!(rows(applied.lm_head.as_ref().unwrap()), h, "the adapter on the unresized base gives another head");
+    assert_eq!(rows(&applied.embed_tokens), e, "the adapter on the unresized base gives another embedding");
+}
+
+/// Chain targets on text the teacher wrote, with pieces a corpus would give: each chain method
+/// beats sub-token mean on held-out text of the same kind, and label targets are no better.
+#[test]
+fn chain_targets_beat_subtoken_mean_on_text_the_base_wrote() {
+    let device = cpu().autodiff();
+    // Sharper than the other tests' teacher, so that its text repeats n-grams as language does.
+    let t = sharpened(&device, 30.0);
+    let none = VocabExtension { old_vocab: 320, new_vocab: 320, subtokens: vec![], pieces: None };
+    let sampled = sample(&t.valid(), &none, 64, 40, 11, 0.0);
+    let ext = corpus_extension(&sampled[..48]);
+    assert!(ext.added() >= 16, "the teacher's text repeats enough n-grams: {}", ext.added());
+    let new_tok: Vec<Vec<u32>> = sampled.iter().map(|s| retokenize(s, &ext)).collect();
+    let seq = 24;
+    let contexts: Vec<_> = new_tok[..48].iter().filter(|s| s.len() >= seq).filter_map(|s| expand(&s[..seq], &ext)).collect();
+    let held_out: Vec<Vec<u32>> = new_tok[48..].to_vec();
+    let used = held_out.iter().flatten().filter(|&&i| i >= 320).count();
+    eprintln!("{} pieces; {used} of {} held-out tokens are new", ext.added(), held_out.iter().map(Vec::len).sum::<usize>());
+    assert!(used > 20, "held-out text uses the new pieces: {used}");
+    let mut resized = t.clone();
+    resize_loaded(&mut resized, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
+    let stm = nll(&resized.valid(), &held_out);
+    let mut got = Vec::new();
+    for (name, sides, head_targets) in [
+        ("distill", Sides { input: true, output: true }, HeadTargets::Chain),
+        ("distill-head", Sides { input: false, output: true }, HeadTargets::Chain),
+        ("distill-head (label targets)", Sides { input: false, output: true }, HeadTargets::Labels),
+    ] {
+        let opts = DistillOptions { sides, tokens: contexts.len() * seq, head_tokens: 0, seq_len: seq, batch: 4, input_epochs: 30, input_lr: 0.1, head_epochs: 5, head_lr: 0.3, head_batch: 64, seed: 1, head_targets, move_old_rows: true };
+        let fitted = distill_rows(&resized, &ext, &contexts, &[], &opts, |_| {}).unwrap();
+        let mut m = resized.clone();
+        apply_distilled(&mut m, &ext, &fitted).unwrap();
+        let after = nll(&m.valid(), &held_out);
+        eprintln!("{name}: held-out NLL {stm:.4} (sub-token mean) -> {after:.4}");
+        got.push(after);
+        if head_targets == HeadTargets::Chain {
+            assert!(after < stm - 0.01, "{name}: held-out NLL {after} is not below sub-token mean's {stm}");
+        }
+    }
+    assert!(got[1] < got[2], "chain targets ({}) are no better than label targets ({}) on the head", got[1], got[2]);
 }

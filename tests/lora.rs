@@ -30,7 +30,7 @@ fn saved_adapter_round_trips_bit_exactly() {
     let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
     let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
     let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
-    save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320 }, &out, &[]).unwrap();
+    save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320, head_moved: vec![] }, &out, &[]).unwrap();
     let theirs = SafetensorsFile::open(&tiny().join("adapter/adapter_model.safetensors")).unwrap();
     let ours = SafetensorsFile::open(&out.join("adapter_model.safetensors")).unwrap();
     assert_eq!(ours.names(), theirs.names());
@@ -200,7 +200,7 @@ mod modes {
         set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
         let new = dir.path().join("new");
         let cfg = AdapterConfig::load(&all).unwrap();
-        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &new, &[]).unwrap();
+        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved: vec![] }, &new, &[]).unwrap();
         let f = SafetensorsFile::open(&new.join("adapter_model.safetensors")).unwrap();
         let tables: Vec<String> = f.names().into_iter().filter(|n| !n.contains("lora_")).collect();
         assert_eq!(tables, vec!["base_model.model.lm_head.token_adapter.trainable_tokens_delta", "base_model.model.model.embed_tokens.token_adapter.trainable_tokens_delta"]);
@@ -262,7 +262,7 @@ mod modes {
             set_table_modes(&mut model, embed, head, 320).unwrap();
             assert_eq!(model.lm_head.is_none(), expect_tied, "{embed:?}/{head:?}");
             let ad = dir.path().join(format!("ad-{embed:?}-{head:?}"));
-            save(&model, &cfg, TableSave { embed, lm_head: head, old_vocab: 320 }, &ad, &[]).unwrap();
+            save(&model, &cfg, TableSave { embed, lm_head: head, old_vocab: 320, head_moved: vec![] }, &ad, &[]).unwrap();
             let out = dir.path().join(format!("m-{embed:?}-{head:?}"));
             let mut o = opts(&out, vec![ad.clone()]);
             o.base = base_dir.clone();
@@ -295,7 +295,7 @@ mod modes {
         let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
         let ad = dir.path().join("ad");
         std::fs::write(dir.path().join("recipe.toml"), "# how it was trained").unwrap();
-        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &ad, &[&dir.path().join("recipe.toml")]).unwrap();
+        save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved: vec![] }, &ad, &[&dir.path().join("recipe.toml")]).unwrap();
         let packed = dir.path().join("packed");
         let r = linly_lora::lora::save::pack(&ad, &packed, FloatType::F16).unwrap();
         assert!(r.deduplicated_head);
@@ -451,10 +451,10 @@ fn export_interop_adapters() {
     let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
     let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
     let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
-    save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320 }, &out.join("ours_all"), &[]).unwrap();
+    save(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320, head_moved: vec![] }, &out.join("ours_all"), &[]).unwrap();
     let mut model = model;
     set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
-    save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320 }, &out.join("ours_new_rows"), &[]).unwrap();
+    save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved: vec![] }, &out.join("ours_new_rows"), &[]).unwrap();
     // Our logits for the new_rows adapter on the base (rows 0..320 from the base): PEFT must agree.
     let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
     let m = apply(base, &out.join("ours_new_rows"), &dev()).unwrap();

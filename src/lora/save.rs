@@ -12,12 +12,17 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 
 /// Which parts of the token tables an adapter carries.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct TableSave {
     pub embed: TableMode,
     pub lm_head: TableMode,
     /// Rows of the vocabulary before extension; `new_rows` saves the rows after it.
     pub old_vocab: usize,
+    /// Old head rows that differ from the base the model extends (a `distill` init moves the
+    /// mass of a new piece's first sub-token; `vocab resize` lists them in
+    /// [`crate::vocab::MOVED_ROWS_FILE`]): `new_rows` saves them with the new rows, so the
+    /// adapter applied to the unresized base gives the same model.
+    pub head_moved: Vec<usize>,
 }
 
 type Entry = (String, String, Vec<usize>, Vec<u8>);
@@ -26,7 +31,8 @@ fn entry(key: String, shape: Vec<usize>, v: &[f32]) -> Entry {
     (key, "F32".into(), shape, encode_f32(v, FloatType::F32))
 }
 
-fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode, old_vocab: usize, cfg: &mut AdapterConfig, out: &mut Vec<Entry>) -> Result<()> {
+#[allow(clippy::too_many_arguments)]
+fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode, old_vocab: usize, moved: &[usize], cfg: &mut AdapterConfig, out: &mut Vec<Entry>) -> Result<()> {
     let hidden = t.hidden();
     match mode {
         TableMode::Frozen => {}
@@ -41,9 +47,16 @@ fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode
             if rows <= old_vocab {
                 bail!("{module}: new_rows mode but the table has {rows} rows and the old vocabulary {old_vocab}: nothing new to save");
             }
-            let w = t.weight().slice([old_vocab..rows, 0..hidden]);
-            out.push(entry(format!("{key_prefix}.token_adapter.trainable_tokens_delta"), vec![rows - old_vocab, hidden], &tensor_to_f32(w)));
-            let idx: Vec<usize> = (old_vocab..rows).collect();
+            let all = tensor_to_f32(t.weight());
+            if let Some(&bad) = moved.iter().find(|&&i| i >= old_vocab) {
+                bail!("{module}: moved row {bad} is not an old row (old vocabulary {old_vocab})");
+            }
+            let idx: Vec<usize> = moved.iter().copied().chain(old_vocab..rows).collect();
+            let mut vals = Vec::with_capacity(idx.len() * hidden);
+            for &i in &idx {
+                vals.extend_from_slice(&all[i * hidden..(i + 1) * hidden]);
+            }
+            out.push(entry(format!("{key_prefix}.token_adapter.trainable_tokens_delta"), vec![idx.len(), hidden], &vals));
             let map = match cfg.trainable_token_indices.take() {
                 Some(TokenIndices::PerModule(m)) => m,
                 _ => BTreeMap::new(),
@@ -80,12 +93,14 @@ pub fn save(model: &Llama, base_cfg: &AdapterConfig, tables: TableSave, dir: &Pa
     if !targets.is_empty() {
         cfg.target_modules = super::config::TargetModules::List(targets.into_iter().collect());
     }
-    table_entries(&model.embed_tokens, "embed_tokens", "base_model.model.model.embed_tokens", tables.embed, tables.old_vocab, &mut cfg, &mut out)?;
+    table_entries(&model.embed_tokens, "embed_tokens", "base_model.model.model.embed_tokens", tables.embed, tables.old_vocab, &[], &mut cfg, &mut out)?;
     // A tied head is saved as its own copy so that PEFT, which unties modules_to_save, gets
     // the same model; merge re-ties identical tables.
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let head_mode = if model.lm_head.is_none() { tables.embed } else { tables.lm_head };
-    table_entries(head, "lm_head", "base_model.model.lm_head", head_mode, tables.old_vocab, &mut cfg, &mut out)?;
+    // Moved rows exist only in an untied head (a tied one would move the input rows too).
+    let moved: &[usize] = if model.lm_head.is_some() { &tables.head_moved } else { &[] };
+    table_entries(head, "lm_head", "base_model.model.lm_head", head_mode, tables.old_vocab, moved, &mut cfg, &mut out)?;
     if out.is_empty() {
         bail!("nothing to save: the model has no LoRA branches and no trainable tables");
     }

@@ -51,6 +51,8 @@ pub struct Prepared {
     pub tokenizer: Option<PathBuf>,
     pub extension: Option<PathBuf>,
     pub old_vocab: usize,
+    /// Old head rows that differ from the unresized base (saved with the new rows).
+    pub head_moved: Vec<usize>,
 }
 
 /// Base model + vocabulary growth + adapter (`adapter_dir`: `init_from` or a checkpoint), or
@@ -65,6 +67,7 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
     };
     let mut extension = None;
     let mut old_vocab = model.vocab_size();
+    let mut head_moved = crate::vocab::moved_head_rows(&model_dir)?;
     if let Some(v) = &recipe.vocab {
         let ext_path = match (&v.extension, &v.add) {
             (Some(e), _) => recipe.resolve(e),
@@ -100,6 +103,7 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
                     opts.tokens = n;
                 }
                 let r = crate::vocab::distill::distill_model(&mut model, &ext, tok_dir, &text, &opts, |s| eprintln!("[vocab] init: {s}"))?;
+                head_moved = r.head_rows_moved.iter().map(|&i| i as usize).collect();
                 eprintln!("[vocab] init {}: {}", init, serde_json::to_string(&r)?);
             }
         } else if model.vocab_size() != ext.new_vocab {
@@ -135,7 +139,7 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
             br.dropout = recipe.lora.dropout;
         }
     }
-    Ok(Prepared { model, tokenizer, extension, old_vocab })
+    Ok(Prepared { model, tokenizer, extension, old_vocab, head_moved })
 }
 
 /// The text a `distill*` init reads when the recipe names none: the first `text` source in
@@ -176,13 +180,13 @@ fn widest(a: TableMode, b: TableMode) -> TableMode {
     }
 }
 
-fn table_save(stages: &[Stage], upto: usize, old_vocab: usize) -> TableSave {
+fn table_save(stages: &[Stage], upto: usize, old_vocab: usize, head_moved: &[usize]) -> TableSave {
     let (mut e, mut h) = (TableMode::Frozen, TableMode::Frozen);
     for s in &stages[..=upto.min(stages.len() - 1)] {
         e = widest(e, s.embed);
         h = widest(h, s.head);
     }
-    TableSave { embed: e, lm_head: h, old_vocab }
+    TableSave { embed: e, lm_head: h, old_vocab, head_moved: head_moved.to_vec() }
 }
 
 fn stage_at(stages: &[Stage], step: usize) -> (usize, usize) {
@@ -284,7 +288,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         Some((_, d)) => Some(d.join("adapter")),
         None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
     };
-    let Prepared { mut model, tokenizer, extension, old_vocab } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
+    let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
@@ -406,7 +410,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             writeln!(metrics, "{}", serde_json::json!({"step": done, "eval": ev}))?;
         }
         if done % recipe.output.save_every == 0 || done == total {
-            let ts = table_save(&stages, si, old_vocab);
+            let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash };
             let cfg = adapter_config(&recipe);
             checkpoint::save(&out, &st, &opt, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
@@ -417,7 +421,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     let mut adapter_out = None;
     if end == total {
-        let ts = table_save(&stages, stages.len() - 1, old_vocab);
+        let ts = table_save(&stages, stages.len() - 1, old_vocab, &head_moved);
         let mut extra: Vec<PathBuf> = vec![opts.recipe.clone()];
         if let (Some(t), Some(_)) = (&tokenizer, &extension) {
             for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {

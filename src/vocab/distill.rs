@@ -12,21 +12,27 @@
 //!   match the base model's hidden states at the aligned positions of the old tokenization (the
 //!   last sub-token of each new piece). All new rows that occur in a batch of contexts are fitted
 //!   together, with the model frozen: a forward and backward pass per batch, nothing else trains.
-//! * **Output rows: a softmax regression on the base's hidden states.** At every aligned
-//!   position the base's hidden state `h` is cached with the next piece of the new tokenization
-//!   as its label; the new head rows are then fitted by mini-batch Adam on the full-vocabulary
-//!   cross-entropy with the old rows fixed (their log-sum-exp is computed once per position).
-//!   This is the head that the hidden states the input side reproduces need: a linear read-out
-//!   of what the base already predicts, which moves the mass that the base gave to a piece's
-//!   first byte onto the pieces that now spell whole characters and words.
+//! * **Output rows: the base's own probability of every piece** ([`HeadTargets::Chain`], the
+//!   default). At each position of the fitting text the base, reading the old tokenization,
+//!   gives a distribution over the next old token; a new piece's probability is the chain of
+//!   its sub-tokens' conditionals (exact along the path the text takes, from counts of the
+//!   whole fitting text elsewhere), and the mass of an expansion that goes on into a longer
+//!   token moves to the longer one ([`super::chain`]). The new head rows, and the head rows of
+//!   the 186 (for SmolLM2's Chinese extension) old first sub-tokens whose mass moves, are
+//!   fitted by mini-batch Adam to that distribution on the model's own hidden states (after the
+//!   input fit), the other old rows fixed. Every fitted row gets a target at every position, so
+//!   a fit on 20k positions does not memorise them as the one-hot [`HeadTargets::Labels`]
+//!   regression (the first version) did.
 //!
 //! The two sides want different values for one piece (what it means when read vs. when to
 //! predict it), so fitting both unties a tied table: the new rows are stored twice (embedding and
 //! head), 2 × `added` × `hidden` values, and a merged tied model gets an `lm_head` of its own.
-//! Old rows are never touched.
+//! Old input rows are never touched; of the old head rows only the first sub-tokens' move (and
+//! `vocab resize` lists them in [`super::MOVED_ROWS_FILE`] so an adapter carries them).
 //!
 //! Contexts come from the training text (`text`), never from evaluation text.
 
+use super::chain::{ChainData, Trie};
 use super::VocabExtension;
 use crate::model::{Llama, TokenTable};
 use crate::model::gemm::{gemm, View};
@@ -74,6 +80,24 @@ pub struct DistillOptions {
     pub head_batch: usize,
     /// Shuffles the contexts.
     pub seed: u64,
+    /// What the head rows are fitted to (see [`HeadTargets`]).
+    pub head_targets: HeadTargets,
+    /// With chain targets, fit the head rows of the new pieces' first sub-tokens too (old rows):
+    /// the base gives them the mass of every piece they start, which after the extension mostly
+    /// belongs to the pieces. Costs those rows (186 for SmolLM2's Chinese extension) in the
+    /// adapter; the input rows stay untouched.
+    pub move_old_rows: bool,
+}
+
+/// Targets of the head fit.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HeadTargets {
+    /// The next piece of the text (one-hot): only rows that occur as labels learn.
+    Labels,
+    /// The base's own probability of every token of the extended vocabulary at the position
+    /// (chain of sub-token probabilities, mass moved to the longest token; [`super::chain`]).
+    Chain,
 }
 
 impl DistillOptions {
@@ -105,6 +129,8 @@ impl Default for DistillOptions {
             head_lr: 0.5,
             head_batch: 1024,
             seed: 0,
+            head_targets: HeadTargets::Chain,
+            move_old_rows: true,
         }
     }
 }
@@ -126,6 +152,9 @@ pub struct DistillReport {
     pub head_nll_first: Option<f64>,
     pub head_nll_last: Option<f64>,
     pub head_secs: f64,
+    /// Old head rows the head fit moved (first sub-tokens of new pieces).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub head_rows_moved: Vec<u32>,
 }
 
 /// The new rows, row-major `[ext.added(), hidden]`, fitted or (for the side not fitted) as they
@@ -133,6 +162,9 @@ pub struct DistillReport {
 pub struct DistilledRows {
     pub embed: Vec<f32>,
     pub head: Vec<f32>,
+    /// Old head rows that the fit moved (the first sub-tokens whose mass went to new pieces),
+    /// as `(id, row)`.
+    pub head_old: Vec<(u32, Vec<f32>)>,
     pub report: DistillReport,
 }
 
@@ -234,7 +266,10 @@ impl Adam {
 /// Fits new rows for `ext` against `model`, which must already hold the resized tables (new
 /// rows at their starting values, e.g. sub-token mean) on an autodiff device. Returns the new
 /// input rows (and head rows when `opts.sides.output`); the model is left as it was given.
-pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillContext], opts: &DistillOptions, mut log: impl FnMut(&str)) -> Result<DistilledRows> {
+///
+/// `counts` is the old tokenization of the whole fitting text (the expansions' frequencies
+/// below the levels the base gives exactly come from it); empty: the contexts' own.
+pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillContext], counts: &[u32], opts: &DistillOptions, mut log: impl FnMut(&str)) -> Result<DistilledRows> {
     ensure!(model.vocab_size() == ext.new_vocab, "distill: the model has {} rows, the extension {} -> {}: resize first", model.vocab_size(), ext.old_vocab, ext.new_vocab);
     opts.validate()?;
     ensure!(!contexts.is_empty(), "distill: no context holds a new piece; give a text in the new language (the training text)");
@@ -259,29 +294,57 @@ pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillCont
     report.pieces_seen = seen.iter().filter(|&&s| s).count();
 
     // Teacher: the base reading the old tokenization (old ids only, so the new rows play no
-    // part); its hidden state at each aligned position is the target of both fits.
+    // part); its hidden state at each aligned position is the target of the input fit, and its
+    // next-token distributions over all contexts are the head's chain targets.
     let t0 = Instant::now();
     let teacher = model.valid();
     let inner = device.clone().inner();
-    let targets = match teacher_cache_load(contexts, d) {
-        Some(t) => t,
-        None => {
-            let mut targets: Vec<Vec<f32>> = Vec::with_capacity(contexts.len());
-            for (k, c) in contexts.iter().enumerate() {
-                let h = host(teacher.hidden(ids_tensor(&[&c.old_ids], &inner), None))?;
+    let head_targets = match std::env::var("LINLY_DISTILL_HEAD_TARGETS").as_deref() {
+        Ok("labels") => HeadTargets::Labels,
+        _ => opts.head_targets,
+    };
+    let need_chain = opts.sides.output && head_targets == HeadTargets::Chain;
+    let head_table = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let old_head = old_rows_of(head_table, old)?;
+    let mut trie = Trie::new(ext);
+    if need_chain {
+        let seqs: Vec<&[u32]> = if counts.is_empty() { all_contexts.iter().map(|c| c.old_ids.as_slice()).collect() } else { vec![counts] };
+        trie.count(&seqs);
+    }
+    let mut targets = teacher_cache_load(contexts, d);
+    let mut chain = if need_chain { chain_cache_load(all_contexts) } else { None };
+    if targets.is_none() || (need_chain && chain.is_none()) {
+        let want_chain = need_chain && chain.is_none();
+        let upto = if want_chain { all_contexts.len() } else { contexts.len() };
+        let mut tds: Vec<Vec<f32>> = Vec::with_capacity(contexts.len());
+        let mut cd = ChainData::default();
+        for (k, c) in all_contexts[..upto].iter().enumerate() {
+            let h = host(teacher.hidden(ids_tensor(&[&c.old_ids], &inner), None))?;
+            if k < contexts.len() {
                 let mut t = Vec::with_capacity(c.aligned.len() * d);
                 for &a in &c.aligned {
                     t.extend_from_slice(&h[a * d..(a + 1) * d]);
                 }
-                targets.push(t);
-                if (k + 1) % 32 == 0 {
-                    log(&format!("teacher {}/{} contexts", k + 1, contexts.len()));
-                }
+                tds.push(t);
             }
-            teacher_cache_save(contexts, &targets);
-            targets
+            if want_chain {
+                let probs = next_token_probs(&h, &old_head, d, old);
+                cd.push_context(&trie, &c.old_ids, &c.aligned, c.new_ids.len().saturating_sub(1), &probs, old);
+            }
+            if (k + 1) % 32 == 0 {
+                log(&format!("teacher {}/{upto} contexts", k + 1));
+            }
         }
-    };
+        if targets.is_none() {
+            teacher_cache_save(contexts, &tds);
+            targets = Some(tds);
+        }
+        if want_chain {
+            chain_cache_save(all_contexts, &cd);
+            chain = Some(cd);
+        }
+    }
+    let targets = targets.context("distill: teacher targets")?;
     report.teacher_secs = t0.elapsed().as_secs_f64();
 
     let start_embed = new_rows_of(&model.embed_tokens, old)?;
@@ -291,11 +354,10 @@ pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillCont
         embed = fit_input_rows(&teacher_free(model), contexts, &targets, embed, opts, &mut report, &mut log)?;
         report.input_secs = t0.elapsed().as_secs_f64();
     }
-    let head_table = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let mut head = new_rows_of(head_table, old)?;
+    let mut head_old = Vec::new();
     if opts.sides.output {
         let t0 = Instant::now();
-        let old_head = old_rows_of(head_table, old)?;
         // The head is fitted to the hidden states the model will really have: the student's
         // with the input rows as they now are, not the teacher's it only approximates.
         let student = with_new_input_rows(&teacher, &embed, old)?;
@@ -309,10 +371,16 @@ pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillCont
                 log(&format!("head features {}/{} contexts", (k + 1) * batch.len(), all_contexts.len()));
             }
         }
-        head = fit_head_rows(&old_head, head, d, old, all_contexts, &feats, opts, &mut report, &mut log)?;
+        match &chain {
+            Some(chain) => {
+                (head, head_old) = fit_head_rows_chain(&old_head, head, d, old, all_contexts, &feats, &trie, chain, opts, &mut report, &mut log)?;
+                report.head_rows_moved = head_old.iter().map(|(t, _)| *t).collect();
+            }
+            None => head = fit_head_rows(&old_head, head, d, old, all_contexts, &feats, opts, &mut report, &mut log)?,
+        }
         report.head_secs = t0.elapsed().as_secs_f64();
     }
-    Ok(DistilledRows { embed, head, report })
+    Ok(DistilledRows { embed, head, head_old, report })
 }
 
 /// A copy of `model` whose new input rows are `rows` (for plain, non-autodiff forward passes).
@@ -359,6 +427,59 @@ fn teacher_cache_save(contexts: &[DistillContext], targets: &[Vec<f32>]) {
         }
     }
     let _ = crate::io::atomic::write(std::path::Path::new(&path), &bytes);
+}
+
+/// The base's next-token distribution at every position of one context: `[T × old]`, from its
+/// final hidden states `h` (`[T × d]`) and the old head rows.
+fn next_token_probs(h: &[f32], old_head: &[f32], d: usize, old: usize) -> Vec<f32> {
+    let t = h.len() / d;
+    let mut z = vec![0f32; t * old];
+    gemm(&mut z, old, [t, old, d], View::rows(h, 0, d), View::t(old_head, 0, d), 1.0, false, true);
+    z.par_chunks_mut(old).for_each(|row| {
+        let l = lse(row);
+        row.iter_mut().for_each(|v| *v = (*v - l).exp());
+    });
+    z
+}
+
+fn chain_cache_path() -> Option<std::path::PathBuf> {
+    let mut p = std::env::var_os("LINLY_DISTILL_CACHE")?;
+    p.push(".chain");
+    Some(p.into())
+}
+
+fn chain_cache_load(contexts: &[DistillContext]) -> Option<ChainData> {
+    let bytes = std::fs::read(chain_cache_path()?).ok()?;
+    let mut r = bytes.chunks_exact(8).map(|b| u64::from_le_bytes(b.try_into().unwrap()));
+    if r.next()? != cache_key(contexts) {
+        return None;
+    }
+    let (n_roots, n_p1, n_path, n_off) = (r.next()? as usize, r.next()? as usize, r.next()? as usize, r.next()? as usize);
+    let body = &bytes[40..];
+    let f = |i: usize| f32::from_le_bytes(body[i * 4..i * 4 + 4].try_into().unwrap());
+    let u = |i: usize| u32::from_le_bytes(body[i * 4..i * 4 + 4].try_into().unwrap());
+    if body.len() != (n_p1 + 2 * n_path + n_off) * 4 {
+        return None;
+    }
+    let p1 = (0..n_p1).map(f).collect();
+    let path = (0..n_path).map(|k| (u(n_p1 + 2 * k), f(n_p1 + 2 * k + 1))).collect();
+    let path_off = (0..n_off).map(|k| u(n_p1 + 2 * n_path + k) as usize).collect();
+    Some(ChainData { n_roots, p1, path, path_off })
+}
+
+fn chain_cache_save(contexts: &[DistillContext], cd: &ChainData) {
+    let Some(path) = chain_cache_path() else { return };
+    let mut b = Vec::new();
+    for v in [cache_key(contexts), cd.n_roots as u64, cd.p1.len() as u64, cd.path.len() as u64, cd.path_off.len() as u64] {
+        b.extend_from_slice(&v.to_le_bytes());
+    }
+    cd.p1.iter().for_each(|x| b.extend_from_slice(&x.to_le_bytes()));
+    cd.path.iter().for_each(|(n, p)| {
+        b.extend_from_slice(&n.to_le_bytes());
+        b.extend_from_slice(&p.to_le_bytes());
+    });
+    cd.path_off.iter().for_each(|&o| b.extend_from_slice(&(o as u32).to_le_bytes()));
+    let _ = crate::io::atomic::write(&path, &b);
 }
 
 /// The model with its LoRA branches removed, for the input fit (it fits rows for the base).
@@ -465,6 +586,12 @@ struct HeadData {
 }
 
 fn head_data(old_head: &[f32], d: usize, old: usize, contexts: &[DistillContext], targets: &[Vec<f32>]) -> HeadData {
+    head_data_without(old_head, d, old, contexts, targets, &[])
+}
+
+/// [`head_data`] with the old rows in `exclude` left out of the cached log-sum-exp (they are
+/// fitted too, so their logits change).
+fn head_data_without(old_head: &[f32], d: usize, old: usize, contexts: &[DistillContext], targets: &[Vec<f32>], exclude: &[u32]) -> HeadData {
     let mut x = Vec::new();
     let mut labels = Vec::new();
     for (c, t) in contexts.iter().zip(targets) {
@@ -481,6 +608,9 @@ fn head_data(old_head: &[f32], d: usize, old: usize, contexts: &[DistillContext]
     for s in (0..n).step_by(CH) {
         let m = CH.min(n - s);
         gemm(&mut z[..m * old], old, [m, old, d], View::rows(&x, s * d, d), View::t(old_head, 0, d), 1.0, false, true);
+        if !exclude.is_empty() {
+            z[..m * old].par_chunks_mut(old).for_each(|row| exclude.iter().for_each(|&e| row[e as usize] = f32::NEG_INFINITY));
+        }
         lse_old[s..s + m].par_iter_mut().zip(logit_old_label[s..s + m].par_iter_mut()).enumerate().for_each(|(r, (l, ll))| {
             let row = &z[r * old..(r + 1) * old];
             *l = lse(row);
@@ -584,9 +714,120 @@ fn fit_head_rows(
     Ok(rows)
 }
 
+/// Mini-batch Adam on the new head rows, old rows fixed: cross-entropy of the model's
+/// full-vocabulary distribution against the base's chain targets ([`super::chain`]). Every row
+/// whose first sub-token the base expects gets a target at every position, so rows the text
+/// never shows as a label still learn where they belong.
+#[allow(clippy::too_many_arguments)]
+fn fit_head_rows_chain(
+    old_head: &[f32],
+    rows: Vec<f32>,
+    d: usize,
+    old: usize,
+    contexts: &[DistillContext],
+    feats: &[Vec<f32>],
+    trie: &Trie,
+    chain: &ChainData,
+    opts: &DistillOptions,
+    report: &mut DistillReport,
+    log: &mut impl FnMut(&str),
+) -> Result<(Vec<f32>, Vec<(u32, Vec<f32>)>)> {
+    let n_new = rows.len() / d;
+    let fit_roots = match std::env::var("LINLY_DISTILL_FIT_ROOTS").as_deref() {
+        Ok("0") => false,
+        Ok("1") => true,
+        _ => opts.move_old_rows,
+    };
+    let root_tok: Vec<u32> = if fit_roots { trie.root_tokens() } else { Vec::new() };
+    let nr = root_tok.len();
+    let root_index: std::collections::HashMap<u32, usize> = root_tok.iter().enumerate().map(|(k, &t)| (t, k)).collect();
+    let data = head_data_without(old_head, d, old, contexts, feats, &root_tok);
+    let n = data.labels.len();
+    ensure!(n > 0, "distill: no positions to fit the head on");
+    ensure!(chain.positions() == n, "distill: {} chain targets for {n} head positions", chain.positions());
+    // The fitted rows: the new ones, then (when the roots are fitted) the roots' old rows.
+    let nf = n_new + nr;
+    let mut rows = rows;
+    for &t in &root_tok {
+        rows.extend_from_slice(&old_head[t as usize * d..(t as usize + 1) * d]);
+    }
+    let mut adam = Adam::new(rows.len());
+    let bs = opts.head_batch.max(1);
+    let l1 = data.x.chunks_exact(d).map(|r| r.iter().map(|v| v.abs() as f64).sum::<f64>()).sum::<f64>() / n as f64;
+    let lr = opts.head_lr / l1.max(1e-6);
+    log(&format!("head rows (chain targets): {} of {n_new} have a trie node; {} roots (fitted: {fit_roots}); {n} positions; lr {lr:.2e}", trie.owns_node.iter().filter(|&&s| s).count(), trie.roots.len()));
+    let mut order: Vec<usize> = (0..n).collect();
+    let mut rng = crate::rng::SplitMix::new(opts.seed ^ 0x4ead);
+    let mut xb = vec![0f32; bs * d];
+    let mut z = vec![0f32; bs * nf];
+    let mut q = vec![0f32; bs * n_new];
+    let mut qr = vec![0f32; bs * chain.n_roots.max(1)];
+    let mut g = vec![0f32; nf * d];
+    for epoch in 0..opts.head_epochs.max(1) {
+        rng.shuffle(&mut order);
+        let (mut nll, mut ce) = (0f64, 0f64);
+        for (bi, batch) in order.chunks(bs).enumerate() {
+            let m = batch.len();
+            for (r, &p) in batch.iter().enumerate() {
+                xb[r * d..(r + 1) * d].copy_from_slice(&data.x[p * d..(p + 1) * d]);
+            }
+            chain.targets(trie, batch, &mut q[..m * n_new], Some(&mut qr[..m * chain.n_roots]));
+            gemm(&mut z[..m * nf], nf, [m, nf, d], View::rows(&xb, 0, d), View::t(&rows, 0, d), 1.0, false, true);
+            // z becomes dL/dz = p - q for the fitted rows (new rows without a node: 0).
+            let (batch_nll, batch_ce) = z[..m * nf]
+                .par_chunks_mut(nf)
+                .zip(q[..m * n_new].par_chunks(n_new))
+                .zip(qr[..m * chain.n_roots.max(1)].par_chunks(chain.n_roots.max(1)))
+                .enumerate()
+                .map(|(r, ((zr, qn), qo))| {
+                    let p = batch[r];
+                    let ln = lse(zr);
+                    let lo = data.lse_old[p];
+                    let mx = ln.max(lo);
+                    let total = mx + ((ln - mx).exp() + (lo - mx).exp()).ln();
+                    let y = data.labels[p] as usize;
+                    let logit_y = if y >= old {
+                        zr[y - old]
+                    } else if let Some(&k) = root_index.get(&(y as u32)) {
+                        zr[n_new + k]
+                    } else {
+                        data.logit_old_label[p]
+                    };
+                    let mut ce = 0f64;
+                    for (k, v) in zr.iter_mut().enumerate() {
+                        let (qv, fitted) = if k < n_new { (qn[k], trie.owns_node[k]) } else { (qo[k - n_new], true) };
+                        ce -= qv as f64 * (*v - total) as f64;
+                        *v = if fitted { (*v - total).exp() - qv } else { 0.0 };
+                    }
+                    ((total - logit_y) as f64, ce)
+                })
+                .reduce(|| (0.0, 0.0), |a, b| (a.0 + b.0, a.1 + b.1));
+            nll += batch_nll;
+            ce += batch_ce;
+            gemm(&mut g, d, [nf, d, m], View::t(&z, 0, nf), View::rows(&xb, 0, d), 1.0 / m as f32, false, true);
+            adam.step(&mut rows, &g, lr);
+            if epoch == 0 && bi == 0 {
+                report.head_nll_first = Some(batch_nll / m as f64);
+            }
+        }
+        let mean = nll / n as f64;
+        report.head_nll_last = Some(mean);
+        log(&format!("head rows: pass {}/{}, next-piece NLL {mean:.4} nats, chain cross-entropy (fitted rows) {:.4} ({n} positions)", epoch + 1, opts.head_epochs, ce / n as f64));
+    }
+    let roots = root_tok.iter().enumerate().map(|(k, &t)| (t, rows[(n_new + k) * d..(n_new + k + 1) * d].to_vec())).collect();
+    rows.truncate(n_new * d);
+    Ok((rows, roots))
+}
+
 /// Contexts from a training text: its paragraphs (lines) in a seeded order, tokenized with the
 /// extended tokenizer in `tokenizer_dir`, cut into `opts.seq_len` pieces up to `opts.tokens`.
 pub fn contexts_from_text(text: &str, tokenizer_dir: &std::path::Path, ext: &VocabExtension, opts: &DistillOptions) -> Result<Vec<DistillContext>> {
+    Ok(fitting_text(text, tokenizer_dir, ext, opts, false)?.0)
+}
+
+/// [`contexts_from_text`], and with `counts` the old tokenization of the whole text (for the
+/// chain targets' frequencies).
+fn fitting_text(text: &str, tokenizer_dir: &std::path::Path, ext: &VocabExtension, opts: &DistillOptions, counts: bool) -> Result<(Vec<DistillContext>, Vec<u32>)> {
     opts.validate()?;
     let tok = crate::tokenizer::Tok::load(tokenizer_dir)?;
     ensure!(tok.vocab_size() <= ext.new_vocab, "{}: the tokenizer has {} tokens but the extension {}: use the tokenizer written by `vocab extend`", tokenizer_dir.display(), tok.vocab_size(), ext.new_vocab);
@@ -597,7 +838,7 @@ pub fn contexts_from_text(text: &str, tokenizer_dir: &std::path::Path, ext: &Voc
     // hold no new piece.
     let want_chars = budget.saturating_mul(3);
     let mut joined = String::new();
-    for p in paras {
+    for p in &paras {
         if joined.chars().count() >= want_chars {
             break;
         }
@@ -605,7 +846,19 @@ pub fn contexts_from_text(text: &str, tokenizer_dir: &std::path::Path, ext: &Voc
         joined.push('\n');
     }
     let ids = tok.encode(&joined, false)?;
-    Ok(contexts_from_ids(&ids, ext, opts.seq_len, budget))
+    let mut old_ids = Vec::new();
+    if counts {
+        let all = paras.join("\n");
+        let ids = tok.encode(&all, false)?;
+        // Pieces without sub-tokens cannot be expanded; the count skips over them.
+        for &i in &ids {
+            match (i as usize).checked_sub(ext.old_vocab) {
+                None => old_ids.push(i),
+                Some(k) => old_ids.extend_from_slice(ext.subtokens.get(k).map(Vec::as_slice).unwrap_or(&[])),
+            }
+        }
+    }
+    Ok((contexts_from_ids(&ids, ext, opts.seq_len, budget), old_ids))
 }
 
 /// Replaces the new rows of a resized model (tables grown, new rows at their start values) with
@@ -621,10 +874,13 @@ pub fn apply_distilled(model: &mut Llama, ext: &VocabExtension, rows: &Distilled
         TokenTable::new(Tensor::from_data(crate::io::weights::f32_data(&all, [ext.new_vocab, d], dt), (&device, dt.burn())))
     };
     let old_embed = old_rows_of(&model.embed_tokens, old)?;
-    let old_head = match &model.lm_head {
+    let mut old_head = match &model.lm_head {
         Some(h) => old_rows_of(h, old)?,
         None => old_embed.clone(),
     };
+    for (t, row) in &rows.head_old {
+        old_head[*t as usize * d..(*t as usize + 1) * d].copy_from_slice(row);
+    }
     model.lm_head = Some(build(old_head, &rows.head));
     model.config.tie_word_embeddings = false;
     model.embed_tokens = build(old_embed, &rows.embed);
@@ -635,11 +891,12 @@ pub fn apply_distilled(model: &mut Llama, ext: &VocabExtension, rows: &Distilled
 /// tables replaced in `model`.
 pub fn distill_model(model: &mut Llama, ext: &VocabExtension, tokenizer_dir: &std::path::Path, text_path: &std::path::Path, opts: &DistillOptions, log: impl FnMut(&str)) -> Result<DistillReport> {
     let text = crate::tokenizer::read_text(text_path)?;
-    let contexts = contexts_from_text(&text, tokenizer_dir, ext, opts).with_context(|| format!("distill contexts from {}", text_path.display()))?;
+    let want_counts = opts.sides.output && opts.head_targets == HeadTargets::Chain;
+    let (contexts, counts) = fitting_text(&text, tokenizer_dir, ext, opts, want_counts).with_context(|| format!("distill contexts from {}", text_path.display()))?;
     if contexts.is_empty() {
         bail!("{}: no context of {} tokens holds a new piece; give the training text of the new language (init_text)", text_path.display(), opts.seq_len);
     }
-    let rows = distill_rows(model, ext, &contexts, opts, log)?;
+    let rows = distill_rows(model, ext, &contexts, &counts, opts, log)?;
     apply_distilled(model, ext, &rows)?;
     Ok(rows.report)
 }

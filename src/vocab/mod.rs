@@ -61,6 +61,7 @@
 //!   folder is built beside the target and renamed into place.
 
 mod bpe;
+pub mod chain;
 pub mod distill;
 mod extend;
 mod model;
@@ -73,7 +74,7 @@ mod tests;
 
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
-pub use model::{init_std, resize_loaded, resize_model, resize_tables, DistillSpec, ResizeReport};
+pub use model::{init_std, moved_head_rows, resize_loaded, resize_model, resize_tables, DistillSpec, ResizeReport, MOVED_ROWS_FILE};
 pub use select::SelectConfig;
 pub use stats::{encode, load_tokenizer, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};
 

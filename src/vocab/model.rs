@@ -130,6 +130,21 @@ fn check_extension_matches(model: &Path, extension: &Path, ext: &VocabExtension)
 
 /// Resizes `model` into `out` (atomic). The tokenizer beside `extension` (if any) and the
 /// extension itself are copied in, so the output folder is self-contained.
+/// Written by `vocab resize` beside the resized model when the init changed old head rows: their
+/// ids, so that training saves them in the adapter with the new rows.
+pub const MOVED_ROWS_FILE: &str = "linly_moved_rows.json";
+
+/// The old head rows a resize moved (empty for a model without [`MOVED_ROWS_FILE`]).
+pub fn moved_head_rows(model_dir: &Path) -> Result<Vec<usize>> {
+    let p = model_dir.join(MOVED_ROWS_FILE);
+    if !p.exists() {
+        return Ok(Vec::new());
+    }
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?).with_context(|| format!("{}: not JSON; delete it and re-run `vocab resize`", p.display()))?;
+    let rows = v["lm_head_rows_moved"].as_array().with_context(|| format!("{}: no `lm_head_rows_moved` list; delete it and re-run `vocab resize`", p.display()))?;
+    rows.iter().map(|r| r.as_u64().map(|x| x as usize).with_context(|| format!("{}: `lm_head_rows_moved` holds {r}, not a row id", p.display()))).collect()
+}
+
 pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64, distill: Option<&DistillSpec>, out: &Path) -> Result<ResizeReport> {
     let ext = VocabExtension::load(extension)?;
     let mut cfg = HfConfig::load(model)?;
@@ -227,6 +242,10 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
         }
     }
     std::fs::copy(extension, staged.path().join("vocab_extension.json"))?;
+    if let Some(moved) = distilled.as_ref().map(|d| &d.head_rows_moved).filter(|m| !m.is_empty()) {
+        let json = serde_json::to_string_pretty(&serde_json::json!({ "lm_head_rows_moved": moved }))?;
+        crate::io::atomic::write(&staged.path().join(MOVED_ROWS_FILE), json.as_bytes())?;
+    }
     let out = staged.commit()?;
     Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied: tied && !untie, empty_subtokens: ext.empty_subtokens(), distill: distilled })
 }
