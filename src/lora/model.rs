@@ -8,8 +8,10 @@ use anyhow::{bail, Result};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
 
-/// How A is initialised (B is always zero, so a fresh adapter changes nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How A is initialised (B is always zero, so a fresh adapter changes nothing). The recipe's
+/// `[lora] init` spellings are the serde names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoraInit {
     /// PEFT's default: kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in).
     Kaiming,
@@ -76,26 +78,15 @@ pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()
     Ok(())
 }
 
-/// What trains in a token table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What trains in a token table. The recipe's `[trainable]` spellings are the serde names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TableMode {
     Frozen,
     /// The whole table (PEFT `modules_to_save`).
     All,
     /// Only rows added by vocabulary extension (PEFT `trainable_token_indices`).
     NewRows,
-}
-
-impl std::str::FromStr for TableMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "frozen" => Ok(TableMode::Frozen),
-            "all" => Ok(TableMode::All),
-            "new_rows" => Ok(TableMode::NewRows),
-            _ => bail!("unknown table mode `{s}`: use all, new_rows or frozen"),
-        }
-    }
 }
 
 fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTable> {
