@@ -11,8 +11,9 @@
 //! - [`io`]: file formats (safetensors, weight folders, atomic writes).
 //! - [`infer`]: evaluation, sampling, generation and chat templates.
 //! - [`quant`]: llama.cpp block formats (Q8_0, Q4_0, Q4_K), CPU kernels, quantized folders.
+//! - [`commands`]: one entry function per `linly-lora` subcommand; the binary calls only these.
 
-pub mod bench;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
