@@ -563,3 +563,36 @@ impl Range {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The modes keep their spellings through serde (the resume check hashes the serialized
+    /// recipe), and a misspelling is refused with the choices.
+    #[test]
+    fn modes_serialize_as_written_and_misspellings_list_the_choices() {
+        for d in ["fp32", "f32", "fp16", "f16", "bf16"] {
+            let p: PrecisionSection = toml::from_str(&format!("dtype = \"{d}\"")).unwrap();
+            assert_eq!(serde_json::to_value(p.dtype).unwrap(), d);
+        }
+        for m in InitMethod::ALL {
+            let v: VocabSection = toml::from_str(&format!("init = \"{m}\"")).unwrap();
+            assert_eq!(v.init, m);
+        }
+        let t: TrainableSection = toml::from_str("embed_tokens = \"new_rows\"").unwrap();
+        assert_eq!((t.embed_tokens, t.lm_head), (TableMode::NewRows, TableMode::All));
+        for (text, want) in [
+            ("[train]\nschedule = \"cosin\"", "cosine"),
+            ("[precision]\ndtype = \"fp8\"", "bf16"),
+            ("[precision]\nscaler = \"grad\"", "naive"),
+            ("[lora]\ninit = \"xavier\"", "gaussian"),
+            ("[trainable]\nlm_head = \"some\"", "new_rows"),
+            ("[vocab]\ninit = \"zeros\"", "distill-head"),
+        ] {
+            let e = toml::from_str::<Recipe>(&format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n{text}")).unwrap_err().to_string();
+            let line = text.lines().last().unwrap();
+            assert!(e.contains(line) && e.contains(want), "{text}: {e}");
+        }
+    }
+}
