@@ -533,7 +533,7 @@ enum ExportCmd {
         force: bool,
         /// Type of the 2-D weights: f16, f32, q8_0, q4_0 or q4_k (norms are always f32)
         #[arg(long = "type", default_value = "f16")]
-        ty: linly_lora::io::gguf::ExportType,
+        ty: linly_lora::quant::ExportType,
         #[command(flatten)]
         q: QuantArgs,
     },

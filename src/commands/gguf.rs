@@ -1,7 +1,7 @@
 //! `import gguf` (`export gguf` quantizes, so it lives in [`super::quant`]).
 
 use super::{write_out, Report, Written};
-use crate::io::gguf::ImportReport;
+use crate::quant::ImportReport;
 use crate::io::safetensors::FloatType;
 use anyhow::Result;
 use std::fmt;
@@ -17,7 +17,7 @@ pub struct ImportOptions {
 }
 
 pub fn import_gguf(o: &ImportOptions) -> Result<Written<ImportReport>> {
-    let report = write_out(&o.out, std::slice::from_ref(&o.file), o.force, |staged| crate::io::gguf::import_gguf(&o.file, staged, o.dtype))?;
+    let report = write_out(&o.out, std::slice::from_ref(&o.file), o.force, |staged| crate::quant::import_gguf(&o.file, staged, o.dtype))?;
     Ok(Written { report, out: o.out.clone() })
 }
 

@@ -1,7 +1,7 @@
 //! `quantize`, `imatrix` and `export gguf`: everything that rounds weights to ggml's formats.
 
 use super::{check_out, write_out, Report, Written};
-use crate::io::gguf::{ExportReport, ExportType};
+use crate::quant::{ExportReport, ExportType};
 use crate::quant::gptq::Hessians;
 use crate::quant::imatrix::Imatrix;
 use crate::quant::QType;
@@ -89,8 +89,8 @@ pub fn export_gguf(o: &ExportOptions) -> Result<ExportReport> {
     let inputs = q.inputs(&o.model);
     check_out(&o.out, &inputs, o.force)?;
     let (m, h) = q.calibrate(&o.model)?;
-    let opts = crate::io::gguf::ExportOptions { ty: o.ty, keep_embeddings: q.keep_embeddings, pure: q.pure };
-    let mut r = write_out(&o.out, &inputs, o.force, |staged| crate::io::gguf::export_gguf_calibrated(&o.model, staged, &opts, m.as_ref(), h.as_ref()))?;
+    let opts = crate::quant::ExportOptions { ty: o.ty, keep_embeddings: q.keep_embeddings, pure: q.pure };
+    let mut r = write_out(&o.out, &inputs, o.force, |staged| crate::quant::export_gguf_calibrated(&o.model, staged, &opts, m.as_ref(), h.as_ref()))?;
     r.path = o.out.clone();
     Ok(r)
 }

@@ -4,13 +4,13 @@
 //! [`InputObserver`] sees what the projection multiplies, for `linly-lora imatrix`.
 
 use super::LoraBranch;
-use crate::quant::QuantMatrix;
+use crate::ggml::QuantMatrix;
 use burn::module::{Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::sync::Arc;
 
 /// A frozen `[out, in]` weight: a dense tensor, or a quantized matrix on the host whose
-/// product runs in [`crate::quant::kernels`] (never dequantized whole on the hot path).
+/// product runs in [`crate::ggml::kernels`] (never dequantized whole on the hot path).
 #[derive(Module, Debug)]
 pub enum Frozen {
     Dense(Param<Tensor<2>>),

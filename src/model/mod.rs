@@ -11,6 +11,7 @@ pub mod embedding;
 pub mod fused;
 pub mod fused_attention;
 pub mod fused_lora;
+pub mod gguf_weights;
 pub mod gemm;
 pub mod linear;
 pub mod load;

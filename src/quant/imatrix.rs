@@ -3,7 +3,7 @@
 //! projection actually multiplies (q/k/v and gate/up see the RMS-normed hidden state, `o_proj`
 //! the attention context, `down_proj` the SwiGLU product). A column with a large mean square
 //! moves the output more per unit of weight error, so the quantizers weight it more
-//! (`quantize --imatrix`, see [`crate::quant::blocks::quantize_row_q4_0_rmse`]).
+//! (`quantize --imatrix`, see [`crate::ggml::blocks::quantize_row_q4_0_rmse`]).
 //!
 //! Collection runs the one model definition: [`ColumnTap`]s are installed on the projections'
 //! [`Linear`](crate::model::Linear)s, the model runs over the text in non-overlapping windows
