@@ -4,26 +4,40 @@
 //! resize the embedding and LM head with sub-token-mean rows, train LoRA adapters together
 //! with the embedding and head on mixed data, merge, and serve.
 //!
-//! Where things live:
-//! - [`model`]: the one LLaMA definition (attention, RoPE, norms, KV cache);
-//!   LoRA is applied in [`model::linear::Linear::forward`].
-//! - [`lora`]: LoRA layers and adapters.
-//! - [`io`]: file formats (safetensors, weight folders, atomic writes).
-//! - [`infer`]: evaluation, sampling, generation and chat templates.
-//! - [`quant`]: llama.cpp block formats (Q8_0, Q4_0, Q4_K), CPU kernels, quantized folders.
+//! The modules, bottom to top. Each uses only those listed before it (`tests/layers.rs` checks
+//! every `crate::` path against this order; the few edges still pointing up are listed there
+//! with what breaks them):
+//! 1. [`rng`], [`device`], [`template`]: the one seeded generator, device names, prompt templates.
+//! 2. [`ggml`]: ggml tensor types; each block format's encoder and decoder side by side; the
+//!    quantized matrices and their CPU kernels.
+//! 3. [`io`]: containers: safetensors, weight folders, atomic writes, GGUF files.
+//! 4. [`config`]: HF `config.json` and the validated runtime config.
+//! 5. [`tokenizer`]: loading `tokenizer.json` (every caller comes through here).
+//! 6. [`model`]: the one LLaMA definition (attention, RoPE, norms, KV cache, the fused ops), with
+//!    the LoRA branch it applies in [`model::linear::Linear::forward`] and the loader of
+//!    quantized folders.
+//! 7. [`lora`]: building, loading, saving and merging adapters.
+//! 8. [`data`]: sources, tokenization cache, packing and mixing.
+//! 9. [`vocab`]: tokenizer extension and new-row initialisation.
+//! 10. [`infer`]: evaluation, sampling, generation and chat.
+//! 11. [`quant`]: whole-model conversions: quantize, importance matrices, GPTQ, GGUF export/import.
+//! 12. [`train`]: recipes, the step, the run loop.
+//! 13. [`serve`]: the OpenAI-compatible HTTP service.
+//! 14. [`commands`]: one entry function per `linly-lora` subcommand; the binary calls only these.
 
-pub mod bench;
+pub mod commands;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod ggml;
 pub mod infer;
 pub mod io;
 pub mod lora;
-pub mod template;
 pub mod model;
 pub mod quant;
 pub mod rng;
+pub mod serve;
+pub mod template;
 pub mod tokenizer;
 pub mod train;
 pub mod vocab;
-pub mod serve;

@@ -1,10 +1,12 @@
-//! The `linly-lora` command line: parses arguments and calls into the library.
+//! The `linly-lora` command line: clap definitions, and glue that turns each subcommand's
+//! flags into the options of its one function in [`linly_lora::commands`] and prints the
+//! report. Policy and formatting live there, not here.
 
 use anyhow::Result;
 use clap::{Args, Parser, Subcommand};
-use linly_lora::infer::{self, chat, eval, generate, sample::SamplingParams, ModelSpec};
+use linly_lora::commands::{self, bench, infer as cinfer, quant as cquant, vocab as cvocab, Report};
+use linly_lora::infer::{chat, ModelSpec};
 use linly_lora::io::safetensors::FloatType;
-use std::io::Write;
 use std::path::PathBuf;
 
 #[derive(Parser)]
@@ -181,20 +183,16 @@ struct SamplingArgs {
 }
 
 impl SamplingArgs {
-    fn options(&self) -> generate::GenerateOptions {
-        let sampling_requested = self.temperature.is_some() || self.top_p.is_some() || self.top_k.is_some();
-        generate::GenerateOptions {
+    fn sampling(&self) -> cinfer::Sampling {
+        cinfer::Sampling {
             max_new_tokens: self.max_new_tokens,
-            sampling: SamplingParams {
-                greedy: self.greedy || !sampling_requested,
-                temperature: self.temperature.unwrap_or(1.0),
-                top_p: self.top_p.unwrap_or(1.0),
-                top_k: self.top_k.unwrap_or(0),
-                repetition_penalty: self.repetition_penalty,
-                seed: self.seed,
-            },
+            greedy: self.greedy,
+            temperature: self.temperature,
+            top_p: self.top_p,
+            top_k: self.top_k,
+            repetition_penalty: self.repetition_penalty,
+            seed: self.seed,
             no_cache: self.no_cache,
-            stop_ids: vec![],
         }
     }
 }
@@ -304,12 +302,6 @@ struct MergeArgs {
     /// Accept a tokenizer with fewer tokens than embedding rows (deliberately padded vocabularies)
     #[arg(long)]
     allow_vocab_padding: bool,
-}
-
-#[derive(Args)]
-struct StubArgs {
-    #[arg(trailing_var_arg = true, allow_hyphen_values = true, hide = true)]
-    rest: Vec<String>,
 }
 
 #[derive(Subcommand)]
@@ -453,11 +445,18 @@ struct QuantizeArgs {
     /// Replace an existing --out once the new output is complete (never one of the inputs)
     #[arg(long)]
     force: bool,
+    #[command(flatten)]
+    q: QuantArgs,
+}
+
+/// The quantization flags `quantize` and `export gguf` share.
+#[derive(Args)]
+struct QuantArgs {
     /// Keep the token embedding and LM head in f16 instead of quantizing them
     #[arg(long)]
     keep_embeddings: bool,
-    /// Every 2-D weight in the format (q5_0 where q4_k does not fit) with ggml's reference
-    /// quantizers, like llama-quantize --pure
+    /// Every 2-D weight in the one format (q5_0 where q4_k does not fit), no llama.cpp mix:
+    /// ggml's reference quantizers, like llama-quantize --pure
     #[arg(long)]
     pure: bool,
     /// Importance matrix from `linly-lora imatrix` on this model: Q4_0 weights are rounded to
@@ -480,6 +479,20 @@ struct QuantizeArgs {
     /// calibration text less (and moves the result towards --imatrix rounding)
     #[arg(long, default_value_t = linly_lora::quant::gptq::DAMP, requires = "gptq", value_parser = positive_f64)]
     gptq_damp: f64,
+}
+
+impl QuantArgs {
+    fn settings(self) -> cquant::QuantSettings {
+        cquant::QuantSettings {
+            keep_embeddings: self.keep_embeddings,
+            pure: self.pure,
+            imatrix: self.imatrix,
+            gptq: self.gptq,
+            calib_window: self.calib_window,
+            calib_tokens: self.calib_tokens,
+            gptq_damp: self.gptq_damp,
+        }
+    }
 }
 
 #[derive(Args)]
@@ -520,22 +533,9 @@ enum ExportCmd {
         force: bool,
         /// Type of the 2-D weights: f16, f32, q8_0, q4_0 or q4_k (norms are always f32)
         #[arg(long = "type", default_value = "f16")]
-        ty: linly_lora::io::gguf::ExportType,
-        /// Keep the token embedding and LM head in f16 when quantizing
-        #[arg(long)]
-        keep_embeddings: bool,
-        /// Quantized types: every 2-D weight in the type, no llama.cpp mix (as `quantize --pure`)
-        #[arg(long)]
-        pure: bool,
-        /// Importance matrix from `linly-lora imatrix` (as `quantize --imatrix`)
-        #[arg(long)]
-        imatrix: Option<PathBuf>,
-        /// Calibration text for GPTQ with `--type q4_0` (as `quantize --gptq`)
-        #[arg(long, value_name = "TEXT", conflicts_with = "imatrix")]
-        gptq: Option<PathBuf>,
-        /// Tokens per forward pass over the --gptq text
-        #[arg(long, default_value_t = 512, requires = "gptq", value_parser = at_least::<1>)]
-        calib_window: usize,
+        ty: linly_lora::quant::ExportType,
+        #[command(flatten)]
+        q: QuantArgs,
     },
 }
 
@@ -583,13 +583,16 @@ enum BenchCmd {
     Scaler {
         #[arg(long, default_value = "runs/bench-scaler")]
         workdir: PathBuf,
-        #[arg(long, default_value = "tests/fixtures/llama2-tokenizer")]
-        tokenizer: PathBuf,
-        #[arg(long, default_value = "tests/fixtures/zh/jieba_dict.txt")]
-        wordlist: PathBuf,
-        /// Folder with hsk_zh_en_sample.tsv, alpaca_sample.json, text_sample.txt
-        #[arg(long, default_value = "tests/fixtures/data")]
-        data: PathBuf,
+        /// Default: tests/fixtures/llama2-tokenizer of the source tree this binary was built from
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Default: tests/fixtures/zh/jieba_dict.txt of the source tree
+        #[arg(long)]
+        wordlist: Option<PathBuf>,
+        /// Folder with hsk_zh_en_sample.tsv, alpaca_sample.json, text_sample.txt (default:
+        /// tests/fixtures/data of the source tree)
+        #[arg(long)]
+        data: Option<PathBuf>,
         #[arg(long, default_value_t = 100)]
         steps: usize,
         #[arg(long, default_value_t = 2e-4)]
@@ -700,296 +703,141 @@ fn main() {
     }
 }
 
-fn vocab(cmd: VocabCmd) -> Result<()> {
-    use linly_lora::vocab;
-    match cmd {
-        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, force, json } => {
-            let inputs: Vec<PathBuf> = [&tokenizer].into_iter().chain(&add).chain(&wordlist).chain(&from_corpus).cloned().collect();
-            let source = match add {
-                Some(f) => vocab::PieceSource::List(f),
-                None => {
-                    let chars = max_new * 8 / 28;
-                    vocab::PieceSource::Select(vocab::SelectConfig {
-                        corpus: from_corpus,
-                        max_words: if wordlist.is_some() { max_new.saturating_sub(chars + prefixed) } else { 0 },
-                        max_chars: if wordlist.is_some() { chars } else { max_new },
-                        wordlist,
-                        min_freq,
-                        max_word_chars,
-                        pairs,
-                        max_prefixed: prefixed,
-                    })
-                }
-            };
-            let r = write_out(&out, &inputs, force, |o| vocab::extend(&tokenizer, &source, o, false))?;
-            if json {
-                println!("{}", serde_json::to_string(&r)?);
-            } else {
-                println!(
-                    "{} ({}): {} -> {} tokens ({} requested pieces added, {} intermediate, {} already present, {} duplicates, {} unreachable) in {:.2} s -> {}",
-                    r.tokenizer, r.family, r.old_vocab, r.new_vocab, r.added_requested, r.added_intermediate, r.skipped_present, r.skipped_duplicate, r.unreachable.len(), r.seconds, out.display()
-                );
-            }
-        }
-        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out, force } => {
-            let init: vocab::InitMethod = init.parse()?;
-            let spec = match init_text {
-                Some(text) => Some(vocab::DistillSpec {
-                    text,
-                    opts: vocab::distill::DistillOptions { tokens: init_tokens, head_tokens: init_head_tokens, input_epochs: init_input_epochs, input_lr: init_input_lr, head_epochs: init_head_epochs, head_lr: init_head_lr, seed, ..Default::default() },
-                    device: linly_lora::device::parse(&device)?,
-                }),
-                None => None,
-            };
-            let mut inputs = vec![model.clone(), extension.clone()];
-            inputs.extend(spec.as_ref().map(|s| s.text.clone()));
-            let r = write_out(&out, &inputs, force, |o| vocab::resize_model(&model, &extension, init, seed, spec.as_ref(), o))?;
-            if let Some(d) = &r.distill {
-                eprintln!("distill: {}", serde_json::to_string(d)?);
-            }
-            println!("resized {} -> {} rows ({} init{}, tied {}) -> {}", r.old_vocab, r.new_vocab, r.init,
-                if r.empty_subtokens > 0 { format!(", {} pieces without sub-tokens got the mean row", r.empty_subtokens) } else { String::new() },
-                r.tied, out.display());
-        }
-        VocabCmd::Stats { tokenizers, texts, json } => {
-            let rows = vocab::stats(&tokenizers, &texts)?;
-            if json {
-                println!("{}", serde_json::json!({ "results": rows }));
-            } else {
-                print!("{}", vocab::render_table(&rows));
-            }
-        }
-        VocabCmd::Encode { tokenizer, text } => {
-            let tok = vocab::load_tokenizer(&tokenizer)?;
-            let e = vocab::encode(&tok, &text, false)?;
-            println!("ids:     {:?}\npieces:  {:?}\ndecoded: {:?}", e.ids, e.pieces, e.decoded);
-        }
+
+/// Prints a finished command's report: its notes on stderr, then the report on stdout. An
+/// empty report prints nothing.
+fn emit(r: &impl Report) -> Result<()> {
+    for n in r.notes() {
+        eprintln!("{n}");
+    }
+    let text = r.to_string();
+    if !text.is_empty() {
+        println!("{text}");
     }
     Ok(())
 }
 
-/// After a `--gptq` calibration pass: how much text it saw.
-fn print_calibration(m: &Option<linly_lora::quant::imatrix::Imatrix>, h: &Option<linly_lora::quant::gptq::Hessians>) {
-    if let (Some(m), Some(_)) = (m, h) {
-        eprintln!("calibrated on {} tokens of {}", m.tokens, m.meta.get("text").map_or("?", String::as_str));
+/// [`emit`], or with `--json` the report as one line of JSON.
+fn emit_or_json<R: Report + serde::Serialize>(r: &R, json: bool) -> Result<()> {
+    if !json {
+        return emit(r);
     }
-}
-
-fn print_export(r: &linly_lora::io::gguf::ExportReport) {
-    for w in &r.warnings {
-        eprintln!("warning: {w}");
+    for n in r.notes() {
+        eprintln!("{n}");
     }
-    println!(
-        "wrote {} tensors {:?}, {:.1} MB, tokenizer {}, chat template {} -> {}",
-        r.n_tensors,
-        r.types,
-        r.bytes as f64 / 1e6,
-        r.tokenizer.as_deref().unwrap_or("none"),
-        r.chat_template,
-        r.path.display()
-    );
-}
-
-/// [`linly_lora::io::atomic::check_out`] for a command's `--out`.
-fn check_out(out: &std::path::Path, inputs: &[PathBuf], force: bool) -> Result<()> {
-    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
-    linly_lora::io::atomic::check_out(out, &inputs, force)
-}
-
-/// [`linly_lora::io::atomic::write_out`]: every command that writes `--out` goes through it.
-fn write_out<T>(out: &std::path::Path, inputs: &[PathBuf], force: bool, make: impl FnOnce(&std::path::Path) -> Result<T>) -> Result<T> {
-    let inputs: Vec<&std::path::Path> = inputs.iter().map(PathBuf::as_path).collect();
-    linly_lora::io::atomic::write_out(out, &inputs, force, make)
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Eval(a) => {
-            let loaded = infer::load(&a.m.spec())?;
-            let report = match (&a.text, &a.ids) {
-                (Some(t), _) => eval::eval_text(&loaded, &linly_lora::tokenizer::read_text(t)?, a.window)?,
-                (_, Some(i)) => eval::eval_ids(&loaded, &infer::read_ids_file(i)?, a.window)?,
+            let input = match (a.text, a.ids) {
+                (Some(t), _) => cinfer::EvalInput::Text(t),
+                (_, Some(i)) => cinfer::EvalInput::Ids(i),
                 _ => unreachable!("clap requires one"),
             };
-            if a.json {
-                println!("{}", serde_json::to_string(&report)?);
-            } else {
-                println!("tokens scored: {}\nmean NLL:      {:.6} nats/token\nperplexity:    {:.4}", report.tokens, report.mean_nll, report.perplexity);
-                if let (Some(c), Some(b)) = (report.chars, report.bits_per_char) {
-                    println!("characters:    {c}\nbits/char:     {b:.6}");
-                }
-                if let Some(sp) = &report.by_vocab {
-                    for (name, p) in [("base-vocabulary targets", &sp.base), ("added-token targets", &sp.added)] {
-                        let share = p.bits_per_char.map(|b| format!(", {b:.4} bits/char")).unwrap_or_default();
-                        println!("{name}: {} tokens, {:.4} nats/token{share}", p.tokens, p.mean_nll);
-                    }
-                }
-            }
+            emit_or_json(&cinfer::eval(&cinfer::EvalOptions { spec: a.m.spec(), input, window: a.window })?, a.json)
         }
         Cmd::Generate(a) => {
-            let loaded = infer::load(&a.m.spec())?;
-            let mut opts = a.s.options();
-            opts.stop_ids = generate::default_stop_ids(&loaded);
-            let prompt = match (&a.prompt, &a.prompt_ids) {
-                (_, Some(ids)) => ids.clone(),
-                (Some(p), _) => generate::text_prompt(&loaded, p)?,
+            let prompt = match (a.prompt, a.prompt_ids) {
+                (_, Some(ids)) => cinfer::Prompt::Ids(ids),
+                (Some(p), _) => cinfer::Prompt::Text(p),
                 _ => unreachable!("clap requires one"),
             };
-            let mut out = std::io::stdout().lock();
-            if let (Some(_), Some(p)) = (&loaded.tok, &a.prompt) {
-                write!(out, "{p}")?;
-            }
-            let new = generate::stream(&loaded, &prompt, &opts, &mut out)?;
-            writeln!(out)?;
-            if a.print_ids || loaded.tok.is_none() {
-                let j = |v: &[u32]| v.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",");
-                writeln!(out, "prompt_ids: {}\ngenerated_ids: {}", j(&prompt), j(&new))?;
-            }
+            let o = cinfer::GenerateCommand { spec: a.m.spec(), prompt, sampling: a.s.sampling(), print_ids: a.print_ids };
+            let r = cinfer::generate(&o, &mut std::io::stdout().lock())?;
+            emit(&r)
         }
         Cmd::Chat(a) => {
-            let loaded = infer::load(&a.m.spec())?;
-            let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("chat needs a tokenizer.json in the model folder (or --tokenizer)"))?;
-            let template = a.template.unwrap_or_else(|| chat::default_template(tok));
-            let stdin = std::io::stdin();
-            let mut input = stdin.lock();
-            let mut out = std::io::stdout();
-            chat::repl(&loaded, template, a.system.as_deref(), &a.s.options(), &mut input, &mut out)?;
+            let o = cinfer::ChatOptions { spec: a.m.spec(), template: a.template, system: a.system, sampling: a.s.sampling() };
+            cinfer::chat(&o, &mut std::io::stdin().lock(), &mut std::io::stdout())
         }
         Cmd::Train(a) => {
-            let r = linly_lora::train::run::train(&linly_lora::train::run::TrainOptions {
-                recipe: a.recipe,
-                resume: a.resume,
-                progress: !a.quiet,
-                stop_after: a.stop_after,
-            })?;
-            println!("{}", serde_json::to_string_pretty(&r)?);
+            let o = commands::train::TrainOptions { recipe: a.recipe, resume: a.resume, progress: !a.quiet, stop_after: a.stop_after };
+            emit(&commands::train::train(&o)?)
         }
         Cmd::Merge(a) => {
-            let mut inputs = vec![a.base.clone()];
-            inputs.extend(a.adapters.iter().cloned());
-            inputs.extend(a.tokenizer.iter().cloned());
-            let mut opts = linly_lora::lora::merge::MergeOptions {
+            let o = commands::lora::MergeCommand {
                 base: a.base,
                 adapters: a.adapters,
-                out: a.out.clone(),
+                out: a.out,
+                force: a.force,
                 dtype: a.dtype,
                 tokenizer: a.tokenizer,
-                shard_size: linly_lora::lora::merge::parse_size(&a.shard_size)?,
+                shard_size: a.shard_size,
                 allow_vocab_padding: a.allow_vocab_padding,
             };
-            let r = write_out(&a.out, &inputs, a.force, |o| {
-                opts.out = o.to_path_buf();
-                linly_lora::lora::merge::merge(&opts)
-            })?;
-            println!(
-                "merged {} LoRA pairs into {} tensors ({} shard(s), vocab {}, tied {}) -> {}",
-                r.lora_pairs_merged,
-                r.tensors,
-                r.shards,
-                r.vocab_size,
-                r.tie_word_embeddings,
-                a.out.display()
-            );
+            emit(&commands::lora::merge(&o)?)
         }
-        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => {
-            let r = write_out(&out, std::slice::from_ref(&adapter), force, |o| linly_lora::lora::save::pack(&adapter, o, dtype))?;
-            println!(
-                "packed {} tensors: {:.1} MB -> {:.1} MB{} -> {}",
-                r.tensors,
-                r.bytes_in as f64 / 1e6,
-                r.bytes_out as f64 / 1e6,
-                if r.deduplicated_head { " (tied lm_head stored once)" } else { "" },
-                out.display()
-            );
-        }
-        Cmd::Vocab { what } => vocab(what)?,
-        Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => {
-            let r = write_out(&out, std::slice::from_ref(&file), force, |o| linly_lora::io::gguf::import_gguf(&file, o, dtype))?;
-            for w in &r.warnings {
-                eprintln!("warning: {w}");
-            }
-            println!(
-                "imported {} tensors ({} parameters; source types {:?}) -> {} [{} layers, hidden {}, vocab {}, tied {}, tokenizer {}]",
-                r.n_tensors,
-                r.n_params,
-                r.source_types,
-                out.display(),
-                r.num_layers,
-                r.hidden_size,
-                r.vocab_size,
-                r.tied_embeddings,
-                r.tokenizer.as_deref().unwrap_or("none")
-            );
-        }
-        Cmd::Serve(a) => {
-            let opts = linly_lora::serve::ServeOptions {
-                spec: a.m.spec(),
-                host: a.host,
-                port: a.port,
-                max_concurrent: a.max_concurrent,
-                queue_size: a.queue_size,
-                api_key: a.api_key,
-                template: a.template,
-                default_max_tokens: a.default_max_tokens,
-                max_body_bytes: a.max_body_bytes,
-                model_name: a.model_name,
-            };
-            linly_lora::serve::serve(&opts, |addr, st| {
-                println!("linly-lora serve: {} ({:?} template) listening on http://{addr}", st.model_id(), st.template());
-            })?;
-        }
-        Cmd::Bench { what: BenchCmd::Forward { m, prompt, decode, reps } } => {
-            let r = linly_lora::bench::forward(&m.shape, &m.device, m.dtype, prompt, decode, reps)?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        Cmd::Bench { what: BenchCmd::Train { m, rank, batch, seq, warmup, steps } } => {
-            let r = linly_lora::bench::train::train(&m.shape, &m.device, m.dtype, rank, batch, seq, warmup, steps)?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        Cmd::Bench { what: BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits } } => {
-            let rows = linly_lora::bench::scaler::run(&linly_lora::bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits })?;
-            println!("{}", linly_lora::bench::scaler::markdown(&rows));
-            println!("{}", serde_json::to_string(&rows)?);
-        }
-        Cmd::Bench { what: BenchCmd::Serve { m, clients, max_tokens, requests } } => {
-            use linly_lora::bench::serve as bs;
-            let rows = bs::run(&bs::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests })?;
-            println!("{}", bs::markdown(&rows));
-            println!("{}", serde_json::to_string(&rows)?);
-        }
+        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => emit(&commands::lora::pack(&commands::lora::PackOptions { adapter, out, dtype, force })?),
+        Cmd::Vocab { what } => vocab(what),
+        Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => emit(&commands::gguf::import_gguf(&commands::gguf::ImportOptions { file, out, dtype, force })?),
+        Cmd::Serve(a) => commands::serve::serve(&commands::serve::ServeOptions {
+            spec: a.m.spec(),
+            host: a.host,
+            port: a.port,
+            max_concurrent: a.max_concurrent,
+            queue_size: a.queue_size,
+            api_key: a.api_key,
+            template: a.template,
+            default_max_tokens: a.default_max_tokens,
+            max_body_bytes: a.max_body_bytes,
+            model_name: a.model_name,
+        }),
         Cmd::Quantize(a) => {
-            let inputs: Vec<PathBuf> = [Some(a.model.clone()), a.imatrix.clone(), a.gptq.clone()].into_iter().flatten().collect();
-            check_out(&a.out, &inputs, a.force)?;
-            let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&a.model, a.imatrix.as_deref(), a.gptq.as_deref(), a.calib_window, a.calib_tokens, a.gptq_damp)?;
-            print_calibration(&m, &h);
-            let mut r = write_out(&a.out, &inputs, a.force, |o| linly_lora::quant::store::quantize_model_imatrix(&a.model, o, a.format, a.keep_embeddings, a.pure, m.as_ref(), h.as_ref()))?;
-            r.path = a.out.join(r.path.file_name().unwrap_or_default());
-            print_export(&r);
+            let o = cquant::QuantizeOptions { model: a.model, format: a.format, out: a.out, force: a.force, quant: a.q.settings() };
+            emit(&cquant::quantize(&o)?)
         }
         Cmd::Imatrix(a) => {
-            let m = write_out(&a.out, &[a.model.clone(), a.text.clone()], a.force, |o| linly_lora::quant::imatrix::run(&a.model, &a.text, a.window, a.max_tokens, o))?;
-            println!("{} tensors, {} tokens in {} windows -> {}", m.columns.len(), m.tokens, m.meta["windows"], a.out.display());
+            let o = cquant::ImatrixOptions { model: a.model, text: a.text, window: a.window, max_tokens: a.max_tokens, out: a.out, force: a.force };
+            emit(&cquant::imatrix(&o)?)
         }
-        Cmd::Export { what: ExportCmd::Gguf { model, out, force, ty, keep_embeddings, pure, imatrix, gptq, calib_window } } => {
-            let inputs: Vec<PathBuf> = [Some(model.clone()), imatrix.clone(), gptq.clone()].into_iter().flatten().collect();
-            // Before the calibration pass, which can take minutes.
-            check_out(&out, &inputs, force)?;
-            let damp = linly_lora::quant::gptq::DAMP;
-            let (m, h) = linly_lora::quant::imatrix::load_or_calibrate(&model, imatrix.as_deref(), gptq.as_deref(), calib_window, None, damp)?;
-            print_calibration(&m, &h);
-            let opts = linly_lora::io::gguf::ExportOptions { ty, keep_embeddings, pure };
-            let mut r = write_out(&out, &inputs, force, |o| linly_lora::io::gguf::export_gguf_calibrated(&model, o, &opts, m.as_ref(), h.as_ref()))?;
-            r.path = out.clone();
-            print_export(&r);
-        }
-        Cmd::Bench { what: BenchCmd::Quant { model, prompt, gen, reps, threads } } => {
-            let r = linly_lora::bench::quant::run(&model, prompt, gen, reps, threads)?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
-        Cmd::Bench { what: BenchCmd::Merge { shape, rank, workdir, keep } } => {
-            let r = linly_lora::bench::merge::merge(&shape, rank, &workdir, keep)?;
-            println!("{}", serde_json::to_string(&r)?);
-        }
+        Cmd::Export { what: ExportCmd::Gguf { model, out, force, ty, q } } => emit(&cquant::export_gguf(&cquant::ExportOptions { model, out, force, ty, quant: q.settings() })?),
+        Cmd::Bench { what } => bench(what),
     }
-    Ok(())
+}
+
+fn bench(cmd: BenchCmd) -> Result<()> {
+    let random = |m: BenchModel| bench::RandomModel { shape: m.shape, device: m.device, dtype: m.dtype };
+    match cmd {
+        BenchCmd::Forward { m, prompt, decode, reps } => emit(&bench::forward_command(&bench::ForwardOptions { model: random(m), prompt, decode, reps })?),
+        BenchCmd::Train { m, rank, batch, seq, warmup, steps } => emit(&bench::train_command(&bench::TrainOptions { model: random(m), rank, batch, seq, warmup, steps })?),
+        BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits } => {
+            emit(&bench::scaler_command(&bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits })?)
+        }
+        BenchCmd::Serve { m, clients, max_tokens, requests } => {
+            emit(&bench::serve_command(&bench::serve::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests })?)
+        }
+        BenchCmd::Quant { model, prompt, gen, reps, threads } => emit(&bench::quant_command(&bench::QuantOptions { model, prompt, gen, reps, threads })?),
+        BenchCmd::Merge { shape, rank, workdir, keep } => emit(&bench::merge_command(&bench::MergeOptions { shape, rank, workdir, keep })?),
+    }
+}
+
+fn vocab(cmd: VocabCmd) -> Result<()> {
+    match cmd {
+        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, force, json } => {
+            let pieces = match add {
+                Some(f) => cvocab::Pieces::List(f),
+                None => cvocab::Pieces::Select { corpus: from_corpus, wordlist, max_new, min_freq, max_word_chars, pairs, prefixed },
+            };
+            emit_or_json(&cvocab::extend(&cvocab::ExtendOptions { tokenizer, pieces, out, force })?, json)
+        }
+        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out, force } => {
+            let distill = linly_lora::vocab::distill::DistillOptions {
+                tokens: init_tokens,
+                head_tokens: init_head_tokens,
+                input_epochs: init_input_epochs,
+                input_lr: init_input_lr,
+                head_epochs: init_head_epochs,
+                head_lr: init_head_lr,
+                seed,
+                ..Default::default()
+            };
+            let o = cvocab::ResizeOptions { model, extension, init: init.parse()?, seed, init_text, distill, device, out, force };
+            emit(&cvocab::resize(&o)?)
+        }
+        VocabCmd::Stats { tokenizers, texts, json } => emit_or_json(&cvocab::stats(&cvocab::StatsOptions { tokenizers, texts })?, json),
+        VocabCmd::Encode { tokenizer, text } => emit(&cvocab::encode(&cvocab::EncodeOptions { tokenizer, text })?),
+    }
 }

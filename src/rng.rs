@@ -10,8 +10,15 @@ pub struct SplitMix {
 }
 
 impl SplitMix {
+    /// Starts from `seed`; equally, resumes from a saved [`SplitMix::state`] (a pending
+    /// Box–Muller spare is not part of the state, so save only between `normal` pairs).
     pub fn new(seed: u64) -> Self {
         SplitMix { state: seed, spare: None }
+    }
+
+    /// The state to save with a checkpoint; `SplitMix::new(state)` continues the stream.
+    pub fn state(&self) -> u64 {
+        self.state
     }
 
     pub fn next_u64(&mut self) -> u64 {
@@ -25,6 +32,11 @@ impl SplitMix {
     /// Uniform in `0..n` (Lemire's multiply-shift; n > 0).
     pub fn below(&mut self, n: usize) -> usize {
         ((self.next_u64() as u128 * n as u128) >> 64) as usize
+    }
+
+    /// Uniform in [0, 1) (53 bits).
+    pub fn unit(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
     }
 
     /// Uniform in (0, 1], so `ln` never sees 0.

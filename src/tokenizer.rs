@@ -2,8 +2,46 @@
 //! `tokenizer_config.json` (chat template, special tokens). Models without one — the test
 //! fixtures — are driven by token ids.
 
-use anyhow::{Context, Result};
-use std::path::Path;
+use anyhow::{anyhow, bail, Context, Result};
+use std::path::{Path, PathBuf};
+
+// Every `tokenizer.json` the crate reads comes through here, so that a missing file or one the
+// `tokenizers` library refuses gets the same message and the same fix wherever it is named.
+
+/// `path` itself if it is a file, `path/tokenizer.json` if it is a folder.
+pub fn resolve_tokenizer_file(path: &Path) -> Result<PathBuf> {
+    if path.is_dir() {
+        let file = path.join("tokenizer.json");
+        if !file.is_file() {
+            bail!(
+                "folder {} has no tokenizer.json; pass the tokenizer.json file itself or the folder \
+                 that holds it (a SentencePiece tokenizer.model must first be converted to \
+                 tokenizer.json, e.g. by loading it once with transformers' LlamaTokenizerFast and \
+                 saving it)",
+                path.display()
+            );
+        }
+        Ok(file)
+    } else if path.is_file() {
+        Ok(path.to_path_buf())
+    } else {
+        bail!("tokenizer {} does not exist; pass a tokenizer.json file or the folder that holds it", path.display())
+    }
+}
+
+/// Loads a `tokenizer.json` (or the folder holding one).
+pub fn load_tokenizer(path: &Path) -> Result<tokenizers::Tokenizer> {
+    read_tokenizer(path).map(|(t, _)| t)
+}
+
+/// [`load_tokenizer`], also returning the file's bytes (for callers that fingerprint it).
+pub fn read_tokenizer(path: &Path) -> Result<(tokenizers::Tokenizer, Vec<u8>)> {
+    let file = resolve_tokenizer_file(path)?;
+    let bytes = std::fs::read(&file).with_context(|| format!("cannot read tokenizer {}", file.display()))?;
+    let tok = tokenizers::Tokenizer::from_bytes(&bytes)
+        .map_err(|e| anyhow!("{} is not a tokenizer.json that the tokenizers library can load: {e}", file.display()))?;
+    Ok((tok, bytes))
+}
 
 pub struct Tok {
     pub inner: tokenizers::Tokenizer,
@@ -23,8 +61,8 @@ impl Tok {
     }
 
     pub fn load(path: &Path) -> Result<Self> {
-        let file = crate::vocab::resolve_tokenizer_file(path)?;
-        let inner = crate::vocab::load_tokenizer(&file)?;
+        let file = resolve_tokenizer_file(path)?;
+        let inner = load_tokenizer(&file)?;
         let cfg_path = file.with_file_name("tokenizer_config.json");
         let chat_template = std::fs::read_to_string(&cfg_path)
             .ok()

@@ -102,3 +102,17 @@ fn bf16_copy_loads_within_1e2() {
         assert!(e <= 1e-2, "bf16 weights, {compute:?} compute: relative error {e:e} > 1e-2");
     }
 }
+
+/// The CI runs this file with and without `LINLY_LORA_KERNELS=composed`: the switch must really
+/// send the ops to their composed fallback (a fused op takes only tensors `flex_f32` accepts).
+#[test]
+fn kernel_path_follows_the_environment() {
+    use linly_lora::model::fused::{flex_f32, kernel_path, KernelPath};
+    let want = match std::env::var("LINLY_LORA_KERNELS").as_deref() {
+        Ok("composed") => KernelPath::Composed,
+        _ => KernelPath::Fused,
+    };
+    assert_eq!(kernel_path(), want);
+    let t = burn::tensor::Tensor::<2>::zeros([2, 2], &cpu());
+    assert_eq!(flex_f32(&t).is_some(), want == KernelPath::Fused);
+}

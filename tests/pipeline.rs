@@ -47,7 +47,8 @@ fn extend_resize_train_merge_eval() {
     let (ok, stats, err) = run_cli(&["vocab", "stats", "--tokenizer", s(&base), "--tokenizer", s(&resized), "--text", s(&zh_eval), "--json"], None);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();
-    assert!(v["results"][1]["tokens_per_char"].as_f64() < v["results"][0]["tokens_per_char"].as_f64());
+    // Unwrapped so that a missing field fails instead of comparing as `None < Some(_)`.
+    assert!(v["results"][1]["tokens_per_char"].as_f64().unwrap() < v["results"][0]["tokens_per_char"].as_f64().unwrap());
     let before = bits_per_char(&resized, &zh_eval);
     // 3. train.
     let recipe = d.join("recipe.toml");

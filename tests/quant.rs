@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use linly_lora::infer::generate::{generate, GenerateOptions};
 use linly_lora::infer::sample::SamplingParams;
-use linly_lora::io::gguf::{export_gguf, import_gguf, ExportOptions, ExportType};
+use linly_lora::quant::{export_gguf, import_gguf, ExportOptions, ExportType};
 use linly_lora::io::safetensors::FloatType;
 use linly_lora::io::weights::WeightStore;
 use linly_lora::model::linear::Frozen;

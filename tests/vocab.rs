@@ -79,7 +79,8 @@ fn cli_extend_stats_encode_resize() {
     for key in ["tokenizer", "file", "chars", "tokens", "tokens_per_char", "byte_fallback_tokens", "roundtrip_failures"] {
         assert!(rows[0].get(key).is_some(), "missing {key}");
     }
-    assert!(rows[1]["tokens"].as_u64() < rows[0]["tokens"].as_u64());
+    // Unwrapped so that a missing field fails instead of comparing as `None < Some(_)`.
+    assert!(rows[1]["tokens"].as_u64().unwrap() < rows[0]["tokens"].as_u64().unwrap());
     assert_eq!(rows[1]["roundtrip_failures"], 0);
     // Resize through the CLI on the fixture.
     let m = dir.path().join("m");

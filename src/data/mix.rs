@@ -4,6 +4,7 @@
 use super::pack::{fill_row, segments, PackStats, Segment, SourceStats};
 use super::sources::{SourceKind, Weight};
 use super::tokenize::{Docs, TokenizedSource};
+use crate::rng::SplitMix;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
 
@@ -130,9 +131,9 @@ struct Perm {
 /// its whole data once. A source whose weight is 0 when its bucket ends skips the rest of that
 /// bin.
 ///
-/// All randomness comes from a SplitMix64 generator of our own rather than `rand`'s `StdRng`,
-/// whose stream may change between `rand` releases: a checkpoint must replay identically after
-/// a dependency update.
+/// All randomness comes from [`crate::rng::SplitMix`] rather than `rand`'s `StdRng`, whose
+/// stream may change between `rand` releases: a checkpoint must replay identically after a
+/// dependency update.
 pub struct Mixer {
     cfg: MixConfig,
     srcs: Vec<Src>,
@@ -144,22 +145,6 @@ impl std::fmt::Debug for Mixer {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("Mixer").field("config", &self.cfg).field("sources", &self.source_names()).finish_non_exhaustive()
     }
-}
-
-fn splitmix(s: &mut u64) -> u64 {
-    *s = s.wrapping_add(0x9E3779B97F4A7C15);
-    let mut z = *s;
-    z = (z ^ (z >> 30)).wrapping_mul(0xBF58476D1CE4E5B9);
-    z = (z ^ (z >> 27)).wrapping_mul(0x94D049BB133111EB);
-    z ^ (z >> 31)
-}
-
-fn unit_f64(s: &mut u64) -> f64 {
-    (splitmix(s) >> 11) as f64 / (1u64 << 53) as f64
-}
-
-fn below(s: &mut u64, n: usize) -> usize {
-    ((splitmix(s) as u128 * n as u128) >> 64) as usize
 }
 
 impl Mixer {
@@ -210,9 +195,9 @@ impl Mixer {
             }
         }
         let perms = srcs.iter().map(|_| Perm::default()).collect();
-        let mut rng = cfg.seed;
-        splitmix(&mut rng);
-        let st = MixerState { format: STATE_FORMAT, config: cfg.clone(), rng, bucket: 0, pass: 0, sources: cursors };
+        let mut rng = SplitMix::new(cfg.seed);
+        rng.next_u64();
+        let st = MixerState { format: STATE_FORMAT, config: cfg.clone(), rng: rng.state(), bucket: 0, pass: 0, sources: cursors };
         Ok(Mixer { cfg, srcs, perms, st })
     }
 
@@ -329,7 +314,9 @@ impl Mixer {
 
     fn choose(&mut self, w: &[f64]) -> usize {
         let total: f64 = w.iter().sum();
-        let r = unit_f64(&mut self.st.rng) * total;
+        let mut rng = SplitMix::new(self.st.rng);
+        let r = rng.unit() * total;
+        self.st.rng = rng.state();
         let mut acc = 0.0;
         let mut last = 0;
         for (i, &x) in w.iter().enumerate() {
@@ -379,11 +366,8 @@ fn refill(cfg: &MixConfig, bucket: usize, pass: u64, i: usize, src: &Src, perm: 
             let (lo, hi) = src.bins[bin];
             perm.order.clear();
             perm.order.extend(lo as u32..hi as u32);
-            let mut s = cfg.seed ^ (i as u64).wrapping_mul(0xD1B54A32D192ED03) ^ epoch.wrapping_mul(0x8CB92BA72F3D8DD7) ^ (bin as u64).wrapping_mul(0xA24BAED4963EE407);
-            for k in (1..perm.order.len()).rev() {
-                let j = below(&mut s, k + 1);
-                perm.order.swap(k, j);
-            }
+            let s = cfg.seed ^ (i as u64).wrapping_mul(0xD1B54A32D192ED03) ^ epoch.wrapping_mul(0x8CB92BA72F3D8DD7) ^ (bin as u64).wrapping_mul(0xA24BAED4963EE407);
+            SplitMix::new(s).shuffle(&mut perm.order);
             perm.key = Some((epoch, bin));
         }
         if cur.cursor < perm.order.len() {

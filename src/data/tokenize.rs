@@ -24,10 +24,7 @@ pub struct Encoder {
 impl Encoder {
     /// Loads `tokenizer.json` (a file, or a folder holding one).
     pub fn from_file(path: &Path, bos: Option<u32>, eos: u32) -> Result<Self> {
-        let file = if path.is_dir() { path.join("tokenizer.json") } else { path.to_path_buf() };
-        let bytes = std::fs::read(&file).with_context(|| format!("cannot read tokenizer {}", file.display()))?;
-        let tokenizer = tokenizers::Tokenizer::from_bytes(&bytes)
-            .map_err(|e| anyhow::anyhow!("{}: cannot load tokenizer: {e}", file.display()))?;
+        let (tokenizer, bytes) = crate::tokenizer::read_tokenizer(path)?;
         Ok(Self::with_fingerprint(tokenizer, format!("{:032x}", cache::hash128(&bytes)), bos, eos))
     }
 

@@ -7,11 +7,11 @@ use crate::model::{Llama, TokenTable};
 use anyhow::{bail, Result};
 use burn::module::Param;
 use burn::tensor::{Device, Tensor, TensorData};
-use rand::rngs::StdRng;
-use rand::{Rng, SeedableRng};
 
-/// How A is initialised (B is always zero, so a fresh adapter changes nothing).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// How A is initialised (B is always zero, so a fresh adapter changes nothing). The recipe's
+/// `[lora] init` spellings are the serde names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum LoraInit {
     /// PEFT's default: kaiming-uniform with a = √5, i.e. U(−1/√in, 1/√in).
     Kaiming,
@@ -52,7 +52,9 @@ pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()
             bail!("unknown LoRA target `{t}`; choose from {:?}", super::config::TARGETS);
         }
     }
-    let mut rng = StdRng::seed_from_u64(s.seed);
+    // SplitMix, not `rand`'s StdRng: a seeded adapter must start the same after a dependency
+    // update (StdRng's stream is not stable across `rand` releases).
+    let mut rng = crate::rng::SplitMix::new(s.seed);
     for (path, lin) in linears_mut(model) {
         let target = path.rsplit('.').next().unwrap_or_default();
         if !s.targets.iter().any(|x| x == target) {
@@ -61,12 +63,12 @@ pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()
         let (out, inp) = (lin.out_features(), lin.in_features());
         let a: Vec<f32> = match s.init {
             LoraInit::Kaiming => {
-                let b = kaiming_bound(inp) as f32;
-                (0..s.r * inp).map(|_| rng.random_range(-b..b)).collect()
+                let b = kaiming_bound(inp);
+                (0..s.r * inp).map(|_| ((2.0 * rng.unit() - 1.0) * b) as f32).collect()
             }
             LoraInit::Gaussian => {
-                let std = 1.0 / s.r as f32;
-                (0..s.r * inp).map(|_| std * gaussian(&mut rng)).collect()
+                let std = 1.0 / s.r as f64;
+                (0..s.r * inp).map(|_| (std * rng.normal()) as f32).collect()
             }
         };
         let a = Tensor::from_data(TensorData::new(a, [s.r, inp]), device);
@@ -76,33 +78,15 @@ pub fn inject(model: &mut Llama, s: &LoraSettings, device: &Device) -> Result<()
     Ok(())
 }
 
-/// A standard normal sample (Box–Muller), so initialisation depends only on the seed.
-pub fn gaussian(rng: &mut StdRng) -> f32 {
-    let u1: f64 = rng.random_range(f64::EPSILON..1.0);
-    let u2: f64 = rng.random();
-    ((-2.0 * u1.ln()).sqrt() * (2.0 * std::f64::consts::PI * u2).cos()) as f32
-}
-
-/// What trains in a token table.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// What trains in a token table. The recipe's `[trainable]` spellings are the serde names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
 pub enum TableMode {
     Frozen,
     /// The whole table (PEFT `modules_to_save`).
     All,
     /// Only rows added by vocabulary extension (PEFT `trainable_token_indices`).
     NewRows,
-}
-
-impl std::str::FromStr for TableMode {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        match s {
-            "frozen" => Ok(TableMode::Frozen),
-            "all" => Ok(TableMode::All),
-            "new_rows" => Ok(TableMode::NewRows),
-            _ => bail!("unknown table mode `{s}`: use all, new_rows or frozen"),
-        }
-    }
 }
 
 fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTable> {

@@ -30,10 +30,30 @@ pub enum FlexF32 {
     Plain(FlexTensor),
 }
 
-/// The flex primitive behind `t`, when `t` is an f32 flex tensor; `None` sends the caller to its
-/// composed fallback.
+/// Which path the ops take: `fused` where they can (the default), or `composed` everywhere.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelPath {
+    Fused,
+    Composed,
+}
+
+/// The path chosen by `LINLY_LORA_KERNELS` (`fused`, the default, or `composed`), read once.
+/// `composed` sends every op to the fallback that libtorch, f16 and bf16 always take, so that
+/// the CPU tests check that path against the same references as the fused one. Any other value
+/// panics: a typo must not silently test the wrong path.
+pub fn kernel_path() -> KernelPath {
+    static PATH: std::sync::OnceLock<KernelPath> = std::sync::OnceLock::new();
+    *PATH.get_or_init(|| match std::env::var("LINLY_LORA_KERNELS").as_deref() {
+        Err(_) | Ok("") | Ok("fused") => KernelPath::Fused,
+        Ok("composed") => KernelPath::Composed,
+        Ok(other) => panic!("LINLY_LORA_KERNELS={other:?}: use `fused` (the default) or `composed`"),
+    })
+}
+
+/// The flex primitive behind `t`, when `t` is an f32 flex tensor and the fused path is on;
+/// `None` sends the caller to its composed fallback.
 pub fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexF32> {
-    if t.dtype() != DType::F32 {
+    if t.dtype() != DType::F32 || kernel_path() == KernelPath::Composed {
         return None;
     }
     if let Ok(a) = t.clone().try_into_primitive::<Autodiff<Flex>>() {

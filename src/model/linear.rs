@@ -1,17 +1,16 @@
 //! A bias-free projection with a frozen base weight in HF layout `[out, in]`, plus any number
 //! of LoRA branches (see [`crate::lora`]). This is where LoRA is applied in the forward pass,
 //! and where a quantized weight replaces the dense product (see [`crate::quant`]). An optional
-//! [`ColumnTap`] records what the projection sees, for `linly-lora imatrix`.
+//! [`InputObserver`] sees what the projection multiplies, for `linly-lora imatrix`.
 
-use crate::lora::LoraBranch;
-use crate::quant::imatrix::ColumnTap;
-use crate::quant::QuantMatrix;
+use super::LoraBranch;
+use crate::ggml::QuantMatrix;
 use burn::module::{Content, Devices, Module, ModuleDisplay, ModuleDisplayDefault, ModuleMapper, ModuleVisitor, Param};
 use burn::tensor::{Device, Tensor, TensorData};
 use std::sync::Arc;
 
 /// A frozen `[out, in]` weight: a dense tensor, or a quantized matrix on the host whose
-/// product runs in [`crate::quant::kernels`] (never dequantized whole on the hot path).
+/// product runs in [`crate::ggml::kernels`] (never dequantized whole on the hot path).
 #[derive(Module, Debug)]
 pub enum Frozen {
     Dense(Param<Tensor<2>>),
@@ -118,16 +117,22 @@ impl Frozen {
     }
 }
 
+/// Sees every input a projection multiplies, `[rows, in]`, before the product. The importance
+/// matrix collector (`crate::quant::imatrix::ColumnTap`) is one; the trait is the model's so
+/// that the model does not depend on its observers.
+pub trait InputObserver: Send + Sync + std::fmt::Debug {
+    fn observe(&self, x: &Tensor<2>);
+}
+
 #[derive(Module, Debug)]
 pub struct Linear {
     /// `[out, in]`, as stored in safetensors; never transposed in memory.
     pub weight: Frozen,
     /// Stacked adapters apply as a sum of rank-r updates, never as a dense ΔW.
     pub lora: Vec<LoraBranch>,
-    /// Installed only while an importance matrix is collected: accumulates the column sums of
-    /// squares of this projection's input (see [`crate::quant::imatrix`]).
+    /// Installed only while an importance matrix is collected (see [`InputObserver`]).
     #[module(skip)]
-    pub tap: Option<Arc<ColumnTap>>,
+    pub tap: Option<Arc<dyn InputObserver>>,
 }
 
 impl Linear {
@@ -152,14 +157,14 @@ impl Linear {
         let [b, t, i] = x.dims();
         let x2 = x.reshape([b * t, i]);
         if let Some(tap) = &self.tap {
-            tap.record(&x2);
+            tap.observe(&x2);
         }
         let out = self.out_features();
         if let (Frozen::Dense(w), [branch]) = (&self.weight, self.lora.as_slice()) {
             // One branch on a dense weight (training, unmerged inference): the fused op on f32
             // flex, else the composition below with the same dropped-out input.
             let xd = branch.dropped_input(&x2);
-            if let Some(y) = crate::lora::fused::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale) {
+            if let Some(y) = super::fused_lora::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale) {
                 return y.reshape([b, t, out]);
             }
             let y = self.weight.matmul_t(x2.clone()) + branch.delta_of_dropped(xd.unwrap_or(x2));

@@ -20,7 +20,7 @@ trait WeightSource {
 }
 
 struct FromGguf<'a> {
-    weights: &'a crate::quant::store::GgufWeights,
+    weights: &'a super::gguf_weights::GgufWeights,
     device: &'a Device,
     dtype: FloatType,
 }
@@ -110,8 +110,8 @@ impl Llama {
     /// quantized matrices stay quantized.
     pub fn load(dir: &Path, device: &Device, dtype: FloatType) -> Result<Self> {
         let cfg = LlamaConfig::load(dir)?;
-        if crate::quant::store::is_quantized_dir(dir) {
-            let w = crate::quant::store::GgufWeights::open(dir, &cfg)?;
+        if super::gguf_weights::is_quantized_dir(dir) {
+            let w = super::gguf_weights::GgufWeights::open(dir, &cfg)?;
             return build(&cfg, &FromGguf { weights: &w, device, dtype }, w.contains("lm_head.weight"), dtype)
                 .with_context(|| format!("loading quantized model from {}", dir.display()));
         }

@@ -3,7 +3,7 @@
 //! projection actually multiplies (q/k/v and gate/up see the RMS-normed hidden state, `o_proj`
 //! the attention context, `down_proj` the SwiGLU product). A column with a large mean square
 //! moves the output more per unit of weight error, so the quantizers weight it more
-//! (`quantize --imatrix`, see [`crate::quant::blocks::quantize_row_q4_0_rmse`]).
+//! (`quantize --imatrix`, see [`crate::ggml::blocks::quantize_row_q4_0_rmse`]).
 //!
 //! Collection runs the one model definition: [`ColumnTap`]s are installed on the projections'
 //! [`Linear`](crate::model::Linear)s, the model runs over the text in non-overlapping windows
@@ -93,6 +93,12 @@ impl ColumnTap {
     }
 }
 
+impl crate::model::linear::InputObserver for ColumnTap {
+    fn observe(&self, x: &Tensor<2>) {
+        self.record(x);
+    }
+}
+
 /// An importance matrix: HF weight name → per-column mean of x².
 #[derive(Debug, Clone, Default)]
 pub struct Imatrix {
@@ -112,7 +118,7 @@ pub fn install_taps(model: &mut Llama, hessians: bool) -> Vec<(String, Arc<Colum
     for (l, layer) in model.layers.iter_mut().enumerate() {
         for (path, lin) in layer.projections_mut() {
             let tap = Arc::new(if hessians && Hessians::OWNERS.contains(&path) { ColumnTap::with_gram() } else { ColumnTap::default() });
-            lin.tap = Some(tap.clone());
+            lin.tap = Some(tap.clone() as Arc<dyn crate::model::linear::InputObserver>);
             taps.push((format!("model.layers.{l}.{path}.weight"), tap));
         }
     }

@@ -2,9 +2,11 @@
 //! [`Recipe::load`] then checks values and files before any training starts, and each error
 //! names the key and the fix. Relative paths are relative to the recipe's folder.
 
+use crate::io::safetensors::FloatType;
 use crate::lora::{LoraInit, TableMode};
 use crate::train::scaler::{ScalerConfig, ScalerKind};
 use crate::train::schedule::Schedule;
+use crate::vocab::InitMethod;
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -62,7 +64,7 @@ pub struct VocabSection {
     #[serde(default)]
     pub add: Option<PathBuf>,
     #[serde(default = "subtoken_mean")]
-    pub init: String,
+    pub init: InitMethod,
     #[serde(default)]
     pub seed: u64,
     /// Std of `random` / scale of `noisy-mean` rows (default: the model's initializer_range).
@@ -77,8 +79,8 @@ pub struct VocabSection {
     pub init_tokens: Option<usize>,
 }
 
-fn subtoken_mean() -> String {
-    "subtoken-mean".into()
+fn subtoken_mean() -> InitMethod {
+    InitMethod::SubtokenMean
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -98,7 +100,7 @@ pub struct LoraSection {
     pub init_from: Option<PathBuf>,
     /// `kaiming` (PEFT's default) or `gaussian`.
     #[serde(default = "kaiming")]
-    pub init: String,
+    pub init: LoraInit,
     /// `false` trains no LoRA (embeddings-only runs).
     #[serde(default = "yes")]
     pub enabled: bool,
@@ -113,8 +115,8 @@ fn a16() -> f64 {
 fn yes() -> bool {
     true
 }
-fn kaiming() -> String {
-    "kaiming".into()
+fn kaiming() -> LoraInit {
+    LoraInit::Kaiming
 }
 fn all_targets() -> Vec<String> {
     crate::lora::config::TARGETS.iter().map(|s| s.to_string()).collect()
@@ -130,13 +132,13 @@ impl Default for LoraSection {
 #[serde(deny_unknown_fields)]
 pub struct TrainableSection {
     #[serde(default = "all")]
-    pub embed_tokens: String,
+    pub embed_tokens: TableMode,
     #[serde(default = "all")]
-    pub lm_head: String,
+    pub lm_head: TableMode,
 }
 
-fn all() -> String {
-    "all".into()
+fn all() -> TableMode {
+    TableMode::All
 }
 
 impl Default for TrainableSection {
@@ -176,7 +178,7 @@ pub struct TrainSection {
     pub lr: f64,
     pub embed_lr: Option<f64>,
     pub warmup_ratio: f64,
-    pub schedule: String,
+    pub schedule: Schedule,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
@@ -192,7 +194,7 @@ impl Default for TrainSection {
             lr: 2e-4,
             embed_lr: None,
             warmup_ratio: 0.05,
-            schedule: "cosine".into(),
+            schedule: Schedule::Cosine,
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             seed: 42,
@@ -204,9 +206,9 @@ impl Default for TrainSection {
 #[serde(deny_unknown_fields, default)]
 pub struct PrecisionSection {
     /// fp32 | fp16 | bf16: the compute dtype and the storage of frozen weights.
-    pub dtype: String,
+    pub dtype: Dtype,
     /// linly | naive (GradScaler semantics, for comparison).
-    pub scaler: String,
+    pub scaler: Scaler,
     pub init_scale: f32,
     pub growth_interval: u32,
     pub hysteresis: u32,
@@ -219,7 +221,7 @@ pub struct PrecisionSection {
 impl Default for PrecisionSection {
     fn default() -> Self {
         let d = ScalerConfig::default();
-        PrecisionSection { dtype: "fp32".into(), scaler: "linly".into(), init_scale: d.init_scale, growth_interval: d.growth_interval, hysteresis: d.hysteresis, min_scale: d.min_scale, new_rows_f32: true }
+        PrecisionSection { dtype: Dtype::Fp32, scaler: Scaler::Linly, init_scale: d.init_scale, growth_interval: d.growth_interval, hysteresis: d.hysteresis, min_scale: d.min_scale, new_rows_f32: true }
     }
 }
 
@@ -273,6 +275,39 @@ pub struct StageSection {
     pub lora: Option<bool>,
     #[serde(default)]
     pub trainable: Option<TrainableSection>,
+}
+
+/// `[precision] dtype`. `f32` and `f16` are kept apart from `fp32` and `fp16` (rather than
+/// serde aliases) so that a recipe serializes as it was written: the resume check hashes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Dtype {
+    Fp32,
+    F32,
+    Fp16,
+    F16,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn float_type(self) -> FloatType {
+        match self {
+            Dtype::Fp32 | Dtype::F32 => FloatType::F32,
+            Dtype::Fp16 | Dtype::F16 => FloatType::F16,
+            Dtype::Bf16 => FloatType::BF16,
+        }
+    }
+}
+
+/// `[precision] scaler`: the recipe's spelling of a [`ScalerKind`] (whose own serde names are
+/// part of the checkpoint format).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Scaler {
+    /// Group-aware, floored (this crate's).
+    Linly,
+    /// torch.cuda.amp.GradScaler semantics, for comparison.
+    Naive,
 }
 
 /// A stage resolved against the recipe's defaults.
@@ -368,9 +403,6 @@ impl Recipe {
                 (Some(_), Some(_)) => bail!("[vocab]: give either `extension` or `add`, not both"),
                 (None, None) => bail!("[vocab]: give `extension = \"vocab_extension.json\"` or `add = \"words.txt\"`"),
             }
-            if !["subtoken-mean", "mean", "noisy-mean", "random"].contains(&v.init.as_str()) {
-                bail!("[vocab] init = {:?}: use subtoken-mean, mean, noisy-mean or random", v.init);
-            }
         }
         let l = &self.lora;
         if l.r == 0 {
@@ -390,15 +422,12 @@ impl Recipe {
         if l.targets.is_empty() && l.enabled {
             bail!("[lora] targets is empty; list projections or set `enabled = false`");
         }
-        self.lora_init()?;
         if let Some(p) = &l.init_from {
             must_exist("[lora] init_from", p)?;
             if !self.resolve(p).join("adapter_config.json").exists() {
                 bail!("[lora] init_from = {:?}: no adapter_config.json there; point it at a PEFT adapter folder", p);
             }
         }
-        table_mode("[trainable] embed_tokens", &self.trainable.embed_tokens)?;
-        table_mode("[trainable] lm_head", &self.trainable.lm_head)?;
         if self.data.is_empty() {
             bail!("no [[data]] blocks: add at least one, e.g. [[data]] kind = \"text\" path = \"zh.txt\"");
         }
@@ -423,14 +452,12 @@ impl Recipe {
         if !(0.0..1.0).contains(&t.warmup_ratio) {
             bail!("[train] warmup_ratio = {}: must be in [0, 1)", t.warmup_ratio);
         }
-        t.schedule.parse::<Schedule>().context("[train] schedule")?;
         if t.weight_decay < 0.0 || t.max_grad_norm < 0.0 {
             bail!("[train] weight_decay and max_grad_norm must be ≥ 0 (max_grad_norm 0 = no clipping)");
         }
         if self.stage.is_empty() && t.steps == 0 {
             bail!("[train] steps = 0: train at least one step");
         }
-        self.dtype()?;
         self.scaler()?;
         let o = &self.output;
         for (key, v) in [("save_every", o.save_every), ("keep_last", o.keep_last)] {
@@ -450,30 +477,15 @@ impl Recipe {
         Ok(())
     }
 
-    pub fn lora_init(&self) -> Result<LoraInit> {
-        match self.lora.init.as_str() {
-            "kaiming" => Ok(LoraInit::Kaiming),
-            "gaussian" => Ok(LoraInit::Gaussian),
-            o => bail!("[lora] init = {o:?}: use kaiming or gaussian"),
-        }
-    }
-
-    pub fn dtype(&self) -> Result<crate::io::safetensors::FloatType> {
-        use crate::io::safetensors::FloatType;
-        match self.precision.dtype.as_str() {
-            "fp32" | "f32" => Ok(FloatType::F32),
-            "fp16" | "f16" => Ok(FloatType::F16),
-            "bf16" => Ok(FloatType::BF16),
-            o => bail!("[precision] dtype = {o:?}: use fp32, fp16 or bf16"),
-        }
+    pub fn dtype(&self) -> FloatType {
+        self.precision.dtype.float_type()
     }
 
     pub fn scaler(&self) -> Result<ScalerConfig> {
         let p = &self.precision;
-        let base = match p.scaler.as_str() {
-            "linly" => ScalerConfig::default(),
-            "naive" => ScalerConfig::naive(),
-            o => bail!("[precision] scaler = {o:?}: use linly or naive"),
+        let base = match p.scaler {
+            Scaler::Linly => ScalerConfig::default(),
+            Scaler::Naive => ScalerConfig::naive(),
         };
         if !(p.init_scale.is_finite() && p.init_scale > 0.0) {
             bail!("[precision] init_scale = {}: must be a finite number above 0", p.init_scale);
@@ -487,7 +499,7 @@ impl Recipe {
             c.min_scale = p.min_scale;
         }
         // Only fp16 needs scaling; bf16 and fp32 have fp32's range.
-        if self.precision.dtype != "fp16" && self.precision.dtype != "f16" {
+        if self.dtype() != FloatType::F16 {
             c.init_scale = 1.0;
             c.growth_interval = u32::MAX;
         }
@@ -498,8 +510,7 @@ impl Recipe {
     pub fn stages(&self) -> Result<Vec<Stage>> {
         let t = &self.train;
         let embed_lr = t.embed_lr.unwrap_or(t.lr);
-        let base_embed = table_mode("[trainable] embed_tokens", &self.trainable.embed_tokens)?;
-        let base_head = table_mode("[trainable] lm_head", &self.trainable.lm_head)?;
+        let (base_embed, base_head) = (self.trainable.embed_tokens, self.trainable.lm_head);
         if self.stage.is_empty() {
             return Ok(vec![Stage { name: "train".into(), steps: t.steps, lr: t.lr, embed_lr, lora: self.lora.enabled, embed: base_embed, head: base_head }]);
         }
@@ -508,7 +519,7 @@ impl Recipe {
             .enumerate()
             .map(|(i, s)| {
                 let (embed, head) = match &s.trainable {
-                    Some(tr) => (table_mode(&format!("[[stage]] #{} trainable.embed_tokens", i + 1), &tr.embed_tokens)?, table_mode(&format!("[[stage]] #{} trainable.lm_head", i + 1), &tr.lm_head)?),
+                    Some(tr) => (tr.embed_tokens, tr.lm_head),
                     None => (base_embed, base_head),
                 };
                 let lora = s.lora.unwrap_or(self.lora.enabled);
@@ -553,6 +564,35 @@ impl Range {
     }
 }
 
-fn table_mode(key: &str, v: &str) -> Result<TableMode> {
-    v.parse::<TableMode>().with_context(|| format!("{key} = {v:?}"))
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The modes keep their spellings through serde (the resume check hashes the serialized
+    /// recipe), and a misspelling is refused with the choices.
+    #[test]
+    fn modes_serialize_as_written_and_misspellings_list_the_choices() {
+        for d in ["fp32", "f32", "fp16", "f16", "bf16"] {
+            let p: PrecisionSection = toml::from_str(&format!("dtype = \"{d}\"")).unwrap();
+            assert_eq!(serde_json::to_value(p.dtype).unwrap(), d);
+        }
+        for m in InitMethod::ALL {
+            let v: VocabSection = toml::from_str(&format!("init = \"{m}\"")).unwrap();
+            assert_eq!(v.init, m);
+        }
+        let t: TrainableSection = toml::from_str("embed_tokens = \"new_rows\"").unwrap();
+        assert_eq!((t.embed_tokens, t.lm_head), (TableMode::NewRows, TableMode::All));
+        for (text, want) in [
+            ("[train]\nschedule = \"cosin\"", "cosine"),
+            ("[precision]\ndtype = \"fp8\"", "bf16"),
+            ("[precision]\nscaler = \"grad\"", "naive"),
+            ("[lora]\ninit = \"xavier\"", "gaussian"),
+            ("[trainable]\nlm_head = \"some\"", "new_rows"),
+            ("[vocab]\ninit = \"zeros\"", "distill-head"),
+        ] {
+            let e = toml::from_str::<Recipe>(&format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n{text}")).unwrap_err().to_string();
+            let line = text.lines().last().unwrap();
+            assert!(e.contains(line) && e.contains(want), "{text}: {e}");
+        }
+    }
 }

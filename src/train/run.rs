@@ -5,13 +5,13 @@ use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::recipe::{Recipe, Stage};
 use super::scaler::Scaler;
-use super::schedule::{lr_factor, Schedule};
+use super::schedule::lr_factor;
 use super::step::{train_step, MicroBatch, StepHparams};
 use crate::data::{self, Encoder, MixConfig, Mixer};
 use crate::lora::save::TableSave;
 use crate::lora::{self, set_table_modes, TableMode};
 use crate::model::Llama;
-use crate::vocab::{InitMethod, VocabExtension};
+use crate::vocab::VocabExtension;
 use anyhow::{bail, Context, Result};
 use burn::module::Param;
 use serde::Serialize;
@@ -58,7 +58,7 @@ pub struct Prepared {
 /// Base model + vocabulary growth + adapter (`adapter_dir`: `init_from` or a checkpoint), or
 /// fresh LoRA branches.
 pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapter_dir: Option<&Path>) -> Result<Prepared> {
-    let dtype = recipe.dtype()?;
+    let dtype = recipe.dtype();
     let model_dir = recipe.resolve(&recipe.model.path);
     let mut model = Llama::load(&model_dir, device, dtype)?;
     let mut tokenizer = match &recipe.model.tokenizer {
@@ -85,7 +85,7 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
         if ext_dir.join("tokenizer.json").exists() {
             tokenizer = Some(ext_dir);
         }
-        let init: InitMethod = v.init.parse()?;
+        let init = v.init;
         if model.vocab_size() == ext.old_vocab {
             let std = match v.init_std {
                 Some(s) => s,
@@ -127,7 +127,7 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
                 dropout: recipe.lora.dropout,
                 rslora: recipe.lora.rslora,
                 targets: recipe.lora.targets.clone(),
-                init: recipe.lora_init()?,
+                init: recipe.lora.init,
                 seed: recipe.train.seed,
             },
             device,
@@ -340,14 +340,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         std::fs::copy(&opts.recipe, out.join("recipe.toml"))?;
     }
 
-    let schedule: Schedule = recipe.train.schedule.parse()?;
+    let schedule = recipe.train.schedule;
     let bar = if opts.progress { Some(progress_bar(total, start)) } else { None };
     let mut current_stage = usize::MAX;
     let (mut first_loss, mut last_loss) = (None, None);
     let t_run = Instant::now();
     let mut tokens_run = 0usize;
     let end = opts.stop_after.map(|n| (start + n).min(total)).unwrap_or(total);
-    let fp32 = recipe.dtype()? == crate::io::safetensors::FloatType::F32;
+    let fp32 = recipe.dtype() == crate::io::safetensors::FloatType::F32;
     for step in start..end {
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {

@@ -1,25 +1,13 @@
 //! Learning-rate schedules: linear warmup, then cosine or linear decay to zero (HF's
 //! `get_cosine_schedule_with_warmup` / `get_linear_schedule_with_warmup`), or constant.
 
-use anyhow::{bail, Result};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The recipe's `[train] schedule` spellings are the serde names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Schedule {
     Cosine,
     Linear,
     Constant,
-}
-
-impl std::str::FromStr for Schedule {
-    type Err = anyhow::Error;
-    fn from_str(s: &str) -> Result<Self> {
-        Ok(match s {
-            "cosine" => Schedule::Cosine,
-            "linear" => Schedule::Linear,
-            "constant" => Schedule::Constant,
-            _ => bail!("unknown schedule `{s}`: use cosine, linear or constant"),
-        })
-    }
 }
 
 /// The multiplier of the peak learning rate at optimizer step `step` (0-based) of `total`.

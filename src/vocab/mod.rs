@@ -76,31 +76,11 @@ pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_P
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
 pub use model::{init_std, moved_head_rows, resize_loaded, resize_model, resize_tables, DistillSpec, ResizeReport, MOVED_ROWS_FILE};
 pub use select::SelectConfig;
-pub use stats::{encode, load_tokenizer, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};
+pub use crate::tokenizer::{load_tokenizer, resolve_tokenizer_file};
+pub use stats::{encode, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};
 
-use anyhow::{bail, Result};
-use std::path::{Path, PathBuf};
-
-/// `path` itself if it is a file, `path/tokenizer.json` if it is a folder.
-pub fn resolve_tokenizer_file(path: &Path) -> Result<PathBuf> {
-    if path.is_dir() {
-        let file = path.join("tokenizer.json");
-        if !file.is_file() {
-            bail!(
-                "folder {} has no tokenizer.json; pass the tokenizer.json file itself or the folder \
-                 that holds it (a SentencePiece tokenizer.model must first be converted to \
-                 tokenizer.json, e.g. by loading it once with transformers' LlamaTokenizerFast and \
-                 saving it)",
-                path.display()
-            );
-        }
-        Ok(file)
-    } else if path.is_file() {
-        Ok(path.to_path_buf())
-    } else {
-        bail!("tokenizer {} does not exist; pass a tokenizer.json file or the folder that holds it", path.display())
-    }
-}
+use anyhow::Result;
+use std::path::Path;
 
 /// Atomic write (temp file + rename), shared with the rest of the crate.
 pub(crate) fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {

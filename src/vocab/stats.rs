@@ -1,19 +1,11 @@
 //! Tokenizer efficiency on text: tokens per character, byte-fallback tokens, round-trip failures.
 
 use super::bpe::byte_level_to_bytes;
-use super::resolve_tokenizer_file;
+use super::load_tokenizer;
 use anyhow::{anyhow, Context, Result};
 use serde::Serialize;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use tokenizers::Tokenizer;
-
-/// Loads a `tokenizer.json` (or the folder holding one).
-pub fn load_tokenizer(path: &Path) -> Result<Tokenizer> {
-    let file = resolve_tokenizer_file(path)?;
-    Tokenizer::from_file(&file).map_err(|e| {
-        anyhow!("{} is not a tokenizer.json that the tokenizers library can load: {e}", file.display())
-    })
-}
 
 /// Counts for one tokenizer on some text. Every non-empty line is a separate document; line
 /// breaks are neither tokenized nor counted.

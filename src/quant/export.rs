@@ -1,7 +1,7 @@
 //! HF LLaMA folder → GGUF that llama.cpp loads: `llama.*` hyper-parameters, the tokenizer
-//! (see [`super::vocab_out`]), the chat template, Q/K rows permuted into llama.cpp's order
-//! ([`super::layout::permute_qk_rows`], the inverse of what import undoes), and every 2-D weight
-//! as F32, F16 or one of [`QType`] (quantized with [`crate::quant::blocks`], typed per tensor by
+//! (see [`crate::io::gguf::vocab_out`]), the chat template, Q/K rows permuted into llama.cpp's order
+//! ([`crate::io::gguf::layout::permute_qk_rows`], the inverse of what import undoes), and every 2-D weight
+//! as F32, F16 or one of [`QType`] (quantized with [`crate::ggml::blocks`], typed per tensor by
 //! [`super::export_mix`]).
 //!
 //! A tensor with two candidate types (Q4_1 or Q5_0 for rows that cannot hold Q4_K) is quantized
@@ -21,15 +21,15 @@
 //! permuted, converted and written in turn, so peak memory is one tensor in f32.
 
 use super::export_mix::{candidates, Role};
-use super::layout::{hf_to_gguf_name, permute_qk_rows};
-use super::reader::{GgmlType, GgufValue};
-use super::vocab_out::gguf_vocab;
-use super::writer::GgufWriter;
+use crate::io::gguf::layout::{hf_to_gguf_name, permute_qk_rows};
+use crate::io::gguf::reader::{GgmlType, GgufValue};
+use crate::io::gguf::vocab_out::gguf_vocab;
+use crate::io::gguf::writer::GgufWriter;
 use crate::config::{LlamaConfig, RopeScaling};
 use crate::io::weights::WeightStore;
-use crate::quant::gptq::{self, Hessians};
-use crate::quant::imatrix::Imatrix;
-use crate::quant::{QType, QuantMatrix};
+use super::gptq::{self, Hessians};
+use super::imatrix::Imatrix;
+use crate::ggml::{QType, QuantMatrix};
 use anyhow::{bail, Context, Result};
 use half::f16;
 use rayon::prelude::*;
@@ -428,8 +428,8 @@ pub fn encode_with(values: &[f32], shape: &[usize], ty: GgmlType, pure: bool, im
 mod tests {
     use super::super::import::tests::{scratch, tiny_llama};
     use super::super::import::{import_gguf, OutDType};
-    use super::super::reader::{parse, GgufFile};
-    use super::super::{dequantize, GgufMmap};
+    use crate::io::gguf::reader::{parse, GgufFile};
+    use crate::io::gguf::{dequantize, GgufMmap};
     use super::*;
     use crate::io::weights::WeightStore;
 
@@ -548,7 +548,7 @@ mod tests {
             let map = GgufMmap::open(&out).unwrap();
             let g = map.parse().unwrap();
             for t in g.tensors.iter().filter(|t| t.dims.len() == 2) {
-                let hf_name = super::super::gguf_to_hf_name(t.name).unwrap();
+                let hf_name = crate::io::gguf::gguf_to_hf_name(t.name).unwrap();
                 let role = Role::of(t.name, cfg.tie_word_embeddings);
                 let cols = t.dims[0] as usize;
                 let allowed = candidates(ty, false, false, role, hf_name.layer.unwrap_or(0), cfg.num_layers, cols).unwrap();

@@ -4,7 +4,7 @@
 //! linly-lora's (group-aware, floored, new rows in f32). Reports the loss curve, skipped steps
 //! and the scale trajectory per run.
 
-use crate::bench::merge::write_random_model;
+use super::merge::write_random_model;
 use crate::io::safetensors::FloatType;
 use crate::train::run::{train, TrainOptions};
 use anyhow::{Context, Result};
@@ -28,9 +28,13 @@ pub struct ScalerRun {
 
 pub struct ScalerBenchOptions {
     pub workdir: PathBuf,
-    pub tokenizer: PathBuf,
-    pub wordlist: PathBuf,
-    pub data: PathBuf,
+    /// Default: the source tree's `tests/fixtures/llama2-tokenizer`.
+    pub tokenizer: Option<PathBuf>,
+    /// Default: the source tree's `tests/fixtures/zh/jieba_dict.txt`.
+    pub wordlist: Option<PathBuf>,
+    /// Folder with hsk_zh_en_sample.tsv, alpaca_sample.json, text_sample.txt. Default: the
+    /// source tree's `tests/fixtures/data`.
+    pub data: Option<PathBuf>,
     pub steps: usize,
     pub lr: f64,
     pub random_std: f32,
@@ -44,7 +48,20 @@ fn p(x: &Path) -> String {
     x.display().to_string()
 }
 
+/// A file of the source tree's test fixtures, for flags whose default is one: resolved from the
+/// crate's folder rather than the working directory, so the benchmark runs from anywhere.
+fn fixture(flag: &str, given: &Option<PathBuf>, rel: &str) -> Result<PathBuf> {
+    let p = given.clone().unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel));
+    if !p.exists() {
+        anyhow::bail!("{flag} {}: not found; pass {flag} (the default is the source tree's tests/fixtures/{rel})", p.display());
+    }
+    Ok(p)
+}
+
 pub fn run(o: &ScalerBenchOptions) -> Result<Vec<ScalerRun>> {
+    let tokenizer = fixture("--tokenizer", &o.tokenizer, "llama2-tokenizer")?;
+    let wordlist = fixture("--wordlist", &o.wordlist, "zh/jieba_dict.txt")?;
+    let data = fixture("--data", &o.data, "data")?;
     if let Some(bad) = o.inits.iter().find(|i| !INITS.contains(&i.as_str())) {
         anyhow::bail!("--inits: unknown init `{bad}`; choose from {}", INITS.join(", "));
     }
@@ -52,20 +69,20 @@ pub fn run(o: &ScalerBenchOptions) -> Result<Vec<ScalerRun>> {
         anyhow::bail!("{} exists; pass a fresh --workdir", o.workdir.display());
     }
     std::fs::create_dir_all(&o.workdir)?;
-    let data = std::fs::canonicalize(&o.data).with_context(|| format!("--data {}", o.data.display()))?;
+    let data = std::fs::canonicalize(&data).with_context(|| format!("--data {}", data.display()))?;
     let mut cfg = crate::config::LlamaConfig::synthetic(128, 4, 4, 2, 352, 32000);
     cfg.max_position_embeddings = 1024;
     let base = std::fs::canonicalize(&o.workdir)?.join("base");
     write_random_model(&cfg, &base, FloatType::F16, 3)?;
     for f in ["tokenizer.json", "tokenizer_config.json"] {
-        if o.tokenizer.join(f).exists() {
-            std::fs::copy(o.tokenizer.join(f), base.join(f))?;
+        if tokenizer.join(f).exists() {
+            std::fs::copy(tokenizer.join(f), base.join(f))?;
         }
     }
     let tok = base.with_file_name("tok");
     crate::vocab::extend(
         &base,
-        &crate::vocab::PieceSource::Select(crate::vocab::SelectConfig { wordlist: Some(o.wordlist.clone()), max_chars: 3000, max_words: 2000, ..Default::default() }),
+        &crate::vocab::PieceSource::Select(crate::vocab::SelectConfig { wordlist: Some(wordlist.clone()), max_chars: 3000, max_words: 2000, ..Default::default() }),
         &tok,
         false,
     )?;

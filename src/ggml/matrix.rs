@@ -7,7 +7,7 @@
 use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
 use super::kernels::{Dot4Fn, DotFn, Kernels};
 use super::team::Team;
-use crate::io::gguf::GgmlType;
+use super::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
@@ -326,7 +326,7 @@ impl QuantMatrix {
 
     /// The whole matrix in f32 (for export and tests, not for inference).
     pub fn dequantize(&self) -> Vec<f32> {
-        crate::io::gguf::dequantize(self.ty.ggml(), &self.bytes(), self.rows * self.cols).expect("sizes checked at construction")
+        super::dequant::dequantize(self.ty.ggml(), &self.bytes(), self.rows * self.cols).expect("sizes checked at construction")
     }
 
     /// The listed rows in f32, `[ids.len(), cols]`: an embedding lookup.
@@ -336,7 +336,7 @@ impl QuantMatrix {
             if id >= self.rows {
                 bail!("row {id} is outside a matrix of {} rows", self.rows);
             }
-            crate::io::gguf::dequantize_into(self.ty.ggml(), &self.row(id), o)?;
+            super::dequant::dequantize_into(self.ty.ggml(), &self.row(id), o)?;
         }
         Ok(out)
     }
@@ -508,118 +508,5 @@ impl QuantMatrix {
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::io::gguf::dequantize;
-
-    fn values(n: usize, seed: usize) -> Vec<f32> {
-        (0..n).map(|i| ((i * 7919 + seed * 104729) % 1001) as f32 / 500.0 - 1.0 + ((i + seed) as f32 * 0.01).sin()).collect()
-    }
-
-    /// The exact product of the dequantized weights and the dequantized activations, in f64:
-    /// what the integer kernels compute up to f32 rounding.
-    fn reference(m: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
-        let w = m.dequantize();
-        let ab = m.ty.act().row_bytes(m.cols);
-        let mut y = vec![0f64; n * m.rows];
-        for t in 0..n {
-            let mut a = vec![0u8; ab];
-            m.ty.act().quantize(&x[t * m.cols..(t + 1) * m.cols], &mut a);
-            let xa: Vec<f32> = if m.ty.is_k() {
-                a.chunks(Q8_K_BYTES)
-                    .flat_map(|b| {
-                        let d = f32::from_le_bytes([b[0], b[1], b[2], b[3]]);
-                        b[4..260].iter().map(move |&q| d * q as i8 as f32).collect::<Vec<_>>()
-                    })
-                    .collect()
-            } else if m.ty == QType::Q4_1 {
-                a.chunks(Q8_1_BYTES).flat_map(|b| b[4..].iter().map(|&q| blocks::f16_at(b, 0) * q as i8 as f32).collect::<Vec<_>>()).collect()
-            } else {
-                dequantize(GgmlType::Q8_0, &a, m.cols).unwrap()
-            };
-            for r in 0..m.rows {
-                y[t * m.rows + r] = (0..m.cols).map(|c| w[r * m.cols + c] as f64 * xa[c] as f64).sum();
-                if m.ty == QType::Q4_1 {
-                    // The kernel takes Σ m·x from the activation's f16 `s = d·Σq`, not from
-                    // the codes: add the difference that rounding makes.
-                    let rb = m.row_bytes();
-                    for (i, b) in a.chunks(Q8_1_BYTES).enumerate() {
-                        let wm = blocks::f16_at(&m.data[r * rb + i * 20..], 2) as f64;
-                        let exact: f64 = b[4..].iter().map(|&q| blocks::f16_at(b, 0) as f64 * q as i8 as f64).sum();
-                        y[t * m.rows + r] += wm * (blocks::f16_at(b, 2) as f64 - exact);
-                    }
-                }
-            }
-        }
-        y
-    }
-
-    #[test]
-    fn kernels_agree_with_dequantized_matmul() {
-        // 6 tokens: one group of four plus two single; and one token.
-        for (rows, cols, n) in [(37, 512, 6), (37, 512, 1)] {
-            agree_with_dequantized(rows, cols, n);
-        }
-    }
-
-    fn agree_with_dequantized(rows: usize, cols: usize, n: usize) {
-        let w = values(rows * cols, 1);
-        let x = values(n * cols, 2);
-        let mut kernels = vec![Kernels::scalar()];
-        kernels.extend(Kernels::simd());
-        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
-            let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
-            let want = reference(&m, &x, n);
-            let wd = m.dequantize();
-            for k in &kernels {
-                let y = m.matmul_with(&x, n, k);
-                for (i, (&a, &b)) in y.iter().zip(&want).enumerate() {
-                    let (t, r) = (i / rows, i % rows);
-                    let scale: f64 = (0..cols).map(|c| (wd[r * cols + c] * x[t * cols + c]).abs() as f64).sum();
-                    assert!((a as f64 - b).abs() <= 1e-5 * scale + 1e-6, "{ty} {}: [{t},{r}] {a} vs {b}", k.name);
-                }
-                // And close to the unquantized product (the quantization error itself).
-                for t in 0..n {
-                    for r in 0..rows {
-                        let exact: f64 = (0..cols).map(|c| w[r * cols + c] as f64 * x[t * cols + c] as f64).sum();
-                        let scale: f64 = (0..cols).map(|c| (w[r * cols + c] * x[t * cols + c]).abs() as f64).sum();
-                        let tol = if matches!(ty, QType::Q8_0 | QType::Q6_K) { 0.02 } else { 0.12 };
-                        assert!((y[t * rows + r] as f64 - exact).abs() <= tol * scale, "{ty} {}: [{t},{r}]", k.name);
-                    }
-                }
-            }
-        }
-    }
-
-    #[test]
-    fn simd_matches_scalar() {
-        // Both paths sum the same integers per block; only the f32 order of the block sums
-        // differs.
-        let Some(simd) = Kernels::simd() else { return };
-        let (rows, cols) = (9, 768);
-        let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 31) % 15) as f32 - 7.0).collect();
-        let x: Vec<f32> = (0..cols).map(|i| ((i * 17) % 255) as f32 - 127.0).collect();
-        for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
-            let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
-            let a = m.matmul_with(&x, 1, &Kernels::scalar());
-            let b = m.matmul_with(&x, 1, &simd);
-            for (u, v) in a.iter().zip(&b) {
-                assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{ty}: {u} vs {v}");
-            }
-        }
-    }
-
-    #[test]
-    fn fallback_and_shapes() {
-        assert_eq!(QType::Q4_K.for_row_length(576), Some(QType::Q5_0));
-        assert_eq!(QType::Q4_K.for_row_length(1536), Some(QType::Q4_K));
-        assert_eq!(QType::Q8_0.for_row_length(576), Some(QType::Q8_0));
-        assert_eq!(QType::Q4_0.for_row_length(100), None);
-        assert!(QuantMatrix::quantize(QType::Q4_K, 2, 32, &[0.0; 64]).is_err());
-        assert!(QuantMatrix::from_bytes(QType::Q8_0, 2, 32, vec![0; 67]).is_err());
-        let m = QuantMatrix::quantize(QType::Q8_0, 3, 32, &values(96, 5)).unwrap();
-        let p = m.permute_rows(&[2, 0, 1]).unwrap();
-        assert_eq!(p.dequantize_rows(&[0]).unwrap(), m.dequantize_rows(&[2]).unwrap());
-        assert!(m.dequantize_rows(&[3]).is_err());
-    }
-}
+#[path = "matrix_tests.rs"]
+mod tests;

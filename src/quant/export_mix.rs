@@ -17,7 +17,7 @@
 //! `pure` (llama-quantize's `--pure`) turns the mix off: every weight in the format, with the
 //! Q5_0 fallback only.
 
-use crate::quant::QType;
+use crate::ggml::QType;
 
 /// The role of a 2-D weight, from its GGUF name.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

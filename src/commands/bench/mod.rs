@@ -1,4 +1,6 @@
-//! Benchmarks on randomly initialised models of named shapes (no weights needed).
+//! `bench`: benchmarks, mostly on randomly initialised models of named shapes (no weights
+//! needed). Each prints its result as JSON (and the multi-row ones a Markdown table first), for
+//! BENCHMARKS.md and scripts.
 
 pub mod merge;
 pub mod quant;
@@ -6,6 +8,7 @@ pub mod scaler;
 pub mod serve;
 pub mod train;
 
+use super::{Json, Report};
 use crate::config::LlamaConfig;
 use crate::infer::generate::last_logits;
 use crate::infer::ids_tensor;
@@ -80,3 +83,98 @@ pub fn forward(shape_name: &str, device_name: &str, dtype: FloatType, prompt: us
         decode_tokens_per_s: decode as f64 / best_decode,
     })
 }
+
+/// The random-weight model a benchmark runs.
+#[derive(Debug, Clone)]
+pub struct RandomModel {
+    /// A name [`shape`] knows.
+    pub shape: String,
+    pub device: String,
+    pub dtype: FloatType,
+}
+
+#[derive(Debug, Clone)]
+pub struct ForwardOptions {
+    pub model: RandomModel,
+    pub prompt: usize,
+    pub decode: usize,
+    pub reps: usize,
+}
+
+/// `bench forward`.
+pub fn forward_command(o: &ForwardOptions) -> Result<Json<ForwardBench>> {
+    let m = &o.model;
+    Ok(Json(forward(&m.shape, &m.device, m.dtype, o.prompt, o.decode, o.reps)?))
+}
+
+#[derive(Debug, Clone)]
+pub struct TrainOptions {
+    pub model: RandomModel,
+    pub rank: usize,
+    pub batch: usize,
+    pub seq: usize,
+    pub warmup: usize,
+    pub steps: usize,
+}
+
+/// `bench train`.
+pub fn train_command(o: &TrainOptions) -> Result<Json<train::TrainBench>> {
+    let m = &o.model;
+    Ok(Json(train::train(&m.shape, &m.device, m.dtype, o.rank, o.batch, o.seq, o.warmup, o.steps)?))
+}
+
+#[derive(Debug, Clone)]
+pub struct QuantOptions {
+    pub model: std::path::PathBuf,
+    pub prompt: usize,
+    pub gen: usize,
+    pub reps: usize,
+    pub threads: usize,
+}
+
+/// `bench quant`.
+pub fn quant_command(o: &QuantOptions) -> Result<Json<quant::QuantBench>> {
+    Ok(Json(quant::run(&o.model, o.prompt, o.gen, o.reps, o.threads)?))
+}
+
+#[derive(Debug, Clone)]
+pub struct MergeOptions {
+    pub shape: String,
+    pub rank: usize,
+    /// Scratch folder (must not exist; removed afterwards unless `keep`).
+    pub workdir: std::path::PathBuf,
+    pub keep: bool,
+}
+
+/// `bench merge`.
+pub fn merge_command(o: &MergeOptions) -> Result<Json<merge::MergeBench>> {
+    Ok(Json(merge::merge(&o.shape, o.rank, &o.workdir, o.keep)?))
+}
+
+/// `bench scaler`.
+pub fn scaler_command(o: &scaler::ScalerBenchOptions) -> Result<Table<scaler::ScalerRun>> {
+    let rows = scaler::run(o)?;
+    Ok(Table { markdown: scaler::markdown(&rows), rows })
+}
+
+/// `bench serve`.
+pub fn serve_command(o: &serve::ServeBenchOptions) -> Result<Table<serve::ServeBenchRow>> {
+    let rows = serve::run(o)?;
+    Ok(Table { markdown: serve::markdown(&rows), rows })
+}
+
+/// Rows shown as a Markdown table for reading, then as one line of JSON for scripts.
+#[derive(Debug)]
+pub struct Table<R> {
+    pub rows: Vec<R>,
+    pub markdown: String,
+}
+
+impl<R: Serialize> std::fmt::Display for Table<R> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        writeln!(f, "{}", self.markdown)?;
+        f.write_str(&serde_json::to_string(&self.rows).map_err(|_| std::fmt::Error)?)
+    }
+}
+
+impl<R: Serialize> Report for Table<R> {}

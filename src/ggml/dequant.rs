@@ -9,17 +9,10 @@
 //! The block kernels take exact-size chunks and cannot index out of bounds; the public entry
 //! points check that the byte length matches the element count first.
 
-use super::reader::GgmlType;
+use super::blocks::{f16_at, scale_min_k4, QK, QK_K};
+use super::GgmlType;
 use anyhow::{bail, Result};
 use half::{bf16, f16};
-
-const QK: usize = 32; // block size of the legacy quants
-const QK_K: usize = 256; // super-block size of the k-quants
-
-#[inline]
-fn f16_at(b: &[u8], i: usize) -> f32 {
-    f16::from_bits(u16::from_le_bytes([b[i], b[i + 1]])).to_f32()
-}
 
 /// Dequantizes `n_elements` values of type `ty` from `data`.
 ///
@@ -148,16 +141,6 @@ fn q5_1(b: &[u8], y: &mut [f32]) {
         let xh1 = ((qh >> (j + 12)) & 0x10) as u8;
         lo[j] = ((q & 0x0F) | xh0) as f32 * d + m;
         hi[j] = ((q >> 4) | xh1) as f32 * d + m;
-    }
-}
-
-/// The 6-bit scale and min of sub-block `j` from the 12 packed bytes of Q4_K/Q5_K.
-#[inline]
-fn scale_min_k4(j: usize, q: &[u8]) -> (u8, u8) {
-    if j < 4 {
-        (q[j] & 63, q[j + 4] & 63)
-    } else {
-        ((q[j + 4] & 0x0F) | ((q[j - 4] >> 6) << 4), (q[j + 4] >> 4) | ((q[j] >> 6) << 4))
     }
 }
 

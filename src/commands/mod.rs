@@ -1,0 +1,71 @@
+//! The command layer: one entry function per `linly-lora` subcommand, each taking an options
+//! struct and returning a report whose `Display` is what the command prints (and whose
+//! `Serialize` is its `--json`). Policy that is about the command rather than the model lives
+//! here: how a `--out` is staged, which flags imply sampling, how a piece budget splits. The
+//! binary (`src/main.rs`) only parses flags into these options.
+//!
+//! This is the top of the module order (see the crate docs): nothing below imports it.
+
+pub mod bench;
+pub mod gguf;
+pub mod infer;
+pub mod lora;
+pub mod quant;
+pub mod serve;
+pub mod train;
+pub mod vocab;
+
+use anyhow::Result;
+use serde::Serialize;
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+/// What a command prints when it has finished.
+pub trait Report: fmt::Display {
+    /// Lines for stderr, printed before the report (warnings, side results). A command's stdout
+    /// stays its result alone, so that `| jq` and friends keep working.
+    fn notes(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+/// A report for a command that wrote `--out`: the display names the folder the user asked
+/// for, not the staging folder the work happened in. Serializes as the inner report.
+#[derive(Debug, Clone)]
+pub struct Written<R> {
+    pub report: R,
+    pub out: PathBuf,
+}
+
+impl<R: Serialize> Serialize for Written<R> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        self.report.serialize(s)
+    }
+}
+
+/// A report printed as one line of JSON (the benchmarks' reports, read by scripts).
+#[derive(Debug, Clone, Serialize)]
+#[serde(transparent)]
+pub struct Json<R>(pub R);
+
+impl<R: Serialize> fmt::Display for Json<R> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&serde_json::to_string(&self.0).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl<R: Serialize> Report for Json<R> {}
+
+/// [`crate::io::atomic::check_out`] for a command's `--out` and its inputs.
+fn check_out(out: &Path, inputs: &[PathBuf], force: bool) -> Result<()> {
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::io::atomic::check_out(out, &inputs, force)
+}
+
+/// [`crate::io::atomic::write_out`]: every command that writes `--out` goes through it, so an
+/// existing output is replaced only with `--force`, only once the new one is complete, and
+/// never when it is one of the inputs.
+fn write_out<T>(out: &Path, inputs: &[PathBuf], force: bool, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::io::atomic::write_out(out, &inputs, force, make)
+}

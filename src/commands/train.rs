@@ -1,0 +1,19 @@
+//! `train`.
+
+use super::Report;
+pub use crate::train::run::{TrainOptions, TrainReport};
+use anyhow::Result;
+use std::fmt;
+
+pub fn train(o: &TrainOptions) -> Result<TrainReport> {
+    crate::train::run::train(o)
+}
+
+/// Pretty JSON: the report is what scripts read after a run.
+impl fmt::Display for TrainReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&serde_json::to_string_pretty(self).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl Report for TrainReport {}

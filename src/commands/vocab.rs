@@ -1,0 +1,169 @@
+//! `vocab extend`, `vocab resize`, `vocab stats` and `vocab encode`.
+
+use super::{write_out, Report, Written};
+use crate::vocab::distill::DistillOptions;
+use crate::vocab::{self, Encoded, ExtendReport, InitMethod, ResizeReport, TokenizerStats};
+use anyhow::Result;
+use serde::Serialize;
+use std::fmt;
+use std::path::PathBuf;
+
+/// Where `vocab extend` takes its pieces from.
+#[derive(Debug, Clone)]
+pub enum Pieces {
+    /// A file of pieces, one per line.
+    List(PathBuf),
+    /// Frequent characters and words of a corpus (or of the word list's frequency column).
+    Select {
+        corpus: Vec<PathBuf>,
+        wordlist: Option<PathBuf>,
+        /// Pieces to add in all, split 8:20 between characters and words as Linly's 8k
+        /// characters and 20k words.
+        max_new: usize,
+        min_freq: u64,
+        max_word_chars: usize,
+        pairs: bool,
+        /// SentencePiece ▁-prefixed variants, taken from the word budget.
+        prefixed: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+pub struct ExtendOptions {
+    pub tokenizer: PathBuf,
+    pub pieces: Pieces,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+pub fn extend(o: &ExtendOptions) -> Result<Written<ExtendReport>> {
+    let mut inputs = vec![o.tokenizer.clone()];
+    let source = match &o.pieces {
+        Pieces::List(f) => {
+            inputs.push(f.clone());
+            vocab::PieceSource::List(f.clone())
+        }
+        Pieces::Select { corpus, wordlist, max_new, min_freq, max_word_chars, pairs, prefixed } => {
+            inputs.extend(wordlist.iter().chain(corpus).cloned());
+            let chars = max_new * 8 / 28;
+            vocab::PieceSource::Select(vocab::SelectConfig {
+                corpus: corpus.clone(),
+                // Without a word list there are no words to spend a word budget on.
+                max_words: if wordlist.is_some() { max_new.saturating_sub(chars + prefixed) } else { 0 },
+                max_chars: if wordlist.is_some() { chars } else { *max_new },
+                wordlist: wordlist.clone(),
+                min_freq: *min_freq,
+                max_word_chars: *max_word_chars,
+                pairs: *pairs,
+                max_prefixed: *prefixed,
+            })
+        }
+    };
+    let report = write_out(&o.out, &inputs, o.force, |staged| vocab::extend(&o.tokenizer, &source, staged, false))?;
+    Ok(Written { report, out: o.out.clone() })
+}
+
+impl fmt::Display for Written<ExtendReport> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        write!(
+            f,
+            "{} ({}): {} -> {} tokens ({} requested pieces added, {} intermediate, {} already present, {} duplicates, {} unreachable) in {:.2} s -> {}",
+            r.tokenizer, r.family, r.old_vocab, r.new_vocab, r.added_requested, r.added_intermediate, r.skipped_present, r.skipped_duplicate, r.unreachable.len(), r.seconds, self.out.display()
+        )
+    }
+}
+
+impl Report for Written<ExtendReport> {}
+
+#[derive(Debug, Clone)]
+pub struct ResizeOptions {
+    pub model: PathBuf,
+    pub extension: PathBuf,
+    pub init: InitMethod,
+    pub seed: u64,
+    /// The text the `distill*` methods draw contexts from; without it they are refused.
+    pub init_text: Option<PathBuf>,
+    /// The `distill*` settings (`sides` comes from `init`, `seed` from `seed`).
+    pub distill: DistillOptions,
+    /// Device the `distill*` methods run on.
+    pub device: String,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+pub fn resize(o: &ResizeOptions) -> Result<Written<ResizeReport>> {
+    let spec = match &o.init_text {
+        Some(text) => Some(vocab::DistillSpec { text: text.clone(), opts: DistillOptions { seed: o.seed, ..o.distill.clone() }, device: crate::device::parse(&o.device)? }),
+        None => None,
+    };
+    let mut inputs = vec![o.model.clone(), o.extension.clone()];
+    inputs.extend(spec.as_ref().map(|s| s.text.clone()));
+    let report = write_out(&o.out, &inputs, o.force, |staged| vocab::resize_model(&o.model, &o.extension, o.init, o.seed, spec.as_ref(), staged))?;
+    Ok(Written { report, out: o.out.clone() })
+}
+
+impl fmt::Display for Written<ResizeReport> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        let empty = if r.empty_subtokens > 0 { format!(", {} pieces without sub-tokens got the mean row", r.empty_subtokens) } else { String::new() };
+        write!(f, "resized {} -> {} rows ({} init{empty}, tied {}) -> {}", r.old_vocab, r.new_vocab, r.init, r.tied, self.out.display())
+    }
+}
+
+impl Report for Written<ResizeReport> {
+    fn notes(&self) -> Vec<String> {
+        self.report.distill.iter().map(|d| format!("distill: {}", serde_json::to_string(d).unwrap_or_default())).collect()
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct StatsOptions {
+    pub tokenizers: Vec<PathBuf>,
+    pub texts: Vec<PathBuf>,
+}
+
+/// One row per tokenizer × text.
+#[derive(Debug, Clone)]
+pub struct StatsReport {
+    pub results: Vec<TokenizerStats>,
+}
+
+pub fn stats(o: &StatsOptions) -> Result<StatsReport> {
+    Ok(StatsReport { results: vocab::stats(&o.tokenizers, &o.texts)? })
+}
+
+// Through a `serde_json::Value`, as the command always printed it (keys sorted).
+impl Serialize for StatsReport {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> std::result::Result<S::Ok, S::Error> {
+        serde_json::json!({ "results": self.results }).serialize(s)
+    }
+}
+
+impl fmt::Display for StatsReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let table = vocab::render_table(&self.results);
+        f.write_str(table.strip_suffix('\n').unwrap_or(&table))
+    }
+}
+
+impl Report for StatsReport {}
+
+#[derive(Debug, Clone)]
+pub struct EncodeOptions {
+    pub tokenizer: PathBuf,
+    pub text: String,
+}
+
+pub fn encode(o: &EncodeOptions) -> Result<Encoded> {
+    let tok = vocab::load_tokenizer(&o.tokenizer)?;
+    vocab::encode(&tok, &o.text, false)
+}
+
+impl fmt::Display for Encoded {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "ids:     {:?}\npieces:  {:?}\ndecoded: {:?}", self.ids, self.pieces, self.decoded)
+    }
+}
+
+impl Report for Encoded {}

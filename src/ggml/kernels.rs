@@ -1,0 +1,237 @@
+//! Dot products of one quantized weight row with one quantized activation row, the inner loop
+//! of every quantized matrix product. The pairings are llama.cpp's: Q8_0, Q4_0 and Q5_0 weights
+//! against Q8_0 activations, Q4_1 against Q8_1, Q4_K and Q6_K against Q8_K. Products of codes are summed in integers per
+//! block and scaled once per block (`d_w · d_a · Σ q_w q_a`), which is both the speed (8-bit
+//! multiply-adds) and the precision (no rounding inside a block) of the scheme.
+//!
+//! Each pairing has a scalar version and, on x86_64 with AVX2 + FMA + F16C detected at run
+//! time, an AVX2 version; [`Kernels::best`] picks once per process, [`Kernels::scalar`] is
+//! the fallback and the reference the tests hold the SIMD code to.
+
+use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
+
+/// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
+pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
+
+/// One weight row against four activation rows at once (prompt processing): each weight block
+/// is loaded and unpacked once for four tokens. The fourth argument holds the activations'
+/// block scales already converted to f32.
+pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
+
+/// Eight interleaved Q4_0 rows ([`super::blocks::pack_q4_0x8`]) against one Q8_0 activation
+/// row: `gemv(group, act, act_sums, n_blocks)` → the eight dot products. `act_sums[b]` is
+/// `Σ q` over activation block `b` (the SIMD kernel multiplies unsigned codes and takes the
+/// `−8` offset off afterwards as `8·Σq`).
+pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
+
+/// [`Gemv8Fn`] for four activation rows at once (prompt processing): each block column of the
+/// group is loaded and unpacked once for four tokens. Returns `[token][row]`.
+pub type Gemm4x8Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 8]; 4];
+
+/// One dot-product function per weight type.
+#[derive(Clone, Copy)]
+pub struct Kernels {
+    pub q8_0: DotFn,
+    pub q4_0: DotFn,
+    pub q5_0: DotFn,
+    pub q4_k: DotFn,
+    pub q4_1: DotFn,
+    pub q6_k: DotFn,
+    /// Four-token versions for the types with Q8_0 activations (`None`: loop over [`DotFn`]).
+    pub q8_0x4: Option<Dot4Fn>,
+    pub q4_0x4: Option<Dot4Fn>,
+    pub q5_0x4: Option<Dot4Fn>,
+    /// Q4_1 against four Q8_1 rows (the scales argument holds their `d`; `s` is read from the
+    /// blocks).
+    pub q4_1x4: Option<Dot4Fn>,
+    /// Q4_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
+    /// keeps Q4_0 weights in).
+    pub q4_0x8: Gemv8Fn,
+    /// Its four-token version (`None`: loop over [`Gemv8Fn`]).
+    pub q4_0x8x4: Option<Gemm4x8Fn>,
+    /// `"avx2"` or `"scalar"`, for reports.
+    pub name: &'static str,
+}
+
+impl Kernels {
+    pub fn scalar() -> Self {
+        Kernels {
+            q8_0: dot_q8_0_scalar,
+            q4_0: dot_q4_0_scalar,
+            q5_0: dot_q5_0_scalar,
+            q4_k: dot_q4_k_scalar,
+            q4_1: dot_q4_1_scalar,
+            q6_k: dot_q6_k_scalar,
+            q8_0x4: None,
+            q4_0x4: None,
+            q5_0x4: None,
+            q4_1x4: None,
+            q4_0x8: gemv_q4_0x8_scalar,
+            q4_0x8x4: None,
+            name: "scalar",
+        }
+    }
+
+    /// The fastest kernels this CPU runs, detected once.
+    pub fn best() -> &'static Kernels {
+        static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
+        BEST.get_or_init(|| {
+            #[cfg(target_arch = "x86_64")]
+            {
+                if avx2::available() && std::env::var_os("LINLY_LORA_NO_SIMD").is_none() {
+                    return avx2::kernels();
+                }
+            }
+            Kernels::scalar()
+        })
+    }
+
+    /// The AVX2 kernels when this CPU has them.
+    pub fn simd() -> Option<Kernels> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            if avx2::available() {
+                return Some(avx2::kernels());
+            }
+        }
+        None
+    }
+}
+
+fn dot_q8_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q8_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let s: i32 = wb[2..].iter().zip(&ab[2..]).map(|(&x, &y)| (x as i8 as i32) * (y as i8 as i32)).sum();
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+fn dot_q4_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[2 + j];
+            s += ((q & 0x0F) as i32 - 8) * q8[j] as i8 as i32;
+            s += ((q >> 4) as i32 - 8) * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+/// The reference for the interleaved layout: the same integer sums per block as
+/// [`dot_q4_0_scalar`] (codes minus 8 times the activation codes, read straight from the
+/// layout), scaled and summed in the same order, so each output equals that kernel's result
+/// on the row-major row exactly. It does not use `act_sums`, so that tests check them.
+fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    for (g, ab) in w.chunks_exact(Q4_0X8_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
+            let mut s = 0i32;
+            for t in 0..4 {
+                for k in 0..4 {
+                    let q = g[16 + 32 * t + 4 * r + k];
+                    s += ((q & 0x0F) as i32 - 8) * q8[4 * t + k] as i8 as i32;
+                    s += ((q >> 4) as i32 - 8) * q8[16 + 4 * t + k] as i8 as i32;
+                }
+            }
+            *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;
+        }
+    }
+    out
+}
+
+fn dot_q5_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q5_0_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let qh = u32::from_le_bytes([wb[2], wb[3], wb[4], wb[5]]);
+        let q8 = &ab[2..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[6 + j];
+            let lo = ((q & 0x0F) as u32 | (((qh >> j) & 1) << 4)) as i32 - 16;
+            let hi = ((q >> 4) as u32 | (((qh >> (j + QK / 2)) & 1) << 4)) as i32 - 16;
+            s += lo * q8[j] as i8 as i32 + hi * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32;
+    }
+    sum
+}
+
+/// Q4_1 × Q8_1: `d_w·d_a·Σ q_w·q_a + m_w·s_a` per block (`s_a = d_a·Σ q_a`).
+fn dot_q4_1_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)).take(nb) {
+        let q8 = &ab[4..];
+        let mut s = 0i32;
+        for j in 0..QK / 2 {
+            let q = wb[4 + j];
+            s += (q & 0x0F) as i32 * q8[j] as i8 as i32 + (q >> 4) as i32 * q8[j + QK / 2] as i8 as i32;
+        }
+        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32 + f16_at(wb, 2) * f16_at(ab, 2);
+    }
+    sum
+}
+
+/// Q6_K × Q8_K: `d_w·d_a·Σ_j sc_j·Σ (q6 − 32)·q8` over the 16 sub-blocks of 16 of a super-block.
+/// Element `128n + 32k + l` has its low nibble in `ql[64n + l + 32·(k&1)]` (high nibble for
+/// k ≥ 2) and its high two bits at `2k` in `qh[32n + l]`.
+fn dot_q6_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q6_K_BYTES).zip(a.chunks_exact(Q8_K_BYTES)).take(nb) {
+        let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        let q8 = &ab[4..260];
+        let sc = &wb[192..208];
+        let mut si = 0i32;
+        for n in 0..2 {
+            let (ql, qh) = (&wb[64 * n..64 * n + 64], &wb[128 + 32 * n..160 + 32 * n]);
+            for k in 0..4 {
+                let mut p = [0i32; 2];
+                for l in 0..32 {
+                    let lo = ql[l + 32 * (k & 1)];
+                    let lo = if k < 2 { lo & 0x0F } else { lo >> 4 };
+                    let q = (lo | (((qh[l] >> (2 * k)) & 3) << 4)) as i32 - 32;
+                    p[l / 16] += q * q8[128 * n + 32 * k + l] as i8 as i32;
+                }
+                let j = 8 * n + 2 * k;
+                si += sc[j] as i8 as i32 * p[0] + sc[j + 1] as i8 as i32 * p[1];
+            }
+        }
+        sum += f16_at(wb, 208) * ad * si as f32;
+    }
+    sum
+}
+
+/// Q4_K × Q8_K: `d·Σ_j sc_j·Σ q4·q8 − dmin·Σ_j m_j·Σ q8` per super-block; the second sum uses
+/// the activation's precomputed 16-element sums.
+fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
+    let mut sum = 0f32;
+    for (wb, ab) in w.chunks_exact(Q4_K_BYTES).zip(a.chunks_exact(Q8_K_BYTES)).take(nb) {
+        let ad = f32::from_le_bytes([ab[0], ab[1], ab[2], ab[3]]);
+        let q8 = &ab[4..260];
+        let bsum = |j: usize| i16::from_le_bytes([ab[260 + 2 * j], ab[261 + 2 * j]]) as i32;
+        let (mut si, mut sm) = (0i32, 0i32);
+        for c in 0..4 {
+            let q4 = &wb[16 + 32 * c..48 + 32 * c];
+            let (sc_l, m_l) = scale_min_k4(2 * c, &wb[4..16]);
+            let (sc_h, m_h) = scale_min_k4(2 * c + 1, &wb[4..16]);
+            let (mut pl, mut ph) = (0i32, 0i32);
+            for l in 0..32 {
+                pl += (q4[l] & 0x0F) as i32 * q8[64 * c + l] as i8 as i32;
+                ph += (q4[l] >> 4) as i32 * q8[64 * c + 32 + l] as i8 as i32;
+            }
+            si += sc_l as i32 * pl + sc_h as i32 * ph;
+            sm += m_l as i32 * (bsum(4 * c) + bsum(4 * c + 1)) + m_h as i32 * (bsum(4 * c + 2) + bsum(4 * c + 3));
+        }
+        sum += f16_at(wb, 0) * ad * si as f32 - f16_at(wb, 2) * ad * sm as f32;
+    }
+    sum
+}
+
+#[cfg(target_arch = "x86_64")]
+#[path = "kernels_avx2.rs"]
+mod avx2;
