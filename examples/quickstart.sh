@@ -13,9 +13,9 @@
 # 4. extends the vocabulary with Chinese characters and words chosen from the training text;
 # 5. resizes embed/lm_head (runs/quickstart/resized) with sub-token-mean rows, or with
 #    INIT=distill rows fitted against the base model on the Chinese training text (Token
-#    Distillation for the input rows, a softmax regression on the model's hidden states for the
-#    head rows). Sub-token mean stays the default because it ends better after the CPU budget's
-#    training (BENCHMARKS.md, "Language transfer"), although distill starts 0.6 bit/char better;
+#    Distillation for the input rows, the base's own probability of every piece for the head
+#    rows). Sub-token mean stays the default because it ends better after the CPU budget's
+#    training (BENCHMARKS.md, "Language transfer"), although distill starts 1.2 bits/char better;
 # 6. trains LoRA + the new rows from recipes/quickstart-smollm2.toml;
 # 7. merges (runs/quickstart/merged);
 # 8. evaluates base, resized and merged on the held-out texts (Lu Xun; zh_CN manual pages when

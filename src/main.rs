@@ -354,8 +354,8 @@ enum VocabCmd {
         extension: PathBuf,
         /// subtoken-mean | mean | noisy-mean | random: table-only. distill | distill-input |
         /// distill-head: fitted against the model on --init-text (input rows by Token
-        /// Distillation, head rows by a softmax regression on the model's hidden states; fitting
-        /// the head unties a tied table). See src/vocab/distill.rs.
+        /// Distillation, head rows to the base's own probability of each piece; fitting the head
+        /// unties a tied table). See src/vocab/distill.rs.
         #[arg(long, default_value = "subtoken-mean")]
         init: String,
         #[arg(long, default_value_t = 0)]
@@ -379,9 +379,18 @@ enum VocabCmd {
         /// Passes over the cached positions for the head rows (distill, distill-head)
         #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_epochs)]
         init_head_epochs: usize,
-        /// Adam learning rate of the head rows
+        /// Adam step of the head rows, in nats of logit per step
         #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_lr)]
         init_head_lr: f64,
+        /// What the head rows are fitted to: chain (the base's own probability of every piece,
+        /// the mass of a piece's first sub-token moved onto it) or labels (the next piece of the
+        /// text, one-hot; only rows that occur learn)
+        #[arg(long, value_enum, default_value = "chain")]
+        init_head_targets: linly_lora::vocab::distill::HeadTargets,
+        /// With chain targets, leave the old head rows of the new pieces' first sub-tokens as they
+        /// are (by default they are fitted too, and adapters carry them)
+        #[arg(long)]
+        init_keep_old_rows: bool,
         /// Device the distill methods run on
         #[arg(long, default_value = "cpu")]
         device: String,
@@ -823,7 +832,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
             };
             emit_or_json(&cvocab::extend(&cvocab::ExtendOptions { tokenizer, pieces, out, force })?, json)
         }
-        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, device, out, force } => {
+        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, init_head_targets, init_keep_old_rows, device, out, force } => {
             let distill = linly_lora::vocab::distill::DistillOptions {
                 tokens: init_tokens,
                 head_tokens: init_head_tokens,
@@ -831,6 +840,8 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                 input_lr: init_input_lr,
                 head_epochs: init_head_epochs,
                 head_lr: init_head_lr,
+                head_targets: init_head_targets,
+                move_old_rows: !init_keep_old_rows,
                 seed,
                 ..Default::default()
             };

@@ -89,8 +89,8 @@ pub struct DistillOptions {
     pub move_old_rows: bool,
 }
 
-/// Targets of the head fit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+/// Targets of the head fit (`--init-head-targets`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, clap::ValueEnum)]
 #[serde(rename_all = "kebab-case")]
 pub enum HeadTargets {
     /// The next piece of the text (one-hot): only rows that occur as labels learn.
@@ -126,7 +126,7 @@ impl Default for DistillOptions {
             input_epochs: 3,
             input_lr: 0.25,
             head_epochs: 5,
-            head_lr: 0.5,
+            head_lr: 2.0,
             head_batch: 1024,
             seed: 0,
             head_targets: HeadTargets::Chain,
@@ -164,7 +164,7 @@ pub struct DistilledRows {
     pub head: Vec<f32>,
     /// Old head rows that the fit moved (the first sub-tokens whose mass went to new pieces),
     /// as `(id, row)`.
-    pub head_old: Vec<(u32, Vec<f32>)>,
+    pub head_old: MovedRows,
     pub report: DistillReport,
 }
 
@@ -299,11 +299,7 @@ pub fn distill_rows(model: &Llama, ext: &VocabExtension, contexts: &[DistillCont
     let t0 = Instant::now();
     let teacher = model.valid();
     let inner = device.clone().inner();
-    let head_targets = match std::env::var("LINLY_DISTILL_HEAD_TARGETS").as_deref() {
-        Ok("labels") => HeadTargets::Labels,
-        _ => opts.head_targets,
-    };
-    let need_chain = opts.sides.output && head_targets == HeadTargets::Chain;
+    let need_chain = opts.sides.output && opts.head_targets == HeadTargets::Chain;
     let head_table = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let old_head = old_rows_of(head_table, old)?;
     let mut trie = Trie::new(ext);
@@ -714,7 +710,10 @@ fn fit_head_rows(
     Ok(rows)
 }
 
-/// Mini-batch Adam on the new head rows, old rows fixed: cross-entropy of the model's
+/// Old head rows a fit moved, as `(id, row)`.
+type MovedRows = Vec<(u32, Vec<f32>)>;
+
+/// Mini-batch Adam on the new head rows (and, with `move_old_rows`, the first sub-tokens' rows), the other old rows fixed: cross-entropy of the model's
 /// full-vocabulary distribution against the base's chain targets ([`super::chain`]). Every row
 /// whose first sub-token the base expects gets a target at every position, so rows the text
 /// never shows as a label still learn where they belong.
@@ -731,13 +730,9 @@ fn fit_head_rows_chain(
     opts: &DistillOptions,
     report: &mut DistillReport,
     log: &mut impl FnMut(&str),
-) -> Result<(Vec<f32>, Vec<(u32, Vec<f32>)>)> {
+) -> Result<(Vec<f32>, MovedRows)> {
     let n_new = rows.len() / d;
-    let fit_roots = match std::env::var("LINLY_DISTILL_FIT_ROOTS").as_deref() {
-        Ok("0") => false,
-        Ok("1") => true,
-        _ => opts.move_old_rows,
-    };
+    let fit_roots = opts.move_old_rows;
     let root_tok: Vec<u32> = if fit_roots { trie.root_tokens() } else { Vec::new() };
     let nr = root_tok.len();
     let root_index: std::collections::HashMap<u32, usize> = root_tok.iter().enumerate().map(|(k, &t)| (t, k)).collect();
