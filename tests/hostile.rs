@@ -373,10 +373,19 @@ fn every_numeric_config_key_rejects_non_finite_and_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(tiny().join("base/config.json")).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases: [(&str, &[&str]); 3] = [
+    const WHOLE: &[&str] = &["NaN", "Infinity", "0", "-1", "1.5", "1000000000000", "18446744073709551615"];
+    let cases: [(&str, &[&str]); 11] = [
         ("rms_norm_eps", &["NaN", "Infinity", "-Infinity", "0", "-1e-6", "1e999", "2"]),
         ("rope_theta", &["NaN", "Infinity", "-Infinity", "0", "-10000", "1e999"]),
-        ("max_position_embeddings", &["NaN", "Infinity", "0", "-1", "1000000000000", "18446744073709551615"]),
+        ("initializer_range", &["NaN", "Infinity", "-Infinity", "-0.02", "1e999"]),
+        ("max_position_embeddings", WHOLE),
+        ("hidden_size", WHOLE),
+        ("intermediate_size", WHOLE),
+        ("num_hidden_layers", WHOLE),
+        ("num_attention_heads", WHOLE),
+        ("num_key_value_heads", WHOLE),
+        ("head_dim", WHOLE),
+        ("vocab_size", WHOLE),
     ];
     for (key, values) in cases {
         for value in values {
