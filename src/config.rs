@@ -53,6 +53,11 @@ pub struct HfConfig {
 /// `max_position_embeddings` is a corrupt file, not a model.
 pub const MAX_CONTEXT: usize = 1 << 24;
 
+/// The largest width, layer or head count, or vocabulary a config may declare (16M, far beyond
+/// any LLaMA-family model): larger is a corrupt file, and products of such sizes (heads ×
+/// head_dim, rows × hidden) must not overflow before the weights are checked against them.
+pub const MAX_DIM: usize = 1 << 24;
+
 /// How RoPE frequencies are rescaled for long contexts.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RopeScaling {
@@ -148,6 +153,7 @@ impl HfConfig {
         fn req(v: Option<usize>, key: &str) -> Result<usize> {
             match v {
                 Some(0) => bail!("config.json: `{key}` is 0; it must be a positive integer"),
+                Some(x) if x > MAX_DIM => bail!("config.json: `{key}` = {x} is not a plausible size (at most {MAX_DIM})"),
                 Some(x) => Ok(x),
                 None => bail!("config.json: missing key `{key}` (a LLaMA config needs it)"),
             }
@@ -167,12 +173,15 @@ impl HfConfig {
         }
         let hidden_size = req(self.hidden_size, "hidden_size")?;
         let num_heads = req(self.num_attention_heads, "num_attention_heads")?;
-        let num_kv_heads = self.num_key_value_heads.unwrap_or(num_heads);
+        let num_kv_heads = match self.num_key_value_heads {
+            Some(_) => req(self.num_key_value_heads, "num_key_value_heads")?,
+            None => num_heads,
+        };
         if num_kv_heads == 0 || num_heads % num_kv_heads != 0 {
             bail!("config.json: num_attention_heads {num_heads} is not a multiple of num_key_value_heads {num_kv_heads}");
         }
         let head_dim = match self.head_dim {
-            Some(d) => d,
+            Some(_) => req(self.head_dim, "head_dim")?,
             None => {
                 if hidden_size % num_heads != 0 {
                     bail!("config.json: hidden_size {hidden_size} is not divisible by num_attention_heads {num_heads}; set `head_dim`");
@@ -237,6 +246,11 @@ impl HfConfig {
                 if high_freq_factor <= low_freq_factor {
                     bail!("config.json: rope_scaling.high_freq_factor {high_freq_factor} must be larger than low_freq_factor {low_freq_factor}");
                 }
+            }
+        }
+        if let Some(v) = self.extra.get("initializer_range").filter(|v| !v.is_null()) {
+            if !v.as_f64().is_some_and(|x| x.is_finite() && x >= 0.0) {
+                bail!("config.json: `initializer_range` = {v} must be a finite number ≥ 0 (LLaMA uses 0.02)");
             }
         }
         let max_position_embeddings = self.max_position_embeddings.unwrap_or(2048);

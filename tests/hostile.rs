@@ -170,6 +170,11 @@ fn empty_id_sequences_are_a_clean_error() {
         let (ok, _, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(ids)], None);
         assert!(!ok && !err.contains("panicked") && err.contains("nothing to score"), "{err}");
     }
+    // Rows of nothing, as many as a u64 header can claim: no allocation per claimed row.
+    linly_lora::io::safetensors::write_all(&st, &[("input_ids".to_string(), "I64".to_string(), vec![1 << 62, 0], vec![])], None).unwrap();
+    let r = run_bounded(&["eval", "--model", s(&tiny().join("base")), "--ids", s(&st)]);
+    let err = String::from_utf8_lossy(&r.stderr);
+    assert!(r.status.code().is_some() && !r.status.success() && err.contains("nothing to score"), "{:?}: {err}", r.status);
     // An empty sequence among scorable ones is skipped.
     std::fs::write(&jl, "[]\n[1, 2, 3]\n").unwrap();
     let (ok, out, err) = run_cli(&["eval", "--model", s(&tiny().join("base")), "--ids", s(&jl), "--json"], None);
@@ -314,6 +319,8 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
         ("[vocab]", "init_std", true),
         ("[vocab]", "init_tokens", false),
         ("[[data]]", "self_distill", true),
+        ("[[data]]", "weight", true),
+        ("[[data]]", "limit", false),
         ("[lora]", "r", false),
         ("[lora]", "alpha", false),
         ("[lora]", "dropout", true),
@@ -366,10 +373,19 @@ fn every_numeric_config_key_rejects_non_finite_and_out_of_range() {
     let dir = tempfile::tempdir().unwrap();
     let text = std::fs::read_to_string(tiny().join("base/config.json")).unwrap();
     let cfg: serde_json::Value = serde_json::from_str(&text).unwrap();
-    let cases: [(&str, &[&str]); 3] = [
+    const WHOLE: &[&str] = &["NaN", "Infinity", "0", "-1", "1.5", "1000000000000", "18446744073709551615"];
+    let cases: [(&str, &[&str]); 11] = [
         ("rms_norm_eps", &["NaN", "Infinity", "-Infinity", "0", "-1e-6", "1e999", "2"]),
         ("rope_theta", &["NaN", "Infinity", "-Infinity", "0", "-10000", "1e999"]),
-        ("max_position_embeddings", &["NaN", "Infinity", "0", "-1", "1000000000000", "18446744073709551615"]),
+        ("initializer_range", &["NaN", "Infinity", "-Infinity", "-0.02", "1e999"]),
+        ("max_position_embeddings", WHOLE),
+        ("hidden_size", WHOLE),
+        ("intermediate_size", WHOLE),
+        ("num_hidden_layers", WHOLE),
+        ("num_attention_heads", WHOLE),
+        ("num_key_value_heads", WHOLE),
+        ("head_dim", WHOLE),
+        ("vocab_size", WHOLE),
     ];
     for (key, values) in cases {
         for value in values {
@@ -445,6 +461,11 @@ fn adapters_that_disagree_with_their_config_are_refused() {
         ("r", Box::new(|c| c["r"] = serde_json::json!(4)), "r = 4"),
         ("rank_pattern", Box::new(|c| c["rank_pattern"] = serde_json::json!({"q_proj": 2})), "rank_pattern gives 2"),
         ("layers_to_transform", Box::new(|c| c["layers_to_transform"] = serde_json::json!([0])), "layers_to_transform"),
+        // A string is PEFT's regex, matched against the whole module name.
+        ("target_modules regex", Box::new(|c| c["target_modules"] = serde_json::json!(r"model\.layers\.\d+\.self_attn\.(q|v)_proj")), "does not match target_modules"),
+        ("target_modules regex, not anchored", Box::new(|c| c["target_modules"] = serde_json::json!("q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj")), "does not match target_modules"),
+        ("target_modules regex, invalid", Box::new(|c| c["target_modules"] = serde_json::json!("(q_proj")), "not a valid regex"),
+        ("rank_pattern 0", Box::new(|c| c["rank_pattern"] = serde_json::json!({"q_proj": 0})), "rank_pattern.q_proj = 0"),
     ];
     let base = tiny().join("merged"); // 384 rows, as the adapter's tables
     for (what, cfg_edit, want) in cases {
@@ -456,6 +477,14 @@ fn adapters_that_disagree_with_their_config_are_refused() {
         assert!(!out.exists());
         let (ok, _, err) = run_cli(&["eval", "--model", s(&base), "--adapter", s(&a), "--ids", s(&tiny().join("expected.safetensors"))], None);
         assert!(!ok && err.contains(want), "{what} (eval): {err}");
+    }
+    // Regexes that match every module the tensors have, and PEFT's "all-linear", load.
+    for targets in [r".*\.(q|k|v|o|gate|up|down)_proj", r"model\.layers\.(?!9)\d+\.(self_attn|mlp)\.\w+", "all-linear"] {
+        let dir = tempfile::tempdir().unwrap();
+        let a = adapter_variant(dir.path(), |c| c["target_modules"] = serde_json::json!(targets), same);
+        let out = dir.path().join("out");
+        let (ok, _, err) = run_cli(&["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&out)], None);
+        assert!(ok, "target_modules = {targets:?}: {err}");
     }
     // Fewer table rows than the base: would silently drop the base's last tokens.
     let dir = tempfile::tempdir().unwrap();
@@ -558,7 +587,9 @@ fn debris_of_killed_runs_is_cleaned_by_the_next_run() {
     assert_eq!(left, ["step-00000002", "step-00000003"]);
 }
 
-/// In fp32 a non-finite loss is an error at once, not a skipped step that trains nothing.
+/// In fp32 a non-finite loss is an error at once, not a skipped step that trains nothing. The
+/// weights are finite (NaN weights are refused at load) but overflow: the final norm's gain
+/// is f32::MAX, so the logits are ±inf.
 #[test]
 fn non_finite_fp32_loss_is_an_error() {
     use linly_lora::io::safetensors::FloatType;
@@ -568,7 +599,7 @@ fn non_finite_fp32_loss_is_an_error() {
     std::fs::copy(tiny().join("base/config.json"), model.join("config.json")).unwrap();
     rewrite_safetensors(&tiny().join("base/model.safetensors"), &model.join("model.safetensors"), |n, shape, mut v| {
         if n == "model.norm.weight" {
-            v[0] = f32::NAN;
+            v.fill(f32::MAX);
         }
         Some((n.to_string(), FloatType::F32, shape, v))
     });
@@ -621,4 +652,130 @@ fn train_output_dir_is_guarded() {
     let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
     assert!(!ok && err.contains("[output] dir") && err.contains("zh.txt"), "{err}");
     assert!(before2 == snapshot(dir.path()));
+}
+
+/// Trainable-token indices that would grow the table by an index's word (one near usize::MAX,
+/// or a gap beyond the table): a clean error from `merge` and at load time, in bounded memory.
+#[test]
+fn trainable_token_indices_beyond_the_table_are_refused() {
+    use linly_lora::io::safetensors::SafetensorsFile;
+    let base = tiny().join("merged"); // 384 rows of 64
+    let src = tiny().join("adapter");
+    let f = SafetensorsFile::open(&src.join("adapter_model.safetensors")).unwrap();
+    let mut tensors: Vec<(String, String, Vec<usize>, Vec<u8>)> = f
+        .names()
+        .into_iter()
+        .filter(|n| n.contains(".lora_"))
+        .map(|n| {
+            let r = f.require(&n).unwrap();
+            (n.clone(), format!("{:?}", r.dtype), r.shape.to_vec(), r.bytes.to_vec())
+        })
+        .collect();
+    for t in ["model.embed_tokens", "lm_head"] {
+        tensors.push((format!("base_model.model.{t}.token_adapter.trainable_tokens_delta"), "F32".into(), vec![2, 64], vec![0u8; 2 * 64 * 4]));
+    }
+    let cases = [(serde_json::json!([384, 385]), true), (serde_json::json!([384, u64::MAX]), false), (serde_json::json!([384, 386]), false), (serde_json::json!([u64::MAX - 1, u64::MAX]), false)];
+    for (indices, good) in cases {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("adapter");
+        std::fs::create_dir(&a).unwrap();
+        let mut cfg: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(src.join("adapter_config.json")).unwrap()).unwrap();
+        cfg["modules_to_save"] = serde_json::Value::Null;
+        cfg["trainable_token_indices"] = indices.clone();
+        std::fs::write(a.join("adapter_config.json"), cfg.to_string()).unwrap();
+        linly_lora::io::safetensors::write_all(&a.join("adapter_model.safetensors"), &tensors, None).unwrap();
+        let out = dir.path().join("out");
+        let ids = tiny().join("expected.safetensors");
+        for cmd in [["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&out)], ["eval", "--model", s(&base), "--adapter", s(&a), "--ids", s(&ids)]] {
+            let r = run_bounded(&cmd);
+            let err = String::from_utf8_lossy(&r.stderr);
+            assert!(r.status.code().is_some() && !err.contains("panicked"), "{indices} {}: {:?}: {err}", cmd[0], r.status);
+            if good {
+                assert!(r.status.success(), "{indices} {}: {err}", cmd[0]);
+            } else {
+                assert!(!r.status.success() && err.contains("trainable token indices go up to"), "{indices} {}: {err}", cmd[0]);
+            }
+        }
+        assert_eq!(out.exists(), good);
+    }
+}
+
+/// Recipe sizes that are allocated (tokens per micro-batch, micro-batches per step, mixing bins)
+/// and step counts that would overflow: an error naming the key, before any output exists.
+#[test]
+fn recipe_sizes_are_bounded() {
+    use linly_lora::train::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path());
+    let huge = "9223372036854775807";
+    let cases = [
+        (with_key(&base, "[train]", "seq_len", huge), "[train] seq_len ="),
+        (with_key(&base, "[train]", "batch_size", huge), "[train] batch_size ="),
+        (with_key(&base, "[train]", "grad_accum", huge), "[train] grad_accum ="),
+        (with_key(&base, "[mix]", "bins", huge), "[mix] bins ="),
+        (with_key(&with_key(&base, "[train]", "seq_len", "1048576"), "[train]", "batch_size", "64"), "batch_size × seq_len"),
+        (format!("{base}[[stage]]\nsteps = {huge}\n[[stage]]\nsteps = {huge}\n[[stage]]\nsteps = {huge}\n"), "[[stage]] steps add up"),
+    ];
+    for (text, want) in cases {
+        let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err(want));
+        assert!(e.contains(want), "{want}: {e}");
+    }
+    // The largest values allowed still load.
+    let text = with_key(&with_key(&with_key(&base, "[train]", "seq_len", "1048576"), "[train]", "batch_size", "16"), "[train]", "grad_accum", "65536");
+    Recipe::parse(&text, dir.path()).expect("the bounds themselves are legal");
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, with_key(&base, "[train]", "grad_accum", huge)).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("grad_accum") && !err.contains("panicked"), "{err}");
+    assert!(!dir.path().join("out").exists());
+}
+
+/// NaN or ±inf inside weights or adapter tensors, in each float storage type: every command
+/// that reads them refuses, naming the file and the tensor, and writes nothing.
+#[test]
+fn non_finite_weights_and_adapter_tensors_are_refused() {
+    use linly_lora::io::safetensors::FloatType;
+    let dir = tempfile::tempdir().unwrap();
+    let ids = tiny().join("expected.safetensors");
+    let ext = tiny().join("vocab_extension.json");
+    let adapter = tiny().join("adapter");
+    for (k, (bad, ty)) in [(f32::NAN, FloatType::F32), (f32::INFINITY, FloatType::F16), (f32::NEG_INFINITY, FloatType::BF16)].into_iter().enumerate() {
+        let model = dir.path().join(format!("model{k}"));
+        std::fs::create_dir(&model).unwrap();
+        std::fs::copy(tiny().join("base/config.json"), model.join("config.json")).unwrap();
+        rewrite_safetensors(&tiny().join("base/model.safetensors"), &model.join("model.safetensors"), |n, shape, mut v| {
+            if n == "model.layers.1.mlp.up_proj.weight" {
+                v[7] = bad;
+            }
+            Some((n.to_string(), ty, shape, v))
+        });
+        let out = dir.path().join("out");
+        let cmds: Vec<Vec<&str>> = vec![
+            vec!["eval", "--model", s(&model), "--ids", s(&ids)],
+            vec!["generate", "--model", s(&model), "--prompt-ids", "1,2", "--max-new-tokens", "2"],
+            vec!["merge", "--base", s(&model), "--adapter", s(&adapter), "--out", s(&out)],
+            vec!["export", "gguf", "--model", s(&model), "--out", s(&out)],
+            vec!["quantize", "--model", s(&model), "--format", "q8_0", "--out", s(&out)],
+            vec!["vocab", "resize", "--model", s(&model), "--extension", s(&ext), "--out", s(&out)],
+        ];
+        for cmd in cmds {
+            let (ok, _, err) = run_cli(&cmd, None);
+            assert!(!ok && err.contains("model.layers.1.mlp.up_proj.weight") && err.contains("NaN or ±inf") && !err.contains("panicked"), "{ty} {bad} {cmd:?}: {err}");
+            assert!(!out.exists(), "{cmd:?} wrote {}", out.display());
+        }
+    }
+    // An adapter with one non-finite value in a LoRA B.
+    let bad_b = |n: &str, d: String, s: Vec<usize>, mut b: Vec<u8>| {
+        if n.ends_with("layers.0.mlp.down_proj.lora_B.weight") {
+            b[4..8].copy_from_slice(&f32::INFINITY.to_le_bytes());
+        }
+        (d, s, b)
+    };
+    let a = adapter_variant(dir.path(), |_| {}, bad_b);
+    let out = dir.path().join("out");
+    for cmd in [vec!["merge", "--base", s(&tiny().join("merged")), "--adapter", s(&a), "--out", s(&out)], vec!["eval", "--model", s(&tiny().join("merged")), "--adapter", s(&a), "--ids", s(&ids)]] {
+        let (ok, _, err) = run_cli(&cmd, None);
+        assert!(!ok && err.contains("adapter_model.safetensors") && err.contains("layers.0.mlp.down_proj.lora_B.weight") && err.contains("NaN or ±inf"), "{cmd:?}: {err}");
+        assert!(!out.exists());
+    }
 }

@@ -117,6 +117,11 @@ pub fn read_ids_file(path: &Path) -> Result<Vec<Vec<u32>>> {
             [t] => (1, *t),
             s => anyhow::bail!("{}: `input_ids` has shape {s:?}; expected [B, T]", path.display()),
         };
+        if t == 0 {
+            // No ids at all, however many rows the header claims (B may be near 2^64 when the
+            // tensor holds zero bytes): nothing to allocate one empty sequence per row for.
+            return Ok(Vec::new());
+        }
         (0..b).map(|i| v[i * t..(i + 1) * t].iter().map(|&x| to_u32(x)).collect()).collect()
     } else {
         let text = std::fs::read_to_string(path).with_context(|| format!("cannot read {}", path.display()))?;

@@ -121,6 +121,29 @@ impl RawTensor<'_> {
         })
     }
 
+    /// The index of the first NaN or ±inf of a float tensor, by bit tests on the stored bytes
+    /// (in parallel for large tensors); `None` when every value is finite or the tensor holds
+    /// integers. Weights enter through here so that a NaN checkpoint is an error, not a model
+    /// that answers NaN with exit 0.
+    pub fn first_non_finite(&self) -> Option<usize> {
+        use rayon::prelude::*;
+        let (width, mask): (usize, u32) = match self.dtype {
+            Dtype::F32 => (4, 0x7f80_0000),
+            Dtype::F16 => (2, 0x7c00),
+            Dtype::BF16 => (2, 0x7f80),
+            _ => return None,
+        };
+        let bad = |c: &[u8]| {
+            let bits = if width == 4 { u32::from_le_bytes([c[0], c[1], c[2], c[3]]) } else { u16::from_le_bytes([c[0], c[1]]) as u32 };
+            bits & mask == mask
+        };
+        const CHUNK: usize = 1 << 20;
+        self.bytes
+            .par_chunks(CHUNK * width)
+            .enumerate()
+            .find_map_first(|(k, block)| block.chunks_exact(width).position(bad).map(|i| k * CHUNK + i))
+    }
+
     /// Reads an integer tensor (I64 or I32) as i64.
     pub fn to_i64(&self) -> Result<Vec<i64>> {
         let b = self.bytes;

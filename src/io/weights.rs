@@ -105,7 +105,20 @@ impl WeightStore {
         }
     }
 
-    /// A float tensor with its shape checked against `expected`.
+    /// Like [`raw`](Self::raw), for values that are about to be used or written: a float tensor
+    /// holding NaN or ±inf is an error naming the file, the tensor and the element.
+    pub fn raw_finite(&self, name: &str) -> Result<RawTensor<'_>> {
+        let raw = self.raw(name)?;
+        if let Some(i) = raw.first_non_finite() {
+            bail!(
+                "{}: tensor `{name}` holds NaN or ±inf (element {i}); the checkpoint is corrupt or was saved from a diverged run",
+                self.file_of(name).display()
+            );
+        }
+        Ok(raw)
+    }
+
+    /// A float tensor with its shape checked against `expected`, and its values finite.
     pub fn raw_checked(&self, name: &str, expected: &[usize]) -> Result<RawTensor<'_>> {
         let raw = self.raw(name)?;
         if raw.shape != expected {
@@ -119,7 +132,7 @@ impl WeightStore {
         if raw.float_type().is_none() {
             bail!("{}: tensor `{name}` has dtype {:?}; expected F32, F16 or BF16", self.file_of(name).display(), raw.dtype);
         }
-        Ok(raw)
+        self.raw_finite(name)
     }
 
     /// Loads `name` onto `device` in `dtype`, checking its shape.
@@ -129,7 +142,7 @@ impl WeightStore {
     }
 
     pub fn f32(&self, name: &str) -> Result<(Vec<f32>, Vec<usize>)> {
-        let raw = self.raw(name)?;
+        let raw = self.raw_finite(name)?;
         let v = raw.to_f32().with_context(|| format!("{}: tensor `{name}`", self.file_of(name).display()))?;
         Ok((v, raw.shape.to_vec()))
     }

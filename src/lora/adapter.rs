@@ -138,6 +138,11 @@ impl AdapterFile {
         if let Some((m, b)) = b_keys.into_iter().next() {
             bail!("{}: `{b}` has no matching lora_A (module {m})", wpath.display());
         }
+        for key in file.names() {
+            if let Some(i) = file.require(&key)?.first_non_finite() {
+                bail!("{}: tensor `{key}` holds NaN or ±inf (element {i}); the adapter was saved from a diverged run", wpath.display());
+            }
+        }
         for t in [&embed, &lm_head].into_iter().flatten() {
             let raw = file.require(t.key())?;
             if raw.float_type().is_none() {
@@ -180,13 +185,14 @@ impl AdapterFile {
             ),
             TableUpdate::Full { .. } => raw.shape[0],
             TableUpdate::Rows { indices, .. } => {
-                let max = indices.iter().copied().max().map(|m| m + 1).unwrap_or(0);
+                let max = indices.iter().copied().max().map(|m| m.saturating_add(1)).unwrap_or(0);
                 if max > rows {
                     // New rows may only be appended, contiguously, right after the existing ones.
-                    let beyond: Vec<usize> = indices.iter().copied().filter(|&i| i >= rows).collect();
-                    let mut sorted = beyond.clone();
-                    sorted.sort();
-                    if sorted != (rows..max).collect::<Vec<_>>() {
+                    // Compared without building rows..max: an index from a hostile config may be
+                    // near usize::MAX.
+                    let mut beyond: Vec<usize> = indices.iter().copied().filter(|&i| i >= rows).collect();
+                    beyond.sort_unstable();
+                    if beyond.len() != max - rows || beyond.iter().enumerate().any(|(k, &i)| i != rows + k) {
                         bail!(
                             "{}: trainable token indices go up to {} but the table has {rows} rows and the indices beyond it are not exactly {rows}..{max}",
                             self.dir.display(),

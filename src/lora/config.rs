@@ -61,6 +61,19 @@ fn causal() -> Option<String> {
     Some("CAUSAL_LM".into())
 }
 
+/// PEFT's `target_modules = "all-linear"`: every linear layer except the output head.
+pub const ALL_LINEAR: &str = "all-linear";
+
+/// A string `target_modules` as PEFT reads it: `re.fullmatch(pattern, module_name)`. Python's
+/// syntax, lookarounds included, hence fancy-regex (bounded nesting and backtracking, so a
+/// hostile pattern is an error, not a hang).
+fn target_regex(pat: &str) -> Result<fancy_regex::Regex> {
+    let invalid = |e: fancy_regex::Error| anyhow::anyhow!("target_modules {pat:?} is not a valid regex: {e}");
+    // Alone first, so that a pattern with unbalanced groups cannot escape the anchoring below.
+    fancy_regex::Regex::new(pat).map_err(invalid)?;
+    fancy_regex::Regex::new(&format!(r"\A(?:{pat})\z")).map_err(invalid)
+}
+
 /// PEFT accepts a list of names or a single regex string.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -126,6 +139,12 @@ impl AdapterConfig {
         if self.r == 0 {
             bail!("r must be positive");
         }
+        if let Some((k, _)) = self.rank_pattern.iter().find(|(_, r)| **r == 0) {
+            bail!("rank_pattern.{k} = 0: a rank must be at least 1");
+        }
+        if let TargetModules::Regex(pat) = &self.target_modules {
+            target_regex(pat)?;
+        }
         for (key, a) in std::iter::once(("lora_alpha".to_string(), self.lora_alpha)).chain(self.alpha_pattern.iter().map(|(k, a)| (format!("alpha_pattern.{k}"), *a))) {
             if !(a.is_finite() && a > 0.0) {
                 bail!("{key} = {a} must be a finite number above 0");
@@ -135,15 +154,28 @@ impl AdapterConfig {
     }
 
     /// Checks that LoRA tensors of rank `rank` on `module` (`model.layers.N.self_attn.q_proj`)
-    /// are what this config describes: the module among `target_modules` (a list; a regex is
-    /// not evaluated), its layer among `layers_to_transform`, its rank `r` or its `rank_pattern`
+    /// are what this config describes: the module among `target_modules` (a list: the name or
+    /// its last components; a string: PEFT's full-match regex on the whole module name, or
+    /// `all-linear`), its layer among `layers_to_transform`, its rank `r` or its `rank_pattern`
     /// entry. An adapter whose config disagrees with its tensors was edited or assembled by hand,
     /// and its scale (alpha / r) is then a guess.
     pub fn check_module(&self, module: &str, rank: usize) -> Result<()> {
         let matches = |pat: &str| module == pat || module.ends_with(&format!(".{pat}"));
-        if let TargetModules::List(list) = &self.target_modules {
-            if !list.iter().any(|t| matches(t)) {
-                bail!("`{module}` has LoRA weights but is not in target_modules {list:?}");
+        match &self.target_modules {
+            TargetModules::List(list) => {
+                if !list.iter().any(|t| matches(t)) {
+                    bail!("`{module}` has LoRA weights but is not in target_modules {list:?}");
+                }
+            }
+            // PEFT's shorthand for every linear layer but the output head: every projection.
+            TargetModules::Regex(pat) if pat == ALL_LINEAR => {}
+            TargetModules::Regex(pat) => {
+                let found = target_regex(pat)?
+                    .is_match(module)
+                    .map_err(|e| anyhow::anyhow!("target_modules regex {pat:?} on `{module}`: {e}"))?;
+                if !found {
+                    bail!("`{module}` has LoRA weights but does not match target_modules {pat:?} (a regex that must match the whole module name)");
+                }
             }
         }
         let layer = super::adapter::parse_module(module).map(|(n, _)| n);

@@ -298,7 +298,7 @@ fn table_update<'x>(name: &str, i: usize, a: &'x AdapterFile, plan: &Plan) -> Op
 /// buffer for the result.
 fn compute<'a>(name: &str, spec: &TensorSpec, store: &'a WeightStore, adapters: &[AdapterFile], plan: &Plan, mut buf: Vec<u8>) -> Result<Chunk<'a>> {
     let src = if name == HEAD && plan.base_tied { EMBED } else { name };
-    let raw = store.raw(src)?;
+    let raw = store.raw_finite(src)?;
     let (dtype, shape, bytes) = (raw.dtype, raw.shape.to_vec(), raw.bytes);
     let module = name.strip_suffix(".weight").unwrap_or(name);
     let is_table = name == EMBED || name == HEAD;

@@ -365,6 +365,12 @@ impl Recipe {
         }
         for (i, d) in self.data.iter().enumerate() {
             keys.push((format!("[[data]] #{} self_distill", i + 1), d.self_distill, NonNegative));
+            let weights: &[f64] = match &d.weight {
+                crate::data::Weight::Fixed(w) => std::slice::from_ref(w),
+                crate::data::Weight::Ramp(r) => r,
+            };
+            keys.extend(weights.iter().map(|&w| (format!("[[data]] #{} weight", i + 1), w, NonNegative)));
+            keys.extend(d.limit.map(|n| (format!("[[data]] #{} limit", i + 1), n as f64, Positive)));
         }
         for (i, st) in self.stage.iter().enumerate() {
             keys.extend(st.lr.map(|x| (format!("[[stage]] #{} lr", i + 1), x, Positive)));
@@ -373,11 +379,34 @@ impl Recipe {
         for (key, v, range) in keys {
             range.check(&key, v)?;
         }
+        // Sizes that are allocated (a batch is batch_size × seq_len tokens, a step holds
+        // grad_accum of them, bucketed mixing one slot per bin): bounded, so that a typo cannot
+        // ask for terabytes or overflow, and the error comes before any output exists.
+        let sizes = [
+            ("[train] seq_len", t.seq_len, MAX_SEQ_LEN),
+            ("[train] batch_size", t.batch_size, MAX_BATCH),
+            ("[train] grad_accum", t.grad_accum, MAX_BATCH),
+            ("[mix] bins", self.mix.bins.unwrap_or(0), MAX_BINS),
+        ];
+        for (key, v, max) in sizes {
+            if v > max {
+                bail!("{key} = {v}: must be at most {max}");
+            }
+        }
+        if t.seq_len * t.batch_size > MAX_BATCH_TOKENS {
+            bail!(
+                "[train] batch_size × seq_len = {} tokens per micro-batch: must be at most {MAX_BATCH_TOKENS}; use grad_accum for larger batches",
+                t.seq_len * t.batch_size
+            );
+        }
         Ok(())
     }
 
     fn check(&self) -> Result<()> {
         self.check_numbers()?;
+        for (i, d) in self.data.iter().enumerate() {
+            d.check().with_context(|| format!("[[data]] #{}", i + 1))?;
+        }
         let must_exist = |key: &str, p: &Path| -> Result<()> {
             let full = self.resolve(p);
             if !full.exists() {
@@ -473,7 +502,7 @@ impl Recipe {
                 bail!("[[stage]] #{} steps = 0: every stage trains at least one step", i + 1);
             }
         }
-        self.stages()?;
+        self.total_steps()?;
         Ok(())
     }
 
@@ -534,10 +563,20 @@ impl Recipe {
             .collect()
     }
 
+    /// Steps of all stages; an error when they do not add up in a `usize`.
     pub fn total_steps(&self) -> Result<usize> {
-        Ok(self.stages()?.iter().map(|s| s.steps).sum())
+        self.stages()?
+            .iter()
+            .try_fold(0usize, |n, s| n.checked_add(s.steps))
+            .with_context(|| format!("[[stage]] steps add up to more than {}", usize::MAX))
     }
 }
+
+/// Upper bounds for recipe sizes that are allocated (see `check_numbers`).
+pub const MAX_SEQ_LEN: usize = 1 << 20;
+pub const MAX_BATCH: usize = 1 << 16;
+pub const MAX_BATCH_TOKENS: usize = 1 << 24;
+pub const MAX_BINS: usize = 1 << 20;
 
 /// What a numeric recipe key may hold; every range excludes NaN and ±inf.
 #[derive(Debug, Clone, Copy)]

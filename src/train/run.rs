@@ -259,7 +259,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     check_output_dir(&recipe, &out, opts.resume)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let stages = recipe.stages()?;
-    let total: usize = stages.iter().map(|s| s.steps).sum();
+    let total = recipe.total_steps()?;
     let base_device = crate::device::parse(&recipe.model.device)?;
     let device = base_device.clone().autodiff();
     let hash = recipe_hash(&recipe_text);

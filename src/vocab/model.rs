@@ -209,7 +209,7 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
     let mut w = StreamWriter::create(&staged.path().join("model.safetensors"), specs, Some([("format".to_string(), "pt".to_string())].into()))?;
     for name in w.order() {
         // A head that untying adds is stored in the embedding's dtype.
-        let raw = if store.contains(&name) { store.raw(&name)? } else { store.raw("model.embed_tokens.weight")? };
+        let raw = if store.contains(&name) { store.raw_finite(&name)? } else { store.raw_finite("model.embed_tokens.weight")? };
         let table = match name.as_str() {
             "model.embed_tokens.weight" => Some(&new_embed),
             "lm_head.weight" => new_head.as_ref(),
