@@ -51,7 +51,7 @@ fuzz_target!(|data: &[u8]| {
         }
         let base = dir.join(if tied { "base-tied" } else { "base" });
         if !base.join("model.safetensors").exists() {
-            linly_lora::bench::merge::write_random_model(&cfg, &base, FloatType::F32, 7).unwrap();
+            linly_lora::commands::bench::merge::write_random_model(&cfg, &base, FloatType::F32, 7).unwrap();
         }
         let out = dir.join("merged");
         let _ = std::fs::remove_dir_all(&out);
