@@ -47,15 +47,17 @@ fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode
             if rows <= old_vocab {
                 bail!("{module}: new_rows mode but the table has {rows} rows and the old vocabulary {old_vocab}: nothing new to save");
             }
-            let all = tensor_to_f32(t.weight());
             if let Some(&bad) = moved.iter().find(|&&i| i >= old_vocab) {
                 bail!("{module}: moved row {bad} is not an old row (old vocabulary {old_vocab})");
             }
-            let idx: Vec<usize> = moved.iter().copied().chain(old_vocab..rows).collect();
-            let mut vals = Vec::with_capacity(idx.len() * hidden);
-            for &i in &idx {
-                vals.extend_from_slice(&all[i * hidden..(i + 1) * hidden]);
+            let w = t.weight();
+            // Only the listed rows come to the host, not the whole table.
+            let mut vals = Vec::with_capacity((moved.len() + rows - old_vocab) * hidden);
+            for &i in moved {
+                vals.extend(tensor_to_f32(w.clone().slice([i..i + 1, 0..hidden])));
             }
+            vals.extend(tensor_to_f32(w.slice([old_vocab..rows, 0..hidden])));
+            let idx: Vec<usize> = moved.iter().copied().chain(old_vocab..rows).collect();
             out.push(entry(format!("{key_prefix}.token_adapter.trainable_tokens_delta"), vec![idx.len(), hidden], &vals));
             let map = match cfg.trainable_token_indices.take() {
                 Some(TokenIndices::PerModule(m)) => m,

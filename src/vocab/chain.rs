@@ -81,7 +81,7 @@ impl Trie {
                 t.owns_node[k] = true;
             }
         }
-        t.roots = t.nodes.iter().enumerate().filter(|(_, n)| !n.children.is_empty()).map(|(i, _)| i).filter(|i| t.root_of.get(&t.nodes[*i].old) == Some(i)).collect();
+        t.roots = t.root_of.values().copied().filter(|&r| !t.nodes[r].children.is_empty()).collect();
         t.roots.sort_unstable();
         t
     }
@@ -142,7 +142,12 @@ impl Trie {
     /// what stays on each root's old token into `roots_out` (`roots.len()` values) when given.
     /// `p1[k]` is the base's probability of root `roots[k]`'s old token; `exact` holds the base's
     /// conditional for nodes on the path (NaN elsewhere).
-    pub fn targets(&self, p1: &[f32], exact: &[f32], out: &mut [f32], mut roots_out: Option<&mut [f32]>) {
+    pub fn targets(&self, p1: &[f32], exact: &[f32], out: &mut [f32], roots_out: Option<&mut [f32]>) {
+        self.targets_with(p1, exact, out, roots_out, &mut Vec::new());
+    }
+
+    /// [`Trie::targets`] with a caller's scratch stack (no allocation per position).
+    fn targets_with(&self, p1: &[f32], exact: &[f32], out: &mut [f32], mut roots_out: Option<&mut [f32]>, stack: &mut Vec<(usize, f32, u32)>) {
         out.fill(0.0);
         if let Some(r) = roots_out.as_deref_mut() {
             r.fill(0.0);
@@ -150,7 +155,7 @@ impl Trie {
         let old = self.old_vocab as u32;
         // An explicit stack: (node, reach probability, nearest token ancestor). Below a root
         // the only old token is the root itself.
-        let mut stack: Vec<(usize, f32, u32)> = Vec::with_capacity(64);
+        stack.clear();
         for (k, &r) in self.roots.iter().enumerate() {
             if p1[k] <= 0.0 {
                 continue;
@@ -238,13 +243,13 @@ impl ChainData {
             }
         };
         out.par_chunks_mut(n_new).zip(ro.par_chunks_mut(nr)).zip(idx.par_iter()).for_each_init(
-            || vec![f32::NAN; trie.n_nodes()],
-            |exact, ((o, r), &i)| {
+            || (vec![f32::NAN; trie.n_nodes()], Vec::with_capacity(64)),
+            |(exact, stack), ((o, r), &i)| {
                 let entries = &self.path[self.path_off[i]..self.path_off[i + 1]];
                 for &(n, p) in entries {
                     exact[n as usize] = p;
                 }
-                trie.targets(&self.p1[i * self.n_roots..(i + 1) * self.n_roots], exact, o, Some(&mut r[..self.n_roots]));
+                trie.targets_with(&self.p1[i * self.n_roots..(i + 1) * self.n_roots], exact, o, Some(&mut r[..self.n_roots]), stack);
                 for &(n, _) in entries {
                     exact[n as usize] = f32::NAN;
                 }

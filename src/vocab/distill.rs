@@ -619,6 +619,12 @@ fn head_data_without(old_head: &[f32], d: usize, old: usize, contexts: &[Distill
     HeadData { x, labels, lse_old, logit_old_label }
 }
 
+/// log(eᵃ + eᵇ): the log-sum-exp over old ∪ new rows from the two parts'.
+fn log_add_exp(a: f32, b: f32) -> f32 {
+    let m = a.max(b);
+    m + ((a - m).exp() + (b - m).exp()).ln()
+}
+
 fn lse(row: &[f32]) -> f32 {
     let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     m + row.iter().map(|&v| (v - m).exp()).sum::<f32>().ln()
@@ -675,10 +681,7 @@ fn fit_head_rows(
                 .enumerate()
                 .map(|(r, zr)| {
                     let p = batch[r];
-                    let ln = lse(zr);
-                    let lo = data.lse_old[p];
-                    let mx = ln.max(lo);
-                    let total = mx + ((ln - mx).exp() + (lo - mx).exp()).ln();
+                    let total = log_add_exp(lse(zr), data.lse_old[p]);
                     let y = data.labels[p] as usize;
                     let logit_y = if y >= old { zr[y - old] } else { data.logit_old_label[p] };
                     for v in zr.iter_mut() {
@@ -776,10 +779,7 @@ fn fit_head_rows_chain(
                 .enumerate()
                 .map(|(r, ((zr, qn), qo))| {
                     let p = batch[r];
-                    let ln = lse(zr);
-                    let lo = data.lse_old[p];
-                    let mx = ln.max(lo);
-                    let total = mx + ((ln - mx).exp() + (lo - mx).exp()).ln();
+                    let total = log_add_exp(lse(zr), data.lse_old[p]);
                     let y = data.labels[p] as usize;
                     let logit_y = if y >= old {
                         zr[y - old]
