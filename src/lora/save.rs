@@ -34,6 +34,11 @@ fn entry(key: String, shape: Vec<usize>, v: &[f32]) -> Entry {
 #[allow(clippy::too_many_arguments)]
 fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode, old_vocab: usize, moved: &[usize], cfg: &mut AdapterConfig, out: &mut Vec<Entry>) -> Result<()> {
     let hidden = t.hidden();
+    // A frozen table of an extended model still differs from the base the adapter applies
+    // to: its new rows (and a distilled head's moved rows) exist only in the resized model.
+    // They are carried like trained ones, so the adapter on the unresized base gives the
+    // model that was trained, whatever the init was.
+    let mode = if mode == TableMode::Frozen && t.rows() > old_vocab { TableMode::NewRows } else { mode };
     match mode {
         TableMode::Frozen => {}
         TableMode::All => {
