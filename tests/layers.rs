@@ -14,6 +14,7 @@ const ORDER: &[&[&str]] = &[
     &["io"],
     &["config"],
     &["tokenizer"],
+    &["kernels"],
     &["model"],
     &["lora"],
     &["data"],

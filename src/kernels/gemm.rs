@@ -9,7 +9,7 @@
 //! 300 MB per training step at SmolLM2's size. Outputs built here are f32 vectors, kept as
 //! they are.
 
-use super::fused::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
