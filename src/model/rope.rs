@@ -2,37 +2,24 @@
 //! scaling. Tables are built per call for the positions in use, so memory does not grow with
 //! the configured context length.
 
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{llama3_band, rope_base_freq, Llama3Band, LlamaConfig, RopeScaling};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 /// Inverse frequencies, computed in f32 exactly as transformers does so that logits match
 /// the reference to f32 rounding.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..head_dim / 2)
-        .map(|i| {
-            let exponent = (2 * i) as f32 / head_dim as f32;
-            1.0 / (theta as f32).powf(exponent)
-        })
-        .collect();
+    let base: Vec<f32> = (0..head_dim / 2).map(|i| rope_base_freq::<f32>(i, head_dim, theta)).collect();
     match *scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let (factor, lo, hi, orig) =
                 (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
-            let low_freq_wavelen = orig / lo;
-            let high_freq_wavelen = orig / hi;
             base.iter()
-                .map(|&f| {
-                    let wavelen = 2.0 * std::f32::consts::PI / f;
-                    if wavelen > low_freq_wavelen {
-                        f / factor
-                    } else if wavelen < high_freq_wavelen {
-                        f
-                    } else {
-                        let smooth = (orig / wavelen - lo) / (hi - lo);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
+                .map(|&f| match llama3_band(f, lo, hi, orig) {
+                    Llama3Band::Low => f / factor,
+                    Llama3Band::High => f,
+                    Llama3Band::Mid { smooth } => (1.0 - smooth) * f / factor + smooth * f,
                 })
                 .collect()
         }
