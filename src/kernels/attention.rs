@@ -21,7 +21,7 @@
 
 use super::gemm::{gemm, View};
 use super::softmax::{exp_approx, exp_shifted_in_place};
-use super::{dims, flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{dims, flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
 use burn::tensor::{Bool, Tensor, TensorData};
@@ -256,21 +256,17 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
         return None;
     }
     let s = Dims { b, t, h, kvh, d };
-    match (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?) {
-        (FlexF32::Plain(qp), FlexF32::Plain(kp), FlexF32::Plain(vp)) => {
+    match inputs([flex_f32(q), flex_f32(k), flex_f32(v)])? {
+        Inputs::Plain([qp, kp, vp]) => {
             let (out, _) = forward_values(&values(&qp), &values(&kp), &values(&vp), cos, sin, s);
             Some(from_plain(new_tensor(out, dims(&qp))))
         }
-        (FlexF32::Tracked(qa), FlexF32::Tracked(ka), FlexF32::Tracked(va)) => {
-            let (qp, qg) = qa.into_parts();
-            let (kp, kg) = ka.into_parts();
-            let (vp, vg) = va.into_parts();
+        Inputs::Tracked([qp, kp, vp], nodes) => {
             let (out, saved) = forward_values(&values(&qp), &values(&kp), &values(&vp), cos, sin, s);
             let out = new_tensor(out, dims(&qp));
             let kept = out.clone();
-            Some(from_tracked(record(AttentionBackward, [qg, kg, vg], || (vp, kept, saved, cos.to_vec(), sin.to_vec(), s), out)))
+            Some(from_tracked(record(AttentionBackward, nodes, || (vp, kept, saved, cos.to_vec(), sin.to_vec(), s), out)))
         }
-        _ => None,
     }
 }
 

@@ -13,7 +13,7 @@
 //! output and every gradient against it.
 
 use super::gemm::{gemm, View};
-use super::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -106,22 +106,17 @@ pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Ten
     let sizes = [n, inp, out, r];
     let scale = scale as f32;
     let xd_t = xd.unwrap_or(x);
-    match (flex_f32(x)?, flex_f32(xd_t)?, flex_f32(w)?, flex_f32(a)?, flex_f32(b)?) {
-        (FlexF32::Plain(xp), FlexF32::Plain(xdp), FlexF32::Plain(wp), FlexF32::Plain(ap), FlexF32::Plain(bp)) => {
+    match inputs([flex_f32(x), flex_f32(xd_t), flex_f32(w), flex_f32(a), flex_f32(b)])? {
+        Inputs::Plain([xp, xdp, wp, ap, bp]) => {
             let (y, _) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
             Some(from_plain(new_tensor(y, vec![n, out])))
         }
-        (FlexF32::Tracked(xa), FlexF32::Tracked(xda), FlexF32::Tracked(wa), FlexF32::Tracked(aa), FlexF32::Tracked(ba)) => {
-            let (xp, xg) = xa.into_parts();
-            let (xdp, xdg) = xda.into_parts();
-            let (wp, _) = wa.into_parts();
-            let (ap, ag) = aa.into_parts();
-            let (bp, bg) = ba.into_parts();
+        // The frozen weight's node is not a parent: it gets no gradient.
+        Inputs::Tracked([xp, xdp, wp, ap, bp], [xg, xdg, _, ag, bg]) => {
             let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
             let y = new_tensor(y, vec![n, out]);
             Some(from_tracked(record(LoraLinearBackward, [xg, xdg, ag, bg], || State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes }, y)))
         }
-        _ => None,
     }
 }
 

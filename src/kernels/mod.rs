@@ -80,6 +80,28 @@ pub fn flex_f32<const D: usize>(t: &Tensor<D>) -> Option<FlexF32> {
     t.clone().try_into_primitive::<Flex>().ok().map(FlexF32::Plain)
 }
 
+/// The flex primitives of a fused op's inputs (each from [`flex_f32`]) on one of the op's two
+/// paths: all plain (inference), or all tracked, with the graph nodes to [`record`] the op
+/// under. `None` when an input is not f32 flex or plain and tracked inputs are mixed (the
+/// caller composes the op instead).
+pub enum Inputs<const N: usize> {
+    Plain([FlexTensor; N]),
+    Tracked([FlexTensor; N], [NodeGuard; N]),
+}
+
+pub fn inputs<const N: usize>(ts: [Option<FlexF32>; N]) -> Option<Inputs<N>> {
+    let ts: Vec<FlexF32> = ts.into_iter().collect::<Option<_>>()?;
+    if ts.iter().all(|t| matches!(t, FlexF32::Plain(_))) {
+        let plain: Vec<FlexTensor> = ts.into_iter().filter_map(|t| if let FlexF32::Plain(p) = t { Some(p) } else { None }).collect();
+        return plain.try_into().ok().map(Inputs::Plain);
+    }
+    if ts.iter().all(|t| matches!(t, FlexF32::Tracked(_))) {
+        let (prims, nodes): (Vec<FlexTensor>, Vec<NodeGuard>) = ts.into_iter().filter_map(|t| if let FlexF32::Tracked(a) = t { Some(a.into_parts()) } else { None }).unzip();
+        return Some(Inputs::Tracked(prims.try_into().ok()?, nodes.try_into().ok()?));
+    }
+    None
+}
+
 /// Wraps a result primitive back into a tensor.
 pub fn from_tracked<const D: usize>(t: AdTensor) -> Tensor<D> {
     Tensor::from_primitive::<Autodiff<Flex>>(t)

@@ -2,7 +2,7 @@
 //! with its hand-written backward, and [`rms_norm_composed`], the composition from tensor ops
 //! every other backend and dtype runs and the fused op is tested against.
 
-use super::{dims, flex_f32, float_dtype, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{dims, flex_f32, float_dtype, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::{FloatDType, Tensor};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -93,19 +93,16 @@ impl Backward<Flex, 2> for RmsNormBackward {
 /// Fused RMSNorm over the last dimension of an f32 flex `x` `[B, T, d]` with weight `w` `[d]`;
 /// `None` when either is not an f32 flex tensor (the caller composes it instead).
 pub fn rms_norm(x: &Tensor<3>, w: &Tensor<1>, eps: f64) -> Option<Tensor<3>> {
-    match (flex_f32(x)?, flex_f32(w)?) {
-        (FlexF32::Plain(xp), FlexF32::Plain(wp)) => {
+    match inputs([flex_f32(x), flex_f32(w)])? {
+        Inputs::Plain([xp, wp]) => {
             let (y, _) = rms_norm_rows(&values(&xp), &values(&wp), eps);
             Some(from_plain(new_tensor(y, dims(&xp))))
         }
-        (FlexF32::Tracked(xa), FlexF32::Tracked(wa)) => {
-            let (xp, xg) = xa.into_parts();
-            let (wp, wg) = wa.into_parts();
+        Inputs::Tracked([xp, wp], nodes) => {
             let (y, inv) = rms_norm_rows(&values(&xp), &values(&wp), eps);
             let out = new_tensor(y, dims(&xp));
-            Some(from_tracked(record(RmsNormBackward, [xg, wg], || (xp, wp, inv), out)))
+            Some(from_tracked(record(RmsNormBackward, nodes, || (xp, wp, inv), out)))
         }
-        _ => None,
     }
 }
 

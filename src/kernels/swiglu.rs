@@ -3,7 +3,7 @@
 //! the fused op is tested against.
 
 use super::softmax::exp_approx;
-use super::{dims, flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{dims, flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -71,15 +71,12 @@ pub fn swiglu<const D: usize>(g: &Tensor<D>, u: &Tensor<D>) -> Option<Tensor<D>>
     if g.dims() != u.dims() {
         return None;
     }
-    match (flex_f32(g)?, flex_f32(u)?) {
-        (FlexF32::Plain(gp), FlexF32::Plain(up)) => Some(from_plain(new_tensor(swiglu_values(&values(&gp), &values(&up)), dims(&gp)))),
-        (FlexF32::Tracked(ga), FlexF32::Tracked(ua)) => {
-            let (gp, gg) = ga.into_parts();
-            let (up, ug) = ua.into_parts();
+    match inputs([flex_f32(g), flex_f32(u)])? {
+        Inputs::Plain([gp, up]) => Some(from_plain(new_tensor(swiglu_values(&values(&gp), &values(&up)), dims(&gp)))),
+        Inputs::Tracked([gp, up], nodes) => {
             let out = new_tensor(swiglu_values(&values(&gp), &values(&up)), dims(&gp));
-            Some(from_tracked(record(SwigluBackward, [gg, ug], || (gp, up), out)))
+            Some(from_tracked(record(SwigluBackward, nodes, || (gp, up), out)))
         }
-        _ => None,
     }
 }
 
