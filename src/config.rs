@@ -68,6 +68,79 @@ pub enum RopeScaling {
     Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_position_embeddings: f64 },
 }
 
+/// The float arithmetic RoPE frequencies are computed in: f32 where the model must match
+/// transformers' f32 tables, f64 where GGUF's `rope_freqs` follow convert_hf_to_gguf.py's Python
+/// floats. [`rope_base_freq`] and [`llama3_band`] do the same operations in either.
+pub trait RopeFloat: Copy + PartialOrd + std::ops::Add<Output = Self> + std::ops::Sub<Output = Self> + std::ops::Mul<Output = Self> + std::ops::Div<Output = Self> {
+    const PI: Self;
+    fn of_usize(n: usize) -> Self;
+    fn of_f64(x: f64) -> Self;
+    fn powf(self, e: Self) -> Self;
+}
+
+macro_rules! rope_float {
+    ($t:ident) => {
+        impl RopeFloat for $t {
+            const PI: $t = std::$t::consts::PI;
+            fn of_usize(n: usize) -> $t {
+                n as $t
+            }
+            fn of_f64(x: f64) -> $t {
+                x as $t
+            }
+            fn powf(self, e: $t) -> $t {
+                $t::powf(self, e)
+            }
+        }
+    };
+}
+rope_float!(f32);
+rope_float!(f64);
+
+/// RoPE's unscaled inverse frequency of pair `i` of `head_dim`, `1 / θ^(2i / head_dim)`.
+pub fn rope_base_freq<F: RopeFloat>(i: usize, head_dim: usize, theta: f64) -> F {
+    let exponent = F::of_usize(2 * i) / F::of_usize(head_dim);
+    F::of_f64(1.0) / F::of_f64(theta).powf(exponent)
+}
+
+/// Where LLaMA-3 scaling puts an inverse frequency, by its wavelength `2π / freq`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub enum Llama3Band<F> {
+    /// Longer than `original / low_freq_factor`: divided by the factor.
+    Low,
+    /// Shorter than `original / high_freq_factor`: kept.
+    High,
+    /// In between: blended, `smooth` from 0 (as low) to 1 (as high).
+    Mid { smooth: F },
+}
+
+/// The one LLaMA-3.1 wavelength rule (HF `_compute_llama3_parameters`, convert_hf_to_gguf.py's
+/// `rope_freqs`) for `freq`, with `low`/`high` the `low_freq_factor`/`high_freq_factor` and
+/// `orig` the original context. The bands do not overlap: the config checks `high > low`.
+pub fn llama3_band<F: RopeFloat>(freq: F, low: F, high: F, orig: F) -> Llama3Band<F> {
+    let wavelen = F::of_f64(2.0) * F::PI / freq;
+    if wavelen > orig / low {
+        Llama3Band::Low
+    } else if wavelen < orig / high {
+        Llama3Band::High
+    } else {
+        Llama3Band::Mid { smooth: (orig / wavelen - low) / (high - low) }
+    }
+}
+
+/// GGUF's `rope_freqs` for LLaMA-3 scaling, in f64 as convert_hf_to_gguf.py computes them: the
+/// divisor of each of the `head_dim / 2` base frequencies (1 for high ones, `factor` for low
+/// ones, the harmonic blend in between).
+pub fn llama3_rope_divisors(head_dim: usize, theta: f64, factor: f64, low: f64, high: f64, orig: f64) -> Vec<f64> {
+    (0..head_dim / 2)
+        .map(|i| match llama3_band(rope_base_freq::<f64>(i, head_dim, theta), low, high, orig) {
+            Llama3Band::High => 1.0,
+            Llama3Band::Low => factor,
+            Llama3Band::Mid { smooth } => 1.0 / ((1.0 - smooth) / factor + smooth),
+        })
+        .collect()
+}
+
 /// The validated configuration the model is built from.
 #[derive(Debug, Clone, PartialEq)]
 pub struct LlamaConfig {

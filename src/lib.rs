@@ -13,17 +13,20 @@
 //! 3. [`io`]: containers: safetensors, weight folders, atomic writes, GGUF files.
 //! 4. [`config`]: HF `config.json` and the validated runtime config.
 //! 5. [`tokenizer`]: loading `tokenizer.json` (every caller comes through here).
-//! 6. [`model`]: the one LLaMA definition (attention, RoPE, norms, KV cache, the fused ops), with
-//!    the LoRA branch it applies in [`model::linear::Linear::forward`] and the loader of
-//!    quantized folders.
-//! 7. [`lora`]: building, loading, saving and merging adapters.
-//! 8. [`data`]: sources, tokenization cache, packing and mixing.
-//! 9. [`vocab`]: tokenizer extension and new-row initialisation.
-//! 10. [`infer`]: evaluation, sampling, generation and chat.
-//! 11. [`quant`]: whole-model conversions: quantize, importance matrices, GPTQ, GGUF export/import.
-//! 12. [`train`]: recipes, the step, the run loop.
-//! 13. [`serve`]: the OpenAI-compatible HTTP service.
-//! 14. [`commands`]: one entry function per `linly-lora` subcommand; the binary calls only these.
+//! 6. [`kernels`]: host GEMM, the vectorised softmax pieces and the fused ops with hand-written
+//!    backward passes (RMSNorm, SwiGLU, LoRA projection, causal attention), one file per op
+//!    beside the composition it replaces; the `LINLY_LORA_KERNELS` switch. No model types.
+//! 7. [`model`]: the one LLaMA definition (attention, RoPE, norms, KV cache), calling the
+//!    kernels, with the LoRA branch it applies in [`model::linear::Linear::forward`] and the
+//!    loader of quantized folders.
+//! 8. [`lora`]: building, loading, saving and merging adapters.
+//! 9. [`data`]: sources, tokenization cache, packing and mixing.
+//! 10. [`vocab`]: tokenizer extension and new-row initialisation.
+//! 11. [`infer`]: evaluation, sampling, generation and chat.
+//! 12. [`quant`]: whole-model conversions: quantize, importance matrices, GPTQ, GGUF export/import.
+//! 13. [`train`]: recipes, the step, the run loop.
+//! 14. [`serve`]: the OpenAI-compatible HTTP service.
+//! 15. [`commands`]: one entry function per `linly-lora` subcommand; the binary calls only these.
 
 pub mod commands;
 pub mod config;
@@ -32,6 +35,7 @@ pub mod device;
 pub mod ggml;
 pub mod infer;
 pub mod io;
+pub mod kernels;
 pub mod lora;
 pub mod model;
 pub mod quant;

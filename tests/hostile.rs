@@ -1,163 +1,11 @@
-//! Hostile and careless input (issue #20): no panic, no silent NaN, nothing overwritten, no
-//! unbounded allocation. Each test covers a class of input, not one example of it.
+//! Hostile and careless input (issue #20): no panic, no silent NaN, no unbounded allocation.
+//! Each test covers a class of input, not one example of it. Outputs (nothing overwritten) are
+//! in `hostile_outputs.rs`.
 
 mod common;
+use common::hostile::*;
 use common::*;
-use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
-
-/// Every file under `root` (or `root` itself) with its bytes, to prove a run left it untouched.
-fn snapshot(root: &Path) -> BTreeMap<PathBuf, Vec<u8>> {
-    let mut out = BTreeMap::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(p) = stack.pop() {
-        if p.is_dir() {
-            out.insert(p.clone(), Vec::new());
-            for e in std::fs::read_dir(&p).unwrap() {
-                stack.push(e.unwrap().path());
-            }
-        } else {
-            out.insert(p.clone(), std::fs::read(&p).unwrap());
-        }
-    }
-    out
-}
-
-fn copy_dir(from: &Path, to: &Path) {
-    std::fs::create_dir_all(to).unwrap();
-    for e in std::fs::read_dir(from).unwrap() {
-        let e = e.unwrap();
-        std::fs::copy(e.path(), to.join(e.file_name())).unwrap();
-    }
-}
-
-/// `cmd` with `OUT` replaced by `out`; asserts it fails without panicking and returns stderr.
-fn refused(cmd: &[&str], out: &Path) -> String {
-    let args: Vec<&str> = cmd.iter().map(|a| if *a == "OUT" { s(out) } else { a }).collect();
-    let (ok, _, err) = run_cli(&args, None);
-    assert!(!ok, "{args:?} should fail");
-    assert!(!err.contains("panicked"), "{args:?}: {err}");
-    err
-}
-
-/// The inputs of every command that writes `--out`, in a scratch folder so that a broken guard
-/// could never touch the fixtures.
-struct Inputs {
-    dir: tempfile::TempDir,
-}
-
-impl Inputs {
-    fn new() -> Self {
-        let dir = tempfile::tempdir().unwrap();
-        let p = dir.path();
-        copy_dir(&tiny().join("base"), &p.join("base"));
-        copy_dir(&tiny().join("adapter"), &p.join("adapter"));
-        copy_dir(&fixture("llama2-tokenizer"), &p.join("tok"));
-        std::fs::copy(tiny().join("vocab_extension.json"), p.join("vocab_extension.json")).unwrap();
-        std::fs::write(p.join("words.txt"), "你好\n世界\n").unwrap();
-        std::fs::write(p.join("calib.txt"), "hello world, hello again").unwrap();
-        let (ok, _, err) = run_cli(&["export", "gguf", "--model", s(&p.join("base")), "--out", s(&p.join("m.gguf")), "--type", "f32"], None);
-        assert!(ok, "{err}");
-        Inputs { dir }
-    }
-    fn p(&self, rel: &str) -> String {
-        s(&self.dir.path().join(rel)).to_string()
-    }
-    /// Every command that writes `--out`, with `OUT` in place of its output.
-    fn commands(&self) -> Vec<Vec<String>> {
-        let v = |a: &[&str]| a.iter().map(|x| x.to_string()).collect::<Vec<_>>();
-        vec![
-            v(&["merge", "--base", &self.p("base"), "--adapter", &self.p("adapter"), "--out", "OUT"]),
-            v(&["adapter", "pack", "--adapter", &self.p("adapter"), "--out", "OUT"]),
-            v(&["vocab", "extend", "--tokenizer", &self.p("tok"), "--add", &self.p("words.txt"), "--out", "OUT"]),
-            v(&["vocab", "resize", "--model", &self.p("base"), "--extension", &self.p("vocab_extension.json"), "--out", "OUT"]),
-            v(&["import", "gguf", &self.p("m.gguf"), "--out", "OUT"]),
-            v(&["export", "gguf", "--model", &self.p("base"), "--out", "OUT"]),
-            v(&["quantize", "--model", &self.p("base"), "--format", "q8_0", "--out", "OUT"]),
-            v(&["imatrix", "--model", &self.p("base"), "--text", &self.p("calib.txt"), "--out", "OUT"]),
-        ]
-    }
-}
-
-#[test]
-fn existing_out_is_refused_and_left_byte_identical() {
-    let inputs = Inputs::new();
-    let scratch = tempfile::tempdir().unwrap();
-    let folder = scratch.path().join("folder");
-    std::fs::create_dir(&folder).unwrap();
-    std::fs::write(folder.join("unrelated.txt"), "not yours").unwrap();
-    let file = scratch.path().join("file.bin");
-    std::fs::write(&file, "not yours either").unwrap();
-    let before = (snapshot(scratch.path()), snapshot(inputs.dir.path()));
-    for cmd in inputs.commands() {
-        let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
-        for out in [&folder, &file] {
-            let err = refused(&cmd, out);
-            assert!(err.contains("already exists") && err.contains("--force"), "{cmd:?} --out {}: {err}", out.display());
-        }
-    }
-    assert!(before == (snapshot(scratch.path()), snapshot(inputs.dir.path())), "a refused command changed files");
-}
-
-#[test]
-fn own_input_is_refused_even_with_force() {
-    let inputs = Inputs::new();
-    let before = snapshot(inputs.dir.path());
-    for cmd in inputs.commands() {
-        let cmd: Vec<&str> = cmd.iter().map(String::as_str).chain(["--force"]).collect();
-        // The command's input paths: the value after an input flag, and import's positional file.
-        let mut targets: Vec<String> = cmd
-            .windows(2)
-            .filter(|w| ["--base", "--adapter", "--tokenizer", "--add", "--model", "--extension", "--text"].contains(&w[0]))
-            .map(|w| w[1].to_string())
-            .collect();
-        if cmd[0] == "import" {
-            targets.push(cmd[2].to_string());
-        }
-        // A file inside an input folder is the input too; so is the folder above an input.
-        let files_inside: Vec<String> = targets
-            .iter()
-            .filter(|t| Path::new(t).is_dir())
-            .map(|t| s(&std::fs::read_dir(t).unwrap().next().unwrap().unwrap().path()).to_string())
-            .collect();
-        targets.extend(files_inside);
-        targets.push(s(inputs.dir.path()).to_string());
-        for t in &targets {
-            let err = refused(&cmd, Path::new(t));
-            assert!(err.contains("even with --force"), "{cmd:?} --out {t}: {err}");
-        }
-    }
-    assert!(before == snapshot(inputs.dir.path()), "a refused command changed its input");
-}
-
-/// `--force` replaces an existing output, file or folder, once the new one is complete.
-#[test]
-fn force_replaces_only_when_done() {
-    let inputs = Inputs::new();
-    let scratch = tempfile::tempdir().unwrap();
-    let gguf = scratch.path().join("out.gguf");
-    std::fs::write(&gguf, "old").unwrap();
-    let (ok, _, err) = run_cli(&["export", "gguf", "--model", &inputs.p("base"), "--out", s(&gguf), "--force"], None);
-    assert!(ok, "{err}");
-    assert_eq!(&std::fs::read(&gguf).unwrap()[..4], b"GGUF");
-    let packed = scratch.path().join("packed");
-    std::fs::create_dir(&packed).unwrap();
-    std::fs::write(packed.join("old.txt"), "old").unwrap();
-    let (ok, _, err) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("adapter"), "--out", s(&packed), "--force"], None);
-    assert!(ok, "{err}");
-    assert!(packed.join("adapter_model.safetensors").exists() && !packed.join("old.txt").exists());
-    // A forced run that fails leaves the old output as it was.
-    let before = snapshot(&packed);
-    let (ok, _, _) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("base"), "--out", s(&packed), "--force"], None);
-    assert!(!ok);
-    assert!(before == snapshot(&packed));
-    let names: Vec<_> = std::fs::read_dir(scratch.path()).unwrap().map(|e| e.unwrap().file_name()).collect();
-    assert_eq!(names.len(), 2, "staging left behind: {names:?}");
-}
 
 #[test]
 fn empty_id_sequences_are_a_clean_error() {
@@ -181,7 +29,6 @@ fn empty_id_sequences_are_a_clean_error() {
     assert!(ok, "{err}");
     assert!(out.contains("\"tokens\":2"), "{out}");
 }
-
 /// Runs the CLI under a 2 GiB address-space limit and a CPU-seconds limit, so "bounded time and
 /// memory" is enforced by the kernel rather than measured: a run that allocates by a corrupt
 /// header's word, or loops on it, is killed and fails the test.
@@ -200,11 +47,9 @@ fn run_bounded(args: &[&str]) -> std::process::Output {
     }
     cmd.output().unwrap()
 }
-
 fn find(hay: &[u8], needle: &[u8]) -> usize {
     hay.windows(needle.len()).position(|w| w == needle).unwrap_or_else(|| panic!("{:?} not in file", String::from_utf8_lossy(needle)))
 }
-
 /// GGUF with a tokenizer (string arrays and all), its every count, length, dimension, type and
 /// offset pushed in turn to its type's maximum: `import gguf` ends (never killed, never panics),
 /// with an error for every size field.
@@ -271,30 +116,6 @@ fn gguf_fields_at_their_maximum_end_in_bounded_memory() {
         let _ = std::fs::remove_dir_all(&out);
     }
 }
-
-/// A recipe that loads, with every section whose numbers the property tests vary.
-fn base_recipe(dir: &Path) -> String {
-    std::fs::write(dir.join("zh.txt"), "你好世界。\n").unwrap();
-    format!(
-        r#"[model]
-path = "{base}"
-[vocab]
-extension = "{ext}"
-[lora]
-[train]
-[precision]
-[mix]
-[output]
-dir = "out"
-[[data]]
-kind = "text"
-path = "zh.txt"
-"#,
-        base = s(&tiny().join("base")),
-        ext = s(&tiny().join("vocab_extension.json"))
-    )
-}
-
 /// Puts `key = value` into `section` of `recipe` (a `[[stage]]` block is appended for stage keys).
 fn with_key(recipe: &str, section: &str, key: &str, value: &str) -> String {
     if section == "[[stage]]" {
@@ -303,7 +124,6 @@ fn with_key(recipe: &str, section: &str, key: &str, value: &str) -> String {
     }
     recipe.replacen(&format!("{section}\n"), &format!("{section}\n{key} = {value}\n"), 1)
 }
-
 /// Every numeric recipe key, set in turn to NaN, ±inf, 0 and a negative value: a clean error
 /// naming the key, unless the value is legal for it (only 0, for the keys listed as such), and
 /// never an output folder.
@@ -365,7 +185,6 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
     assert!(!ok && err.contains("[train] lr = NaN") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out").exists());
 }
-
 /// The numeric keys of config.json, set to what Python's json.dump writes for NaN and ±inf, to
 /// 0, negatives and absurd sizes: an error naming the key.
 #[test]
@@ -401,7 +220,6 @@ fn every_numeric_config_key_rejects_non_finite_and_out_of_range() {
         }
     }
 }
-
 /// Sampling and window flags: NaN, ±inf, 0 and negatives are refused by the parser, naming the flag.
 #[test]
 fn sampling_flags_reject_non_finite_and_out_of_range() {
@@ -425,7 +243,6 @@ fn sampling_flags_reject_non_finite_and_out_of_range() {
     let (ok, _, err) = gen("--temperature", "0.7");
     assert!(ok, "{err}");
 }
-
 /// A copy of the fixture adapter with its config edited and its tensors rewritten: `edit` gets
 /// (name, dtype, shape, bytes) and returns the tensor to write.
 fn adapter_variant(dir: &Path, cfg_edit: impl FnOnce(&mut serde_json::Value), edit: impl Fn(&str, String, Vec<usize>, Vec<u8>) -> (String, Vec<usize>, Vec<u8>)) -> PathBuf {
@@ -449,7 +266,6 @@ fn adapter_variant(dir: &Path, cfg_edit: impl FnOnce(&mut serde_json::Value), ed
     linly_lora::io::safetensors::write_all(&out.join("adapter_model.safetensors"), &tensors, None).unwrap();
     out
 }
-
 /// Adapters whose config disagrees with their tensors, or whose table would shrink the base's
 /// vocabulary: `merge` and applying at load time both refuse, naming the file and what differs.
 #[test]
@@ -505,7 +321,6 @@ fn adapters_that_disagree_with_their_config_are_refused() {
     let (ok, _, err) = run_cli(&["merge", "--base", s(&base), "--adapter", s(&a), "--out", s(&dir.path().join("out"))], None);
     assert!(!ok && err.contains("adapter_model.safetensors") && err.contains("layers.0.self_attn.q_proj.lora_A.weight") && err.contains("I32"), "{err}");
 }
-
 /// `vocab resize` with an extension made from another tokenizer of the same size is refused.
 #[test]
 fn resize_refuses_an_extension_from_another_tokenizer() {
@@ -539,7 +354,6 @@ fn resize_refuses_an_extension_from_another_tokenizer() {
     let (ok, _, err) = run_cli(&["vocab", "resize", "--model", s(&model), "--extension", s(&ext2.join("vocab_extension.json")), "--out", s(&out)], None);
     assert!(ok, "{err}");
 }
-
 #[test]
 fn empty_word_list_is_an_error() {
     let dir = tempfile::tempdir().unwrap();
@@ -550,43 +364,6 @@ fn empty_word_list_is_an_error() {
     assert!(!ok && err.contains("nothing to add") && err.contains("words.txt"), "{err}");
     assert!(!out.exists());
 }
-
-/// What `kill -9` leaves: a staging folder of a dead process beside `--out`, and in a training
-/// run's checkpoints a staging folder, an incomplete `step-*` and checkpoints beyond keep_last.
-/// The next run removes them and says so; a live process's staging is left alone.
-#[test]
-fn debris_of_killed_runs_is_cleaned_by_the_next_run() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = std::process::Command::new("true").spawn().unwrap();
-    let dead = child.id();
-    child.wait().unwrap();
-    let out = dir.path().join("m.gguf");
-    let stale = dir.path().join(format!(".m.gguf.tmp-{dead}-123"));
-    std::fs::write(&stale, "half a gguf").unwrap();
-    let live = dir.path().join(format!(".m.gguf.tmp-{}-123", std::process::id()));
-    std::fs::write(&live, "someone else's work in progress").unwrap();
-    let (ok, _, err) = run_cli(&["export", "gguf", "--model", s(&tiny().join("base")), "--out", s(&out)], None);
-    assert!(ok, "{err}");
-    assert!(!stale.exists() && live.exists(), "{err}");
-    assert!(err.contains("removed") && err.contains(&format!("pid {dead}")), "{err}");
-
-    // Training's checkpoints.
-    let run = dir.path().join("run");
-    let ck = run.join("checkpoints");
-    for step in [1, 2, 3] {
-        let d = ck.join(format!("step-{step:08}"));
-        std::fs::create_dir_all(d.join("adapter")).unwrap();
-        std::fs::write(d.join("state.json"), "{}").unwrap();
-    }
-    std::fs::create_dir_all(ck.join("step-00000004/adapter")).unwrap(); // half-deleted: no state.json
-    std::fs::create_dir_all(ck.join(format!(".step-00000005.tmp-{dead}-1"))).unwrap();
-    linly_lora::train::checkpoint::clean(&run, 2);
-    let left: Vec<String> = std::fs::read_dir(&ck).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
-    let mut left = left;
-    left.sort();
-    assert_eq!(left, ["step-00000002", "step-00000003"]);
-}
-
 /// In fp32 a non-finite loss is an error at once, not a skipped step that trains nothing. The
 /// weights are finite (NaN weights are refused at load) but overflow: the final norm's gain
 /// is f32::MAX, so the logits are ±inf.
@@ -630,30 +407,6 @@ plots = false
     assert!(!ok && err.contains("step 1") && err.contains("NaN") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out/adapter").exists() && !dir.path().join("out/checkpoints/step-00000001").exists());
 }
-
-/// Training's [output] dir: never a folder holding its inputs, and a new run never writes into
-/// a folder holding files it did not write.
-#[test]
-fn train_output_dir_is_guarded() {
-    let dir = tempfile::tempdir().unwrap();
-    let base = base_recipe(dir.path());
-    let out = dir.path().join("out");
-    std::fs::create_dir(&out).unwrap();
-    std::fs::write(out.join("notes.txt"), "mine").unwrap();
-    let rp = dir.path().join("recipe.toml");
-    std::fs::write(&rp, &base).unwrap();
-    let before = snapshot(dir.path());
-    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
-    assert!(!ok && err.contains("notes.txt"), "{err}");
-    assert!(before == snapshot(dir.path()));
-    // The recipe's own folder holds its data file.
-    std::fs::write(&rp, base.replace("dir = \"out\"", "dir = \".\"")).unwrap();
-    let before2 = snapshot(dir.path());
-    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
-    assert!(!ok && err.contains("[output] dir") && err.contains("zh.txt"), "{err}");
-    assert!(before2 == snapshot(dir.path()));
-}
-
 /// Trainable-token indices that would grow the table by an index's word (one near usize::MAX,
 /// or a gap beyond the table): a clean error from `merge` and at load time, in bounded memory.
 #[test]
@@ -699,7 +452,6 @@ fn trainable_token_indices_beyond_the_table_are_refused() {
         assert_eq!(out.exists(), good);
     }
 }
-
 /// Recipe sizes that are allocated (tokens per micro-batch, micro-batches per step, mixing bins)
 /// and step counts that would overflow: an error naming the key, before any output exists.
 #[test]
@@ -729,7 +481,6 @@ fn recipe_sizes_are_bounded() {
     assert!(!ok && err.contains("grad_accum") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out").exists());
 }
-
 /// NaN or ±inf inside weights or adapter tensors, in each float storage type: every command
 /// that reads them refuses, naming the file and the tensor, and writes nothing.
 #[test]

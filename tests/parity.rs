@@ -107,7 +107,7 @@ fn bf16_copy_loads_within_1e2() {
 /// send the ops to their composed fallback (a fused op takes only tensors `flex_f32` accepts).
 #[test]
 fn kernel_path_follows_the_environment() {
-    use linly_lora::model::fused::{flex_f32, kernel_path, KernelPath};
+    use linly_lora::kernels::{flex_f32, kernel_path, KernelPath};
     let want = match std::env::var("LINLY_LORA_KERNELS").as_deref() {
         Ok("composed") => KernelPath::Composed,
         _ => KernelPath::Fused,

@@ -1,8 +1,9 @@
 //! The command layer: one entry function per `linly-lora` subcommand, each taking an options
 //! struct and returning a report whose `Display` is what the command prints (and whose
 //! `Serialize` is its `--json`). Policy that is about the command rather than the model lives
-//! here: how a `--out` is staged, which flags imply sampling, how a piece budget splits. The
-//! binary (`src/main.rs`) only parses flags into these options.
+//! here: how a `--out` is staged, which flags imply sampling, how a piece budget splits, how a
+//! report is printed ([`emit`], [`emit_or_json`]). The binary (`src/main.rs`, with its clap
+//! definitions in `src/cli/`) only parses flags into these options.
 //!
 //! This is the top of the module order (see the crate docs): nothing below imports it.
 
@@ -27,6 +28,31 @@ pub trait Report: fmt::Display {
     fn notes(&self) -> Vec<String> {
         Vec::new()
     }
+}
+
+/// Prints a finished command's report: its notes on stderr, then the report on stdout. An
+/// empty report prints nothing.
+pub fn emit(r: &impl Report) -> Result<()> {
+    for n in r.notes() {
+        eprintln!("{n}");
+    }
+    let text = r.to_string();
+    if !text.is_empty() {
+        println!("{text}");
+    }
+    Ok(())
+}
+
+/// [`emit`], or with `--json` the report as one line of JSON.
+pub fn emit_or_json<R: Report + Serialize>(r: &R, json: bool) -> Result<()> {
+    if !json {
+        return emit(r);
+    }
+    for n in r.notes() {
+        eprintln!("{n}");
+    }
+    println!("{}", serde_json::to_string(r)?);
+    Ok(())
 }
 
 /// A report for a command that wrote `--out`: the display names the folder the user asked

@@ -4,27 +4,24 @@
 //!
 //! Inference on flex in f32 with a KV cache (generation, chat, serving) takes a fused host
 //! path instead: RoPE, the cache append and the attention of batch 1 run in one pass over host
-//! buffers ([`host_attention`]). Decoding one token otherwise costs some thirty small burn ops
-//! per layer (narrow/cat/neg for RoPE, a concatenation of the whole cache, the expansion of
-//! the shared K/V heads, softmax), whose dispatch and allocations took a large share of a
-//! ~10 ms token.
+//! buffers ([`crate::kernels::attention::cached_attention`]). Decoding one token otherwise
+//! costs some thirty small burn ops per layer (narrow/cat/neg for RoPE, a concatenation of the
+//! whole cache, the expansion of the shared K/V heads, softmax), whose dispatch and allocations
+//! took a large share of a ~10 ms token.
 //!
 //! Training and other calls without a cache on flex in f32 take
-//! [`super::fused_attention::causal_attention`]: RoPE, the causal softmax and the value product
-//! in one op with a hand-written backward. Everything else (libtorch, f16/bf16, caches of
-//! batch > 1) runs [`Attention::composed_context`], the reference both fused paths are tested
-//! against.
+//! [`crate::kernels::attention::causal_attention`]: RoPE, the causal softmax and the value
+//! product in one op with a hand-written backward. Everything else (libtorch, f16/bf16, caches
+//! of batch > 1) runs [`Attention::composed_context`], the reference both fused paths are
+//! tested against (the kernels' tests are here, beside it).
 
-use super::cache::{HostKv, LayerCache};
-use super::fused::{flex_f32, from_plain, new_tensor, values, FlexF32};
-use super::fused_attention::causal_attention;
+use super::cache::LayerCache;
 use super::linear::Linear;
-use super::rope::{rotate_rows, RopeTables};
+use super::rope::RopeTables;
+use crate::kernels::attention::{attention_composed, cached_attention, causal_attention, rotate_rows};
+use crate::kernels::{flex_f32, from_plain, new_tensor, values, FlexF32};
 use burn::module::Module;
-use burn::tensor::module::attention;
-use burn::tensor::ops::AttentionModuleOptions;
-use burn::tensor::{Bool, Tensor, TensorData};
-use rayon::prelude::*;
+use burn::tensor::Tensor;
 
 #[derive(Module, Debug)]
 pub struct Attention {
@@ -51,7 +48,7 @@ impl Attention {
             },
             Some(c) => Self::composed_context(q, k, v, rope, Some(c), sizes),
             // Without a cache (training, batched scoring) the positions start at 0: one fused
-            // op on f32 flex (see `fused_attention`), the composition elsewhere.
+            // op on f32 flex (see `kernels::attention`), the composition elsewhere.
             None => match if rope.start == 0 { causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, sizes) } else { None } {
                 Some(ctx) => ctx,
                 None => Self::composed_context(q, k, v, rope, None, sizes),
@@ -74,22 +71,7 @@ impl Attention {
             Some(c) => c.append(k, v),
             None => (k, v),
         };
-        let k_len = k.dims()[2];
-        let k = repeat_kv(k, h / kvh);
-        let v = repeat_kv(v, h / kvh);
-        let start = rope.start;
-        // A causal flag means "query i sees keys ≤ i" counted from the top-left, which is only
-        // right when queries and keys start together; with a cache the mask must be explicit.
-        let (mask, is_causal) = if t == 1 {
-            (None, false)
-        } else if start == 0 && k_len == t {
-            (None, true)
-        } else {
-            (Some(causal_mask(t, k_len, start, &q.device()).expand([b, h, t, k_len])), false)
-        };
-        let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal };
-        let ctx = attention(q, k, v, mask, None, opts);
-        ctx.swap_dims(1, 2).reshape([b, t, h * d])
+        attention_composed(q, k, v, rope.start)
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when
@@ -100,97 +82,17 @@ impl Attention {
         };
         let hc = cache.host()?;
         let t = q.dims()[1];
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
         let mut qh = values(&qp).into_owned();
         let mut kh = values(&kp).into_owned();
-        let ctx = host_attention(&mut qh, &mut kh, &values(&vp), &rope.cos_host, &rope.sin_host, hc, [self.num_heads, self.num_kv_heads, self.head_dim]);
-        Some(from_plain(new_tensor(ctx, vec![1, t, self.num_heads * self.head_dim])))
+        // RoPE on the new rows, their keys and values appended, then batch 1 over the cache.
+        rotate_rows(&mut qh, &rope.cos_host, &rope.sin_host, h, d);
+        rotate_rows(&mut kh, &rope.cos_host, &rope.sin_host, kvh, d);
+        let start = hc.len();
+        hc.append(&kh, &values(&vp), kvh * d);
+        let ctx = cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d]);
+        Some(from_plain(new_tensor(ctx, vec![1, t, h * d])))
     }
-}
-
-/// Causal grouped-query attention of `t` new positions of batch 1 over a host cache, which
-/// gets their keys and values appended. `q` `[t, heads·d]`, `k`/`v` `[t, kv_heads·d]` are the
-/// projections before RoPE (rotated here in place with `cos`/`sin` `[t, d]`); query `i` sits
-/// at position `cache.len() + i` and sees every key up to it. Returns the context
-/// `[t, heads·d]`, scores scaled by `1/√d` as burn's `attention` does.
-pub fn host_attention(q: &mut [f32], k: &mut [f32], v: &[f32], cos: &[f32], sin: &[f32], cache: &mut HostKv, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
-    let t = q.len() / (h * d);
-    rotate_rows(q, cos, sin, h, d);
-    rotate_rows(k, cos, sin, kvh, d);
-    let start = cache.len();
-    cache.append(k, v, kvh * d);
-    let (w, groups, scale) = (kvh * d, h / kvh, 1.0 / (d as f32).sqrt());
-    let (kc, vc) = (&cache.k, &cache.v);
-    // Head-major [h, t, d]; for one token that is already [t, h·d].
-    let mut out = vec![0f32; h * t * d];
-    let head = |hh: usize, o: &mut [f32]| {
-        let g = hh / groups;
-        let mut p = vec![0f32; start + t];
-        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
-            let qi = &q[i * h * d + hh * d..][..d];
-            let n = start + i + 1;
-            for (j, pj) in p[..n].iter_mut().enumerate() {
-                *pj = dot(qi, &kc[j * w + g * d..][..d]) * scale;
-            }
-            let m = super::fused::max_of(&p[..n]);
-            let mut sum = 0f32;
-            for pj in &mut p[..n] {
-                *pj = super::fused::exp_approx(*pj - m);
-                sum += *pj;
-            }
-            for (j, &pj) in p[..n].iter().enumerate() {
-                for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
-                    *a += pj * b;
-                }
-            }
-            let inv = 1.0 / sum;
-            oi.iter_mut().for_each(|a| *a *= inv);
-        }
-    };
-    // Spread heads over threads only when there is real work (a prompt), not for one token.
-    if t * (start + t) * d >= 1 << 16 {
-        out.par_chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
-    } else {
-        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
-    }
-    if t == 1 {
-        return out;
-    }
-    let mut ctx = vec![0f32; t * h * d];
-    for hh in 0..h {
-        for i in 0..t {
-            ctx[i * h * d + hh * d..][..d].copy_from_slice(&out[(hh * t + i) * d..][..d]);
-        }
-    }
-    ctx
-}
-
-/// `Σ aᵢ·bᵢ` in eight lanes (one f32 chain would not vectorise).
-#[inline]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    acc.iter().sum::<f32>() + rest
-}
-
-/// Shares each key/value head among `groups` query heads.
-fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
-    if groups == 1 {
-        return x;
-    }
-    let [b, kvh, t, d] = x.dims();
-    x.unsqueeze_dim::<5>(2).expand([b, kvh, groups, t, d]).reshape([b, kvh * groups, t, d])
-}
-
-/// `true` where key position > query position, for queries at `start..start+t`.
-fn causal_mask(t: usize, k_len: usize, start: usize, device: &burn::tensor::Device) -> Tensor<4, Bool> {
-    let v: Vec<bool> = (0..t).flat_map(|i| (0..k_len).map(move |j| j > start + i)).collect();
-    Tensor::from_data(TensorData::new(v, [1, 1, t, k_len]), device)
 }
 
 #[cfg(test)]
@@ -198,6 +100,7 @@ mod tests {
     use super::*;
     use crate::config::LlamaConfig;
     use crate::model::cache::LayerCache;
+    use burn::tensor::TensorData;
 
     fn values(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| (((i * 7919 + seed * 104729) % 1001) as f32 / 500.0 - 1.0) * 0.5).collect()
@@ -262,5 +165,84 @@ mod tests {
         let mut got = x;
         rotate_rows(&mut got, &rope.cos_host, &rope.sin_host, 4, 8);
         assert_eq!(got, want, "same products, same sum: bit-identical");
+    }
+}
+
+/// The attention kernels ([`crate::kernels::attention`]) against the composed path here.
+#[cfg(test)]
+mod kernel_tests {
+    use super::Attention;
+    use crate::config::LlamaConfig;
+    use crate::kernels::attention::{causal_attention, rotate_into, unrotate};
+    use crate::kernels::testing::assert_close;
+    use crate::model::rope::RopeTables;
+    use burn::tensor::{Device, Distribution, Tensor};
+
+    fn vec_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
+        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
+    }
+
+    /// Output and the gradients of q, k and v equal the composed path (RoPE ops, repeated K/V
+    /// heads, burn's causal attention), for several row-block splits and GQA group sizes.
+    #[test]
+    fn matches_composed_forward_and_gradients() {
+        for &(b, t, h, kvh, d) in &[(2, 5, 4, 2, 8), (1, 70, 3, 1, 16), (2, 130, 6, 3, 8), (1, 64, 2, 2, 4)] {
+            let dev = Device::flex().autodiff();
+            let cfg = LlamaConfig::synthetic(h * d, 1, h, kvh, 64, 256);
+            let rope = RopeTables::new(&cfg, 0, t, &dev, burn::tensor::DType::F32);
+            let q0: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.5), &dev);
+            let k0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.5), &dev);
+            let v0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.0), &dev);
+            let up: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev);
+            let run = |fused: bool| {
+                let (q, k, v) = (q0.clone().detach().require_grad(), k0.clone().detach().require_grad(), v0.clone().detach().require_grad());
+                let y = if fused {
+                    causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, [h, kvh, d]).expect("f32 flex takes the fused path")
+                } else {
+                    Attention::composed_context(q.clone(), k.clone(), v.clone(), &rope, None, [h, kvh, d])
+                };
+                let g = (y.clone() * up.clone()).sum().backward();
+                [vec_of(y.detach()), vec_of(q.grad(&g).unwrap()), vec_of(k.grad(&g).unwrap()), vec_of(v.grad(&g).unwrap())]
+            };
+            let (f, c) = (run(true), run(false));
+            for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
+                assert_close(&f[i], &c[i], 2e-5, &format!("{what} at {:?}", (b, t, h, kvh, d)));
+            }
+            // Without autodiff the same values come out.
+            let plain = Device::flex();
+            let p = |x: &Tensor<3>| Tensor::<3>::from_data(x.clone().into_data(), &plain);
+            let y = causal_attention(&p(&q0), &p(&k0), &p(&v0), &rope.cos_host, &rope.sin_host, [h, kvh, d]).unwrap();
+            assert_close(&vec_of(y), &f[0], 1e-6, "plain forward");
+        }
+    }
+
+    /// A frozen input (no gradient wanted) gets none, the others still do.
+    #[test]
+    fn untracked_inputs_get_no_gradient() {
+        let dev = Device::flex().autodiff();
+        let cfg = LlamaConfig::synthetic(16, 1, 2, 1, 64, 16);
+        let rope = RopeTables::new(&cfg, 0, 6, &dev, burn::tensor::DType::F32);
+        let q: Tensor<3> = Tensor::random([1, 6, 16], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let k: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev);
+        let v: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let g = causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, [2, 1, 8]).unwrap().sum().backward();
+        assert!(q.grad(&g).is_some() && v.grad(&g).is_some());
+        assert!(k.grad(&g).is_none());
+    }
+
+    #[test]
+    fn rotation_and_its_transpose_are_adjoint() {
+        let d = 8;
+        let (cos, sin) = crate::model::rope::tables(d, 10000.0, &crate::config::RopeScaling::None, 3, 2);
+        let x: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.37).sin()).collect();
+        let y: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.71).cos()).collect();
+        let mut rx = vec![0f32; 2 * d];
+        rotate_into(&mut rx, &x, 0, d, &cos, &sin, d);
+        let mut ry = y.clone();
+        unrotate(&mut ry, &cos, &sin, d);
+        // ⟨R x, y⟩ = ⟨x, Rᵀ y⟩.
+        let a: f32 = rx.iter().zip(&y).map(|(p, q)| p * q).sum();
+        let b: f32 = x.iter().zip(&ry).map(|(p, q)| p * q).sum();
+        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
     }
 }

@@ -89,7 +89,7 @@ fn host_to_tensors(h: &HostKv, kvh: usize, device: &Device, like: &Tensor<4>) ->
     let mk = |v: &[f32]| {
         let x: Tensor<4> = Tensor::from_data(TensorData::new(v.to_vec(), [1, t, kvh, d]), device);
         let x = x.swap_dims(1, 2);
-        if like.dtype() != x.dtype() { x.cast(super::norm::float_dtype(like.dtype())) } else { x }
+        if like.dtype() != x.dtype() { x.cast(crate::kernels::float_dtype(like.dtype())) } else { x }
     };
     (mk(&h.k), mk(&h.v))
 }

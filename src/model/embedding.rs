@@ -11,7 +11,7 @@
 //! and cannot overflow fp16 under the loss scale. This is half of how fresh rows are kept from
 //! killing fp16 training (the other half is the loss scaler, `crate::train::scaler`).
 
-use super::gemm::matmul_t;
+use crate::kernels::gemm::matmul_t;
 use super::linear::{Frozen, QuantWeight};
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
@@ -74,7 +74,7 @@ impl TokenTable {
         }
         match &self.extra {
             None => self.base.val(),
-            Some(e) => Tensor::cat(vec![self.base.val(), e.val().cast(super::norm::float_dtype(self.base.val().dtype()))], 0),
+            Some(e) => Tensor::cat(vec![self.base.val(), e.val().cast(crate::kernels::float_dtype(self.base.val().dtype()))], 0),
         }
     }
 
@@ -91,7 +91,7 @@ impl TokenTable {
             None => embedding(base, ids),
             Some(extra) => {
                 let n = self.base_rows() as i64;
-                let dt = super::norm::float_dtype(base.dtype());
+                let dt = crate::kernels::float_dtype(base.dtype());
                 let is_new = ids.clone().greater_equal_elem(n);
                 let old_ids = ids.clone().clamp_max(n - 1);
                 let new_ids = (ids - n).clamp_min(0);
@@ -114,12 +114,12 @@ impl TokenTable {
             return logits.reshape([b, t, v]);
         }
         // A trainable table is an f32 master; the product runs in the activation dtype.
-        let base = self.base.val().cast(super::norm::float_dtype(h2.dtype()));
+        let base = self.base.val().cast(crate::kernels::float_dtype(h2.dtype()));
         let logits = match &self.extra {
             None => matmul_t(h2, base),
             Some(extra) => {
                 let f32 = burn::tensor::FloatDType::F32;
-                let new_dt = if self.extra_f32 { f32 } else { super::norm::float_dtype(h2.dtype()) };
+                let new_dt = if self.extra_f32 { f32 } else { crate::kernels::float_dtype(h2.dtype()) };
                 let extra = extra.val().cast(new_dt);
                 let old = matmul_t(h2.clone(), base).cast(f32);
                 Tensor::cat(vec![old, matmul_t(h2.cast(new_dt), extra).cast(f32)], 1)
@@ -161,7 +161,7 @@ impl TokenTable {
             return None;
         }
         let id = extra.id;
-        let dtype = super::norm::float_dtype(t.dtype());
+        let dtype = crate::kernels::float_dtype(t.dtype());
         let fresh = Tensor::<2>::from_data(TensorData::new(rows, [n, d]), &device).cast(dtype);
         *extra = Param::initialized(id, fresh.require_grad());
         Some(r)

@@ -104,14 +104,14 @@ impl Frozen {
     /// `x · Wᵀ` for `x` `[n, in]`, in `x`'s dtype.
     pub fn matmul_t(&self, x: Tensor<2>) -> Tensor<2> {
         match self {
-            Frozen::Dense(p) => super::gemm::matmul_t(x, p.val()),
+            Frozen::Dense(p) => crate::kernels::gemm::matmul_t(x, p.val()),
             Frozen::Quant(q) => {
                 let [n, _] = x.dims();
                 let dtype = x.dtype();
                 let host = crate::io::weights::tensor_to_f32(x);
                 let y = q.matrix.matmul(&host, n);
                 let t: Tensor<2> = Tensor::from_data(TensorData::new(y, [n, q.matrix.rows()]), &q.device);
-                if dtype != burn::tensor::DType::F32 { t.cast(super::norm::float_dtype(dtype)) } else { t }
+                if dtype != burn::tensor::DType::F32 { t.cast(crate::kernels::float_dtype(dtype)) } else { t }
             }
         }
     }
@@ -164,7 +164,7 @@ impl Linear {
             // One branch on a dense weight (training, unmerged inference): the fused op on f32
             // flex, else the composition below with the same dropped-out input.
             let xd = branch.dropped_input(&x2);
-            if let Some(y) = super::fused_lora::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale) {
+            if let Some(y) = crate::kernels::lora::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale) {
                 return y.reshape([b, t, out]);
             }
             let y = self.weight.matmul_t(x2.clone()) + branch.delta_of_dropped(xd.unwrap_or(x2));
@@ -205,7 +205,7 @@ impl Linear {
         let mut ys = QuantMatrix::matmul_shared(&mats, &host, b * t).into_iter();
         ls.map(|l| {
             let y: Tensor<3> = Tensor::from_data(TensorData::new(ys.next().expect("one product per matrix"), [b, t, l.out_features()]), &device);
-            if dtype != burn::tensor::DType::F32 { y.cast(super::norm::float_dtype(dtype)) } else { y }
+            if dtype != burn::tensor::DType::F32 { y.cast(crate::kernels::float_dtype(dtype)) } else { y }
         })
     }
 }

@@ -41,7 +41,7 @@ impl LoraBranch {
 
     /// [`Self::delta`] of an input that has been through dropout already.
     pub fn delta_of_dropped(&self, xd: Tensor<2>) -> Tensor<2> {
-        let dt = super::norm::float_dtype(xd.dtype());
+        let dt = crate::kernels::float_dtype(xd.dtype());
         let a = self.a.val().cast(dt);
         let b = self.b.val().cast(dt);
         xd.matmul(a.transpose()).matmul(b.transpose()) * self.scale

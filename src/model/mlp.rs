@@ -1,8 +1,8 @@
 //! The SwiGLU feed-forward block: `down(silu(gate(x)) * up(x))`.
 
 use super::linear::Linear;
+use crate::kernels::swiglu::{swiglu, swiglu_composed};
 use burn::module::Module;
-use burn::tensor::activation::silu;
 use burn::tensor::Tensor;
 
 #[derive(Module, Debug)]
@@ -16,10 +16,10 @@ impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         // One pass over `x` for both projections that read it (see `Linear::forward_shared`).
         let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x);
-        // f32 on flex: one fused kernel each way (see `fused`); the composition otherwise.
-        let h = match super::fused::swiglu(&g, &u) {
+        // f32 on flex: one fused kernel each way (see `kernels::swiglu`); the composition otherwise.
+        let h = match swiglu(&g, &u) {
             Some(h) => h,
-            None => silu(g) * u,
+            None => swiglu_composed(g, u),
         };
         self.down_proj.forward(h)
     }

@@ -2,37 +2,24 @@
 //! scaling. Tables are built per call for the positions in use, so memory does not grow with
 //! the configured context length.
 
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{llama3_band, rope_base_freq, Llama3Band, LlamaConfig, RopeScaling};
 use burn::tensor::{DType, Device, Tensor, TensorData};
 
 /// Inverse frequencies, computed in f32 exactly as transformers does so that logits match
 /// the reference to f32 rounding.
 pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> {
-    let base: Vec<f32> = (0..head_dim / 2)
-        .map(|i| {
-            let exponent = (2 * i) as f32 / head_dim as f32;
-            1.0 / (theta as f32).powf(exponent)
-        })
-        .collect();
+    let base: Vec<f32> = (0..head_dim / 2).map(|i| rope_base_freq::<f32>(i, head_dim, theta)).collect();
     match *scaling {
         RopeScaling::None => base,
         RopeScaling::Linear { factor } => base.iter().map(|f| f / factor as f32).collect(),
         RopeScaling::Llama3 { factor, low_freq_factor, high_freq_factor, original_max_position_embeddings } => {
             let (factor, lo, hi, orig) =
                 (factor as f32, low_freq_factor as f32, high_freq_factor as f32, original_max_position_embeddings as f32);
-            let low_freq_wavelen = orig / lo;
-            let high_freq_wavelen = orig / hi;
             base.iter()
-                .map(|&f| {
-                    let wavelen = 2.0 * std::f32::consts::PI / f;
-                    if wavelen > low_freq_wavelen {
-                        f / factor
-                    } else if wavelen < high_freq_wavelen {
-                        f
-                    } else {
-                        let smooth = (orig / wavelen - lo) / (hi - lo);
-                        (1.0 - smooth) * f / factor + smooth * f
-                    }
+                .map(|&f| match llama3_band(f, lo, hi, orig) {
+                    Llama3Band::Low => f / factor,
+                    Llama3Band::High => f,
+                    Llama3Band::Mid { smooth } => (1.0 - smooth) * f / factor + smooth * f,
                 })
                 .collect()
         }
@@ -40,7 +27,8 @@ pub fn inv_freq(head_dim: usize, theta: f64, scaling: &RopeScaling) -> Vec<f32> 
 }
 
 /// cos/sin tables `[1, 1, T, head_dim]` for positions `start..start+T`, as tensors for the
-/// composed attention and as host rows `[T, head_dim]` for the fused host one.
+/// composed attention and as host rows `[T, head_dim]` for the fused kernels (which rotate with
+/// [`crate::kernels::attention::rotate_rows`], bit for bit [`RopeTables::apply`]).
 pub struct RopeTables {
     pub cos: Tensor<4>,
     pub sin: Tensor<4>,
@@ -54,7 +42,7 @@ impl RopeTables {
         let (cos_host, sin_host) = tables(cfg.head_dim, cfg.rope_theta, &cfg.rope_scaling, start, len);
         let mk = |v: &[f32]| {
             let t: Tensor<4> = Tensor::from_data(TensorData::new(v.to_vec(), [1, 1, len, cfg.head_dim]), device);
-            if dtype != DType::F32 { t.cast(super::norm::float_dtype(dtype)) } else { t }
+            if dtype != DType::F32 { t.cast(crate::kernels::float_dtype(dtype)) } else { t }
         };
         RopeTables { cos: mk(&cos_host), sin: mk(&sin_host), cos_host, sin_host, start }
     }
@@ -66,23 +54,6 @@ impl RopeTables {
         let x2 = x.clone().narrow(3, d / 2, d / 2);
         let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
         x * self.cos.clone() + rotated * self.sin.clone()
-    }
-}
-
-/// Rotates rows of `x` `[t, heads·head_dim]` in place with host tables `[t, head_dim]`: the
-/// same products and sum as [`RopeTables::apply`] (`x·cos + rotate_half(x)·sin`), so the two
-/// agree bit for bit.
-pub fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
-    let half = head_dim / 2;
-    for (row, (c, s)) in x.chunks_exact_mut(heads * head_dim).zip(cos.chunks_exact(head_dim).zip(sin.chunks_exact(head_dim))) {
-        for v in row.chunks_exact_mut(head_dim) {
-            let (x1, x2) = v.split_at_mut(half);
-            for i in 0..half {
-                let (a, b) = (x1[i], x2[i]);
-                x1[i] = a * c[i] + (-b) * s[i];
-                x2[i] = b * c[half + i] + a * s[half + i];
-            }
-        }
     }
 }
 

@@ -25,7 +25,7 @@ use crate::io::gguf::layout::{hf_to_gguf_name, permute_qk_rows};
 use crate::io::gguf::reader::{GgmlType, GgufValue};
 use crate::io::gguf::vocab_out::gguf_vocab;
 use crate::io::gguf::writer::GgufWriter;
-use crate::config::{LlamaConfig, RopeScaling};
+use crate::config::{llama3_rope_divisors, LlamaConfig, RopeScaling};
 use crate::io::weights::WeightStore;
 use super::gptq::{self, Hessians};
 use super::imatrix::Imatrix;
@@ -183,25 +183,8 @@ fn llama3_rope_factors(cfg: &LlamaConfig) -> Option<Vec<f32>> {
     else {
         return None;
     };
-    let (lo_w, hi_w) = (original_max_position_embeddings / low_freq_factor, original_max_position_embeddings / high_freq_factor);
-    let d = cfg.head_dim;
-    Some(
-        (0..d / 2)
-            .map(|i| {
-                let freq = 1.0 / cfg.rope_theta.powf((2 * i) as f64 / d as f64);
-                let wavelen = 2.0 * std::f64::consts::PI / freq;
-                let f = if wavelen < hi_w {
-                    1.0
-                } else if wavelen > lo_w {
-                    factor
-                } else {
-                    let smooth = (original_max_position_embeddings / wavelen - low_freq_factor) / (high_freq_factor - low_freq_factor);
-                    1.0 / ((1.0 - smooth) / factor + smooth)
-                };
-                f as f32
-            })
-            .collect(),
-    )
+    let d = llama3_rope_divisors(cfg.head_dim, cfg.rope_theta, factor, low_freq_factor, high_freq_factor, original_max_position_embeddings);
+    Some(d.into_iter().map(|f| f as f32).collect())
 }
 
 /// Writes `model_dir` (an HF folder) as a GGUF file at `out`, atomically.

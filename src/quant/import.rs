@@ -13,6 +13,7 @@
 //! the end, so a failed import leaves no `DIR` behind. Tensors are converted one at a time
 //! straight into the output file, so peak memory is about one tensor in f32, not the model.
 
+use crate::config::llama3_rope_divisors;
 use crate::io::gguf::dequant::dequantize;
 use crate::io::gguf::layout::{gguf_to_hf_name, unpermute_qk_rows};
 use crate::io::gguf::reader::{GgmlType, GgufFile, GgufMmap, GgufTensor};
@@ -237,21 +238,8 @@ fn llama3_scaling_from_freqs(
     };
     let factor = values.iter().copied().fold(f32::MIN, f32::max) as f64;
     let (low, high, old_ctx) = (1.0f64, 4.0f64, orig.unwrap_or(8192) as f64);
-    let low_wavelen = old_ctx / low;
-    let high_wavelen = old_ctx / high;
-    let matches = values.iter().enumerate().all(|(i, &v)| {
-        let freq = 1.0 / theta.powf((2 * i) as f64 / head_dim as f64);
-        let wavelen = 2.0 * std::f64::consts::PI / freq;
-        let want = if wavelen < high_wavelen {
-            1.0
-        } else if wavelen > low_wavelen {
-            factor
-        } else {
-            let smooth = (old_ctx / wavelen - low) / (high - low);
-            1.0 / ((1.0 - smooth) / factor + smooth)
-        };
-        (v as f64 - want).abs() <= 1e-3 * want.abs().max(1.0)
-    });
+    let wanted = llama3_rope_divisors(head_dim, theta, factor, low, high, old_ctx);
+    let matches = values.iter().zip(&wanted).all(|(&v, &want)| (v as f64 - want).abs() <= 1e-3 * want.abs().max(1.0));
     if matches && factor > 1.0 {
         Some(json!({
             "rope_type": "llama3", "factor": crate::io::gguf::value::f32_to_f64_decimal(factor as f32),

@@ -10,7 +10,7 @@
 //! fused sweep has the per-row values on the host already; the composed path keeps them as a
 //! `[B]` tensor for the step's single host read.
 
-use crate::model::fused::{self, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use crate::kernels::{self as fused, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;

@@ -4,6 +4,8 @@
 use linly_lora::io::safetensors::SafetensorsFile;
 use std::path::PathBuf;
 
+pub mod hostile;
+
 pub fn fixture(rel: &str) -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures").join(rel)
 }

@@ -9,7 +9,7 @@
 //! 300 MB per training step at SmolLM2's size. Outputs built here are f32 vectors, kept as
 //! they are.
 
-use super::fused::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -112,15 +112,12 @@ pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         gemm(&mut y, m, [n, m, k], View::rows(&values(x), 0, k), View::t(&values(w), 0, k), 1.0, false, true);
         new_tensor(y, vec![n, m])
     };
-    match (flex_f32(x)?, flex_f32(w)?) {
-        (FlexF32::Plain(xp), FlexF32::Plain(wp)) => Some(from_plain(product(&xp, &wp))),
-        (FlexF32::Tracked(xa), FlexF32::Tracked(wa)) => {
-            let (xp, xg) = xa.into_parts();
-            let (wp, wg) = wa.into_parts();
+    match inputs([flex_f32(x), flex_f32(w)])? {
+        Inputs::Plain([xp, wp]) => Some(from_plain(product(&xp, &wp))),
+        Inputs::Tracked([xp, wp], nodes) => {
             let y = product(&xp, &wp);
-            Some(from_tracked(record(MatmulTBackward, [xg, wg], || (xp, wp), y)))
+            Some(from_tracked(record(MatmulTBackward, nodes, || (xp, wp), y)))
         }
-        _ => None,
     }
 }
 

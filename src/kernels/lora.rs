@@ -8,11 +8,12 @@
 //! the GEMM itself, and the input gradient `dy·W + s·(dy·B)·A` is one buffer. The base weight
 //! gets no gradient: it is frozen by construction (the op declines a weight that wants one).
 //!
-//! [`super::LoraBranch::delta`] with `Linear::forward` stays the reference; the unit test
-//! checks output and every gradient against it.
+//! The model's `LoraBranch::delta` with `Linear::forward` stays the reference (any backend and
+//! dtype); [`lora_linear_composed`] is the same composition in f32, and the unit test checks
+//! output and every gradient against it.
 
-use crate::model::fused::{flex_f32, from_plain, from_tracked, new_tensor, record, values, FlexF32};
-use crate::model::gemm::{gemm, View};
+use super::gemm::{gemm, View};
+use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::Tensor;
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
@@ -105,39 +106,35 @@ pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Ten
     let sizes = [n, inp, out, r];
     let scale = scale as f32;
     let xd_t = xd.unwrap_or(x);
-    match (flex_f32(x)?, flex_f32(xd_t)?, flex_f32(w)?, flex_f32(a)?, flex_f32(b)?) {
-        (FlexF32::Plain(xp), FlexF32::Plain(xdp), FlexF32::Plain(wp), FlexF32::Plain(ap), FlexF32::Plain(bp)) => {
+    match inputs([flex_f32(x), flex_f32(xd_t), flex_f32(w), flex_f32(a), flex_f32(b)])? {
+        Inputs::Plain([xp, xdp, wp, ap, bp]) => {
             let (y, _) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
             Some(from_plain(new_tensor(y, vec![n, out])))
         }
-        (FlexF32::Tracked(xa), FlexF32::Tracked(xda), FlexF32::Tracked(wa), FlexF32::Tracked(aa), FlexF32::Tracked(ba)) => {
-            let (xp, xg) = xa.into_parts();
-            let (xdp, xdg) = xda.into_parts();
-            let (wp, _) = wa.into_parts();
-            let (ap, ag) = aa.into_parts();
-            let (bp, bg) = ba.into_parts();
+        // The frozen weight's node is not a parent: it gets no gradient.
+        Inputs::Tracked([xp, xdp, wp, ap, bp], [xg, xdg, _, ag, bg]) => {
             let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes);
             let y = new_tensor(y, vec![n, out]);
             Some(from_tracked(record(LoraLinearBackward, [xg, xdg, ag, bg], || State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes }, y)))
         }
-        _ => None,
     }
+}
+
+/// `x·Wᵀ + scale·(xd·Aᵀ)·Bᵀ` from tensor ops (`xd` `None` for `x` itself): the composition
+/// [`lora_linear`] replaces, for tests.
+pub fn lora_linear_composed(x: Tensor<2>, xd: Option<Tensor<2>>, w: Tensor<2>, a: Tensor<2>, b: Tensor<2>, scale: f64) -> Tensor<2> {
+    let xb = xd.unwrap_or(x.clone());
+    x.matmul(w.transpose()) + xb.matmul(a.transpose()).matmul(b.transpose()) * scale
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::kernels::testing::assert_close;
     use burn::tensor::{Device, Distribution};
 
     fn vec_of(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_into_vec::<f32>().unwrap()
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
-        }
     }
 
     /// Output and the gradients of x, A and B equal the composition `x·Wᵀ + s·(xd·Aᵀ)·Bᵀ`, with
@@ -159,8 +156,7 @@ mod tests {
                 let y = if fused {
                     lora_linear(&x, xd.as_ref(), &w, &a, &b, s).expect("f32 flex takes the fused path")
                 } else {
-                    let xb = xd.clone().unwrap_or(x.clone());
-                    x.clone().matmul(w.clone().transpose()) + xb.matmul(a.clone().transpose()).matmul(b.clone().transpose()) * s
+                    lora_linear_composed(x.clone(), xd.clone(), w.clone(), a.clone(), b.clone(), s)
                 };
                 let g = (y.clone() * up.clone()).sum().backward();
                 assert!(w.grad(&g).is_none(), "the frozen weight gets no gradient");
@@ -175,7 +171,7 @@ mod tests {
         let plain = Device::flex();
         let p = |t: &Tensor<2>| Tensor::<2>::from_data(t.clone().into_data(), &plain);
         let y = lora_linear(&p(&x0), None, &p(&w), &p(&a0), &p(&b0), s).unwrap();
-        let want = p(&x0).matmul(p(&w).transpose()) + p(&x0).matmul(p(&a0).transpose()).matmul(p(&b0).transpose()) * s;
+        let want = lora_linear_composed(p(&x0), None, p(&w), p(&a0), p(&b0), s);
         assert_close(&vec_of(y), &vec_of(want), 1e-5, "plain");
     }
 

@@ -1,5 +1,10 @@
-//! Causal grouped-query attention with RoPE as one op with a hand-written backward, for the
-//! flex backend in f32 without a KV cache: training, and batched scoring without a cache.
+//! Causal grouped-query attention with RoPE on host f32 buffers:
+//! - [`causal_attention`]: one op with a hand-written backward, for the flex backend in f32
+//!   without a KV cache (training, and batched scoring without a cache);
+//! - [`cached_attention`]: batch 1 over a growing host KV cache (inference on flex in f32);
+//! - [`attention_composed`]: the composition from burn ops (repeated K/V heads, burn's
+//!   `attention`) every other backend, dtype and cache runs, and the reference of both;
+//! - [`rotate_rows`]: RoPE applied to host rows, bit for bit the tensor rotation.
 //!
 //! Why: composed from burn ops, RoPE is six element-wise kernels per tensor each way, the shared
 //! K/V heads are copied once per query head, and burn's attention fallback writes and walks the
@@ -7,15 +12,19 @@
 //! (batch, head) pair is two small GEMMs per row block and one softmax pass. Backward recomputes
 //! the probabilities from the saved log-sum-exp, flash-attention style, so the op keeps
 //! `O(B·H·T·D)` state instead of `O(B·H·T²)`. Row blocks see only the keys up to their last
-//! row, so the masked upper triangle is mostly never computed.
+//! row, so the masked upper triangle is mostly never computed. Decoding one token composed
+//! costs some thirty small burn ops per layer; [`cached_attention`] is one pass.
 //!
-//! The composed path in [`super::attention`] stays the reference: the unit tests check this
-//! op's output and its three gradients against it.
+//! The model's `Attention::composed_context` (RoPE tables, the cache, then
+//! [`attention_composed`]) stays the reference: its unit tests check these ops' outputs and
+//! the three gradients against it.
 
-use super::fused::{dims, exp_approx, flex_f32, from_plain, from_tracked, max_of, new_tensor, record, values, FlexF32};
 use super::gemm::{gemm, View};
-use super::rope::rotate_rows;
-use burn::tensor::Tensor;
+use super::softmax::{exp_approx, exp_shifted_in_place};
+use super::{dims, flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
+use burn::tensor::module::attention;
+use burn::tensor::ops::AttentionModuleOptions;
+use burn::tensor::{Bool, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
 use burn_autodiff::grads::Gradients;
 use burn_autodiff::ops::{Backward, Ops};
@@ -45,9 +54,26 @@ impl Dims {
     }
 }
 
+/// Rotates rows of `x` `[t, heads·head_dim]` in place with host tables `[t, head_dim]`: the
+/// same products and sum as the model's `RopeTables::apply` (`x·cos + rotate_half(x)·sin`), so
+/// the two agree bit for bit.
+pub fn rotate_rows(x: &mut [f32], cos: &[f32], sin: &[f32], heads: usize, head_dim: usize) {
+    let half = head_dim / 2;
+    for (row, (c, s)) in x.chunks_exact_mut(heads * head_dim).zip(cos.chunks_exact(head_dim).zip(sin.chunks_exact(head_dim))) {
+        for v in row.chunks_exact_mut(head_dim) {
+            let (x1, x2) = v.split_at_mut(half);
+            for i in 0..half {
+                let (a, b) = (x1[i], x2[i]);
+                x1[i] = a * c[i] + (-b) * s[i];
+                x2[i] = b * c[half + i] + a * s[half + i];
+            }
+        }
+    }
+}
+
 /// Copies `t` rows of `d` values (row stride `rs` in `src`) into contiguous `dst` `[t, d]` and
 /// rotates them with [`rotate_rows`], the host rotation the cached inference path uses.
-fn rotate_into(dst: &mut [f32], src: &[f32], off: usize, rs: usize, cos: &[f32], sin: &[f32], d: usize) {
+pub fn rotate_into(dst: &mut [f32], src: &[f32], off: usize, rs: usize, cos: &[f32], sin: &[f32], d: usize) {
     for (i, out) in dst.chunks_exact_mut(d).enumerate() {
         out.copy_from_slice(&src[off + i * rs..][..d]);
     }
@@ -55,7 +81,7 @@ fn rotate_into(dst: &mut [f32], src: &[f32], off: usize, rs: usize, cos: &[f32],
 }
 
 /// The transpose of [`rotate_into`]'s rotation applied to a gradient `[t, d]`, in place.
-fn unrotate(g: &mut [f32], cos: &[f32], sin: &[f32], d: usize) {
+pub fn unrotate(g: &mut [f32], cos: &[f32], sin: &[f32], d: usize) {
     let half = d / 2;
     for (i, row) in g.chunks_exact_mut(d).enumerate() {
         let (c, s) = (&cos[i * d..][..d], &sin[i * d..][..d]);
@@ -101,12 +127,7 @@ pub fn forward_values(q: &[f32], k: &[f32], v: &[f32], cos: &[f32], sin: &[f32],
             gemm(&mut p, t, [rows, r1, d], View::rows(qh, r0 * d, d), View::t(kg, 0, d), scale, false, false);
             for (ri, row) in p.chunks_exact_mut(t).take(rows).enumerate() {
                 let n = r0 + ri + 1;
-                let m = max_of(&row[..n]);
-                let mut sum = 0f32;
-                for x in &mut row[..n] {
-                    *x = exp_approx(*x - m);
-                    sum += *x;
-                }
+                let (m, sum) = exp_shifted_in_place(&mut row[..n]);
                 let inv = 1.0 / sum;
                 row[..n].iter_mut().for_each(|x| *x *= inv);
                 row[n..r1].iter_mut().for_each(|x| *x = 0.0);
@@ -235,104 +256,117 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
         return None;
     }
     let s = Dims { b, t, h, kvh, d };
-    match (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?) {
-        (FlexF32::Plain(qp), FlexF32::Plain(kp), FlexF32::Plain(vp)) => {
+    match inputs([flex_f32(q), flex_f32(k), flex_f32(v)])? {
+        Inputs::Plain([qp, kp, vp]) => {
             let (out, _) = forward_values(&values(&qp), &values(&kp), &values(&vp), cos, sin, s);
             Some(from_plain(new_tensor(out, dims(&qp))))
         }
-        (FlexF32::Tracked(qa), FlexF32::Tracked(ka), FlexF32::Tracked(va)) => {
-            let (qp, qg) = qa.into_parts();
-            let (kp, kg) = ka.into_parts();
-            let (vp, vg) = va.into_parts();
+        Inputs::Tracked([qp, kp, vp], nodes) => {
             let (out, saved) = forward_values(&values(&qp), &values(&kp), &values(&vp), cos, sin, s);
             let out = new_tensor(out, dims(&qp));
             let kept = out.clone();
-            Some(from_tracked(record(AttentionBackward, [qg, kg, vg], || (vp, kept, saved, cos.to_vec(), sin.to_vec(), s), out)))
+            Some(from_tracked(record(AttentionBackward, nodes, || (vp, kept, saved, cos.to_vec(), sin.to_vec(), s), out)))
         }
-        _ => None,
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::config::LlamaConfig;
-    use crate::model::attention::Attention;
-    use crate::model::rope::RopeTables;
-    use burn::tensor::{Device, Distribution};
-
-    fn vec_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
-        t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
-    }
-
-    fn assert_close(a: &[f32], b: &[f32], tol: f32, what: &str) {
-        assert_eq!(a.len(), b.len(), "{what}: lengths");
-        for (i, (x, y)) in a.iter().zip(b).enumerate() {
-            assert!((x - y).abs() <= tol * (1.0 + y.abs()), "{what}[{i}]: {x} vs {y}");
-        }
-    }
-
-    /// Output and the gradients of q, k and v equal the composed path (RoPE ops, repeated K/V
-    /// heads, burn's causal attention), for several row-block splits and GQA group sizes.
-    #[test]
-    fn matches_composed_forward_and_gradients() {
-        for &(b, t, h, kvh, d) in &[(2, 5, 4, 2, 8), (1, 70, 3, 1, 16), (2, 130, 6, 3, 8), (1, 64, 2, 2, 4)] {
-            let dev = Device::flex().autodiff();
-            let cfg = LlamaConfig::synthetic(h * d, 1, h, kvh, 64, 256);
-            let rope = RopeTables::new(&cfg, 0, t, &dev, burn::tensor::DType::F32);
-            let q0: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.5), &dev);
-            let k0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.5), &dev);
-            let v0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.0), &dev);
-            let up: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev);
-            let run = |fused: bool| {
-                let (q, k, v) = (q0.clone().detach().require_grad(), k0.clone().detach().require_grad(), v0.clone().detach().require_grad());
-                let y = if fused {
-                    causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, [h, kvh, d]).expect("f32 flex takes the fused path")
-                } else {
-                    Attention::composed_context(q.clone(), k.clone(), v.clone(), &rope, None, [h, kvh, d])
-                };
-                let g = (y.clone() * up.clone()).sum().backward();
-                [vec_of(y.detach()), vec_of(q.grad(&g).unwrap()), vec_of(k.grad(&g).unwrap()), vec_of(v.grad(&g).unwrap())]
-            };
-            let (f, c) = (run(true), run(false));
-            for (i, what) in ["out", "dq", "dk", "dv"].iter().enumerate() {
-                assert_close(&f[i], &c[i], 2e-5, &format!("{what} at {:?}", (b, t, h, kvh, d)));
+/// Causal grouped-query attention of `t` new positions of batch 1 over host keys and values
+/// `kc`/`vc` `[start + t, kv_heads·d]` (every cached position, the new ones last, keys after
+/// RoPE). `q` `[t, heads·d]` holds the new queries after RoPE; query `i` sits at position
+/// `start + i` and sees every key up to it. Returns the context `[t, heads·d]`, scores scaled
+/// by `1/√d` as burn's `attention` does.
+pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
+    let t = q.len() / (h * d);
+    let (w, groups, scale) = (kvh * d, h / kvh, 1.0 / (d as f32).sqrt());
+    // Head-major [h, t, d]; for one token that is already [t, h·d].
+    let mut out = vec![0f32; h * t * d];
+    let head = |hh: usize, o: &mut [f32]| {
+        let g = hh / groups;
+        let mut p = vec![0f32; start + t];
+        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+            let qi = &q[i * h * d + hh * d..][..d];
+            let n = start + i + 1;
+            for (j, pj) in p[..n].iter_mut().enumerate() {
+                *pj = dot(qi, &kc[j * w + g * d..][..d]) * scale;
             }
-            // Without autodiff the same values come out.
-            let plain = Device::flex();
-            let p = |x: &Tensor<3>| Tensor::<3>::from_data(x.clone().into_data(), &plain);
-            let y = causal_attention(&p(&q0), &p(&k0), &p(&v0), &rope.cos_host, &rope.sin_host, [h, kvh, d]).unwrap();
-            assert_close(&vec_of(y), &f[0], 1e-6, "plain forward");
+            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
+            for (j, &pj) in p[..n].iter().enumerate() {
+                for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
+                    *a += pj * b;
+                }
+            }
+            let inv = 1.0 / sum;
+            oi.iter_mut().for_each(|a| *a *= inv);
+        }
+    };
+    // Spread heads over threads only when there is real work (a prompt), not for one token.
+    if t * (start + t) * d >= 1 << 16 {
+        out.par_chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
+    } else {
+        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
+    }
+    if t == 1 {
+        return out;
+    }
+    let mut ctx = vec![0f32; t * h * d];
+    for hh in 0..h {
+        for i in 0..t {
+            ctx[i * h * d + hh * d..][..d].copy_from_slice(&out[(hh * t + i) * d..][..d]);
         }
     }
+    ctx
+}
 
-    /// A frozen input (no gradient wanted) gets none, the others still do.
-    #[test]
-    fn untracked_inputs_get_no_gradient() {
-        let dev = Device::flex().autodiff();
-        let cfg = LlamaConfig::synthetic(16, 1, 2, 1, 64, 16);
-        let rope = RopeTables::new(&cfg, 0, 6, &dev, burn::tensor::DType::F32);
-        let q: Tensor<3> = Tensor::random([1, 6, 16], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let k: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev);
-        let v: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let g = causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, [2, 1, 8]).unwrap().sum().backward();
-        assert!(q.grad(&g).is_some() && v.grad(&g).is_some());
-        assert!(k.grad(&g).is_none());
+/// `Σ aᵢ·bᵢ` in eight lanes (one f32 chain would not vectorise).
+#[inline]
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    for (x, y) in ca.zip(cb) {
+        for l in 0..8 {
+            acc[l] += x[l] * y[l];
+        }
     }
+    acc.iter().sum::<f32>() + rest
+}
 
-    #[test]
-    fn rotation_and_its_transpose_are_adjoint() {
-        let d = 8;
-        let (cos, sin) = crate::model::rope::tables(d, 10000.0, &crate::config::RopeScaling::None, 3, 2);
-        let x: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.37).sin()).collect();
-        let y: Vec<f32> = (0..2 * d).map(|i| (i as f32 * 0.71).cos()).collect();
-        let mut rx = vec![0f32; 2 * d];
-        rotate_into(&mut rx, &x, 0, d, &cos, &sin, d);
-        let mut ry = y.clone();
-        unrotate(&mut ry, &cos, &sin, d);
-        // ⟨R x, y⟩ = ⟨x, Rᵀ y⟩.
-        let a: f32 = rx.iter().zip(&y).map(|(p, q)| p * q).sum();
-        let b: f32 = x.iter().zip(&ry).map(|(p, q)| p * q).sum();
-        assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+/// The context `[B, T, heads·head_dim]` composed from burn ops, for any backend and dtype:
+/// queries `q` `[B, heads, T, head_dim]` at positions `start..start+T` over keys and values
+/// `k`/`v` `[B, kv_heads, K, head_dim]` (positions `0..K`, everything cached included), both
+/// after RoPE. The shared K/V heads are repeated and burn's `attention` runs with the causal
+/// mask, scores scaled by `1/√head_dim`.
+pub fn attention_composed(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, start: usize) -> Tensor<3> {
+    let [b, h, t, d] = q.dims();
+    let kvh = k.dims()[1];
+    let k_len = k.dims()[2];
+    let k = repeat_kv(k, h / kvh);
+    let v = repeat_kv(v, h / kvh);
+    // A causal flag means "query i sees keys ≤ i" counted from the top-left, which is only
+    // right when queries and keys start together; with a cache the mask must be explicit.
+    let (mask, is_causal) = if t == 1 {
+        (None, false)
+    } else if start == 0 && k_len == t {
+        (None, true)
+    } else {
+        (Some(causal_mask(t, k_len, start, &q.device()).expand([b, h, t, k_len])), false)
+    };
+    let opts = AttentionModuleOptions { scale: None, softcap: None, is_causal };
+    let ctx = attention(q, k, v, mask, None, opts);
+    ctx.swap_dims(1, 2).reshape([b, t, h * d])
+}
+
+/// Shares each key/value head among `groups` query heads.
+fn repeat_kv(x: Tensor<4>, groups: usize) -> Tensor<4> {
+    if groups == 1 {
+        return x;
     }
+    let [b, kvh, t, d] = x.dims();
+    x.unsqueeze_dim::<5>(2).expand([b, kvh, groups, t, d]).reshape([b, kvh * groups, t, d])
+}
+
+/// `true` where key position > query position, for queries at `start..start+t`.
+fn causal_mask(t: usize, k_len: usize, start: usize, device: &burn::tensor::Device) -> Tensor<4, Bool> {
+    let v: Vec<bool> = (0..t).flat_map(|i| (0..k_len).map(move |j| j > start + i)).collect();
+    Tensor::from_data(TensorData::new(v, [1, 1, t, k_len]), device)
 }

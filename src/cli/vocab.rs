@@ -1,0 +1,119 @@
+//! `linly-lora vocab`: extending a tokenizer, resizing a model for it, measuring it.
+
+use clap::Subcommand;
+use std::path::PathBuf;
+
+#[derive(Subcommand)]
+pub enum VocabCmd {
+    /// Add pieces as real BPE entries with merges (not "added tokens"); writes tokenizer.json and vocab_extension.json
+    Extend {
+        /// tokenizer.json or the folder holding it (SentencePiece-style or byte-level BPE)
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// File of new pieces, one per line
+        #[arg(long, conflicts_with_all = ["from_corpus", "wordlist"], required_unless_present_any = ["from_corpus", "wordlist"])]
+        add: Option<PathBuf>,
+        /// Choose frequent characters and words by their counts in this text (repeatable); without it,
+        /// by the --wordlist's own frequency column
+        #[arg(long)]
+        from_corpus: Vec<PathBuf>,
+        /// How many pieces to add in corpus mode (split 8:20 between characters and words, as Linly)
+        #[arg(long, default_value_t = 28_000)]
+        max_new: usize,
+        /// Ignore characters/words seen fewer times than this
+        #[arg(long, default_value_t = 2)]
+        min_freq: u64,
+        /// Word list for candidate words (`word freq POS` per line, e.g. jieba's dict.txt)
+        #[arg(long)]
+        wordlist: Option<PathBuf>,
+        /// Longest word, in characters
+        #[arg(long, default_value_t = 4)]
+        max_word_chars: usize,
+        /// Corpus mode: also consider pairs of adjacent words/characters (`我的`, `的人`) as
+        /// candidates, counted in the corpus; off keeps to the word list's words
+        #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
+        pairs: bool,
+        /// SentencePiece tokenizers: also add ▁+piece for this many text-initial pieces (taken from the word budget)
+        #[arg(long, default_value_t = 0)]
+        prefixed: usize,
+        /// Output folder (must not exist unless --force; written atomically)
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Grow embed_tokens and lm_head for a vocab_extension.json (new rows: sub-token mean by default)
+    Resize {
+        #[arg(long)]
+        model: PathBuf,
+        #[arg(long)]
+        extension: PathBuf,
+        /// subtoken-mean | mean | noisy-mean | random: table-only. distill | distill-input |
+        /// distill-head: fitted against the model on --init-text (input rows by Token
+        /// Distillation, head rows to the base's own probability of each piece; fitting the head
+        /// unties a tied table). See src/vocab/distill.rs.
+        #[arg(long, default_value = "subtoken-mean")]
+        init: String,
+        #[arg(long, default_value_t = 0)]
+        seed: u64,
+        /// Training text of the new language that the distill methods draw contexts from (never
+        /// the text you evaluate on)
+        #[arg(long)]
+        init_text: Option<PathBuf>,
+        /// Tokens of context (new tokenization) the distill methods fit on
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().tokens)]
+        init_tokens: usize,
+        /// Further tokens of context whose positions the head rows are fitted on (distill, distill-head)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_tokens)]
+        init_head_tokens: usize,
+        /// Passes over the contexts for the input rows (distill, distill-input)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().input_epochs)]
+        init_input_epochs: usize,
+        /// Adam learning rate of the input rows
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().input_lr)]
+        init_input_lr: f64,
+        /// Passes over the cached positions for the head rows (distill, distill-head)
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_epochs)]
+        init_head_epochs: usize,
+        /// Adam step of the head rows, in nats of logit per step
+        #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().head_lr)]
+        init_head_lr: f64,
+        /// What the head rows are fitted to: chain (the base's own probability of every piece,
+        /// the mass of a piece's first sub-token moved onto it) or labels (the next piece of the
+        /// text, one-hot; only rows that occur learn)
+        #[arg(long, value_enum, default_value = "chain")]
+        init_head_targets: linly_lora::vocab::distill::HeadTargets,
+        /// With chain targets, leave the old head rows of the new pieces' first sub-tokens as they
+        /// are (by default they are fitted too, and adapters carry them)
+        #[arg(long)]
+        init_keep_old_rows: bool,
+        /// Device the distill methods run on
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Output model folder (must not exist unless --force; written atomically)
+        #[arg(long)]
+        out: PathBuf,
+        /// Replace an existing --out once the new output is complete (never one of the inputs)
+        #[arg(long)]
+        force: bool,
+    },
+    /// Tokens per character, byte-fallback tokens and round-trip failures, per tokenizer × file
+    Stats {
+        #[arg(long = "tokenizer", required = true)]
+        tokenizers: Vec<PathBuf>,
+        #[arg(long = "text", required = true)]
+        texts: Vec<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the ids and pieces of a string
+    Encode {
+        #[arg(long)]
+        tokenizer: PathBuf,
+        #[arg(long)]
+        text: String,
+    },
+}
