@@ -16,10 +16,6 @@ pub mod mlp;
 pub mod norm;
 pub mod rope;
 
-/// The GEMM wrapper under its old path, for `vocab::distill` until its `use` line follows the
-/// move to [`crate::kernels::gemm`] (`src/vocab` is edited on main meanwhile).
-pub use crate::kernels::gemm;
-
 use crate::config::LlamaConfig;
 use burn::module::Module;
 use burn::tensor::{Int, Tensor};

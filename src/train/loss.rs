@@ -10,7 +10,7 @@
 //! fused sweep has the per-row values on the host already; the composed path keeps them as a
 //! `[B]` tensor for the step's single host read.
 
-use crate::kernels::{self as fused, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use crate::kernels::{self, from_plain, from_tracked, new_tensor, record, values, FlexF32};
 use burn::tensor::activation::log_softmax;
 use burn::tensor::{FloatDType, Int, Tensor, TensorData};
 use burn_autodiff::checkpoint::base::Checkpointer;
@@ -109,8 +109,8 @@ pub fn ce_forward_groups(x: &[f32], v: usize, targets: &[i64], group: usize) -> 
     let mut nll = vec![0f64; targets.len()];
     lse.par_iter_mut().zip(nll.par_iter_mut()).enumerate().for_each(|(i, (out, n))| {
         let row = &x[i * v..][..v];
-        let m = fused::max_of(row);
-        let l = m + fused::sum_exp_shifted(row, m).ln();
+        let m = kernels::softmax::max_of(row);
+        let l = m + kernels::softmax::sum_exp_shifted(row, m).ln();
         *out = l;
         if targets[i] >= 0 {
             *n = (l - row[targets[i] as usize]) as f64;
@@ -129,7 +129,7 @@ pub fn ce_backward_rows(x: &mut [f32], v: usize, lse: &[f32], targets: &[i64], g
         }
         let l = lse[i];
         for e in row.iter_mut() {
-            *e = g * fused::exp_approx(*e - l);
+            *e = g * kernels::softmax::exp_approx(*e - l);
         }
         row[t as usize] -= g;
     });
@@ -148,7 +148,7 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
         let [parent] = ops.parents;
         let Some(node) = parent else { return };
         let g = values(&dy)[0];
-        let shape = fused::dims(&x);
+        let shape = kernels::dims(&x);
         let v = shape[1];
         let whole = x.layout().contiguous_offsets() == Some((0, shape[0] * v));
         // The saved logits are normally ours alone: overwrite them with the gradient.
@@ -177,7 +177,7 @@ pub fn cross_entropy_sum(logits: Tensor<2>, targets: Arc<Vec<i64>>) -> Option<Te
 /// host where the forward sweep computes it anyway. The sum is the groups' sum, so the two agree.
 pub fn cross_entropy_sum_rows(logits: Tensor<2>, targets: Arc<Vec<i64>>, group: usize) -> Option<(Tensor<1>, Vec<f64>)> {
     let [_, v] = logits.dims();
-    match fused::flex_f32(&logits)? {
+    match kernels::flex_f32(&logits)? {
         FlexF32::Plain(x) => {
             drop(logits);
             let (_, rows) = ce_forward_groups(&values(&x), v, &targets, group);

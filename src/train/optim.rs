@@ -65,8 +65,7 @@ impl AdamW {
 /// in [`AdamW::step`] (so results agree to f32 rounding). `None` when any tensor is not a plain
 /// f32 flex tensor.
 fn fused_step(c: AdamWConfig, st: &mut Moments, p: &Tensor<2>, g: &Tensor<2>, lr: f64, weight_decay: f64) -> Option<Tensor<2>> {
-    use crate::kernels::{dims, new_tensor, values, FlexF32};
-    use crate::kernels::flex_f32;
+    use crate::kernels::{dims, flex_f32, new_tensor, values, FlexF32};
     let (Some(FlexF32::Plain(pt)), Some(FlexF32::Plain(gt))) = (flex_f32(p), flex_f32(g)) else { return None };
     let take = |t: &mut Tensor<2>| -> Option<burn_flex::FlexTensor> {
         match flex_f32(t)? {

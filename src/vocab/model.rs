@@ -3,7 +3,7 @@
 //! extension calls the same [`resize_tables`].
 
 use super::distill::DistillOptions;
-use super::{resize_table, InitMethod, VocabExtension};
+use super::{init_new_rows, resize_table, InitMethod, VocabExtension};
 use crate::io::safetensors::FloatType;
 use crate::model::Llama;
 use crate::config::HfConfig;
@@ -42,9 +42,9 @@ pub fn resize_tables(embed: &[f32], head: Option<&[f32]>, hidden: usize, ext: &V
             ext.old_vocab
         );
     }
-    let e = resize_table(embed, rows, hidden, ext, init, seed, std)?;
+    let e = resize_table(embed, init_new_rows(embed, rows, hidden, ext, init, seed, std)?);
     // A different seed for the head, so noisy/random rows of the two tables are independent.
-    let h = head.map(|h| resize_table(h, rows, hidden, ext, init, seed.wrapping_add(1), std)).transpose()?;
+    let h = head.map(|h| init_new_rows(h, rows, hidden, ext, init, seed.wrapping_add(1), std).map(|n| resize_table(h, n))).transpose()?;
     Ok((e, h))
 }
 

@@ -279,22 +279,13 @@ pub fn init_new_rows(
     Ok(out)
 }
 
-/// The whole resized table `[ext.new_vocab, dim]`: the old rows unchanged, then
-/// [`init_new_rows`].
-pub fn resize_table(
-    old: &[f32],
-    old_rows: usize,
-    dim: usize,
-    ext: &VocabExtension,
-    init: InitMethod,
-    seed: u64,
-    init_std: f32,
-) -> Result<Vec<f32>> {
-    let new_rows = init_new_rows(old, old_rows, dim, ext, init, seed, init_std)?;
+/// The whole resized table `[ext.new_vocab, dim]`: the old rows unchanged, then `new_rows`
+/// (from [`init_new_rows`]).
+pub fn resize_table(old: &[f32], new_rows: Vec<f32>) -> Vec<f32> {
     let mut table = Vec::with_capacity(old.len() + new_rows.len());
     table.extend_from_slice(old);
     table.extend(new_rows);
-    Ok(table)
+    table
 }
 
 #[cfg(test)]
@@ -341,7 +332,7 @@ mod tests {
             let got = init_new_rows(&old, 320, 64, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
             let err = rel_err(&got, &want);
             assert!(err <= 1e-5, "{table}: relative error {err:e}");
-            let full = resize_table(&old, 320, 64, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
+            let full = resize_table(&old, init_new_rows(&old, 320, 64, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap());
             assert_eq!(full.len(), 384 * 64);
             assert_eq!(&full[..old.len()], &old[..]);
         }
