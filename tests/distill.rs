@@ -221,13 +221,17 @@ fn moved_first_subtoken_rows_are_the_only_old_rows_that_change_and_travel_in_the
     }
 
     let dir = tempfile::tempdir().unwrap();
-    let ad = dir.path().join("ad");
     let cfg = AdapterConfig::new(8, 16.0, 0.0, false, &["q_proj".to_string()]);
     let head_moved: Vec<usize> = moved.iter().map(|&r| r as usize).collect();
-    save(&m, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved }, &ad, &[]).unwrap();
-    let applied = linly_lora::lora::adapter::apply(t.valid(), &ad, &cpu()).unwrap();
-    assert_eq!(rows(applied.lm_head.as_ref().unwrap()), h, "the adapter on the unresized base gives another head");
-    assert_eq!(rows(&applied.embed_tokens), e, "the adapter on the unresized base gives another embedding");
+    // A table that did not train (frozen) still differs from the unresized base: the adapter
+    // carries it all the same.
+    for (k, (embed, lm_head)) in [(TableMode::NewRows, TableMode::NewRows), (TableMode::NewRows, TableMode::Frozen), (TableMode::Frozen, TableMode::Frozen)].into_iter().enumerate() {
+        let ad = dir.path().join(format!("ad{k}"));
+        save(&m, &cfg, TableSave { embed, lm_head, old_vocab: 320, head_moved: head_moved.clone() }, &ad, &[]).unwrap();
+        let applied = linly_lora::lora::adapter::apply(t.valid(), &ad, &cpu()).unwrap();
+        assert_eq!(rows(applied.lm_head.as_ref().unwrap()), h, "{embed:?}/{lm_head:?}: the adapter on the unresized base gives another head");
+        assert_eq!(rows(&applied.embed_tokens), e, "{embed:?}/{lm_head:?}: the adapter on the unresized base gives another embedding");
+    }
 }
 
 /// Chain targets on text the teacher wrote, with pieces a corpus would give: each chain method
