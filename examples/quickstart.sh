@@ -132,11 +132,16 @@ esac
 $BIN vocab resize --model $Q/base --extension $Q/tokenizer/vocab_extension.json --init $INIT $INIT_FLAGS --out $Q/resized
 
 RECIPE=recipes/quickstart-smollm2.toml
-if [ "${QUICK:-0}" = 1 ]; then
-  sed 's/^steps = .*/steps = 10/' $RECIPE >$Q/quick.toml
-  RECIPE=$Q/quick.toml
-  sed -i 's#"\.\./runs/quickstart/#"#' $RECIPE
-fi
+case "${QUICK:-0}/$INIT" in
+  1/*|*/distill|*/distill-head)
+    # A copy next to the run's folders (its paths relative to runs/quickstart).
+    sed 's#"\.\./runs/quickstart/#"#' $RECIPE >$Q/quick.toml
+    RECIPE=$Q/quick.toml
+    [ "${QUICK:-0}" = 1 ] && sed -i 's/^steps = .*/steps = 10/' $RECIPE
+    # A fitted head stays as fitted: AdamW would push every row the step does not show down by
+    # a full step and undo the fit (BENCHMARKS.md, "A fitted head that training keeps").
+    case $INIT in distill|distill-head) sed -i 's/^lm_head = .*/lm_head = "frozen"/' $RECIPE ;; esac ;;
+esac
 stamp "train ($RECIPE)"
 $BIN train $RECIPE
 

@@ -4,10 +4,11 @@
 //! - [`gemm`]: a bounds-checked GEMM over strided host views, and `x·Wᵀ` as an op;
 //! - [`softmax`]: a vectorisable `exp`, row max and shifted sums, the softmax numerator pass;
 //! - [`rmsnorm`], [`swiglu`], [`lora`] (a frozen projection with its LoRA branch) and
-//!   [`attention`] (causal GQA with RoPE; the cached host path of inference).
+//!   [`attention`] (causal GQA with RoPE; the cached host path of inference);
+//! - [`cross_entropy`]: the causal-LM loss over `[n, v]` logits without a softmax tensor.
 //!
-//! The causal-LM cross-entropy and the AdamW step are fused the same way in
-//! `train::loss` and `train::optim`, on top of the shared pieces here.
+//! The AdamW step is fused the same way in `train::optim` (an update, not an op with a
+//! backward), on top of the shared pieces here.
 //!
 //! Why: composed from burn's element-wise ops, each of these is 6–12 kernels forward and as many
 //! tensors saved and walked again backward; on 2 cores that bookkeeping cost as much as the
@@ -23,6 +24,7 @@
 //! This layer uses no model type: the model calls it with tensors and plain values.
 
 pub mod attention;
+pub mod cross_entropy;
 pub mod gemm;
 pub mod lora;
 pub mod rmsnorm;

@@ -1,23 +1,16 @@
 //! The causal-LM loss, shifted as HF does: position t predicts `labels[t+1]`; −100 is ignored.
 //!
-//! On flex in f32 the loss is one fused op over the `[B·T, V]` logits: the forward pass takes
-//! each row's log-sum-exp and target logit in two sweeps (max, then Σexp) without writing any
-//! `[B·T, V]` tensor, and the backward pass overwrites the saved logits with
-//! `g·(softmax − onehot)` in one sweep, so the only vocabulary-sized tensor is the logits buffer
-//! itself. Elsewhere (libtorch, f16/bf16 logits) it is composed from `log_softmax` and `gather`.
+//! On flex in f32 the loss is one fused op over the `[B·T, V]` logits
+//! ([`crate::kernels::cross_entropy`]), which never writes a softmax tensor; elsewhere
+//! (libtorch, f16/bf16 logits) it is that kernel's composition from `log_softmax` and `gather`.
 //!
 //! [`nll_sum_rows`] also splits the sum by batch row, for per-source loss in metrics.jsonl: the
 //! fused sweep has the per-row values on the host already; the composed path keeps them as a
 //! `[B]` tensor for the step's single host read.
 
-use crate::kernels::{self, from_plain, from_tracked, new_tensor, record, values, FlexF32};
+use crate::kernels::cross_entropy;
 use burn::tensor::activation::log_softmax;
-use burn::tensor::{FloatDType, Int, Tensor, TensorData};
-use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops};
-use burn_flex::{Flex, FlexTensor};
-use rayon::prelude::*;
+use burn::tensor::{FloatDType, Tensor, TensorData};
 use std::sync::Arc;
 
 /// Sum of next-token NLL over unmasked positions (f32 scalar tensor `[1]`), and their count.
@@ -60,10 +53,7 @@ pub fn nll_sum_rows(logits: Tensor<3>, labels: &[Vec<i64>]) -> NllRows {
     let row_tokens = row_loss_tokens(labels);
     let tokens = row_tokens.iter().sum();
     if logits.dtype() == burn::tensor::DType::F32 {
-        // Row b·T + i of the flattened logits predicts labels[b][i+1]; each sequence's last row
-        // has no target.
-        let targets: Vec<i64> = labels.iter().flat_map(|row| (0..t).map(move |i| if i + 1 < t && row[i + 1] >= 0 { row[i + 1] } else { -1 })).collect();
-        if let Some((sum, rows)) = cross_entropy_sum_rows(logits.clone().reshape([b * t, v]), Arc::new(targets), t) {
+        if let Some((sum, rows)) = cross_entropy::sum_rows(logits.clone().reshape([b * t, v]), Arc::new(shifted_targets(labels, t)), t) {
             return NllRows { sum, tokens, rows: RowSums::Host(rows), row_tokens };
         }
     }
@@ -76,123 +66,17 @@ pub fn composed_nll_sum(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     composed_nll_rows(logits, labels).sum()
 }
 
-/// The composed loss per batch row, `[B]`.
+/// The composed loss per batch row, `[B]`: the kernel's composed reference over the same
+/// flattened rows and targets as the fused path.
 pub fn composed_nll_rows(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     let [b, t, v] = logits.dims();
-    let device = logits.device();
-    let mut targets = Vec::with_capacity(b * (t - 1));
-    let mut mask = Vec::with_capacity(b * (t - 1));
-    for row in labels {
-        for &l in &row[1..t] {
-            let ok = l >= 0;
-            targets.push(if ok { l } else { 0 });
-            mask.push(if ok { 1.0f32 } else { 0.0 });
-        }
-    }
-    let logp = log_softmax(logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
-    let idx: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [b, t - 1, 1]), &device);
-    let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
-    -(logp.gather(2, idx) * m).sum_dim(1).reshape([b])
+    cross_entropy::composed_rows(logits.reshape([b * t, v]), &shifted_targets(labels, t), t)
 }
 
-/// Per row of `x` `[n, v]`: log-sum-exp, and the summed NLL of rows whose target is ≥ 0.
-pub fn ce_forward_rows(x: &[f32], v: usize, targets: &[i64]) -> (Vec<f32>, f64) {
-    let (lse, groups) = ce_forward_groups(x, v, targets, targets.len().max(1));
-    (lse, groups.iter().sum())
-}
-
-/// [`ce_forward_rows`] with the NLL summed per group of `group` consecutive rows (one group per
-/// sequence when `group` is the sequence length).
-pub fn ce_forward_groups(x: &[f32], v: usize, targets: &[i64], group: usize) -> (Vec<f32>, Vec<f64>) {
-    let mut lse = vec![0f32; targets.len()];
-    // Per-position values first so the sweep stays parallel over positions even for one sequence.
-    let mut nll = vec![0f64; targets.len()];
-    lse.par_iter_mut().zip(nll.par_iter_mut()).enumerate().for_each(|(i, (out, n))| {
-        let row = &x[i * v..][..v];
-        let m = kernels::softmax::max_of(row);
-        let l = m + kernels::softmax::sum_exp_shifted(row, m).ln();
-        *out = l;
-        if targets[i] >= 0 {
-            *n = (l - row[targets[i] as usize]) as f64;
-        }
-    });
-    (lse, nll.chunks(group).map(|c| c.iter().sum()).collect())
-}
-
-/// `dx = g·(softmax(x) − onehot(target))` per row, written over `x`; rows without a target get 0.
-pub fn ce_backward_rows(x: &mut [f32], v: usize, lse: &[f32], targets: &[i64], g: f32) {
-    x.par_chunks_mut(v).enumerate().for_each(|(i, row)| {
-        let t = targets[i];
-        if t < 0 {
-            row.fill(0.0);
-            return;
-        }
-        let l = lse[i];
-        for e in row.iter_mut() {
-            *e = g * kernels::softmax::exp_approx(*e - l);
-        }
-        row[t as usize] -= g;
-    });
-}
-
-#[derive(Debug)]
-struct CrossEntropyBackward;
-
-impl Backward<Flex, 1> for CrossEntropyBackward {
-    /// Logits `[n, v]`, log-sum-exp per row, target per row (−1: none).
-    type State = (FlexTensor, Vec<f32>, Arc<Vec<i64>>);
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (mut x, lse, targets) = ops.state;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let [parent] = ops.parents;
-        let Some(node) = parent else { return };
-        let g = values(&dy)[0];
-        let shape = kernels::dims(&x);
-        let v = shape[1];
-        let whole = x.layout().contiguous_offsets() == Some((0, shape[0] * v));
-        // The saved logits are normally ours alone: overwrite them with the gradient.
-        let grad = match (whole, x.try_storage_mut::<f32>()) {
-            (true, Some(buf)) if buf.len() == shape[0] * v => {
-                ce_backward_rows(buf, v, &lse, &targets, g);
-                x
-            }
-            _ => {
-                let mut buf = values(&x).into_owned();
-                ce_backward_rows(&mut buf, v, &lse, &targets, g);
-                new_tensor(buf, shape)
-            }
-        };
-        grads.register::<Flex>(node.id, grad);
-    }
-}
-
-/// Fused `Σ NLL` over rows of f32 flex logits `[n, v]`; `None` for other backends or dtypes.
-pub fn cross_entropy_sum(logits: Tensor<2>, targets: Arc<Vec<i64>>) -> Option<Tensor<1>> {
-    let n = targets.len().max(1);
-    cross_entropy_sum_rows(logits, targets, n).map(|(sum, _)| sum)
-}
-
-/// [`cross_entropy_sum`] plus the NLL of each group of `group` consecutive rows, read on the
-/// host where the forward sweep computes it anyway. The sum is the groups' sum, so the two agree.
-pub fn cross_entropy_sum_rows(logits: Tensor<2>, targets: Arc<Vec<i64>>, group: usize) -> Option<(Tensor<1>, Vec<f64>)> {
-    let [_, v] = logits.dims();
-    match kernels::flex_f32(&logits)? {
-        FlexF32::Plain(x) => {
-            drop(logits);
-            let (_, rows) = ce_forward_groups(&values(&x), v, &targets, group);
-            let nll: f64 = rows.iter().sum();
-            Some((from_plain(new_tensor(vec![nll as f32], vec![1])), rows))
-        }
-        FlexF32::Tracked(a) => {
-            drop(logits);
-            let (x, guard) = a.into_parts();
-            let (lse, rows) = ce_forward_groups(&values(&x), v, &targets, group);
-            let nll: f64 = rows.iter().sum();
-            let out = new_tensor(vec![nll as f32], vec![1]);
-            Some((from_tracked(record(CrossEntropyBackward, [guard], || (x, lse, targets), out)), rows))
-        }
-    }
+/// Row `b·T + i` of the flattened logits predicts `labels[b][i+1]`; each sequence's last row
+/// and masked labels get −1 (no target).
+fn shifted_targets(labels: &[Vec<i64>], t: usize) -> Vec<i64> {
+    labels.iter().flat_map(|row| (0..t).map(move |i| if i + 1 < t && row[i + 1] >= 0 { row[i + 1] } else { -1 })).collect()
 }
 
 /// Self-distillation against the base: `Σ_rows w_row Σ_pos KL(q ‖ p)` over the positions whose
