@@ -43,6 +43,7 @@ pub async fn health(State(st): St) -> Json<Value> {
         "generated_tokens": s.generated_tokens.load(Ordering::Relaxed),
         "cached_tokens": s.cached_tokens.load(Ordering::Relaxed),
         "last_batch": s.last_batch.load(Ordering::Relaxed),
+        "peak_batch": s.peak_batch.load(Ordering::Relaxed),
     }))
 }
 

@@ -61,6 +61,8 @@ pub struct Stats {
     pub cached_tokens: AtomicUsize,
     /// Sequences in the last step's forward pass.
     pub last_batch: AtomicUsize,
+    /// The most sequences one forward pass has carried.
+    pub peak_batch: AtomicUsize,
 }
 
 /// Prompt ids fed per step, over all prompts being read, while other sequences decode.
@@ -208,6 +210,7 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
             }
         }
         stats.last_batch.store(batch.len(), Ordering::Relaxed);
+        stats.peak_batch.fetch_max(batch.len(), Ordering::Relaxed);
         if batch.is_empty() {
             return Vec::new();
         }
