@@ -18,6 +18,7 @@
 use super::api::{scan_stop, StopScan};
 use crate::infer::generate::{Finish, GenerateOptions, Stepper};
 use crate::infer::Loaded;
+use crate::io::safetensors::FloatType;
 use crate::model::BatchSeq;
 use burn::tensor::FloatDType;
 use crate::tokenizer::StreamDecoder;
@@ -209,16 +210,22 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
                 batch.push(BatchSeq { ids: &pending[..n], cache, logits });
             }
         }
-        stats.last_batch.store(batch.len(), Ordering::Relaxed);
-        stats.peak_batch.fetch_max(batch.len(), Ordering::Relaxed);
+        // f16/bf16 activations take burn's composed attention and flex's half-precision
+        // matmul, where a batched step measured slower than its sequences one after another
+        // (BENCHMARKS.md): those run one forward pass per sequence, as before batching.
+        let together = if loaded.model.dtype == FloatType::F32 { batch.len().max(1) } else { 1 };
+        stats.last_batch.store(together.min(batch.len()), Ordering::Relaxed);
+        stats.peak_batch.fetch_max(together.min(batch.len()), Ordering::Relaxed);
         if batch.is_empty() {
             return Vec::new();
         }
-        let logits = rayon::scope(|_| loaded.model.forward_batch(&mut batch, &loaded.device));
-        let rows: Vec<f32> = match logits {
-            Some(l) => l.cast(FloatDType::F32).try_into_vec_as::<f32>().expect("f32 logits"),
-            None => Vec::new(),
-        };
+        let mut rows: Vec<f32> = Vec::new();
+        for group in batch.chunks_mut(together) {
+            let logits = rayon::scope(|_| loaded.model.forward_batch(group, &loaded.device));
+            if let Some(l) = logits {
+                rows.extend(l.cast(FloatDType::F32).try_into_vec_as::<f32>().expect("f32 logits"));
+            }
+        }
         let vocab = loaded.model.vocab_size().max(1);
         let mut rows = rows.chunks_exact(vocab);
         wants.into_iter().map(|w| if w { rows.next().map(|r| r.to_vec()) } else { None }).collect::<Vec<_>>()
