@@ -186,7 +186,8 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
             }
             let Some((pending, cache)) = seq.stepper.input() else { return Plan::Alone };
             if cache.is_empty() || pending.len() > 1 {
-                // A prompt, read in chunks from the step's budget (at least one id per step).
+                // A prompt, read in chunks from the step's budget, first come first served
+                // (one that gets none waits for the next step; the first always gets some).
                 let n = pending.len().min(budget);
                 if n == 0 {
                     return Plan::Wait;
@@ -282,9 +283,12 @@ fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
     panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
 }
 
-/// [`emit`] and [`send`].
+/// [`emit`] and [`send`]; a panic while decoding fails this request only.
 fn report(loaded: &Loaded, seq: &mut Seq, stepped: Option<Option<u32>>, stats: &Stats) -> Outcome {
-    let events = emit(loaded, seq, stepped);
+    let events = match catch_unwind(AssertUnwindSafe(|| emit(loaded, seq, stepped))) {
+        Ok(r) => r,
+        Err(panic) => Err(anyhow::anyhow!("generation failed: {}", panic_message(panic))),
+    };
     send(seq, events, stats)
 }
 
