@@ -193,7 +193,10 @@ async fn answers_stream_and_stop_like_generate() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sixteen_concurrent_clients_get_generate_answers() {
-    let (_d, m) = model(256);
+    // Quantized: batched rows are bit-identical to solo ones there (dense f32 products may
+    // differ in the last bits with the batch's size, see `Llama::forward_batch`).
+    let (_d, f32_model) = model(256);
+    let m = quantized(&f32_model, linly_lora::quant::QType::Q8_0);
     // 4 generate at once, 12 wait: all 16 are accepted, none is refused.
     let srv = start(&m, |o| {
         o.max_concurrent = 4;
@@ -450,5 +453,184 @@ async fn empty_prompt_is_a_400() {
     let v: Value = r.json().await.unwrap();
     assert_error_body(&v);
     assert_eq!(v["error"]["param"].as_str(), Some("prompt"), "{v}");
+    srv.shutdown().unwrap();
+}
+
+/// The fixture model quantized (every tensor of type `ty`: the tiny rows fit no k-quant).
+fn quantized(m: &Path, ty: linly_lora::quant::QType) -> PathBuf {
+    let out = m.with_file_name(format!("model-{ty}"));
+    linly_lora::quant::store::quantize_model(m, &out, ty, false, true).unwrap();
+    for f in ["tokenizer.json", "tokenizer_config.json"] {
+        if !out.join(f).exists() && m.join(f).exists() {
+            std::fs::copy(m.join(f), out.join(f)).unwrap();
+        }
+    }
+    out
+}
+
+/// `Llama::forward_batch` over sequences at different positions, prompts fed in chunks of
+/// five beside others decoding, gives every sequence the ids `generate` gives it alone, and
+/// with quantized weights logits bit-identical to the solo ones at every step.
+#[test]
+fn batched_forward_gives_each_sequence_its_solo_answer() {
+    use linly_lora::infer::generate::Stepper;
+    use linly_lora::model::BatchSeq;
+    let (_d, f32_model) = model(256);
+    for ty in [Some(linly_lora::quant::QType::Q4_0), Some(linly_lora::quant::QType::Q8_0), None] {
+        let m = match ty {
+            Some(t) => quantized(&f32_model, t),
+            None => f32_model.clone(),
+        };
+        let l = infer::load(&ModelSpec::new(&m)).unwrap();
+        let opts = |n| GenerateOptions { max_new_tokens: n, sampling: SamplingParams::default(), no_cache: false, stop_ids: vec![] };
+        let prompts: Vec<Vec<u32>> = (0..5).map(|i| (0..3 + 9 * i).map(|j| (1 + (j * 37 + i * 101) % 31000) as u32).collect()).collect();
+        let max_new: Vec<usize> = vec![12, 3, 9, 15, 6];
+        let solo: Vec<Vec<u32>> = prompts.iter().zip(&max_new).map(|(p, &n)| generate(&l.model, p, &opts(n), &l.device, |_| Ok(true)).unwrap()).collect();
+        // The logits of every solo step, as `generate` computes them (prompt in one pass,
+        // then one id at a time through the cache).
+        let solo_logits: Vec<Vec<Vec<f32>>> = prompts
+            .iter()
+            .zip(&solo)
+            .map(|(p, ids)| {
+                let mut cache = l.model.new_cache();
+                let mut feed = p.clone();
+                ids.iter()
+                    .map(|&id| {
+                        let r = linly_lora::infer::generate::last_logits(l.model.forward(infer::ids_tensor(&feed, &l.device), Some(&mut cache)));
+                        feed = vec![id];
+                        r
+                    })
+                    .collect()
+            })
+            .collect();
+        let mut f32_differs = false;
+        // Sequence i joins at step i.
+        let mut steppers: Vec<(usize, Stepper)> = Vec::new();
+        let mut steps = 0;
+        while steps < 200 {
+            if steppers.len() < prompts.len() {
+                let i = steppers.len();
+                steppers.push((i, Stepper::new(&l.model, &prompts[i], &opts(max_new[i])).unwrap()));
+            }
+            let live: Vec<usize> = (0..steppers.len()).filter(|&k| !steppers[k].1.ended(&l.model)).collect();
+            if live.is_empty() && steppers.len() == prompts.len() {
+                break;
+            }
+            let mut fed = Vec::new();
+            {
+                let mut batch = Vec::new();
+                for (k, (_, s)) in steppers.iter_mut().enumerate() {
+                    if !live.contains(&k) {
+                        continue;
+                    }
+                    let (pending, cache) = s.input().unwrap();
+                    let n = pending.len().min(5);
+                    fed.push((k, n, n == pending.len()));
+                    batch.push(BatchSeq { ids: &pending[..n], cache, logits: n == pending.len() });
+                }
+                if batch.is_empty() {
+                    steps += 1;
+                    continue;
+                }
+                let logits = l.model.forward_batch(&mut batch, &l.device).map(|t| t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()).unwrap_or_default();
+                let vocab = l.model.vocab_size();
+                let mut rows = logits.chunks_exact(vocab);
+                for (k, n, want) in fed.drain(..) {
+                    let row = if want { rows.next().map(|r| r.to_vec()) } else { None };
+                    if let Some(r) = &row {
+                        let (i, g) = (steppers[k].0, steppers[k].1.generated().len());
+                        let same = r.iter().map(|x| x.to_bits()).eq(solo_logits[i][g].iter().map(|x| x.to_bits()));
+                        if ty.is_some() {
+                            assert!(same, "{ty:?}: sequence {i}, token {g}: batched logits differ from solo");
+                        }
+                        f32_differs |= !same;
+                    }
+                    steppers[k].1.fed(n, row);
+                }
+            }
+            steps += 1;
+        }
+        for (i, s) in &steppers {
+            assert_eq!(s.generated(), &solo[*i][..], "{ty:?}: sequence {i}");
+        }
+        if ty.is_none() {
+            eprintln!("f32 fixture: batched logits {} the solo ones bit for bit", if f32_differs { "differ from" } else { "equal" });
+        }
+    }
+}
+
+/// The load test: 16 clients at once on a quantized model, all in one batch, with prompts of
+/// different lengths (the longest read in several chunks while others decode), different
+/// `max_tokens`, some streaming, some leaving mid-stream. Every answer that completes equals
+/// the answer `generate` gives that prompt alone; the server answers `/health` afterwards,
+/// holds no sequence and no cached position (every KV cache freed), and serves again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn load_test_sixteen_clients_exact_answers_and_back_to_idle() {
+    let (_d, f32_model) = model(1024);
+    let m = quantized(&f32_model, linly_lora::quant::QType::Q4_0);
+    let srv = start(&m, |o| {
+        o.max_concurrent = 16;
+        o.queue_size = 4;
+    });
+    let r = Reference::new(&m);
+    let c = client();
+    let u = srv.url();
+    let idle = health(&c, &u).await;
+    assert_eq!((idle["active"].as_u64(), idle["cached_tokens"].as_u64()), (Some(0), Some(0)), "{idle}");
+    // Prompt lengths from a few tokens to ~200 (over three prefill chunks).
+    let prompts: Vec<String> = (0..16).map(|i| format!("Client {i} asks: {}what next?", "tell me more about numbers ".repeat((i * 7) % 40))).collect();
+    let leaves = |i: usize| i % 5 == 3;
+    let futs = prompts.iter().enumerate().map(|(i, p)| {
+        let (c, u) = (c.clone(), u.clone());
+        let stream = i % 2 == 0 || leaves(i);
+        let max_new = 4 + (i * 11) % 29;
+        let chat_msg = i % 3 != 0;
+        let (path, mut body) = if chat_msg {
+            ("chat/completions", chat_body(p, if leaves(i) { 400 } else { max_new }, stream))
+        } else {
+            ("completions", json!({ "prompt": p, "max_tokens": if leaves(i) { 400 } else { max_new }, "temperature": 0, "stream": stream }))
+        };
+        // The random model ends most answers at once: generate past EOS so answers are long.
+        body["ignore_eos"] = json!(true);
+        async move {
+            let mut resp = c.post(format!("{u}/v1/{path}")).json(&body).send().await.unwrap();
+            assert_eq!(resp.status(), 200, "client {i}");
+            if leaves(i) {
+                // Reads a few chunks, then goes away mid-answer.
+                read_chunks(&mut resp, 3).await;
+                drop(resp);
+                return (i, chat_msg, max_new, None);
+            }
+            let text = resp.text().await.unwrap();
+            let got = if stream {
+                let (t, fin, _) = read_stream(&sse_data(&text));
+                assert_eq!(fin.as_deref(), Some("length"), "client {i}");
+                t
+            } else {
+                let v: Value = serde_json::from_str(&text).unwrap();
+                v["choices"][0]["message"]["content"].as_str().or(v["choices"][0]["text"].as_str()).unwrap().to_string()
+            };
+            (i, chat_msg, max_new, Some(got))
+        }
+    });
+    let t0 = Instant::now();
+    let results = futures_util::future::join_all(futs).await;
+    assert!(t0.elapsed() < Duration::from_secs(120));
+    let mut completed = 0;
+    for (i, chat_msg, max_new, got) in results {
+        let Some(got) = got else { continue };
+        completed += 1;
+        let want = r.answer_with(&prompts[i], chat_msg, max_new, true).2;
+        assert!(!want.is_empty(), "client {i}: an empty answer checks nothing");
+        assert_eq!(got, want, "client {i} (chat {chat_msg}, max_tokens {max_new})");
+    }
+    let left = 16 - completed;
+    assert_eq!(left, 3);
+    let h = wait_health(&c, &u, "all done", |h| h["active"] == 0 && h["completed"] == completed && h["cancelled"] == left).await;
+    assert_eq!((h["cached_tokens"].as_u64(), h["rejected"].as_u64(), h["failed"].as_u64()), (Some(0), Some(0), Some(0)), "every cache freed: {h}");
+    assert!(h["peak_batch"].as_u64().unwrap() > 1, "the requests must have shared forward passes: {h}");
+    // Still serving.
+    let (s, v) = post(&c, format!("{u}/v1/completions"), &json!({ "prompt": "hello", "max_tokens": 3, "temperature": 0 })).await;
+    assert_eq!(s, 200, "{v}");
     srv.shutdown().unwrap();
 }

@@ -63,7 +63,8 @@ pub enum Cmd {
 imported), so any OpenAI client works unchanged.\n\nEndpoints: POST /v1/chat/completions (messages, temperature, \
 top_p, max_tokens, stop, seed, stream), POST /v1/completions, GET /v1/models, GET /health (no key needed). The \
 chat template comes from the tokenizer as in `chat` (ChatML if it has <|im_start|>, else Alpaca). Requests share \
-the model: up to --max-concurrent generate at once, interleaved one decode step at a time; up to --queue-size \
+the model: up to --max-concurrent generate at once, batched (every decode step is one forward pass for all of \
+them; a greedy answer stays what `generate --greedy` gives); up to --queue-size \
 more wait; beyond that the answer is 429. Ctrl-C or SIGTERM stops taking connections and lets running requests \
 finish (a second signal exits at once).")]
     Serve(ServeArgs),
@@ -245,7 +246,7 @@ pub struct ServeArgs {
     /// TCP port (0 picks a free one; the address is printed on start)
     #[arg(long, default_value_t = 8080)]
     pub port: u16,
-    /// Requests generating at once; they take turns one decode step each
+    /// Requests generating at once; every decode step runs them all through one forward pass
     #[arg(long, default_value_t = 16, value_parser = at_least::<1>)]
     pub max_concurrent: usize,
     /// Requests waiting for a generation slot; one more is answered 429 at once

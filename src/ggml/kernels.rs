@@ -15,7 +15,9 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 
 /// One weight row against four activation rows at once (prompt processing): each weight block
 /// is loaded and unpacked once for four tokens. The fourth argument holds the activations'
-/// block scales already converted to f32.
+/// block scales already converted to f32. Each of the four results is bit for bit what
+/// [`DotFn`] gives for that token alone (same block sums, same summation order), so a token's
+/// output never depends on the tokens batched with it.
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
 
 /// Eight interleaved Q4_0 rows ([`super::blocks::pack_q4_0x8`]) against one Q8_0 activation

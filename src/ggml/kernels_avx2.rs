@@ -245,13 +245,20 @@ unsafe fn q5_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
 
 /// Four activation rows against one weight row; `block(i)` gives weight block i as signed
 /// bytes and its f32 scale.
+///
+/// Each token's sum is made exactly as the one-token kernels make it ([`two_accumulators`]
+/// over [`mul_sum_i8`]): the same integer block sums, the same `d_w·d_a` product, even blocks
+/// into one accumulator and odd ones into another, added and reduced by [`hsum`] at the end.
+/// So a token's output does not depend on whether it went through here or alone, nor on the
+/// other tokens beside it: what lets the server batch sequences and keep every answer exact.
 #[inline(always)]
 unsafe fn four(a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(usize) -> (__m256i, f32)) -> [f32; 4] {
     for (r, sc) in a.iter().zip(&s) {
         assert!(r.len() >= nb * Q8_0_BYTES && sc.len() >= nb);
     }
     let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 4];
+    // [token][block parity]
+    let mut acc = [[_mm256_setzero_ps(); 2]; 4];
     for i in 0..nb {
         let (qw, dw) = block(i);
         let ax = _mm256_sign_epi8(qw, qw);
@@ -260,10 +267,15 @@ unsafe fn four(a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(usize) -
             let da = *s[k].get_unchecked(i);
             let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
             let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(ax, _mm256_sign_epi8(qa, qw)), ones);
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(dot), acc[k]);
+            let acc = &mut acc[k][i & 1];
+            *acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(dot), *acc);
         }
     }
-    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+    let mut out = [0f32; 4];
+    for (o, [a0, a1]) in out.iter_mut().zip(acc) {
+        *o = hsum(_mm256_add_ps(a0, a1));
+    }
+    out
 }
 
 #[inline(always)]

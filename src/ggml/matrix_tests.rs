@@ -113,3 +113,46 @@ fn fallback_and_shapes() {
     assert_eq!(p.dequantize_rows(&[0]).unwrap(), m.dequantize_rows(&[2]).unwrap());
     assert!(m.dequantize_rows(&[3]).is_err());
 }
+
+/// Every token's output of a many-token product is bit for bit what the same token gives
+/// alone, whatever the token count (odd ones, the groups of four and their remainders, more
+/// than one block of 32 tokens) and for every weight type, with both kernel sets: the
+/// property batched serving rests on (a sequence's answer must not depend on its neighbours
+/// in the batch). The shapes leave Q4_0 rows outside the interleaved groups of eight, so both
+/// of its paths are covered.
+#[test]
+fn many_tokens_give_each_token_its_single_token_result() {
+    let mut kernels = vec![Kernels::scalar()];
+    kernels.extend(Kernels::simd());
+    let (rows, cols) = (21, 512);
+    let w = values(rows * cols, 3);
+    let x = values(37 * cols, 4);
+    for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
+        let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
+        for k in &kernels {
+            let alone: Vec<Vec<f32>> = (0..37).map(|t| m.matmul_with(&x[t * cols..(t + 1) * cols], 1, k)).collect();
+            for n in [2, 3, 4, 5, 7, 8, 9, 13, 33, 37] {
+                let y = m.matmul_with(&x[..n * cols], n, k);
+                for t in 0..n {
+                    let got: Vec<u32> = y[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                    let want: Vec<u32> = alone[t].iter().map(|v| v.to_bits()).collect();
+                    assert_eq!(got, want, "{ty} {}: token {t} of {n}", k.name);
+                }
+            }
+        }
+    }
+    // The shared-input product (Q/K/V, gate/up) too.
+    for k in &kernels {
+        let a = QuantMatrix::quantize(QType::Q4_0, rows, cols, &w).unwrap();
+        let b = QuantMatrix::quantize(QType::Q8_0, 8, cols, &w[..8 * cols]).unwrap();
+        let n = 11;
+        let ys = QuantMatrix::matmul_shared_with(&[&a, &b], &x[..n * cols], n, k);
+        for t in 0..n {
+            let solo = QuantMatrix::matmul_shared_with(&[&a, &b], &x[t * cols..(t + 1) * cols], 1, k);
+            for (y, s) in ys.iter().zip(&solo) {
+                let r = s.len();
+                assert_eq!(y[t * r..(t + 1) * r].iter().map(|v| v.to_bits()).collect::<Vec<_>>(), s.iter().map(|v| v.to_bits()).collect::<Vec<_>>(), "{}: token {t}", k.name);
+            }
+        }
+    }
+}

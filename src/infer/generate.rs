@@ -75,11 +75,7 @@ impl Stepper {
     /// Runs one forward pass and returns the chosen id, or `None` once generation has ended
     /// (see [`Stepper::finish`]). A stop id is returned, then the next call yields `None`.
     pub fn step(&mut self, model: &Llama, device: &Device) -> Option<u32> {
-        if self.finish.is_some() {
-            return None;
-        }
-        if self.generated().len() >= self.max_new_tokens || self.all.len() >= model.config.max_position_embeddings {
-            self.finish = Some(Finish::Length);
+        if self.ended(model) {
             return None;
         }
         // The forward pass runs on a rayon worker (`scope` moves it there when the caller is not
@@ -91,14 +87,58 @@ impl Stepper {
             Some(c) => model.forward(ids_tensor(pending, device), Some(c)),
             None => model.forward(ids_tensor(all, device), None),
         });
-        let mut last = last_logits(logits);
-        let id = self.sampler.next(&mut last, &self.all);
+        Some(self.choose(last_logits(logits)))
+    }
+
+    /// Whether generation has ended; it ends here (as [`Finish::Length`]) when the answer or
+    /// the context is full. [`Self::step`] asks this first.
+    pub fn ended(&mut self, model: &Llama) -> bool {
+        if self.finish.is_some() {
+            return true;
+        }
+        if self.generated().len() >= self.max_new_tokens || self.all.len() >= model.config.max_position_embeddings {
+            self.finish = Some(Finish::Length);
+            return true;
+        }
+        false
+    }
+
+    /// For a caller that runs the forward passes itself ([`Llama::forward_batch`]): the ids
+    /// not yet fed (the prompt, or what is left of it, else the last chosen id) and the cache
+    /// they continue; `None` without a cache (`no_cache`: use [`Self::step`]).
+    pub fn input(&mut self) -> Option<(&[u32], &mut KvCache)> {
+        Some((&self.pending, self.cache.as_mut()?))
+    }
+
+    /// The first `n` ids of [`Self::input`] were fed. Once all are, `logits` (the last fed
+    /// position's, `[vocab]`) choose the next id, as [`Self::step`] does with its own pass.
+    pub fn fed(&mut self, n: usize, logits: Option<Vec<f32>>) -> Option<u32> {
+        self.pending.drain(..n);
+        if !self.pending.is_empty() {
+            return None;
+        }
+        let logits = logits.expect("the logits of the last pending id");
+        Some(self.choose(logits))
+    }
+
+    /// The ids the next forward pass feeds.
+    pub fn pending(&self) -> &[u32] {
+        &self.pending
+    }
+
+    /// Positions held in the cache.
+    pub fn cached(&self) -> usize {
+        self.cache.as_ref().map(|c| c.len()).unwrap_or(0)
+    }
+
+    fn choose(&mut self, mut logits: Vec<f32>) -> u32 {
+        let id = self.sampler.next(&mut logits, &self.all);
         self.all.push(id);
         self.pending = vec![id];
         if self.stop_ids.contains(&id) {
             self.finish = Some(Finish::Stop);
         }
-        Some(id)
+        id
     }
 
     /// Ends the generation early (the caller stopped it, e.g. on a stop string).

@@ -34,14 +34,55 @@ pub struct Attention {
     pub head_dim: usize,
 }
 
+/// Where the rows of an attention input sit.
+pub enum Positions<'a> {
+    /// Every sequence of the batch at `rope`'s positions, with an optional cache (training,
+    /// scoring, `generate`).
+    One(&'a RopeTables, Option<&'a mut LayerCache>),
+    /// Several sequences one after another along `T` of a batch of one (batched decoding):
+    /// `(rows, positions, cache)` each, every sequence with its own positions and cache.
+    Ragged(Vec<(usize, &'a RopeTables, &'a mut LayerCache)>),
+}
+
 impl Attention {
     pub fn forward(&self, x: Tensor<3>, rope: &RopeTables, cache: Option<&mut LayerCache>) -> Tensor<3> {
-        let b = x.dims()[0];
-        let sizes = [self.num_heads, self.num_kv_heads, self.head_dim];
+        self.forward_at(x, Positions::One(rope, cache))
+    }
+
+    /// [`Self::forward`] with the rows placed by `pos`. For [`Positions::Ragged`] the four
+    /// projections run once over every sequence's rows (one product per weight for all of
+    /// them); each sequence's attention is then exactly the one it would get alone (the same
+    /// context computation over its own rows, positions and cache).
+    pub fn forward_at(&self, x: Tensor<3>, pos: Positions<'_>) -> Tensor<3> {
         // One pass over the input for the three projections that read it (see
         // `Linear::forward_shared`).
         let [q, k, v] = Linear::forward_shared([&self.q_proj, &self.k_proj, &self.v_proj], x);
-        let ctx = match cache {
+        let ctx = match pos {
+            Positions::One(rope, cache) => self.context(q, k, v, rope, cache),
+            Positions::Ragged(mut segs) if segs.len() == 1 => {
+                let (_, rope, cache) = segs.pop().expect("one segment");
+                self.context(q, k, v, rope, Some(cache))
+            }
+            Positions::Ragged(segs) => {
+                let mut off = 0;
+                let mut parts = Vec::with_capacity(segs.len());
+                for (len, rope, cache) in segs {
+                    let rows = |t: &Tensor<3>| t.clone().narrow(1, off, len);
+                    parts.push(self.context(rows(&q), rows(&k), rows(&v), rope, Some(cache)));
+                    off += len;
+                }
+                Tensor::cat(parts, 1)
+            }
+        };
+        self.o_proj.forward(ctx)
+    }
+
+    /// The attention context of the projections `q`, `k`, `v` of one batch at `rope`'s
+    /// positions: the fused host path where it applies, else the composition.
+    fn context(&self, q: Tensor<3>, k: Tensor<3>, v: Tensor<3>, rope: &RopeTables, cache: Option<&mut LayerCache>) -> Tensor<3> {
+        let b = q.dims()[0];
+        let sizes = [self.num_heads, self.num_kv_heads, self.head_dim];
+        match cache {
             Some(c) if b == 1 => match self.fused(&q, &k, &v, rope, &mut *c) {
                 Some(ctx) => ctx,
                 None => Self::composed_context(q, k, v, rope, Some(c), sizes),
@@ -53,8 +94,7 @@ impl Attention {
                 Some(ctx) => ctx,
                 None => Self::composed_context(q, k, v, rope, None, sizes),
             },
-        };
-        self.o_proj.forward(ctx)
+        }
     }
 
     /// The context `[B, T, heads·head_dim]` from the projections `q` `[B, T, heads·head_dim]`,

@@ -18,9 +18,9 @@ pub mod rope;
 
 use crate::config::LlamaConfig;
 use burn::module::Module;
-use burn::tensor::{Int, Tensor};
+use burn::tensor::{Device, Int, Tensor, TensorData};
 
-pub use attention::Attention;
+pub use attention::{Attention, Positions};
 pub use cache::KvCache;
 pub use embedding::TokenTable;
 pub use linear::Linear;
@@ -67,7 +67,12 @@ impl DecoderLayer {
     }
 
     pub fn forward(&self, x: Tensor<3>, rope: &rope::RopeTables, cache: Option<&mut cache::LayerCache>) -> Tensor<3> {
-        let h = x.clone() + self.self_attn.forward(self.input_layernorm.forward(x), rope, cache);
+        self.forward_at(x, Positions::One(rope, cache))
+    }
+
+    /// [`Self::forward`] with the rows placed by `pos` (see [`Positions`]).
+    pub fn forward_at(&self, x: Tensor<3>, pos: Positions<'_>) -> Tensor<3> {
+        let h = x.clone() + self.self_attn.forward_at(self.input_layernorm.forward(x), pos);
         h.clone() + self.mlp.forward(self.post_attention_layernorm.forward(h))
     }
 }
@@ -119,8 +124,58 @@ impl Llama {
         self.logits(self.hidden(ids, cache))
     }
 
+    /// One forward pass over several sequences at once, each continuing its own cache at its
+    /// own position: `seqs[i].ids` are fed to sequence `i` (at least one id each). Their rows
+    /// go through every projection together, one product per weight for the whole batch;
+    /// attention runs per sequence over its own cache. Returns the logits `[1, S, vocab]` of
+    /// the last fed position of each sequence that asks for them (`logits`), in order, or
+    /// `None` when none does.
+    ///
+    /// Every operation on the shared rows (embedding, RMSNorm, the projections, SwiGLU, the
+    /// residual adds, the LM head) computes each row on its own, so with the quantized kernels
+    /// a sequence gets bit for bit what [`Self::forward`] gives it alone (`generate`), whatever
+    /// else is in the batch. Dense f32 projections go through the `gemm` crate, whose
+    /// summation order depends on the number of rows: there a batched row may differ from
+    /// the solo one in the last bits.
+    pub fn forward_batch(&self, seqs: &mut [BatchSeq<'_>], device: &Device) -> Option<Tensor<3>> {
+        assert!(seqs.iter().all(|s| !s.ids.is_empty()), "every sequence of a batch feeds at least one id");
+        let all: Vec<i64> = seqs.iter().flat_map(|s| s.ids.iter().map(|&i| i as i64)).collect();
+        let n = all.len();
+        let mut x = self.embed_tokens.embed(Tensor::from_data(TensorData::new(all, [1, n]), device)).cast(self.dtype.burn_float());
+        let ropes: Vec<rope::RopeTables> = seqs.iter().map(|s| rope::RopeTables::new(&self.config, s.cache.len(), s.ids.len(), &x.device(), x.dtype())).collect();
+        for (i, layer) in self.layers.iter().enumerate() {
+            let segs = seqs.iter_mut().zip(&ropes).map(|(s, r)| (s.ids.len(), r, s.cache.layer(i))).collect();
+            x = layer.forward_at(x, Positions::Ragged(segs));
+        }
+        let mut last = Vec::new();
+        let mut off = 0;
+        for s in seqs.iter_mut() {
+            s.cache.advance(s.ids.len());
+            off += s.ids.len();
+            if s.logits {
+                last.push(off as i64 - 1);
+            }
+        }
+        if last.is_empty() {
+            return None;
+        }
+        let k = last.len();
+        let x = x.select(1, Tensor::<1, Int>::from_data(TensorData::new(last, [k]), device));
+        Some(self.logits(self.norm.forward(x)))
+    }
+
     /// An empty cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers, self.config.max_position_embeddings)
     }
+}
+
+/// One sequence of [`Llama::forward_batch`].
+pub struct BatchSeq<'a> {
+    /// The ids fed now, continuing after what `cache` holds.
+    pub ids: &'a [u32],
+    pub cache: &'a mut KvCache,
+    /// Whether the logits of the last fed position are wanted (a prompt fed in chunks needs
+    /// none until its last chunk).
+    pub logits: bool,
 }

@@ -3,8 +3,9 @@
 //!
 //! - [`api`]: the wire format and its validation (pure; unit-tested).
 //! - [`routes`]: handlers; requests are validated and tokenized on the async runtime.
-//! - [`worker`]: one thread that generates, interleaving up to `max_concurrent` requests one
-//!   decode step at a time; a bounded queue in front (full → 429).
+//! - [`worker`]: one thread that generates up to `max_concurrent` requests with continuous
+//!   batching (one forward pass per decode step for all of them); a bounded queue in front
+//!   (full → 429).
 
 pub mod api;
 pub mod routes;
@@ -27,7 +28,7 @@ pub struct ServeOptions {
     pub host: String,
     /// 0 picks a free port.
     pub port: u16,
-    /// Requests generating at once (interleaved step by step).
+    /// Requests generating at once (batched: one forward pass per step for all of them).
     pub max_concurrent: usize,
     /// Requests waiting beyond those; one more is answered 429.
     pub queue_size: usize,

@@ -41,6 +41,9 @@ pub async fn health(State(st): St) -> Json<Value> {
         "rejected": s.rejected.load(Ordering::Relaxed),
         "failed": s.failed.load(Ordering::Relaxed),
         "generated_tokens": s.generated_tokens.load(Ordering::Relaxed),
+        "cached_tokens": s.cached_tokens.load(Ordering::Relaxed),
+        "last_batch": s.last_batch.load(Ordering::Relaxed),
+        "peak_batch": s.peak_batch.load(Ordering::Relaxed),
     }))
 }
 

@@ -1,14 +1,26 @@
 //! The generation worker: one thread that owns the model's compute, takes jobs from a bounded
-//! queue and advances up to `max_concurrent` of them in turn, one decode step each per round.
+//! queue and runs up to `max_concurrent` of them with continuous batching.
 //!
-//! Every sequence makes exactly the forward calls [`crate::infer::generate::generate`] makes
-//! (prefill, then one token at a time through its own KV cache), so greedy answers equal
-//! `linly-lora generate --greedy` token for token. Decode steps are interleaved, not batched
-//! into one matrix product: see `BENCHMARKS.md` for what that means for throughput.
+//! Each step is one forward pass ([`crate::model::Llama::forward_batch`]) over every active
+//! sequence: one new token for each sequence that is decoding, and the next chunk of the
+//! prompt of each that is not, at most [`PREFILL_CHUNK`] prompt ids per step while others
+//! decode, so a new prompt never stalls the running streams for more than a step. Every
+//! weight is read once per step for all of them. A request joins at the next step and leaves
+//! the batch when it finishes, fails or its client goes away; each keeps its own KV cache.
+//!
+//! Exactness: every operation on the batch's shared rows computes each row on its own, and the
+//! quantized kernels give a token bit for bit the same sum alone or beside others, so with a
+//! quantized model a greedy answer equals `linly-lora generate --greedy` token for token
+//! whatever else is in the batch (a prompt fed in chunks included: attention treats every
+//! query row on its own too). Dense f32 weights go through the `gemm` crate, whose summation
+//! order depends on the row count (see `forward_batch`).
 
 use super::api::{scan_stop, StopScan};
 use crate::infer::generate::{Finish, GenerateOptions, Stepper};
 use crate::infer::Loaded;
+use crate::io::safetensors::FloatType;
+use crate::model::BatchSeq;
+use burn::tensor::FloatDType;
 use crate::tokenizer::StreamDecoder;
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
@@ -46,7 +58,18 @@ pub struct Stats {
     pub rejected: AtomicU64,
     pub failed: AtomicU64,
     pub generated_tokens: AtomicU64,
+    /// Positions held in the KV caches of the active sequences (0 when idle).
+    pub cached_tokens: AtomicUsize,
+    /// Sequences in the last step's forward pass.
+    pub last_batch: AtomicUsize,
+    /// The most sequences one forward pass has carried.
+    pub peak_batch: AtomicUsize,
 }
+
+/// Prompt ids fed per step, over all prompts being read, while other sequences decode.
+pub const PREFILL_CHUNK: usize = 64;
+/// The same when no sequence is decoding (nobody waits on the step).
+pub const PREFILL_IDLE_CHUNK: usize = 512;
 
 struct Seq {
     job: Job,
@@ -102,24 +125,22 @@ pub fn run(loaded: Arc<Loaded>, rx: Receiver<Job>, max_concurrent: usize, stats:
             }
         }
         stats.active.store(active.len(), Ordering::Relaxed);
-        // One step of each admitted sequence.
+        let outcomes = step_all(&loaded, &mut active, &stats);
         let mut i = 0;
-        while i < active.len() {
-            let outcome = step(&loaded, &mut active[i], &stats);
-            let counter = match outcome {
-                Outcome::Running => {
-                    i += 1;
-                    continue;
-                }
+        active.retain(|_| {
+            let o = &outcomes[i];
+            i += 1;
+            let counter = match o {
+                Outcome::Running => return true,
                 Outcome::Finished => &stats.completed,
                 Outcome::Cancelled => &stats.cancelled,
                 Outcome::Failed => &stats.failed,
             };
             counter.fetch_add(1, Ordering::Relaxed);
-            // `remove`, not `swap_remove`: the turn order stays the order of arrival.
-            active.remove(i);
-            stats.active.store(active.len(), Ordering::Relaxed);
-        }
+            false
+        });
+        stats.active.store(active.len(), Ordering::Relaxed);
+        stats.cached_tokens.store(active.iter().map(|s| s.stepper.cached()).sum(), Ordering::Relaxed);
     }
 }
 
@@ -134,15 +155,147 @@ fn admit(loaded: &Loaded, job: Job, active: &mut Vec<Seq>, stats: &Stats) {
     }
 }
 
-fn step(loaded: &Loaded, seq: &mut Seq, stats: &Stats) -> Outcome {
-    // A closed channel means the client went away (its handler or response stream was
-    // dropped): stop here and free the slot.
-    if seq.job.tx.is_closed() {
-        return Outcome::Cancelled;
-    }
-    let r = catch_unwind(AssertUnwindSafe(|| advance(loaded, seq)));
-    match r {
-        Ok(Ok(events)) => {
+/// What one sequence does in a step.
+enum Plan {
+    /// Its client went away, or it ended before this step.
+    Skip(Outcome),
+    /// Feeds this many of its pending ids in the batch.
+    Feed(usize),
+    /// No cache (`no_cache`): a forward pass of its own.
+    Alone,
+    /// Waits for the next step (prompt budget spent).
+    Wait,
+}
+
+/// One step of every active sequence: one forward pass for all of them. Returns each
+/// sequence's outcome, in order.
+fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> {
+    let decoding = active.iter().filter(|s| s.stepper.cached() > 0 && s.stepper.pending().len() == 1).count();
+    let mut budget = if decoding > 0 { PREFILL_CHUNK } else { PREFILL_IDLE_CHUNK };
+    let plans: Vec<Plan> = active
+        .iter_mut()
+        .map(|seq| {
+            // A closed channel means the client went away (its handler or response stream
+            // was dropped): stop here and free the slot.
+            if seq.job.tx.is_closed() {
+                return Plan::Skip(Outcome::Cancelled);
+            }
+            if seq.stepper.ended(&loaded.model) {
+                // Ended before a forward (the answer or the context is full).
+                return Plan::Skip(report(loaded, seq, None, stats));
+            }
+            let Some((pending, cache)) = seq.stepper.input() else { return Plan::Alone };
+            if cache.is_empty() || pending.len() > 1 {
+                // A prompt, read in chunks from the step's budget, first come first served
+                // (one that gets none waits for the next step; the first always gets some).
+                let n = pending.len().min(budget);
+                if n == 0 {
+                    return Plan::Wait;
+                }
+                budget -= n;
+                Plan::Feed(n)
+            } else {
+                Plan::Feed(1)
+            }
+        })
+        .collect();
+    // The batched forward pass, on a rayon worker as `Stepper::step` runs its own (see there).
+    let r = catch_unwind(AssertUnwindSafe(|| {
+        let mut batch: Vec<BatchSeq> = Vec::new();
+        let mut wants = Vec::new();
+        for (seq, plan) in active.iter_mut().zip(&plans) {
+            if let Plan::Feed(n) = *plan {
+                let (pending, cache) = seq.stepper.input().expect("planned with a cache");
+                let logits = n == pending.len();
+                wants.push(logits);
+                batch.push(BatchSeq { ids: &pending[..n], cache, logits });
+            }
+        }
+        // f16/bf16 activations take burn's composed attention and flex's half-precision
+        // matmul, where a batched step measured slower than its sequences one after another
+        // (BENCHMARKS.md): those run one forward pass per sequence, as before batching.
+        let together = if loaded.model.dtype == FloatType::F32 { batch.len().max(1) } else { 1 };
+        stats.last_batch.store(together.min(batch.len()), Ordering::Relaxed);
+        stats.peak_batch.fetch_max(together.min(batch.len()), Ordering::Relaxed);
+        if batch.is_empty() {
+            return Vec::new();
+        }
+        let mut rows: Vec<f32> = Vec::new();
+        for group in batch.chunks_mut(together) {
+            let logits = rayon::scope(|_| loaded.model.forward_batch(group, &loaded.device));
+            if let Some(l) = logits {
+                rows.extend(l.cast(FloatDType::F32).try_into_vec_as::<f32>().expect("f32 logits"));
+            }
+        }
+        let vocab = loaded.model.vocab_size().max(1);
+        let mut rows = rows.chunks_exact(vocab);
+        wants.into_iter().map(|w| if w { rows.next().map(|r| r.to_vec()) } else { None }).collect::<Vec<_>>()
+    }));
+    let mut logits = match r {
+        Ok(l) => l.into_iter(),
+        Err(panic) => {
+            // The caches of the batch are in an unknown state: every sequence in it fails.
+            let msg = panic_message(panic);
+            return active
+                .iter_mut()
+                .zip(plans)
+                .map(|(seq, plan)| match plan {
+                    Plan::Skip(o) => o,
+                    Plan::Feed(_) => {
+                        let _ = seq.job.tx.send(Event::Error(format!("generation failed: {msg}")));
+                        Outcome::Failed
+                    }
+                    Plan::Alone | Plan::Wait => Outcome::Running,
+                })
+                .collect();
+        }
+    };
+    active
+        .iter_mut()
+        .zip(plans)
+        .map(|(seq, plan)| match plan {
+            Plan::Skip(o) => o,
+            Plan::Wait => Outcome::Running,
+            Plan::Feed(n) => {
+                let l = logits.next().expect("one entry per fed sequence");
+                let id = seq.stepper.fed(n, l);
+                match id {
+                    // Still reading its prompt.
+                    None => Outcome::Running,
+                    Some(id) => report(loaded, seq, Some(Some(id)), stats),
+                }
+            }
+            Plan::Alone => {
+                let r = catch_unwind(AssertUnwindSafe(|| seq.stepper.step(&loaded.model, &loaded.device)));
+                match r {
+                    Ok(id) => report(loaded, seq, Some(id), stats),
+                    Err(panic) => {
+                        let _ = seq.job.tx.send(Event::Error(format!("generation failed: {}", panic_message(panic))));
+                        Outcome::Failed
+                    }
+                }
+            }
+        })
+        .collect()
+}
+
+fn panic_message(panic: Box<dyn std::any::Any + Send>) -> String {
+    panic.downcast_ref::<String>().cloned().or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string())).unwrap_or_else(|| "unknown panic".into())
+}
+
+/// [`emit`] and [`send`]; a panic while decoding fails this request only.
+fn report(loaded: &Loaded, seq: &mut Seq, stepped: Option<Option<u32>>, stats: &Stats) -> Outcome {
+    let events = match catch_unwind(AssertUnwindSafe(|| emit(loaded, seq, stepped))) {
+        Ok(r) => r,
+        Err(panic) => Err(anyhow::anyhow!("generation failed: {}", panic_message(panic))),
+    };
+    send(seq, events, stats)
+}
+
+/// Sends a step's events to the client; the sequence's outcome.
+fn send(seq: &mut Seq, events: anyhow::Result<Vec<Event>>, stats: &Stats) -> Outcome {
+    match events {
+        Ok(events) => {
             let mut done = false;
             for ev in events {
                 if let Event::Done { completion_tokens, .. } = ev {
@@ -159,28 +312,21 @@ fn step(loaded: &Loaded, seq: &mut Seq, stats: &Stats) -> Outcome {
                 Outcome::Running
             }
         }
-        Ok(Err(e)) => {
+        Err(e) => {
             let _ = seq.job.tx.send(Event::Error(format!("{e:#}")));
-            Outcome::Failed
-        }
-        Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
-                .unwrap_or_else(|| "unknown panic".into());
-            let _ = seq.job.tx.send(Event::Error(format!("generation failed: {msg}")));
             Outcome::Failed
         }
     }
 }
 
-/// One token: returns the events to send, in order (none when the token produced no sendable
-/// text yet; a last delta and `Done` at the end).
-fn advance(loaded: &Loaded, seq: &mut Seq) -> anyhow::Result<Vec<Event>> {
+/// The events of one step: `stepped` is `Some(what the step chose)` after a forward pass
+/// (`Some(None)`: generation had ended), `None` when it ended before one. Returns the events
+/// to send, in order (none when the token produced no sendable text yet; a last delta and
+/// `Done` at the end).
+fn emit(loaded: &Loaded, seq: &mut Seq, stepped: Option<Option<u32>>) -> anyhow::Result<Vec<Event>> {
     let tok = loaded.tok.as_ref().ok_or_else(|| anyhow::anyhow!("the server needs a tokenizer"))?;
     let stops = &seq.job.stop_strings;
-    let mut finished = match seq.stepper.step(&loaded.model, &loaded.device) {
+    let mut finished = match stepped.flatten() {
         Some(id) => {
             if !seq.job.opts.stop_ids.contains(&id) {
                 seq.ids.push(id);
