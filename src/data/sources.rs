@@ -189,12 +189,19 @@ pub struct SourceSpec {
     /// replay); leave it 0 on the new language, where the base cannot know the new pieces.
     #[serde(default)]
     pub self_distill: f64,
+    /// With `self_distill` on a source of the new language: compare only how the model shares
+    /// the old tokens' mass among them (its softmax over the old rows renormalised), so that the
+    /// term holds the old-vocabulary predictions where LoRA would move them without taxing the
+    /// mass the model learns to give new pieces. Off (the default) counts that mass against the
+    /// model, which is right on text the base reads (English replay).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub self_distill_renormalize: bool,
 }
 
 impl SourceSpec {
     /// A block with weight 1 and no labels.
     pub fn new(kind: SourceKind, path: impl Into<PathBuf>) -> Self {
-        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None, self_distill: 0.0 }
+        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None, self_distill: 0.0, self_distill_renormalize: false }
     }
 
     /// Sets the weight.

@@ -83,11 +83,13 @@ fn shifted_targets(labels: &[Vec<i64>], t: usize) -> Vec<i64> {
 /// target is an old-vocabulary token, where `q` is the teacher's softmax over the old rows
 /// (`teacher_logits[.., ..old_vocab]`, the base model's own prediction) and `p` the student's
 /// softmax over the whole vocabulary, restricted to the old rows. Mass the student gives to new
-/// rows counts against it, which is right where the base's text is read (English) and wrong
-/// where the new language is (set its weight to 0).
+/// rows counts against it, which is right where the base's text is read (English). On rows with
+/// `row_renorm` set (text of the new language), `p` is the student's softmax over the old rows
+/// alone: the term then holds how the old tokens share their mass and leaves the new pieces'
+/// share free. `row_renorm` may be empty (no row renormalises).
 ///
 /// Composed from tensor ops, so it runs on every backend; the teacher logits carry no graph.
-pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, old_vocab: usize, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
+pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, old_vocab: usize, labels: &[Vec<i64>], row_weight: &[f32], row_renorm: &[bool]) -> Tensor<1> {
     let [b, t, v] = student_logits.dims();
     let device = student_logits.device();
     let mut mask = Vec::with_capacity(b * (t - 1));
@@ -97,7 +99,14 @@ pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, ol
             mask.push(if l >= 0 && (l as usize) < old_vocab { w } else { 0.0 });
         }
     }
-    let logp = log_softmax(student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2).slice([0..b, 0..t - 1, 0..old_vocab]);
+    let z = student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32);
+    let mut logp = log_softmax(z.clone(), 2).slice([0..b, 0..t - 1, 0..old_vocab]);
+    if row_renorm.iter().any(|&r| r) {
+        let sel: Vec<f32> = (0..b).map(|r| if row_renorm.get(r).copied().unwrap_or(false) { 1.0 } else { 0.0 }).collect();
+        let sel: Tensor<3> = Tensor::from_data(TensorData::new(sel, [b, 1, 1]), &device);
+        let renorm = log_softmax(z.slice([0..b, 0..t - 1, 0..old_vocab]), 2);
+        logp = logp.clone() + (renorm - logp) * sel;
+    }
     let logq = log_softmax(teacher_logits.detach().slice([0..b, 0..t - 1, 0..old_vocab]).cast(FloatDType::F32), 2);
     let q = logq.clone().exp();
     let kl = (q * (logq - logp)).sum_dim(2);
@@ -192,7 +201,7 @@ mod tests {
         let labels: Vec<Vec<i64>> = vec![vec![1, 2, 11, 4, 5], vec![0, 3, 3, -100, 8]];
         let w = [0.5f32, 2.0];
         let z = z0.clone().detach().require_grad();
-        let sum = self_distill_sum(z.clone(), tl.clone(), old, &labels, &w);
+        let sum = self_distill_sum(z.clone(), tl.clone(), old, &labels, &w, &[]);
         let g = sum.clone().backward();
         let got = sum.into_scalar::<f32>() as f64;
         let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
@@ -222,4 +231,28 @@ mod tests {
         assert!((got - want).abs() < 1e-4 * want.max(1.0), "{got} vs {want}");
     }
 
+    #[test]
+    fn renormalised_rows_leave_the_new_pieces_mass_free() {
+        // Student = teacher on the old rows, plus new rows with real mass: the plain term is
+        // positive (that mass counts against it), the renormalised one is zero, value and
+        // gradient; on a row without the flag nothing changes.
+        let dev = Device::flex().autodiff();
+        let (b, t, v, old) = (2, 4, 11, 8);
+        let tl: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
+        let extra: Tensor<3> = Tensor::random([b, t, v - old], Distribution::Normal(1.0, 1.0), &dev);
+        let z0 = Tensor::cat(vec![tl.clone().slice([0..b, 0..t, 0..old]), extra], 2);
+        let labels: Vec<Vec<i64>> = vec![vec![1, 2, 3, 4], vec![0, 5, 6, 7]];
+        let w = [1.0f32, 1.0];
+        let plain = self_distill_sum(z0.clone(), tl.clone(), old, &labels, &w, &[]).into_scalar::<f32>();
+        assert!(plain > 1e-3, "the new rows' mass should count against the plain term: {plain}");
+        let z = z0.clone().detach().require_grad();
+        let renorm = self_distill_sum(z.clone(), tl.clone(), old, &labels, &w, &[true, true]);
+        let g = renorm.clone().backward();
+        let r = renorm.into_scalar::<f32>();
+        assert!(r.abs() < 1e-5, "renormalised term {r} should be 0 when the old rows agree");
+        let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
+        assert!(grad.iter().all(|x| x.abs() < 1e-5), "renormalised gradient should vanish");
+        let one = self_distill_sum(z0, tl, old, &labels, &w, &[false, true]).into_scalar::<f32>();
+        assert!(one > 1e-3 && one < plain, "only row 0 counts its new rows' mass: {one} vs {plain}");
+    }
 }

@@ -314,6 +314,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     mcfg.pad_id = model.config.eos_token_ids.first().copied().unwrap_or(0);
     let mut mixer = Mixer::new(sources, mcfg)?;
     let distill_w: Vec<f32> = recipe.data.iter().map(|d| d.self_distill as f32).collect();
+    let distill_renorm: Vec<bool> = recipe.data.iter().map(|d| d.self_distill_renormalize).collect();
     let source_names = super::metrics::source_labels(&recipe.data);
 
     let mut scaler = Scaler::new(recipe.scaler()?);
@@ -366,7 +367,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
             source_of_row.extend(b.source_of_row.iter().copied());
             let self_distill: Vec<f32> = b.source_of_row.iter().map(|&s| distill_w[s]).collect();
-            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill });
+            let self_distill_renormalize: Vec<bool> = b.source_of_row.iter().map(|&s| distill_renorm[s]).collect();
+            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize });
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;

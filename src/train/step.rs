@@ -20,12 +20,15 @@ pub struct MicroBatch {
     /// source); empty or all zero: no teacher pass for this micro-batch.
     #[serde(default)]
     pub self_distill: Vec<f32>,
+    /// Per row: whether the term compares the old rows' renormalised softmax
+    /// (`[[data]] self_distill_renormalize`); empty means no row does.
+    pub self_distill_renormalize: Vec<bool>,
 }
 
 impl MicroBatch {
     /// A micro-batch without self-distillation.
     pub fn new(input_ids: Vec<Vec<u32>>, labels: Vec<Vec<i64>>) -> Self {
-        MicroBatch { input_ids, labels, self_distill: Vec::new() }
+        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new() }
     }
 
     /// Positions that carry loss after the shift.
@@ -106,7 +109,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
         let logits = model.forward(ids, None);
         let kd_sum = teacher.map(|tl| {
             let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
-            self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill)
+            self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)
         });
         let r = nll_sum_rows(logits, &mb.labels);
         let objective = match &kd_sum {
