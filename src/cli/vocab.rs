@@ -54,7 +54,7 @@ pub enum VocabCmd {
         /// subtoken-mean | mean | noisy-mean | random: table-only. distill | distill-input |
         /// distill-head: fitted against the model on --init-text (input rows by Token
         /// Distillation, head rows to the base's own probability of each piece; fitting the head
-        /// unties a tied table). See src/vocab/distill.rs.
+        /// unties a tied table). See src/vocab/distill/.
         #[arg(long, default_value = "subtoken-mean")]
         init: String,
         #[arg(long, default_value_t = 0)]
