@@ -31,9 +31,6 @@ pub mod rmsnorm;
 pub mod softmax;
 pub mod swiglu;
 
-/// The softmax pieces at the top level too, where the fused loss of `train::loss` reads them.
-pub use softmax::{exp_approx, max_of, sum_exp_shifted};
-
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};
 use burn_autodiff::ops::{Backward, NodeGuard, OpsKind};
 use burn_autodiff::Autodiff;

@@ -66,11 +66,16 @@ pub fn composed_nll_sum(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     composed_nll_rows(logits, labels).sum()
 }
 
-/// The composed loss per batch row, `[B]`: the kernel's composed reference over the same
-/// flattened rows and targets as the fused path.
+/// The composed loss per batch row, `[B]`: the kernel's composed reference over the rows that
+/// have a target position (each sequence's last row never enters it, so a non-finite logit
+/// there cannot reach the loss or its gradient).
 pub fn composed_nll_rows(logits: Tensor<3>, labels: &[Vec<i64>]) -> Tensor<1> {
     let [b, t, v] = logits.dims();
-    cross_entropy::composed_rows(logits.reshape([b * t, v]), &shifted_targets(labels, t), t)
+    if t < 2 {
+        return Tensor::zeros([b], &logits.device());
+    }
+    let targets: Vec<i64> = labels.iter().flat_map(|row| row[1..t].iter().map(|&l| if l >= 0 { l } else { -1 })).collect();
+    cross_entropy::composed_rows(logits.slice([0..b, 0..t - 1, 0..v]).reshape([b * (t - 1), v]), &targets, t - 1)
 }
 
 /// Row `b·T + i` of the flattened logits predicts `labels[b][i+1]`; each sequence's last row

@@ -153,7 +153,10 @@ pub(super) fn fit_head(
     let mut rng = crate::rng::SplitMix::new(opts.seed ^ 0x4ead);
     let mut xb = vec![0f32; bs * d];
     let mut z = vec![0f32; bs * nf];
-    let mut q = vec![0f32; bs * n_new];
+    // Chain targets are dense per position; a label's is one-hot and stays implicit.
+    let dense = matches!(target, Target::Chain { .. });
+    let qw = if dense { n_new } else { 1 };
+    let mut q = vec![0f32; bs * qw];
     let mut qr = vec![0f32; bs * n_roots_q];
     let mut g = vec![0f32; nf * d];
     for epoch in 0..opts.head_epochs.max(1) {
@@ -166,20 +169,13 @@ pub(super) fn fit_head(
             }
             match &target {
                 Target::Chain { trie, chain, .. } => chain.targets(trie, batch, &mut q[..m * n_new], Some(&mut qr[..m * chain.n_roots])),
-                Target::Labels => {
-                    q[..m * n_new].fill(0.0);
-                    for (r, &p) in batch.iter().enumerate() {
-                        if let Some(k) = (data.labels[p] as usize).checked_sub(old) {
-                            q[r * n_new + k] = 1.0;
-                        }
-                    }
-                }
+                Target::Labels => {}
             }
             gemm(&mut z[..m * nf], nf, [m, nf, d], View::rows(&xb, 0, d), View::t(&rows, 0, d), 1.0, false, true);
             // z becomes dL/dz = p − q for the fitted rows, 0 for the others.
             let (batch_nll, batch_ce) = z[..m * nf]
                 .par_chunks_mut(nf)
-                .zip(q[..m * n_new].par_chunks(n_new))
+                .zip(q[..m * qw].par_chunks(qw))
                 .zip(qr[..m * n_roots_q].par_chunks(n_roots_q))
                 .enumerate()
                 .map(|(r, ((zr, qn), qo))| {
@@ -193,9 +189,11 @@ pub(super) fn fit_head(
                     } else {
                         data.logit_old_label[p]
                     };
+                    let label_new = if dense { None } else { y.checked_sub(old) };
+                    let q_new = |k: usize| if dense { qn[k] } else if label_new == Some(k) { 1.0 } else { 0.0 };
                     let mut ce = 0f64;
                     for (k, v) in zr.iter_mut().enumerate() {
-                        let (qv, fit) = if k < n_new { (qn[k], fitted[k]) } else { (qo[k - n_new], true) };
+                        let (qv, fit) = if k < n_new { (q_new(k), fitted[k]) } else { (qo[k - n_new], true) };
                         ce -= qv as f64 * (*v - total) as f64;
                         *v = if fit { (*v - total).exp() - qv } else { 0.0 };
                     }
