@@ -274,3 +274,142 @@ fn chain_targets_beat_subtoken_mean_on_text_the_base_wrote() {
     }
     assert!(got[1] < got[2], "chain targets ({}) are no better than label targets ({}) on the head", got[1], got[2]);
 }
+
+/// Cross-tokenizer distillation during training (`[[data]] chain_distill`): the teacher is the
+/// base reading the old tokenization, its targets are the chain of its sub-token probabilities,
+/// and training against them teaches the new pieces what labels alone do not.
+mod chain_distillation {
+    use super::*;
+    use burn::module::Param;
+    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use linly_lora::lora::{self, adapter::linears_mut, set_table_modes, LoraInit, LoraSettings, TableMode};
+    use linly_lora::train::chain_teacher::ChainTeacher;
+    use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::scaler::{Scaler, ScalerConfig};
+    use linly_lora::train::step::{train_step, MicroBatch, StepHparams};
+    use std::sync::Arc;
+
+    /// Text the sharpened teacher wrote, an extension of its frequent n-grams, the text in the
+    /// new tokenization, and the sub-token-mean resized model.
+    fn setup(device: &burn::tensor::Device) -> (Llama, VocabExtension, Vec<Vec<u32>>, Llama) {
+        let t = sharpened(device, 30.0);
+        let none = VocabExtension { old_vocab: 320, new_vocab: 320, subtokens: vec![], pieces: None };
+        let sampled = sample(&t.valid(), &none, 64, 40, 11, 0.0);
+        let ext = corpus_extension(&sampled[..48]);
+        let new_tok: Vec<Vec<u32>> = sampled.iter().map(|s| retokenize(s, &ext)).collect();
+        let mut resized = t.clone();
+        resize_loaded(&mut resized, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
+        (t, ext, new_tok, resized)
+    }
+
+    fn with_lora(model: &mut Llama, device: &burn::tensor::Device, random_b: bool) {
+        let s = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], init: LoraInit::Kaiming, seed: 3 };
+        lora::inject(model, &s, device).unwrap();
+        if random_b {
+            for (_, lin) in linears_mut(model) {
+                for br in lin.lora.iter_mut() {
+                    let shape = br.b.val().dims();
+                    br.b = Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.3), device)).set_require_grad(true);
+                }
+            }
+        }
+    }
+
+    fn softmax_rows(model: &Llama, ids: &[u32], device: &burn::tensor::Device) -> Vec<f64> {
+        let t: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]), device);
+        let l: Vec<f64> = model.forward(t, None).try_into_vec_as::<f32>().unwrap().into_iter().map(|x| x as f64).collect();
+        let v = l.len() / ids.len();
+        l.chunks(v)
+            .flat_map(|row| {
+                let row = &row[..320];
+                let m = row.iter().copied().fold(f64::NEG_INFINITY, f64::max);
+                let s: f64 = row.iter().map(|x| (x - m).exp()).sum();
+                row.iter().map(move |x| (x - m).exp() / s).collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    #[test]
+    fn targets_are_the_base_chain_read_with_lora_off() {
+        let device = cpu().autodiff();
+        let (t, ext, new_tok, resized) = setup(&device);
+        let mut student = resized.clone();
+        with_lora(&mut student, &device, true);
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let row = new_tok.iter().find(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).unwrap()[..20].to_vec();
+        let mask = vec![vec![true; 20]];
+        let ct = teacher.targets(&mut student, std::slice::from_ref(&row), &[1.0], &mask, &device).unwrap();
+        let v = ext.new_vocab;
+        assert_eq!(ct.dims, [1, 19, v]);
+        // The base (no LoRA) reading the old expansion, computed here independently.
+        let ctx = expand(&row, &ext).unwrap();
+        let base_p = softmax_rows(&t, &ctx.old_ids, &device);
+        let roots: std::collections::HashSet<u32> = ext.subtokens.iter().filter(|s| s.len() > 1).map(|s| s[0]).collect();
+        let mut checked_pieces = 0;
+        for i in 0..19 {
+            let q = &ct.q[i * v..(i + 1) * v];
+            let total: f64 = q.iter().map(|&x| x as f64).sum();
+            assert!((total - 1.0).abs() < 1e-4, "position {i}: targets sum to {total}");
+            let a = ctx.aligned[i];
+            // Old tokens that start no piece keep the base's own probability.
+            for tok in (0..320u32).filter(|t| !roots.contains(t)) {
+                let want = base_p[a * 320 + tok as usize];
+                assert!((q[tok as usize] as f64 - want).abs() < 1e-5, "position {i}, token {tok}: {} vs base {want}", q[tok as usize]);
+            }
+            // The next piece, when no longer piece extends it: the chain of its sub-tokens'
+            // probabilities along the text.
+            let next = row[i + 1];
+            if next >= 320 {
+                let subs = &ext.subtokens[(next - 320) as usize];
+                let extended = ext.subtokens.iter().any(|s| s.len() > subs.len() && s.starts_with(subs));
+                let owner = ext.subtokens.iter().position(|s| s == subs) == Some((next - 320) as usize);
+                if !extended && owner {
+                    let want: f64 = subs.iter().enumerate().map(|(j, &s)| base_p[(a + j) * 320 + s as usize]).product();
+                    let got = q[next as usize] as f64;
+                    assert!((got - want).abs() < 1e-5 + 1e-3 * want, "position {i}: piece {next} target {got} vs chain {want}");
+                    checked_pieces += 1;
+                }
+            }
+        }
+        assert!(checked_pieces > 0, "the row must hold a piece whose chain is checked");
+        // The student still has its LoRA branches.
+        assert!(linears_mut(&mut student).into_iter().any(|(_, l)| !l.lora.is_empty()));
+    }
+
+    #[test]
+    fn training_against_the_chain_beats_labels_alone_on_held_out_text() {
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok[..48].iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let held_out: Vec<Vec<u32>> = new_tok[48..].to_vec();
+        let train_rows: Vec<Vec<u32>> = new_tok[..48].iter().filter(|s| s.len() >= 24).map(|s| s[..24].to_vec()).collect();
+        assert!(train_rows.len() >= 16);
+        let hp = StepHparams { lr: 5e-4, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+        let run = |weight: f32| {
+            let mut m = resized.clone();
+            with_lora(&mut m, &device, false);
+            set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+            let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+            for step in 0..24 {
+                let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
+                let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+                let mut mb = MicroBatch::new(rows.clone(), labels);
+                if weight > 0.0 {
+                    mb.chain_distill = vec![weight; 2];
+                    let mask = vec![vec![true; 24]; 2];
+                    mb.chain = Some(Arc::new(teacher.targets(&mut m, &rows, &mb.chain_distill, &mask, &device).unwrap()));
+                }
+                let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, &device).unwrap();
+                assert_eq!(out.chain_distill.is_some(), weight > 0.0);
+            }
+            nll(&m.valid(), &held_out)
+        };
+        let start = nll(&resized.valid(), &held_out);
+        let (labels_only, chain) = (run(0.0), run(1.0));
+        eprintln!("held-out NLL: start {start:.4}, labels only {labels_only:.4}, labels + chain {chain:.4}");
+        assert!(chain < labels_only - 0.01, "chain distillation {chain} is not below labels alone {labels_only}");
+        // At this lr the labels alone pull the new rows off their start (as on SmolLM2); the
+        // chain keeps what the base knows and adds to it.
+        assert!(chain < start, "chain distillation {chain} ends above the resized start {start}");
+    }
+}

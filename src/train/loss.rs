@@ -119,6 +119,29 @@ pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, ol
     (kl * m).sum()
 }
 
+/// Cross-tokenizer distillation (`[[data]] chain_distill`): `Σ_rows w_row Σ_pos KL(q ‖ p)`
+/// over the positions that carry loss, where `q` is the base's distribution over the whole
+/// extended vocabulary ([`super::chain_teacher`], `[B, T−1, V]` on the host) and `p` the
+/// student's softmax. Only the cross-entropy part `−Σ q ln p` is on the graph; `neg_entropy`
+/// (Σ w·q ln q, from the host) turns it into the KL without costing a `[B, T−1, V]` logarithm.
+/// Its gradient with respect to the logits is `w·(softmax(z) − q)`.
+pub fn chain_distill_sum(student_logits: Tensor<3>, q: &[f32], neg_entropy: f64, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
+    let [b, t, v] = student_logits.dims();
+    let device = student_logits.device();
+    let mut mask = Vec::with_capacity(b * (t - 1));
+    for (r, row) in labels.iter().enumerate() {
+        let w = row_weight.get(r).copied().unwrap_or(0.0);
+        for &l in &row[1..t] {
+            mask.push(if l >= 0 { w } else { 0.0 });
+        }
+    }
+    let logp = log_softmax(student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
+    let q: Tensor<3> = Tensor::from_data(TensorData::new(q.to_vec(), [b, t - 1, v]), &device);
+    let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
+    let ce = (q * logp).sum_dim(2) * m;
+    ce.sum().neg() + neg_entropy as f32
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -259,5 +282,53 @@ mod tests {
         assert!(grad.iter().all(|x| x.abs() < 1e-5), "renormalised gradient should vanish");
         let one = self_distill_sum(z0, tl, old, &labels, &w, &[false, true]).into_scalar::<f32>();
         assert!(one > 1e-3 && one < plain, "only row 0 counts its new rows' mass: {one} vs {plain}");
+    }
+
+    #[test]
+    fn chain_distill_value_and_gradient_match_the_closed_form() {
+        // KL(q ‖ p) over the whole vocabulary at loss positions: value Σ q (ln q − ln p),
+        // gradient w·(softmax(z) − q); nothing at masked positions or each row's last one.
+        let dev = Device::flex().autodiff();
+        let (b, t, v) = (2, 5, 11);
+        let z0: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
+        let zs = z0.clone().into_data().try_to_vec::<f32>().unwrap();
+        // Targets with exact zeros (pieces the base cannot reach), normalised per position.
+        let mut q = vec![0f32; b * (t - 1) * v];
+        for (k, row) in q.chunks_mut(v).enumerate() {
+            for (c, x) in row.iter_mut().enumerate() {
+                *x = if (k + c) % 4 == 0 { 0.0 } else { 1.0 + ((k * 7 + c * 3) % 5) as f32 };
+            }
+            let s: f32 = row.iter().sum();
+            row.iter_mut().for_each(|x| *x /= s);
+        }
+        let labels: Vec<Vec<i64>> = vec![vec![1, 2, -100, 4, 5], vec![0, 3, 3, 9, 8]];
+        let w = [0.5f32, 2.0];
+        let counted = |r: usize, i: usize| labels[r][i + 1] >= 0;
+        let neg_entropy: f64 = (0..b).flat_map(|r| (0..t - 1).map(move |i| (r, i))).filter(|&(r, i)| counted(r, i)).map(|(r, i)| w[r] as f64 * q[(r * (t - 1) + i) * v..][..v].iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>()).sum();
+        let z = z0.detach().require_grad();
+        let sum = chain_distill_sum(z.clone(), &q, neg_entropy, &labels, &w);
+        let g = sum.clone().backward();
+        let got = sum.into_scalar::<f32>() as f64;
+        let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
+        let mut want = 0.0;
+        for r in 0..b {
+            for i in 0..t {
+                let o = (r * t + i) * v;
+                let m = zs[o..o + v].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+                let s: f64 = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp()).sum();
+                let p: Vec<f64> = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp() / s).collect();
+                let on = i + 1 < t && counted(r, i);
+                for c in 0..v {
+                    let qc = if i + 1 < t { q[(r * (t - 1) + i) * v + c] as f64 } else { 0.0 };
+                    let want_g = if on { w[r] as f64 * (p[c] - qc) } else { 0.0 };
+                    assert!((grad[o + c] as f64 - want_g).abs() < 1e-5, "grad[{r},{i},{c}] {} vs {want_g}", grad[o + c]);
+                    if on && qc > 0.0 {
+                        want += w[r] as f64 * qc * (qc.ln() - p[c].ln());
+                    }
+                }
+            }
+        }
+        assert!(want > 0.1, "random logits are far from the targets: {want}");
+        assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
     }
 }

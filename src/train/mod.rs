@@ -1,5 +1,6 @@
 //! Training: LoRA + embedding/head training with mixed data, fp16 loss scaling, checkpoints.
 
+pub mod chain_teacher;
 pub mod checkpoint;
 pub mod loss;
 pub mod metrics;

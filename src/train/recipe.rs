@@ -365,6 +365,7 @@ impl Recipe {
         }
         for (i, d) in self.data.iter().enumerate() {
             keys.push((format!("[[data]] #{} self_distill", i + 1), d.self_distill, NonNegative));
+            keys.push((format!("[[data]] #{} chain_distill", i + 1), d.chain_distill, NonNegative));
             let weights: &[f64] = match &d.weight {
                 crate::data::Weight::Fixed(w) => std::slice::from_ref(w),
                 crate::data::Weight::Ramp(r) => r,
@@ -462,6 +463,14 @@ impl Recipe {
         }
         for (i, d) in self.data.iter().enumerate() {
             must_exist(&format!("[[data]] #{} path", i + 1), &d.path)?;
+        }
+        if let Some((i, _)) = self.data.iter().enumerate().find(|(_, d)| d.chain_distill > 0.0) {
+            if self.vocab.is_none() {
+                bail!("[[data]] #{} chain_distill: distils the base's probability of the *new* pieces, so it needs a [vocab] extension; without one use self_distill", i + 1);
+            }
+            if self.trainable.embed_tokens == TableMode::All || self.trainable.lm_head == TableMode::All {
+                bail!("[[data]] #{} chain_distill: the teacher is the model with LoRA off, which is the base only while the old rows stay fixed; set [trainable] embed_tokens and lm_head to \"new_rows\" or \"frozen\"", i + 1);
+            }
         }
         if self.mix.bucketed && self.mix.bins.unwrap_or(0) < 1 {
             bail!("[mix] bucketed = true needs `bins` ≥ 1");

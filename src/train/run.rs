@@ -1,6 +1,7 @@
 //! `linly-lora train recipe.toml`: builds the model (base, vocabulary growth, LoRA), the data
 //! mixer, and runs the stages, writing metrics, checkpoints and the final adapter.
 
+use super::chain_teacher::ChainTeacher;
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::recipe::{Recipe, Stage};
@@ -17,6 +18,7 @@ use burn::module::Param;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Instant;
 
 #[derive(Debug, Clone, Default)]
@@ -305,6 +307,21 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     enc.vocab_size = new_vocab;
     let sources = data::load_sources(&recipe.data, &recipe.root, &enc, Some(&out.join("token-cache")))?;
+    let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
+    let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
+        let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
+        if !head_moved.is_empty() {
+            bail!(
+                "chain_distill: {} has {} old head rows refitted by `vocab resize --init distill`, so the model with LoRA off is not the base any more; resize with --init subtoken-mean (or distill-input) for this term",
+                recipe.model.path.display(),
+                head_moved.len()
+            );
+        }
+        let texts: Vec<&[u32]> = sources.iter().zip(&chain_w).filter(|(_, &w)| w > 0.0).map(|(s, _)| s.docs.ids.as_slice()).collect();
+        Some(ChainTeacher::new(VocabExtension::load(ext_path)?, &texts))
+    } else {
+        None
+    };
     let mut mcfg = MixConfig::new(recipe.train.seq_len, recipe.train.seed);
     mcfg.bucketed = recipe.mix.bucketed;
     if let Some(b) = recipe.mix.bins {
@@ -368,7 +385,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             source_of_row.extend(b.source_of_row.iter().copied());
             let self_distill: Vec<f32> = b.source_of_row.iter().map(|&s| distill_w[s]).collect();
             let self_distill_renormalize: Vec<bool> = b.source_of_row.iter().map(|&s| distill_renorm[s]).collect();
-            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize });
+            let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
+            let chain = match &chain_teacher {
+                Some(t) if chain_distill.iter().any(|&w| w > 0.0) => {
+                    let mask: Vec<Vec<bool>> = b.labels.iter().map(|r| r.iter().map(|&l| l >= 0).collect()).collect();
+                    Some(Arc::new(t.targets(&mut model, &b.input_ids, &chain_distill, &mask, &device)?))
+                }
+                _ => None,
+            };
+            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, chain });
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
@@ -392,7 +417,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
-            "events": r.events, "self_distill": r.self_distill, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         writeln!(metrics, "{line}")?;
         if let Some(b) = &bar {

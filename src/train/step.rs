@@ -2,7 +2,8 @@
 //! parameter, one host sync for loss (total and per batch row), finiteness and norms, the
 //! scaler's decision, global-norm clipping and AdamW.
 
-use super::loss::{nll_sum_rows, self_distill_sum, RowSums};
+use super::chain_teacher::ChainTargets;
+use super::loss::{chain_distill_sum, nll_sum_rows, self_distill_sum, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
 use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
@@ -10,6 +11,7 @@ use crate::model::Llama;
 use anyhow::{bail, Result};
 use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 /// One micro-batch: ids and HF-aligned labels (−100 = no loss), `[B][T]`.
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
@@ -23,12 +25,20 @@ pub struct MicroBatch {
     /// Per row: whether the term compares the old rows' renormalised softmax
     /// (`[[data]] self_distill_renormalize`); empty means no row does.
     pub self_distill_renormalize: Vec<bool>,
+    /// Per row: the weight of the cross-tokenizer distillation term (`[[data]] chain_distill`).
+    #[serde(default)]
+    pub chain_distill: Vec<f32>,
+    /// The base's targets for the rows with a `chain_distill` weight, made by
+    /// [`super::chain_teacher::ChainTeacher::targets`] before the step (not checkpointed: a
+    /// resumed run recomputes them from the same rows).
+    #[serde(skip)]
+    pub chain: Option<Arc<ChainTargets>>,
 }
 
 impl MicroBatch {
     /// A micro-batch without self-distillation.
     pub fn new(input_ids: Vec<Vec<u32>>, labels: Vec<Vec<i64>>) -> Self {
-        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new() }
+        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new(), chain_distill: Vec::new(), chain: None }
     }
 
     /// Positions that carry loss after the shift.
@@ -64,6 +74,9 @@ pub struct StepOutput {
     /// Σ weight · KL(base ‖ model) of the self-distillation term over the step, per loss token
     /// (it is added to the loss on the same scale as the NLL); `None` when no row had a weight.
     pub self_distill: Option<f64>,
+    /// Σ weight · KL(base's chain ‖ model) of the cross-tokenizer term, per loss token; `None`
+    /// when no row had a `chain_distill` weight.
+    pub chain_distill: Option<f64>,
 }
 
 /// Gradients of the trainable parameters, by name, summed over micro-batches.
@@ -81,6 +94,8 @@ pub struct Forward {
     pub grads: Grads,
     /// Σ of the self-distillation term (`[1]`, not yet read), when any row had a weight.
     pub kd: Option<Tensor<1>>,
+    /// Σ of the cross-tokenizer term (`[1]`, not yet read), when any micro-batch had targets.
+    pub chain: Option<Tensor<1>>,
 }
 
 /// Forward and backward over `batches`; returns the loss sum (as a tensor, not yet read) and
@@ -101,6 +116,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
     let mut rows = Vec::new();
     let mut row_tokens = Vec::new();
     let mut kd: Option<Tensor<1>> = None;
+    let mut chain: Option<Tensor<1>> = None;
     for mb in batches {
         let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
         let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
@@ -111,17 +127,18 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
             let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
             self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)
         });
+        let chain_sum = mb.chain.as_ref().map(|c| chain_distill_sum(logits.clone(), &c.q, c.neg_entropy, &mb.labels, &mb.chain_distill));
         let r = nll_sum_rows(logits, &mb.labels);
-        let objective = match &kd_sum {
-            Some(k) => r.sum.clone() + k.clone(),
-            None => r.sum.clone(),
-        };
-        if let Some(k) = kd_sum {
-            let k = k.detach().inner();
-            kd = Some(match kd.take() {
-                Some(prev) => prev + k,
-                None => k,
-            });
+        let mut objective = r.sum.clone();
+        for (extra, acc) in [(kd_sum, &mut kd), (chain_sum, &mut chain)] {
+            if let Some(k) = extra {
+                objective = objective + k.clone();
+                let k = k.detach().inner();
+                *acc = Some(match acc.take() {
+                    Some(prev) => prev + k,
+                    None => k,
+                });
+            }
         }
         let loss = objective * (scale as f64 / total as f64);
         sums.push(r.sum.detach().inner());
@@ -141,7 +158,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
             }
         }
     }
-    Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd })
+    Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd, chain })
 }
 
 /// The teacher of self-distillation: the same model with every LoRA branch taken out, on the
@@ -163,7 +180,7 @@ pub fn base_logits(model: &mut Llama, ids: Tensor<2, Int>) -> Tensor<3> {
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
 pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
     let scale = scaler.scale;
-    let Forward { sums, rows, row_tokens, total, mut grads, kd } = forward_backward_rows(model, batches, scale, device)?;
+    let Forward { sums, rows, row_tokens, total, mut grads, kd, chain } = forward_backward_rows(model, batches, scale, device)?;
     let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
     // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group, row sums of
     // the composed loss...].
@@ -183,13 +200,12 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         finite.push(f);
         sumsq.push(s);
     }
-    let has_kd = kd.is_some();
-    // The objective's sum (NLL + self-distillation) decides finiteness; the NLL alone is the
+    let (has_kd, has_chain) = (kd.is_some(), chain.is_some());
+    // The objective's sum (NLL + distillation terms) decides finiteness; the NLL alone is the
     // reported loss.
-    if let Some(k) = kd {
-        parts.push(k);
-    }
-    let n_sums = parts.len() - has_kd as usize;
+    let n_sums = parts.len();
+    parts.extend(kd);
+    parts.extend(chain);
     parts.extend(finite);
     parts.extend(sumsq);
     let n_fixed = parts.len();
@@ -205,14 +221,15 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     }
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
     let self_distill = has_kd.then(|| host[n_sums] as f64 / total as f64);
-    let off = n_sums + has_kd as usize;
+    let chain_distill = has_chain.then(|| host[n_sums + has_kd as usize] as f64 / total as f64);
+    let off = n_sums + has_kd as usize + has_chain as usize;
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[off + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[off + 3 + i] as f64).collect();
     if !loss_sum.is_finite() && scaler.rescues_rows() {
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill });
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill, chain_distill });
         }
     }
     let (action, log) = scaler.update(&flags);
@@ -221,7 +238,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let inv = 1.0 / scale as f64;
     let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
     let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
-    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill };
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill, chain_distill };
     let sanitize: Vec<Group> = match &action {
         Action::Skip => {
             out.skipped = true;

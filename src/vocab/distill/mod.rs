@@ -34,7 +34,7 @@
 
 mod adam;
 mod cache;
-mod contexts;
+pub mod contexts;
 mod head;
 mod input;
 

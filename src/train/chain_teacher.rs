@@ -1,0 +1,121 @@
+//! Cross-tokenizer distillation from the base model (`[[data]] chain_distill`).
+//!
+//! One-hot labels teach a new piece only where it is the next token, and ~100k training tokens
+//! show most of 16k new pieces a handful of times. The base model already knows the language
+//! through its old sub-tokens: reading the same text in the old tokenization, it gives every
+//! token of the extended vocabulary a probability at every position (the chain of its
+//! sub-tokens' probabilities, [`crate::vocab::chain`]). Training against that distribution
+//! gives every new row a target at every position, where the labels give one.
+//!
+//! The teacher is the same weights with the LoRA branches off, reading the row's old-token
+//! expansion: on old ids the new input rows are never read, and the old head rows are the
+//! base's as long as training keeps them (tables `new_rows` or `frozen`; a head whose old rows
+//! were refitted by `vocab resize --init distill` is refused).
+
+use super::step::base_logits;
+use crate::model::Llama;
+use crate::vocab::chain::{ChainData, Trie};
+use crate::vocab::distill::contexts::expand;
+use crate::vocab::VocabExtension;
+use anyhow::{ensure, Context, Result};
+use burn::tensor::activation::softmax;
+use burn::tensor::{Device, Int, Tensor, TensorData};
+
+/// The extension's trie, with its conditionals counted on the training text.
+pub struct ChainTeacher {
+    ext: VocabExtension,
+    trie: Trie,
+}
+
+/// Dense soft targets for one micro-batch: `[B, T−1, V]` row-major (position `t` of a row
+/// predicts the token after it), and Σ q·ln q over the weighted positions, so that the loss
+/// reports KL rather than cross-entropy.
+#[derive(Debug, Clone)]
+pub struct ChainTargets {
+    pub q: Vec<f32>,
+    pub dims: [usize; 3],
+    /// Σ over positions of `weight · Σ_v q ln q` (nats; ≤ 0).
+    pub neg_entropy: f64,
+}
+
+impl ChainTeacher {
+    /// `texts`: the new-tokenization ids of the sources that distil, for the trie's counts
+    /// (the conditionals below the depth the base is read exactly).
+    pub fn new(ext: VocabExtension, texts: &[&[u32]]) -> Self {
+        let mut trie = Trie::new(&ext);
+        let expanded: Vec<Vec<u32>> = texts.iter().map(|ids| expand_lossy(ids, &ext)).collect();
+        let refs: Vec<&[u32]> = expanded.iter().map(Vec::as_slice).collect();
+        trie.count(&refs);
+        ChainTeacher { ext, trie }
+    }
+
+    pub fn old_vocab(&self) -> usize {
+        self.ext.old_vocab
+    }
+
+    /// The base's distribution over the extended vocabulary after each position of each row in
+    /// `rows` with a positive `weight` (other rows get zeros and cost nothing); `mask[r][t]`
+    /// says which positions carry loss (the label after them is not −100).
+    pub fn targets(&self, model: &mut Llama, rows: &[Vec<u32>], weight: &[f32], mask: &[Vec<bool>], device: &Device) -> Result<ChainTargets> {
+        let (b, t) = (rows.len(), rows[0].len());
+        let v = self.ext.new_vocab;
+        ensure!(model.vocab_size() == v, "chain_distill: the model has {} rows but the extension {}", model.vocab_size(), v);
+        let old = self.ext.old_vocab;
+        let n = t.saturating_sub(1);
+        let mut q = vec![0f32; b * n * v];
+        let mut neg_entropy = 0.0;
+        let roots = self.trie.root_tokens();
+        for r in 0..b {
+            let w = weight.get(r).copied().unwrap_or(0.0);
+            if w <= 0.0 || n == 0 {
+                continue;
+            }
+            let ctx = expand(&rows[r], &self.ext).with_context(|| format!("chain_distill: a row holds a new piece without sub-tokens (the extension {} lists none for it)", self.ext.old_vocab))?;
+            let probs = self.teacher_probs(model, &ctx.old_ids, device)?;
+            let mut cd = ChainData::default();
+            cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
+            let idx: Vec<usize> = (0..n).collect();
+            let n_new = self.ext.added();
+            let mut new_mass = vec![0f32; n * n_new];
+            let mut root_mass = vec![0f32; n * roots.len().max(1)];
+            cd.targets(&self.trie, &idx, &mut new_mass, Some(&mut root_mass));
+            let nr = roots.len().max(1);
+            for i in 0..n {
+                let out = &mut q[(r * n + i) * v..(r * n + i + 1) * v];
+                let a = ctx.aligned[i];
+                out[..old].copy_from_slice(&probs[a * old..(a + 1) * old]);
+                for (k, &tok) in roots.iter().enumerate() {
+                    out[tok as usize] = root_mass[i * nr + k];
+                }
+                out[old..].copy_from_slice(&new_mass[i * n_new..(i + 1) * n_new]);
+                if mask[r].get(i + 1).copied().unwrap_or(false) {
+                    neg_entropy += w as f64 * out.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>();
+                }
+            }
+        }
+        Ok(ChainTargets { q, dims: [b, n, v], neg_entropy })
+    }
+
+    /// The base's next-token distribution over the old vocabulary at each old position.
+    fn teacher_probs(&self, model: &mut Llama, old_ids: &[u32], device: &Device) -> Result<Vec<f32>> {
+        let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), device);
+        let logits = base_logits(model, ids);
+        let [_, t, _] = logits.dims();
+        let p = softmax(logits.slice([0..1, 0..t, 0..self.ext.old_vocab]).cast(burn::tensor::FloatDType::F32), 2);
+        p.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))
+    }
+}
+
+/// Old-token expansion of a whole text; pieces without sub-tokens are skipped (the counts only
+/// need the expansions that exist).
+fn expand_lossy(ids: &[u32], ext: &VocabExtension) -> Vec<u32> {
+    let mut out = Vec::with_capacity(ids.len() * 2);
+    for &i in ids {
+        match (i as usize).checked_sub(ext.old_vocab) {
+            None => out.push(i),
+            Some(k) => out.extend_from_slice(ext.subtokens.get(k).map(Vec::as_slice).unwrap_or(&[])),
+        }
+    }
+    out
+}
