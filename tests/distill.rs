@@ -377,6 +377,35 @@ mod chain_distillation {
     }
 
     #[test]
+    fn refitted_first_subtoken_rows_are_read_at_their_base_values() {
+        // After `--init distill` moved some old head rows, the model with LoRA off is not the
+        // base there; given the base's values of those rows, the teacher's targets are the
+        // sub-token-mean model's (whose old rows are the base's), and without them they are not.
+        let device = cpu().autodiff();
+        let (t, ext, new_tok, resized) = setup(&device);
+        let seq = 24;
+        let contexts: Vec<_> = new_tok[..48].iter().filter(|s| s.len() >= seq).filter_map(|s| expand(&s[..seq], &ext)).collect();
+        let opts = DistillOptions { sides: Sides { input: true, output: true }, tokens: contexts.len() * seq, head_tokens: 0, seq_len: seq, batch: 4, input_epochs: 5, input_lr: 0.1, head_epochs: 3, head_lr: 0.3, head_batch: 64, seed: 1, head_targets: HeadTargets::Chain, move_old_rows: true };
+        let fitted = distill_rows(&resized, &ext, &contexts, &[], &opts, |_| {}).unwrap();
+        let moved: Vec<usize> = fitted.report.head_rows_moved.iter().map(|&r| r as usize).collect();
+        assert!(!moved.is_empty());
+        let mut refitted = resized.clone();
+        apply_distilled(&mut refitted, &ext, &fitted).unwrap();
+        let h0 = rows(t.lm_head.as_ref().unwrap());
+        let vals: Vec<f32> = moved.iter().flat_map(|&r| h0[r * 64..(r + 1) * 64].to_vec()).collect();
+        let base_vals = Tensor::from_data(TensorData::new(vals, [moved.len(), 64]), &device);
+        let texts: Vec<&[u32]> = new_tok.iter().map(Vec::as_slice).collect();
+        let row = vec![new_tok.iter().find(|s| s.len() >= 20).unwrap()[..20].to_vec()];
+        let mask = vec![vec![true; 20]];
+        let want = ChainTeacher::new(ext.clone(), &texts).targets(&mut resized.clone(), &row, &[1.0], &mask, &device).unwrap();
+        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&mut refitted.clone(), &row, &[1.0], &mask, &device).unwrap();
+        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&mut refitted, &row, &[1.0], &mask, &device).unwrap();
+        let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff(&fixed.q, &want.q) < 1e-5, "with the base's values: max diff {}", diff(&fixed.q, &want.q));
+        assert!(diff(&plain.q, &want.q) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain.q, &want.q));
+    }
+
+    #[test]
     fn training_against_the_chain_beats_labels_alone_on_held_out_text() {
         let device = cpu().autodiff();
         let (_, ext, new_tok, resized) = setup(&device);

@@ -9,10 +9,11 @@
 //!
 //! The teacher is the same weights with the LoRA branches off, reading the row's old-token
 //! expansion: on old ids the new input rows are never read, and the old head rows are the
-//! base's as long as training keeps them (tables `new_rows` or `frozen`; a head whose old rows
-//! were refitted by `vocab resize --init distill` is refused).
+//! base's as long as training keeps them (tables `new_rows` or `frozen`). A head whose first
+//! sub-token rows were refitted by `vocab resize --init distill` gets those rows' base values
+//! back for the teacher ([`ChainTeacher::with_base_head_rows`]).
 
-use super::step::base_logits;
+use super::step::without_lora;
 use crate::model::Llama;
 use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
@@ -25,6 +26,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub struct ChainTeacher {
     ext: VocabExtension,
     trie: Trie,
+    /// Old head rows the model holds refitted values for, and the base's values `[n, hidden]`.
+    base_rows: Option<(Vec<usize>, Tensor<2>)>,
 }
 
 /// Dense soft targets for one micro-batch: `[B, T−1, V]` row-major (position `t` of a row
@@ -46,7 +49,14 @@ impl ChainTeacher {
         let expanded: Vec<Vec<u32>> = texts.iter().map(|ids| expand_lossy(ids, &ext)).collect();
         let refs: Vec<&[u32]> = expanded.iter().map(Vec::as_slice).collect();
         trie.count(&refs);
-        ChainTeacher { ext, trie }
+        ChainTeacher { ext, trie, base_rows: None }
+    }
+
+    /// The base's values of old head rows that the model holds refitted (`rows`, `[n, hidden]`),
+    /// so that the teacher reads the base's distribution there.
+    pub fn with_base_head_rows(mut self, rows: Vec<usize>, values: Tensor<2>) -> Self {
+        self.base_rows = (!rows.is_empty()).then_some((rows, values));
+        self
     }
 
     pub fn old_vocab(&self) -> usize {
@@ -100,10 +110,36 @@ impl ChainTeacher {
     fn teacher_probs(&self, model: &mut Llama, old_ids: &[u32], device: &Device) -> Result<Vec<f32>> {
         let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), device);
-        let logits = base_logits(model, ids);
-        let [_, t, _] = logits.dims();
-        let p = softmax(logits.slice([0..1, 0..t, 0..self.ext.old_vocab]).cast(burn::tensor::FloatDType::F32), 2);
-        p.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))
+        let old = self.ext.old_vocab;
+        let t = old_ids.len();
+        let f32 = burn::tensor::FloatDType::F32;
+        let read = |x: Tensor<3>| x.cast(f32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"));
+        let Some((rows, values)) = &self.base_rows else {
+            let logits = without_lora(model, |m| m.forward(ids, None).detach());
+            return read(softmax(logits.slice([0..1, 0..t, 0..old]).cast(f32), 2));
+        };
+        // Refitted rows: their logits come from the base's values of those rows.
+        let (logits, fixed) = without_lora(model, |m| {
+            let h = m.hidden(ids, None).detach();
+            let fixed = h.clone().cast(f32).matmul(values.clone().cast(f32).transpose().unsqueeze::<3>());
+            (m.logits(h).detach().slice([0..1, 0..t, 0..old]), fixed)
+        });
+        let (mut l, fixed) = (read(logits)?, read(fixed)?);
+        let n = rows.len();
+        for (row, fx) in l.chunks_mut(old).zip(fixed.chunks(n)) {
+            for (&r, &v) in rows.iter().zip(fx) {
+                row[r] = v;
+            }
+            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let mut sum = 0f64;
+            for x in row.iter_mut() {
+                *x = (*x - m).exp();
+                sum += *x as f64;
+            }
+            let inv = (1.0 / sum) as f32;
+            row.iter_mut().for_each(|x| *x *= inv);
+        }
+        Ok(l)
     }
 }
 

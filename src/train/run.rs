@@ -253,6 +253,24 @@ fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
     Ok(())
 }
 
+/// The base's values of old head rows that `vocab resize --init distill` refitted. The resize
+/// unties a tied table to fit the head, so the base's head is the embedding: that holds when
+/// every other old head row still equals its embedding row, which is checked.
+fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -> Result<burn::tensor::Tensor<2>> {
+    let head = model.lm_head.as_ref().context("old head rows are listed as refitted but the model has no separate lm_head")?;
+    let d = model.embed_tokens.hidden();
+    let read = |t: burn::tensor::Tensor<2>| t.slice([0..old_vocab, 0..d]).cast(burn::tensor::FloatDType::F32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading a table: {e:?}"));
+    let (h, e) = (read(head.weight())?, read(model.embed_tokens.weight())?);
+    let is_moved: std::collections::HashSet<usize> = moved.iter().copied().collect();
+    let same = (0..old_vocab).filter(|r| !is_moved.contains(r)).all(|r| h[r * d..(r + 1) * d] == e[r * d..(r + 1) * d]);
+    if !same {
+        bail!("its old head rows were refitted by `vocab resize --init distill` and the base's head was not tied to the embedding, so the base's values of those rows are gone: resize with --init subtoken-mean or distill-input for chain_distill");
+    }
+    let vals: Vec<f32> = moved.iter().flat_map(|&r| e[r * d..(r + 1) * d].iter().copied()).collect();
+    let device = model.embed_tokens.weight().device();
+    Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, [moved.len(), d]), &device))
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let recipe = Recipe::load(&opts.recipe)?;
     // The parsed recipe, not its text: comments and formatting may change between resumes.
@@ -310,15 +328,14 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
     let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
         let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
-        if !head_moved.is_empty() {
-            bail!(
-                "chain_distill: {} has {} old head rows refitted by `vocab resize --init distill`, so the model with LoRA off is not the base any more; resize with --init subtoken-mean (or distill-input) for this term",
-                recipe.model.path.display(),
-                head_moved.len()
-            );
-        }
         let texts: Vec<&[u32]> = sources.iter().zip(&chain_w).filter(|(_, &w)| w > 0.0).map(|(s, _)| s.docs.ids.as_slice()).collect();
-        Some(ChainTeacher::new(VocabExtension::load(ext_path)?, &texts))
+        let teacher = ChainTeacher::new(VocabExtension::load(ext_path)?, &texts);
+        if head_moved.is_empty() {
+            Some(teacher)
+        } else {
+            let base = refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?;
+            Some(teacher.with_base_head_rows(head_moved.clone(), base))
+        }
     } else {
         None
     };

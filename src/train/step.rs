@@ -166,15 +166,20 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
 /// [`self_distill_sum`], and on text of the old vocabulary the new input rows are never read:
 /// that is the base model, at the cost of one forward pass and no second copy of the weights.
 pub fn base_logits(model: &mut Llama, ids: Tensor<2, Int>) -> Tensor<3> {
+    without_lora(model, |m| m.forward(ids, None).detach())
+}
+
+/// Runs `f` on the model with every LoRA branch taken out, then puts them back.
+pub fn without_lora<T>(model: &mut Llama, f: impl FnOnce(&Llama) -> T) -> T {
     let mut saved = Vec::new();
     for (_, lin) in crate::lora::adapter::linears_mut(model) {
         saved.push(std::mem::take(&mut lin.lora));
     }
-    let logits = model.forward(ids, None).detach();
+    let out = f(model);
     for ((_, lin), br) in crate::lora::adapter::linears_mut(model).into_iter().zip(saved) {
         lin.lora = br;
     }
-    logits
+    out
 }
 
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
