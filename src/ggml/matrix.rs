@@ -5,7 +5,7 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Kernels};
+use super::kernels::{Dot4Fn, DotFn, Kernels, Tile2x4Fn};
 use super::team::Team;
 use super::GgmlType;
 use anyhow::{bail, Result};
@@ -103,7 +103,18 @@ impl QType {
             QType::Q4_0 => k.q4_0x4,
             QType::Q5_0 => k.q5_0x4,
             QType::Q4_1 => k.q4_1x4,
-            QType::Q4_K | QType::Q6_K => None,
+            QType::Q4_K => k.q4_kx4,
+            QType::Q6_K => k.q6_kx4,
+        }
+    }
+
+    /// The two-rows × four-tokens kernel, for the row-major types that have one.
+    fn tile(self, k: &Kernels) -> Option<Tile2x4Fn> {
+        match self {
+            QType::Q8_0 => k.q8_0t,
+            QType::Q4_0 => k.q4_0t,
+            QType::Q5_0 => k.q5_0t,
+            QType::Q4_1 | QType::Q4_K | QType::Q6_K => None,
         }
     }
 
@@ -377,13 +388,14 @@ impl QuantMatrix {
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         let nb_act = ab / act_ty.block_bytes();
-        // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels.
-        let scales: Vec<f32> = if n >= 4 && ms.iter().any(|m| m.ty.dot4(k).is_some()) {
+        // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels (a Q8_K
+        // block carries its own f32 scale).
+        let scales: Vec<f32> = if n >= 4 && act_ty != Act::Q8_K && ms.iter().any(|m| m.ty.dot4(k).is_some() || m.ty.tile(k).is_some()) {
             acts.chunks_exact(act_ty.block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
         } else {
             Vec::new()
         };
-        let sc = |t: usize| &scales[t * nb_act..(t + 1) * nb_act];
+        let sc = |t: usize| if scales.is_empty() { &[][..] } else { &scales[t * nb_act..(t + 1) * nb_act] };
         // Σq per activation block, for the interleaved Q4_0 kernel's offset.
         let sums: Vec<i32> = if ms.iter().any(|m| m.packed > 0) {
             acts.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()
@@ -414,7 +426,7 @@ impl QuantMatrix {
             .collect();
         let body = |(mi, r0, o): Task| {
             let m = ms[mi];
-            let (dot, dot4, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.row_bytes(), m.cols / m.ty.block());
+            let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
             // Rows r0..r1 of this task in interleaved groups, eight outputs per pass; the rest
             // one row at a time.
@@ -445,7 +457,29 @@ impl QuantMatrix {
                         }
                     }
                 }
-                for (i, orow) in o.chunks_exact_mut(n).enumerate() {
+                // Row-major rows two at a time through the tile kernel, four tokens per pass;
+                // the rows and tokens left over one at a time.
+                let mut i0 = 0;
+                if let (Some(t2), true) = (tile, n >= 4) {
+                    while i0 + 2 <= o.len() / n {
+                        let w = [row(r1 + i0), row(r1 + i0 + 1)];
+                        let mut t = t0;
+                        while t + 4 <= t1 {
+                            let y = t2(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sc(t), sc(t + 1), sc(t + 2), sc(t + 3)], nb);
+                            for (j, yj) in y.iter().enumerate() {
+                                o[(i0 + j) * n + t..(i0 + j) * n + t + 4].copy_from_slice(yj);
+                            }
+                            t += 4;
+                        }
+                        for u in t..t1 {
+                            for (j, wj) in w.iter().enumerate() {
+                                o[(i0 + j) * n + u] = dot(wj, act(u), nb);
+                            }
+                        }
+                        i0 += 2;
+                    }
+                }
+                for (i, orow) in o.chunks_exact_mut(n).enumerate().skip(i0) {
                     let w = row(r1 + i);
                     let mut t = t0;
                     if let (Some(d4), true) = (dot4, n >= 4) {
