@@ -224,3 +224,4 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
         }
     }
 }
+
