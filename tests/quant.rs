@@ -117,8 +117,7 @@ fn pseudo(n: usize, seed: usize) -> Vec<f32> {
 fn shared_products_equal_separate_ones() {
     use linly_lora::quant::{Kernels, QuantMatrix};
     let cols = 256;
-    let mut kernels = vec![Kernels::scalar()];
-    kernels.extend(Kernels::simd());
+    let kernels = Kernels::all();
     for n in [1, 5] {
         let x = pseudo(n * cols, 3);
         // Q/K/V-like (three row counts, one activation format) and a mix of activation formats
@@ -136,12 +135,11 @@ fn shared_products_equal_separate_ones() {
     }
 }
 
-/// Q8_0 codes may be −128 in a GGUF made elsewhere: the SIMD kernel must not lose their sign
+/// Q8_0 codes may be −128 in a GGUF made elsewhere: the SIMD kernels must not lose their sign
 /// (`_mm256_sign_epi8` cannot negate −128, so the sign trick belongs on the weight side).
 #[test]
 fn simd_q8_0_takes_code_minus_128() {
     use linly_lora::quant::{Kernels, QuantMatrix};
-    let Some(simd) = Kernels::simd() else { return };
     let (rows, cols) = (8, 64);
     let mut data = Vec::new();
     for r in 0..rows {
@@ -153,9 +151,17 @@ fn simd_q8_0_takes_code_minus_128() {
     let m = QuantMatrix::from_bytes(QType::Q8_0, rows, cols, data).unwrap();
     let x: Vec<f32> = (0..cols).map(|i| if i % 2 == 0 { -0.5 } else { 0.25 + i as f32 * 0.01 }).collect();
     let a = m.matmul_with(&x, 1, &Kernels::scalar());
-    let b = m.matmul_with(&x, 1, &simd);
-    for (u, v) in a.iter().zip(&b) {
-        assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{u} vs {v}");
+    // Every SIMD set, one token and five (the tiles take activations shifted by 128 and
+    // weights as they are).
+    let x5: Vec<f32> = std::iter::repeat_n(&x, 5).flatten().copied().collect();
+    for k in Kernels::simd_sets() {
+        let mut ys = vec![m.matmul_with(&x, 1, &k)];
+        ys.extend(m.matmul_with(&x5, 5, &k).chunks_exact(rows).map(<[f32]>::to_vec));
+        for b in &ys {
+            for (u, v) in a.iter().zip(b) {
+                assert!((u - v).abs() <= 1e-4 * u.abs().max(1.0), "{}: {u} vs {v}", k.name);
+            }
+        }
     }
 }
 
@@ -168,8 +174,7 @@ fn simd_q8_0_takes_code_minus_128() {
 fn q4_0_interleaved_rows_equal_the_row_dot_kernel() {
     use linly_lora::quant::blocks::{quantize_act_q8_0, Q8_0_BYTES};
     use linly_lora::quant::{Kernels, QuantMatrix};
-    let mut kernels = vec![Kernels::scalar()];
-    kernels.extend(Kernels::simd());
+    let kernels = Kernels::all();
     for (rows, cols) in [(8, 32), (5, 64), (13, 96), (37, 576), (64, 1536)] {
         let w = pseudo(rows * cols, rows);
         let m = QuantMatrix::quantize(QType::Q4_0, rows, cols, &w).unwrap();
@@ -207,7 +212,6 @@ fn q4_0_interleaved_rows_equal_the_row_dot_kernel() {
 #[test]
 fn q4_0_interleaved_kernel_at_extreme_codes() {
     use linly_lora::quant::{Kernels, QuantMatrix};
-    let Some(simd) = Kernels::simd() else { return };
     let (rows, cols) = (16, 128);
     let mut data = Vec::new();
     for r in 0..rows {
@@ -221,8 +225,14 @@ fn q4_0_interleaved_kernel_at_extreme_codes() {
     for sign in [1.0f32, -1.0] {
         let x: Vec<f32> = (0..cols).map(|i| if (i / 32) % 3 == 2 { -sign } else { sign }).collect();
         let a = m.matmul_with(&x, 1, &Kernels::scalar());
-        let b = m.matmul_with(&x, 1, &simd);
-        for (r, (u, v)) in a.iter().zip(&b).enumerate() {
+        // Every SIMD set, one token and five (the four-token tiles and one more).
+        let x5: Vec<f32> = std::iter::repeat_n(&x, 5).flatten().copied().collect();
+        let mut simd: Vec<Vec<f32>> = Vec::new();
+        for k in Kernels::simd_sets() {
+            simd.push(m.matmul_with(&x, 1, &k));
+            simd.extend(m.matmul_with(&x5, 5, &k).chunks_exact(rows).map(<[f32]>::to_vec));
+        }
+        for (r, u) in a.iter().enumerate() {
             // By hand: per block d·(1/127·127)·32·code, code 7 or −8, activations ±1.
             let d = half::f16::from_f32(0.5 + 0.01 * r as f32).to_f32();
             let want: f32 = (0..cols / 32).map(|bl| {
@@ -231,7 +241,9 @@ fn q4_0_interleaved_kernel_at_extreme_codes() {
                 d * 32.0 * code * s
             }).sum();
             assert!((u - want).abs() <= 1e-3 * want.abs().max(1.0), "scalar row {r}: {u} vs {want}");
-            assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "row {r}: {u} vs {v}");
+            for v in simd.iter().map(|y| y[r]) {
+                assert!((u - v).abs() <= 1e-5 * u.abs().max(1.0), "row {r}: {u} vs {v}");
+            }
         }
     }
 }

@@ -5,8 +5,11 @@
 //! multiply-adds) and the precision (no rounding inside a block) of the scheme.
 //!
 //! Each pairing has a scalar version and, on x86_64 with AVX2 + FMA + F16C detected at run
-//! time, an AVX2 version; [`Kernels::best`] picks once per process, [`Kernels::scalar`] is
-//! the fallback and the reference the tests hold the SIMD code to.
+//! time, an AVX2 version; where the CPU also has AVX-512 VNNI (with VL and BW), the
+//! many-token products come in tiles of several rows × several tokens built on `vpdpbusd`
+//! (`kernels_vnni.rs`), beside the same AVX2 one-token kernels. [`Kernels::best`] picks once
+//! per process, [`Kernels::scalar`] is the fallback and the reference the tests hold the SIMD
+//! code to.
 
 use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
 
@@ -30,6 +33,12 @@ pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
 /// group is loaded and unpacked once for four tokens. Returns `[token][row]`.
 pub type Gemm4x8Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 8]; 4];
 
+/// Two weight rows against four activation rows (Q8_0 activations, f32 scales as for
+/// [`Dot4Fn`]): each weight block is loaded and unpacked once for four tokens and each
+/// activation block once for two rows. Returns `[row][token]`, each entry bit for bit what
+/// [`DotFn`] of the same kernel set gives for that row and token alone.
+pub type Tile2x4Fn = fn([&[u8]; 2], [&[u8]; 4], [&[f32]; 4], usize) -> [[f32; 4]; 2];
+
 /// One dot-product function per weight type.
 #[derive(Clone, Copy)]
 pub struct Kernels {
@@ -46,12 +55,21 @@ pub struct Kernels {
     /// Q4_1 against four Q8_1 rows (the scales argument holds their `d`; `s` is read from the
     /// blocks).
     pub q4_1x4: Option<Dot4Fn>,
+    /// Q4_K and Q6_K against four Q8_K rows (the scales argument is unused: a Q8_K block
+    /// carries its f32 scale).
+    pub q4_kx4: Option<Dot4Fn>,
+    pub q6_kx4: Option<Dot4Fn>,
+    /// Two rows × four tokens for the row-major types with Q8_0 activations (`None`: rows one
+    /// at a time).
+    pub q8_0t: Option<Tile2x4Fn>,
+    pub q4_0t: Option<Tile2x4Fn>,
+    pub q5_0t: Option<Tile2x4Fn>,
     /// Q4_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
     /// keeps Q4_0 weights in).
     pub q4_0x8: Gemv8Fn,
     /// Its four-token version (`None`: loop over [`Gemv8Fn`]).
     pub q4_0x8x4: Option<Gemm4x8Fn>,
-    /// `"avx2"` or `"scalar"`, for reports.
+    /// `"avx512vnni"`, `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
 
@@ -68,23 +86,30 @@ impl Kernels {
             q4_0x4: None,
             q5_0x4: None,
             q4_1x4: None,
+            q4_kx4: None,
+            q6_kx4: None,
+            q8_0t: None,
+            q4_0t: None,
+            q5_0t: None,
             q4_0x8: gemv_q4_0x8_scalar,
             q4_0x8x4: None,
             name: "scalar",
         }
     }
 
-    /// The fastest kernels this CPU runs, detected once.
+    /// The fastest kernels this CPU runs, detected once. `LINLY_LORA_NO_SIMD` forces the
+    /// scalar ones, `LINLY_LORA_NO_AVX512` the AVX2 ones (to compare them on one machine).
     pub fn best() -> &'static Kernels {
         static BEST: std::sync::OnceLock<Kernels> = std::sync::OnceLock::new();
         BEST.get_or_init(|| {
-            #[cfg(target_arch = "x86_64")]
-            {
-                if avx2::available() && std::env::var_os("LINLY_LORA_NO_SIMD").is_none() {
-                    return avx2::kernels();
-                }
+            if std::env::var_os("LINLY_LORA_NO_SIMD").is_some() {
+                return Kernels::scalar();
             }
-            Kernels::scalar()
+            let mut sets = Kernels::simd_sets();
+            if std::env::var_os("LINLY_LORA_NO_AVX512").is_some() {
+                sets.retain(|k| k.name != "avx512vnni");
+            }
+            sets.pop().unwrap_or_else(Kernels::scalar)
         })
     }
 
@@ -97,6 +122,25 @@ impl Kernels {
             }
         }
         None
+    }
+
+    /// Every SIMD kernel set this CPU runs, slowest first (AVX2, then AVX-512 VNNI).
+    pub fn simd_sets() -> Vec<Kernels> {
+        let mut sets: Vec<Kernels> = Kernels::simd().into_iter().collect();
+        #[cfg(target_arch = "x86_64")]
+        {
+            if vnni::available() {
+                sets.push(vnni::kernels());
+            }
+        }
+        sets
+    }
+
+    /// The scalar kernels and every SIMD set this CPU runs (what the tests compare).
+    pub fn all() -> Vec<Kernels> {
+        let mut sets = vec![Kernels::scalar()];
+        sets.extend(Kernels::simd_sets());
+        sets
     }
 }
 
@@ -237,3 +281,7 @@ fn dot_q4_k_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
 #[cfg(target_arch = "x86_64")]
 #[path = "kernels_avx2.rs"]
 mod avx2;
+
+#[cfg(target_arch = "x86_64")]
+#[path = "kernels_vnni.rs"]
+mod vnni;

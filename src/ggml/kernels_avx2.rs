@@ -23,6 +23,11 @@ pub fn kernels() -> Kernels {
         q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
         q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
         q4_1x4: Some(|w, a, s, n| unsafe { q4_1x4(w, a, s, n) }),
+        q4_kx4: Some(|w, a, s, n| unsafe { q4_kx4(w, a, s, n) }),
+        q6_kx4: Some(|w, a, s, n| unsafe { q6_kx4(w, a, s, n) }),
+        q8_0t: None,
+        q4_0t: None,
+        q5_0t: None,
         q4_0x8: |w, a, s, n| unsafe { q4_0x8(w, a, s, n) },
         q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
         name: "avx2",
@@ -39,7 +44,7 @@ const PREFETCH_AHEAD: usize = 2048;
 /// Prefetches `LINES` cache lines at [`PREFETCH_AHEAD`] bytes past `p` (the caller's block
 /// size rounded up to lines). Past the end of the weights it is a no-op, never a fault.
 #[inline(always)]
-unsafe fn prefetch<const LINES: usize>(p: *const u8) {
+pub(super) unsafe fn prefetch<const LINES: usize>(p: *const u8) {
     let p = p.wrapping_add(PREFETCH_AHEAD) as *const i8;
     for l in 0..LINES {
         _mm_prefetch::<_MM_HINT_T0>(p.wrapping_add(64 * l));
@@ -48,7 +53,7 @@ unsafe fn prefetch<const LINES: usize>(p: *const u8) {
 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-fn hsum(v: __m256) -> f32 {
+pub(super) fn hsum(v: __m256) -> f32 {
     let s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
     let s = _mm_add_ps(s, _mm_movehl_ps(s, s));
     let s = _mm_add_ss(s, _mm_shuffle_ps(s, s, 1));
@@ -78,7 +83,7 @@ fn mul_sum_i8(x: __m256i, y: __m256i) -> __m256 {
 /// 16 bytes of nibbles → 32 bytes: low nibbles first (elements 0..16), then high ones.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn nibbles32(p: *const u8) -> __m256i {
+pub(super) unsafe fn nibbles32(p: *const u8) -> __m256i {
     let b = _mm_loadu_si128(p as *const __m128i);
     let m = _mm_set1_epi8(0x0F);
     let lo = _mm_and_si128(b, m);
@@ -89,7 +94,7 @@ unsafe fn nibbles32(p: *const u8) -> __m256i {
 /// 32 bits → 32 bytes, 0xFF where the bit is set (ggml's `bytes_from_bits_32`).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
+pub(super) unsafe fn bytes_from_bits(p: *const u8) -> __m256i {
     let x = (p as *const u32).read_unaligned() as i32;
     let shuf = _mm256_set_epi64x(0x0303030303030303, 0x0202020202020202, 0x0101010101010101, 0);
     let bytes = _mm256_shuffle_epi8(_mm256_set1_epi32(x), shuf);
@@ -279,7 +284,7 @@ unsafe fn four(a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(usize) -
 }
 
 #[inline(always)]
-unsafe fn f16_scale(p: *const u8) -> f32 {
+pub(super) unsafe fn f16_scale(p: *const u8) -> f32 {
     _mm_cvtss_f32(_mm_cvtph_ps(_mm_cvtsi32_si128((p as *const u16).read_unaligned() as i32)))
 }
 
@@ -439,4 +444,100 @@ unsafe fn q4_1x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4]
         }
     }
     [hsum(acc[0]) + summs[0], hsum(acc[1]) + summs[1], hsum(acc[2]) + summs[2], hsum(acc[3]) + summs[3]]
+}
+
+/// [`q4_k`] against four Q8_K rows: each super-block's nibbles and scales are unpacked once
+/// for the four tokens. Each token keeps [`q4_k`]'s integer sums, its one accumulator and its
+/// scalar sum of the minimum terms, in the same order, so each result is [`q4_k`]'s bit for bit.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_kx4(w: &[u8], a: [&[u8]; 4], _s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+    assert!(w.len() >= nb * Q4_K_BYTES);
+    for r in &a {
+        assert!(r.len() >= nb * Q8_K_BYTES);
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    let mut acc_m = [0f32; 4];
+    for i in 0..nb {
+        let wb = &w[i * Q4_K_BYTES..(i + 1) * Q4_K_BYTES];
+        prefetch::<3>(wb.as_ptr());
+        let dd = _mm_cvtph_ps(_mm_set_epi32(0, 0, 0, (wb.as_ptr() as *const i32).read_unaligned()));
+        let (dw, dminw) = (_mm_cvtss_f32(dd), _mm_cvtss_f32(_mm_shuffle_ps(dd, dd, 1)));
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        let mut sm = [0i32; 4];
+        for c in 0..4 {
+            let (sc_l, m_l) = scale_min_k4(2 * c, &wb[4..16]);
+            let (sc_h, m_h) = scale_min_k4(2 * c + 1, &wb[4..16]);
+            let q4 = _mm256_loadu_si256(wb.as_ptr().add(16 + 32 * c) as *const __m256i);
+            let q4l = _mm256_and_si256(q4, m4);
+            let q4h = _mm256_and_si256(_mm256_srli_epi16(q4, 4), m4);
+            let (scl, sch) = (_mm256_set1_epi16(sc_l as i16), _mm256_set1_epi16(sc_h as i16));
+            for k in 0..4 {
+                let ab = a[k].as_ptr().add(i * Q8_K_BYTES);
+                let bs = |j: usize| (ab.add(260) as *const i16).add(j).read_unaligned() as i32;
+                sm[k] += m_l as i32 * (bs(4 * c) + bs(4 * c + 1)) + m_h as i32 * (bs(4 * c + 2) + bs(4 * c + 3));
+                let q8l = _mm256_loadu_si256(ab.add(4 + 64 * c) as *const __m256i);
+                let q8h = _mm256_loadu_si256(ab.add(36 + 64 * c) as *const __m256i);
+                let pl = _mm256_madd_epi16(scl, _mm256_maddubs_epi16(q4l, q8l));
+                let ph = _mm256_madd_epi16(sch, _mm256_maddubs_epi16(q4h, q8h));
+                sumi[k] = _mm256_add_epi32(sumi[k], _mm256_add_epi32(pl, ph));
+            }
+        }
+        for k in 0..4 {
+            let ad = (a[k].as_ptr().add(i * Q8_K_BYTES) as *const f32).read_unaligned();
+            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * ad), _mm256_cvtepi32_ps(sumi[k]), acc[k]);
+            acc_m[k] += dminw * ad * sm[k] as f32;
+        }
+    }
+    [hsum(acc[0]) - acc_m[0], hsum(acc[1]) - acc_m[1], hsum(acc[2]) - acc_m[2], hsum(acc[3]) - acc_m[3]]
+}
+
+/// [`q6_k`] against four Q8_K rows: each super-block's 6-bit codes and scales are assembled
+/// once for the four tokens; each token's integer sums, offset and accumulator are [`q6_k`]'s.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q6_kx4(w: &[u8], a: [&[u8]; 4], _s: [&[f32]; 4], nb: usize) -> [f32; 4] {
+    assert!(w.len() >= nb * Q6_K_BYTES);
+    for r in &a {
+        assert!(r.len() >= nb * Q8_K_BYTES);
+    }
+    let m15 = _mm256_set1_epi8(15);
+    let m3 = _mm256_set1_epi8(3);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for i in 0..nb {
+        let wp = w.as_ptr().add(i * Q6_K_BYTES);
+        prefetch::<4>(wp);
+        let dw = f16_scale(wp.add(208));
+        let scales = _mm_loadu_si128(wp.add(192) as *const __m128i);
+        let mut sc = [0i8; 16];
+        _mm_storeu_si128(sc.as_mut_ptr() as *mut __m128i, scales);
+        let mut sumi = [_mm256_setzero_si256(); 4];
+        for n in 0..2 {
+            let ql0 = _mm256_loadu_si256(wp.add(64 * n) as *const __m256i);
+            let ql1 = _mm256_loadu_si256(wp.add(64 * n + 32) as *const __m256i);
+            let qh = _mm256_loadu_si256(wp.add(128 + 32 * n) as *const __m256i);
+            let q = [
+                _mm256_or_si256(_mm256_and_si256(ql0, m15), _mm256_slli_epi16(_mm256_and_si256(qh, m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(ql1, m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 2), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql0, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 4), m3), 4)),
+                _mm256_or_si256(_mm256_and_si256(_mm256_srli_epi16(ql1, 4), m15), _mm256_slli_epi16(_mm256_and_si256(_mm256_srli_epi16(qh, 6), m3), 4)),
+            ];
+            for (kk, qk) in q.iter().enumerate() {
+                let j = 8 * n + 2 * kk;
+                let s16 = _mm256_set_m128i(_mm_set1_epi16(sc[j + 1] as i16), _mm_set1_epi16(sc[j] as i16));
+                for (t, s) in sumi.iter_mut().enumerate() {
+                    let q8 = _mm256_loadu_si256(a[t].as_ptr().add(i * Q8_K_BYTES + 4 + 128 * n + 32 * kk) as *const __m256i);
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(s16, _mm256_maddubs_epi16(*qk, q8)));
+                }
+            }
+        }
+        let sc16 = _mm256_cvtepi8_epi16(scales);
+        for (t, s) in sumi.iter().enumerate() {
+            let ap = a[t].as_ptr().add(i * Q8_K_BYTES);
+            let d = dw * (ap as *const f32).read_unaligned();
+            let bsums = _mm256_loadu_si256(ap.add(260) as *const __m256i);
+            let offset = _mm256_slli_epi32(_mm256_madd_epi16(bsums, sc16), 5);
+            acc[t] = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(_mm256_sub_epi32(*s, offset)), acc[t]);
+        }
+    }
+    [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
 }

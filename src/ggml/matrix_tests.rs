@@ -56,8 +56,7 @@ fn kernels_agree_with_dequantized_matmul() {
 fn agree_with_dequantized(rows: usize, cols: usize, n: usize) {
     let w = values(rows * cols, 1);
     let x = values(n * cols, 2);
-    let mut kernels = vec![Kernels::scalar()];
-    kernels.extend(Kernels::simd());
+    let kernels = Kernels::all();
     for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
         let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
         let want = reference(&m, &x, n);
@@ -122,8 +121,7 @@ fn fallback_and_shapes() {
 /// of its paths are covered.
 #[test]
 fn many_tokens_give_each_token_its_single_token_result() {
-    let mut kernels = vec![Kernels::scalar()];
-    kernels.extend(Kernels::simd());
+    let kernels = Kernels::all();
     let (rows, cols) = (21, 512);
     let w = values(rows * cols, 3);
     let x = values(37 * cols, 4);
@@ -141,10 +139,10 @@ fn many_tokens_give_each_token_its_single_token_result() {
             }
         }
     }
-    // The shared-input product (Q/K/V, gate/up) too.
+    // The shared-input product (Q/K/V, gate/up) too, with a Q8_0 matrix of an odd row count.
     for k in &kernels {
         let a = QuantMatrix::quantize(QType::Q4_0, rows, cols, &w).unwrap();
-        let b = QuantMatrix::quantize(QType::Q8_0, 8, cols, &w[..8 * cols]).unwrap();
+        let b = QuantMatrix::quantize(QType::Q8_0, 9, cols, &w[..9 * cols]).unwrap();
         let n = 11;
         let ys = QuantMatrix::matmul_shared_with(&[&a, &b], &x[..n * cols], n, k);
         for t in 0..n {
@@ -156,3 +154,74 @@ fn many_tokens_give_each_token_its_single_token_result() {
         }
     }
 }
+
+/// Overwrites every code and sub-block scale byte of a quantized row-major matrix with
+/// pseudo-random bytes, leaving the f16 scales (and mins) valid: weights a quantizer would
+/// not make (Q8_0's −128, Q6_K's extreme scales), which the kernels must still sum exactly.
+fn scramble(ty: QType, data: &mut [u8], seed: u64) {
+    let scale_bytes = match ty {
+        QType::Q8_0 | QType::Q4_0 | QType::Q5_0 => 0..2,
+        QType::Q4_1 | QType::Q4_K => 0..4,
+        QType::Q6_K => 208..210,
+    };
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for block in data.chunks_exact_mut(ty.block_bytes()) {
+        for (i, b) in block.iter_mut().enumerate() {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            if !scale_bytes.contains(&i) {
+                *b = x as u8;
+            }
+        }
+    }
+}
+
+/// The tiled many-token kernels (two rows × four tokens, eight interleaved rows × four
+/// tokens, four tokens × one row) against the one-token kernel of the same set, bit for bit,
+/// for every type and every kernel set this CPU runs: row counts that leave a row outside the
+/// pairs and Q4_0 rows outside the groups of eight, token counts that are not multiples of
+/// four, odd and even block counts (the kernels alternate two accumulators), and scrambled
+/// codes that reach the formats' extremes.
+#[test]
+fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
+    let kernels = Kernels::all();
+    if let Some(v) = kernels.iter().find(|k| k.name == "avx512vnni") {
+        // The set this test exists for must really have its tiles.
+        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some());
+    }
+    for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
+        for (rows, cols) in [(19usize, 96usize), (11, 768), (2, 256), (1, 512)] {
+            if !cols.is_multiple_of(ty.block()) {
+                continue;
+            }
+            let q = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 7)).unwrap();
+            let mut data = q.into_bytes();
+            scramble(ty, &mut data, (rows * cols) as u64);
+            let m = QuantMatrix::from_bytes(ty, rows, cols, data).unwrap();
+            let wd = m.dequantize();
+            let x = values(13 * cols, 8);
+            for k in &kernels {
+                let alone: Vec<Vec<f32>> = (0..13).map(|t| m.matmul_with(&x[t * cols..(t + 1) * cols], 1, k)).collect();
+                for n in [4, 5, 6, 7, 8, 12, 13] {
+                    let y = m.matmul_with(&x[..n * cols], n, k);
+                    for (t, want) in alone.iter().enumerate().take(n) {
+                        let got: Vec<u32> = y[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
+                        let want: Vec<u32> = want.iter().map(|v| v.to_bits()).collect();
+                        assert_eq!(got, want, "{ty} {} {rows}×{cols}: token {t} of {n}", k.name);
+                    }
+                }
+                // And the sums themselves are right: the scalar set's within f32 rounding of
+                // the sum of the products' magnitudes (the codes cancel each other a lot).
+                let s = m.matmul_with(&x[..5 * cols], 5, &Kernels::scalar());
+                let y = m.matmul_with(&x[..5 * cols], 5, k);
+                for (i, (u, v)) in s.iter().zip(&y).enumerate() {
+                    let (t, r) = (i / rows, i % rows);
+                    let mag: f32 = (0..cols).map(|c| (wd[r * cols + c] * x[t * cols + c]).abs()).sum();
+                    assert!((u - v).abs() <= 1e-5 * mag + 1e-6, "{ty} {} {rows}×{cols}: [{t},{r}] {u} vs {v}", k.name);
+                }
+            }
+        }
+    }
+}
+

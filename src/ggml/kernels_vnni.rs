@@ -1,0 +1,156 @@
+//! Many-token products on CPUs with AVX-512 VNNI (plus VL and BW, e.g. AMD Zen 4, Intel Ice
+//! Lake and later): tiles of several weight rows × four tokens on 256-bit `vpdpbusd`, which
+//! multiplies unsigned by signed bytes and adds each group of four products straight into a
+//! 32-bit lane. That is the lane [`super::avx2`]'s `maddubs` + `madd` pair makes (lane j =
+//! elements 4j..4j+4), without the 16-bit step, and AVX-512's 32 vector registers hold the
+//! tile's accumulators. The one-token kernels stay the AVX2 ones: every result here is bit for
+//! bit what they give for the same row and token (same integer lane sums, same f32 scale
+//! products, same accumulators and reduction), which is what keeps batched answers exact.
+
+use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES};
+use super::avx2::{bytes_from_bits, f16_scale, hsum, nibbles32, prefetch};
+use super::Kernels;
+use std::arch::x86_64::*;
+
+pub fn available() -> bool {
+    super::avx2::available()
+        && is_x86_feature_detected!("avx512f")
+        && is_x86_feature_detected!("avx512bw")
+        && is_x86_feature_detected!("avx512vl")
+        && is_x86_feature_detected!("avx512vnni")
+}
+
+/// The AVX2 set with the tiled many-token products swapped in. Only called after
+/// [`available`] said yes: the wrappers below are sound exactly then.
+pub fn kernels() -> Kernels {
+    assert!(available());
+    Kernels {
+        q8_0t: Some(|w, a, s, n| unsafe { q8_0t(w, a, s, n) }),
+        q4_0t: Some(|w, a, s, n| unsafe { q4_0t(w, a, s, n) }),
+        q5_0t: Some(|w, a, s, n| unsafe { q5_0t(w, a, s, n) }),
+        q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
+        name: "avx512vnni",
+        ..super::avx2::kernels()
+    }
+}
+
+/// Two weight rows × four Q8_0 activation rows; `block(p)` gives the weight block at `p` as
+/// signed bytes and its f32 scale.
+///
+/// `vpdpbusd` wants one unsigned operand, so the activations go in shifted by 128 (`a ^ 0x80`
+/// = `a + 128` as a byte, once per token and block) and each lane starts from `−128·Σ w` over
+/// its four weights (once per row and block): the lane then ends at exactly `Σ a·w`, the
+/// integer the one-token kernel's `maddubs`/`madd` makes, with no 16-bit saturation to fear
+/// (a byte product is at most 255·128). Per token, blocks alternate between two accumulators
+/// and the scale is `d_w·d_a` rounded once, as in the one-token kernels' `two_accumulators`.
+/// (Compiled with the module's target features, so that its closures inherit them and inline.)
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn tile(w: [&[u8]; 2], wbytes: usize, a: [&[u8]; 4], s: [&[f32]; 4], nb: usize, block: impl Fn(*const u8) -> (__m256i, f32)) -> [[f32; 4]; 2] {
+    for r in &w {
+        assert!(r.len() >= nb * wbytes);
+    }
+    for (r, sc) in a.iter().zip(&s) {
+        assert!(r.len() >= nb * Q8_0_BYTES && sc.len() >= nb);
+    }
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    // [parity][row][token]
+    let mut acc = [[[_mm256_setzero_ps(); 4]; 2]; 2];
+    let step = |i: usize, acc: &mut [[__m256; 4]; 2]| {
+        let mut qa = [_mm256_setzero_si256(); 4];
+        for (k, q) in qa.iter_mut().enumerate() {
+            *q = _mm256_xor_si256(_mm256_loadu_si256(a[k].as_ptr().add(i * Q8_0_BYTES + 2) as *const __m256i), flip);
+        }
+        for (r, acc_r) in acc.iter_mut().enumerate() {
+            let wp = w[r].as_ptr().add(i * wbytes);
+            prefetch::<1>(wp);
+            let (qw, dw) = block(wp);
+            let bias = _mm256_sub_epi32(_mm256_setzero_si256(), _mm256_dpbusd_epi32(_mm256_setzero_si256(), flip, qw));
+            let dw = _mm256_set1_ps(dw);
+            for (k, acc_rk) in acc_r.iter_mut().enumerate() {
+                let dot = _mm256_dpbusd_epi32(bias, qa[k], qw);
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*s[k].get_unchecked(i)));
+                *acc_rk = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(dot), *acc_rk);
+            }
+        }
+    };
+    let [acc0, acc1] = &mut acc;
+    let mut i = 0;
+    while i + 1 < nb {
+        step(i, acc0);
+        step(i + 1, acc1);
+        i += 2;
+    }
+    if i < nb {
+        step(i, acc0);
+    }
+    let mut out = [[0f32; 4]; 2];
+    for (r, o) in out.iter_mut().enumerate() {
+        for (k, v) in o.iter_mut().enumerate() {
+            *v = hsum(_mm256_add_ps(acc[0][r][k], acc[1][r][k]));
+        }
+    }
+    out
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0t(w: [&[u8]; 2], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [[f32; 4]; 2] {
+    tile(w, Q8_0_BYTES, a, s, nb, |p| (_mm256_loadu_si256(p.add(2) as *const __m256i), f16_scale(p)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0t(w: [&[u8]; 2], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [[f32; 4]; 2] {
+    let off = _mm256_set1_epi8(8);
+    tile(w, Q4_0_BYTES, a, s, nb, |p| (_mm256_sub_epi8(nibbles32(p.add(2)), off), f16_scale(p)))
+}
+
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q5_0t(w: [&[u8]; 2], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [[f32; 4]; 2] {
+    let hi_mask = _mm256_set1_epi8(0xF0u8 as i8);
+    tile(w, Q5_0_BYTES, a, s, nb, |p| {
+        let qh = _mm256_andnot_si256(bytes_from_bits(p.add(2)), hi_mask);
+        (_mm256_or_si256(nibbles32(p.add(6)), qh), f16_scale(p))
+    })
+}
+
+/// Eight interleaved Q4_0 rows × four tokens (the AVX2 `q4_0x8x4` with `vpdpbusd`): the
+/// unsigned nibbles multiply the activation's four bytes broadcast to every lane, lane r
+/// summing row r's 32 products in two chains that start from `−8·Σq_a` (the offset, in
+/// integers as before); then the same scale product and one FMA per block and token.
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
+    assert!(w.len() >= nb * Q4_0X8_BYTES);
+    for (r, s) in a.iter().zip(&act_sums) {
+        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut acc = [_mm256_setzero_ps(); 4];
+    for b in 0..nb {
+        let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+        prefetch::<3>(g);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for t in 0..4 {
+            let raw = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+            q[t] = _mm256_and_si256(raw, m4);
+            q[4 + t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+            let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+            let mut lo = _mm256_set1_epi32(-8 * *act_sums[k].get_unchecked(b));
+            let mut hi = _mm256_setzero_si256();
+            for t in 0..4 {
+                lo = _mm256_dpbusd_epi32(lo, q[t], at(t));
+                hi = _mm256_dpbusd_epi32(hi, q[4 + t], at(4 + t));
+            }
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(ap)));
+            *acc_k = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), *acc_k);
+        }
+    }
+    let mut out = [[0f32; 8]; 4];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
