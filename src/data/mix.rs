@@ -3,7 +3,7 @@
 
 use super::pack::{fill_row, segments, PackStats, Segment, SourceStats};
 use super::sources::{SourceKind, Weight};
-use super::tokenize::{Docs, TokenizedSource};
+use super::tokenize::{Tokens, TokenizedSource};
 use crate::rng::SplitMix;
 use anyhow::{bail, Result};
 use serde::{Deserialize, Serialize};
@@ -99,7 +99,7 @@ const STATE_FORMAT: u32 = 1;
 struct Src {
     kind: SourceKind,
     weight: Weight,
-    docs: Docs,
+    docs: Tokens,
     segs: Vec<Segment>,
     /// Contiguous ranges of `segs` (one range covering everything when not bucketed).
     bins: Vec<(usize, usize)>,

@@ -59,12 +59,14 @@ mod cache;
 mod mix;
 mod pack;
 mod sources;
+mod store;
 mod tokenize;
 
 pub use mix::{Batch, MixConfig, Mixer, MixerState};
 pub use pack::{PackStats, SourceStats};
 pub use sources::{instruction_answer, instruction_prompt, read_examples, Example, SourceKind, SourceSpec, Weight, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
-pub use tokenize::{load_source, load_sources, Docs, Encoder, TokenizedSource};
+pub use store::Store;
+pub use tokenize::{load_source, load_source_with, load_sources, load_sources_with, Docs, Encoder, TokenizedSource, Tokens};
 
 #[cfg(test)]
 mod tests;

@@ -17,10 +17,10 @@
 //! from being trained to predict the first token of the next. The first piece of a document
 //! starts with BOS (text and prompted kinds), which is never a target anyway, so nothing is lost.
 
-use super::tokenize::Docs;
+use super::tokenize::Tokens;
 use serde::{Deserialize, Serialize};
 
-/// A packable piece of a document: `len` tokens of a source's [`Docs`] from `start`.
+/// A packable piece of a document: `len` tokens of a source's [`Tokens`] from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Segment {
     pub start: usize,
@@ -28,12 +28,13 @@ pub(crate) struct Segment {
 }
 
 /// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens.
-pub(crate) fn segments(docs: &Docs, seq_len: usize) -> Vec<Segment> {
+/// The pieces stay in memory (16 bytes each, against about 2 bytes a token in the store).
+pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
     debug_assert!(seq_len >= 2);
     let mut out = Vec::with_capacity(docs.len());
-    let keep = |s: &Segment| docs.loss[s.start + 1..s.start + s.len].iter().any(|&l| l);
+    let keep = |s: &Segment| docs.any_loss(s.start + 1, s.start + s.len);
     for d in 0..docs.len() {
-        let (a, b) = (docs.offsets[d], docs.offsets[d + 1]);
+        let (a, b) = docs.bounds(d);
         if b - a < 2 {
             continue;
         }
@@ -50,6 +51,8 @@ pub(crate) fn segments(docs: &Docs, seq_len: usize) -> Vec<Segment> {
             start = end - 1;
         }
     }
+    // The scan touched the whole index; training needs none of it resident.
+    docs.release();
     out
 }
 
@@ -68,20 +71,23 @@ pub(crate) fn fill_row(
     seq_len: usize,
     pad_id: u32,
     packing: bool,
-    docs: &Docs,
+    docs: &Tokens,
     segs: &[Segment],
     window: &mut Vec<u32>,
     mut refill: impl FnMut(&mut Vec<u32>),
 ) -> Row {
     let mut row = Row { ids: Vec::with_capacity(seq_len), labels: Vec::with_capacity(seq_len), non_pad: 0, loss_tokens: 0, pieces: 0 };
+    let mut loss = Vec::with_capacity(seq_len);
     refill(window);
     let mut next = if window.is_empty() { None } else { Some(0) };
     while let Some(w) = next {
         let seg = segs[window.remove(w) as usize];
-        for (k, t) in (seg.start..seg.start + seg.len).enumerate() {
-            let id = docs.ids[t];
-            row.ids.push(id);
-            let lab = if k > 0 && docs.loss[t] { id as i64 } else { -100 };
+        let first = row.ids.len();
+        loss.clear();
+        docs.read(seg.start, seg.len, &mut row.ids, &mut loss);
+        for (k, &l) in loss.iter().enumerate() {
+            let id = row.ids[first + k];
+            let lab = if k > 0 && l { id as i64 } else { -100 };
             if lab != -100 {
                 row.loss_tokens += 1;
             }
