@@ -58,6 +58,7 @@
 mod cache;
 mod mix;
 mod pack;
+mod pieces;
 mod sources;
 mod store;
 mod tokenize;

@@ -17,6 +17,7 @@
 //! from being trained to predict the first token of the next. The first piece of a document
 //! starts with BOS (text and prompted kinds), which is never a target anyway, so nothing is lost.
 
+use super::pieces::Pieces;
 use super::tokenize::Tokens;
 use serde::{Deserialize, Serialize};
 
@@ -27,13 +28,12 @@ pub(crate) struct Segment {
     pub len: usize,
 }
 
-/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens.
-/// The pieces stay in memory (16 bytes each, against about 2 bytes a token in the store).
-pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
+/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens, in order.
+pub(crate) fn for_each_segment(docs: &Tokens, seq_len: usize, mut f: impl FnMut(Segment) -> anyhow::Result<()>) -> anyhow::Result<()> {
     debug_assert!(seq_len >= 2);
-    let mut out = Vec::with_capacity(docs.len());
     let keep = |s: &Segment| docs.any_loss(s.start + 1, s.start + s.len);
     for d in 0..docs.len() {
+        docs.scanned(d);
         let (a, b) = docs.bounds(d);
         if b - a < 2 {
             continue;
@@ -43,7 +43,7 @@ pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
             let end = (start + seq_len).min(b);
             let s = Segment { start, len: end - start };
             if keep(&s) {
-                out.push(s);
+                f(s)?;
             }
             if end == b {
                 break;
@@ -53,6 +53,17 @@ pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
     }
     // The scan touched the whole index; training needs none of it resident.
     docs.release();
+    Ok(())
+}
+
+/// [`for_each_segment`] collected.
+pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(docs.len());
+    for_each_segment(docs, seq_len, |s| {
+        out.push(s);
+        Ok(())
+    })
+    .expect("collecting cannot fail");
     out
 }
 
@@ -72,7 +83,7 @@ pub(crate) fn fill_row(
     pad_id: u32,
     packing: bool,
     docs: &Tokens,
-    segs: &[Segment],
+    segs: &Pieces,
     window: &mut Vec<u32>,
     mut refill: impl FnMut(&mut Vec<u32>),
 ) -> Row {
@@ -81,7 +92,7 @@ pub(crate) fn fill_row(
     refill(window);
     let mut next = if window.is_empty() { None } else { Some(0) };
     while let Some(w) = next {
-        let seg = segs[window.remove(w) as usize];
+        let seg = segs.get(window.remove(w) as usize);
         let first = row.ids.len();
         loss.clear();
         docs.read(seg.start, seg.len, &mut row.ids, &mut loss);
@@ -105,10 +116,10 @@ pub(crate) fn fill_row(
 }
 
 /// Window index of the longest piece of at most `room` tokens (earliest on ties).
-fn best_fit(window: &[u32], segs: &[Segment], room: usize) -> Option<usize> {
+fn best_fit(window: &[u32], segs: &Pieces, room: usize) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (i, &s) in window.iter().enumerate() {
-        let len = segs[s as usize].len;
+        let len = segs.get(s as usize).len;
         if len <= room && best.is_none_or(|(_, bl)| len > bl) {
             best = Some((i, len));
             if len == room {

@@ -293,6 +293,7 @@ pub struct Store {
     docs: usize,
     tokens: usize,
     spans: usize,
+    body_checksum: u64,
     /// Id bytes read since the map's pages were last released.
     touched: AtomicUsize,
 }
@@ -356,7 +357,8 @@ impl Store {
             }
             body.update(&chunk[..n]);
         }
-        if body.finish() != le_u64(&fixed, 56) {
+        let body_checksum = body.finish();
+        if body_checksum != le_u64(&fixed, 56) {
             bail!("checksum mismatch (corrupt)");
         }
         // SAFETY: the file is only ever replaced by rename, never written in place, so the
@@ -370,6 +372,7 @@ impl Store {
             docs: docs as usize,
             tokens: tokens as usize,
             spans: spans as usize,
+            body_checksum,
             touched: AtomicUsize::new(0),
         };
         s.check_index()?;
@@ -389,9 +392,11 @@ impl Store {
                 bail!("document index is not sorted (corrupt)");
             }
             prev = o;
+            self.touch_index(d);
         }
         let mut end = 0;
         for i in 0..self.spans {
+            self.touch_index(2 * i);
             let (a, b) = self.span(i);
             if a < end || b <= a || b > self.tokens {
                 bail!("loss spans are not sorted and disjoint (corrupt)");
@@ -415,6 +420,12 @@ impl Store {
     /// Number of tokens.
     pub fn tokens(&self) -> usize {
         self.tokens
+    }
+
+    /// The checksum of everything after the header: identifies the content (files derived
+    /// from the store, such as its piece tables, record it).
+    pub fn checksum(&self) -> u64 {
+        self.body_checksum
     }
 
     /// Bytes per id (2 or 4).
@@ -484,6 +495,14 @@ impl Store {
     /// them again costs a page fault, not a disk read.
     fn touch(&self, n: usize) {
         if self.touched.fetch_add(n, Ordering::Relaxed) + n >= RELEASE_EVERY {
+            self.release();
+        }
+    }
+
+    /// For a scan over the index: releases the pages every 2^20 entries (8 MiB), so that
+    /// scanning a large store keeps the same peak RSS as a small one.
+    pub(crate) fn touch_index(&self, i: usize) {
+        if i & ((1 << 20) - 1) == 0 {
             self.release();
         }
     }

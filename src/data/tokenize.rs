@@ -228,6 +228,14 @@ impl Tokens {
         }
     }
 
+    /// For a scan over every document: releases a store's pages every 2^20 documents, so the
+    /// scan's peak RSS does not grow with the store.
+    pub(crate) fn scanned(&self, d: usize) {
+        if let Tokens::Stored(s) = self {
+            s.touch_index(d);
+        }
+    }
+
     /// All documents in memory (for tests and small sources).
     pub fn to_docs(&self) -> Docs {
         match self {
