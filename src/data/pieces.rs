@@ -1,6 +1,8 @@
 //! The pieces a source is packed from (see `pack.rs`): in memory for in-memory sources, and
-//! for a token store in a piece table beside it, memory-mapped like the store, so a corpus of
-//! any size costs the mixer no more RAM than its shuffled order (4 bytes a piece).
+//! for a token store in a piece table beside it, so a corpus of any size costs the mixer no
+//! more RAM than its shuffled order (4 bytes a piece). The table is read with positioned reads,
+//! not a map: lookups land at random, and the page cache maps file pages in large folios (up
+//! to 2 MiB a fault), so a map would keep tens of MB resident for 16-byte entries.
 //!
 //! # Piece table (version [`VERSION`], little-endian)
 //!
@@ -17,26 +19,22 @@ use anyhow::{bail, Context, Result};
 use std::fs::File;
 use std::io::{BufWriter, Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicUsize, Ordering};
 
 /// Version of the layout above.
 pub const VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"LLPIECE\x01";
 const HEADER: usize = 48;
-/// Pieces looked up between two releases of the table's pages (64 MiB of entries).
-const RELEASE_EVERY: usize = 1 << 22;
-
 /// A source's packable pieces, in document order.
 pub(crate) enum Pieces {
     Memory(Vec<Segment>),
-    Mapped(PieceTable),
+    Table(PieceTable),
 }
 
 impl Pieces {
     pub(crate) fn len(&self) -> usize {
         match self {
             Pieces::Memory(v) => v.len(),
-            Pieces::Mapped(t) => t.n,
+            Pieces::Table(t) => t.n,
         }
     }
 
@@ -47,29 +45,33 @@ impl Pieces {
     pub(crate) fn get(&self, i: usize) -> Segment {
         match self {
             Pieces::Memory(v) => v[i],
-            Pieces::Mapped(t) => t.get(i),
+            Pieces::Table(t) => t.get(i),
         }
     }
 }
 
 /// An open, verified piece table.
 pub(crate) struct PieceTable {
-    map: memmap2::Mmap,
+    file: File,
+    path: PathBuf,
     n: usize,
-    lookups: AtomicUsize,
+}
+
+fn entry(e: &[u8]) -> Segment {
+    let word = |o: usize| u64::from_le_bytes(e[o..o + 8].try_into().expect("8 bytes")) as usize;
+    Segment { start: word(0), len: word(8) }
 }
 
 impl PieceTable {
     fn get(&self, i: usize) -> Segment {
-        let at = HEADER + 16 * i;
-        let word = |o: usize| u64::from_le_bytes(self.map[o..o + 8].try_into().expect("8 bytes")) as usize;
-        // Random lookups over a long run would leave the whole table resident; see Store::touch.
-        if self.lookups.fetch_add(1, Ordering::Relaxed) + 1 >= RELEASE_EVERY {
-            self.lookups.store(0, Ordering::Relaxed);
-            // SAFETY: a read-only shared file map; DONTNEED only drops pages, refaulted unchanged.
-            let _ = unsafe { self.map.unchecked_advise(memmap2::UncheckedAdvice::DontNeed) };
+        use std::os::unix::fs::FileExt;
+        let mut e = [0u8; 16];
+        // The file was verified when opened and is only ever replaced by rename, so a failed
+        // read here is a failing disk, not bad data.
+        if let Err(err) = self.file.read_exact_at(&mut e, (HEADER + 16 * i) as u64) {
+            panic!("cannot read the piece table {}: {err}; check the disk, or delete the file to rebuild it", self.path.display());
         }
-        Segment { start: word(at), len: word(at + 8) }
+        entry(&e)
     }
 }
 
@@ -87,12 +89,12 @@ pub(crate) fn pieces(docs: &Tokens, seq_len: usize) -> Result<Pieces> {
     };
     let path = table_path(store.path(), seq_len);
     match open(&path, store, seq_len) {
-        Ok(t) => return Ok(Pieces::Mapped(t)),
+        Ok(t) => return Ok(Pieces::Table(t)),
         Err(e) if path.exists() => eprintln!("[data] the piece table {} cannot be used ({e:#}); rebuilding it", path.display()),
         Err(_) => {}
     }
     write(&path, docs, store, seq_len).with_context(|| format!("writing the piece table {}; check the folder is writable", path.display()))?;
-    open(&path, store, seq_len).map(Pieces::Mapped).with_context(|| format!("the piece table {} just written does not verify; check the disk", path.display()))
+    open(&path, store, seq_len).map(Pieces::Table).with_context(|| format!("the piece table {} just written does not verify; check the disk", path.display()))
 }
 
 fn header(seq_len: usize, n: u64, store_ck: u64, entries_ck: u64) -> Vec<u8> {
@@ -151,29 +153,47 @@ fn open(path: &Path, store: &Store, seq_len: usize) -> Result<PieceTable> {
     if n.checked_mul(16).and_then(|b| b.checked_add(HEADER as u64)) != Some(len) {
         bail!("{len} bytes where the header says {} pieces (truncated or corrupt)", n);
     }
+    // One pass checks the checksum and that every entry lies inside the store (a checksum-
+    // valid table breaks that only through a bug, but must not index out of bounds).
     let mut ck = Hasher::default();
     let mut chunk = vec![0u8; 1 << 20];
+    let (mut carry, mut i) = (Vec::with_capacity(16), 0usize);
     loop {
         let k = f.read(&mut chunk)?;
         if k == 0 {
             break;
         }
         ck.update(&chunk[..k]);
+        let mut rest = &chunk[..k];
+        if !carry.is_empty() {
+            let take = (16 - carry.len()).min(rest.len());
+            carry.extend_from_slice(&rest[..take]);
+            rest = &rest[take..];
+            if carry.len() < 16 {
+                continue;
+            }
+            check_entry(&entry(&carry), i, store)?;
+            i += 1;
+            carry.clear();
+        }
+        let mut entries = rest.chunks_exact(16);
+        for e in &mut entries {
+            check_entry(&entry(e), i, store)?;
+            i += 1;
+        }
+        carry.extend_from_slice(entries.remainder());
     }
     if ck.finish() != u64_at(32) {
         bail!("checksum mismatch (corrupt)");
     }
-    // SAFETY: replaced only by rename, never written in place (as the store).
-    let map = unsafe { memmap2::Mmap::map(&f) }.with_context(|| format!("cannot mmap {}", path.display()))?;
-    let t = PieceTable { map, n: n as usize, lookups: AtomicUsize::new(0) };
-    // Entries must lie inside the store: a checksum-valid table breaks this only by a bug.
-    for i in 0..t.n {
-        let s = t.get(i);
-        if s.len < 2 || s.start.checked_add(s.len).is_none_or(|e| e > store.tokens()) {
-            bail!("piece {i} lies outside the store (corrupt)");
-        }
+    Ok(PieceTable { file: f, path: path.to_path_buf(), n: n as usize })
+}
+
+fn check_entry(s: &Segment, i: usize, store: &Store) -> Result<()> {
+    if s.len < 2 || s.start.checked_add(s.len).is_none_or(|e| e > store.tokens()) {
+        bail!("piece {i} lies outside the store (corrupt)");
     }
-    Ok(t)
+    Ok(())
 }
 
 #[cfg(test)]
@@ -205,7 +225,7 @@ mod tests {
         let docs = store(d.path());
         let mem = crate::data::pack::segments(&Tokens::Memory(docs.to_docs()), 8);
         let p = pieces(&docs, 8).unwrap();
-        assert!(matches!(p, Pieces::Mapped(_)));
+        assert!(matches!(p, Pieces::Table(_)));
         assert_eq!(all(&p), mem);
         assert_eq!(mem.len(), 1 + 6 + 2 + 3);
         let path = table_path(&d.path().join("s.tok"), 8);
