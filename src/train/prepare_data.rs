@@ -54,6 +54,7 @@ pub fn data_encoder(tokenizer: Option<&Path>, bos: Option<u32>, eos: u32, vocab:
     Ok(enc)
 }
 
+/// A tokenizer for runs whose data is all `tokenized` and whose model has no tokenizer.json.
 fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
     let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#;
     let tok: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;

@@ -205,8 +205,6 @@ fn recipe_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-/// A tokenizer for runs whose data is all `tokenized` and whose model has no tokenizer.json.
-
 /// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
 /// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
 /// run, never a folder holding files that training did not write (it would overwrite same-named
