@@ -7,7 +7,7 @@ mod cli;
 
 use anyhow::Result;
 use clap::Parser;
-use cli::{AdapterCmd, BenchCmd, BenchModel, Cli, Cmd, ExportCmd, ImportCmd, VocabCmd};
+use cli::{AdapterCmd, BenchCmd, BenchModel, Cli, Cmd, DataCmd, ExportCmd, ImportCmd, VocabCmd};
 use linly_lora::commands::{self, bench, emit, emit_or_json, infer as cinfer, quant as cquant, vocab as cvocab};
 
 fn main() {
@@ -70,6 +70,7 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => emit(&commands::lora::pack(&commands::lora::PackOptions { adapter, out, dtype, force })?),
         Cmd::Vocab { what } => vocab(what),
+        Cmd::Data { what: DataCmd::Prepare { recipe, quiet } } => emit(&commands::train::prepare_data(&commands::train::PrepareDataOptions { recipe, progress: !quiet })?),
         Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => emit(&commands::gguf::import_gguf(&commands::gguf::ImportOptions { file, out, dtype, force })?),
         Cmd::Serve(a) => commands::serve::serve(&commands::serve::ServeOptions {
             spec: a.m.spec(),

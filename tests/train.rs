@@ -123,6 +123,60 @@ plots = false
         assert_eq!(m[0]["tokens"], 2 * (23 - 5)); // 23 shifted positions per row, 5 of them masked
     }
 
+    /// `data prepare` builds the stores under the same keys as `train`, which then reuses them
+    /// untouched (and adds the piece table for its seq_len).
+    #[test]
+    fn data_prepare_builds_the_stores_train_reuses() {
+        use linly_lora::commands::train::{prepare_data, PrepareDataOptions};
+        let dir = tempfile::tempdir().unwrap();
+        let tiny = tiny();
+        let r = recipe(
+            dir.path(),
+            &format!(
+                r#"
+[model]
+path = "{base}"
+[vocab]
+extension = "{ext}"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+[[data]]
+kind = "tokenized"
+path = "{ids}"
+[train]
+seq_len = 32
+batch_size = 2
+grad_accum = 1
+steps = 2
+lr = 1e-3
+warmup_ratio = 0.0
+schedule = "constant"
+seed = 3
+[output]
+dir = "out"
+plots = false
+"#,
+                base = p(&tiny.join("base")),
+                ext = p(&tiny.join("vocab_extension.json")),
+                ids = p(&fixture("data/tiny_ids.jsonl"))
+            ),
+        );
+        let opts = PrepareDataOptions { recipe: r.clone(), progress: false };
+        let rep = prepare_data(&opts).unwrap();
+        assert_eq!(rep.sources.len(), 1);
+        let s = &rep.sources[0];
+        assert!(!s.reused && s.tokens > 0 && s.documents > 0, "{s:?}");
+        let stamp = std::fs::metadata(&s.store).unwrap().modified().unwrap();
+        assert!(prepare_data(&opts).unwrap().sources[0].reused, "a second prepare reuses the store");
+        train(&TrainOptions { recipe: r, ..Default::default() }).unwrap();
+        assert_eq!(std::fs::metadata(&s.store).unwrap().modified().unwrap(), stamp, "train rebuilt the prepared store");
+        let mut table = s.store.file_name().unwrap().to_os_string();
+        table.push(".pieces-32");
+        assert!(s.store.with_file_name(table).exists(), "train writes the piece table beside the store");
+    }
+
     fn text_recipe(dir: &Path, model: &Path, steps: usize, extra: &str) -> PathBuf {
         text_recipe_d(dir, model, steps, extra, 0.1)
     }

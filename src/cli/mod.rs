@@ -53,6 +53,11 @@ pub enum Cmd {
         #[command(subcommand)]
         what: VocabCmd,
     },
+    /// Data tools: tokenize a recipe's [[data]] into token stores ahead of training
+    Data {
+        #[command(subcommand)]
+        what: DataCmd,
+    },
     /// Import a model from another format (GGUF) into an HF folder
     Import {
         #[command(subcommand)]
@@ -267,6 +272,25 @@ pub struct ServeArgs {
     /// Model id reported by /v1/models and in responses (default: the model folder's name)
     #[arg(long)]
     pub model_name: Option<String>,
+}
+
+#[derive(Subcommand)]
+pub enum DataCmd {
+    /// Tokenize every [[data]] block of a recipe into its token store
+    #[command(long_about = "Tokenize every [[data]] block of a recipe into its token store, the memory-mapped \
+files training reads ([output] dir/token-cache/), without loading the model's weights. Files are streamed \
+in bounded pieces and tokenized on all cores, so a corpus of any size prepares in constant memory.\n\n\
+A store is keyed by the data file (path, size, mtime), the tokenizer, the template and the kind: a store \
+that is already there and valid is reused, a stale, truncated or corrupt one is rebuilt. `train` does the \
+same for any store that is missing, so this command only moves the slow part ahead of training.\n\n\
+Prints one JSON report: each source's store, documents and tokens.")]
+    Prepare {
+        /// The recipe (TOML) whose [[data]] blocks to prepare
+        recipe: PathBuf,
+        /// No progress bars
+        #[arg(long)]
+        quiet: bool,
+    },
 }
 
 #[derive(Args)]

@@ -1,6 +1,7 @@
 //! `train`.
 
 use super::Report;
+pub use crate::train::prepare_data::{PrepareDataOptions, PrepareDataReport, PreparedSource};
 pub use crate::train::run::{TrainOptions, TrainReport};
 use anyhow::Result;
 use std::fmt;
@@ -17,3 +18,17 @@ impl fmt::Display for TrainReport {
 }
 
 impl Report for TrainReport {}
+
+/// `data prepare`: tokenizes the recipe's sources into their token stores.
+pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
+    crate::train::prepare_data::prepare_data(o)
+}
+
+/// Pretty JSON, like `train`'s report.
+impl fmt::Display for PrepareDataReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&serde_json::to_string_pretty(self).map_err(|_| fmt::Error)?)
+    }
+}
+
+impl Report for PrepareDataReport {}

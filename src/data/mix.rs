@@ -1,11 +1,12 @@
 //! The mixer: which source each packed row comes from, with curriculum weights, optional
 //! Colossal-LLaMA-2 bucketed ordering, epochs, and a serialisable state for `--resume`.
 
-use super::pack::{fill_row, segments, PackStats, Segment, SourceStats};
+use super::pack::{fill_row, PackStats, SourceStats};
+use super::pieces::{pieces, Pieces};
 use super::sources::{SourceKind, Weight};
-use super::tokenize::{Docs, TokenizedSource};
+use super::tokenize::{Tokens, TokenizedSource};
 use crate::rng::SplitMix;
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 
 /// Mixer options (a recipe can deserialize them from its `[mix]`/`[train]` table).
@@ -99,8 +100,8 @@ const STATE_FORMAT: u32 = 1;
 struct Src {
     kind: SourceKind,
     weight: Weight,
-    docs: Docs,
-    segs: Vec<Segment>,
+    docs: Tokens,
+    segs: Pieces,
     /// Contiguous ranges of `segs` (one range covering everything when not bucketed).
     bins: Vec<(usize, usize)>,
 }
@@ -171,7 +172,7 @@ impl Mixer {
             if let Err(e) = s.spec.weight.check() {
                 bail!("{what}: {e}");
             }
-            let segs = segments(&s.docs, cfg.seq_len);
+            let segs = pieces(&s.docs, cfg.seq_len).with_context(|| format!("{what}: cannot prepare its pieces"))?;
             if segs.is_empty() {
                 bail!("{what}: no document has a token to learn (all labels are -100 or documents are 1 token long); fix the data or remove the block");
             }

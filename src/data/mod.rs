@@ -1,4 +1,4 @@
-//! Training data for `linly-lora train`: sources → tokens (parallel, cached) → packed rows →
+//! Training data for `linly-lora train`: sources → tokens (streamed, parallel, in a token store) → packed rows →
 //! a seeded, resumable mix.
 //!
 //! ```ignore
@@ -51,20 +51,26 @@
 //! like any document, so its later chunks keep their answer labels without the prompt; keep
 //! `seq_len` above the longest examples (or pre-filter) if that matters.
 //!
-//! # Cache
-//! [`load_sources`] with a cache folder stores each tokenized source (see `cache.rs` for the
-//! key and format); [`TokenizedSource::from_cache`] says whether tokenization was skipped.
+//! # Token store
+//! [`load_sources`] with a store folder streams each file in bounded pieces, tokenizes them on
+//! all cores and writes a memory-mapped token store (format in `store.rs`, key in `cache.rs`);
+//! the mixer reads it through the map, with its pieces in a table beside it (`pieces.rs`), so
+//! RAM does not grow with the corpus. [`TokenizedSource::from_cache`] says whether an existing
+//! store was reused. Without a folder the tokens stay in memory ([`Tokens::Memory`]).
 
 mod cache;
 mod mix;
 mod pack;
+mod pieces;
 mod sources;
+mod store;
 mod tokenize;
 
 pub use mix::{Batch, MixConfig, Mixer, MixerState};
 pub use pack::{PackStats, SourceStats};
 pub use sources::{instruction_answer, instruction_prompt, read_examples, Example, SourceKind, SourceSpec, Weight, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
-pub use tokenize::{load_source, load_sources, Docs, Encoder, TokenizedSource};
+pub use store::Store;
+pub use tokenize::{load_source, load_source_with, load_sources, load_sources_with, Docs, Encoder, TokenizedSource, Tokens};
 
 #[cfg(test)]
 mod tests;

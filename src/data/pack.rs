@@ -17,23 +17,24 @@
 //! from being trained to predict the first token of the next. The first piece of a document
 //! starts with BOS (text and prompted kinds), which is never a target anyway, so nothing is lost.
 
-use super::tokenize::Docs;
+use super::pieces::Pieces;
+use super::tokenize::Tokens;
 use serde::{Deserialize, Serialize};
 
-/// A packable piece of a document: `len` tokens of a source's [`Docs`] from `start`.
+/// A packable piece of a document: `len` tokens of a source's [`Tokens`] from `start`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct Segment {
     pub start: usize,
     pub len: usize,
 }
 
-/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens.
-pub(crate) fn segments(docs: &Docs, seq_len: usize) -> Vec<Segment> {
+/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens, in order.
+pub(crate) fn for_each_segment(docs: &Tokens, seq_len: usize, mut f: impl FnMut(Segment) -> anyhow::Result<()>) -> anyhow::Result<()> {
     debug_assert!(seq_len >= 2);
-    let mut out = Vec::with_capacity(docs.len());
-    let keep = |s: &Segment| docs.loss[s.start + 1..s.start + s.len].iter().any(|&l| l);
+    let keep = |s: &Segment| docs.any_loss(s.start + 1, s.start + s.len);
     for d in 0..docs.len() {
-        let (a, b) = (docs.offsets[d], docs.offsets[d + 1]);
+        docs.scanned(d);
+        let (a, b) = docs.bounds(d);
         if b - a < 2 {
             continue;
         }
@@ -42,7 +43,7 @@ pub(crate) fn segments(docs: &Docs, seq_len: usize) -> Vec<Segment> {
             let end = (start + seq_len).min(b);
             let s = Segment { start, len: end - start };
             if keep(&s) {
-                out.push(s);
+                f(s)?;
             }
             if end == b {
                 break;
@@ -50,6 +51,19 @@ pub(crate) fn segments(docs: &Docs, seq_len: usize) -> Vec<Segment> {
             start = end - 1;
         }
     }
+    // The scan touched the whole index; training needs none of it resident.
+    docs.release();
+    Ok(())
+}
+
+/// [`for_each_segment`] collected.
+pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(docs.len());
+    for_each_segment(docs, seq_len, |s| {
+        out.push(s);
+        Ok(())
+    })
+    .expect("collecting cannot fail");
     out
 }
 
@@ -68,20 +82,23 @@ pub(crate) fn fill_row(
     seq_len: usize,
     pad_id: u32,
     packing: bool,
-    docs: &Docs,
-    segs: &[Segment],
+    docs: &Tokens,
+    segs: &Pieces,
     window: &mut Vec<u32>,
     mut refill: impl FnMut(&mut Vec<u32>),
 ) -> Row {
     let mut row = Row { ids: Vec::with_capacity(seq_len), labels: Vec::with_capacity(seq_len), non_pad: 0, loss_tokens: 0, pieces: 0 };
+    let mut loss = Vec::with_capacity(seq_len);
     refill(window);
     let mut next = if window.is_empty() { None } else { Some(0) };
     while let Some(w) = next {
-        let seg = segs[window.remove(w) as usize];
-        for (k, t) in (seg.start..seg.start + seg.len).enumerate() {
-            let id = docs.ids[t];
-            row.ids.push(id);
-            let lab = if k > 0 && docs.loss[t] { id as i64 } else { -100 };
+        let seg = segs.get(window.remove(w) as usize);
+        let first = row.ids.len();
+        loss.clear();
+        docs.read(seg.start, seg.len, &mut row.ids, &mut loss);
+        for (k, &l) in loss.iter().enumerate() {
+            let id = row.ids[first + k];
+            let lab = if k > 0 && l { id as i64 } else { -100 };
             if lab != -100 {
                 row.loss_tokens += 1;
             }
@@ -99,10 +116,10 @@ pub(crate) fn fill_row(
 }
 
 /// Window index of the longest piece of at most `room` tokens (earliest on ties).
-fn best_fit(window: &[u32], segs: &[Segment], room: usize) -> Option<usize> {
+fn best_fit(window: &[u32], segs: &Pieces, room: usize) -> Option<usize> {
     let mut best: Option<(usize, usize)> = None;
     for (i, &s) in window.iter().enumerate() {
-        let len = segs[s as usize].len;
+        let len = segs.get(s as usize).len;
         if len <= room && best.is_none_or(|(_, bl)| len > bl) {
             best = Some((i, len));
             if len == room {

@@ -7,6 +7,7 @@ use crate::template::{render, Template, Turn, CHATML_END};
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::fmt;
+use std::io::Read;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
 
@@ -289,10 +290,10 @@ pub fn read_examples(kind: SourceKind, template: Template, path: &Path) -> Resul
     let text = text.strip_prefix('\u{feff}').unwrap_or(&text);
     let file = path.display().to_string();
     let out = match kind {
-        SourceKind::Text => read_text(&file, path, text)?,
-        SourceKind::Parallel => read_parallel(&file, text, template)?,
-        SourceKind::Alpaca => read_alpaca(&file, text, template)?,
-        SourceKind::Tokenized => read_tokenized(&file, text)?,
+        SourceKind::Text => read_text(&file, path, text, 0)?,
+        SourceKind::Parallel => read_parallel(&file, text, template, 0)?,
+        SourceKind::Alpaca => read_alpaca(&file, text, template, 0)?,
+        SourceKind::Tokenized => read_tokenized(&file, text, 0)?,
     };
     if out.is_empty() {
         bail!("{file}: no examples found; the file is empty or has only blank lines (remove the [[data]] block or fill the file)");
@@ -300,18 +301,111 @@ pub fn read_examples(kind: SourceKind, template: Template, path: &Path) -> Resul
     Ok(out)
 }
 
+/// Whether the first non-blank byte opens a JSON array (a file read whole; JSONL streams).
+fn starts_json_array(b: &[u8]) -> bool {
+    b.iter().find(|c| !c.is_ascii_whitespace()) == Some(&b'[')
+}
+
+/// Where a piece of a file that does not end at EOF may be cut so every record stays whole:
+/// after the last blank line for blank-line-separated text (a document boundary), after the
+/// last newline for the line-based kinds. `None`: no boundary yet, read more.
+pub(crate) fn cut_point(blocks: bool, b: &[u8]) -> Option<usize> {
+    if !blocks {
+        return b.iter().rposition(|&c| c == b'\n').map(|p| p + 1);
+    }
+    // A line of ASCII whitespace is blank for `read_text` too (it trims Unicode whitespace, so
+    // it may see more boundaries; cutting at fewer of them is still exact).
+    let mut end = b.iter().rposition(|&c| c == b'\n')?;
+    loop {
+        let start = b[..end].iter().rposition(|&c| c == b'\n').map(|p| p + 1).unwrap_or(0);
+        if b[start..end].iter().all(u8::is_ascii_whitespace) {
+            return Some(end + 1);
+        }
+        if start == 0 {
+            return None;
+        }
+        end = start - 1;
+    }
+}
+
+/// Reads a source file in pieces of about `chunk` bytes that end on record boundaries and hands
+/// each piece's examples (lines as [`read_examples`] gives them) to `sink`, with the bytes it
+/// covered, so a file of any size is read in bounded memory. The records are exactly those of
+/// [`read_examples`], with the same errors; a JSON array (not JSONL) cannot be cut and is read
+/// whole, and a blank-line-separated text document must fit in memory.
+pub(crate) fn stream_examples(
+    kind: SourceKind,
+    template: Template,
+    path: &Path,
+    chunk: usize,
+    mut sink: impl FnMut(Vec<(usize, Example)>, u64) -> Result<()>,
+) -> Result<()> {
+    let mut f = std::fs::File::open(path).with_context(|| format!("cannot read data file {}", path.display()))?;
+    let file = path.display().to_string();
+    let blocks = kind == SourceKind::Text && !is_json_file(path);
+    let json = matches!(kind, SourceKind::Alpaca | SourceKind::Tokenized) || (kind == SourceKind::Text && !blocks);
+    let (mut buf, mut eof, mut base, mut first) = (Vec::<u8>::new(), false, 0usize, true);
+    let mut target = chunk.max(1);
+    loop {
+        while !eof && buf.len() < target {
+            let old = buf.len();
+            buf.resize(target, 0);
+            let n = f.read(&mut buf[old..]).with_context(|| format!("cannot read data file {}", path.display()))?;
+            buf.truncate(old + n);
+            eof = n == 0;
+        }
+        let mut skipped = 0;
+        if first {
+            first = false;
+            if buf.starts_with("\u{feff}".as_bytes()) {
+                buf.drain(..3);
+                skipped = 3;
+            }
+            if json && starts_json_array(&buf) {
+                drop(buf);
+                let all = read_examples(kind, template, path)?;
+                let len = std::fs::metadata(path).map(|m| m.len()).unwrap_or(0);
+                return sink(all, len);
+            }
+        }
+        if buf.is_empty() && eof {
+            return Ok(());
+        }
+        let cut = if eof { Some(buf.len()) } else { cut_point(blocks, &buf) };
+        let Some(cut) = cut else {
+            target = buf.len() + chunk.max(1);
+            continue;
+        };
+        let text = std::str::from_utf8(&buf[..cut]).map_err(|e| {
+            let line = base + 1 + buf[..e.valid_up_to()].iter().filter(|&&b| b == b'\n').count();
+            anyhow::anyhow!("{file}:{line}: not valid UTF-8; data files must be UTF-8 text")
+        })?;
+        let examples = match kind {
+            SourceKind::Text => read_text(&file, path, text, base)?,
+            SourceKind::Parallel => read_parallel(&file, text, template, base)?,
+            SourceKind::Alpaca => read_alpaca(&file, text, template, base)?,
+            SourceKind::Tokenized => read_tokenized(&file, text, base)?,
+        };
+        base += buf[..cut].iter().filter(|&&b| b == b'\n').count();
+        sink(examples, (cut + skipped) as u64)?;
+        buf.drain(..cut);
+        target = chunk.max(1);
+    }
+}
+
 fn is_json_file(path: &Path) -> bool {
     matches!(path.extension().and_then(|e| e.to_str()), Some("json" | "jsonl"))
 }
 
-fn read_text(file: &str, path: &Path, text: &str) -> Result<Vec<(usize, Example)>> {
+/// `base`: lines of the file before `text` (when it is one piece of a streamed file).
+fn read_text(file: &str, path: &Path, text: &str, base: usize) -> Result<Vec<(usize, Example)>> {
     if is_json_file(path) {
         #[derive(Deserialize)]
         struct Rec {
             text: String,
         }
         let mut out = Vec::new();
-        for (line, raw) in json_records(file, text)? {
+        for (line, raw) in json_records(file, text, base)? {
             let r: Rec = parse_record(file, line, raw, "a text record needs a string field \"text\"")?;
             if r.text.trim().is_empty() {
                 bail!("{file}:{line}: empty \"text\"; remove the record");
@@ -336,7 +430,7 @@ fn read_text(file: &str, path: &Path, text: &str) -> Result<Vec<(usize, Example)
                     s.push('\n');
                     s.push_str(line);
                 }
-                None => cur = Some((i + 1, line.to_string())),
+                None => cur = Some((base + i + 1, line.to_string())),
             }
         }
     }
@@ -362,10 +456,10 @@ pub fn instruction_answer(template: Template, output: &str) -> String {
     }
 }
 
-fn read_parallel(file: &str, text: &str, template: Template) -> Result<Vec<(usize, Example)>> {
+fn read_parallel(file: &str, text: &str, template: Template, base: usize) -> Result<Vec<(usize, Example)>> {
     let mut out = Vec::new();
     for (i, line) in text.lines().enumerate() {
-        let n = i + 1;
+        let n = base + i + 1;
         let line = line.strip_suffix('\r').unwrap_or(line);
         if line.trim().is_empty() {
             continue;
@@ -405,10 +499,10 @@ struct ConvTurn {
     value: String,
 }
 
-fn read_alpaca(file: &str, text: &str, template: Template) -> Result<Vec<(usize, Example)>> {
+fn read_alpaca(file: &str, text: &str, template: Template, base: usize) -> Result<Vec<(usize, Example)>> {
     let mut out = Vec::new();
     let hint = "an alpaca record is {\"instruction\", \"input\", \"output\"} (optionally \"history\": [[q, a], ...]) or {\"conversations\": [{\"from\": \"human\"|\"gpt\", \"value\"}, ...]}";
-    for (line, raw) in json_records(file, text)? {
+    for (line, raw) in json_records(file, text, base)? {
         let r: AlpacaRec = parse_record(file, line, raw, hint)?;
         let (prompt, response) = if let Some(conv) = r.conversations {
             if r.instruction.is_some() || r.output.is_some() || r.history.is_some() {
@@ -458,14 +552,14 @@ fn conversation(file: &str, line: usize, conv: &[ConvTurn], template: Template) 
     Ok((instruction_prompt(template, &last.user, "", &turns), last.assistant))
 }
 
-fn read_tokenized(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
+fn read_tokenized(file: &str, text: &str, base: usize) -> Result<Vec<(usize, Example)>> {
     #[derive(Deserialize)]
     struct Rec {
         input_ids: Vec<i64>,
         labels: Option<Vec<i64>>,
     }
     let mut out = Vec::new();
-    for (line, raw) in json_records(file, text)? {
+    for (line, raw) in json_records(file, text, base)? {
         let r: Rec = parse_record(file, line, raw, "a tokenized record is {\"input_ids\": [...], \"labels\": [...]}")?;
         if r.input_ids.is_empty() {
             bail!("{file}:{line}: empty \"input_ids\"; remove the record");
@@ -488,17 +582,17 @@ fn read_tokenized(file: &str, text: &str) -> Result<Vec<(usize, Example)>> {
 }
 
 /// Splits a JSON array or a JSONL file into per-record slices with their starting line, so that
-/// every later error (syntax or schema) can name the record's line.
-pub(crate) fn json_records<'a>(file: &str, text: &'a str) -> Result<Vec<(usize, &'a str)>> {
-    let trimmed = text.trim_start();
-    if trimmed.starts_with('[') {
+/// every later error (syntax or schema) can name the record's line. `base` > 0 marks a later
+/// piece of a streamed JSONL file, which is lines whatever it starts with.
+pub(crate) fn json_records<'a>(file: &str, text: &'a str, base: usize) -> Result<Vec<(usize, &'a str)>> {
+    if base == 0 && starts_json_array(text.as_bytes()) {
         return split_json_array(file, text);
     }
     Ok(text
         .lines()
         .enumerate()
         .filter(|(_, l)| !l.trim().is_empty())
-        .map(|(i, l)| (i + 1, l))
+        .map(|(i, l)| (base + i + 1, l))
         .collect())
 }
 

@@ -1,11 +1,20 @@
-//! Examples → token ids with a loss mask, in parallel, through the on-disk cache.
+//! Examples → token ids with a loss mask: files streamed in bounded pieces, each piece
+//! tokenized in parallel, into a token store (`store.rs`) or, without a store folder, memory.
 
 use super::cache;
-use super::sources::{read_examples, Example, SourceKind, SourceSpec};
+use super::sources::{stream_examples, Example, SourceKind, SourceSpec};
+use super::store::{Store, StoreWriter};
 use crate::template::{Template, CHATML_END, CHATML_START};
 use anyhow::{bail, Context, Result};
 use rayon::prelude::*;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Bytes of a data file read, parsed and tokenized at a time: large enough that every core has
+/// thousands of documents to share, small enough that the pieces in flight (at most 3) stay
+/// a few tens of MB whatever the file's size.
+const CHUNK: usize = 4 << 20;
 
 /// A tokenizer plus the special ids the data needs.
 pub struct Encoder {
@@ -147,6 +156,103 @@ impl Docs {
     }
 }
 
+/// A source's tokens: in a token store (training) or in memory (sources loaded without a
+/// store folder, and tests).
+#[derive(Debug, Clone)]
+pub enum Tokens {
+    /// Everything in RAM.
+    Memory(Docs),
+    /// Memory-mapped from a verified store.
+    Stored(Arc<Store>),
+}
+
+impl From<Docs> for Tokens {
+    fn from(d: Docs) -> Self {
+        Tokens::Memory(d)
+    }
+}
+
+impl Tokens {
+    /// Number of documents.
+    pub fn len(&self) -> usize {
+        match self {
+            Tokens::Memory(d) => d.len(),
+            Tokens::Stored(s) => s.docs(),
+        }
+    }
+
+    /// No documents.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Number of tokens.
+    pub fn tokens(&self) -> usize {
+        match self {
+            Tokens::Memory(d) => d.tokens(),
+            Tokens::Stored(s) => s.tokens(),
+        }
+    }
+
+    /// Token range `start..end` of document `d`.
+    pub fn bounds(&self, d: usize) -> (usize, usize) {
+        match self {
+            Tokens::Memory(x) => (x.offsets[d], x.offsets[d + 1]),
+            Tokens::Stored(s) => (s.offset(d), s.offset(d + 1)),
+        }
+    }
+
+    /// Whether any token in `a..b` has a label.
+    pub fn any_loss(&self, a: usize, b: usize) -> bool {
+        match self {
+            Tokens::Memory(d) => d.loss[a..b].iter().any(|&l| l),
+            Tokens::Stored(s) => s.any_loss(a, b),
+        }
+    }
+
+    /// Appends the ids and loss mask of tokens `start..start + len`.
+    pub fn read(&self, start: usize, len: usize, ids: &mut Vec<u32>, loss: &mut Vec<bool>) {
+        match self {
+            Tokens::Memory(d) => {
+                ids.extend_from_slice(&d.ids[start..start + len]);
+                loss.extend_from_slice(&d.loss[start..start + len]);
+            }
+            Tokens::Stored(s) => s.read(start, len, ids, loss),
+        }
+    }
+
+    /// Lets the OS take back the pages of a store read so far (a no-op in memory).
+    pub fn release(&self) {
+        if let Tokens::Stored(s) = self {
+            s.release();
+        }
+    }
+
+    /// For a scan over every document: releases a store's pages every 2^20 documents, so the
+    /// scan's peak RSS does not grow with the store.
+    pub(crate) fn scanned(&self, d: usize) {
+        if let Tokens::Stored(s) = self {
+            s.touch_index(d);
+        }
+    }
+
+    /// All documents in memory (for tests and small sources).
+    pub fn to_docs(&self) -> Docs {
+        match self {
+            Tokens::Memory(d) => d.clone(),
+            Tokens::Stored(_) => {
+                let mut d = Docs { offsets: vec![0], ..Default::default() };
+                for k in 0..self.len() {
+                    let (a, b) = self.bounds(k);
+                    self.read(a, b - a, &mut d.ids, &mut d.loss);
+                    d.offsets.push(d.ids.len());
+                }
+                d
+            }
+        }
+    }
+}
+
 /// A source ready for the [`Mixer`](super::Mixer).
 #[derive(Debug, Clone)]
 pub struct TokenizedSource {
@@ -155,8 +261,8 @@ pub struct TokenizedSource {
     /// `spec.path` resolved against the recipe folder.
     pub path: PathBuf,
     /// The tokenized documents, in file order.
-    pub docs: Docs,
-    /// Whether the documents came from the cache (no tokenization ran).
+    pub docs: Tokens,
+    /// Whether the documents came from an existing store (no tokenization ran).
     pub from_cache: bool,
 }
 
@@ -171,17 +277,30 @@ fn block(index: usize, spec: &SourceSpec) -> String {
     format!("[[data]] #{} (kind = \"{}\", path = \"{}\")", index + 1, spec.kind, spec.path.display())
 }
 
-/// Reads and tokenizes every `[[data]]` block, using `cache_dir` when given. `base_dir` is the
-/// folder relative paths are resolved against (the recipe's).
+/// Reads and tokenizes every `[[data]]` block, through token stores in `cache_dir` when given
+/// (see [`load_sources_with`]). `base_dir` is the folder relative paths are resolved against
+/// (the recipe's).
 pub fn load_sources(specs: &[SourceSpec], base_dir: &Path, enc: &Encoder, cache_dir: Option<&Path>) -> Result<Vec<TokenizedSource>> {
+    load_sources_with(specs, base_dir, enc, cache_dir, false)
+}
+
+/// [`load_sources`], with a progress bar and a summary line per source on stderr when
+/// `progress`. A source whose store in `cache_dir` is present and valid is opened without
+/// tokenizing; a missing, stale, truncated or corrupt one is (re)built first.
+pub fn load_sources_with(specs: &[SourceSpec], base_dir: &Path, enc: &Encoder, cache_dir: Option<&Path>, progress: bool) -> Result<Vec<TokenizedSource>> {
     if specs.is_empty() {
         bail!("the recipe has no [[data]] blocks; add at least one (kind, path, weight)");
     }
-    specs.iter().enumerate().map(|(i, s)| load_source(i, s, base_dir, enc, cache_dir)).collect()
+    specs.iter().enumerate().map(|(i, s)| load_source_with(i, s, base_dir, enc, cache_dir, progress)).collect()
 }
 
 /// Reads and tokenizes one `[[data]]` block (`index` is 0-based, used in error messages).
 pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encoder, cache_dir: Option<&Path>) -> Result<TokenizedSource> {
+    load_source_with(index, spec, base_dir, enc, cache_dir, false)
+}
+
+/// [`load_source`] with an optional progress display (see [`load_sources_with`]).
+pub fn load_source_with(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encoder, cache_dir: Option<&Path>, progress: bool) -> Result<TokenizedSource> {
     let ctx = || block(index, spec);
     spec.check().with_context(ctx)?;
     if spec.template() == Template::ChatMl {
@@ -201,44 +320,151 @@ pub fn load_source(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &Encod
     if !meta.is_file() {
         return Err(anyhow::anyhow!("{} is not a file; `path` must name one data file", path.display())).with_context(ctx);
     }
-    let key = cache::key(spec.kind, spec.template(), &path, &meta, spec.limit, enc);
-    if let Some(dir) = cache_dir {
-        if let Some(docs) = cache::load(dir, &path, &key) {
-            return Ok(TokenizedSource { spec: spec.clone(), path, docs, from_cache: true });
+    let name = spec.display_name();
+    let (kind, template, limit) = (spec.kind, spec.template(), spec.limit);
+    let Some(dir) = cache_dir else {
+        let mut docs = Docs { offsets: vec![0], ..Default::default() };
+        tokenize_into(kind, template, &path, limit, enc, &mut docs, &Progress::new(&name, meta.len(), progress)).with_context(ctx)?;
+        return Ok(TokenizedSource { spec: spec.clone(), path, docs: Tokens::Memory(docs), from_cache: false });
+    };
+    let key = cache::key(kind, template, &path, &meta, limit, enc);
+    let dest = cache::file_for(dir, &path, &key);
+    match Store::open(&dest, &key.text) {
+        Ok(s) => {
+            if progress {
+                eprintln!("[data] {name}: {} documents, {} tokens from the token store {}", s.docs(), s.tokens(), dest.display());
+            }
+            return Ok(TokenizedSource { spec: spec.clone(), path, docs: Tokens::Stored(Arc::new(s)), from_cache: true });
         }
+        Err(e) if dest.exists() => eprintln!("[data] the token store {} cannot be used ({e:#}); rebuilding it", dest.display()),
+        Err(_) => {}
     }
-    let docs = tokenize_file(spec.kind, spec.template(), &path, spec.limit, enc).with_context(ctx)?;
-    if let Some(dir) = cache_dir {
-        cache::store(dir, &path, &key, &docs)
-            .with_context(|| format!("cannot write the token cache in {}; check the folder is writable", dir.display()))?;
-    }
-    Ok(TokenizedSource { spec: spec.clone(), path, docs, from_cache: false })
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create the token store folder {}; check the folder is writable", dir.display()))?;
+    crate::io::atomic::clean_stale_in(dir, None);
+    let mut w = StoreWriter::create(&dest, &key.text, enc.vocab_size)?;
+    let bar = Progress::new(&name, meta.len(), progress);
+    tokenize_into(kind, template, &path, limit, enc, &mut w, &bar).with_context(ctx)?;
+    w.finish()?;
+    let s = Store::open(&dest, &key.text).with_context(|| format!("the token store {} just written does not verify; check the disk", dest.display()))?;
+    bar.done(&dest);
+    Ok(TokenizedSource { spec: spec.clone(), path, docs: Tokens::Stored(Arc::new(s)), from_cache: false })
 }
 
-fn tokenize_file(kind: SourceKind, template: Template, path: &Path, limit: Option<usize>, enc: &Encoder) -> Result<Docs> {
-    let mut examples = read_examples(kind, template, path)?;
-    if let Some(n) = limit {
-        // A parallel pair is three examples; the limit counts pairs.
-        let per = if kind == SourceKind::Parallel { 3 } else { 1 };
-        examples.truncate(n.saturating_mul(per));
-        if examples.is_empty() {
-            bail!("limit = 0 leaves no examples; remove `limit` or the block");
+/// Where tokenized documents go: memory or a store being written.
+trait Sink {
+    fn push(&mut self, ids: &[u32], loss: &[bool]) -> Result<()>;
+}
+
+impl Sink for Docs {
+    fn push(&mut self, ids: &[u32], loss: &[bool]) -> Result<()> {
+        self.ids.extend_from_slice(ids);
+        self.loss.extend_from_slice(loss);
+        self.offsets.push(self.ids.len());
+        Ok(())
+    }
+}
+
+impl Sink for StoreWriter {
+    fn push(&mut self, ids: &[u32], loss: &[bool]) -> Result<()> {
+        StoreWriter::push(self, ids, loss)
+    }
+}
+
+/// Bytes, documents and tokens done, as a bar with throughput and ETA (hidden when off).
+struct Progress {
+    bar: indicatif::ProgressBar,
+    name: String,
+    on: bool,
+    t0: Instant,
+    bytes: std::cell::Cell<u64>,
+    docs: std::cell::Cell<u64>,
+    tokens: std::cell::Cell<u64>,
+}
+
+impl Progress {
+    fn new(name: &str, len: u64, on: bool) -> Self {
+        let bar = if on { indicatif::ProgressBar::new(len) } else { indicatif::ProgressBar::hidden() };
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("{prefix} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}, ETA {eta}, {msg}")
+                .expect("valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(format!("[data] {name}"));
+        Progress { bar, name: name.to_string(), on, t0: Instant::now(), bytes: 0.into(), docs: 0.into(), tokens: 0.into() }
+    }
+
+    fn add(&self, bytes: u64, docs: u64, tokens: u64) {
+        self.bytes.set(self.bytes.get() + bytes);
+        self.docs.set(self.docs.get() + docs);
+        self.tokens.set(self.tokens.get() + tokens);
+        self.bar.set_position(self.bytes.get());
+        self.bar.set_message(format!("{} documents, {} tokens", self.docs.get(), self.tokens.get()));
+    }
+
+    fn done(&self, dest: &Path) {
+        self.bar.finish_and_clear();
+        if self.on {
+            let s = self.t0.elapsed().as_secs_f64();
+            let mb = self.bytes.get() as f64 / 1e6;
+            eprintln!(
+                "[data] {}: {} documents, {} tokens from {mb:.1} MB in {s:.1} s ({:.1} MB/s) into {}",
+                self.name,
+                self.docs.get(),
+                self.tokens.get(),
+                mb / s.max(1e-9),
+                dest.display()
+            );
         }
     }
+}
+
+/// Streams the file through the tokenizer into `sink`: a reader thread reads and parses the
+/// next piece while every core tokenizes the current one, and the bounded channel keeps at
+/// most three pieces in memory.
+fn tokenize_into(kind: SourceKind, template: Template, path: &Path, limit: Option<usize>, enc: &Encoder, sink: &mut dyn Sink, bar: &Progress) -> Result<()> {
+    // A parallel pair is three examples; the limit counts pairs.
+    let per = if kind == SourceKind::Parallel { 3 } else { 1 };
+    let max = limit.map(|n| n.saturating_mul(per));
     let file = path.display().to_string();
-    // with_min_len keeps rayon's per-item overhead small; collect() keeps file order.
-    let encoded: Vec<(Vec<u32>, Vec<bool>)> = examples
-        .par_iter()
-        .with_min_len(64)
-        .map(|(line, ex)| enc.encode(ex).map_err(|e| anyhow::anyhow!("{file}:{line}: {e:#}")))
-        .collect::<Result<_>>()?;
-    let total: usize = encoded.iter().map(|(i, _)| i.len()).sum();
-    let mut docs = Docs { ids: Vec::with_capacity(total), loss: Vec::with_capacity(total), offsets: Vec::with_capacity(encoded.len() + 1) };
-    docs.offsets.push(0);
-    for (ids, loss) in encoded {
-        docs.ids.extend_from_slice(&ids);
-        docs.loss.extend_from_slice(&loss);
-        docs.offsets.push(docs.ids.len());
+    type Piece = Result<(Vec<(usize, Example)>, u64)>;
+    let (tx, rx) = std::sync::mpsc::sync_channel::<Piece>(1);
+    let (seen, kept) = std::thread::scope(|s| -> Result<(usize, usize)> {
+        s.spawn(move || {
+            let r = stream_examples(kind, template, path, CHUNK, |ex, bytes| tx.send(Ok((ex, bytes))).map_err(|_| anyhow::anyhow!("tokenization stopped")));
+            if let Err(e) = r {
+                let _ = tx.send(Err(e));
+            }
+        });
+        let (mut seen, mut kept) = (0usize, 0usize);
+        // Leaving this loop early drops `rx`, which ends the reader at its next send.
+        for piece in rx {
+            let (mut examples, bytes) = piece?;
+            seen += examples.len();
+            if let Some(m) = max {
+                // Records past the limit are still read, so the whole file is validated.
+                examples.truncate(m.saturating_sub(kept));
+            }
+            kept += examples.len();
+            // with_min_len keeps rayon's per-item overhead small; collect() keeps file order.
+            let encoded: Vec<(Vec<u32>, Vec<bool>)> = examples
+                .par_iter()
+                .with_min_len(64)
+                .map(|(line, ex)| enc.encode(ex).map_err(|e| anyhow::anyhow!("{file}:{line}: {e:#}")))
+                .collect::<Result<_>>()?;
+            let mut tokens = 0;
+            for (ids, loss) in &encoded {
+                sink.push(ids, loss)?;
+                tokens += ids.len() as u64;
+            }
+            bar.add(bytes, encoded.len() as u64, tokens);
+        }
+        Ok((seen, kept))
+    })?;
+    if seen == 0 {
+        bail!("{file}: no examples found; the file is empty or has only blank lines (remove the [[data]] block or fill the file)");
     }
-    Ok(docs)
+    if kept == 0 {
+        bail!("limit = 0 leaves no examples; remove `limit` or the block");
+    }
+    Ok(())
 }

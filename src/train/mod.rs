@@ -7,6 +7,7 @@ pub mod metrics;
 pub mod optim;
 pub mod params;
 pub mod plot;
+pub mod prepare_data;
 pub mod recipe;
 pub mod run;
 pub mod scaler;

@@ -8,7 +8,7 @@ use super::recipe::{Recipe, Stage};
 use super::scaler::Scaler;
 use super::schedule::lr_factor;
 use super::step::{train_step, MicroBatch, StepHparams};
-use crate::data::{self, Encoder, MixConfig, Mixer};
+use crate::data::{self, MixConfig, Mixer};
 use crate::lora::save::TableSave;
 use crate::lora::{self, set_table_modes, TableMode};
 use crate::model::Llama;
@@ -207,20 +207,11 @@ fn recipe_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-/// A tokenizer for runs whose data is all `tokenized` and whose model has no tokenizer.json.
-fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
-    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#;
-    let tok: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
-    let mut enc = Encoder::new(tok, None, eos)?;
-    enc.vocab_size = vocab;
-    Ok(enc)
-}
-
 /// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
 /// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
 /// run, never a folder holding files that training did not write (it would overwrite same-named
 /// ones and mix its files with the user's).
-fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
+pub(crate) fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
     let r = |p: &PathBuf| recipe.resolve(p);
     let mut inputs = vec![r(&recipe.model.path)];
     inputs.extend(recipe.model.tokenizer.iter().map(r));
@@ -315,21 +306,27 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // Data.
     let eos = model.config.eos_token_ids.first().copied().unwrap_or(2);
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
-    let mut enc = match &tokenizer {
-        Some(t) => Encoder::from_file(t, model.config.bos_token_id, eos)?,
-        None if all_tokenized => ids_only_encoder(new_vocab, eos)?,
-        None => bail!("the model has no tokenizer.json: add [model] tokenizer, or use only `tokenized` data"),
-    };
-    if enc.vocab_size > new_vocab {
-        bail!("the tokenizer has {} tokens but the model {new_vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
-    }
-    enc.vocab_size = new_vocab;
-    let sources = data::load_sources(&recipe.data, &recipe.root, &enc, Some(&out.join("token-cache")))?;
+    // The same encoder as `data prepare` builds, so its stores are found here.
+    let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
+    let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
     let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
         let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
-        let texts: Vec<&[u32]> = sources.iter().zip(&chain_w).filter(|(_, &w)| w > 0.0).map(|(s, _)| s.docs.ids.as_slice()).collect();
-        let teacher = ChainTeacher::new(VocabExtension::load(ext_path)?, &texts);
+        // The trie's counts only estimate conditionals below the depth the base is read
+        // exactly: a bounded prefix of each source is enough, and keeps RAM flat on any corpus.
+        const COUNT_TOKENS: usize = 4 << 20;
+        let texts: Vec<Vec<u32>> = sources
+            .iter()
+            .zip(&chain_w)
+            .filter(|(_, &w)| w > 0.0)
+            .map(|(s, _)| {
+                let (mut ids, mut loss) = (Vec::new(), Vec::new());
+                s.docs.read(0, s.docs.tokens().min(COUNT_TOKENS), &mut ids, &mut loss);
+                ids
+            })
+            .collect();
+        let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+        let teacher = ChainTeacher::new(VocabExtension::load(ext_path)?, &refs);
         if head_moved.is_empty() {
             Some(teacher)
         } else {

@@ -43,5 +43,5 @@ fn synth(name: &str, lens: &[usize], base: u32, weight: Weight) -> TokenizedSour
         docs.offsets.push(docs.ids.len());
     }
     let spec = SourceSpec { name: Some(name.into()), ..SourceSpec::new(SourceKind::Text, name).with_weight(weight) };
-    TokenizedSource { spec, path: PathBuf::from(name), docs, from_cache: false }
+    TokenizedSource { spec, path: PathBuf::from(name), docs: docs.into(), from_cache: false }
 }

@@ -145,7 +145,7 @@ fn template_key_is_checked_against_kind_and_tokenizer() {
     let e = err_text(load_source(0, &spec, d.path(), enc(), None));
     assert!(e.contains("no `<|im_start|>` token") && e.contains("template = \"alpaca\""), "{e}");
     let (ce, _, _) = chatml_enc();
-    assert_eq!(load_source(0, &spec, d.path(), &ce, None).unwrap().docs.offsets.len(), 2);
+    assert_eq!(load_source(0, &spec, d.path(), &ce, None).unwrap().docs.len(), 1);
 }
 
 // ---------------------------------------------------------------- tokenization

@@ -1,0 +1,118 @@
+//! `linly-lora data prepare recipe.toml`: tokenizes the recipe's `[[data]]` into the token
+//! stores training reads (`[output] dir/token-cache/`), without loading the model's weights.
+//! `train` does the same for any store that is missing or stale, so this is only a way to do
+//! the slow part ahead of time (or on another machine with the same paths).
+
+use super::recipe::Recipe;
+use crate::data::{self, Encoder};
+use crate::vocab::VocabExtension;
+use anyhow::{bail, Context, Result};
+use serde::Serialize;
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Default)]
+pub struct PrepareDataOptions {
+    pub recipe: PathBuf,
+    /// Draw a progress bar per source on stderr.
+    pub progress: bool,
+}
+
+/// One source's store.
+#[derive(Debug, Clone, Serialize)]
+pub struct PreparedSource {
+    pub name: String,
+    pub store: PathBuf,
+    pub documents: usize,
+    pub tokens: usize,
+    /// Whether a valid store was already there (nothing was tokenized).
+    pub reused: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct PrepareDataReport {
+    pub store_dir: PathBuf,
+    pub sources: Vec<PreparedSource>,
+}
+
+/// The folder of a run's token stores.
+pub fn store_dir(out: &Path) -> PathBuf {
+    out.join("token-cache")
+}
+
+/// The encoder training builds, from the model's config.json and the recipe: the same
+/// tokenizer, BOS/EOS and vocabulary size, hence the same store keys.
+pub fn data_encoder(tokenizer: Option<&Path>, bos: Option<u32>, eos: u32, vocab: usize, all_tokenized: bool) -> Result<Encoder> {
+    let mut enc = match tokenizer {
+        Some(t) => Encoder::from_file(t, bos, eos)?,
+        None if all_tokenized => ids_only_encoder(vocab, eos)?,
+        None => bail!("the model has no tokenizer.json: add [model] tokenizer, or use only `tokenized` data"),
+    };
+    if enc.vocab_size > vocab {
+        bail!("the tokenizer has {} tokens but the model {vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
+    }
+    enc.vocab_size = vocab;
+    Ok(enc)
+}
+
+/// A tokenizer for runs whose data is all `tokenized` and whose model has no tokenizer.json.
+fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
+    let json = r#"{"version":"1.0","truncation":null,"padding":null,"added_tokens":[],"normalizer":null,"pre_tokenizer":null,"post_processor":null,"decoder":null,"model":{"type":"WordLevel","vocab":{"<unk>":0},"unk_token":"<unk>"}}"#;
+    let tok: tokenizers::Tokenizer = json.parse().map_err(|e| anyhow::anyhow!("{e}"))?;
+    let mut enc = Encoder::new(tok, None, eos)?;
+    enc.vocab_size = vocab;
+    Ok(enc)
+}
+
+/// Tokenizer, BOS, EOS and vocabulary size as [`super::run::prepare`] leaves the model, read
+/// from config files only. An in-run extension (`[vocab] add`) is built here as train builds it.
+fn model_inputs(recipe: &Recipe, out: &Path) -> Result<(Option<PathBuf>, Option<u32>, u32, usize)> {
+    let model_dir = recipe.resolve(&recipe.model.path);
+    let cfg = crate::config::LlamaConfig::load(&model_dir)?;
+    let mut tokenizer = match &recipe.model.tokenizer {
+        Some(t) => Some(recipe.resolve(t)),
+        None => model_dir.join("tokenizer.json").exists().then(|| model_dir.clone()),
+    };
+    let mut vocab = cfg.vocab_size;
+    if let Some(v) = &recipe.vocab {
+        let ext_path = match (&v.extension, &v.add) {
+            (Some(e), _) => recipe.resolve(e),
+            (None, Some(add)) => {
+                let src = tokenizer.clone().context("[vocab] add needs the model's tokenizer.json (or [model] tokenizer)")?;
+                let dir = out.join("tokenizer");
+                crate::vocab::extend(&src, &crate::vocab::PieceSource::List(recipe.resolve(add)), &dir, true)?;
+                dir.join("vocab_extension.json")
+            }
+            _ => unreachable!("checked by the recipe"),
+        };
+        let ext = VocabExtension::load(&ext_path)?;
+        if let Some(dir) = ext_path.parent().filter(|d| d.join("tokenizer.json").exists()) {
+            tokenizer = Some(dir.to_path_buf());
+        }
+        vocab = ext.new_vocab;
+    }
+    let eos = cfg.eos_token_ids.first().copied().unwrap_or(2);
+    Ok((tokenizer, cfg.bos_token_id, eos, vocab))
+}
+
+pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
+    let recipe = Recipe::load(&o.recipe)?;
+    let out = recipe.resolve(&recipe.output.dir);
+    super::run::check_output_dir(&recipe, &out, true)?;
+    std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
+    let (tokenizer, bos, eos, vocab) = model_inputs(&recipe, &out)?;
+    let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
+    let enc = data_encoder(tokenizer.as_deref(), bos, eos, vocab, all_tokenized)?;
+    let dir = store_dir(&out);
+    let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&dir), o.progress)?;
+    let sources = sources
+        .into_iter()
+        .map(|s| {
+            let store = match &s.docs {
+                data::Tokens::Stored(st) => st.path().to_path_buf(),
+                data::Tokens::Memory(_) => unreachable!("a store folder was given"),
+            };
+            PreparedSource { name: s.name(), store, documents: s.docs.len(), tokens: s.docs.tokens(), reused: s.from_cache }
+        })
+        .collect();
+    Ok(PrepareDataReport { store_dir: dir, sources })
+}
