@@ -63,32 +63,43 @@ fn ids_only_encoder(vocab: usize, eos: u32) -> Result<Encoder> {
     Ok(enc)
 }
 
+/// The model's tokenizer: `[model] tokenizer`, else the model folder's tokenizer.json.
+pub(crate) fn model_tokenizer(recipe: &Recipe, model_dir: &Path) -> Option<PathBuf> {
+    match &recipe.model.tokenizer {
+        Some(t) => Some(recipe.resolve(t)),
+        None => model_dir.join("tokenizer.json").exists().then(|| model_dir.to_path_buf()),
+    }
+}
+
+/// The recipe's `[vocab]` extension file, building it in `out` for an in-run extension
+/// (`[vocab] add`), and the extended tokenizer's folder when the extension has one beside it.
+pub(crate) fn vocab_extension(recipe: &Recipe, tokenizer: Option<&Path>, out: &Path) -> Result<Option<(PathBuf, Option<PathBuf>)>> {
+    let Some(v) = &recipe.vocab else { return Ok(None) };
+    let ext_path = match (&v.extension, &v.add) {
+        (Some(e), _) => recipe.resolve(e),
+        (None, Some(add)) => {
+            // In-run extension: the new tokenizer lands in the output folder.
+            let src = tokenizer.context("[vocab] add needs the model's tokenizer.json (or [model] tokenizer)")?;
+            let dir = out.join("tokenizer");
+            crate::vocab::extend(src, &crate::vocab::PieceSource::List(recipe.resolve(add)), &dir, true)?;
+            dir.join("vocab_extension.json")
+        }
+        _ => unreachable!("checked by the recipe"),
+    };
+    let tok_dir = ext_path.parent().filter(|d| d.join("tokenizer.json").exists()).map(Path::to_path_buf);
+    Ok(Some((ext_path, tok_dir)))
+}
+
 /// Tokenizer, BOS, EOS and vocabulary size as [`super::run::prepare`] leaves the model, read
 /// from config files only. An in-run extension (`[vocab] add`) is built here as train builds it.
 fn model_inputs(recipe: &Recipe, out: &Path) -> Result<(Option<PathBuf>, Option<u32>, u32, usize)> {
     let model_dir = recipe.resolve(&recipe.model.path);
     let cfg = crate::config::LlamaConfig::load(&model_dir)?;
-    let mut tokenizer = match &recipe.model.tokenizer {
-        Some(t) => Some(recipe.resolve(t)),
-        None => model_dir.join("tokenizer.json").exists().then(|| model_dir.clone()),
-    };
+    let mut tokenizer = model_tokenizer(recipe, &model_dir);
     let mut vocab = cfg.vocab_size;
-    if let Some(v) = &recipe.vocab {
-        let ext_path = match (&v.extension, &v.add) {
-            (Some(e), _) => recipe.resolve(e),
-            (None, Some(add)) => {
-                let src = tokenizer.clone().context("[vocab] add needs the model's tokenizer.json (or [model] tokenizer)")?;
-                let dir = out.join("tokenizer");
-                crate::vocab::extend(&src, &crate::vocab::PieceSource::List(recipe.resolve(add)), &dir, true)?;
-                dir.join("vocab_extension.json")
-            }
-            _ => unreachable!("checked by the recipe"),
-        };
-        let ext = VocabExtension::load(&ext_path)?;
-        if let Some(dir) = ext_path.parent().filter(|d| d.join("tokenizer.json").exists()) {
-            tokenizer = Some(dir.to_path_buf());
-        }
-        vocab = ext.new_vocab;
+    if let Some((ext_path, tok_dir)) = vocab_extension(recipe, tokenizer.as_deref(), out)? {
+        vocab = VocabExtension::load(&ext_path)?.new_vocab;
+        tokenizer = tok_dir.or(tokenizer);
     }
     let eos = cfg.eos_token_ids.first().copied().unwrap_or(2);
     Ok((tokenizer, cfg.bos_token_id, eos, vocab))

@@ -63,30 +63,13 @@ pub fn prepare(recipe: &Recipe, device: &burn::tensor::Device, out: &Path, adapt
     let dtype = recipe.dtype();
     let model_dir = recipe.resolve(&recipe.model.path);
     let mut model = Llama::load(&model_dir, device, dtype)?;
-    let mut tokenizer = match &recipe.model.tokenizer {
-        Some(t) => Some(recipe.resolve(t)),
-        None => model_dir.join("tokenizer.json").exists().then(|| model_dir.clone()),
-    };
+    let mut tokenizer = super::prepare_data::model_tokenizer(recipe, &model_dir);
     let mut extension = None;
     let mut old_vocab = model.vocab_size();
     let mut head_moved = crate::vocab::moved_head_rows(&model_dir)?;
-    if let Some(v) = &recipe.vocab {
-        let ext_path = match (&v.extension, &v.add) {
-            (Some(e), _) => recipe.resolve(e),
-            (None, Some(add)) => {
-                // In-run extension: the new tokenizer lands in the output folder.
-                let src = tokenizer.clone().context("[vocab] add needs the model's tokenizer.json (or [model] tokenizer)")?;
-                let dir = out.join("tokenizer");
-                crate::vocab::extend(&src, &crate::vocab::PieceSource::List(recipe.resolve(add)), &dir, true)?;
-                dir.join("vocab_extension.json")
-            }
-            _ => unreachable!("checked by the recipe"),
-        };
+    if let (Some(v), Some((ext_path, tok_dir))) = (&recipe.vocab, super::prepare_data::vocab_extension(recipe, tokenizer.as_deref(), out)?) {
         let ext = VocabExtension::load(&ext_path)?;
-        let ext_dir = ext_path.parent().map(Path::to_path_buf).unwrap_or_default();
-        if ext_dir.join("tokenizer.json").exists() {
-            tokenizer = Some(ext_dir);
-        }
+        tokenizer = tok_dir.or(tokenizer);
         let init = v.init;
         if model.vocab_size() == ext.old_vocab {
             let std = match v.init_std {
