@@ -337,8 +337,8 @@ mod chain_distillation {
         with_lora(&mut student, &device, true);
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let row = new_tok.iter().find(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).unwrap()[..20].to_vec();
-        let mask = vec![vec![true; 20]];
-        let ct = teacher.targets(&mut student, std::slice::from_ref(&row), &[1.0], &mask, &device).unwrap();
+        let labels = vec![row.iter().map(|&x| x as i64).collect::<Vec<_>>()];
+        let ct = teacher.targets(&mut student, std::slice::from_ref(&row), &labels, &[1.0], &device).unwrap();
         let v = ext.new_vocab;
         assert_eq!(ct.dims, [1, 19, v]);
         // The base (no LoRA) reading the old expansion, computed here independently.
@@ -396,10 +396,10 @@ mod chain_distillation {
         let base_vals = Tensor::from_data(TensorData::new(vals, [moved.len(), 64]), &device);
         let texts: Vec<&[u32]> = new_tok.iter().map(Vec::as_slice).collect();
         let row = vec![new_tok.iter().find(|s| s.len() >= 20).unwrap()[..20].to_vec()];
-        let mask = vec![vec![true; 20]];
-        let want = ChainTeacher::new(ext.clone(), &texts).targets(&mut resized.clone(), &row, &[1.0], &mask, &device).unwrap();
-        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&mut refitted.clone(), &row, &[1.0], &mask, &device).unwrap();
-        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&mut refitted, &row, &[1.0], &mask, &device).unwrap();
+        let labels: Vec<Vec<i64>> = row.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let want = ChainTeacher::new(ext.clone(), &texts).targets(&mut resized.clone(), &row, &labels, &[1.0], &device).unwrap();
+        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&mut refitted.clone(), &row, &labels, &[1.0], &device).unwrap();
+        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&mut refitted, &row, &labels, &[1.0], &device).unwrap();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff(&fixed.q, &want.q) < 1e-5, "with the base's values: max diff {}", diff(&fixed.q, &want.q));
         assert!(diff(&plain.q, &want.q) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain.q, &want.q));
@@ -425,8 +425,7 @@ mod chain_distillation {
                 let mut mb = MicroBatch::new(rows.clone(), labels);
                 if weight > 0.0 {
                     mb.chain_distill = vec![weight; 2];
-                    let mask = vec![vec![true; 24]; 2];
-                    mb.chain = Some(Arc::new(teacher.targets(&mut m, &rows, &mb.chain_distill, &mask, &device).unwrap()));
+                    mb.chain = Some(Arc::new(teacher.targets(&mut m, &rows, &mb.labels, &mb.chain_distill, &device).unwrap()));
                 }
                 let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, &device).unwrap();
                 assert_eq!(out.chain_distill.is_some(), weight > 0.0);

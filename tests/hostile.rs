@@ -139,6 +139,7 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
         ("[vocab]", "init_std", true),
         ("[vocab]", "init_tokens", false),
         ("[[data]]", "self_distill", true),
+        ("[[data]]", "chain_distill", true),
         ("[[data]]", "weight", true),
         ("[[data]]", "limit", false),
         ("[lora]", "r", false),
@@ -529,4 +530,26 @@ fn non_finite_weights_and_adapter_tensors_are_refused() {
         assert!(!ok && err.contains("adapter_model.safetensors") && err.contains("layers.0.mlp.down_proj.lora_B.weight") && err.contains("NaN or ±inf"), "{cmd:?}: {err}");
         assert!(!out.exists());
     }
+}
+
+/// `chain_distill` distils the base's probabilities of the new pieces, read by the model with
+/// LoRA off: a recipe without `[vocab]`, or with a table whose old rows train (in any stage),
+/// would distil from something other than the base, and is refused before any output exists.
+#[test]
+fn chain_distill_needs_an_extension_and_fixed_old_rows_in_every_stage() {
+    use linly_lora::train::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path()).replace("path = \"zh.txt\"\n", "path = \"zh.txt\"\nchain_distill = 1.0\n");
+    let ok = base.replace("[lora]\n", "[trainable]\nembed_tokens = \"new_rows\"\nlm_head = \"frozen\"\n[lora]\n");
+    Recipe::parse(&ok, dir.path()).expect("new_rows / frozen tables are fine");
+    let cases = [
+        ("no [vocab]", ok.replace("[vocab]\n", "").replace(&format!("extension = \"{}\"\n", tiny().join("vocab_extension.json").display()), ""), "needs a [vocab] extension"),
+        ("tables train whole (the default)", base.clone(), "new_rows"),
+        ("a stage trains the whole head", format!("{ok}[[stage]]\nsteps = 1\n[stage.trainable]\nembed_tokens = \"new_rows\"\nlm_head = \"all\"\n"), "every [[stage]]"),
+    ];
+    for (what, text, want) in cases {
+        let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err(what));
+        assert!(e.contains("chain_distill") && e.contains(want), "{what}: {e}");
+    }
+    assert!(!dir.path().join("out").exists());
 }

@@ -26,6 +26,8 @@ use burn::tensor::{Device, Int, Tensor, TensorData};
 pub struct ChainTeacher {
     ext: VocabExtension,
     trie: Trie,
+    /// The old token of each of the trie's roots (their target is what stays on them).
+    roots: Vec<u32>,
     /// Old head rows the model holds refitted values for, and the base's values `[n, hidden]`.
     base_rows: Option<(Vec<usize>, Tensor<2>)>,
 }
@@ -49,7 +51,8 @@ impl ChainTeacher {
         let expanded: Vec<Vec<u32>> = texts.iter().map(|ids| expand_lossy(ids, &ext)).collect();
         let refs: Vec<&[u32]> = expanded.iter().map(Vec::as_slice).collect();
         trie.count(&refs);
-        ChainTeacher { ext, trie, base_rows: None }
+        let roots = trie.root_tokens();
+        ChainTeacher { ext, trie, roots, base_rows: None }
     }
 
     /// The base's values of old head rows that the model holds refitted (`rows`, `[n, hidden]`),
@@ -64,9 +67,9 @@ impl ChainTeacher {
     }
 
     /// The base's distribution over the extended vocabulary after each position of each row in
-    /// `rows` with a positive `weight` (other rows get zeros and cost nothing); `mask[r][t]`
-    /// says which positions carry loss (the label after them is not −100).
-    pub fn targets(&self, model: &mut Llama, rows: &[Vec<u32>], weight: &[f32], mask: &[Vec<bool>], device: &Device) -> Result<ChainTargets> {
+    /// `rows` with a positive `weight` (other rows get zeros and cost nothing); `labels` are the
+    /// rows' labels (−100: no loss), which say where the KL counts.
+    pub fn targets(&self, model: &mut Llama, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32], device: &Device) -> Result<ChainTargets> {
         let (b, t) = (rows.len(), rows[0].len());
         let v = self.ext.new_vocab;
         ensure!(model.vocab_size() == v, "chain_distill: the model has {} rows but the extension {}", model.vocab_size(), v);
@@ -74,7 +77,7 @@ impl ChainTeacher {
         let n = t.saturating_sub(1);
         let mut q = vec![0f32; b * n * v];
         let mut neg_entropy = 0.0;
-        let roots = self.trie.root_tokens();
+        let roots = &self.roots;
         for r in 0..b {
             let w = weight.get(r).copied().unwrap_or(0.0);
             if w <= 0.0 || n == 0 {
@@ -98,7 +101,7 @@ impl ChainTeacher {
                     out[tok as usize] = root_mass[i * nr + k];
                 }
                 out[old..].copy_from_slice(&new_mass[i * n_new..(i + 1) * n_new]);
-                if mask[r].get(i + 1).copied().unwrap_or(false) {
+                if labels[r].get(i + 1).is_some_and(|&l| l >= 0) {
                     neg_entropy += w as f64 * out.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>();
                 }
             }

@@ -84,6 +84,17 @@ fn shifted_targets(labels: &[Vec<i64>], t: usize) -> Vec<i64> {
     labels.iter().flat_map(|row| (0..t).map(move |i| if i + 1 < t && row[i + 1] >= 0 { row[i + 1] } else { -1 })).collect()
 }
 
+/// A distillation term's weight at each shifted position (`[B·(T−1)]`): the row's weight where
+/// the label after the position carries loss and passes `keep`, else 0.
+fn position_weights(labels: &[Vec<i64>], row_weight: &[f32], t: usize, keep: impl Fn(i64) -> bool) -> Vec<f32> {
+    let mut mask = Vec::with_capacity(labels.len() * (t - 1));
+    for (r, row) in labels.iter().enumerate() {
+        let w = row_weight.get(r).copied().unwrap_or(0.0);
+        mask.extend(row[1..t].iter().map(|&l| if l >= 0 && keep(l) { w } else { 0.0 }));
+    }
+    mask
+}
+
 /// Self-distillation against the base: `Σ_rows w_row Σ_pos KL(q ‖ p)` over the positions whose
 /// target is an old-vocabulary token, where `q` is the teacher's softmax over the old rows
 /// (`teacher_logits[.., ..old_vocab]`, the base model's own prediction) and `p` the student's
@@ -97,13 +108,7 @@ fn shifted_targets(labels: &[Vec<i64>], t: usize) -> Vec<i64> {
 pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, old_vocab: usize, labels: &[Vec<i64>], row_weight: &[f32], row_renorm: &[bool]) -> Tensor<1> {
     let [b, t, v] = student_logits.dims();
     let device = student_logits.device();
-    let mut mask = Vec::with_capacity(b * (t - 1));
-    for (r, row) in labels.iter().enumerate() {
-        let w = row_weight.get(r).copied().unwrap_or(0.0);
-        for &l in &row[1..t] {
-            mask.push(if l >= 0 && (l as usize) < old_vocab { w } else { 0.0 });
-        }
-    }
+    let mask = position_weights(labels, row_weight, t, |l| (l as usize) < old_vocab);
     let z = student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32);
     let mut logp = log_softmax(z.clone(), 2).slice([0..b, 0..t - 1, 0..old_vocab]);
     if row_renorm.iter().any(|&r| r) {
@@ -128,13 +133,7 @@ pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, ol
 pub fn chain_distill_sum(student_logits: Tensor<3>, q: &[f32], neg_entropy: f64, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
     let [b, t, v] = student_logits.dims();
     let device = student_logits.device();
-    let mut mask = Vec::with_capacity(b * (t - 1));
-    for (r, row) in labels.iter().enumerate() {
-        let w = row_weight.get(r).copied().unwrap_or(0.0);
-        for &l in &row[1..t] {
-            mask.push(if l >= 0 { w } else { 0.0 });
-        }
-    }
+    let mask = position_weights(labels, row_weight, t, |_| true);
     let logp = log_softmax(student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
     let q: Tensor<3> = Tensor::from_data(TensorData::new(q.to_vec(), [b, t - 1, v]), &device);
     let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);

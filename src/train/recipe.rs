@@ -468,8 +468,9 @@ impl Recipe {
             if self.vocab.is_none() {
                 bail!("[[data]] #{} chain_distill: distils the base's probability of the *new* pieces, so it needs a [vocab] extension; without one use self_distill", i + 1);
             }
-            if self.trainable.embed_tokens == TableMode::All || self.trainable.lm_head == TableMode::All {
-                bail!("[[data]] #{} chain_distill: the teacher is the model with LoRA off, which is the base only while the old rows stay fixed; set [trainable] embed_tokens and lm_head to \"new_rows\" or \"frozen\"", i + 1);
+            let mut modes = std::iter::once(&self.trainable).chain(self.stage.iter().filter_map(|s| s.trainable.as_ref()));
+            if modes.any(|t| t.embed_tokens == TableMode::All || t.lm_head == TableMode::All) {
+                bail!("[[data]] #{} chain_distill: the teacher is the model with LoRA off, which is the base only while the old rows stay fixed; set [trainable] embed_tokens and lm_head (and every [[stage]]'s) to \"new_rows\" or \"frozen\"", i + 1);
             }
         }
         if self.mix.bucketed && self.mix.bins.unwrap_or(0) < 1 {

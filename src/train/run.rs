@@ -385,8 +385,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
             let chain = match &chain_teacher {
                 Some(t) if chain_distill.iter().any(|&w| w > 0.0) => {
-                    let mask: Vec<Vec<bool>> = b.labels.iter().map(|r| r.iter().map(|&l| l >= 0).collect()).collect();
-                    Some(Arc::new(t.targets(&mut model, &b.input_ids, &chain_distill, &mask, &device)?))
+                    Some(Arc::new(t.targets(&mut model, &b.input_ids, &b.labels, &chain_distill, &device)?))
                 }
                 _ => None,
             };
