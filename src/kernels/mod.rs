@@ -5,7 +5,8 @@
 //! - [`softmax`]: a vectorisable `exp`, row max and shifted sums, the softmax numerator pass;
 //! - [`rmsnorm`], [`swiglu`], [`lora`] (a frozen projection with its LoRA branch) and
 //!   [`attention`] (causal GQA with RoPE; the cached host path of inference);
-//! - [`cross_entropy`]: the causal-LM loss over `[n, v]` logits without a softmax tensor.
+//! - [`cross_entropy`]: the causal-LM loss over `[n, v]` logits without a softmax tensor;
+//! - [`soft_ce`]: cross-entropy against soft targets (the distillation terms), likewise.
 //!
 //! The AdamW step is fused the same way in `train::optim` (an update, not an op with a
 //! backward), on top of the shared pieces here.
@@ -29,6 +30,7 @@ pub mod gemm;
 pub mod lora;
 pub mod rmsnorm;
 pub mod softmax;
+pub mod soft_ce;
 pub mod swiglu;
 
 use burn::tensor::{DType, FloatDType, Tensor, TensorData};

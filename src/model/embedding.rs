@@ -104,6 +104,19 @@ impl TokenTable {
         }
     }
 
+    /// LM-head projection onto the frozen part only (`[B, T, base_rows]`, the activation dtype):
+    /// what a teacher that must not see the trainable rows reads.
+    pub fn project_base(&self, h: Tensor<3>) -> Tensor<3> {
+        let [b, t, d] = h.dims();
+        let h2 = h.reshape([b * t, d]);
+        let logits = match &self.quant {
+            Some(q) => Frozen::Quant(q.clone()).matmul_t(h2),
+            None => matmul_t(h2.clone(), self.base.val().cast(crate::kernels::float_dtype(h2.dtype()))),
+        };
+        let v = logits.dims()[1];
+        logits.reshape([b, t, v])
+    }
+
     /// LM-head projection `[B, T, hidden]` → `[B, T, rows]`; f32 when the table has new rows.
     pub fn project(&self, h: Tensor<3>) -> Tensor<3> {
         let [b, t, d] = h.dims();

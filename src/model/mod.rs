@@ -99,10 +99,16 @@ impl Llama {
 
     /// Final hidden states `[B, T, hidden]` for `ids` `[B, T]`. With a cache, positions continue
     /// after what the cache holds and the new keys/values are appended to it.
-    pub fn hidden(&self, ids: Tensor<2, Int>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
-        let [_, t] = ids.dims();
+    pub fn hidden(&self, ids: Tensor<2, Int>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_from_embeddings(self.embed_tokens.embed(ids), cache)
+    }
+
+    /// [`Self::hidden`] from already embedded tokens `[B, T, hidden]`. A caller that detaches
+    /// them (a teacher pass with every branch off) gets a forward that records no graph.
+    pub fn hidden_from_embeddings(&self, x: Tensor<3>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+        let [_, t, _] = x.dims();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
-        let mut x = self.embed_tokens.embed(ids).cast(self.dtype.burn_float());
+        let mut x = x.cast(self.dtype.burn_float());
         let rope = rope::RopeTables::new(&self.config, start, t, &x.device(), x.dtype());
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| c.layer(i));

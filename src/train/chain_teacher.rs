@@ -19,7 +19,7 @@ use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
 use crate::vocab::VocabExtension;
 use anyhow::{ensure, Context, Result};
-use burn::tensor::activation::softmax;
+use rayon::prelude::*;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 /// The extension's trie, with its conditionals counted on the training text.
@@ -35,9 +35,13 @@ pub struct ChainTeacher {
 /// Dense soft targets for one micro-batch: `[B, T−1, V]` row-major (position `t` of a row
 /// predicts the token after it), and Σ q·ln q over the weighted positions, so that the loss
 /// reports KL rather than cross-entropy.
+///
+/// Dense on purpose: every piece's own target is what teaches the rows the labels do not
+/// reach. Keeping the 64 likeliest pieces per position and one bucket for the rest of the mass
+/// ended 0.26 bit/char worse on validation (BENCHMARKS.md, "Cross-tokenizer distillation").
 #[derive(Debug, Clone)]
 pub struct ChainTargets {
-    pub q: Vec<f32>,
+    pub q: std::sync::Arc<Vec<f32>>,
     pub dims: [usize; 3],
     /// Σ over positions of `weight · Σ_v q ln q` (nats; ≤ 0).
     pub neg_entropy: f64,
@@ -87,29 +91,40 @@ impl ChainTeacher {
             let probs = self.teacher_probs(model, &ctx.old_ids, device)?;
             let mut cd = ChainData::default();
             cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
-            let idx: Vec<usize> = (0..n).collect();
+            let positions: Vec<usize> = (0..n).collect();
             let n_new = self.ext.added();
             let mut new_mass = vec![0f32; n * n_new];
-            let mut root_mass = vec![0f32; n * roots.len().max(1)];
-            cd.targets(&self.trie, &idx, &mut new_mass, Some(&mut root_mass));
             let nr = roots.len().max(1);
-            for i in 0..n {
-                let out = &mut q[(r * n + i) * v..(r * n + i + 1) * v];
-                let a = ctx.aligned[i];
-                out[..old].copy_from_slice(&probs[a * old..(a + 1) * old]);
-                for (k, &tok) in roots.iter().enumerate() {
-                    out[tok as usize] = root_mass[i * nr + k];
-                }
-                out[old..].copy_from_slice(&new_mass[i * n_new..(i + 1) * n_new]);
-                if labels[r].get(i + 1).is_some_and(|&l| l >= 0) {
-                    neg_entropy += w as f64 * out.iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>();
-                }
-            }
+            let mut root_mass = vec![0f32; n * nr];
+            cd.targets(&self.trie, &positions, &mut new_mass, Some(&mut root_mass));
+            let xlnx = |x: f32| if x > 0.0 { x as f64 * (x as f64).ln() } else { 0.0 };
+            let row_q = &mut q[r * n * v..(r + 1) * n * v];
+            neg_entropy += row_q
+                .par_chunks_mut(v)
+                .enumerate()
+                .map(|(i, out)| {
+                    let a = ctx.aligned[i];
+                    out[..old].copy_from_slice(&probs[a * old..(a + 1) * old]);
+                    for (j, &tok) in roots.iter().enumerate() {
+                        out[tok as usize] = root_mass[i * nr + j];
+                    }
+                    out[old..].copy_from_slice(&new_mass[i * n_new..(i + 1) * n_new]);
+                    if labels[r].get(i + 1).is_some_and(|&l| l >= 0) {
+                        w as f64 * out.iter().map(|&x| xlnx(x)).sum::<f64>()
+                    } else {
+                        0.0
+                    }
+                })
+                .sum::<f64>();
         }
-        Ok(ChainTargets { q, dims: [b, n, v], neg_entropy })
+        Ok(ChainTargets { q: std::sync::Arc::new(q), dims: [b, n, v], neg_entropy })
     }
 
     /// The base's next-token distribution over the old vocabulary at each old position.
+    ///
+    /// The pass records no graph (the embeddings are detached and every branch is off) and
+    /// projects onto the frozen head rows only; the softmax runs on the host, where the targets
+    /// are built, in one pass per position.
     fn teacher_probs(&self, model: &mut Llama, old_ids: &[u32], device: &Device) -> Result<Vec<f32>> {
         let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), device);
@@ -117,33 +132,36 @@ impl ChainTeacher {
         let t = old_ids.len();
         let f32 = burn::tensor::FloatDType::F32;
         let read = |x: Tensor<3>| x.cast(f32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"));
-        let Some((rows, values)) = &self.base_rows else {
-            let logits = without_lora(model, |m| m.forward(ids, None).detach());
-            return read(softmax(logits.slice([0..1, 0..t, 0..old]).cast(f32), 2));
-        };
-        // Refitted rows: their logits come from the base's values of those rows.
         let (logits, fixed) = without_lora(model, |m| {
-            let h = m.hidden(ids, None).detach();
-            let fixed = h.clone().cast(f32).matmul(values.clone().cast(f32).transpose().unsqueeze::<3>());
-            (m.logits(h).detach().slice([0..1, 0..t, 0..old]), fixed)
+            let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids).detach(), None).detach();
+            let head = m.lm_head.as_ref().unwrap_or(&m.embed_tokens);
+            let fixed = self.base_rows.as_ref().map(|(_, values)| h.clone().cast(f32).matmul(values.clone().cast(f32).transpose().unsqueeze::<3>()));
+            let logits = head.project_base(h);
+            let v = logits.dims()[2];
+            (logits.slice([0..1, 0..t, 0..old.min(v)]), fixed)
         });
-        let (mut l, fixed) = (read(logits)?, read(fixed)?);
-        let n = rows.len();
-        for (row, fx) in l.chunks_mut(old).zip(fixed.chunks(n)) {
-            for (&r, &v) in rows.iter().zip(fx) {
-                row[r] = v;
+        let v = logits.dims()[2];
+        ensure!(v == old, "chain_distill: the model's frozen head holds {v} rows, the extension's old vocabulary {old}: train with `new_rows` or `frozen` tables");
+        let mut l = read(logits)?;
+        if let (Some((rows, _)), Some(fixed)) = (&self.base_rows, fixed) {
+            // Refitted rows: their logits come from the base's values of those rows.
+            let fixed = read(fixed)?;
+            for (row, fx) in l.chunks_mut(old).zip(fixed.chunks(rows.len())) {
+                for (&r, &v) in rows.iter().zip(fx) {
+                    row[r] = v;
+                }
             }
-            let m = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let mut sum = 0f64;
-            for x in row.iter_mut() {
-                *x = (*x - m).exp();
-                sum += *x as f64;
-            }
-            let inv = (1.0 / sum) as f32;
-            row.iter_mut().for_each(|x| *x *= inv);
         }
+        l.par_chunks_mut(old).for_each(softmax_in_place);
         Ok(l)
     }
+}
+
+/// `x ← softmax(x)`.
+fn softmax_in_place(row: &mut [f32]) {
+    let (_, sum) = crate::kernels::softmax::exp_shifted_in_place(row);
+    let inv = 1.0 / sum;
+    row.iter_mut().for_each(|x| *x *= inv);
 }
 
 /// Old-token expansion of a whole text; pieces without sub-tokens are skipped (the counts only

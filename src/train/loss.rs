@@ -9,7 +9,9 @@
 //! `[B]` tensor for the step's single host read.
 
 use crate::kernels::cross_entropy;
+use crate::kernels::soft_ce::{self, SoftTargets};
 use burn::tensor::activation::log_softmax;
+use super::chain_teacher::ChainTargets;
 use burn::tensor::{FloatDType, Tensor, TensorData};
 use std::sync::Arc;
 
@@ -127,18 +129,25 @@ pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, ol
 /// Cross-tokenizer distillation (`[[data]] chain_distill`): `Σ_rows w_row Σ_pos KL(q ‖ p)`
 /// over the positions that carry loss, where `q` is the base's distribution over the whole
 /// extended vocabulary ([`super::chain_teacher`], `[B, T−1, V]` on the host) and `p` the
-/// student's softmax. Only the cross-entropy part `−Σ q ln p` is on the graph; `neg_entropy`
-/// (Σ w·q ln q, from the host) turns it into the KL without costing a `[B, T−1, V]` logarithm.
-/// Its gradient with respect to the logits is `w·(softmax(z) − q)`.
-pub fn chain_distill_sum(student_logits: Tensor<3>, q: &[f32], neg_entropy: f64, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
+/// student's softmax. Only the cross-entropy part `−Σ q ln p` is on the graph
+/// ([`soft_ce`], fused on the CPU, reading `q` where it lies); `neg_entropy` (Σ w·q ln q, from
+/// the host) turns it into the KL. Its gradient with respect to the logits is
+/// `w·(softmax(z) − q)`.
+pub fn chain_distill_sum(student_logits: Tensor<3>, targets: &ChainTargets, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
     let [b, t, v] = student_logits.dims();
-    let device = student_logits.device();
+    assert!(targets.dims == [b, t - 1, v], "chain targets {:?} do not fit logits [{b}, {t}, {v}]", targets.dims);
     let mask = position_weights(labels, row_weight, t, |_| true);
-    let logp = log_softmax(student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
-    let q: Tensor<3> = Tensor::from_data(TensorData::new(q.to_vec(), [b, t - 1, v]), &device);
-    let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
-    let ce = (q * logp).sum_dim(2) * m;
-    ce.sum().neg() + neg_entropy as f32
+    // Logits row `r·T + i` reads target row `r·(T−1) + i`; each sequence's last one predicts nothing.
+    let (mut row, mut weight) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
+    for r in 0..b {
+        for i in 0..t {
+            let src = (i + 1 < t).then_some(r * (t - 1) + i);
+            row.push(src);
+            weight.push(src.map_or(0.0, |s| mask[s]));
+        }
+    }
+    let soft = SoftTargets { table: targets.q.clone(), row, weight };
+    soft_ce::sum(student_logits.cast(FloatDType::F32).reshape([b * t, v]), Arc::new(soft)) + targets.neg_entropy as f32
 }
 
 #[cfg(test)]
@@ -305,7 +314,8 @@ mod tests {
         let counted = |r: usize, i: usize| labels[r][i + 1] >= 0;
         let neg_entropy: f64 = (0..b).flat_map(|r| (0..t - 1).map(move |i| (r, i))).filter(|&(r, i)| counted(r, i)).map(|(r, i)| w[r] as f64 * q[(r * (t - 1) + i) * v..][..v].iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>()).sum();
         let z = z0.detach().require_grad();
-        let sum = chain_distill_sum(z.clone(), &q, neg_entropy, &labels, &w);
+        let targets = ChainTargets { q: Arc::new(q.clone()), dims: [b, t - 1, v], neg_entropy };
+        let sum = chain_distill_sum(z.clone(), &targets, &labels, &w);
         let g = sum.clone().backward();
         let got = sum.into_scalar::<f32>() as f64;
         let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();

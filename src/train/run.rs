@@ -377,6 +377,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let mut batches = Vec::with_capacity(recipe.train.grad_accum);
         let mut source_of_row = Vec::new();
+        let mut teacher_s = 0.0;
         for _ in 0..recipe.train.grad_accum {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
             source_of_row.extend(b.source_of_row.iter().copied());
@@ -385,7 +386,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
             let chain = match &chain_teacher {
                 Some(t) if chain_distill.iter().any(|&w| w > 0.0) => {
-                    Some(Arc::new(t.targets(&mut model, &b.input_ids, &b.labels, &chain_distill, &device)?))
+                    let t0 = Instant::now();
+                    let targets = t.targets(&mut model, &b.input_ids, &b.labels, &chain_distill, &device)?;
+                    teacher_s += t0.elapsed().as_secs_f64();
+                    Some(Arc::new(targets))
                 }
                 _ => None,
             };
@@ -413,7 +417,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
-            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         writeln!(metrics, "{line}")?;
         if let Some(b) = &bar {

@@ -127,7 +127,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
             let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
             self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)
         });
-        let chain_sum = mb.chain.as_ref().map(|c| chain_distill_sum(logits.clone(), &c.q, c.neg_entropy, &mb.labels, &mb.chain_distill));
+        let chain_sum = mb.chain.as_ref().map(|c| chain_distill_sum(logits.clone(), c, &mb.labels, &mb.chain_distill));
         let r = nll_sum_rows(logits, &mb.labels);
         let mut objective = r.sum.clone();
         for (extra, acc) in [(kd_sum, &mut kd), (chain_sum, &mut chain)] {
@@ -162,11 +162,15 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
 }
 
 /// The teacher of self-distillation: the same model with every LoRA branch taken out, on the
-/// same ids, detached. Its head rows past the old vocabulary are dropped by
-/// [`self_distill_sum`], and on text of the old vocabulary the new input rows are never read:
-/// that is the base model, at the cost of one forward pass and no second copy of the weights.
+/// same ids, projected onto the frozen head rows only (`[B, T, base rows]`). On text of the old
+/// vocabulary the new input rows are never read: that is the base model, at the cost of one
+/// forward pass and no second copy of the weights. The embeddings are detached, so the pass
+/// records no graph.
 pub fn base_logits(model: &mut Llama, ids: Tensor<2, Int>) -> Tensor<3> {
-    without_lora(model, |m| m.forward(ids, None).detach())
+    without_lora(model, |m| {
+        let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids).detach(), None);
+        m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).detach()
+    })
 }
 
 /// Runs `f` on the model with every LoRA branch taken out, then puts them back.
