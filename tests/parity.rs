@@ -24,6 +24,20 @@ fn base_logits_match_hf() {
 }
 
 #[test]
+fn last_position_logits_are_the_full_passes_last_row() {
+    // What generation reads after a prompt: the head on the last position only.
+    let exp = Expected::load();
+    let model = Llama::load(&tiny().join("merged"), &dev(), FloatType::F32).unwrap();
+    let ids = &exp.ids("resized_input_ids")[0];
+    let full = logits_of(&model, std::slice::from_ref(ids));
+    let last = linly_lora::io::weights::tensor_to_f32(model.forward_last(infer::ids_tensor(ids, &dev()), None));
+    let v = last.len();
+    assert_eq!(full.len(), ids.len() * v);
+    let e = rel_err(&last, &full[full.len() - v..]);
+    assert!(e <= 1e-6, "last-position logits relative error {e:e}");
+}
+
+#[test]
 fn merged_logits_match_hf() {
     let exp = Expected::load();
     let model = Llama::load(&tiny().join("merged"), &dev(), FloatType::F32).unwrap();

@@ -84,8 +84,8 @@ impl Stepper {
         // wakes it again, twice per product — 200+ times per token.
         let (cache, pending, all) = (self.cache.as_mut(), &self.pending, &self.all);
         let logits = rayon::scope(|_| match cache {
-            Some(c) => model.forward(ids_tensor(pending, device), Some(c)),
-            None => model.forward(ids_tensor(all, device), None),
+            Some(c) => model.forward_last(ids_tensor(pending, device), Some(c)),
+            None => model.forward_last(ids_tensor(all, device), None),
         });
         Some(self.choose(last_logits(logits)))
     }

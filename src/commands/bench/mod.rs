@@ -58,17 +58,17 @@ pub fn forward(shape_name: &str, device_name: &str, dtype: FloatType, prompt: us
     let model = Llama::random(&cfg, &device, dtype);
     let ids: Vec<u32> = (0..prompt).map(|i| (i * 7919 % cfg.vocab_size) as u32).collect();
     // Warm-up: first calls allocate and spin up the thread pool.
-    let _ = last_logits(model.forward(ids_tensor(&ids[..prompt.min(8)], &device), None));
+    let _ = last_logits(model.forward_last(ids_tensor(&ids[..prompt.min(8)], &device), None));
     let mut best_prefill = f64::MAX;
     let mut best_decode = f64::MAX;
     for _ in 0..reps.max(1) {
         let mut cache = model.new_cache();
         let t0 = Instant::now();
-        let mut next = crate::infer::sample::argmax(&last_logits(model.forward(ids_tensor(&ids, &device), Some(&mut cache))));
+        let mut next = crate::infer::sample::argmax(&last_logits(model.forward_last(ids_tensor(&ids, &device), Some(&mut cache))));
         best_prefill = best_prefill.min(t0.elapsed().as_secs_f64());
         let t1 = Instant::now();
         for _ in 0..decode {
-            next = crate::infer::sample::argmax(&last_logits(model.forward(ids_tensor(&[next], &device), Some(&mut cache))));
+            next = crate::infer::sample::argmax(&last_logits(model.forward_last(ids_tensor(&[next], &device), Some(&mut cache))));
         }
         best_decode = best_decode.min(t1.elapsed().as_secs_f64());
     }

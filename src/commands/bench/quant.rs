@@ -37,18 +37,18 @@ fn measure(dir: &Path, prompt: usize, gen: usize, reps: usize, threads: usize) -
     let format = cfg.extra.get("linly_quantization").and_then(|q| q.get("format")).and_then(|f| f.as_str()).unwrap_or("dense").to_string();
     let v = model.vocab_size();
     let ids: Vec<u32> = (0..prompt).map(|i| (i * 7919 % v) as u32).collect();
-    let _ = last_logits(model.forward(ids_tensor(&ids[..prompt.min(8)], &device), None));
+    let _ = last_logits(model.forward_last(ids_tensor(&ids[..prompt.min(8)], &device), None));
     let (mut best_pp, mut best_tg) = (f64::MAX, f64::MAX);
     for _ in 0..reps.max(1) {
         let mut cache = model.new_cache();
         let t0 = Instant::now();
-        let _ = last_logits(model.forward(ids_tensor(&ids, &device), Some(&mut cache)));
+        let _ = last_logits(model.forward_last(ids_tensor(&ids, &device), Some(&mut cache)));
         best_pp = best_pp.min(t0.elapsed().as_secs_f64());
         let mut cache = model.new_cache();
         let mut next = ids[0];
         let t1 = Instant::now();
         for _ in 0..gen {
-            next = crate::infer::sample::argmax(&last_logits(model.forward(ids_tensor(&[next], &device), Some(&mut cache))));
+            next = crate::infer::sample::argmax(&last_logits(model.forward_last(ids_tensor(&[next], &device), Some(&mut cache))));
         }
         best_tg = best_tg.min(t1.elapsed().as_secs_f64());
     }
