@@ -66,26 +66,13 @@ impl Backward<Flex, 1> for CrossEntropyBackward {
     type State = (FlexTensor, Vec<f32>, Arc<Vec<i64>>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (mut x, lse, targets) = ops.state;
+        let (x, lse, targets) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
         let [parent] = ops.parents;
         let Some(node) = parent else { return };
         let g = values(&dy)[0];
-        let shape = dims(&x);
-        let v = shape[1];
-        let whole = x.layout().contiguous_offsets() == Some((0, shape[0] * v));
-        // The saved logits are normally ours alone: overwrite them with the gradient.
-        let grad = match (whole, x.try_storage_mut::<f32>()) {
-            (true, Some(buf)) if buf.len() == shape[0] * v => {
-                ce_backward_rows(buf, v, &lse, &targets, g);
-                x
-            }
-            _ => {
-                let mut buf = values(&x).into_owned();
-                ce_backward_rows(&mut buf, v, &lse, &targets, g);
-                new_tensor(buf, shape)
-            }
-        };
+        let v = dims(&x)[1];
+        let grad = super::grad_over(x, |buf| ce_backward_rows(buf, v, &lse, &targets, g));
         grads.register::<Flex>(node.id, grad);
     }
 }

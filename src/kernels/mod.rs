@@ -129,6 +129,26 @@ pub fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// The gradient a fused op's backward writes with the shape of its saved input `x`: `f` fills
+/// `x`'s own buffer when nothing else holds it (normally the saved logits are the op's alone, so
+/// no vocabulary-sized tensor is allocated), else a copy of it.
+pub fn grad_over(mut x: FlexTensor, f: impl FnOnce(&mut [f32])) -> FlexTensor {
+    let shape = dims(&x);
+    let n: usize = shape.iter().product();
+    let whole = x.layout().contiguous_offsets() == Some((0, n));
+    match (whole, x.try_storage_mut::<f32>()) {
+        (true, Some(buf)) if buf.len() == n => {
+            f(buf);
+            x
+        }
+        _ => {
+            let mut buf = values(&x).into_owned();
+            f(&mut buf);
+            new_tensor(buf, shape)
+        }
+    }
+}
+
 /// A new contiguous f32 flex tensor.
 pub fn new_tensor(v: Vec<f32>, shape: Vec<usize>) -> FlexTensor {
     FlexTensor::from_data(TensorData::new(v, shape))

@@ -87,26 +87,13 @@ impl Backward<Flex, 1> for SoftCeBackward {
     type State = (FlexTensor, Vec<f32>, Arc<SoftTargets>);
 
     fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let (mut x, lse, targets) = ops.state;
+        let (x, lse, targets) = ops.state;
         let dy = grads.consume::<Flex>(&ops.node);
         let [parent] = ops.parents;
         let Some(node) = parent else { return };
         let g = values(&dy)[0];
-        let shape = dims(&x);
-        let v = shape[1];
-        let whole = x.layout().contiguous_offsets() == Some((0, shape[0] * v));
-        // The loss's own kernel holds the same logits; whichever backward runs last owns them.
-        let grad = match (whole, x.try_storage_mut::<f32>()) {
-            (true, Some(buf)) if buf.len() == shape[0] * v => {
-                backward_rows(buf, v, &lse, &targets, g);
-                x
-            }
-            _ => {
-                let mut buf = values(&x).into_owned();
-                backward_rows(&mut buf, v, &lse, &targets, g);
-                new_tensor(buf, shape)
-            }
-        };
+        let v = dims(&x)[1];
+        let grad = super::grad_over(x, |buf| backward_rows(buf, v, &lse, &targets, g));
         grads.register::<Flex>(node.id, grad);
     }
 }

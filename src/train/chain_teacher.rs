@@ -19,8 +19,8 @@ use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
 use crate::vocab::VocabExtension;
 use anyhow::{ensure, Context, Result};
-use rayon::prelude::*;
 use burn::tensor::{Device, Int, Tensor, TensorData};
+use rayon::prelude::*;
 
 /// The extension's trie, with its conditionals counted on the training text.
 pub struct ChainTeacher {

@@ -8,10 +8,10 @@
 //! fused sweep has the per-row values on the host already; the composed path keeps them as a
 //! `[B]` tensor for the step's single host read.
 
+use super::chain_teacher::ChainTargets;
 use crate::kernels::cross_entropy;
 use crate::kernels::soft_ce::{self, SoftTargets};
 use burn::tensor::activation::log_softmax;
-use super::chain_teacher::ChainTargets;
 use burn::tensor::{FloatDType, Tensor, TensorData};
 use std::sync::Arc;
 
