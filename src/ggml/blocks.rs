@@ -271,6 +271,57 @@ pub fn unpack_q4_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
     }
 }
 
+/// Bytes of one block column of an interleaved Q8_0 group ([`pack_q8_0x8`]): eight blocks.
+pub const Q8_0X8_BYTES: usize = Q4_0X8_ROWS * Q8_0_BYTES;
+
+/// Interleaves eight Q8_0 rows of `nb` blocks the way [`pack_q4_0x8`] does Q4_0 rows. Block
+/// column `b` takes 272 bytes at `272·b`:
+///
+/// * the eight rows' f16 scales (16 bytes);
+/// * eight chunks `t = 0..8` of 32 bytes, chunk `t` holding codes `qs[4t..4t+4]` of rows 0..7
+///   in order, each stored as `q ^ 0x80` (= `q + 128` read as an unsigned byte).
+///
+/// The offset makes the weights the unsigned operand of `vpdpbusd` (the activations are
+/// signed), so a lane sums `Σ (q_w + 128)·q_a` and the kernel takes `128·Σq_a` off once per
+/// block, as the Q4_0 kernels take `8·Σq_a`. [`unpack_q8_0x8`] undoes the XOR, so the GGUF
+/// bytes come back exactly.
+pub fn pack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let rb = nb * Q8_0_BYTES;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q8_0 rows of {nb} blocks");
+    for (b, out) in dst.chunks_exact_mut(Q8_0X8_BYTES).enumerate() {
+        for r in 0..Q4_0X8_ROWS {
+            let blk = &src[r * rb + b * Q8_0_BYTES..r * rb + (b + 1) * Q8_0_BYTES];
+            out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
+            for t in 0..8 {
+                for k in 0..4 {
+                    out[16 + 32 * t + 4 * r + k] = blk[2 + 4 * t + k] ^ 0x80;
+                }
+            }
+        }
+    }
+}
+
+/// The inverse of [`pack_q8_0x8`]: eight row-major Q8_0 rows from one interleaved group.
+pub fn unpack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
+    let rb = nb * Q8_0_BYTES;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q8_0 rows of {nb} blocks");
+    for (b, g) in src.chunks_exact(Q8_0X8_BYTES).enumerate() {
+        for r in 0..Q4_0X8_ROWS {
+            unpack_q8_0x8_block(g, r, &mut dst[r * rb + b * Q8_0_BYTES..r * rb + (b + 1) * Q8_0_BYTES]);
+        }
+    }
+}
+
+/// Row `r`'s Q8_0 block (34 bytes) out of one interleaved block column `g` (272 bytes).
+pub fn unpack_q8_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
+    blk[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
+    for t in 0..8 {
+        for k in 0..4 {
+            blk[2 + 4 * t + k] = g[16 + 32 * t + 4 * r + k] ^ 0x80;
+        }
+    }
+}
+
 /// `quantize_row_q6_K_ref`: per sub-block of 16 a scale from `make_qx_quants` (32 levels,
 /// weights x²), the 16 scales quantized to i8 against `d = max_scale / −128`, then the 6-bit
 /// codes recomputed with the rounded scales and split into low nibbles (`ql`) and high 2 bits

@@ -361,3 +361,28 @@ fn q4_0x8_packing_places_each_byte_and_round_trips() {
     unpack_q4_0x8(&packed, nb, &mut back);
     assert_eq!(back, src);
 }
+
+#[test]
+fn q8_0x8_packing_places_each_byte_and_round_trips() {
+    let nb = 3;
+    let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
+    let src: Vec<u8> = (0..8).flat_map(|r| (0..nb).flat_map(move |b| (0..Q8_0_BYTES).map(move |i| byte(r, b, i)))).collect();
+    let mut packed = vec![0u8; src.len()];
+    pack_q8_0x8(&src, nb, &mut packed);
+    // Column b at 272·b; scale of row r at 2r; qs[4t + k] of row r at 16 + 32t + 4r + k,
+    // offset by 128.
+    for b in 0..nb {
+        let g = &packed[b * Q8_0X8_BYTES..];
+        for r in 0..8 {
+            assert_eq!([g[2 * r], g[2 * r + 1]], [byte(r, b, 0), byte(r, b, 1)]);
+            for t in 0..8 {
+                for k in 0..4 {
+                    assert_eq!(g[16 + 32 * t + 4 * r + k], byte(r, b, 2 + 4 * t + k) ^ 0x80, "b{b} r{r} t{t} k{k}");
+                }
+            }
+        }
+    }
+    let mut back = vec![0u8; src.len()];
+    unpack_q8_0x8(&packed, nb, &mut back);
+    assert_eq!(back, src);
+}

@@ -11,7 +11,7 @@
 //! per process, [`Kernels::scalar`] is the fallback and the reference the tests hold the SIMD
 //! code to.
 
-use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
+use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
 
 /// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
 pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
@@ -23,10 +23,11 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 /// output never depends on the tokens batched with it.
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
 
-/// Eight interleaved Q4_0 rows ([`super::blocks::pack_q4_0x8`]) against one Q8_0 activation
-/// row: `gemv(group, act, act_sums, n_blocks)` → the eight dot products. `act_sums[b]` is
-/// `Σ q` over activation block `b` (the SIMD kernel multiplies unsigned codes and takes the
-/// `−8` offset off afterwards as `8·Σq`).
+/// Eight interleaved rows (Q4_0: [`super::blocks::pack_q4_0x8`], Q8_0:
+/// [`super::blocks::pack_q8_0x8`]) against one Q8_0 activation row: `gemv(group, act,
+/// act_sums, n_blocks)` → the eight dot products. `act_sums[b]` is `Σ q` over activation block
+/// `b` (the SIMD kernels multiply unsigned weight codes and take the offset, 8 for Q4_0 and
+/// 128 for Q8_0, off afterwards as `offset·Σq`).
 pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
 
 /// [`Gemv8Fn`] for four activation rows at once (prompt processing): each block column of the
@@ -69,6 +70,10 @@ pub struct Kernels {
     pub q4_0x8: Gemv8Fn,
     /// Its four-token version (`None`: loop over [`Gemv8Fn`]).
     pub q4_0x8x4: Option<Gemm4x8Fn>,
+    /// Q8_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
+    /// keeps Q8_0 weights in), and its four-token version.
+    pub q8_0x8: Gemv8Fn,
+    pub q8_0x8x4: Option<Gemm4x8Fn>,
     /// `"avx512vnni"`, `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -93,6 +98,8 @@ impl Kernels {
             q5_0t: None,
             q4_0x8: gemv_q4_0x8_scalar,
             q4_0x8x4: None,
+            q8_0x8: gemv_q8_0x8_scalar,
+            q8_0x8x4: None,
             name: "scalar",
         }
     }
@@ -183,6 +190,26 @@ fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32;
                     let q = g[16 + 32 * t + 4 * r + k];
                     s += ((q & 0x0F) as i32 - 8) * q8[4 * t + k] as i8 as i32;
                     s += ((q >> 4) as i32 - 8) * q8[16 + 4 * t + k] as i8 as i32;
+                }
+            }
+            *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;
+        }
+    }
+    out
+}
+
+/// The reference for the interleaved Q8_0 layout: [`dot_q8_0_scalar`]'s integer sums per
+/// block (the codes' offset undone), scaled and summed as [`gemv_q4_0x8_scalar`] does. It does
+/// not use `act_sums`, so that tests check them.
+fn gemv_q8_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    for (g, ab) in w.chunks_exact(Q8_0X8_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
+            let mut s = 0i32;
+            for t in 0..8 {
+                for k in 0..4 {
+                    s += (g[16 + 32 * t + 4 * r + k] ^ 0x80) as i8 as i32 * q8[4 * t + k] as i8 as i32;
                 }
             }
             *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;

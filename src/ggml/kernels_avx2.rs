@@ -1,7 +1,7 @@
 //! The AVX2 + FMA + F16C versions of [`super::Kernels`]' products (x86_64, detected at run time);
 //! the scalar ones in `kernels.rs` are their reference.
 
-use super::super::blocks::{scale_min_k4, Q4_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
+use super::super::blocks::{scale_min_k4, Q4_0X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
 use super::Kernels;
 use std::arch::x86_64::*;
 
@@ -30,6 +30,8 @@ pub fn kernels() -> Kernels {
         q5_0t: None,
         q4_0x8: |w, a, s, n| unsafe { q4_0x8(w, a, s, n) },
         q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
+        q8_0x8: |w, a, s, n| unsafe { q8_0x8::<1>(w, [a], [s], n)[0] },
+        q8_0x8x4: Some(|w, a, s, n| unsafe { q8_0x8::<4>(w, a, s, n) }),
         name: "avx2",
     }
 }
@@ -225,6 +227,47 @@ unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) ->
         }
     }
     let mut out = [[0f32; 8]; 4];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Eight interleaved Q8_0 rows ([`super::super::blocks::pack_q8_0x8`]) × `N` tokens.
+/// `maddubs` cannot take the offset codes (255·127 overflows its 16-bit pairs), so each chunk
+/// gets its signed codes back (one XOR) and goes through the sign trick of [`q8_0`] (`|w|`
+/// times `a·sign(w)`, at most 2·128·127 per pair); a chunk is loaded and made signed once for
+/// the `N` tokens. The block's lanes are exact integers, the same ones the VNNI kernel makes
+/// from the offset codes; then one FMA with the eight rows' scales, as in [`q4_0x8`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], _act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
+    assert!(w.len() >= nb * Q8_0X8_BYTES);
+    for r in &a {
+        assert!(r.len() >= nb * Q8_0_BYTES);
+    }
+    let off = _mm256_set1_epi8(0x80u8 as i8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let g = w.as_ptr().add(b * Q8_0X8_BYTES);
+        prefetch::<5>(g);
+        let mut s32 = [_mm256_setzero_si256(); N];
+        for t in 0..8 {
+            let q = _mm256_xor_si256(_mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i), off);
+            let aq = _mm256_abs_epi8(q);
+            for (k, s) in s32.iter_mut().enumerate() {
+                let at = _mm256_set1_epi32((a[k].as_ptr().add(b * Q8_0_BYTES + 2 + 4 * t) as *const i32).read_unaligned());
+                *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(at, q)), ones));
+            }
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(a[k].as_ptr().add(b * Q8_0_BYTES))));
+            *acc_k = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32[k]), *acc_k);
+        }
+    }
+    let mut out = [[0f32; 8]; N];
     for (o, v) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), v);
     }

@@ -7,7 +7,7 @@
 //! bit what they give for the same row and token (same integer lane sums, same f32 scale
 //! products, same accumulators and reduction), which is what keeps batched answers exact.
 
-use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q5_0_BYTES, Q8_0_BYTES};
+use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q5_0_BYTES, Q8_0X8_BYTES, Q8_0_BYTES};
 use super::avx2::{bytes_from_bits, f16_scale, hsum, nibbles32, prefetch};
 use super::Kernels;
 use std::arch::x86_64::*;
@@ -29,6 +29,8 @@ pub fn kernels() -> Kernels {
         q4_0t: Some(|w, a, s, n| unsafe { q4_0t(w, a, s, n) }),
         q5_0t: Some(|w, a, s, n| unsafe { q5_0t(w, a, s, n) }),
         q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
+        q8_0x8: |w, a, s, n| unsafe { q8_0x8::<1>(w, [a], [s], n)[0] },
+        q8_0x8x4: Some(|w, a, s, n| unsafe { q8_0x8::<4>(w, a, s, n) }),
         name: "avx512vnni",
         ..super::avx2::kernels()
     }
@@ -149,6 +151,46 @@ unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) ->
         }
     }
     let mut out = [[0f32; 8]; 4];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Eight interleaved Q8_0 rows × `N` tokens: the offset codes (`q + 128`, unsigned) multiply
+/// the activation's four bytes broadcast to every lane, two chains per token starting from
+/// `−128·Σq_a`, so lane r ends at row r's exact `Σ q_w·q_a`; the eight chunks of a block
+/// column are loaded once for all `N` tokens. The float steps are [`q4_0x8x4`]'s.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
+    assert!(w.len() >= nb * Q8_0X8_BYTES);
+    for (r, s) in a.iter().zip(&act_sums) {
+        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
+    }
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let g = w.as_ptr().add(b * Q8_0X8_BYTES);
+        prefetch::<5>(g);
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (t, qt) in q.iter_mut().enumerate() {
+            *qt = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+        }
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+            let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+            let mut lo = _mm256_set1_epi32(-128 * *act_sums[k].get_unchecked(b));
+            let mut hi = _mm256_setzero_si256();
+            for t in 0..4 {
+                lo = _mm256_dpbusd_epi32(lo, q[t], at(t));
+                hi = _mm256_dpbusd_epi32(hi, q[4 + t], at(4 + t));
+            }
+            let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(ap)));
+            *acc_k = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), *acc_k);
+        }
+    }
+    let mut out = [[0f32; 8]; N];
     for (o, v) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), v);
     }

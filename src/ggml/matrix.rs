@@ -5,15 +5,14 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Kernels, Tile2x4Fn};
-use super::team::Team;
+use super::kernels::{Dot4Fn, DotFn, Gemm4x8Fn, Gemv8Fn, Kernels, Tile2x4Fn};
+use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::fmt;
 use std::str::FromStr;
-use std::sync::Mutex;
 
 /// The weight types linly-lora quantizes to and runs.
 #[allow(non_camel_case_types)] // ggml's names
@@ -118,6 +117,30 @@ impl QType {
         }
     }
 
+    /// Whether [`QuantMatrix`] keeps this type's rows in interleaved groups of eight.
+    fn interleaved(self) -> bool {
+        matches!(self, QType::Q4_0 | QType::Q8_0)
+    }
+
+    /// The kernels for interleaved groups (one token, four tokens).
+    fn x8(self, k: &Kernels) -> (Gemv8Fn, Option<Gemm4x8Fn>) {
+        match self {
+            QType::Q8_0 => (k.q8_0x8, k.q8_0x8x4),
+            _ => (k.q4_0x8, k.q4_0x8x4),
+        }
+    }
+
+    /// Interleaves eight row-major rows of `nb` blocks into one group (`inverse`: undoes it).
+    fn pack_x8(self, src: &[u8], nb: usize, dst: &mut [u8], inverse: bool) {
+        match (self, inverse) {
+            (QType::Q8_0, false) => blocks::pack_q8_0x8(src, nb, dst),
+            (QType::Q8_0, true) => blocks::unpack_q8_0x8(src, nb, dst),
+            (QType::Q4_0, false) => blocks::pack_q4_0x8(src, nb, dst),
+            (QType::Q4_0, true) => blocks::unpack_q4_0x8(src, nb, dst),
+            _ => unreachable!("{self} is stored row-major"),
+        }
+    }
+
     fn dot(self, k: &Kernels) -> DotFn {
         match self {
             QType::Q8_0 => k.q8_0,
@@ -198,19 +221,22 @@ impl fmt::Display for QType {
 
 /// A quantized matrix: `rows` rows of `cols` values, each row `row_bytes` of blocks.
 ///
-/// Q4_0 matrices keep their rows in interleaved groups of eight ([`blocks::pack_q4_0x8`]), so
-/// that one sequential pass of the GEMV kernel makes eight outputs; the `rows % 8` rows after
-/// the last group stay row-major. A group takes the bytes of its eight rows, so every row
-/// outside a group sits where it would in the row-major matrix, and the size does not change.
-/// Everything that hands bytes out ([`Self::bytes`], [`Self::into_bytes`]) or reads single
-/// rows gives the GGUF row-major order back. Other types are stored row-major.
+/// Q4_0 and Q8_0 matrices keep their rows in interleaved groups of eight
+/// ([`blocks::pack_q4_0x8`], [`blocks::pack_q8_0x8`]), so that one sequential pass of the GEMV
+/// kernel makes eight outputs, each lane one row, with one scale product per block for eight
+/// rows; the `rows % 8` rows after the last group stay row-major. A group takes the bytes of
+/// its eight rows, so every row outside a group sits where it would in the row-major matrix,
+/// and the size does not change. Everything that hands bytes out ([`Self::bytes`],
+/// [`Self::into_bytes`]) or reads single rows gives the GGUF row-major order back. Other
+/// types are stored row-major.
 #[derive(Clone)]
 pub struct QuantMatrix {
     ty: QType,
     rows: usize,
     cols: usize,
     data: Vec<u8>,
-    /// Rows `0..packed` are in interleaved groups of eight (a multiple of 8; 0 when not Q4_0).
+    /// Rows `0..packed` are in interleaved groups of eight (a multiple of 8; 0 for the types
+    /// stored row-major).
     packed: usize,
 }
 
@@ -273,16 +299,16 @@ impl QuantMatrix {
         Ok(QuantMatrix::new(ty, rows, cols, data))
     }
 
-    /// Wraps checked row-major bytes, interleaving Q4_0 rows in groups of eight (in place,
-    /// groups in parallel).
+    /// Wraps checked row-major bytes, interleaving Q4_0 and Q8_0 rows in groups of eight (in
+    /// place, groups in parallel).
     fn new(ty: QType, rows: usize, cols: usize, mut data: Vec<u8>) -> Self {
-        let packed = if ty == QType::Q4_0 { rows / Q4_0X8_ROWS * Q4_0X8_ROWS } else { 0 };
+        let packed = if ty.interleaved() { rows / Q4_0X8_ROWS * Q4_0X8_ROWS } else { 0 };
         if packed > 0 {
             let nb = cols / QK;
             let gb = Q4_0X8_ROWS * nb * ty.block_bytes();
             data[..packed / Q4_0X8_ROWS * gb].par_chunks_mut(gb).for_each(|g| {
                 let rows8 = g.to_vec();
-                blocks::pack_q4_0x8(&rows8, nb, g);
+                ty.pack_x8(&rows8, nb, g, false);
             });
         }
         QuantMatrix { ty, rows, cols, data, packed }
@@ -297,7 +323,7 @@ impl QuantMatrix {
     pub fn cols(&self) -> usize {
         self.cols
     }
-    /// The bytes in GGUF order (row-major; borrowed unless Q4_0 groups must be undone).
+    /// The bytes in GGUF order (row-major; borrowed unless interleaved groups must be undone).
     pub fn bytes(&self) -> Cow<'_, [u8]> {
         if self.packed == 0 {
             return Cow::Borrowed(&self.data);
@@ -310,9 +336,10 @@ impl QuantMatrix {
             let nb = self.cols / QK;
             let rb = self.row_bytes();
             let gb = Q4_0X8_ROWS * rb;
+            let ty = self.ty;
             self.data[..self.packed * rb].par_chunks_mut(gb).for_each(|g| {
                 let group = g.to_vec();
-                blocks::unpack_q4_0x8(&group, nb, g);
+                ty.pack_x8(&group, nb, g, true);
             });
         }
         self.data
@@ -326,8 +353,12 @@ impl QuantMatrix {
         let (g, j) = (r / Q4_0X8_ROWS, r % Q4_0X8_ROWS);
         let group = &self.data[g * Q4_0X8_ROWS * rb..(g + 1) * Q4_0X8_ROWS * rb];
         let mut out = vec![0u8; rb];
-        for (col, blk) in group.chunks_exact(blocks::Q4_0X8_BYTES).zip(out.chunks_exact_mut(blocks::Q4_0_BYTES)) {
-            blocks::unpack_q4_0x8_block(col, j, blk);
+        let bb = self.ty.block_bytes();
+        for (col, blk) in group.chunks_exact(Q4_0X8_ROWS * bb).zip(out.chunks_exact_mut(bb)) {
+            match self.ty {
+                QType::Q8_0 => blocks::unpack_q8_0x8_block(col, j, blk),
+                _ => blocks::unpack_q4_0x8_block(col, j, blk),
+            }
         }
         Cow::Owned(out)
     }
@@ -396,7 +427,7 @@ impl QuantMatrix {
             Vec::new()
         };
         let sc = |t: usize| if scales.is_empty() { &[][..] } else { &scales[t * nb_act..(t + 1) * nb_act] };
-        // Σq per activation block, for the interleaved Q4_0 kernel's offset.
+        // Σq per activation block, for the interleaved kernels' offsets.
         let sums: Vec<i32> = if ms.iter().any(|m| m.packed > 0) {
             acts.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()
         } else {
@@ -411,7 +442,7 @@ impl QuantMatrix {
         if n >= 8 {
             per_task = per_task.min(64);
         }
-        // Whole groups of eight, so that every task starts on an interleaved Q4_0 group.
+        // Whole groups of eight, so that every task starts on an interleaved group.
         let per_task = per_task.next_multiple_of(Q4_0X8_ROWS);
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
         const TB: usize = 32;
@@ -446,6 +477,7 @@ impl QuantMatrix {
             };
             let m = ms[mi];
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
+            let (g1, g4) = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
             // Rows r0..r1 of this task in interleaved groups, eight outputs per pass; the rest
             // one row at a time.
@@ -458,7 +490,7 @@ impl QuantMatrix {
                     let r = r0 + gi * Q4_0X8_ROWS;
                     let w = &m.data[r * rb..(r + Q4_0X8_ROWS) * rb];
                     let mut t = t0;
-                    if let Some(g4) = k.q4_0x8x4 {
+                    if let Some(g4) = g4 {
                         while t + 4 <= t1 {
                             let y = g4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
                             for (u, yu) in y.iter().enumerate() {
@@ -470,7 +502,7 @@ impl QuantMatrix {
                         }
                     }
                     for t in t..t1 {
-                        let y = (k.q4_0x8)(w, act(t), sum(t), nb);
+                        let y = g1(w, act(t), sum(t), nb);
                         for (j, v) in y.into_iter().enumerate() {
                             og[j * n + t] = v;
                         }
@@ -524,17 +556,7 @@ impl QuantMatrix {
             }
         };
         // The spinning team (see `team`), or rayon when another thread is using it.
-        // Each task is taken exactly once; the lock only makes that hand-over safe.
-        let slots: Vec<Mutex<Option<Task>>> = tasks.into_iter().map(|t| Mutex::new(Some(t))).collect();
-        let work = |i: usize| {
-            let task = slots[i].lock().unwrap_or_else(|e| e.into_inner()).take();
-            if let Some(task) = task {
-                body(task);
-            }
-        };
-        if !Team::get(rayon::current_num_threads()).run(slots.len(), &work) {
-            (0..slots.len()).into_par_iter().for_each(work);
-        }
+        team::for_each(rayon::current_num_threads(), tasks, body);
         outs
     }
 

@@ -117,7 +117,7 @@ fn fallback_and_shapes() {
 /// alone, whatever the token count (odd ones, the groups of four and their remainders, more
 /// than one block of 32 tokens) and for every weight type, with both kernel sets: the
 /// property batched serving rests on (a sequence's answer must not depend on its neighbours
-/// in the batch). The shapes leave Q4_0 rows outside the interleaved groups of eight, so both
+/// in the batch). The shapes leave Q4_0 and Q8_0 rows outside the interleaved groups of eight, so both
 /// of its paths are covered.
 #[test]
 fn many_tokens_give_each_token_its_single_token_result() {
@@ -180,7 +180,7 @@ fn scramble(ty: QType, data: &mut [u8], seed: u64) {
 /// The tiled many-token kernels (two rows × four tokens, eight interleaved rows × four
 /// tokens, four tokens × one row) against the one-token kernel of the same set, bit for bit,
 /// for every type and every kernel set this CPU runs: row counts that leave a row outside the
-/// pairs and Q4_0 rows outside the groups of eight, token counts that are not multiples of
+/// pairs and Q4_0 / Q8_0 rows outside the groups of eight, token counts that are not multiples of
 /// four, odd and even block counts (the kernels alternate two accumulators), and scrambled
 /// codes that reach the formats' extremes.
 #[test]
@@ -188,7 +188,7 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
     let kernels = Kernels::all();
     if let Some(v) = kernels.iter().find(|k| k.name == "avx512vnni") {
         // The set this test exists for must really have its tiles.
-        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some());
+        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some() && v.q8_0x8x4.is_some());
     }
     for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
         for (rows, cols) in [(19usize, 96usize), (11, 768), (2, 256), (1, 512)] {

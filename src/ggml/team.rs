@@ -129,6 +129,23 @@ impl Team {
     }
 }
 
+/// Runs `f` once on each item, over the team of `threads` threads (the caller included), or
+/// over rayon when another thread is using the team. Items are handed out one at a time, so
+/// uneven ones balance themselves; the lock per item only makes the hand-over safe.
+pub fn for_each<T: Send>(threads: usize, items: Vec<T>, f: impl Fn(T) + Sync) {
+    let slots: Vec<Mutex<Option<T>>> = items.into_iter().map(|t| Mutex::new(Some(t))).collect();
+    let work = |i: usize| {
+        let item = lock(&slots[i]).take();
+        if let Some(item) = item {
+            f(item);
+        }
+    };
+    if !Team::get(threads).run(slots.len(), &work) {
+        use rayon::prelude::*;
+        (0..slots.len()).into_par_iter().for_each(work);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }

@@ -280,10 +280,11 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
     let (w, groups, scale) = (kvh * d, h / kvh, 1.0 / (d as f32).sqrt());
     // Head-major [h, t, d]; for one token that is already [t, h·d].
     let mut out = vec![0f32; h * t * d];
-    let head = |hh: usize, o: &mut [f32]| {
+    // Queries i0.. of head hh into `o` (their rows of the head's block).
+    let head = |hh: usize, i0: usize, o: &mut [f32]| {
         let g = hh / groups;
         let mut p = vec![0f32; start + t];
-        for (i, oi) in o.chunks_exact_mut(d).enumerate() {
+        for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
             let qi = &q[i * h * d + hh * d..][..d];
             let n = start + i + 1;
             for (j, pj) in p[..n].iter_mut().enumerate() {
@@ -299,11 +300,16 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
             oi.iter_mut().for_each(|a| *a *= inv);
         }
     };
-    // Spread heads over threads only when there is real work (a prompt), not for one token.
+    // Spread (head, block of queries) tasks over threads only when there is real work (a
+    // prompt), not for one token. The quantized products' spinning team runs them: its helpers
+    // are awake between two products, where rayon's would have to be woken (perf on the 2-core
+    // machine: the caller computed every head alone while a team helper spun).
     if t * (start + t) * d >= 1 << 16 {
-        out.par_chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
+        const QB: usize = 16;
+        let tasks: Vec<(usize, usize, &mut [f32])> = out.chunks_mut(t * d).enumerate().flat_map(|(hh, o)| o.chunks_mut(QB * d).enumerate().map(move |(c, oc)| (hh, c * QB, oc))).collect();
+        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| head(hh, i0, o));
     } else {
-        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, o));
+        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, 0, o));
     }
     if t == 1 {
         return out;

@@ -157,34 +157,41 @@ mod tests {
         let d = cfg.head_dim;
         let lin = |o: usize, seed: usize| Linear::new(Tensor::from_data(TensorData::new(values(o * hidden, seed), [o, hidden]), &device));
         let attn = Attention { q_proj: lin(h * d, 1), k_proj: lin(kvh * d, 2), v_proj: lin(kvh * d, 3), o_proj: lin(hidden, 4), num_heads: h, num_kv_heads: kvh, head_dim: d };
-        let total = 9;
-        let x: Tensor<3> = Tensor::from_data(TensorData::new(values(total * hidden, 5), [1, total, hidden]), &device);
-        let rope_all = RopeTables::new(&cfg, 0, total, &device, burn::tensor::DType::F32);
-        let want = attn.forward(x.clone(), &rope_all, None).into_data().try_into_vec::<f32>().unwrap();
-        let run = |pieces: &[(usize, usize)], composed_first: bool| {
-            let mut cache = LayerCache::default();
-            let mut got = Vec::new();
-            for (n, &(s, len)) in pieces.iter().enumerate() {
-                let rope = RopeTables::new(&cfg, s, len, &device, burn::tensor::DType::F32);
-                let xs = x.clone().narrow(1, s, len);
-                if composed_first && n == 0 {
-                    // What a composed call (another dtype, say) leaves in the cache.
-                    let heads = |y: Tensor<3>, k: usize| y.reshape([1, len, k, d]).swap_dims(1, 2);
-                    let _ = cache.append(rope.apply(heads(attn.k_proj.forward(xs.clone()), kvh)), heads(attn.v_proj.forward(xs.clone()), kvh));
-                    got.extend(attn.forward(xs, &rope, None).into_data().try_into_vec::<f32>().unwrap());
-                } else {
-                    got.extend(attn.forward(xs, &rope, Some(&mut cache)).into_data().try_into_vec::<f32>().unwrap());
+        // 9 positions in small pieces (the second split starts from a composed call); and a
+        // 96-token prompt, which spreads (head, query block) tasks over threads: the serial and
+        // the parallel path of `cached_attention`.
+        type Splits<'a> = &'a [&'a [(usize, usize)]];
+        let cases: [(usize, Splits); 2] = [(9, &[&[(0, 5), (5, 1), (6, 3)], &[(0, 4), (4, 1), (5, 1), (6, 3)]]), (100, &[&[(0, 96), (96, 1), (97, 3)]])];
+        for (total, splits) in cases {
+            let x: Tensor<3> = Tensor::from_data(TensorData::new(values(total * hidden, 5), [1, total, hidden]), &device);
+            let rope_all = RopeTables::new(&cfg, 0, total, &device, burn::tensor::DType::F32);
+            let want = attn.forward(x.clone(), &rope_all, None).into_data().try_into_vec::<f32>().unwrap();
+            let run = |pieces: &[(usize, usize)], composed_first: bool| {
+                let mut cache = LayerCache::default();
+                let mut got = Vec::new();
+                for (n, &(s, len)) in pieces.iter().enumerate() {
+                    let rope = RopeTables::new(&cfg, s, len, &device, burn::tensor::DType::F32);
+                    let xs = x.clone().narrow(1, s, len);
+                    if composed_first && n == 0 {
+                        // What a composed call (another dtype, say) leaves in the cache.
+                        let heads = |y: Tensor<3>, k: usize| y.reshape([1, len, k, d]).swap_dims(1, 2);
+                        let _ = cache.append(rope.apply(heads(attn.k_proj.forward(xs.clone()), kvh)), heads(attn.v_proj.forward(xs.clone()), kvh));
+                        got.extend(attn.forward(xs, &rope, None).into_data().try_into_vec::<f32>().unwrap());
+                    } else {
+                        got.extend(attn.forward(xs, &rope, Some(&mut cache)).into_data().try_into_vec::<f32>().unwrap());
+                    }
+                }
+                got
+            };
+            for (n, pieces) in splits.iter().enumerate() {
+                let got = run(pieces, n == 1);
+                assert_eq!(got.len(), want.len());
+                for (i, (a, b)) in got.iter().zip(&want).enumerate() {
+                    assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{pieces:?} [{i}]: {a} vs {b}");
                 }
             }
-            got
-        };
-        for (pieces, composed_first) in [(&[(0, 5), (5, 1), (6, 3)][..], false), (&[(0, 4), (4, 1), (5, 1), (6, 3)][..], true)] {
-            let got = run(pieces, composed_first);
-            assert_eq!(got.len(), want.len());
-            for (i, (a, b)) in got.iter().zip(&want).enumerate() {
-                assert!((a - b).abs() <= 1e-5 * (1.0 + b.abs()), "{pieces:?} [{i}]: {a} vs {b}");
-            }
         }
+        let x: Tensor<3> = Tensor::from_data(TensorData::new(values(9 * hidden, 5), [1, 9, hidden]), &device);
         // Host rows read back as tensors by a composed append: cache length carries over.
         let mut cache = LayerCache::default();
         let rope = RopeTables::new(&cfg, 0, 3, &device, burn::tensor::DType::F32);
