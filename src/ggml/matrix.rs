@@ -447,10 +447,11 @@ impl QuantMatrix {
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
         const TB: usize = 32;
         // The outputs are [n, rows]; a task owns rows r0..r0 + count of one matrix, i.e. one
-        // slice of each token's output row. It computes them as [count, n] (each row's tokens
-        // side by side, as the kernels make them) and scatters them when n > 1: a transposition
-        // inside L1/L2 instead of one over the whole output (the LM head's is 25 MB for a
-        // 128-token prompt, and took 8–10 % of the prompt's time).
+        // slice of each token's output row. The interleaved kernels make eight rows of one
+        // token, which go straight there; the row-major ones make each row's tokens side by
+        // side, so those rows are computed as [rows, n] and scattered at the end: a
+        // transposition inside L1/L2 instead of one over the whole output (the LM head's is
+        // 25 MB for a 128-token prompt, and took 8–10 % of the prompt's time).
         let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
         // (matrix, first row, row count, its slice of each token's output)
         type Task<'a> = (usize, usize, usize, Vec<&'a mut [f32]>);
@@ -468,44 +469,35 @@ impl QuantMatrix {
             }
         }
         let body = |(mi, r0, count, mut dst): Task| {
-            let mut local = Vec::new();
-            let o: &mut [f32] = if n == 1 {
-                &mut *dst[0]
-            } else {
-                local.resize(count * n, 0f32);
-                &mut local
-            };
             let m = ms[mi];
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let (g1, g4) = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
-            // Rows r0..r1 of this task in interleaved groups, eight outputs per pass; the rest
-            // one row at a time.
-            let r1 = m.packed.clamp(r0, r0 + o.len() / n);
+            // Rows r0..r1 of this task in interleaved groups, eight outputs per pass, written
+            // straight into each token's output row (eight consecutive values); the rest one
+            // row at a time into `o`, `[rows, n]`, scattered at the end.
+            let r1 = m.packed.clamp(r0, r0 + count);
             debug_assert!(r1 == r0 || r0.is_multiple_of(Q4_0X8_ROWS), "tasks start on a group");
-            let (o_groups, o) = o.split_at_mut((r1 - r0) * n);
+            let ng = r1 - r0;
+            let mut local = vec![0f32; (count - ng) * n];
+            let o: &mut [f32] = &mut local;
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
-                for (gi, og) in o_groups.chunks_exact_mut(Q4_0X8_ROWS * n).enumerate() {
-                    let r = r0 + gi * Q4_0X8_ROWS;
+                for gi in 0..ng / Q4_0X8_ROWS {
+                    let (r, j0) = (r0 + gi * Q4_0X8_ROWS, gi * Q4_0X8_ROWS);
                     let w = &m.data[r * rb..(r + Q4_0X8_ROWS) * rb];
                     let mut t = t0;
                     if let Some(g4) = g4 {
                         while t + 4 <= t1 {
                             let y = g4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
                             for (u, yu) in y.iter().enumerate() {
-                                for (j, &v) in yu.iter().enumerate() {
-                                    og[j * n + t + u] = v;
-                                }
+                                dst[t + u][j0..j0 + Q4_0X8_ROWS].copy_from_slice(yu);
                             }
                             t += 4;
                         }
                     }
-                    for t in t..t1 {
-                        let y = g1(w, act(t), sum(t), nb);
-                        for (j, v) in y.into_iter().enumerate() {
-                            og[j * n + t] = v;
-                        }
+                    for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
+                        d[j0..j0 + Q4_0X8_ROWS].copy_from_slice(&g1(w, act(u), sum(u), nb));
                     }
                 }
                 // Row-major rows two at a time through the tile kernel, four tokens per pass;
@@ -545,13 +537,11 @@ impl QuantMatrix {
                     }
                 }
             }
-            if n > 1 {
-                // Token-major, so that the writes run along one output row (the tokens' rows
-                // lie 4·rows bytes apart: one page each for the LM head).
-                for (t, d) in dst.iter_mut().enumerate() {
-                    for (i, v) in d.iter_mut().enumerate() {
-                        *v = local[i * n + t];
-                    }
+            // Token-major, so that the writes run along one output row (the tokens' rows lie
+            // 4·rows bytes apart: one page each for the LM head).
+            for (t, d) in dst.iter_mut().enumerate() {
+                for (i, v) in d[ng..].iter_mut().enumerate() {
+                    *v = local[i * n + t];
                 }
             }
         };

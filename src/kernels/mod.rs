@@ -129,6 +129,16 @@ pub fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     }
 }
 
+/// Runs `f` on `t`'s values as host f32: borrowed in place from a plain contiguous f32 flex
+/// tensor (inference: the quantized products' input, which the copy out through `TensorData`
+/// made a fresh, page-faulting allocation of per projection), converted otherwise.
+pub fn with_host_f32<const D: usize, R>(t: Tensor<D>, f: impl FnOnce(&[f32]) -> R) -> R {
+    if let Some(FlexF32::Plain(p)) = flex_f32(&t) {
+        return f(&values(&p));
+    }
+    f(&crate::io::weights::tensor_to_f32(t))
+}
+
 /// The gradient a fused op's backward writes with the shape of its saved input `x`: `f` fills
 /// `x`'s own buffer when nothing else holds it (normally the saved logits are the op's alone, so
 /// no vocabulary-sized tensor is allocated), else a copy of it.

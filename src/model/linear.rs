@@ -108,8 +108,7 @@ impl Frozen {
             Frozen::Quant(q) => {
                 let [n, _] = x.dims();
                 let dtype = x.dtype();
-                let host = crate::io::weights::tensor_to_f32(x);
-                let y = q.matrix.matmul(&host, n);
+                let y = crate::kernels::with_host_f32(x, |host| q.matrix.matmul(host, n));
                 let t: Tensor<2> = Tensor::from_data(TensorData::new(y, [n, q.matrix.rows()]), &q.device);
                 if dtype != burn::tensor::DType::F32 { t.cast(crate::kernels::float_dtype(dtype)) } else { t }
             }
@@ -197,12 +196,11 @@ impl Linear {
         }
         let [b, t, i] = x.dims();
         let dtype = x.dtype();
-        let host = crate::io::weights::tensor_to_f32(x.reshape([b * t, i]));
         let device = match &ls[0].weight {
             Frozen::Quant(q) => q.device.clone(),
             Frozen::Dense(_) => unreachable!("all quantized, checked above"),
         };
-        let mut ys = QuantMatrix::matmul_shared(&mats, &host, b * t).into_iter();
+        let mut ys = crate::kernels::with_host_f32(x.reshape([b * t, i]), |host| QuantMatrix::matmul_shared(&mats, host, b * t)).into_iter();
         ls.map(|l| {
             let y: Tensor<3> = Tensor::from_data(TensorData::new(ys.next().expect("one product per matrix"), [b, t, l.out_features()]), &device);
             if dtype != burn::tensor::DType::F32 { y.cast(crate::kernels::float_dtype(dtype)) } else { y }
