@@ -63,16 +63,19 @@ impl Attention {
                 let (_, rope, cache) = segs.pop().expect("one segment");
                 self.context(q, k, v, rope, Some(cache))
             }
-            Positions::Ragged(segs) => {
-                let mut off = 0;
-                let mut parts = Vec::with_capacity(segs.len());
-                for (len, rope, cache) in segs {
-                    let rows = |t: &Tensor<3>| t.clone().narrow(1, off, len);
-                    parts.push(self.context(rows(&q), rows(&k), rows(&v), rope, Some(cache)));
-                    off += len;
+            Positions::Ragged(mut segs) => match self.fused_ragged(&q, &k, &v, &mut segs) {
+                Some(ctx) => ctx,
+                None => {
+                    let mut off = 0;
+                    let mut parts = Vec::with_capacity(segs.len());
+                    for (len, rope, cache) in segs {
+                        let rows = |t: &Tensor<3>| t.clone().narrow(1, off, len);
+                        parts.push(self.context(rows(&q), rows(&k), rows(&v), rope, Some(cache)));
+                        off += len;
+                    }
+                    Tensor::cat(parts, 1)
                 }
-                Tensor::cat(parts, 1)
-            }
+            },
         };
         self.o_proj.forward(ctx)
     }
@@ -112,6 +115,45 @@ impl Attention {
             None => (k, v),
         };
         attention_composed(q, k, v, rope.start)
+    }
+
+    /// The fused host path for several sequences along `T` of a batch of one (batched
+    /// decoding): each sequence's context is exactly [`Self::fused`]'s for its rows alone (the
+    /// same rotation, cache append and [`cached_attention`]), and the sequences run side by side
+    /// on the quantized products' spinning team, whose helper would otherwise spin while one
+    /// thread walked every sequence's cache. `None` where [`Self::fused`] would not apply.
+    fn fused_ragged(&self, q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, segs: &mut [(usize, &RopeTables, &mut LayerCache)]) -> Option<Tensor<3>> {
+        let (FlexF32::Plain(qp), FlexF32::Plain(kp), FlexF32::Plain(vp)) = (flex_f32(q)?, flex_f32(k)?, flex_f32(v)?) else {
+            return None;
+        };
+        for (_, _, cache) in segs.iter_mut() {
+            cache.host()?;
+        }
+        let t = q.dims()[1];
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let (qv, kv, vv) = (values(&qp), values(&kp), values(&vp));
+        let mut out = vec![0f32; t * h * d];
+        let mut tasks = Vec::with_capacity(segs.len());
+        let mut rest: &mut [f32] = &mut out;
+        let mut off = 0;
+        for (len, rope, cache) in segs.iter_mut() {
+            let (o, r) = std::mem::take(&mut rest).split_at_mut(*len * h * d);
+            rest = r;
+            tasks.push((off, *len, &rope.cos_host, &rope.sin_host, &mut **cache, o));
+            off += *len;
+        }
+        let (qv, kv, vv) = (&*qv, &*kv, &*vv);
+        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(off, len, cos, sin, cache, o)| {
+            let hc = cache.host().expect("checked above");
+            let mut qh = qv[off * h * d..(off + len) * h * d].to_vec();
+            let mut kh = kv[off * kvh * d..(off + len) * kvh * d].to_vec();
+            rotate_rows(&mut qh, cos, sin, h, d);
+            rotate_rows(&mut kh, cos, sin, kvh, d);
+            let start = hc.len();
+            hc.append(&kh, &vv[off * kvh * d..(off + len) * kvh * d], kvh * d);
+            o.copy_from_slice(&cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d]));
+        });
+        Some(from_plain(new_tensor(out, vec![1, t, h * d])))
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when
