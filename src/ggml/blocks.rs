@@ -218,7 +218,7 @@ pub fn q4_0_block_scale(x: &[f32], qw: &[f32]) -> f32 {
     make_qx_quants(8, x, &mut l, Some(qw))
 }
 
-/// Rows per interleaved Q4_0 group ([`pack_q4_0x8`]).
+/// Rows per interleaved group ([`pack_q4_0x8`], [`pack_q8_0x8`]).
 pub const Q4_0X8_ROWS: usize = 8;
 /// Bytes of one block column of an interleaved group: the same as eight Q4_0 blocks.
 pub const Q4_0X8_BYTES: usize = Q4_0X8_ROWS * Q4_0_BYTES;
@@ -236,39 +236,12 @@ pub const Q4_0X8_BYTES: usize = Q4_0X8_ROWS * Q4_0_BYTES;
 ///
 /// The codes are not changed (no XOR), so [`unpack_q4_0x8`] restores the GGUF bytes exactly.
 pub fn pack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let rb = nb * Q4_0_BYTES;
-    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q4_0 rows of {nb} blocks");
-    for (b, out) in dst.chunks_exact_mut(Q4_0X8_BYTES).enumerate() {
-        for r in 0..Q4_0X8_ROWS {
-            let blk = &src[r * rb + b * Q4_0_BYTES..r * rb + (b + 1) * Q4_0_BYTES];
-            out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-            for t in 0..4 {
-                let o = 16 + 32 * t + 4 * r;
-                out[o..o + 4].copy_from_slice(&blk[2 + 4 * t..6 + 4 * t]);
-            }
-        }
-    }
+    interleave8(src, nb, dst, Q4_0_BYTES, 0);
 }
 
 /// The inverse of [`pack_q4_0x8`]: eight row-major Q4_0 rows from one interleaved group.
 pub fn unpack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let rb = nb * Q4_0_BYTES;
-    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q4_0 rows of {nb} blocks");
-    for (b, g) in src.chunks_exact(Q4_0X8_BYTES).enumerate() {
-        for r in 0..Q4_0X8_ROWS {
-            let blk = &mut dst[r * rb + b * Q4_0_BYTES..r * rb + (b + 1) * Q4_0_BYTES];
-            unpack_q4_0x8_block(g, r, blk);
-        }
-    }
-}
-
-/// Row `r`'s Q4_0 block (18 bytes) out of one interleaved block column `g` (144 bytes).
-pub fn unpack_q4_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
-    blk[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
-    for t in 0..4 {
-        let o = 16 + 32 * t + 4 * r;
-        blk[2 + 4 * t..6 + 4 * t].copy_from_slice(&g[o..o + 4]);
-    }
+    deinterleave8(src, nb, dst, Q4_0_BYTES, 0);
 }
 
 /// Bytes of one block column of an interleaved Q8_0 group ([`pack_q8_0x8`]): eight blocks.
@@ -286,38 +259,50 @@ pub const Q8_0X8_BYTES: usize = Q4_0X8_ROWS * Q8_0_BYTES;
 /// block, as the Q4_0 kernels take `8·Σq_a`. [`unpack_q8_0x8`] undoes the XOR, so the GGUF
 /// bytes come back exactly.
 pub fn pack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let rb = nb * Q8_0_BYTES;
-    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q8_0 rows of {nb} blocks");
-    for (b, out) in dst.chunks_exact_mut(Q8_0X8_BYTES).enumerate() {
+    interleave8(src, nb, dst, Q8_0_BYTES, 0x80);
+}
+
+/// The inverse of [`pack_q8_0x8`]: eight row-major Q8_0 rows from one interleaved group.
+pub fn unpack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
+    deinterleave8(src, nb, dst, Q8_0_BYTES, 0x80);
+}
+
+/// The layout both formats share: eight rows of `nb` blocks of `bb` bytes (an f16 scale, then
+/// the codes), block column `b` at `8·bb·b` holding the eight scales, then 32-byte chunks,
+/// chunk `t` holding code bytes `4t..4t+4` of rows 0..7 in order, each XORed with `xor`.
+pub fn interleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+    let rb = nb * bb;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight rows of {nb} blocks of {bb} bytes");
+    for (b, out) in dst.chunks_exact_mut(Q4_0X8_ROWS * bb).enumerate() {
         for r in 0..Q4_0X8_ROWS {
-            let blk = &src[r * rb + b * Q8_0_BYTES..r * rb + (b + 1) * Q8_0_BYTES];
+            let blk = &src[r * rb + b * bb..r * rb + (b + 1) * bb];
             out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-            for t in 0..8 {
+            for t in 0..(bb - 2) / 4 {
                 for k in 0..4 {
-                    out[16 + 32 * t + 4 * r + k] = blk[2 + 4 * t + k] ^ 0x80;
+                    out[16 + 32 * t + 4 * r + k] = blk[2 + 4 * t + k] ^ xor;
                 }
             }
         }
     }
 }
 
-/// The inverse of [`pack_q8_0x8`]: eight row-major Q8_0 rows from one interleaved group.
-pub fn unpack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    let rb = nb * Q8_0_BYTES;
-    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight Q8_0 rows of {nb} blocks");
-    for (b, g) in src.chunks_exact(Q8_0X8_BYTES).enumerate() {
+/// The inverse of [`interleave8`].
+pub fn deinterleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+    let rb = nb * bb;
+    assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight rows of {nb} blocks of {bb} bytes");
+    for (b, g) in src.chunks_exact(Q4_0X8_ROWS * bb).enumerate() {
         for r in 0..Q4_0X8_ROWS {
-            unpack_q8_0x8_block(g, r, &mut dst[r * rb + b * Q8_0_BYTES..r * rb + (b + 1) * Q8_0_BYTES]);
+            deinterleave8_block(g, r, &mut dst[r * rb + b * bb..r * rb + (b + 1) * bb], xor);
         }
     }
 }
 
-/// Row `r`'s Q8_0 block (34 bytes) out of one interleaved block column `g` (272 bytes).
-pub fn unpack_q8_0x8_block(g: &[u8], r: usize, blk: &mut [u8]) {
+/// Row `r`'s block (`blk.len()` bytes) out of one interleaved block column `g`.
+pub fn deinterleave8_block(g: &[u8], r: usize, blk: &mut [u8], xor: u8) {
     blk[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
-    for t in 0..8 {
+    for t in 0..(blk.len() - 2) / 4 {
         for k in 0..4 {
-            blk[2 + 4 * t + k] = g[16 + 32 * t + 4 * r + k] ^ 0x80;
+            blk[2 + 4 * t + k] = g[16 + 32 * t + 4 * r + k] ^ xor;
         }
     }
 }

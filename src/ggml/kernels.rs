@@ -175,43 +175,32 @@ fn dot_q4_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
-/// The reference for the interleaved layout: the same integer sums per block as
+/// The reference for the interleaved Q4_0 layout: the same integer sums per block as
 /// [`dot_q4_0_scalar`] (codes minus 8 times the activation codes, read straight from the
 /// layout), scaled and summed in the same order, so each output equals that kernel's result
 /// on the row-major row exactly. It does not use `act_sums`, so that tests check them.
 fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
-    let mut out = [0f32; 8];
-    for (g, ab) in w.chunks_exact(Q4_0X8_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
-        let q8 = &ab[2..];
-        for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
-            let mut s = 0i32;
-            for t in 0..4 {
-                for k in 0..4 {
-                    let q = g[16 + 32 * t + 4 * r + k];
-                    s += ((q & 0x0F) as i32 - 8) * q8[4 * t + k] as i8 as i32;
-                    s += ((q >> 4) as i32 - 8) * q8[16 + 4 * t + k] as i8 as i32;
-                }
-            }
-            *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;
-        }
-    }
-    out
+    // Element e < 16 is chunk e/4's low nibble, e ≥ 16 the high nibble of element e − 16's byte.
+    gemv_x8_scalar(w, a, nb, Q4_0X8_BYTES, |g, r, e| {
+        let q = g[16 + 32 * (e % 16 / 4) + 4 * r + e % 4];
+        (if e < 16 { q & 0x0F } else { q >> 4 }) as i32 - 8
+    })
 }
 
 /// The reference for the interleaved Q8_0 layout: [`dot_q8_0_scalar`]'s integer sums per
-/// block (the codes' offset undone), scaled and summed as [`gemv_q4_0x8_scalar`] does. It does
-/// not use `act_sums`, so that tests check them.
+/// block (the codes' offset undone), scaled and summed as [`gemv_q4_0x8_scalar`] does.
 fn gemv_q8_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    gemv_x8_scalar(w, a, nb, Q8_0X8_BYTES, |g, r, e| (g[16 + 32 * (e / 4) + 4 * r + e % 4] ^ 0x80) as i8 as i32)
+}
+
+/// Eight interleaved rows against one Q8_0 row, block columns of `bytes` bytes: per block and
+/// row the exact integer `Σ code(g, r, e)·q_a[e]` over the 32 elements, times the two scales.
+fn gemv_x8_scalar(w: &[u8], a: &[u8], nb: usize, bytes: usize, code: impl Fn(&[u8], usize, usize) -> i32) -> [f32; 8] {
     let mut out = [0f32; 8];
-    for (g, ab) in w.chunks_exact(Q8_0X8_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+    for (g, ab) in w.chunks_exact(bytes).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
         let q8 = &ab[2..];
         for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
-            let mut s = 0i32;
-            for t in 0..8 {
-                for k in 0..4 {
-                    s += (g[16 + 32 * t + 4 * r + k] ^ 0x80) as i8 as i32 * q8[4 * t + k] as i8 as i32;
-                }
-            }
+            let s: i32 = (0..QK).map(|e| code(g, r, e) * q8[e] as i8 as i32).sum();
             *o += f16_at(g, 2 * r) * f16_at(ab, 0) * s as f32;
         }
     }

@@ -116,71 +116,59 @@ unsafe fn q5_0t(w: [&[u8]; 2], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [[f3
 }
 
 /// Eight interleaved Q4_0 rows × four tokens (the AVX2 `q4_0x8x4` with `vpdpbusd`): the
-/// unsigned nibbles multiply the activation's four bytes broadcast to every lane, lane r
-/// summing row r's 32 products in two chains that start from `−8·Σq_a` (the offset, in
-/// integers as before); then the same scale product and one FMA per block and token.
+/// unsigned nibbles, low ones of chunk t in register t and high ones in register 4 + t, go
+/// through [`x8`] with the offset 8.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
-    assert!(w.len() >= nb * Q4_0X8_BYTES);
-    for (r, s) in a.iter().zip(&act_sums) {
-        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
-    }
     let m4 = _mm256_set1_epi8(0x0F);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    for b in 0..nb {
-        let g = w.as_ptr().add(b * Q4_0X8_BYTES);
-        prefetch::<3>(g);
+    x8::<4, 3>(w, Q4_0X8_BYTES, a, act_sums, nb, 8, |g| {
         let mut q = [_mm256_setzero_si256(); 8];
         for t in 0..4 {
             let raw = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
             q[t] = _mm256_and_si256(raw, m4);
             q[4 + t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
         }
-        let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
-        for (k, acc_k) in acc.iter_mut().enumerate() {
-            let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
-            let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
-            let mut lo = _mm256_set1_epi32(-8 * *act_sums[k].get_unchecked(b));
-            let mut hi = _mm256_setzero_si256();
-            for t in 0..4 {
-                lo = _mm256_dpbusd_epi32(lo, q[t], at(t));
-                hi = _mm256_dpbusd_epi32(hi, q[4 + t], at(4 + t));
-            }
-            let d = _mm256_mul_ps(dw, _mm256_set1_ps(f16_scale(ap)));
-            *acc_k = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(_mm256_add_epi32(lo, hi)), *acc_k);
-        }
-    }
-    let mut out = [[0f32; 8]; 4];
-    for (o, v) in out.iter_mut().zip(acc) {
-        _mm256_storeu_ps(o.as_mut_ptr(), v);
-    }
-    out
+        q
+    })
 }
 
-/// Eight interleaved Q8_0 rows × `N` tokens: the offset codes (`q + 128`, unsigned) multiply
-/// the activation's four bytes broadcast to every lane, two chains per token starting from
-/// `−128·Σq_a`, so lane r ends at row r's exact `Σ q_w·q_a`; the eight chunks of a block
-/// column are loaded once for all `N` tokens. The float steps are [`q4_0x8x4`]'s.
+/// Eight interleaved Q8_0 rows × `N` tokens: the offset codes (`q + 128`, unsigned, chunk t
+/// in register t) go through [`x8`] with the offset 128.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
-    assert!(w.len() >= nb * Q8_0X8_BYTES);
+    x8::<N, 5>(w, Q8_0X8_BYTES, a, act_sums, nb, 128, |g| {
+        let mut q = [_mm256_setzero_si256(); 8];
+        for (t, qt) in q.iter_mut().enumerate() {
+            *qt = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+        }
+        q
+    })
+}
+
+/// Eight interleaved rows × `N` tokens over block columns of `bytes` bytes (prefetching `L`
+/// cache lines ahead): `load(column)` gives eight registers of unsigned weight codes, register
+/// j lane r holding row r's elements paired with the activation's bytes 4j..4j+4, which are
+/// broadcast to every lane. Per token two chains start from `−offset·Σq_a`, so lane r ends at
+/// row r's exact `Σ q_w·q_a`; then one scale product and one FMA per block and token. The
+/// column is loaded once for all `N` tokens.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn x8<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize, offset: i32, load: impl Fn(*const u8) -> [__m256i; 8]) -> [[f32; 8]; N] {
+    assert!(w.len() >= nb * bytes);
     for (r, s) in a.iter().zip(&act_sums) {
         assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
     }
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
-        let g = w.as_ptr().add(b * Q8_0X8_BYTES);
-        prefetch::<5>(g);
-        let mut q = [_mm256_setzero_si256(); 8];
-        for (t, qt) in q.iter_mut().enumerate() {
-            *qt = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
-        }
+        let g = w.as_ptr().add(b * bytes);
+        prefetch::<L>(g);
+        let q = load(g);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
         for (k, acc_k) in acc.iter_mut().enumerate() {
             let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
             let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
-            let mut lo = _mm256_set1_epi32(-128 * *act_sums[k].get_unchecked(b));
+            let mut lo = _mm256_set1_epi32(-offset * *act_sums[k].get_unchecked(b));
             let mut hi = _mm256_setzero_si256();
             for t in 0..4 {
                 lo = _mm256_dpbusd_epi32(lo, q[t], at(t));

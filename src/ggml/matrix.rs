@@ -130,15 +130,9 @@ impl QType {
         }
     }
 
-    /// Interleaves eight row-major rows of `nb` blocks into one group (`inverse`: undoes it).
-    fn pack_x8(self, src: &[u8], nb: usize, dst: &mut [u8], inverse: bool) {
-        match (self, inverse) {
-            (QType::Q8_0, false) => blocks::pack_q8_0x8(src, nb, dst),
-            (QType::Q8_0, true) => blocks::unpack_q8_0x8(src, nb, dst),
-            (QType::Q4_0, false) => blocks::pack_q4_0x8(src, nb, dst),
-            (QType::Q4_0, true) => blocks::unpack_q4_0x8(src, nb, dst),
-            _ => unreachable!("{self} is stored row-major"),
-        }
+    /// What the interleaved layout XORs this type's code bytes with ([`blocks::interleave8`]).
+    fn x8_xor(self) -> u8 {
+        if self == QType::Q8_0 { 0x80 } else { 0 }
     }
 
     fn dot(self, k: &Kernels) -> DotFn {
@@ -308,7 +302,7 @@ impl QuantMatrix {
             let gb = Q4_0X8_ROWS * nb * ty.block_bytes();
             data[..packed / Q4_0X8_ROWS * gb].par_chunks_mut(gb).for_each(|g| {
                 let rows8 = g.to_vec();
-                ty.pack_x8(&rows8, nb, g, false);
+                blocks::interleave8(&rows8, nb, g, ty.block_bytes(), ty.x8_xor());
             });
         }
         QuantMatrix { ty, rows, cols, data, packed }
@@ -339,7 +333,7 @@ impl QuantMatrix {
             let ty = self.ty;
             self.data[..self.packed * rb].par_chunks_mut(gb).for_each(|g| {
                 let group = g.to_vec();
-                ty.pack_x8(&group, nb, g, true);
+                blocks::deinterleave8(&group, nb, g, ty.block_bytes(), ty.x8_xor());
             });
         }
         self.data
@@ -355,10 +349,7 @@ impl QuantMatrix {
         let mut out = vec![0u8; rb];
         let bb = self.ty.block_bytes();
         for (col, blk) in group.chunks_exact(Q4_0X8_ROWS * bb).zip(out.chunks_exact_mut(bb)) {
-            match self.ty {
-                QType::Q8_0 => blocks::unpack_q8_0x8_block(col, j, blk),
-                _ => blocks::unpack_q4_0x8_block(col, j, blk),
-            }
+            blocks::deinterleave8_block(col, j, blk, self.ty.x8_xor());
         }
         Cow::Owned(out)
     }
@@ -479,8 +470,16 @@ impl QuantMatrix {
             let r1 = m.packed.clamp(r0, r0 + count);
             debug_assert!(r1 == r0 || r0.is_multiple_of(Q4_0X8_ROWS), "tasks start on a group");
             let ng = r1 - r0;
-            let mut local = vec![0f32; (count - ng) * n];
-            let o: &mut [f32] = &mut local;
+            // Each token's slice: the groups' outputs first, then the row-major rows'.
+            let mut rest: Vec<&mut [f32]> = Vec::with_capacity(n);
+            for d in dst.iter_mut() {
+                let (g, r) = std::mem::take(d).split_at_mut(ng);
+                *d = g;
+                rest.push(r);
+            }
+            // One token (decoding): the row-major rows go straight into its slice.
+            let mut local = if n == 1 { Vec::new() } else { vec![0f32; (count - ng) * n] };
+            let o: &mut [f32] = if n == 1 { &mut *rest[0] } else { &mut local };
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
                 for gi in 0..ng / Q4_0X8_ROWS {
@@ -537,11 +536,13 @@ impl QuantMatrix {
                     }
                 }
             }
-            // Token-major, so that the writes run along one output row (the tokens' rows lie
-            // 4·rows bytes apart: one page each for the LM head).
-            for (t, d) in dst.iter_mut().enumerate() {
-                for (i, v) in d[ng..].iter_mut().enumerate() {
-                    *v = local[i * n + t];
+            if n > 1 {
+                // Token-major, so that the writes run along one output row (the tokens' rows
+                // lie 4·rows bytes apart: one page each for the LM head).
+                for (t, d) in rest.iter_mut().enumerate() {
+                    for (i, v) in d.iter_mut().enumerate() {
+                        *v = local[i * n + t];
+                    }
                 }
             }
         };

@@ -15,7 +15,7 @@
 //! of batch > 1) runs [`Attention::composed_context`], the reference both fused paths are
 //! tested against (the kernels' tests are here, beside it).
 
-use super::cache::LayerCache;
+use super::cache::{HostKv, LayerCache};
 use super::linear::Linear;
 use super::rope::RopeTables;
 use crate::kernels::attention::{attention_composed, cached_attention, causal_attention, rotate_rows};
@@ -145,15 +145,24 @@ impl Attention {
         let (qv, kv, vv) = (&*qv, &*kv, &*vv);
         crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(off, len, cos, sin, cache, o)| {
             let hc = cache.host().expect("checked above");
-            let mut qh = qv[off * h * d..(off + len) * h * d].to_vec();
-            let mut kh = kv[off * kvh * d..(off + len) * kvh * d].to_vec();
-            rotate_rows(&mut qh, cos, sin, h, d);
-            rotate_rows(&mut kh, cos, sin, kvh, d);
-            let start = hc.len();
-            hc.append(&kh, &vv[off * kvh * d..(off + len) * kvh * d], kvh * d);
-            o.copy_from_slice(&cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d]));
+            let (q, k, v) = (&qv[off * h * d..(off + len) * h * d], &kv[off * kvh * d..(off + len) * kvh * d], &vv[off * kvh * d..(off + len) * kvh * d]);
+            o.copy_from_slice(&self.host_context(q, k, v, cos, sin, hc));
         });
         Some(from_plain(new_tensor(out, vec![1, t, h * d])))
+    }
+
+    /// One sequence's context `[t, heads·head_dim]` on the host, for both fused paths: RoPE on
+    /// the new rows `q` `[t, heads·d]` and `k` `[t, kv_heads·d]`, their keys and `v` appended to
+    /// the cache, then batch 1 over the whole cache.
+    fn host_context(&self, q: &[f32], k: &[f32], v: &[f32], cos: &[f32], sin: &[f32], hc: &mut HostKv) -> Vec<f32> {
+        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
+        let mut qh = q.to_vec();
+        let mut kh = k.to_vec();
+        rotate_rows(&mut qh, cos, sin, h, d);
+        rotate_rows(&mut kh, cos, sin, kvh, d);
+        let start = hc.len();
+        hc.append(&kh, v, kvh * d);
+        cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d])
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when
@@ -164,15 +173,8 @@ impl Attention {
         };
         let hc = cache.host()?;
         let t = q.dims()[1];
-        let (h, kvh, d) = (self.num_heads, self.num_kv_heads, self.head_dim);
-        let mut qh = values(&qp).into_owned();
-        let mut kh = values(&kp).into_owned();
-        // RoPE on the new rows, their keys and values appended, then batch 1 over the cache.
-        rotate_rows(&mut qh, &rope.cos_host, &rope.sin_host, h, d);
-        rotate_rows(&mut kh, &rope.cos_host, &rope.sin_host, kvh, d);
-        let start = hc.len();
-        hc.append(&kh, &values(&vp), kvh * d);
-        let ctx = cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d]);
+        let ctx = self.host_context(&values(&qp), &values(&kp), &values(&vp), &rope.cos_host, &rope.sin_host, hc);
+        let (h, d) = (self.num_heads, self.head_dim);
         Some(from_plain(new_tensor(ctx, vec![1, t, h * d])))
     }
 }
