@@ -337,52 +337,31 @@ fn activation_quantizers() {
 }
 
 #[test]
-fn q4_0x8_packing_places_each_byte_and_round_trips() {
-    // Eight rows of three blocks, every byte distinct by (row, block, position).
-    let nb = 3;
-    let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
-    let src: Vec<u8> = (0..8).flat_map(|r| (0..nb).flat_map(move |b| (0..Q4_0_BYTES).map(move |i| byte(r, b, i)))).collect();
-    let mut packed = vec![0u8; src.len()];
-    pack_q4_0x8(&src, nb, &mut packed);
-    // By the layout's definition: column b at 144·b; scale of row r at 2r; qs[4t + k] of
-    // row r at 16 + 32t + 4r + k.
-    for b in 0..nb {
-        let g = &packed[b * Q4_0X8_BYTES..];
-        for r in 0..8 {
-            assert_eq!([g[2 * r], g[2 * r + 1]], [byte(r, b, 0), byte(r, b, 1)]);
-            for t in 0..4 {
-                for k in 0..4 {
-                    assert_eq!(g[16 + 32 * t + 4 * r + k], byte(r, b, 2 + 4 * t + k), "b{b} r{r} t{t} k{k}");
+fn x8_packing_places_each_byte_and_round_trips() {
+    type Pack = fn(&[u8], usize, &mut [u8]);
+    let cases: [(usize, u8, Pack, Pack); 2] = [(Q4_0_BYTES, 0, pack_q4_0x8, unpack_q4_0x8), (Q8_0_BYTES, 0x80, pack_q8_0x8, unpack_q8_0x8)];
+    for (bb, xor, pack, unpack) in cases {
+        // Eight rows of three blocks, every byte distinct by (row, block, position).
+        let nb = 3;
+        let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
+        let src: Vec<u8> = (0..8).flat_map(|r| (0..nb).flat_map(move |b| (0..bb).map(move |i| byte(r, b, i)))).collect();
+        let mut packed = vec![0u8; src.len()];
+        pack(&src, nb, &mut packed);
+        // By the layouts' definition: column b at 8·bb·b; scale of row r at 2r; code byte
+        // 4t + k of row r at 16 + 32t + 4r + k (Q8_0's offset by 128).
+        for b in 0..nb {
+            let g = &packed[b * 8 * bb..];
+            for r in 0..8 {
+                assert_eq!([g[2 * r], g[2 * r + 1]], [byte(r, b, 0), byte(r, b, 1)]);
+                for t in 0..(bb - 2) / 4 {
+                    for k in 0..4 {
+                        assert_eq!(g[16 + 32 * t + 4 * r + k], byte(r, b, 2 + 4 * t + k) ^ xor, "{bb}: b{b} r{r} t{t} k{k}");
+                    }
                 }
             }
         }
+        let mut back = vec![0u8; src.len()];
+        unpack(&packed, nb, &mut back);
+        assert_eq!(back, src);
     }
-    let mut back = vec![0u8; src.len()];
-    unpack_q4_0x8(&packed, nb, &mut back);
-    assert_eq!(back, src);
-}
-
-#[test]
-fn q8_0x8_packing_places_each_byte_and_round_trips() {
-    let nb = 3;
-    let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
-    let src: Vec<u8> = (0..8).flat_map(|r| (0..nb).flat_map(move |b| (0..Q8_0_BYTES).map(move |i| byte(r, b, i)))).collect();
-    let mut packed = vec![0u8; src.len()];
-    pack_q8_0x8(&src, nb, &mut packed);
-    // Column b at 272·b; scale of row r at 2r; qs[4t + k] of row r at 16 + 32t + 4r + k,
-    // offset by 128.
-    for b in 0..nb {
-        let g = &packed[b * Q8_0X8_BYTES..];
-        for r in 0..8 {
-            assert_eq!([g[2 * r], g[2 * r + 1]], [byte(r, b, 0), byte(r, b, 1)]);
-            for t in 0..8 {
-                for k in 0..4 {
-                    assert_eq!(g[16 + 32 * t + 4 * r + k], byte(r, b, 2 + 4 * t + k) ^ 0x80, "b{b} r{r} t{t} k{k}");
-                }
-            }
-        }
-    }
-    let mut back = vec![0u8; src.len()];
-    unpack_q8_0x8(&packed, nb, &mut back);
-    assert_eq!(back, src);
 }
