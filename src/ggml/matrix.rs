@@ -403,10 +403,12 @@ impl QuantMatrix {
         let act_ty = ty.act();
         let ab = act_ty.row_bytes(cols);
         let mut acts = vec![0u8; n * ab];
-        if n > 1 {
+        // A few rows (decoding, a batched decode step) are quantized here: handing them to
+        // rayon wakes a worker for microseconds of work, once per product.
+        if n >= 32 {
             acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a));
         } else {
-            act_ty.quantize(x, &mut acts);
+            acts.chunks_mut(ab).zip(x.chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a));
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         let nb_act = ab / act_ty.block_bytes();

@@ -277,29 +277,8 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
 /// by `1/√d` as burn's `attention` does.
 pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
     let t = q.len() / (h * d);
-    let (w, groups, scale) = (kvh * d, h / kvh, 1.0 / (d as f32).sqrt());
     // Head-major [h, t, d]; for one token that is already [t, h·d].
     let mut out = vec![0f32; h * t * d];
-    // Queries i0.. of head hh into `o` (their rows of the head's block).
-    let head = |hh: usize, i0: usize, o: &mut [f32]| {
-        let g = hh / groups;
-        let mut p = vec![0f32; start + t];
-        for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
-            let qi = &q[i * h * d + hh * d..][..d];
-            let n = start + i + 1;
-            for (j, pj) in p[..n].iter_mut().enumerate() {
-                *pj = dot(qi, &kc[j * w + g * d..][..d]) * scale;
-            }
-            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
-            for (j, &pj) in p[..n].iter().enumerate() {
-                for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
-                    *a += pj * b;
-                }
-            }
-            let inv = 1.0 / sum;
-            oi.iter_mut().for_each(|a| *a *= inv);
-        }
-    };
     // Spread (head, block of queries) tasks over threads only when there is real work (a
     // prompt), not for one token. The quantized products' spinning team runs them: its helpers
     // are awake between two products, where rayon's would have to be woken (perf on the 2-core
@@ -307,9 +286,9 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
     if t * (start + t) * d >= 1 << 16 {
         const QB: usize = 16;
         let tasks: Vec<(usize, usize, &mut [f32])> = out.chunks_mut(t * d).enumerate().flat_map(|(hh, o)| o.chunks_mut(QB * d).enumerate().map(move |(c, oc)| (hh, c * QB, oc))).collect();
-        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| head(hh, i0, o));
+        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, i0, o));
     } else {
-        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| head(hh, 0, o));
+        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, 0, o));
     }
     if t == 1 {
         return out;
@@ -323,8 +302,144 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
     ctx
 }
 
+/// [`cached_attention`]'s queries `i0..` of head `hh` into `o` (their rows of the head's block
+/// `[t, d]`). The queries are `start + i0 + i` positions in, and see the keys up to their own.
+/// With AVX2 (and a head size in whole eight-lane chunks) [`x86::cached_head`] does the same
+/// arithmetic with its vectors in registers; [`cached_head_scalar`] is the reference it equals
+/// bit for bit (`cached_attention_avx2_equals_scalar`).
+#[allow(clippy::too_many_arguments)]
+fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if dims[2].is_multiple_of(8) && super::has_wide() {
+        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+        return unsafe { x86::cached_head(q, kc, vc, start, dims, hh, i0, o) };
+    }
+    cached_head_scalar(q, kc, vc, start, dims, hh, i0, o)
+}
+
+/// The reference arithmetic of [`cached_head`]: scores as [`dot`]s scaled, the softmax
+/// numerators and their sum ([`exp_shifted_in_place`]), the values summed key by key in order,
+/// then one multiplication by the inverse sum.
+#[allow(clippy::too_many_arguments)]
+fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+    let (w, scale) = (kvh * d, 1.0 / (d as f32).sqrt());
+    let g = hh / (h / kvh);
+    let mut p = vec![0f32; start + i0 + o.len() / d];
+    for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
+        let qi = &q[i * h * d + hh * d..][..d];
+        let n = start + i + 1;
+        for (j, pj) in p[..n].iter_mut().enumerate() {
+            *pj = dot(qi, &kc[j * w + g * d..][..d]) * scale;
+        }
+        let (_, sum) = exp_shifted_in_place(&mut p[..n]);
+        for (j, &pj) in p[..n].iter().enumerate() {
+            for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
+                *a += pj * b;
+            }
+        }
+        let inv = 1.0 / sum;
+        oi.iter_mut().for_each(|a| *a *= inv);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::softmax::x86::exp8;
+    use super::super::softmax::{exp_approx, max_of};
+    use std::arch::x86_64::*;
+
+    /// [`super::cached_head_scalar`] in AVX2 registers, for a head size `d` in whole chunks of
+    /// eight. The same operations in the same order: each score's eight lanes accumulate the
+    /// chunks in turn and are then summed left to right (plus `dot`'s empty remainder); each
+    /// output sums `p_j·v_j` over the keys in order from zero (`mul` then `add`, never a fused
+    /// FMA); then one multiplication by `1/Σ`. Four keys' scores are made together, so that
+    /// four independent chains fill the adders, and the outputs stay in registers across
+    /// every key.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (`kernels::has_wide`).
+    #[target_feature(enable = "avx2,fma")]
+    #[allow(clippy::too_many_arguments)]
+    pub unsafe fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+        let (w, scale, chunks) = (kvh * d, 1.0 / (d as f32).sqrt(), d / 8);
+        let g = hh / (h / kvh);
+        let rows = o.len() / d;
+        let last = start + i0 + rows;
+        assert!(kc.len() >= last * w && vc.len() >= last * w && q.len() >= (i0 + rows) * h * d && hh < h);
+        let mut p = vec![0f32; last];
+        let empty: f32 = std::iter::empty::<f32>().sum();
+        let lanes_sum = |v: __m256| {
+            let mut l = [0f32; 8];
+            _mm256_storeu_ps(l.as_mut_ptr(), v);
+            l.iter().sum::<f32>() + empty
+        };
+        for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
+            let qp = q.as_ptr().add(i * h * d + hh * d);
+            let n = start + i + 1;
+            let kp = |j: usize| kc.as_ptr().add(j * w + g * d);
+            let mut j = 0;
+            while j + 4 <= n {
+                let mut acc = [_mm256_setzero_ps(); 4];
+                for c in 0..chunks {
+                    let x = _mm256_loadu_ps(qp.add(c * 8));
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp(j + k).add(c * 8))));
+                    }
+                }
+                for (k, a) in acc.iter().enumerate() {
+                    p[j + k] = lanes_sum(*a) * scale;
+                }
+                j += 4;
+            }
+            while j < n {
+                let mut a = _mm256_setzero_ps();
+                for c in 0..chunks {
+                    a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp.add(c * 8)), _mm256_loadu_ps(kp(j).add(c * 8))));
+                }
+                p[j] = lanes_sum(a) * scale;
+                j += 1;
+            }
+            // `exp_shifted_in_place`: the same max, each numerator by `exp8` (eight at a time,
+            // the same operations as `exp_approx`), then the same left-to-right sum.
+            let row = &mut p[..n];
+            let m = max_of(row);
+            let mv = _mm256_set1_ps(m);
+            let mut chunks8 = row.chunks_exact_mut(8);
+            for c in &mut chunks8 {
+                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+                _mm256_storeu_ps(c.as_mut_ptr(), e);
+            }
+            for x in chunks8.into_remainder() {
+                *x = exp_approx(*x - m);
+            }
+            let mut sum = 0f32;
+            for &x in row.iter() {
+                sum += x;
+            }
+            let inv = _mm256_set1_ps(1.0 / sum);
+            // Outputs in groups of up to eight registers, each held across all keys.
+            let mut c0 = 0;
+            while c0 < chunks {
+                let m = (chunks - c0).min(8);
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for (jj, &pj) in p[..n].iter().enumerate() {
+                    let pv = _mm256_set1_ps(pj);
+                    let vp = vc.as_ptr().add(jj * w + g * d + c0 * 8);
+                    for (c, a) in acc.iter_mut().enumerate().take(m) {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(vp.add(c * 8))));
+                    }
+                }
+                for (c, a) in acc.iter().enumerate().take(m) {
+                    _mm256_storeu_ps(oi.as_mut_ptr().add((c0 + c) * 8), _mm256_mul_ps(*a, inv));
+                }
+                c0 += m;
+            }
+        }
+    }
+}
+
 /// `Σ aᵢ·bᵢ` in eight lanes (one f32 chain would not vectorise).
-#[inline]
+#[inline(always)]
 fn dot(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));

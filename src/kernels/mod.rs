@@ -121,6 +121,45 @@ pub fn record<Op: Backward<Flex, N>, const N: usize>(op: Op, parents: [NodeGuard
     }
 }
 
+/// Whether the host kernels' AVX2 + FMA versions run: the CPU has both (detected once), and no
+/// test asked for the baseline version on this thread ([`baseline_on_this_thread`]).
+///
+/// Why they exist: the crate is built for the x86-64 baseline (SSE2) so that one binary runs
+/// anywhere, which leaves the host loops outside `ggml` 4 wide, with every chain's latency
+/// exposed. A kernel's AVX2 version does the same float operations in the same order as its
+/// baseline reference (`mul` then `add`, never a fused FMA, sums left to right), so the two
+/// give the same bits; each has a test that compares them.
+#[inline]
+pub fn has_wide() -> bool {
+    #[cfg(test)]
+    if BASELINE.with(|b| b.get()) {
+        return false;
+    }
+    #[cfg(target_arch = "x86_64")]
+    {
+        static WIDE: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *WIDE.get_or_init(|| std::arch::is_x86_feature_detected!("avx2") && std::arch::is_x86_feature_detected!("fma"))
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+#[cfg(test)]
+thread_local! {
+    static BASELINE: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` with the host kernels on this thread taking their baseline versions, so a test can
+/// compare the bits of both.
+#[cfg(test)]
+pub fn baseline_on_this_thread<R>(f: impl FnOnce() -> R) -> R {
+    BASELINE.with(|b| b.set(true));
+    let r = f();
+    BASELINE.with(|b| b.set(false));
+    r
+}
+
+
 /// The values of a flex f32 tensor in row-major order, borrowed when already contiguous.
 pub fn values(t: &FlexTensor) -> Cow<'_, [f32]> {
     match t.as_slice::<f32>() {

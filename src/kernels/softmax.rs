@@ -38,7 +38,7 @@ pub fn exp_approx(x: f32) -> f32 {
 }
 
 /// `Σ exp(xᵢ − m)`, accumulated in 8 lanes.
-#[inline]
+#[inline(always)]
 pub fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
     let mut acc = [0f32; 8];
     let chunks = x.chunks_exact(8);
@@ -56,7 +56,7 @@ pub fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
 }
 
 /// Max of a non-empty slice, in 8 lanes.
-#[inline]
+#[inline(always)]
 pub fn max_of(x: &[f32]) -> f32 {
     let mut acc = [f32::NEG_INFINITY; 8];
     let chunks = x.chunks_exact(8);
@@ -71,7 +71,7 @@ pub fn max_of(x: &[f32]) -> f32 {
 
 /// Turns `row` into `exp(xᵢ − max)` in place and returns `(max, Σ exp(xᵢ − max))`: the
 /// numerators of a softmax row and its normaliser, summed in order. A non-empty row.
-#[inline]
+#[inline(always)]
 pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     let m = max_of(row);
     let mut sum = 0f32;
@@ -80,6 +80,42 @@ pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
         sum += *x;
     }
     (m, sum)
+}
+
+/// AVX2 versions of the pieces above, for the kernels' AVX2 paths (see `kernels::has_wide`).
+#[cfg(target_arch = "x86_64")]
+pub mod x86 {
+    #[allow(unused_imports)]
+    use super::exp_approx;
+    use std::arch::x86_64::*;
+
+    /// [`exp_approx`] on eight lanes with the same operations in the same order (clamp, range
+    /// reduction, the polynomial as `mul` then `add`, the exponent bits, the two out-of-range
+    /// cases), so each lane equals `exp_approx` of it bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (`kernels::has_wide`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp8(x: __m256) -> __m256 {
+        let (lo, hi) = (_mm256_set1_ps(-87.336_54), _mm256_set1_ps(88.376_26));
+        let set = |v: f32| _mm256_set1_ps(v);
+        // `f32::clamp`: below → lo, above → hi, NaN stays.
+        let xc = _mm256_blendv_ps(x, lo, _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
+        let xc = _mm256_blendv_ps(xc, hi, _mm256_cmp_ps::<_CMP_GT_OQ>(xc, hi));
+        let shift = set(12_582_912.0);
+        let n = _mm256_sub_ps(_mm256_add_ps(_mm256_mul_ps(xc, set(std::f32::consts::LOG2_E)), shift), shift);
+        let r = _mm256_sub_ps(_mm256_sub_ps(xc, _mm256_mul_ps(n, set(0.693_145_75))), _mm256_mul_ps(n, set(1.428_606_8e-6)));
+        let mut p = set(1.0 / 720.0);
+        for c in [1.0 / 120.0, 1.0 / 24.0, 1.0 / 6.0, 0.5, 1.0, 1.0] {
+            p = _mm256_add_ps(_mm256_mul_ps(p, r), set(c));
+        }
+        let ni = _mm256_cvttps_epi32(n);
+        let scale = _mm256_castsi256_ps(_mm256_slli_epi32::<23>(_mm256_add_epi32(ni, _mm256_set1_epi32(127))));
+        let y = _mm256_mul_ps(p, scale);
+        let y = _mm256_blendv_ps(y, _mm256_setzero_ps(), _mm256_cmp_ps::<_CMP_LT_OQ>(x, lo));
+        _mm256_blendv_ps(y, set(f32::INFINITY), _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi))
+    }
 }
 
 #[cfg(test)]
@@ -109,5 +145,31 @@ mod tests {
         assert_eq!(m, v.iter().cloned().fold(f32::NEG_INFINITY, f32::max));
         let s: f64 = v.iter().map(|&x| ((x - m) as f64).exp()).sum();
         assert!((sum_exp_shifted(&v, m) as f64 - s).abs() < 1e-5 * s);
+    }
+
+    /// `x86::exp8` gives `exp_approx`'s bits lane by lane, across the range, the clamps and
+    /// the special values.
+    #[test]
+    #[cfg(target_arch = "x86_64")]
+    fn exp8_equals_exp_approx() {
+        if !crate::kernels::has_wide() {
+            return;
+        }
+        let mut xs: Vec<f32> = (0..20_000).map(|i| -100.0 + i as f32 * 0.0097).collect();
+        xs.extend([0.0, -0.0, f32::NEG_INFINITY, f32::INFINITY, -87.336_54, 88.376_26, f32::MIN_POSITIVE, -1e-30]);
+        while !xs.len().is_multiple_of(8) {
+            xs.push(1.5);
+        }
+        for c in xs.chunks_exact(8) {
+            let mut got = [0f32; 8];
+            // SAFETY: `has_wide` said the CPU has AVX2.
+            unsafe {
+                use std::arch::x86_64::*;
+                _mm256_storeu_ps(got.as_mut_ptr(), x86::exp8(_mm256_loadu_ps(c.as_ptr())));
+            }
+            for (g, &x) in got.iter().zip(c) {
+                assert_eq!(g.to_bits(), exp_approx(x).to_bits(), "x = {x}");
+            }
+        }
     }
 }

@@ -21,11 +21,47 @@ fn sigmoid(x: f32) -> f32 {
 pub fn swiglu_values(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
     out.par_chunks_mut(16_384).zip(g.par_chunks(16_384)).zip(u.par_chunks(16_384)).for_each(|((o, g), u)| {
-        for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
-            *o = g * sigmoid(g) * u;
+        #[cfg(target_arch = "x86_64")]
+        if super::has_wide() {
+            // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+            return unsafe { x86::swiglu_chunk(o, g, u) };
         }
+        swiglu_chunk(o, g, u)
     });
     out
+}
+
+/// The reference arithmetic of [`swiglu_values`] on one chunk: `(g·σ(g))·u`.
+fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+    for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {
+        *o = g * sigmoid(g) * u;
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use super::super::softmax::x86::exp8;
+    use std::arch::x86_64::*;
+
+    /// [`super::swiglu_chunk`] eight at a time with the same operations (`σ(g) = 1/(1 +
+    /// exp_approx(−g))`, the sign flipped as a bit, then `(g·σ)·u`), so each output has the
+    /// reference's bits; the tail goes through the reference.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA (`kernels::has_wide`).
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
+        let n = o.len().min(g.len()).min(u.len());
+        let full = n / 8 * 8;
+        let (one, sign) = (_mm256_set1_ps(1.0), _mm256_set1_ps(-0.0));
+        for i in (0..full).step_by(8) {
+            let gv = _mm256_loadu_ps(g.as_ptr().add(i));
+            let s = _mm256_div_ps(one, _mm256_add_ps(one, exp8(_mm256_xor_ps(gv, sign))));
+            let y = _mm256_mul_ps(_mm256_mul_ps(gv, s), _mm256_loadu_ps(u.as_ptr().add(i)));
+            _mm256_storeu_ps(o.as_mut_ptr().add(i), y);
+        }
+        super::swiglu_chunk(&mut o[full..n], &g[full..n], &u[full..n]);
+    }
 }
 
 /// Gradients of [`swiglu_values`]: `(dg, du)`.
@@ -90,6 +126,21 @@ mod tests {
     use super::*;
     use crate::kernels::testing::close;
     use burn::tensor::{Device, Distribution};
+
+    /// The AVX2 path gives the reference's bits (see `kernels::has_wide`), tail included.
+    #[test]
+    fn swiglu_avx2_equals_scalar() {
+        let n = 16_384 + 1_003;
+        let g: Vec<f32> = (0..n).map(|i| ((i * 7919 % 2003) as f32 / 100.0 - 10.0) * 1.3).collect();
+        let u: Vec<f32> = (0..n).map(|i| ((i * 104_729 % 997) as f32 / 97.0).cos()).collect();
+        let wide = swiglu_values(&g, &u);
+        let base = crate::kernels::baseline_on_this_thread(|| {
+            let mut o = vec![0f32; n];
+            swiglu_chunk(&mut o, &g, &u);
+            o
+        });
+        assert!(wide.iter().zip(&base).all(|(a, b)| a.to_bits() == b.to_bits()));
+    }
 
     #[test]
     fn swiglu_forward_and_gradients_match_composition() {

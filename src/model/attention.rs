@@ -321,6 +321,26 @@ mod kernel_tests {
         assert!(k.grad(&g).is_none());
     }
 
+    /// The AVX2 version of the cached path gives its scalar reference's bits (see
+    /// `kernels::has_wide`), for one token (key counts off the four- and eight-key steps) and
+    /// for prompts, one of which takes the parallel path.
+    #[test]
+    fn cached_attention_avx2_equals_scalar() {
+        use crate::kernels::attention::cached_attention;
+        let (h, kvh, d) = (9, 3, 64);
+        let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1001) as f32 / 250.0 - 2.0).sin()).collect() };
+        for (start, t) in [(0, 1), (37, 1), (80, 1), (0, 70), (5, 40)] {
+            let q = vals(t * h * d, 1);
+            let (k, v) = (vals((start + t) * kvh * d, 2), vals((start + t) * kvh * d, 3));
+            let wide = cached_attention(&q, &k, &v, start, [h, kvh, d]);
+            let base = crate::kernels::baseline_on_this_thread(|| cached_attention(&q, &k, &v, start, [h, kvh, d]));
+            // The prompt's tasks may also run on the team's threads, in the wide build whatever
+            // this thread asked: the two builds must agree there too.
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&wide), bits(&base), "start {start}, t {t}");
+        }
+    }
+
     #[test]
     fn rotation_and_its_transpose_are_adjoint() {
         let d = 8;
