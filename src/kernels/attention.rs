@@ -344,8 +344,7 @@ fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, 
 
 #[cfg(target_arch = "x86_64")]
 mod x86 {
-    use super::super::softmax::x86::exp8;
-    use super::super::softmax::{exp_approx, max_of};
+    use super::super::softmax::x86::exp_shifted_in_place;
     use std::arch::x86_64::*;
 
     /// [`super::cached_head_scalar`] in AVX2 registers, for a head size `d` in whole chunks of
@@ -399,23 +398,7 @@ mod x86 {
                 p[j] = lanes_sum(a) * scale;
                 j += 1;
             }
-            // `exp_shifted_in_place`: the same max, each numerator by `exp8` (eight at a time,
-            // the same operations as `exp_approx`), then the same left-to-right sum.
-            let row = &mut p[..n];
-            let m = max_of(row);
-            let mv = _mm256_set1_ps(m);
-            let mut chunks8 = row.chunks_exact_mut(8);
-            for c in &mut chunks8 {
-                let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
-                _mm256_storeu_ps(c.as_mut_ptr(), e);
-            }
-            for x in chunks8.into_remainder() {
-                *x = exp_approx(*x - m);
-            }
-            let mut sum = 0f32;
-            for &x in row.iter() {
-                sum += x;
-            }
+            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
             let inv = _mm256_set1_ps(1.0 / sum);
             // Outputs in groups of up to eight registers, each held across all keys.
             let mut c0 = 0;
