@@ -138,6 +138,18 @@ async fn answers_stream_and_stop_like_generate() {
     assert_eq!(v["usage"]["total_tokens"], ids.len() + new.len());
     let finish = if new.len() == 20 { "length" } else { "stop" };
     assert_eq!(v["choices"][0]["finish_reason"], finish);
+    // The step counters behind `bench serve`: the prompt read in one pass, then decode-only
+    // passes of one sequence, each timed.
+    let h = health(&c, &u).await;
+    assert_eq!(h["prompt_steps"]["steps"], 1, "{h}");
+    assert_eq!(h["prompt_steps"]["prompt_ids"], ids.len(), "{h}");
+    assert!(h["prompt_steps"]["seconds"].as_f64().unwrap() > 0.0, "{h}");
+    let d = h["decode_steps"].as_array().unwrap();
+    assert_eq!(d.len(), 1, "one batch size so far: {h}");
+    assert_eq!(d[0][0], 1, "{h}");
+    let steps = d[0][1].as_u64().unwrap() as usize;
+    assert!(steps + 1 >= new.len() && steps <= new.len(), "{steps} decode passes for {} new tokens: {h}", new.len());
+    assert!(d[0][2].as_f64().unwrap() > 0.0, "{h}");
 
     // Chat, non-stream and stream: the same answer, streamed in order.
     let (_, new, want) = r.answer("你好，请介绍一下你自己。", true, 24);

@@ -427,18 +427,20 @@ impl QuantMatrix {
             Vec::new()
         };
         let sum = |t: usize| &sums[t * nb_act..(t + 1) * nb_act];
-        // Enough tasks per thread to balance, few enough that dispatch stays cheap; with many
-        // tokens, also few enough rows that a task's weights stay in L2 while every token
-        // block passes over them.
+        // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
+        const TB: usize = 32;
+        // Enough tasks per thread to balance, few enough that dispatch stays cheap; when a task
+        // passes over several token blocks, also few enough rows that its weights stay in L2
+        // meanwhile. Not for one block (decode, a batched decode step, a short prompt chunk):
+        // there 64-row tasks made a Q4_0 product of 8 or 16 tokens 14–22 % slower than a
+        // quarter of a thread's rows each (BENCHMARKS.md, "Where the serving ratio goes").
         let total: usize = ms.iter().map(|m| m.rows).sum();
         let mut per_task = total.div_ceil(rayon::current_num_threads() * 4).max(4);
-        if n >= 8 {
+        if n > TB {
             per_task = per_task.min(64);
         }
         // Whole groups of eight, so that every task starts on an interleaved group.
         let per_task = per_task.next_multiple_of(Q4_0X8_ROWS);
-        // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
-        const TB: usize = 32;
         // The outputs are [n, rows]; a task owns rows r0..r0 + count of one matrix, i.e. one
         // slice of each token's output row. The interleaved kernels make eight rows of one
         // token, which go straight there; the row-major ones make each row's tokens side by

@@ -44,6 +44,18 @@ pub async fn health(State(st): St) -> Json<Value> {
         "cached_tokens": s.cached_tokens.load(Ordering::Relaxed),
         "last_batch": s.last_batch.load(Ordering::Relaxed),
         "peak_batch": s.peak_batch.load(Ordering::Relaxed),
+        // [batch size, steps, seconds] of the forward passes that only decoded.
+        "decode_steps": (1..super::worker::STEP_SIZES)
+            .filter_map(|b| {
+                let n = s.decode_steps[b].load(Ordering::Relaxed);
+                (n > 0).then(|| json!([b, n, s.decode_ns[b].load(Ordering::Relaxed) as f64 * 1e-9]))
+            })
+            .collect::<Vec<_>>(),
+        "prompt_steps": {
+            "steps": s.prompt_steps.load(Ordering::Relaxed),
+            "seconds": s.prompt_ns.load(Ordering::Relaxed) as f64 * 1e-9,
+            "prompt_ids": s.prompt_ids.load(Ordering::Relaxed),
+        },
     }))
 }
 

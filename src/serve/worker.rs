@@ -64,7 +64,21 @@ pub struct Stats {
     pub last_batch: AtomicUsize,
     /// The most sequences one forward pass has carried.
     pub peak_batch: AtomicUsize,
+    /// Forward passes that only decoded (one new id per sequence), by sequences in the pass
+    /// (index = batch size; larger batches are not counted), and their summed wall time. The
+    /// throughput of a serving run mixes prompts and arrivals into its ratios; these give the
+    /// cost of one decode step at each batch size alone (`bench serve`).
+    pub decode_steps: [AtomicU64; STEP_SIZES],
+    pub decode_ns: [AtomicU64; STEP_SIZES],
+    /// Forward passes that read prompt ids (alone or beside decoding sequences), their summed
+    /// wall time and the prompt ids they read.
+    pub prompt_steps: AtomicU64,
+    pub prompt_ns: AtomicU64,
+    pub prompt_ids: AtomicU64,
 }
+
+/// Batch sizes `0..STEP_SIZES` are tracked in [`Stats::decode_steps`].
+pub const STEP_SIZES: usize = 32;
 
 /// Prompt ids fed per step, over all prompts being read, while other sequences decode.
 pub const PREFILL_CHUNK: usize = 64;
@@ -220,12 +234,24 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
         if batch.is_empty() {
             return Vec::new();
         }
+        let prompt_ids: usize = batch.iter().filter(|b| b.ids.len() > 1 || b.cache.is_empty()).map(|b| b.ids.len()).sum();
+        let fed = batch.len();
+        let t0 = std::time::Instant::now();
         let mut rows: Vec<f32> = Vec::new();
         for group in batch.chunks_mut(together) {
             let logits = rayon::scope(|_| loaded.model.forward_batch(group, &loaded.device));
             if let Some(l) = logits {
                 rows.extend(l.cast(FloatDType::F32).try_into_vec_as::<f32>().expect("f32 logits"));
             }
+        }
+        let ns = t0.elapsed().as_nanos() as u64;
+        if prompt_ids > 0 {
+            stats.prompt_steps.fetch_add(1, Ordering::Relaxed);
+            stats.prompt_ns.fetch_add(ns, Ordering::Relaxed);
+            stats.prompt_ids.fetch_add(prompt_ids as u64, Ordering::Relaxed);
+        } else if fed < STEP_SIZES {
+            stats.decode_steps[fed].fetch_add(1, Ordering::Relaxed);
+            stats.decode_ns[fed].fetch_add(ns, Ordering::Relaxed);
         }
         let vocab = loaded.model.vocab_size().max(1);
         let mut rows = rows.chunks_exact(vocab);

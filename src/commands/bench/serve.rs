@@ -38,6 +38,59 @@ pub struct ServeBenchRow {
     /// clock also shows the other jobs.
     pub cpu_s: f64,
     pub tokens_per_cpu_s: f64,
+    /// Mean wall time of the forward passes that only decoded, with every client's sequence in
+    /// the batch (from the server's `/health` counters; `None` when no such step ran).
+    pub decode_step_ms: Option<f64>,
+    /// Decode-only throughput against 1 client: `clients × step(1) / step(clients)`, what
+    /// `ratio_vs_1` would be without prompts and arrivals. Robust to a noisy machine where
+    /// the whole-run ratio is not: each step is timed, and the mean spans hundreds of them.
+    pub decode_ratio_vs_1: Option<f64>,
+    /// Share of the worker's forward time spent in passes that read prompt ids.
+    pub prompt_share: f64,
+}
+
+/// The server's step counters (`GET /health`): decode-only passes as (batch → steps,
+/// seconds), and the prompt passes' seconds.
+#[derive(Default, Clone)]
+struct StepCounters {
+    decode: std::collections::BTreeMap<usize, (f64, f64)>,
+    prompt_s: f64,
+}
+
+fn step_counters(addr: SocketAddr) -> Result<StepCounters> {
+    let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
+    s.set_read_timeout(Some(Duration::from_secs(60)))?;
+    write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
+    let mut resp = String::new();
+    s.read_to_string(&mut resp)?;
+    let (_, json) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response from /health"))?;
+    let v: serde_json::Value = serde_json::from_str(json).context("/health did not answer JSON")?;
+    let mut c = StepCounters { prompt_s: v["prompt_steps"]["seconds"].as_f64().unwrap_or(0.0), ..Default::default() };
+    for e in v["decode_steps"].as_array().into_iter().flatten() {
+        if let (Some(b), Some(n), Some(t)) = (e[0].as_u64(), e[1].as_f64(), e[2].as_f64()) {
+            c.decode.insert(b as usize, (n, t));
+        }
+    }
+    Ok(c)
+}
+
+impl StepCounters {
+    /// The counters accumulated since `before`.
+    fn since(&self, before: &StepCounters) -> StepCounters {
+        let decode = self.decode.iter().map(|(&b, &(n, t))| {
+            let (n0, t0) = before.decode.get(&b).copied().unwrap_or((0.0, 0.0));
+            (b, (n - n0, t - t0))
+        });
+        StepCounters { decode: decode.collect(), prompt_s: self.prompt_s - before.prompt_s }
+    }
+
+    fn mean_step_s(&self, batch: usize) -> Option<f64> {
+        self.decode.get(&batch).filter(|(n, _)| *n > 0.0).map(|(n, t)| t / n)
+    }
+
+    fn total_s(&self) -> f64 {
+        self.prompt_s + self.decode.values().map(|(_, t)| t).sum::<f64>()
+    }
 }
 
 /// User + system CPU seconds of this process so far.
@@ -86,6 +139,7 @@ pub fn run(o: &ServeBenchOptions) -> Result<Vec<ServeBenchRow>> {
     request(addr, &body(0, 0))?;
     let mut rows: Vec<ServeBenchRow> = Vec::new();
     for &n in &o.clients {
+        let steps0 = step_counters(addr)?;
         let c0 = cpu_seconds();
         let t0 = Instant::now();
         let handles: Vec<_> = (0..n)
@@ -115,18 +169,54 @@ pub fn run(o: &ServeBenchOptions) -> Result<Vec<ServeBenchRow>> {
         let cpu_s = cpu_seconds() - c0;
         let requests = n * o.requests_per_client;
         let tps = tokens as f64 / seconds;
-        let base = rows.iter().find(|r| r.clients == 1).map(|r| r.tokens_per_s);
-        rows.push(ServeBenchRow { clients: n, requests, generated_tokens: tokens, seconds, tokens_per_s: tps, ratio_vs_1: base.map(|b| tps / b), mean_latency_s: latency / requests as f64, p95_latency_s: p95, cpu_s, tokens_per_cpu_s: tokens as f64 / cpu_s });
+        let steps = step_counters(addr)?.since(&steps0);
+        let step = steps.mean_step_s(n);
+        let base = rows.iter().find(|r| r.clients == 1);
+        let step1 = base.and_then(|r| r.decode_step_ms);
+        let decode_ratio_vs_1 = match (step, step1) {
+            (Some(s), Some(s1)) => Some(n as f64 * s1 / (s * 1e3)),
+            _ => None,
+        };
+        let prompt_share = if steps.total_s() > 0.0 { steps.prompt_s / steps.total_s() } else { 0.0 };
+        rows.push(ServeBenchRow {
+            clients: n,
+            requests,
+            generated_tokens: tokens,
+            seconds,
+            tokens_per_s: tps,
+            ratio_vs_1: base.map(|b| tps / b.tokens_per_s),
+            mean_latency_s: latency / requests as f64,
+            p95_latency_s: p95,
+            cpu_s,
+            tokens_per_cpu_s: tokens as f64 / cpu_s,
+            decode_step_ms: step.map(|s| s * 1e3),
+            decode_ratio_vs_1,
+            prompt_share,
+        });
     }
     server.shutdown()?;
     Ok(rows)
 }
 
 pub fn markdown(rows: &[ServeBenchRow]) -> String {
-    let mut s = String::from("| clients | requests | tokens | seconds | tokens/s | vs 1 client | mean latency, s | p95 latency, s | tokens per CPU s |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    let mut s = String::from("| clients | requests | tokens | seconds | tokens/s | vs 1 client | mean latency, s | p95 latency, s | tokens per CPU s | decode step, ms | decode-only vs 1 client | prompt share |\n| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |\n");
+    let opt = |x: Option<f64>, p: usize| x.map(|x| format!("{x:.p$}")).unwrap_or_else(|| "–".into());
     for r in rows {
-        let ratio = r.ratio_vs_1.map(|x| format!("{x:.2}")).unwrap_or_else(|| "–".into());
-        s.push_str(&format!("| {} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.1} |\n", r.clients, r.requests, r.generated_tokens, r.seconds, r.tokens_per_s, ratio, r.mean_latency_s, r.p95_latency_s, r.tokens_per_cpu_s));
+        s.push_str(&format!(
+            "| {} | {} | {} | {:.1} | {:.1} | {} | {:.2} | {:.2} | {:.1} | {} | {} | {:.0} % |\n",
+            r.clients,
+            r.requests,
+            r.generated_tokens,
+            r.seconds,
+            r.tokens_per_s,
+            opt(r.ratio_vs_1, 2),
+            r.mean_latency_s,
+            r.p95_latency_s,
+            r.tokens_per_cpu_s,
+            opt(r.decode_step_ms, 2),
+            opt(r.decode_ratio_vs_1, 2),
+            r.prompt_share * 100.0
+        ));
     }
     s
 }
