@@ -71,6 +71,12 @@ pub enum BenchCmd {
         inits: Vec<String>,
     },
     /// Aggregate generated tokens/s of `serve` at several concurrent client counts, over loopback HTTP
+    ///
+    /// Per client count: tokens/s and its ratio to 1 client, mean and p95 latency, tokens per
+    /// CPU second, and from the server's step counters the mean decode-only step with every
+    /// client in the batch, the decode-only ratio (clients × step(1) / step(clients): the
+    /// throughput ratio without prompts and arrivals, steadier on a shared machine) and the
+    /// share of forward time spent reading prompts.
     Serve {
         /// A real model folder with a tokenizer (this benchmark needs text in and out)
         #[command(flatten)]
