@@ -286,9 +286,11 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
     if t * (start + t) * d >= 1 << 16 {
         const QB: usize = 16;
         let tasks: Vec<(usize, usize, &mut [f32])> = out.chunks_mut(t * d).enumerate().flat_map(|(hh, o)| o.chunks_mut(QB * d).enumerate().map(move |(c, oc)| (hh, c * QB, oc))).collect();
-        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, i0, o));
+        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, i0, o, &mut Vec::new()));
     } else {
-        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, 0, o));
+        // One scores buffer for every head: decoding calls this per layer and token.
+        let mut p = Vec::new();
+        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, 0, o, &mut p));
     }
     if t == 1 {
         return out;
@@ -306,25 +308,29 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
 /// `[t, d]`). The queries are `start + i0 + i` positions in, and see the keys up to their own.
 /// With AVX2 (and a head size in whole eight-lane chunks) [`x86::cached_head`] does the same
 /// arithmetic with its vectors in registers; [`cached_head_scalar`] is the reference it equals
-/// bit for bit (`cached_attention_avx2_equals_scalar`).
+/// bit for bit (`cached_attention_avx2_equals_scalar`). `p` is scratch for the scores, grown
+/// as needed (its contents are overwritten before they are read).
 #[allow(clippy::too_many_arguments)]
-fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut Vec<f32>) {
+    let last = start + i0 + o.len() / dims[2];
+    if p.len() < last {
+        p.resize(last, 0.0);
+    }
     #[cfg(target_arch = "x86_64")]
     if dims[2].is_multiple_of(8) && super::has_wide() {
         // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
-        return unsafe { x86::cached_head(q, kc, vc, start, dims, hh, i0, o) };
+        return unsafe { x86::cached_head(q, kc, vc, start, dims, hh, i0, o, p) };
     }
-    cached_head_scalar(q, kc, vc, start, dims, hh, i0, o)
+    cached_head_scalar(q, kc, vc, start, dims, hh, i0, o, p)
 }
 
 /// The reference arithmetic of [`cached_head`]: scores as [`dot`]s scaled, the softmax
 /// numerators and their sum ([`exp_shifted_in_place`]), the values summed key by key in order,
 /// then one multiplication by the inverse sum.
 #[allow(clippy::too_many_arguments)]
-fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
     let (w, scale) = (kvh * d, 1.0 / (d as f32).sqrt());
     let g = hh / (h / kvh);
-    let mut p = vec![0f32; start + i0 + o.len() / d];
     for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
         let qi = &q[i * h * d + hh * d..][..d];
         let n = start + i + 1;
@@ -359,13 +365,12 @@ mod x86 {
     /// The CPU must have AVX2 and FMA (`kernels::has_wide`).
     #[target_feature(enable = "avx2,fma")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32]) {
+    pub unsafe fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
         let (w, scale, chunks) = (kvh * d, 1.0 / (d as f32).sqrt(), d / 8);
         let g = hh / (h / kvh);
         let rows = o.len() / d;
         let last = start + i0 + rows;
-        assert!(kc.len() >= last * w && vc.len() >= last * w && q.len() >= (i0 + rows) * h * d && hh < h);
-        let mut p = vec![0f32; last];
+        assert!(kc.len() >= last * w && vc.len() >= last * w && q.len() >= (i0 + rows) * h * d && hh < h && p.len() >= last);
         let empty: f32 = std::iter::empty::<f32>().sum();
         let lanes_sum = |v: __m256| {
             let mut l = [0f32; 8];

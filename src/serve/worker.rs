@@ -185,7 +185,8 @@ enum Plan {
 /// sequence's outcome, in order.
 fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> {
     let decoding = active.iter().filter(|s| s.stepper.cached() > 0 && s.stepper.pending().len() == 1).count();
-    let mut budget = if decoding > 0 { PREFILL_CHUNK } else { PREFILL_IDLE_CHUNK };
+    let full_budget = if decoding > 0 { PREFILL_CHUNK } else { PREFILL_IDLE_CHUNK };
+    let mut budget = full_budget;
     let plans: Vec<Plan> = active
         .iter_mut()
         .map(|seq| {
@@ -213,6 +214,8 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
             }
         })
         .collect();
+    // Every prompt id fed this step came out of the budget.
+    let prompt_ids = full_budget - budget;
     // The batched forward pass, on a rayon worker as `Stepper::step` runs its own (see there).
     let r = catch_unwind(AssertUnwindSafe(|| {
         let mut batch: Vec<BatchSeq> = Vec::new();
@@ -234,7 +237,6 @@ fn step_all(loaded: &Loaded, active: &mut [Seq], stats: &Stats) -> Vec<Outcome> 
         if batch.is_empty() {
             return Vec::new();
         }
-        let prompt_ids: usize = batch.iter().filter(|b| b.ids.len() > 1 || b.cache.is_empty()).map(|b| b.ids.len()).sum();
         let fed = batch.len();
         let t0 = std::time::Instant::now();
         let mut rows: Vec<f32> = Vec::new();

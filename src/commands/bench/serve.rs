@@ -58,13 +58,7 @@ struct StepCounters {
 }
 
 fn step_counters(addr: SocketAddr) -> Result<StepCounters> {
-    let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
-    s.set_read_timeout(Some(Duration::from_secs(60)))?;
-    write!(s, "GET /health HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
-    let mut resp = String::new();
-    s.read_to_string(&mut resp)?;
-    let (_, json) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response from /health"))?;
-    let v: serde_json::Value = serde_json::from_str(json).context("/health did not answer JSON")?;
+    let v = http_json(addr, "GET /health", "")?;
     let mut c = StepCounters { prompt_s: v["prompt_steps"]["seconds"].as_f64().unwrap_or(0.0), ..Default::default() };
     for e in v["decode_steps"].as_array().into_iter().flatten() {
         if let (Some(b), Some(n), Some(t)) = (e[0].as_u64(), e[1].as_f64(), e[2].as_f64()) {
@@ -107,18 +101,24 @@ fn cpu_seconds() -> f64 {
     t(u.ru_utime) + t(u.ru_stime)
 }
 
-/// One `POST /v1/completions`, non-streaming; returns the completion token count.
-fn request(addr: SocketAddr, body: &str) -> Result<usize> {
+/// One HTTP/1.1 request (`line` = method and path) with a JSON body (may be empty); the
+/// answer's JSON, or an error unless the status is 200.
+fn http_json(addr: SocketAddr, line: &str, body: &str) -> Result<serde_json::Value> {
     let mut s = TcpStream::connect(addr).with_context(|| format!("cannot connect to {addr}"))?;
     s.set_read_timeout(Some(Duration::from_secs(600)))?;
-    write!(s, "POST /v1/completions HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
+    write!(s, "{line} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len())?;
     let mut resp = String::new();
     s.read_to_string(&mut resp)?;
-    let (head, json) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response"))?;
+    let (head, json) = resp.split_once("\r\n\r\n").ok_or_else(|| anyhow::anyhow!("malformed HTTP response to {line}"))?;
     if !head.starts_with("HTTP/1.1 200") {
-        bail!("server answered {}: {json}", head.lines().next().unwrap_or(""));
+        bail!("{line}: server answered {}: {json}", head.lines().next().unwrap_or(""));
     }
-    let v: serde_json::Value = serde_json::from_str(json).context("response body is not JSON")?;
+    serde_json::from_str(json).with_context(|| format!("{line}: response body is not JSON"))
+}
+
+/// One `POST /v1/completions`, non-streaming; returns the completion token count.
+fn request(addr: SocketAddr, body: &str) -> Result<usize> {
+    let v = http_json(addr, "POST /v1/completions", body)?;
     v["usage"]["completion_tokens"].as_u64().map(|n| n as usize).ok_or_else(|| anyhow::anyhow!("no usage in {v}"))
 }
 
