@@ -10,6 +10,7 @@
 # CPU only, Release, -march=native (GGML_NATIVE), static, with no network code (no curl, no
 # OpenSSL, no prebuilt web UI download). It builds only the tools the benchmarks use:
 #   llama-perplexity llama-simple llama-bench llama-tokenize llama-quantize   (first, quick)
+#   llama-batched-bench  (decode throughput at several batch sizes: the serving comparison)
 #   llama-cli                                    (last: in this version it pulls in the server code)
 # (llama-quantize re-exports a quantized GGUF as F32 for the exact-arithmetic comparison.)
 # and copies them to $LLAMA_CPP_DIR/bin. Layout under $LLAMA_CPP_DIR:
@@ -30,7 +31,7 @@ mkdir -p "$PREFIX"
 PREFIX=$(cd "$PREFIX" && pwd)
 
 # llama-cli is last: the perplexity comparison only needs the first ones.
-TOOLS=(llama-perplexity llama-simple llama-bench llama-tokenize llama-quantize llama-cli)
+TOOLS=(llama-perplexity llama-simple llama-bench llama-tokenize llama-quantize llama-batched-bench llama-cli)
 
 all_built() {
   local t
@@ -68,6 +69,10 @@ if [ ! -f "$LLAMA_SRC/CMakeLists.txt" ]; then
   echo "extracting vendor/llama.cpp ..."
   tar -xzf "$SDIST" -C "$SRC_DIR" "llama_cpp_python-$VERSION/vendor/llama.cpp"
 fi
+[ -d "$LLAMA_SRC/tools/batched-bench" ] || {
+  echo "note: this llama.cpp has no llama-batched-bench; skipping it"
+  TOOLS=("${TOOLS[@]/llama-batched-bench}")
+}
 [ -f "$LLAMA_SRC/tools/perplexity/perplexity.cpp" ] || {
   echo "error: $LLAMA_SRC does not look like llama.cpp (no tools/perplexity/perplexity.cpp)" >&2
   exit 1
