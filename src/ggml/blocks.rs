@@ -286,6 +286,39 @@ pub fn interleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
     }
 }
 
+/// Rows per interleaved unit of a [`super::QuantMatrix`]: two groups of eight.
+pub const X16_ROWS: usize = 2 * Q4_0X8_ROWS;
+
+/// Sixteen row-major rows as two [`interleave8`] groups whose block columns alternate: column
+/// `b` of group `h` (rows `8h..8h + 8`) at `(2b + h)·8·bb`, i.e. each group's columns `2·8·bb`
+/// apart. A kernel that reads both groups together (sixteen rows per pass) then reads one
+/// ascending stream; reading two groups kept one after the other side by side was slower from
+/// memory than reading them one at a time (BENCHMARKS.md, "Where a batched decode step goes").
+pub fn interleave16(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+    let (rb, cb) = (nb * bb, Q4_0X8_ROWS * bb);
+    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {bb} bytes");
+    let mut group = vec![0u8; Q4_0X8_ROWS * rb];
+    for h in 0..2 {
+        interleave8(&src[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], nb, &mut group, bb, xor);
+        for (b, col) in group.chunks_exact(cb).enumerate() {
+            dst[(2 * b + h) * cb..(2 * b + h + 1) * cb].copy_from_slice(col);
+        }
+    }
+}
+
+/// The inverse of [`interleave16`].
+pub fn deinterleave16(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+    let (rb, cb) = (nb * bb, Q4_0X8_ROWS * bb);
+    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {bb} bytes");
+    let mut group = vec![0u8; Q4_0X8_ROWS * rb];
+    for h in 0..2 {
+        for (b, col) in group.chunks_exact_mut(cb).enumerate() {
+            col.copy_from_slice(&src[(2 * b + h) * cb..(2 * b + h + 1) * cb]);
+        }
+        deinterleave8(&group, nb, &mut dst[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], bb, xor);
+    }
+}
+
 /// The inverse of [`interleave8`].
 pub fn deinterleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
     let rb = nb * bb;

@@ -365,3 +365,26 @@ fn x8_packing_places_each_byte_and_round_trips() {
         assert_eq!(back, src);
     }
 }
+
+#[test]
+fn pairs_of_groups_alternate_their_columns_and_round_trip() {
+    for (bb, xor) in [(Q4_0_BYTES, 0u8), (Q8_0_BYTES, 0x80)] {
+        let nb = 3;
+        let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
+        let src: Vec<u8> = (0..16).flat_map(|r| (0..nb).flat_map(move |b| (0..bb).map(move |i| byte(r, b, i)))).collect();
+        let mut pair = vec![0u8; src.len()];
+        interleave16(&src, nb, &mut pair, bb, xor);
+        // Column b of group h is group h's own interleaved column b, at (2b + h)·8·bb.
+        let rb = nb * bb;
+        for h in 0..2 {
+            let mut group = vec![0u8; 8 * rb];
+            interleave8(&src[h * 8 * rb..(h + 1) * 8 * rb], nb, &mut group, bb, xor);
+            for b in 0..nb {
+                assert_eq!(&pair[(2 * b + h) * 8 * bb..(2 * b + h + 1) * 8 * bb], &group[b * 8 * bb..(b + 1) * 8 * bb], "{bb}: group {h} column {b}");
+            }
+        }
+        let mut back = vec![0u8; src.len()];
+        deinterleave16(&pair, nb, &mut back, bb, xor);
+        assert_eq!(back, src);
+    }
+}

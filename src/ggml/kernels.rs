@@ -24,15 +24,25 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
 
 /// Eight interleaved rows (Q4_0: [`super::blocks::pack_q4_0x8`], Q8_0:
-/// [`super::blocks::pack_q8_0x8`]) against one Q8_0 activation row: `gemv(group, act,
-/// act_sums, n_blocks)` → the eight dot products. `act_sums[b]` is `Σ q` over activation block
-/// `b` (the SIMD kernels multiply unsigned weight codes and take the offset, 8 for Q4_0 and
-/// 128 for Q8_0, off afterwards as `offset·Σq`).
-pub type Gemv8Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 8];
+/// [`super::blocks::pack_q8_0x8`]) against one Q8_0 activation row: `gemv(group, stride, act,
+/// act_sums, n_blocks)` → the eight dot products, block column `b` of the group at `b·stride`
+/// (a matrix keeps its groups in pairs, [`super::blocks::interleave16`], so the stride is two
+/// columns). `act_sums[b]` is `Σ q` over activation block `b` (the SIMD kernels multiply
+/// unsigned weight codes and take the offset, 8 for Q4_0 and 128 for Q8_0, off afterwards as
+/// `offset·Σq`).
+pub type Gemv8Fn = fn(&[u8], usize, &[u8], &[i32], usize) -> [f32; 8];
 
 /// [`Gemv8Fn`] for four activation rows at once (prompt processing): each block column of the
 /// group is loaded and unpacked once for four tokens. Returns `[token][row]`.
-pub type Gemm4x8Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 8]; 4];
+pub type Gemm4x8Fn = fn(&[u8], usize, [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 8]; 4];
+
+/// Both groups of an interleaved pair ([`super::blocks::interleave16`]) against one activation
+/// row: the sixteen dot products, rows 0..8 from the first group, each bit for bit what
+/// [`Gemv8Fn`] of the same kernel set gives for its group.
+pub type Gemv16Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 16];
+
+/// [`Gemv16Fn`] for four activation rows at once. Returns `[token][row]`.
+pub type Gemm4x16Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 16]; 4];
 
 /// Two weight rows against four activation rows (Q8_0 activations, f32 scales as for
 /// [`Dot4Fn`]): each weight block is loaded and unpacked once for four tokens and each
@@ -65,15 +75,20 @@ pub struct Kernels {
     pub q8_0t: Option<Tile2x4Fn>,
     pub q4_0t: Option<Tile2x4Fn>,
     pub q5_0t: Option<Tile2x4Fn>,
-    /// Q4_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
-    /// keeps Q4_0 weights in).
+    /// Q4_0 in interleaved groups of eight rows (the layout [`super::QuantMatrix`] keeps Q4_0
+    /// weights in, two groups to a pair).
     pub q4_0x8: Gemv8Fn,
     /// Its four-token version (`None`: loop over [`Gemv8Fn`]).
     pub q4_0x8x4: Option<Gemm4x8Fn>,
-    /// Q8_0 in interleaved groups of eight rows (the layout [`crate::quant::QuantMatrix`]
-    /// keeps Q8_0 weights in), and its four-token version.
+    /// Q8_0 in interleaved groups of eight rows (the layout [`super::QuantMatrix`] keeps Q8_0
+    /// weights in, two groups to a pair), and its four-token version.
     pub q8_0x8: Gemv8Fn,
     pub q8_0x8x4: Option<Gemm4x8Fn>,
+    /// Whole pairs of groups at once (`None`: a group at a time through the eight-row kernels).
+    pub q4_0x16: Option<Gemv16Fn>,
+    pub q4_0x16x4: Option<Gemm4x16Fn>,
+    pub q8_0x16: Option<Gemv16Fn>,
+    pub q8_0x16x4: Option<Gemm4x16Fn>,
     /// `"avx512vnni"`, `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -100,6 +115,10 @@ impl Kernels {
             q4_0x8x4: None,
             q8_0x8: gemv_q8_0x8_scalar,
             q8_0x8x4: None,
+            q4_0x16: None,
+            q4_0x16x4: None,
+            q8_0x16: None,
+            q8_0x16x4: None,
             name: "scalar",
         }
     }
@@ -179,9 +198,9 @@ fn dot_q4_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
 /// [`dot_q4_0_scalar`] (codes minus 8 times the activation codes, read straight from the
 /// layout), scaled and summed in the same order, so each output equals that kernel's result
 /// on the row-major row exactly. It does not use `act_sums`, so that tests check them.
-fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+fn gemv_q4_0x8_scalar(w: &[u8], stride: usize, a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
     // Element e < 16 is chunk e/4's low nibble, e ≥ 16 the high nibble of element e − 16's byte.
-    gemv_x8_scalar(w, a, nb, Q4_0X8_BYTES, |g, r, e| {
+    gemv_x8_scalar(w, stride, a, nb, Q4_0X8_BYTES, |g, r, e| {
         let q = g[16 + 32 * (e % 16 / 4) + 4 * r + e % 4];
         (if e < 16 { q & 0x0F } else { q >> 4 }) as i32 - 8
     })
@@ -189,15 +208,17 @@ fn gemv_q4_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32;
 
 /// The reference for the interleaved Q8_0 layout: [`dot_q8_0_scalar`]'s integer sums per
 /// block (the codes' offset undone), scaled and summed as [`gemv_q4_0x8_scalar`] does.
-fn gemv_q8_0x8_scalar(w: &[u8], a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
-    gemv_x8_scalar(w, a, nb, Q8_0X8_BYTES, |g, r, e| (g[16 + 32 * (e / 4) + 4 * r + e % 4] ^ 0x80) as i8 as i32)
+fn gemv_q8_0x8_scalar(w: &[u8], stride: usize, a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    gemv_x8_scalar(w, stride, a, nb, Q8_0X8_BYTES, |g, r, e| (g[16 + 32 * (e / 4) + 4 * r + e % 4] ^ 0x80) as i8 as i32)
 }
 
-/// Eight interleaved rows against one Q8_0 row, block columns of `bytes` bytes: per block and
-/// row the exact integer `Σ code(g, r, e)·q_a[e]` over the 32 elements, times the two scales.
-fn gemv_x8_scalar(w: &[u8], a: &[u8], nb: usize, bytes: usize, code: impl Fn(&[u8], usize, usize) -> i32) -> [f32; 8] {
+/// Eight interleaved rows against one Q8_0 row, block columns of `bytes` bytes every `stride`:
+/// per block and row the exact integer `Σ code(g, r, e)·q_a[e]` over the 32 elements, times
+/// the two scales.
+fn gemv_x8_scalar(w: &[u8], stride: usize, a: &[u8], nb: usize, bytes: usize, code: impl Fn(&[u8], usize, usize) -> i32) -> [f32; 8] {
     let mut out = [0f32; 8];
-    for (g, ab) in w.chunks_exact(bytes).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+    for (b, ab) in a.chunks_exact(Q8_0_BYTES).take(nb).enumerate() {
+        let g = &w[b * stride..b * stride + bytes];
         let q8 = &ab[2..];
         for (r, o) in out.iter_mut().enumerate().take(Q4_0X8_ROWS) {
             let s: i32 = (0..QK).map(|e| code(g, r, e) * q8[e] as i8 as i32).sum();

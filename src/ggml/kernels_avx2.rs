@@ -28,10 +28,14 @@ pub fn kernels() -> Kernels {
         q8_0t: None,
         q4_0t: None,
         q5_0t: None,
-        q4_0x8: |w, a, s, n| unsafe { q4_0x8(w, a, s, n) },
-        q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
-        q8_0x8: |w, a, s, n| unsafe { q8_0x8::<1>(w, [a], [s], n)[0] },
-        q8_0x8x4: Some(|w, a, s, n| unsafe { q8_0x8::<4>(w, a, s, n) }),
+        q4_0x8: |w, st, a, s, n| unsafe { q4_0x8(w, st, a, s, n) },
+        q4_0x8x4: Some(|w, st, a, s, n| unsafe { q4_0x8x4(w, st, a, s, n) }),
+        q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
+        q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
+        q4_0x16: None,
+        q4_0x16x4: None,
+        q8_0x16: None,
+        q8_0x16x4: None,
         name: "avx2",
     }
 }
@@ -161,13 +165,14 @@ unsafe fn q4_0(w: &[u8], a: &[u8], nb: usize) -> f32 {
 /// offset is taken off in integers as `8·Σq_a`; then one FMA with the eight rows' scales
 /// (one F16C load) times the activation's scale.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0x8(w: &[u8], a: &[u8], act_sums: &[i32], nb: usize) -> [f32; 8] {
-    assert!(w.len() >= nb * Q4_0X8_BYTES && a.len() >= nb * Q8_0_BYTES && act_sums.len() >= nb);
+unsafe fn q4_0x8(w: &[u8], stride: usize, a: &[u8], act_sums: &[i32], nb: usize) -> [f32; 8] {
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + Q4_0X8_BYTES);
+    assert!(a.len() >= nb * Q8_0_BYTES && act_sums.len() >= nb);
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
     let mut acc = _mm256_setzero_ps();
     for b in 0..nb {
-        let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+        let g = w.as_ptr().add(b * stride);
         prefetch::<3>(g);
         let ap = a.as_ptr().add(b * Q8_0_BYTES);
         let at = |k: usize| _mm256_set1_epi32((ap.add(2 + 4 * k) as *const i32).read_unaligned());
@@ -194,8 +199,8 @@ unsafe fn q4_0x8(w: &[u8], a: &[u8], act_sums: &[i32], nb: usize) -> [f32; 8] {
 /// [`q4_0x8`] against four activation rows: the block column's nibbles are unpacked once
 /// into eight registers and reused for the four tokens.
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
-    assert!(w.len() >= nb * Q4_0X8_BYTES);
+unsafe fn q4_0x8x4(w: &[u8], stride: usize, a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + Q4_0X8_BYTES);
     for (r, s) in a.iter().zip(&act_sums) {
         assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
     }
@@ -203,7 +208,7 @@ unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) ->
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); 4];
     for b in 0..nb {
-        let g = w.as_ptr().add(b * Q4_0X8_BYTES);
+        let g = w.as_ptr().add(b * stride);
         prefetch::<3>(g);
         let mut q = [_mm256_setzero_si256(); 8];
         for t in 0..4 {
@@ -241,8 +246,8 @@ unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) ->
 /// from the offset codes; then one FMA with the eight rows' scales, as in [`q4_0x8`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], _act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
-    assert!(w.len() >= nb * Q8_0X8_BYTES);
+unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + Q8_0X8_BYTES);
     for r in &a {
         assert!(r.len() >= nb * Q8_0_BYTES);
     }
@@ -250,7 +255,7 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], _act_sums: [&[i32]; N]
     let ones = _mm256_set1_epi16(1);
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
-        let g = w.as_ptr().add(b * Q8_0X8_BYTES);
+        let g = w.as_ptr().add(b * stride);
         prefetch::<5>(g);
         let mut s32 = [_mm256_setzero_si256(); N];
         for t in 0..8 {

@@ -3,9 +3,11 @@
 //! multiplies unsigned by signed bytes and adds each group of four products straight into a
 //! 32-bit lane. That is the lane [`super::avx2`]'s `maddubs` + `madd` pair makes (lane j =
 //! elements 4j..4j+4), without the 16-bit step, and AVX-512's 32 vector registers hold the
-//! tile's accumulators. The one-token kernels stay the AVX2 ones: every result here is bit for
-//! bit what they give for the same row and token (same integer lane sums, same f32 scale
-//! products, same accumulators and reduction), which is what keeps batched answers exact.
+//! tile's accumulators. Every result here is bit for bit what the AVX2 one-token kernels give
+//! for the same row and token (same integer lane sums, same f32 scale products, same
+//! accumulators and reduction), which is what keeps batched answers exact; the interleaved
+//! pairs of Q4_0/Q8_0 groups go through 512-bit versions for one token and for four
+//! ([`q4_0x16`], [`q8_0x16`]), whose lanes do the same.
 
 use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q5_0_BYTES, Q8_0X8_BYTES, Q8_0_BYTES};
 use super::avx2::{bytes_from_bits, f16_scale, hsum, nibbles32, prefetch};
@@ -28,9 +30,13 @@ pub fn kernels() -> Kernels {
         q8_0t: Some(|w, a, s, n| unsafe { q8_0t(w, a, s, n) }),
         q4_0t: Some(|w, a, s, n| unsafe { q4_0t(w, a, s, n) }),
         q5_0t: Some(|w, a, s, n| unsafe { q5_0t(w, a, s, n) }),
-        q4_0x8x4: Some(|w, a, s, n| unsafe { q4_0x8x4(w, a, s, n) }),
-        q8_0x8: |w, a, s, n| unsafe { q8_0x8::<1>(w, [a], [s], n)[0] },
-        q8_0x8x4: Some(|w, a, s, n| unsafe { q8_0x8::<4>(w, a, s, n) }),
+        q4_0x8x4: Some(|w, st, a, s, n| unsafe { q4_0x8x4(w, st, a, s, n) }),
+        q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
+        q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
+        q4_0x16: Some(|w, a, s, n| unsafe { q4_0x16::<1>(w, [a], [s], n)[0] }),
+        q4_0x16x4: Some(|w, a, s, n| unsafe { q4_0x16::<4>(w, a, s, n) }),
+        q8_0x16: Some(|w, a, s, n| unsafe { q8_0x16::<1>(w, [a], [s], n)[0] }),
+        q8_0x16x4: Some(|w, a, s, n| unsafe { q8_0x16::<4>(w, a, s, n) }),
         name: "avx512vnni",
         ..super::avx2::kernels()
     }
@@ -119,9 +125,9 @@ unsafe fn q5_0t(w: [&[u8]; 2], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [[f3
 /// unsigned nibbles, low ones of chunk t in register t and high ones in register 4 + t, go
 /// through [`x8`] with the offset 8.
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
+unsafe fn q4_0x8x4(w: &[u8], stride: usize, a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) -> [[f32; 8]; 4] {
     let m4 = _mm256_set1_epi8(0x0F);
-    x8::<4, 3>(w, Q4_0X8_BYTES, a, act_sums, nb, 8, |g| {
+    x8::<4, 3>(w, (Q4_0X8_BYTES, stride), a, act_sums, nb, 8, |g| {
         let mut q = [_mm256_setzero_si256(); 8];
         for t in 0..4 {
             let raw = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
@@ -136,8 +142,8 @@ unsafe fn q4_0x8x4(w: &[u8], a: [&[u8]; 4], act_sums: [&[i32]; 4], nb: usize) ->
 /// in register t) go through [`x8`] with the offset 128.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
-    x8::<N, 5>(w, Q8_0X8_BYTES, a, act_sums, nb, 128, |g| {
+unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
+    x8::<N, 5>(w, (Q8_0X8_BYTES, stride), a, act_sums, nb, 128, |g| {
         let mut q = [_mm256_setzero_si256(); 8];
         for (t, qt) in q.iter_mut().enumerate() {
             *qt = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
@@ -146,22 +152,22 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N],
     })
 }
 
-/// Eight interleaved rows × `N` tokens over block columns of `bytes` bytes (prefetching `L`
-/// cache lines ahead): `load(column)` gives eight registers of unsigned weight codes, register
+/// Eight interleaved rows × `N` tokens over block columns of `bytes` bytes, one every
+/// `stride` bytes (prefetching `L` cache lines ahead): `load(column)` gives eight registers of unsigned weight codes, register
 /// j lane r holding row r's elements paired with the activation's bytes 4j..4j+4, which are
 /// broadcast to every lane. Per token two chains start from `−offset·Σq_a`, so lane r ends at
 /// row r's exact `Σ q_w·q_a`; then one scale product and one FMA per block and token. The
 /// column is loaded once for all `N` tokens.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn x8<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize, offset: i32, load: impl Fn(*const u8) -> [__m256i; 8]) -> [[f32; 8]; N] {
-    assert!(w.len() >= nb * bytes);
+unsafe fn x8<const N: usize, const L: usize>(w: &[u8], (bytes, stride): (usize, usize), a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize, offset: i32, load: impl Fn(*const u8) -> [__m256i; 8]) -> [[f32; 8]; N] {
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + bytes);
     for (r, s) in a.iter().zip(&act_sums) {
         assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
     }
     let mut acc = [_mm256_setzero_ps(); N];
     for b in 0..nb {
-        let g = w.as_ptr().add(b * bytes);
+        let g = w.as_ptr().add(b * stride);
         prefetch::<L>(g);
         let q = load(g);
         let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
@@ -181,6 +187,85 @@ unsafe fn x8<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; 
     let mut out = [[0f32; 8]; N];
     for (o, v) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Both groups of an interleaved Q4_0 pair ([`crate::ggml::blocks::interleave16`]) × `N`
+/// tokens: [`q4_0x8x4`] on 512-bit registers, the first group in the low half and the second
+/// in the high half of each.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 16]; N] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    x16::<N, 5>(w, Q4_0X8_BYTES, a, act_sums, nb, 8, |g0, g1| {
+        let mut q = [_mm512_setzero_si512(); 8];
+        for t in 0..4 {
+            let raw = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
+            q[t] = _mm512_and_si512(raw, m4);
+            q[4 + t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+        }
+        q
+    })
+}
+
+/// Both groups of an interleaved Q8_0 pair × `N` tokens, as [`q4_0x16`] for [`q8_0x8`].
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q8_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 9>(w, Q8_0X8_BYTES, a, act_sums, nb, 128, |g0, g1| {
+        let mut q = [_mm512_setzero_si512(); 8];
+        for (t, qt) in q.iter_mut().enumerate() {
+            *qt = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
+        }
+        q
+    })
+}
+
+/// 32 bytes at `lo` in the low half, 32 at `hi` in the high half.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
+    _mm512_inserti64x4::<1>(_mm512_castsi256_si512(_mm256_loadu_si256(lo as *const __m256i)), _mm256_loadu_si256(hi as *const __m256i))
+}
+
+/// [`x8`] for both groups of a pair at once: block column `b` of the first group at
+/// `2·bytes·b`, of the second right after it, so the pair is one ascending stream. Lane r of
+/// each 512-bit register is row r of the first group for r < 8 and row r − 8 of the second for
+/// r ≥ 8, and every lane does exactly [`x8`]'s operations in [`x8`]'s order (the integer
+/// chains, one scale product, one FMA per block): each row's result is bit for bit what [`x8`]
+/// (and so the AVX2 one-token kernels) gives for its group. The wider registers halve the
+/// instructions, which is what bounded the 256-bit loop on Zen 4 once its weights were cached.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
+    assert!(w.len() >= 2 * nb * bytes);
+    for (r, s) in a.iter().zip(&act_sums) {
+        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
+    }
+    let mut acc = [_mm512_setzero_ps(); N];
+    for b in 0..nb {
+        let g0 = w.as_ptr().add(2 * b * bytes);
+        let g1 = g0.add(bytes);
+        prefetch::<L>(g0);
+        let q = load(g0, g1);
+        let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(g0 as *const __m128i)), _mm_loadu_si128(g1 as *const __m128i)));
+        for (k, acc_k) in acc.iter_mut().enumerate() {
+            let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+            let at = |j: usize| _mm512_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+            let mut lo = _mm512_set1_epi32(-offset * *act_sums[k].get_unchecked(b));
+            let mut hi = _mm512_setzero_si512();
+            for t in 0..4 {
+                lo = _mm512_dpbusd_epi32(lo, q[t], at(t));
+                hi = _mm512_dpbusd_epi32(hi, q[4 + t], at(4 + t));
+            }
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(f16_scale(ap)));
+            *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), *acc_k);
+        }
+    }
+    let mut out = [[0f32; 16]; N];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm512_storeu_ps(o.as_mut_ptr(), v);
     }
     out
 }

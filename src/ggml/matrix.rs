@@ -1,11 +1,11 @@
 //! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
 //! product with f32 activations: activations are quantized once per call (Q8_0, Q8_1 or Q8_K), then
-//! every output row is one dot product per token (eight rows per pass for Q4_0, see
-//! [`QuantMatrix`]), rows spread over the team's threads. The
+//! every output row is one dot product per token (eight or sixteen rows per pass for Q4_0 and
+//! Q8_0, see [`QuantMatrix`]), rows spread over the team's threads. The
 //! weights are never dequantized on the hot path.
 
-use super::blocks::{self, Q4_0X8_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Gemm4x8Fn, Gemv8Fn, Kernels, Tile2x4Fn};
+use super::blocks::{self, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
+use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn};
 use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
@@ -117,16 +117,17 @@ impl QType {
         }
     }
 
-    /// Whether [`QuantMatrix`] keeps this type's rows in interleaved groups of eight.
+    /// Whether [`QuantMatrix`] keeps this type's rows in interleaved pairs of groups of eight.
     fn interleaved(self) -> bool {
         matches!(self, QType::Q4_0 | QType::Q8_0)
     }
 
-    /// The kernels for interleaved groups (one token, four tokens).
-    fn x8(self, k: &Kernels) -> (Gemv8Fn, Option<Gemm4x8Fn>) {
+    /// The kernels for interleaved groups (one token, four tokens; a group at a time, then a
+    /// whole pair at a time where the set has them).
+    fn x8(self, k: &Kernels) -> X8Kernels {
         match self {
-            QType::Q8_0 => (k.q8_0x8, k.q8_0x8x4),
-            _ => (k.q4_0x8, k.q4_0x8x4),
+            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4 },
+            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4 },
         }
     }
 
@@ -218,9 +219,11 @@ impl fmt::Display for QType {
 /// Q4_0 and Q8_0 matrices keep their rows in interleaved groups of eight
 /// ([`blocks::pack_q4_0x8`], [`blocks::pack_q8_0x8`]), so that one sequential pass of the GEMV
 /// kernel makes eight outputs, each lane one row, with one scale product per block for eight
-/// rows; the `rows % 8` rows after the last group stay row-major. A group takes the bytes of
-/// its eight rows, so every row outside a group sits where it would in the row-major matrix,
-/// and the size does not change. Everything that hands bytes out ([`Self::bytes`],
+/// rows; the groups go in pairs whose block columns alternate ([`blocks::interleave16`]), so
+/// that the AVX-512 kernels make sixteen rows from one ascending stream. The `rows % 16` rows
+/// after the last pair stay row-major. A pair takes the bytes of its sixteen rows, so every
+/// row outside a pair sits where it would in the row-major matrix, and the size does not
+/// change. Everything that hands bytes out ([`Self::bytes`],
 /// [`Self::into_bytes`]) or reads single rows gives the GGUF row-major order back. Other
 /// types are stored row-major.
 #[derive(Clone)]
@@ -229,9 +232,19 @@ pub struct QuantMatrix {
     rows: usize,
     cols: usize,
     data: Vec<u8>,
-    /// Rows `0..packed` are in interleaved groups of eight (a multiple of 8; 0 for the types
-    /// stored row-major).
+    /// Rows `0..packed` are in interleaved pairs of groups of eight
+    /// ([`blocks::interleave16`]; a multiple of 16, 0 for the types stored row-major); the
+    /// rest are row-major.
     packed: usize,
+}
+
+/// The kernels of one interleaved type: a group (eight rows) for one and four tokens, and a
+/// whole pair (sixteen rows) where the kernel set has them.
+struct X8Kernels {
+    g1: Gemv8Fn,
+    g4: Option<Gemm4x8Fn>,
+    p1: Option<Gemv16Fn>,
+    p4: Option<Gemm4x16Fn>,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -293,16 +306,17 @@ impl QuantMatrix {
         Ok(QuantMatrix::new(ty, rows, cols, data))
     }
 
-    /// Wraps checked row-major bytes, interleaving Q4_0 and Q8_0 rows in groups of eight (in
-    /// place, groups in parallel).
+    /// Wraps checked row-major bytes, interleaving Q4_0 and Q8_0 rows in pairs of groups of
+    /// eight (in place, pairs in parallel); fewer than sixteen rows left at the end stay
+    /// row-major.
     fn new(ty: QType, rows: usize, cols: usize, mut data: Vec<u8>) -> Self {
-        let packed = if ty.interleaved() { rows / Q4_0X8_ROWS * Q4_0X8_ROWS } else { 0 };
+        let packed = if ty.interleaved() { rows / X16_ROWS * X16_ROWS } else { 0 };
         if packed > 0 {
             let nb = cols / QK;
-            let gb = Q4_0X8_ROWS * nb * ty.block_bytes();
-            data[..packed / Q4_0X8_ROWS * gb].par_chunks_mut(gb).for_each(|g| {
-                let rows8 = g.to_vec();
-                blocks::interleave8(&rows8, nb, g, ty.block_bytes(), ty.x8_xor());
+            let pb = X16_ROWS * nb * ty.block_bytes();
+            data[..packed / X16_ROWS * pb].par_chunks_mut(pb).for_each(|p| {
+                let rows16 = p.to_vec();
+                blocks::interleave16(&rows16, nb, p, ty.block_bytes(), ty.x8_xor());
             });
         }
         QuantMatrix { ty, rows, cols, data, packed }
@@ -329,11 +343,11 @@ impl QuantMatrix {
         if self.packed > 0 {
             let nb = self.cols / QK;
             let rb = self.row_bytes();
-            let gb = Q4_0X8_ROWS * rb;
+            let pb = X16_ROWS * rb;
             let ty = self.ty;
-            self.data[..self.packed * rb].par_chunks_mut(gb).for_each(|g| {
-                let group = g.to_vec();
-                blocks::deinterleave8(&group, nb, g, ty.block_bytes(), ty.x8_xor());
+            self.data[..self.packed * rb].par_chunks_mut(pb).for_each(|p| {
+                let pair = p.to_vec();
+                blocks::deinterleave16(&pair, nb, p, ty.block_bytes(), ty.x8_xor());
             });
         }
         self.data
@@ -344,12 +358,14 @@ impl QuantMatrix {
         if r >= self.packed {
             return Cow::Borrowed(&self.data[r * rb..(r + 1) * rb]);
         }
-        let (g, j) = (r / Q4_0X8_ROWS, r % Q4_0X8_ROWS);
-        let group = &self.data[g * Q4_0X8_ROWS * rb..(g + 1) * Q4_0X8_ROWS * rb];
+        // Pair p, group h of it, row j of the group; the group's columns alternate with the
+        // other group's.
+        let (p, h, j) = (r / X16_ROWS, r % X16_ROWS / Q4_0X8_ROWS, r % Q4_0X8_ROWS);
+        let pair = &self.data[p * X16_ROWS * rb..(p + 1) * X16_ROWS * rb];
         let mut out = vec![0u8; rb];
         let bb = self.ty.block_bytes();
-        for (col, blk) in group.chunks_exact(Q4_0X8_ROWS * bb).zip(out.chunks_exact_mut(bb)) {
-            blocks::deinterleave8_block(col, j, blk, self.ty.x8_xor());
+        for (cols, blk) in pair.chunks_exact(X16_ROWS * bb).zip(out.chunks_exact_mut(bb)) {
+            blocks::deinterleave8_block(&cols[h * Q4_0X8_ROWS * bb..(h + 1) * Q4_0X8_ROWS * bb], j, blk, self.ty.x8_xor());
         }
         Cow::Owned(out)
     }
@@ -439,11 +455,11 @@ impl QuantMatrix {
         if n > TB {
             per_task = per_task.min(64);
         }
-        // Whole groups of eight, so that every task starts on an interleaved group.
-        let per_task = per_task.next_multiple_of(Q4_0X8_ROWS);
+        // Whole pairs of groups, so that every task starts on an interleaved pair.
+        let per_task = per_task.next_multiple_of(X16_ROWS);
         // The outputs are [n, rows]; a task owns rows r0..r0 + count of one matrix, i.e. one
-        // slice of each token's output row. The interleaved kernels make eight rows of one
-        // token, which go straight there; the row-major ones make each row's tokens side by
+        // slice of each token's output row. The interleaved kernels make eight or sixteen rows
+        // of one token, which go straight there; the row-major ones make each row's tokens side by
         // side, so those rows are computed as [rows, n] and scattered at the end: a
         // transposition inside L1/L2 instead of one over the whole output (the LM head's is
         // 25 MB for a 128-token prompt, and took 8–10 % of the prompt's time).
@@ -466,13 +482,13 @@ impl QuantMatrix {
         let body = |(mi, r0, count, mut dst): Task| {
             let m = ms[mi];
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
-            let (g1, g4) = m.ty.x8(k);
+            let x8 = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
             // Rows r0..r1 of this task in interleaved groups, eight outputs per pass, written
             // straight into each token's output row (eight consecutive values); the rest one
             // row at a time into `o`, `[rows, n]`, scattered at the end.
             let r1 = m.packed.clamp(r0, r0 + count);
-            debug_assert!(r1 == r0 || r0.is_multiple_of(Q4_0X8_ROWS), "tasks start on a group");
+            debug_assert!(r1 == r0 || r0.is_multiple_of(X16_ROWS), "tasks start on a pair");
             let ng = r1 - r0;
             // Each token's slice: the groups' outputs first, then the row-major rows'.
             let mut rest: Vec<&mut [f32]> = Vec::with_capacity(n);
@@ -486,21 +502,42 @@ impl QuantMatrix {
             let o: &mut [f32] = if n == 1 { &mut *rest[0] } else { &mut local };
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
-                for gi in 0..ng / Q4_0X8_ROWS {
-                    let (r, j0) = (r0 + gi * Q4_0X8_ROWS, gi * Q4_0X8_ROWS);
-                    let w = &m.data[r * rb..(r + Q4_0X8_ROWS) * rb];
-                    let mut t = t0;
-                    if let Some(g4) = g4 {
+                // A pair (sixteen rows, one stream) at a time: through the pair kernels where
+                // the set has them, else group by group with the groups' columns two apart.
+                let bb = m.ty.block_bytes();
+                for pi in 0..ng / X16_ROWS {
+                    let (r, j0) = (r0 + pi * X16_ROWS, pi * X16_ROWS);
+                    let w = &m.data[r * rb..(r + X16_ROWS) * rb];
+                    if let (Some(p1), Some(p4)) = (x8.p1, x8.p4) {
+                        let mut t = t0;
                         while t + 4 <= t1 {
-                            let y = g4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
+                            let y = p4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
                             for (u, yu) in y.iter().enumerate() {
-                                dst[t + u][j0..j0 + Q4_0X8_ROWS].copy_from_slice(yu);
+                                dst[t + u][j0..j0 + X16_ROWS].copy_from_slice(yu);
                             }
                             t += 4;
                         }
+                        for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
+                            d[j0..j0 + X16_ROWS].copy_from_slice(&p1(w, act(u), sum(u), nb));
+                        }
+                        continue;
                     }
-                    for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
-                        d[j0..j0 + Q4_0X8_ROWS].copy_from_slice(&g1(w, act(u), sum(u), nb));
+                    let stride = X16_ROWS * bb;
+                    for h in 0..2 {
+                        let (w, j0) = (&w[h * Q4_0X8_ROWS * bb..], j0 + h * Q4_0X8_ROWS);
+                        let mut t = t0;
+                        if let Some(g4) = x8.g4 {
+                            while t + 4 <= t1 {
+                                let y = g4(w, stride, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
+                                for (u, yu) in y.iter().enumerate() {
+                                    dst[t + u][j0..j0 + Q4_0X8_ROWS].copy_from_slice(yu);
+                                }
+                                t += 4;
+                            }
+                        }
+                        for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
+                            d[j0..j0 + Q4_0X8_ROWS].copy_from_slice(&(x8.g1)(w, stride, act(u), sum(u), nb));
+                        }
                     }
                 }
                 // Row-major rows two at a time through the tile kernel, four tokens per pass;

@@ -188,10 +188,12 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
     let kernels = Kernels::all();
     if let Some(v) = kernels.iter().find(|k| k.name == "avx512vnni") {
         // The set this test exists for must really have its tiles.
-        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some() && v.q8_0x8x4.is_some());
+        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some() && v.q8_0x8x4.is_some() && v.q4_0x16.is_some() && v.q4_0x16x4.is_some() && v.q8_0x16.is_some() && v.q8_0x16x4.is_some());
     }
     for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
-        for (rows, cols) in [(19usize, 96usize), (11, 768), (2, 256), (1, 512)] {
+        // 19 and 11 rows: one interleaved pair and row-major rows after it, or none; 300: tasks
+        // of several pairs.
+        for (rows, cols) in [(19usize, 96usize), (11, 768), (2, 256), (1, 512), (300, 64)] {
             if !cols.is_multiple_of(ty.block()) {
                 continue;
             }
@@ -225,3 +227,50 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
     }
 }
 
+
+/// The pair kernels against the eight-row kernels of the same set on each group of the pair
+/// (read with the pair's stride), bit for bit, for one and four tokens, with scrambled codes
+/// (every byte value, −128 included); whether a product uses them does not depend on the
+/// task split.
+#[test]
+fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
+    let mut tried = 0;
+    for k in Kernels::all() {
+        for ty in [QType::Q4_0, QType::Q8_0] {
+            let x8 = ty.x8(&k);
+            let (Some(p1), Some(p4), Some(g4)) = (x8.p1, x8.p4, x8.g4) else { continue };
+            tried += 1;
+            let (rows, cols) = (32, 160);
+            let q = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 11)).unwrap();
+            let mut data = q.into_bytes();
+            scramble(ty, &mut data, 99);
+            let m = QuantMatrix::from_bytes(ty, rows, cols, data).unwrap();
+            let (nb, bb, rb) = (cols / QK, ty.block_bytes(), m.row_bytes());
+            let x = values(4 * cols, 12);
+            let ab = ty.act().row_bytes(cols);
+            let mut acts = vec![0u8; 4 * ab];
+            for (a, r) in acts.chunks_mut(ab).zip(x.chunks(cols)) {
+                ty.act().quantize(r, a);
+            }
+            let sums: Vec<Vec<i32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()).collect();
+            let a: [&[u8]; 4] = std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]);
+            let s: [&[i32]; 4] = std::array::from_fn(|t| &sums[t][..]);
+            // The second pair, so that the pair kernels do not start at the matrix's first byte.
+            let w = &m.data[16 * rb..32 * rb];
+            let wide = p4(w, a, s, nb);
+            for h in 0..2 {
+                let narrow = g4(&w[h * 8 * bb..], 16 * bb, a, s, nb);
+                for t in 0..4 {
+                    let one = p1(w, a[t], s[t], nb);
+                    let single = (x8.g1)(&w[h * 8 * bb..], 16 * bb, a[t], s[t], nb);
+                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+                    assert_eq!(bits(&wide[t][8 * h..8 * h + 8]), bits(&narrow[t]), "{ty} {}: group {h}, token {t} of four", k.name);
+                    assert_eq!(bits(&one[8 * h..8 * h + 8]), bits(&single), "{ty} {}: group {h}, token {t} alone", k.name);
+                }
+            }
+        }
+    }
+    if Kernels::all().iter().any(|k| k.name == "avx512vnni") {
+        assert_eq!(tried, 2, "the AVX-512 set must have the pair kernels of both types");
+    }
+}
