@@ -254,9 +254,17 @@ fn q4_0_interleaved_kernel_at_extreme_codes() {
 fn q4_0_interleaved_matrix_gives_gguf_bytes_and_rows_back() {
     use linly_lora::io::gguf::{dequantize, GgmlType};
     use linly_lora::quant::QuantMatrix;
-    for rows in [3, 8, 21] {
+    // 21 and 40 rows: interleaved pairs of groups with row-major rows after them.
+    for rows in [3, 8, 21, 40] {
         let cols = 64;
         let raw = QuantMatrix::quantize(QType::Q8_0, rows, cols, &pseudo(rows * cols, 1)).unwrap();
+        // The Q8_0 matrix itself (its interleaved codes are stored offset by 128).
+        let all8 = dequantize(GgmlType::Q8_0, &raw.bytes(), rows * cols).unwrap();
+        let ids8: Vec<usize> = (0..rows).rev().collect();
+        let got8 = raw.dequantize_rows(&ids8).unwrap();
+        for (i, &r) in ids8.iter().enumerate() {
+            assert_eq!(&got8[i * cols..(i + 1) * cols], &all8[r * cols..(r + 1) * cols], "Q8_0 row {r}");
+        }
         // Any bytes with valid f16 scales are Q4_0 codes: build them from the Q8_0 row bytes.
         let data: Vec<u8> = raw.bytes().chunks_exact(34).flat_map(|b| b[..18].to_vec()).collect();
         let m = QuantMatrix::from_bytes(QType::Q4_0, rows, cols, data.clone()).unwrap();
