@@ -484,13 +484,13 @@ impl QuantMatrix {
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let x8 = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
-            // Rows r0..r1 of this task in interleaved groups, eight outputs per pass, written
-            // straight into each token's output row (eight consecutive values); the rest one
+            // Rows r0..r1 of this task in interleaved pairs, eight or sixteen outputs per pass,
+            // written straight into each token's output row (consecutive values); the rest one
             // row at a time into `o`, `[rows, n]`, scattered at the end.
             let r1 = m.packed.clamp(r0, r0 + count);
             debug_assert!(r1 == r0 || r0.is_multiple_of(X16_ROWS), "tasks start on a pair");
             let ng = r1 - r0;
-            // Each token's slice: the groups' outputs first, then the row-major rows'.
+            // Each token's slice: the pairs' outputs first, then the row-major rows'.
             let mut rest: Vec<&mut [f32]> = Vec::with_capacity(n);
             for d in dst.iter_mut() {
                 let (g, r) = std::mem::take(d).split_at_mut(ng);
