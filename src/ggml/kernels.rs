@@ -38,11 +38,20 @@ pub type Gemm4x8Fn = fn(&[u8], usize, [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 
 
 /// Both groups of an interleaved pair ([`super::blocks::interleave16`]) against one activation
 /// row: the sixteen dot products, rows 0..8 from the first group, each bit for bit what
-/// [`Gemv8Fn`] of the same kernel set gives for its group.
-pub type Gemv16Fn = fn(&[u8], &[u8], &[i32], usize) -> [f32; 16];
+/// [`Gemv8Fn`] of the same kernel set gives for its group. Beside the sums it takes the
+/// activation blocks' scales as f32 (`f16_at` of each block's `d`), so that the kernel does not
+/// convert them once per block and row pair.
+pub type Gemv16Fn = fn(&[u8], &[u8], &[i32], &[f32], usize) -> [f32; 16];
 
 /// [`Gemv16Fn`] for four activation rows at once. Returns `[token][row]`.
-pub type Gemm4x16Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 16]; 4];
+pub type Gemm4x16Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], [&[f32]; 4], usize) -> [[f32; 16]; 4];
+
+/// [`Gemm4x16Fn`] for eight tokens: each weight block is read and unpacked once for all of
+/// them (a batched decode step of eight sequences).
+pub type Gemm8x16Fn = fn(&[u8], [&[u8]; 8], [&[i32]; 8], [&[f32]; 8], usize) -> [[f32; 16]; 8];
+
+/// Quantizes f32 activations (whole blocks) into their encoding.
+pub type ActFn = fn(&[f32], &mut [u8]);
 
 /// Two weight rows against four activation rows (Q8_0 activations, f32 scales as for
 /// [`Dot4Fn`]): each weight block is loaded and unpacked once for four tokens and each
@@ -87,8 +96,13 @@ pub struct Kernels {
     /// Whole pairs of groups at once (`None`: a group at a time through the eight-row kernels).
     pub q4_0x16: Option<Gemv16Fn>,
     pub q4_0x16x4: Option<Gemm4x16Fn>,
+    pub q4_0x16x8: Option<Gemm8x16Fn>,
     pub q8_0x16: Option<Gemv16Fn>,
     pub q8_0x16x4: Option<Gemm4x16Fn>,
+    pub q8_0x16x8: Option<Gemm8x16Fn>,
+    /// Activations to Q8_0 ([`super::blocks::quantize_act_q8_0`], whose bits every version
+    /// gives for finite inputs).
+    pub act_q8_0: ActFn,
     /// `"avx512vnni"`, `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -117,8 +131,11 @@ impl Kernels {
             q8_0x8x4: None,
             q4_0x16: None,
             q4_0x16x4: None,
+            q4_0x16x8: None,
             q8_0x16: None,
             q8_0x16x4: None,
+            q8_0x16x8: None,
+            act_q8_0: super::blocks::quantize_act_q8_0,
             name: "scalar",
         }
     }

@@ -1,7 +1,7 @@
 //! The AVX2 + FMA + F16C versions of [`super::Kernels`]' products (x86_64, detected at run time);
 //! the scalar ones in `kernels.rs` are their reference.
 
-use super::super::blocks::{scale_min_k4, Q4_0X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
+use super::super::blocks::{f16_bits, scale_min_k4, QK, Q4_0X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
 use super::Kernels;
 use std::arch::x86_64::*;
 
@@ -34,8 +34,11 @@ pub fn kernels() -> Kernels {
         q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
         q4_0x16: None,
         q4_0x16x4: None,
+        q4_0x16x8: None,
         q8_0x16: None,
         q8_0x16x4: None,
+        q8_0x16x8: None,
+        act_q8_0: |x, o| unsafe { act_q8_0(x, o) },
         name: "avx2",
     }
 }
@@ -588,4 +591,31 @@ unsafe fn q6_kx4(w: &[u8], a: [&[u8]; 4], _s: [&[f32]; 4], nb: usize) -> [f32; 4
         }
     }
     [hsum(acc[0]), hsum(acc[1]), hsum(acc[2]), hsum(acc[3])]
+}
+
+/// [`super::super::blocks::quantize_act_q8_0`] eight lanes at a time, with its bits for finite
+/// inputs: the block maximum of |x| is order-free (each lane keeps its running maximum, then the
+/// lanes are folded), `x · (127 / max)` is the same multiplication, and `cvtps` rounds half to
+/// even as `nearest_int`'s 1.5·2²³ trick does for these magnitudes. The codes are packed to
+/// bytes in order as llama.cpp's `quantize_row_q8_0` does. Serving decodes run this on the
+/// calling thread before every product.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn act_q8_0(x: &[f32], out: &mut [u8]) {
+    let sign = _mm256_set1_ps(-0.0);
+    let order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
+    for (b, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_0_BYTES)) {
+        let p = b.as_ptr();
+        let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
+        // `max(|v|, m)` keeps `m` where `v` is NaN, as `f32::max` ignores a NaN.
+        let m = v.iter().fold(_mm256_setzero_ps(), |m, &vi| _mm256_max_ps(_mm256_andnot_ps(sign, vi), m));
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
+        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
+        o[..2].copy_from_slice(&f16_bits(amax / 127.0));
+        let idv = _mm256_set1_ps(id);
+        let q = v.map(|vi| _mm256_cvtps_epi32(_mm256_mul_ps(vi, idv)));
+        let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
+        _mm256_storeu_si256(o.as_mut_ptr().add(2).cast(), _mm256_permutevar8x32_epi32(bytes, order));
+    }
 }

@@ -33,10 +33,12 @@ pub fn kernels() -> Kernels {
         q4_0x8x4: Some(|w, st, a, s, n| unsafe { q4_0x8x4(w, st, a, s, n) }),
         q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
         q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
-        q4_0x16: Some(|w, a, s, n| unsafe { q4_0x16::<1>(w, [a], [s], n)[0] }),
-        q4_0x16x4: Some(|w, a, s, n| unsafe { q4_0x16::<4>(w, a, s, n) }),
-        q8_0x16: Some(|w, a, s, n| unsafe { q8_0x16::<1>(w, [a], [s], n)[0] }),
-        q8_0x16x4: Some(|w, a, s, n| unsafe { q8_0x16::<4>(w, a, s, n) }),
+        q4_0x16: Some(|w, a, s, d, n| unsafe { q4_0x16::<1>(w, [a], [s], [d], n)[0] }),
+        q4_0x16x4: Some(|w, a, s, d, n| unsafe { q4_0x16::<4>(w, a, s, d, n) }),
+        q4_0x16x8: Some(|w, a, s, d, n| unsafe { q4_0x16::<8>(w, a, s, d, n) }),
+        q8_0x16: Some(|w, a, s, d, n| unsafe { q8_0x16::<1>(w, [a], [s], [d], n)[0] }),
+        q8_0x16x4: Some(|w, a, s, d, n| unsafe { q8_0x16::<4>(w, a, s, d, n) }),
+        q8_0x16x8: Some(|w, a, s, d, n| unsafe { q8_0x16::<8>(w, a, s, d, n) }),
         name: "avx512vnni",
         ..super::avx2::kernels()
     }
@@ -196,9 +198,9 @@ unsafe fn x8<const N: usize, const L: usize>(w: &[u8], (bytes, stride): (usize, 
 /// in the high half of each.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 16]; N] {
+unsafe fn q4_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], act_scales: [&[f32]; N], nb: usize) -> [[f32; 16]; N] {
     let m4 = _mm512_set1_epi8(0x0F);
-    x16::<N, 5>(w, Q4_0X8_BYTES, a, act_sums, nb, 8, |g0, g1| {
+    x16::<N, 5>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| {
         let mut q = [_mm512_setzero_si512(); 8];
         for t in 0..4 {
             let raw = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
@@ -212,8 +214,8 @@ unsafe fn q4_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N]
 /// Both groups of an interleaved Q8_0 pair × `N` tokens, as [`q4_0x16`] for [`q8_0x8`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q8_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 9>(w, Q8_0X8_BYTES, a, act_sums, nb, 128, |g0, g1| {
+unsafe fn q8_0x16<const N: usize>(w: &[u8], a: [&[u8]; N], act_sums: [&[i32]; N], act_scales: [&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 9>(w, Q8_0X8_BYTES, a, act_sums, act_scales, nb, 128, |g0, g1| {
         let mut q = [_mm512_setzero_si512(); 8];
         for (t, qt) in q.iter_mut().enumerate() {
             *qt = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
@@ -238,10 +240,11 @@ unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
 /// instructions, which is what bounded the 256-bit loop on Zen 4 once its weights were cached.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
+#[allow(clippy::too_many_arguments)]
+unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8]; N], act_sums: [&[i32]; N], act_scales: [&[f32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
     assert!(w.len() >= 2 * nb * bytes);
-    for (r, s) in a.iter().zip(&act_sums) {
-        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb);
+    for ((r, s), d) in a.iter().zip(&act_sums).zip(&act_scales) {
+        assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb && d.len() >= nb);
     }
     let mut acc = [_mm512_setzero_ps(); N];
     for b in 0..nb {
@@ -259,7 +262,9 @@ unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: [&[u8];
                 lo = _mm512_dpbusd_epi32(lo, q[t], at(t));
                 hi = _mm512_dpbusd_epi32(hi, q[4 + t], at(4 + t));
             }
-            let d = _mm512_mul_ps(dw, _mm512_set1_ps(f16_scale(ap)));
+            // The token's scale as f32, converted once per call (`f16_scale` here made a
+            // convert-and-broadcast chain per token and block that the multiply waited on).
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(*act_scales[k].get_unchecked(b)));
             *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(_mm512_add_epi32(lo, hi)), *acc_k);
         }
     }

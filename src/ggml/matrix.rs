@@ -5,13 +5,14 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn};
+use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn};
 use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 use std::borrow::Cow;
 use std::fmt;
+use std::mem::MaybeUninit;
 use std::str::FromStr;
 
 /// The weight types linly-lora quantizes to and runs.
@@ -126,8 +127,8 @@ impl QType {
     /// whole pair at a time where the set has them).
     fn x8(self, k: &Kernels) -> X8Kernels {
         match self {
-            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4 },
-            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4 },
+            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4, p8: k.q8_0x16x8 },
+            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4, p8: k.q4_0x16x8 },
         }
     }
 
@@ -184,9 +185,9 @@ impl Act {
         cols / block * self.block_bytes()
     }
 
-    fn quantize(self, x: &[f32], out: &mut [u8]) {
+    fn quantize(self, x: &[f32], out: &mut [u8], k: &Kernels) {
         match self {
-            Act::Q8_0 => blocks::quantize_act_q8_0(x, out),
+            Act::Q8_0 => (k.act_q8_0)(x, out),
             Act::Q8_1 => blocks::quantize_act_q8_1(x, out),
             Act::Q8_K => blocks::quantize_act_q8_k(x, out),
         }
@@ -245,6 +246,7 @@ struct X8Kernels {
     g4: Option<Gemm4x8Fn>,
     p1: Option<Gemv16Fn>,
     p4: Option<Gemm4x16Fn>,
+    p8: Option<Gemm8x16Fn>,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -422,15 +424,15 @@ impl QuantMatrix {
         // A few rows (decoding, a batched decode step) are quantized here: handing them to
         // rayon wakes a worker for microseconds of work, once per product.
         if n >= 32 {
-            acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a));
+            acts.par_chunks_mut(ab).zip(x.par_chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a, k));
         } else {
-            acts.chunks_mut(ab).zip(x.chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a));
+            acts.chunks_mut(ab).zip(x.chunks(cols)).for_each(|(a, r)| act_ty.quantize(r, a, k));
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         let nb_act = ab / act_ty.block_bytes();
         // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels (a Q8_K
         // block carries its own f32 scale).
-        let scales: Vec<f32> = if n >= 4 && act_ty != Act::Q8_K && ms.iter().any(|m| m.ty.dot4(k).is_some() || m.ty.tile(k).is_some()) {
+        let scales: Vec<f32> = if act_ty != Act::Q8_K && ms.iter().any(|m| (n >= 4 && (m.ty.dot4(k).is_some() || m.ty.tile(k).is_some())) || (m.packed > 0 && m.ty.x8(k).p1.is_some())) {
             acts.chunks_exact(act_ty.block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
         } else {
             Vec::new()
@@ -463,9 +465,12 @@ impl QuantMatrix {
         // side, so those rows are computed as [rows, n] and scattered at the end: a
         // transposition inside L1/L2 instead of one over the whole output (the LM head's is
         // 25 MB for a 128-token prompt, and took 8–10 % of the prompt's time).
-        let mut outs: Vec<Vec<f32>> = ms.iter().map(|m| vec![0f32; m.rows * n]).collect();
+        // Left uninitialised: every value is written once by the task that owns its rows, and
+        // zeroing them first cost ~0.7 ms of an eight-sequence decode step (~6 MB of outputs)
+        // on the calling thread while the helpers waited.
+        let mut outs: Vec<Vec<MaybeUninit<f32>>> = ms.iter().map(|m| uninit(m.rows * n)).collect();
         // (matrix, first row, row count, its slice of each token's output)
-        type Task<'a> = (usize, usize, usize, Vec<&'a mut [f32]>);
+        type Task<'a> = (usize, usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
         let mut tasks: Vec<Task> = Vec::new();
         for (mi, o) in outs.iter_mut().enumerate() {
             let rows = ms[mi].rows;
@@ -491,15 +496,14 @@ impl QuantMatrix {
             debug_assert!(r1 == r0 || r0.is_multiple_of(X16_ROWS), "tasks start on a pair");
             let ng = r1 - r0;
             // Each token's slice: the pairs' outputs first, then the row-major rows'.
-            let mut rest: Vec<&mut [f32]> = Vec::with_capacity(n);
+            let mut rest: Vec<&mut [MaybeUninit<f32>]> = Vec::with_capacity(n);
             for d in dst.iter_mut() {
                 let (g, r) = std::mem::take(d).split_at_mut(ng);
                 *d = g;
                 rest.push(r);
             }
-            // One token (decoding): the row-major rows go straight into its slice.
-            let mut local = if n == 1 { Vec::new() } else { vec![0f32; (count - ng) * n] };
-            let o: &mut [f32] = if n == 1 { &mut *rest[0] } else { &mut local };
+            let mut local = vec![0f32; (count - ng) * n];
+            let o: &mut [f32] = &mut local;
             for t0 in (0..n).step_by(TB) {
                 let t1 = (t0 + TB).min(n);
                 // A pair (sixteen rows, one stream) at a time: through the pair kernels where
@@ -510,15 +514,24 @@ impl QuantMatrix {
                     let w = &m.data[r * rb..(r + X16_ROWS) * rb];
                     if let (Some(p1), Some(p4)) = (x8.p1, x8.p4) {
                         let mut t = t0;
+                        if let Some(p8) = x8.p8 {
+                            while t + 8 <= t1 {
+                                let y = p8(w, std::array::from_fn(|u| act(t + u)), std::array::from_fn(|u| sum(t + u)), std::array::from_fn(|u| sc(t + u)), nb);
+                                for (u, yu) in y.iter().enumerate() {
+                                    put(&mut dst[t + u][j0..j0 + X16_ROWS], yu);
+                                }
+                                t += 8;
+                            }
+                        }
                         while t + 4 <= t1 {
-                            let y = p4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
+                            let y = p4(w, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], [sc(t), sc(t + 1), sc(t + 2), sc(t + 3)], nb);
                             for (u, yu) in y.iter().enumerate() {
-                                dst[t + u][j0..j0 + X16_ROWS].copy_from_slice(yu);
+                                put(&mut dst[t + u][j0..j0 + X16_ROWS], yu);
                             }
                             t += 4;
                         }
                         for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
-                            d[j0..j0 + X16_ROWS].copy_from_slice(&p1(w, act(u), sum(u), nb));
+                            put(&mut d[j0..j0 + X16_ROWS], &p1(w, act(u), sum(u), sc(u), nb));
                         }
                         continue;
                     }
@@ -530,13 +543,13 @@ impl QuantMatrix {
                             while t + 4 <= t1 {
                                 let y = g4(w, stride, [act(t), act(t + 1), act(t + 2), act(t + 3)], [sum(t), sum(t + 1), sum(t + 2), sum(t + 3)], nb);
                                 for (u, yu) in y.iter().enumerate() {
-                                    dst[t + u][j0..j0 + Q4_0X8_ROWS].copy_from_slice(yu);
+                                    put(&mut dst[t + u][j0..j0 + Q4_0X8_ROWS], yu);
                                 }
                                 t += 4;
                             }
                         }
                         for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
-                            d[j0..j0 + Q4_0X8_ROWS].copy_from_slice(&(x8.g1)(w, stride, act(u), sum(u), nb));
+                            put(&mut d[j0..j0 + Q4_0X8_ROWS], &(x8.g1)(w, stride, act(u), sum(u), nb));
                         }
                     }
                 }
@@ -577,19 +590,20 @@ impl QuantMatrix {
                     }
                 }
             }
-            if n > 1 {
-                // Token-major, so that the writes run along one output row (the tokens' rows
-                // lie 4·rows bytes apart: one page each for the LM head).
-                for (t, d) in rest.iter_mut().enumerate() {
-                    for (i, v) in d.iter_mut().enumerate() {
-                        *v = local[i * n + t];
-                    }
+            // Token-major, so that the writes run along one output row (the tokens' rows lie
+            // 4·rows bytes apart: one page each for the LM head).
+            for (t, d) in rest.iter_mut().enumerate() {
+                for (i, v) in d.iter_mut().enumerate() {
+                    v.write(local[i * n + t]);
                 }
             }
         };
         // The spinning team (see `team`), or rayon when another thread is using it.
         team::for_each(rayon::current_num_threads(), tasks, body);
-        outs
+        // SAFETY: the tasks split every matrix's rows among them, and a task writes its rows of
+        // every token: the pairs `r0..r1` through `put` (`r1 − r0` is whole pairs, since tasks
+        // start on a pair and `packed` ends on one), the rest through `local`'s scatter.
+        outs.into_iter().map(|v| unsafe { assume_init(v) }).collect()
     }
 
     /// Moves whole rows: output row `i` is input row `perm[i]`. Rows are independent blocks,
@@ -607,6 +621,32 @@ impl QuantMatrix {
         }
         Ok(QuantMatrix::new(self.ty, self.rows, self.cols, data))
     }
+}
+
+/// `len` values to be written before they are read.
+fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {
+    let mut v = Vec::with_capacity(len);
+    // SAFETY: `MaybeUninit` needs no initialisation.
+    unsafe { v.set_len(len) };
+    v
+}
+
+/// Writes `src` over the start of `dst`.
+#[inline]
+fn put(dst: &mut [MaybeUninit<f32>], src: &[f32]) {
+    for (d, &s) in dst.iter_mut().zip(src) {
+        d.write(s);
+    }
+}
+
+/// The values of `v`, every one of them written.
+///
+/// # Safety
+/// Every element of `v` must have been written.
+unsafe fn assume_init(v: Vec<MaybeUninit<f32>>) -> Vec<f32> {
+    let mut v = std::mem::ManuallyDrop::new(v);
+    // SAFETY: same allocation, layout and length; the caller vouches for the contents.
+    unsafe { Vec::from_raw_parts(v.as_mut_ptr().cast::<f32>(), v.len(), v.capacity()) }
 }
 
 #[cfg(test)]

@@ -15,7 +15,7 @@ fn reference(m: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
     let mut y = vec![0f64; n * m.rows];
     for t in 0..n {
         let mut a = vec![0u8; ab];
-        m.ty.act().quantize(&x[t * m.cols..(t + 1) * m.cols], &mut a);
+        m.ty.act().quantize(&x[t * m.cols..(t + 1) * m.cols], &mut a, Kernels::best());
         let xa: Vec<f32> = if m.ty.is_k() {
             a.chunks(Q8_K_BYTES)
                 .flat_map(|b| {
@@ -230,15 +230,16 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
 
 /// The pair kernels against the eight-row kernels of the same set on each group of the pair
 /// (read with the pair's stride), bit for bit, for one and four tokens, with scrambled codes
-/// (every byte value, −128 included); whether a product uses them does not depend on the
-/// task split.
+/// (every byte value, −128 included); the eight-token pair kernels against the four-token
+/// ones on each half of the tokens; whether a product uses them does not depend on the task
+/// split or on how many tokens it has.
 #[test]
 fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
     let mut tried = 0;
     for k in Kernels::all() {
         for ty in [QType::Q4_0, QType::Q8_0] {
             let x8 = ty.x8(&k);
-            let (Some(p1), Some(p4), Some(g4)) = (x8.p1, x8.p4, x8.g4) else { continue };
+            let (Some(p1), Some(p4), Some(p8), Some(g4)) = (x8.p1, x8.p4, x8.p8, x8.g4) else { continue };
             tried += 1;
             let (rows, cols) = (32, 160);
             let q = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 11)).unwrap();
@@ -246,24 +247,33 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
             scramble(ty, &mut data, 99);
             let m = QuantMatrix::from_bytes(ty, rows, cols, data).unwrap();
             let (nb, bb, rb) = (cols / QK, ty.block_bytes(), m.row_bytes());
-            let x = values(4 * cols, 12);
+            let x = values(8 * cols, 12);
             let ab = ty.act().row_bytes(cols);
-            let mut acts = vec![0u8; 4 * ab];
+            let mut acts = vec![0u8; 8 * ab];
             for (a, r) in acts.chunks_mut(ab).zip(x.chunks(cols)) {
-                ty.act().quantize(r, a);
+                ty.act().quantize(r, a, Kernels::best());
             }
             let sums: Vec<Vec<i32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()).collect();
             let a: [&[u8]; 4] = std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]);
             let s: [&[i32]; 4] = std::array::from_fn(|t| &sums[t][..]);
+            let scales: Vec<Vec<f32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect()).collect();
+            let d: [&[f32]; 4] = std::array::from_fn(|t| &scales[t][..]);
             // The second pair, so that the pair kernels do not start at the matrix's first byte.
             let w = &m.data[16 * rb..32 * rb];
-            let wide = p4(w, a, s, nb);
+            let wide = p4(w, a, s, d, nb);
+            let eight = p8(w, std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]), std::array::from_fn(|t| &sums[t][..]), std::array::from_fn(|t| &scales[t][..]), nb);
+            let a2: [&[u8]; 4] = std::array::from_fn(|t| &acts[(t + 4) * ab..(t + 5) * ab]);
+            let upper = p4(w, a2, std::array::from_fn(|t| &sums[t + 4][..]), std::array::from_fn(|t| &scales[t + 4][..]), nb);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            for t in 0..4 {
+                assert_eq!(bits(&eight[t]), bits(&wide[t]), "{ty} {}: token {t} of eight", k.name);
+                assert_eq!(bits(&eight[t + 4]), bits(&upper[t]), "{ty} {}: token {} of eight", k.name, t + 4);
+            }
             for h in 0..2 {
                 let narrow = g4(&w[h * 8 * bb..], 16 * bb, a, s, nb);
                 for t in 0..4 {
-                    let one = p1(w, a[t], s[t], nb);
+                    let one = p1(w, a[t], s[t], d[t], nb);
                     let single = (x8.g1)(&w[h * 8 * bb..], 16 * bb, a[t], s[t], nb);
-                    let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
                     assert_eq!(bits(&wide[t][8 * h..8 * h + 8]), bits(&narrow[t]), "{ty} {}: group {h}, token {t} of four", k.name);
                     assert_eq!(bits(&one[8 * h..8 * h + 8]), bits(&single), "{ty} {}: group {h}, token {t} alone", k.name);
                 }
@@ -272,5 +282,30 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
     }
     if Kernels::all().iter().any(|k| k.name == "avx512vnni") {
         assert_eq!(tried, 2, "the AVX-512 set must have the pair kernels of both types");
+    }
+}
+
+/// Every set's activation quantizer gives the scalar one's bytes: smooth values, exact ties
+/// (`x · 127/max` on a half integer, which must round to even), a block of zeros, a single
+/// nonzero value, and blocks whose maximum sits in each lane.
+#[test]
+fn activation_quantizers_give_the_scalar_bytes() {
+    let mut x = values(32 * 40, 3);
+    // Ties: with max 127 the codes are the values themselves.
+    for (i, v) in x[..32].iter_mut().enumerate() {
+        *v = i as f32 - 15.5;
+    }
+    x[31] = 127.0;
+    x[32..64].iter_mut().for_each(|v| *v = 0.0);
+    x[64..96].iter_mut().enumerate().for_each(|(i, v)| *v = if i == 17 { -3.0e-3 } else { 0.0 });
+    for b in 3..35 {
+        x[b * 32 + (b - 3)] = 40.0 * if b % 2 == 0 { 1.0 } else { -1.0 };
+    }
+    let mut want = vec![0u8; 40 * Q8_0_BYTES];
+    blocks::quantize_act_q8_0(&x, &mut want);
+    for k in Kernels::all() {
+        let mut got = vec![0u8; 40 * Q8_0_BYTES];
+        (k.act_q8_0)(&x, &mut got);
+        assert_eq!(got, want, "{}", k.name);
     }
 }

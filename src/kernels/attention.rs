@@ -382,6 +382,24 @@ mod x86 {
             let n = start + i + 1;
             let kp = |j: usize| kc.as_ptr().add(j * w + g * d);
             let mut j = 0;
+            // Eight keys at a time: their eight lane sums are one 8×8 transposition and seven
+            // vertical additions in `lanes_sum`'s order (lane 0 first), instead of a store and
+            // eight scalar additions per key, which made the scores most of a decode step's
+            // attention.
+            let (zero, emptyv, scalev) = (_mm256_set1_ps(std::iter::empty::<f32>().sum()), _mm256_set1_ps(empty), _mm256_set1_ps(scale));
+            while j + 8 <= n {
+                let mut acc = [_mm256_setzero_ps(); 8];
+                for c in 0..chunks {
+                    let x = _mm256_loadu_ps(qp.add(c * 8));
+                    for (k, a) in acc.iter_mut().enumerate() {
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp(j + k).add(c * 8))));
+                    }
+                }
+                let lanes = transpose8(acc);
+                let sums = lanes.iter().fold(zero, |s, &l| _mm256_add_ps(s, l));
+                _mm256_storeu_ps(p.as_mut_ptr().add(j), _mm256_mul_ps(_mm256_add_ps(sums, emptyv), scalev));
+                j += 8;
+            }
             while j + 4 <= n {
                 let mut acc = [_mm256_setzero_ps(); 4];
                 for c in 0..chunks {
@@ -423,6 +441,42 @@ mod x86 {
                 c0 += m;
             }
         }
+    }
+
+    /// Lane `l` of output `k` is lane `k` of input `l`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+        let t = [
+            _mm256_unpacklo_ps(r[0], r[1]),
+            _mm256_unpackhi_ps(r[0], r[1]),
+            _mm256_unpacklo_ps(r[2], r[3]),
+            _mm256_unpackhi_ps(r[2], r[3]),
+            _mm256_unpacklo_ps(r[4], r[5]),
+            _mm256_unpackhi_ps(r[4], r[5]),
+            _mm256_unpacklo_ps(r[6], r[7]),
+            _mm256_unpackhi_ps(r[6], r[7]),
+        ];
+        let u = [
+            _mm256_shuffle_ps::<0x44>(t[0], t[2]),
+            _mm256_shuffle_ps::<0xEE>(t[0], t[2]),
+            _mm256_shuffle_ps::<0x44>(t[1], t[3]),
+            _mm256_shuffle_ps::<0xEE>(t[1], t[3]),
+            _mm256_shuffle_ps::<0x44>(t[4], t[6]),
+            _mm256_shuffle_ps::<0xEE>(t[4], t[6]),
+            _mm256_shuffle_ps::<0x44>(t[5], t[7]),
+            _mm256_shuffle_ps::<0xEE>(t[5], t[7]),
+        ];
+        [
+            _mm256_permute2f128_ps::<0x20>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x20>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x20>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x20>(u[3], u[7]),
+            _mm256_permute2f128_ps::<0x31>(u[0], u[4]),
+            _mm256_permute2f128_ps::<0x31>(u[1], u[5]),
+            _mm256_permute2f128_ps::<0x31>(u[2], u[6]),
+            _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
+        ]
     }
 }
 

@@ -20,14 +20,25 @@ fn sigmoid(x: f32) -> f32 {
 /// `silu(g) · u` element-wise.
 pub fn swiglu_values(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
-    out.par_chunks_mut(16_384).zip(g.par_chunks(16_384)).zip(u.par_chunks(16_384)).for_each(|((o, g), u)| {
+    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| {
         #[cfg(target_arch = "x86_64")]
         if super::has_wide() {
             // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
             return unsafe { x86::swiglu_chunk(o, g, u) };
         }
         swiglu_chunk(o, g, u)
-    });
+    };
+    let threads = rayon::current_num_threads();
+    if (4096..1 << 16).contains(&g.len()) && threads > 1 {
+        // A batched decode step's few rows (8 × 1536 for SmolLM2): split over the quantized
+        // products' spinning team, whose helpers are awake between two products, instead of
+        // one thread while they spin (or a rayon worker woken for microseconds of work).
+        let per = g.len().div_ceil(threads).next_multiple_of(8);
+        let tasks: Vec<_> = out.chunks_mut(per).zip(g.chunks(per)).zip(u.chunks(per)).collect();
+        crate::ggml::team::for_each(threads, tasks, chunk);
+    } else {
+        out.par_chunks_mut(16_384).zip(g.par_chunks(16_384)).zip(u.par_chunks(16_384)).for_each(chunk);
+    }
     out
 }
 

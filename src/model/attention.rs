@@ -329,7 +329,7 @@ mod kernel_tests {
         use crate::kernels::attention::cached_attention;
         let (h, kvh, d) = (9, 3, 64);
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1001) as f32 / 250.0 - 2.0).sin()).collect() };
-        for (start, t) in [(0, 1), (37, 1), (80, 1), (0, 70), (5, 40)] {
+        for (start, t) in [(0, 1), (6, 1), (12, 1), (37, 1), (80, 1), (0, 70), (5, 40)] {
             let q = vals(t * h * d, 1);
             let (k, v) = (vals((start + t) * kvh * d, 2), vals((start + t) * kvh * d, 3));
             let wide = cached_attention(&q, &k, &v, start, [h, kvh, d]);
