@@ -548,7 +548,7 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
                 let vocab = l.model.vocab_size();
                 let mut rows = logits.chunks_exact(vocab);
                 for (k, n, want) in fed.drain(..) {
-                    let row = if want { rows.next().map(|r| r.to_vec()) } else { None };
+                    let mut row = if want { rows.next().map(|r| r.to_vec()) } else { None };
                     if let Some(r) = &row {
                         let (i, g) = (steppers[k].0, steppers[k].1.generated().len());
                         let same = r.iter().map(|x| x.to_bits()).eq(solo_logits[i][g].iter().map(|x| x.to_bits()));
@@ -557,7 +557,7 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
                         }
                         f32_differs |= !same;
                     }
-                    steppers[k].1.fed(n, row);
+                    steppers[k].1.fed(n, row.as_deref_mut());
                 }
             }
             steps += 1;

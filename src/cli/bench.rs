@@ -90,6 +90,10 @@ pub enum BenchCmd {
         /// Requests each client sends one after another
         #[arg(long, default_value_t = 2)]
         requests: usize,
+        /// Sampling temperature of every request (0: greedy; the OpenAI default a client
+        /// gets without the field is 1)
+        #[arg(long, default_value_t = 0.0)]
+        temperature: f32,
     },
     /// pp/tg tokens/s of a model folder (quantized or not), measured like llama-bench's pp N / tg N
     Quant {

@@ -466,8 +466,8 @@ impl QuantMatrix {
         // transposition inside L1/L2 instead of one over the whole output (the LM head's is
         // 25 MB for a 128-token prompt, and took 8–10 % of the prompt's time).
         // Left uninitialised: every value is written once by the task that owns its rows, and
-        // zeroing them first cost ~0.7 ms of an eight-sequence decode step (~6 MB of outputs)
-        // on the calling thread while the helpers waited.
+        // zeroing them first took ~0.7 ms of an eight-sequence decode step in a profile (~6 MB
+        // of outputs, on the calling thread while the helpers waited).
         let mut outs: Vec<Vec<MaybeUninit<f32>>> = ms.iter().map(|m| uninit(m.rows * n)).collect();
         // (matrix, first row, row count, its slice of each token's output)
         type Task<'a> = (usize, usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
@@ -495,6 +495,9 @@ impl QuantMatrix {
             let r1 = m.packed.clamp(r0, r0 + count);
             debug_assert!(r1 == r0 || r0.is_multiple_of(X16_ROWS), "tasks start on a pair");
             let ng = r1 - r0;
+            // Whole pairs: the pair loops below write every row of `0..ng`, which the final
+            // `assume_init` relies on.
+            assert!(ng.is_multiple_of(X16_ROWS), "a task's interleaved rows are whole pairs");
             // Each token's slice: the pairs' outputs first, then the row-major rows'.
             let mut rest: Vec<&mut [MaybeUninit<f32>]> = Vec::with_capacity(n);
             for d in dst.iter_mut() {

@@ -87,7 +87,7 @@ impl Stepper {
             Some(c) => model.forward_last(ids_tensor(pending, device), Some(c)),
             None => model.forward_last(ids_tensor(all, device), None),
         });
-        Some(self.choose(last_logits(logits)))
+        Some(self.choose(&mut last_logits(logits)))
     }
 
     /// Whether generation has ended; it ends here (as [`Finish::Length`]) when the answer or
@@ -112,7 +112,7 @@ impl Stepper {
 
     /// The first `n` ids of [`Self::input`] were fed. Once all are, `logits` (the last fed
     /// position's, `[vocab]`) choose the next id, as [`Self::step`] does with its own pass.
-    pub fn fed(&mut self, n: usize, logits: Option<Vec<f32>>) -> Option<u32> {
+    pub fn fed(&mut self, n: usize, logits: Option<&mut [f32]>) -> Option<u32> {
         self.pending.drain(..n);
         if !self.pending.is_empty() {
             return None;
@@ -131,8 +131,8 @@ impl Stepper {
         self.cache.as_ref().map(|c| c.len()).unwrap_or(0)
     }
 
-    fn choose(&mut self, mut logits: Vec<f32>) -> u32 {
-        let id = self.sampler.next(&mut logits, &self.all);
+    fn choose(&mut self, logits: &mut [f32]) -> u32 {
+        let id = self.sampler.next(logits, &self.all);
         self.all.push(id);
         self.pending = vec![id];
         if self.stop_ids.contains(&id) {

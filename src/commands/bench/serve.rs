@@ -19,6 +19,8 @@ pub struct ServeBenchOptions {
     pub max_tokens: usize,
     /// Requests each client sends, one after another.
     pub requests_per_client: usize,
+    /// Sampling temperature of every request (0: greedy).
+    pub temperature: f32,
 }
 
 #[derive(Debug, Serialize)]
@@ -132,7 +134,7 @@ pub fn run(o: &ServeBenchOptions) -> Result<Vec<ServeBenchRow>> {
     let addr = server.addr;
     let body = |c: usize, r: usize| {
         serde_json::json!({ "prompt": format!("Request {r} from client {c}: write a short story about a robot who learns to cook."),
-            "max_tokens": o.max_tokens, "temperature": 0, "ignore_eos": true })
+            "max_tokens": o.max_tokens, "temperature": o.temperature, "seed": (c * 1000 + r) as u64, "ignore_eos": true })
         .to_string()
     };
     // Warm-up: first calls allocate and start the thread pools.
