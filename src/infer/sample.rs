@@ -91,7 +91,8 @@ fn pick(logits: &mut [f32], p: &SamplingParams, r: f32) -> u32 {
     let v = w.len();
     let top_k = p.top_k > 0 && p.top_k < v;
     if !top_k && p.top_p >= 1.0 {
-        return walk(w, 0..v as u32, r * total).unwrap_or(v as u32 - 1);
+        // Past the end only by rounding (r close to 1): the last id that has any weight.
+        return walk(w, 0..v as u32, r * total).unwrap_or_else(|| w.iter().rposition(|&x| x > 0.0).unwrap_or(v - 1) as u32);
     }
     let before = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
     // The candidates, likeliest first: the `top_k` (the k-th largest weight found by selection
