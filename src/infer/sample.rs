@@ -86,13 +86,25 @@ impl Sampler {
 fn pick(logits: &mut [f32], p: &SamplingParams, r: f32) -> u32 {
     logits.iter_mut().for_each(|l| *l /= p.temperature);
     // `exp(l − max)`: the unnormalised probabilities (the likeliest is 1), and their sum.
-    let total = exp_weights(logits);
+    let blocks = exp_weights(logits);
+    let total: f32 = blocks.iter().sum();
     let w: &[f32] = logits;
     let v = w.len();
     let top_k = p.top_k > 0 && p.top_k < v;
     if !top_k && p.top_p >= 1.0 {
+        // The draw's block from the block sums, then a walk through that block only.
+        let target = r * total;
+        let mut acc = 0f32;
+        for (b, &bs) in blocks.iter().enumerate() {
+            if target < acc + bs {
+                let ids = (b * BLOCK) as u32..((b + 1) * BLOCK).min(v) as u32;
+                // Short of the block's end only by rounding: its last id with any weight.
+                return walk(w, ids.clone(), target - acc).unwrap_or_else(|| ids.rev().find(|&i| w[i as usize] > 0.0).unwrap_or(b as u32 * BLOCK as u32));
+            }
+            acc += bs;
+        }
         // Past the end only by rounding (r close to 1): the last id that has any weight.
-        return walk(w, 0..v as u32, r * total).unwrap_or_else(|| w.iter().rposition(|&x| x > 0.0).unwrap_or(v - 1) as u32);
+        return w.iter().rposition(|&x| x > 0.0).unwrap_or(v - 1) as u32;
     }
     let before = |a: &u32, b: &u32| w[*b as usize].total_cmp(&w[*a as usize]).then(a.cmp(b));
     // The candidates, likeliest first: the `top_k` (the k-th largest weight found by selection
@@ -148,14 +160,27 @@ fn walk(w: &[f32], ids: impl Iterator<Item = u32>, target: f32) -> Option<u32> {
     None
 }
 
-/// `exp(x − max)` in place (the crate's vectorised exponential), returning the sum.
-fn exp_weights(x: &mut [f32]) -> f32 {
-    #[cfg(target_arch = "x86_64")]
-    if crate::kernels::has_wide() {
-        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
-        return unsafe { crate::kernels::softmax::x86::exp_shifted_in_place(x) }.1;
-    }
-    crate::kernels::softmax::exp_shifted_in_place(x).1
+/// Ids per block of [`exp_weights`]' sums.
+const BLOCK: usize = 256;
+
+/// `exp(x − max)` in place (the crate's vectorised exponential) and the sum of each block of
+/// [`BLOCK`] weights, each in eight lanes: a draw finds its block from these and walks that block
+/// only, where one running sum over 49,152 weights (and a walk as long) was a chain of dependent
+/// additions that took most of a sample's time.
+fn exp_weights(x: &mut [f32]) -> Vec<f32> {
+    use crate::kernels::softmax::{exp_minus_in_place, max_of};
+    exp_minus_in_place(x, max_of(x));
+    x.chunks(BLOCK)
+        .map(|b| {
+            let mut lanes = [0f32; 8];
+            let chunks = b.chunks_exact(8);
+            let rest: f32 = chunks.remainder().iter().sum();
+            for c in chunks {
+                lanes.iter_mut().zip(c).for_each(|(l, &x)| *l += x);
+            }
+            lanes.iter().sum::<f32>() + rest
+        })
+        .collect()
 }
 
 #[cfg(test)]

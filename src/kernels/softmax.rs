@@ -84,6 +84,17 @@ pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     (m, sum)
 }
 
+/// `exp(xᵢ − m)` in place, by [`x86::exp8`] where the CPU has AVX2 (the same bits as
+/// [`exp_approx`] either way), without the in-order sum of [`exp_shifted_in_place`].
+pub fn exp_minus_in_place(row: &mut [f32], m: f32) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_wide() {
+        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+        return unsafe { x86::exp_minus(row, m) };
+    }
+    row.iter_mut().for_each(|x| *x = exp_approx(*x - m));
+}
+
 /// AVX2 versions of the pieces above, for the kernels' AVX2 paths (see `kernels::has_wide`):
 /// the same operations in the same order, so the same bits.
 #[cfg(target_arch = "x86_64")]
@@ -119,6 +130,23 @@ pub mod x86 {
         _mm256_blendv_ps(y, set(f32::INFINITY), _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi))
     }
 
+    /// `exp(xᵢ − m)` in place by [`exp8`] (the tail by [`super::exp_approx`]).
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 (`kernels::has_wide`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn exp_minus(row: &mut [f32], m: f32) {
+        let mv = _mm256_set1_ps(m);
+        let mut chunks = row.chunks_exact_mut(8);
+        for c in &mut chunks {
+            _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv)));
+        }
+        for x in chunks.into_remainder() {
+            *x = super::exp_approx(*x - m);
+        }
+    }
+
     /// [`super::exp_shifted_in_place`] with the numerators made by [`exp8`]: the same max, the
     /// same values, the same left-to-right sum.
     ///
@@ -128,14 +156,7 @@ pub mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
         let m = max_of(row);
-        let mv = _mm256_set1_ps(m);
-        let mut chunks = row.chunks_exact_mut(8);
-        for c in &mut chunks {
-            _mm256_storeu_ps(c.as_mut_ptr(), exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv)));
-        }
-        for x in chunks.into_remainder() {
-            *x = super::exp_approx(*x - m);
-        }
+        exp_minus(row, m);
         let mut sum = 0f32;
         for &x in row.iter() {
             sum += x;
