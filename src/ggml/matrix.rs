@@ -412,6 +412,11 @@ impl QuantMatrix {
 
     /// [`Self::matmul_shared`] with the given kernels.
     pub fn matmul_shared_with(ms: &[&QuantMatrix], x: &[f32], n: usize, k: &Kernels) -> Vec<Vec<f32>> {
+        Self::products(ms, x, n, k, None)
+    }
+
+    /// [`Self::matmul_shared_with`], or with `glu` [`Self::matmul_glu`]'s one output.
+    fn products(ms: &[&QuantMatrix], x: &[f32], n: usize, k: &Kernels, glu: Option<&GluFn>) -> Vec<Vec<f32>> {
         let Some(first) = ms.first() else { return Vec::new() };
         let (ty, cols) = (first.ty, first.cols);
         if ms.iter().any(|m| m.cols != cols || m.ty.act() != ty.act()) {
@@ -468,22 +473,8 @@ impl QuantMatrix {
         // Left uninitialised: every value is written once by the task that owns its rows, and
         // zeroing them first took ~0.7 ms of an eight-sequence decode step in a profile (~6 MB
         // of outputs, on the calling thread while the helpers waited).
-        let mut outs: Vec<Vec<MaybeUninit<f32>>> = ms.iter().map(|m| uninit(m.rows * n)).collect();
         // (matrix, first row, row count, its slice of each token's output)
         type Task<'a> = (usize, usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
-        let mut tasks: Vec<Task> = Vec::new();
-        for (mi, o) in outs.iter_mut().enumerate() {
-            let rows = ms[mi].rows;
-            let first = tasks.len();
-            for (t, ot) in o.chunks_mut(rows).enumerate() {
-                for (c, oc) in ot.chunks_mut(per_task).enumerate() {
-                    if t == 0 {
-                        tasks.push((mi, c * per_task, oc.len(), Vec::with_capacity(n)));
-                    }
-                    tasks[first + c].3.push(oc);
-                }
-            }
-        }
         let body = |(mi, r0, count, mut dst): Task| {
             let m = ms[mi];
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
@@ -601,12 +592,71 @@ impl QuantMatrix {
                 }
             }
         };
+        let threads = rayon::current_num_threads();
+        if let Some(f) = glu {
+            // One output: each task makes its rows of both matrices, then `f` of the two.
+            let rows = ms[0].rows;
+            let mut per = rows.div_ceil(threads * 4).max(4);
+            if n > TB {
+                per = per.min(64);
+            }
+            let per = per.next_multiple_of(X16_ROWS);
+            let mut out = uninit(rows * n);
+            // (first row, row count, its slice of each token's output)
+            type Rows<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
+            let mut tasks: Vec<Rows> = Vec::new();
+            for (t, ot) in out.chunks_mut(rows).enumerate() {
+                for (c, oc) in ot.chunks_mut(per).enumerate() {
+                    if t == 0 {
+                        tasks.push((c * per, oc.len(), Vec::with_capacity(n)));
+                    }
+                    tasks[c].2.push(oc);
+                }
+            }
+            team::for_each(threads, tasks, |(r0, count, dst)| {
+                let (mut g, mut u) = (uninit(count * n), uninit(count * n));
+                body((0, r0, count, g.chunks_mut(count).collect()));
+                body((1, r0, count, u.chunks_mut(count).collect()));
+                // SAFETY: `body` writes every row of its task for every token (see below).
+                let (g, u) = unsafe { (assume_init(g), assume_init(u)) };
+                let mut h = vec![0f32; count];
+                for (t, d) in dst.into_iter().enumerate() {
+                    f(&mut h, &g[t * count..(t + 1) * count], &u[t * count..(t + 1) * count]);
+                    put(d, &h);
+                }
+            });
+            // SAFETY: the tasks split the rows, and each wrote its rows of every token.
+            return vec![unsafe { assume_init(out) }];
+        }
+        let mut outs: Vec<Vec<MaybeUninit<f32>>> = ms.iter().map(|m| uninit(m.rows * n)).collect();
+        let mut tasks: Vec<Task> = Vec::new();
+        for (mi, o) in outs.iter_mut().enumerate() {
+            let rows = ms[mi].rows;
+            let first = tasks.len();
+            for (t, ot) in o.chunks_mut(rows).enumerate() {
+                for (c, oc) in ot.chunks_mut(per_task).enumerate() {
+                    if t == 0 {
+                        tasks.push((mi, c * per_task, oc.len(), Vec::with_capacity(n)));
+                    }
+                    tasks[first + c].3.push(oc);
+                }
+            }
+        }
         // The spinning team (see `team`), or rayon when another thread is using it.
-        team::for_each(rayon::current_num_threads(), tasks, body);
+        team::for_each(threads, tasks, body);
         // SAFETY: the tasks split every matrix's rows among them, and a task writes its rows of
         // every token: the pairs `r0..r1` through `put` (`r1 − r0` is whole pairs, since tasks
         // start on a pair and `packed` ends on one), the rest through `local`'s scatter.
         outs.into_iter().map(|v| unsafe { assume_init(v) }).collect()
+    }
+
+    /// `f(x·Aᵀ, x·Bᵀ)` for two matrices of the same shape that read the same input (gate and
+    /// up): each task makes its rows of both and applies `f` (element-wise, on one token's
+    /// slice of each) before writing the one output `[n, rows]`, so a gated feed-forward takes
+    /// one dispatch and never stores the two halves whole. `None` where the two do not pair
+    /// (another shape or activation format).
+    pub fn matmul_glu(a: &QuantMatrix, b: &QuantMatrix, x: &[f32], n: usize, f: &GluFn) -> Option<Vec<f32>> {
+        (a.rows == b.rows && a.cols == b.cols && a.ty.act() == b.ty.act()).then(|| Self::products(&[a, b], x, n, Kernels::best(), Some(f)).pop().expect("one output"))
     }
 
     /// Moves whole rows: output row `i` is input row `perm[i]`. Rows are independent blocks,
@@ -625,6 +675,9 @@ impl QuantMatrix {
         Ok(QuantMatrix::new(self.ty, self.rows, self.cols, data))
     }
 }
+
+/// An element-wise combination of two products (a gate and its input): `out[i] = f(a[i], b[i])`.
+pub type GluFn = dyn Fn(&mut [f32], &[f32], &[f32]) + Sync;
 
 /// `len` values to be written before they are read.
 fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {

@@ -309,3 +309,28 @@ fn activation_quantizers_give_the_scalar_bytes() {
         assert_eq!(got, want, "{}", k.name);
     }
 }
+
+/// The gated product is `f` of the two plain products, bit for bit, for the interleaved types
+/// and a row-major one, one token and several (a remainder after eight and four, a prompt
+/// longer than a token block), with rows that are not whole tasks.
+#[test]
+fn gated_product_is_f_of_the_two_products() {
+    let f = |o: &mut [f32], g: &[f32], u: &[f32]| o.iter_mut().zip(g).zip(u).for_each(|((o, &g), &u)| *o = g * (g - u) + 0.5 * u);
+    for ty in [QType::Q4_0, QType::Q8_0, QType::Q4_K] {
+        let (rows, cols) = (304, 256);
+        let a = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 21)).unwrap();
+        let b = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 22)).unwrap();
+        for n in [1, 7, 13, 40] {
+            let x = values(n * cols, 23 + n);
+            let [g, u]: [Vec<f32>; 2] = QuantMatrix::matmul_shared(&[&a, &b], &x, n).try_into().unwrap();
+            let mut want = vec![0f32; rows * n];
+            f(&mut want, &g, &u);
+            let got = QuantMatrix::matmul_glu(&a, &b, &x, n, &f).expect("same shapes");
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&got), bits(&want), "{ty}, {n} tokens");
+        }
+    }
+    let c = QuantMatrix::quantize(QType::Q4_0, 16, 256, &values(16 * 256, 24)).unwrap();
+    let d = QuantMatrix::quantize(QType::Q4_0, 32, 256, &values(32 * 256, 25)).unwrap();
+    assert!(QuantMatrix::matmul_glu(&c, &d, &values(256, 26), 1, &f).is_none(), "rows differ");
+}

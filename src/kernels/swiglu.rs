@@ -42,6 +42,17 @@ pub fn swiglu_values(g: &[f32], u: &[f32]) -> Vec<f32> {
     out
 }
 
+/// [`swiglu_values`] of one slice into `o` (the quantized gate/up product applies it to each
+/// task's rows, see [`crate::ggml::QuantMatrix::matmul_glu`]): the same bits, element by element.
+pub fn swiglu_into(o: &mut [f32], g: &[f32], u: &[f32]) {
+    #[cfg(target_arch = "x86_64")]
+    if super::has_wide() {
+        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+        return unsafe { x86::swiglu_chunk(o, g, u) };
+    }
+    swiglu_chunk(o, g, u)
+}
+
 /// The reference arithmetic of [`swiglu_values`] on one chunk: `(g·σ(g))·u`.
 fn swiglu_chunk(o: &mut [f32], g: &[f32], u: &[f32]) {
     for ((o, &g), &u) in o.iter_mut().zip(g).zip(u) {

@@ -178,6 +178,20 @@ impl Linear {
 }
 
 impl Linear {
+    /// `f(gate(x), up(x))` in one quantized product ([`QuantMatrix::matmul_glu`]) where both
+    /// are quantized without adapters or taps and `x` is f32; `None` otherwise (the caller
+    /// composes the two projections and `f`, which gives the same values).
+    pub fn forward_glu(gate: &Linear, up: &Linear, x: &Tensor<3>, f: &crate::ggml::matrix::GluFn) -> Option<Tensor<3>> {
+        let plain = |l: &Linear| l.lora.is_empty() && l.tap.is_none();
+        let (Frozen::Quant(g), Frozen::Quant(u)) = (&gate.weight, &up.weight) else { return None };
+        if !plain(gate) || !plain(up) || x.dtype() != burn::tensor::DType::F32 {
+            return None;
+        }
+        let [b, t, i] = x.dims();
+        let y = crate::kernels::with_host_f32(x.clone().reshape([b * t, i]), |host| QuantMatrix::matmul_glu(&g.matrix, &u.matrix, host, b * t, f))?;
+        Some(Tensor::from_data(TensorData::new(y, [b, t, gate.out_features()]), &g.device))
+    }
+
     /// `forward` of several projections that read the same `x` (Q/K/V, gate/up). Quantized
     /// weights without adapters or taps share one quantization of `x` and one thread dispatch
     /// ([`QuantMatrix::matmul_shared`]); anything else runs each projection's own `forward`.

@@ -14,6 +14,10 @@ pub struct Mlp {
 
 impl Mlp {
     pub fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        // Quantized gate and up: one product that applies the gate per task (the same values).
+        if let Some(h) = Linear::forward_glu(&self.gate_proj, &self.up_proj, &x, &crate::kernels::swiglu::swiglu_into) {
+            return self.down_proj.forward(h);
+        }
         // One pass over `x` for both projections that read it (see `Linear::forward_shared`).
         let [g, u] = Linear::forward_shared([&self.gate_proj, &self.up_proj], x);
         // f32 on flex: one fused kernel each way (see `kernels::swiglu`); the composition otherwise.
