@@ -92,7 +92,7 @@ pub enum BenchCmd {
         requests: usize,
         /// Sampling temperature of every request (0: greedy; the OpenAI default a client
         /// gets without the field is 1)
-        #[arg(long, default_value_t = 0.0)]
+        #[arg(long, default_value_t = 0.0, value_parser = super::api_temperature)]
         temperature: f32,
     },
     /// pp/tg tokens/s of a model folder (quantized or not), measured like llama-bench's pp N / tg N

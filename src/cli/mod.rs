@@ -348,6 +348,15 @@ pub fn positive_f32(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
+/// A request's sampling temperature as the API takes it: 0 (greedy) to 2.
+pub fn api_temperature(s: &str) -> Result<f32, String> {
+    let v: f32 = s.parse().map_err(|e| format!("{e}"))?;
+    if !(0.0..=2.0).contains(&v) {
+        return Err(format!("{v} is outside [0, 2] (0 is greedy)"));
+    }
+    Ok(v)
+}
+
 pub fn positive_f64(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if !(v.is_finite() && v > 0.0) {
@@ -370,4 +379,21 @@ pub fn at_least<const MIN: usize>(s: &str) -> Result<usize, String> {
         return Err(format!("{v} is below the minimum of {MIN}"));
     }
     Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The serving benchmark's temperature takes what the API takes, and nothing that would
+    /// reach the server as something else (NaN serialises to `null`, the API's default 1).
+    #[test]
+    fn api_temperature_takes_the_api_range() {
+        for ok in ["0", "0.7", "2"] {
+            assert!(api_temperature(ok).is_ok(), "{ok}");
+        }
+        for bad in ["NaN", "inf", "-0.5", "2.5", "warm"] {
+            assert!(api_temperature(bad).is_err(), "{bad}");
+        }
+    }
 }

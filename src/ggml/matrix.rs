@@ -435,9 +435,9 @@ impl QuantMatrix {
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         let nb_act = ab / act_ty.block_bytes();
-        // f32 copies of the Q8_0/Q8_1 activation scales, for the four-token kernels (a Q8_K
-        // block carries its own f32 scale).
-        let scales: Vec<f32> = if act_ty != Act::Q8_K && ms.iter().any(|m| (n >= 4 && (m.ty.dot4(k).is_some() || m.ty.tile(k).is_some())) || (m.packed > 0 && m.ty.x8(k).p1.is_some())) {
+        // f32 copies of the Q8_0/Q8_1 activation scales, for the many-token and the pair
+        // kernels (a Q8_K block carries its own f32 scale); one float per 32 values.
+        let scales: Vec<f32> = if act_ty != Act::Q8_K {
             acts.chunks_exact(act_ty.block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()
         } else {
             Vec::new()
@@ -457,8 +457,10 @@ impl QuantMatrix {
         // meanwhile. Not for one block (decode, a batched decode step, a short prompt chunk):
         // there 64-row tasks made a Q4_0 product of 8 or 16 tokens 14–22 % slower than a
         // quarter of a thread's rows each (BENCHMARKS.md, "Where the serving ratio goes").
-        let total: usize = ms.iter().map(|m| m.rows).sum();
-        let mut per_task = total.div_ceil(rayon::current_num_threads() * 4).max(4);
+        // (A gated product's task makes its rows of both matrices: its rows count once.)
+        let total: usize = if glu.is_some() { first.rows } else { ms.iter().map(|m| m.rows).sum() };
+        let threads = rayon::current_num_threads();
+        let mut per_task = total.div_ceil(threads * 4).max(4);
         if n > TB {
             per_task = per_task.min(64);
         }
@@ -592,28 +594,10 @@ impl QuantMatrix {
                 }
             }
         };
-        let threads = rayon::current_num_threads();
         if let Some(f) = glu {
             // One output: each task makes its rows of both matrices, then `f` of the two.
-            let rows = ms[0].rows;
-            let mut per = rows.div_ceil(threads * 4).max(4);
-            if n > TB {
-                per = per.min(64);
-            }
-            let per = per.next_multiple_of(X16_ROWS);
-            let mut out = uninit(rows * n);
-            // (first row, row count, its slice of each token's output)
-            type Rows<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
-            let mut tasks: Vec<Rows> = Vec::new();
-            for (t, ot) in out.chunks_mut(rows).enumerate() {
-                for (c, oc) in ot.chunks_mut(per).enumerate() {
-                    if t == 0 {
-                        tasks.push((c * per, oc.len(), Vec::with_capacity(n)));
-                    }
-                    tasks[c].2.push(oc);
-                }
-            }
-            team::for_each(threads, tasks, |(r0, count, dst)| {
+            let mut out = uninit(first.rows * n);
+            team::for_each(threads, row_tasks(&mut out, first.rows, per_task), |(r0, count, dst)| {
                 let (mut g, mut u) = (uninit(count * n), uninit(count * n));
                 body((0, r0, count, g.chunks_mut(count).collect()));
                 body((1, r0, count, u.chunks_mut(count).collect()));
@@ -631,16 +615,7 @@ impl QuantMatrix {
         let mut outs: Vec<Vec<MaybeUninit<f32>>> = ms.iter().map(|m| uninit(m.rows * n)).collect();
         let mut tasks: Vec<Task> = Vec::new();
         for (mi, o) in outs.iter_mut().enumerate() {
-            let rows = ms[mi].rows;
-            let first = tasks.len();
-            for (t, ot) in o.chunks_mut(rows).enumerate() {
-                for (c, oc) in ot.chunks_mut(per_task).enumerate() {
-                    if t == 0 {
-                        tasks.push((mi, c * per_task, oc.len(), Vec::with_capacity(n)));
-                    }
-                    tasks[first + c].3.push(oc);
-                }
-            }
+            tasks.extend(row_tasks(o, ms[mi].rows, per_task).into_iter().map(|(r0, count, dst)| (mi, r0, count, dst)));
         }
         // The spinning team (see `team`), or rayon when another thread is using it.
         team::for_each(threads, tasks, body);
@@ -678,6 +653,23 @@ impl QuantMatrix {
 
 /// An element-wise combination of two products (a gate and its input): `out[i] = f(a[i], b[i])`.
 pub type GluFn = dyn Fn(&mut [f32], &[f32], &[f32]) + Sync;
+
+/// A task's rows of an output: its first row, row count and its slice of every token's row.
+type RowTask<'a> = (usize, usize, Vec<&'a mut [MaybeUninit<f32>]>);
+
+/// `out` (`[n, rows]`, token-major) cut into tasks of `per` rows.
+fn row_tasks(out: &mut [MaybeUninit<f32>], rows: usize, per: usize) -> Vec<RowTask<'_>> {
+    let mut tasks: Vec<RowTask> = Vec::new();
+    for (t, ot) in out.chunks_mut(rows).enumerate() {
+        for (c, oc) in ot.chunks_mut(per).enumerate() {
+            if t == 0 {
+                tasks.push((c * per, oc.len(), Vec::new()));
+            }
+            tasks[c].2.push(oc);
+        }
+    }
+    tasks
+}
 
 /// `len` values to be written before they are read.
 fn uninit(len: usize) -> Vec<MaybeUninit<f32>> {

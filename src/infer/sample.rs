@@ -129,9 +129,10 @@ fn pick(logits: &mut [f32], p: &SamplingParams, r: f32) -> u32 {
     // sorted (every id below it is less likely than every id above), the floor falling a
     // hundredfold until the head holds the mass: a confident model needs one pass.
     let want = p.top_p * mass;
-    let mut floor = 1e-2f32;
+    // The top-k candidates are few and already sorted: one pass over all of them.
+    let mut floor = if top_k { 0.0 } else { 1e-2f32 };
     loop {
-        let mut head: Vec<u32> = if top_k || floor <= 0.0 { ids.clone() } else { ids.iter().copied().filter(|&i| w[i as usize] >= floor).collect() };
+        let mut head: Vec<u32> = if floor <= 0.0 { ids.clone() } else { ids.iter().copied().filter(|&i| w[i as usize] >= floor).collect() };
         if !top_k {
             head.sort_unstable_by(before);
         }

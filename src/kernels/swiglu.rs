@@ -20,14 +20,7 @@ fn sigmoid(x: f32) -> f32 {
 /// `silu(g) · u` element-wise.
 pub fn swiglu_values(g: &[f32], u: &[f32]) -> Vec<f32> {
     let mut out = vec![0f32; g.len()];
-    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| {
-        #[cfg(target_arch = "x86_64")]
-        if super::has_wide() {
-            // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
-            return unsafe { x86::swiglu_chunk(o, g, u) };
-        }
-        swiglu_chunk(o, g, u)
-    };
+    let chunk = |((o, g), u): ((&mut [f32], &[f32]), &[f32])| swiglu_into(o, g, u);
     let threads = rayon::current_num_threads();
     if (4096..1 << 16).contains(&g.len()) && threads > 1 {
         // A batched decode step's few rows (8 × 1536 for SmolLM2): split over the quantized
