@@ -131,7 +131,7 @@ pub fn lora_linear_composed(x: Tensor<2>, xd: Option<Tensor<2>>, w: Tensor<2>, a
 mod tests {
     use super::*;
     use crate::kernels::testing::assert_close;
-    use burn::tensor::{Device, Distribution};
+    use burn::tensor::Device;
 
     fn vec_of(t: Tensor<2>) -> Vec<f32> {
         t.into_data().try_into_vec::<f32>().unwrap()
@@ -143,12 +143,20 @@ mod tests {
     fn matches_composition_forward_and_gradients() {
         let dev = Device::flex().autodiff();
         let (n, inp, out, r, s) = (37, 24, 19, 4, 2.5);
-        let x0: Tensor<2> = Tensor::random([n, inp], Distribution::Normal(0.0, 1.0), &dev);
-        let w: Tensor<2> = Tensor::random([out, inp], Distribution::Normal(0.0, 0.3), &dev);
-        let a0: Tensor<2> = Tensor::random([r, inp], Distribution::Normal(0.0, 0.3), &dev);
-        let b0: Tensor<2> = Tensor::random([out, r], Distribution::Normal(0.0, 0.3), &dev);
-        let up: Tensor<2> = Tensor::random([n, out], Distribution::Normal(0.0, 1.0), &dev);
-        let mask: Tensor<2> = Tensor::random([n, inp], Distribution::Bernoulli(0.8), &dev);
+        // Fixed inputs: drawn from the shared random generator they changed with every run
+        // (and with whichever test drew before), and one run in a few dozen met a cancellation
+        // that put an output's summation-order difference just past the tolerance.
+        let fixed = |[rows, cols]: [usize; 2], seed: usize, scale: f32| -> Tensor<2> {
+            let v: Vec<f32> = (0..rows * cols).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0).map(|u| u * scale * 1.7).collect();
+            Tensor::from_data(burn::tensor::TensorData::new(v, [rows, cols]), &dev)
+        };
+        let x0 = fixed([n, inp], 1, 1.0);
+        let w = fixed([out, inp], 2, 0.3);
+        let a0 = fixed([r, inp], 3, 0.3);
+        let b0 = fixed([out, r], 4, 0.3);
+        let up = fixed([n, out], 5, 1.0);
+        // Every fifth input dropped, in a pattern that is not aligned with the rows.
+        let mask = Tensor::from_data(burn::tensor::TensorData::new((0..n * inp).map(|i| if i % 5 == 3 { 0f32 } else { 1.0 }).collect::<Vec<_>>(), [n, inp]), &dev);
         for dropped in [false, true] {
             let run = |fused: bool| {
                 let (x, a, b) = (x0.clone().detach().require_grad(), a0.clone().detach().require_grad(), b0.clone().detach().require_grad());
