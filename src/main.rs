@@ -105,8 +105,9 @@ fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits } => {
             emit(&bench::scaler_command(&bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits })?)
         }
-        BenchCmd::Serve { m, clients, max_tokens, requests, temperature } => {
-            emit(&bench::serve_command(&bench::serve::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests, temperature })?)
+        BenchCmd::Serve { m, clients, max_tokens, requests, temperature, rounds } => {
+            let o = bench::serve::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests, temperature, rounds: rounds as usize };
+            emit(&bench::serve_command(&o)?)
         }
         BenchCmd::Quant { model, prompt, gen, reps, threads } => emit(&bench::quant_command(&bench::QuantOptions { model, prompt, gen, reps, threads })?),
         BenchCmd::Merge { shape, rank, workdir, keep } => emit(&bench::merge_command(&bench::MergeOptions { shape, rank, workdir, keep })?),

@@ -281,7 +281,7 @@ fn chain_targets_beat_subtoken_mean_on_text_the_base_wrote() {
 mod chain_distillation {
     use super::*;
     use burn::module::Param;
-    use burn::tensor::{Distribution, Int, Tensor, TensorData};
+    use burn::tensor::{Int, Tensor, TensorData};
     use linly_lora::lora::{self, adapter::linears_mut, set_table_modes, LoraInit, LoraSettings, TableMode};
     use linly_lora::train::chain_teacher::ChainTeacher;
     use linly_lora::train::optim::{AdamW, AdamWConfig};
@@ -306,10 +306,13 @@ mod chain_distillation {
         let s = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], init: LoraInit::Kaiming, seed: 3 };
         lora::inject(model, &s, device).unwrap();
         if random_b {
+            let mut g = linly_lora::rng::SplitMix::new(7);
             for (_, lin) in linears_mut(model) {
                 for br in lin.lora.iter_mut() {
                     let shape = br.b.val().dims();
-                    br.b = Param::from_tensor(Tensor::random(shape, Distribution::Normal(0.0, 0.3), device)).set_require_grad(true);
+                    // Seeded, so that every run checks the same model.
+                    let v: Vec<f32> = (0..shape.iter().product::<usize>()).map(|_| 0.3 * g.normal() as f32).collect();
+                    br.b = Param::from_tensor(Tensor::from_data(TensorData::new(v, shape), device)).set_require_grad(true);
                 }
             }
         }

@@ -94,6 +94,11 @@ pub enum BenchCmd {
         /// gets without the field is 1)
         #[arg(long, default_value_t = 0.0, value_parser = super::api_temperature)]
         temperature: f32,
+        /// Run the whole sweep this many times; each round's ratios are against its own
+        /// 1-client row, and the closing "median" rows give the median over rounds (with the
+        /// range of the ratios), which a busy patch on a shared machine moves far less
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
+        rounds: u64,
     },
     /// pp/tg tokens/s of a model folder (quantized or not), measured like llama-bench's pp N / tg N
     Quant {

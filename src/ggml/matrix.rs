@@ -445,7 +445,13 @@ impl QuantMatrix {
         let sc = |t: usize| if scales.is_empty() { &[][..] } else { &scales[t * nb_act..(t + 1) * nb_act] };
         // Σq per activation block, for the interleaved kernels' offsets.
         let sums: Vec<i32> = if ms.iter().any(|m| m.packed > 0) {
-            acts.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()
+            acts.chunks_exact(Q8_0_BYTES)
+                .map(|b| {
+                    // A fixed-length array, which the compiler sums in vector registers.
+                    let q: &[u8; QK] = b[2..2 + QK].try_into().expect("a Q8_0 block holds 32 quants");
+                    q.iter().map(|&q| q as i8 as i32).sum()
+                })
+                .collect()
         } else {
             Vec::new()
         };

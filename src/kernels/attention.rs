@@ -349,7 +349,7 @@ fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, 
 }
 
 #[cfg(target_arch = "x86_64")]
-mod x86 {
+pub(super) mod x86 {
     use super::super::softmax::x86::exp_shifted_in_place;
     use std::arch::x86_64::*;
 
@@ -446,7 +446,7 @@ mod x86 {
     /// Lane `l` of output `k` is lane `k` of input `l`.
     #[inline]
     #[target_feature(enable = "avx2,fma")]
-    fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
+    pub(in crate::kernels) fn transpose8(r: [__m256; 8]) -> [__m256; 8] {
         let t = [
             _mm256_unpacklo_ps(r[0], r[1]),
             _mm256_unpackhi_ps(r[0], r[1]),

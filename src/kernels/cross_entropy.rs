@@ -121,13 +121,14 @@ pub fn composed_rows(logits: Tensor<2>, targets: &[i64], group: usize) -> Tensor
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use crate::kernels::testing::normal;
+    use burn::tensor::Device;
 
     #[test]
     fn fused_sum_rows_and_gradient_match_the_composed_reference() {
         let dev = Device::flex().autodiff();
         let (n, v, group) = (12, 29, 4);
-        let x0: Tensor<2> = Tensor::random([n, v], Distribution::Normal(0.0, 3.0), &dev);
+        let x0: Tensor<2> = normal([n, v], 0.0, 3.0, 1, &dev);
         let targets: Vec<i64> = (0..n).map(|i| if i % 5 == 2 { -1 } else { ((i * 7) % v) as i64 }).collect();
         let xf = x0.clone().detach().require_grad();
         let (sf, rows) = sum_rows(xf.clone(), Arc::new(targets.clone()), group).expect("f32 flex takes the fused path");

@@ -159,11 +159,12 @@ mod tests {
     /// `try_matmul_t` equals burn's `x.matmul(wᵀ)` forward and in both gradients.
     #[test]
     fn matmul_t_matches_burn() {
-        use burn::tensor::{Device, Distribution};
+        use crate::kernels::testing::normal;
+        use burn::tensor::Device;
         let dev = Device::flex().autodiff();
-        let x0: Tensor<2> = Tensor::random([9, 6], Distribution::Normal(0.0, 1.0), &dev);
-        let w0: Tensor<2> = Tensor::random([11, 6], Distribution::Normal(0.0, 1.0), &dev);
-        let up: Tensor<2> = Tensor::random([9, 11], Distribution::Normal(0.0, 1.0), &dev);
+        let x0: Tensor<2> = normal([9, 6], 0.0, 1.0, 1, &dev);
+        let w0: Tensor<2> = normal([11, 6], 0.0, 1.0, 2, &dev);
+        let up: Tensor<2> = normal([9, 11], 0.0, 1.0, 3, &dev);
         let run = |ours: bool| {
             let (x, w) = (x0.clone().detach().require_grad(), w0.clone().detach().require_grad());
             let y = if ours { try_matmul_t(&x, &w).expect("f32 flex") } else { x.clone().matmul(w.clone().transpose()) };

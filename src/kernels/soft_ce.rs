@@ -140,13 +140,14 @@ pub fn composed(logits: Tensor<2>, t: &SoftTargets) -> Tensor<1> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use crate::kernels::testing::normal;
+    use burn::tensor::Device;
 
     #[test]
     fn fused_sum_and_gradient_match_the_composed_reference() {
         let dev = Device::flex().autodiff();
         let (n, v) = (7, 23);
-        let x0: Tensor<2> = Tensor::random([n, v], Distribution::Normal(0.0, 3.0), &dev);
+        let x0: Tensor<2> = normal([n, v], 0.0, 3.0, 1, &dev);
         // Four target rows (one with exact zeros), read by rows in another order; row 2 has
         // none and row 5 has weight 0.
         let mut table = vec![0f32; 4 * v];

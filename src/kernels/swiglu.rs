@@ -140,7 +140,8 @@ pub fn swiglu_composed<const D: usize>(g: Tensor<D>, u: Tensor<D>) -> Tensor<D> 
 mod tests {
     use super::*;
     use crate::kernels::testing::close;
-    use burn::tensor::{Device, Distribution};
+    use crate::kernels::testing::normal;
+    use burn::tensor::Device;
 
     /// The AVX2 path gives the reference's bits (see `kernels::has_wide`), tail included.
     #[test]
@@ -160,9 +161,9 @@ mod tests {
     #[test]
     fn swiglu_forward_and_gradients_match_composition() {
         let dev = Device::flex().autodiff();
-        let g0: Tensor<3> = Tensor::random([2, 7, 33], Distribution::Normal(0.0, 3.0), &dev);
-        let u0: Tensor<3> = Tensor::random([2, 7, 33], Distribution::Normal(0.0, 1.0), &dev);
-        let up: Tensor<3> = Tensor::random([2, 7, 33], Distribution::Normal(0.0, 1.0), &dev);
+        let g0: Tensor<3> = normal([2, 7, 33], 0.0, 3.0, 1, &dev);
+        let u0: Tensor<3> = normal([2, 7, 33], 0.0, 1.0, 2, &dev);
+        let up: Tensor<3> = normal([2, 7, 33], 0.0, 1.0, 3, &dev);
         let run = |fused: bool| {
             let g = g0.clone().detach().require_grad();
             let u = u0.clone().detach().require_grad();

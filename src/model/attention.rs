@@ -265,9 +265,9 @@ mod kernel_tests {
     use super::Attention;
     use crate::config::LlamaConfig;
     use crate::kernels::attention::{causal_attention, rotate_into, unrotate};
-    use crate::kernels::testing::assert_close;
+    use crate::kernels::testing::{assert_close, normal};
     use crate::model::rope::RopeTables;
-    use burn::tensor::{Device, Distribution, Tensor};
+    use burn::tensor::{Device, Tensor};
 
     fn vec_of<const D: usize>(t: Tensor<D>) -> Vec<f32> {
         t.into_data().convert::<f32>().try_into_vec::<f32>().unwrap()
@@ -281,10 +281,10 @@ mod kernel_tests {
             let dev = Device::flex().autodiff();
             let cfg = LlamaConfig::synthetic(h * d, 1, h, kvh, 64, 256);
             let rope = RopeTables::new(&cfg, 0, t, &dev, burn::tensor::DType::F32);
-            let q0: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.5), &dev);
-            let k0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.5), &dev);
-            let v0: Tensor<3> = Tensor::random([b, t, kvh * d], Distribution::Normal(0.0, 1.0), &dev);
-            let up: Tensor<3> = Tensor::random([b, t, h * d], Distribution::Normal(0.0, 1.0), &dev);
+            let q0: Tensor<3> = normal([b, t, h * d], 0.0, 1.5, 1, &dev);
+            let k0: Tensor<3> = normal([b, t, kvh * d], 0.0, 1.5, 2, &dev);
+            let v0: Tensor<3> = normal([b, t, kvh * d], 0.0, 1.0, 3, &dev);
+            let up: Tensor<3> = normal([b, t, h * d], 0.0, 1.0, 4, &dev);
             let run = |fused: bool| {
                 let (q, k, v) = (q0.clone().detach().require_grad(), k0.clone().detach().require_grad(), v0.clone().detach().require_grad());
                 let y = if fused {
@@ -313,9 +313,9 @@ mod kernel_tests {
         let dev = Device::flex().autodiff();
         let cfg = LlamaConfig::synthetic(16, 1, 2, 1, 64, 16);
         let rope = RopeTables::new(&cfg, 0, 6, &dev, burn::tensor::DType::F32);
-        let q: Tensor<3> = Tensor::random([1, 6, 16], Distribution::Normal(0.0, 1.0), &dev).require_grad();
-        let k: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev);
-        let v: Tensor<3> = Tensor::random([1, 6, 8], Distribution::Normal(0.0, 1.0), &dev).require_grad();
+        let q: Tensor<3> = normal([1, 6, 16], 0.0, 1.0, 5, &dev).require_grad();
+        let k: Tensor<3> = normal([1, 6, 8], 0.0, 1.0, 6, &dev);
+        let v: Tensor<3> = normal([1, 6, 8], 0.0, 1.0, 7, &dev).require_grad();
         let g = causal_attention(&q, &k, &v, &rope.cos_host, &rope.sin_host, [2, 1, 8]).unwrap().sum().backward();
         assert!(q.grad(&g).is_some() && v.grad(&g).is_some());
         assert!(k.grad(&g).is_none());

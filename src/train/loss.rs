@@ -153,7 +153,8 @@ pub fn chain_distill_sum(student_logits: Tensor<3>, targets: &ChainTargets, labe
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use crate::kernels::testing::normal;
+    use burn::tensor::Device;
 
     fn labels(b: usize, t: usize, v: usize) -> Vec<Vec<i64>> {
         (0..b).map(|i| (0..t).map(|j| if (i + j) % 5 == 3 { -100 } else { ((i * 31 + j * 17) % v) as i64 }).collect()).collect()
@@ -163,7 +164,7 @@ mod tests {
     fn fused_loss_and_gradient_match_log_softmax() {
         let dev = Device::flex().autodiff();
         let (b, t, v) = (2, 6, 37);
-        let x0: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 4.0), &dev);
+        let x0: Tensor<3> = normal([b, t, v], 0.0, 4.0, 1, &dev);
         let lab = labels(b, t, v);
         let run = |fused: bool| {
             let x = x0.clone().detach().require_grad();
@@ -188,7 +189,7 @@ mod tests {
     fn row_sums_add_up_to_the_total_and_match_each_row_alone_on_both_paths() {
         let dev = Device::flex().autodiff();
         let (b, t, v) = (3, 7, 29);
-        let x: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 3.0), &dev).require_grad();
+        let x: Tensor<3> = normal([b, t, v], 0.0, 3.0, 2, &dev).require_grad();
         let lab = labels(b, t, v);
         // Each row on its own through the composed reference.
         let alone: Vec<f64> = (0..b).map(|i| composed_nll_sum(x.clone().slice([i..i + 1, 0..t, 0..v]), &lab[i..i + 1]).into_scalar::<f32>() as f64).collect();
@@ -217,7 +218,7 @@ mod tests {
     fn inference_path_gives_the_same_sum() {
         let dev = Device::flex();
         let (b, t, v) = (1, 5, 11);
-        let x: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
+        let x: Tensor<3> = normal([b, t, v], 0.0, 2.0, 3, &dev);
         let lab = labels(b, t, v);
         let (f, _) = nll_sum(x.clone(), &lab);
         let c = composed_nll_sum(x, &lab);
@@ -231,8 +232,8 @@ mod tests {
         // logits w·(softmax(z) − q) on old columns and w·softmax(z) on new ones (q sums to 1).
         let dev = Device::flex().autodiff();
         let (b, t, v, old) = (2, 5, 13, 9);
-        let z0: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
-        let tl: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
+        let z0: Tensor<3> = normal([b, t, v], 0.0, 2.0, 4, &dev);
+        let tl: Tensor<3> = normal([b, t, v], 0.0, 2.0, 5, &dev);
         // One position targets a new row (11): it must not count.
         let labels: Vec<Vec<i64>> = vec![vec![1, 2, 11, 4, 5], vec![0, 3, 3, -100, 8]];
         let w = [0.5f32, 2.0];
@@ -274,8 +275,8 @@ mod tests {
         // gradient; on a row without the flag nothing changes.
         let dev = Device::flex().autodiff();
         let (b, t, v, old) = (2, 4, 11, 8);
-        let tl: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
-        let extra: Tensor<3> = Tensor::random([b, t, v - old], Distribution::Normal(1.0, 1.0), &dev);
+        let tl: Tensor<3> = normal([b, t, v], 0.0, 2.0, 6, &dev);
+        let extra: Tensor<3> = normal([b, t, v - old], 1.0, 1.0, 7, &dev);
         let z0 = Tensor::cat(vec![tl.clone().slice([0..b, 0..t, 0..old]), extra], 2);
         let labels: Vec<Vec<i64>> = vec![vec![1, 2, 3, 4], vec![0, 5, 6, 7]];
         let w = [1.0f32, 1.0];
@@ -298,7 +299,7 @@ mod tests {
         // gradient w·(softmax(z) − q); nothing at masked positions or each row's last one.
         let dev = Device::flex().autodiff();
         let (b, t, v) = (2, 5, 11);
-        let z0: Tensor<3> = Tensor::random([b, t, v], Distribution::Normal(0.0, 2.0), &dev);
+        let z0: Tensor<3> = normal([b, t, v], 0.0, 2.0, 8, &dev);
         let zs = z0.clone().into_data().try_to_vec::<f32>().unwrap();
         // Targets with exact zeros (pieces the base cannot reach), normalised per position.
         let mut q = vec![0f32; b * (t - 1) * v];

@@ -123,13 +123,14 @@ fn fused_step(c: AdamWConfig, st: &mut Moments, p: &Tensor<2>, g: &Tensor<2>, lr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use burn::tensor::{Device, Distribution};
+    use crate::kernels::testing::normal;
+    use burn::tensor::Device;
 
     #[test]
     fn fused_step_matches_composed_update() {
         let dev = Device::flex();
-        let p0: Tensor<2> = Tensor::random([3, 40], Distribution::Normal(0.0, 1.0), &dev);
-        let grads: Vec<Tensor<2>> = (0..3).map(|_| Tensor::random([3, 40], Distribution::Normal(0.0, 0.1), &dev)).collect();
+        let p0: Tensor<2> = normal([3, 40], 0.0, 1.0, 1, &dev);
+        let grads: Vec<Tensor<2>> = (0..3u64).map(|i| normal([3, 40], 0.0, 0.1, 2 + i, &dev)).collect();
         let c = AdamWConfig::default();
         // Composed reference, written out as in `AdamW::step` before fusing.
         let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
