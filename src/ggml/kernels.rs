@@ -52,6 +52,15 @@ pub type Gemm8x16Fn = fn(&[u8], [&[u8]; 8], [&[i32]; 8], [&[f32]; 8], usize) -> 
 
 /// Quantizes f32 activations (whole blocks) into their encoding.
 pub type ActFn = fn(&[f32], &mut [u8]);
+pub type SumsFn = fn(&[u8], &mut [i32]);
+
+/// `out[b]` = the sum of block `b`'s 32 signed codes, for Q8_0 blocks laid end to end in `acts`.
+pub fn q8_0_sums_scalar(acts: &[u8], out: &mut [i32]) {
+    assert_eq!(acts.len(), out.len() * Q8_0_BYTES);
+    for (b, o) in acts.chunks_exact(Q8_0_BYTES).zip(out.iter_mut()) {
+        *o = b[2..].iter().map(|&q| q as i8 as i32).sum();
+    }
+}
 
 /// Two weight rows against four activation rows (Q8_0 activations, f32 scales as for
 /// [`Dot4Fn`]): each weight block is loaded and unpacked once for four tokens and each
@@ -103,6 +112,9 @@ pub struct Kernels {
     /// Activations to Q8_0 ([`super::blocks::quantize_act_q8_0`], whose bits every version
     /// gives for finite inputs).
     pub act_q8_0: ActFn,
+    /// Σq of each Q8_0 block of quantized activations ([`q8_0_sums_scalar`]), for the
+    /// interleaved kernels' offsets.
+    pub q8_0_sums: SumsFn,
     /// `"avx512vnni"`, `"avx2"` or `"scalar"`, for reports.
     pub name: &'static str,
 }
@@ -136,6 +148,7 @@ impl Kernels {
             q8_0x16x4: None,
             q8_0x16x8: None,
             act_q8_0: super::blocks::quantize_act_q8_0,
+            q8_0_sums: q8_0_sums_scalar,
             name: "scalar",
         }
     }

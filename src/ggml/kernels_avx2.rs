@@ -39,6 +39,7 @@ pub fn kernels() -> Kernels {
         q8_0x16x4: None,
         q8_0x16x8: None,
         act_q8_0: |x, o| unsafe { act_q8_0(x, o) },
+        q8_0_sums: |a, o| unsafe { q8_0_sums(a, o) },
         name: "avx2",
     }
 }
@@ -617,5 +618,20 @@ unsafe fn act_q8_0(x: &[f32], out: &mut [u8]) {
         let q = v.map(|vi| _mm256_cvtps_epi32(_mm256_mul_ps(vi, idv)));
         let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));
         _mm256_storeu_si256(o.as_mut_ptr().add(2).cast(), _mm256_permutevar8x32_epi32(bytes, order));
+    }
+}
+
+/// [`super::q8_0_sums_scalar`] with one `vpsadbw` per block: the codes shifted by 128 are
+/// unsigned bytes, whose sums of absolute differences from zero add eight at a time; the
+/// integer total is exact in any order.
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0_sums(acts: &[u8], out: &mut [i32]) {
+    assert_eq!(acts.len(), out.len() * Q8_0_BYTES);
+    let flip = _mm256_set1_epi8(0x80u8 as i8);
+    for (b, o) in acts.chunks_exact(Q8_0_BYTES).zip(out.iter_mut()) {
+        let q = _mm256_xor_si256(_mm256_loadu_si256(b.as_ptr().add(2).cast()), flip);
+        let s = _mm256_sad_epu8(q, _mm256_setzero_si256());
+        let s = _mm_add_epi64(_mm256_castsi256_si128(s), _mm256_extracti128_si256::<1>(s));
+        *o = (_mm_cvtsi128_si64(s) + _mm_extract_epi64::<1>(s)) as i32 - 128 * QK as i32;
     }
 }

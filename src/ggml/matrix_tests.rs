@@ -334,3 +334,38 @@ fn gated_product_is_f_of_the_two_products() {
     let d = QuantMatrix::quantize(QType::Q4_0, 32, 256, &values(32 * 256, 25)).unwrap();
     assert!(QuantMatrix::matmul_glu(&c, &d, &values(256, 26), 1, &f).is_none(), "rows differ");
 }
+
+/// The products reuse one activation buffer without clearing it, which is sound only if every
+/// quantizer writes every byte of its row: bytes left from before would be read as codes.
+#[test]
+fn activation_quantizers_write_every_byte() {
+    let cols = 512;
+    let mut x = values(cols, 31);
+    x[40..72].iter_mut().for_each(|v| *v = 0.0);
+    for act in [Act::Q8_0, Act::Q8_1, Act::Q8_K] {
+        for k in Kernels::all() {
+            let ab = act.row_bytes(cols);
+            let (mut zeros, mut junk) = (vec![0u8; ab], vec![0xA5u8; ab]);
+            act.quantize(&x, &mut zeros, &k);
+            act.quantize(&x, &mut junk, &k);
+            assert_eq!(zeros, junk, "{act:?}, {}", k.name);
+        }
+    }
+}
+
+/// Every kernel set's block sums are the scalar ones, over the whole code range.
+#[test]
+fn q8_0_sums_are_the_scalar_sums() {
+    let nb = 21;
+    let mut acts: Vec<u8> = (0..nb * Q8_0_BYTES).map(|i| ((i * 7919 + 13) % 256) as u8).collect();
+    acts[2 + Q8_0_BYTES..2 * Q8_0_BYTES].iter_mut().for_each(|q| *q = 0x80);
+    acts[2 + 2 * Q8_0_BYTES..3 * Q8_0_BYTES].iter_mut().for_each(|q| *q = 0x7F);
+    let mut want = vec![0i32; nb];
+    super::super::kernels::q8_0_sums_scalar(&acts, &mut want);
+    assert_eq!((want[1], want[2]), (-128 * 32, 127 * 32));
+    for k in Kernels::all() {
+        let mut got = vec![i32::MIN; nb];
+        (k.q8_0_sums)(&acts, &mut got);
+        assert_eq!(got, want, "{}", k.name);
+    }
+}
