@@ -52,6 +52,7 @@ pub type Gemm8x16Fn = fn(&[u8], [&[u8]; 8], [&[i32]; 8], [&[f32]; 8], usize) -> 
 
 /// Quantizes f32 activations (whole blocks) into their encoding.
 pub type ActFn = fn(&[f32], &mut [u8]);
+/// Sums the codes of each Q8_0 block of quantized activations.
 pub type SumsFn = fn(&[u8], &mut [i32]);
 
 /// `out[b]` = the sum of block `b`'s 32 signed codes, for Q8_0 blocks laid end to end in `acts`.

@@ -139,8 +139,7 @@ pub fn swiglu_composed<const D: usize>(g: Tensor<D>, u: Tensor<D>) -> Tensor<D> 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::kernels::testing::close;
-    use crate::kernels::testing::normal;
+    use crate::kernels::testing::{close, normal};
     use burn::tensor::Device;
 
     /// The AVX2 path gives the reference's bits (see `kernels::has_wide`), tail included.
