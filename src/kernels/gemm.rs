@@ -113,6 +113,8 @@ pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
         new_tensor(y, vec![n, m])
     };
     match inputs([flex_f32(x), flex_f32(w)])? {
+        // Decoding (one sequence or a batch of a few) multiplies a few rows by frozen weights.
+        Inputs::Plain([xp, wp]) if n <= FEW => Some(from_plain(new_tensor(few_rows_t(&values(&xp), &values(&wp), n, k), vec![n, m]))),
         Inputs::Plain([xp, wp]) => Some(from_plain(product(&xp, &wp))),
         Inputs::Tracked([xp, wp], nodes) => {
             let y = product(&xp, &wp);
@@ -122,6 +124,88 @@ pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
 }
 
 /// `x·Wᵀ`: [`try_matmul_t`] where it applies, burn's matmul on other backends and dtypes.
+/// Rows of `x` up to which a product without gradients goes through [`few_rows_t`].
+pub const FEW: usize = 8;
+
+/// `x · wᵀ`, `[n, m]`, for a few rows of `x` `[n, k]` against `w` `[m, k]`: each weight row is
+/// read once for all of them, by the products' spinning team. The `gemm` crate packs the
+/// weights for every product of more than one row, so a decode step of four f32 sequences cost
+/// 2.5× one step, where reading the weights once makes it about one. Every output is the same
+/// sum whatever `n` is ([`dot_rows`]), so a sequence decoded beside others gets bit for bit
+/// the projections it gets alone.
+pub fn few_rows_t(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
+    assert!(n <= FEW && x.len() == n * k && k > 0 && w.len().is_multiple_of(k), "few_rows_t: {n}×{k} against {} values", w.len());
+    let m = w.len() / k;
+    // Weight rows per task: ~64 KB of weights, enough to hide a task's hand-over.
+    let per = (16_384 / k).max(1);
+    let mut yt = vec![0f32; m * n];
+    let tasks: Vec<(usize, &mut [f32])> = yt.chunks_mut(per * n).enumerate().map(|(c, y)| (c * per, y)).collect();
+    crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(r0, y)| {
+        for (i, yr) in y.chunks_exact_mut(n).enumerate() {
+            dot_rows(&w[(r0 + i) * k..][..k], x, yr);
+        }
+    });
+    let mut y = vec![0f32; n * m];
+    for (r, yr) in yt.chunks_exact(n).enumerate() {
+        for (t, &v) in yr.iter().enumerate() {
+            y[t * m + r] = v;
+        }
+    }
+    y
+}
+
+/// `out[t] = w · x[t]` for the rows of `x` (each `w.len()` long). The sum of one output depends
+/// only on `w` and its own row: eight lanes over whole chunks of eight, fused multiply-adds in
+/// order, the lanes added left to right, then the remainder.
+fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+    let k = w.len();
+    #[cfg(target_arch = "x86_64")]
+    if super::has_wide() {
+        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+        return unsafe { x86::dot_rows(w, x, out) };
+    }
+    for (o, xr) in out.iter_mut().zip(x.chunks_exact(k)) {
+        let mut lanes = [0f32; 8];
+        let whole = k / 8 * 8;
+        for (wc, xc) in w[..whole].chunks_exact(8).zip(xr[..whole].chunks_exact(8)) {
+            for l in 0..8 {
+                lanes[l] = wc[l].mul_add(xc[l], lanes[l]);
+            }
+        }
+        *o = lanes.iter().sum::<f32>() + w[whole..].iter().zip(&xr[whole..]).map(|(a, b)| a * b).sum::<f32>();
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::x86_64::*;
+
+    /// [`super::dot_rows`] in AVX2 registers: the same lanes, operations and order.
+    ///
+    /// # Safety
+    /// The CPU must have AVX2 and FMA.
+    #[target_feature(enable = "avx2,fma")]
+    pub unsafe fn dot_rows(w: &[f32], x: &[f32], out: &mut [f32]) {
+        let k = w.len();
+        let n = out.len();
+        assert!(n <= super::FEW && x.len() >= n * k);
+        let whole = k / 8 * 8;
+        let mut acc = [_mm256_setzero_ps(); super::FEW];
+        for c in (0..whole).step_by(8) {
+            let wv = _mm256_loadu_ps(w.as_ptr().add(c));
+            for (t, a) in acc.iter_mut().enumerate().take(n) {
+                *a = _mm256_fmadd_ps(wv, _mm256_loadu_ps(x.as_ptr().add(t * k + c)), *a);
+            }
+        }
+        for (t, o) in out.iter_mut().enumerate() {
+            let mut lanes = [0f32; 8];
+            _mm256_storeu_ps(lanes.as_mut_ptr(), acc[t]);
+            let xr = &x[t * k..(t + 1) * k];
+            *o = lanes.iter().sum::<f32>() + w[whole..].iter().zip(&xr[whole..]).map(|(a, b)| a * b).sum::<f32>();
+        }
+    }
+}
+
 pub fn matmul_t(x: Tensor<2>, w: Tensor<2>) -> Tensor<2> {
     match try_matmul_t(&x, &w) {
         Some(y) => y,
@@ -135,6 +219,38 @@ mod tests {
 
     fn naive(a: &[f32], b: &[f32], m: usize, n: usize, k: usize) -> Vec<f32> {
         (0..m * n).map(|ij| (0..k).map(|l| a[(ij / n) * k + l] * b[l * n + ij % n]).sum()).collect()
+    }
+
+    /// A row multiplied beside others gets bit for bit its solo products, which are the
+    /// product up to rounding; the remainder after whole chunks of eight counts.
+    #[test]
+    fn few_rows_are_their_solo_rows() {
+        let (m, k) = (37, 44);
+        let w: Vec<f32> = (0..m * k).map(|i| ((i * 7919) % 211) as f32 / 105.0 - 1.0).collect();
+        let x: Vec<f32> = (0..FEW * k).map(|i| ((i * 104_729) % 97) as f32 / 48.0 - 1.0).collect();
+        let all = few_rows_t(&x, &w, FEW, k);
+        let wt: Vec<f32> = (0..k * m).map(|i| w[(i % m) * k + i / m]).collect();
+        let want = naive(&x, &wt, FEW, m, k);
+        for t in 0..FEW {
+            let solo = few_rows_t(&x[t * k..(t + 1) * k], &w, 1, k);
+            let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&all[t * m..(t + 1) * m]), bits(&solo), "row {t}");
+            for (g, e) in solo.iter().zip(&want[t * m..(t + 1) * m]) {
+                assert!((g - e).abs() <= 1e-5 * (1.0 + e.abs()), "row {t}: {g} vs {e}");
+            }
+        }
+    }
+
+    /// The AVX2 dot rows are the portable ones, bit for bit.
+    #[test]
+    fn dot_rows_avx2_equals_portable() {
+        let k = 44;
+        let w: Vec<f32> = (0..k).map(|i| ((i * 31) % 17) as f32 / 8.0 - 1.0).collect();
+        let x: Vec<f32> = (0..3 * k).map(|i| ((i * 7) % 23) as f32 / 11.0 - 1.0).collect();
+        let (mut wide, mut base) = ([0f32; 3], [0f32; 3]);
+        dot_rows(&w, &x, &mut wide);
+        crate::kernels::baseline_on_this_thread(|| dot_rows(&w, &x, &mut base));
+        assert_eq!(wide.map(f32::to_bits), base.map(f32::to_bits));
     }
 
     #[test]
