@@ -115,7 +115,7 @@ pub fn try_matmul_t(x: &Tensor<2>, w: &Tensor<2>) -> Option<Tensor<2>> {
     };
     match inputs([flex_f32(x), flex_f32(w)])? {
         // Decoding (one sequence or a batch of a few) multiplies a few rows by frozen weights.
-        Inputs::Plain([xp, wp]) if n <= FEW => Some(from_plain(new_tensor(few_rows_t(&values(&xp), &values(&wp), n, k), vec![n, m]))),
+        Inputs::Plain([xp, wp]) if (1..=FEW).contains(&n) && k > 0 => Some(from_plain(new_tensor(few_rows_t(&values(&xp), &values(&wp), n, k), vec![n, m]))),
         Inputs::Plain([xp, wp]) => Some(from_plain(product(&xp, &wp))),
         Inputs::Tracked([xp, wp], nodes) => {
             let y = product(&xp, &wp);
@@ -138,7 +138,7 @@ const GROUP: usize = 8;
 /// is ([`dot_rows`]), so a sequence decoded beside others gets bit for bit the projections it
 /// gets alone.
 pub fn few_rows_t(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
-    assert!(n <= FEW && x.len() == n * k && k > 0 && w.len().is_multiple_of(k), "few_rows_t: {n}×{k} against {} values", w.len());
+    assert!((1..=FEW).contains(&n) && x.len() == n * k && k > 0 && w.len().is_multiple_of(k), "few_rows_t: {n}×{k} against {} values", w.len());
     let m = w.len() / k;
     // Weight rows per task: ~64 KB of weights, enough to hide a task's hand-over.
     let per = (16_384 / k).max(1);
@@ -152,6 +152,10 @@ pub fn few_rows_t(x: &[f32], w: &[f32], n: usize, k: usize) -> Vec<f32> {
             }
         }
     });
+    if n == 1 {
+        // One row: `[m, 1]` is already `[1, m]`.
+        return yt;
+    }
     let mut y = vec![0f32; n * m];
     for (r, yr) in yt.chunks_exact(n).enumerate() {
         for (t, &v) in yr.iter().enumerate() {
