@@ -40,15 +40,10 @@ pub fn apply_repetition_penalty(logits: &mut [f32], seen: &[u32], penalty: f32) 
     }
 }
 
+/// The greedy choice: the first maximum, as `torch.argmax` picks it, so that greedy ties match
+/// the reference ([`crate::kernels::softmax::argmax`]).
 pub fn argmax(logits: &[f32]) -> u32 {
-    // First maximum wins, as torch.argmax does, so greedy ties match the reference.
-    let mut best = 0;
-    for (i, &v) in logits.iter().enumerate() {
-        if v > logits[best] {
-            best = i;
-        }
-    }
-    best as u32
+    crate::kernels::softmax::argmax(logits)
 }
 
 impl Sampler {
