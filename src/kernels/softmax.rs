@@ -1,5 +1,6 @@
 //! The softmax pieces the fused ops share: a vectorisable `exp`, the row max and the shifted
-//! sum in eight lanes, and the in-place numerator pass of a softmax row.
+//! sum in eight lanes, and the in-place numerator pass of a softmax row; and the row's argmax,
+//! greedy decoding's choice.
 
 /// Where [`exp_approx`] underflows to 0 and saturates to +∞.
 const EXP_LO: f32 = -87.336_54;
@@ -98,8 +99,8 @@ pub fn exp_minus_in_place(row: &mut [f32], m: f32) {
 /// The index of the first maximum of `row`, as `torch.argmax` picks it: NaNs never win, except
 /// that a NaN in the first place keeps index 0 (every comparison with it is false), and an
 /// empty row or one with nothing above −∞ gives 0. Greedy decoding takes this once per token and
-/// sequence, on the thread the batch waits for: the scalar loop took ~45 µs for SmolLM2's 49,152
-/// logits, [`x86::argmax`] ~3 µs.
+/// sequence, on the thread the batch waits for: the scalar loop took 28–52 µs for SmolLM2's
+/// 49,152 logits, [`x86::argmax`] ~3.4 µs (BENCHMARKS.md).
 pub fn argmax(row: &[f32]) -> u32 {
     #[cfg(target_arch = "x86_64")]
     if super::has_wide() {
