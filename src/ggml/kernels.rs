@@ -44,11 +44,11 @@ pub type Gemm4x8Fn = fn(&[u8], usize, [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 
 pub type Gemv16Fn = fn(&[u8], &[u8], &[i32], &[f32], usize) -> [f32; 16];
 
 /// [`Gemv16Fn`] for four activation rows at once. Returns `[token][row]`.
-pub type Gemm4x16Fn = fn(&[u8], [&[u8]; 4], [&[i32]; 4], [&[f32]; 4], usize) -> [[f32; 16]; 4];
+pub type Gemm4x16Fn = fn(&[u8], &[&[u8]; 4], &[&[i32]; 4], &[&[f32]; 4], usize) -> [[f32; 16]; 4];
 
 /// [`Gemm4x16Fn`] for eight tokens: each weight block is read and unpacked once for all of
 /// them (a batched decode step of eight sequences).
-pub type Gemm8x16Fn = fn(&[u8], [&[u8]; 8], [&[i32]; 8], [&[f32]; 8], usize) -> [[f32; 16]; 8];
+pub type Gemm8x16Fn = fn(&[u8], &[&[u8]; 8], &[&[i32]; 8], &[&[f32]; 8], usize) -> [[f32; 16]; 8];
 
 /// Quantizes f32 activations (whole blocks) into their encoding.
 pub type ActFn = fn(&[f32], &mut [u8]);

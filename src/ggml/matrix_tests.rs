@@ -260,10 +260,10 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
             let d: [&[f32]; 4] = std::array::from_fn(|t| &scales[t][..]);
             // The second pair, so that the pair kernels do not start at the matrix's first byte.
             let w = &m.data[16 * rb..32 * rb];
-            let wide = p4(w, a, s, d, nb);
-            let eight = p8(w, std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]), std::array::from_fn(|t| &sums[t][..]), std::array::from_fn(|t| &scales[t][..]), nb);
+            let wide = p4(w, &a, &s, &d, nb);
+            let eight = p8(w, &std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]), &std::array::from_fn(|t| &sums[t][..]), &std::array::from_fn(|t| &scales[t][..]), nb);
             let a2: [&[u8]; 4] = std::array::from_fn(|t| &acts[(t + 4) * ab..(t + 5) * ab]);
-            let upper = p4(w, a2, std::array::from_fn(|t| &sums[t + 4][..]), std::array::from_fn(|t| &scales[t + 4][..]), nb);
+            let upper = p4(w, &a2, &std::array::from_fn(|t| &sums[t + 4][..]), &std::array::from_fn(|t| &scales[t + 4][..]), nb);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for t in 0..4 {
                 assert_eq!(bits(&eight[t]), bits(&wide[t]), "{ty} {}: token {t} of eight", k.name);

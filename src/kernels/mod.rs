@@ -122,7 +122,7 @@ pub fn record<Op: Backward<Flex, N>, const N: usize>(op: Op, parents: [NodeGuard
 }
 
 /// Whether the host kernels' AVX2 + FMA versions run: the CPU has both (detected once), and no
-/// test asked for the baseline version on this thread ([`baseline_on_this_thread`]).
+/// test asked for the baseline version on this thread (`baseline_on_this_thread`, a test helper).
 ///
 /// Why they exist: the crate is built for the x86-64 baseline (SSE2) so that one binary runs
 /// anywhere, which leaves the host loops outside `ggml` 4 wide, with every chain's latency
