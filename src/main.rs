@@ -83,6 +83,7 @@ fn run(cli: Cli) -> Result<()> {
             default_max_tokens: a.default_max_tokens,
             max_body_bytes: a.max_body_bytes,
             model_name: a.model_name,
+            kv: a.kv_cache,
         }),
         Cmd::Quantize(a) => {
             let o = cquant::QuantizeOptions { model: a.model, format: a.format, out: a.out, force: a.force, quant: a.q.settings() };
@@ -105,8 +106,8 @@ fn bench(cmd: BenchCmd) -> Result<()> {
         BenchCmd::Scaler { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits } => {
             emit(&bench::scaler_command(&bench::scaler::ScalerBenchOptions { workdir, tokenizer, wordlist, data, steps, lr, random_std, inits })?)
         }
-        BenchCmd::Serve { m, clients, max_tokens, requests, temperature, rounds } => {
-            let o = bench::serve::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests, temperature, rounds: rounds as usize };
+        BenchCmd::Serve { m, clients, max_tokens, requests, temperature, rounds, kv_cache } => {
+            let o = bench::serve::ServeBenchOptions { spec: m.spec(), clients, max_tokens, requests_per_client: requests, temperature, rounds: rounds as usize, kv: kv_cache };
             emit(&bench::serve_command(&o)?)
         }
         BenchCmd::Quant { model, prompt, gen, reps, threads } => emit(&bench::quant_command(&bench::QuantOptions { model, prompt, gen, reps, threads })?),

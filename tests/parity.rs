@@ -51,7 +51,7 @@ fn greedy(no_cache: bool) -> Vec<u32> {
     let exp = Expected::load();
     let model = Llama::load(&tiny().join("merged"), &dev(), FloatType::F32).unwrap();
     let prompt = &exp.ids("greedy_prompt")[0];
-    let opts = GenerateOptions { max_new_tokens: 16, sampling: SamplingParams::default(), no_cache, stop_ids: vec![] };
+    let opts = GenerateOptions { max_new_tokens: 16, sampling: SamplingParams::default(), no_cache, stop_ids: vec![], kv: Default::default() };
     let new = generate(&model, prompt, &opts, &dev(), |_| Ok(true)).unwrap();
     let mut all = prompt.clone();
     all.extend(new);

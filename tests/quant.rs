@@ -50,7 +50,7 @@ fn quantized_greedy_decoding_same_with_and_without_cache() {
     assert!(model.embed_tokens.quant.is_none(), "--keep-embeddings keeps the table dense");
     let prompt = &Expected::load().ids("input_ids")[0][..8].to_vec();
     let run = |no_cache| {
-        let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::default(), no_cache, stop_ids: vec![] };
+        let opts = GenerateOptions { max_new_tokens: 12, sampling: SamplingParams::default(), no_cache, stop_ids: vec![], kv: Default::default() };
         generate(&model, prompt, &opts, &cpu(), |_| Ok(true)).unwrap()
     };
     assert_eq!(run(false), run(true));

@@ -60,7 +60,7 @@ impl Reference {
             (infer::generate::text_prompt(l, text).unwrap(), infer::generate::default_stop_ids(l))
         };
         let stop_ids = if ignore_eos { vec![] } else { stop_ids };
-        let opts = GenerateOptions { max_new_tokens: max_new, sampling: SamplingParams::default(), no_cache: false, stop_ids: stop_ids.clone() };
+        let opts = GenerateOptions { max_new_tokens: max_new, sampling: SamplingParams::default(), no_cache: false, stop_ids: stop_ids.clone(), kv: Default::default() };
         let new = generate(&l.model, &ids, &opts, &l.device, |_| Ok(true)).unwrap();
         let kept: Vec<u32> = new.iter().copied().filter(|i| !stop_ids.contains(i)).collect();
         let s = tok.decode(&kept).unwrap();
@@ -488,13 +488,17 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
     use linly_lora::infer::generate::Stepper;
     use linly_lora::model::BatchSeq;
     let (_d, f32_model) = model(256);
-    for ty in [Some(linly_lora::quant::QType::Q4_0), Some(linly_lora::quant::QType::Q8_0), None] {
+    // (weights, KV cache storage): an f16 cache must keep the batched answers exact too.
+    use linly_lora::model::KvType;
+    for (ty, kv) in [(Some(linly_lora::quant::QType::Q4_0), KvType::F32), (Some(linly_lora::quant::QType::Q4_0), KvType::F16), (Some(linly_lora::quant::QType::Q8_0), KvType::F32), (None, KvType::F32)] {
         let m = match ty {
+            // (Quantized once per type: the second Q4_0 pass reuses the folder.)
+            Some(t) if f32_model.with_file_name(format!("model-{t}")).exists() => f32_model.with_file_name(format!("model-{t}")),
             Some(t) => quantized(&f32_model, t),
             None => f32_model.clone(),
         };
         let l = infer::load(&ModelSpec::new(&m)).unwrap();
-        let opts = |n| GenerateOptions { max_new_tokens: n, sampling: SamplingParams::default(), no_cache: false, stop_ids: vec![] };
+        let opts = |n| GenerateOptions { max_new_tokens: n, sampling: SamplingParams::default(), no_cache: false, stop_ids: vec![], kv };
         let prompts: Vec<Vec<u32>> = (0..5).map(|i| (0..3 + 9 * i).map(|j| (1 + (j * 37 + i * 101) % 31000) as u32).collect()).collect();
         let max_new: Vec<usize> = vec![12, 3, 9, 15, 6];
         let solo: Vec<Vec<u32>> = prompts.iter().zip(&max_new).map(|(p, &n)| generate(&l.model, p, &opts(n), &l.device, |_| Ok(true)).unwrap()).collect();
@@ -504,7 +508,7 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
             .iter()
             .zip(&solo)
             .map(|(p, ids)| {
-                let mut cache = l.model.new_cache();
+                let mut cache = l.model.new_cache_of(kv);
                 let mut feed = p.clone();
                 ids.iter()
                     .map(|&id| {
@@ -553,7 +557,7 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
                         let (i, g) = (steppers[k].0, steppers[k].1.generated().len());
                         let same = r.iter().map(|x| x.to_bits()).eq(solo_logits[i][g].iter().map(|x| x.to_bits()));
                         if ty.is_some() {
-                            assert!(same, "{ty:?}: sequence {i}, token {g}: batched logits differ from solo");
+                            assert!(same, "{ty:?}, {kv:?} cache: sequence {i}, token {g}: batched logits differ from solo");
                         }
                         f32_differs |= !same;
                     }
@@ -563,7 +567,7 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
             steps += 1;
         }
         for (i, s) in &steppers {
-            assert_eq!(s.generated(), &solo[*i][..], "{ty:?}: sequence {i}");
+            assert_eq!(s.generated(), &solo[*i][..], "{ty:?}, {kv:?} cache: sequence {i}");
         }
         if ty.is_none() {
             eprintln!("f32 fixture: batched logits {} the solo ones bit for bit", if f32_differs { "differ from" } else { "equal" });

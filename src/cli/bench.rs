@@ -99,6 +99,9 @@ pub enum BenchCmd {
         /// range of the ratios), which a busy patch on a shared machine moves far less
         #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u64).range(1..=100))]
         rounds: u64,
+        /// The server's KV cache storage, as `serve --kv-cache`: f32 or f16
+        #[arg(long, default_value = "f32", value_name = "f32|f16")]
+        kv_cache: linly_lora::model::KvType,
     },
     /// pp/tg tokens/s of a model folder (quantized or not), measured like llama-bench's pp N / tg N
     Quant {

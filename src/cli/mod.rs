@@ -193,6 +193,10 @@ pub struct SamplingArgs {
     /// Recompute the whole prefix every step instead of using the KV cache
     #[arg(long)]
     pub no_cache: bool,
+    /// How the KV cache stores keys and values: f32 (exact) or f16 (half the memory that
+    /// attention reads per cached token, as llama.cpp does by default; values rounded once)
+    #[arg(long, default_value = "f32", value_name = "f32|f16")]
+    pub kv_cache: linly_lora::model::KvType,
 }
 
 impl SamplingArgs {
@@ -206,6 +210,7 @@ impl SamplingArgs {
             repetition_penalty: self.repetition_penalty,
             seed: self.seed,
             no_cache: self.no_cache,
+            kv: self.kv_cache,
         }
     }
 }
@@ -272,6 +277,11 @@ pub struct ServeArgs {
     /// Model id reported by /v1/models and in responses (default: the model folder's name)
     #[arg(long)]
     pub model_name: Option<String>,
+    /// How each request's KV cache stores keys and values: f32 (exact: a request's answer is
+    /// `generate`'s) or f16 (half the memory that attention reads per cached token, as
+    /// llama.cpp's server does by default; answers are then `generate --kv-cache f16`'s)
+    #[arg(long, default_value = "f32", value_name = "f32|f16")]
+    pub kv_cache: linly_lora::model::KvType,
 }
 
 #[derive(Subcommand)]

@@ -65,6 +65,7 @@ pub struct Sampling {
     pub repetition_penalty: f32,
     pub seed: u64,
     pub no_cache: bool,
+    pub kv: crate::model::KvType,
 }
 
 impl Sampling {
@@ -82,6 +83,7 @@ impl Sampling {
             },
             no_cache: self.no_cache,
             stop_ids: vec![],
+            kv: self.kv,
         }
     }
 }

@@ -14,6 +14,8 @@ pub struct GenerateOptions {
     pub no_cache: bool,
     /// Generation ends after emitting any of these.
     pub stop_ids: Vec<u32>,
+    /// How the KV cache stores keys and values (f32: exact; f16: half the bytes to read).
+    pub kv: crate::model::KvType,
 }
 
 /// The last position's logits as host f32.
@@ -64,7 +66,7 @@ impl Stepper {
             sampler: Sampler::new(opts.sampling.clone()),
             all: prompt.to_vec(),
             prompt_len: prompt.len(),
-            cache: if opts.no_cache { None } else { Some(model.new_cache()) },
+            cache: if opts.no_cache { None } else { Some(model.new_cache_of(opts.kv)) },
             pending: prompt.to_vec(),
             max_new_tokens: opts.max_new_tokens,
             stop_ids: opts.stop_ids.clone(),

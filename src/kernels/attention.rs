@@ -275,7 +275,46 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
 /// RoPE). `q` `[t, heads·d]` holds the new queries after RoPE; query `i` sits at position
 /// `start + i` and sees every key up to it. Returns the context `[t, heads·d]`, scores scaled
 /// by `1/√d` as burn's `attention` does.
-pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
+pub fn cached_attention(q: &[f32], kc: KvSlice<'_>, vc: KvSlice<'_>, start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
+    match (kc, vc) {
+        (KvSlice::F32(k), KvSlice::F32(v)) => cached_attention_of(q, k, v, start, [h, kvh, d]),
+        (KvSlice::F16(k), KvSlice::F16(v)) => cached_attention_of(q, k, v, start, [h, kvh, d]),
+        _ => panic!("a layer's keys and values share one storage type"),
+    }
+}
+
+/// A host cache's keys or values as attention reads them: f32, or f16 widened exactly.
+#[derive(Clone, Copy)]
+pub enum KvSlice<'a> {
+    F32(&'a [f32]),
+    F16(&'a [half::f16]),
+}
+
+/// A cache element: read back as f32 without rounding.
+pub trait KvElem: Copy + Send + Sync {
+    /// Stored as IEEE half precision (F16C widens eight at a time).
+    const HALF: bool;
+    fn widen(self) -> f32;
+}
+
+impl KvElem for f32 {
+    const HALF: bool = false;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self
+    }
+}
+
+impl KvElem for half::f16 {
+    const HALF: bool = true;
+    #[inline(always)]
+    fn widen(self) -> f32 {
+        self.to_f32()
+    }
+}
+
+/// [`cached_attention`] over keys and values stored as `T`.
+fn cached_attention_of<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
     let t = q.len() / (h * d);
     // Head-major [h, t, d]; for one token that is already [t, h·d].
     let mut out = vec![0f32; h * t * d];
@@ -311,14 +350,15 @@ pub fn cached_attention(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh
 /// bit for bit (`cached_attention_avx2_equals_scalar`). `p` is scratch for the scores, grown
 /// as needed (its contents are overwritten before they are read).
 #[allow(clippy::too_many_arguments)]
-fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut Vec<f32>) {
+fn cached_head<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut Vec<f32>) {
     let last = start + i0 + o.len() / dims[2];
     if p.len() < last {
         p.resize(last, 0.0);
     }
     #[cfg(target_arch = "x86_64")]
-    if dims[2].is_multiple_of(8) && super::has_wide() {
-        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA.
+    if dims[2].is_multiple_of(8) && super::has_wide() && (!T::HALF || std::arch::is_x86_feature_detected!("f16c")) {
+        // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA, and F16C where the cache
+        // is f16.
         return unsafe { x86::cached_head(q, kc, vc, start, dims, hh, i0, o, p) };
     }
     cached_head_scalar(q, kc, vc, start, dims, hh, i0, o, p)
@@ -328,7 +368,7 @@ fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, dims: [usize; 3]
 /// numerators and their sum ([`exp_shifted_in_place`]), the values summed key by key in order,
 /// then one multiplication by the inverse sum.
 #[allow(clippy::too_many_arguments)]
-fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
+fn cached_head_scalar<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
     let (w, scale) = (kvh * d, 1.0 / (d as f32).sqrt());
     let g = hh / (h / kvh);
     for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
@@ -340,7 +380,7 @@ fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, 
         let (_, sum) = exp_shifted_in_place(&mut p[..n]);
         for (j, &pj) in p[..n].iter().enumerate() {
             for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
-                *a += pj * b;
+                *a += pj * b.widen();
             }
         }
         let inv = 1.0 / sum;
@@ -351,6 +391,7 @@ fn cached_head_scalar(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::super::softmax::x86::exp_shifted_in_place;
+    use super::KvElem;
     use std::arch::x86_64::*;
 
     /// [`super::cached_head_scalar`] in AVX2 registers, for a head size `d` in whole chunks of
@@ -361,14 +402,19 @@ pub(super) mod x86 {
     /// four independent chains fill the adders, and the outputs stay in registers across
     /// every key.
     ///
+    /// An f16 cache (`T::HALF`) is widened eight values at a time by F16C, exactly, so the
+    /// arithmetic after the load is the f32 cache's.
+    ///
     /// # Safety
-    /// The CPU must have AVX2 and FMA (`kernels::has_wide`).
-    #[target_feature(enable = "avx2,fma")]
+    /// The CPU must have AVX2 and FMA (`kernels::has_wide`), and F16C for an f16 cache.
+    #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn cached_head(q: &[f32], kc: &[f32], vc: &[f32], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
+    pub unsafe fn cached_head<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
         let (w, scale, chunks) = (kvh * d, 1.0 / (d as f32).sqrt(), d / 8);
         let g = hh / (h / kvh);
         let rows = o.len() / d;
+        // Eight cached values at `p` as f32.
+        let ld = |p: *const T| if T::HALF { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) } else { _mm256_loadu_ps(p as *const f32) };
         let last = start + i0 + rows;
         assert!(kc.len() >= last * w && vc.len() >= last * w && q.len() >= (i0 + rows) * h * d && hh < h && p.len() >= last);
         let empty: f32 = std::iter::empty::<f32>().sum();
@@ -392,7 +438,7 @@ pub(super) mod x86 {
                 for c in 0..chunks {
                     let x = _mm256_loadu_ps(qp.add(c * 8));
                     for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp(j + k).add(c * 8))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, ld(kp(j + k).add(c * 8))));
                     }
                 }
                 let lanes = transpose8(acc);
@@ -405,7 +451,7 @@ pub(super) mod x86 {
                 for c in 0..chunks {
                     let x = _mm256_loadu_ps(qp.add(c * 8));
                     for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, _mm256_loadu_ps(kp(j + k).add(c * 8))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, ld(kp(j + k).add(c * 8))));
                     }
                 }
                 for (k, a) in acc.iter().enumerate() {
@@ -416,7 +462,7 @@ pub(super) mod x86 {
             while j < n {
                 let mut a = _mm256_setzero_ps();
                 for c in 0..chunks {
-                    a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp.add(c * 8)), _mm256_loadu_ps(kp(j).add(c * 8))));
+                    a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp.add(c * 8)), ld(kp(j).add(c * 8))));
                 }
                 p[j] = lanes_sum(a) * scale;
                 j += 1;
@@ -432,7 +478,7 @@ pub(super) mod x86 {
                     let pv = _mm256_set1_ps(pj);
                     let vp = vc.as_ptr().add(jj * w + g * d + c0 * 8);
                     for (c, a) in acc.iter_mut().enumerate().take(m) {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, _mm256_loadu_ps(vp.add(c * 8))));
+                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, ld(vp.add(c * 8))));
                     }
                 }
                 for (c, a) in acc.iter().enumerate().take(m) {
@@ -482,13 +528,13 @@ pub(super) mod x86 {
 
 /// `Σ aᵢ·bᵢ` in eight lanes (one f32 chain would not vectorise).
 #[inline(always)]
-fn dot(a: &[f32], b: &[f32]) -> f32 {
+fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
     let mut acc = [0f32; 8];
     let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y).sum();
+    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.widen()).sum();
     for (x, y) in ca.zip(cb) {
         for l in 0..8 {
-            acc[l] += x[l] * y[l];
+            acc[l] += x[l] * y[l].widen();
         }
     }
     acc.iter().sum::<f32>() + rest

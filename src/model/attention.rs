@@ -162,7 +162,7 @@ impl Attention {
         rotate_rows(&mut kh, cos, sin, kvh, d);
         let start = hc.len();
         hc.append(&kh, v, kvh * d);
-        cached_attention(&qh, &hc.k, &hc.v, start, [h, kvh, d])
+        cached_attention(&qh, hc.k.as_slice(), hc.v.as_slice(), start, [h, kvh, d])
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when
@@ -326,18 +326,29 @@ mod kernel_tests {
     /// for prompts, one of which takes the parallel path.
     #[test]
     fn cached_attention_avx2_equals_scalar() {
-        use crate::kernels::attention::cached_attention;
+        use crate::kernels::attention::{cached_attention, KvSlice};
         let (h, kvh, d) = (9, 3, 64);
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1001) as f32 / 250.0 - 2.0).sin()).collect() };
         for (start, t) in [(0, 1), (6, 1), (12, 1), (37, 1), (80, 1), (0, 70), (5, 40)] {
             let q = vals(t * h * d, 1);
             let (k, v) = (vals((start + t) * kvh * d, 2), vals((start + t) * kvh * d, 3));
-            let wide = cached_attention(&q, &k, &v, start, [h, kvh, d]);
-            let base = crate::kernels::baseline_on_this_thread(|| cached_attention(&q, &k, &v, start, [h, kvh, d]));
-            // The prompt's tasks may also run on the team's threads, in the wide build whatever
-            // this thread asked: the two builds must agree there too.
+            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (k.iter().map(|&x| half::f16::from_f32(x)).collect(), v.iter().map(|&x| half::f16::from_f32(x)).collect());
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&wide), bits(&base), "start {start}, t {t}");
+            for (kc, vc, ty) in [(KvSlice::F32(&k), KvSlice::F32(&v), "f32"), (KvSlice::F16(&k16), KvSlice::F16(&v16), "f16")] {
+                let wide = cached_attention(&q, kc, vc, start, [h, kvh, d]);
+                let base = crate::kernels::baseline_on_this_thread(|| cached_attention(&q, kc, vc, start, [h, kvh, d]));
+                // The prompt's tasks may also run on the team's threads, in the wide build whatever
+                // this thread asked: the two builds must agree there too.
+                assert_eq!(bits(&wide), bits(&base), "{ty} cache: start {start}, t {t}");
+            }
+            // An f16 cache is the f32 computation on the rounded values: bit for bit, and close
+            // to the f32 cache's result.
+            let (kw, vw): (Vec<f32>, Vec<f32>) = (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
+            let half_cache = cached_attention(&q, KvSlice::F16(&k16), KvSlice::F16(&v16), start, [h, kvh, d]);
+            assert_eq!(bits(&half_cache), bits(&cached_attention(&q, KvSlice::F32(&kw), KvSlice::F32(&vw), start, [h, kvh, d])), "f16 = f32 of the rounded values");
+            let full = cached_attention(&q, KvSlice::F32(&k), KvSlice::F32(&v), start, [h, kvh, d]);
+            let err = full.iter().zip(&half_cache).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(err < 1e-2 && err > 0.0, "f16 cache error {err} (start {start}, t {t})");
         }
     }
 

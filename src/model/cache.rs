@@ -9,17 +9,93 @@
 
 use burn::tensor::{Device, Tensor, TensorData};
 
+/// How the host cache stores keys and values. f32 keeps inference exact against the
+/// reference model; f16 halves the bytes attention reads per cached position, which is what a
+/// decode step of several sequences waits on once their caches outgrow the CPU caches (the
+/// weights evict them between two visits of a layer). llama.cpp keeps its cache in f16 by
+/// default. A value is rounded to f16 once, when it is appended; attention reads it back
+/// exactly and computes in f32 as before.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum KvType {
+    #[default]
+    F32,
+    F16,
+}
+
+impl std::str::FromStr for KvType {
+    type Err = anyhow::Error;
+    fn from_str(s: &str) -> anyhow::Result<Self> {
+        match s {
+            "f32" => Ok(KvType::F32),
+            "f16" => Ok(KvType::F16),
+            _ => anyhow::bail!("unknown KV cache type {s:?}: use f32 (exact) or f16 (half the memory traffic)"),
+        }
+    }
+}
+
+/// One side (keys or values) of a host cache, in its storage type.
+pub enum KvBuf {
+    F32(Vec<f32>),
+    F16(Vec<half::f16>),
+}
+
+impl KvBuf {
+    fn new(ty: KvType) -> Self {
+        match ty {
+            KvType::F32 => KvBuf::F32(Vec::new()),
+            KvType::F16 => KvBuf::F16(Vec::new()),
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        match self {
+            KvBuf::F32(v) => v.len(),
+            KvBuf::F16(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    fn extend(&mut self, x: &[f32]) {
+        match self {
+            KvBuf::F32(v) => v.extend_from_slice(x),
+            KvBuf::F16(v) => v.extend(x.iter().map(|&a| half::f16::from_f32(a))),
+        }
+    }
+
+    /// The values as f32 (a copy).
+    pub fn to_f32(&self) -> Vec<f32> {
+        match self {
+            KvBuf::F32(v) => v.clone(),
+            KvBuf::F16(v) => v.iter().map(|a| a.to_f32()).collect(),
+        }
+    }
+
+    /// The values for [`crate::kernels::attention::cached_attention`].
+    pub fn as_slice(&self) -> crate::kernels::attention::KvSlice<'_> {
+        match self {
+            KvBuf::F32(v) => crate::kernels::attention::KvSlice::F32(v),
+            KvBuf::F16(v) => crate::kernels::attention::KvSlice::F16(v),
+        }
+    }
+}
+
 /// Host keys and values, token-major: row `j` holds position `j`'s `kv_heads·head_dim` values
 /// (head after head).
-#[derive(Default)]
 pub struct HostKv {
-    pub k: Vec<f32>,
-    pub v: Vec<f32>,
+    pub k: KvBuf,
+    pub v: KvBuf,
     /// `kv_heads·head_dim`.
     pub width: usize,
 }
 
 impl HostKv {
+    pub fn new(ty: KvType) -> Self {
+        HostKv { k: KvBuf::new(ty), v: KvBuf::new(ty), width: 0 }
+    }
+
     /// Cached positions.
     pub fn len(&self) -> usize {
         self.k.len().checked_div(self.width).unwrap_or(0)
@@ -29,13 +105,14 @@ impl HostKv {
         self.len() == 0
     }
 
-    /// Appends `t` positions of keys and values, each `[t, width]` row-major.
+    /// Appends `t` positions of keys and values, each `[t, width]` row-major (rounded to f16
+    /// in an f16 cache).
     pub fn append(&mut self, k: &[f32], v: &[f32], width: usize) {
         assert!(self.width == 0 || self.width == width, "one layer's cache keeps one width");
         assert_eq!(k.len(), v.len());
         self.width = width;
-        self.k.extend_from_slice(k);
-        self.v.extend_from_slice(v);
+        self.k.extend(k);
+        self.v.extend(v);
     }
 }
 
@@ -44,6 +121,8 @@ impl HostKv {
 pub struct LayerCache {
     kv: Option<(Tensor<4>, Tensor<4>)>,
     host: Option<HostKv>,
+    /// The host form's storage. The tensor form keeps the activations' dtype.
+    ty: KvType,
 }
 
 impl LayerCache {
@@ -76,9 +155,12 @@ impl LayerCache {
                 self.kv = Some((k, v));
                 return None;
             };
-            self.host = Some(HostKv { k: hk, v: hv, width: kvh * d });
+            let mut h = HostKv::new(self.ty);
+            h.append(&hk, &hv, kvh * d);
+            self.host = Some(h);
         }
-        Some(self.host.get_or_insert_with(HostKv::default))
+        let ty = self.ty;
+        Some(self.host.get_or_insert_with(|| HostKv::new(ty)))
     }
 }
 
@@ -91,7 +173,7 @@ fn host_to_tensors(h: &HostKv, kvh: usize, device: &Device, like: &Tensor<4>) ->
         let x = x.swap_dims(1, 2);
         if like.dtype() != x.dtype() { x.cast(crate::kernels::float_dtype(like.dtype())) } else { x }
     };
-    (mk(&h.k), mk(&h.v))
+    (mk(&h.k.to_f32()), mk(&h.v.to_f32()))
 }
 
 pub struct KvCache {
@@ -102,7 +184,12 @@ pub struct KvCache {
 
 impl KvCache {
     pub fn new(num_layers: usize, max_len: usize) -> Self {
-        KvCache { layers: (0..num_layers).map(|_| LayerCache::default()).collect(), len: 0, max_len }
+        Self::of(KvType::F32, num_layers, max_len)
+    }
+
+    /// An empty cache whose host form stores `ty`.
+    pub fn of(ty: KvType, num_layers: usize, max_len: usize) -> Self {
+        KvCache { layers: (0..num_layers).map(|_| LayerCache { ty, ..Default::default() }).collect(), len: 0, max_len }
     }
 
     /// Positions already cached.

@@ -21,7 +21,7 @@ use burn::module::Module;
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 pub use attention::{Attention, Positions};
-pub use cache::KvCache;
+pub use cache::{KvCache, KvType};
 pub use embedding::TokenTable;
 pub use linear::Linear;
 pub use lora_branch::LoraBranch;
@@ -183,6 +183,11 @@ impl Llama {
     /// An empty cache sized for this model.
     pub fn new_cache(&self) -> KvCache {
         KvCache::new(self.config.num_layers, self.config.max_position_embeddings)
+    }
+
+    /// An empty cache whose host form stores `ty` (see [`KvType`]).
+    pub fn new_cache_of(&self, ty: KvType) -> KvCache {
+        KvCache::of(ty, self.config.num_layers, self.config.max_position_embeddings)
     }
 }
 

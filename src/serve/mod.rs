@@ -40,6 +40,8 @@ pub struct ServeOptions {
     pub max_body_bytes: usize,
     /// The id in `/v1/models` and in responses (default: the model folder's name).
     pub model_name: Option<String>,
+    /// How every request's KV cache stores keys and values.
+    pub kv: crate::model::KvType,
 }
 
 impl ServeOptions {
@@ -55,6 +57,7 @@ impl ServeOptions {
             default_max_tokens: 256,
             max_body_bytes: 1 << 20,
             model_name: None,
+            kv: Default::default(),
         }
     }
 }
@@ -75,6 +78,7 @@ pub struct AppState {
     completion_stop_ids: Vec<u32>,
     api_key: Option<String>,
     default_max_tokens: usize,
+    kv: crate::model::KvType,
     created: u64,
     counter: AtomicU64,
 }
@@ -138,6 +142,7 @@ fn prepare(opts: &ServeOptions) -> Result<(Arc<AppState>, std::thread::JoinHandl
         completion_stop_ids,
         api_key: opts.api_key.clone(),
         default_max_tokens: opts.default_max_tokens,
+        kv: opts.kv,
         created: now_secs(),
         counter: AtomicU64::new(0),
     };

@@ -189,6 +189,7 @@ async fn submit(st: Arc<AppState>, kind: Kind, prompt: Vec<u32>, c: Checked, pro
         },
         no_cache: false,
         stop_ids,
+        kv: st.kv,
     };
     let Ok(permit) = st.slots.clone().try_acquire_owned() else {
         st.stats.rejected.fetch_add(1, Ordering::Relaxed);

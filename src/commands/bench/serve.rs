@@ -26,6 +26,8 @@ pub struct ServeBenchOptions {
     /// their median: on a shared machine a slow patch then spoils one round's pair, not the
     /// comparison of two rows measured a minute apart.
     pub rounds: usize,
+    /// The server's KV cache storage (`serve --kv-cache`).
+    pub kv: crate::model::KvType,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -143,6 +145,7 @@ pub fn run(o: &ServeBenchOptions) -> Result<Vec<ServeBenchRow>> {
     so.port = 0;
     so.max_concurrent = max_clients;
     so.queue_size = max_clients;
+    so.kv = o.kv;
     let server = Server::start(&so)?;
     let addr = server.addr;
     // Warm-up: first calls allocate and start the thread pools.
