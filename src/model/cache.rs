@@ -61,7 +61,14 @@ impl KvBuf {
     fn extend(&mut self, x: &[f32]) {
         match self {
             KvBuf::F32(v) => v.extend_from_slice(x),
-            KvBuf::F16(v) => v.extend(x.iter().map(|&a| half::f16::from_f32(a))),
+            KvBuf::F16(v) => {
+                // `half` converts slices with F16C where the CPU has it (one value at a time
+                // in software otherwise), rounding to nearest even either way.
+                use half::slice::HalfFloatSliceExt;
+                let at = v.len();
+                v.resize(at + x.len(), half::f16::ZERO);
+                v[at..].convert_from_f32_slice(x);
+            }
         }
     }
 
@@ -69,7 +76,10 @@ impl KvBuf {
     pub fn to_f32(&self) -> Vec<f32> {
         match self {
             KvBuf::F32(v) => v.clone(),
-            KvBuf::F16(v) => v.iter().map(|a| a.to_f32()).collect(),
+            KvBuf::F16(v) => {
+                use half::slice::HalfFloatSliceExt;
+                v.to_f32_vec()
+            }
         }
     }
 
@@ -220,5 +230,33 @@ impl KvCache {
             l.host = None;
         }
         self.len = 0;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// An f16 cache holds each appended value rounded to nearest even, once; an f32 cache holds
+    /// it as given; both count positions alike, and `--kv-cache` parses both names only.
+    #[test]
+    fn host_cache_storage_round_trips() {
+        let k: Vec<f32> = (0..2 * 24).map(|i| (i as f32 * 0.37).sin() * 3.0 + 1e-5).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x * 0.5).collect();
+        for ty in [KvType::F32, KvType::F16] {
+            let mut h = HostKv::new(ty);
+            h.append(&k[..24], &v[..24], 24);
+            h.append(&k[24..], &v[24..], 24);
+            assert_eq!(h.len(), 2);
+            let want: Vec<f32> = match ty {
+                KvType::F32 => k.clone(),
+                KvType::F16 => k.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
+            };
+            assert_eq!(h.k.to_f32(), want, "{ty:?}");
+            assert!(matches!((ty, h.v.as_slice()), (KvType::F32, crate::kernels::attention::KvSlice::F32(_)) | (KvType::F16, crate::kernels::attention::KvSlice::F16(_))));
+        }
+        assert_eq!("f16".parse::<KvType>().unwrap(), KvType::F16);
+        assert_eq!("f32".parse::<KvType>().unwrap(), KvType::F32);
+        assert!("bf16".parse::<KvType>().is_err());
     }
 }
