@@ -490,14 +490,10 @@ fn batched_forward_gives_each_sequence_its_solo_answer() {
     let (_d, f32_model) = model(256);
     // (weights, KV cache storage): an f16 cache must keep the batched answers exact too.
     use linly_lora::model::KvType;
-    for (ty, kv) in [(Some(linly_lora::quant::QType::Q4_0), KvType::F32), (Some(linly_lora::quant::QType::Q4_0), KvType::F16), (Some(linly_lora::quant::QType::Q8_0), KvType::F32), (None, KvType::F32)] {
-        let m = match ty {
-            // (Quantized once per type: the second Q4_0 pass reuses the folder.)
-            Some(t) if f32_model.with_file_name(format!("model-{t}")).exists() => f32_model.with_file_name(format!("model-{t}")),
-            Some(t) => quantized(&f32_model, t),
-            None => f32_model.clone(),
-        };
-        let l = infer::load(&ModelSpec::new(&m)).unwrap();
+    use linly_lora::quant::QType;
+    let (q4, q8) = (quantized(&f32_model, QType::Q4_0), quantized(&f32_model, QType::Q8_0));
+    for (m, ty, kv) in [(&q4, Some(QType::Q4_0), KvType::F32), (&q4, Some(QType::Q4_0), KvType::F16), (&q8, Some(QType::Q8_0), KvType::F32), (&f32_model, None, KvType::F32)] {
+        let l = infer::load(&ModelSpec::new(m)).unwrap();
         let opts = |n| GenerateOptions { max_new_tokens: n, sampling: SamplingParams::default(), no_cache: false, stop_ids: vec![], kv };
         let prompts: Vec<Vec<u32>> = (0..5).map(|i| (0..3 + 9 * i).map(|j| (1 + (j * 37 + i * 101) % 31000) as u32).collect()).collect();
         let max_new: Vec<usize> = vec![12, 3, 9, 15, 6];

@@ -194,7 +194,9 @@ pub struct SamplingArgs {
     #[arg(long)]
     pub no_cache: bool,
     /// How the KV cache stores keys and values: f32 (exact) or f16 (half the memory that
-    /// attention reads per cached token, as llama.cpp does by default; values rounded once)
+    /// attention reads per cached token, as llama.cpp does by default; values rounded once).
+    /// For CPU inference in f32 activations; with --dtype f16/bf16 or on a GPU the cache
+    /// already keeps the activations' dtype and this changes nothing
     #[arg(long, default_value = "f32", value_name = "f32|f16")]
     pub kv_cache: linly_lora::model::KvType,
 }
@@ -279,7 +281,9 @@ pub struct ServeArgs {
     pub model_name: Option<String>,
     /// How each request's KV cache stores keys and values: f32 (exact: a request's answer is
     /// `generate`'s) or f16 (half the memory that attention reads per cached token, as
-    /// llama.cpp's server does by default; answers are then `generate --kv-cache f16`'s)
+    /// llama.cpp's server does by default; answers are then `generate --kv-cache f16`'s).
+    /// For CPU inference in f32 activations; with --dtype f16/bf16 or on a GPU the cache
+    /// already keeps the activations' dtype
     #[arg(long, default_value = "f32", value_name = "f32|f16")]
     pub kv_cache: linly_lora::model::KvType,
 }

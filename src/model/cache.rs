@@ -14,7 +14,9 @@ use burn::tensor::{Device, Tensor, TensorData};
 /// decode step of several sequences waits on once their caches outgrow the CPU caches (the
 /// weights evict them between two visits of a layer). llama.cpp keeps its cache in f16 by
 /// default. A value is rounded to f16 once, when it is appended; attention reads it back
-/// exactly and computes in f32 as before.
+/// exactly and computes in f32 as before. Only the host cache (f32 activations on the CPU, the
+/// quantized and f32 models' inference path) has a storage type: the tensor cache of the
+/// composed path (`--dtype f16`/`bf16`, a GPU) already keeps the activations' dtype.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum KvType {
     #[default]
