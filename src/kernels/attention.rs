@@ -270,221 +270,428 @@ pub fn causal_attention(q: &Tensor<3>, k: &Tensor<3>, v: &Tensor<3>, cos: &[f32]
     }
 }
 
-/// Causal grouped-query attention of `t` new positions of batch 1 over host keys and values
-/// `kc`/`vc` `[start + t, kv_heads·d]` (every cached position, the new ones last, keys after
-/// RoPE). `q` `[t, heads·d]` holds the new queries after RoPE; query `i` sits at position
-/// `start + i` and sees every key up to it. Returns the context `[t, heads·d]`, scores scaled
-/// by `1/√d` as burn's `attention` does.
-pub fn cached_attention(q: &[f32], kc: KvSlice<'_>, vc: KvSlice<'_>, start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
-    match (kc, vc) {
-        (KvSlice::F32(k), KvSlice::F32(v)) => cached_attention_of(q, k, v, start, [h, kvh, d]),
-        (KvSlice::F16(k), KvSlice::F16(v)) => cached_attention_of(q, k, v, start, [h, kvh, d]),
-        _ => panic!("a layer's keys and values share one storage type"),
+/// Keys per block of a [`KvStore`]: one AVX2 vector's lanes.
+pub const KV_BLOCK: usize = 8;
+
+/// One layer's cached keys and values (keys after RoPE), laid out for [`cached_attention`].
+/// Each shared K/V head has its own two buffers, so that attention over one head streams two
+/// contiguous runs of memory (token-major rows put the other heads' values between every two
+/// keys, and a decode step of several sequences waits on reading the cache once it has left
+/// the CPU caches):
+/// - keys in blocks of [`KV_BLOCK`] positions, each block dimension-major (`[d][8]`): the
+///   eight keys' values for one dimension are one vector, so a query's eight scores come out
+///   of one chain of multiply-adds per block with no horizontal sums;
+/// - values position-major (`[pos][d]`), a row per position.
+///
+/// Both grow a whole block at a time (zeros past the last position, never read as a key or
+/// value). `T` is the storage type: f32, or f16 ([`KvElem`]) rounded once when appended.
+#[derive(Clone, Debug, Default)]
+pub struct KvStore<T> {
+    kvh: usize,
+    d: usize,
+    len: usize,
+    k: Vec<Vec<T>>,
+    v: Vec<Vec<T>>,
+}
+
+impl<T: KvElem> KvStore<T> {
+    pub fn new() -> Self {
+        KvStore { kvh: 0, d: 0, len: 0, k: Vec::new(), v: Vec::new() }
+    }
+
+    /// Cached positions.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Appends `t` positions: `k` and `v` `[t, kv_heads·head_dim]` row-major, head after head.
+    pub fn append(&mut self, k: &[f32], v: &[f32], kvh: usize, d: usize) {
+        assert!(kvh > 0 && d > 0 && k.len() == v.len() && k.len().is_multiple_of(kvh * d), "keys and values are [t, {kvh}·{d}] rows");
+        if self.kvh == 0 {
+            (self.kvh, self.d) = (kvh, d);
+            self.k = vec![Vec::new(); kvh];
+            self.v = vec![Vec::new(); kvh];
+        }
+        assert!(self.kvh == kvh && self.d == d, "one layer's cache keeps one shape: [{}, {}], not [{kvh}, {d}]", self.kvh, self.d);
+        let block = KV_BLOCK * d;
+        for (kr, vr) in k.chunks_exact(kvh * d).zip(v.chunks_exact(kvh * d)) {
+            let (j, lane) = (self.len, self.len % KV_BLOCK);
+            for g in 0..kvh {
+                let (kg, vg) = (&mut self.k[g], &mut self.v[g]);
+                if lane == 0 {
+                    kg.resize(kg.len() + block, T::ZERO);
+                    vg.resize(vg.len() + block, T::ZERO);
+                }
+                let kb = &mut kg[j / KV_BLOCK * block..][..block];
+                for (dd, &x) in kr[g * d..][..d].iter().enumerate() {
+                    kb[dd * KV_BLOCK + lane] = T::narrow(x);
+                }
+                for (o, &x) in vg[j * d..][..d].iter_mut().zip(&vr[g * d..][..d]) {
+                    *o = T::narrow(x);
+                }
+            }
+            self.len += 1;
+        }
+    }
+
+    /// The cached keys and values as f32 rows `[len, kv_heads·head_dim]` (copies).
+    pub fn rows(&self) -> (Vec<f32>, Vec<f32>) {
+        let (w, d) = (self.kvh * self.d, self.d);
+        let (mut k, mut v) = (vec![0f32; self.len * w], vec![0f32; self.len * w]);
+        for j in 0..self.len {
+            for g in 0..self.kvh {
+                for dd in 0..d {
+                    k[j * w + g * d + dd] = self.key(g, j, dd).widen();
+                    v[j * w + g * d + dd] = self.v[g][j * d + dd].widen();
+                }
+            }
+        }
+        (k, v)
+    }
+
+    #[inline(always)]
+    fn key(&self, g: usize, j: usize, dd: usize) -> T {
+        self.k[g][j / KV_BLOCK * KV_BLOCK * self.d + dd * KV_BLOCK + j % KV_BLOCK]
     }
 }
 
-/// A host cache's keys or values as attention reads them: f32, or f16 widened exactly.
+/// A layer's host cache in either storage type.
 #[derive(Clone, Copy)]
-pub enum KvSlice<'a> {
-    F32(&'a [f32]),
-    F16(&'a [half::f16]),
+pub enum KvRef<'a> {
+    F32(&'a KvStore<f32>),
+    F16(&'a KvStore<half::f16>),
 }
 
-/// A cache element: read back as f32 without rounding.
-pub trait KvElem: Copy + Send + Sync {
+/// A cache element: f32, or f16 read back as f32 without rounding.
+pub trait KvElem: Copy + Send + Sync + std::fmt::Debug {
     /// Stored as IEEE half precision (F16C widens eight at a time).
     const HALF: bool;
+    const ZERO: Self;
     fn widen(self) -> f32;
+    /// Rounds to nearest even where the storage is narrower.
+    fn narrow(x: f32) -> Self;
 }
 
 impl KvElem for f32 {
     const HALF: bool = false;
+    const ZERO: Self = 0.0;
     #[inline(always)]
     fn widen(self) -> f32 {
         self
+    }
+    #[inline(always)]
+    fn narrow(x: f32) -> Self {
+        x
     }
 }
 
 impl KvElem for half::f16 {
     const HALF: bool = true;
+    const ZERO: Self = half::f16::ZERO;
     #[inline(always)]
     fn widen(self) -> f32 {
         self.to_f32()
     }
+    #[inline(always)]
+    fn narrow(x: f32) -> Self {
+        half::f16::from_f32(x)
+    }
 }
 
-/// [`cached_attention`] over keys and values stored as `T`.
-fn cached_attention_of<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
-    let t = q.len() / (h * d);
-    // Head-major [h, t, d]; for one token that is already [t, h·d].
+/// Causal grouped-query attention of `t` new positions of batch 1 over a host cache `kv` that
+/// holds `start + t` positions (every cached one, the new ones last). `q` `[t, heads·d]` holds
+/// the new queries after RoPE; query `i` sits at position `start + i` and sees every key up to
+/// it. Returns the context `[t, heads·d]`, scores scaled by `1/√d` as burn's `attention` does.
+pub fn cached_attention(q: &[f32], kv: KvRef<'_>, start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
+    match kv {
+        KvRef::F32(s) => cached_attention_of(q, s, start, [h, kvh, d]),
+        KvRef::F16(s) => cached_attention_of(q, s, start, [h, kvh, d]),
+    }
+}
+
+/// [`cached_attention`] over a cache stored as `T`.
+fn cached_attention_of<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, [h, kvh, d]: [usize; 3]) -> Vec<f32> {
+    let (t, gs) = (q.len() / (h * d), h / kvh);
+    assert!(h.is_multiple_of(kvh) && q.len() == t * h * d && kv.len() == start + t && kv.kvh == kvh && kv.d == d, "queries [{t}, {h}·{d}] over a cache of {} positions × [{}, {}], {start} of them before", kv.len(), kv.kvh, kv.d);
+    // Group-major [kvh, t, gs·d]: each task writes one K/V head's query heads for a run of
+    // queries; for one token that is already [t, h·d].
     let mut out = vec![0f32; h * t * d];
-    // Spread (head, block of queries) tasks over threads only when there is real work (a
+    // Spread (K/V head, block of queries) tasks over threads only when there is real work (a
     // prompt), not for one token. The quantized products' spinning team runs them: its helpers
     // are awake between two products, where rayon's would have to be woken (perf on the 2-core
     // machine: the caller computed every head alone while a team helper spun).
     if t * (start + t) * d >= 1 << 16 {
         const QB: usize = 16;
-        let tasks: Vec<(usize, usize, &mut [f32])> = out.chunks_mut(t * d).enumerate().flat_map(|(hh, o)| o.chunks_mut(QB * d).enumerate().map(move |(c, oc)| (hh, c * QB, oc))).collect();
-        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(hh, i0, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, i0, o, &mut Vec::new()));
+        let tasks: Vec<(usize, usize, &mut [f32])> = out.chunks_mut(t * gs * d).enumerate().flat_map(|(g, o)| o.chunks_mut(QB * gs * d).enumerate().map(move |(c, oc)| (g, c * QB, oc))).collect();
+        crate::ggml::team::for_each(rayon::current_num_threads(), tasks, |(g, i0, o)| cached_group(q, kv, start, [h, kvh, d], g, i0, o, &mut Vec::new()));
     } else {
         // One scores buffer for every head: decoding calls this per layer and token.
         let mut p = Vec::new();
-        out.chunks_mut(t * d).enumerate().for_each(|(hh, o)| cached_head(q, kc, vc, start, [h, kvh, d], hh, 0, o, &mut p));
+        out.chunks_mut(t * gs * d).enumerate().for_each(|(g, o)| cached_group(q, kv, start, [h, kvh, d], g, 0, o, &mut p));
     }
     if t == 1 {
         return out;
     }
     let mut ctx = vec![0f32; t * h * d];
-    for hh in 0..h {
+    for g in 0..kvh {
         for i in 0..t {
-            ctx[i * h * d + hh * d..][..d].copy_from_slice(&out[(hh * t + i) * d..][..d]);
+            ctx[i * h * d + g * gs * d..][..gs * d].copy_from_slice(&out[(g * t + i) * gs * d..][..gs * d]);
         }
     }
     ctx
 }
 
-/// [`cached_attention`]'s queries `i0..` of head `hh` into `o` (their rows of the head's block
-/// `[t, d]`). The queries are `start + i0 + i` positions in, and see the keys up to their own.
-/// With AVX2 (and a head size in whole eight-lane chunks) [`x86::cached_head`] does the same
-/// arithmetic with its vectors in registers; [`cached_head_scalar`] is the reference it equals
-/// bit for bit (`cached_attention_avx2_equals_scalar`). `p` is scratch for the scores, grown
-/// as needed (its contents are overwritten before they are read).
+/// [`cached_attention`]'s queries `i0..` of the query heads that share K/V head `g`, into `o`
+/// (rows `[gs·d]`, one per query). The queries are `start + i0 + i` positions in and see the keys
+/// up to their own. With AVX2 and FMA (and a head size in whole eight-lane chunks)
+/// [`x86::cached_group`] does the same arithmetic in registers; [`cached_group_scalar`] is the
+/// reference it equals bit for bit (`cached_attention_avx2_equals_scalar`). `p` is scratch for
+/// the scores, grown as needed (its contents are overwritten before they are read).
 #[allow(clippy::too_many_arguments)]
-fn cached_head<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, dims: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut Vec<f32>) {
-    let last = start + i0 + o.len() / dims[2];
-    if p.len() < last {
-        p.resize(last, 0.0);
+fn cached_group<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, dims: [usize; 3], g: usize, i0: usize, o: &mut [f32], p: &mut Vec<f32>) {
+    let gs = dims[0] / dims[1];
+    // Every head's scores over whole blocks (the kernel writes the lanes past the last key).
+    let need = gs * (start + i0 + o.len() / (gs * dims[2])).div_ceil(KV_BLOCK) * KV_BLOCK;
+    if p.len() < need {
+        p.resize(need, 0.0);
     }
     #[cfg(target_arch = "x86_64")]
     if dims[2].is_multiple_of(8) && super::has_wide() && (!T::HALF || std::arch::is_x86_feature_detected!("f16c")) {
         // SAFETY: `has_wide` checked that the CPU has AVX2 and FMA, and F16C where the cache
         // is f16.
-        return unsafe { x86::cached_head(q, kc, vc, start, dims, hh, i0, o, p) };
+        return unsafe { x86::cached_group(q, kv, start, dims, g, i0, o, p) };
     }
-    cached_head_scalar(q, kc, vc, start, dims, hh, i0, o, p)
+    cached_group_scalar(q, kv, start, dims, g, i0, o, p)
 }
 
-/// The reference arithmetic of [`cached_head`]: scores as [`dot`]s scaled, the softmax
-/// numerators and their sum ([`exp_shifted_in_place`]), the values summed key by key in order,
-/// then one multiplication by the inverse sum.
+/// The reference arithmetic of [`cached_group`], per query and head: each score one chain of
+/// fused multiply-adds over the dimensions in order from zero, then scaled; the softmax
+/// numerators and their sum ([`exp_shifted_in_place`]); each output value one chain of fused
+/// multiply-adds over the keys in order from zero, then one multiplication by the inverse sum.
 #[allow(clippy::too_many_arguments)]
-fn cached_head_scalar<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
-    let (w, scale) = (kvh * d, 1.0 / (d as f32).sqrt());
-    let g = hh / (h / kvh);
-    for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
-        let qi = &q[i * h * d + hh * d..][..d];
+fn cached_group_scalar<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, [h, kvh, d]: [usize; 3], g: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
+    let (gs, scale) = (h / kvh, 1.0 / (d as f32).sqrt());
+    for (i, oi) in o.chunks_exact_mut(gs * d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
         let n = start + i + 1;
-        for (j, pj) in p[..n].iter_mut().enumerate() {
-            *pj = dot(qi, &kc[j * w + g * d..][..d]) * scale;
-        }
-        let (_, sum) = exp_shifted_in_place(&mut p[..n]);
-        for (j, &pj) in p[..n].iter().enumerate() {
-            for (a, &b) in oi.iter_mut().zip(&vc[j * w + g * d..][..d]) {
-                *a += pj * b.widen();
+        for (hl, ohl) in oi.chunks_exact_mut(d).enumerate() {
+            let qi = &q[i * h * d + (g * gs + hl) * d..][..d];
+            for (j, pj) in p[..n].iter_mut().enumerate() {
+                *pj = qi.iter().enumerate().fold(0f32, |s, (dd, &x)| x.mul_add(kv.key(g, j, dd).widen(), s)) * scale;
+            }
+            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
+            let inv = 1.0 / sum;
+            for (dd, a) in ohl.iter_mut().enumerate() {
+                *a = p[..n].iter().enumerate().fold(0f32, |s, (j, &pj)| pj.mul_add(kv.v[g][j * d + dd].widen(), s)) * inv;
             }
         }
-        let inv = 1.0 / sum;
-        oi.iter_mut().for_each(|a| *a *= inv);
     }
 }
 
 #[cfg(target_arch = "x86_64")]
 pub(super) mod x86 {
     use super::super::softmax::x86::exp_shifted_in_place;
-    use super::KvElem;
+    use super::{KvElem, KvStore, KV_BLOCK};
     use std::arch::x86_64::*;
 
-    /// [`super::cached_head_scalar`] in AVX2 registers, for a head size `d` in whole chunks of
-    /// eight. The same operations in the same order: each score's eight lanes accumulate the
-    /// chunks in turn and are then summed left to right (plus `dot`'s empty remainder); each
-    /// output sums `p_j·v_j` over the keys in order from zero (`mul` then `add`, never a fused
-    /// FMA); then one multiplication by `1/Σ`. Four keys' scores are made together, so that
-    /// four independent chains fill the adders, and the outputs stay in registers across
-    /// every key.
-    ///
-    /// An f16 cache (`T::HALF`) is widened eight values at a time by F16C, exactly, so the
-    /// arithmetic after the load is the f32 cache's.
+    /// Eight cached values at `p` as f32: F16C widens f16 exactly.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn ld<T: KvElem>(p: *const T) -> __m256 {
+        if T::HALF {
+            _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i))
+        } else {
+            _mm256_loadu_ps(p as *const f32)
+        }
+    }
+
+    /// A software prefetch cursor over the byte ranges a head's attention reads next. Each
+    /// group's keys and values are short runs (16 KB each at 64 positions in f32), in pages of
+    /// their own that the hardware prefetcher starts cold at every page; in a decode step of
+    /// several sequences they come from memory (the weights evict them between two visits of
+    /// a layer), so the loads wait on memory latency unless someone asks ahead.
+    struct Ahead {
+        ranges: [(*const u8, *const u8); 3],
+        at: usize,
+    }
+
+    impl Ahead {
+        /// Requests the next `lines` cache lines into L1.
+        #[inline(always)]
+        fn pull(&mut self, lines: usize) {
+            for _ in 0..lines {
+                while self.at < 3 && self.ranges[self.at].0 >= self.ranges[self.at].1 {
+                    self.at += 1;
+                }
+                if self.at == 3 {
+                    return;
+                }
+                let r = &mut self.ranges[self.at];
+                // SAFETY: a prefetch of an address inside the range never faults or reads
+                // into the program.
+                unsafe { _mm_prefetch::<_MM_HINT_T0>(r.0 as *const i8) };
+                r.0 = r.0.wrapping_add(64);
+            }
+        }
+    }
+
+    /// The byte range of a slice.
+    fn span<T>(x: &[T]) -> (*const u8, *const u8) {
+        let r = x.as_ptr_range();
+        (r.start as *const u8, r.end as *const u8)
+    }
+
+    /// [`super::cached_group_scalar`] in AVX2 registers, for a head size `d` in whole chunks of
+    /// eight: the same fused multiply-adds in the same order, so the same bits. Up to three
+    /// query heads of the group go together, so that each key and value vector is loaded once
+    /// for all of them:
+    /// - scores: the lanes of a key block are its eight keys, so `nh` heads × four blocks are
+    ///   twelve independent accumulator chains, each one multiply-add per dimension (enough to
+    ///   fill both FMA pipes while the next blocks load);
+    /// - outputs: `nh` heads × four eight-value chunks, each one multiply-add per key, over
+    ///   every key with the accumulators in registers.
     ///
     /// # Safety
     /// The CPU must have AVX2 and FMA (`kernels::has_wide`), and F16C for an f16 cache.
     #[target_feature(enable = "avx2,fma,f16c")]
     #[allow(clippy::too_many_arguments)]
-    pub unsafe fn cached_head<T: KvElem>(q: &[f32], kc: &[T], vc: &[T], start: usize, [h, kvh, d]: [usize; 3], hh: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
-        let (w, scale, chunks) = (kvh * d, 1.0 / (d as f32).sqrt(), d / 8);
-        let g = hh / (h / kvh);
-        let rows = o.len() / d;
-        // Eight cached values at `p` as f32.
-        let ld = |p: *const T| if T::HALF { _mm256_cvtph_ps(_mm_loadu_si128(p as *const __m128i)) } else { _mm256_loadu_ps(p as *const f32) };
-        let last = start + i0 + rows;
-        assert!(kc.len() >= last * w && vc.len() >= last * w && q.len() >= (i0 + rows) * h * d && hh < h && p.len() >= last);
-        let empty: f32 = std::iter::empty::<f32>().sum();
-        let lanes_sum = |v: __m256| {
-            let mut l = [0f32; 8];
-            _mm256_storeu_ps(l.as_mut_ptr(), v);
-            l.iter().sum::<f32>() + empty
-        };
-        for (i, oi) in o.chunks_exact_mut(d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
-            let qp = q.as_ptr().add(i * h * d + hh * d);
+    pub unsafe fn cached_group<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, [h, kvh, d]: [usize; 3], g: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
+        let (gs, scale) = (h / kvh, 1.0 / (d as f32).sqrt());
+        let rows = o.len() / (gs * d);
+        let nbk = (start + i0 + rows).div_ceil(KV_BLOCK);
+        let (kg, vg) = (&kv.k[g], &kv.v[g]);
+        assert!(d.is_multiple_of(8) && kg.len() >= nbk * KV_BLOCK * d && vg.len() >= nbk * KV_BLOCK * d && q.len() >= (i0 + rows) * h * d && g < kvh && p.len() >= gs * nbk * KV_BLOCK);
+        let stride = nbk * KV_BLOCK;
+        let used = nbk * KV_BLOCK * d;
+        let none = (std::ptr::null::<u8>(), std::ptr::null::<u8>());
+        for (i, oi) in o.chunks_exact_mut(gs * d).enumerate().map(|(i, oi)| (i0 + i, oi)) {
             let n = start + i + 1;
-            let kp = |j: usize| kc.as_ptr().add(j * w + g * d);
-            let mut j = 0;
-            // Eight keys at a time: their eight lane sums are one 8×8 transposition and seven
-            // vertical additions in `lanes_sum`'s order (lane 0 first), instead of a store and
-            // eight scalar additions per key, which made the scores most of a decode step's
-            // attention.
-            let (zero, emptyv, scalev) = (_mm256_set1_ps(std::iter::empty::<f32>().sum()), _mm256_set1_ps(empty), _mm256_set1_ps(scale));
-            while j + 8 <= n {
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for c in 0..chunks {
-                    let x = _mm256_loadu_ps(qp.add(c * 8));
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, ld(kp(j + k).add(c * 8))));
+            // The task's first query and head set read this group's keys and values from
+            // memory; the others find them in cache. Ask ahead for the keys past the first
+            // four blocks, the values, and the next group's keys.
+            let mut ahead = Ahead { ranges: [none; 3], at: 0 };
+            if i == i0 {
+                let next = if g + 1 < kvh && rows == 1 { span(&kv.k[g + 1][..used]) } else { none };
+                ahead.ranges = [span(&kg[(4 * KV_BLOCK * d).min(used)..used]), span(&vg[..used]), next];
+            }
+            let mut h0 = 0;
+            while h0 < gs {
+                let nh = (gs - h0).min(3);
+                let qs: [*const f32; 3] = std::array::from_fn(|x| q.as_ptr().add(i * h * d + (g * gs + h0 + x.min(nh - 1)) * d));
+                let ps: [*mut f32; 3] = std::array::from_fn(|x| p.as_mut_ptr().add((h0 + x.min(nh - 1)) * stride));
+                match nh {
+                    3 => scores::<T, 3>(qs, kg.as_ptr(), n, d, scale, ps, &mut ahead),
+                    2 => scores::<T, 2>(qs, kg.as_ptr(), n, d, scale, ps, &mut ahead),
+                    _ => scores::<T, 1>(qs, kg.as_ptr(), n, d, scale, ps, &mut ahead),
+                }
+                let mut inv = [0f32; 3];
+                for (x, iv) in inv.iter_mut().enumerate().take(nh) {
+                    let (_, sum) = exp_shifted_in_place(std::slice::from_raw_parts_mut(ps[x], n));
+                    *iv = 1.0 / sum;
+                }
+                let os: [*mut f32; 3] = std::array::from_fn(|x| oi.as_mut_ptr().add((h0 + x.min(nh - 1)) * d));
+                match nh {
+                    3 => outputs::<T, 3>(ps, vg.as_ptr(), n, d, inv, os, &mut ahead),
+                    2 => outputs::<T, 2>(ps, vg.as_ptr(), n, d, inv, os, &mut ahead),
+                    _ => outputs::<T, 1>(ps, vg.as_ptr(), n, d, inv, os, &mut ahead),
+                }
+                h0 += nh;
+            }
+        }
+    }
+
+    /// Scaled scores of `NH` heads' queries `qs` (`d` values each) against the first `n` keys
+    /// of one K/V head's blocks `kb`, into `ps` (whole blocks: the lanes past `n` get the
+    /// padding's scores).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    // Register blocks indexed on both axes read more plainly than zipped iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn scores<T: KvElem, const NH: usize>(qs: [*const f32; 3], kb: *const T, n: usize, d: usize, scale: f32, ps: [*mut f32; 3], ahead: &mut Ahead) {
+        let (blocks, sv) = (n.div_ceil(KV_BLOCK), _mm256_set1_ps(scale));
+        // Lines read per dimension of four blocks.
+        let per = (4 * KV_BLOCK * std::mem::size_of::<T>()).div_ceil(64);
+        let mut b0 = 0;
+        while b0 + 4 <= blocks {
+            let mut acc = [[_mm256_setzero_ps(); 4]; NH];
+            let base = kb.add(b0 * KV_BLOCK * d);
+            for dd in 0..d {
+                ahead.pull(per);
+                let qv: [__m256; NH] = std::array::from_fn(|x| _mm256_broadcast_ss(&*qs[x].add(dd)));
+                for b in 0..4 {
+                    let kv = ld(base.add(b * KV_BLOCK * d + dd * KV_BLOCK));
+                    for x in 0..NH {
+                        acc[x][b] = _mm256_fmadd_ps(qv[x], kv, acc[x][b]);
                     }
                 }
-                let lanes = transpose8(acc);
-                let sums = lanes.iter().fold(zero, |s, &l| _mm256_add_ps(s, l));
-                _mm256_storeu_ps(p.as_mut_ptr().add(j), _mm256_mul_ps(_mm256_add_ps(sums, emptyv), scalev));
-                j += 8;
             }
-            while j + 4 <= n {
-                let mut acc = [_mm256_setzero_ps(); 4];
-                for c in 0..chunks {
-                    let x = _mm256_loadu_ps(qp.add(c * 8));
-                    for (k, a) in acc.iter_mut().enumerate() {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(x, ld(kp(j + k).add(c * 8))));
-                    }
+            for x in 0..NH {
+                for (b, a) in acc[x].iter().enumerate() {
+                    _mm256_storeu_ps(ps[x].add((b0 + b) * KV_BLOCK), _mm256_mul_ps(*a, sv));
                 }
-                for (k, a) in acc.iter().enumerate() {
-                    p[j + k] = lanes_sum(*a) * scale;
-                }
-                j += 4;
             }
-            while j < n {
-                let mut a = _mm256_setzero_ps();
-                for c in 0..chunks {
-                    a = _mm256_add_ps(a, _mm256_mul_ps(_mm256_loadu_ps(qp.add(c * 8)), ld(kp(j).add(c * 8))));
+            b0 += 4;
+        }
+        while b0 < blocks {
+            let mut acc = [_mm256_setzero_ps(); NH];
+            let base = kb.add(b0 * KV_BLOCK * d);
+            for dd in 0..d {
+                ahead.pull(1);
+                let kv = ld(base.add(dd * KV_BLOCK));
+                for x in 0..NH {
+                    acc[x] = _mm256_fmadd_ps(_mm256_broadcast_ss(&*qs[x].add(dd)), kv, acc[x]);
                 }
-                p[j] = lanes_sum(a) * scale;
-                j += 1;
             }
-            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
-            let inv = _mm256_set1_ps(1.0 / sum);
-            // Outputs in groups of up to eight registers, each held across all keys.
-            let mut c0 = 0;
-            while c0 < chunks {
-                let m = (chunks - c0).min(8);
-                let mut acc = [_mm256_setzero_ps(); 8];
-                for (jj, &pj) in p[..n].iter().enumerate() {
-                    let pv = _mm256_set1_ps(pj);
-                    let vp = vc.as_ptr().add(jj * w + g * d + c0 * 8);
-                    for (c, a) in acc.iter_mut().enumerate().take(m) {
-                        *a = _mm256_add_ps(*a, _mm256_mul_ps(pv, ld(vp.add(c * 8))));
-                    }
+            for (x, a) in acc.iter().enumerate() {
+                _mm256_storeu_ps(ps[x].add(b0 * KV_BLOCK), _mm256_mul_ps(*a, sv));
+            }
+            b0 += 1;
+        }
+    }
+
+    /// `NH` heads' outputs `os` (`d` values each): the first `n` value rows `vr` weighted by
+    /// the heads' numerators `ps`, each sum times its head's `inv`.
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    unsafe fn outputs<T: KvElem, const NH: usize>(ps: [*mut f32; 3], vr: *const T, n: usize, d: usize, inv: [f32; 3], os: [*mut f32; 3], ahead: &mut Ahead) {
+        let mut c0 = 0;
+        while c0 < d {
+            match (d - c0) / 8 {
+                1 => output_chunks::<T, NH, 1>(ps, vr.add(c0), n, d, inv, os.map(|o| o.add(c0)), ahead),
+                2 => output_chunks::<T, NH, 2>(ps, vr.add(c0), n, d, inv, os.map(|o| o.add(c0)), ahead),
+                3 => output_chunks::<T, NH, 3>(ps, vr.add(c0), n, d, inv, os.map(|o| o.add(c0)), ahead),
+                _ => output_chunks::<T, NH, 4>(ps, vr.add(c0), n, d, inv, os.map(|o| o.add(c0)), ahead),
+            }
+            c0 += 32;
+        }
+    }
+
+    /// [`outputs`] for `M` eight-value chunks of each row, from `vr` on (row stride `d`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,f16c")]
+    // Register blocks indexed on both axes read more plainly than zipped iterators.
+    #[allow(clippy::needless_range_loop)]
+    unsafe fn output_chunks<T: KvElem, const NH: usize, const M: usize>(ps: [*mut f32; 3], vr: *const T, n: usize, d: usize, inv: [f32; 3], os: [*mut f32; 3], ahead: &mut Ahead) {
+        let mut acc = [[_mm256_setzero_ps(); M]; NH];
+        let per = (M * 8 * std::mem::size_of::<T>()).div_ceil(64);
+        for j in 0..n {
+            ahead.pull(per);
+            let pv: [__m256; NH] = std::array::from_fn(|x| _mm256_broadcast_ss(&*ps[x].add(j)));
+            let row = vr.add(j * d);
+            for c in 0..M {
+                let v = ld(row.add(c * 8));
+                for x in 0..NH {
+                    acc[x][c] = _mm256_fmadd_ps(pv[x], v, acc[x][c]);
                 }
-                for (c, a) in acc.iter().enumerate().take(m) {
-                    _mm256_storeu_ps(oi.as_mut_ptr().add((c0 + c) * 8), _mm256_mul_ps(*a, inv));
-                }
-                c0 += m;
+            }
+        }
+        for x in 0..NH {
+            let iv = _mm256_set1_ps(inv[x]);
+            for (c, a) in acc[x].iter().enumerate() {
+                _mm256_storeu_ps(os[x].add(c * 8), _mm256_mul_ps(*a, iv));
             }
         }
     }
@@ -524,20 +731,6 @@ pub(super) mod x86 {
             _mm256_permute2f128_ps::<0x31>(u[3], u[7]),
         ]
     }
-}
-
-/// `Σ aᵢ·bᵢ` in eight lanes (one f32 chain would not vectorise).
-#[inline(always)]
-fn dot<T: KvElem>(a: &[f32], b: &[T]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ca, cb) = (a.chunks_exact(8), b.chunks_exact(8));
-    let rest: f32 = ca.remainder().iter().zip(cb.remainder()).map(|(x, y)| x * y.widen()).sum();
-    for (x, y) in ca.zip(cb) {
-        for l in 0..8 {
-            acc[l] += x[l] * y[l].widen();
-        }
-    }
-    acc.iter().sum::<f32>() + rest
 }
 
 /// The context `[B, T, heads·head_dim]` composed from burn ops, for any backend and dtype:

@@ -161,8 +161,8 @@ impl Attention {
         rotate_rows(&mut qh, cos, sin, h, d);
         rotate_rows(&mut kh, cos, sin, kvh, d);
         let start = hc.len();
-        hc.append(&kh, v, kvh * d);
-        cached_attention(&qh, hc.k.as_slice(), hc.v.as_slice(), start, [h, kvh, d])
+        hc.append(&kh, v, kvh, d);
+        cached_attention(&qh, hc.as_ref(), start, [h, kvh, d])
     }
 
     /// The fused host path for batch 1: the context `[1, T, heads·head_dim]`, or `None` when
@@ -322,34 +322,60 @@ mod kernel_tests {
     }
 
     /// The AVX2 version of the cached path gives its scalar reference's bits (see
-    /// `kernels::has_wide`), for one token (key counts off the four- and eight-key steps) and
-    /// for prompts, one of which takes the parallel path.
+    /// `kernels::has_wide`), for one token (key counts off the four-block and one-block steps,
+    /// a partly filled last block) and for prompts, one of which takes the parallel path; and
+    /// over a head size with a chunk count off the four-chunk step and a group of four heads
+    /// (three, then one).
     #[test]
     fn cached_attention_avx2_equals_scalar() {
-        use crate::kernels::attention::{cached_attention, KvSlice};
-        let (h, kvh, d) = (9, 3, 64);
+        use crate::kernels::attention::{cached_attention, KvRef, KvStore};
         let vals = |n: usize, seed: usize| -> Vec<f32> { (0..n).map(|i| (((i * 7919 + seed * 104_729) % 1001) as f32 / 250.0 - 2.0).sin()).collect() };
-        for (start, t) in [(0, 1), (6, 1), (12, 1), (37, 1), (80, 1), (0, 70), (5, 40)] {
+        let cases = [(9, 3, 64, 0, 1), (9, 3, 64, 6, 1), (9, 3, 64, 12, 1), (9, 3, 64, 37, 1), (9, 3, 64, 80, 1), (9, 3, 64, 0, 70), (9, 3, 64, 5, 40), (8, 2, 40, 29, 1), (8, 2, 40, 3, 9)];
+        for (h, kvh, d, start, t) in cases {
             let q = vals(t * h * d, 1);
             let (k, v) = (vals((start + t) * kvh * d, 2), vals((start + t) * kvh * d, 3));
-            let (k16, v16): (Vec<half::f16>, Vec<half::f16>) = (k.iter().map(|&x| half::f16::from_f32(x)).collect(), v.iter().map(|&x| half::f16::from_f32(x)).collect());
+            // Appended in two parts, as a prompt and then the new positions.
+            let store = |k: &[f32], v: &[f32]| {
+                let (mut s16, mut s32) = (KvStore::<half::f16>::new(), KvStore::<f32>::new());
+                for (a, b) in [(0, start * kvh * d), (start * kvh * d, k.len())] {
+                    s16.append(&k[a..b], &v[a..b], kvh, d);
+                    s32.append(&k[a..b], &v[a..b], kvh, d);
+                }
+                (s32, s16)
+            };
+            let (s32, s16) = store(&k, &v);
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            for (kc, vc, ty) in [(KvSlice::F32(&k), KvSlice::F32(&v), "f32"), (KvSlice::F16(&k16), KvSlice::F16(&v16), "f16")] {
-                let wide = cached_attention(&q, kc, vc, start, [h, kvh, d]);
-                let base = crate::kernels::baseline_on_this_thread(|| cached_attention(&q, kc, vc, start, [h, kvh, d]));
+            for (kv, ty) in [(KvRef::F32(&s32), "f32"), (KvRef::F16(&s16), "f16")] {
+                let wide = cached_attention(&q, kv, start, [h, kvh, d]);
+                let base = crate::kernels::baseline_on_this_thread(|| cached_attention(&q, kv, start, [h, kvh, d]));
                 // The prompt's tasks may also run on the team's threads, in the wide build whatever
                 // this thread asked: the two builds must agree there too.
-                assert_eq!(bits(&wide), bits(&base), "{ty} cache: start {start}, t {t}");
+                assert_eq!(bits(&wide), bits(&base), "{ty} cache: h {h}, d {d}, start {start}, t {t}");
             }
             // An f16 cache is the f32 computation on the rounded values: bit for bit, and close
             // to the f32 cache's result.
-            let (kw, vw): (Vec<f32>, Vec<f32>) = (k16.iter().map(|x| x.to_f32()).collect(), v16.iter().map(|x| x.to_f32()).collect());
-            let half_cache = cached_attention(&q, KvSlice::F16(&k16), KvSlice::F16(&v16), start, [h, kvh, d]);
-            assert_eq!(bits(&half_cache), bits(&cached_attention(&q, KvSlice::F32(&kw), KvSlice::F32(&vw), start, [h, kvh, d])), "f16 = f32 of the rounded values");
-            let full = cached_attention(&q, KvSlice::F32(&k), KvSlice::F32(&v), start, [h, kvh, d]);
+            let (kw, vw) = s16.rows();
+            let half_cache = cached_attention(&q, KvRef::F16(&s16), start, [h, kvh, d]);
+            assert_eq!(bits(&half_cache), bits(&cached_attention(&q, KvRef::F32(&store(&kw, &vw).0), start, [h, kvh, d])), "f16 = f32 of the rounded values");
+            let full = cached_attention(&q, KvRef::F32(&s32), start, [h, kvh, d]);
             let err = full.iter().zip(&half_cache).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
             assert!(err < 1e-2 && err > 0.0, "f16 cache error {err} (start {start}, t {t})");
         }
+    }
+
+    /// A cache's rows come back as appended, in any split into appends.
+    #[test]
+    fn kv_store_round_trips_rows() {
+        use crate::kernels::attention::KvStore;
+        let (kvh, d, n) = (3, 16, 21);
+        let k: Vec<f32> = (0..n * kvh * d).map(|i| i as f32).collect();
+        let v: Vec<f32> = k.iter().map(|x| -x).collect();
+        let mut s = KvStore::<f32>::new();
+        for (a, b) in [(0, 5), (5, 6), (6, 17), (17, 21)] {
+            s.append(&k[a * kvh * d..b * kvh * d], &v[a * kvh * d..b * kvh * d], kvh, d);
+        }
+        assert_eq!(s.len(), n);
+        assert_eq!(s.rows(), (k, v));
     }
 
     #[test]

@@ -2,11 +2,11 @@
 //! position is never rotated twice.
 //!
 //! A layer's cache is either burn tensors (the composed attention, any backend or dtype) or
-//! host f32 rows (the fused host attention of f32 flex inference, see
-//! [`super::attention`]). The host form is appended in place: one token adds one row of
-//! `kv_heads·head_dim` values to a growing buffer, instead of concatenating the whole cache
-//! into a new tensor every step.
+//! host buffers (the fused host attention of f32 flex inference, see [`super::attention`]).
+//! The host form is appended in place, one position at a time into per-head blocks
+//! ([`KvStore`]), instead of concatenating the whole cache into a new tensor every step.
 
+use crate::kernels::attention::{KvRef, KvStore};
 use burn::tensor::{Device, Tensor, TensorData};
 
 /// How the host cache stores keys and values. f32 keeps inference exact against the
@@ -35,96 +35,56 @@ impl std::str::FromStr for KvType {
     }
 }
 
-/// One side (keys or values) of a host cache, in its storage type.
-pub enum KvBuf {
-    F32(Vec<f32>),
-    F16(Vec<half::f16>),
-}
-
-impl KvBuf {
-    fn new(ty: KvType) -> Self {
-        match ty {
-            KvType::F32 => KvBuf::F32(Vec::new()),
-            KvType::F16 => KvBuf::F16(Vec::new()),
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match self {
-            KvBuf::F32(v) => v.len(),
-            KvBuf::F16(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    fn extend(&mut self, x: &[f32]) {
-        match self {
-            KvBuf::F32(v) => v.extend_from_slice(x),
-            KvBuf::F16(v) => {
-                // `half` converts slices with F16C where the CPU has it (one value at a time
-                // in software otherwise), rounding to nearest even either way.
-                use half::slice::HalfFloatSliceExt;
-                let at = v.len();
-                v.resize(at + x.len(), half::f16::ZERO);
-                v[at..].convert_from_f32_slice(x);
-            }
-        }
-    }
-
-    /// The values as f32 (a copy).
-    pub fn to_f32(&self) -> Vec<f32> {
-        match self {
-            KvBuf::F32(v) => v.clone(),
-            KvBuf::F16(v) => {
-                use half::slice::HalfFloatSliceExt;
-                v.to_f32_vec()
-            }
-        }
-    }
-
-    /// The values for [`crate::kernels::attention::cached_attention`].
-    pub fn as_slice(&self) -> crate::kernels::attention::KvSlice<'_> {
-        match self {
-            KvBuf::F32(v) => crate::kernels::attention::KvSlice::F32(v),
-            KvBuf::F16(v) => crate::kernels::attention::KvSlice::F16(v),
-        }
-    }
-}
-
-/// Host keys and values, token-major: row `j` holds position `j`'s `kv_heads·head_dim` values
-/// (head after head).
-pub struct HostKv {
-    pub k: KvBuf,
-    pub v: KvBuf,
-    /// `kv_heads·head_dim`.
-    pub width: usize,
+/// A layer's host keys and values in their storage type ([`KvStore`] keeps the layout cached
+/// attention reads).
+pub enum HostKv {
+    F32(KvStore<f32>),
+    F16(KvStore<half::f16>),
 }
 
 impl HostKv {
     pub fn new(ty: KvType) -> Self {
-        HostKv { k: KvBuf::new(ty), v: KvBuf::new(ty), width: 0 }
+        match ty {
+            KvType::F32 => HostKv::F32(KvStore::new()),
+            KvType::F16 => HostKv::F16(KvStore::new()),
+        }
     }
 
     /// Cached positions.
     pub fn len(&self) -> usize {
-        self.k.len().checked_div(self.width).unwrap_or(0)
+        match self {
+            HostKv::F32(s) => s.len(),
+            HostKv::F16(s) => s.len(),
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
-    /// Appends `t` positions of keys and values, each `[t, width]` row-major (rounded to f16
-    /// in an f16 cache).
-    pub fn append(&mut self, k: &[f32], v: &[f32], width: usize) {
-        assert!(self.width == 0 || self.width == width, "one layer's cache keeps one width");
-        assert_eq!(k.len(), v.len());
-        self.width = width;
-        self.k.extend(k);
-        self.v.extend(v);
+    /// Appends `t` positions of keys and values, each `[t, kv_heads·head_dim]` row-major
+    /// (rounded to f16 in an f16 cache).
+    pub fn append(&mut self, k: &[f32], v: &[f32], kvh: usize, d: usize) {
+        match self {
+            HostKv::F32(s) => s.append(k, v, kvh, d),
+            HostKv::F16(s) => s.append(k, v, kvh, d),
+        }
+    }
+
+    /// Keys and values as f32 rows `[len, kv_heads·head_dim]` (copies).
+    pub fn rows(&self) -> (Vec<f32>, Vec<f32>) {
+        match self {
+            HostKv::F32(s) => s.rows(),
+            HostKv::F16(s) => s.rows(),
+        }
+    }
+
+    /// The cache for [`crate::kernels::attention::cached_attention`].
+    pub fn as_ref(&self) -> KvRef<'_> {
+        match self {
+            HostKv::F32(s) => KvRef::F32(s),
+            HostKv::F16(s) => KvRef::F16(s),
+        }
     }
 }
 
@@ -168,7 +128,7 @@ impl LayerCache {
                 return None;
             };
             let mut h = HostKv::new(self.ty);
-            h.append(&hk, &hv, kvh * d);
+            h.append(&hk, &hv, kvh, d);
             self.host = Some(h);
         }
         let ty = self.ty;
@@ -179,13 +139,15 @@ impl LayerCache {
 /// Host rows back to `[1, kv_heads, T, head_dim]` tensors (in `like`'s dtype), for a composed
 /// call after fused ones.
 fn host_to_tensors(h: &HostKv, kvh: usize, device: &Device, like: &Tensor<4>) -> (Tensor<4>, Tensor<4>) {
-    let (t, d) = (h.len(), h.width / kvh);
-    let mk = |v: &[f32]| {
-        let x: Tensor<4> = Tensor::from_data(TensorData::new(v.to_vec(), [1, t, kvh, d]), device);
+    let t = h.len();
+    let (k, v) = h.rows();
+    let d = k.len() / (t * kvh);
+    let mk = |v: Vec<f32>| {
+        let x: Tensor<4> = Tensor::from_data(TensorData::new(v, [1, t, kvh, d]), device);
         let x = x.swap_dims(1, 2);
         if like.dtype() != x.dtype() { x.cast(crate::kernels::float_dtype(like.dtype())) } else { x }
     };
-    (mk(&h.k.to_f32()), mk(&h.v.to_f32()))
+    (mk(k), mk(v))
 }
 
 pub struct KvCache {
@@ -247,15 +209,16 @@ mod tests {
         let v: Vec<f32> = k.iter().map(|x| -x * 0.5).collect();
         for ty in [KvType::F32, KvType::F16] {
             let mut h = HostKv::new(ty);
-            h.append(&k[..24], &v[..24], 24);
-            h.append(&k[24..], &v[24..], 24);
+            h.append(&k[..24], &v[..24], 2, 12);
+            h.append(&k[24..], &v[24..], 2, 12);
             assert_eq!(h.len(), 2);
             let want: Vec<f32> = match ty {
                 KvType::F32 => k.clone(),
                 KvType::F16 => k.iter().map(|&x| half::f16::from_f32(x).to_f32()).collect(),
             };
-            assert_eq!(h.k.to_f32(), want, "{ty:?}");
-            assert!(matches!((ty, h.v.as_slice()), (KvType::F32, crate::kernels::attention::KvSlice::F32(_)) | (KvType::F16, crate::kernels::attention::KvSlice::F16(_))));
+            let wantv: Vec<f32> = want.iter().map(|x| -x * 0.5).collect();
+            assert_eq!(h.rows(), (want, wantv), "{ty:?}");
+            assert!(matches!((ty, h.as_ref()), (KvType::F32, KvRef::F32(_)) | (KvType::F16, KvRef::F16(_))));
         }
         assert_eq!("f16".parse::<KvType>().unwrap(), KvType::F16);
         assert_eq!("f32".parse::<KvType>().unwrap(), KvType::F32);
