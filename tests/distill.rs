@@ -284,6 +284,8 @@ mod chain_distillation {
     use burn::tensor::{Int, Tensor, TensorData};
     use linly_lora::lora::{self, adapter::linears_mut, set_table_modes, LoraInit, LoraSettings, TableMode};
     use linly_lora::train::chain_teacher::ChainTeacher;
+    use linly_lora::train::recipe::TeacherWeights;
+    use linly_lora::train::teacher::BaseModel;
     use linly_lora::train::optim::{AdamW, AdamWConfig};
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, MicroBatch, StepHparams};
@@ -341,7 +343,8 @@ mod chain_distillation {
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let row = new_tok.iter().find(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).unwrap()[..20].to_vec();
         let labels = vec![row.iter().map(|&x| x as i64).collect::<Vec<_>>()];
-        let ct = teacher.targets(&mut student, std::slice::from_ref(&row), &labels, &[1.0], &device).unwrap();
+        let base = BaseModel::new(&student, 320, TeacherWeights::Dense, &device).unwrap();
+        let ct = teacher.targets(&base, std::slice::from_ref(&row), &labels, &[1.0]).unwrap();
         let v = ext.new_vocab;
         assert_eq!(ct.dims, [1, 19, v]);
         // The base (no LoRA) reading the old expansion, computed here independently.
@@ -379,6 +382,33 @@ mod chain_distillation {
         assert!(linears_mut(&mut student).into_iter().any(|(_, l)| !l.lora.is_empty()));
     }
 
+    /// The Q8_0 teacher (`[train] teacher = "q8_0"`, the CPU default) really runs quantized
+    /// projections and reads the base's targets within quantization rounding; the snapshot
+    /// leaves the student's LoRA branches in place and keeps none of them itself.
+    #[test]
+    fn teacher_q8_0_is_the_base_within_rounding() {
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let mut student = resized.clone();
+        with_lora(&mut student, &device, true);
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
+        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let exact = BaseModel::new(&student, 320, TeacherWeights::Dense, &device).unwrap();
+        let q8 = BaseModel::new(&student, 320, TeacherWeights::Q8_0, &device).unwrap();
+        let auto = BaseModel::new(&student, 320, TeacherWeights::Auto, &device).unwrap();
+        assert!(!exact.quantized() && q8.quantized() && auto.quantized(), "auto quantizes f32 weights on the CPU");
+        let (a, b) = (teacher.targets(&exact, &rows, &labels, &[1.0, 1.0]).unwrap(), teacher.targets(&q8, &rows, &labels, &[1.0, 1.0]).unwrap());
+        let diff = a.q.iter().zip(b.q.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let kl: f64 = a.q.chunks(ext.new_vocab).zip(b.q.chunks(ext.new_vocab)).map(|(p, q)| p.iter().zip(q).filter(|(x, _)| **x > 0.0).map(|(&x, &y)| x as f64 * (x as f64 / (y as f64).max(1e-30)).ln()).sum::<f64>()).fold(0.0, f64::max);
+        eprintln!("q8_0 teacher: max |Δq| {diff:.2e}, max KL {kl:.2e} nats");
+        assert!(diff > 0.0, "the quantized teacher must differ somewhere");
+        // The fixture is sharpened (peaked distributions), where rounding moves mass the most;
+        // a misplaced row or block would cost nats, not thousandths.
+        assert!(diff < 5e-2 && kl < 5e-3, "max |Δq| {diff}, KL {kl}");
+        assert!(linears_mut(&mut student).into_iter().any(|(_, l)| !l.lora.is_empty()));
+    }
+
     #[test]
     fn refitted_first_subtoken_rows_are_read_at_their_base_values() {
         // After `--init distill` moved some old head rows, the model with LoRA off is not the
@@ -400,9 +430,10 @@ mod chain_distillation {
         let texts: Vec<&[u32]> = new_tok.iter().map(Vec::as_slice).collect();
         let row = vec![new_tok.iter().find(|s| s.len() >= 20).unwrap()[..20].to_vec()];
         let labels: Vec<Vec<i64>> = row.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
-        let want = ChainTeacher::new(ext.clone(), &texts).targets(&mut resized.clone(), &row, &labels, &[1.0], &device).unwrap();
-        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&mut refitted.clone(), &row, &labels, &[1.0], &device).unwrap();
-        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&mut refitted, &row, &labels, &[1.0], &device).unwrap();
+        let base = |m: &Llama| BaseModel::new(m, 320, TeacherWeights::Dense, &device).unwrap();
+        let want = ChainTeacher::new(ext.clone(), &texts).targets(&base(&resized), &row, &labels, &[1.0]).unwrap();
+        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&base(&refitted), &row, &labels, &[1.0]).unwrap();
+        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&base(&refitted), &row, &labels, &[1.0]).unwrap();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff(&fixed.q, &want.q) < 1e-5, "with the base's values: max diff {}", diff(&fixed.q, &want.q));
         assert!(diff(&plain.q, &want.q) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain.q, &want.q));
@@ -422,13 +453,14 @@ mod chain_distillation {
             with_lora(&mut m, &device, false);
             set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
             let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+            let base = BaseModel::new(&m, 320, TeacherWeights::Dense, &device).unwrap();
             for step in 0..24 {
                 let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
                 let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
                 let mut mb = MicroBatch::new(rows.clone(), labels);
                 if weight > 0.0 {
                     mb.chain_distill = vec![weight; 2];
-                    mb.chain = Some(Arc::new(teacher.targets(&mut m, &rows, &mb.labels, &mb.chain_distill, &device).unwrap()));
+                    mb.chain = Some(Arc::new(teacher.targets(&base, &rows, &mb.labels, &mb.chain_distill).unwrap()));
                 }
                 let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, &device).unwrap();
                 assert_eq!(out.chain_distill.is_some(), weight > 0.0);

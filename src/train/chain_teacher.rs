@@ -7,19 +7,17 @@
 //! sub-tokens' probabilities, [`crate::vocab::chain`]). Training against that distribution
 //! gives every new row a target at every position, where the labels give one.
 //!
-//! The teacher is the same weights with the LoRA branches off, reading the row's old-token
-//! expansion: on old ids the new input rows are never read, and the old head rows are the
-//! base's as long as training keeps them (tables `new_rows` or `frozen`). A head whose first
-//! sub-token rows were refitted by `vocab resize --init distill` gets those rows' base values
-//! back for the teacher ([`ChainTeacher::with_base_head_rows`]).
+//! The teacher is the base ([`BaseModel`]: the frozen weights without LoRA branches or new
+//! rows, snapshotted when training starts) reading the row's old-token expansion. A head whose
+//! first sub-token rows were refitted by `vocab resize --init distill` gets those rows' base
+//! values back for the teacher ([`ChainTeacher::with_base_head_rows`]).
 
-use super::step::without_lora;
-use crate::model::Llama;
+use super::teacher::BaseModel;
 use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
 use crate::vocab::VocabExtension;
 use anyhow::{ensure, Context, Result};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 /// The extension's trie, with its conditionals counted on the training text.
@@ -73,10 +71,9 @@ impl ChainTeacher {
     /// The base's distribution over the extended vocabulary after each position of each row in
     /// `rows` with a positive `weight` (other rows get zeros and cost nothing); `labels` are the
     /// rows' labels (−100: no loss), which say where the KL counts.
-    pub fn targets(&self, model: &mut Llama, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32], device: &Device) -> Result<ChainTargets> {
+    pub fn targets(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32]) -> Result<ChainTargets> {
         let (b, t) = (rows.len(), rows[0].len());
         let v = self.ext.new_vocab;
-        ensure!(model.vocab_size() == v, "chain_distill: the model has {} rows but the extension {}", model.vocab_size(), v);
         let old = self.ext.old_vocab;
         let n = t.saturating_sub(1);
         let mut q = vec![0f32; b * n * v];
@@ -88,7 +85,7 @@ impl ChainTeacher {
                 continue;
             }
             let ctx = expand(&rows[r], &self.ext).with_context(|| format!("chain_distill: a row holds a new piece without sub-tokens (the extension {} lists none for it)", self.ext.old_vocab))?;
-            let probs = self.teacher_probs(model, &ctx.old_ids, device)?;
+            let probs = self.teacher_probs(base, &ctx.old_ids)?;
             let mut cd = ChainData::default();
             cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
             let positions: Vec<usize> = (0..n).collect();
@@ -120,25 +117,16 @@ impl ChainTeacher {
         Ok(ChainTargets { q: std::sync::Arc::new(q), dims: [b, n, v], neg_entropy })
     }
 
-    /// The base's next-token distribution over the old vocabulary at each old position.
-    ///
-    /// The pass records no graph (the embeddings are detached and every branch is off) and
-    /// projects onto the frozen head rows only; the softmax runs on the host, where the targets
-    /// are built, in one pass per position.
-    fn teacher_probs(&self, model: &mut Llama, old_ids: &[u32], device: &Device) -> Result<Vec<f32>> {
-        let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
-        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), device);
+    /// The base's next-token distribution over the old vocabulary at each old position (the
+    /// softmax runs on the host, where the targets are built, in one pass per position).
+    fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<Vec<f32>> {
         let old = self.ext.old_vocab;
-        let t = old_ids.len();
         let f32 = burn::tensor::FloatDType::F32;
         let read = |x: Tensor<3>| x.cast(f32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"));
-        let (logits, fixed) = without_lora(model, |m| {
-            let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids).detach(), None).detach();
-            let head = m.lm_head.as_ref().unwrap_or(&m.embed_tokens);
-            let fixed = self.base_rows.as_ref().map(|(_, values)| h.clone().cast(f32).matmul(values.clone().cast(f32).transpose().unsqueeze::<3>()));
-            let logits = head.project_base(h);
-            let v = logits.dims()[2];
-            (logits.slice([0..1, 0..t, 0..old.min(v)]), fixed)
+        let (h, logits) = base.forward(old_ids);
+        let fixed = self.base_rows.as_ref().map(|(_, values)| {
+            let values: Tensor<2> = Tensor::from_data(values.to_data(), base.device());
+            h.matmul(values.cast(f32).transpose().unsqueeze::<3>())
         });
         let v = logits.dims()[2];
         ensure!(v == old, "chain_distill: the model's frozen head holds {v} rows, the extension's old vocabulary {old}: train with `new_rows` or `frozen` tables");

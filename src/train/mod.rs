@@ -13,3 +13,4 @@ pub mod run;
 pub mod scaler;
 pub mod schedule;
 pub mod step;
+pub mod teacher;

@@ -182,6 +182,23 @@ pub struct TrainSection {
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
+    /// How the distillation teacher (the base model `chain_distill` reads) holds its weights.
+    pub teacher: TeacherWeights,
+}
+
+/// `[train] teacher`: the weights of the base model that `chain_distill` reads (see
+/// [`super::teacher`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TeacherWeights {
+    /// `q8_0` where the frozen weights are f32 on the CPU, `dense` elsewhere.
+    #[default]
+    Auto,
+    /// The frozen weights as they are: the exact base.
+    Dense,
+    /// Every projection and the old vocabulary rows in Q8_0, run by the quantized kernels.
+    #[serde(rename = "q8_0")]
+    Q8_0,
 }
 
 impl Default for TrainSection {
@@ -198,6 +215,7 @@ impl Default for TrainSection {
             weight_decay: 0.01,
             max_grad_norm: 1.0,
             seed: 42,
+            teacher: TeacherWeights::Auto,
         }
     }
 }

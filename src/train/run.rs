@@ -2,6 +2,7 @@
 //! mixer, and runs the stages, writing metrics, checkpoints and the final adapter.
 
 use super::chain_teacher::ChainTeacher;
+use super::teacher::BaseModel;
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::recipe::{Recipe, Stage};
@@ -13,7 +14,7 @@ use crate::lora::save::TableSave;
 use crate::lora::{self, set_table_modes, TableMode};
 use crate::model::Llama;
 use crate::vocab::VocabExtension;
-use anyhow::{bail, Context, Result};
+use anyhow::{bail, ensure, Context, Result};
 use burn::module::Param;
 use serde::Serialize;
 use std::io::Write;
@@ -309,13 +310,17 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             })
             .collect();
         let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
-        let teacher = ChainTeacher::new(VocabExtension::load(ext_path)?, &refs);
-        if head_moved.is_empty() {
-            Some(teacher)
+        let ext = VocabExtension::load(ext_path)?;
+        ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
+        let teacher = ChainTeacher::new(ext, &refs);
+        let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
+        let teacher = if head_moved.is_empty() {
+            teacher
         } else {
-            let base = refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?;
-            Some(teacher.with_base_head_rows(head_moved.clone(), base))
-        }
+            let values = refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?;
+            teacher.with_base_head_rows(head_moved.clone(), values)
+        };
+        Some((teacher, base))
     } else {
         None
     };
@@ -385,9 +390,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let self_distill_renormalize: Vec<bool> = b.source_of_row.iter().map(|&s| distill_renorm[s]).collect();
             let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
             let chain = match &chain_teacher {
-                Some(t) if chain_distill.iter().any(|&w| w > 0.0) => {
+                Some((t, base)) if chain_distill.iter().any(|&w| w > 0.0) => {
                     let t0 = Instant::now();
-                    let targets = t.targets(&mut model, &b.input_ids, &b.labels, &chain_distill, &device)?;
+                    let targets = t.targets(base, &b.input_ids, &b.labels, &chain_distill)?;
                     teacher_s += t0.elapsed().as_secs_f64();
                     Some(Arc::new(targets))
                 }

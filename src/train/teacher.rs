@@ -1,0 +1,108 @@
+//! The base model that cross-tokenizer distillation reads (`[[data]] chain_distill`): a
+//! snapshot of the training model's frozen weights with every LoRA branch and every new
+//! vocabulary row left out, on the plain (non-autodiff) device.
+//!
+//! It reads every Chinese row a second time in the old tokenization, 2.3× as many tokens as
+//! the row, so on the CPU it was most of a step's time (1.6–2.4 s of a row against ~3 s for
+//! the step itself). `[train] teacher` says how its weights are held:
+//! - `q8_0` (the default on the CPU): every projection and the old vocabulary rows quantized to
+//!   Q8_0 once, when training starts, so that the pass runs in the quantized kernels that
+//!   inference uses, at prompt speed instead of the f32 GEMM's;
+//! - `dense`: the frozen weights as they are (the default on a GPU, where the quantized
+//!   kernels do not run), so the targets are the exact base's.
+//!
+//! Q8_0 keeps a block's 32 values to 8 bits under one scale, about what llama.cpp's Q8_0
+//! costs in perplexity (nothing measurable on SmolLM2). On the sharpened tiny fixture the
+//! targets move by 2.5e-2 at most per probability (2e-3 nats of KL;
+//! `teacher_q8_0_is_the_base_within_rounding` in `tests/distill.rs`); the quickstart trained
+//! against it ends at the dense teacher's validation figures to the third digit
+//! (BENCHMARKS.md, "A Q8_0 teacher").
+
+use super::recipe::TeacherWeights;
+use crate::ggml::{QType, QuantMatrix};
+use crate::model::linear::Frozen;
+use crate::model::{Llama, TokenTable};
+use anyhow::{Context, Result};
+use burn::module::Module;
+use burn::tensor::{Device, FloatDType, Int, Tensor, TensorData};
+
+/// The base model of the distillation terms (see the module documentation).
+pub struct BaseModel {
+    model: Llama,
+    device: Device,
+    quantized: bool,
+}
+
+impl BaseModel {
+    /// Takes the snapshot of `model` (on the training device `device`) in the form `weights`
+    /// asks for; `Auto` quantizes where the frozen weights are f32 on the CPU. The token tables
+    /// keep their first `old_vocab` rows, the base's.
+    pub fn new(model: &Llama, old_vocab: usize, weights: TeacherWeights, device: &Device) -> Result<Self> {
+        let inner = device.clone().inner();
+        let mut m = model.valid();
+        for layer in &mut m.layers {
+            for (_, lin) in layer.projections_mut() {
+                lin.lora.clear();
+                lin.tap = None;
+            }
+        }
+        let on_cpu_f32 = m.layers.first().and_then(|l| l.projections()[0].1.weight.as_dense()).is_some_and(|p| crate::kernels::flex_f32(&p.val()).is_some());
+        let quantized = match weights {
+            TeacherWeights::Auto => on_cpu_f32,
+            TeacherWeights::Dense => false,
+            TeacherWeights::Q8_0 => true,
+        };
+        let q8 = |w: Tensor<2>, what: &str| -> Result<Frozen> {
+            let [r, c] = w.dims();
+            let v = w.cast(FloatDType::F32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {what}: {e:?}"))?;
+            let q = QuantMatrix::quantize(QType::Q8_0, r, c, &v).with_context(|| format!("quantizing {what} [{r}, {c}] to Q8_0 for the distillation teacher (use `[train] teacher = \"dense\"`)"))?;
+            Ok(Frozen::quant(q, &inner))
+        };
+        // The old rows only: the teacher reads old ids, and its head is the frozen part.
+        let old_rows = |t: &TokenTable| -> Result<TokenTable> {
+            if t.quant.is_some() {
+                return Ok(t.clone());
+            }
+            let [rows, hidden] = t.base.val().dims();
+            anyhow::ensure!(rows >= old_vocab, "the token table's frozen part holds {rows} rows, fewer than the base vocabulary's {old_vocab}");
+            let base = t.base.val().slice([0..old_vocab, 0..hidden]);
+            Ok(if quantized && hidden.is_multiple_of(QType::Q8_0.block()) { TokenTable::from_frozen(q8(base, "the token table")?) } else { TokenTable::from_frozen(Frozen::dense(base)) })
+        };
+        m.embed_tokens = old_rows(&m.embed_tokens)?;
+        m.lm_head = m.lm_head.as_ref().map(old_rows).transpose()?;
+        if quantized {
+            for (i, layer) in m.layers.iter_mut().enumerate() {
+                for (name, lin) in layer.projections_mut() {
+                    // Rows must be whole 32-value blocks; a narrower projection stays dense.
+                    if let Frozen::Dense(p) = &lin.weight {
+                        if p.val().dims()[1].is_multiple_of(QType::Q8_0.block()) {
+                            lin.weight = q8(p.val(), &format!("layer {i} {name}"))?;
+                        }
+                    }
+                }
+            }
+        }
+        Ok(BaseModel { model: m, device: inner, quantized })
+    }
+
+    /// Whether the projections run in Q8_0.
+    pub fn quantized(&self) -> bool {
+        self.quantized
+    }
+
+    /// The base's final hidden states `[1, T, hidden]` over old ids, and its logits over the
+    /// old vocabulary `[1, T, old rows]`, both f32 on the plain device.
+    pub fn forward(&self, old_ids: &[u32]) -> (Tensor<3>, Tensor<3>) {
+        let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), &self.device);
+        let m = &self.model;
+        let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids), None).cast(FloatDType::F32);
+        let logits = m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h.clone());
+        (h, logits.cast(FloatDType::F32))
+    }
+
+    /// The plain device the snapshot lives on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+}
