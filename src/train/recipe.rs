@@ -183,6 +183,9 @@ pub struct TrainSection {
     pub max_grad_norm: f64,
     pub seed: u64,
     /// How the distillation teacher (the base model `chain_distill` reads) holds its weights.
+    /// Left out of the serialized recipe when `auto`, so that checkpoints written before the
+    /// key existed still resume (the resume check hashes the serialized recipe).
+    #[serde(skip_serializing_if = "TeacherWeights::is_auto")]
     pub teacher: TeacherWeights,
 }
 
@@ -199,6 +202,12 @@ pub enum TeacherWeights {
     /// Every projection and the old vocabulary rows in Q8_0, run by the quantized kernels.
     #[serde(rename = "q8_0")]
     Q8_0,
+}
+
+impl TeacherWeights {
+    fn is_auto(&self) -> bool {
+        *self == TeacherWeights::Auto
+    }
 }
 
 impl Default for TrainSection {
@@ -647,6 +656,12 @@ mod tests {
             let v: VocabSection = toml::from_str(&format!("init = \"{m}\"")).unwrap();
             assert_eq!(v.init, m);
         }
+        for (text, want) in [("auto", TeacherWeights::Auto), ("dense", TeacherWeights::Dense), ("q8_0", TeacherWeights::Q8_0)] {
+            let t: TrainSection = toml::from_str(&format!("teacher = \"{text}\"")).unwrap();
+            assert_eq!(t.teacher, want);
+            // `auto` is not written, so the hash of a recipe without the key is unchanged.
+            assert_eq!(serde_json::to_value(&t).unwrap().get("teacher").and_then(|v| v.as_str()), (want != TeacherWeights::Auto).then_some(text));
+        }
         let t: TrainableSection = toml::from_str("embed_tokens = \"new_rows\"").unwrap();
         assert_eq!((t.embed_tokens, t.lm_head), (TableMode::NewRows, TableMode::All));
         for (text, want) in [
@@ -656,6 +671,7 @@ mod tests {
             ("[lora]\ninit = \"xavier\"", "gaussian"),
             ("[trainable]\nlm_head = \"some\"", "new_rows"),
             ("[vocab]\ninit = \"zeros\"", "distill-head"),
+            ("[train]\nteacher = \"q4_0\"", "q8_0"),
         ] {
             let e = toml::from_str::<Recipe>(&format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n{text}")).unwrap_err().to_string();
             let line = text.lines().last().unwrap();
