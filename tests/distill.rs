@@ -343,7 +343,7 @@ mod chain_distillation {
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let row = new_tok.iter().find(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).unwrap()[..20].to_vec();
         let labels = vec![row.iter().map(|&x| x as i64).collect::<Vec<_>>()];
-        let base = BaseModel::new(&student, 320, TeacherWeights::Dense, &device).unwrap();
+        let base = BaseModel::new(&student, 320, TeacherWeights::Dense, None, &device).unwrap();
         let ct = teacher.targets(&base, std::slice::from_ref(&row), &labels, &[1.0]).unwrap();
         let v = ext.new_vocab;
         assert_eq!(ct.dims, [1, 19, v]);
@@ -394,9 +394,9 @@ mod chain_distillation {
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
         let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
         let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
-        let exact = BaseModel::new(&student, 320, TeacherWeights::Dense, &device).unwrap();
-        let q8 = BaseModel::new(&student, 320, TeacherWeights::Q8_0, &device).unwrap();
-        let auto = BaseModel::new(&student, 320, TeacherWeights::Auto, &device).unwrap();
+        let exact = BaseModel::new(&student, 320, TeacherWeights::Dense, None, &device).unwrap();
+        let q8 = BaseModel::new(&student, 320, TeacherWeights::Q8_0, None, &device).unwrap();
+        let auto = BaseModel::new(&student, 320, TeacherWeights::Auto, None, &device).unwrap();
         assert!(!exact.quantized() && q8.quantized() && auto.quantized(), "auto quantizes f32 weights on the CPU");
         let (a, b) = (teacher.targets(&exact, &rows, &labels, &[1.0, 1.0]).unwrap(), teacher.targets(&q8, &rows, &labels, &[1.0, 1.0]).unwrap());
         let diff = a.q.iter().zip(b.q.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
@@ -430,10 +430,11 @@ mod chain_distillation {
         let texts: Vec<&[u32]> = new_tok.iter().map(Vec::as_slice).collect();
         let row = vec![new_tok.iter().find(|s| s.len() >= 20).unwrap()[..20].to_vec()];
         let labels: Vec<Vec<i64>> = row.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
-        let base = |m: &Llama| BaseModel::new(m, 320, TeacherWeights::Dense, &device).unwrap();
-        let want = ChainTeacher::new(ext.clone(), &texts).targets(&base(&resized), &row, &labels, &[1.0]).unwrap();
-        let plain = ChainTeacher::new(ext.clone(), &texts).targets(&base(&refitted), &row, &labels, &[1.0]).unwrap();
-        let fixed = ChainTeacher::new(ext.clone(), &texts).with_base_head_rows(moved, base_vals).targets(&base(&refitted), &row, &labels, &[1.0]).unwrap();
+        let base = |m: &Llama, refit| BaseModel::new(m, 320, TeacherWeights::Dense, refit, &device).unwrap();
+        let teacher = ChainTeacher::new(ext.clone(), &texts);
+        let want = teacher.targets(&base(&resized, None), &row, &labels, &[1.0]).unwrap();
+        let plain = teacher.targets(&base(&refitted, None), &row, &labels, &[1.0]).unwrap();
+        let fixed = teacher.targets(&base(&refitted, Some((&moved, &base_vals))), &row, &labels, &[1.0]).unwrap();
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff(&fixed.q, &want.q) < 1e-5, "with the base's values: max diff {}", diff(&fixed.q, &want.q));
         assert!(diff(&plain.q, &want.q) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain.q, &want.q));
@@ -453,7 +454,7 @@ mod chain_distillation {
             with_lora(&mut m, &device, false);
             set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
             let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
-            let base = BaseModel::new(&m, 320, TeacherWeights::Dense, &device).unwrap();
+            let base = BaseModel::new(&m, 320, TeacherWeights::Dense, None, &device).unwrap();
             for step in 0..24 {
                 let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
                 let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();

@@ -8,16 +8,14 @@
 //! gives every new row a target at every position, where the labels give one.
 //!
 //! The teacher is the base ([`BaseModel`]: the frozen weights without LoRA branches or new
-//! rows, snapshotted when training starts) reading the row's old-token expansion. A head whose
-//! first sub-token rows were refitted by `vocab resize --init distill` gets those rows' base
-//! values back for the teacher ([`ChainTeacher::with_base_head_rows`]).
+//! rows, snapshotted when training starts, with the base's values of any head rows that
+//! `vocab resize --init distill` refitted) reading the row's old-token expansion.
 
 use super::teacher::BaseModel;
 use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
 use crate::vocab::VocabExtension;
 use anyhow::{ensure, Context, Result};
-use burn::tensor::Tensor;
 use rayon::prelude::*;
 
 /// The extension's trie, with its conditionals counted on the training text.
@@ -26,8 +24,6 @@ pub struct ChainTeacher {
     trie: Trie,
     /// The old token of each of the trie's roots (their target is what stays on them).
     roots: Vec<u32>,
-    /// Old head rows the model holds refitted values for, and the base's values `[n, hidden]`.
-    base_rows: Option<(Vec<usize>, Tensor<2>)>,
 }
 
 /// Dense soft targets for one micro-batch: `[B, T−1, V]` row-major (position `t` of a row
@@ -54,14 +50,7 @@ impl ChainTeacher {
         let refs: Vec<&[u32]> = expanded.iter().map(Vec::as_slice).collect();
         trie.count(&refs);
         let roots = trie.root_tokens();
-        ChainTeacher { ext, trie, roots, base_rows: None }
-    }
-
-    /// The base's values of old head rows that the model holds refitted (`rows`, `[n, hidden]`),
-    /// so that the teacher reads the base's distribution there.
-    pub fn with_base_head_rows(mut self, rows: Vec<usize>, values: Tensor<2>) -> Self {
-        self.base_rows = (!rows.is_empty()).then_some((rows, values));
-        self
+        ChainTeacher { ext, trie, roots }
     }
 
     pub fn old_vocab(&self) -> usize {
@@ -121,25 +110,8 @@ impl ChainTeacher {
     /// softmax runs on the host, where the targets are built, in one pass per position).
     fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<Vec<f32>> {
         let old = self.ext.old_vocab;
-        let f32 = burn::tensor::FloatDType::F32;
-        let read = |x: Tensor<3>| x.cast(f32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"));
-        let (h, logits) = base.forward(old_ids);
-        let fixed = self.base_rows.as_ref().map(|(_, values)| {
-            let values: Tensor<2> = Tensor::from_data(values.to_data(), base.device());
-            h.matmul(values.cast(f32).transpose().unsqueeze::<3>())
-        });
-        let v = logits.dims()[2];
-        ensure!(v == old, "chain_distill: the model's frozen head holds {v} rows, the extension's old vocabulary {old}: train with `new_rows` or `frozen` tables");
-        let mut l = read(logits)?;
-        if let (Some((rows, _)), Some(fixed)) = (&self.base_rows, fixed) {
-            // Refitted rows: their logits come from the base's values of those rows.
-            let fixed = read(fixed)?;
-            for (row, fx) in l.chunks_mut(old).zip(fixed.chunks(rows.len())) {
-                for (&r, &v) in rows.iter().zip(fx) {
-                    row[r] = v;
-                }
-            }
-        }
+        let mut l = base.logits(old_ids).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"))?;
+        ensure!(l.len() == old_ids.len() * old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", l.len() / old_ids.len().max(1));
         l.par_chunks_mut(old).for_each(softmax_in_place);
         Ok(l)
     }

@@ -313,13 +313,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let ext = VocabExtension::load(ext_path)?;
         ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
         let teacher = ChainTeacher::new(ext, &refs);
-        let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
-        let teacher = if head_moved.is_empty() {
-            teacher
-        } else {
-            let values = refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?;
-            teacher.with_base_head_rows(head_moved.clone(), values)
-        };
+        let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
+        let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved.as_slice(), v)), &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
         Some((teacher, base))
     } else {
         None

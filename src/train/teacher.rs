@@ -36,8 +36,10 @@ pub struct BaseModel {
 impl BaseModel {
     /// Takes the snapshot of `model` (on the training device `device`) in the form `weights`
     /// asks for; `Auto` quantizes where the frozen weights are f32 on the CPU. The token tables
-    /// keep their first `old_vocab` rows, the base's.
-    pub fn new(model: &Llama, old_vocab: usize, weights: TeacherWeights, device: &Device) -> Result<Self> {
+    /// keep their first `old_vocab` rows, the base's. `refitted`: old head rows that `vocab
+    /// resize --init distill` refitted in `model`, and the base's values of them `[n, hidden]`,
+    /// which the snapshot's head takes back, so that it is the base there too.
+    pub fn new(model: &Llama, old_vocab: usize, weights: TeacherWeights, refitted: Option<(&[usize], &Tensor<2>)>, device: &Device) -> Result<Self> {
         let inner = device.clone().inner();
         let mut m = model.valid();
         for layer in &mut m.layers {
@@ -59,17 +61,24 @@ impl BaseModel {
             Ok(Frozen::quant(q, &inner))
         };
         // The old rows only: the teacher reads old ids, and its head is the frozen part.
-        let old_rows = |t: &TokenTable| -> Result<TokenTable> {
+        let old_rows = |t: &TokenTable, head: bool| -> Result<TokenTable> {
+            let refit = refitted.filter(|_| head);
             if t.quant.is_some() {
+                anyhow::ensure!(refit.is_none(), "refitted head rows in a quantized table: train on the f32 model");
                 return Ok(t.clone());
             }
             let [rows, hidden] = t.base.val().dims();
             anyhow::ensure!(rows >= old_vocab, "the token table's frozen part holds {rows} rows, fewer than the base vocabulary's {old_vocab}");
-            let base = t.base.val().slice([0..old_vocab, 0..hidden]);
+            let mut base = t.base.val().slice([0..old_vocab, 0..hidden]);
+            if let Some((ids, values)) = refit {
+                base = with_rows(base, ids, values)?;
+            }
             Ok(if quantized && hidden.is_multiple_of(QType::Q8_0.block()) { TokenTable::from_frozen(q8(base, "the token table")?) } else { TokenTable::from_frozen(Frozen::dense(base)) })
         };
-        m.embed_tokens = old_rows(&m.embed_tokens)?;
-        m.lm_head = m.lm_head.as_ref().map(old_rows).transpose()?;
+        // A tied table is the head too.
+        let tied = m.lm_head.is_none();
+        m.embed_tokens = old_rows(&m.embed_tokens, tied)?;
+        m.lm_head = m.lm_head.as_ref().map(|t| old_rows(t, true)).transpose()?;
         if quantized {
             for (i, layer) in m.layers.iter_mut().enumerate() {
                 for (name, lin) in layer.projections_mut() {
@@ -90,19 +99,29 @@ impl BaseModel {
         self.quantized
     }
 
-    /// The base's final hidden states `[1, T, hidden]` over old ids, and its logits over the
-    /// old vocabulary `[1, T, old rows]`, both f32 on the plain device.
-    pub fn forward(&self, old_ids: &[u32]) -> (Tensor<3>, Tensor<3>) {
+    /// The base's logits over the old vocabulary `[1, T, old rows]` after each of `old_ids`,
+    /// f32 on the plain device.
+    pub fn logits(&self, old_ids: &[u32]) -> Tensor<3> {
         let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), &self.device);
         let m = &self.model;
-        let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids), None).cast(FloatDType::F32);
-        let logits = m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h.clone());
-        (h, logits.cast(FloatDType::F32))
+        let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids), None);
+        m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).cast(FloatDType::F32)
     }
+}
 
-    /// The plain device the snapshot lives on.
-    pub fn device(&self) -> &Device {
-        &self.device
+/// `t` `[rows, hidden]` with rows `ids` replaced by `values` `[ids.len(), hidden]` (host copies,
+/// once, when the snapshot is taken), in `t`'s dtype and on its device.
+fn with_rows(t: Tensor<2>, ids: &[usize], values: &Tensor<2>) -> Result<Tensor<2>> {
+    let [rows, hidden] = t.dims();
+    anyhow::ensure!(values.dims() == [ids.len(), hidden], "refitted rows: {} ids but values {:?} for a table of width {hidden}", ids.len(), values.dims());
+    let (dtype, device) = (t.dtype(), t.device());
+    let read = |x: Tensor<2>| x.cast(FloatDType::F32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading a token table: {e:?}"));
+    let (mut host, vals) = (read(t)?, read(values.clone())?);
+    for (&r, v) in ids.iter().zip(vals.chunks_exact(hidden)) {
+        anyhow::ensure!(r < rows, "refitted row {r} is past the base vocabulary's {rows} rows");
+        host[r * hidden..(r + 1) * hidden].copy_from_slice(v);
     }
+    let t: Tensor<2> = Tensor::from_data(TensorData::new(host, [rows, hidden]), &device);
+    Ok(t.cast(crate::kernels::float_dtype(dtype)))
 }
