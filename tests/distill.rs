@@ -347,13 +347,14 @@ mod chain_distillation {
         let ct = teacher.targets(&base, std::slice::from_ref(&row), &labels, &[1.0]).unwrap();
         let v = ext.new_vocab;
         assert_eq!(ct.dims, [1, 19, v]);
+        let ct_q = ct.to_vec().unwrap();
         // The base (no LoRA) reading the old expansion, computed here independently.
         let ctx = expand(&row, &ext).unwrap();
         let base_p = softmax_rows(&t, &ctx.old_ids, &device);
         let roots: std::collections::HashSet<u32> = ext.subtokens.iter().filter(|s| s.len() > 1).map(|s| s[0]).collect();
         let mut checked_pieces = 0;
         for i in 0..19 {
-            let q = &ct.q[i * v..(i + 1) * v];
+            let q = &ct_q[i * v..(i + 1) * v];
             let total: f64 = q.iter().map(|&x| x as f64).sum();
             assert!((total - 1.0).abs() < 1e-4, "position {i}: targets sum to {total}");
             let a = ctx.aligned[i];
@@ -398,15 +399,43 @@ mod chain_distillation {
         let q8 = BaseModel::new(&student, 320, TeacherWeights::Q8_0, None, &device).unwrap();
         let auto = BaseModel::new(&student, 320, TeacherWeights::Auto, None, &device).unwrap();
         assert!(!exact.quantized() && q8.quantized() && auto.quantized(), "auto quantizes f32 weights on the CPU");
-        let (a, b) = (teacher.targets(&exact, &rows, &labels, &[1.0, 1.0]).unwrap(), teacher.targets(&q8, &rows, &labels, &[1.0, 1.0]).unwrap());
-        let diff = a.q.iter().zip(b.q.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        let kl: f64 = a.q.chunks(ext.new_vocab).zip(b.q.chunks(ext.new_vocab)).map(|(p, q)| p.iter().zip(q).filter(|(x, _)| **x > 0.0).map(|(&x, &y)| x as f64 * (x as f64 / (y as f64).max(1e-30)).ln()).sum::<f64>()).fold(0.0, f64::max);
+        let (a, b) = (teacher.targets(&exact, &rows, &labels, &[1.0, 1.0]).unwrap().to_vec().unwrap(), teacher.targets(&q8, &rows, &labels, &[1.0, 1.0]).unwrap().to_vec().unwrap());
+        let diff = a.iter().zip(b.iter()).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        let kl: f64 = a.chunks(ext.new_vocab).zip(b.chunks(ext.new_vocab)).map(|(p, q)| p.iter().zip(q).filter(|(x, _)| **x > 0.0).map(|(&x, &y)| x as f64 * (x as f64 / (y as f64).max(1e-30)).ln()).sum::<f64>()).fold(0.0, f64::max);
         eprintln!("q8_0 teacher: max |Δq| {diff:.2e}, max KL {kl:.2e} nats");
         assert!(diff > 0.0, "the quantized teacher must differ somewhere");
         // The fixture is sharpened (peaked distributions), where rounding moves mass the most;
         // a misplaced row or block would cost nats, not thousandths.
         assert!(diff < 5e-2 && kl < 5e-3, "max |Δq| {diff}, KL {kl}");
         assert!(linears_mut(&mut student).into_iter().any(|(_, l)| !l.lora.is_empty()));
+    }
+
+    /// On a GPU the targets are built where the teacher runs (its softmax and the targets never
+    /// cross the bus); that path gives the host path's targets and entropy within rounding,
+    /// rows without a weight included (zeros).
+    #[test]
+    fn device_targets_equal_host_targets() {
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(3).map(|s| s[..20].to_vec()).collect();
+        let mut labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        labels[0][5] = -100;
+        let base = BaseModel::new(&resized, 320, TeacherWeights::Dense, None, &device).unwrap();
+        // (On the CPU's fused kernels `targets` builds on the host; with
+        // LINLY_LORA_KERNELS=composed both sides take the device path.)
+        let w = [1.0, 0.0, 2.0];
+        let host = teacher.targets(&base, &rows, &labels, &w).unwrap();
+        let dev = teacher.targets_on_device(&base, &rows, &labels, &w).unwrap();
+        assert!(matches!(dev.q, linly_lora::train::chain_teacher::TargetTable::Device(_)));
+        assert_eq!(host.dims, dev.dims);
+        let (a, b) = (host.to_vec().unwrap(), dev.to_vec().unwrap());
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "max |Δq| {diff}");
+        let n = host.dims[1] * host.dims[2];
+        assert!(a[n..2 * n].iter().all(|&x| x == 0.0) && b[n..2 * n].iter().all(|&x| x == 0.0), "a row without weight has no targets");
+        assert!(a[..n].iter().any(|&x| x > 0.0));
+        assert!(host.neg_entropy < 0.0 && (host.neg_entropy - dev.neg_entropy).abs() < 1e-4 * host.neg_entropy.abs(), "{} vs {}", host.neg_entropy, dev.neg_entropy);
     }
 
     #[test]
@@ -432,12 +461,11 @@ mod chain_distillation {
         let labels: Vec<Vec<i64>> = row.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
         let base = |m: &Llama, refit| BaseModel::new(m, 320, TeacherWeights::Dense, refit, &device).unwrap();
         let teacher = ChainTeacher::new(ext.clone(), &texts);
-        let want = teacher.targets(&base(&resized, None), &row, &labels, &[1.0]).unwrap();
-        let plain = teacher.targets(&base(&refitted, None), &row, &labels, &[1.0]).unwrap();
-        let fixed = teacher.targets(&base(&refitted, Some((&moved, &base_vals))), &row, &labels, &[1.0]).unwrap();
+        let q = |m: &Llama, refit| teacher.targets(&base(m, refit), &row, &labels, &[1.0]).unwrap().to_vec().unwrap();
+        let (want, plain, fixed) = (q(&resized, None), q(&refitted, None), q(&refitted, Some((&moved, &base_vals))));
         let diff = |a: &[f32], b: &[f32]| a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
-        assert!(diff(&fixed.q, &want.q) < 1e-5, "with the base's values: max diff {}", diff(&fixed.q, &want.q));
-        assert!(diff(&plain.q, &want.q) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain.q, &want.q));
+        assert!(diff(&fixed, &want) < 1e-5, "with the base's values: max diff {}", diff(&fixed, &want));
+        assert!(diff(&plain, &want) > 1e-3, "the refitted rows must change the plain teacher: max diff {}", diff(&plain, &want));
     }
 
     #[test]

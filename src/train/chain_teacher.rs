@@ -16,6 +16,8 @@ use crate::vocab::chain::{ChainData, Trie};
 use crate::vocab::distill::contexts::expand;
 use crate::vocab::VocabExtension;
 use anyhow::{ensure, Context, Result};
+use burn::tensor::activation::softmax;
+use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
 /// The extension's trie, with its conditionals counted on the training text.
@@ -26,19 +28,40 @@ pub struct ChainTeacher {
     roots: Vec<u32>,
 }
 
-/// Dense soft targets for one micro-batch: `[B, T−1, V]` row-major (position `t` of a row
-/// predicts the token after it), and Σ q·ln q over the weighted positions, so that the loss
-/// reports KL rather than cross-entropy.
+/// Dense soft targets for one micro-batch: `[B, T−1, V]` (position `t` of a row predicts the
+/// token after it), and Σ q·ln q over the weighted positions, so that the loss reports KL
+/// rather than cross-entropy.
 ///
 /// Dense on purpose: every piece's own target is what teaches the rows the labels do not
 /// reach. Keeping the 64 likeliest pieces per position and one bucket for the rest of the mass
 /// ended 0.26 bit/char worse on validation (BENCHMARKS.md, "Cross-tokenizer distillation").
 #[derive(Debug, Clone)]
 pub struct ChainTargets {
-    pub q: std::sync::Arc<Vec<f32>>,
+    pub q: TargetTable,
     pub dims: [usize; 3],
     /// Σ over positions of `weight · Σ_v q ln q` (nats; ≤ 0).
     pub neg_entropy: f64,
+}
+
+/// Where the targets live: on the host for the CPU's fused loss ([`crate::kernels::soft_ce`]
+/// reads them in place), on the teacher's device elsewhere (a GPU), so that neither the base's
+/// distributions nor the targets cross the bus (each is gigabytes per step at 16 × 512).
+#[derive(Debug, Clone)]
+#[allow(clippy::large_enum_variant)] // one per micro-batch; boxing buys nothing
+pub enum TargetTable {
+    Host(std::sync::Arc<Vec<f32>>),
+    /// `[B, T−1, V]` f32 on the teacher's (plain) device.
+    Device(Tensor<3>),
+}
+
+impl ChainTargets {
+    /// The targets on the host, row-major `[B, T−1, V]` (a copy from a device).
+    pub fn to_vec(&self) -> Result<Vec<f32>> {
+        match &self.q {
+            TargetTable::Host(q) => Ok(q.to_vec()),
+            TargetTable::Device(q) => q.clone().try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the chain targets: {e:?}")),
+        }
+    }
 }
 
 impl ChainTeacher {
@@ -59,8 +82,18 @@ impl ChainTeacher {
 
     /// The base's distribution over the extended vocabulary after each position of each row in
     /// `rows` with a positive `weight` (other rows get zeros and cost nothing); `labels` are the
-    /// rows' labels (−100: no loss), which say where the KL counts.
+    /// rows' labels (−100: no loss), which say where the KL counts. Built on the host where the
+    /// teacher runs on the CPU's fused kernels, on the teacher's device elsewhere
+    /// ([`Self::targets_on_device`]).
     pub fn targets(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32]) -> Result<ChainTargets> {
+        if base.on_host() {
+            self.targets_on_host(base, rows, labels, weight)
+        } else {
+            self.targets_on_device(base, rows, labels, weight)
+        }
+    }
+
+    fn targets_on_host(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32]) -> Result<ChainTargets> {
         let (b, t) = (rows.len(), rows[0].len());
         let v = self.ext.new_vocab;
         let old = self.ext.old_vocab;
@@ -73,16 +106,12 @@ impl ChainTeacher {
             if w <= 0.0 || n == 0 {
                 continue;
             }
-            let ctx = expand(&rows[r], &self.ext).with_context(|| format!("chain_distill: a row holds a new piece without sub-tokens (the extension {} lists none for it)", self.ext.old_vocab))?;
+            let ctx = self.expand_row(&rows[r])?;
             let probs = self.teacher_probs(base, &ctx.old_ids)?;
             let mut cd = ChainData::default();
             cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
-            let positions: Vec<usize> = (0..n).collect();
-            let n_new = self.ext.added();
-            let mut new_mass = vec![0f32; n * n_new];
-            let nr = roots.len().max(1);
-            let mut root_mass = vec![0f32; n * nr];
-            cd.targets(&self.trie, &positions, &mut new_mass, Some(&mut root_mass));
+            let (new_mass, root_mass) = self.trie_mass(&cd, n);
+            let (n_new, nr) = (self.ext.added(), roots.len().max(1));
             let xlnx = |x: f32| if x > 0.0 { x as f64 * (x as f64).ln() } else { 0.0 };
             let row_q = &mut q[r * n * v..(r + 1) * n * v];
             neg_entropy += row_q
@@ -103,7 +132,97 @@ impl ChainTeacher {
                 })
                 .sum::<f64>();
         }
-        Ok(ChainTargets { q: std::sync::Arc::new(q), dims: [b, n, v], neg_entropy })
+        Ok(ChainTargets { q: TargetTable::Host(std::sync::Arc::new(q)), dims: [b, n, v], neg_entropy })
+    }
+
+    /// [`Self::targets`] built on the teacher's device: the base's softmax stays there, only the
+    /// few probabilities the trie reads come to the host (the roots' and the path's, a few
+    /// hundred per position), and the new pieces' mass goes back (`T−1` rows of the added
+    /// pieces). The same values as the host path within float rounding (a test compares them);
+    /// the CPU uses it only in tests.
+    pub fn targets_on_device(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32]) -> Result<ChainTargets> {
+        let (b, t) = (rows.len(), rows[0].len());
+        let (v, old, n_new) = (self.ext.new_vocab, self.ext.old_vocab, self.ext.added());
+        let n = t.saturating_sub(1);
+        let device = base.device().clone();
+        let nr = self.roots.len();
+        let root_cols: Option<Tensor<2, Int>> = (nr > 0).then(|| Tensor::from_data(TensorData::new(self.roots.iter().map(|&r| r as i64).collect::<Vec<_>>(), [1, nr]), &device));
+        // 0 on the roots' columns, whose mass the trie gives, 1 elsewhere.
+        let mut keep = vec![1f32; old];
+        for &r in &self.roots {
+            keep[r as usize] = 0.0;
+        }
+        let keep: Tensor<2> = Tensor::from_data(TensorData::new(keep, [1, old]), &device);
+        let mut parts = Vec::with_capacity(b);
+        let mut entropy: Option<Tensor<1>> = None;
+        for r in 0..b {
+            let w = weight.get(r).copied().unwrap_or(0.0);
+            if w <= 0.0 || n == 0 {
+                parts.push(Tensor::<2>::zeros([n, v], &device));
+                continue;
+            }
+            let ctx = self.expand_row(&rows[r])?;
+            let l = ctx.old_ids.len();
+            let logits = base.logits(&ctx.old_ids);
+            ensure!(logits.dims()[2] == old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", logits.dims()[2]);
+            let probs = softmax(logits.reshape([l, old]), 1);
+            let mut want = Vec::new();
+            ChainData::default().push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |a, o| {
+                want.push((a * old + o as usize) as i64);
+                0.0
+            });
+            let m = want.len();
+            let got = probs
+                .clone()
+                .reshape([l * old])
+                .select(0, Tensor::<1, Int>::from_data(TensorData::new(want, [m]), &device))
+                .try_into_vec_as::<f32>()
+                .map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))?;
+            let mut next = got.into_iter();
+            let mut cd = ChainData::default();
+            cd.push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |_, _| next.next().unwrap_or(0.0));
+            let (new_mass, root_mass) = self.trie_mass(&cd, n);
+            let aligned: Vec<i64> = ctx.aligned[..n].iter().map(|&a| a as i64).collect();
+            let at = probs.select(0, Tensor::<1, Int>::from_data(TensorData::new(aligned, [n]), &device));
+            // The roots' columns take the mass the trie leaves on them.
+            let old_part = match &root_cols {
+                Some(cols) => {
+                    let mass: Tensor<2> = Tensor::from_data(TensorData::new(root_mass, [n, nr]), &device);
+                    at * keep.clone() + Tensor::<2>::zeros([n, old], &device).scatter(1, cols.clone().repeat_dim(0, n), mass, IndexingUpdateOp::Add)
+                }
+                None => at,
+            };
+            let q_row = Tensor::cat(vec![old_part, Tensor::from_data(TensorData::new(new_mass, [n, n_new]), &device)], 1);
+            let counted: Vec<f32> = (0..n).map(|i| if labels[r].get(i + 1).is_some_and(|&l| l >= 0) { w } else { 0.0 }).collect();
+            let counted: Tensor<2> = Tensor::from_data(TensorData::new(counted, [n, 1]), &device);
+            // x ln x with 0 ln 0 = 0: the clamp keeps the log finite where q is 0.
+            let e = (q_row.clone() * q_row.clone().clamp_min(1e-30).log()).sum_dim(1) * counted;
+            let e = e.sum();
+            entropy = Some(match entropy.take() {
+                Some(prev) => prev + e,
+                None => e,
+            });
+            parts.push(q_row);
+        }
+        let neg_entropy = match entropy {
+            Some(e) => e.into_scalar::<f32>() as f64,
+            None => 0.0,
+        };
+        Ok(ChainTargets { q: TargetTable::Device(Tensor::stack(parts, 0)), dims: [b, n, v], neg_entropy })
+    }
+
+    fn expand_row(&self, row: &[u32]) -> Result<crate::vocab::distill::DistillContext> {
+        expand(row, &self.ext).with_context(|| format!("chain_distill: a row holds a new piece without sub-tokens (the extension {} lists none for it)", self.ext.old_vocab))
+    }
+
+    /// The trie's target mass of the added pieces `[n × added]` and of the roots' old tokens
+    /// `[n × roots]` at the first `n` positions of `cd`.
+    fn trie_mass(&self, cd: &ChainData, n: usize) -> (Vec<f32>, Vec<f32>) {
+        let positions: Vec<usize> = (0..n).collect();
+        let mut new_mass = vec![0f32; n * self.ext.added()];
+        let mut root_mass = vec![0f32; n * self.roots.len().max(1)];
+        cd.targets(&self.trie, &positions, &mut new_mass, Some(&mut root_mass));
+        (new_mass, root_mass)
     }
 
     /// The base's next-token distribution over the old vocabulary at each old position (the

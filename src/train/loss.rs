@@ -8,7 +8,7 @@
 //! fused sweep has the per-row values on the host already; the composed path keeps them as a
 //! `[B]` tensor for the step's single host read.
 
-use super::chain_teacher::ChainTargets;
+use super::chain_teacher::{ChainTargets, TargetTable};
 use crate::kernels::cross_entropy;
 use crate::kernels::soft_ce::{self, SoftTargets};
 use burn::tensor::activation::log_softmax;
@@ -137,6 +137,17 @@ pub fn chain_distill_sum(student_logits: Tensor<3>, targets: &ChainTargets, labe
     let [b, t, v] = student_logits.dims();
     assert!(targets.dims == [b, t - 1, v], "chain targets {:?} do not fit logits [{b}, {t}, {v}]", targets.dims);
     let mask = position_weights(labels, row_weight, t, |_| true);
+    let table = match &targets.q {
+        TargetTable::Host(q) => q.clone(),
+        TargetTable::Device(q) => {
+            // Composed where the targets were made (a GPU): −Σ w·q·log_softmax(z).
+            let device = student_logits.device();
+            let q = if q.device() == device { q.clone() } else { Tensor::from_inner(q.clone()) };
+            let logp = log_softmax(student_logits.slice([0..b, 0..t - 1, 0..v]).cast(FloatDType::F32), 2);
+            let m: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
+            return (q * logp).sum_dim(2).mul(m).sum().neg() + targets.neg_entropy as f32;
+        }
+    };
     // Logits row `r·T + i` reads target row `r·(T−1) + i`; each sequence's last one predicts nothing.
     let (mut row, mut weight) = (Vec::with_capacity(b * t), Vec::with_capacity(b * t));
     for r in 0..b {
@@ -146,7 +157,7 @@ pub fn chain_distill_sum(student_logits: Tensor<3>, targets: &ChainTargets, labe
             weight.push(src.map_or(0.0, |s| mask[s]));
         }
     }
-    let soft = SoftTargets { table: targets.q.clone(), row, weight };
+    let soft = SoftTargets { table, row, weight };
     soft_ce::sum(student_logits.cast(FloatDType::F32).reshape([b * t, v]), Arc::new(soft)) + targets.neg_entropy as f32
 }
 
@@ -314,31 +325,36 @@ mod tests {
         let w = [0.5f32, 2.0];
         let counted = |r: usize, i: usize| labels[r][i + 1] >= 0;
         let neg_entropy: f64 = (0..b).flat_map(|r| (0..t - 1).map(move |i| (r, i))).filter(|&(r, i)| counted(r, i)).map(|(r, i)| w[r] as f64 * q[(r * (t - 1) + i) * v..][..v].iter().filter(|&&x| x > 0.0).map(|&x| x as f64 * (x as f64).ln()).sum::<f64>()).sum();
-        let z = z0.detach().require_grad();
-        let targets = ChainTargets { q: Arc::new(q.clone()), dims: [b, t - 1, v], neg_entropy };
-        let sum = chain_distill_sum(z.clone(), &targets, &labels, &w);
-        let g = sum.clone().backward();
-        let got = sum.into_scalar::<f32>() as f64;
-        let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
-        let mut want = 0.0;
-        for r in 0..b {
-            for i in 0..t {
-                let o = (r * t + i) * v;
-                let m = zs[o..o + v].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
-                let s: f64 = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp()).sum();
-                let p: Vec<f64> = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp() / s).collect();
-                let on = i + 1 < t && counted(r, i);
-                for c in 0..v {
-                    let qc = if i + 1 < t { q[(r * (t - 1) + i) * v + c] as f64 } else { 0.0 };
-                    let want_g = if on { w[r] as f64 * (p[c] - qc) } else { 0.0 };
-                    assert!((grad[o + c] as f64 - want_g).abs() < 1e-5, "grad[{r},{i},{c}] {} vs {want_g}", grad[o + c]);
-                    if on && qc > 0.0 {
-                        want += w[r] as f64 * qc * (qc.ln() - p[c].ln());
+        // The host table (the CPU's fused kernel) and a table on the teacher's plain device
+        // (a GPU's composed path) give the same value and gradient.
+        let on_device: Tensor<3> = Tensor::from_data(TensorData::new(q.clone(), [b, t - 1, v]), &Device::flex());
+        for table in [TargetTable::Host(Arc::new(q.clone())), TargetTable::Device(on_device)] {
+            let z = z0.clone().detach().require_grad();
+            let targets = ChainTargets { q: table, dims: [b, t - 1, v], neg_entropy };
+            let sum = chain_distill_sum(z.clone(), &targets, &labels, &w);
+            let g = sum.clone().backward();
+            let got = sum.into_scalar::<f32>() as f64;
+            let grad = z.grad(&g).unwrap().into_data().try_to_vec::<f32>().unwrap();
+            let mut want = 0.0;
+            for r in 0..b {
+                for i in 0..t {
+                    let o = (r * t + i) * v;
+                    let m = zs[o..o + v].iter().fold(f32::NEG_INFINITY, |a, &x| a.max(x)) as f64;
+                    let s: f64 = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp()).sum();
+                    let p: Vec<f64> = zs[o..o + v].iter().map(|&x| (x as f64 - m).exp() / s).collect();
+                    let on = i + 1 < t && counted(r, i);
+                    for c in 0..v {
+                        let qc = if i + 1 < t { q[(r * (t - 1) + i) * v + c] as f64 } else { 0.0 };
+                        let want_g = if on { w[r] as f64 * (p[c] - qc) } else { 0.0 };
+                        assert!((grad[o + c] as f64 - want_g).abs() < 1e-5, "grad[{r},{i},{c}] {} vs {want_g}", grad[o + c]);
+                        if on && qc > 0.0 {
+                            want += w[r] as f64 * qc * (qc.ln() - p[c].ln());
+                        }
                     }
                 }
             }
+            assert!(want > 0.1, "random logits are far from the targets: {want}");
+            assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
         }
-        assert!(want > 0.1, "random logits are far from the targets: {want}");
-        assert!((got - want).abs() < 1e-4 * want, "{got} vs {want}");
     }
 }

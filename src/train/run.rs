@@ -416,7 +416,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let line = serde_json::json!({
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
-            "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt,
+            "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
             "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         writeln!(metrics, "{line}")?;

@@ -94,6 +94,17 @@ impl BaseModel {
         Ok(BaseModel { model: m, device: inner, quantized })
     }
 
+    /// The plain device the snapshot runs on.
+    pub fn device(&self) -> &Device {
+        &self.device
+    }
+
+    /// Whether the snapshot runs on the CPU's fused f32 kernels, where the distillation
+    /// targets are built on the host (elsewhere they stay on the device).
+    pub fn on_host(&self) -> bool {
+        crate::kernels::flex_f32(&Tensor::<1>::zeros([1], &self.device)).is_some()
+    }
+
     /// Whether the projections run in Q8_0.
     pub fn quantized(&self) -> bool {
         self.quantized

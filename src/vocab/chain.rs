@@ -206,13 +206,20 @@ impl ChainData {
     /// (`[old positions × old vocab]`, rows sum to 1) over the context's old ids, `aligned` the
     /// old position that ends each new position; positions `0..n_pos` are taken.
     pub fn push_context(&mut self, trie: &Trie, old_ids: &[u32], aligned: &[usize], n_pos: usize, probs: &[f32], old_vocab: usize) {
+        self.push_context_with(trie, old_ids, aligned, n_pos, |a, o| probs[a * old_vocab + o as usize]);
+    }
+
+    /// [`Self::push_context`] with the base's probability of old token `o` at old position `a`
+    /// read through `prob`, in a fixed order: a first pass can list what it needs (a few
+    /// hundred values per position, where a whole distribution is the old vocabulary), so that
+    /// a distribution that lives on a GPU is never copied whole.
+    pub fn push_context_with(&mut self, trie: &Trie, old_ids: &[u32], aligned: &[usize], n_pos: usize, mut prob: impl FnMut(usize, u32) -> f32) {
         if self.path_off.is_empty() {
             self.path_off.push(0);
             self.n_roots = trie.roots.len();
         }
         for &a in &aligned[..n_pos] {
-            let row = &probs[a * old_vocab..(a + 1) * old_vocab];
-            self.p1.extend(trie.roots.iter().map(|&r| row[trie.nodes[r].old as usize]));
+            self.p1.extend(trie.roots.iter().map(|&r| prob(a, trie.nodes[r].old)));
             // Along the path: after reading old_ids[a+1..=a+j], the base's distribution at
             // old position a+j gives the children of that node exactly.
             for j in 1..EXACT_DEPTH {
@@ -220,9 +227,8 @@ impl ChainData {
                     break;
                 }
                 let Some(n) = trie.walk(old_ids[a + 1], &old_ids[a + 2..=a + j]) else { break };
-                let row = &probs[(a + j) * old_vocab..(a + j + 1) * old_vocab];
                 for (c, o) in trie.children_old(n) {
-                    self.path.push((c as u32, row[o as usize]));
+                    self.path.push((c as u32, prob(a + j, o)));
                 }
             }
             self.path_off.push(self.path.len());

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# On a device machine, the last call after examples/gpu_pack.sh's parts: unpack, run issue
+# #18's GPU quickstart (examples/quickstart_gpu.sh), and leave in $OUT what comes back (at
+# most 8 files of 16 MiB): log.txt, report.json, results.tar.xz (metrics, probe, evaluations,
+# vocabulary statistics) and the trained adapter packed to f16 in pieces (adapter.tar.NN).
+#
+#   TRAIN_MINUTES=4 bash examples/gpu_device.sh
+#
+# A call may run 10 minutes: the training's minutes plus ~4 for the rest (import, probe,
+# merge, fifteen evaluations, packing) on an H200 is the estimate, not yet a measurement.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-runs/gpu-out}
+mkdir -p "$OUT"
+bash examples/gpu_unpack.sh
+[ -x runs/gpu-bin/linly-lora-gpu ] || { echo "gpu_device: parts are missing (see the counts above)" >&2; exit 1; }
+BIN=runs/gpu-bin/linly-lora-gpu
+G=runs/quickstart-gpu
+(nvidia-smi --query-gpu=name,memory.total --format=csv,noheader || true) | tee "$OUT/log.txt"
+set +e
+BIN=$BIN TRAIN_MINUTES=${TRAIN_MINUTES:-5} bash examples/quickstart_gpu.sh 2>&1 | tee -a "$OUT/log.txt"
+rc=${PIPESTATUS[0]}
+set -e
+[ -f $G/report.json ] && cp $G/report.json "$OUT/"
+files=$(cd $G && ls -d vocab_stats.json eval_*.json valid_*.json probe/metrics.jsonl train/metrics.jsonl train/report.json train/*.png 2>/dev/null || true)
+[ -n "$files" ] && tar -C $G -cJf "$OUT/results.tar.xz" $files
+if [ -d $G/train/adapter ]; then
+  $BIN adapter pack --adapter $G/train/adapter --out $G/adapter-f16 --dtype f16 --force
+  tar -C $G -cf - adapter-f16 | split -b 16000k -d -a 2 - "$OUT/adapter.tar."
+fi
+ls -la "$OUT"
+exit "$rc"
