@@ -146,7 +146,8 @@ impl ChainTeacher {
         let n = t.saturating_sub(1);
         let device = base.device().clone();
         let nr = self.roots.len();
-        let root_cols: Option<Tensor<2, Int>> = (nr > 0).then(|| Tensor::from_data(TensorData::new(self.roots.iter().map(|&r| r as i64).collect::<Vec<_>>(), [1, nr]), &device));
+        // The roots' columns at every position (the scatter's index), the same for each row.
+        let root_cols: Option<Tensor<2, Int>> = (nr > 0 && n > 0).then(|| Tensor::<2, Int>::from_data(TensorData::new(self.roots.iter().map(|&r| r as i64).collect::<Vec<_>>(), [1, nr]), &device).repeat_dim(0, n));
         // 0 on the roots' columns, whose mass the trie gives, 1 elsewhere.
         let mut keep = vec![1f32; old];
         for &r in &self.roots {
@@ -188,7 +189,7 @@ impl ChainTeacher {
             let old_part = match &root_cols {
                 Some(cols) => {
                     let mass: Tensor<2> = Tensor::from_data(TensorData::new(root_mass, [n, nr]), &device);
-                    at * keep.clone() + Tensor::<2>::zeros([n, old], &device).scatter(1, cols.clone().repeat_dim(0, n), mass, IndexingUpdateOp::Add)
+                    at * keep.clone() + Tensor::<2>::zeros([n, old], &device).scatter(1, cols.clone(), mass, IndexingUpdateOp::Add)
                 }
                 None => at,
             };
