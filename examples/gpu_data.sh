@@ -44,7 +44,7 @@ for line in $DEBS; do
   fi
   if [ ! -f "$DL/$file" ]; then
     [ "$required" = yes ] && { echo "gpu_data: apt-get download $spec failed (is Debian's archive reachable? try apt-get update)" >&2; exit 1; }
-    echo "gpu_data: apt-get download $spec failed; $name is left out (a newer version may be in the archive: update the pin)" >&2
+    echo "gpu_data: apt-get download $spec failed; $name is left out (run apt-get update and again; if the archive has moved past this version, update the pin)" >&2
     continue
   fi
   check "$DL/$file" "$sha"

@@ -4,10 +4,12 @@
 # most 8 files of 16 MiB): log.txt, report.json, results.tar.xz (metrics, probe, evaluations,
 # vocabulary statistics) and the trained adapter packed to f16 in pieces (adapter.tar.NN).
 #
-#   TRAIN_MINUTES=4 bash examples/gpu_device.sh
+#   TRAIN_MINUTES=8 bash examples/gpu_device.sh
 #
-# A call may run 10 minutes: the training's minutes plus ~4 for the rest (import, probe,
-# merge, fifteen evaluations, packing) on an H200 is the estimate, not yet a measurement.
+# A call may run 10 minutes. On an H200 the rest took ~75 s (import 2 s, resize and statistics,
+# the 12-step probe 27 s, merge, fifteen evaluations, packing) and the training ~0.83 of
+# TRAIN_MINUTES (the probe's sizing keeps a tenth back): 280 s for TRAIN_MINUTES=4, 385 s for
+# 6.5 (BENCHMARKS.md, "The GPU run"), so 8 ends near 480 s.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/gpu-out}

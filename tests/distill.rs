@@ -426,12 +426,21 @@ mod chain_distillation {
         // LINLY_LORA_KERNELS=composed both sides take the device path.)
         let w = [1.0, 0.0, 2.0];
         let host = teacher.targets(&base, &rows, &labels, &w).unwrap();
+        // The rows read different numbers of old tokens, so a pass of several pads the shorter.
+        let old_lens: Vec<usize> = rows.iter().map(|r| expand(r, &ext).unwrap().old_ids.len()).collect();
+        assert!(old_lens[0] != old_lens[2], "{old_lens:?}");
         let dev = teacher.targets_on_device(&base, &rows, &labels, &w).unwrap();
+        // One row per pass, as the first GPU run built them.
+        let alone = teacher.targets_on_device_in_passes(&base, &rows, &labels, &w, 1).unwrap();
         assert!(matches!(dev.q, linly_lora::train::chain_teacher::TargetTable::Device(_)));
         assert_eq!(host.dims, dev.dims);
         let (a, b) = (host.to_vec().unwrap(), dev.to_vec().unwrap());
         let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
         assert!(diff < 1e-6, "max |Δq| {diff}");
+        let c = alone.to_vec().unwrap();
+        let diff = c.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-6, "one pass against a pass per row: max |Δq| {diff}");
+        assert!((alone.neg_entropy - dev.neg_entropy).abs() < 1e-4 * dev.neg_entropy.abs());
         let n = host.dims[1] * host.dims[2];
         assert!(a[n..2 * n].iter().all(|&x| x == 0.0) && b[n..2 * n].iter().all(|&x| x == 0.0), "a row without weight has no targets");
         assert!(a[..n].iter().any(|&x| x > 0.0));

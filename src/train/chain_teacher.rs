@@ -20,6 +20,11 @@ use burn::tensor::activation::softmax;
 use burn::tensor::{IndexingUpdateOp, Int, Tensor, TensorData};
 use rayon::prelude::*;
 
+/// Old positions the device path sends through the base in one pass: the logits and their
+/// softmax are `[positions, old vocabulary]` f32 each (1.6 GB at SmolLM2's 49,152), and a
+/// GPU-sized micro-batch (16 rows of ~1,000 old positions) takes two passes.
+pub const POSITIONS_PER_PASS: usize = 8192;
+
 /// The extension's trie, with its conditionals counted on the training text.
 pub struct ChainTeacher {
     ext: VocabExtension,
@@ -140,76 +145,126 @@ impl ChainTeacher {
     /// hundred per position), and the new pieces' mass goes back (`T−1` rows of the added
     /// pieces). The same values as the host path within float rounding (a test compares them);
     /// the CPU uses it only in tests.
+    ///
+    /// The rows go through the base together (in passes of at most [`POSITIONS_PER_PASS`] old
+    /// positions, which bounds the device memory of the logits and their softmax), the host
+    /// reads what the trie needs once per micro-batch, and the rows' trie work runs in
+    /// parallel. The first GPU run built each row alone: a pass, a read and the trie in turn,
+    /// 0.8 s of a 1.37 s step on an H200 (BENCHMARKS.md, "The GPU run").
     pub fn targets_on_device(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32]) -> Result<ChainTargets> {
+        self.targets_on_device_in_passes(base, rows, labels, weight, POSITIONS_PER_PASS)
+    }
+
+    /// [`Self::targets_on_device`] with passes of at most `positions_per_pass` old positions (a
+    /// row longer than that goes alone); tests split a micro-batch with it.
+    pub fn targets_on_device_in_passes(&self, base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32], positions_per_pass: usize) -> Result<ChainTargets> {
         let (b, t) = (rows.len(), rows[0].len());
         let (v, old, n_new) = (self.ext.new_vocab, self.ext.old_vocab, self.ext.added());
         let n = t.saturating_sub(1);
         let device = base.device().clone();
         let nr = self.roots.len();
-        // The roots' columns at every position (the scatter's index), the same for each row.
-        let root_cols: Option<Tensor<2, Int>> = (nr > 0 && n > 0).then(|| Tensor::<2, Int>::from_data(TensorData::new(self.roots.iter().map(|&r| r as i64).collect::<Vec<_>>(), [1, nr]), &device).repeat_dim(0, n));
-        // 0 on the roots' columns, whose mass the trie gives, 1 elsewhere.
-        let mut keep = vec![1f32; old];
-        for &r in &self.roots {
-            keep[r as usize] = 0.0;
+        let chained: Vec<usize> = (0..b).filter(|&r| n > 0 && weight.get(r).is_some_and(|&w| w > 0.0)).collect();
+        if chained.is_empty() {
+            return Ok(ChainTargets { q: TargetTable::Device(Tensor::zeros([b, n, v], &device)), dims: [b, n, v], neg_entropy: 0.0 });
         }
-        let keep: Tensor<2> = Tensor::from_data(TensorData::new(keep, [1, old]), &device);
-        let mut parts = Vec::with_capacity(b);
-        let mut entropy: Option<Tensor<1>> = None;
-        for r in 0..b {
-            let w = weight.get(r).copied().unwrap_or(0.0);
-            if w <= 0.0 || n == 0 {
-                parts.push(Tensor::<2>::zeros([n, v], &device));
-                continue;
+        let ctxs: Vec<_> = chained.par_iter().map(|&r| self.expand_row(&rows[r])).collect::<Result<_>>()?;
+        // Where the trie reads the base, per row: (old position, old token), in the order
+        // `push_context_with` asks for them.
+        let wants: Vec<Vec<(usize, u32)>> = ctxs
+            .par_iter()
+            .map(|ctx| {
+                let mut want = Vec::new();
+                ChainData::default().push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |a, o| {
+                    want.push((a, o));
+                    0.0
+                });
+                want
+            })
+            .collect();
+        // The passes: the read values and each row's aligned positions `[n, old]`.
+        let mut got_parts = Vec::new();
+        let mut at_parts = Vec::new();
+        let mut start = 0;
+        while start < ctxs.len() {
+            let mut end = start + 1;
+            let longest = |e: usize| ctxs[start..e].iter().map(|c| c.old_ids.len()).max().unwrap_or(0);
+            while end < ctxs.len() && (end + 1 - start) * longest(end + 1) <= positions_per_pass {
+                end += 1;
             }
-            let ctx = self.expand_row(&rows[r])?;
-            let l = ctx.old_ids.len();
-            let logits = base.logits(&ctx.old_ids);
+            let l = longest(end);
+            let ids: Vec<&[u32]> = ctxs[start..end].iter().map(|c| c.old_ids.as_slice()).collect();
+            let logits = base.logits_rows(&ids);
             ensure!(logits.dims()[2] == old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", logits.dims()[2]);
-            let probs = softmax(logits.reshape([l, old]), 1);
-            let mut want = Vec::new();
-            ChainData::default().push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |a, o| {
-                want.push((a * old + o as usize) as i64);
-                0.0
-            });
+            let k = end - start;
+            let probs = softmax(logits.reshape([k * l, old]), 1);
+            let want: Vec<i64> = (start..end).flat_map(|j| wants[j].iter().map(move |&(a, o)| (((j - start) * l + a) * old + o as usize) as i64)).collect();
             let m = want.len();
-            let got = probs
-                .clone()
-                .reshape([l * old])
-                .select(0, Tensor::<1, Int>::from_data(TensorData::new(want, [m]), &device))
-                .try_into_vec_as::<f32>()
-                .map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))?;
-            let mut next = got.into_iter();
-            let mut cd = ChainData::default();
-            cd.push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |_, _| next.next().unwrap_or(0.0));
-            let (new_mass, root_mass) = self.trie_mass(&cd, n);
-            let aligned: Vec<i64> = ctx.aligned[..n].iter().map(|&a| a as i64).collect();
-            let at = probs.select(0, Tensor::<1, Int>::from_data(TensorData::new(aligned, [n]), &device));
-            // The roots' columns take the mass the trie leaves on them.
-            let old_part = match &root_cols {
-                Some(cols) => {
-                    let mass: Tensor<2> = Tensor::from_data(TensorData::new(root_mass, [n, nr]), &device);
-                    at * keep.clone() + Tensor::<2>::zeros([n, old], &device).scatter(1, cols.clone(), mass, IndexingUpdateOp::Add)
-                }
-                None => at,
-            };
-            let q_row = Tensor::cat(vec![old_part, Tensor::from_data(TensorData::new(new_mass, [n, n_new]), &device)], 1);
-            let counted: Vec<f32> = (0..n).map(|i| if labels[r].get(i + 1).is_some_and(|&l| l >= 0) { w } else { 0.0 }).collect();
-            let counted: Tensor<2> = Tensor::from_data(TensorData::new(counted, [n, 1]), &device);
-            // x ln x with 0 ln 0 = 0: the clamp keeps the log finite where q is 0.
-            let e = (q_row.clone() * q_row.clone().clamp_min(1e-30).log()).sum_dim(1) * counted;
-            let e = e.sum();
-            entropy = Some(match entropy.take() {
-                Some(prev) => prev + e,
-                None => e,
-            });
-            parts.push(q_row);
+            got_parts.push(probs.clone().reshape([k * l * old]).select(0, Tensor::<1, Int>::from_data(TensorData::new(want, [m]), &device)));
+            let aligned: Vec<i64> = (start..end).flat_map(|j| ctxs[j].aligned[..n].iter().map(move |&a| ((j - start) * l + a) as i64)).collect();
+            at_parts.push(probs.select(0, Tensor::<1, Int>::from_data(TensorData::new(aligned, [k * n]), &device)));
+            start = end;
         }
-        let neg_entropy = match entropy {
-            Some(e) => e.into_scalar::<f32>() as f64,
-            None => 0.0,
+        let got = Tensor::cat(got_parts, 0).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))?;
+        let mut offsets = Vec::with_capacity(ctxs.len());
+        let mut off = 0;
+        for w in &wants {
+            offsets.push(off);
+            off += w.len();
+        }
+        // The trie's mass per row, rows in parallel (each row's positions are parallel too).
+        let masses: Vec<(Vec<f32>, Vec<f32>)> = ctxs
+            .par_iter()
+            .enumerate()
+            .map(|(j, ctx)| {
+                let mut next = got[offsets[j]..offsets[j] + wants[j].len()].iter().copied();
+                let mut cd = ChainData::default();
+                cd.push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |_, _| next.next().unwrap_or(0.0));
+                self.trie_mass(&cd, n)
+            })
+            .collect();
+        let k = ctxs.len();
+        let (mut new_mass, mut root_mass) = (Vec::with_capacity(k * n * n_new), Vec::with_capacity(k * n * nr));
+        for (nm, rm) in masses {
+            new_mass.extend_from_slice(&nm);
+            root_mass.extend_from_slice(&rm[..n * nr]);
+        }
+        let at = Tensor::cat(at_parts, 0);
+        // The roots' columns take the mass the trie leaves on them; the rest keep the base's.
+        let old_part = if nr > 0 {
+            let mut keep = vec![1f32; old];
+            for &r in &self.roots {
+                keep[r as usize] = 0.0;
+            }
+            let keep: Tensor<2> = Tensor::from_data(TensorData::new(keep, [1, old]), &device);
+            let cols = Tensor::<2, Int>::from_data(TensorData::new(self.roots.iter().map(|&r| r as i64).collect::<Vec<_>>(), [1, nr]), &device).repeat_dim(0, k * n);
+            let mass: Tensor<2> = Tensor::from_data(TensorData::new(root_mass, [k * n, nr]), &device);
+            at * keep + Tensor::<2>::zeros([k * n, old], &device).scatter(1, cols, mass, IndexingUpdateOp::Add)
+        } else {
+            at
         };
-        Ok(ChainTargets { q: TargetTable::Device(Tensor::stack(parts, 0)), dims: [b, n, v], neg_entropy })
+        let q = Tensor::cat(vec![old_part, Tensor::from_data(TensorData::new(new_mass, [k * n, n_new]), &device)], 1);
+        let counted: Vec<f32> = chained.iter().flat_map(|&r| (0..n).map(move |i| if labels[r].get(i + 1).is_some_and(|&l| l >= 0) { weight[r] } else { 0.0 })).collect();
+        let counted: Tensor<2> = Tensor::from_data(TensorData::new(counted, [k * n, 1]), &device);
+        // x ln x with 0 ln 0 = 0: the clamp keeps the log finite where q is 0.
+        let neg_entropy = (q.clone() * q.clone().clamp_min(1e-30).log()).sum_dim(1).mul(counted).sum().into_scalar::<f32>() as f64;
+        let q = q.reshape([k, n, v]);
+        let q = if k == b {
+            q
+        } else {
+            // Rows without a weight get zeros: put the chained rows back in their places.
+            let mut parts = Vec::with_capacity(b);
+            let mut next = 0;
+            for r in 0..b {
+                if chained.get(next) == Some(&r) {
+                    parts.push(q.clone().slice([next..next + 1, 0..n, 0..v]));
+                    next += 1;
+                } else {
+                    parts.push(Tensor::zeros([1, n, v], &device));
+                }
+            }
+            Tensor::cat(parts, 0)
+        };
+        Ok(ChainTargets { q: TargetTable::Device(q), dims: [b, n, v], neg_entropy })
     }
 
     fn expand_row(&self, row: &[u32]) -> Result<crate::vocab::distill::DistillContext> {

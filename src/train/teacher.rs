@@ -113,8 +113,16 @@ impl BaseModel {
     /// The base's logits over the old vocabulary `[1, T, old rows]` after each of `old_ids`,
     /// f32 on the plain device.
     pub fn logits(&self, old_ids: &[u32]) -> Tensor<3> {
-        let ids: Vec<i64> = old_ids.iter().map(|&x| x as i64).collect();
-        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [1, old_ids.len()]), &self.device);
+        self.logits_rows(&[old_ids])
+    }
+
+    /// [`Self::logits`] of several rows in one pass, `[rows, longest, old rows]`. Shorter rows
+    /// are padded on the right with their last id: attention is causal, so no real position
+    /// reads the padding, and its logits are there only to be ignored.
+    pub fn logits_rows(&self, rows: &[&[u32]]) -> Tensor<3> {
+        let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
+        let ids: Vec<i64> = rows.iter().flat_map(|r| (0..l).map(move |i| r.get(i).or(r.last()).copied().unwrap_or(0) as i64)).collect();
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [rows.len(), l]), &self.device);
         let m = &self.model;
         let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids), None);
         m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).cast(FloatDType::F32)
