@@ -13,8 +13,8 @@
 # TRAIN_MINUTES (default 5): the training's wall-clock budget. A 12-step probe of the recipe
 # measures the step time first (the chain term's targets are partly built on the host, so the
 # rate depends on the machine), and the run gets the steps that fit, with its cosine schedule
-# over them. STEPS=N skips the probe. DEVICE (default cuda:0) and RECIPE (default
-# recipes/quickstart-smollm2-gpu.toml) may be overridden.
+# over them. STEPS=N skips the probe. DEVICE (default cuda:0), RECIPE (default
+# recipes/quickstart-smollm2-gpu.toml), LR and EMBED_LR (the peak rates) may be overridden.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=runs/quickstart
@@ -43,9 +43,11 @@ $BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
   $([ -f $Q/data/heldout2_zh.txt ] && echo --text $Q/data/heldout2_zh.txt) --json >$G/vocab_stats.json
 
 # The recipe's paths are relative to recipes/; the run's copies live beside it.
+# LR and EMBED_LR, when set, replace the recipe's peak rates (LoRA and the new rows).
 recipe_with() { # out_dir steps eval_every
   sed -e "s#^device = .*#device = \"$DEVICE\"#" -e "s#^steps = .*#steps = $2#" -e "s#^save_every = .*#save_every = $2#" \
-      -e "s#^eval_every = .*#eval_every = $3#" -e "s#^dir = .*#dir = \"../$1\"#" "$RECIPE"
+      -e "s#^eval_every = .*#eval_every = $3#" -e "s#^dir = .*#dir = \"../$1\"#" \
+      ${LR:+-e "s#^lr = .*#lr = $LR#"} ${EMBED_LR:+-e "s#^embed_lr = .*#embed_lr = $EMBED_LR#"} "$RECIPE"
 }
 if [ -z "${STEPS:-}" ]; then
   stamp "probe: 12 steps of $RECIPE on $DEVICE"
