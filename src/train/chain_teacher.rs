@@ -211,23 +211,16 @@ impl ChainTeacher {
             offsets.push(off);
             off += w.len();
         }
-        // The trie's mass per row, rows in parallel (each row's positions are parallel too).
-        let masses: Vec<(Vec<f32>, Vec<f32>)> = ctxs
-            .par_iter()
-            .enumerate()
-            .map(|(j, ctx)| {
-                let mut next = got[offsets[j]..offsets[j] + wants[j].len()].iter().copied();
-                let mut cd = ChainData::default();
-                cd.push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |_, _| next.next().unwrap_or(0.0));
-                self.trie_mass(&cd, n)
-            })
-            .collect();
+        // The trie's mass, each row into its own part of one buffer, rows in parallel (each
+        // row's positions are parallel too).
         let k = ctxs.len();
-        let (mut new_mass, mut root_mass) = (Vec::with_capacity(k * n * n_new), Vec::with_capacity(k * n * nr));
-        for (nm, rm) in masses {
-            new_mass.extend_from_slice(&nm);
-            root_mass.extend_from_slice(&rm[..n * nr]);
-        }
+        let (mut new_mass, mut root_mass) = (vec![0f32; k * n * n_new], vec![0f32; k * n * nr.max(1)]);
+        new_mass.par_chunks_mut(n * n_new).zip(root_mass.par_chunks_mut(n * nr.max(1))).zip(ctxs.par_iter()).enumerate().for_each(|(j, ((new_out, root_out), ctx))| {
+            let mut next = got[offsets[j]..offsets[j] + wants[j].len()].iter().copied();
+            let mut cd = ChainData::default();
+            cd.push_context_with(&self.trie, &ctx.old_ids, &ctx.aligned, n, |_, _| next.next().unwrap_or(0.0));
+            self.trie_mass_into(&cd, n, new_out, root_out);
+        });
         let at = Tensor::cat(at_parts, 0);
         // The roots' columns take the mass the trie leaves on them; the rest keep the base's.
         let old_part = if nr > 0 {
@@ -274,11 +267,16 @@ impl ChainTeacher {
     /// The trie's target mass of the added pieces `[n × added]` and of the roots' old tokens
     /// `[n × roots]` at the first `n` positions of `cd`.
     fn trie_mass(&self, cd: &ChainData, n: usize) -> (Vec<f32>, Vec<f32>) {
-        let positions: Vec<usize> = (0..n).collect();
         let mut new_mass = vec![0f32; n * self.ext.added()];
         let mut root_mass = vec![0f32; n * self.roots.len().max(1)];
-        cd.targets(&self.trie, &positions, &mut new_mass, Some(&mut root_mass));
+        self.trie_mass_into(cd, n, &mut new_mass, &mut root_mass);
         (new_mass, root_mass)
+    }
+
+    /// [`Self::trie_mass`] into `new_out` `[n × added]` and `root_out` `[n × max(roots, 1)]`.
+    fn trie_mass_into(&self, cd: &ChainData, n: usize, new_out: &mut [f32], root_out: &mut [f32]) {
+        let positions: Vec<usize> = (0..n).collect();
+        cd.targets(&self.trie, &positions, new_out, Some(root_out));
     }
 
     /// The base's next-token distribution over the old vocabulary at each old position (the
