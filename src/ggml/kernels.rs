@@ -5,7 +5,8 @@
 //! multiply-adds) and the precision (no rounding inside a block) of the scheme.
 //!
 //! Each pairing has a scalar version and, on x86_64 with AVX2 + FMA + F16C detected at run
-//! time, an AVX2 version; where the CPU also has AVX-512 VNNI (with VL and BW), the
+//! time, an AVX2 version (which also reads the interleaved Q4_0/Q8_0 pairs in one pass for
+//! one, four or eight tokens); where the CPU also has AVX-512 VNNI (with VL and BW), the
 //! many-token products come in tiles of several rows × several tokens built on `vpdpbusd`
 //! (`kernels_vnni.rs`), beside the same AVX2 one-token kernels. [`Kernels::best`] picks once
 //! per process, [`Kernels::scalar`] is the fallback and the reference the tests hold the SIMD
@@ -103,7 +104,8 @@ pub struct Kernels {
     /// weights in, two groups to a pair), and its four-token version.
     pub q8_0x8: Gemv8Fn,
     pub q8_0x8x4: Option<Gemm4x8Fn>,
-    /// Whole pairs of groups at once (`None`: a group at a time through the eight-row kernels).
+    /// Whole pairs of groups at once, one ascending pass over both (`None`: a group at a time
+    /// through the eight-row kernels, every other column twice over).
     pub q4_0x16: Option<Gemv16Fn>,
     pub q4_0x16x4: Option<Gemm4x16Fn>,
     pub q4_0x16x8: Option<Gemm8x16Fn>,

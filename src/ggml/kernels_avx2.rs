@@ -32,12 +32,12 @@ pub fn kernels() -> Kernels {
         q4_0x8x4: Some(|w, st, a, s, n| unsafe { q4_0x8x4(w, st, a, s, n) }),
         q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
         q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
-        q4_0x16: None,
-        q4_0x16x4: None,
-        q4_0x16x8: None,
-        q8_0x16: None,
-        q8_0x16x4: None,
-        q8_0x16x8: None,
+        q4_0x16: Some(|w, a, s, d, n| unsafe { q4_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
+        q4_0x16x4: Some(|w, a, s, d, n| unsafe { q4_0x16::<4>(w, a, s, d, n) }),
+        q4_0x16x8: Some(|w, a, s, d, n| unsafe { q4_0x16::<8>(w, a, s, d, n) }),
+        q8_0x16: Some(|w, a, s, d, n| unsafe { q8_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
+        q8_0x16x4: Some(|w, a, s, d, n| unsafe { q8_0x16::<4>(w, a, s, d, n) }),
+        q8_0x16x8: Some(|w, a, s, d, n| unsafe { q8_0x16::<8>(w, a, s, d, n) }),
         act_q8_0: |x, o| unsafe { act_q8_0(x, o) },
         q8_0_sums: |a, o| unsafe { q8_0_sums(a, o) },
         name: "avx2",
@@ -279,6 +279,100 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_su
     let mut out = [[0f32; 8]; N];
     for (o, v) in out.iter_mut().zip(acc) {
         _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Both groups of an interleaved Q4_0 pair ([`super::super::blocks::interleave16`]) × `N`
+/// tokens, in one ascending pass: block column `b` of the two groups is 288 contiguous bytes,
+/// read and prefetched as one piece. Going group by group through [`q4_0x8`] reads every other
+/// 144 bytes twice over, which left a 2-core EPYC's memory stream at 7.3 GB/s on one thread
+/// where this reads 10.2 (BENCHMARKS.md, "Streaming a pair in one pass"). Per group and token
+/// the arithmetic is [`q4_0x8`]'s (the same block integers, `d_w·d_a` and one FMA per block in
+/// order; the activation scale comes in as the f32 of its f16), so each output is bit for bit
+/// the group kernel's.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    assert!(w.len() >= nb * 2 * Q4_0X8_BYTES);
+    for k in 0..N {
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_sums[k].len() >= nb && act_scales[k].len() >= nb);
+    }
+    let m4 = _mm256_set1_epi8(0x0F);
+    let ones = _mm256_set1_epi16(1);
+    // [token][group]
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    for b in 0..nb {
+        let col = w.as_ptr().add(2 * b * Q4_0X8_BYTES);
+        prefetch::<5>(col);
+        for (h, g) in [col, col.add(Q4_0X8_BYTES)].into_iter().enumerate() {
+            let mut q = [_mm256_setzero_si256(); 8];
+            for t in 0..4 {
+                let raw = _mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i);
+                q[t] = _mm256_and_si256(raw, m4);
+                q[4 + t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+            for k in 0..N {
+                let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+                let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+                let mut s16 = [_mm256_setzero_si256(); 2];
+                for t in 0..4 {
+                    s16[0] = _mm256_add_epi16(s16[0], _mm256_maddubs_epi16(q[t], at(t)));
+                    s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(q[4 + t], at(4 + t)));
+                }
+                let s32 = _mm256_madd_epi16(_mm256_add_epi16(s16[0], s16[1]), ones);
+                let s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * *act_sums[k].get_unchecked(b)));
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*act_scales[k].get_unchecked(b)));
+                acc[k][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[k][h]);
+            }
+        }
+    }
+    let mut out = [[0f32; 16]; N];
+    for (o, [a0, a1]) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), a0);
+        _mm256_storeu_ps(o.as_mut_ptr().add(8), a1);
+    }
+    out
+}
+
+/// Both groups of an interleaved Q8_0 pair × `N` tokens in one ascending pass (544 contiguous
+/// bytes per block column), as [`q4_0x16`] is for [`q4_0x8`]; per group and token the
+/// arithmetic is [`q8_0x8`]'s, so each output is bit for bit the group kernel's.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], _act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    assert!(w.len() >= nb * 2 * Q8_0X8_BYTES);
+    for k in 0..N {
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_scales[k].len() >= nb);
+    }
+    let off = _mm256_set1_epi8(0x80u8 as i8);
+    let ones = _mm256_set1_epi16(1);
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    for b in 0..nb {
+        let col = w.as_ptr().add(2 * b * Q8_0X8_BYTES);
+        prefetch::<9>(col);
+        for (h, g) in [col, col.add(Q8_0X8_BYTES)].into_iter().enumerate() {
+            let mut s32 = [_mm256_setzero_si256(); N];
+            for t in 0..8 {
+                let q = _mm256_xor_si256(_mm256_loadu_si256(g.add(16 + 32 * t) as *const __m256i), off);
+                let aq = _mm256_abs_epi8(q);
+                for (k, s) in s32.iter_mut().enumerate() {
+                    let at = _mm256_set1_epi32((a[k].as_ptr().add(b * Q8_0_BYTES + 2 + 4 * t) as *const i32).read_unaligned());
+                    *s = _mm256_add_epi32(*s, _mm256_madd_epi16(_mm256_maddubs_epi16(aq, _mm256_sign_epi8(at, q)), ones));
+                }
+            }
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+            for k in 0..N {
+                let d = _mm256_mul_ps(dw, _mm256_set1_ps(*act_scales[k].get_unchecked(b)));
+                acc[k][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32[k]), acc[k][h]);
+            }
+        }
+    }
+    let mut out = [[0f32; 16]; N];
+    for (o, [a0, a1]) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), a0);
+        _mm256_storeu_ps(o.as_mut_ptr().add(8), a1);
     }
     out
 }
