@@ -105,7 +105,7 @@ pub struct Kernels {
     pub q8_0x8: Gemv8Fn,
     pub q8_0x8x4: Option<Gemm4x8Fn>,
     /// Whole pairs of groups at once, one ascending pass over both (`None`: a group at a time
-    /// through the eight-row kernels, every other column twice over).
+    /// through the eight-row kernels, every other block column, then the other group's).
     pub q4_0x16: Option<Gemv16Fn>,
     pub q4_0x16x4: Option<Gemm4x16Fn>,
     pub q4_0x16x8: Option<Gemm8x16Fn>,

@@ -286,8 +286,8 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_su
 /// Both groups of an interleaved Q4_0 pair ([`super::super::blocks::interleave16`]) × `N`
 /// tokens, in one ascending pass: block column `b` of the two groups is 288 contiguous bytes,
 /// read and prefetched as one piece. Going group by group through [`q4_0x8`] reads every other
-/// 144 bytes twice over, which left a 2-core EPYC's memory stream at 7.3 GB/s on one thread
-/// where this reads 10.2 (BENCHMARKS.md, "Streaming a pair in one pass"). Per group and token
+/// 144 bytes, then comes back for the rest, which left a 2-core EPYC's memory stream at 7.3
+/// GB/s on one thread where this reads 10.2 (BENCHMARKS.md, "Streaming a pair in one pass"). Per group and token
 /// the arithmetic is [`q4_0x8`]'s (the same block integers, `d_w·d_a` and one FMA per block in
 /// order; the activation scale comes in as the f32 of its f16), so each output is bit for bit
 /// the group kernel's.
