@@ -290,7 +290,9 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_su
 /// GB/s on one thread where this reads 10.2 (BENCHMARKS.md, "Streaming a pair in one pass"). Per group and token
 /// the arithmetic is [`q4_0x8`]'s (the same block integers, `d_w·d_a` and one FMA per block in
 /// order; the activation scale comes in as the f32 of its f16), so each output is bit for bit
-/// the group kernel's.
+/// the group kernel's. The column's code repeats [`q4_0x8x4`]'s on purpose: one `#[inline(always)]`
+/// column helper for the group and pair kernels of both types compiled to 0.88–0.93× the
+/// pp128 of q4_0 (alternated `bench quant` runs), so the copies stay.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
