@@ -291,7 +291,7 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_su
 /// the arithmetic is [`q4_0x8`]'s (the same block integers, `d_w·d_a` and one FMA per block in
 /// order; the activation scale comes in as the f32 of its f16), so each output is bit for bit
 /// the group kernel's. The column's code repeats [`q4_0x8x4`]'s on purpose: one `#[inline(always)]`
-/// column helper for the group and pair kernels of both types compiled to 0.88–0.93× the
+/// column helper for the group and pair kernels of both types compiled to 0.85–0.95× (median 0.91) the
 /// pp128 of q4_0 (alternated `bench quant` runs), so the copies stay.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
