@@ -68,7 +68,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             emit(&commands::lora::merge(&o)?)
         }
-        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, force } } => emit(&commands::lora::pack(&commands::lora::PackOptions { adapter, out, dtype, force })?),
+        Cmd::Adapter { what: AdapterCmd::Pack { adapter, out, dtype, rank, force } } => emit(&commands::lora::pack(&commands::lora::PackOptions { adapter, out, dtype, rank, force })?),
         Cmd::Vocab { what } => vocab(what),
         Cmd::Data { what: DataCmd::Prepare { recipe, quiet } } => emit(&commands::train::prepare_data(&commands::train::PrepareDataOptions { recipe, progress: !quiet })?),
         Cmd::Import { what: ImportCmd::Gguf { file, out, dtype, force } } => emit(&commands::gguf::import_gguf(&commands::gguf::ImportOptions { file, out, dtype, force })?),

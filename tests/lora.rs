@@ -297,7 +297,7 @@ mod modes {
         std::fs::write(dir.path().join("recipe.toml"), "# how it was trained").unwrap();
         save(&model, &cfg, TableSave { embed: TableMode::NewRows, lm_head: TableMode::NewRows, old_vocab: 320, head_moved: vec![] }, &ad, &[&dir.path().join("recipe.toml")]).unwrap();
         let packed = dir.path().join("packed");
-        let r = linly_lora::lora::save::pack(&ad, &packed, FloatType::F16).unwrap();
+        let r = linly_lora::lora::save::pack(&ad, &packed, FloatType::F16, None).unwrap();
         assert!(r.deduplicated_head);
         assert!(packed.join("recipe.toml").exists(), "other files are copied");
         let st = SafetensorsFile::open(&packed.join("adapter_model.safetensors")).unwrap();
@@ -323,6 +323,50 @@ mod modes {
         assert_eq!(m.vocab_size, 328);
         let merged = Llama::load(&out, &dev(), FloatType::F32).unwrap();
         assert!(rel_err(&logits_of(&merged, &ids), &logits_of(&pk, &ids)) < 1e-5);
+    }
+
+    /// `adapter pack --rank K` on the PEFT fixture adapter (r 8) whose B factors were cut to
+    /// rank 4: at K = 4 the packed adapter is the same model (the SVD finds the whole update,
+    /// alpha rescaled so alpha/r is kept); at K = 2 it is a different one and says what it left out.
+    #[test]
+    fn pack_to_a_lower_rank_keeps_the_update_it_can_hold() {
+        let dir = tempfile::tempdir().unwrap();
+        let ad = dir.path().join("rank4");
+        std::fs::create_dir_all(&ad).unwrap();
+        std::fs::copy(tiny().join("adapter/adapter_config.json"), ad.join("adapter_config.json")).unwrap();
+        rewrite_safetensors(&tiny().join("adapter/adapter_model.safetensors"), &ad.join("adapter_model.safetensors"), |n, s, mut v| {
+            if n.ends_with("lora_B.weight") {
+                // [out, 8]: columns 4..8 zero, so B·A has rank at most 4.
+                for (i, x) in v.iter_mut().enumerate() {
+                    if i % s[1] >= 4 {
+                        *x = 0.0;
+                    }
+                }
+            }
+            Some((n.to_string(), FloatType::F32, s, v))
+        });
+        let ids = Expected::load().ids("resized_input_ids");
+        let logits = |a: &Path| logits_of(&apply(Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap(), a, &dev()).unwrap(), &ids);
+        let orig = logits(&ad);
+        let (p4, p2) = (dir.path().join("p4"), dir.path().join("p2"));
+        let r4 = linly_lora::lora::save::pack(&ad, &p4, FloatType::F32, Some(4)).unwrap();
+        let r2 = linly_lora::lora::save::pack(&ad, &p2, FloatType::F32, Some(2)).unwrap();
+        let (c4, c2) = (r4.rank_cut.unwrap(), r2.rank_cut.unwrap());
+        assert_eq!((c4.from, c4.to, c4.pairs), (8, 4, 14));
+        assert!(c4.dropped_energy_max < 1e-10, "{c4:?}");
+        assert!(c2.dropped_energy_median > 1e-3, "{c2:?}");
+        let cfg = AdapterConfig::load(&p4).unwrap();
+        assert_eq!((cfg.r, cfg.lora_alpha), (4, 8.0));
+        let st = SafetensorsFile::open(&p4.join("adapter_model.safetensors")).unwrap();
+        let a = st.names().into_iter().find(|n| n.ends_with("q_proj.lora_A.weight")).unwrap();
+        assert_eq!(st.require(&a).unwrap().shape[0], 4);
+        let e4 = rel_err(&logits(&p4), &orig);
+        let e2 = rel_err(&logits(&p2), &orig);
+        assert!(e4 < 1e-5, "rank 4 holds the whole update: {e4:e}");
+        assert!(e2 > 100.0 * e4.max(1e-7), "rank 2 must change the model: {e2:e} vs {e4:e}");
+        // A rank that is not below r is refused, naming the folder.
+        let err = linly_lora::lora::save::pack(&ad, &dir.path().join("p8"), FloatType::F32, Some(8)).unwrap_err();
+        assert!(format!("{err:#}").contains("rank4"), "{err:#}");
     }
 
     #[test]

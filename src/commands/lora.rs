@@ -66,11 +66,13 @@ pub struct PackOptions {
     pub adapter: PathBuf,
     pub out: PathBuf,
     pub dtype: FloatType,
+    /// Lower the LoRA pairs to this rank (`lora::save::pack`).
+    pub rank: Option<usize>,
     pub force: bool,
 }
 
 pub fn pack(o: &PackOptions) -> Result<Written<PackReport>> {
-    let report = write_out(&o.out, std::slice::from_ref(&o.adapter), o.force, |staged| crate::lora::save::pack(&o.adapter, staged, o.dtype))?;
+    let report = write_out(&o.out, std::slice::from_ref(&o.adapter), o.force, |staged| crate::lora::save::pack(&o.adapter, staged, o.dtype, o.rank))?;
     Ok(Written { report, out: o.out.clone() })
 }
 
@@ -79,11 +81,22 @@ impl fmt::Display for Written<PackReport> {
         let r = &self.report;
         write!(
             f,
-            "packed {} tensors: {:.1} MB -> {:.1} MB{} -> {}",
+            "packed {} tensors: {:.1} MB -> {:.1} MB{}{} -> {}",
             r.tensors,
             r.bytes_in as f64 / 1e6,
             r.bytes_out as f64 / 1e6,
             if r.deduplicated_head { " (tied lm_head stored once)" } else { "" },
+            match &r.rank_cut {
+                Some(c) => format!(
+                    "; rank {} -> {} on {} pairs, left out {:.2} % of an update's energy (median; worst pair {:.2} %)",
+                    c.from,
+                    c.to,
+                    c.pairs,
+                    100.0 * c.dropped_energy_median,
+                    100.0 * c.dropped_energy_max
+                ),
+                None => String::new(),
+            },
             self.out.display()
         )
     }

@@ -6,6 +6,7 @@ pub mod config;
 pub mod merge;
 pub mod model;
 pub mod save;
+pub mod truncate;
 
 // The branch itself is part of the model (a projection holds its branches), so the model
 // never imports this module; everything here builds, loads, saves or merges branches.

@@ -131,6 +131,19 @@ pub struct PackReport {
     pub bytes_out: u64,
     /// The head's trainable rows were dropped because they equal the embedding's (tied model).
     pub deduplicated_head: bool,
+    /// Set when `--rank` lowered the LoRA pairs' rank.
+    pub rank_cut: Option<RankCut>,
+}
+
+/// What lowering the rank did: every pair's share of `‖B·A‖²` left out (see
+/// [`super::truncate::Truncated::dropped_energy`]).
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RankCut {
+    pub from: usize,
+    pub to: usize,
+    pub pairs: usize,
+    pub dropped_energy_median: f64,
+    pub dropped_energy_max: f64,
 }
 
 /// Rewrites an adapter folder for shipping: every float tensor in `dtype` (f16 halves an f32
@@ -140,7 +153,12 @@ pub struct PackReport {
 /// which loaders (ours, and PEFT's weight-tied trainable tokens) apply to the one shared table.
 /// Whole tables (`modules_to_save`) keep both copies: alone, an embed_tokens table unties. Other files in
 /// the folder (tokenizer, extension, recipe) are copied.
-pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
+///
+/// With `rank = Some(k)` every LoRA pair is replaced by the rank-`k` pair closest to its update
+/// `B·A` ([`super::truncate::truncate_pair`]), and `lora_alpha` is rescaled so that each
+/// module's scale (`alpha/r`, or `alpha/√r` with rsLoRA) stays what it was: the update a pair
+/// adds is the truncated product, nothing else changes.
+pub fn pack(src: &Path, dst: &Path, dtype: FloatType, rank: Option<usize>) -> Result<PackReport> {
     use anyhow::Context;
     use crate::io::safetensors::SafetensorsFile;
     let mut cfg = AdapterConfig::load(src)?;
@@ -155,6 +173,15 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
     // Only trainable-token rows are stored once: loaders give an embed_tokens-only row update of
     // a tied model to both tables, but a lone whole embed_tokens (modules_to_save) unties it.
     let drop_head = same(EMBED_ROWS, HEAD_ROWS) && cfg.token_indices("embed_tokens") == cfg.token_indices("lm_head");
+    let (cut, mut rank_cut) = match rank {
+        Some(k) => {
+            let (cut, report) = lower_rank(&file, &wpath, &cfg, k).with_context(|| format!("adapter pack --rank {k} of {}", src.display()))?;
+            cfg.lora_alpha = if cfg.use_rslora { cfg.lora_alpha * (k as f64 / cfg.r as f64).sqrt() } else { cfg.lora_alpha * k as f64 / cfg.r as f64 };
+            cfg.r = k;
+            (cut, Some(report))
+        }
+        None => (BTreeMap::new(), None),
+    };
     let mut out: Vec<Entry> = Vec::new();
     let mut bytes_in = 0u64;
     for name in file.names() {
@@ -163,8 +190,11 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
         if drop_head && name == HEAD_ROWS {
             continue;
         }
-        let v = t.to_f32().with_context(|| format!("{}: tensor `{name}` is not a float tensor", wpath.display()))?;
-        out.push((name.clone(), dtype.safetensors_name().into(), t.shape.to_vec(), encode_f32(&v, dtype)));
+        let (shape, v) = match cut.get(&name) {
+            Some((shape, v)) => (shape.clone(), v.clone()),
+            None => (t.shape.to_vec(), t.to_f32().with_context(|| format!("{}: tensor `{name}` is not a float tensor", wpath.display()))?),
+        };
+        out.push((name.clone(), dtype.safetensors_name().into(), shape, encode_f32(&v, dtype)));
     }
     if drop_head {
         if let Some(TokenIndices::PerModule(m)) = cfg.trainable_token_indices.as_mut() {
@@ -184,5 +214,39 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType) -> Result<PackReport> {
         }
     }
     staged.commit()?;
-    Ok(PackReport { tensors, bytes_in, bytes_out, deduplicated_head: drop_head })
+    Ok(PackReport { tensors, bytes_in, bytes_out, deduplicated_head: drop_head, rank_cut: rank_cut.take() })
+}
+
+/// The rank-`k` replacement of every `lora_A` / `lora_B` pair in `file`, by tensor name.
+#[allow(clippy::type_complexity)]
+fn lower_rank(file: &crate::io::safetensors::SafetensorsFile, wpath: &Path, cfg: &AdapterConfig, k: usize) -> Result<(BTreeMap<String, (Vec<usize>, Vec<f32>)>, RankCut)> {
+    use anyhow::Context;
+    if k == 0 || k >= cfg.r {
+        bail!("the rank must be at least 1 and below the adapter's r = {} (its adapter_config.json)", cfg.r);
+    }
+    if !cfg.rank_pattern.is_empty() || !cfg.alpha_pattern.is_empty() {
+        bail!("the adapter sets rank_pattern / alpha_pattern (per-module ranks), which --rank does not lower; pack it without --rank");
+    }
+    let mut cut = BTreeMap::new();
+    let mut dropped = Vec::new();
+    for a_name in file.names().into_iter().filter(|n| n.ends_with(".lora_A.weight")) {
+        let b_name = a_name.replace(".lora_A.weight", ".lora_B.weight");
+        let (a, b) = (file.require(&a_name)?, file.require(&b_name).with_context(|| format!("{}: `{a_name}` has no `{b_name}`", wpath.display()))?);
+        let (&[r, in_dim], &[out_dim, rb]) = (a.shape, b.shape) else {
+            bail!("{}: `{a_name}` {:?} / `{b_name}` {:?} are not 2-D LoRA factors", wpath.display(), a.shape, b.shape);
+        };
+        if r != rb || r != cfg.r {
+            bail!("{}: `{a_name}` has rank {r}, `{b_name}` {rb}, the config r = {}", wpath.display(), cfg.r);
+        }
+        let t = super::truncate::truncate_pair(&a.to_f32()?, &b.to_f32()?, r, in_dim, out_dim, k).with_context(|| format!("{}: `{a_name}`", wpath.display()))?;
+        dropped.push(t.dropped_energy);
+        cut.insert(a_name, (vec![k, in_dim], t.a));
+        cut.insert(b_name, (vec![out_dim, k], t.b));
+    }
+    if dropped.is_empty() {
+        bail!("{} holds no LoRA pairs (only tables), so there is no rank to lower", wpath.display());
+    }
+    dropped.sort_by(f64::total_cmp);
+    let report = RankCut { from: cfg.r, to: k, pairs: dropped.len(), dropped_energy_median: dropped[dropped.len() / 2], dropped_energy_max: dropped[dropped.len() - 1] };
+    Ok((cut, report))
 }
