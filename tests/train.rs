@@ -420,6 +420,8 @@ plots = false
             (base.replace("[output]\ndir = \"out\"\n", ""), "output"),
             (base.clone() + "[[stage]]\nsteps = 0\n", "[[stage]] #1"),
             (base.clone() + "[lora]\ninit_from = \"/nonexistent\"\n", "init_from"),
+            // The fixture adapter is r 8 / alpha 16: continuing it under another [lora] would save the wrong scale.
+            (base.clone() + &format!("[lora]\nr = 4\nalpha = 16\ninit_from = \"{}\"\n", p(&tiny().join("adapter"))), "holds r = 8, alpha = 16"),
             (base.replace(&p(&tiny().join("base")), "/nonexistent/model"), "[model] path"),
         ];
         for (i, (text, needle)) in cases.iter().enumerate() {

@@ -484,6 +484,15 @@ impl Recipe {
             if !self.resolve(p).join("adapter_config.json").exists() {
                 bail!("[lora] init_from = {:?}: no adapter_config.json there; point it at a PEFT adapter folder", p);
             }
+            // The run saves its adapter with [lora]'s r and alpha, while the branches it trains
+            // are the ones loaded from init_from: the two must agree, or the saved scale is wrong.
+            let c = crate::lora::config::AdapterConfig::load(&self.resolve(p)).with_context(|| format!("[lora] init_from = {p:?}"))?;
+            if c.r != l.r || c.lora_alpha != l.alpha || c.use_rslora != l.rslora {
+                bail!(
+                    "[lora] init_from = {:?} holds r = {}, alpha = {}, rslora = {}, but [lora] says r = {}, alpha = {}, rslora = {}: set [lora] to the adapter's values (training continues its branches as they are)",
+                    p, c.r, c.lora_alpha, c.use_rslora, l.r, l.alpha, l.rslora
+                );
+            }
         }
         if self.data.is_empty() {
             bail!("no [[data]] blocks: add at least one, e.g. [[data]] kind = \"text\" path = \"zh.txt\"");
