@@ -5,6 +5,7 @@
 # vocabulary statistics) and the trained adapter packed to f16 in pieces (adapter.tar.NN).
 #
 #   TRAIN_MINUTES=8 bash examples/gpu_device.sh
+#   INIT_FROM=runs/gpu-init TRAIN_MINUTES=8 bash examples/gpu_device.sh   # continue the packed adapter
 #
 # A call may run 10 minutes. On an H200 the rest took ~75 s (import 2 s, resize and statistics,
 # the 12-step probe 27 s, merge, fifteen evaluations, packing) and the training ~0.83 of

@@ -5,7 +5,7 @@
 #   bash scripts/setup-libtorch.sh && bash examples/gpu_pack.sh
 #
 # Why parts: a device call carries the working tree and at most 64 MiB in all, and nothing
-# outside the device machine can be reached from it. The tracked tree is ~40 MiB (the shipped
+# outside the device machine can be reached from it. The tracked tree is ~45 MiB (the shipped
 # adapter is most of it) and the bundle ~100 MiB (the GGUF 94 MiB, the libtorch build of
 # linly-lora, the data compressed), so it travels in several calls made back to back: each
 # call's examples/gpu_unpack.sh keeps its part under runs/gpu-keep (ignored paths stay on a
@@ -13,7 +13,9 @@
 # Moving adapters/smollm2-135m-zh out of the work tree while the calls run (and `git checkout
 # adapters` after) leaves an 11 MiB tree and two parts: one call fewer to start and carry.
 #
-# Writes .gpu/{manifest,part-NN}. LIMIT_MB (default 64) is the carry limit.
+# Writes .gpu/{manifest,part-NN}. LIMIT_MB (default 64) is the carry limit. INIT_FROM=DIR (an
+# adapter folder, e.g. adapters/smollm2-135m-zh) packs that adapter too, as runs/gpu-init, and
+# the last call continues it (examples/quickstart_gpu.sh, INIT_FROM).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=runs/quickstart
@@ -42,6 +44,12 @@ strip .gpu/stage/runs/gpu-bin/linly-lora 2>/dev/null || true
 cp $GGUF .gpu/stage/$GGUF
 cp $Q/tokenizer/* .gpu/stage/$Q/tokenizer/
 for f in $DATA; do cp $Q/data/$f .gpu/stage/$Q/data/; done
+CONT=
+if [ -n "${INIT_FROM:-}" ]; then
+  [ -f "$INIT_FROM/adapter_config.json" ] || { echo "gpu_pack: INIT_FROM=$INIT_FROM has no adapter_config.json" >&2; exit 1; }
+  mkdir -p .gpu/stage/runs/gpu-init && cp "$INIT_FROM"/* .gpu/stage/runs/gpu-init/
+  CONT="INIT_FROM=runs/gpu-init "
+fi
 tar -C .gpu/stage -cf - . | xz -T0 -6 >.gpu/bundle.tar.xz
 rm -rf .gpu/stage
 split -b "${part_kb}K" -d -a 2 .gpu/bundle.tar.xz .gpu/part-
@@ -55,6 +63,6 @@ for p in .gpu/part-*; do
   if [ "$p" != "$(ls .gpu/part-* | tail -1)" ]; then
     echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='bash examples/gpu_unpack.sh'  timeout_s=120"
   else
-    echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='TRAIN_MINUTES=8 bash examples/gpu_device.sh'  timeout_s=600"
+    echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='${CONT}TRAIN_MINUTES=8 bash examples/gpu_device.sh'  timeout_s=600"
   fi
 done

@@ -15,6 +15,11 @@
 # rate depends on the machine), and the run gets the steps that fit, with its cosine schedule
 # over them. STEPS=N skips the probe. DEVICE (default cuda:0), RECIPE (default
 # recipes/quickstart-smollm2-gpu.toml), LR and EMBED_LR (the peak rates) may be overridden.
+#
+# INIT_FROM=DIR continues a run instead of starting one: the training starts from that adapter
+# (its LoRA pairs with their rank and alpha, and its new rows; `[lora] init_from`), with a fresh
+# warm-up and schedule. A device session has minutes, not hours, so the long run is built from
+# several: INIT_FROM=adapters/smollm2-135m-zh continues the run shipped there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 Q=runs/quickstart
@@ -44,10 +49,20 @@ $BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
 
 # The recipe's paths are relative to recipes/; the run's copies live beside it.
 # LR and EMBED_LR, when set, replace the recipe's peak rates (LoRA and the new rows).
+# INIT_FROM, when set, puts `init_from` under [lora] with the adapter's own r and alpha (the
+# recipe refuses others).
+CONTINUE=()
+if [ -n "${INIT_FROM:-}" ]; then
+  [ -f "$INIT_FROM/adapter_config.json" ] || { echo "quickstart_gpu: INIT_FROM=$INIT_FROM has no adapter_config.json" >&2; exit 1; }
+  read -r INIT_R INIT_ALPHA < <(python3 -c 'import json, sys; c = json.load(open(sys.argv[1] + "/adapter_config.json")); print(c["r"], c["lora_alpha"])' "$INIT_FROM")
+  case "$INIT_FROM" in /*) init_path=$INIT_FROM ;; *) init_path=../$INIT_FROM ;; esac
+  CONTINUE=(-e "s#^r = .*#r = $INIT_R#" -e "s#^alpha = .*#alpha = $INIT_ALPHA#" -e "/^\[lora\]/a init_from = \"$init_path\"")
+  stamp "continuing $INIT_FROM (r $INIT_R, alpha $INIT_ALPHA)"
+fi
 recipe_with() { # out_dir steps eval_every
   sed -e "s#^device = .*#device = \"$DEVICE\"#" -e "s#^steps = .*#steps = $2#" -e "s#^save_every = .*#save_every = $2#" \
       -e "s#^eval_every = .*#eval_every = $3#" -e "s#^dir = .*#dir = \"../$1\"#" \
-      ${LR:+-e "s#^lr = .*#lr = $LR#"} ${EMBED_LR:+-e "s#^embed_lr = .*#embed_lr = $EMBED_LR#"} "$RECIPE"
+      ${LR:+-e "s#^lr = .*#lr = $LR#"} ${EMBED_LR:+-e "s#^embed_lr = .*#embed_lr = $EMBED_LR#"} "${CONTINUE[@]}" "$RECIPE"
 }
 if [ -z "${STEPS:-}" ]; then
   stamp "probe: 12 steps of $RECIPE on $DEVICE"
