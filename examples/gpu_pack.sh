@@ -57,7 +57,7 @@ n=$(ls .gpu/part-* | wc -l)
 echo "$n $(sha256sum .gpu/bundle.tar.xz | cut -d' ' -f1)" >.gpu/manifest
 rm .gpu/bundle.tar.xz
 echo "gpu_pack: $n parts of at most $((part_kb >> 10)) MiB beside a $((tree_bytes >> 20)) MiB tree (.gpu/manifest)"
-[ "$n" -gt 2 ] && echo "gpu_pack: $n calls; with adapters/smollm2-135m-zh moved out of the work tree (git checkout adapters after), it would be 2"
+[ "$n" -gt 3 ] && echo "gpu_pack: $n calls; with adapters/smollm2-135m-zh moved out of the work tree (git checkout adapters after), pack again: 2, or 3 with INIT_FROM (packed before the move, the adapter travels in the bundle)"
 echo "Device calls, back to back (a warm machine keeps runs/gpu-keep only ~30 s between calls):"
 for p in .gpu/part-*; do
   if [ "$p" != "$(ls .gpu/part-* | tail -1)" ]; then
