@@ -24,6 +24,7 @@ bash scripts/setup-libtorch.sh
 ASIDE=runs/adapters-aside
 if [ -d adapters/smollm2-135m-zh ]; then
   rm -rf $ASIDE && mkdir -p $ASIDE && mv adapters/smollm2-135m-zh $ASIDE/
+  echo "gpu_prepare: adapters/smollm2-135m-zh is set aside in $ASIDE for the calls; after them (or if this fails): git checkout adapters"
 fi
 if [ "$INIT_FROM" = adapters/smollm2-135m-zh ]; then
   INIT_FROM=$ASIDE/smollm2-135m-zh
@@ -33,4 +34,3 @@ if [ -n "$INIT_FROM" ]; then
     || { echo "gpu_prepare: $INIT_FROM is not an adapter of the vocabulary extension that vocab extend made here (runs/quickstart/tokenizer); git checkout adapters" >&2; exit 1; }
 fi
 INIT_FROM=$INIT_FROM BIN_SRC=target/tch/release/linly-lora bash examples/gpu_pack.sh
-echo "gpu_prepare: adapters/smollm2-135m-zh is set aside in $ASIDE for the calls; after them: git checkout adapters"

@@ -367,6 +367,20 @@ mod modes {
         // A rank that is not below r is refused, naming the folder.
         let err = linly_lora::lora::save::pack(&ad, &dir.path().join("p8"), FloatType::F32, Some(8)).unwrap_err();
         assert!(format!("{err:#}").contains("rank4"), "{err:#}");
+        // A NaN in a factor is refused before anything is written.
+        let bad = dir.path().join("nan");
+        std::fs::create_dir_all(&bad).unwrap();
+        std::fs::copy(ad.join("adapter_config.json"), bad.join("adapter_config.json")).unwrap();
+        rewrite_safetensors(&ad.join("adapter_model.safetensors"), &bad.join("adapter_model.safetensors"), |n, s, mut v| {
+            if n.ends_with("layers.1.mlp.down_proj.lora_B.weight") {
+                v[3] = f32::NAN;
+            }
+            Some((n.to_string(), FloatType::F32, s, v))
+        });
+        let out = dir.path().join("pnan");
+        let err = format!("{:#}", linly_lora::lora::save::pack(&bad, &out, FloatType::F32, Some(4)).unwrap_err());
+        assert!(err.contains("down_proj.lora_B") && err.contains("NaN"), "{err}");
+        assert!(!out.exists());
     }
 
     #[test]

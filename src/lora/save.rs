@@ -173,7 +173,7 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType, rank: Option<usize>) -> Re
     // Only trainable-token rows are stored once: loaders give an embed_tokens-only row update of
     // a tied model to both tables, but a lone whole embed_tokens (modules_to_save) unties it.
     let drop_head = same(EMBED_ROWS, HEAD_ROWS) && cfg.token_indices("embed_tokens") == cfg.token_indices("lm_head");
-    let (cut, mut rank_cut) = match rank {
+    let (mut cut, rank_cut) = match rank {
         Some(k) => {
             let (cut, report) = lower_rank(&file, &wpath, &cfg, k).with_context(|| format!("adapter pack --rank {k} of {}", src.display()))?;
             cfg.lora_alpha = if cfg.use_rslora { cfg.lora_alpha * (k as f64 / cfg.r as f64).sqrt() } else { cfg.lora_alpha * k as f64 / cfg.r as f64 };
@@ -190,8 +190,8 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType, rank: Option<usize>) -> Re
         if drop_head && name == HEAD_ROWS {
             continue;
         }
-        let (shape, v) = match cut.get(&name) {
-            Some((shape, v)) => (shape.clone(), v.clone()),
+        let (shape, v) = match cut.remove(&name) {
+            Some(replaced) => replaced,
             None => (t.shape.to_vec(), t.to_f32().with_context(|| format!("{}: tensor `{name}` is not a float tensor", wpath.display()))?),
         };
         out.push((name.clone(), dtype.safetensors_name().into(), shape, encode_f32(&v, dtype)));
@@ -214,7 +214,7 @@ pub fn pack(src: &Path, dst: &Path, dtype: FloatType, rank: Option<usize>) -> Re
         }
     }
     staged.commit()?;
-    Ok(PackReport { tensors, bytes_in, bytes_out, deduplicated_head: drop_head, rank_cut: rank_cut.take() })
+    Ok(PackReport { tensors, bytes_in, bytes_out, deduplicated_head: drop_head, rank_cut })
 }
 
 /// The rank-`k` replacement of every `lora_A` / `lora_B` pair in `file`, by tensor name.
@@ -238,7 +238,12 @@ fn lower_rank(file: &crate::io::safetensors::SafetensorsFile, wpath: &Path, cfg:
         if r != rb || r != cfg.r {
             bail!("{}: `{a_name}` has rank {r}, `{b_name}` {rb}, the config r = {}", wpath.display(), cfg.r);
         }
-        let t = super::truncate::truncate_pair(&a.to_f32()?, &b.to_f32()?, r, in_dim, out_dim, k).with_context(|| format!("{}: `{a_name}`", wpath.display()))?;
+        let (av, bv) = (a.to_f32()?, b.to_f32()?);
+        // A NaN or inf would run through the SVD into every value of the pair, silently.
+        if let Some(n) = [(&a_name, &av), (&b_name, &bv)].into_iter().find_map(|(n, v)| v.iter().any(|x| !x.is_finite()).then_some(n)) {
+            bail!("{}: `{n}` holds NaN or inf values; the adapter is broken, pack it from a good checkpoint", wpath.display());
+        }
+        let t = super::truncate::truncate_pair(&av, &bv, r, in_dim, out_dim, k).with_context(|| format!("{}: `{a_name}`", wpath.display()))?;
         dropped.push(t.dropped_energy);
         cut.insert(a_name, (vec![k, in_dim], t.a));
         cut.insert(b_name, (vec![out_dim, k], t.b));
