@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The main job, end to end on the CPU: teach SmolLM2-135M-Instruct Chinese.
 #
-#   bash examples/quickstart.sh            # the whole run (about 30 minutes on 2 cores)
+#   bash examples/quickstart.sh            # the whole run (30 minutes after the build)
+#   BUDGET_MINUTES=60 bash examples/quickstart.sh  # a longer budget (more steps on a slow CPU)
 #   QUICK=1 bash examples/quickstart.sh    # same pipeline, 10 training steps (wiring check)
 #   INIT=distill bash examples/quickstart.sh  # new rows fitted against the base (see step 5)
 #   PREPARE_ONLY=1 bash examples/quickstart.sh  # steps 1-4 only: what the GPU run needs
@@ -17,11 +18,16 @@
 #    Distillation for the input rows, the base's own probability of every piece for the head
 #    rows). Sub-token mean stays the default because it ends better after the CPU budget's
 #    training (BENCHMARKS.md, "Language transfer"), although distill starts 1.2 bits/char better;
-# 6. trains LoRA + the new rows from recipes/quickstart-smollm2.toml;
-# 7. merges (runs/quickstart/merged);
-# 8. evaluates base, resized and merged on the held-out texts (Lu Xun; zh_CN manual pages when
-#    Debian's manpages-zh could be fetched; Alice), writes runs/quickstart/report.json and prints
-#    the table, then asks the merged model a question in Chinese.
+# 6. evaluates base and resized on the held-out texts (Lu Xun; zh_CN manual pages when Debian's
+#    manpages-zh could be fetched; Alice);
+# 7. trains LoRA + the new rows from recipes/quickstart-smollm2.toml for at most its 200 steps,
+#    fewer where the CPU is too slow for them in the budget: BUDGET_MINUTES (default 30), counted
+#    from the end of the build, less what the steps before took and what the steps after will
+#    (the merged model's evaluations cost what the resized model's did). `[train] minutes` makes
+#    the run measure its own rate and plan its steps (TRAIN_MINUTES=M sets it directly);
+# 8. merges (runs/quickstart/merged), evaluates it on the held-out texts, writes
+#    runs/quickstart/report.json and prints the table, then asks the merged model a question in
+#    Chinese.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -38,6 +44,8 @@ python3 -m pip --version >/dev/null 2>&1 || { echo "quickstart: pip not found; a
 stamp "build (release)"
 cargo build --release --quiet
 BIN=$ROOT/target/release/linly-lora
+# The budget's clock: a first build takes minutes on 2 cores, and only once.
+TB=$(date +%s)
 mkdir -p "$DL" "$SRC"
 
 # name==version, extra pip flags, file, sha256. Sources and licences: runs/quickstart/data/LICENSES.txt.
@@ -110,7 +118,7 @@ stamp "prepare the data"
 python3 examples/quickstart_data.py "$SRC" $Q/data
 
 # Everything from here on is rebuilt on every run (the commands refuse to overwrite a folder).
-rm -rf $Q/tokenizer $Q/resized $Q/train $Q/merged $Q/quick.toml
+rm -rf $Q/tokenizer $Q/resized $Q/train $Q/merged $Q/quick.toml $Q/quickstart-smollm2.toml $Q/eval_*.json
 
 stamp "extend the vocabulary (characters + jieba words, by frequency in the Chinese training text)"
 $BIN vocab extend --tokenizer $Q/base --wordlist $SRC/jieba/jieba/dict.txt \
@@ -136,29 +144,46 @@ case $INIT in
 esac
 $BIN vocab resize --model $Q/base --extension $Q/tokenizer/vocab_extension.json --init $INIT $INIT_FLAGS --out $Q/resized
 
-RECIPE=recipes/quickstart-smollm2.toml
-case "${QUICK:-0}/$INIT" in
-  1/*|*/distill|*/distill-head)
-    # A copy next to the run's folders (its paths relative to runs/quickstart).
-    sed 's#"\.\./runs/quickstart/#"#' $RECIPE >$Q/quick.toml
-    RECIPE=$Q/quick.toml
-    [ "${QUICK:-0}" = 1 ] && sed -i 's/^steps = .*/steps = 10/' $RECIPE
-    # A fitted head stays as fitted: AdamW would push every row the step does not show down by
-    # a full step and undo the fit (BENCHMARKS.md, "A fitted head that training keeps").
-    case $INIT in distill|distill-head) sed -i 's/^lm_head = .*/lm_head = "frozen"/' $RECIPE ;; esac ;;
-esac
-stamp "train ($RECIPE)"
+evaluate() {
+  for lang in $HELDOUT; do
+    $BIN eval --model $Q/$1 --text $(held $lang) --window 1024 --json >$Q/eval_$1_$lang.json
+  done
+}
+stamp "evaluate base and resized on held-out text"
+evaluate base
+TE=$(date +%s)
+evaluate resized
+EVAL_S=$(($(date +%s) - TE))
+
+# A copy next to the run's folders (its paths relative to runs/quickstart), with the budget.
+RECIPE=$Q/quickstart-smollm2.toml
+sed 's#"\.\./runs/quickstart/#"#' recipes/quickstart-smollm2.toml >$RECIPE
+if [ "${QUICK:-0}" = 1 ]; then
+  sed -i 's/^steps = .*/steps = 10/' $RECIPE
+else
+  if [ -z "${TRAIN_MINUTES:-}" ]; then
+    # What is left of the budget, less the merged model's evaluations (as long as the resized
+    # model's) and a minute for saving, merging and the chat (~25 s measured).
+    LEFT_S=$((${BUDGET_MINUTES:-30} * 60 - ($(date +%s) - TB) - EVAL_S - 60))
+    if [ "$LEFT_S" -lt 180 ]; then
+      echo "quickstart: only $((LEFT_S > 0 ? LEFT_S : 0)) s of the ${BUDGET_MINUTES:-30}-minute budget are left for training; training 3 minutes anyway (BUDGET_MINUTES=N raises it)" >&2
+      LEFT_S=180
+    fi
+    TRAIN_MINUTES=$(python3 -c "print(round($LEFT_S / 60, 1))")
+  fi
+  sed -i "s/^steps = \(.*\)/steps = \1\nminutes = $TRAIN_MINUTES/" $RECIPE
+fi
+# A fitted head stays as fitted: AdamW would push every row the step does not show down by a
+# full step and undo the fit (BENCHMARKS.md, "A fitted head that training keeps").
+case $INIT in distill|distill-head) sed -i 's/^lm_head = .*/lm_head = "frozen"/' $RECIPE ;; esac
+stamp "train ($RECIPE${TRAIN_MINUTES:+: at most ${TRAIN_MINUTES} min})"
 $BIN train $RECIPE
 
 stamp "merge"
 $BIN merge --base $Q/resized --adapter $Q/train/adapter --out $Q/merged
 
-stamp "evaluate on held-out text (base, resized, merged)"
-for m in base resized merged; do
-  for lang in $HELDOUT; do
-    $BIN eval --model $Q/$m --text $(held $lang) --window 1024 --json >$Q/eval_${m}_$lang.json
-  done
-done
+stamp "evaluate merged on held-out text"
+evaluate merged
 
 T1=$(date +%s)
 python3 examples/quickstart_report.py $Q $((T1 - T0))

@@ -46,7 +46,7 @@ report = {
     "bits_per_char_change": change,
     "step0_cost_bits_per_char": step0,
     "targets": targets,
-    "train": {k: train.get(k) for k in ("steps", "first_loss", "last_loss", "tokens_per_s", "seconds", "packing_efficiency") if k in train},
+    "train": {k: train.get(k) for k in ("total_steps", "planned_steps", "first_loss", "last_loss", "tokens_per_s", "wall_s", "packing_efficiency") if k in train},
     "wall_seconds": wall,
     "heldout": {"zh": "Lu Xun, Call to Arms (wordcloud sdist)", "zh2": "zh_CN manual pages (Debian manpages-zh)",
                 "en": "Alice in Wonderland, ch. I (wordcloud sdist)"},

@@ -401,6 +401,49 @@ plots = false
         }
     }
 
+    /// `[train] minutes`: after its first eight steps a run plans the steps its budget holds. A
+    /// budget that is already spent ends the run there, with its adapter and the plan in the
+    /// metrics; one that holds every step changes nothing against the same recipe without it.
+    #[test]
+    fn a_time_budget_plans_where_the_run_ends() {
+        let m_dir = tempfile::tempdir().unwrap();
+        let m = m_dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let with_minutes = |dir: &Path, minutes: Option<f64>| {
+            let r = text_recipe_d(dir, &m, 14, "", 0.0);
+            if let Some(x) = minutes {
+                let t = std::fs::read_to_string(&r).unwrap().replace("steps = 14\n", &format!("steps = 14\nminutes = {x:e}\n"));
+                std::fs::write(&r, t).unwrap();
+            }
+            train(&TrainOptions { recipe: r, ..Default::default() }).unwrap()
+        };
+        let spent = tempfile::tempdir().unwrap();
+        let rep = with_minutes(spent.path(), Some(1e-6));
+        assert_eq!((rep.end_step, rep.total_steps, rep.planned_steps), (8, 8, Some(8)));
+        assert!(rep.adapter_dir.unwrap().join("adapter_model.safetensors").exists());
+        let ms = metrics(&spent.path().join("out"));
+        assert_eq!(ms.len(), 8);
+        assert_eq!(ms[7]["plan"]["steps"], 8);
+        assert_eq!(ms[7]["plan"]["upper"], 14);
+        assert!(ms[..7].iter().all(|l| l.get("plan").is_none()));
+
+        let ample = tempfile::tempdir().unwrap();
+        let rep = with_minutes(ample.path(), Some(1e6));
+        assert_eq!((rep.end_step, rep.total_steps, rep.planned_steps), (14, 14, Some(14)));
+        let lines = metrics(&ample.path().join("out"));
+        let plans: Vec<_> = lines.iter().filter(|l| l.get("plan").is_some()).map(|l| &l["step"]).collect();
+        assert_eq!(plans, [8], "a plan that does not change is logged once");
+        let none = tempfile::tempdir().unwrap();
+        let rep = with_minutes(none.path(), None);
+        assert_eq!((rep.end_step, rep.planned_steps), (14, None));
+        let (ma, mn) = (metrics(&ample.path().join("out")), metrics(&none.path().join("out")));
+        assert_eq!(ma.len(), 14);
+        for (x, y) in ma.iter().zip(&mn) {
+            assert_eq!((&x["loss"], &x["lr"]), (&y["loss"], &y["lr"]), "step {}", x["step"]);
+        }
+    }
+
     #[test]
     fn recipe_errors_name_the_key() {
         let dir = tempfile::tempdir().unwrap();
@@ -419,6 +462,8 @@ plots = false
             (base.replace("kind = \"tokenized\"", "kind = \"poetry\""), "poetry"),
             (base.replace("[output]\ndir = \"out\"\n", ""), "output"),
             (base.clone() + "[[stage]]\nsteps = 0\n", "[[stage]] #1"),
+            (base.clone() + "[train]\nminutes = 0.0\n", "[train] minutes"),
+            (base.clone() + "[train]\nminutes = 10.0\n[[stage]]\nsteps = 2\n", "[train] minutes with [[stage]]"),
             (base.clone() + "[lora]\ninit_from = \"/nonexistent\"\n", "init_from"),
             // The fixture adapter is r 8 / alpha 16: continuing it under another [lora] would save the wrong scale.
             (base.clone() + &format!("[lora]\nr = 4\nalpha = 16\ninit_from = \"{}\"\n", p(&tiny().join("adapter"))), "holds r = 8, alpha = 16"),

@@ -23,6 +23,10 @@ pub struct TrainState {
     pub adam_t: std::collections::BTreeMap<String, u64>,
     /// A hash of the recipe, to refuse resuming a different run.
     pub recipe_hash: u64,
+    /// The steps a `[train] minutes` budget planned, kept so that a resumed run ends where the
+    /// first one planned to (absent in checkpoints of runs without a budget, and older ones).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_steps: Option<usize>,
 }
 
 pub fn dir_for(out: &Path, step: usize) -> PathBuf {

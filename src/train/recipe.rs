@@ -175,6 +175,12 @@ pub struct TrainSection {
     pub batch_size: usize,
     pub grad_accum: usize,
     pub steps: usize,
+    /// A wall-clock budget for the whole `train` command: after its first steps the run
+    /// measures its seconds per step and stops at the step that fits (`steps` stays the upper
+    /// bound), with the decay of the schedule ending there. Left out of the serialized recipe
+    /// when unset, so that checkpoints written before the key existed still resume.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub minutes: Option<f64>,
     pub lr: f64,
     pub embed_lr: Option<f64>,
     pub warmup_ratio: f64,
@@ -217,6 +223,7 @@ impl Default for TrainSection {
             batch_size: 8,
             grad_accum: 1,
             steps: 1000,
+            minutes: None,
             lr: 2e-4,
             embed_lr: None,
             warmup_ratio: 0.05,
@@ -386,6 +393,7 @@ impl Recipe {
             ("[precision] min_scale".into(), p.min_scale as f64, NonNegative),
         ];
         keys.extend(t.embed_lr.map(|x| ("[train] embed_lr".into(), x, NonNegative)));
+        keys.extend(t.minutes.map(|x| ("[train] minutes".into(), x, Positive)));
         if let Some(v) = &self.vocab {
             keys.extend(v.init_std.map(|x| ("[vocab] init_std".into(), x as f64, NonNegative)));
             keys.extend(v.init_tokens.map(|x| ("[vocab] init_tokens".into(), x as f64, Positive)));
@@ -442,6 +450,9 @@ impl Recipe {
             }
             Ok(())
         };
+        if self.train.minutes.is_some() && !self.stage.is_empty() {
+            bail!("[train] minutes with [[stage]]: a time budget plans the steps of one stage; give each [[stage]] its steps, or drop the stages");
+        }
         must_exist("[model] path", &self.model.path)?;
         if let Some(t) = self.vocab.as_ref().and_then(|v| v.init_text.as_ref()) {
             must_exist("[vocab] init_text", t)?;

@@ -24,9 +24,34 @@ pub fn lr_factor(schedule: Schedule, step: usize, total: usize, warmup: usize) -
     }
 }
 
+/// Steps a run stops at under a wall-clock budget (`[train] minutes`): the `done` steps plus as
+/// many more as the budget's remaining seconds hold at `s_per_step`, within `[done, upper]`
+/// (`upper` is the recipe's `steps`). A budget already spent ends the run where it is.
+pub fn steps_within(budget_s: f64, elapsed_s: f64, s_per_step: f64, done: usize, upper: usize) -> usize {
+    let left = (budget_s - elapsed_s).max(0.0);
+    let more = if s_per_step > 0.0 { left / s_per_step } else { f64::INFINITY };
+    // `as` saturates: an infinite or huge quotient becomes usize::MAX, then the clamp.
+    done.saturating_add(more.floor() as usize).min(upper.max(done))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_budget_plans_the_steps_it_holds() {
+        // 600 s budget, 100 s gone, 10 s a step: 50 more after the 8 done.
+        assert_eq!(steps_within(600.0, 100.0, 10.0, 8, 200), 58);
+        // The recipe's steps stay the upper bound.
+        assert_eq!(steps_within(1e9, 100.0, 10.0, 8, 200), 200);
+        // A spent budget stops where the run is; never fewer than done.
+        assert_eq!(steps_within(60.0, 100.0, 10.0, 8, 200), 8);
+        assert_eq!(steps_within(600.0, 0.0, 10.0, 250, 200), 250);
+        // Zero-time steps (a clock that did not move) take the upper bound.
+        assert_eq!(steps_within(600.0, 0.0, 0.0, 8, 200), 200);
+        // A partial step left over does not count.
+        assert_eq!(steps_within(600.0, 100.0, 11.0, 8, 200), 8 + 45);
+    }
 
     #[test]
     fn warmup_then_cosine() {
