@@ -403,21 +403,23 @@ plots = false
 
     /// `[train] minutes`: after its first eight steps a run plans the steps its budget holds. A
     /// budget that is already spent ends the run there, with its adapter and the plan in the
-    /// metrics; one that holds every step changes nothing against the same recipe without it.
+    /// metrics; one that holds every step changes nothing against the same recipe without it,
+    /// also when the run is stopped after its plan and resumed (the checkpoint keeps the plan).
     #[test]
     fn a_time_budget_plans_where_the_run_ends() {
         let m_dir = tempfile::tempdir().unwrap();
         let m = m_dir.path().join("m");
         std::fs::create_dir(&m).unwrap();
         random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
-        let with_minutes = |dir: &Path, minutes: Option<f64>| {
+        let recipe_with = |dir: &Path, minutes: Option<f64>| {
             let r = text_recipe_d(dir, &m, 14, "", 0.0);
             if let Some(x) = minutes {
                 let t = std::fs::read_to_string(&r).unwrap().replace("steps = 14\n", &format!("steps = 14\nminutes = {x:e}\n"));
                 std::fs::write(&r, t).unwrap();
             }
-            train(&TrainOptions { recipe: r, ..Default::default() }).unwrap()
+            r
         };
+        let with_minutes = |dir: &Path, minutes: Option<f64>| train(&TrainOptions { recipe: recipe_with(dir, minutes), ..Default::default() }).unwrap();
         let spent = tempfile::tempdir().unwrap();
         let rep = with_minutes(spent.path(), Some(1e-6));
         assert_eq!((rep.end_step, rep.total_steps, rep.planned_steps), (8, 8, Some(8)));
@@ -429,8 +431,12 @@ plots = false
         assert!(ms[..7].iter().all(|l| l.get("plan").is_none()));
 
         let ample = tempfile::tempdir().unwrap();
-        let rep = with_minutes(ample.path(), Some(1e6));
-        assert_eq!((rep.end_step, rep.total_steps, rep.planned_steps), (14, 14, Some(14)));
+        let r = recipe_with(ample.path(), Some(1e6));
+        assert_eq!(train(&TrainOptions { recipe: r.clone(), stop_after: Some(10), ..Default::default() }).unwrap().end_step, 10);
+        let st: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(ample.path().join("out/checkpoints/step-00000010/state.json")).unwrap()).unwrap();
+        assert_eq!(st["planned_steps"], 14);
+        let rep = train(&TrainOptions { recipe: r, resume: true, ..Default::default() }).unwrap();
+        assert_eq!((rep.start_step, rep.end_step, rep.total_steps, rep.planned_steps), (10, 14, 14, Some(14)));
         let lines = metrics(&ample.path().join("out"));
         let plans: Vec<_> = lines.iter().filter(|l| l.get("plan").is_some()).map(|l| &l["step"]).collect();
         assert_eq!(plans, [8], "a plan that does not change is logged once");

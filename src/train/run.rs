@@ -372,11 +372,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         std::fs::copy(&opts.recipe, out.join("recipe.toml"))?;
     }
 
-    // A plan made before an interruption holds for the resumed run (recipes with a budget
-    // have one stage: `Recipe::check`).
+    // A resumed run keeps the plan it was given and makes no new one: the budget's clock
+    // started in an invocation this one cannot see. (A recipe with a budget has one stage:
+    // `Recipe::check`.)
     let mut planned = state.as_ref().and_then(|s| s.planned_steps);
-    // A resumed run keeps the plan it was given: the budget's clock started in an invocation
-    // this one cannot see.
     let replan = planned.is_none();
     if let Some(p) = planned {
         stages[0].steps = p;
@@ -470,13 +469,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 Some(_) => {}
             }
         }
-        let line = serde_json::json!({
+        let mut line = serde_json::json!({
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
             "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
             "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
-        let mut line = line;
         if let Some(p) = plan {
             line["plan"] = p;
         }
