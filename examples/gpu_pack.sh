@@ -63,6 +63,6 @@ for p in .gpu/part-*; do
   if [ "$p" != "$(ls .gpu/part-* | tail -1)" ]; then
     echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='bash examples/gpu_unpack.sh'  timeout_s=120"
   else
-    echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='${CONT}TRAIN_MINUTES=8 bash examples/gpu_device.sh'  timeout_s=600"
+    echo "  run  carry=[\".gpu/manifest\", \"$p\"]  command='${CONT}TRAIN_MINUTES=7.5 bash examples/gpu_device.sh'  timeout_s=600"
   fi
 done

@@ -8,13 +8,16 @@
 # Needs what examples/quickstart.sh and examples/gpu_data.sh made first (the GPU host has no
 # registries): the SmolLM2 GGUF under runs/quickstart/src/smollm2/ (or runs/quickstart/base/),
 # runs/quickstart/data/ and runs/quickstart/tokenizer/. examples/gpu_pack.sh carries all of it
-# to a device machine. Writes runs/quickstart-gpu/{probe,train,merged,report.json}.
+# to a device machine. Writes runs/quickstart-gpu/{train,merged,report.json}.
 #
-# TRAIN_MINUTES (default 5): the training's wall-clock budget. A 12-step probe of the recipe
-# measures the step time first (the chain term's targets are partly built on the host, so the
-# rate depends on the machine), and the run gets the steps that fit, with its cosine schedule
-# over them. STEPS=N skips the probe. DEVICE (default cuda:0), RECIPE (default
-# recipes/quickstart-smollm2-gpu.toml), LR and EMBED_LR (the peak rates) may be overridden.
+# TRAIN_MINUTES (default 5): the training's wall-clock budget, `[train] minutes` in the run's
+# recipe: the run measures its own rate (the chain term's targets are partly built on the
+# host, so the rate depends on the machine), plans the steps that fit, and its warm-up and
+# cosine decay follow the planned steps; the recipe's `steps` is the upper bound. STEPS=N
+# trains exactly N steps instead. EVAL_EVERY (default 100 with a budget, a sixth of STEPS
+# without) spaces the validation evaluations during training. DEVICE (default cuda:0), RECIPE
+# (default recipes/quickstart-smollm2-gpu.toml), LR and EMBED_LR (the peak rates) may be
+# overridden.
 #
 # INIT_FROM=DIR continues a run instead of starting one: the training starts from that adapter
 # (its LoRA pairs with their rank and alpha, and its new rows; `[lora] init_from`), with a fresh
@@ -28,6 +31,9 @@ BIN=${BIN:-target/tch/linly-lora-gpu}
 DEVICE=${DEVICE:-cuda:0}
 RECIPE=${RECIPE:-recipes/quickstart-smollm2-gpu.toml}
 TRAIN_MINUTES=${TRAIN_MINUTES:-5}
+[[ "$TRAIN_MINUTES" =~ ^[0-9]*\.?[0-9]+$ && ! "$TRAIN_MINUTES" =~ ^[0.]+$ ]] || { echo "quickstart_gpu: TRAIN_MINUTES=$TRAIN_MINUTES must be a number of minutes above 0 (e.g. 7.5)" >&2; exit 1; }
+[[ -z "${STEPS:-}" || "$STEPS" =~ ^[1-9][0-9]*$ ]] || { echo "quickstart_gpu: STEPS=$STEPS must be a whole number above 0" >&2; exit 1; }
+[[ -z "${EVAL_EVERY:-}" || "$EVAL_EVERY" =~ ^[1-9][0-9]*$ ]] || { echo "quickstart_gpu: EVAL_EVERY=$EVAL_EVERY must be a whole number above 0" >&2; exit 1; }
 T0=$(date +%s)
 stamp() { echo "[$(($(date +%s) - T0))s] $*"; }
 for need in $Q/data/heldout_zh.txt $Q/tokenizer/vocab_extension.json; do
@@ -62,35 +68,28 @@ if [ -n "${INIT_FROM:-}" ]; then
   CONTINUE=(-e "s#^r = .*#r = $INIT_R#" -e "s#^alpha = .*#alpha = $INIT_ALPHA#" -e "/^\[lora\]/a init_from = \"$init_path\"")
   stamp "continuing $INIT_FROM (r $INIT_R, alpha $INIT_ALPHA)"
 fi
-recipe_with() { # out_dir steps eval_every
-  sed -e "s#^device = .*#device = \"$DEVICE\"#" -e "s#^steps = .*#steps = $2#" -e "s#^save_every = .*#save_every = $2#" \
-      -e "s#^eval_every = .*#eval_every = $3#" -e "s#^dir = .*#dir = \"../$1\"#" \
+# With STEPS, exactly that many steps; otherwise the recipe's `steps` is the upper bound and
+# `[train] minutes` plans the run (re-planned after every step from the mean step time, so a
+# slow first step or an evaluation does not leave minutes unused; the plan is on its step's
+# line in metrics.jsonl). The budget counts from the train command's start: loading the model
+# and building the token stores are in it.
+recipe_with() { # out_dir steps-or-empty eval_every
+  local steps=${2:-$(sed -n 's/^steps = \([0-9]*\).*/\1/p' "$RECIPE")} budget=()
+  [ -n "$2" ] || budget=(-e "s#^steps = .*#&\nminutes = $TRAIN_MINUTES#")
+  sed -e "/^minutes = /d" -e "s#^device = .*#device = \"$DEVICE\"#" -e "s#^steps = .*#steps = $steps#" -e "s#^save_every = .*#save_every = $steps#" \
+      -e "s#^eval_every = .*#eval_every = $3#" -e "s#^dir = .*#dir = \"../$1\"#" "${budget[@]}" \
       ${LR:+-e "s#^lr = .*#lr = $LR#"} ${EMBED_LR:+-e "s#^embed_lr = .*#embed_lr = $EMBED_LR#"} "${CONTINUE[@]}" "$RECIPE"
 }
-if [ -z "${STEPS:-}" ]; then
-  stamp "probe: 12 steps of $RECIPE on $DEVICE"
-  recipe_with $G/probe 12 1000 >recipes/.gpu-probe.toml
-  $BIN train recipes/.gpu-probe.toml --quiet
-  STEPS=$(python3 - "$G/probe/metrics.jsonl" "$TRAIN_MINUTES" <<'EOF'
-import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
-steps = [r for r in rows if "step_s" in r]
-# The first steps pay for warm-up (kernels, caches); the rest is the rate: the step's own time
-# and the chain teacher's, which runs outside it. A tenth stays for evaluations and saving.
-tail = steps[4:] or steps
-per = sum(r["step_s"] + (r.get("chain_teacher_s") or 0.0) for r in tail) / len(tail)
-print(max(20, int(0.9 * float(sys.argv[2]) * 60 / per)))
-print(f"probe: {per:.3f} s per step", file=sys.stderr)
-EOF
-)
+if [ -n "${STEPS:-}" ]; then
+  EVAL_EVERY=${EVAL_EVERY:-$(( (STEPS + 5) / 6 ))}
+  stamp "train ($STEPS steps of $RECIPE on $DEVICE)"
+else
+  EVAL_EVERY=${EVAL_EVERY:-100}
+  stamp "train ($RECIPE on $DEVICE, as many steps as fit $TRAIN_MINUTES min)"
 fi
-EVAL_EVERY=$(( (STEPS + 5) / 6 ))
-stamp "train ($STEPS steps of $RECIPE on $DEVICE)"
-recipe_with $G/train "$STEPS" "$EVAL_EVERY" >recipes/.gpu-run.toml
-# The probe's token stores are the run's (same sources and tokenizer; a stale one is rebuilt).
-if [ -d $G/probe/token-cache ]; then mkdir -p $G/train && cp -r $G/probe/token-cache $G/train/; fi
+recipe_with $G/train "${STEPS:-}" "$EVAL_EVERY" >recipes/.gpu-run.toml
 $BIN train recipes/.gpu-run.toml --quiet
-rm -f recipes/.gpu-probe.toml recipes/.gpu-run.toml
+rm -f recipes/.gpu-run.toml
 stamp "merge"
 $BIN merge --base $Q/base --adapter $G/train/adapter --out $G/merged
 stamp "evaluate base, resized and merged (f32 on $DEVICE): validation, then held-out"
