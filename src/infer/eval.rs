@@ -76,11 +76,14 @@ impl VocabSplit {
 /// −log p(ids[t] | ids[..t]) for each t in `from..ids.len()`, with `ids` fitting the context.
 fn window_nll(model: &Llama, ids: &[u32], from: usize, device: &burn::tensor::Device) -> Result<Vec<f32>> {
     let t = ids.len();
-    let logits = model.forward(ids_tensor(ids, device), None).cast(burn::tensor::FloatDType::F32);
-    let v = logits.dims()[2];
-    // Position p predicts ids[p+1]; we need p in from-1 .. t-1.
+    // Position p predicts ids[p+1]; we need p in from-1 .. t-1. Only those go through the LM
+    // head: a window after the first re-reads half a window as context, and projecting it onto
+    // the vocabulary too cost ~10 % of an evaluation.
+    let hidden = model.hidden(ids_tensor(ids, device), None);
+    let d = hidden.dims()[2];
+    let logits = model.logits(hidden.slice([0..1, from - 1..t - 1, 0..d])).cast(burn::tensor::FloatDType::F32);
     let n = t - from;
-    let logp = log_softmax(logits.slice([0..1, from - 1..t - 1, 0..v]), 2);
+    let logp = log_softmax(logits, 2);
     let targets: Vec<i64> = ids[from..].iter().map(|&x| x as i64).collect();
     let idx: Tensor<3, Int> = Tensor::from_data(TensorData::new(targets, [1, n, 1]), device);
     let picked = logp.gather(2, idx);
