@@ -7,7 +7,8 @@
 //! The modules, bottom to top. Each uses only those listed before it (`tests/layers.rs` checks
 //! every `crate::` path against this order; the few edges still pointing up are listed there
 //! with what breaks them):
-//! 1. [`rng`], [`device`], [`template`]: the one seeded generator, device names, prompt templates.
+//! 1. [`rng`], [`device`], [`template`], [`heap`]: the one seeded generator, device names, prompt
+//!    templates, the C heap's policy for large buffers.
 //! 2. [`ggml`]: ggml tensor types; each block format's encoder and decoder side by side; the
 //!    quantized matrices and their CPU kernels.
 //! 3. [`io`]: containers: safetensors, weight folders, atomic writes, GGUF files.
@@ -33,6 +34,7 @@ pub mod config;
 pub mod data;
 pub mod device;
 pub mod ggml;
+pub mod heap;
 pub mod infer;
 pub mod io;
 pub mod kernels;

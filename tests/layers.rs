@@ -9,7 +9,7 @@ use std::path::Path;
 /// Bottom to top; a module may use those on its own line and above it in this list. Modules on
 /// one line do not use each other. Kept equal to the order in `src/lib.rs`'s docs.
 const ORDER: &[&[&str]] = &[
-    &["rng", "device", "template"],
+    &["rng", "device", "template", "heap"],
     &["ggml"],
     &["io"],
     &["config"],

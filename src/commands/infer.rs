@@ -28,6 +28,8 @@ pub struct EvalOptions {
 }
 
 pub fn eval(o: &EvalOptions) -> Result<EvalReport> {
+    // Every window allocates and frees logits of the same size (see `heap`).
+    crate::heap::reuse_large_buffers();
     let loaded = engine::load(&o.spec)?;
     match &o.input {
         EvalInput::Text(t) => engine::eval::eval_text(&loaded, &crate::tokenizer::read_text(t)?, o.window),

@@ -7,6 +7,8 @@ use anyhow::Result;
 use std::fmt;
 
 pub fn train(o: &TrainOptions) -> Result<TrainReport> {
+    // Every step allocates and frees the same large tensors (see `heap`).
+    crate::heap::reuse_large_buffers();
     crate::train::run::train(o)
 }
 
