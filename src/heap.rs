@@ -8,8 +8,10 @@
 //! that keeps its pages").
 
 /// Serves large allocations from the heap and keeps freed memory there, so that the next step
-/// reuses pages that are already mapped. Returns whether the setting took (glibc on Linux only;
-/// elsewhere it is a no-op that returns false).
+/// reuses pages that are already mapped. (A thread other than the main one still maps a buffer
+/// larger than its arena's 64 MiB heap; the training loop's large tensors are the main
+/// thread's.) Returns whether the setting took (glibc on Linux only; elsewhere it is a no-op
+/// that returns false).
 ///
 /// The price: the process's memory does not shrink after a peak until it exits. So only
 /// commands that end with their loop call this (`train`, `eval`), not `serve`, whose memory must

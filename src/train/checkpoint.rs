@@ -27,6 +27,10 @@ pub struct TrainState {
     /// first one planned to (absent in checkpoints of runs without a budget, and older ones).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub planned_steps: Option<usize>,
+    /// The step after which that plan was first made (the warm-up goes on from there:
+    /// `schedule::replanned_ramp`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub planned_at: Option<usize>,
 }
 
 pub fn dir_for(out: &Path, step: usize) -> PathBuf {

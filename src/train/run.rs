@@ -7,7 +7,7 @@ use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::recipe::{Recipe, Stage};
 use super::scaler::Scaler;
-use super::schedule::{lr_factor, steps_within};
+use super::schedule::{lr_factor, replanned_ramp, steps_within};
 use super::step::{train_step, MicroBatch, StepHparams};
 use crate::data::{self, MixConfig, Mixer};
 use crate::lora::save::TableSave;
@@ -376,6 +376,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // started in an invocation this one cannot see. (A recipe with a budget has one stage:
     // `Recipe::check`.)
     let mut planned = state.as_ref().and_then(|s| s.planned_steps);
+    // The step of the first plan (checkpoints from before it was kept planned after the
+    // first `PLAN_AFTER` steps of a run that started at 0).
+    let mut planned_at = planned.map(|_| state.as_ref().and_then(|s| s.planned_at).unwrap_or(PLAN_AFTER));
     let replan = planned.is_none();
     if let Some(p) = planned {
         stages[0].steps = p;
@@ -404,7 +407,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         // After a budget's plan, warm-up and decay are those of the planned steps: `steps` may
         // be a loose upper bound ("as many as fit").
         let warmup = (recipe.train.warmup_ratio * stage.steps as f64).ceil() as usize;
-        let f = lr_factor(schedule, step - stage_start, stage.steps, warmup);
+        let mut f = lr_factor(schedule, step - stage_start, stage.steps, warmup);
+        if let (Some(_), Some(at)) = (budget_s, planned_at) {
+            // The plan shortened the warm-up under way: go on from where it was.
+            let before = (recipe.train.warmup_ratio * upper as f64).ceil() as usize;
+            f = f.min(replanned_ramp(step, at, before, warmup));
+        }
         let hp = StepHparams { lr: stage.lr * f, embed_lr: stage.embed_lr * f, weight_decay: recipe.train.weight_decay, max_grad_norm: recipe.train.max_grad_norm };
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
         device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
@@ -457,6 +465,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                     let p = steps_within(budget, elapsed, s_per_step, done, upper);
                     if planned != Some(p) {
                         planned = Some(p);
+                        planned_at.get_or_insert(done);
                         stages[0].steps = p;
                         total = p;
                         end = end_at(total);
@@ -496,7 +505,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         if done % recipe.output.save_every == 0 || done == total {
             let ts = table_save(&stages, si, old_vocab, &head_moved);
-            let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned };
+            let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
             checkpoint::save(&out, &st, &opt, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
         }
