@@ -70,7 +70,11 @@ impl fmt::Display for Written<ExtendReport> {
             f,
             "{} ({}): {} -> {} tokens ({} requested pieces added, {} intermediate, {} already present, {} duplicates, {} unreachable) in {:.2} s -> {}",
             r.tokenizer, r.family, r.old_vocab, r.new_vocab, r.added_requested, r.added_intermediate, r.skipped_present, r.skipped_duplicate, r.unreachable.len(), r.seconds, self.out.display()
-        )
+        )?;
+        if r.space_split {
+            write!(f, "\n(a space before a Chinese or Japanese character is now its own token, so that the new pieces also form after a space)")?;
+        }
+        Ok(())
     }
 }
 

@@ -472,6 +472,24 @@ mod tests {
         std::fs::remove_dir_all(&dir).unwrap();
     }
 
+    /// A tokenizer that `vocab extend` gave the space split keeps its base's llama.cpp
+    /// pre-type, and the export says what llama.cpp will tokenize differently.
+    #[test]
+    fn the_space_split_keeps_the_pre_type_and_warns() {
+        let dir = scratch("export-split");
+        let (hf, _) = imported_tiny_llama(&dir);
+        let path = hf.join("tokenizer.json");
+        let mut tj: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let split = serde_json::json!({"type": "Split", "pattern": {"Regex": crate::io::gguf::tokenizer::SPACE_BEFORE_UNSPACED}, "behavior": "Isolated", "invert": false});
+        tj["pre_tokenizer"]["pretokenizers"].as_array_mut().expect("a sequence of splits").insert(0, split);
+        std::fs::write(&path, tj.to_string()).unwrap();
+        let r = export_gguf(&hf, &dir.join("out.gguf"), &ExportOptions { ty: ExportType::F32, keep_embeddings: false, pure: false }).unwrap();
+        assert_eq!(r.tokenizer.as_deref(), Some("gpt2 (pre smollm)"));
+        assert_eq!(r.warnings.len(), 1, "{:?}", r.warnings);
+        assert!(r.warnings[0].contains("space off a following Chinese character"), "{:?}", r.warnings);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
     /// The tiny tied GGUF imported into `dir/hf` as f32, and its tensors.
     fn imported_tiny_llama(dir: &Path) -> (PathBuf, WeightStore) {
         let (bytes, _) = tiny_llama(true, true);

@@ -5,6 +5,7 @@ use super::json::Json;
 use super::resize::VocabExtension;
 use super::select::{select_pieces, SelectConfig};
 use super::{resolve_tokenizer_file, write_atomic};
+use crate::io::gguf::tokenizer::SPACE_BEFORE_UNSPACED;
 use anyhow::{anyhow, bail, Context, Result};
 use serde::Serialize;
 use std::collections::HashSet;
@@ -55,6 +56,9 @@ pub struct ExtendReport {
     /// Requested pieces the real HF tokenizer does not return as one token on their own. Should be
     /// empty; anything here means the BPE mirror diverged from `tokenizers`.
     pub not_single_token: Vec<String>,
+    /// The pre-tokenizer now splits a space off a following Chinese or Japanese character
+    /// ([`SPACE_BEFORE_UNSPACED`]), so that the new pieces also form after a space.
+    pub space_split: bool,
     /// Wall time of the extension, in seconds.
     pub seconds: f64,
 }
@@ -262,6 +266,7 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
         skipped_split: Vec::new(),
         unreachable: Vec::new(),
         not_single_token: Vec::new(),
+        space_split: false,
         seconds: 0.0,
     };
 
@@ -363,6 +368,12 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
             model.push(("merges".to_owned(), Json::Arr(merges)));
         }
     }
+    if state.family == Family::ByteLevel
+        && new_pieces.iter().any(|p| state.to_text(p).and_then(|t| t.chars().next()).is_some_and(is_unspaced_script))
+        && !raw_pieces.iter().any(|r| r.strip_prefix(' ').and_then(|t| t.chars().next()).is_some_and(is_unspaced_script))
+    {
+        report.space_split = isolate_space_before_unspaced(&mut root);
+    }
     let tokenizer_json = to_json_text(&root, detect_indent(tokenizer_json).as_deref())?;
 
     // Check the output with the real library: it must load and give each requested piece one id.
@@ -394,6 +405,43 @@ pub fn extend_json(tokenizer_json: &str, origin: &str, source: &PieceSource) -> 
     extension.validate()?;
     report.seconds = start.elapsed().as_secs_f64();
     Ok(Extended { tokenizer_json, extension, report })
+}
+
+/// Scripts written without spaces between words, as [`SPACE_BEFORE_UNSPACED`] names them.
+fn is_unspaced_script(c: char) -> bool {
+    matches!(c as u32, 0x3000..=0x30ff | 0x3400..=0x4dbf | 0x4e00..=0x9fff | 0xf900..=0xfaff | 0xff00..=0xffef | 0x20000..=0x3134f)
+}
+
+/// Puts the [`SPACE_BEFORE_UNSPACED`] split first in the pre-tokenizer (wrapping a single one in
+/// a sequence). False when it is there already or there is no pre-tokenizer to extend.
+fn isolate_space_before_unspaced(root: &mut Json) -> bool {
+    let split = Json::Obj(vec![
+        ("type".into(), Json::Str("Split".into())),
+        ("pattern".into(), Json::Obj(vec![("Regex".into(), Json::Str(SPACE_BEFORE_UNSPACED.into()))])),
+        ("behavior".into(), Json::Str("Isolated".into())),
+        ("invert".into(), Json::Bool(false)),
+    ]);
+    let Some(pre) = root.get_mut("pre_tokenizer") else { return false };
+    if pre.is_null() || has_space_split(pre) {
+        return false;
+    }
+    let is_sequence = pre.get("type").and_then(Json::as_str) == Some("Sequence");
+    match pre.get_mut("pretokenizers") {
+        Some(Json::Arr(list)) if is_sequence => list.insert(0, split),
+        _ => {
+            let old = std::mem::replace(pre, Json::Null);
+            *pre = Json::Obj(vec![("type".into(), Json::Str("Sequence".into())), ("pretokenizers".into(), Json::Arr(vec![split, old]))]);
+        }
+    }
+    true
+}
+
+fn has_space_split(pre: &Json) -> bool {
+    let is_it = |p: &Json| p.get("pattern").and_then(|r| r.get("Regex")).and_then(Json::as_str) == Some(SPACE_BEFORE_UNSPACED);
+    match pre.get("pretokenizers") {
+        Some(Json::Arr(list)) => list.iter().any(is_it),
+        _ => is_it(pre),
+    }
 }
 
 /// Longer pieces are reported as unreachable rather than searched for a merge path.

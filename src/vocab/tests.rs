@@ -1,6 +1,7 @@
 //! End-to-end tests of the vocab module on the real LLaMA-2 tokenizer and a byte-level BPE.
 
 use super::*;
+use crate::io::gguf::tokenizer::SPACE_BEFORE_UNSPACED;
 use std::path::PathBuf;
 use std::str::FromStr;
 use std::sync::OnceLock;
@@ -246,6 +247,12 @@ fn bad_inputs_are_errors_not_panics() {
 
 /// A byte-level BPE (GPT-2 style) trained on the English fixture: no Chinese merges at all.
 fn byte_level_json() -> String {
+    byte_level_json_with(&[])
+}
+
+/// [`byte_level_json`] trained on `extra` lines as well, with the GPT-2 split regex in its own
+/// `Split` (as SmolLM2's tokenizer has it), so that a space and a following CJK lead byte merge.
+fn byte_level_json_with(extra: &[&str]) -> String {
     use tokenizers::models::bpe::{BpeTrainer, BPE};
     use tokenizers::pre_tokenizers::byte_level::ByteLevel;
     use tokenizers::{DecoderWrapper, NormalizerWrapper, PostProcessorWrapper, PreTokenizerWrapper, TokenizerBuilder};
@@ -257,8 +264,54 @@ fn byte_level_json() -> String {
         .unwrap();
     let mut trainer = BpeTrainer::builder().vocab_size(600).initial_alphabet(ByteLevel::alphabet().into_iter().collect()).show_progress(false).build();
     let english = read("text/english.txt");
-    tok.train(&mut trainer, english.lines()).unwrap();
+    tok.train(&mut trainer, english.lines().chain(extra.iter().copied())).unwrap();
     tok.to_string(false).unwrap()
+}
+
+#[test]
+fn a_word_after_a_space_still_meets_its_new_pieces() {
+    // SmolLM2's pre-tokenizer keeps ` 捕` in one pre-token and merges `Ġ` with the character's
+    // first byte before the extension's merges can run; mirrored here by a base trained on
+    // space-led Chinese.
+    let spaced = vec![" 中 国 中 文 中 间"; 1000];
+    let gpt2 = r#"{"type":"Split","pattern":{"Regex":"'s|'t|'re|'ve|'m|'ll|'d| ?\\p{L}+| ?\\p{N}+| ?[^\\s\\p{L}\\p{N}]+|\\s+(?!\\S)"},"behavior":"Isolated","invert":false}"#;
+    let base = byte_level_json_with(&spaced).replacen(
+        r#""pre_tokenizer":{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":true}"#,
+        &format!(r#""pre_tokenizer":{{"type":"Sequence","pretokenizers":[{gpt2},{{"type":"ByteLevel","add_prefix_space":false,"trim_offsets":true,"use_regex":false}}]}}"#),
+        1,
+    );
+    assert!(base.contains("\"Sequence\""), "the fixture's pre-tokenizer spelling changed");
+    let old = Tokenizer::from_str(&base).unwrap();
+    let lead = old.encode(" 中国", false).unwrap();
+    assert_ne!(lead.get_tokens()[0], "Ġ", "the base must merge a space with a CJK lead byte");
+    let pieces: Vec<String> = ["中", "国", "中国", "天", "气", "天气", "（"].iter().map(|s| s.to_string()).collect();
+    let ext = extend_json(&base, "spaced", &PieceSource::Pieces(pieces.clone())).unwrap();
+    assert!(ext.report.space_split);
+    let new = Tokenizer::from_str(&ext.tokenizer_json).unwrap();
+    let id = |t: &str| new.token_to_id(&t.bytes().map(|b| bpe::byte_to_char()[b as usize]).collect::<String>()).unwrap();
+    let enc = new.encode("天气 中国 （好）", false).unwrap();
+    assert_eq!(&enc.get_ids()[..4], &[id("天气"), id(" "), id("中国"), id(" ")], "{:?}", enc.get_tokens());
+    assert_eq!(enc.get_ids()[4], id("（"), "{:?}", enc.get_tokens());
+    // Without the split the same vocabulary leaves the word in bytes: what the split is for.
+    let unsplit = ext.tokenizer_json.replacen(&serde_json::to_string(SPACE_BEFORE_UNSPACED).unwrap(), r#""x^""#, 1);
+    let unsplit = Tokenizer::from_str(&unsplit).unwrap();
+    assert!(!unsplit.encode("天气 中国", false).unwrap().get_ids().contains(&id("中国")));
+    // English tokenizes as before, and Chinese without spaces as without the split.
+    for line in read("text/english.txt").lines() {
+        assert_eq!(ids(&old, line), ids(&new, line), "{line:?}");
+    }
+    for line in ["天气中国", "a 1 b，c", "天气\n中国"] {
+        assert_eq!(ids(&unsplit, line), ids(&new, line), "{line:?}");
+    }
+    for text in MIXED {
+        assert_eq!(roundtrip(&new, text), *text);
+    }
+    // Extending again keeps one split; asking for word-initial pieces (` 中`) keeps the base's way.
+    let again = extend_json(&ext.tokenizer_json, "again", &PieceSource::Pieces(vec!["间".into()])).unwrap();
+    assert!(!again.report.space_split);
+    assert_eq!(again.tokenizer_json.matches("Hiragana").count(), 1);
+    let initial = extend_json(&base, "initial", &PieceSource::Pieces(vec!["中".into(), " 中".into()])).unwrap();
+    assert!(!initial.report.space_split && !initial.tokenizer_json.contains("Hiragana"));
 }
 
 fn to_legacy_merges(json: &str) -> String {

@@ -76,6 +76,16 @@ const LLAMA3_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|
 const QWEN2_REGEX: &str = r"(?:'[sS]|'[tT]|'[rR][eE]|'[vV][eE]|'[mM]|'[lL][lL]|'[dD])|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 const TEKKEN_REGEX: &str = r"[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+|[^\r\n\p{L}\p{N}]?[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]+[\p{Ll}\p{Lm}\p{Lo}\p{M}]*|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n/]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
+/// The split `vocab extend` puts in front of a byte-level pre-tokenizer when it adds Chinese or
+/// Japanese pieces. llama.cpp has no pre-type with it: the exporter keeps the base's pre-type
+/// and warns. GPT-2's regex glues a space to the letters after it (` ?\p{L}+`), and the
+/// base merges `Ġ` with the first byte of a CJK character long before any merge of the
+/// extension can run, so in text with spaces between words (manual pages, mixed Chinese and
+/// code) the first character of every word stayed in byte pieces that training never shows the
+/// model in that role. Isolated, the space is one `Ġ` token and the word meets its new pieces.
+/// English, and Chinese without spaces, tokenize as before.
+pub const SPACE_BEFORE_UNSPACED: &str = r" (?=[\p{Han}\p{Hiragana}\p{Katakana}\x{3000}-\x{303f}\x{ff00}-\x{ffef}])";
+
 /// How llama.cpp pre-tokenizes a byte-level BPE vocab, by `tokenizer.ggml.pre`.
 pub(crate) struct PreTokenizer {
     pub(crate) regexes: &'static [&'static str],

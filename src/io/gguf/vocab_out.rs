@@ -15,7 +15,7 @@
 //! convert_hf_to_gguf.py pads them, because llama.cpp wants one token per row.
 
 use super::reader::{GgufArray, GgufValue};
-use super::tokenizer::{pre_tokenizer, TYPE_BYTE as BYTE, TYPE_CONTROL as CONTROL, TYPE_NORMAL as NORMAL, TYPE_UNKNOWN as UNKNOWN, TYPE_UNUSED as UNUSED, TYPE_USER_DEFINED as USER_DEFINED};
+use super::tokenizer::{pre_tokenizer, SPACE_BEFORE_UNSPACED, TYPE_BYTE as BYTE, TYPE_CONTROL as CONTROL, TYPE_NORMAL as NORMAL, TYPE_UNKNOWN as UNKNOWN, TYPE_UNUSED as UNUSED, TYPE_USER_DEFINED as USER_DEFINED};
 use super::writer::GgufWriter;
 use anyhow::{bail, Context, Result};
 use serde_json::Value;
@@ -162,7 +162,15 @@ pub fn gguf_vocab(dir: &Path, rows: usize) -> Result<Option<GgufVocab>> {
     let index: HashMap<&str, u32> = by_id.iter().map(|(id, p)| (p.as_str(), *id)).collect();
 
     let (pre, scores, add_space_prefix) = if kind == "gpt2" {
-        let regexes = tj.get("pre_tokenizer").map(split_regexes).unwrap_or_default();
+        let mut regexes = tj.get("pre_tokenizer").map(split_regexes).unwrap_or_default();
+        if let Some(i) = regexes.iter().position(|r| r == SPACE_BEFORE_UNSPACED) {
+            regexes.remove(i);
+            warnings.push(
+                "the tokenizer splits a space off a following Chinese character (`vocab extend`); llama.cpp cannot, \
+                 so it reads ` 中` as the base's byte pieces: the same text, which the model predicts less well"
+                    .into(),
+            );
+        }
         let pre = match match_pre(&regexes) {
             Some(p) => p.to_string(),
             None => {
