@@ -373,6 +373,12 @@ plots = false
             assert_eq!(x["step"], y["step"]);
             assert_eq!(x["loss"], y["loss"], "loss differs at step {}", x["step"]);
             assert_eq!(x["grad_norm"], y["grad_norm"]);
+            // The per-group norms add up, in quadrature, to the global one.
+            let g = &x["grad_norm_by_group"];
+            let sum: f64 = ["lora", "old_rows", "new_rows"].iter().map(|k| g[*k].as_f64().unwrap().powi(2)).sum();
+            let total = x["grad_norm"].as_f64().unwrap();
+            assert!((sum.sqrt() - total).abs() <= 1e-9 * total.max(1.0), "{g} against {total}");
+            assert!(g["lora"].as_f64().unwrap() > 0.0, "LoRA trains here: {g}");
         }
         let fa = std::fs::read(a.path().join("out/adapter/adapter_model.safetensors")).unwrap();
         let fb = std::fs::read(b.path().join("out/adapter/adapter_model.safetensors")).unwrap();

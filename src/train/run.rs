@@ -480,7 +480,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let mut line = serde_json::json!({
             "step": step + 1, "stage": stage.name, "loss": r.loss, "lr": hp.lr, "embed_lr": hp.embed_lr,
-            "loss_scale": r.loss_scale, "grad_norm": if r.grad_norm.is_finite() { serde_json::json!(r.grad_norm) } else { serde_json::json!(null) },
+            "loss_scale": r.loss_scale, "grad_norm": finite_or_null(r.grad_norm),
+            "grad_norm_by_group": {"lora": finite_or_null(r.grad_norm_by_group[0]), "old_rows": finite_or_null(r.grad_norm_by_group[1]), "new_rows": finite_or_null(r.grad_norm_by_group[2])},
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
             "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
@@ -595,4 +596,13 @@ fn progress_bar(total: usize, start: usize) -> indicatif::ProgressBar {
     b.set_style(indicatif::ProgressStyle::with_template("{elapsed_precise} [{bar:30}] {pos}/{len} steps, ETA {eta} {msg}").unwrap().progress_chars("=> "));
     b.set_position(start as u64);
     b
+}
+
+/// JSON has no inf or NaN: an overflowing step logs `null`.
+fn finite_or_null(x: f64) -> serde_json::Value {
+    if x.is_finite() {
+        serde_json::json!(x)
+    } else {
+        serde_json::Value::Null
+    }
 }

@@ -62,6 +62,9 @@ pub struct StepOutput {
     pub tokens: usize,
     /// Global gradient norm after unscaling (before clipping); inf/NaN on overflow.
     pub grad_norm: f64,
+    /// The same per parameter group, in the order of [`GROUPS`] (LoRA, old rows, new rows): where
+    /// a spike comes from.
+    pub grad_norm_by_group: [f64; 3],
     pub skipped: bool,
     pub loss_scale: f32,
     pub events: Vec<String>,
@@ -234,20 +237,21 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let off = n_sums + has_kd as usize + has_chain as usize;
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[off + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[off + 3 + i] as f64).collect();
+    let inv = 1.0 / scale as f64;
+    let grad_norm_by_group = [sq[0].sqrt() * inv, sq[1].sqrt() * inv, sq[2].sqrt() * inv];
     if !loss_sum.is_finite() && scaler.rescues_rows() {
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill, chain_distill });
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, grad_norm_by_group, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill, chain_distill });
         }
     }
     let (action, log) = scaler.update(&flags);
     let mut events: Vec<String> = log.into_iter().collect();
     let overflow_groups: Vec<Group> = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-    let inv = 1.0 / scale as f64;
     let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
     let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
-    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill, chain_distill };
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, grad_norm_by_group, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill, chain_distill };
     let sanitize: Vec<Group> = match &action {
         Action::Skip => {
             out.skipped = true;
