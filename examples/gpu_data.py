@@ -22,100 +22,19 @@ held-out author. manpages-zh, the source of heldout2_zh.txt, is never read. Repe
 untranslated are English, which the replay set already has).
 """
 import glob
-import html
 import json
 import os
 import re
 import sys
 
-CJK = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]")
-# Runs shared with a protected text, in characters without whitespace: a Chinese clause; about
-# seven English words (shorter English runs are common phrases, not copied text).
-SHINGLE_ZH = 16
-SHINGLE_EN = 40
-MIN_CJK_SHARE = 0.2
-
-
-def read(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
-        return f.read().replace("\r\n", "\n").replace("\r", "\n")
-
-
-def write(path, text):
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
-
-
-def html_lines(path):
-    """Visible text of one HTML page, a line per block element."""
-    s = read(path)
-    s = re.sub(r"(?is)<(script|style|head|pre)\b.*?</\1>", "\n", s)
-    s = re.sub(r"(?i)<br\s*/?>|</(p|div|h[1-6]|li|tr|td|th|dt|dd|table|caption)>", "\n", s)
-    s = re.sub(r"(?s)<[^>]+>", " ", s)
-    s = html.unescape(s)
-    out = []
-    for line in s.split("\n"):
-        line = re.sub(r"[ \t\u3000\xa0]+", " ", line).strip()
-        if line:
-            out.append(line)
-    return out
-
-
-def squash(text):
-    return re.sub(r"\s+", "", text)
-
-
-def shingles(text, n):
-    t = squash(text)
-    return {t[i:i + n] for i in range(max(0, len(t) - n + 1))}
-
-
-class Guard:
-    """Drops lines that overlap a protected text."""
-
-    def __init__(self, texts, names, n):
-        self.n = n
-        self.grams = set()
-        for t in texts:
-            self.grams |= shingles(t, n)
-        self.names = names
-        self.dropped_overlap = 0
-        self.dropped_name = 0
-
-    def keep(self, line):
-        if any(n in line for n in self.names):
-            self.dropped_name += 1
-            return False
-        t = squash(line)
-        n = self.n
-        if any(t[i:i + n] in self.grams for i in range(max(0, len(t) - n + 1))):
-            self.dropped_overlap += 1
-            return False
-        return True
-
-
-def chinese_doc(files, guard, seen):
-    lines = []
-    for f in files:
-        for line in html_lines(f):
-            n = len(CJK.findall(line))
-            if n < 4 or n < MIN_CJK_SHARE * len(squash(line)):
-                continue
-            if line in seen:
-                continue
-            seen.add(line)
-            if guard.keep(line):
-                lines.append(line)
-    return lines
+from docs_text import CJK, SHINGLE_EN, SHINGLE_ZH, Guard, chinese_doc, html_lines, read, write
 
 
 def main():
     if len(sys.argv) != 3:
         sys.exit(__doc__)
     src, data = sys.argv[1], sys.argv[2]
-    protected_zh = [read(os.path.join(data, n)) for n in ("heldout_zh.txt", "valid_zh.txt", "heldout2_zh.txt") if os.path.exists(os.path.join(data, n))]
+    protected_zh = [read(os.path.join(data, n)) for n in ("heldout_zh.txt", "valid_zh.txt", "heldout2_zh.txt", "valid2_zh.txt") if os.path.exists(os.path.join(data, n))]
     protected_en = [read(os.path.join(data, n)) for n in ("heldout_en.txt", "valid_en.txt")]
     if len(protected_en) != 2 or not protected_zh:
         sys.exit("gpu_data.py: run examples/quickstart.sh first (its held-out files are what this keeps out)")

