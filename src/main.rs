@@ -35,7 +35,7 @@ fn run(cli: Cli) -> Result<()> {
                 (_, Some(i)) => cinfer::EvalInput::Ids(i),
                 _ => unreachable!("clap requires one"),
             };
-            emit_or_json(&cinfer::eval(&cinfer::EvalOptions { spec: a.m.spec(), input, window: a.window })?, a.json)
+            emit_or_json(&cinfer::eval(&cinfer::EvalOptions { spec: a.m.spec(), input, window: a.window, per_token: a.per_token })?, a.json)
         }
         Cmd::Generate(a) => {
             let prompt = match (a.prompt, a.prompt_ids) {
@@ -117,10 +117,10 @@ fn bench(cmd: BenchCmd) -> Result<()> {
 
 fn vocab(cmd: VocabCmd) -> Result<()> {
     match cmd {
-        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, min_freq, wordlist, max_word_chars, pairs, prefixed, out, force, json } => {
+        VocabCmd::Extend { tokenizer, add, from_corpus, max_new, max_chars, min_freq, wordlist, max_word_chars, pairs, prefixed, out, force, json } => {
             let pieces = match add {
                 Some(f) => cvocab::Pieces::List(f),
-                None => cvocab::Pieces::Select { corpus: from_corpus, wordlist, max_new, min_freq, max_word_chars, pairs, prefixed },
+                None => cvocab::Pieces::Select { corpus: from_corpus, wordlist, max_new, max_chars, min_freq, max_word_chars, pairs, prefixed },
             };
             emit_or_json(&cvocab::extend(&cvocab::ExtendOptions { tokenizer, pieces, out, force })?, json)
         }

@@ -76,6 +76,13 @@ impl Tok {
         Ok(enc.get_ids().to_vec())
     }
 
+    /// [`Self::encode`] with each token's byte span `[start, end)` in `text` (special tokens
+    /// the tokenizer adds get an empty span).
+    pub fn encode_with_spans(&self, text: &str, add_special: bool) -> Result<(Vec<u32>, Vec<[usize; 2]>)> {
+        let enc = self.inner.encode(text, add_special).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))?;
+        Ok((enc.get_ids().to_vec(), enc.get_offsets().iter().map(|&(a, b)| [a, b]).collect()))
+    }
+
     pub fn decode(&self, ids: &[u32]) -> Result<String> {
         self.inner.decode(ids, true).map_err(|e| anyhow::anyhow!("tokenizer: {e}"))
     }

@@ -149,3 +149,35 @@ fn merge_cli_and_adapter_flags() {
     let (ok, _, err) = run_cli(&["generate", "--model", s(&tiny().join("base")), "--prompt-ids", "1,350"], None);
     assert!(!ok && err.contains("350") && err.contains("320"), "{err}");
 }
+
+/// `vocab extend --max-chars` caps the single characters and gives the rest of `--max-new` to
+/// words; without it the split is Linly's 8:20.
+#[test]
+fn extend_max_chars_moves_pieces_from_characters_to_words() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // Ten characters no LLaMA-2 piece holds, each more frequent than the next.
+    let rare: Vec<char> = "龘靐齉爩麤灥厵籱驫鱻".chars().collect();
+    let text: String = rare.iter().enumerate().map(|(i, c)| format!("{}\n", c.to_string().repeat(20 - i))).collect();
+    let corpus = d.join("corpus.txt");
+    std::fs::write(&corpus, format!("{text}{}", "龘靐\n齉爩\n".repeat(3))).unwrap();
+    let dict = d.join("dict.txt");
+    std::fs::write(&dict, "龘靐 9 n\n齉爩 9 n\n").unwrap();
+    let tok = fixture("llama2-tokenizer");
+    let pieces = |extra: &[&str], out: &str| -> Vec<String> {
+        let o = d.join(out);
+        let mut args = vec!["vocab", "extend", "--tokenizer", s(&tok), "--wordlist", s(&dict), "--from-corpus", s(&corpus), "--max-new", "28", "--out", s(&o)];
+        args.extend_from_slice(extra);
+        let (ok, _, err) = run_cli(&args, None);
+        assert!(ok, "{err}");
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("vocab_extension.json")).unwrap()).unwrap();
+        v["pieces"].as_array().unwrap().iter().map(|p| p.as_str().unwrap().to_string()).collect()
+    };
+    let chars = |p: &[String]| p.iter().filter(|x| x.chars().count() == 1 && rare.contains(&x.chars().next().unwrap())).count();
+    let default = pieces(&[], "a");
+    assert_eq!(chars(&default), 8, "{default:?}");
+    let capped = pieces(&["--max-chars", "2"], "b");
+    assert_eq!(chars(&capped), 2, "{capped:?}");
+    // The two most frequent stay, and their word comes in; 齉 and 爩 are cut, so 齉爩 cannot.
+    assert!(capped.iter().any(|p| p == "龘靐") && !capped.iter().any(|p| p == "齉爩"), "{capped:?}");
+}

@@ -50,6 +50,18 @@ fn extend_resize_train_merge_eval() {
     // Unwrapped so that a missing field fails instead of comparing as `None < Some(_)`.
     assert!(v["results"][1]["tokens_per_char"].as_f64().unwrap() < v["results"][0]["tokens_per_char"].as_f64().unwrap());
     let before = bits_per_char(&resized, &zh_eval);
+    // Per-token scores add up to the total, and their spans walk through the text's bytes.
+    let (ok, out, err) = run_cli(&["eval", "--model", s(&resized), "--text", s(&zh_eval), "--json", "--per-token"], None);
+    assert!(ok, "{err}");
+    let r: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    let toks = r["per_token"].as_array().unwrap();
+    assert_eq!(toks.len() as u64, r["tokens"].as_u64().unwrap());
+    let sum: f64 = toks.iter().map(|t| t["nll"].as_f64().unwrap()).sum();
+    assert!((sum - r["total_nll"].as_f64().unwrap()).abs() < 1e-3 * toks.len() as f64, "{sum} vs {}", r["total_nll"]);
+    let ends: Vec<u64> = toks.iter().map(|t| t["span"][1].as_u64().unwrap()).collect();
+    assert!(ends.windows(2).all(|w| w[0] <= w[1]), "spans out of order: {ends:?}");
+    assert_eq!(*ends.last().unwrap() as usize, std::fs::read_to_string(&zh_eval).unwrap().trim_end().len());
+    assert!(toks.iter().any(|t| t["id"].as_u64().unwrap() >= 32000), "no added piece was scored");
     // 3. train.
     let recipe = d.join("recipe.toml");
     std::fs::write(

@@ -172,6 +172,11 @@ pub struct EvalArgs {
     /// Print one JSON object instead of a summary
     #[arg(long)]
     pub json: bool,
+    /// With --json: also list every scored token (id, NLL in nats, and with --text its byte
+    /// span in the text), to see where two models or two tokenizers differ
+    /// (benches/piece_gap.py compares a base and an extended model this way)
+    #[arg(long, requires = "json")]
+    pub per_token: bool,
 }
 
 #[derive(Args, Clone)]

@@ -20,6 +20,10 @@ pub enum VocabCmd {
         /// How many pieces to add in corpus mode (split 8:20 between characters and words, as Linly)
         #[arg(long, default_value_t = 28_000)]
         max_new: usize,
+        /// How many of --max-new may be single characters (default: 8/28 of it, as Linly); the
+        /// rest go to words. Fewer characters leave rare ones to the base's byte pieces
+        #[arg(long)]
+        max_chars: Option<usize>,
         /// Ignore characters/words seen fewer times than this
         #[arg(long, default_value_t = 2)]
         min_freq: u64,

@@ -25,16 +25,22 @@ pub struct EvalOptions {
     pub input: EvalInput,
     /// Window length for long inputs (default: the model's context).
     pub window: Option<usize>,
+    /// Keep the report's per-token scores (`EvalReport::per_token`).
+    pub per_token: bool,
 }
 
 pub fn eval(o: &EvalOptions) -> Result<EvalReport> {
     // Every window allocates and frees logits of the same size (see `heap`).
     crate::heap::reuse_large_buffers();
     let loaded = engine::load(&o.spec)?;
-    match &o.input {
+    let mut r = match &o.input {
         EvalInput::Text(t) => engine::eval::eval_text(&loaded, &crate::tokenizer::read_text(t)?, o.window),
         EvalInput::Ids(i) => engine::eval::eval_ids(&loaded, &engine::read_ids_file(i)?, o.window),
+    }?;
+    if !o.per_token {
+        r.per_token = None;
     }
+    Ok(r)
 }
 
 impl fmt::Display for EvalReport {

@@ -20,6 +20,8 @@ pub enum Pieces {
         /// Pieces to add in all, split 8:20 between characters and words as Linly's 8k
         /// characters and 20k words.
         max_new: usize,
+        /// The characters' share of `max_new` when it is not 8:20.
+        max_chars: Option<usize>,
         min_freq: u64,
         max_word_chars: usize,
         pairs: bool,
@@ -43,9 +45,9 @@ pub fn extend(o: &ExtendOptions) -> Result<Written<ExtendReport>> {
             inputs.push(f.clone());
             vocab::PieceSource::List(f.clone())
         }
-        Pieces::Select { corpus, wordlist, max_new, min_freq, max_word_chars, pairs, prefixed } => {
+        Pieces::Select { corpus, wordlist, max_new, max_chars, min_freq, max_word_chars, pairs, prefixed } => {
             inputs.extend(wordlist.iter().chain(corpus).cloned());
-            let chars = max_new * 8 / 28;
+            let chars = max_chars.unwrap_or(max_new * 8 / 28).min(*max_new);
             vocab::PieceSource::Select(vocab::SelectConfig {
                 corpus: corpus.clone(),
                 // Without a word list there are no words to spend a word budget on.

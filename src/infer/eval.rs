@@ -29,6 +29,22 @@ pub struct EvalReport {
     pub sequences: usize,
     /// Total NLL in nats.
     pub total_nll: f64,
+    /// Every scored target in order (all sequences', one after another); `eval --per-token`
+    /// prints it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub per_token: Option<Vec<TokenScore>>,
+}
+
+/// One scored target.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct TokenScore {
+    pub id: u32,
+    /// −log p(id | what came before), nats.
+    pub nll: f32,
+    /// Its bytes in the scored text, `[start, end)` (a text input only). The pieces of one
+    /// character that a byte-level tokenizer splits all name that character's span.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub span: Option<[usize; 2]>,
 }
 
 /// NLL of the targets that were in the base vocabulary and of the added ones. A model that extends
@@ -125,6 +141,7 @@ pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Re
     let window = window.unwrap_or(loaded.model.config.max_position_embeddings);
     let (mut nll, mut n) = (0.0, 0usize);
     let mut split = loaded.first_added_id.map(VocabSplit::new);
+    let mut scores = Vec::new();
     for (i, s) in seqs.iter().enumerate() {
         if let Some(bad) = s.iter().find(|&&x| x >= vocab) {
             bail!("sequence {i}: token id {bad} is outside the model's vocabulary of {vocab}");
@@ -135,6 +152,7 @@ pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Re
         let targets = s.get(1..).unwrap_or(&[]);
         for (&target, &x) in targets.iter().zip(&per_token) {
             nll += x as f64;
+            scores.push(TokenScore { id: target, nll: x, span: None });
             if let Some(sp) = split.as_mut() {
                 sp.add(target, x as f64);
             }
@@ -157,6 +175,7 @@ pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Re
         sequences: seqs.len(),
         total_nll: nll,
         by_vocab: split,
+        per_token: Some(scores),
     })
 }
 
@@ -167,9 +186,17 @@ pub fn eval_text(loaded: &Loaded, text: &str, window: Option<usize>) -> Result<E
         .tok
         .as_ref()
         .ok_or_else(|| anyhow::anyhow!("the model folder has no tokenizer.json: use --ids, or pass --tokenizer DIR"))?;
-    let mut ids = tok.encode(text, true)?;
+    let (mut ids, mut spans) = tok.encode_with_spans(text, true)?;
+    let before = ids.len();
     super::prepend_bos(loaded, &mut ids);
+    if ids.len() > before {
+        spans.insert(0, [0, 0]);
+    }
     let mut r = eval_ids(loaded, &[ids], window)?;
+    // Target t is token t + 1 of the row.
+    for (s, span) in r.per_token.iter_mut().flatten().zip(spans.into_iter().skip(1)) {
+        s.span = Some(span);
+    }
     let chars = text.chars().count();
     r.chars = Some(chars);
     if let Some(sp) = r.by_vocab.as_mut() {
