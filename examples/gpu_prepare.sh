@@ -29,8 +29,14 @@ fi
 if [ "$INIT_FROM" = adapters/smollm2-135m-zh ]; then
   INIT_FROM=$ASIDE/smollm2-135m-zh
 fi
-if [ -n "$INIT_FROM" ]; then
-  cmp -s "$INIT_FROM/vocab_extension.json" runs/quickstart/tokenizer/vocab_extension.json \
-    || { echo "gpu_prepare: $INIT_FROM is not an adapter of the vocabulary extension that vocab extend made here (runs/quickstart/tokenizer); git checkout adapters" >&2; exit 1; }
+if [ -n "$INIT_FROM" ] && ! cmp -s "$INIT_FROM/vocab_extension.json" runs/quickstart/tokenizer/vocab_extension.json; then
+  # A continued run reads text as its adapter was trained to: the shipped adapter's extension
+  # (16,000 pieces with pairs) is not the one the quickstart makes since 2026-12-05 (28,000
+  # without pairs), so its own tokenizer files replace the quickstart's for the device run.
+  for f in tokenizer.json tokenizer_config.json special_tokens_map.json vocab_extension.json; do
+    [ -f "$INIT_FROM/$f" ] || { echo "gpu_prepare: $INIT_FROM has no $f, so its vocabulary is unknown; git checkout adapters, or INIT_FROM= for a fresh run" >&2; exit 1; }
+  done
+  cp "$INIT_FROM"/{tokenizer.json,tokenizer_config.json,special_tokens_map.json,vocab_extension.json} runs/quickstart/tokenizer/
+  echo "gpu_prepare: runs/quickstart/tokenizer now holds $INIT_FROM's own vocabulary extension (the run continues it); PREPARE_ONLY=1 bash examples/quickstart.sh makes the quickstart's again"
 fi
 INIT_FROM=$INIT_FROM BIN_SRC=target/tch/release/linly-lora bash examples/gpu_pack.sh
