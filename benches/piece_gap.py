@@ -26,10 +26,13 @@ import sys
 
 
 def per_token(path):
+    """The report's per-token scores, checked to add up to its total."""
     r = json.load(open(path, encoding="utf-8"))
     toks = r.get("per_token")
     if not toks or any("span" not in t for t in toks):
         sys.exit(f"{path}: no per-token spans; make it with `linly-lora eval --text T --json --per-token`")
+    if abs(sum(t["nll"] for t in toks) - r["total_nll"]) > 1e-3 * len(toks):
+        sys.exit(f"{path}: the per-token scores do not add up to total_nll")
     return toks
 
 
@@ -86,8 +89,6 @@ def main():
     ends = [t["span"][1] for t in base]
     if ends != sorted(ends):
         sys.exit(f"{a.base}: spans out of order")
-    if abs(sum(t["nll"] for t in base) - json.load(open(a.base))["total_nll"]) > 1e-3 * len(base):
-        sys.exit(f"{a.base}: the per-token scores do not add up to total_nll")
     rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
 
     def kind(i):

@@ -21,12 +21,15 @@ SHINGLE_EN = 40
 MIN_CJK_SHARE = 0.2
 
 
-def read(path):
-    with open(path, encoding="utf-8", errors="replace") as f:
+def read(path, errors="replace"):
+    """A UTF-8 text with its line ends made `\n`; documentation is read with `errors="replace"`
+    (a stray byte in a manual costs one character), the quickstart's own sources strictly."""
+    with open(path, encoding="utf-8", errors=errors) as f:
         return f.read().replace("\r\n", "\n").replace("\r", "\n")
 
 
 def write(path, text):
+    """Atomic: a temporary file beside `path`, then a rename."""
     tmp = path + ".tmp"
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)

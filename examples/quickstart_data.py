@@ -50,16 +50,12 @@ N_SENTIMENT = 800
 
 
 def read(path):
-    with open(path, encoding="utf-8", errors="strict") as f:
-        return f.read().replace("\r\n", "\n").replace("\r", "\n")
+    return docs_text.read(path, errors="strict")
 
 
 def write(out_dir, name, text):
     path = os.path.join(out_dir, name)
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    docs_text.write(path, text)
     return path
 
 

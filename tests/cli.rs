@@ -180,4 +180,10 @@ fn extend_max_chars_moves_pieces_from_characters_to_words() {
     assert_eq!(chars(&capped), 2, "{capped:?}");
     // The two most frequent stay, and their word comes in; 齉 and 爩 are cut, so 齉爩 cannot.
     assert!(capped.iter().any(|p| p == "龘靐") && !capped.iter().any(|p| p == "齉爩"), "{capped:?}");
+    // Without a word list every piece is a character, and the cap still holds.
+    let o = d.join("c");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&tok), "--from-corpus", s(&corpus), "--max-new", "28", "--max-chars", "3", "--out", s(&o)], None);
+    assert!(ok, "{err}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(o.join("vocab_extension.json")).unwrap()).unwrap();
+    assert_eq!(v["pieces"].as_array().unwrap().len(), 3, "{v}");
 }

@@ -52,7 +52,7 @@ pub fn extend(o: &ExtendOptions) -> Result<Written<ExtendReport>> {
                 corpus: corpus.clone(),
                 // Without a word list there are no words to spend a word budget on.
                 max_words: if wordlist.is_some() { max_new.saturating_sub(chars + prefixed) } else { 0 },
-                max_chars: if wordlist.is_some() { chars } else { *max_new },
+                max_chars: if wordlist.is_some() { chars } else { max_chars.unwrap_or(*max_new).min(*max_new) },
                 wordlist: wordlist.clone(),
                 min_freq: *min_freq,
                 max_word_chars: *max_word_chars,
