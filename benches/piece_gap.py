@@ -10,7 +10,10 @@ model's targets by kind (old-vocabulary token, added single character, added wor
 by the tokens each source gave to training, from metrics.jsonl).
 
     python3 benches/piece_gap.py --base base.json --ext merged.json \
-        --extension TOKENIZER/vocab_extension.json [--train TRAIN_DIR] [--json]
+        --extension TOKENIZER/vocab_extension.json [--train TRAIN_DIR] [--repeats 1000] [--json]
+
+With --repeats N each kind is split by whether the token already occurred in the N tokens
+before it: a model that copies well from its context reads a repeated piece much cheaper.
 
 Needs only the standard library. A token whose bytes the base splits across its boundary is
 counted with its neighbours under "unaligned" (none on the quickstart's Chinese texts).
@@ -79,6 +82,8 @@ def main():
     ap.add_argument("--ext", required=True, help="eval --per-token JSON of the extended model, same text")
     ap.add_argument("--extension", required=True, help="vocab_extension.json of the extended tokenizer")
     ap.add_argument("--train", help="the training run's folder (metrics.jsonl, token-cache/) for exposure buckets")
+    ap.add_argument("--repeats", type=int, default=0, metavar="N",
+                    help="also split by whether the extended model's token occurred in the N tokens before it (first / repeated)")
     ap.add_argument("--json", action="store_true")
     a = ap.parse_args()
 
@@ -91,16 +96,19 @@ def main():
         sys.exit(f"{a.base}: spans out of order")
     rows = collections.defaultdict(lambda: [0, 0.0, 0.0])
 
-    def kind(i):
-        if i < old:
-            return "old token"
-        k = "added char" if len(pieces[i - old].strip()) == 1 else "added word"
-        return k + (" seen " + exposure_bucket(seen.get(i, 0.0)) if seen is not None else "")
+    def kind(i, at):
+        k = "old token" if i < old else "added char" if len(pieces[i - old].strip()) == 1 else "added word"
+        if i >= old and seen is not None:
+            k += " seen " + exposure_bucket(seen.get(i, 0.0))
+        if a.repeats:
+            k += " repeated" if i in ids[max(0, at - a.repeats):at] else " first"
+        return k
 
+    ids = [t["id"] for t in new]
     lo = 0
     prev_end, prev_key = 0, None
     pending = []  # extended tokens since the last boundary both tokenizations share
-    for t in new:
+    for at, t in enumerate(new):
         end = t["span"][1]
         if not pending and end <= prev_end and prev_key is not None:
             # Another byte piece of the character just counted: the base's bytes of it are in.
@@ -109,7 +117,7 @@ def main():
         pending.append(t)
         hi = bisect.bisect_right(ends, end)
         if hi > lo and ends[hi - 1] == end:
-            key = kind(t["id"]) if len(pending) == 1 else "unaligned"
+            key = kind(t["id"], at) if len(pending) == 1 else "unaligned"
             r = rows[key]
             r[0] += len(pending)
             r[1] += sum(p["nll"] for p in pending)

@@ -37,6 +37,23 @@ class PieceGap(unittest.TestCase):
         self.assertEqual(rows["old token"]["tokens"], 2)
         self.assertAlmostEqual(rows["old token"]["excess_nats"], 0.5 - 3.0)
 
+    def test_repeats_split_first_from_repeated(self):
+        # "国家国家": the base reads each 国家 as one old token (cost 5, then 1 when repeated);
+        # the extended model reads the added word 国家 at 6, then 4.
+        base = [(1, 5.0, [0, 6]), (1, 1.0, [6, 12])]
+        ext = [(101, 6.0, [0, 6]), (101, 4.0, [6, 12])]
+        with tempfile.TemporaryDirectory() as d:
+            paths = {}
+            for name, obj in (("base", report(base)), ("ext", report(ext)), ("extension", {"old_vocab": 100, "pieces": ["国", "国家"]})):
+                paths[name] = os.path.join(d, name + ".json")
+                json.dump(obj, open(paths[name], "w", encoding="utf-8"), ensure_ascii=False)
+            out = subprocess.run([sys.executable, os.path.join(HERE, "piece_gap.py"), "--base", paths["base"], "--ext", paths["ext"], "--extension", paths["extension"], "--repeats", "10", "--json"],
+                                 capture_output=True, text=True, check=True)
+        rows = {r["targets"]: r for r in json.loads(out.stdout)["rows"]}
+        self.assertEqual(set(rows), {"added word first", "added word repeated"})
+        self.assertAlmostEqual(rows["added word first"]["excess_nats"], 1.0)
+        self.assertAlmostEqual(rows["added word repeated"]["excess_nats"], 3.0)
+
 
 if __name__ == "__main__":
     unittest.main()

@@ -140,6 +140,10 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
             let o = cvocab::ResizeOptions { model, extension, init: init.parse()?, seed, init_text, distill, device, out, force };
             emit(&cvocab::resize(&o)?)
         }
+        VocabCmd::CopyTask { tokenizer, examples, min_pieces, max_pieces, char_share, seed, instruction, out, force } => {
+            let cfg = linly_lora::vocab::CopyTaskConfig { examples, min_pieces, max_pieces, char_share, seed, instruction };
+            emit(&cvocab::copy_task(&cvocab::CopyTaskOptions { tokenizer, cfg, out, force })?)
+        }
         VocabCmd::Stats { tokenizers, texts, json } => emit_or_json(&cvocab::stats(&cvocab::StatsOptions { tokenizers, texts })?, json),
         VocabCmd::Encode { tokenizer, text } => emit(&cvocab::encode(&cvocab::EncodeOptions { tokenizer, text })?),
     }

@@ -153,6 +153,36 @@ fn merge_cli_and_adapter_flags() {
 /// `vocab extend --max-chars` caps the single characters and gives the rest of `--max-new` to
 /// words; without it the split is Linly's 8:20.
 #[test]
+fn copy_task_repeats_added_pieces_and_refuses_a_plain_tokenizer() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let list = d.join("pieces.txt");
+    std::fs::write(&list, "龘\n靐\n齉\n龘靐\n").unwrap();
+    let tok = d.join("tok");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&fixture("llama2-tokenizer")), "--add", s(&list), "--out", s(&tok)], None);
+    assert!(ok, "{err}");
+    let out = d.join("copy.json");
+    let args = ["vocab", "copy-task", "--tokenizer", s(&tok), "--examples", "50", "--min-pieces", "2", "--max-pieces", "5", "--out", s(&out)];
+    let (ok, stdout, err) = run_cli(&args, None);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("50 copy examples from 3 characters and 1 longer pieces"), "{stdout}");
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).unwrap()).unwrap();
+    let ex = v.as_array().unwrap();
+    assert_eq!(ex.len(), 50);
+    for e in ex {
+        let input = e["input"].as_str().unwrap();
+        assert_eq!(input, e["output"].as_str().unwrap());
+        let n = input.chars().count();
+        assert!((2..=10).contains(&n) && input.chars().all(|c| "龘靐齉".contains(c)), "{input}");
+    }
+    // An existing output needs --force; a tokenizer that was not extended is refused by name.
+    let (ok, _, err) = run_cli(&args, None);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, _, err) = run_cli(&["vocab", "copy-task", "--tokenizer", s(&fixture("llama2-tokenizer")), "--out", s(&d.join("x.json"))], None);
+    assert!(!ok && err.contains("vocab extend"), "{err}");
+}
+
+#[test]
 fn extend_max_chars_moves_pieces_from_characters_to_words() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();

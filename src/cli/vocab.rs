@@ -104,6 +104,43 @@ pub enum VocabCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Write "repeat this text" examples of random added pieces (Alpaca JSON) that teach the new rows to be copied
+    #[command(long_about = "Write \"repeat this text\" examples made of random added pieces, as an Alpaca JSON \
+that a recipe trains on as a `kind = \"alpaca\"` block with a chat template (the prompt is masked, so the loss \
+falls on the copy alone).\n\nWhy: a model reads a repeated name or term again almost for free by copying it \
+from earlier in the context. New rows cannot be copied at first, and ordinary text teaches it only for the \
+pieces it shows often; on the quickstart, repeated pieces carried most of the trained model's gap to the base \
+(BENCHMARKS.md, \"Repeats\"). Pieces are drawn uniformly over the extension, characters with probability \
+--char-share, so that rare rows learn it too. Merge-only rows (byte fragments no text spells) are left out.\n\n\
+Measured on the quickstart at weight 0.1: the copy is learnt, but the texts' bits/char did not improve beyond \
+the spread of runs, so the quickstart's recipe does not use it; check it on your validation text.")]
+    CopyTask {
+        /// The extended tokenizer's folder, as `vocab extend` wrote it (tokenizer.json + vocab_extension.json)
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// How many examples (the quickstart reads a few hundred; the rest is for longer runs)
+        #[arg(long, default_value_t = 6000)]
+        examples: usize,
+        /// Fewest added pieces per example
+        #[arg(long, default_value_t = 20)]
+        min_pieces: usize,
+        /// Most added pieces per example
+        #[arg(long, default_value_t = 60)]
+        max_pieces: usize,
+        /// Probability that a drawn piece is a single character rather than a word
+        #[arg(long, default_value_t = 0.6)]
+        char_share: f64,
+        #[arg(long, default_value_t = 7)]
+        seed: u64,
+        /// The instruction of every example (masked in training)
+        #[arg(long, default_value = linly_lora::vocab::DEFAULT_INSTRUCTION)]
+        instruction: String,
+        /// Output JSON file (written atomically; must not exist unless --force)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Tokens per character, byte-fallback tokens and round-trip failures, per tokenizer × file
     Stats {
         #[arg(long = "tokenizer", required = true)]

@@ -1,9 +1,9 @@
-//! `vocab extend`, `vocab resize`, `vocab stats` and `vocab encode`.
+//! `vocab extend`, `vocab resize`, `vocab copy-task`, `vocab stats` and `vocab encode`.
 
-use super::{write_out, Report, Written};
+use super::{check_out, write_out, Report, Written};
 use crate::vocab::distill::DistillOptions;
 use crate::vocab::{self, Encoded, ExtendReport, InitMethod, ResizeReport, TokenizerStats};
-use anyhow::Result;
+use anyhow::{ensure, Context, Result};
 use serde::Serialize;
 use std::fmt;
 use std::path::PathBuf;
@@ -122,6 +122,45 @@ impl Report for Written<ResizeReport> {
         self.report.distill.iter().map(|d| format!("distill: {}", serde_json::to_string(d).unwrap_or_default())).collect()
     }
 }
+
+#[derive(Debug, Clone)]
+pub struct CopyTaskOptions {
+    /// The extended tokenizer's folder (tokenizer.json + vocab_extension.json).
+    pub tokenizer: PathBuf,
+    pub cfg: vocab::CopyTaskConfig,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CopyTaskReport {
+    pub examples: usize,
+    pub chars: usize,
+    pub longer: usize,
+    /// Added rows no text spells (merge intermediates), left out of the task.
+    pub skipped: usize,
+}
+
+pub fn copy_task(o: &CopyTaskOptions) -> Result<Written<CopyTaskReport>> {
+    let ext_path = o.tokenizer.join("vocab_extension.json");
+    check_out(&o.out, std::slice::from_ref(&o.tokenizer), o.force)?;
+    let ext = vocab::VocabExtension::load(&ext_path).with_context(|| format!("--tokenizer {} must be the folder `vocab extend` wrote", o.tokenizer.display()))?;
+    let tok = crate::tokenizer::Tok::load(&o.tokenizer)?;
+    ensure!(tok.vocab_size() == ext.new_vocab, "{} has {} tokens but {} was made for {}; pass the folder `vocab extend` wrote", o.tokenizer.display(), tok.vocab_size(), ext_path.display(), ext.new_vocab);
+    let pieces = vocab::copyable_pieces(&tok, &ext)?;
+    let examples = vocab::copy_task(&pieces, &o.cfg)?;
+    vocab::write_atomic(&o.out, &serde_json::to_vec_pretty(&examples)?)?;
+    Ok(Written { report: CopyTaskReport { examples: examples.len(), chars: pieces.chars.len(), longer: pieces.longer.len(), skipped: pieces.skipped }, out: o.out.clone() })
+}
+
+impl fmt::Display for Written<CopyTaskReport> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        write!(f, "{} copy examples from {} characters and {} longer pieces ({} merge-only rows left out) -> {}", r.examples, r.chars, r.longer, r.skipped, self.out.display())
+    }
+}
+
+impl Report for Written<CopyTaskReport> {}
 
 #[derive(Debug, Clone)]
 pub struct StatsOptions {

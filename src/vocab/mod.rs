@@ -10,6 +10,9 @@
 //! * [`init_new_rows`] / [`resize_table`] — initial embedding / LM-head rows for the new tokens.
 //! * [`stats()`] / [`render_table`] / [`encode`] — tokens per character, byte-fallback tokens and
 //!   round-trip failures of one or more tokenizers on text files.
+//! * [`copy_task`] — "repeat this text" training examples over the added pieces, so that the new
+//!   rows learn to be copied from earlier in the context (which the base model does for its own
+//!   tokens and the new rows cannot at first).
 //!
 //! # Decisions
 //!
@@ -62,6 +65,7 @@
 
 mod bpe;
 pub mod chain;
+mod copy_task;
 pub mod distill;
 mod extend;
 mod model;
@@ -72,6 +76,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+pub use copy_task::{copy_task, copyable_pieces, CopyExample, CopyTaskConfig, CopyablePieces, DEFAULT_INSTRUCTION};
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
 pub use model::{init_std, moved_head_rows, resize_loaded, resize_model, resize_tables, DistillSpec, ResizeReport, MOVED_ROWS_FILE};
