@@ -25,6 +25,7 @@
 //! This layer uses no model type: the model calls it with tensors and plain values.
 
 pub mod attention;
+pub mod bf16;
 pub mod cross_entropy;
 pub mod gemm;
 pub mod lora;

@@ -193,6 +193,30 @@ pub struct TrainSection {
     /// key existed still resume (the resume check hashes the serialized recipe).
     #[serde(skip_serializing_if = "TeacherWeights::is_auto")]
     pub teacher: TeacherWeights,
+    /// How the student multiplies by its frozen projections; left out of the serialized recipe
+    /// when `f32`, as `teacher` is, so that older checkpoints still resume.
+    #[serde(skip_serializing_if = "FrozenProducts::is_f32")]
+    pub frozen_products: FrozenProducts,
+}
+
+/// `[train] frozen_products`: the arithmetic of the products with the frozen projections in
+/// training's forward and backward (see [`crate::kernels::bf16`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum FrozenProducts {
+    /// f32, the exact products (the reference; the default).
+    #[default]
+    F32,
+    /// The frozen weights packed in bf16 once and the activations rounded to bf16 as they are
+    /// read, with f32 sums: ~1.5–1.8× the f32 product on a CPU with AVX512-BF16, which it needs.
+    /// Opt-in: its effect on what training reaches has not been measured yet.
+    Bf16,
+}
+
+impl FrozenProducts {
+    fn is_f32(&self) -> bool {
+        *self == FrozenProducts::F32
+    }
 }
 
 /// `[train] teacher`: the weights of the base model that `chain_distill` reads (see
@@ -232,6 +256,7 @@ impl Default for TrainSection {
             max_grad_norm: 1.0,
             seed: 42,
             teacher: TeacherWeights::Auto,
+            frozen_products: FrozenProducts::F32,
         }
     }
 }
@@ -682,6 +707,11 @@ mod tests {
             // `auto` is not written, so the hash of a recipe without the key is unchanged.
             assert_eq!(serde_json::to_value(&t).unwrap().get("teacher").and_then(|v| v.as_str()), (want != TeacherWeights::Auto).then_some(text));
         }
+        for (text, want) in [("f32", FrozenProducts::F32), ("bf16", FrozenProducts::Bf16)] {
+            let t: TrainSection = toml::from_str(&format!("frozen_products = \"{text}\"")).unwrap();
+            assert_eq!(t.frozen_products, want);
+            assert_eq!(serde_json::to_value(&t).unwrap().get("frozen_products").and_then(|v| v.as_str()), (want != FrozenProducts::F32).then_some(text));
+        }
         let t: TrainableSection = toml::from_str("embed_tokens = \"new_rows\"").unwrap();
         assert_eq!((t.embed_tokens, t.lm_head), (TableMode::NewRows, TableMode::All));
         for (text, want) in [
@@ -692,6 +722,7 @@ mod tests {
             ("[trainable]\nlm_head = \"some\"", "new_rows"),
             ("[vocab]\ninit = \"zeros\"", "distill-head"),
             ("[train]\nteacher = \"q4_0\"", "q8_0"),
+            ("[train]\nfrozen_products = \"f16\"", "bf16"),
         ] {
             let e = toml::from_str::<Recipe>(&format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n{text}")).unwrap_err().to_string();
             let line = text.lines().last().unwrap();

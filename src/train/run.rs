@@ -5,7 +5,7 @@ use super::chain_teacher::ChainTeacher;
 use super::teacher::BaseModel;
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
-use super::recipe::{Recipe, Stage};
+use super::recipe::{FrozenProducts, Recipe, Stage};
 use super::scaler::Scaler;
 use super::schedule::{lr_factor, replanned_ramp, steps_within};
 use super::step::{train_step, MicroBatch, StepHparams};
@@ -260,6 +260,21 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
     Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, [moved.len(), d]), &device))
 }
 
+/// `[train] frozen_products = "bf16"`: every dense frozen projection packed once for the bf16
+/// products ([`crate::kernels::bf16`]); the f32 weights stay the model's and are what is saved.
+fn pack_frozen_bf16(model: &mut Llama) -> Result<()> {
+    ensure!(crate::kernels::bf16::available(), "[train] frozen_products = \"bf16\" needs a CPU with AVX512-BF16 and this one has none; remove the key to train with f32 products");
+    for (name, lin) in lora::adapter::linears_mut(model) {
+        let Some(p) = lin.weight.as_dense() else { continue };
+        let w = p.val();
+        ensure!(crate::kernels::flex_f32(&w).is_some(), "[train] frozen_products = \"bf16\" runs on the CPU's f32 weights and {name} is not one; remove the key, or train on the CPU with [precision] dtype = \"fp32\"");
+        let [out, inp] = w.dims();
+        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {name} for its bf16 packing: {e:?}"))?;
+        lin.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, out, inp)));
+    }
+    Ok(())
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
@@ -301,6 +316,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
     };
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
+    if recipe.train.frozen_products == FrozenProducts::Bf16 {
+        pack_frozen_bf16(&mut model)?;
+    }
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
