@@ -108,7 +108,7 @@ impl PackedT {
         }
         let xp = self.pairs(x, m);
         let blocks = self.n.div_ceil(LANES * PANELS);
-        let out = Out(c.as_mut_ptr(), c.len());
+        let out = Out(c.as_mut_ptr());
         (0..blocks).into_par_iter().for_each(|blk| {
             let out = &out;
             let mut m0 = 0;
@@ -179,7 +179,7 @@ impl PackedT {
 }
 
 /// The output buffer shared by the column blocks, which write disjoint columns.
-struct Out(*mut f32, #[allow(dead_code)] usize);
+struct Out(*mut f32);
 // SAFETY: every task writes its own columns of each row (see `PackedT::matmul`).
 unsafe impl Sync for Out {}
 
