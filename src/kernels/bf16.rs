@@ -12,14 +12,30 @@
 //! `k/2` pairs × 16 lanes × 2 values, so one 64-byte load gives the next pair of `k` for 16
 //! columns; panels are padded with zeros to a multiple of 4 (the kernel's 64 columns) and `k`
 //! to an even count.
+//!
+//! A long `k` (the LM head's backward `dlogits·W` sums over ~49k vocabulary rows) is cut into
+//! chunks of [`KC`] pairs, so that the 64 columns' panels of one chunk (256 KB) stay in L2 while
+//! every row of `x` passes over them; each chunk's sums are added to the output in turn.
 
+use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
+use burn::tensor::Tensor;
+use burn_autodiff::checkpoint::base::Checkpointer;
+use burn_autodiff::grads::Gradients;
+use burn_autodiff::ops::{Backward, Ops};
+use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
+use std::sync::Arc;
 
 /// Columns per panel (one 512-bit register of f32 sums).
 const LANES: usize = 16;
 /// Panels per kernel call: 6 rows × 4 panels of sums fill 24 of the 32 registers.
 const PANELS: usize = 4;
 const ROWS: usize = 6;
+/// Pairs of `k` per chunk: 64 columns × 1024 pairs × 4 bytes = 256 KB of panels.
+const KC: usize = 1024;
+/// Rows of `x` per task, so that a product with few column blocks (the head's backward has
+/// nine) still spreads over every core.
+const MC: usize = 96;
 
 /// `x` rounded to the nearest bf16 (ties to even); NaN stays a NaN.
 pub fn to_bf16(x: f32) -> u16 {
@@ -109,51 +125,58 @@ impl PackedT {
         let xp = self.pairs(x, m);
         let blocks = self.n.div_ceil(LANES * PANELS);
         let out = Out(c.as_mut_ptr());
-        (0..blocks).into_par_iter().for_each(|blk| {
+        let tasks: Vec<(usize, usize)> = (0..blocks).flat_map(|blk| (0..m).step_by(MC).map(move |r0| (blk, r0))).collect();
+        tasks.into_par_iter().for_each(|(blk, r0)| {
             let out = &out;
-            let mut m0 = 0;
-            while m0 < m {
-                let mr = ROWS.min(m - m0);
-                let mut tile = [0f32; ROWS * LANES * PANELS];
-                // SAFETY: `available()` was checked above; the kernel reads `xp` rows m0..m0+mr and
-                // the 4 panels of this block, all inside their buffers by construction.
-                #[cfg(target_arch = "x86_64")]
-                unsafe {
-                    x86::tile(&xp, &self.panels, self.k2, m0, mr, blk * PANELS, &mut tile)
-                };
-                let col0 = blk * LANES * PANELS;
-                let cols = (LANES * PANELS).min(self.n - col0);
-                for r in 0..mr {
-                    // SAFETY: blocks write disjoint column ranges; `check` bounded every row.
-                    let row = unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + r) * ldc + col0), cols) };
-                    let t = &tile[r * LANES * PANELS..r * LANES * PANELS + cols];
-                    if accumulate {
-                        row.iter_mut().zip(t).for_each(|(o, v)| *o += v);
-                    } else {
-                        row.copy_from_slice(t);
+            let col0 = blk * LANES * PANELS;
+            let cols = (LANES * PANELS).min(self.n - col0);
+            for (ci, kp0) in (0..self.k2.max(1)).step_by(KC).enumerate() {
+                let kp1 = (kp0 + KC).min(self.k2);
+                let mut m0 = r0;
+                while m0 < (r0 + MC).min(m) {
+                    let mr = ROWS.min(m - m0);
+                    let mut tile = [0f32; ROWS * LANES * PANELS];
+                    // SAFETY: `available()` was checked above; the kernel reads `xp` rows m0..m0+mr and
+                    // pairs kp0..kp1 of the 4 panels of this block, all inside their buffers by
+                    // construction.
+                    #[cfg(target_arch = "x86_64")]
+                    unsafe {
+                        x86::tile(&xp, &self.panels, self.k2, [kp0, kp1], m0, mr, blk * PANELS, &mut tile)
+                    };
+                    for r in 0..mr {
+                        // SAFETY: tasks write disjoint rows × columns; `check` bounded every row.
+                        let row = unsafe { std::slice::from_raw_parts_mut(out.0.add((m0 + r) * ldc + col0), cols) };
+                        let t = &tile[r * LANES * PANELS..r * LANES * PANELS + cols];
+                        if accumulate || ci > 0 {
+                            row.iter_mut().zip(t).for_each(|(o, v)| *o += v);
+                        } else {
+                            row.copy_from_slice(t);
+                        }
                     }
+                    m0 += mr;
                 }
-                m0 += mr;
             }
         });
     }
 
     /// [`Self::matmul`] in scalar code over the same packing, summing each lane's pairs in the
-    /// kernel's order: the reference of the kernel, and of the packing on any CPU.
+    /// kernel's order, chunk by chunk: the reference of the kernel, and of the packing on any CPU.
     pub fn matmul_reference(&self, x: &[f32], m: usize, c: &mut [f32], ldc: usize, accumulate: bool) {
         self.check(x, m, c, ldc);
         let xp = self.pairs(x, m);
         for i in 0..m {
             for j in 0..self.n {
                 let (p, l) = (j / LANES, j % LANES);
-                let mut s = 0f32;
-                for kp in 0..self.k2 {
-                    let a = xp[i * self.k2 + kp];
-                    let at = ((p * self.k2 + kp) * LANES + l) * 2;
-                    s += from_bf16(a as u16) * from_bf16(self.panels[at]) + from_bf16((a >> 16) as u16) * from_bf16(self.panels[at + 1]);
-                }
                 let o = &mut c[i * ldc + j];
-                *o = if accumulate { *o + s } else { s };
+                for (ci, kp0) in (0..self.k2.max(1)).step_by(KC).enumerate() {
+                    let mut s = 0f32;
+                    for kp in kp0..(kp0 + KC).min(self.k2) {
+                        let a = xp[i * self.k2 + kp];
+                        let at = ((p * self.k2 + kp) * LANES + l) * 2;
+                        s += from_bf16(a as u16) * from_bf16(self.panels[at]) + from_bf16((a >> 16) as u16) * from_bf16(self.panels[at + 1]);
+                    }
+                    *o = if accumulate || ci > 0 { *o + s } else { s };
+                }
             }
         }
     }
@@ -188,15 +211,16 @@ mod x86 {
     use super::{LANES, PANELS, ROWS};
     use std::arch::x86_64::*;
 
-    /// Sums of `mr` ≤ 6 rows of `xp` (bf16 pairs, `k2` a row) against panels `pn0..pn0 + 4` into
-    /// `tile` `[6, 64]`.
+    /// Sums over pairs `kp0..kp1` of `mr` ≤ 6 rows of `xp` (bf16 pairs, `k2` a row) against
+    /// panels `pn0..pn0 + 4` into `tile` `[6, 64]`.
     #[target_feature(enable = "avx512f,avx512bf16")]
-    pub(super) unsafe fn tile(xp: &[u32], panels: &[u16], k2: usize, m0: usize, mr: usize, pn0: usize, tile: &mut [f32; ROWS * LANES * PANELS]) {
+    #[allow(clippy::too_many_arguments)]
+    pub(super) unsafe fn tile(xp: &[u32], panels: &[u16], k2: usize, [kp0, kp1]: [usize; 2], m0: usize, mr: usize, pn0: usize, tile: &mut [f32; ROWS * LANES * PANELS]) {
         let mut acc = [_mm512_setzero_ps(); ROWS * PANELS];
-        debug_assert!((pn0 + PANELS) * k2 * LANES * 2 <= panels.len() && (m0 + mr) * k2 <= xp.len());
+        debug_assert!(kp1 <= k2 && (pn0 + PANELS) * k2 * LANES * 2 <= panels.len() && (m0 + mr) * k2 <= xp.len());
         let b0 = panels.as_ptr().add(pn0 * k2 * LANES * 2);
         let a0 = xp.as_ptr().add(m0 * k2);
-        for kp in 0..k2 {
+        for kp in kp0..kp1 {
             let b: [__m512bh; PANELS] = std::array::from_fn(|j| std::mem::transmute(_mm512_loadu_si512(b0.add((j * k2 + kp) * LANES * 2) as *const _)));
             for r in 0..ROWS {
                 if r < mr {
@@ -225,6 +249,53 @@ pub struct FrozenBf16 {
 impl FrozenBf16 {
     pub fn new(w: &[f32], out: usize, inp: usize) -> Self {
         FrozenBf16 { forward: PackedT::new(w, out, inp), backward: PackedT::transposed(w, out, inp) }
+    }
+}
+
+#[derive(Debug)]
+struct FrozenMatmulBackward;
+
+impl Backward<Flex, 1> for FrozenMatmulBackward {
+    type State = Arc<FrozenBf16>;
+
+    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
+        let p = ops.state;
+        let dy = grads.consume::<Flex>(&ops.node);
+        let [px] = ops.parents;
+        if let Some(node) = px {
+            // dx = dy·W on the transposed packing.
+            let [inp, out] = p.backward.dims();
+            let dyv = values(&dy);
+            let n = dyv.len() / out.max(1);
+            let mut dx = vec![0f32; n * inp];
+            p.backward.matmul(&dyv, n, &mut dx, inp, false);
+            grads.register::<Flex>(node.id, new_tensor(dx, vec![n, inp]));
+        }
+    }
+}
+
+/// `x·Wᵀ` `[n, out]` for an f32 flex `x` `[n, in]` against the packings of a frozen `W`, with
+/// the input's gradient `dy·W` on the transposed packing: the LM head's product with its old
+/// rows. `None` when `x` is not f32 flex or this CPU has no AVX512-BF16 (the caller multiplies
+/// by the f32 weight instead).
+pub fn frozen_matmul_t(x: &Tensor<2>, p: &Arc<FrozenBf16>) -> Option<Tensor<2>> {
+    let [n, k] = x.dims();
+    let [out, kw] = p.forward.dims();
+    assert_eq!(k, kw, "bf16 frozen product: x [{n}, {k}] against a packing of [{out}, {kw}]");
+    if !available() {
+        return None;
+    }
+    let product = |x: &FlexTensor| {
+        let mut y = vec![0f32; n * out];
+        p.forward.matmul(&values(x), n, &mut y, out, false);
+        new_tensor(y, vec![n, out])
+    };
+    match inputs([flex_f32(x)])? {
+        Inputs::Plain([xp]) => Some(from_plain(product(&xp))),
+        Inputs::Tracked([xp], nodes) => {
+            let y = product(&xp);
+            Some(from_tracked(record(FrozenMatmulBackward, nodes, || p.clone(), y)))
+        }
     }
 }
 
@@ -258,7 +329,8 @@ mod tests {
     /// inputs, and on a CPU with AVX512-BF16 the kernel equals the reference.
     #[test]
     fn packings_and_kernel_match_the_rounded_product() {
-        for (m, n, k) in [(1, 1, 1), (5, 17, 9), (13, 70, 33), (7, 130, 64), (20, 192, 576)] {
+        // (8, 40, 4101): three chunks of `k`, the last odd; (200, 70, 9): three tasks of rows.
+        for (m, n, k) in [(1, 1, 1), (5, 17, 9), (13, 70, 33), (7, 130, 64), (20, 192, 576), (8, 40, 4101), (200, 70, 9)] {
             let x = fixed(m * k, 1);
             let w = fixed(n * k, 2);
             let want = rounded_product(&x, &w, m, n, k);
@@ -298,6 +370,32 @@ mod tests {
                 eprintln!("this CPU has no AVX512-BF16: only the packing and its reference were checked");
             }
         }
+    }
+
+    /// The autodiff op: its output and input gradient are the packings' products (bit for bit
+    /// the kernel's), and a plain input gives the same output.
+    #[test]
+    fn frozen_matmul_t_forward_and_gradient_are_the_packings() {
+        if !available() {
+            eprintln!("this CPU has no AVX512-BF16: frozen_matmul_t was not run");
+            return;
+        }
+        let dev = burn::tensor::Device::flex().autodiff();
+        let (n, out, k) = (11, 37, 50);
+        let (xv, wv, upv) = (fixed(n * k, 5), fixed(out * k, 6), fixed(n * out, 7));
+        let p = Arc::new(FrozenBf16::new(&wv, out, k));
+        let t = |v: &Vec<f32>, d: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v.clone(), d), &dev);
+        let x = t(&xv, [n, k]).require_grad();
+        let y = frozen_matmul_t(&x, &p).unwrap();
+        let g = (y.clone() * t(&upv, [n, out])).sum().backward();
+        let v = |x: Tensor<2>| x.into_data().try_into_vec::<f32>().unwrap();
+        let (mut want_y, mut want_dx) = (vec![0f32; n * out], vec![0f32; n * k]);
+        p.forward.matmul(&xv, n, &mut want_y, out, false);
+        p.backward.matmul(&upv, n, &mut want_dx, k, false);
+        assert_eq!(v(y.detach()), want_y);
+        assert_eq!(v(x.grad(&g).unwrap()), want_dx);
+        let plain = Tensor::<2>::from_data(burn::tensor::TensorData::new(xv.clone(), [n, k]), &burn::tensor::Device::flex());
+        assert_eq!(v(frozen_matmul_t(&plain, &p).unwrap()), want_y);
     }
 
     /// Against the f32 product of the unrounded inputs the error is bf16's: ~2^-8 of the sum of

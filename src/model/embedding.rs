@@ -16,6 +16,8 @@ use super::linear::{Frozen, QuantWeight};
 use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
+use crate::kernels::bf16::FrozenBf16;
+use std::sync::Arc;
 
 #[derive(Module, Debug)]
 pub struct TokenTable {
@@ -30,21 +32,25 @@ pub struct TokenTable {
     /// none and `extra` is `None`: lookups dequantize only the rows asked for, and the LM-head
     /// product runs in the quantized kernels.
     pub quant: Option<QuantWeight>,
+    /// The frozen `base` rows packed in bf16 for the head's product in training (`[train]
+    /// frozen_products`; [`crate::kernels::bf16`]); `base` stays the table's weight.
+    #[module(skip)]
+    pub bf16: Option<Arc<FrozenBf16>>,
 }
 
 impl TokenTable {
     pub fn new(weight: Tensor<2>) -> Self {
-        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true, quant: None }
+        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true, quant: None, bf16: None }
     }
 
     /// A frozen table from a loaded weight, dense or quantized.
     pub fn from_frozen(w: Frozen) -> Self {
         match w {
-            Frozen::Dense(p) => TokenTable { base: p, extra: None, extra_f32: true, quant: None },
+            Frozen::Dense(p) => TokenTable { base: p, extra: None, extra_f32: true, quant: None, bf16: None },
             Frozen::Quant(q) => {
                 let hidden = q.matrix.cols();
                 let empty = Tensor::zeros([0, hidden], &q.device);
-                TokenTable { base: Param::from_tensor(empty).set_require_grad(false), extra: None, extra_f32: true, quant: Some(q) }
+                TokenTable { base: Param::from_tensor(empty).set_require_grad(false), extra: None, extra_f32: true, quant: Some(q), bf16: None }
             }
         }
     }
@@ -128,13 +134,17 @@ impl TokenTable {
         }
         // A trainable table is an f32 master; the product runs in the activation dtype.
         let base = self.base.val().cast(crate::kernels::float_dtype(h2.dtype()));
-        let logits = match &self.extra {
+        let old_rows = |h2: Tensor<2>| match self.bf16.as_ref().and_then(|p| crate::kernels::bf16::frozen_matmul_t(&h2, p)) {
+            Some(y) => y,
             None => matmul_t(h2, base),
+        };
+        let logits = match &self.extra {
+            None => old_rows(h2),
             Some(extra) => {
                 let f32 = burn::tensor::FloatDType::F32;
                 let new_dt = if self.extra_f32 { f32 } else { crate::kernels::float_dtype(h2.dtype()) };
                 let extra = extra.val().cast(new_dt);
-                let old = matmul_t(h2.clone(), base).cast(f32);
+                let old = old_rows(h2.clone()).cast(f32);
                 Tensor::cat(vec![old, matmul_t(h2.cast(new_dt), extra).cast(f32)], 1)
             }
         };
@@ -232,6 +242,44 @@ mod tests {
         assert!((rows[2] - 3.0).abs() < 1e-5 && (rows[3] - 4.0).abs() < 1e-5, "{rows:?}");
         // [0, 2] scaled to rms sqrt(12.5): [0, 5].
         assert!(rows[4] == 0.0 && (rows[5] - 5.0).abs() < 1e-5, "{rows:?}");
+    }
+
+    /// With the old rows packed in bf16, the head's old logits and the hidden states' gradient
+    /// are the f32 product's within bf16 rounding, while the new rows' logits and their gradient,
+    /// which never read the packing, are bit for bit the f32 table's.
+    #[test]
+    fn bf16_old_rows_round_only_what_reads_them() {
+        if !crate::kernels::bf16::available() {
+            eprintln!("this CPU has no AVX512-BF16: the head's bf16 path was not run");
+            return;
+        }
+        let dev = burn::tensor::Device::flex().autodiff();
+        let (old, new, d, n) = (70, 9, 40, 13);
+        let fixed = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5).collect() };
+        let (bv, ev, hv, upv) = (fixed(old * d, 1), fixed(new * d, 2), fixed(n * d, 3), fixed(n * (old + new), 4));
+        let t = |v: &Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v.clone(), dims), &dev);
+        let run = |packed: bool| {
+            let mut table = TokenTable::new(t(&bv, [old, d]));
+            table.extra = Some(Param::from_tensor(t(&ev, [new, d])).set_require_grad(true));
+            if packed {
+                table.bf16 = Some(Arc::new(FrozenBf16::new(&bv, old, d)));
+            }
+            let h = t(&hv, [n, d]).require_grad();
+            let y = table.project(h.clone().reshape([1, n, d]));
+            let g = (y.clone().reshape([n, old + new]) * t(&upv, [n, old + new])).sum().backward();
+            let e = table.extra.as_ref().unwrap().val();
+            let v = |x: Tensor<2>| x.into_data().try_into_vec::<f32>().unwrap();
+            (v(y.reshape([n, old + new]).detach()), v(h.grad(&g).unwrap()), v(e.grad(&g).unwrap()))
+        };
+        let ((y32, dh32, de32), (y16, dh16, de16)) = (run(false), run(true));
+        for i in 0..n {
+            let (a, b) = (&y16[i * (old + new)..(i + 1) * (old + new)], &y32[i * (old + new)..(i + 1) * (old + new)]);
+            assert!(a[..old].iter().zip(&b[..old]).all(|(x, y)| (x - y).abs() <= d as f32 * 0.25 / 128.0), "old logits of row {i}");
+            assert_eq!(&a[old..], &b[old..], "new logits of row {i}");
+        }
+        assert!(y16 != y32, "the packing was not used");
+        assert!(dh16.iter().zip(&dh32).all(|(x, y)| (x - y).abs() <= (old + new) as f32 * 0.25 / 128.0) && dh16 != dh32, "dh");
+        assert_eq!(de16, de32, "the new rows' gradient does not read the packing");
     }
 
     #[test]

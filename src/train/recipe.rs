@@ -207,10 +207,13 @@ pub enum FrozenProducts {
     /// f32, the exact products (the reference; the default).
     #[default]
     F32,
-    /// The frozen weights packed in bf16 once and the activations rounded to bf16 as they are
-    /// read, with f32 sums: ~1.5–1.8× the f32 product on a CPU with AVX512-BF16, which it needs.
-    /// Opt-in: its effect on what training reaches has not been measured yet.
+    /// The frozen weights (the projections and the LM head's old rows) packed in bf16 once and
+    /// the activations rounded to bf16 as they are read, with f32 sums: ~1.5–1.8× the f32
+    /// product on a CPU with AVX512-BF16, which it needs.
     Bf16,
+    /// `bf16` where it runs (f32 weights on a CPU with AVX512-BF16), `f32` elsewhere: what the
+    /// quickstart's recipe sets, so that one recipe trains fastest on every machine.
+    Auto,
 }
 
 impl FrozenProducts {
@@ -707,7 +710,7 @@ mod tests {
             // `auto` is not written, so the hash of a recipe without the key is unchanged.
             assert_eq!(serde_json::to_value(&t).unwrap().get("teacher").and_then(|v| v.as_str()), (want != TeacherWeights::Auto).then_some(text));
         }
-        for (text, want) in [("f32", FrozenProducts::F32), ("bf16", FrozenProducts::Bf16)] {
+        for (text, want) in [("f32", FrozenProducts::F32), ("bf16", FrozenProducts::Bf16), ("auto", FrozenProducts::Auto)] {
             let t: TrainSection = toml::from_str(&format!("frozen_products = \"{text}\"")).unwrap();
             assert_eq!(t.frozen_products, want);
             assert_eq!(serde_json::to_value(&t).unwrap().get("frozen_products").and_then(|v| v.as_str()), (want != FrozenProducts::F32).then_some(text));

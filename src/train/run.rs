@@ -51,6 +51,8 @@ pub struct TrainReport {
     pub planned_steps: Option<usize>,
     /// Wall seconds of this invocation, loading included.
     pub wall_s: f64,
+    /// The arithmetic the frozen products ran in (`f32` or `bf16`; `[train] frozen_products`).
+    pub frozen_products: &'static str,
 }
 
 /// Steps of an invocation after which a `[train] minutes` budget first plans the run. The first
@@ -260,19 +262,42 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
     Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, [moved.len(), d]), &device))
 }
 
-/// `[train] frozen_products = "bf16"`: every dense frozen projection packed once for the bf16
-/// products ([`crate::kernels::bf16`]); the f32 weights stay the model's and are what is saved.
-fn pack_frozen_bf16(model: &mut Llama) -> Result<()> {
-    ensure!(crate::kernels::bf16::available(), "[train] frozen_products = \"bf16\" needs a CPU with AVX512-BF16 and this one has none; remove the key to train with f32 products");
+/// `[train] frozen_products`: every dense frozen projection, and the LM head's frozen old rows,
+/// packed once for the bf16 products ([`crate::kernels::bf16`]); the f32 weights stay the
+/// model's and are what is saved. `bf16` refuses a machine it cannot run on; `auto` then keeps
+/// the f32 products. Returns whether the model was packed.
+fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
+    if mode == FrozenProducts::F32 {
+        return Ok(false);
+    }
+    let strict = mode == FrozenProducts::Bf16;
+    if !crate::kernels::bf16::available() {
+        ensure!(!strict, "[train] frozen_products = \"bf16\" needs a CPU with AVX512-BF16 and this one has none; set it to \"auto\" (or remove the key) to train with f32 products");
+        return Ok(false);
+    }
+    let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
+    let head_f32 = head.quant.is_none() && crate::kernels::flex_f32(&head.base.val()).is_some();
+    let all_f32 = head_f32 && lora::adapter::linears_mut(model).into_iter().all(|(_, lin)| lin.weight.as_dense().is_none_or(|p| crate::kernels::flex_f32(&p.val()).is_some()));
+    if !all_f32 {
+        ensure!(!strict, "[train] frozen_products = \"bf16\" runs on the CPU's f32 weights and this model's are not (a GPU device, a quantized folder or [precision] dtype); set it to \"auto\" or remove the key");
+        return Ok(false);
+    }
     for (name, lin) in lora::adapter::linears_mut(model) {
         let Some(p) = lin.weight.as_dense() else { continue };
         let w = p.val();
-        ensure!(crate::kernels::flex_f32(&w).is_some(), "[train] frozen_products = \"bf16\" runs on the CPU's f32 weights and {name} is not one; remove the key, or train on the CPU with [precision] dtype = \"fp32\"");
         let [out, inp] = w.dims();
         let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {name} for its bf16 packing: {e:?}"))?;
         lin.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, out, inp)));
     }
-    Ok(())
+    let head = model.lm_head.as_mut().unwrap_or(&mut model.embed_tokens);
+    // A table that trains whole (`lm_head = "all"`) changes every step: it stays f32.
+    if !head.base.is_require_grad() {
+        let w = head.base.val();
+        let [rows, d] = w.dims();
+        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head for its bf16 packing: {e:?}"))?;
+        head.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, rows, d)));
+    }
+    Ok(true)
 }
 
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
@@ -316,9 +341,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
     };
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
-    if recipe.train.frozen_products == FrozenProducts::Bf16 {
-        pack_frozen_bf16(&mut model)?;
-    }
+    let bf16 = pack_frozen_bf16(&mut model, recipe.train.frozen_products)?;
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
@@ -563,6 +586,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     }
     let secs = t_run.elapsed().as_secs_f64();
     let report = TrainReport {
+        frozen_products: if bf16 { "bf16" } else { "f32" },
         out_dir: out.clone(),
         adapter_dir: adapter_out,
         start_step: start,
