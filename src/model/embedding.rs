@@ -84,6 +84,22 @@ impl TokenTable {
         }
     }
 
+    /// Packs the frozen `base` rows in bf16 for the head's product in training (`[train]
+    /// frozen_products`), or drops the packing where `base` trains or is quantized. The packing
+    /// belongs to this table: a stage that rebuilds the tables (`crate::lora::set_table_modes`)
+    /// packs the new ones again.
+    pub fn pack_base_bf16(&mut self) -> anyhow::Result<()> {
+        self.bf16 = None;
+        if self.quant.is_some() || self.base.is_require_grad() {
+            return Ok(());
+        }
+        let w = self.base.val();
+        let [rows, d] = w.dims();
+        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head's rows for their bf16 packing: {e:?}"))?;
+        self.bf16 = Some(Arc::new(FrozenBf16::new(&v, rows, d)));
+        Ok(())
+    }
+
     /// Embeds ids `[B, T]` → `[B, T, hidden]`, in the table's own dtype (the caller casts).
     pub fn embed(&self, ids: Tensor<2, Int>) -> Tensor<3> {
         if let Some(q) = &self.quant {

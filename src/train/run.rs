@@ -152,13 +152,17 @@ fn default_init_text(recipe: &Recipe) -> Option<PathBuf> {
     Some(recipe.resolve(&pick.path))
 }
 
-/// Applies a stage's choices: which tables train, whether LoRA trains.
-pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool) -> Result<()> {
+/// Applies a stage's choices: which tables train, whether LoRA trains. The tables are rebuilt,
+/// so with `bf16` products (see [`pack_frozen_bf16`]) the head's frozen rows are packed here.
+pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool, bf16: bool) -> Result<()> {
     model.embed_tokens.extra_f32 = new_rows_f32;
     if let Some(h) = model.lm_head.as_mut() {
         h.extra_f32 = new_rows_f32;
     }
     set_table_modes(model, stage.embed, stage.head, old_vocab)?;
+    if bf16 {
+        model.lm_head.as_mut().unwrap_or(&mut model.embed_tokens).pack_base_bf16()?;
+    }
     for (_, lin) in lora::adapter::linears_mut(model) {
         for br in lin.lora.iter_mut() {
             for p in [&mut br.a, &mut br.b] {
@@ -262,10 +266,11 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
     Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, [moved.len(), d]), &device))
 }
 
-/// `[train] frozen_products`: every dense frozen projection, and the LM head's frozen old rows,
-/// packed once for the bf16 products ([`crate::kernels::bf16`]); the f32 weights stay the
-/// model's and are what is saved. `bf16` refuses a machine it cannot run on; `auto` then keeps
-/// the f32 products. Returns whether the model was packed.
+/// `[train] frozen_products`: every dense frozen projection packed once for the bf16 products
+/// ([`crate::kernels::bf16`]); the f32 weights stay the model's and are what is saved. The LM
+/// head's frozen old rows are packed by [`enter_stage`], which rebuilds the tables. `bf16`
+/// refuses a machine it cannot run on; `auto` then keeps the f32 products. Returns whether the
+/// products run in bf16.
 fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
     if mode == FrozenProducts::F32 {
         return Ok(false);
@@ -288,14 +293,6 @@ fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
         let [out, inp] = w.dims();
         let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {name} for its bf16 packing: {e:?}"))?;
         lin.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, out, inp)));
-    }
-    let head = model.lm_head.as_mut().unwrap_or(&mut model.embed_tokens);
-    // A table that trains whole (`lm_head = "all"`) changes every step: it stays f32.
-    if !head.base.is_require_grad() {
-        let w = head.base.val();
-        let [rows, d] = w.dims();
-        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head for its bf16 packing: {e:?}"))?;
-        head.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, rows, d)));
     }
     Ok(true)
 }
@@ -440,7 +437,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     while step < end {
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
-            enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32)?;
+            enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, bf16)?;
             current_stage = si;
         }
         // A copy: a budget may replan `stages` below, in this step.
@@ -646,5 +643,29 @@ fn finite_or_null(x: f64) -> serde_json::Value {
         serde_json::json!(x)
     } else {
         serde_json::Value::Null
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every stage rebuilds the tables, so the head's packing is made where a stage is entered:
+    /// with bf16 products the head that comes out of `enter_stage` holds a packing of exactly
+    /// its frozen old rows, a head that trains whole holds none, and f32 products pack nothing.
+    #[test]
+    fn entering_a_stage_packs_the_heads_frozen_rows() {
+        let (old, hidden) = (32, 64);
+        let cfg = crate::config::LlamaConfig::synthetic(hidden, 1, 4, 2, 176, 40);
+        let device = crate::device::parse("cpu").unwrap().autodiff();
+        let mut model = Llama::random(&cfg, &device, crate::io::safetensors::FloatType::F32);
+        let stage = |head| Stage { name: "s".into(), steps: 1, lr: 1e-3, embed_lr: 1e-3, lora: true, embed: TableMode::NewRows, head };
+        let packed = |m: &Llama| m.lm_head.as_ref().unwrap_or(&m.embed_tokens).bf16.as_ref().map(|p| p.forward.dims());
+        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, true).unwrap();
+        assert_eq!(packed(&model), Some([old, hidden]));
+        enter_stage(&mut model, &stage(TableMode::All), old, true, true).unwrap();
+        assert_eq!(packed(&model), None, "a head that trains whole");
+        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, false).unwrap();
+        assert_eq!(packed(&model), None, "f32 products");
     }
 }
