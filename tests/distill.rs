@@ -320,6 +320,31 @@ mod chain_distillation {
         }
     }
 
+    /// 24 steps of LoRA r 4 and the new rows on two rows at a time of `train_rows`, against the
+    /// chain at `chain` (0: labels alone) and the hidden-state term at `hidden`.
+    fn train_with_terms(resized: &Llama, teacher: &ChainTeacher, train_rows: &[Vec<u32>], chain: f32, hidden: f32, device: &burn::tensor::Device) -> Llama {
+        let hp = StepHparams { lr: 5e-4, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+        let mut m = resized.clone();
+        with_lora(&mut m, device, false);
+        set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+        let base = BaseModel::new(&m, 320, TeacherWeights::Dense, None, device).unwrap();
+        for step in 0..24 {
+            let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
+            let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+            let mut mb = MicroBatch::new(rows.clone(), labels);
+            if chain > 0.0 {
+                mb.chain_distill = vec![chain; 2];
+                mb.hidden_distill = vec![hidden; 2];
+                mb.chain = Some(Arc::new(teacher.targets(&base, &rows, &mb.labels, &mb.chain_distill).unwrap()));
+            }
+            let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, device).unwrap();
+            assert_eq!(out.chain_distill.is_some(), chain > 0.0);
+            assert_eq!(out.hidden_distill.is_some(), chain > 0.0 && hidden > 0.0);
+        }
+        m
+    }
+
     fn softmax_rows(model: &Llama, ids: &[u32], device: &burn::tensor::Device) -> Vec<f64> {
         let t: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ids.len()]), device);
         let l: Vec<f64> = model.forward(t, None).try_into_vec_as::<f32>().unwrap().into_iter().map(|x| x as f64).collect();
@@ -447,6 +472,84 @@ mod chain_distillation {
         assert!(host.neg_entropy < 0.0 && (host.neg_entropy - dev.neg_entropy).abs() < 1e-4 * host.neg_entropy.abs(), "{} vs {}", host.neg_entropy, dev.neg_entropy);
     }
 
+    /// `[[data]] hidden_distill`: the targets carry the base's residual stream after the tap
+    /// layer at the old position that ends each new position's piece, read from the chain's
+    /// teacher pass (LoRA off), the same on the host and device paths, zeros in rows without a
+    /// weight.
+    #[test]
+    fn hidden_targets_are_the_base_stream_where_each_piece_ends() {
+        let device = cpu().autodiff();
+        let (t, ext, new_tok, resized) = setup(&device);
+        let mut student = resized.clone();
+        with_lora(&mut student, &device, true);
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>()).with_hidden_layer(1);
+        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).take(2).map(|s| s[..20].to_vec()).collect();
+        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let base = BaseModel::new(&student, 320, TeacherWeights::Dense, None, &device).unwrap();
+        let w = [1.0, 0.0];
+        let host = teacher.targets(&base, &rows, &labels, &w).unwrap();
+        let dev = teacher.targets_on_device(&base, &rows, &labels, &w).unwrap();
+        let read = |c: &linly_lora::train::chain_teacher::ChainTargets| {
+            let h = c.hidden.as_ref().expect("hidden states asked for");
+            assert_eq!(h.layer, 1);
+            assert_eq!(h.states.dims(), [2, 19, 64]);
+            h.states.clone().try_into_vec_as::<f32>().unwrap()
+        };
+        let (a, b) = (read(&host), read(&dev));
+        // The base reading the old expansion, here independently: its stream after layer 1.
+        let ctx = expand(&rows[0], &ext).unwrap();
+        let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ctx.old_ids.iter().map(|&x| x as i64).collect::<Vec<_>>(), [1, ctx.old_ids.len()]), &device);
+        let (_, tap) = t.hidden_tapped(t.embed_tokens.embed(ids), None, Some(1));
+        let tap = tap.unwrap().try_into_vec_as::<f32>().unwrap();
+        for i in 0..19 {
+            let at = ctx.aligned[i];
+            for c in 0..64 {
+                let (got, want) = (a[i * 64 + c], tap[at * 64 + c]);
+                assert!((got - want).abs() <= 1e-5 * (1.0 + want.abs()), "position {i} (old {at}), dim {c}: {got} vs the base's {want}");
+            }
+        }
+        assert!(ctx.aligned[..19].windows(2).any(|p| p[1] > p[0] + 1), "the row must hold a piece of several sub-tokens");
+        let diff = a.iter().zip(&b).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(diff < 1e-5, "host and device paths: max diff {diff}");
+        assert!(a[19 * 64..].iter().all(|&x| x == 0.0) && b[19 * 64..].iter().all(|&x| x == 0.0), "a row without weight has no states");
+        // Without the layer there are no states to carry.
+        let plain = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        assert!(plain.targets(&base, &rows, &labels, &w).unwrap().hidden.is_none());
+    }
+
+    /// The hidden-state term trains what it measures: after the same steps against the chain,
+    /// adding it leaves the model's stream after the tap layer nearer the base's on held-out
+    /// rows, and the step reports it.
+    #[test]
+    fn training_with_the_hidden_term_brings_the_stream_to_the_base() {
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let texts: Vec<&[u32]> = new_tok[..48].iter().map(Vec::as_slice).collect();
+        let teacher = ChainTeacher::new(ext.clone(), &texts).with_hidden_layer(1);
+        let train_rows: Vec<Vec<u32>> = new_tok[..48].iter().filter(|s| s.len() >= 24).map(|s| s[..24].to_vec()).collect();
+        let held_out: Vec<Vec<u32>> = new_tok[48..].iter().filter(|s| s.len() >= 24).take(6).map(|s| s[..24].to_vec()).collect();
+        assert!(held_out.len() >= 3);
+        let frozen = BaseModel::new(&resized, 320, TeacherWeights::Dense, None, &device).unwrap();
+        let distance = |m: &Llama| {
+            let labels: Vec<Vec<i64>> = held_out.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+            let w = vec![1.0; held_out.len()];
+            let states = teacher.targets(&frozen, &held_out, &labels, &w).unwrap().hidden.unwrap().states;
+            let ids: Vec<i64> = held_out.iter().flatten().map(|&x| x as i64).collect();
+            let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [held_out.len(), 24]), &device);
+            let (_, tap) = m.hidden_tapped(m.embed_tokens.embed(ids), None, Some(1));
+            linly_lora::train::loss::hidden_distill_sum(tap.unwrap(), &states, &labels, &w).into_scalar::<f32>() as f64
+        };
+        let run = |hidden: f32| {
+            let m = train_with_terms(&resized, &teacher, &train_rows, 1.0, hidden, &device).valid();
+            (distance(&m), nll(&m, &held_out))
+        };
+        let start = distance(&resized.valid());
+        let ((chain_d, chain_nll), (hidden_d, hidden_nll)) = (run(0.0), run(30.0));
+        eprintln!("held-out stream distance: start {start:.4}, chain {chain_d:.4}, chain + hidden {hidden_d:.4}; NLL chain {chain_nll:.4}, chain + hidden {hidden_nll:.4}");
+        assert!(start > 0.0, "sub-token-mean rows are not the base's stream");
+        assert!(hidden_d < 0.9 * chain_d, "the term must bring the stream nearer the base: {hidden_d} vs {chain_d}");
+    }
+
     #[test]
     fn refitted_first_subtoken_rows_are_read_at_their_base_values() {
         // After `--init distill` moved some old head rows, the model with LoRA off is not the
@@ -485,26 +588,7 @@ mod chain_distillation {
         let held_out: Vec<Vec<u32>> = new_tok[48..].to_vec();
         let train_rows: Vec<Vec<u32>> = new_tok[..48].iter().filter(|s| s.len() >= 24).map(|s| s[..24].to_vec()).collect();
         assert!(train_rows.len() >= 16);
-        let hp = StepHparams { lr: 5e-4, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
-        let run = |weight: f32| {
-            let mut m = resized.clone();
-            with_lora(&mut m, &device, false);
-            set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
-            let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
-            let base = BaseModel::new(&m, 320, TeacherWeights::Dense, None, &device).unwrap();
-            for step in 0..24 {
-                let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
-                let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
-                let mut mb = MicroBatch::new(rows.clone(), labels);
-                if weight > 0.0 {
-                    mb.chain_distill = vec![weight; 2];
-                    mb.chain = Some(Arc::new(teacher.targets(&base, &rows, &mb.labels, &mb.chain_distill).unwrap()));
-                }
-                let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, &device).unwrap();
-                assert_eq!(out.chain_distill.is_some(), weight > 0.0);
-            }
-            nll(&m.valid(), &held_out)
-        };
+        let run = |weight: f32| nll(&train_with_terms(&resized, &teacher, &train_rows, weight, 0.0, &device).valid(), &held_out);
         let start = nll(&resized.valid(), &held_out);
         let (labels_only, chain) = (run(0.0), run(1.0));
         eprintln!("held-out NLL: start {start:.4}, labels only {labels_only:.4}, labels + chain {chain:.4}");

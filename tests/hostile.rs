@@ -140,6 +140,7 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
         ("[vocab]", "init_tokens", false),
         ("[[data]]", "self_distill", true),
         ("[[data]]", "chain_distill", true),
+        ("[[data]]", "hidden_distill", true),
         ("[[data]]", "weight", true),
         ("[[data]]", "limit", false),
         ("[lora]", "r", false),
@@ -156,6 +157,7 @@ fn every_numeric_recipe_key_rejects_non_finite_and_out_of_range() {
         ("[train]", "weight_decay", true),
         ("[train]", "max_grad_norm", true),
         ("[train]", "seed", true),
+        ("[train]", "hidden_distill_layer", false),
         ("[precision]", "init_scale", false),
         ("[precision]", "growth_interval", false),
         ("[precision]", "hysteresis", true),
@@ -551,5 +553,9 @@ fn chain_distill_needs_an_extension_and_fixed_old_rows_in_every_stage() {
         let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err(what));
         assert!(e.contains("chain_distill") && e.contains(want), "{what}: {e}");
     }
+    // The hidden-state term reads the chain's teacher pass: on a block without it, refused.
+    Recipe::parse(&ok.replace("chain_distill = 1.0\n", "chain_distill = 1.0\nhidden_distill = 1.0\n"), dir.path()).expect("hidden_distill beside chain_distill");
+    let e = format!("{:#}", Recipe::parse(&ok.replace("chain_distill = 1.0\n", "hidden_distill = 1.0\n"), dir.path()).expect_err("hidden_distill alone"));
+    assert!(e.contains("hidden_distill") && e.contains("set chain_distill"), "{e}");
     assert!(!dir.path().join("out").exists());
 }

@@ -204,6 +204,14 @@ pub struct SourceSpec {
     /// base forward pass over the row's old tokenization (about 2.3× its length for Chinese).
     #[serde(default, skip_serializing_if = "is_zero")]
     pub chain_distill: f64,
+    /// Weight of hidden-state distillation on this source's rows (needs `chain_distill`, whose
+    /// teacher pass it reads): the (bounded) relative squared distance between the model's residual
+    /// stream after `[train] hidden_distill_layer` layers and the base's after reading the same
+    /// piece as sub-tokens, at every loss position. It teaches the lower layers to read a new
+    /// piece as the base reads its sub-tokens (Token Distillation's objective, during
+    /// training); it costs no extra pass.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub hidden_distill: f64,
 }
 
 fn is_zero(x: &f64) -> bool {
@@ -213,7 +221,7 @@ fn is_zero(x: &f64) -> bool {
 impl SourceSpec {
     /// A block with weight 1 and no labels.
     pub fn new(kind: SourceKind, path: impl Into<PathBuf>) -> Self {
-        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None, self_distill: 0.0, self_distill_renormalize: false, chain_distill: 0.0 }
+        SourceSpec { kind, path: path.into(), weight: Weight::default(), lang: None, name: None, limit: None, template: None, self_distill: 0.0, self_distill_renormalize: false, chain_distill: 0.0, hidden_distill: 0.0 }
     }
 
     /// Sets the weight.

@@ -105,19 +105,30 @@ impl Llama {
 
     /// [`Self::hidden`] from already embedded tokens `[B, T, hidden]`. A caller that detaches
     /// them (a teacher pass with every branch off) gets a forward that records no graph.
-    pub fn hidden_from_embeddings(&self, x: Tensor<3>, mut cache: Option<&mut KvCache>) -> Tensor<3> {
+    pub fn hidden_from_embeddings(&self, x: Tensor<3>, cache: Option<&mut KvCache>) -> Tensor<3> {
+        self.hidden_tapped(x, cache, None).0
+    }
+
+    /// [`Self::hidden_from_embeddings`] that also returns the residual stream after the first
+    /// `tap` layers (`1..=num_layers`; before the final norm), where the hidden-state
+    /// distillation term compares the model with the base (`[[data]] hidden_distill`).
+    pub fn hidden_tapped(&self, x: Tensor<3>, mut cache: Option<&mut KvCache>, tap: Option<usize>) -> (Tensor<3>, Option<Tensor<3>>) {
         let [_, t, _] = x.dims();
         let start = cache.as_ref().map(|c| c.len()).unwrap_or(0);
         let mut x = x.cast(self.dtype.burn_float());
         let rope = rope::RopeTables::new(&self.config, start, t, &x.device(), x.dtype());
+        let mut tapped = None;
         for (i, layer) in self.layers.iter().enumerate() {
             let lc = cache.as_deref_mut().map(|c| c.layer(i));
             x = layer.forward(x, &rope, lc);
+            if tap == Some(i + 1) {
+                tapped = Some(x.clone());
+            }
         }
         if let Some(c) = cache {
             c.advance(t);
         }
-        self.norm.forward(x)
+        (self.norm.forward(x), tapped)
     }
 
     /// Projects hidden states to vocabulary logits.

@@ -31,6 +31,8 @@ pub struct ChainTeacher {
     trie: Trie,
     /// The old token of each of the trie's roots (their target is what stays on them).
     roots: Vec<u32>,
+    /// Where the targets also carry the base's residual stream (`[train] hidden_distill_layer`).
+    hidden_layer: Option<usize>,
 }
 
 /// Dense soft targets for one micro-batch: `[B, T−1, V]` (position `t` of a row predicts the
@@ -46,6 +48,18 @@ pub struct ChainTargets {
     pub dims: [usize; 3],
     /// Σ over positions of `weight · Σ_v q ln q` (nats; ≤ 0).
     pub neg_entropy: f64,
+    /// With [`ChainTeacher::with_hidden_layer`]: the base's residual stream there.
+    pub hidden: Option<BaseStates>,
+}
+
+/// The base's residual stream after `layer` layers at the old position that ends each new
+/// position's piece: what the model's stream at the same layer should be after reading the
+/// same text in pieces (`[[data]] hidden_distill`).
+#[derive(Debug, Clone)]
+pub struct BaseStates {
+    pub layer: usize,
+    /// `[B, T−1, hidden]` f32 on the teacher's device (zeros in rows without a weight).
+    pub states: Tensor<3>,
 }
 
 /// Where the targets live: on the host for the CPU's fused loss ([`crate::kernels::soft_ce`]
@@ -78,7 +92,14 @@ impl ChainTeacher {
         let refs: Vec<&[u32]> = expanded.iter().map(Vec::as_slice).collect();
         trie.count(&refs);
         let roots = trie.root_tokens();
-        ChainTeacher { ext, trie, roots }
+        ChainTeacher { ext, trie, roots, hidden_layer: None }
+    }
+
+    /// Targets that also carry the base's residual stream after `layers` layers
+    /// ([`ChainTargets::hidden`]), read from the same teacher pass.
+    pub fn with_hidden_layer(mut self, layers: usize) -> Self {
+        self.hidden_layer = Some(layers);
+        self
     }
 
     pub fn old_vocab(&self) -> usize {
@@ -104,6 +125,7 @@ impl ChainTeacher {
         let old = self.ext.old_vocab;
         let n = t.saturating_sub(1);
         let mut q = vec![0f32; b * n * v];
+        let mut hidden: Option<(Vec<f32>, usize)> = None;
         let mut neg_entropy = 0.0;
         let roots = &self.roots;
         for r in 0..b {
@@ -112,7 +134,14 @@ impl ChainTeacher {
                 continue;
             }
             let ctx = self.expand_row(&rows[r])?;
-            let probs = self.teacher_probs(base, &ctx.old_ids)?;
+            let (probs, tap) = self.teacher_probs(base, &ctx.old_ids)?;
+            if let Some(tap) = tap {
+                let d = tap.len() / ctx.old_ids.len();
+                let (states, _) = hidden.get_or_insert_with(|| (vec![0f32; b * n * d], d));
+                for (i, &a) in ctx.aligned[..n].iter().enumerate() {
+                    states[(r * n + i) * d..(r * n + i + 1) * d].copy_from_slice(&tap[a * d..(a + 1) * d]);
+                }
+            }
             let mut cd = ChainData::default();
             cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
             let (new_mass, root_mass) = self.trie_mass(&cd, n);
@@ -137,7 +166,8 @@ impl ChainTeacher {
                 })
                 .sum::<f64>();
         }
-        Ok(ChainTargets { q: TargetTable::Host(std::sync::Arc::new(q)), dims: [b, n, v], neg_entropy })
+        let hidden = hidden.zip(self.hidden_layer).map(|((states, d), layer)| BaseStates { layer, states: Tensor::from_data(TensorData::new(states, [b, n, d]), base.device()) });
+        Ok(ChainTargets { q: TargetTable::Host(std::sync::Arc::new(q)), dims: [b, n, v], neg_entropy, hidden })
     }
 
     /// [`Self::targets`] built on the teacher's device: the base's softmax stays there, only the
@@ -165,7 +195,8 @@ impl ChainTeacher {
         let nr = self.roots.len();
         let chained: Vec<usize> = (0..b).filter(|&r| n > 0 && weight.get(r).is_some_and(|&w| w > 0.0)).collect();
         if chained.is_empty() {
-            return Ok(ChainTargets { q: TargetTable::Device(Tensor::zeros([b, n, v], &device)), dims: [b, n, v], neg_entropy: 0.0 });
+            let hidden = self.hidden_layer.map(|layer| BaseStates { layer, states: Tensor::zeros([b, n, base.hidden_size()], &device) });
+            return Ok(ChainTargets { q: TargetTable::Device(Tensor::zeros([b, n, v], &device)), dims: [b, n, v], neg_entropy: 0.0, hidden });
         }
         let ctxs: Vec<_> = chained.par_iter().map(|&r| self.expand_row(&rows[r])).collect::<Result<_>>()?;
         // Where the trie reads the base, per row: (old position, old token), in the order
@@ -184,6 +215,7 @@ impl ChainTeacher {
         // The passes: the read values and each row's aligned positions `[n, old]`.
         let mut got_parts = Vec::new();
         let mut at_parts = Vec::new();
+        let mut tap_parts = Vec::new();
         let mut start = 0;
         while start < ctxs.len() {
             let mut end = start + 1;
@@ -193,7 +225,7 @@ impl ChainTeacher {
             }
             let l = longest(end);
             let ids: Vec<&[u32]> = ctxs[start..end].iter().map(|c| c.old_ids.as_slice()).collect();
-            let logits = base.logits_rows(&ids);
+            let (logits, tap) = base.logits_rows_tapped(&ids, self.hidden_layer);
             ensure!(logits.dims()[2] == old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", logits.dims()[2]);
             let k = end - start;
             let probs = softmax(logits.reshape([k * l, old]), 1);
@@ -201,7 +233,12 @@ impl ChainTeacher {
             let m = want.len();
             got_parts.push(probs.clone().reshape([k * l * old]).select(0, Tensor::<1, Int>::from_data(TensorData::new(want, [m]), &device)));
             let aligned: Vec<i64> = (start..end).flat_map(|j| ctxs[j].aligned[..n].iter().map(move |&a| ((j - start) * l + a) as i64)).collect();
-            at_parts.push(probs.select(0, Tensor::<1, Int>::from_data(TensorData::new(aligned, [k * n]), &device)));
+            let aligned = Tensor::<1, Int>::from_data(TensorData::new(aligned, [k * n]), &device);
+            if let Some(tap) = tap {
+                let d = tap.dims()[2];
+                tap_parts.push(tap.reshape([k * l, d]).select(0, aligned.clone()));
+            }
+            at_parts.push(probs.select(0, aligned));
             start = end;
         }
         let got = Tensor::cat(got_parts, 0).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's probabilities: {e:?}"))?;
@@ -240,24 +277,13 @@ impl ChainTeacher {
         let counted: Tensor<2> = Tensor::from_data(TensorData::new(counted, [k * n, 1]), &device);
         // x ln x with 0 ln 0 = 0: the clamp keeps the log finite where q is 0.
         let neg_entropy = (q.clone() * q.clone().clamp_min(1e-30).log()).sum_dim(1).mul(counted).sum().into_scalar::<f32>() as f64;
-        let q = q.reshape([k, n, v]);
-        let q = if k == b {
-            q
-        } else {
-            // Rows without a weight get zeros: put the chained rows back in their places.
-            let mut parts = Vec::with_capacity(b);
-            let mut next = 0;
-            for r in 0..b {
-                if chained.get(next) == Some(&r) {
-                    parts.push(q.clone().slice([next..next + 1, 0..n, 0..v]));
-                    next += 1;
-                } else {
-                    parts.push(Tensor::zeros([1, n, v], &device));
-                }
-            }
-            Tensor::cat(parts, 0)
-        };
-        Ok(ChainTargets { q: TargetTable::Device(q), dims: [b, n, v], neg_entropy })
+        let q = in_row_places(q.reshape([k, n, v]), &chained, b);
+        let hidden = self.hidden_layer.filter(|_| !tap_parts.is_empty()).map(|layer| {
+            let tap = Tensor::cat(tap_parts, 0);
+            let d = tap.dims()[1];
+            BaseStates { layer, states: in_row_places(tap.reshape([k, n, d]), &chained, b) }
+        });
+        Ok(ChainTargets { q: TargetTable::Device(q), dims: [b, n, v], neg_entropy, hidden })
     }
 
     fn expand_row(&self, row: &[u32]) -> Result<crate::vocab::distill::DistillContext> {
@@ -280,14 +306,38 @@ impl ChainTeacher {
     }
 
     /// The base's next-token distribution over the old vocabulary at each old position (the
-    /// softmax runs on the host, where the targets are built, in one pass per position).
-    fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<Vec<f32>> {
+    /// softmax runs on the host, where the targets are built, in one pass per position), and
+    /// its residual stream `[positions, hidden]` at the hidden layer when one is asked for.
+    fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let old = self.ext.old_vocab;
-        let mut l = base.logits(old_ids).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"))?;
+        let (logits, tap) = base.logits_rows_tapped(&[old_ids], self.hidden_layer);
+        let mut l = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"))?;
         ensure!(l.len() == old_ids.len() * old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", l.len() / old_ids.len().max(1));
         l.par_chunks_mut(old).for_each(softmax_in_place);
-        Ok(l)
+        let tap = tap.map(|t| t.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("hidden_distill: reading the teacher's hidden states: {e:?}"))).transpose()?;
+        Ok((l, tap))
     }
+}
+
+/// `x` `[chained rows, ..]` spread over a micro-batch of `b` rows: chained row `j` goes to row
+/// `chained[j]`, the rows without a weight get zeros.
+fn in_row_places(x: Tensor<3>, chained: &[usize], b: usize) -> Tensor<3> {
+    let [k, n, w] = x.dims();
+    if k == b {
+        return x;
+    }
+    let device = x.device();
+    let mut parts = Vec::with_capacity(b);
+    let mut next = 0;
+    for r in 0..b {
+        if chained.get(next) == Some(&r) {
+            parts.push(x.clone().slice([next..next + 1, 0..n, 0..w]));
+            next += 1;
+        } else {
+            parts.push(Tensor::zeros([1, n, w], &device));
+        }
+    }
+    Tensor::cat(parts, 0)
 }
 
 /// `x ← softmax(x)`.

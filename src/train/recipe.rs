@@ -197,6 +197,11 @@ pub struct TrainSection {
     /// when `f32`, as `teacher` is, so that older checkpoints still resume.
     #[serde(skip_serializing_if = "FrozenProducts::is_f32")]
     pub frozen_products: FrozenProducts,
+    /// Where `[[data]] hidden_distill` compares the model's residual stream with the base's:
+    /// after this many layers (1 to the model's layer count; unset: half of them, rounded
+    /// down). Left out of the serialized recipe when unset, as `minutes` is.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub hidden_distill_layer: Option<usize>,
 }
 
 /// `[train] frozen_products`: the arithmetic of the products with the frozen projections in
@@ -260,6 +265,7 @@ impl Default for TrainSection {
             seed: 42,
             teacher: TeacherWeights::Auto,
             frozen_products: FrozenProducts::F32,
+            hidden_distill_layer: None,
         }
     }
 }
@@ -429,6 +435,7 @@ impl Recipe {
         for (i, d) in self.data.iter().enumerate() {
             keys.push((format!("[[data]] #{} self_distill", i + 1), d.self_distill, NonNegative));
             keys.push((format!("[[data]] #{} chain_distill", i + 1), d.chain_distill, NonNegative));
+            keys.push((format!("[[data]] #{} hidden_distill", i + 1), d.hidden_distill, NonNegative));
             let weights: &[f64] = match &d.weight {
                 crate::data::Weight::Fixed(w) => std::slice::from_ref(w),
                 crate::data::Weight::Ramp(r) => r,
@@ -547,6 +554,12 @@ impl Recipe {
             if modes.any(|t| t.embed_tokens == TableMode::All || t.lm_head == TableMode::All) {
                 bail!("[[data]] #{} chain_distill: the teacher is the model with LoRA off, which is the base only while the old rows stay fixed; set [trainable] embed_tokens and lm_head (and every [[stage]]'s) to \"new_rows\" or \"frozen\"", i + 1);
             }
+        }
+        if let Some((i, _)) = self.data.iter().enumerate().find(|(_, d)| d.hidden_distill > 0.0 && d.chain_distill <= 0.0) {
+            bail!("[[data]] #{} hidden_distill: the base's hidden states come from chain_distill's teacher pass; set chain_distill on this block too (e.g. chain_distill = 3.0)", i + 1);
+        }
+        if self.train.hidden_distill_layer == Some(0) {
+            bail!("[train] hidden_distill_layer = 0: the stream is compared after 1 to the model's layer count of layers");
         }
         if self.mix.bucketed && self.mix.bins.unwrap_or(0) < 1 {
             bail!("[mix] bucketed = true needs `bins` ≥ 1");

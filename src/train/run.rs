@@ -349,6 +349,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
+    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
     let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
         let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
         // The trie's counts only estimate conditionals below the depth the base is read
@@ -367,7 +368,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
         let ext = VocabExtension::load(ext_path)?;
         ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
-        let teacher = ChainTeacher::new(ext, &refs);
+        let mut teacher = ChainTeacher::new(ext, &refs);
+        if hidden_w.iter().any(|&w| w > 0.0) {
+            let layers = model.config.num_layers;
+            let layer = recipe.train.hidden_distill_layer.unwrap_or(layers / 2);
+            ensure!((1..=layers).contains(&layer), "[train] hidden_distill_layer = {layer}: {} has {layers} layers; the stream is compared after 1 to {layers} of them", recipe.model.path.display());
+            teacher = teacher.with_hidden_layer(layer);
+        }
         let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
         let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved.as_slice(), v)), &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
         Some((teacher, base))
@@ -463,6 +470,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let self_distill: Vec<f32> = b.source_of_row.iter().map(|&s| distill_w[s]).collect();
             let self_distill_renormalize: Vec<bool> = b.source_of_row.iter().map(|&s| distill_renorm[s]).collect();
             let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
+            let hidden_distill: Vec<f32> = b.source_of_row.iter().map(|&s| hidden_w[s]).collect();
             let chain = match &chain_teacher {
                 Some((t, base)) if chain_distill.iter().any(|&w| w > 0.0) => {
                     let t0 = Instant::now();
@@ -472,7 +480,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
                 }
                 _ => None,
             };
-            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, chain });
+            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain });
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
@@ -521,7 +529,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "loss_scale": r.loss_scale, "grad_norm": finite_or_null(r.grad_norm),
             "grad_norm_by_group": {"lora": finite_or_null(r.grad_norm_by_group[0]), "old_rows": finite_or_null(r.grad_norm_by_group[1]), "new_rows": finite_or_null(r.grad_norm_by_group[2])},
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
-            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "hidden_distill": r.hidden_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         if let Some(p) = plan {
             line["plan"] = p;

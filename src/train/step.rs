@@ -3,7 +3,7 @@
 //! scaler's decision, global-norm clipping and AdamW.
 
 use super::chain_teacher::ChainTargets;
-use super::loss::{chain_distill_sum, nll_sum_rows, self_distill_sum, RowSums};
+use super::loss::{chain_distill_sum, hidden_distill_sum, nll_sum_rows, self_distill_sum, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
 use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
@@ -28,6 +28,10 @@ pub struct MicroBatch {
     /// Per row: the weight of the cross-tokenizer distillation term (`[[data]] chain_distill`).
     #[serde(default)]
     pub chain_distill: Vec<f32>,
+    /// Per row: the weight of the hidden-state term (`[[data]] hidden_distill`), whose targets
+    /// come with `chain` (rows with a weight here have a `chain_distill` weight too).
+    #[serde(default)]
+    pub hidden_distill: Vec<f32>,
     /// The base's targets for the rows with a `chain_distill` weight, made by
     /// [`super::chain_teacher::ChainTeacher::targets`] before the step (not checkpointed: a
     /// resumed run recomputes them from the same rows).
@@ -38,7 +42,7 @@ pub struct MicroBatch {
 impl MicroBatch {
     /// A micro-batch without self-distillation.
     pub fn new(input_ids: Vec<Vec<u32>>, labels: Vec<Vec<i64>>) -> Self {
-        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new(), chain_distill: Vec::new(), chain: None }
+        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new(), chain_distill: Vec::new(), hidden_distill: Vec::new(), chain: None }
     }
 
     /// Positions that carry loss after the shift.
@@ -80,6 +84,9 @@ pub struct StepOutput {
     /// Σ weight · KL(base's chain ‖ model) of the cross-tokenizer term, per loss token; `None`
     /// when no row had a `chain_distill` weight.
     pub chain_distill: Option<f64>,
+    /// Σ weight · bounded relative error of the hidden-state term, per loss token; `None` when
+    /// no row had a `hidden_distill` weight.
+    pub hidden_distill: Option<f64>,
 }
 
 /// Gradients of the trainable parameters, by name, summed over micro-batches.
@@ -99,6 +106,8 @@ pub struct Forward {
     pub kd: Option<Tensor<1>>,
     /// Σ of the cross-tokenizer term (`[1]`, not yet read), when any micro-batch had targets.
     pub chain: Option<Tensor<1>>,
+    /// Σ of the hidden-state term (`[1]`, not yet read), when any micro-batch had a weight.
+    pub hidden: Option<Tensor<1>>,
 }
 
 /// Forward and backward over `batches`; returns the loss sum (as a tensor, not yet read) and
@@ -120,12 +129,17 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
     let mut row_tokens = Vec::new();
     let mut kd: Option<Tensor<1>> = None;
     let mut chain: Option<Tensor<1>> = None;
+    let mut hidden: Option<Tensor<1>> = None;
     for mb in batches {
         let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
         let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, t]), device);
         let teacher = if mb.self_distill.iter().any(|&w| w > 0.0) { Some(base_logits(model, ids.clone())) } else { None };
-        let logits = model.forward(ids, None);
+        // The base's stream at the tap layer, where this micro-batch's rows ask for the term.
+        let base_states = mb.chain.as_ref().and_then(|c| c.hidden.as_ref()).filter(|_| mb.hidden_distill.iter().any(|&w| w > 0.0));
+        let (h, tapped) = model.hidden_tapped(model.embed_tokens.embed(ids), None, base_states.map(|b| b.layer));
+        let logits = model.logits(h);
+        let hidden_sum = tapped.zip(base_states).map(|(s, b)| hidden_distill_sum(s, &b.states, &mb.labels, &mb.hidden_distill));
         let kd_sum = teacher.map(|tl| {
             let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
             self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)
@@ -133,7 +147,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
         let chain_sum = mb.chain.as_ref().map(|c| chain_distill_sum(logits.clone(), c, &mb.labels, &mb.chain_distill));
         let r = nll_sum_rows(logits, &mb.labels);
         let mut objective = r.sum.clone();
-        for (extra, acc) in [(kd_sum, &mut kd), (chain_sum, &mut chain)] {
+        for (extra, acc) in [(kd_sum, &mut kd), (chain_sum, &mut chain), (hidden_sum, &mut hidden)] {
             if let Some(k) = extra {
                 objective = objective + k.clone();
                 let k = k.detach().inner();
@@ -161,7 +175,7 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
             }
         }
     }
-    Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd, chain })
+    Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd, chain, hidden })
 }
 
 /// The teacher of self-distillation: the same model with every LoRA branch taken out, on the
@@ -192,7 +206,7 @@ pub fn without_lora<T>(model: &mut Llama, f: impl FnOnce(&Llama) -> T) -> T {
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
 pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
     let scale = scaler.scale;
-    let Forward { sums, rows, row_tokens, total, mut grads, kd, chain } = forward_backward_rows(model, batches, scale, device)?;
+    let Forward { sums, rows, row_tokens, total, mut grads, kd, chain, hidden } = forward_backward_rows(model, batches, scale, device)?;
     let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
     // Device-side summaries: [loss sums..., finite(g) per group, sumsq per group, row sums of
     // the composed loss...].
@@ -212,12 +226,13 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         finite.push(f);
         sumsq.push(s);
     }
-    let (has_kd, has_chain) = (kd.is_some(), chain.is_some());
+    let (has_kd, has_chain, has_hidden) = (kd.is_some(), chain.is_some(), hidden.is_some());
     // The objective's sum (NLL + distillation terms) decides finiteness; the NLL alone is the
     // reported loss.
     let n_sums = parts.len();
     parts.extend(kd);
     parts.extend(chain);
+    parts.extend(hidden);
     parts.extend(finite);
     parts.extend(sumsq);
     let n_fixed = parts.len();
@@ -234,7 +249,8 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let loss_sum: f64 = host[..n_sums].iter().map(|&x| x as f64).sum();
     let self_distill = has_kd.then(|| host[n_sums] as f64 / total as f64);
     let chain_distill = has_chain.then(|| host[n_sums + has_kd as usize] as f64 / total as f64);
-    let off = n_sums + has_kd as usize + has_chain as usize;
+    let hidden_distill = has_hidden.then(|| host[n_sums + has_kd as usize + has_chain as usize] as f64 / total as f64);
+    let off = n_sums + has_kd as usize + has_chain as usize + has_hidden as usize;
     let flags: Vec<(Group, bool)> = GROUPS.iter().enumerate().map(|(i, g)| (*g, host[off + i] > 0.5)).collect();
     let sq: Vec<f64> = (0..3).map(|i| host[off + 3 + i] as f64).collect();
     let inv = 1.0 / scale as f64;
@@ -243,7 +259,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         if let Some(what) = rescue_new_rows(model) {
             let event = scaler.skip_for_row_rescue(&what);
             let overflow_groups = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
-            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, grad_norm_by_group, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill, chain_distill });
+            return Ok(StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: f64::NAN, grad_norm_by_group, skipped: true, loss_scale: scaler.scale, events: vec![event], overflow_groups, row_nll, row_tokens, self_distill, chain_distill, hidden_distill });
         }
     }
     let (action, log) = scaler.update(&flags);
@@ -251,7 +267,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
     let overflow_groups: Vec<Group> = flags.iter().filter(|(_, ok)| !ok).map(|(g, _)| *g).collect();
     let finite_sq: f64 = sq.iter().zip(&flags).filter(|(_, (_, ok))| *ok).map(|(s, _)| *s).sum();
     let raw_norm: f64 = sq.iter().sum::<f64>().sqrt() * inv;
-    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, grad_norm_by_group, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill, chain_distill };
+    let mut out = StepOutput { loss: loss_sum / total as f64, tokens: total, grad_norm: raw_norm, grad_norm_by_group, skipped: false, loss_scale: scaler.scale, events: vec![], overflow_groups, row_nll, row_tokens, self_distill, chain_distill, hidden_distill };
     let sanitize: Vec<Group> = match &action {
         Action::Skip => {
             out.skipped = true;

@@ -105,6 +105,11 @@ impl BaseModel {
         crate::kernels::flex_f32(&Tensor::<1>::zeros([1], &self.device)).is_some()
     }
 
+    /// The width of the residual stream.
+    pub fn hidden_size(&self) -> usize {
+        self.model.config.hidden_size
+    }
+
     /// Whether the projections run in Q8_0.
     pub fn quantized(&self) -> bool {
         self.quantized
@@ -120,12 +125,18 @@ impl BaseModel {
     /// are padded on the right with their last id: attention is causal, so no real position
     /// reads the padding, and its logits are there only to be ignored.
     pub fn logits_rows(&self, rows: &[&[u32]]) -> Tensor<3> {
+        self.logits_rows_tapped(rows, None).0
+    }
+
+    /// [`Self::logits_rows`] and, with `tap`, the residual stream after that many layers
+    /// `[rows, longest, hidden]` f32 (see [`Llama::hidden_tapped`]), from the same pass.
+    pub fn logits_rows_tapped(&self, rows: &[&[u32]], tap: Option<usize>) -> (Tensor<3>, Option<Tensor<3>>) {
         let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let ids: Vec<i64> = rows.iter().flat_map(|r| (0..l).map(move |i| r.get(i).or(r.last()).copied().unwrap_or(0) as i64)).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [rows.len(), l]), &self.device);
         let m = &self.model;
-        let h = m.hidden_from_embeddings(m.embed_tokens.embed(ids), None);
-        m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).cast(FloatDType::F32)
+        let (h, tapped) = m.hidden_tapped(m.embed_tokens.embed(ids), None, tap);
+        (m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).cast(FloatDType::F32), tapped.map(|x| x.cast(FloatDType::F32)))
     }
 }
 
