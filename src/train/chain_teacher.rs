@@ -225,7 +225,7 @@ impl ChainTeacher {
             }
             let l = longest(end);
             let ids: Vec<&[u32]> = ctxs[start..end].iter().map(|c| c.old_ids.as_slice()).collect();
-            let (logits, tap) = base.logits_rows_tapped(&ids, self.hidden_layer);
+            let (logits, tap) = base.logits_rows(&ids, self.hidden_layer);
             ensure!(logits.dims()[2] == old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", logits.dims()[2]);
             let k = end - start;
             let probs = softmax(logits.reshape([k * l, old]), 1);
@@ -310,7 +310,7 @@ impl ChainTeacher {
     /// its residual stream `[positions, hidden]` at the hidden layer when one is asked for.
     fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
         let old = self.ext.old_vocab;
-        let (logits, tap) = base.logits_rows_tapped(&[old_ids], self.hidden_layer);
+        let (logits, tap) = base.logits_rows(&[old_ids], self.hidden_layer);
         let mut l = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"))?;
         ensure!(l.len() == old_ids.len() * old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", l.len() / old_ids.len().max(1));
         l.par_chunks_mut(old).for_each(softmax_in_place);

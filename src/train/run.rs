@@ -340,6 +340,16 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
     let bf16 = pack_frozen_bf16(&mut model, recipe.train.frozen_products)?;
     let new_vocab = model.vocab_size();
+    // Checked before the data are read, which takes minutes on a large corpus.
+    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
+    let hidden_layer = if hidden_w.iter().any(|&w| w > 0.0) {
+        let layers = model.config.num_layers;
+        let layer = recipe.train.hidden_distill_layer.unwrap_or(layers / 2);
+        ensure!((1..=layers).contains(&layer), "[train] hidden_distill_layer = {layer}: {} has {layers} layers; the stream is compared after 1 to {layers} of them", recipe.model.path.display());
+        Some(layer)
+    } else {
+        None
+    };
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
     // Data.
@@ -349,7 +359,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
-    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
     let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
         let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
         // The trie's counts only estimate conditionals below the depth the base is read
@@ -369,10 +378,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         let ext = VocabExtension::load(ext_path)?;
         ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
         let mut teacher = ChainTeacher::new(ext, &refs);
-        if hidden_w.iter().any(|&w| w > 0.0) {
-            let layers = model.config.num_layers;
-            let layer = recipe.train.hidden_distill_layer.unwrap_or(layers / 2);
-            ensure!((1..=layers).contains(&layer), "[train] hidden_distill_layer = {layer}: {} has {layers} layers; the stream is compared after 1 to {layers} of them", recipe.model.path.display());
+        if let Some(layer) = hidden_layer {
             teacher = teacher.with_hidden_layer(layer);
         }
         let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };

@@ -115,22 +115,12 @@ impl BaseModel {
         self.quantized
     }
 
-    /// The base's logits over the old vocabulary `[1, T, old rows]` after each of `old_ids`,
-    /// f32 on the plain device.
-    pub fn logits(&self, old_ids: &[u32]) -> Tensor<3> {
-        self.logits_rows(&[old_ids])
-    }
-
-    /// [`Self::logits`] of several rows in one pass, `[rows, longest, old rows]`. Shorter rows
-    /// are padded on the right with their last id: attention is causal, so no real position
-    /// reads the padding, and its logits are there only to be ignored.
-    pub fn logits_rows(&self, rows: &[&[u32]]) -> Tensor<3> {
-        self.logits_rows_tapped(rows, None).0
-    }
-
-    /// [`Self::logits_rows`] and, with `tap`, the residual stream after that many layers
-    /// `[rows, longest, hidden]` f32 (see [`Llama::hidden_tapped`]), from the same pass.
-    pub fn logits_rows_tapped(&self, rows: &[&[u32]], tap: Option<usize>) -> (Tensor<3>, Option<Tensor<3>>) {
+    /// The base's logits over the old vocabulary `[rows, longest, old rows]` after each old id
+    /// of each row, f32 on the plain device, in one pass; with `tap`, also its residual stream
+    /// after that many layers `[rows, longest, hidden]` f32 (see [`Llama::hidden_tapped`]).
+    /// Shorter rows are padded on the right with their last id: attention is causal, so no
+    /// real position reads the padding, and its outputs are there only to be ignored.
+    pub fn logits_rows(&self, rows: &[&[u32]], tap: Option<usize>) -> (Tensor<3>, Option<Tensor<3>>) {
         let l = rows.iter().map(|r| r.len()).max().unwrap_or(0);
         let ids: Vec<i64> = rows.iter().flat_map(|r| (0..l).map(move |i| r.get(i).or(r.last()).copied().unwrap_or(0) as i64)).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [rows.len(), l]), &self.device);
