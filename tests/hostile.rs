@@ -558,12 +558,12 @@ fn chain_distill_needs_an_extension_and_fixed_old_rows_in_every_stage() {
     let e = format!("{:#}", Recipe::parse(&ok.replace("chain_distill = 1.0\n", "hidden_distill = 1.0\n"), dir.path()).expect_err("hidden_distill alone"));
     assert!(e.contains("hidden_distill") && e.contains("set chain_distill"), "{e}");
     assert!(!dir.path().join("out").exists());
-    // A layer the model does not have (the fixture has 2): refused when the model is loaded,
-    // before any data are read or a step runs.
+    // A layer the model does not have (the fixture has 2): refused from its config.json,
+    // before any output exists.
     let rp = dir.path().join("hidden.toml");
     let text = ok.replace("chain_distill = 1.0\n", "chain_distill = 1.0\nhidden_distill = 1.0\n").replace("[train]\n", "[train]\nhidden_distill_layer = 3\n");
     std::fs::write(&rp, text).unwrap();
     let (ran, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
     assert!(!ran && err.contains("hidden_distill_layer = 3") && err.contains("2 layers") && !err.contains("panicked"), "{err}");
-    assert!(!dir.path().join("out").join("adapter").exists());
+    assert!(!dir.path().join("out").exists());
 }

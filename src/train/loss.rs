@@ -186,7 +186,9 @@ pub fn hidden_distill_sum(tap: Tensor<3>, base_states: &Tensor<3>, labels: &[Vec
     let err = (s - h.clone()).square().sum_dim(2);
     let norm = h.square().sum_dim(2).clamp_min(1e-12);
     let mut mask = position_weights(labels, row_weight, t, |_| true);
-    mask.iter_mut().step_by(t - 1).for_each(|w| *w = 0.0);
+    if t > 1 {
+        mask.iter_mut().step_by(t - 1).for_each(|w| *w = 0.0);
+    }
     let mask: Tensor<3> = Tensor::from_data(TensorData::new(mask, [b, t - 1, 1]), &device);
     (err.clone() / (norm + err) * mask).sum()
 }

@@ -297,6 +297,20 @@ fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
     Ok(true)
 }
 
+/// The layer `[[data]] hidden_distill` compares after (`[train] hidden_distill_layer`, or half
+/// the model's layers), checked against the model's `config.json` before any output exists;
+/// `None` when no source sets the term.
+fn hidden_distill_layer(recipe: &Recipe) -> Result<Option<usize>> {
+    if !recipe.data.iter().any(|d| d.hidden_distill > 0.0) {
+        return Ok(None);
+    }
+    let dir = recipe.resolve(&recipe.model.path);
+    let layers = crate::config::LlamaConfig::load(&dir)?.num_layers;
+    let layer = recipe.train.hidden_distill_layer.unwrap_or(layers / 2);
+    ensure!((1..=layers).contains(&layer), "[train] hidden_distill_layer = {layer}: {} has {layers} layers; the stream is compared after 1 to {layers} of them", dir.display());
+    Ok(Some(layer))
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
@@ -304,6 +318,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let recipe_text = serde_json::to_string(&recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
     check_output_dir(&recipe, &out, opts.resume)?;
+    let hidden_layer = hidden_distill_layer(&recipe)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let mut stages = recipe.stages()?;
     // The recipe's steps; a `minutes` budget may end the run sooner (`total`).
@@ -340,16 +355,6 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
     let bf16 = pack_frozen_bf16(&mut model, recipe.train.frozen_products)?;
     let new_vocab = model.vocab_size();
-    // Checked before the data are read, which takes minutes on a large corpus.
-    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
-    let hidden_layer = if hidden_w.iter().any(|&w| w > 0.0) {
-        let layers = model.config.num_layers;
-        let layer = recipe.train.hidden_distill_layer.unwrap_or(layers / 2);
-        ensure!((1..=layers).contains(&layer), "[train] hidden_distill_layer = {layer}: {} has {layers} layers; the stream is compared after 1 to {layers} of them", recipe.model.path.display());
-        Some(layer)
-    } else {
-        None
-    };
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
     // Data.
@@ -359,6 +364,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
+    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
     let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
         let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
         // The trie's counts only estimate conditionals below the depth the base is read
