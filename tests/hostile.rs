@@ -567,3 +567,25 @@ fn chain_distill_needs_an_extension_and_fixed_old_rows_in_every_stage() {
     assert!(!ran && err.contains("hidden_distill_layer = 3") && err.contains("2 layers") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out").exists());
 }
+
+/// `[train] row_map_rank` moves the new rows through their spelling in the base vocabulary: a
+/// recipe without `[vocab]`, or one where no table trains its new rows, is refused by name
+/// before anything runs.
+#[test]
+fn row_map_needs_an_extension_and_trained_new_rows() {
+    use linly_lora::train::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let base = base_recipe(dir.path()).replace("[train]\n", "[train]\nrow_map_rank = 4\n");
+    let ok = base.replace("[lora]\n", "[trainable]\nembed_tokens = \"new_rows\"\nlm_head = \"new_rows\"\n[lora]\n");
+    Recipe::parse(&ok, dir.path()).expect("new rows that train");
+    let cases = [
+        ("no [vocab]", ok.replace("[vocab]\n", "").replace(&format!("extension = \"{}\"\n", tiny().join("vocab_extension.json").display()), ""), "[vocab] extension"),
+        ("tables train whole (the default)", base.clone(), "\"new_rows\""),
+        ("tables frozen", base.replace("[lora]\n", "[trainable]\nembed_tokens = \"frozen\"\nlm_head = \"frozen\"\n[lora]\n"), "\"new_rows\""),
+    ];
+    for (what, text, want) in cases {
+        let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err(what));
+        assert!(e.contains("row_map_rank = 4") && e.contains(want), "{what}: {e}");
+    }
+    assert!(!dir.path().join("out").exists());
+}

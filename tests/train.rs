@@ -437,6 +437,34 @@ plots = false
         }
     }
 
+    /// `[train] row_map_rank`: the first step is the plain run's (the map's `B` starts at zero),
+    /// the steps after it are not, and a run stopped and resumed ends with the uninterrupted
+    /// run's losses and adapter, byte for byte (the map's factors ride in the checkpoint).
+    #[test]
+    fn a_row_map_moves_training_after_its_first_step_and_resumes_exactly() {
+        let recipe = |dir: &Path, map: bool| tiny_stage_recipe(dir, "cpu", "fp32", 0.0, 1e-2, if map { "steps = 6\nrow_map_rank = 4" } else { "steps = 6" });
+        let plain = tempfile::tempdir().unwrap();
+        train(&TrainOptions { recipe: recipe(plain.path(), false), ..Default::default() }).unwrap();
+        let a = tempfile::tempdir().unwrap();
+        train(&TrainOptions { recipe: recipe(a.path(), true), ..Default::default() }).unwrap();
+        let (mp, ma) = (metrics(&plain.path().join("out")), metrics(&a.path().join("out")));
+        assert_eq!(mp[0]["loss"], ma[0]["loss"], "step 1 runs the resized model in both");
+        assert_ne!(mp[2]["loss"], ma[2]["loss"], "the map did not move the rows");
+        let b = tempfile::tempdir().unwrap();
+        let rb = recipe(b.path(), true);
+        std::fs::write(&rb, std::fs::read_to_string(&rb).unwrap().replace("save_every = 100", "save_every = 2")).unwrap();
+        assert_eq!(train(&TrainOptions { recipe: rb.clone(), stop_after: Some(3), ..Default::default() }).unwrap().end_step, 3);
+        train(&TrainOptions { recipe: rb, resume: true, ..Default::default() }).unwrap();
+        let mb = metrics(&b.path().join("out"));
+        assert_eq!(ma.len(), mb.len());
+        for (x, y) in ma.iter().zip(&mb) {
+            assert_eq!(x["loss"], y["loss"], "loss differs at step {}", x["step"]);
+        }
+        let fa = std::fs::read(a.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+        let fb = std::fs::read(b.path().join("out/adapter/adapter_model.safetensors")).unwrap();
+        assert!(fa == fb, "final adapters differ after a resume");
+    }
+
     /// `[train] minutes`: after its first eight steps a run plans the steps its budget holds. A
     /// budget that is already spent ends the run there, with its adapter and the plan in the
     /// metrics; one that holds every step changes nothing against the same recipe without it,

@@ -66,6 +66,10 @@ pub fn save(out: &Path, state: &TrainState, opt: &AdamW, keep_last: usize, write
             t.push((format!("{name}.{k}"), "F32".to_string(), dims.to_vec(), encode_f32(&tensor_to_f32(x.clone()), FloatType::F32)));
         }
     }
+    // A row map's factors are not moments, but like them they exist only while training.
+    for (name, x) in opt.row_maps.iter().flat_map(|m| m.factors()) {
+        t.push((format!("{name}.value"), "F32".to_string(), x.dims().to_vec(), encode_f32(&tensor_to_f32(x), FloatType::F32)));
+    }
     if !t.is_empty() {
         write_all(&staged.path().join("optimizer.safetensors"), &t, None)?;
     }
@@ -128,6 +132,9 @@ pub fn load(dir: &Path, device: &Device) -> Result<(TrainState, AdamW)> {
                 Ok(Tensor::from_data(TensorData::new(r.to_f32()?, [r.shape[0], r.shape[1]]), device))
             };
             opt.state.insert(name.clone(), Moments { m: get("m")?, v: get("v")?, t: *t });
+            if name.contains(".row_map.") {
+                opt.row_map_saved.insert(name.clone(), get("value")?);
+            }
         }
     }
     Ok((state, opt))

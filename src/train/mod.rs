@@ -9,6 +9,7 @@ pub mod params;
 pub mod plot;
 pub mod prepare_data;
 pub mod recipe;
+pub mod row_map;
 pub mod run;
 pub mod scaler;
 pub mod schedule;

@@ -202,6 +202,14 @@ pub struct TrainSection {
     /// down). Left out of the serialized recipe when unset, as `minutes` is.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub hidden_distill_layer: Option<usize>,
+    /// The rank of a map shared by the new rows ([`super::row_map`]); 0 (the default) trains
+    /// each row on its own gradient only. Left out of the serialized recipe when 0.
+    #[serde(skip_serializing_if = "is_zero")]
+    pub row_map_rank: usize,
+}
+
+fn is_zero(x: &usize) -> bool {
+    *x == 0
 }
 
 /// `[train] frozen_products`: the arithmetic of the products with the frozen projections in
@@ -266,6 +274,7 @@ impl Default for TrainSection {
             teacher: TeacherWeights::Auto,
             frozen_products: FrozenProducts::F32,
             hidden_distill_layer: None,
+            row_map_rank: 0,
         }
     }
 }
@@ -560,6 +569,15 @@ impl Recipe {
         }
         if self.train.hidden_distill_layer == Some(0) {
             bail!("[train] hidden_distill_layer = 0: the stream is compared after 1 to the model's layer count of layers");
+        }
+        if self.train.row_map_rank > 0 {
+            if self.vocab.is_none() {
+                bail!("[train] row_map_rank = {}: the map reads each new row's spelling in the base vocabulary, which a [vocab] extension gives; add [vocab] extension = \"…/vocab_extension.json\" or remove the key", self.train.row_map_rank);
+            }
+            let mut modes = std::iter::once(&self.trainable).chain(self.stage.iter().filter_map(|s| s.trainable.as_ref()));
+            if !modes.any(|t| t.embed_tokens == TableMode::NewRows || t.lm_head == TableMode::NewRows) {
+                bail!("[train] row_map_rank = {}: the map moves the new rows, which train only with [trainable] embed_tokens or lm_head = \"new_rows\"; set one of them, or remove the key", self.train.row_map_rank);
+            }
         }
         if self.mix.bucketed && self.mix.bins.unwrap_or(0) < 1 {
             bail!("[mix] bucketed = true needs `bins` ≥ 1");

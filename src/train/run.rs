@@ -407,6 +407,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
 
     let mut scaler = Scaler::new(recipe.scaler()?);
     let mut opt = opt;
+    // The maps read each new row's spelling; they are built once the first stage has split
+    // the tables into old and new rows.
+    let row_map_spelling = match (recipe.train.row_map_rank, &extension) {
+        (0, _) => None,
+        (_, None) => bail!("[train] row_map_rank needs a [vocab] extension: the map reads each new row's sub-tokens"),
+        (_, Some(p)) => Some(VocabExtension::load(p)?.subtokens),
+    };
     let start = match &state {
         Some(st) => {
             mixer.restore(serde_json::from_value(st.data.clone())?)?;
@@ -458,6 +465,18 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         if si != current_stage {
             enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, bf16)?;
             current_stage = si;
+            let trains_new_rows = [stages[si].embed, stages[si].head].contains(&TableMode::NewRows);
+            if let (Some(spelling), true) = (&row_map_spelling, opt.row_maps.is_empty() && trains_new_rows) {
+                opt.row_maps = super::row_map::maps_for(&model, spelling, recipe.train.row_map_rank, recipe.train.seed, &device)?;
+                // A checkpoint from before the first stage that trains new rows has no factors:
+                // the maps then start fresh, as in an uninterrupted run.
+                if !opt.row_map_saved.is_empty() {
+                    let mut saved = std::mem::take(&mut opt.row_map_saved);
+                    for m in opt.row_maps.iter_mut() {
+                        m.restore(&mut saved)?;
+                    }
+                }
+            }
         }
         // A copy: a budget may replan `stages` below, in this step.
         let stage = stages[si].clone();

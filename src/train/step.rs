@@ -296,7 +296,18 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
             // No decay on embeddings (as for norms): it would pull trained rows towards zero.
             LrGroup::Table => (hp.embed_lr, 0.0),
         };
-        opt.step(&p.name, p.param, g, lr, wd);
+        let map = opt.row_maps.iter().position(|m| m.name == p.name).map(|i| opt.row_maps.swap_remove(i));
+        match map {
+            None => opt.step(&p.name, p.param, g, lr, wd),
+            Some(mut map) => {
+                let delta = map.step(opt, &g, lr);
+                opt.step(&p.name, p.param, g, lr, wd);
+                let id = p.param.id;
+                let rows = p.param.val().inner() + delta;
+                *p.param = burn::module::Param::initialized(id, Tensor::from_inner(rows).require_grad());
+                opt.row_maps.push(map);
+            }
+        }
     }
     out.events = events;
     Ok(out)
