@@ -587,5 +587,10 @@ fn row_map_needs_an_extension_and_trained_new_rows() {
         let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err(what));
         assert!(e.contains("row_map_rank = 4") && e.contains(want), "{what}: {e}");
     }
+    // A rank above the model's hidden size: refused from its config.json, before any output.
+    let rp = dir.path().join("wide.toml");
+    std::fs::write(&rp, ok.replace("row_map_rank = 4", "row_map_rank = 100000")).unwrap();
+    let (ran, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ran && err.contains("row_map_rank = 100000") && err.contains("hidden size") && !err.contains("panicked"), "{err}");
     assert!(!dir.path().join("out").exists());
 }

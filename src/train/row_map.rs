@@ -35,7 +35,6 @@ pub struct RowMap {
     /// `[hidden, rank]` and `[rank, hidden]` per slot, trained by AdamW under their own names.
     a: Vec<Param<Tensor<2>>>,
     b: Vec<Param<Tensor<2>>>,
-    scale: f64,
     /// The map's current contribution `Σ s · G_k A_k B_k` to the rows (no autodiff).
     product: Tensor<2>,
 }
@@ -76,7 +75,7 @@ impl RowMap {
         let param = |v: Vec<f32>, shape: [usize; 2]| Param::from_tensor(Tensor::from_inner(Tensor::from_data(TensorData::new(v, shape), &inner)));
         let a = SLOTS.iter().map(|_| param((0..hidden * rank).map(|_| ((rng.unit() * 2.0 - 1.0) * bound) as f32).collect(), [hidden, rank])).collect();
         let b = SLOTS.iter().map(|_| param(vec![0f32; rank * hidden], [rank, hidden])).collect();
-        RowMap { name: name.to_string(), features, a, b, scale: SCALE, product: Tensor::zeros([n, hidden], &inner) }
+        RowMap { name: name.to_string(), features, a, b, product: Tensor::zeros([n, hidden], &inner) }
     }
 
     /// The map's part of the update for the rows' gradient `g` (`[new rows, hidden]`, unscaled
@@ -96,7 +95,7 @@ impl RowMap {
     /// `(∂L/∂A_k, ∂L/∂B_k)` per slot from the rows' gradient `g = ∂L/∂E`:
     /// `s · G_kᵀ (g B_kᵀ)` and `s · (G_k A_k)ᵀ g`.
     pub fn grads(&self, g: &Tensor<2>) -> Vec<(Tensor<2>, Tensor<2>)> {
-        let s = self.scale;
+        let s = SCALE;
         (0..SLOTS.len())
             .map(|k| {
                 let (a, b) = (self.a[k].val().inner(), self.b[k].val().inner());
@@ -138,7 +137,7 @@ impl RowMap {
     pub fn product_now(&self) -> Tensor<2> {
         let mut p: Option<Tensor<2>> = None;
         for k in 0..SLOTS.len() {
-            let t = self.features[k].clone().matmul(self.a[k].val().inner()).matmul(self.b[k].val().inner()) * self.scale;
+            let t = self.features[k].clone().matmul(self.a[k].val().inner()).matmul(self.b[k].val().inner()) * SCALE;
             p = Some(match p {
                 Some(p) => p + t,
                 None => t,
@@ -205,7 +204,7 @@ mod tests {
             let a = Tensor::from_inner(map.a[k].val().inner()).require_grad();
             let b = Tensor::from_inner(map.b[k].val().inner()).require_grad();
             let g = Tensor::from_inner(map.features[k].clone());
-            let loss = (g.matmul(a.clone()).matmul(b.clone()) * map.scale * Tensor::from_inner(c.clone())).sum();
+            let loss = (g.matmul(a.clone()).matmul(b.clone()) * SCALE * Tensor::from_inner(c.clone())).sum();
             let grads = loss.backward();
             for (got, want) in [(&ours[k].0, a.grad(&grads).unwrap()), (&ours[k].1, b.grad(&grads).unwrap())] {
                 let (got, want) = (got.clone().try_into_vec_as::<f32>().unwrap(), want.try_into_vec_as::<f32>().unwrap());

@@ -311,6 +311,19 @@ fn hidden_distill_layer(recipe: &Recipe) -> Result<Option<usize>> {
     Ok(Some(layer))
 }
 
+/// `[train] row_map_rank` checked against the model's `config.json` before any output exists:
+/// a map wider than the hidden size adds nothing a full-rank one lacks and only costs memory.
+fn check_row_map_rank(recipe: &Recipe) -> Result<()> {
+    let rank = recipe.train.row_map_rank;
+    if rank == 0 {
+        return Ok(());
+    }
+    let dir = recipe.resolve(&recipe.model.path);
+    let hidden = crate::config::LlamaConfig::load(&dir)?.hidden_size;
+    ensure!(rank <= hidden, "[train] row_map_rank = {rank}: {} has hidden size {hidden}; use a rank from 1 to {hidden} (16 is plenty)", dir.display());
+    Ok(())
+}
+
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
@@ -319,6 +332,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let out = recipe.resolve(&recipe.output.dir);
     check_output_dir(&recipe, &out, opts.resume)?;
     let hidden_layer = hidden_distill_layer(&recipe)?;
+    check_row_map_rank(&recipe)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let mut stages = recipe.stages()?;
     // The recipe's steps; a `minutes` budget may end the run sooner (`total`).
