@@ -435,6 +435,51 @@ mod chain_distillation {
         assert!(linears_mut(&mut student).into_iter().any(|(_, l)| !l.lora.is_empty()));
     }
 
+    /// A base whose projections lie on a Q4_1 grid (as SmolLM2's, imported from its Q4_1
+    /// GGUF): `auto` holds every one of them in Q4_1, exactly (`exact_q4_1` gives the same
+    /// bits back), so its targets differ from the dense teacher's only by the activations'
+    /// rounding: less than the Q8_0 teacher's, which rounds the weights a second time. Weights
+    /// off the grid are not taken for Q4_1.
+    #[test]
+    fn teacher_auto_holds_q4_1_weights_exactly() {
+        use linly_lora::ggml::{QType, QuantMatrix};
+        use linly_lora::model::linear::Frozen;
+        use linly_lora::train::teacher::exact_q4_1;
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let mut m = resized.clone();
+        let mut projections = 0;
+        for (_, l) in linears_mut(&mut m) {
+            let w = l.weight.as_dense().expect("the fixture is f32").val();
+            let [r, c] = w.dims();
+            if !c.is_multiple_of(32) {
+                continue; // stays dense in every teacher (the fixture's down projections)
+            }
+            let v = w.into_data().try_to_vec::<f32>().unwrap();
+            assert!(exact_q4_1(r, c, &v).is_none(), "random f32 weights are not on a Q4_1 grid");
+            let grid = QuantMatrix::quantize(QType::Q4_1, r, c, &v).unwrap().dequantize();
+            let q = exact_q4_1(r, c, &grid).expect("dequantized Q4_1 values are held exactly");
+            assert_eq!(q.dequantize().iter().map(|x| x.to_bits()).collect::<Vec<_>>(), grid.iter().map(|x| x.to_bits()).collect::<Vec<_>>());
+            l.weight = Frozen::dense(Tensor::from_data(TensorData::new(grid, [r, c]), &device));
+            projections += 1;
+        }
+        let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
+        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
+        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let dense = BaseModel::new(&m, 320, TeacherWeights::Dense, None, &device).unwrap();
+        let auto = BaseModel::new(&m, 320, TeacherWeights::Auto, None, &device).unwrap();
+        let q8 = BaseModel::new(&m, 320, TeacherWeights::Q8_0, None, &device).unwrap();
+        assert!(auto.describe().contains(&format!("Q4_1 for {projections} matrices")), "{}", auto.describe());
+        assert!(!q8.describe().contains("Q4_1"), "{}", q8.describe());
+        let targets = |b: &BaseModel| teacher.targets(b, &rows, &labels, &[1.0, 1.0]).unwrap().to_vec().unwrap();
+        let (want, a, b) = (targets(&dense), targets(&auto), targets(&q8));
+        let max_diff = |x: &[f32]| want.iter().zip(x).map(|(p, q)| (p - q).abs()).fold(0f32, f32::max);
+        let (da, db) = (max_diff(&a), max_diff(&b));
+        eprintln!("max |Δq| against the dense teacher: Q4_1 {da:.2e}, Q8_0 {db:.2e}");
+        assert!(da > 0.0, "the activations are still rounded to 8 bits");
+        assert!(da < db, "exact weights must stay closer to the base than re-rounded ones: {da} vs {db}");
+    }
+
     /// On a GPU the targets are built where the teacher runs (its softmax and the targets never
     /// cross the bus); that path gives the host path's targets and entropy within rounding,
     /// rows without a weight included (zeros).

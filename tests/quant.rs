@@ -121,7 +121,7 @@ fn shared_products_equal_separate_ones() {
     for n in [1, 5] {
         let x = pseudo(n * cols, 3);
         // Q/K/V-like (three row counts, one activation format) and a mix of activation formats
-        // (Q8_0, Q8_1, Q8_K), which falls back to one product each.
+        // (Q8_0 for Q8_0 and Q4_1, Q8_K for Q4_K), which falls back to one product each.
         for tys in [[QType::Q8_0, QType::Q4_0, QType::Q5_0], [QType::Q4_1, QType::Q4_1, QType::Q4_1], [QType::Q8_0, QType::Q4_1, QType::Q4_K]] {
             let ms: Vec<QuantMatrix> = tys.iter().zip([24, 8, 13]).enumerate().map(|(i, (&ty, rows))| QuantMatrix::quantize(ty, rows, cols, &pseudo(rows * cols, i)).unwrap()).collect();
             let refs: Vec<&QuantMatrix> = ms.iter().collect();
@@ -248,7 +248,7 @@ fn q4_0_interleaved_kernel_at_extreme_codes() {
     }
 }
 
-/// What hands Q4_0 bytes or rows out reads through the interleaving: GGUF bytes, single rows
+/// What hands Q4_0, Q8_0 or Q4_1 bytes or rows out reads through the interleaving: GGUF bytes, single rows
 /// (embedding lookups), full dequantization, row permutations.
 #[test]
 fn q4_0_interleaved_matrix_gives_gguf_bytes_and_rows_back() {
@@ -279,5 +279,18 @@ fn q4_0_interleaved_matrix_gives_gguf_bytes_and_rows_back() {
         }
         let p = m.permute_rows(&ids).unwrap();
         assert_eq!(p.dequantize(), got);
+        // Q4_1, interleaved with its two fields (d, m) per block.
+        let q41 = QuantMatrix::quantize(QType::Q4_1, rows, cols, &pseudo(rows * cols, 2)).unwrap();
+        let data = q41.bytes().into_owned();
+        let m = QuantMatrix::from_bytes(QType::Q4_1, rows, cols, data.clone()).unwrap();
+        assert_eq!(&*m.bytes(), &data[..]);
+        assert_eq!(m.clone().into_bytes(), data);
+        let all = dequantize(GgmlType::Q4_1, &data, rows * cols).unwrap();
+        assert_eq!(m.dequantize(), all);
+        let got = m.dequantize_rows(&ids).unwrap();
+        for (i, &r) in ids.iter().enumerate() {
+            assert_eq!(&got[i * cols..(i + 1) * cols], &all[r * cols..(r + 1) * cols], "Q4_1 row {r}");
+        }
+        assert_eq!(m.permute_rows(&ids).unwrap().dequantize(), got);
     }
 }

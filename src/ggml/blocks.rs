@@ -14,7 +14,8 @@
 //! | Q6_K | 256 | 210 | `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`, 16 sub-blocks of 16, `x ≈ d·sc·(q − 32)` |
 //!
 //! Activation formats (quantized per call, never stored): Q8_0 as llama.cpp's x86 path computes
-//! it (scale `127 / max|x|`, round half to even), Q8_1 (Q8_0 plus `d·Σq`, for Q4_1's offset) and
+//! it (scale `127 / max|x|`, round half to even), also for Q4_1 (whose offset term takes the
+//! block's `Σq` in integers, where llama.cpp's Q8_1 carries `d·Σq` in f16), and
 //! Q8_K (`f32 d; i8 qs[256]; i16 bsums[16]`) for the k-quants.
 //!
 //! Besides the reference quantizers, [`quantize_row_q4_0_rmse`] is ggml's importance-weighted
@@ -35,8 +36,6 @@ pub const Q4_K_BYTES: usize = 144;
 pub const Q4_1_BYTES: usize = 20;
 /// `u8 ql[128]; u8 qh[64]; i8 scales[16]; f16 d`.
 pub const Q6_K_BYTES: usize = 210;
-/// `f16 d; f16 s; i8 qs[32]` with `s = d·Σq` (ggml's block_q8_1, the activations of Q4_1).
-pub const Q8_1_BYTES: usize = 36;
 /// `f32 d; i8 qs[256]; i16 bsums[16]`.
 pub const Q8_K_BYTES: usize = 4 + QK_K + 2 * QK_K / 16;
 
@@ -236,13 +235,16 @@ pub const Q4_0X8_BYTES: usize = Q4_0X8_ROWS * Q4_0_BYTES;
 ///
 /// The codes are not changed (no XOR), so [`unpack_q4_0x8`] restores the GGUF bytes exactly.
 pub fn pack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    interleave8(src, nb, dst, Q4_0_BYTES, 0);
+    interleave8(src, nb, dst, X8_Q4_0);
 }
 
 /// The inverse of [`pack_q4_0x8`]: eight row-major Q4_0 rows from one interleaved group.
 pub fn unpack_q4_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    deinterleave8(src, nb, dst, Q4_0_BYTES, 0);
+    deinterleave8(src, nb, dst, X8_Q4_0);
 }
+
+/// Bytes of one block column of an interleaved Q4_1 group ([`X8_Q4_1`]): eight blocks.
+pub const Q4_1X8_BYTES: usize = Q4_0X8_ROWS * Q4_1_BYTES;
 
 /// Bytes of one block column of an interleaved Q8_0 group ([`pack_q8_0x8`]): eight blocks.
 pub const Q8_0X8_BYTES: usize = Q4_0X8_ROWS * Q8_0_BYTES;
@@ -259,27 +261,53 @@ pub const Q8_0X8_BYTES: usize = Q4_0X8_ROWS * Q8_0_BYTES;
 /// block, as the Q4_0 kernels take `8·Σq_a`. [`unpack_q8_0x8`] undoes the XOR, so the GGUF
 /// bytes come back exactly.
 pub fn pack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    interleave8(src, nb, dst, Q8_0_BYTES, 0x80);
+    interleave8(src, nb, dst, X8_Q8_0);
 }
 
 /// The inverse of [`pack_q8_0x8`]: eight row-major Q8_0 rows from one interleaved group.
 pub fn unpack_q8_0x8(src: &[u8], nb: usize, dst: &mut [u8]) {
-    deinterleave8(src, nb, dst, Q8_0_BYTES, 0x80);
+    deinterleave8(src, nb, dst, X8_Q8_0);
 }
 
-/// The layout both formats share: eight rows of `nb` blocks of `bb` bytes (an f16 scale, then
-/// the codes), block column `b` at `8·bb·b` holding the eight scales, then 32-byte chunks,
-/// chunk `t` holding code bytes `4t..4t+4` of rows 0..7 in order, each XORed with `xor`.
-pub fn interleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+/// How one type's blocks lie in an interleaved group: `block` bytes a block, of which the first
+/// `fields` f16 values are per-block numbers (Q4_0, Q8_0: the scale `d`; Q4_1: `d` and the
+/// minimum `m`) and the rest are codes, XORed with `xor`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct X8Layout {
+    pub block: usize,
+    pub fields: usize,
+    pub xor: u8,
+}
+
+impl X8Layout {
+    /// Where the codes of a block column start: after each field's eight values.
+    pub const fn codes_at(self) -> usize {
+        16 * self.fields
+    }
+}
+
+pub const X8_Q4_0: X8Layout = X8Layout { block: Q4_0_BYTES, fields: 1, xor: 0 };
+pub const X8_Q8_0: X8Layout = X8Layout { block: Q8_0_BYTES, fields: 1, xor: 0x80 };
+/// Q4_1 keeps its codes (0..15, as Q4_0's) and leads each column with the eight scales, then
+/// the eight minimums ([`super::kernels`]' Q4_1 group kernels load each as one F16C vector).
+pub const X8_Q4_1: X8Layout = X8Layout { block: Q4_1_BYTES, fields: 2, xor: 0 };
+
+/// The layout the interleaved formats share: eight rows of `nb` blocks, block column `b` at
+/// `8·block·b` holding each field's eight values in row order (16 bytes a field), then 32-byte
+/// chunks, chunk `t` holding code bytes `4t..4t+4` of rows 0..7 in order, each XORed with `xor`.
+pub fn interleave8(src: &[u8], nb: usize, dst: &mut [u8], l: X8Layout) {
+    let (bb, head) = (l.block, 2 * l.fields);
     let rb = nb * bb;
     assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight rows of {nb} blocks of {bb} bytes");
     for (b, out) in dst.chunks_exact_mut(Q4_0X8_ROWS * bb).enumerate() {
         for r in 0..Q4_0X8_ROWS {
             let blk = &src[r * rb + b * bb..r * rb + (b + 1) * bb];
-            out[2 * r..2 * r + 2].copy_from_slice(&blk[..2]);
-            for t in 0..(bb - 2) / 4 {
+            for f in 0..l.fields {
+                out[16 * f + 2 * r..16 * f + 2 * r + 2].copy_from_slice(&blk[2 * f..2 * f + 2]);
+            }
+            for t in 0..(bb - head) / 4 {
                 for k in 0..4 {
-                    out[16 + 32 * t + 4 * r + k] = blk[2 + 4 * t + k] ^ xor;
+                    out[l.codes_at() + 32 * t + 4 * r + k] = blk[head + 4 * t + k] ^ l.xor;
                 }
             }
         }
@@ -294,12 +322,12 @@ pub const X16_ROWS: usize = 2 * Q4_0X8_ROWS;
 /// apart. A kernel that reads both groups together (sixteen rows per pass) then reads one
 /// ascending stream; reading two groups kept one after the other side by side was slower from
 /// memory than reading them one at a time (BENCHMARKS.md, "Where a batched decode step goes").
-pub fn interleave16(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
-    let (rb, cb) = (nb * bb, Q4_0X8_ROWS * bb);
-    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {bb} bytes");
+pub fn interleave16(src: &[u8], nb: usize, dst: &mut [u8], l: X8Layout) {
+    let (rb, cb) = (nb * l.block, Q4_0X8_ROWS * l.block);
+    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {} bytes", l.block);
     let mut group = vec![0u8; Q4_0X8_ROWS * rb];
     for h in 0..2 {
-        interleave8(&src[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], nb, &mut group, bb, xor);
+        interleave8(&src[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], nb, &mut group, l);
         for (b, col) in group.chunks_exact(cb).enumerate() {
             dst[(2 * b + h) * cb..(2 * b + h + 1) * cb].copy_from_slice(col);
         }
@@ -307,35 +335,39 @@ pub fn interleave16(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
 }
 
 /// The inverse of [`interleave16`].
-pub fn deinterleave16(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
-    let (rb, cb) = (nb * bb, Q4_0X8_ROWS * bb);
-    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {bb} bytes");
+pub fn deinterleave16(src: &[u8], nb: usize, dst: &mut [u8], l: X8Layout) {
+    let (rb, cb) = (nb * l.block, Q4_0X8_ROWS * l.block);
+    assert!(src.len() == X16_ROWS * rb && dst.len() == src.len(), "sixteen rows of {nb} blocks of {} bytes", l.block);
     let mut group = vec![0u8; Q4_0X8_ROWS * rb];
     for h in 0..2 {
         for (b, col) in group.chunks_exact_mut(cb).enumerate() {
             col.copy_from_slice(&src[(2 * b + h) * cb..(2 * b + h + 1) * cb]);
         }
-        deinterleave8(&group, nb, &mut dst[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], bb, xor);
+        deinterleave8(&group, nb, &mut dst[h * Q4_0X8_ROWS * rb..(h + 1) * Q4_0X8_ROWS * rb], l);
     }
 }
 
 /// The inverse of [`interleave8`].
-pub fn deinterleave8(src: &[u8], nb: usize, dst: &mut [u8], bb: usize, xor: u8) {
+pub fn deinterleave8(src: &[u8], nb: usize, dst: &mut [u8], l: X8Layout) {
+    let bb = l.block;
     let rb = nb * bb;
     assert!(src.len() == Q4_0X8_ROWS * rb && dst.len() == src.len(), "eight rows of {nb} blocks of {bb} bytes");
     for (b, g) in src.chunks_exact(Q4_0X8_ROWS * bb).enumerate() {
         for r in 0..Q4_0X8_ROWS {
-            deinterleave8_block(g, r, &mut dst[r * rb + b * bb..r * rb + (b + 1) * bb], xor);
+            deinterleave8_block(g, r, &mut dst[r * rb + b * bb..r * rb + (b + 1) * bb], l);
         }
     }
 }
 
-/// Row `r`'s block (`blk.len()` bytes) out of one interleaved block column `g`.
-pub fn deinterleave8_block(g: &[u8], r: usize, blk: &mut [u8], xor: u8) {
-    blk[..2].copy_from_slice(&g[2 * r..2 * r + 2]);
-    for t in 0..(blk.len() - 2) / 4 {
+/// Row `r`'s block out of one interleaved block column `g`.
+pub fn deinterleave8_block(g: &[u8], r: usize, blk: &mut [u8], l: X8Layout) {
+    let head = 2 * l.fields;
+    for f in 0..l.fields {
+        blk[2 * f..2 * f + 2].copy_from_slice(&g[16 * f + 2 * r..16 * f + 2 * r + 2]);
+    }
+    for t in 0..(l.block - head) / 4 {
         for k in 0..4 {
-            blk[2 + 4 * t + k] = g[16 + 32 * t + 4 * r + k] ^ xor;
+            blk[head + 4 * t + k] = g[l.codes_at() + 32 * t + 4 * r + k] ^ l.xor;
         }
     }
 }
@@ -551,24 +583,6 @@ pub fn quantize_act_q8_0(x: &[f32], out: &mut [u8]) {
         for (q, &v) in o[2..].iter_mut().zip(b) {
             *q = nearest_int(v * id) as i8 as u8;
         }
-    }
-}
-
-/// Activations to Q8_1 (llama.cpp's x86 `quantize_row_q8_1`): Q8_0's codes plus
-/// `s = d · Σq` in f16, which carries a Q4_1 weight's offset `m` through the dot product.
-pub fn quantize_act_q8_1(x: &[f32], out: &mut [u8]) {
-    for (b, o) in x.chunks_exact(QK).zip(out.chunks_exact_mut(Q8_1_BYTES)) {
-        let amax = b.iter().fold(0f32, |m, v| m.max(v.abs()));
-        let d = amax / 127.0;
-        let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        let mut sum = 0i32;
-        for (q, &v) in o[4..].iter_mut().zip(b) {
-            let c = nearest_int(v * id);
-            sum += c;
-            *q = c as i8 as u8;
-        }
-        o[..2].copy_from_slice(&f16_bits(d));
-        o[2..4].copy_from_slice(&f16_bits(sum as f32 * d));
     }
 }
 

@@ -312,16 +312,6 @@ fn activation_quantizers() {
             assert!((u - v).abs() <= amax / 254.0 + amax * 1e-3);
         }
     }
-    // Q8_1: the same codes as Q8_0 after a 4-byte head, and s = d·Σq.
-    let mut a1 = vec![0u8; 16 * Q8_1_BYTES];
-    quantize_act_q8_1(&x, &mut a1);
-    for ((b0, b1), xb) in a.chunks(Q8_0_BYTES).zip(a1.chunks(Q8_1_BYTES)).zip(x.chunks(32)) {
-        assert_eq!(&b0[..2], &b1[..2]);
-        assert_eq!(&b0[2..], &b1[4..]);
-        let sum: i32 = b1[4..].iter().map(|&q| q as i8 as i32).sum();
-        let d = xb.iter().fold(0f32, |m, v| m.max(v.abs())) / 127.0; // unrounded, as ggml
-        assert_eq!(&b1[2..4], &f16_bits(d * sum as f32));
-    }
     let mut k = vec![0u8; 2 * Q8_K_BYTES];
     quantize_act_q8_k(&x, &mut k);
     for (xb, kb) in x.chunks(256).zip(k.chunks(Q8_K_BYTES)) {
@@ -368,23 +358,23 @@ fn x8_packing_places_each_byte_and_round_trips() {
 
 #[test]
 fn pairs_of_groups_alternate_their_columns_and_round_trip() {
-    for (bb, xor) in [(Q4_0_BYTES, 0u8), (Q8_0_BYTES, 0x80)] {
-        let nb = 3;
+    for l in [X8_Q4_0, X8_Q8_0, X8_Q4_1] {
+        let (bb, nb) = (l.block, 3);
         let byte = |r: usize, b: usize, i: usize| (r * 61 + b * 23 + i * 7) as u8;
         let src: Vec<u8> = (0..16).flat_map(|r| (0..nb).flat_map(move |b| (0..bb).map(move |i| byte(r, b, i)))).collect();
         let mut pair = vec![0u8; src.len()];
-        interleave16(&src, nb, &mut pair, bb, xor);
+        interleave16(&src, nb, &mut pair, l);
         // Column b of group h is group h's own interleaved column b, at (2b + h)·8·bb.
         let rb = nb * bb;
         for h in 0..2 {
             let mut group = vec![0u8; 8 * rb];
-            interleave8(&src[h * 8 * rb..(h + 1) * 8 * rb], nb, &mut group, bb, xor);
+            interleave8(&src[h * 8 * rb..(h + 1) * 8 * rb], nb, &mut group, l);
             for b in 0..nb {
                 assert_eq!(&pair[(2 * b + h) * 8 * bb..(2 * b + h + 1) * 8 * bb], &group[b * 8 * bb..(b + 1) * 8 * bb], "{bb}: group {h} column {b}");
             }
         }
         let mut back = vec![0u8; src.len()];
-        deinterleave16(&pair, nb, &mut back, bb, xor);
+        deinterleave16(&pair, nb, &mut back, l);
         assert_eq!(back, src);
     }
 }

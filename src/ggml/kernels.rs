@@ -1,6 +1,6 @@
 //! Dot products of one quantized weight row with one quantized activation row, the inner loop
 //! of every quantized matrix product. The pairings are llama.cpp's: Q8_0, Q4_0 and Q5_0 weights
-//! against Q8_0 activations, Q4_1 against Q8_1, Q4_K and Q6_K against Q8_K. Products of codes are summed in integers per
+//! against Q8_0 activations, Q4_1 also against Q8_0 (llama.cpp: Q8_1; see below), Q4_K and Q6_K against Q8_K. Products of codes are summed in integers per
 //! block and scaled once per block (`d_w · d_a · Σ q_w q_a`), which is both the speed (8-bit
 //! multiply-adds) and the precision (no rounding inside a block) of the scheme.
 //!
@@ -11,8 +11,13 @@
 //! (`kernels_vnni.rs`), beside the same AVX2 one-token kernels. [`Kernels::best`] picks once
 //! per process, [`Kernels::scalar`] is the fallback and the reference the tests hold the SIMD
 //! code to.
+//!
+//! A Q4_1 weight is `d·q + m`, so its block product is `d_w·d_a·Σ q_w·q_a + m_w·d_a·Σ q_a`.
+//! llama.cpp carries `d_a·Σ q_a` in the activation block as an f16; here `Σ q_a` is the exact
+//! integer (the interleaved kernels already have it, [`SumsFn`]) and the term is
+//! `m_w·(d_a·Σ q_a)` in f32, the same expression in every kernel ([`q4_1_block`]).
 
-use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK};
+use super::blocks::{f16_at, scale_min_k4, Q4_0X8_BYTES, Q4_0X8_ROWS, Q8_0X8_BYTES, Q4_1X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_K_BYTES, QK};
 
 /// `dot(weight_row, activation_row, n_blocks)`; block counts are in the weight type's blocks.
 pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
@@ -25,12 +30,12 @@ pub type DotFn = fn(&[u8], &[u8], usize) -> f32;
 pub type Dot4Fn = fn(&[u8], [&[u8]; 4], [&[f32]; 4], usize) -> [f32; 4];
 
 /// Eight interleaved rows (Q4_0: [`super::blocks::pack_q4_0x8`], Q8_0:
-/// [`super::blocks::pack_q8_0x8`]) against one Q8_0 activation row: `gemv(group, stride, act,
+/// [`super::blocks::pack_q8_0x8`], Q4_1: [`super::blocks::X8_Q4_1`]) against one Q8_0 activation row: `gemv(group, stride, act,
 /// act_sums, n_blocks)` → the eight dot products, block column `b` of the group at `b·stride`
 /// (a matrix keeps its groups in pairs, [`super::blocks::interleave16`], so the stride is two
 /// columns). `act_sums[b]` is `Σ q` over activation block `b` (the SIMD kernels multiply
 /// unsigned weight codes and take the offset, 8 for Q4_0 and 128 for Q8_0, off afterwards as
-/// `offset·Σq`).
+/// `offset·Σq`; Q4_1's minimum term is `m·d_a·Σq`).
 pub type Gemv8Fn = fn(&[u8], usize, &[u8], &[i32], usize) -> [f32; 8];
 
 /// [`Gemv8Fn`] for four activation rows at once (prompt processing): each block column of the
@@ -83,9 +88,6 @@ pub struct Kernels {
     pub q8_0x4: Option<Dot4Fn>,
     pub q4_0x4: Option<Dot4Fn>,
     pub q5_0x4: Option<Dot4Fn>,
-    /// Q4_1 against four Q8_1 rows (the scales argument holds their `d`; `s` is read from the
-    /// blocks).
-    pub q4_1x4: Option<Dot4Fn>,
     /// Q4_K and Q6_K against four Q8_K rows (the scales argument is unused: a Q8_K block
     /// carries its f32 scale).
     pub q4_kx4: Option<Dot4Fn>,
@@ -104,6 +106,9 @@ pub struct Kernels {
     /// weights in, two groups to a pair), and its four-token version.
     pub q8_0x8: Gemv8Fn,
     pub q8_0x8x4: Option<Gemm4x8Fn>,
+    /// Q4_1 in interleaved groups ([`super::blocks::X8_Q4_1`]), and its four-token version.
+    pub q4_1x8: Gemv8Fn,
+    pub q4_1x8x4: Option<Gemm4x8Fn>,
     /// Whole pairs of groups at once, one ascending pass over both (`None`: a group at a time
     /// through the eight-row kernels, every other block column, then the other group's).
     pub q4_0x16: Option<Gemv16Fn>,
@@ -112,6 +117,9 @@ pub struct Kernels {
     pub q8_0x16: Option<Gemv16Fn>,
     pub q8_0x16x4: Option<Gemm4x16Fn>,
     pub q8_0x16x8: Option<Gemm8x16Fn>,
+    pub q4_1x16: Option<Gemv16Fn>,
+    pub q4_1x16x4: Option<Gemm4x16Fn>,
+    pub q4_1x16x8: Option<Gemm8x16Fn>,
     /// Activations to Q8_0 ([`super::blocks::quantize_act_q8_0`], whose bits every version
     /// gives for finite inputs).
     pub act_q8_0: ActFn,
@@ -134,7 +142,6 @@ impl Kernels {
             q8_0x4: None,
             q4_0x4: None,
             q5_0x4: None,
-            q4_1x4: None,
             q4_kx4: None,
             q6_kx4: None,
             q8_0t: None,
@@ -144,12 +151,17 @@ impl Kernels {
             q4_0x8x4: None,
             q8_0x8: gemv_q8_0x8_scalar,
             q8_0x8x4: None,
+            q4_1x8: gemv_q4_1x8_scalar,
+            q4_1x8x4: None,
             q4_0x16: None,
             q4_0x16x4: None,
             q4_0x16x8: None,
             q8_0x16: None,
             q8_0x16x4: None,
             q8_0x16x8: None,
+            q4_1x16: None,
+            q4_1x16x4: None,
+            q4_1x16x8: None,
             act_q8_0: super::blocks::quantize_act_q8_0,
             q8_0_sums: q8_0_sums_scalar,
             name: "scalar",
@@ -245,6 +257,28 @@ fn gemv_q8_0x8_scalar(w: &[u8], stride: usize, a: &[u8], _act_sums: &[i32], nb: 
     gemv_x8_scalar(w, stride, a, nb, Q8_0X8_BYTES, |g, r, e| (g[16 + 32 * (e / 4) + 4 * r + e % 4] ^ 0x80) as i8 as i32)
 }
 
+/// The reference for the interleaved Q4_1 layout: [`dot_q4_1_scalar`]'s block terms (the
+/// nibbles read from the layout as [`gemv_q4_0x8_scalar`] reads them, after the two fields),
+/// summed in the same order, so each output equals that kernel's result on the row-major row.
+fn gemv_q4_1x8_scalar(w: &[u8], stride: usize, a: &[u8], _act_sums: &[i32], nb: usize) -> [f32; 8] {
+    let mut out = [0f32; 8];
+    for (b, ab) in a.chunks_exact(Q8_0_BYTES).take(nb).enumerate() {
+        let g = &w[b * stride..b * stride + Q4_1X8_BYTES];
+        let q8 = &ab[2..];
+        let sa: i32 = q8.iter().map(|&q| q as i8 as i32).sum();
+        for (r, o) in out.iter_mut().enumerate() {
+            let s: i32 = (0..QK)
+                .map(|e| {
+                    let q = g[32 + 32 * (e % 16 / 4) + 4 * r + e % 4];
+                    (if e < 16 { q & 0x0F } else { q >> 4 }) as i32 * q8[e] as i8 as i32
+                })
+                .sum();
+            *o += q4_1_block(f16_at(g, 2 * r), f16_at(g, 16 + 2 * r), f16_at(ab, 0), s, sa);
+        }
+    }
+    out
+}
+
 /// Eight interleaved rows against one Q8_0 row, block columns of `bytes` bytes every `stride`:
 /// per block and row the exact integer `Σ code(g, r, e)·q_a[e]` over the 32 elements, times
 /// the two scales.
@@ -278,17 +312,27 @@ fn dot_q5_0_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
     sum
 }
 
-/// Q4_1 × Q8_1: `d_w·d_a·Σ q_w·q_a + m_w·s_a` per block (`s_a = d_a·Σ q_a`).
+/// One Q4_1 block's product with a Q8_0 activation block, from the integer sums `s = Σ q_w·q_a`
+/// and `sa = Σ q_a`: `d_w·d_a·s + m_w·(d_a·sa)`, the expression (and rounding) every Q4_1 kernel
+/// uses per block and row.
+#[inline(always)]
+pub fn q4_1_block(dw: f32, mw: f32, da: f32, s: i32, sa: i32) -> f32 {
+    dw * da * s as f32 + mw * (da * sa as f32)
+}
+
+/// Q4_1 × Q8_0: [`q4_1_block`] per block.
 fn dot_q4_1_scalar(w: &[u8], a: &[u8], nb: usize) -> f32 {
     let mut sum = 0f32;
-    for (wb, ab) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_1_BYTES)).take(nb) {
-        let q8 = &ab[4..];
-        let mut s = 0i32;
+    for (wb, ab) in w.chunks_exact(Q4_1_BYTES).zip(a.chunks_exact(Q8_0_BYTES)).take(nb) {
+        let q8 = &ab[2..];
+        let (mut s, mut sa) = (0i32, 0i32);
         for j in 0..QK / 2 {
             let q = wb[4 + j];
-            s += (q & 0x0F) as i32 * q8[j] as i8 as i32 + (q >> 4) as i32 * q8[j + QK / 2] as i8 as i32;
+            let (lo, hi) = (q8[j] as i8 as i32, q8[j + QK / 2] as i8 as i32);
+            s += (q & 0x0F) as i32 * lo + (q >> 4) as i32 * hi;
+            sa += lo + hi;
         }
-        sum += f16_at(wb, 0) * f16_at(ab, 0) * s as f32 + f16_at(wb, 2) * f16_at(ab, 2);
+        sum += q4_1_block(f16_at(wb, 0), f16_at(wb, 2), f16_at(ab, 0), s, sa);
     }
     sum
 }

@@ -1,7 +1,7 @@
 //! The AVX2 + FMA + F16C versions of [`super::Kernels`]' products (x86_64, detected at run time);
 //! the scalar ones in `kernels.rs` are their reference.
 
-use super::super::blocks::{f16_bits, scale_min_k4, QK, Q4_0X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES};
+use super::super::blocks::{f16_bits, scale_min_k4, QK, Q4_0X8_BYTES, Q4_1X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_K_BYTES};
 use super::Kernels;
 use std::arch::x86_64::*;
 
@@ -22,7 +22,6 @@ pub fn kernels() -> Kernels {
         q8_0x4: Some(|w, a, s, n| unsafe { q8_0x4(w, a, s, n) }),
         q4_0x4: Some(|w, a, s, n| unsafe { q4_0x4(w, a, s, n) }),
         q5_0x4: Some(|w, a, s, n| unsafe { q5_0x4(w, a, s, n) }),
-        q4_1x4: Some(|w, a, s, n| unsafe { q4_1x4(w, a, s, n) }),
         q4_kx4: Some(|w, a, s, n| unsafe { q4_kx4(w, a, s, n) }),
         q6_kx4: Some(|w, a, s, n| unsafe { q6_kx4(w, a, s, n) }),
         q8_0t: None,
@@ -32,12 +31,17 @@ pub fn kernels() -> Kernels {
         q4_0x8x4: Some(|w, st, a, s, n| unsafe { q4_0x8x4(w, st, a, s, n) }),
         q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
         q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
+        q4_1x8: |w, st, a, s, n| unsafe { q4_1x8::<1>(w, st, [a], [s], n)[0] },
+        q4_1x8x4: Some(|w, st, a, s, n| unsafe { q4_1x8::<4>(w, st, a, s, n) }),
         q4_0x16: Some(|w, a, s, d, n| unsafe { q4_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
         q4_0x16x4: Some(|w, a, s, d, n| unsafe { q4_0x16::<4>(w, a, s, d, n) }),
         q4_0x16x8: Some(|w, a, s, d, n| unsafe { q4_0x16::<8>(w, a, s, d, n) }),
         q8_0x16: Some(|w, a, s, d, n| unsafe { q8_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
         q8_0x16x4: Some(|w, a, s, d, n| unsafe { q8_0x16::<4>(w, a, s, d, n) }),
         q8_0x16x8: Some(|w, a, s, d, n| unsafe { q8_0x16::<8>(w, a, s, d, n) }),
+        q4_1x16: Some(|w, a, s, d, n| unsafe { q4_1x16::<1>(w, &[a], &[s], &[d], n)[0] }),
+        q4_1x16x4: Some(|w, a, s, d, n| unsafe { q4_1x16::<4>(w, a, s, d, n) }),
+        q4_1x16x8: Some(|w, a, s, d, n| unsafe { q4_1x16::<8>(w, a, s, d, n) }),
         act_q8_0: |x, o| unsafe { act_q8_0(x, o) },
         q8_0_sums: |a, o| unsafe { q8_0_sums(a, o) },
         name: "avx2",
@@ -503,27 +507,149 @@ unsafe fn q4_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
     hsum(acc) - acc_m
 }
 
+/// Q4_1 against Q8_0 activations: per block the integer `Σ q_w·q_a` in eight lanes as ggml's
+/// kernel makes it, and `Σ q_a` from the same activation bytes (`maddubs` against ones), so
+/// each block adds [`super::q4_1_block`]'s two terms: `d_w·d_a·Σ` into one accumulator and
+/// `m_w·(d_a·Σq_a)` into a scalar sum, in block order.
 #[target_feature(enable = "avx2,fma,f16c")]
 unsafe fn q4_1(w: &[u8], a: &[u8], nb: usize) -> f32 {
-    assert!(w.len() >= nb * Q4_1_BYTES && a.len() >= nb * Q8_1_BYTES);
+    assert!(w.len() >= nb * Q4_1_BYTES && a.len() >= nb * Q8_0_BYTES);
     let ones = _mm256_set1_epi16(1);
+    let ones8 = _mm256_set1_epi8(1);
     let mut acc = _mm256_setzero_ps();
-    let mut summs = 0f32;
+    let mut mins = 0f32;
     for i in 0..nb {
-        let (wp, ap) = (w.as_ptr().add(i * Q4_1_BYTES), a.as_ptr().add(i * Q8_1_BYTES));
+        let (wp, ap) = (w.as_ptr().add(i * Q4_1_BYTES), a.as_ptr().add(i * Q8_0_BYTES));
         prefetch::<1>(wp);
-        // d_w, m_w, d_a, s_a in one F16C conversion.
-        let h = _mm_cvtph_ps(_mm_set_epi32(0, 0, (ap as *const i32).read_unaligned(), (wp as *const i32).read_unaligned()));
-        let mut f = [0f32; 4];
-        _mm_storeu_ps(f.as_mut_ptr(), h);
-        summs += f[1] * f[3];
+        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((wp as *const i32).read_unaligned()));
+        let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
+        let da = f16_scale(ap);
         // Codes 0..15 are unsigned: maddubs takes them as is.
         let qw = nibbles32(wp.add(4));
-        let qa = _mm256_loadu_si256(ap.add(4) as *const __m256i);
+        let qa = _mm256_loadu_si256(ap.add(2) as *const __m256i);
         let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
-        acc = _mm256_fmadd_ps(_mm256_set1_ps(f[0] * f[2]), _mm256_cvtepi32_ps(dot), acc);
+        let sa = hsum_i32(_mm256_madd_epi16(_mm256_maddubs_epi16(ones8, qa), ones));
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(dw * da), _mm256_cvtepi32_ps(dot), acc);
+        mins += mw * (da * sa as f32);
     }
-    hsum(acc) + summs
+    hsum(acc) + mins
+}
+
+/// The sum of eight i32 lanes.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn hsum_i32(v: __m256i) -> i32 {
+    let mut l = [0i32; 8];
+    _mm256_storeu_si256(l.as_mut_ptr() as *mut __m256i, v);
+    l.iter().sum()
+}
+
+/// One interleaved Q4_1 group's block column against one token: the eight rows' integer sums
+/// `Σ q_w·q_a` (unsigned nibbles `q`, [`q4_0x8`]'s lanes and chains), then
+/// [`super::q4_1_block`]'s two terms as two FMAs, `d_w·d_a` times the sums and `m_w` times
+/// `d_a·Σq_a`. The group and pair kernels below both call it, so a row's result is the same
+/// whichever of them, and however many tokens, computed it.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_column(q: &[__m256i; 8], ap: *const u8, dw: __m256, mw: __m256, da: f32, min_sum: __m256, acc: __m256) -> __m256 {
+    let ones = _mm256_set1_epi16(1);
+    let at = |j: usize| _mm256_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
+    let mut s16 = [_mm256_setzero_si256(); 2];
+    for t in 0..4 {
+        s16[0] = _mm256_add_epi16(s16[0], _mm256_maddubs_epi16(q[t], at(t)));
+        s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(q[4 + t], at(4 + t)));
+    }
+    let s32 = _mm256_madd_epi16(_mm256_add_epi16(s16[0], s16[1]), ones);
+    let acc = _mm256_fmadd_ps(_mm256_mul_ps(dw, _mm256_set1_ps(da)), _mm256_cvtepi32_ps(s32), acc);
+    _mm256_fmadd_ps(mw, min_sum, acc)
+}
+
+/// `d_a·Σq_a` of a token's activation block, broadcast: the factor of the weights' minimums.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_min_sum(da: f32, sa: i32) -> __m256 {
+    _mm256_set1_ps(da * sa as f32)
+}
+
+/// A Q4_1 group's nibbles of one block column (at `g`, after the two fields), unpacked once
+/// for every token: chunks' low nibbles, then their high nibbles.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1_nibbles(g: *const u8) -> [__m256i; 8] {
+    let m4 = _mm256_set1_epi8(0x0F);
+    let mut q = [_mm256_setzero_si256(); 8];
+    for t in 0..4 {
+        let raw = _mm256_loadu_si256(g.add(32 + 32 * t) as *const __m256i);
+        q[t] = _mm256_and_si256(raw, m4);
+        q[4 + t] = _mm256_and_si256(_mm256_srli_epi16(raw, 4), m4);
+    }
+    q
+}
+
+/// Eight interleaved Q4_1 rows ([`super::super::blocks::X8_Q4_1`]: per block column the eight
+/// `d`, the eight `m`, then [`q4_0x8`]'s four chunks of nibbles) against `N` Q8_0 tokens,
+/// block columns `stride` apart.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], act_sums: [&[i32]; N], nb: usize) -> [[f32; 8]; N] {
+    assert!(nb == 0 || w.len() >= (nb - 1) * stride + Q4_1X8_BYTES);
+    for k in 0..N {
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_sums[k].len() >= nb);
+    }
+    let mut acc = [_mm256_setzero_ps(); N];
+    for b in 0..nb {
+        let g = w.as_ptr().add(b * stride);
+        prefetch::<3>(g);
+        let q = q4_1_nibbles(g);
+        let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+        let mw = _mm256_cvtph_ps(_mm_loadu_si128(g.add(16) as *const __m128i));
+        for k in 0..N {
+            let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+            let da = f16_scale(ap);
+            acc[k] = q4_1_column(&q, ap, dw, mw, da, q4_1_min_sum(da, *act_sums[k].get_unchecked(b)), acc[k]);
+        }
+    }
+    let mut out = [[0f32; 8]; N];
+    for (o, v) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), v);
+    }
+    out
+}
+
+/// Both groups of an interleaved Q4_1 pair × `N` tokens in one ascending pass, as
+/// [`q4_0x16`] is for Q4_0; per group and token the arithmetic is [`q4_1x8`]'s (the same
+/// [`q4_1_column`], the activation scale as the f32 of its f16), so each output is bit for bit
+/// the group kernel's.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c")]
+unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    assert!(w.len() >= nb * 2 * Q4_1X8_BYTES);
+    for k in 0..N {
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_sums[k].len() >= nb && act_scales[k].len() >= nb);
+    }
+    let mut acc = [[_mm256_setzero_ps(); 2]; N];
+    for b in 0..nb {
+        let col = w.as_ptr().add(2 * b * Q4_1X8_BYTES);
+        prefetch::<5>(col);
+        // Once per token and block, for both groups.
+        let da: [f32; N] = std::array::from_fn(|k| *act_scales[k].get_unchecked(b));
+        let ms: [__m256; N] = std::array::from_fn(|k| q4_1_min_sum(da[k], *act_sums[k].get_unchecked(b)));
+        for (h, g) in [col, col.add(Q4_1X8_BYTES)].into_iter().enumerate() {
+            let q = q4_1_nibbles(g);
+            let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));
+            let mw = _mm256_cvtph_ps(_mm_loadu_si128(g.add(16) as *const __m128i));
+            for k in 0..N {
+                let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
+                acc[k][h] = q4_1_column(&q, ap, dw, mw, da[k], ms[k], acc[k][h]);
+            }
+        }
+    }
+    let mut out = [[0f32; 16]; N];
+    for (o, [a0, a1]) in out.iter_mut().zip(acc) {
+        _mm256_storeu_ps(o.as_mut_ptr(), a0);
+        _mm256_storeu_ps(o.as_mut_ptr().add(8), a1);
+    }
+    out
 }
 
 /// As ggml's AVX2 Q6_K kernel: 6-bit codes assembled unsigned (0..63) so that `maddubs`
@@ -567,31 +693,6 @@ unsafe fn q6_k(w: &[u8], a: &[u8], nb: usize) -> f32 {
         acc = _mm256_fmadd_ps(_mm256_set1_ps(d), _mm256_cvtepi32_ps(sumi), acc);
     }
     hsum(acc)
-}
-
-#[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1x4(w: &[u8], a: [&[u8]; 4], s: [&[f32]; 4], nb: usize) -> [f32; 4] {
-    assert!(w.len() >= nb * Q4_1_BYTES);
-    for (r, sc) in a.iter().zip(&s) {
-        assert!(r.len() >= nb * Q8_1_BYTES && sc.len() >= nb);
-    }
-    let ones = _mm256_set1_epi16(1);
-    let mut acc = [_mm256_setzero_ps(); 4];
-    let mut summs = [0f32; 4];
-    for i in 0..nb {
-        let wp = w.as_ptr().add(i * Q4_1_BYTES);
-        let dm = _mm_cvtph_ps(_mm_cvtsi32_si128((wp as *const i32).read_unaligned()));
-        let (dw, mw) = (_mm_cvtss_f32(dm), _mm_cvtss_f32(_mm_shuffle_ps(dm, dm, 1)));
-        let qw = nibbles32(wp.add(4));
-        for k in 0..4 {
-            let ap = a[k].as_ptr().add(i * Q8_1_BYTES);
-            summs[k] += mw * f16_scale(ap.add(2));
-            let qa = _mm256_loadu_si256(ap.add(4) as *const __m256i);
-            let dot = _mm256_madd_epi16(_mm256_maddubs_epi16(qw, qa), ones);
-            acc[k] = _mm256_fmadd_ps(_mm256_set1_ps(dw * *s[k].get_unchecked(i)), _mm256_cvtepi32_ps(dot), acc[k]);
-        }
-    }
-    [hsum(acc[0]) + summs[0], hsum(acc[1]) + summs[1], hsum(acc[2]) + summs[2], hsum(acc[3]) + summs[3]]
 }
 
 /// [`q4_k`] against four Q8_K rows: each super-block's nibbles and scales are unpacked once

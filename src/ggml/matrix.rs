@@ -1,10 +1,10 @@
 //! A quantized weight matrix `[rows, cols]` (HF layout: one row per output feature) and its
-//! product with f32 activations: activations are quantized once per call (Q8_0, Q8_1 or Q8_K), then
-//! every output row is one dot product per token (eight or sixteen rows per pass for Q4_0 and
-//! Q8_0, see [`QuantMatrix`]), rows spread over the team's threads. The
+//! product with f32 activations: activations are quantized once per call (Q8_0 or Q8_K), then
+//! every output row is one dot product per token (eight or sixteen rows per pass for Q4_0,
+//! Q4_1 and Q8_0, see [`QuantMatrix`]), rows spread over the team's threads. The
 //! weights are never dequantized on the hot path.
 
-use super::blocks::{self, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_1_BYTES, Q8_K_BYTES, QK, QK_K};
+use super::blocks::{self, X8Layout, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
 use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn};
 use super::team;
 use super::GgmlType;
@@ -24,7 +24,8 @@ pub enum QType {
     /// Only in mixes: Q4_K's stand-in for rows that are not a multiple of 256 (as llama.cpp does).
     Q5_0,
     /// Only in mixes: the other stand-in for Q4_K (smaller than Q5_0; chosen per tensor when it
-    /// reconstructs the tensor at least as well).
+    /// reconstructs the tensor at least as well). Also the grid of the layers of SmolLM2's
+    /// published GGUF, which a Q4_1 matrix of them reproduces exactly.
     Q4_1,
     Q4_K,
     /// Only in mixes: the token table and the more sensitive layers of `q4_k` (as Q4_K_M).
@@ -102,7 +103,9 @@ impl QType {
             QType::Q8_0 => k.q8_0x4,
             QType::Q4_0 => k.q4_0x4,
             QType::Q5_0 => k.q5_0x4,
-            QType::Q4_1 => k.q4_1x4,
+            // Q4_1 rows outside interleaved pairs are rare (a matrix's last rows % 16): one
+            // token at a time.
+            QType::Q4_1 => None,
             QType::Q4_K => k.q4_kx4,
             QType::Q6_K => k.q6_kx4,
         }
@@ -120,7 +123,7 @@ impl QType {
 
     /// Whether [`QuantMatrix`] keeps this type's rows in interleaved pairs of groups of eight.
     fn interleaved(self) -> bool {
-        matches!(self, QType::Q4_0 | QType::Q8_0)
+        matches!(self, QType::Q4_0 | QType::Q8_0 | QType::Q4_1)
     }
 
     /// The kernels for interleaved groups (one token, four tokens; a group at a time, then a
@@ -128,13 +131,18 @@ impl QType {
     fn x8(self, k: &Kernels) -> X8Kernels {
         match self {
             QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4, p8: k.q8_0x16x8 },
+            QType::Q4_1 => X8Kernels { g1: k.q4_1x8, g4: k.q4_1x8x4, p1: k.q4_1x16, p4: k.q4_1x16x4, p8: k.q4_1x16x8 },
             _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4, p8: k.q4_0x16x8 },
         }
     }
 
-    /// What the interleaved layout XORs this type's code bytes with ([`blocks::interleave8`]).
-    fn x8_xor(self) -> u8 {
-        if self == QType::Q8_0 { 0x80 } else { 0 }
+    /// How the interleaved layout holds this type's blocks ([`blocks::interleave8`]).
+    fn x8_layout(self) -> X8Layout {
+        match self {
+            QType::Q8_0 => blocks::X8_Q8_0,
+            QType::Q4_1 => blocks::X8_Q4_1,
+            _ => blocks::X8_Q4_0,
+        }
     }
 
     fn dot(self, k: &Kernels) -> DotFn {
@@ -148,13 +156,12 @@ impl QType {
         }
     }
 
-    /// The format its kernels read activations in, as llama.cpp pairs them.
+    /// The format its kernels read activations in, as llama.cpp pairs them, except Q4_1:
+    /// llama.cpp gives it Q8_1 (Q8_0 plus `s = d·Σq` in f16), these kernels read Q8_0 and
+    /// take `Σq` in integers, so that Q4_1 rows share the interleaved kernels' activations and
+    /// their minimum term is not rounded to f16 on the way.
     fn act(self) -> Act {
-        match self {
-            _ if self.is_k() => Act::Q8_K,
-            QType::Q4_1 => Act::Q8_1,
-            _ => Act::Q8_0,
-        }
+        if self.is_k() { Act::Q8_K } else { Act::Q8_0 }
     }
 }
 
@@ -164,8 +171,6 @@ impl QType {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Act {
     Q8_0,
-    /// Q8_0 plus `s = d·Σq` per block, for weights with a minimum (Q4_1).
-    Q8_1,
     /// Super-blocks of 256 with an f32 scale, for the k-quants.
     Q8_K,
 }
@@ -174,7 +179,6 @@ impl Act {
     fn block_bytes(self) -> usize {
         match self {
             Act::Q8_0 => Q8_0_BYTES,
-            Act::Q8_1 => Q8_1_BYTES,
             Act::Q8_K => Q8_K_BYTES,
         }
     }
@@ -188,7 +192,6 @@ impl Act {
     fn quantize(self, x: &[f32], out: &mut [u8], k: &Kernels) {
         match self {
             Act::Q8_0 => (k.act_q8_0)(x, out),
-            Act::Q8_1 => blocks::quantize_act_q8_1(x, out),
             Act::Q8_K => blocks::quantize_act_q8_k(x, out),
         }
     }
@@ -217,8 +220,8 @@ impl fmt::Display for QType {
 
 /// A quantized matrix: `rows` rows of `cols` values, each row `row_bytes` of blocks.
 ///
-/// Q4_0 and Q8_0 matrices keep their rows in interleaved groups of eight
-/// ([`blocks::pack_q4_0x8`], [`blocks::pack_q8_0x8`]), so that one sequential pass of the GEMV
+/// Q4_0, Q4_1 and Q8_0 matrices keep their rows in interleaved groups of eight
+/// ([`blocks::pack_q4_0x8`], [`blocks::pack_q8_0x8`], [`blocks::X8_Q4_1`]), so that one sequential pass of the GEMV
 /// kernel makes eight outputs, each lane one row, with one scale product per block for eight
 /// rows; the groups go in pairs whose block columns alternate ([`blocks::interleave16`]), so
 /// that the AVX-512 kernels make sixteen rows from one ascending stream. The `rows % 16` rows
@@ -308,7 +311,7 @@ impl QuantMatrix {
         Ok(QuantMatrix::new(ty, rows, cols, data))
     }
 
-    /// Wraps checked row-major bytes, interleaving Q4_0 and Q8_0 rows in pairs of groups of
+    /// Wraps checked row-major bytes, interleaving Q4_0, Q4_1 and Q8_0 rows in pairs of groups of
     /// eight (in place, pairs in parallel); fewer than sixteen rows left at the end stay
     /// row-major.
     fn new(ty: QType, rows: usize, cols: usize, mut data: Vec<u8>) -> Self {
@@ -318,7 +321,7 @@ impl QuantMatrix {
             let pb = X16_ROWS * nb * ty.block_bytes();
             data[..packed / X16_ROWS * pb].par_chunks_mut(pb).for_each(|p| {
                 let rows16 = p.to_vec();
-                blocks::interleave16(&rows16, nb, p, ty.block_bytes(), ty.x8_xor());
+                blocks::interleave16(&rows16, nb, p, ty.x8_layout());
             });
         }
         QuantMatrix { ty, rows, cols, data, packed }
@@ -349,7 +352,7 @@ impl QuantMatrix {
             let ty = self.ty;
             self.data[..self.packed * rb].par_chunks_mut(pb).for_each(|p| {
                 let pair = p.to_vec();
-                blocks::deinterleave16(&pair, nb, p, ty.block_bytes(), ty.x8_xor());
+                blocks::deinterleave16(&pair, nb, p, ty.x8_layout());
             });
         }
         self.data
@@ -367,7 +370,7 @@ impl QuantMatrix {
         let mut out = vec![0u8; rb];
         let bb = self.ty.block_bytes();
         for (cols, blk) in pair.chunks_exact(X16_ROWS * bb).zip(out.chunks_exact_mut(bb)) {
-            blocks::deinterleave8_block(&cols[h * Q4_0X8_ROWS * bb..(h + 1) * Q4_0X8_ROWS * bb], j, blk, self.ty.x8_xor());
+            blocks::deinterleave8_block(&cols[h * Q4_0X8_ROWS * bb..(h + 1) * Q4_0X8_ROWS * bb], j, blk, self.ty.x8_layout());
         }
         Cow::Owned(out)
     }
@@ -451,7 +454,7 @@ impl QuantMatrix {
         }
         let act = |t: usize| &acts[t * ab..(t + 1) * ab];
         let nb_act = ab / act_ty.block_bytes();
-        // f32 copies of the Q8_0/Q8_1 activation scales, for the many-token and the pair
+        // f32 copies of the Q8_0 activation scales, for the many-token and the pair
         // kernels (a Q8_K block carries its own f32 scale); one float per 32 values.
         let scales: Vec<f32> = if act_ty != Act::Q8_K {
             acts.chunks_exact(act_ty.block_bytes()).map(|b| blocks::f16_at(b, 0)).collect()

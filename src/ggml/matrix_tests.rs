@@ -23,23 +23,11 @@ fn reference(m: &QuantMatrix, x: &[f32], n: usize) -> Vec<f64> {
                     b[4..260].iter().map(move |&q| d * q as i8 as f32).collect::<Vec<_>>()
                 })
                 .collect()
-        } else if m.ty == QType::Q4_1 {
-            a.chunks(Q8_1_BYTES).flat_map(|b| b[4..].iter().map(|&q| blocks::f16_at(b, 0) * q as i8 as f32).collect::<Vec<_>>()).collect()
         } else {
             dequantize(GgmlType::Q8_0, &a, m.cols).unwrap()
         };
         for r in 0..m.rows {
             y[t * m.rows + r] = (0..m.cols).map(|c| w[r * m.cols + c] as f64 * xa[c] as f64).sum();
-            if m.ty == QType::Q4_1 {
-                // The kernel takes Σ m·x from the activation's f16 `s = d·Σq`, not from
-                // the codes: add the difference that rounding makes.
-                let rb = m.row_bytes();
-                for (i, b) in a.chunks(Q8_1_BYTES).enumerate() {
-                    let wm = blocks::f16_at(&m.data[r * rb + i * 20..], 2) as f64;
-                    let exact: f64 = b[4..].iter().map(|&q| blocks::f16_at(b, 0) as f64 * q as i8 as f64).sum();
-                    y[t * m.rows + r] += wm * (blocks::f16_at(b, 2) as f64 - exact);
-                }
-            }
         }
     }
     y
@@ -86,7 +74,8 @@ fn simd_matches_scalar() {
     // Both paths sum the same integers per block; only the f32 order of the block sums
     // differs.
     let Some(simd) = Kernels::simd() else { return };
-    let (rows, cols) = (9, 768);
+    // An interleaved pair and nine row-major rows after it.
+    let (rows, cols) = (25, 768);
     let w: Vec<f32> = (0..rows * cols).map(|i| ((i * 31) % 15) as f32 - 7.0).collect();
     let x: Vec<f32> = (0..cols).map(|i| ((i * 17) % 255) as f32 - 127.0).collect();
     for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
@@ -237,7 +226,7 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
 fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
     let mut tried = 0;
     for k in Kernels::all() {
-        for ty in [QType::Q4_0, QType::Q8_0] {
+        for ty in [QType::Q4_0, QType::Q8_0, QType::Q4_1] {
             let x8 = ty.x8(&k);
             let (Some(p1), Some(p4), Some(p8), Some(g4)) = (x8.p1, x8.p4, x8.p8, x8.g4) else { continue };
             tried += 1;
@@ -280,7 +269,7 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
             }
         }
     }
-    assert_eq!(tried, 2 * Kernels::simd_sets().len(), "every SIMD set must have the pair kernels of both types");
+    assert_eq!(tried, 3 * Kernels::simd_sets().len(), "every SIMD set must have the pair kernels of the three interleaved types");
 }
 
 /// Every set's activation quantizer gives the scalar one's bytes: smooth values, exact ties
@@ -314,7 +303,7 @@ fn activation_quantizers_give_the_scalar_bytes() {
 #[test]
 fn gated_product_is_f_of_the_two_products() {
     let f = |o: &mut [f32], g: &[f32], u: &[f32]| o.iter_mut().zip(g).zip(u).for_each(|((o, &g), &u)| *o = g * (g - u) + 0.5 * u);
-    for ty in [QType::Q4_0, QType::Q8_0, QType::Q4_K] {
+    for ty in [QType::Q4_0, QType::Q8_0, QType::Q4_1, QType::Q4_K] {
         let (rows, cols) = (304, 256);
         let a = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 21)).unwrap();
         let b = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 22)).unwrap();
@@ -340,7 +329,7 @@ fn activation_quantizers_write_every_byte() {
     let cols = 512;
     let mut x = values(cols, 31);
     x[40..72].iter_mut().for_each(|v| *v = 0.0);
-    for act in [Act::Q8_0, Act::Q8_1, Act::Q8_K] {
+    for act in [Act::Q8_0, Act::Q8_K] {
         for k in Kernels::all() {
             let ab = act.row_bytes(cols);
             let (mut zeros, mut junk) = (vec![0u8; ab], vec![0xA5u8; ab]);

@@ -240,7 +240,8 @@ impl FrozenProducts {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum TeacherWeights {
-    /// `q8_0` where the frozen weights are f32 on the CPU, `dense` elsewhere.
+    /// Quantized where the frozen weights are f32 on the CPU (each projection in Q4_1 where
+    /// that holds it exactly, else Q8_0), `dense` elsewhere.
     #[default]
     Auto,
     /// The frozen weights as they are: the exact base.

@@ -403,6 +403,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
         let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved.as_slice(), v)), &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
+        eprintln!("[teacher] chain_distill reads {}", base.describe());
         Some((teacher, base))
     } else {
         None

@@ -5,9 +5,17 @@
 //! It reads every Chinese row a second time in the old tokenization, 2.3× as many tokens as
 //! the row, so on the CPU it was most of a step's time (1.6–2.4 s of a row against ~3 s for
 //! the step itself). `[train] teacher` says how its weights are held:
-//! - `q8_0` (the default on the CPU): every projection and the old vocabulary rows quantized to
-//!   Q8_0 once, when training starts, so that the pass runs in the quantized kernels that
-//!   inference uses, at prompt speed instead of the f32 GEMM's;
+//! - `auto` (the default): on the CPU, every projection whose f32 weights lie on a Q4_1 grid
+//!   (a model imported from a Q4_1 GGUF, such as the quickstart's SmolLM2, whose 210
+//!   projections all do) in Q4_1, which holds them exactly, and the rest as `q8_0` does; the
+//!   old vocabulary rows in Q8_0 (SmolLM2's table is Q8_0 in its GGUF, so exact too). So the
+//!   targets are the exact base's up to the activations' 8-bit rounding, and the 4-bit
+//!   products are a little faster than Q8_0's (1.2× on a 2-core AVX2 EPYC, a few per cent of
+//!   the teacher's time: BENCHMARKS.md, "An exact teacher"). Elsewhere (a GPU, fp16/bf16
+//!   weights) `dense`;
+//! - `q8_0`: every projection and the old vocabulary rows quantized to Q8_0 once, when
+//!   training starts, so that the pass runs in the quantized kernels that inference uses, at
+//!   prompt speed instead of the f32 GEMM's;
 //! - `dense`: the frozen weights as they are (the default on a GPU, where the quantized
 //!   kernels do not run), so the targets are the exact base's.
 //!
@@ -31,11 +39,14 @@ pub struct BaseModel {
     model: Llama,
     device: Device,
     quantized: bool,
+    /// How the weights are held, for the run's log.
+    form: String,
 }
 
 impl BaseModel {
     /// Takes the snapshot of `model` (on the training device `device`) in the form `weights`
-    /// asks for; `Auto` quantizes where the frozen weights are f32 on the CPU. The token tables
+    /// asks for; `Auto` quantizes where the frozen weights are f32 on the CPU, each projection
+    /// to Q4_1 where that is exact ([`exact_q4_1`]), else to Q8_0. The token tables
     /// keep their first `old_vocab` rows, the base's. `refitted`: old head rows that `vocab
     /// resize --init distill` refitted in `model`, and the base's values of them `[n, hidden]`,
     /// which the snapshot's head takes back, so that it is the base there too.
@@ -54,14 +65,25 @@ impl BaseModel {
             TeacherWeights::Dense => false,
             TeacherWeights::Q8_0 => true,
         };
-        let q8 = |w: Tensor<2>, what: &str| -> Result<Frozen> {
+        let exact_first = weights == TeacherWeights::Auto;
+        // (Q4_1 matrices, Q8_0 matrices, Q8_0 ones that hold their f32 values exactly)
+        let mut counts = (0usize, 0usize, 0usize);
+        let mut quantize = |w: Tensor<2>, what: &str| -> Result<Frozen> {
             let [r, c] = w.dims();
             let v = w.cast(FloatDType::F32).try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {what}: {e:?}"))?;
+            if let Some(q) = exact_first.then(|| exact_q4_1(r, c, &v)).flatten() {
+                counts.0 += 1;
+                return Ok(Frozen::quant(q, &inner));
+            }
             let q = QuantMatrix::quantize(QType::Q8_0, r, c, &v).with_context(|| format!("quantizing {what} [{r}, {c}] to Q8_0 for the distillation teacher (use `[train] teacher = \"dense\"`)"))?;
+            counts.1 += 1;
+            if q.dequantize() == v {
+                counts.2 += 1;
+            }
             Ok(Frozen::quant(q, &inner))
         };
         // The old rows only: the teacher reads old ids, and its head is the frozen part.
-        let old_rows = |t: &TokenTable, head: bool| -> Result<TokenTable> {
+        let mut old_rows = |t: &TokenTable, head: bool| -> Result<TokenTable> {
             let refit = refitted.filter(|_| head);
             if t.quant.is_some() {
                 anyhow::ensure!(refit.is_none(), "refitted head rows in a quantized table: train on the f32 model");
@@ -73,7 +95,7 @@ impl BaseModel {
             if let Some((ids, values)) = refit {
                 base = with_rows(base, ids, values)?;
             }
-            Ok(if quantized && hidden.is_multiple_of(QType::Q8_0.block()) { TokenTable::from_frozen(q8(base, "the token table")?) } else { TokenTable::from_frozen(Frozen::dense(base)) })
+            Ok(if quantized && hidden.is_multiple_of(QType::Q8_0.block()) { TokenTable::from_frozen(quantize(base, "the token table")?) } else { TokenTable::from_frozen(Frozen::dense(base)) })
         };
         // A tied table is the head too.
         let tied = m.lm_head.is_none();
@@ -85,13 +107,32 @@ impl BaseModel {
                     // Rows must be whole 32-value blocks; a narrower projection stays dense.
                     if let Frozen::Dense(p) = &lin.weight {
                         if p.val().dims()[1].is_multiple_of(QType::Q8_0.block()) {
-                            lin.weight = q8(p.val(), &format!("layer {i} {name}"))?;
+                            lin.weight = quantize(p.val(), &format!("layer {i} {name}"))?;
                         }
                     }
                 }
             }
         }
-        Ok(BaseModel { model: m, device: inner, quantized })
+        let form = if quantized {
+            let (q4, q8, q8_exact) = counts;
+            let matrices = |n: usize| if n == 1 { "1 matrix".to_string() } else { format!("{n} matrices") };
+            let mut parts = Vec::new();
+            if q4 > 0 {
+                parts.push(format!("Q4_1 for {} (the base's values exactly)", matrices(q4)));
+            }
+            if q8 > 0 {
+                parts.push(format!("Q8_0 for {} ({q8_exact} of them exactly)", matrices(q8)));
+            }
+            format!("the base model's weights in {}", parts.join(" and "))
+        } else {
+            "the base model's weights as they are".to_string()
+        };
+        Ok(BaseModel { model: m, device: inner, quantized, form })
+    }
+
+    /// How the snapshot holds its weights, in words (the run logs it once).
+    pub fn describe(&self) -> &str {
+        &self.form
     }
 
     /// The plain device the snapshot runs on.
@@ -128,6 +169,16 @@ impl BaseModel {
         let (h, tapped) = m.hidden_tapped(m.embed_tokens.embed(ids), None, tap);
         (m.lm_head.as_ref().unwrap_or(&m.embed_tokens).project_base(h).cast(FloatDType::F32), tapped.map(|x| x.cast(FloatDType::F32)))
     }
+}
+
+/// `v` (`[rows, cols]` f32) as a Q4_1 matrix if that reproduces every value exactly, which it
+/// does for weights dequantized from Q4_1 (each block's values are `d·q + m` with codes 0..15
+/// that reach 0 and 15, so min/max quantization finds the same `d` and `m`); `None` otherwise.
+/// The check costs a quantization and a dequantization per matrix, once per run.
+pub fn exact_q4_1(rows: usize, cols: usize, v: &[f32]) -> Option<QuantMatrix> {
+    let q = QuantMatrix::quantize(QType::Q4_1, rows, cols, v).ok()?;
+    let back = q.dequantize();
+    back.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits()).then_some(q)
 }
 
 /// `t` `[rows, hidden]` with rows `ids` replaced by `values` `[ids.len(), hidden]` (host copies,
