@@ -2,7 +2,7 @@
 //! written into a staging folder and renamed into place, so a `kill -9` leaves either the
 //! previous checkpoint or a complete new one. The last `keep_last` are kept.
 
-use super::optim::{AdamW, Moments};
+use super::optim::{AdamW, AdamWConfig, Moments};
 use crate::io::atomic::StagedDir;
 use crate::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
 use crate::io::weights::tensor_to_f32;
@@ -116,10 +116,10 @@ pub fn clean(out: &Path, keep_last: usize) {
 }
 
 /// Loads a checkpoint's state and optimizer moments (onto `device`, without autodiff).
-pub fn load(dir: &Path, device: &Device) -> Result<(TrainState, AdamW)> {
+pub fn load(dir: &Path, device: &Device, adam: AdamWConfig) -> Result<(TrainState, AdamW)> {
     let text = std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{}: missing state.json", dir.display()))?;
     let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: bad state.json", dir.display()))?;
-    let mut opt = AdamW::default();
+    let mut opt = AdamW::new(adam);
     let p = dir.join("optimizer.safetensors");
     if p.exists() {
         let f = SafetensorsFile::open(&p)?;

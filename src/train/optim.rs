@@ -138,27 +138,29 @@ mod tests {
         let dev = Device::flex();
         let p0: Tensor<2> = normal([3, 40], 0.0, 1.0, 1, &dev);
         let grads: Vec<Tensor<2>> = (0..3u64).map(|i| normal([3, 40], 0.0, 0.1, 2 + i, &dev)).collect();
-        let c = AdamWConfig::default();
-        // Composed reference, written out as in `AdamW::step` before fusing.
-        let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
-        let mut fused = Moments { m: p0.zeros_like(), v: p0.zeros_like(), t: 0 };
-        let mut pf = p0.clone();
-        for (t, g) in grads.iter().enumerate() {
-            let (lr, wd) = (1e-2, 0.1);
-            m = m * c.beta1 + g.clone() * (1.0 - c.beta1);
-            v = v * c.beta2 + g.clone().square() * (1.0 - c.beta2);
-            let bc1 = 1.0 - c.beta1.powi(t as i32 + 1);
-            let bc2 = 1.0 - c.beta2.powi(t as i32 + 1);
-            let denom = (v.clone().sqrt() / bc2.sqrt()) + c.eps;
-            p = p * (1.0 - lr * wd) - m.clone() / denom * (lr / bc1);
-            fused.t += 1;
-            pf = fused_step(c, &mut fused, &pf, g, lr, wd).expect("flex f32 takes the fused path");
+        // torch's defaults, and a recipe's own `adam_beta1` / `adam_beta2` / `adam_epsilon`.
+        for c in [AdamWConfig::default(), AdamWConfig { beta1: 0.8, beta2: 0.95, eps: 1e-6 }] {
+            // Composed reference, written out as in `AdamW::step` before fusing.
+            let (mut p, mut m, mut v) = (p0.clone(), p0.zeros_like(), p0.zeros_like());
+            let mut fused = Moments { m: p0.zeros_like(), v: p0.zeros_like(), t: 0 };
+            let mut pf = p0.clone();
+            for (t, g) in grads.iter().enumerate() {
+                let (lr, wd) = (1e-2, 0.1);
+                m = m * c.beta1 + g.clone() * (1.0 - c.beta1);
+                v = v * c.beta2 + g.clone().square() * (1.0 - c.beta2);
+                let bc1 = 1.0 - c.beta1.powi(t as i32 + 1);
+                let bc2 = 1.0 - c.beta2.powi(t as i32 + 1);
+                let denom = (v.clone().sqrt() / bc2.sqrt()) + c.eps;
+                p = p * (1.0 - lr * wd) - m.clone() / denom * (lr / bc1);
+                fused.t += 1;
+                pf = fused_step(c, &mut fused, &pf, g, lr, wd).expect("flex f32 takes the fused path");
+            }
+            let (a, b) = (pf.into_data().try_to_vec::<f32>().unwrap(), p.into_data().try_to_vec::<f32>().unwrap());
+            for (x, y) in a.iter().zip(&b) {
+                assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
+            }
+            let (a, b) = (fused.v.into_data().try_to_vec::<f32>().unwrap(), v.into_data().try_to_vec::<f32>().unwrap());
+            assert_eq!(a, b);
         }
-        let (a, b) = (pf.into_data().try_to_vec::<f32>().unwrap(), p.into_data().try_to_vec::<f32>().unwrap());
-        for (x, y) in a.iter().zip(&b) {
-            assert!((x - y).abs() <= 1e-6 * (1.0 + y.abs()), "{x} vs {y}");
-        }
-        let (a, b) = (fused.v.into_data().try_to_vec::<f32>().unwrap(), v.into_data().try_to_vec::<f32>().unwrap());
-        assert_eq!(a, b);
     }
 }

@@ -5,6 +5,7 @@
 use crate::io::safetensors::FloatType;
 use crate::lora::{LoraInit, TableMode};
 use crate::train::scaler::{ScalerConfig, ScalerKind};
+use crate::train::optim::AdamWConfig;
 use crate::train::schedule::Schedule;
 use crate::vocab::InitMethod;
 use anyhow::{bail, Context, Result};
@@ -186,6 +187,16 @@ pub struct TrainSection {
     pub warmup_ratio: f64,
     pub schedule: Schedule,
     pub weight_decay: f64,
+    /// AdamW's moment decays and epsilon, under the names of HF's `TrainingArguments`
+    /// (defaults 0.9, 0.999, 1e-8, torch's). A short run may want a faster `adam_beta2`: the
+    /// second moment then follows the gradients' scale as the loss falls. Each is left out of
+    /// the serialized recipe at its default, so that older checkpoints still resume.
+    #[serde(skip_serializing_if = "is_default_beta1")]
+    pub adam_beta1: f64,
+    #[serde(skip_serializing_if = "is_default_beta2")]
+    pub adam_beta2: f64,
+    #[serde(skip_serializing_if = "is_default_eps")]
+    pub adam_epsilon: f64,
     pub max_grad_norm: f64,
     pub seed: u64,
     /// How the distillation teacher (the base model `chain_distill` reads) holds its weights.
@@ -210,6 +221,25 @@ pub struct TrainSection {
 
 fn is_zero(x: &usize) -> bool {
     *x == 0
+}
+
+fn is_default_beta1(x: &f64) -> bool {
+    *x == AdamWConfig::default().beta1
+}
+
+fn is_default_beta2(x: &f64) -> bool {
+    *x == AdamWConfig::default().beta2
+}
+
+fn is_default_eps(x: &f64) -> bool {
+    *x == AdamWConfig::default().eps
+}
+
+impl TrainSection {
+    /// The optimizer's constants from `adam_beta1`, `adam_beta2` and `adam_epsilon`.
+    pub fn adam(&self) -> AdamWConfig {
+        AdamWConfig { beta1: self.adam_beta1, beta2: self.adam_beta2, eps: self.adam_epsilon }
+    }
 }
 
 /// `[train] frozen_products`: the arithmetic of the products with the frozen projections in
@@ -270,6 +300,9 @@ impl Default for TrainSection {
             warmup_ratio: 0.05,
             schedule: Schedule::Cosine,
             weight_decay: 0.01,
+            adam_beta1: AdamWConfig::default().beta1,
+            adam_beta2: AdamWConfig::default().beta2,
+            adam_epsilon: AdamWConfig::default().eps,
             max_grad_norm: 1.0,
             seed: 42,
             teacher: TeacherWeights::Auto,
@@ -433,6 +466,9 @@ impl Recipe {
             ("[train] warmup_ratio".into(), t.warmup_ratio, Fraction),
             ("[train] weight_decay".into(), t.weight_decay, NonNegative),
             ("[train] max_grad_norm".into(), t.max_grad_norm, NonNegative),
+            ("[train] adam_beta1".into(), t.adam_beta1, Fraction),
+            ("[train] adam_beta2".into(), t.adam_beta2, Fraction),
+            ("[train] adam_epsilon".into(), t.adam_epsilon, Positive),
             ("[precision] init_scale".into(), p.init_scale as f64, Positive),
             ("[precision] min_scale".into(), p.min_scale as f64, NonNegative),
         ];
@@ -702,7 +738,7 @@ enum Range {
     Positive,
     /// ≥ 0, where 0 means "off" or "frozen": weight decay, clipping, embed_lr.
     NonNegative,
-    /// [0, 1): dropout, warmup_ratio.
+    /// [0, 1): dropout, warmup_ratio, Adam's betas.
     Fraction,
 }
 
@@ -746,6 +782,20 @@ mod tests {
             let t: TrainSection = toml::from_str(&format!("frozen_products = \"{text}\"")).unwrap();
             assert_eq!(t.frozen_products, want);
             assert_eq!(serde_json::to_value(&t).unwrap().get("frozen_products").and_then(|v| v.as_str()), (want != FrozenProducts::F32).then_some(text));
+        }
+        // Adam's constants: written only when set away from torch's defaults (so older
+        // checkpoints' hashes hold), read back as written, and refused outside their ranges.
+        let t: TrainSection = toml::from_str("").unwrap();
+        let j = serde_json::to_value(&t).unwrap();
+        assert!(["adam_beta1", "adam_beta2", "adam_epsilon"].iter().all(|k| j.get(k).is_none()), "{j}");
+        let t: TrainSection = toml::from_str("adam_beta2 = 0.95\nadam_epsilon = 1e-6").unwrap();
+        let (a, j) = (t.adam(), serde_json::to_value(&t).unwrap());
+        assert_eq!((a.beta1, a.beta2, a.eps), (0.9, 0.95, 1e-6));
+        assert_eq!((j.get("adam_beta1"), j["adam_beta2"].as_f64(), j["adam_epsilon"].as_f64()), (None, Some(0.95), Some(1e-6)));
+        for (key, bad) in [("adam_beta1", "1.0"), ("adam_beta2", "-0.1"), ("adam_beta2", "nan"), ("adam_epsilon", "0.0")] {
+            let text = format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n[train]\n{key} = {bad}");
+            let e = Recipe::parse(&text, Path::new(".")).unwrap_err().to_string();
+            assert!(e.contains(&format!("[train] {key}")), "{key} = {bad}: {e}");
         }
         let t: TrainableSection = toml::from_str("embed_tokens = \"new_rows\"").unwrap();
         assert_eq!((t.embed_tokens, t.lm_head), (TableMode::NewRows, TableMode::All));

@@ -354,13 +354,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
     let (state, opt) = match &resume_from {
         Some((_, dir)) => {
-            let (st, o) = checkpoint::load(dir, &base_device)?;
+            let (st, o) = checkpoint::load(dir, &base_device, recipe.train.adam())?;
             if st.recipe_hash != hash {
                 bail!("{}: the recipe changed since this checkpoint was written; resume with the same recipe", dir.display());
             }
             (Some(st), o)
         }
-        None => (None, AdamW::default()),
+        None => (None, AdamW::new(recipe.train.adam())),
     };
     let adapter_dir = match &resume_from {
         Some((_, d)) => Some(d.join("adapter")),
