@@ -188,9 +188,8 @@ pub struct TrainSection {
     pub schedule: Schedule,
     pub weight_decay: f64,
     /// AdamW's moment decays and epsilon, under the names of HF's `TrainingArguments`
-    /// (defaults 0.9, 0.999, 1e-8, torch's). A short run may want a faster `adam_beta2`: the
-    /// second moment then follows the gradients' scale as the loss falls. Each is left out of
-    /// the serialized recipe at its default, so that older checkpoints still resume.
+    /// (defaults 0.9, 0.999, 1e-8, torch's). Each is left out of the serialized recipe at its
+    /// default, so that older checkpoints still resume.
     #[serde(skip_serializing_if = "is_default_beta1")]
     pub adam_beta1: f64,
     #[serde(skip_serializing_if = "is_default_beta2")]
