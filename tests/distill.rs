@@ -304,6 +304,18 @@ mod chain_distillation {
         (t, ext, new_tok, resized)
     }
 
+    /// Next-token labels of rows that are their own labels (the step shifts them).
+    fn labels_of(rows: &[Vec<u32>]) -> Vec<Vec<i64>> {
+        rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect()
+    }
+
+    /// The first two rows of at least 20 pieces, cut to 20, with their labels.
+    fn two_rows(new_tok: &[Vec<u32>]) -> (Vec<Vec<u32>>, Vec<Vec<i64>>) {
+        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
+        let labels = labels_of(&rows);
+        (rows, labels)
+    }
+
     fn with_lora(model: &mut Llama, device: &burn::tensor::Device, random_b: bool) {
         let s = LoraSettings { r: 4, alpha: 8.0, dropout: 0.0, rslora: false, targets: vec!["q_proj".into(), "v_proj".into(), "down_proj".into()], init: LoraInit::Kaiming, seed: 3 };
         lora::inject(model, &s, device).unwrap();
@@ -331,7 +343,7 @@ mod chain_distillation {
         let base = BaseModel::new(&m, 320, TeacherWeights::Dense, None, device).unwrap();
         for step in 0..24 {
             let rows: Vec<Vec<u32>> = (0..2).map(|k| train_rows[(step * 2 + k) % train_rows.len()].clone()).collect();
-            let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+            let labels = labels_of(&rows);
             let mut mb = MicroBatch::new(rows.clone(), labels);
             if chain > 0.0 {
                 mb.chain_distill = vec![chain; 2];
@@ -418,8 +430,7 @@ mod chain_distillation {
         let mut student = resized.clone();
         with_lora(&mut student, &device, true);
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
-        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let (rows, labels) = two_rows(&new_tok);
         let exact = BaseModel::new(&student, 320, TeacherWeights::Dense, None, &device).unwrap();
         let q8 = BaseModel::new(&student, 320, TeacherWeights::Q8_0, None, &device).unwrap();
         let auto = BaseModel::new(&student, 320, TeacherWeights::Auto, None, &device).unwrap();
@@ -464,8 +475,7 @@ mod chain_distillation {
             projections += 1;
         }
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>());
-        let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
-        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let (rows, labels) = two_rows(&new_tok);
         let dense = BaseModel::new(&m, 320, TeacherWeights::Dense, None, &device).unwrap();
         let auto = BaseModel::new(&m, 320, TeacherWeights::Auto, None, &device).unwrap();
         let q8 = BaseModel::new(&m, 320, TeacherWeights::Q8_0, None, &device).unwrap();
@@ -529,7 +539,7 @@ mod chain_distillation {
         with_lora(&mut student, &device, true);
         let teacher = ChainTeacher::new(ext.clone(), &new_tok.iter().map(Vec::as_slice).collect::<Vec<_>>()).with_hidden_layer(1);
         let rows: Vec<Vec<u32>> = new_tok.iter().filter(|s| s.len() >= 20 && s.iter().filter(|&&i| i >= 320).count() >= 3).take(2).map(|s| s[..20].to_vec()).collect();
-        let labels: Vec<Vec<i64>> = rows.iter().map(|r| r.iter().map(|&x| x as i64).collect()).collect();
+        let labels = labels_of(&rows);
         let base = BaseModel::new(&student, 320, TeacherWeights::Dense, None, &device).unwrap();
         let w = [1.0, 0.0];
         let host = teacher.targets(&base, &rows, &labels, &w).unwrap();
