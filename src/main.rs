@@ -144,6 +144,10 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
             let cfg = linly_lora::vocab::CopyTaskConfig { examples, min_pieces, max_pieces, char_share, seed, instruction };
             emit(&cvocab::copy_task(&cvocab::CopyTaskOptions { tokenizer, cfg, out, force })?)
         }
+        VocabCmd::Cover { tokenizer, text, tokens, min_count, min_chars, out, force } => {
+            let cfg = linly_lora::vocab::CoverConfig { tokens, min_count };
+            emit(&cvocab::cover(&cvocab::CoverOptions { tokenizer, text, cfg, min_chars, out, force })?)
+        }
         VocabCmd::Stats { tokenizers, texts, json } => emit_or_json(&cvocab::stats(&cvocab::StatsOptions { tokenizers, texts })?, json),
         VocabCmd::Encode { tokenizer, text } => emit(&cvocab::encode(&cvocab::EncodeOptions { tokenizer, text })?),
     }

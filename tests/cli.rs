@@ -182,6 +182,46 @@ fn copy_task_repeats_added_pieces_and_refuses_a_plain_tokenizer() {
     assert!(!ok && err.contains("vocab extend"), "{err}");
 }
 
+/// `vocab cover` keeps the documents that show added pieces, densest first, in file order, up
+/// to the budget; short documents and documents without added pieces are never chosen.
+#[test]
+fn cover_chooses_documents_that_show_added_pieces() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let list = d.join("pieces.txt");
+    std::fs::write(&list, "龘\n靐\n齉\n").unwrap();
+    let tok = d.join("tok");
+    let (ok, _, err) = run_cli(&["vocab", "extend", "--tokenizer", s(&fixture("llama2-tokenizer")), "--add", s(&list), "--out", s(&tok)], None);
+    assert!(ok, "{err}");
+    let docs = [
+        "plain English text without any of the pieces, long enough to be a candidate",
+        "龘靐齉 three added pieces in a document that is long enough to count",
+        "龘",
+        "龘 one added piece in a much longer document that goes on and on and on and on and on",
+    ];
+    let text = d.join("news.txt");
+    std::fs::write(&text, docs.join("\n\n") + "\n").unwrap();
+    let out = d.join("cover.txt");
+    let args = ["vocab", "cover", "--tokenizer", s(&tok), "--text", s(&text), "--tokens", "5", "--min-chars", "20", "--out", s(&out)];
+    let (ok, stdout, err) = run_cli(&args, None);
+    assert!(ok, "{err}");
+    assert!(stdout.contains("1 of 4 documents (3 candidates)"), "{stdout}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("{}\n\n", docs[1]));
+    // A larger budget adds the sparser document after it, in file order; never the plain one.
+    let (ok, _, err) = run_cli(&["vocab", "cover", "--tokenizer", s(&tok), "--text", s(&text), "--tokens", "1000", "--min-chars", "20", "--out", s(&out), "--force"], None);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&out).unwrap(), format!("{}\n\n{}\n\n", docs[1], docs[3]));
+    // An existing output needs --force; a tokenizer that was not extended is refused by name.
+    let (ok, _, err) = run_cli(&args, None);
+    assert!(!ok && err.contains("--force"), "{err}");
+    let (ok, _, err) = run_cli(&["vocab", "cover", "--tokenizer", s(&fixture("llama2-tokenizer")), "--text", s(&text), "--out", s(&d.join("x.txt"))], None);
+    assert!(!ok && err.contains("vocab extend"), "{err}");
+    // A text that shows no added piece is an error, not an empty file.
+    std::fs::write(&text, format!("{}\n", docs[0])).unwrap();
+    let (ok, _, err) = run_cli(&["vocab", "cover", "--tokenizer", s(&tok), "--text", s(&text), "--min-chars", "20", "--out", s(&d.join("y.txt"))], None);
+    assert!(!ok && err.contains("shows an added piece") && !d.join("y.txt").exists(), "{err}");
+}
+
 #[test]
 fn extend_max_chars_moves_pieces_from_characters_to_words() {
     let dir = tempfile::tempdir().unwrap();

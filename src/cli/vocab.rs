@@ -141,6 +141,40 @@ the spread of runs, so the quickstart's recipe does not use it; check it on your
         #[arg(long)]
         force: bool,
     },
+    /// Pick the documents of a training text that show the most added pieces, up to a token budget
+    #[command(long_about = "Pick the documents (blank-line-separated blocks) of a training text that show the \
+most added pieces of an extended tokenizer, up to --tokens training tokens, and write them in file order to \
+--out, for a recipe's `kind = \"text\"` block.\n\nWhy: a CPU run reads ~100k tokens, and a random draw of them \
+shows most of ~30k added pieces fewer than five times; the pieces training rarely shows carry much of the \
+extended model's gap to the base. Documents are taken greedily by how many occurrences of pieces not yet shown \
+--min-count times they hold per token, so the budget goes where it teaches the most rows. Documents shorter than \
+--min-chars are left out, so that headlines and bylines do not win by being short.\n\nSet --tokens to about \
+what the run reads from this source (the quickstart: ~500 steps x 256 tokens x its share); a run that reads \
+more goes through the choice again. The report compares the choice with a random draw of the same tokens. On \
+the quickstart (BENCHMARKS.md, \"A run that shows more of the new pieces\") it made both Chinese validation \
+texts better.")]
+    Cover {
+        /// The extended tokenizer's folder, as `vocab extend` wrote it (tokenizer.json + vocab_extension.json)
+        #[arg(long)]
+        tokenizer: PathBuf,
+        /// The training text (documents separated by blank lines)
+        #[arg(long)]
+        text: PathBuf,
+        /// Training tokens to choose (BOS and EOS of each document counted)
+        #[arg(long, default_value_t = 60_000)]
+        tokens: usize,
+        /// A piece stops counting once the choice shows it this many times
+        #[arg(long, default_value_t = 5)]
+        min_count: usize,
+        /// Documents shorter than this many characters are not candidates
+        #[arg(long, default_value_t = 100)]
+        min_chars: usize,
+        /// Output text file (written atomically; must not exist unless --force)
+        #[arg(long)]
+        out: PathBuf,
+        #[arg(long)]
+        force: bool,
+    },
     /// Tokens per character, byte-fallback tokens and round-trip failures, per tokenizer × file
     Stats {
         #[arg(long = "tokenizer", required = true)]

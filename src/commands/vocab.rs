@@ -1,4 +1,4 @@
-//! `vocab extend`, `vocab resize`, `vocab copy-task`, `vocab stats` and `vocab encode`.
+//! `vocab extend`, `vocab resize`, `vocab copy-task`, `vocab cover`, `vocab stats` and `vocab encode`.
 
 use super::{check_out, write_out, Report, Written};
 use crate::vocab::distill::DistillOptions;
@@ -161,6 +161,91 @@ impl fmt::Display for Written<CopyTaskReport> {
 }
 
 impl Report for Written<CopyTaskReport> {}
+
+#[derive(Debug, Clone)]
+pub struct CoverOptions {
+    /// The extended tokenizer's folder (tokenizer.json + vocab_extension.json).
+    pub tokenizer: PathBuf,
+    /// A blank-line-separated text, as a `kind = "text"` source reads it.
+    pub text: PathBuf,
+    pub cfg: vocab::CoverConfig,
+    /// Documents shorter than this many characters are not candidates.
+    pub min_chars: usize,
+    pub out: PathBuf,
+    pub force: bool,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct CoverReport {
+    pub documents: usize,
+    /// Documents of at least `min_chars` characters.
+    pub candidates: usize,
+    pub chosen: usize,
+    /// Training tokens of the chosen documents (BOS and EOS counted, as training packs them).
+    pub tokens: usize,
+    /// Added pieces the chosen documents show at all, and at least `min_count` times.
+    pub pieces_shown: usize,
+    pub pieces_at_min_count: usize,
+    /// The same two figures for candidates drawn at random up to the same tokens.
+    pub random_shown: usize,
+    pub random_at_min_count: usize,
+    pub min_count: usize,
+}
+
+/// `vocab cover`: the documents of `text` that show the most added pieces, up to a token budget.
+pub fn cover(o: &CoverOptions) -> Result<Written<CoverReport>> {
+    use crate::data::{read_examples, Example, SourceKind};
+    use rayon::prelude::*;
+    check_out(&o.out, &[o.text.clone(), o.tokenizer.clone()], o.force)?;
+    ensure!(o.cfg.tokens > 0 && o.cfg.min_count > 0, "--tokens and --min-count must be above 0");
+    let ext_path = o.tokenizer.join("vocab_extension.json");
+    let ext = vocab::VocabExtension::load(&ext_path).with_context(|| format!("--tokenizer {} must be the folder `vocab extend` wrote", o.tokenizer.display()))?;
+    let tok = crate::tokenizer::Tok::load(&o.tokenizer)?;
+    ensure!(tok.vocab_size() == ext.new_vocab, "{} has {} tokens but {} was made for {}; pass the folder `vocab extend` wrote", o.tokenizer.display(), tok.vocab_size(), ext_path.display(), ext.new_vocab);
+    let texts: Vec<String> = read_examples(SourceKind::Text, crate::template::Template::Alpaca, &o.text)?
+        .into_iter()
+        .map(|(line, e)| match e {
+            Example::Text(t) => Ok(t),
+            _ => Err(anyhow::anyhow!("{}:{line}: not a text document", o.text.display())),
+        })
+        .collect::<Result<_>>()?;
+    let candidates: Vec<usize> = (0..texts.len()).filter(|&i| texts[i].chars().count() >= o.min_chars).collect();
+    let old = ext.old_vocab as u32;
+    let docs = candidates
+        .par_iter()
+        .map(|&i| {
+            let ids = tok.encode(&texts[i], false).with_context(|| format!("tokenizing {}", o.text.display()))?;
+            Ok(vocab::CoverDoc { new_ids: ids.iter().copied().filter(|&id| id >= old).collect(), tokens: ids.len() + 2 })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    let n_new = ext.added();
+    let c = vocab::cover(&docs, old, n_new, &o.cfg);
+    ensure!(!c.chosen.is_empty(), "no document of {} with at least --min-chars {} characters shows an added piece of {}; is it the text the extension was made for?", o.text.display(), o.min_chars, o.tokenizer.display());
+    let (pieces_shown, pieces_at_min_count) = vocab::shown(&docs, &c.chosen, old, n_new, o.cfg.min_count);
+    let random = vocab::random_draw(&docs, c.tokens, 0);
+    let (random_shown, random_at_min_count) = vocab::shown(&docs, &random, old, n_new, o.cfg.min_count);
+    let mut body = String::new();
+    for &k in &c.chosen {
+        body.push_str(&texts[candidates[k]]);
+        body.push_str("\n\n");
+    }
+    crate::io::atomic::write(&o.out, body.as_bytes())?;
+    let report = CoverReport { documents: texts.len(), candidates: docs.len(), chosen: c.chosen.len(), tokens: c.tokens, pieces_shown, pieces_at_min_count, random_shown, random_at_min_count, min_count: o.cfg.min_count };
+    Ok(Written { report, out: o.out.clone() })
+}
+
+impl fmt::Display for Written<CoverReport> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let r = &self.report;
+        write!(
+            f,
+            "{} of {} documents ({} candidates), {} tokens: {} added pieces shown, {} at least {} times (a random draw of the same tokens: {}, {}) -> {}",
+            r.chosen, r.documents, r.candidates, r.tokens, r.pieces_shown, r.pieces_at_min_count, r.min_count, r.random_shown, r.random_at_min_count, self.out.display()
+        )
+    }
+}
+
+impl Report for Written<CoverReport> {}
 
 #[derive(Debug, Clone)]
 pub struct StatsOptions {

@@ -13,6 +13,8 @@
 //! * [`copy_task`] — "repeat this text" training examples over the added pieces, so that the new
 //!   rows learn to be copied from earlier in the context (which the base model does for its own
 //!   tokens and the new rows cannot at first).
+//! * [`cover()`] — which documents of a training text a short run should read so that it shows
+//!   as many added pieces as it can.
 //!
 //! # Decisions
 //!
@@ -66,6 +68,7 @@
 mod bpe;
 pub mod chain;
 mod copy_task;
+mod cover;
 pub mod distill;
 mod extend;
 mod model;
@@ -76,6 +79,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
+pub use cover::{cover, random_draw, shown, Cover, CoverConfig, CoverDoc};
 pub use copy_task::{copy_task, copyable_pieces, CopyExample, CopyTaskConfig, CopyablePieces, DEFAULT_INSTRUCTION};
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
