@@ -150,7 +150,8 @@ extended model's gap to the base. Documents are taken greedily by how many occur
 --min-count times they hold per token, so the budget goes where it teaches the most rows. Documents shorter than \
 --min-chars are left out, so that headlines and bylines do not win by being short.\n\nSet --tokens to about \
 what the run reads from this source (the quickstart: ~500 steps x 256 tokens x its share); a run that reads \
-more goes through the choice again. The report compares the choice with a random draw of the same tokens. On \
+more goes through the choice again. The report compares the choice with a random draw of the same tokens. The \
+text is read whole (a few MB of news takes about a second). On \
 the quickstart (BENCHMARKS.md, \"A run that shows more of the new pieces\") it made both Chinese validation \
 texts better.")]
     Cover {
