@@ -152,8 +152,9 @@ extended model's gap to the base. Documents are taken greedily by how many occur
 what the run reads from this source (the quickstart: ~500 steps x 256 tokens x its share); a run that reads \
 more goes through the choice again. The report compares the choice with a random draw of the same tokens. The \
 text is read whole (a few MB of news takes about a second). On \
-the quickstart (BENCHMARKS.md, \"A run that shows more of the new pieces\") it made both Chinese validation \
-texts better.")]
+the quickstart (BENCHMARKS.md, \"A run that shows more of the new pieces\") two runs with one seed were \
+0.06-0.07 bit/char better on news-register validation text than the whole news; two seeds of one recipe \
+differ by ~0.07, so that gain is at the edge of a run's spread (BENCHMARKS.md, \"How much news to choose\").")]
     Cover {
         /// The extended tokenizer's folder, as `vocab extend` wrote it (tokenizer.json + vocab_extension.json)
         #[arg(long)]

@@ -221,9 +221,9 @@ pub fn cover(o: &CoverOptions) -> Result<Written<CoverReport>> {
     let n_new = ext.added();
     let c = vocab::cover(&docs, old, n_new, &o.cfg);
     ensure!(!c.chosen.is_empty(), "no document of {} with at least --min-chars {} characters shows an added piece of {}; is it the text the extension was made for?", o.text.display(), o.min_chars, o.tokenizer.display());
-    let (pieces_shown, pieces_at_min_count) = vocab::shown(&docs, &c.chosen, old, n_new, o.cfg.min_count);
+    let (pieces_shown, pieces_at_min_count) = vocab::shown(&c.counts, o.cfg.min_count);
     let random = vocab::random_draw(&docs, c.tokens, 0);
-    let (random_shown, random_at_min_count) = vocab::shown(&docs, &random, old, n_new, o.cfg.min_count);
+    let (random_shown, random_at_min_count) = vocab::shown(&vocab::cover_counts(&docs, &random, old, n_new), o.cfg.min_count);
     let mut body = String::new();
     for &k in &c.chosen {
         body.push_str(&texts[candidates[k]]);

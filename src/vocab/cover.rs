@@ -28,12 +28,6 @@ pub struct CoverConfig {
     pub min_count: usize,
 }
 
-impl Default for CoverConfig {
-    fn default() -> Self {
-        CoverConfig { tokens: 60_000, min_count: 5 }
-    }
-}
-
 /// The chosen documents' indices, in file order; `counts[i]` is how often they show new piece
 /// `i` (id `old_vocab + i`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -98,13 +92,18 @@ pub fn cover(docs: &[CoverDoc], old_vocab: u32, n_new: usize, cfg: &CoverConfig)
     Cover { chosen, tokens, counts }
 }
 
-/// How many new pieces `chosen` shows at all, and how many at least `min_count` times.
-pub fn shown(docs: &[CoverDoc], chosen: &[usize], old_vocab: u32, n_new: usize, min_count: usize) -> (usize, usize) {
-    let mut counts = vec![0usize; n_new];
+/// How often the documents `chosen` show each new piece (as [`Cover::counts`]).
+pub fn counts(docs: &[CoverDoc], chosen: &[usize], old_vocab: u32, n_new: usize) -> Vec<u32> {
+    let mut counts = vec![0u32; n_new];
     for &i in chosen {
         docs[i].new_ids.iter().for_each(|&id| counts[(id - old_vocab) as usize] += 1);
     }
-    (counts.iter().filter(|&&c| c > 0).count(), counts.iter().filter(|&&c| c >= min_count).count())
+    counts
+}
+
+/// How many new pieces `counts` shows at all, and how many at least `min_count` times.
+pub fn shown(counts: &[u32], min_count: usize) -> (usize, usize) {
+    (counts.iter().filter(|&&c| c > 0).count(), counts.iter().filter(|&&c| c as usize >= min_count).count())
 }
 
 /// Documents in a seeded random order until they hold `tokens` tokens: what a run that reads
@@ -145,6 +144,8 @@ mod tests {
         let c = cover(&docs, 100, 4, &CoverConfig { tokens: 30, min_count: 5 });
         assert_eq!(c.chosen, vec![0, 1, 3]);
         assert_eq!(c.counts, vec![4, 2, 1, 1]);
+        assert_eq!(shown(&c.counts, 2), (4, 2));
+        assert_eq!(shown(&[0, 3, 5], 5), (2, 1));
     }
 
     #[test]
@@ -178,6 +179,7 @@ mod tests {
         chosen.sort_unstable();
         assert_eq!(lazy.chosen, chosen);
         assert_eq!(lazy.counts, counts);
+        assert_eq!(super::counts(&docs, &lazy.chosen, 1000, 40), lazy.counts);
     }
 
     #[test]
@@ -196,7 +198,7 @@ mod tests {
         let docs = [doc(&[100], 1), doc(&[100], 1)];
         let c = cover(&docs, 100, 1, &CoverConfig { tokens: 1000, min_count: 1 });
         assert_eq!((c.chosen, c.tokens), (vec![0], 1));
-        let c = cover(&[], 100, 1, &CoverConfig::default());
+        let c = cover(&[], 100, 1, &CoverConfig { tokens: 60_000, min_count: 5 });
         assert!(c.chosen.is_empty());
     }
 }

@@ -79,7 +79,7 @@ mod stats;
 #[cfg(test)]
 mod tests;
 
-pub use cover::{cover, random_draw, shown, Cover, CoverConfig, CoverDoc};
+pub use cover::{counts as cover_counts, cover, random_draw, shown, Cover, CoverConfig, CoverDoc};
 pub use copy_task::{copy_task, copyable_pieces, CopyExample, CopyTaskConfig, CopyablePieces, DEFAULT_INSTRUCTION};
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
