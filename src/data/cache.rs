@@ -7,7 +7,6 @@
 //! collision cannot return wrong data, and a changed file or tokenizer gets a new store.
 
 use super::sources::{instruction_answer, instruction_prompt, SourceKind, EN_TO_ZH_INSTRUCTION, ZH_TO_EN_INSTRUCTION};
-use super::tokenize::Encoder;
 use crate::template::{Template, Turn};
 use std::path::{Path, PathBuf};
 
@@ -30,7 +29,8 @@ pub(crate) struct Key {
     hash: u128,
 }
 
-pub(crate) fn key(kind: SourceKind, template: Template, path: &Path, meta: &std::fs::Metadata, limit: Option<usize>, enc: &Encoder) -> Key {
+/// `encoder` is [`super::tokenize::Encoder::key_text`].
+pub(crate) fn key(kind: SourceKind, template: Template, path: &Path, meta: &std::fs::Metadata, limit: Option<usize>, encoder: &str) -> Key {
     let abs = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
     let mtime = meta
         .modified()
@@ -47,14 +47,10 @@ pub(crate) fn key(kind: SourceKind, template: Template, path: &Path, meta: &std:
     );
     let templates = hash128(sample.as_bytes());
     let text = format!(
-        "linly-lora data cache v{FORMAT} store v{}\nkind={kind}\ntemplate={template}\nlimit={limit:?}\npath={}\nsize={}\nmtime={mtime}\ntokenizer={}\nbos={:?}\neos={}\nvocab={}\ntemplates={templates:032x}\n",
+        "linly-lora data cache v{FORMAT} store v{}\nkind={kind}\ntemplate={template}\nlimit={limit:?}\npath={}\nsize={}\nmtime={mtime}\n{encoder}templates={templates:032x}\n",
         super::store::VERSION,
         abs.display(),
         meta.len(),
-        enc.fingerprint(),
-        enc.bos,
-        enc.eos,
-        enc.vocab_size,
     );
     let hash = hash128(text.as_bytes());
     Key { text, hash }

@@ -1,6 +1,6 @@
 //! Full-sentence packing: rows of `seq_len` filled with whole documents.
 //!
-//! Documents are cut only when longer than `seq_len`, into chunks of `seq_len` that overlap by
+//! Documents are cut (in `pieces.rs`) only when longer than `seq_len`, into chunks of `seq_len` that overlap by
 //! one token: the first position of every packed piece has label -100 (see below), so the
 //! overlap lets the token at a cut still be predicted, from the end of the previous chunk.
 //! Pieces with no loss left after that masking are dropped (they would cost compute and teach
@@ -20,52 +20,6 @@
 use super::pieces::Pieces;
 use super::tokenize::Tokens;
 use serde::{Deserialize, Serialize};
-
-/// A packable piece of a document: `len` tokens of a source's [`Tokens`] from `start`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub(crate) struct Segment {
-    pub start: usize,
-    pub len: usize,
-}
-
-/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens, in order.
-pub(crate) fn for_each_segment(docs: &Tokens, seq_len: usize, mut f: impl FnMut(Segment) -> anyhow::Result<()>) -> anyhow::Result<()> {
-    debug_assert!(seq_len >= 2);
-    let keep = |s: &Segment| docs.any_loss(s.start + 1, s.start + s.len);
-    for d in 0..docs.len() {
-        docs.scanned(d);
-        let (a, b) = docs.bounds(d);
-        if b - a < 2 {
-            continue;
-        }
-        let mut start = a;
-        loop {
-            let end = (start + seq_len).min(b);
-            let s = Segment { start, len: end - start };
-            if keep(&s) {
-                f(s)?;
-            }
-            if end == b {
-                break;
-            }
-            start = end - 1;
-        }
-    }
-    // The scan touched the whole index; training needs none of it resident.
-    docs.release();
-    Ok(())
-}
-
-/// [`for_each_segment`] collected.
-pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
-    let mut out = Vec::with_capacity(docs.len());
-    for_each_segment(docs, seq_len, |s| {
-        out.push(s);
-        Ok(())
-    })
-    .expect("collecting cannot fail");
-    out
-}
 
 /// One packed row before it joins a batch.
 pub(crate) struct Row {

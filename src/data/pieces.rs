@@ -1,4 +1,5 @@
-//! The pieces a source is packed from (see `pack.rs`): in memory for in-memory sources, and
+//! The pieces a source is packed from (see `pack.rs`), its documents cut to at most `seq_len`
+//! tokens ([`for_each_segment`]): in memory for in-memory sources, and
 //! for a token store in a piece table beside it, so a corpus of any size costs the mixer no
 //! more RAM than its shuffled order (4 bytes a piece). The table is read with positioned reads,
 //! not a map: lookups land at random, and the page cache maps file pages in large folios (up
@@ -12,7 +13,6 @@
 //! u64, length u64 (tokens of the store). Written under a staging name and renamed; a table that
 //! fails any check is rebuilt from the store.
 
-use super::pack::{for_each_segment, Segment};
 use super::store::{Hasher, Store};
 use super::tokenize::Tokens;
 use anyhow::{bail, Context, Result};
@@ -24,6 +24,53 @@ use std::path::{Path, PathBuf};
 pub const VERSION: u32 = 1;
 const MAGIC: &[u8; 8] = b"LLPIECE\x01";
 const HEADER: usize = 48;
+
+/// A packable piece of a document: `len` tokens of a source's [`Tokens`] from `start`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Segment {
+    pub start: usize,
+    pub len: usize,
+}
+
+/// Cuts a source's documents into pieces of at most `seq_len` (≥ 2) tokens, in order.
+pub(crate) fn for_each_segment(docs: &Tokens, seq_len: usize, mut f: impl FnMut(Segment) -> anyhow::Result<()>) -> anyhow::Result<()> {
+    debug_assert!(seq_len >= 2);
+    let keep = |s: &Segment| docs.any_loss(s.start + 1, s.start + s.len);
+    for d in 0..docs.len() {
+        docs.scanned(d);
+        let (a, b) = docs.bounds(d);
+        if b - a < 2 {
+            continue;
+        }
+        let mut start = a;
+        loop {
+            let end = (start + seq_len).min(b);
+            let s = Segment { start, len: end - start };
+            if keep(&s) {
+                f(s)?;
+            }
+            if end == b {
+                break;
+            }
+            start = end - 1;
+        }
+    }
+    // The scan touched the whole index; training needs none of it resident.
+    docs.release();
+    Ok(())
+}
+
+/// [`for_each_segment`] collected.
+pub(crate) fn segments(docs: &Tokens, seq_len: usize) -> Vec<Segment> {
+    let mut out = Vec::with_capacity(docs.len());
+    for_each_segment(docs, seq_len, |s| {
+        out.push(s);
+        Ok(())
+    })
+    .expect("collecting cannot fail");
+    out
+}
+
 /// A source's packable pieces, in document order.
 pub(crate) enum Pieces {
     Memory(Vec<Segment>),
@@ -85,7 +132,7 @@ pub(crate) fn table_path(store: &Path, seq_len: usize) -> PathBuf {
 /// The pieces of `docs` for rows of `seq_len`: a store's from its table (built on first use).
 pub(crate) fn pieces(docs: &Tokens, seq_len: usize) -> Result<Pieces> {
     let Tokens::Stored(store) = docs else {
-        return Ok(Pieces::Memory(super::pack::segments(docs, seq_len)));
+        return Ok(Pieces::Memory(segments(docs, seq_len)));
     };
     let path = table_path(store.path(), seq_len);
     match open(&path, store, seq_len) {
@@ -223,7 +270,7 @@ mod tests {
     fn the_table_holds_the_in_memory_pieces_and_is_reused() {
         let d = tempfile::tempdir().unwrap();
         let docs = store(d.path());
-        let mem = crate::data::pack::segments(&Tokens::Memory(docs.to_docs()), 8);
+        let mem = segments(&Tokens::Memory(docs.to_docs()), 8);
         let p = pieces(&docs, 8).unwrap();
         assert!(matches!(p, Pieces::Table(_)));
         assert_eq!(all(&p), mem);
@@ -233,7 +280,7 @@ mod tests {
         assert_eq!(all(&pieces(&docs, 8).unwrap()), mem);
         assert_eq!(std::fs::metadata(&path).unwrap().modified().unwrap(), t0, "a valid table is not rewritten");
         // Another seq_len has its own table.
-        assert_eq!(all(&pieces(&docs, 5).unwrap()), crate::data::pack::segments(&Tokens::Memory(docs.to_docs()), 5));
+        assert_eq!(all(&pieces(&docs, 5).unwrap()), segments(&Tokens::Memory(docs.to_docs()), 5));
     }
 
     #[test]

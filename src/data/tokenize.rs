@@ -54,8 +54,15 @@ impl Encoder {
         &self.tokenizer
     }
 
+    #[cfg(test)]
     pub(crate) fn fingerprint(&self) -> &str {
         &self.fingerprint
+    }
+
+    /// What a token store's key records of the encoder (`cache::key`): a store made with another
+    /// tokenizer, BOS, EOS or vocabulary size is not reused.
+    pub(crate) fn key_text(&self) -> String {
+        format!("tokenizer={}\nbos={:?}\neos={}\nvocab={}\n", self.fingerprint, self.bos, self.eos, self.vocab_size)
     }
 
     /// Tokenizes one example into `(ids, loss)` where `loss[t]` says whether `labels[t] =
@@ -327,7 +334,7 @@ pub fn load_source_with(index: usize, spec: &SourceSpec, base_dir: &Path, enc: &
         tokenize_into(kind, template, &path, limit, enc, &mut docs, &Progress::new(&name, meta.len(), progress)).with_context(ctx)?;
         return Ok(TokenizedSource { spec: spec.clone(), path, docs: Tokens::Memory(docs), from_cache: false });
     };
-    let key = cache::key(kind, template, &path, &meta, limit, enc);
+    let key = cache::key(kind, template, &path, &meta, limit, &enc.key_text());
     let dest = cache::file_for(dir, &path, &key);
     match Store::open(&dest, &key.text) {
         Ok(s) => {

@@ -10,7 +10,7 @@
 //! Reading is lazy (tensors stay in the mapped file) so `merge` never holds more than one
 //! tensor of an adapter at a time.
 
-use super::config::AdapterConfig;
+use super::config::{parse_module, AdapterConfig};
 use super::LoraBranch;
 use crate::io::safetensors::{FloatType, RawTensor, SafetensorsFile};
 use crate::model::{Linear, Llama, TokenTable};
@@ -57,16 +57,6 @@ pub struct AdapterFile {
     pub embed: Option<TableUpdate>,
     pub lm_head: Option<TableUpdate>,
 }
-
-/// `model.layers.N.self_attn.q_proj` → (N, "q_proj").
-pub fn parse_module(path: &str) -> Option<(usize, &str)> {
-    let rest = path.strip_prefix("model.layers.")?;
-    let (n, rest) = rest.split_once('.')?;
-    let n: usize = n.parse().ok()?;
-    let name = rest.strip_prefix("self_attn.").or_else(|| rest.strip_prefix("mlp."))?;
-    super::config::TARGETS.contains(&name).then_some((n, name))
-}
-
 
 impl AdapterFile {
     /// Whether this adapter updates a tied model's one table from `embed_tokens` rows alone.

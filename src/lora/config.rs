@@ -8,6 +8,15 @@ use std::path::Path;
 /// The projections LoRA can target, by PEFT module name.
 pub const TARGETS: [&str; 7] = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"];
 
+/// `model.layers.N.self_attn.q_proj` → (N, "q_proj").
+pub fn parse_module(path: &str) -> Option<(usize, &str)> {
+    let rest = path.strip_prefix("model.layers.")?;
+    let (n, rest) = rest.split_once('.')?;
+    let n: usize = n.parse().ok()?;
+    let name = rest.strip_prefix("self_attn.").or_else(|| rest.strip_prefix("mlp."))?;
+    TARGETS.contains(&name).then_some((n, name))
+}
+
 /// PEFT's `trainable_token_indices`: one list for the embedding (and a tied head), or one per module.
 #[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
 #[serde(untagged)]
@@ -178,7 +187,7 @@ impl AdapterConfig {
                 }
             }
         }
-        let layer = super::adapter::parse_module(module).map(|(n, _)| n);
+        let layer = parse_module(module).map(|(n, _)| n);
         if let (Some(layers), Some(n)) = (self.extra.get("layers_to_transform"), layer) {
             let listed: Option<Vec<u64>> = match layers {
                 serde_json::Value::Number(x) => x.as_u64().map(|x| vec![x]),

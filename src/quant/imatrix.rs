@@ -204,7 +204,7 @@ pub fn load_or_calibrate(
 /// Tokenizes `text` like `eval` (BOS first when the model has one), keeps at most
 /// `max_tokens`, and collects the importance matrix and, with `hessians`, GPTQ's Hessians.
 pub fn calibrate(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option<usize>, hessians: bool) -> Result<(Imatrix, Hessians)> {
-    if super::store::is_quantized_dir(model_dir) {
+    if crate::model::gguf_weights::is_quantized_dir(model_dir) {
         bail!(
             "{} is already quantized: calibrate on the original f32/f16/bf16 folder it was made from",
             model_dir.display()

@@ -108,7 +108,7 @@ fn model_inputs(recipe: &Recipe, out: &Path) -> Result<(Option<PathBuf>, Option<
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    super::run::check_output_dir(&recipe, &out, true)?;
+    recipe.check_output_dir(&out, true)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let (tokenizer, bos, eos, vocab) = model_inputs(&recipe, &out)?;
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);

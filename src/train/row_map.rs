@@ -13,7 +13,6 @@
 //! rows' own gradient), then `A_k`, `B_k` take their gradients by the chain rule and `E` moves
 //! by the change of the map's product. `B_k` starts at zero, so step 0 is the resized model.
 
-use super::optim::AdamW;
 use anyhow::Context;
 use burn::module::Param;
 use burn::tensor::{Tensor, TensorData};
@@ -79,12 +78,13 @@ impl RowMap {
     }
 
     /// The map's part of the update for the rows' gradient `g` (`[new rows, hidden]`, unscaled
-    /// and clipped, no autodiff): AdamW steps on every `A_k`, `B_k` at `lr`, and the change of
-    /// the product, to be added to the rows after their own step.
-    pub fn step(&mut self, opt: &mut AdamW, g: &Tensor<2>, lr: f64) -> Tensor<2> {
+    /// and clipped, no autodiff): `update(name, factor, gradient)` steps every `A_k`, `B_k` (the
+    /// training loop's AdamW, under the names [`Self::factors`] gives), and the change of the
+    /// product is returned, to be added to the rows after their own step.
+    pub fn step(&mut self, g: &Tensor<2>, mut update: impl FnMut(&str, &mut Param<Tensor<2>>, Tensor<2>)) -> Tensor<2> {
         for (k, (grad_a, grad_b)) in self.grads(g).into_iter().enumerate() {
-            opt.step(&format!("{}.row_map.{}.A", self.name, SLOTS[k]), &mut self.a[k], grad_a, lr, 0.0);
-            opt.step(&format!("{}.row_map.{}.B", self.name, SLOTS[k]), &mut self.b[k], grad_b, lr, 0.0);
+            update(&format!("{}.row_map.{}.A", self.name, SLOTS[k]), &mut self.a[k], grad_a);
+            update(&format!("{}.row_map.{}.B", self.name, SLOTS[k]), &mut self.b[k], grad_b);
         }
         let next = self.product_now();
         let delta = next.clone() - self.product.clone();
@@ -225,14 +225,14 @@ mod tests {
         let old: Vec<f32> = (0..4 * 4).map(|_| rng.normal() as f32).collect();
         let subtokens = vec![vec![0, 1], vec![2], vec![3, 1]];
         let mut map = RowMap::new("t", &old, 4, &subtokens, 2, 1, &device);
-        let mut opt = AdamW::default();
+        let mut opt = crate::train::optim::AdamW::default();
         let g: Vec<f32> = (0..3 * 4).map(|_| rng.normal() as f32).collect();
         let g = Tensor::<2>::from_data(TensorData::new(g, [3, 4]), &inner);
-        let d1 = map.step(&mut opt, &g, 1e-2);
+        let d1 = map.step(&g, |n, p, g| opt.step(n, p, g, 1e-2, 0.0));
         let p1 = map.product_now();
         assert!(d1.clone().abs().max().into_scalar::<f32>() > 0.0, "B starts at zero; one step must move the product");
         assert!((d1 - p1.clone()).abs().max().into_scalar::<f32>() < 1e-6);
-        let d2 = map.step(&mut opt, &g, 1e-2);
+        let d2 = map.step(&g, |n, p, g| opt.step(n, p, g, 1e-2, 0.0));
         assert!((d2 - (map.product_now() - p1)).abs().max().into_scalar::<f32>() < 1e-6);
         assert_eq!(opt.state.len(), 2 * SLOTS.len(), "each factor has its own moments");
     }

@@ -211,43 +211,6 @@ fn recipe_hash(text: &str) -> u64 {
     text.bytes().fold(0xcbf29ce484222325u64, |h, b| (h ^ b as u64).wrapping_mul(0x100000001b3))
 }
 
-/// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
-/// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
-/// run, never a folder holding files that training did not write (it would overwrite same-named
-/// ones and mix its files with the user's).
-pub(crate) fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
-    let r = |p: &PathBuf| recipe.resolve(p);
-    let mut inputs = vec![r(&recipe.model.path)];
-    inputs.extend(recipe.model.tokenizer.iter().map(r));
-    if let Some(v) = &recipe.vocab {
-        inputs.extend(v.extension.iter().chain(&v.add).map(r));
-    }
-    inputs.extend(recipe.data.iter().map(|d| r(&d.path)));
-    inputs.extend(recipe.eval.iter().map(|e| r(&e.path)));
-    inputs.extend(recipe.lora.init_from.iter().map(r));
-    let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    crate::io::atomic::check_not_input(out, &refs).context("[output] dir")?;
-    if resume {
-        return Ok(());
-    }
-    const OWN: [&str; 7] = ["checkpoints", "token-cache", "tokenizer", "metrics.jsonl", "recipe.toml", "adapter", "report.json"];
-    let foreign: Vec<String> = std::fs::read_dir(out)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .map(|e| e.file_name().to_string_lossy().into_owned())
-        .filter(|n| !OWN.contains(&n.as_str()) && !n.ends_with(".png") && !n.starts_with('.'))
-        .collect();
-    if !foreign.is_empty() {
-        bail!(
-            "[output] dir {} holds files training does not write ({}): choose a new or empty folder so that nothing of yours is overwritten",
-            out.display(),
-            foreign.join(", ")
-        );
-    }
-    Ok(())
-}
-
 /// The base's values of old head rows that `vocab resize --init distill` refitted. The resize
 /// unties a tied table to fit the head, so the base's head is the embedding: that holds when
 /// every other old head row still equals its embedding row, which is checked.
@@ -330,7 +293,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // The parsed recipe, not its text: comments and formatting may change between resumes.
     let recipe_text = serde_json::to_string(&recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    check_output_dir(&recipe, &out, opts.resume)?;
+    recipe.check_output_dir(&out, opts.resume)?;
     let hidden_layer = hidden_distill_layer(&recipe)?;
     check_row_map_rank(&recipe)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;

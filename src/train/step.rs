@@ -300,7 +300,8 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
         match map {
             None => opt.step(&p.name, p.param, g, lr, wd),
             Some(mut map) => {
-                let delta = map.step(opt, &g, lr);
+                // The map's factors take AdamW steps at the rows' rate, without decay.
+                let delta = map.step(&g, |name, factor, grad| opt.step(name, factor, grad, lr, 0.0));
                 opt.step(&p.name, p.param, g, lr, wd);
                 let id = p.param.id;
                 let rows = p.param.val().inner() + delta;
