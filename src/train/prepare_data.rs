@@ -2,6 +2,7 @@
 //! stores training reads (`[output] dir/token-cache/`), without loading the model's weights.
 //! `train` does the same for any store that is missing or stale, so this is only a way to do
 //! the slow part ahead of time (or on another machine with the same paths).
+//! The rules of a run's output folder, which `train` and this command share, live here too.
 
 use super::recipe::Recipe;
 use crate::data::{self, Encoder};
@@ -32,6 +33,43 @@ pub struct PreparedSource {
 pub struct PrepareDataReport {
     pub store_dir: PathBuf,
     pub sources: Vec<PreparedSource>,
+}
+
+/// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
+/// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
+/// run, never a folder holding files that training did not write (it would overwrite same-named
+/// ones and mix its files with the user's).
+pub(crate) fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
+    let r = |p: &PathBuf| recipe.resolve(p);
+    let mut inputs = vec![r(&recipe.model.path)];
+    inputs.extend(recipe.model.tokenizer.iter().map(r));
+    if let Some(v) = &recipe.vocab {
+        inputs.extend(v.extension.iter().chain(&v.add).map(r));
+    }
+    inputs.extend(recipe.data.iter().map(|d| r(&d.path)));
+    inputs.extend(recipe.eval.iter().map(|e| r(&e.path)));
+    inputs.extend(recipe.lora.init_from.iter().map(r));
+    let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
+    crate::io::atomic::check_not_input(out, &refs).context("[output] dir")?;
+    if resume {
+        return Ok(());
+    }
+    const OWN: [&str; 7] = ["checkpoints", "token-cache", "tokenizer", "metrics.jsonl", "recipe.toml", "adapter", "report.json"];
+    let foreign: Vec<String> = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| !OWN.contains(&n.as_str()) && !n.ends_with(".png") && !n.starts_with('.'))
+        .collect();
+    if !foreign.is_empty() {
+        bail!(
+            "[output] dir {} holds files training does not write ({}): choose a new or empty folder so that nothing of yours is overwritten",
+            out.display(),
+            foreign.join(", ")
+        );
+    }
+    Ok(())
 }
 
 /// The folder of a run's token stores.
@@ -108,7 +146,7 @@ fn model_inputs(recipe: &Recipe, out: &Path) -> Result<(Option<PathBuf>, Option<
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    recipe.check_output_dir(&out, true)?;
+    check_output_dir(&recipe, &out, true)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
     let (tokenizer, bos, eos, vocab) = model_inputs(&recipe, &out)?;
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);

@@ -451,43 +451,6 @@ impl Recipe {
         if p.is_absolute() { p.to_path_buf() } else { self.root.join(p) }
     }
 
-    /// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
-    /// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
-    /// run, never a folder holding files that training did not write (it would overwrite same-named
-    /// ones and mix its files with the user's).
-    pub(crate) fn check_output_dir(&self, out: &Path, resume: bool) -> Result<()> {
-        let r = |p: &PathBuf| self.resolve(p);
-        let mut inputs = vec![r(&self.model.path)];
-        inputs.extend(self.model.tokenizer.iter().map(r));
-        if let Some(v) = &self.vocab {
-            inputs.extend(v.extension.iter().chain(&v.add).map(r));
-        }
-        inputs.extend(self.data.iter().map(|d| r(&d.path)));
-        inputs.extend(self.eval.iter().map(|e| r(&e.path)));
-        inputs.extend(self.lora.init_from.iter().map(r));
-        let refs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-        crate::io::atomic::check_not_input(out, &refs).context("[output] dir")?;
-        if resume {
-            return Ok(());
-        }
-        const OWN: [&str; 7] = ["checkpoints", "token-cache", "tokenizer", "metrics.jsonl", "recipe.toml", "adapter", "report.json"];
-        let foreign: Vec<String> = std::fs::read_dir(out)
-            .into_iter()
-            .flatten()
-            .flatten()
-            .map(|e| e.file_name().to_string_lossy().into_owned())
-            .filter(|n| !OWN.contains(&n.as_str()) && !n.ends_with(".png") && !n.starts_with('.'))
-            .collect();
-        if !foreign.is_empty() {
-            bail!(
-                "[output] dir {} holds files training does not write ({}): choose a new or empty folder so that nothing of yours is overwritten",
-                out.display(),
-                foreign.join(", ")
-            );
-        }
-        Ok(())
-    }
-
     /// Every number in the recipe against its range, before files or anything else: TOML reads
     /// `nan` and `inf` as floats, and a NaN learning rate trains without a single error into an
     /// all-NaN adapter. Integer keys are typed, so TOML itself refuses NaN or negatives there.

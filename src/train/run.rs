@@ -293,7 +293,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // The parsed recipe, not its text: comments and formatting may change between resumes.
     let recipe_text = serde_json::to_string(&recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    recipe.check_output_dir(&out, opts.resume)?;
+    super::prepare_data::check_output_dir(&recipe, &out, opts.resume)?;
     let hidden_layer = hidden_distill_layer(&recipe)?;
     check_row_map_rank(&recipe)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
