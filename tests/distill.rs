@@ -287,6 +287,7 @@ mod chain_distillation {
     use linly_lora::train::recipe::TeacherWeights;
     use linly_lora::train::teacher::BaseModel;
     use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::row_map::RowMaps;
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, MicroBatch, StepHparams};
     use std::sync::Arc;
@@ -350,7 +351,7 @@ mod chain_distillation {
                 mb.hidden_distill = vec![hidden; 2];
                 mb.chain = Some(Arc::new(teacher.targets(&base, &rows, &mb.labels, &mb.chain_distill).unwrap()));
             }
-            let out = train_step(&mut m, &mut opt, &mut scaler, &[mb], &hp, device).unwrap();
+            let out = train_step(&mut m, &mut opt, &mut RowMaps::default(), &mut scaler, &[mb], &hp, device).unwrap();
             assert_eq!(out.chain_distill.is_some(), chain > 0.0);
             assert_eq!(out.hidden_distill.is_some(), chain > 0.0 && hidden > 0.0);
         }

@@ -586,6 +586,7 @@ plots = false
 #[test]
 fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
     use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::row_map::RowMaps;
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, StepHparams};
     let device = dev().autodiff();
@@ -605,19 +606,19 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
 
     let mut model = blown_up();
     let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
-    let first = train_step(&mut model, &mut opt, &mut scaler, &batch, &hp, &device).unwrap();
+    let first = train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut scaler, &batch, &hp, &device).unwrap();
     assert!(!first.loss.is_finite(), "the test needs a non-finite forward pass, got loss {}", first.loss);
     assert!(first.skipped);
     assert!(first.events.iter().any(|e| e.contains("non-finite forward pass") && e.contains("scaled to the old rows' mean RMS")), "{:?}", first.events);
     assert_eq!(scaler.scale, 65536.0, "the scale is kept");
-    let second = train_step(&mut model, &mut opt, &mut scaler, &batch, &hp, &device).unwrap();
+    let second = train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut scaler, &batch, &hp, &device).unwrap();
     assert!(second.loss.is_finite() && !second.skipped, "after the rescue the step trains: {second:?}");
 
     // GradScaler on the same model: every step skipped and halved.
     let mut model = blown_up();
     let (mut opt, mut naive) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::naive()));
     for _ in 0..3 {
-        let out = train_step(&mut model, &mut opt, &mut naive, &batch, &hp, &device).unwrap();
+        let out = train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut naive, &batch, &hp, &device).unwrap();
         assert!(out.skipped && !out.loss.is_finite());
     }
     assert_eq!(naive.scale, 65536.0 / 8.0);
@@ -630,6 +631,7 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
 fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
     use linly_lora::train::metrics::by_source;
     use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::row_map::RowMaps;
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, StepHparams};
     let device = dev().autodiff();
@@ -653,7 +655,7 @@ fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
             .collect();
         // Two micro-batches, rows in swapped order in the second: source "a" is row 0, "b" row 1.
         let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
-        let out = train_step(&mut load(), &mut opt, &mut scaler, &[two(0, 1), two(1, 0)], &hp, &device).unwrap();
+        let out = train_step(&mut load(), &mut opt, &mut RowMaps::default(), &mut scaler, &[two(0, 1), two(1, 0)], &hp, &device).unwrap();
         assert_eq!(out.row_nll.len(), 4);
         assert_eq!(out.row_tokens.iter().sum::<usize>(), out.tokens);
         let sum: f64 = out.row_nll.iter().sum();

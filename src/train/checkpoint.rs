@@ -3,6 +3,7 @@
 //! previous checkpoint or a complete new one. The last `keep_last` are kept.
 
 use super::optim::{AdamW, AdamWConfig, Moments};
+use super::row_map::RowMaps;
 use crate::io::atomic::StagedDir;
 use crate::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
 use crate::io::weights::tensor_to_f32;
@@ -54,7 +55,7 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
 }
 
 /// Writes a checkpoint. `write_adapter` fills the adapter subfolder (it is given its path).
-pub fn save(out: &Path, state: &TrainState, opt: &AdamW, keep_last: usize, write_adapter: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
+pub fn save(out: &Path, state: &TrainState, opt: &AdamW, row_maps: &RowMaps, keep_last: usize, write_adapter: impl FnOnce(&Path) -> Result<()>) -> Result<PathBuf> {
     let final_dir = dir_for(out, state.step);
     std::fs::create_dir_all(out.join("checkpoints"))?;
     let staged = StagedDir::new(&final_dir, true)?;
@@ -67,7 +68,7 @@ pub fn save(out: &Path, state: &TrainState, opt: &AdamW, keep_last: usize, write
         }
     }
     // A row map's factors are not moments, but like them they exist only while training.
-    for (name, x) in opt.row_maps.iter().flat_map(|m| m.factors()) {
+    for (name, x) in row_maps.factors() {
         t.push((format!("{name}.value"), "F32".to_string(), x.dims().to_vec(), encode_f32(&tensor_to_f32(x), FloatType::F32)));
     }
     if !t.is_empty() {
@@ -116,10 +117,11 @@ pub fn clean(out: &Path, keep_last: usize) {
 }
 
 /// Loads a checkpoint's state and optimizer moments (onto `device`, without autodiff).
-pub fn load(dir: &Path, device: &Device, adam: AdamWConfig) -> Result<(TrainState, AdamW)> {
+pub fn load(dir: &Path, device: &Device, adam: AdamWConfig) -> Result<(TrainState, AdamW, RowMaps)> {
     let text = std::fs::read_to_string(dir.join("state.json")).with_context(|| format!("{}: missing state.json", dir.display()))?;
     let state: TrainState = serde_json::from_str(&text).with_context(|| format!("{}: bad state.json", dir.display()))?;
     let mut opt = AdamW::new(adam);
+    let mut row_maps = RowMaps::default();
     let p = dir.join("optimizer.safetensors");
     if p.exists() {
         let f = SafetensorsFile::open(&p)?;
@@ -133,9 +135,9 @@ pub fn load(dir: &Path, device: &Device, adam: AdamWConfig) -> Result<(TrainStat
             };
             opt.state.insert(name.clone(), Moments { m: get("m")?, v: get("v")?, t: *t });
             if name.contains(".row_map.") {
-                opt.row_map_saved.insert(name.clone(), get("value")?);
+                row_maps.keep_saved(name.clone(), get("value")?);
             }
         }
     }
-    Ok((state, opt))
+    Ok((state, opt, row_maps))
 }

@@ -29,18 +29,11 @@ pub struct Moments {
 pub struct AdamW {
     pub cfg: AdamWConfig,
     pub state: BTreeMap<String, Moments>,
-    /// Table parameters that also move through a map shared by their rows (`[train]
-    /// row_map_rank`, [`super::row_map`]): the step gives each its parameter's gradient after
-    /// the parameter's own update.
-    pub row_maps: Vec<super::row_map::RowMap>,
-    /// Row-map factors read from a checkpoint, by name, until the run rebuilds its maps
-    /// ([`super::row_map::RowMap::restore`]).
-    pub row_map_saved: BTreeMap<String, Tensor<2>>,
 }
 
 impl AdamW {
     pub fn new(cfg: AdamWConfig) -> Self {
-        AdamW { cfg, state: BTreeMap::new(), row_maps: Vec::new(), row_map_saved: BTreeMap::new() }
+        AdamW { cfg, state: BTreeMap::new() }
     }
 
     /// Updates `param` in place from its (unscaled, clipped) gradient `grad` (f32, no autodiff).

@@ -147,6 +147,52 @@ impl RowMap {
     }
 }
 
+/// The run's row maps, kept beside the optimizer: empty until the first stage that trains new
+/// rows builds them ([`Self::start`]), and the factors a checkpoint held until then.
+#[derive(Default)]
+pub struct RowMaps {
+    maps: Vec<RowMap>,
+    /// Factors read from a checkpoint, by name ([`RowMap::factors`]), until [`Self::start`].
+    saved: std::collections::BTreeMap<String, Tensor<2>>,
+}
+
+impl RowMaps {
+    /// Builds the maps once (later calls do nothing) and restores a checkpoint's factors. A
+    /// checkpoint from before the first stage that trains new rows has none: the maps then
+    /// start fresh, as in an uninterrupted run.
+    pub fn start(&mut self, model: &crate::model::Llama, subtokens: &[Vec<u32>], rank: usize, seed: u64, device: &burn::tensor::Device) -> anyhow::Result<()> {
+        if !self.maps.is_empty() {
+            return Ok(());
+        }
+        self.maps = maps_for(model, subtokens, rank, seed, device)?;
+        if !self.saved.is_empty() {
+            for m in self.maps.iter_mut() {
+                m.restore(&mut self.saved)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// The map of the table parameter `name`, if it has one, to be [`Self::put`] back.
+    pub fn take(&mut self, name: &str) -> Option<RowMap> {
+        self.maps.iter().position(|m| m.name == name).map(|i| self.maps.swap_remove(i))
+    }
+
+    pub fn put(&mut self, map: RowMap) {
+        self.maps.push(map);
+    }
+
+    /// Every map's factors, for a checkpoint.
+    pub fn factors(&self) -> Vec<(String, Tensor<2>)> {
+        self.maps.iter().flat_map(|m| m.factors()).collect()
+    }
+
+    /// Keeps a factor a checkpoint held (named as [`RowMap::factors`] names it) for [`Self::start`].
+    pub fn keep_saved(&mut self, name: String, value: Tensor<2>) {
+        self.saved.insert(name, value);
+    }
+}
+
 /// One map per table of `model` that trains new rows (the tied table once; an untied head gets
 /// its own, over its own old rows). Call it once the run's first stage has split the tables
 /// into old and new rows (`crate::lora::set_table_modes`); an error when no table has new rows

@@ -5,6 +5,7 @@ use super::chain_teacher::ChainTeacher;
 use super::teacher::BaseModel;
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
+use super::row_map::RowMaps;
 use super::recipe::{FrozenProducts, Recipe, Stage};
 use super::scaler::Scaler;
 use super::schedule::{lr_factor, replanned_ramp, steps_within};
@@ -315,15 +316,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         None
     };
-    let (state, opt) = match &resume_from {
+    let (state, opt, row_maps) = match &resume_from {
         Some((_, dir)) => {
-            let (st, o) = checkpoint::load(dir, &base_device, recipe.train.adam())?;
+            let (st, o, maps) = checkpoint::load(dir, &base_device, recipe.train.adam())?;
             if st.recipe_hash != hash {
                 bail!("{}: the recipe changed since this checkpoint was written; resume with the same recipe", dir.display());
             }
-            (Some(st), o)
+            (Some(st), o, maps)
         }
-        None => (None, AdamW::new(recipe.train.adam())),
+        None => (None, AdamW::new(recipe.train.adam()), RowMaps::default()),
     };
     let adapter_dir = match &resume_from {
         Some((_, d)) => Some(d.join("adapter")),
@@ -384,7 +385,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let source_names = super::metrics::source_labels(&recipe.data);
 
     let mut scaler = Scaler::new(recipe.scaler()?);
-    let mut opt = opt;
+    let (mut opt, mut row_maps) = (opt, row_maps);
     // The maps read each new row's spelling; they are built once the first stage has split
     // the tables into old and new rows.
     let row_map_spelling = match (recipe.train.row_map_rank, &extension) {
@@ -444,16 +445,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, bf16)?;
             current_stage = si;
             let trains_new_rows = [stages[si].embed, stages[si].head].contains(&TableMode::NewRows);
-            if let (Some(spelling), true) = (&row_map_spelling, opt.row_maps.is_empty() && trains_new_rows) {
-                opt.row_maps = super::row_map::maps_for(&model, spelling, recipe.train.row_map_rank, recipe.train.seed, &device)?;
-                // A checkpoint from before the first stage that trains new rows has no factors:
-                // the maps then start fresh, as in an uninterrupted run.
-                if !opt.row_map_saved.is_empty() {
-                    let mut saved = std::mem::take(&mut opt.row_map_saved);
-                    for m in opt.row_maps.iter_mut() {
-                        m.restore(&mut saved)?;
-                    }
-                }
+            if let (Some(spelling), true) = (&row_map_spelling, trains_new_rows) {
+                row_maps.start(&model, spelling, recipe.train.row_map_rank, recipe.train.seed, &device)?;
             }
         }
         // A copy: a budget may replan `stages` below, in this step.
@@ -492,7 +485,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain });
         }
         let t0 = Instant::now();
-        let r = train_step(&mut model, &mut opt, &mut scaler, &batches, &hp, &device)?;
+        let r = train_step(&mut model, &mut opt, &mut row_maps, &mut scaler, &batches, &hp, &device)?;
         // In fp32 no loss scale can explain a non-finite loss: skipping steps would only hide a
         // NaN weight or corrupt data until the run ends with nothing learned.
         if fp32 && !r.loss.is_finite() {
@@ -563,7 +556,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
-            checkpoint::save(&out, &st, &opt, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
+            checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
         }
         step = done;
     }

@@ -6,6 +6,7 @@ use super::chain_teacher::ChainTargets;
 use super::loss::{chain_distill_sum, hidden_distill_sum, nll_sum_rows, self_distill_sum, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
+use super::row_map::RowMaps;
 use super::scaler::{Action, Group, Scaler, GROUPS, RESCUE_RMS_FACTOR};
 use crate::model::Llama;
 use anyhow::{bail, Result};
@@ -204,7 +205,7 @@ pub fn without_lora<T>(model: &mut Llama, f: impl FnOnce(&Llama) -> T) -> T {
 }
 
 /// The full step. Exactly one host read: loss sums, per-group finiteness and squared norms.
-pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
+pub fn train_step(model: &mut Llama, opt: &mut AdamW, row_maps: &mut RowMaps, scaler: &mut Scaler, batches: &[MicroBatch], hp: &StepHparams, device: &Device) -> Result<StepOutput> {
     let scale = scaler.scale;
     let Forward { sums, rows, row_tokens, total, mut grads, kd, chain, hidden } = forward_backward_rows(model, batches, scale, device)?;
     let groups: BTreeMap<String, (Group, LrGroup)> = trainable(model).into_iter().map(|p| (p.name, (p.group, p.lr_group))).collect();
@@ -296,8 +297,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
             // No decay on embeddings (as for norms): it would pull trained rows towards zero.
             LrGroup::Table => (hp.embed_lr, 0.0),
         };
-        let map = opt.row_maps.iter().position(|m| m.name == p.name).map(|i| opt.row_maps.swap_remove(i));
-        match map {
+        match row_maps.take(&p.name) {
             None => opt.step(&p.name, p.param, g, lr, wd),
             Some(mut map) => {
                 // The map's factors take AdamW steps at the rows' rate, without decay.
@@ -306,7 +306,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, scaler: &mut Scaler, batch
                 let id = p.param.id;
                 let rows = p.param.val().inner() + delta;
                 *p.param = burn::module::Param::initialized(id, Tensor::from_inner(rows).require_grad());
-                opt.row_maps.push(map);
+                row_maps.put(map);
             }
         }
     }

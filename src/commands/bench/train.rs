@@ -6,6 +6,7 @@ use crate::io::safetensors::FloatType;
 use crate::lora::{inject, set_table_modes, LoraInit, LoraSettings, TableMode};
 use crate::model::Llama;
 use crate::train::optim::AdamW;
+use crate::train::row_map::RowMaps;
 use crate::train::scaler::{Scaler, ScalerConfig};
 use crate::train::step::{train_step, MicroBatch, StepHparams};
 use anyhow::Result;
@@ -63,12 +64,12 @@ pub fn train(shape: &str, device_name: &str, dtype: FloatType, rank: usize, batc
         MicroBatch::new(ids, labels)
     };
     for _ in 0..warmup {
-        train_step(&mut model, &mut opt, &mut scaler, &[batch_of()], &hp, &device)?;
+        train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut scaler, &[batch_of()], &hp, &device)?;
     }
     let mut losses = Vec::new();
     let t = Instant::now();
     for _ in 0..steps {
-        losses.push(train_step(&mut model, &mut opt, &mut scaler, &[batch_of()], &hp, &device)?.loss);
+        losses.push(train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut scaler, &[batch_of()], &hp, &device)?.loss);
     }
     let secs = t.elapsed().as_secs_f64();
     Ok(TrainBench {
