@@ -306,28 +306,9 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let device = base_device.clone().autodiff();
     let hash = recipe_hash(&recipe_text);
 
-    checkpoint::clean(&out, recipe.output.keep_last);
-    let ckpts = checkpoint::list(&out);
-    let resume_from = if opts.resume {
-        Some(ckpts.last().cloned().with_context(|| format!("--resume: no checkpoint in {}/checkpoints", out.display()))?)
-    } else {
-        if !ckpts.is_empty() {
-            bail!("{} already holds checkpoints of a run: pass --resume to continue it, or choose another [output] dir", out.display());
-        }
-        None
-    };
-    let (state, opt, row_maps) = match &resume_from {
-        Some((_, dir)) => {
-            let (st, o, maps) = checkpoint::load(dir, &base_device, recipe.train.adam())?;
-            if st.recipe_hash != hash {
-                bail!("{}: the recipe changed since this checkpoint was written; resume with the same recipe", dir.display());
-            }
-            (Some(st), o, maps)
-        }
-        None => (None, AdamW::new(recipe.train.adam()), RowMaps::default()),
-    };
-    let adapter_dir = match &resume_from {
-        Some((_, d)) => Some(d.join("adapter")),
+    let Resume { checkpoint, state, mut opt, mut row_maps } = resume_point(&recipe, &out, opts.resume, &base_device, hash)?;
+    let adapter_dir = match &checkpoint {
+        Some(d) => Some(d.join("adapter")),
         None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
     };
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
@@ -341,51 +322,15 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     // The same encoder as `data prepare` builds, so its stores are found here.
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
-    let chain_w: Vec<f32> = recipe.data.iter().map(|d| d.chain_distill as f32).collect();
-    let hidden_w: Vec<f32> = recipe.data.iter().map(|d| d.hidden_distill as f32).collect();
-    let chain_teacher = if chain_w.iter().any(|&w| w > 0.0) {
-        let ext_path = extension.as_ref().context("chain_distill needs a [vocab] extension")?;
-        // The trie's counts only estimate conditionals below the depth the base is read
-        // exactly: a bounded prefix of each source is enough, and keeps RAM flat on any corpus.
-        const COUNT_TOKENS: usize = 4 << 20;
-        let texts: Vec<Vec<u32>> = sources
-            .iter()
-            .zip(&chain_w)
-            .filter(|(_, &w)| w > 0.0)
-            .map(|(s, _)| {
-                let (mut ids, mut loss) = (Vec::new(), Vec::new());
-                s.docs.read(0, s.docs.tokens().min(COUNT_TOKENS), &mut ids, &mut loss);
-                ids
-            })
-            .collect();
-        let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
-        let ext = VocabExtension::load(ext_path)?;
-        ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
-        let mut teacher = ChainTeacher::new(ext, &refs);
-        if let Some(layer) = hidden_layer {
-            teacher = teacher.with_hidden_layer(layer);
-        }
-        let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(&model, &head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
-        let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved.as_slice(), v)), &device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
-        eprintln!("[teacher] chain_distill reads {}", base.describe());
-        Some((teacher, base))
-    } else {
-        None
+    let weights = SourceWeights::new(&recipe);
+    let teacher = match weights.chain.iter().any(|&w| w > 0.0) {
+        true => Some(chain_teacher(&recipe, &model, &sources, &weights.chain, extension.as_deref(), hidden_layer, old_vocab, &head_moved, &device)?),
+        false => None,
     };
-    let mut mcfg = MixConfig::new(recipe.train.seq_len, recipe.train.seed);
-    mcfg.bucketed = recipe.mix.bucketed;
-    if let Some(b) = recipe.mix.bins {
-        mcfg.bins = b;
-    }
-    mcfg.packing = recipe.mix.packing;
-    mcfg.pad_id = model.config.eos_token_ids.first().copied().unwrap_or(0);
-    let mut mixer = Mixer::new(sources, mcfg)?;
-    let distill_w: Vec<f32> = recipe.data.iter().map(|d| d.self_distill as f32).collect();
-    let distill_renorm: Vec<bool> = recipe.data.iter().map(|d| d.self_distill_renormalize).collect();
+    let mut mixer = Mixer::new(sources, mix_config(&recipe, model.config.eos_token_ids.first().copied().unwrap_or(0)))?;
     let source_names = super::metrics::source_labels(&recipe.data);
 
     let mut scaler = Scaler::new(recipe.scaler()?);
-    let (mut opt, mut row_maps) = (opt, row_maps);
     // The maps read each new row's spelling; they are built once the first stage has split
     // the tables into old and new rows.
     let row_map_spelling = match (recipe.train.row_map_rank, &extension) {
@@ -401,16 +346,8 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         }
         None => 0,
     };
-    // Metrics: keep exactly the lines up to the resumed step, as an uninterrupted run has them.
     let metrics_path = out.join("metrics.jsonl");
-    let kept: Vec<String> = std::fs::read_to_string(&metrics_path)
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= start))
-        .map(String::from)
-        .collect();
-    crate::io::atomic::write(&metrics_path, kept.iter().map(|l| format!("{l}\n")).collect::<String>().as_bytes())?;
-    let mut metrics = std::fs::OpenOptions::new().append(true).open(&metrics_path)?;
+    let mut metrics = open_metrics(&metrics_path, start)?;
     if start == 0 {
         std::fs::copy(&opts.recipe, out.join("recipe.toml"))?;
     }
@@ -469,20 +406,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         for _ in 0..recipe.train.grad_accum {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
             source_of_row.extend(b.source_of_row.iter().copied());
-            let self_distill: Vec<f32> = b.source_of_row.iter().map(|&s| distill_w[s]).collect();
-            let self_distill_renormalize: Vec<bool> = b.source_of_row.iter().map(|&s| distill_renorm[s]).collect();
-            let chain_distill: Vec<f32> = b.source_of_row.iter().map(|&s| chain_w[s]).collect();
-            let hidden_distill: Vec<f32> = b.source_of_row.iter().map(|&s| hidden_w[s]).collect();
-            let chain = match &chain_teacher {
-                Some((t, base)) if chain_distill.iter().any(|&w| w > 0.0) => {
-                    let t0 = Instant::now();
-                    let targets = t.targets(base, &b.input_ids, &b.labels, &chain_distill)?;
-                    teacher_s += t0.elapsed().as_secs_f64();
-                    Some(Arc::new(targets))
-                }
-                _ => None,
-            };
-            batches.push(MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain });
+            let mut mb = weights.micro_batch(b);
+            if let Some((t, base)) = teacher.as_ref().filter(|_| mb.chain_distill.iter().any(|&w| w > 0.0)) {
+                let t0 = Instant::now();
+                mb.chain = Some(Arc::new(t.targets(base, &mb.input_ids, &mb.labels, &mb.chain_distill)?));
+                teacher_s += t0.elapsed().as_secs_f64();
+            }
+            batches.push(mb);
         }
         let t0 = Instant::now();
         let r = train_step(&mut model, &mut opt, &mut row_maps, &mut scaler, &batches, &hp, &device)?;
@@ -531,7 +461,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
             "loss_scale": r.loss_scale, "grad_norm": finite_or_null(r.grad_norm),
             "grad_norm_by_group": {"lora": finite_or_null(r.grad_norm_by_group[0]), "old_rows": finite_or_null(r.grad_norm_by_group[1]), "new_rows": finite_or_null(r.grad_norm_by_group[2])},
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
-            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "hidden_distill": r.hidden_distill, "chain_teacher_s": chain_teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "hidden_distill": r.hidden_distill, "chain_teacher_s": teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         if let Some(p) = plan {
             line["plan"] = p;
@@ -566,17 +496,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let mut adapter_out = None;
     if end == total {
         let ts = table_save(&stages, stages.len() - 1, old_vocab, &head_moved);
-        let mut extra: Vec<PathBuf> = vec![opts.recipe.clone()];
-        if let (Some(t), Some(_)) = (&tokenizer, &extension) {
-            for f in ["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"] {
-                if t.join(f).exists() {
-                    extra.push(t.join(f));
-                }
-            }
-        }
-        if let Some(e) = &extension {
-            extra.push(e.clone());
-        }
+        let extra = adapter_extras(&opts.recipe, tokenizer.as_deref(), extension.as_deref());
         let refs: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
         let dir = out.join("adapter");
         lora::save::save(&model, &adapter_config(&recipe), ts, &dir, &refs)?;
@@ -611,6 +531,129 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     };
     crate::io::atomic::write(&out.join("report.json"), serde_json::to_string_pretty(&report)?.as_bytes())?;
     Ok(report)
+}
+
+/// Where an invocation starts: a fresh run, or the last checkpoint in `[output] dir`.
+struct Resume {
+    /// The checkpoint folder resumed from.
+    checkpoint: Option<PathBuf>,
+    state: Option<TrainState>,
+    opt: AdamW,
+    row_maps: RowMaps,
+}
+
+/// Clears what a killed run left, then starts fresh (an error when `out` already holds a run's
+/// checkpoints and `--resume` was not given) or loads the last checkpoint, which must come from
+/// this recipe.
+fn resume_point(recipe: &Recipe, out: &Path, resume: bool, device: &burn::tensor::Device, hash: u64) -> Result<Resume> {
+    checkpoint::clean(out, recipe.output.keep_last);
+    let ckpts = checkpoint::list(out);
+    if !resume {
+        if !ckpts.is_empty() {
+            bail!("{} already holds checkpoints of a run: pass --resume to continue it, or choose another [output] dir", out.display());
+        }
+        return Ok(Resume { checkpoint: None, state: None, opt: AdamW::new(recipe.train.adam()), row_maps: RowMaps::default() });
+    }
+    let (_, dir) = ckpts.last().cloned().with_context(|| format!("--resume: no checkpoint in {}/checkpoints", out.display()))?;
+    let (state, opt, row_maps) = checkpoint::load(&dir, device, recipe.train.adam())?;
+    if state.recipe_hash != hash {
+        bail!("{}: the recipe changed since this checkpoint was written; resume with the same recipe", dir.display());
+    }
+    Ok(Resume { checkpoint: Some(dir), state: Some(state), opt, row_maps })
+}
+
+/// Each `[[data]]` source's loss-term weights, by source index.
+struct SourceWeights {
+    self_distill: Vec<f32>,
+    renormalize: Vec<bool>,
+    chain: Vec<f32>,
+    hidden: Vec<f32>,
+}
+
+impl SourceWeights {
+    fn new(recipe: &Recipe) -> Self {
+        let d = &recipe.data;
+        SourceWeights {
+            self_distill: d.iter().map(|d| d.self_distill as f32).collect(),
+            renormalize: d.iter().map(|d| d.self_distill_renormalize).collect(),
+            chain: d.iter().map(|d| d.chain_distill as f32).collect(),
+            hidden: d.iter().map(|d| d.hidden_distill as f32).collect(),
+        }
+    }
+
+    /// The mixer's rows with each row's weights (no chain targets yet).
+    fn micro_batch(&self, b: data::Batch) -> MicroBatch {
+        let per_row = |w: &[f32]| b.source_of_row.iter().map(|&s| w[s]).collect::<Vec<f32>>();
+        let (self_distill, chain_distill, hidden_distill) = (per_row(&self.self_distill), per_row(&self.chain), per_row(&self.hidden));
+        let self_distill_renormalize = b.source_of_row.iter().map(|&s| self.renormalize[s]).collect();
+        MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain: None }
+    }
+}
+
+/// The chain teacher of `[[data]] chain_distill`: the extension's trie, counted on the sources
+/// with a weight, and the base model (LoRA and new rows off) that reads their old tokenization.
+#[allow(clippy::too_many_arguments)]
+fn chain_teacher(recipe: &Recipe, model: &Llama, sources: &[data::TokenizedSource], weights: &[f32], extension: Option<&Path>, hidden_layer: Option<usize>, old_vocab: usize, head_moved: &[usize], device: &burn::tensor::Device) -> Result<(ChainTeacher, BaseModel)> {
+    let ext_path = extension.context("chain_distill needs a [vocab] extension")?;
+    // The trie's counts only estimate conditionals below the depth the base is read exactly: a
+    // bounded prefix of each source is enough, and keeps RAM flat on any corpus.
+    const COUNT_TOKENS: usize = 4 << 20;
+    let texts: Vec<Vec<u32>> = sources
+        .iter()
+        .zip(weights)
+        .filter(|(_, &w)| w > 0.0)
+        .map(|(s, _)| {
+            let (mut ids, mut loss) = (Vec::new(), Vec::new());
+            s.docs.read(0, s.docs.tokens().min(COUNT_TOKENS), &mut ids, &mut loss);
+            ids
+        })
+        .collect();
+    let refs: Vec<&[u32]> = texts.iter().map(Vec::as_slice).collect();
+    let ext = VocabExtension::load(ext_path)?;
+    ensure!(model.vocab_size() == ext.new_vocab, "chain_distill: the model has {} rows but the extension {} names {}", model.vocab_size(), ext_path.display(), ext.new_vocab);
+    let mut teacher = ChainTeacher::new(ext, &refs);
+    if let Some(layer) = hidden_layer {
+        teacher = teacher.with_hidden_layer(layer);
+    }
+    let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(model, head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
+    let base = BaseModel::new(model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved, v)), device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
+    eprintln!("[teacher] chain_distill reads {}", base.describe());
+    Ok((teacher, base))
+}
+
+fn mix_config(recipe: &Recipe, pad_id: u32) -> MixConfig {
+    let mut c = MixConfig::new(recipe.train.seq_len, recipe.train.seed);
+    c.bucketed = recipe.mix.bucketed;
+    if let Some(b) = recipe.mix.bins {
+        c.bins = b;
+    }
+    c.packing = recipe.mix.packing;
+    c.pad_id = pad_id;
+    c
+}
+
+/// `metrics.jsonl` open for appending, holding exactly the lines up to step `start`, as an
+/// uninterrupted run has them (a resumed run drops what its killed predecessor logged later).
+fn open_metrics(path: &Path, start: usize) -> Result<std::fs::File> {
+    let kept: String = std::fs::read_to_string(path)
+        .unwrap_or_default()
+        .lines()
+        .filter(|l| serde_json::from_str::<serde_json::Value>(l).ok().and_then(|v| v["step"].as_u64()).is_some_and(|s| (s as usize) <= start))
+        .map(|l| format!("{l}\n"))
+        .collect();
+    crate::io::atomic::write(path, kept.as_bytes())?;
+    std::fs::OpenOptions::new().append(true).open(path).with_context(|| format!("cannot append to {}", path.display()))
+}
+
+/// What the final adapter carries beside its weights, so that `merge` needs nothing else: the
+/// recipe, and with a vocabulary extension the extended tokenizer and the extension.
+fn adapter_extras(recipe: &Path, tokenizer: Option<&Path>, extension: Option<&Path>) -> Vec<PathBuf> {
+    let mut extra = vec![recipe.to_path_buf()];
+    if let (Some(t), Some(_)) = (tokenizer, extension) {
+        extra.extend(["tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"].map(|f| t.join(f)).into_iter().filter(|p| p.exists()));
+    }
+    extra.extend(extension.map(Path::to_path_buf));
+    extra
 }
 
 fn adapter_config(recipe: &Recipe) -> crate::lora::config::AdapterConfig {
