@@ -177,8 +177,11 @@ impl HfConfig {
     pub fn load(path: &Path) -> Result<Self> {
         let is_file = path.extension().map(|e| e == "json").unwrap_or(false);
         let file = if is_file { path.to_path_buf() } else { path.join("config.json") };
-        let text = std::fs::read_to_string(&file)
-            .with_context(|| format!("cannot read {}: a model folder needs an HF config.json", file.display()))?;
+        if path.is_file() && !is_file {
+            bail!("{} is a file: pass the model's folder (config.json and safetensors)", path.display());
+        }
+        let bytes = std::fs::read(&file).with_context(|| format!("cannot read {}: a model folder needs an HF config.json", file.display()))?;
+        let text = String::from_utf8(bytes).map_err(|e| anyhow::anyhow!("{} is not UTF-8 text (byte {}): an HF config.json is JSON; the file is damaged or not a config", file.display(), e.utf8_error().valid_up_to()))?;
         let value: serde_json::Value = serde_json::from_str(&text).map_err(|e| {
             // The line itself, because Python's json.dump writes NaN and Infinity, which are not
             // JSON, and serde's "expected value" names neither the key nor the value.

@@ -50,6 +50,12 @@ pub struct Tok {
 }
 
 impl Tok {
+    /// The text of every special added token (`<|im_start|>`, `</s>`): what a prompt template
+    /// writes and what text from outside must not smuggle in.
+    pub fn special_token_texts(&self) -> Vec<String> {
+        self.inner.get_added_tokens_decoder().into_values().filter(|t| t.special && !t.content.is_empty()).map(|t| t.content).collect()
+    }
+
     /// Loads `tokenizer.json` from a folder (or the file itself). `Ok(None)` when the folder
     /// has none.
     pub fn load_optional(path: &Path) -> Result<Option<Self>> {

@@ -190,3 +190,48 @@ fn train_output_dir_is_guarded() {
     assert!(!ok && err.contains("[output] dir") && err.contains("zh.txt"), "{err}");
     assert!(before2 == snapshot(dir.path()));
 }
+
+/// A finished run's folder whose checkpoints are gone is not trained over (its adapter would be
+/// replaced without a word), and a recipe kept in its own [output] dir survives the run's copy
+/// of it (copied onto itself, it used to be truncated to nothing).
+#[test]
+fn train_keeps_an_earlier_run_and_a_recipe_in_its_own_folder() {
+    let dir = tempfile::tempdir().unwrap();
+    let run = dir.path().join("run");
+    std::fs::create_dir(&run).unwrap();
+    let ids = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tiny_ids.jsonl");
+    let recipe = format!(
+        "[model]\npath = \"{}\"\n[vocab]\nextension = \"{}\"\n[lora]\n[train]\nsteps = 2\nseq_len = 16\n[output]\ndir = \".\"\n[[data]]\nkind = \"tokenized\"\npath = \"{}\"\n",
+        s(&tiny().join("base")),
+        s(&tiny().join("vocab_extension.json")),
+        s(&ids)
+    );
+    let rp = run.join("recipe.toml");
+    std::fs::write(&rp, &recipe).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(ok, "{err}");
+    assert_eq!(std::fs::read_to_string(&rp).unwrap(), recipe, "the recipe in its own output folder");
+    std::fs::remove_dir_all(run.join("checkpoints")).unwrap();
+    let before = snapshot(&run);
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("earlier run's outputs") && err.contains("adapter"), "{err}");
+    assert!(before == snapshot(&run), "a refused run changed its folder");
+}
+
+/// Rows longer than the model's context are refused before anything runs, and the run that
+/// failed before its first step leaves no [output] dir behind.
+#[test]
+fn train_refuses_rows_longer_than_the_context_and_leaves_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let ids = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/data/tiny_ids.jsonl");
+    let recipe = format!(
+        "[model]\npath = \"{}\"\n[lora]\n[train]\nsteps = 2\nseq_len = 100000\n[output]\ndir = \"out\"\n[[data]]\nkind = \"tokenized\"\npath = \"{}\"\n",
+        s(&tiny().join("base")),
+        s(&ids)
+    );
+    let rp = dir.path().join("recipe.toml");
+    std::fs::write(&rp, &recipe).unwrap();
+    let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && err.contains("seq_len = 100000") && err.contains("context"), "{err}");
+    assert!(!dir.path().join("out").exists(), "a failed run left its folder");
+}

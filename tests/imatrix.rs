@@ -171,11 +171,12 @@ fn imatrix_cli_and_its_errors() {
     // Not an importance matrix at all.
     let (ok, _, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q4_0", "--imatrix", &s(&model.join("model.safetensors")), "--out", &s(&out)], None);
     assert!(!ok && stderr.contains("not an importance matrix"), "{stderr}");
-    // q8_0 has no importance path: the same file is accepted and changes nothing.
-    let (q8a, q8b) = (tmp.path().join("q8a"), tmp.path().join("q8b"));
-    assert!(run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--out", &s(&q8a)], None).0);
-    assert!(run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--imatrix", &s(&im), "--out", &s(&q8b)], None).0);
-    assert_eq!(std::fs::read(q8a.join("model.gguf")).unwrap(), std::fs::read(q8b.join("model.gguf")).unwrap());
+    // q8_0 has no importance path: the option would change nothing, so it is refused rather
+    // than silently ignored, and nothing is written.
+    let q8 = tmp.path().join("q8");
+    let (ok, _, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q8_0", "--imatrix", &s(&im), "--out", &s(&q8)], None);
+    assert!(!ok && stderr.contains("changes nothing in q8_0"), "{stderr}");
+    assert!(!q8.exists());
     // GPTQ from the CLI: q4_0 only, and not together with --imatrix.
     let g = tmp.path().join("g");
     let (ok, stdout, stderr) = run_cli(&["quantize", "--model", &s(&model), "--format", "q4_0", "--gptq", &s(&text), "--calib-window", "32", "--out", &s(&g)], None);

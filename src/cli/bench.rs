@@ -23,26 +23,26 @@ pub enum BenchCmd {
     Forward {
         #[command(flatten)]
         m: BenchModel,
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = super::at_least::<1>)]
         prompt: usize,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = super::at_least::<1>)]
         decode: usize,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = super::at_least::<1>)]
         reps: usize,
     },
     /// Training tokens/s and peak RSS: LoRA on all 7 projections + embed/lm_head, AdamW, random tokens
     Train {
         #[command(flatten)]
         m: BenchModel,
-        #[arg(long, default_value_t = 8)]
+        #[arg(long, default_value_t = 8, value_parser = super::at_least::<1>)]
         rank: usize,
-        #[arg(long, default_value_t = 4)]
+        #[arg(long, default_value_t = 4, value_parser = super::at_least::<1>)]
         batch: usize,
-        #[arg(long, default_value_t = 256)]
+        #[arg(long, default_value_t = 256, value_parser = super::at_least::<1>)]
         seq: usize,
         #[arg(long, default_value_t = 3)]
         warmup: usize,
-        #[arg(long, default_value_t = 10)]
+        #[arg(long, default_value_t = 10, value_parser = super::at_least::<1>)]
         steps: usize,
     },
     /// fp16 loss-scaler experiment: random / mean / sub-token-mean new rows × GradScaler-style vs linly scaler
@@ -59,7 +59,7 @@ pub enum BenchCmd {
         /// tests/fixtures/data of the source tree)
         #[arg(long)]
         data: Option<PathBuf>,
-        #[arg(long, default_value_t = 100)]
+        #[arg(long, default_value_t = 100, value_parser = super::at_least::<1>)]
         steps: usize,
         #[arg(long, default_value_t = 2e-4)]
         lr: f64,
@@ -109,22 +109,22 @@ pub enum BenchCmd {
         #[arg(long)]
         model: PathBuf,
         /// Prompt tokens processed in one batch (llama-bench -p)
-        #[arg(long, default_value_t = 128)]
+        #[arg(long, default_value_t = 128, value_parser = super::at_least::<1>)]
         prompt: usize,
         /// Tokens generated one at a time from an empty cache (llama-bench -n)
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = super::at_least::<1>)]
         gen: usize,
-        #[arg(long, default_value_t = 3)]
+        #[arg(long, default_value_t = 3, value_parser = super::at_least::<1>)]
         reps: usize,
         /// Worker threads (llama-bench -t)
-        #[arg(long, default_value_t = 2)]
+        #[arg(long, default_value_t = 2, value_parser = super::threads)]
         threads: usize,
     },
     /// Merge wall time ÷ copy time and peak RSS, on a synthetic f16 model + rank-r adapter
     Merge {
         #[arg(long, default_value = "1b")]
         shape: String,
-        #[arg(long, default_value_t = 64)]
+        #[arg(long, default_value_t = 64, value_parser = super::at_least::<1>)]
         rank: usize,
         /// Scratch folder (must not exist; removed afterwards unless --keep)
         #[arg(long, default_value = "runs/bench-merge")]

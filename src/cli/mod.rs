@@ -157,11 +157,12 @@ impl ModelArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["text", "ids"])))]
 pub struct EvalArgs {
     #[command(flatten)]
     pub m: ModelArgs,
     /// UTF-8 text file to score (needs a tokenizer); reports bits/char too
-    #[arg(long, conflicts_with = "ids", required_unless_present = "ids")]
+    #[arg(long)]
     pub text: Option<PathBuf>,
     /// Token ids: safetensors with int64 `input_ids` [B, T], or JSONL of id arrays
     #[arg(long)]
@@ -230,11 +231,12 @@ impl SamplingArgs {
 }
 
 #[derive(Args)]
+#[command(group(clap::ArgGroup::new("input").required(true).args(["prompt", "prompt_ids"])))]
 pub struct GenerateArgs {
     #[command(flatten)]
     pub m: ModelArgs,
     /// Prompt text (needs a tokenizer)
-    #[arg(long, conflicts_with = "prompt_ids", required_unless_present = "prompt_ids")]
+    #[arg(long)]
     pub prompt: Option<String>,
     /// Prompt as comma-separated token ids, e.g. 1,2,3
     #[arg(long, value_delimiter = ',')]
@@ -383,6 +385,15 @@ pub fn api_temperature(s: &str) -> Result<f32, String> {
     Ok(v)
 }
 
+/// Worker threads: 1 to 256 (thousands of threads only stall the machine).
+pub fn threads(s: &str) -> Result<usize, String> {
+    let v = at_least::<1>(s)?;
+    if v > 256 {
+        return Err(format!("{v} threads: at most 256"));
+    }
+    Ok(v)
+}
+
 pub fn positive_f64(s: &str) -> Result<f64, String> {
     let v: f64 = s.parse().map_err(|e| format!("{e}"))?;
     if !(v.is_finite() && v > 0.0) {
@@ -421,5 +432,22 @@ mod tests {
         for bad in ["NaN", "inf", "-0.5", "2.5", "warm"] {
             assert!(api_temperature(bad).is_err(), "{bad}");
         }
+    }
+
+    /// Counts of zero (which panicked deep in a benchmark) and thread counts that stall the
+    /// machine are refused where the arguments are read; each input-less command names every
+    /// input it takes.
+    #[test]
+    fn counts_threads_and_inputs_are_checked_when_parsed() {
+        use clap::Parser;
+        let parse = |args: &str| Cli::try_parse_from(std::iter::once("linly-lora").chain(args.split_whitespace()));
+        for bad in ["bench forward --prompt 0", "bench forward --reps 0", "bench train --steps 0", "bench train --rank 0", "bench quant --model m --threads 0", "bench quant --model m --threads 100000", "bench merge --rank 0", "vocab copy-task --tokenizer t --out o --examples 0"] {
+            assert!(parse(bad).is_err(), "{bad}");
+        }
+        assert!(parse("bench quant --model m --threads 8").is_ok());
+        let e = parse("eval --model m").err().unwrap().to_string();
+        assert!(e.contains("--text") && e.contains("--ids"), "{e}");
+        let e = parse("vocab extend --tokenizer t --out o").err().unwrap().to_string();
+        assert!(e.contains("--add") && e.contains("--from-corpus") && e.contains("--wordlist"), "{e}");
     }
 }

@@ -6,12 +6,13 @@ use std::path::PathBuf;
 #[derive(Subcommand)]
 pub enum VocabCmd {
     /// Add pieces as real BPE entries with merges (not "added tokens"); writes tokenizer.json and vocab_extension.json
+    #[command(group(clap::ArgGroup::new("pieces").required(true).multiple(true).args(["add", "from_corpus", "wordlist"])))]
     Extend {
         /// tokenizer.json or the folder holding it (SentencePiece-style or byte-level BPE)
         #[arg(long)]
         tokenizer: PathBuf,
         /// File of new pieces, one per line
-        #[arg(long, conflicts_with_all = ["from_corpus", "wordlist"], required_unless_present_any = ["from_corpus", "wordlist"])]
+        #[arg(long, conflicts_with_all = ["from_corpus", "wordlist"])]
         add: Option<PathBuf>,
         /// Choose frequent characters and words by their counts in this text (repeatable); without it,
         /// by the --wordlist's own frequency column
@@ -119,7 +120,7 @@ the spread of runs, so the quickstart's recipe does not use it; check it on your
         #[arg(long)]
         tokenizer: PathBuf,
         /// How many examples (the quickstart reads a few hundred; the rest is for longer runs)
-        #[arg(long, default_value_t = 6000)]
+        #[arg(long, default_value_t = 6000, value_parser = super::at_least::<1>)]
         examples: usize,
         /// Fewest added pieces per example
         #[arg(long, default_value_t = 20)]

@@ -1,6 +1,7 @@
 //! `import gguf` (`export gguf` quantizes, so it lives in [`super::quant`]).
 
 use super::{write_out, Report, Written};
+use crate::io::atomic::OutKind;
 use crate::quant::ImportReport;
 use crate::io::safetensors::FloatType;
 use anyhow::Result;
@@ -17,7 +18,7 @@ pub struct ImportOptions {
 }
 
 pub fn import_gguf(o: &ImportOptions) -> Result<Written<ImportReport>> {
-    let report = write_out(&o.out, std::slice::from_ref(&o.file), o.force, |staged| crate::quant::import_gguf(&o.file, staged, o.dtype))?;
+    let report = write_out(&o.out, std::slice::from_ref(&o.file), o.force, OutKind::Folder, |staged| crate::quant::import_gguf(&o.file, staged, o.dtype))?;
     Ok(Written { report, out: o.out.clone() })
 }
 

@@ -148,6 +148,11 @@ pub fn generate(o: &GenerateCommand, out: &mut dyn Write) -> Result<GenerateRepo
     }
     let new = generate::stream(&loaded, &prompt, &opts, out)?;
     writeln!(out)?;
+    let context = loaded.model.config.max_position_embeddings;
+    let ended_on_stop = new.last().is_some_and(|id| opts.stop_ids.contains(id));
+    if prompt.len() + new.len() >= context && new.len() < opts.max_new_tokens && !ended_on_stop {
+        eprintln!("generation stopped after {} new tokens: the model's context of {context} tokens is full", new.len());
+    }
     Ok(GenerateReport { prompt_ids: prompt, generated_ids: new, show_ids: o.print_ids || loaded.tok.is_none() })
 }
 

@@ -1,10 +1,11 @@
 //! `merge` and `adapter pack`.
 
 use super::{write_out, Report, Written};
+use crate::io::atomic::OutKind;
 use crate::io::safetensors::FloatType;
 use crate::lora::merge::{MergeOptions, MergeReport};
 use crate::lora::save::PackReport;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use std::fmt;
 use std::path::PathBuf;
 
@@ -33,10 +34,10 @@ pub fn merge(o: &MergeCommand) -> Result<Written<MergeReport>> {
         out: o.out.clone(),
         dtype: o.dtype,
         tokenizer: o.tokenizer.clone(),
-        shard_size: crate::lora::merge::parse_size(&o.shard_size)?,
+        shard_size: crate::lora::merge::parse_size(&o.shard_size).context("--shard-size")?,
         allow_vocab_padding: o.allow_vocab_padding,
     };
-    let report = write_out(&o.out, &inputs, o.force, |staged| {
+    let report = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| {
         opts.out = staged.to_path_buf();
         crate::lora::merge::merge(&opts)
     })?;
@@ -72,7 +73,7 @@ pub struct PackOptions {
 }
 
 pub fn pack(o: &PackOptions) -> Result<Written<PackReport>> {
-    let report = write_out(&o.out, std::slice::from_ref(&o.adapter), o.force, |staged| crate::lora::save::pack(&o.adapter, staged, o.dtype, o.rank))?;
+    let report = write_out(&o.out, std::slice::from_ref(&o.adapter), o.force, OutKind::Folder, |staged| crate::lora::save::pack(&o.adapter, staged, o.dtype, o.rank))?;
     Ok(Written { report, out: o.out.clone() })
 }
 

@@ -16,6 +16,7 @@ pub mod serve;
 pub mod train;
 pub mod vocab;
 
+use crate::io::atomic::OutKind;
 use anyhow::Result;
 use serde::Serialize;
 use std::fmt;
@@ -83,15 +84,15 @@ impl<R: Serialize> fmt::Display for Json<R> {
 impl<R: Serialize> Report for Json<R> {}
 
 /// [`crate::io::atomic::check_out`] for a command's `--out` and its inputs.
-fn check_out(out: &Path, inputs: &[PathBuf], force: bool) -> Result<()> {
+fn check_out(out: &Path, inputs: &[PathBuf], force: bool, kind: OutKind) -> Result<()> {
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    crate::io::atomic::check_out(out, &inputs, force)
+    crate::io::atomic::check_out(out, &inputs, force, kind)
 }
 
 /// [`crate::io::atomic::write_out`]: every command that writes `--out` goes through it, so an
 /// existing output is replaced only with `--force`, only once the new one is complete, and
 /// never when it is one of the inputs.
-fn write_out<T>(out: &Path, inputs: &[PathBuf], force: bool, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+fn write_out<T>(out: &Path, inputs: &[PathBuf], force: bool, kind: OutKind, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
     let inputs: Vec<&Path> = inputs.iter().map(PathBuf::as_path).collect();
-    crate::io::atomic::write_out(out, &inputs, force, make)
+    crate::io::atomic::write_out(out, &inputs, force, kind, make)
 }

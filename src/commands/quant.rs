@@ -1,6 +1,7 @@
 //! `quantize`, `imatrix` and `export gguf`: everything that rounds weights to ggml's formats.
 
 use super::{check_out, write_out, Report, Written};
+use crate::io::atomic::OutKind;
 use crate::quant::{ExportReport, ExportType};
 use crate::quant::gptq::Hessians;
 use crate::quant::imatrix::Imatrix;
@@ -64,9 +65,9 @@ pub fn quantize(o: &QuantizeOptions) -> Result<ExportReport> {
     let q = &o.quant;
     let inputs = q.inputs(&o.model);
     // Before the calibration pass, which can take minutes.
-    check_out(&o.out, &inputs, o.force)?;
+    check_out(&o.out, &inputs, o.force, OutKind::Folder)?;
     let (m, h) = q.calibrate(&o.model)?;
-    let mut r = write_out(&o.out, &inputs, o.force, |staged| {
+    let mut r = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| {
         crate::quant::store::quantize_model_imatrix(&o.model, staged, o.format, q.keep_embeddings, q.pure, m.as_ref(), h.as_ref())
     })?;
     r.path = o.out.join(r.path.file_name().unwrap_or_default());
@@ -87,10 +88,10 @@ pub struct ExportOptions {
 pub fn export_gguf(o: &ExportOptions) -> Result<ExportReport> {
     let q = &o.quant;
     let inputs = q.inputs(&o.model);
-    check_out(&o.out, &inputs, o.force)?;
+    check_out(&o.out, &inputs, o.force, OutKind::File)?;
     let (m, h) = q.calibrate(&o.model)?;
     let opts = crate::quant::ExportOptions { ty: o.ty, keep_embeddings: q.keep_embeddings, pure: q.pure };
-    let mut r = write_out(&o.out, &inputs, o.force, |staged| crate::quant::export_gguf_calibrated(&o.model, staged, &opts, m.as_ref(), h.as_ref()))?;
+    let mut r = write_out(&o.out, &inputs, o.force, OutKind::File, |staged| crate::quant::export_gguf_calibrated(&o.model, staged, &opts, m.as_ref(), h.as_ref()))?;
     r.path = o.out.clone();
     Ok(r)
 }
@@ -128,7 +129,7 @@ pub struct ImatrixOptions {
 }
 
 pub fn imatrix(o: &ImatrixOptions) -> Result<Written<Imatrix>> {
-    let report = write_out(&o.out, &[o.model.clone(), o.text.clone()], o.force, |staged| crate::quant::imatrix::run(&o.model, &o.text, o.window, o.max_tokens, staged))?;
+    let report = write_out(&o.out, &[o.model.clone(), o.text.clone()], o.force, OutKind::File, |staged| crate::quant::imatrix::run(&o.model, &o.text, o.window, o.max_tokens, staged))?;
     Ok(Written { report, out: o.out.clone() })
 }
 

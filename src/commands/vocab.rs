@@ -1,6 +1,7 @@
 //! `vocab extend`, `vocab resize`, `vocab copy-task`, `vocab cover`, `vocab stats` and `vocab encode`.
 
 use super::{check_out, write_out, Report, Written};
+use crate::io::atomic::OutKind;
 use crate::vocab::distill::DistillOptions;
 use crate::vocab::{self, Encoded, ExtendReport, InitMethod, ResizeReport, TokenizerStats};
 use anyhow::{ensure, Context, Result};
@@ -61,7 +62,7 @@ pub fn extend(o: &ExtendOptions) -> Result<Written<ExtendReport>> {
             })
         }
     };
-    let report = write_out(&o.out, &inputs, o.force, |staged| vocab::extend(&o.tokenizer, &source, staged, false))?;
+    let report = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| vocab::extend(&o.tokenizer, &source, staged, false))?;
     Ok(Written { report, out: o.out.clone() })
 }
 
@@ -105,7 +106,7 @@ pub fn resize(o: &ResizeOptions) -> Result<Written<ResizeReport>> {
     };
     let mut inputs = vec![o.model.clone(), o.extension.clone()];
     inputs.extend(spec.as_ref().map(|s| s.text.clone()));
-    let report = write_out(&o.out, &inputs, o.force, |staged| vocab::resize_model(&o.model, &o.extension, o.init, o.seed, spec.as_ref(), staged))?;
+    let report = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| vocab::resize_model(&o.model, &o.extension, o.init, o.seed, spec.as_ref(), staged))?;
     Ok(Written { report, out: o.out.clone() })
 }
 
@@ -143,7 +144,7 @@ pub struct CopyTaskReport {
 
 pub fn copy_task(o: &CopyTaskOptions) -> Result<Written<CopyTaskReport>> {
     let ext_path = o.tokenizer.join("vocab_extension.json");
-    check_out(&o.out, std::slice::from_ref(&o.tokenizer), o.force)?;
+    check_out(&o.out, std::slice::from_ref(&o.tokenizer), o.force, OutKind::File)?;
     let ext = vocab::VocabExtension::load(&ext_path).with_context(|| format!("--tokenizer {} must be the folder `vocab extend` wrote", o.tokenizer.display()))?;
     let tok = crate::tokenizer::Tok::load(&o.tokenizer)?;
     ensure!(tok.vocab_size() == ext.new_vocab, "{} has {} tokens but {} was made for {}; pass the folder `vocab extend` wrote", o.tokenizer.display(), tok.vocab_size(), ext_path.display(), ext.new_vocab);
@@ -196,7 +197,7 @@ pub struct CoverReport {
 pub fn cover(o: &CoverOptions) -> Result<Written<CoverReport>> {
     use crate::data::{read_examples, Example, SourceKind};
     use rayon::prelude::*;
-    check_out(&o.out, &[o.text.clone(), o.tokenizer.clone()], o.force)?;
+    check_out(&o.out, &[o.text.clone(), o.tokenizer.clone()], o.force, OutKind::File)?;
     ensure!(o.cfg.tokens > 0 && o.cfg.min_count > 0, "--tokens and --min-count must be above 0");
     let ext_path = o.tokenizer.join("vocab_extension.json");
     let ext = vocab::VocabExtension::load(&ext_path).with_context(|| format!("--tokenizer {} must be the folder `vocab extend` wrote", o.tokenizer.display()))?;

@@ -304,7 +304,7 @@ pub fn read_examples(kind: SourceKind, template: Template, path: &Path) -> Resul
         SourceKind::Tokenized => read_tokenized(&file, text, 0)?,
     };
     if out.is_empty() {
-        bail!("{file}: no examples found; the file is empty or has only blank lines (remove the [[data]] block or fill the file)");
+        bail!("{file}: no examples found; the file is empty or has only blank lines: fill it, or leave it out (in a recipe, its [[data]] block)");
     }
     Ok(out)
 }

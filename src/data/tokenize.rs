@@ -468,7 +468,7 @@ fn tokenize_into(kind: SourceKind, template: Template, path: &Path, limit: Optio
         Ok((seen, kept))
     })?;
     if seen == 0 {
-        bail!("{file}: no examples found; the file is empty or has only blank lines (remove the [[data]] block or fill the file)");
+        bail!("{file}: no examples found; the file is empty or has only blank lines: fill it, or leave it out (in a recipe, its [[data]] block)");
     }
     if kept == 0 {
         bail!("limit = 0 leaves no examples; remove `limit` or the block");

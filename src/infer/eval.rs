@@ -138,7 +138,11 @@ pub fn token_nll(model: &Llama, ids: &[u32], window: usize, device: &burn::tenso
 /// splits the loss between base and added targets.
 pub fn eval_ids(loaded: &Loaded, seqs: &[Vec<u32>], window: Option<usize>) -> Result<EvalReport> {
     let vocab = loaded.model.vocab_size() as u32;
-    let window = window.unwrap_or(loaded.model.config.max_position_embeddings);
+    let context = loaded.model.config.max_position_embeddings;
+    if let Some(w) = window.filter(|&w| w > context) {
+        bail!("--window {w} is longer than the model's context of {context} tokens (config.json max_position_embeddings): positions beyond it were never trained; use --window {context} or less");
+    }
+    let window = window.unwrap_or(context);
     let (mut nll, mut n) = (0.0, 0usize);
     let mut split = loaded.first_added_id.map(VocabSplit::new);
     let mut scores = Vec::new();

@@ -63,7 +63,7 @@ fn resolved(p: &Path) -> PathBuf {
 }
 
 /// Whether two existing paths are the same file (hard links included).
-fn same_file(a: &Path, b: &Path) -> bool {
+pub fn same_file(a: &Path, b: &Path) -> bool {
     use std::os::unix::fs::MetadataExt;
     match (fs::metadata(a), fs::metadata(b)) {
         (Ok(x), Ok(y)) => x.dev() == y.dev() && x.ino() == y.ino(),
@@ -71,23 +71,56 @@ fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// What a command writes at its `--out`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OutKind {
+    File,
+    Folder,
+}
+
+impl OutKind {
+    fn name(self) -> &'static str {
+        match self {
+            OutKind::File => "a file",
+            OutKind::Folder => "a folder",
+        }
+    }
+}
+
 /// The `--out` rule, checked before any work: `out` may not be one of `inputs`, hold one of
 /// them (replacing a folder deletes what is inside), or be an existing path inside one (even
-/// with `force`); and it may not exist at all unless `force`. Also removes what dead earlier
-/// runs left staged beside `out` ([`clean_stale`]).
-pub fn check_out(out: &Path, inputs: &[&Path], force: bool) -> Result<()> {
+/// with `force`); it may not exist at all unless `force`, and `force` replaces only a path of
+/// the `kind` the command writes (a folder that a file would replace may hold anything). Also
+/// removes what dead earlier runs left staged beside `out` ([`clean_stale`]).
+pub fn check_out(out: &Path, inputs: &[&Path], force: bool, kind: OutKind) -> Result<()> {
     check_not_input(out, inputs)?;
     let out_r = resolved(out);
-    let exists = out.symlink_metadata().is_ok();
+    let meta = out.symlink_metadata().ok();
     for input in inputs {
         let in_r = resolved(input);
-        if exists && out_r.starts_with(&in_r) {
+        if meta.is_some() && out_r.starts_with(&in_r) {
             anyhow::bail!("--out {} is a file of the input {}: replacing it would change the input (even with --force); choose a new name", out.display(), input.display());
         }
     }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        if parent.exists() && !parent.is_dir() {
+            anyhow::bail!("--out {}: {} is a file, not a folder; choose an --out inside a folder", out.display(), parent.display());
+        }
+    }
     clean_stale(out);
-    if exists && !force {
+    let Some(meta) = meta else { return Ok(()) };
+    if !force {
         anyhow::bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
+    }
+    let found = if fs::metadata(out).map(|m| m.is_dir()).unwrap_or(meta.is_dir()) { OutKind::Folder } else { OutKind::File };
+    if found != kind {
+        anyhow::bail!(
+            "{} is {} and this command writes {}: --force replaces only {} (it would delete what is there); choose another --out, or remove it yourself",
+            out.display(),
+            found.name(),
+            kind.name(),
+            kind.name()
+        );
     }
     Ok(())
 }
@@ -112,8 +145,8 @@ pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<()> {
 /// exists and `force` is given, `make` writes a staging path beside it, and the old output is
 /// swapped out only once the new one is complete: a failed or killed run leaves it untouched.
 /// `make` must refuse an existing path itself (it is given a fresh one).
-pub fn write_out<T>(out: &Path, inputs: &[&Path], force: bool, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
-    check_out(out, inputs, force)?;
+pub fn write_out<T>(out: &Path, inputs: &[&Path], force: bool, kind: OutKind, make: impl FnOnce(&Path) -> Result<T>) -> Result<T> {
+    check_out(out, inputs, force, kind)?;
     if out.symlink_metadata().is_err() {
         return make(out);
     }
@@ -299,20 +332,32 @@ mod tests {
         fs::create_dir(&input).unwrap();
         fs::write(input.join("model.safetensors"), b"x").unwrap();
         let new = root.path().join("new");
-        check_out(&new, &[&input], false).unwrap();
-        check_out(&input.join("model.gguf"), &[&input], false).expect("a new file inside an input folder is fine");
+        check_out(&new, &[&input], false, OutKind::Folder).unwrap();
+        check_out(&input.join("model.gguf"), &[&input], false, OutKind::File).expect("a new file inside an input folder is fine");
         for (out, force) in [(&input, true), (&root.path().to_path_buf(), true), (&input.join("model.safetensors"), true), (&input.join("..").join("in"), true)] {
-            let e = format!("{:#}", check_out(out, &[&input], force).unwrap_err());
+            let e = format!("{:#}", check_out(out, &[&input], force, OutKind::Folder).unwrap_err());
             assert!(e.contains("even with --force"), "{}: {e}", out.display());
         }
         let other = root.path().join("other");
         fs::write(&other, b"y").unwrap();
-        assert!(format!("{:#}", check_out(&other, &[&input], false).unwrap_err()).contains("--force"));
-        check_out(&other, &[&input], true).unwrap();
+        assert!(format!("{:#}", check_out(&other, &[&input], false, OutKind::File).unwrap_err()).contains("--force"));
+        check_out(&other, &[&input], true, OutKind::File).unwrap();
+        // --force swaps a file for a file and a folder for a folder, never one for the other:
+        // a folder replaced by a file loses everything in it.
+        let e = format!("{:#}", check_out(&other, &[&input], true, OutKind::Folder).unwrap_err());
+        assert!(e.contains("is a file and this command writes a folder"), "{e}");
+        let project = root.path().join("project");
+        fs::create_dir(&project).unwrap();
+        fs::write(project.join("notes.txt"), b"mine").unwrap();
+        let e = format!("{:#}", check_out(&project, &[&input], true, OutKind::File).unwrap_err());
+        assert!(e.contains("is a folder and this command writes a file"), "{e}");
+        check_out(&project, &[&input], true, OutKind::Folder).unwrap();
+        let e = format!("{:#}", check_out(&other.join("m"), &[&input], false, OutKind::Folder).unwrap_err());
+        assert!(e.contains("is a file, not a folder"), "{e}");
         // A hard link to the input is the input.
         let link = root.path().join("link");
         fs::hard_link(input.join("model.safetensors"), &link).unwrap();
-        assert!(check_out(&link, &[&input.join("model.safetensors")], true).is_err());
+        assert!(check_out(&link, &[&input.join("model.safetensors")], true, OutKind::File).is_err());
     }
 
     #[test]

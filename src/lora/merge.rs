@@ -48,7 +48,7 @@ pub fn parse_size(s: &str) -> Result<u64> {
         .unwrap_or((t.clone(), 1));
     let v: f64 = num.parse().map_err(|_| anyhow::anyhow!("bad size `{s}`: use e.g. 5GB, 500MB or a byte count"))?;
     if v <= 0.0 {
-        bail!("size `{s}` must be positive");
+        bail!("size `{s}` must be positive (e.g. 5GB)");
     }
     Ok((v * mult as f64) as u64)
 }

@@ -200,7 +200,7 @@ pub fn export_gguf_imatrix(model_dir: &Path, out: &Path, opts: &ExportOptions, i
 /// [`export_gguf_imatrix`], and with `hessians` the Q4_0 layer projections are quantized by
 /// GPTQ ([`crate::quant::gptq`]) instead of rounded one weight at a time.
 pub fn export_gguf_calibrated(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
-    crate::io::atomic::check_out(out, &[model_dir], false)?;
+    crate::io::atomic::check_out(out, &[model_dir], false, crate::io::atomic::OutKind::File)?;
     export_inner(model_dir, out, opts, imatrix, hessians).with_context(|| format!("exporting {} to {}", model_dir.display(), out.display()))
 }
 
@@ -222,7 +222,7 @@ fn gptq_bytes(hessians: Option<&Hessians>, hf: &str, ty: GgmlType, shape: &[usiz
 
 fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Option<&Imatrix>, hessians: Option<&Hessians>) -> Result<ExportReport> {
     if hessians.is_some() && opts.ty != ExportType::Quant(QType::Q4_0) {
-        bail!("GPTQ (`--gptq`) writes Q4_0 blocks: use it with q4_0 (`quantize --format q4_0`, `export gguf --type q4_0`), or `--imatrix` for {}", opts.ty);
+        bail!("GPTQ (`--gptq`) writes Q4_0 blocks: use it with q4_0 (`quantize --format q4_0`, `export gguf --type q4_0`), not {}", opts.ty);
     }
     let cfg = LlamaConfig::load(model_dir)?;
     let store = WeightStore::open(model_dir)?;
@@ -325,9 +325,16 @@ fn export_inner(model_dir: &Path, out: &Path, opts: &ExportOptions, imatrix: Opt
         }
         p.ty = best.1;
     }
-    // A missing or mismatched importance entry fails here, before anything is written.
-    for p in &plans {
-        importance(imatrix, &p.hf, p.ty, p.shape[p.shape.len() - 1])?;
+    // A missing or mismatched importance entry fails here, before anything is written: for
+    // every projection, whether or not this type weights it, so that a matrix of another model
+    // never passes for this one's.
+    if let Some(m) = imatrix {
+        for p in plans.iter().filter(|p| p.hf.starts_with("model.layers.") && p.shape.len() == 2) {
+            m.get(&p.hf, p.shape[1])?;
+        }
+        if !plans.iter().any(|p| QType::from_ggml(p.ty).is_some_and(uses_importance) && p.hf.starts_with("model.layers.")) {
+            bail!("--imatrix changes nothing in {}: only Q4_0 weights are rounded by importance here; drop --imatrix, or quantize to q4_0", opts.ty);
+        }
     }
     let rope_factors = llama3_rope_factors(&cfg);
     if let Some(f) = &rope_factors {

@@ -174,7 +174,7 @@ pub fn collect_with_hessians(loaded: &mut Loaded, ids: &[u32], window: usize, he
 /// `linly-lora imatrix`: tokenizes `text` like `eval` (BOS first when the model has one), keeps
 /// at most `max_tokens`, collects and writes `out`.
 pub fn run(model_dir: &Path, text_path: &Path, window: usize, max_tokens: Option<usize>, out: &Path) -> Result<Imatrix> {
-    crate::io::atomic::check_out(out, &[model_dir, text_path], false)?;
+    crate::io::atomic::check_out(out, &[model_dir, text_path], false, crate::io::atomic::OutKind::File)?;
     let (mut m, _) = calibrate(model_dir, text_path, window, max_tokens, false)?;
     m.save(out)?;
     Ok(m)
@@ -216,6 +216,9 @@ pub fn calibrate(model_dir: &Path, text_path: &Path, window: usize, max_tokens: 
         .as_ref()
         .ok_or_else(|| anyhow!("{} has no tokenizer.json; calibration needs one to read {}", model_dir.display(), text_path.display()))?;
     let text = crate::tokenizer::read_text(text_path)?;
+    if text.trim().is_empty() {
+        bail!("{} is empty: calibration needs text to read (a few thousand tokens of what the model will see)", text_path.display());
+    }
     let mut ids = tok.encode(&text, true)?;
     crate::infer::prepend_bos(&loaded, &mut ids);
     if let Some(n) = max_tokens {

@@ -174,7 +174,11 @@ fn runtime() -> Result<tokio::runtime::Runtime> {
 
 async fn bind(opts: &ServeOptions) -> Result<tokio::net::TcpListener> {
     let addr = format!("{}:{}", opts.host, opts.port);
-    tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} (port in use? pick another with --port)"))
+    let hint = match opts.host.parse::<std::net::IpAddr>() {
+        Ok(_) => "port in use? pick another with --port",
+        Err(_) => "--host takes an IP address of this machine, e.g. 127.0.0.1 or 0.0.0.0",
+    };
+    tokio::net::TcpListener::bind(&addr).await.with_context(|| format!("cannot listen on {addr} ({hint})"))
 }
 
 /// Runs the service until Ctrl-C or SIGTERM, then stops taking connections, lets running and

@@ -74,7 +74,7 @@ pub async fn not_found() -> ApiError {
 /// `Authorization: Bearer KEY` on every `/v1` route when the server has a key.
 pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.strip_prefix("Bearer "));
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, key)| key.trim()));
         let ok = given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes()));
         if !ok {
             let msg = if given.is_none() { "missing `Authorization: Bearer <key>` header" } else { "wrong API key" };
@@ -126,6 +126,9 @@ pub async fn chat_completions(State(st): St, body: Result<Bytes, BytesRejection>
         let checked = api::check_sampling(&s)?;
         let conv = api::conversation(&req.messages)?;
         let tok = st.loaded.tok.as_ref().expect("checked at start-up");
+        // The template writes the turns' markers; a marker inside a message would be read as
+        // one (a client could end its turn and write a system one).
+        api::check_no_markers(&conv, &tok.special_token_texts())?;
         let text = chat::render(st.template, conv.system.as_deref(), &conv.history, &conv.user);
         let ids = tokio::task::block_in_place(|| chat::encode_prompt(&st.loaded, tok, st.template, &text))
             .map_err(|e| ApiError::bad_request(format!("{e:#}"), Some("messages")))?;

@@ -38,8 +38,10 @@ pub struct PrepareDataReport {
 /// Training writes into `[output] dir` (it does not replace it, so it can resume), under the
 /// rule of every `--out`: never one of the run's inputs or a folder holding one, and, for a new
 /// run, never a folder holding files that training did not write (it would overwrite same-named
-/// ones and mix its files with the user's).
-pub(crate) fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Result<()> {
+/// ones and mix its files with the user's), nor one holding an earlier run's outputs without a
+/// checkpoint to resume from (its adapter would be replaced without a word). `recipe_file` is
+/// the recipe being run: a copy of it in `out` is no earlier run's.
+pub(crate) fn check_output_dir(recipe: &Recipe, recipe_file: &Path, out: &Path, resume: bool) -> Result<()> {
     let r = |p: &PathBuf| recipe.resolve(p);
     let mut inputs = vec![r(&recipe.model.path)];
     inputs.extend(recipe.model.tokenizer.iter().map(r));
@@ -69,6 +71,27 @@ pub(crate) fn check_output_dir(recipe: &Recipe, out: &Path, resume: bool) -> Res
             foreign.join(", ")
         );
     }
+    // With checkpoints, training's own error says to pass --resume.
+    let has_checkpoints = std::fs::read_dir(out.join("checkpoints")).map(|mut d| d.next().is_some()).unwrap_or(false);
+    if !has_checkpoints {
+        let same_recipe = |p: &Path| std::fs::read(p).ok() == std::fs::read(recipe_file).ok();
+        let earlier: Vec<&str> = [
+            ("adapter", out.join("adapter").exists()),
+            ("report.json", out.join("report.json").exists()),
+            ("metrics.jsonl", std::fs::metadata(out.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false)),
+            ("recipe.toml", out.join("recipe.toml").exists() && !same_recipe(&out.join("recipe.toml"))),
+        ]
+        .into_iter()
+        .filter_map(|(name, there)| there.then_some(name))
+        .collect();
+        if !earlier.is_empty() {
+            bail!(
+                "[output] dir {} holds an earlier run's outputs ({}) and no checkpoint to resume from: choose a new [output] dir, or delete them to train there again",
+                out.display(),
+                earlier.join(", ")
+            );
+        }
+    }
     Ok(())
 }
 
@@ -78,15 +101,20 @@ pub fn store_dir(out: &Path) -> PathBuf {
 }
 
 /// The encoder training builds, from the model's config.json and the recipe: the same
-/// tokenizer, BOS/EOS and vocabulary size, hence the same store keys.
-pub fn data_encoder(tokenizer: Option<&Path>, bos: Option<u32>, eos: u32, vocab: usize, all_tokenized: bool) -> Result<Encoder> {
+/// tokenizer, BOS/EOS and vocabulary size, hence the same store keys. `extended`: the model's
+/// `vocab` rows already count a `[vocab]` extension.
+pub fn data_encoder(tokenizer: Option<&Path>, bos: Option<u32>, eos: u32, vocab: usize, all_tokenized: bool, extended: bool) -> Result<Encoder> {
     let mut enc = match tokenizer {
         Some(t) => Encoder::from_file(t, bos, eos)?,
         None if all_tokenized => ids_only_encoder(vocab, eos)?,
         None => bail!("the model has no tokenizer.json: add [model] tokenizer, or use only `tokenized` data"),
     };
     if enc.vocab_size > vocab {
-        bail!("the tokenizer has {} tokens but the model {vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
+        let t = tokenizer.map_or(String::new(), |t| format!(" {}", t.display()));
+        if extended {
+            bail!("the tokenizer{t} has {} tokens but the [vocab] extension grows the model to {vocab} rows: the extension was made for another tokenizer; use the tokenizer `vocab extend` wrote beside it, or an extension made from this tokenizer", enc.vocab_size);
+        }
+        bail!("the tokenizer{t} has {} tokens but the model {vocab} rows: add a [vocab] extension so the model grows with the tokenizer", enc.vocab_size);
     }
     enc.vocab_size = vocab;
     Ok(enc)
@@ -128,29 +156,41 @@ pub(crate) fn vocab_extension(recipe: &Recipe, tokenizer: Option<&Path>, out: &P
     Ok(Some((ext_path, tok_dir)))
 }
 
-/// Tokenizer, BOS, EOS and vocabulary size as [`super::run::prepare`] leaves the model, read
-/// from config files only. An in-run extension (`[vocab] add`) is built here as train builds it.
-fn model_inputs(recipe: &Recipe, out: &Path) -> Result<(Option<PathBuf>, Option<u32>, u32, usize)> {
+/// What the data encoder needs of the model as [`super::run::prepare`] leaves it.
+struct ModelInputs {
+    tokenizer: Option<PathBuf>,
+    bos: Option<u32>,
+    eos: u32,
+    vocab: usize,
+    /// `vocab` counts a `[vocab]` extension.
+    extended: bool,
+}
+
+/// [`ModelInputs`], read from config files only. An in-run extension (`[vocab] add`) is built
+/// here as train builds it.
+fn model_inputs(recipe: &Recipe, out: &Path) -> Result<ModelInputs> {
     let model_dir = recipe.resolve(&recipe.model.path);
     let cfg = crate::config::LlamaConfig::load(&model_dir)?;
     let mut tokenizer = model_tokenizer(recipe, &model_dir);
     let mut vocab = cfg.vocab_size;
-    if let Some((ext_path, tok_dir)) = vocab_extension(recipe, tokenizer.as_deref(), out)? {
+    let extension = vocab_extension(recipe, tokenizer.as_deref(), out)?;
+    let extended = extension.is_some();
+    if let Some((ext_path, tok_dir)) = extension {
         vocab = VocabExtension::load(&ext_path)?.new_vocab;
         tokenizer = tok_dir.or(tokenizer);
     }
     let eos = cfg.eos_token_ids.first().copied().unwrap_or(2);
-    Ok((tokenizer, cfg.bos_token_id, eos, vocab))
+    Ok(ModelInputs { tokenizer, bos: cfg.bos_token_id, eos, vocab, extended })
 }
 
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    check_output_dir(&recipe, &out, true)?;
+    check_output_dir(&recipe, &o.recipe, &out, true)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
-    let (tokenizer, bos, eos, vocab) = model_inputs(&recipe, &out)?;
+    let ModelInputs { tokenizer, bos, eos, vocab, extended } = model_inputs(&recipe, &out)?;
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
-    let enc = data_encoder(tokenizer.as_deref(), bos, eos, vocab, all_tokenized)?;
+    let enc = data_encoder(tokenizer.as_deref(), bos, eos, vocab, all_tokenized, extended)?;
     let dir = store_dir(&out);
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&dir), o.progress)?;
     let sources = sources

@@ -291,10 +291,23 @@ fn check_row_map_rank(recipe: &Recipe) -> Result<()> {
 pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
+    let out = recipe.resolve(&recipe.output.dir);
+    let created = !out.exists();
+    let result = run(opts, t_entry, recipe, &out);
+    // A run that fails before its first step leaves no folder behind, only its error. One that
+    // logged steps keeps them: they are what explains the failure.
+    let logged = std::fs::metadata(out.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false);
+    if result.is_err() && created && !logged && !out.join("checkpoints").exists() {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    result
+}
+
+fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Result<TrainReport> {
     // The parsed recipe, not its text: comments and formatting may change between resumes.
     let recipe_text = serde_json::to_string(&recipe)?;
-    let out = recipe.resolve(&recipe.output.dir);
-    super::prepare_data::check_output_dir(&recipe, &out, opts.resume)?;
+    let out = out.to_path_buf();
+    super::prepare_data::check_output_dir(&recipe, &opts.recipe, &out, opts.resume)?;
     let hidden_layer = hidden_distill_layer(&recipe)?;
     check_row_map_rank(&recipe)?;
     std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
@@ -312,6 +325,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
         None => recipe.lora.init_from.as_ref().map(|p| recipe.resolve(p)),
     };
     let Prepared { mut model, tokenizer, extension, old_vocab, head_moved } = prepare(&recipe, &device, &out, adapter_dir.as_deref())?;
+    let context = model.config.max_position_embeddings;
+    ensure!(
+        recipe.train.seq_len <= context,
+        "[train] seq_len = {} is longer than the model's context of {context} tokens ({} config.json max_position_embeddings): positions beyond it were never trained; set seq_len = {context} or less",
+        recipe.train.seq_len,
+        recipe.model.path.display()
+    );
     let bf16 = pack_frozen_bf16(&mut model, recipe.train.frozen_products)?;
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
@@ -320,7 +340,7 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let eos = model.config.eos_token_ids.first().copied().unwrap_or(2);
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
     // The same encoder as `data prepare` builds, so its stores are found here.
-    let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized)?;
+    let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized, extension.is_some())?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let weights = SourceWeights::new(&recipe);
     let teacher = match weights.chain.iter().any(|&w| w > 0.0) {
@@ -349,7 +369,12 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let metrics_path = out.join("metrics.jsonl");
     let mut metrics = open_metrics(&metrics_path, start)?;
     if start == 0 {
-        std::fs::copy(&opts.recipe, out.join("recipe.toml"))?;
+        // A recipe kept in its own [output] dir is that copy already (copying a file onto
+        // itself would truncate it).
+        let copy = out.join("recipe.toml");
+        if !copy.exists() || !crate::io::atomic::same_file(&opts.recipe, &copy) {
+            crate::io::atomic::write(&copy, &std::fs::read(&opts.recipe).with_context(|| format!("cannot read {}", opts.recipe.display()))?)?;
+        }
     }
 
     // A resumed run keeps the plan it was given and makes no new one: the budget's clock
@@ -672,7 +697,8 @@ fn evaluate(recipe: &Recipe, model: &Llama, tokenizer: Option<&Path>, first_adde
     for e in &recipe.eval {
         let path = recipe.resolve(&e.path);
         let text = crate::tokenizer::read_text(&path)?;
-        let r = crate::infer::eval::eval_text(&loaded, &text, Some(recipe.train.seq_len.max(256)))?;
+        let window = recipe.train.seq_len.max(256).min(loaded.model.config.max_position_embeddings);
+        let r = crate::infer::eval::eval_text(&loaded, &text, Some(window))?;
         let mut v = serde_json::json!({"name": e.name.clone().unwrap_or_else(|| path.display().to_string()), "lang": e.lang, "bits_per_char": r.bits_per_char, "mean_nll": r.mean_nll, "tokens": r.tokens});
         if let Some(sp) = &r.by_vocab {
             v["added_bits_per_char"] = serde_json::json!(sp.added.bits_per_char);

@@ -154,6 +154,9 @@ pub struct GgufMmap {
 impl GgufMmap {
     /// Maps `path` read-only.
     pub fn open(path: &Path) -> Result<Self> {
+        if path.is_dir() {
+            anyhow::bail!("{} is a folder: pass the .gguf file itself", path.display());
+        }
         let file = std::fs::File::open(path).with_context(|| format!("cannot open GGUF file {}", path.display()))?;
         // SAFETY: the map is read-only and private to this process. Another process truncating
         // or rewriting the file while it is mapped is outside what any mmap-based reader can
