@@ -73,8 +73,10 @@ fn existing_out_is_refused_and_left_byte_identical() {
     for cmd in inputs.commands() {
         let cmd: Vec<&str> = cmd.iter().map(String::as_str).collect();
         for out in [&folder, &file] {
+            // Of the command's own kind: `--force` would replace it. Of the other kind: not even
+            // `--force` would.
             let err = refused(&cmd, out);
-            assert!(err.contains("already exists") && err.contains("--force"), "{cmd:?} --out {}: {err}", out.display());
+            assert!(err.contains("--force") && (err.contains("already exists") || err.contains("and this command writes")), "{cmd:?} --out {}: {err}", out.display());
         }
     }
     assert!(before == (snapshot(scratch.path()), snapshot(inputs.dir.path())), "a refused command changed files");
@@ -109,7 +111,8 @@ fn own_input_is_refused_even_with_force() {
     }
     assert!(before == snapshot(inputs.dir.path()), "a refused command changed its input");
 }
-/// `--force` replaces an existing output, file or folder, once the new one is complete.
+/// `--force` replaces an existing output, file or folder, once the new one is complete; a folder
+/// only when it is an earlier output, not a folder of the user's files.
 #[test]
 fn force_replaces_only_when_done() {
     let inputs = Inputs::new();
@@ -122,6 +125,9 @@ fn force_replaces_only_when_done() {
     let packed = scratch.path().join("packed");
     std::fs::create_dir(&packed).unwrap();
     std::fs::write(packed.join("old.txt"), "old").unwrap();
+    let (ok, _, err) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("adapter"), "--out", s(&packed), "--force"], None);
+    assert!(!ok && err.contains("holds no model, adapter or tokenizer (old.txt)"), "{err}");
+    std::fs::write(packed.join("adapter_config.json"), "{}").unwrap();
     let (ok, _, err) = run_cli(&["adapter", "pack", "--adapter", &inputs.p("adapter"), "--out", s(&packed), "--force"], None);
     assert!(ok, "{err}");
     assert!(packed.join("adapter_model.safetensors").exists() && !packed.join("old.txt").exists());

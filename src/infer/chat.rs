@@ -73,14 +73,23 @@ pub fn repl(
     opts.stop_ids = stop_ids(loaded, tok, template);
     let mut history: Vec<Turn> = Vec::new();
     writeln!(out, "linly-lora chat ({template:?} template). /reset clears the history, /quit or Ctrl-D exits.")?;
+    if system.is_some() && template == Template::Alpaca {
+        writeln!(out, "(the alpaca template has no system prompt: --system is not used)")?;
+    }
     loop {
         write!(out, "\n> ")?;
         out.flush()?;
-        let mut line = String::new();
-        if input.read_line(&mut line)? == 0 {
+        let mut raw = Vec::new();
+        if input.read_until(b'\n', &mut raw)? == 0 {
             writeln!(out)?;
             return Ok(());
         }
+        // A line that is not UTF-8 (a terminal in another encoding) is one bad message, not the
+        // end of the session.
+        let Ok(line) = String::from_utf8(raw) else {
+            writeln!(out, "error: that line is not UTF-8 text; set the terminal to UTF-8 and type it again")?;
+            continue;
+        };
         let msg = line.trim_end_matches(['\n', '\r']).trim();
         match msg {
             "" => continue,
@@ -88,6 +97,12 @@ pub fn repl(
             "/reset" => {
                 history.clear();
                 writeln!(out, "(history cleared)")?;
+                continue;
+            }
+            // A message that starts with a slash and one word is a mistyped command, not a
+            // question (a path such as `/usr/bin x` has more than one word, and is sent).
+            cmd if cmd.starts_with('/') && !cmd.contains(char::is_whitespace) && cmd.len() > 1 && cmd[1..].chars().all(|c| c.is_ascii_alphabetic()) => {
+                writeln!(out, "unknown command {cmd}: /reset clears the history, /quit exits")?;
                 continue;
             }
             _ => {}

@@ -107,11 +107,11 @@ pub fn check_out(out: &Path, inputs: &[&Path], force: bool, kind: OutKind) -> Re
             anyhow::bail!("--out {}: {} is a file, not a folder; choose an --out inside a folder", out.display(), parent.display());
         }
     }
+    if kind == OutKind::File && out.as_os_str().to_string_lossy().ends_with('/') {
+        anyhow::bail!("--out {} ends with a slash, which names a folder; this command writes a file: name the file", out.display());
+    }
     clean_stale(out);
     let Some(meta) = meta else { return Ok(()) };
-    if !force {
-        anyhow::bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
-    }
     let found = if fs::metadata(out).map(|m| m.is_dir()).unwrap_or(meta.is_dir()) { OutKind::Folder } else { OutKind::File };
     if found != kind {
         anyhow::bail!(
@@ -122,7 +122,33 @@ pub fn check_out(out: &Path, inputs: &[&Path], force: bool, kind: OutKind) -> Re
             kind.name()
         );
     }
+    if !force {
+        anyhow::bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
+    }
+    if kind == OutKind::Folder {
+        check_replaceable_folder(out)?;
+    }
     Ok(())
+}
+
+/// What marks a folder as one a command wrote: a model, an adapter or a tokenizer.
+const OUTPUT_MARKERS: [&str; 4] = ["config.json", "adapter_config.json", "tokenizer.json", "vocab_extension.json"];
+
+/// `--force` replaces a folder only when it is empty or an earlier output (it holds a model,
+/// an adapter or a tokenizer): a folder of other files is the user's, not a result to redo.
+fn check_replaceable_folder(out: &Path) -> Result<()> {
+    let names: Vec<String> = fs::read_dir(out).with_context(|| format!("cannot read {}", out.display()))?.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    if names.is_empty() || names.iter().any(|n| OUTPUT_MARKERS.contains(&n.as_str())) {
+        return Ok(());
+    }
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).take(5).collect();
+    shown.sort_unstable();
+    anyhow::bail!(
+        "{} holds no model, adapter or tokenizer ({}{}): --force replaces only an earlier output; choose another --out",
+        out.display(),
+        shown.join(", "),
+        if names.len() > 5 { ", …" } else { "" }
+    )
 }
 
 /// The part of [`check_out`] for outputs that are written into rather than replaced (training's
@@ -349,9 +375,17 @@ mod tests {
         let project = root.path().join("project");
         fs::create_dir(&project).unwrap();
         fs::write(project.join("notes.txt"), b"mine").unwrap();
-        let e = format!("{:#}", check_out(&project, &[&input], true, OutKind::File).unwrap_err());
-        assert!(e.contains("is a folder and this command writes a file"), "{e}");
+        for force in [false, true] {
+            let e = format!("{:#}", check_out(&project, &[&input], force, OutKind::File).unwrap_err());
+            assert!(e.contains("is a folder and this command writes a file"), "{e}");
+        }
+        // Nor does it replace a folder of the user's files with a model: only an earlier output.
+        let e = format!("{:#}", check_out(&project, &[&input], true, OutKind::Folder).unwrap_err());
+        assert!(e.contains("holds no model, adapter or tokenizer (notes.txt)"), "{e}");
+        fs::write(project.join("config.json"), b"{}").unwrap();
         check_out(&project, &[&input], true, OutKind::Folder).unwrap();
+        let e = format!("{:#}", check_out(&root.path().join("new.gguf/"), &[&input], false, OutKind::File).unwrap_err());
+        assert!(e.contains("ends with a slash"), "{e}");
         let e = format!("{:#}", check_out(&other.join("m"), &[&input], false, OutKind::Folder).unwrap_err());
         assert!(e.contains("is a file, not a folder"), "{e}");
         // A hard link to the input is the input.

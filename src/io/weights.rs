@@ -16,10 +16,18 @@ pub struct WeightStore {
 
 impl WeightStore {
     pub fn open(dir: &Path) -> Result<Self> {
+        if dir.is_file() {
+            bail!("{} is a file: pass the model's folder (config.json and safetensors)", dir.display());
+        }
         let single = dir.join("model.safetensors");
         let index_path = dir.join("model.safetensors.index.json");
         let mut files = Vec::new();
         let mut index = HashMap::new();
+        // Which one is the model is a guess (transformers takes the single file, a re-sharding
+        // left the other behind): say so rather than fail later on a tensor one of them lacks.
+        if index_path.exists() && single.exists() {
+            bail!("{} holds both model.safetensors and model.safetensors.index.json: remove the one that is not this model's", dir.display());
+        }
         if index_path.exists() {
             let text = std::fs::read_to_string(&index_path).with_context(|| format!("cannot read {}", index_path.display()))?;
             let json: serde_json::Value =

@@ -106,7 +106,7 @@ pub struct StreamOptions {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of strings")]
 pub enum Stop {
     One(String),
     Many(Vec<String>),
@@ -126,7 +126,7 @@ pub struct Message {
 
 /// A message's content: a string, or an array of parts of which only `text` parts are accepted.
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of {\"type\": \"text\", \"text\": ...} parts")]
 pub enum Content {
     Text(String),
     Parts(Vec<Part>),
@@ -145,7 +145,7 @@ pub struct CompletionRequest {
 }
 
 #[derive(Debug, Deserialize)]
-#[serde(untagged)]
+#[serde(untagged, expecting = "a string or an array of strings")]
 pub enum Prompt {
     Text(String),
     Batch(Vec<String>),
@@ -200,7 +200,7 @@ pub fn check_no_markers(conv: &Conversation, markers: &[String]) -> Result<(), A
     let texts = conv.system.iter().chain(conv.history.iter().flat_map(|t| [&t.user, &t.assistant])).chain([&conv.user]);
     for text in texts {
         if let Some(m) = markers.iter().find(|m| text.contains(m.as_str())) {
-            return Err(ApiError::bad_request(format!("a message holds the control token `{m}`, which the chat template writes itself; remove it from the message"), Some("messages")));
+            return Err(ApiError::bad_request(format!("a message holds the control token `{m}`, which inside a message would act as one (end the turn, start another): remove it"), Some("messages")));
         }
     }
     Ok(())

@@ -159,6 +159,7 @@ fn router(st: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/health", get(routes::health))
         .merge(v1)
         .fallback(routes::not_found)
+        .method_not_allowed_fallback(routes::method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(|_: Box<dyn std::any::Any + Send>| {
             use axum::response::IntoResponse;

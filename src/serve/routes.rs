@@ -71,6 +71,10 @@ pub async fn not_found() -> ApiError {
     ApiError::new(StatusCode::NOT_FOUND, "invalid_request_error", "not_found", "unknown path: the endpoints are /v1/chat/completions, /v1/completions, /v1/models and /health")
 }
 
+pub async fn method_not_allowed() -> ApiError {
+    ApiError::new(StatusCode::METHOD_NOT_ALLOWED, "invalid_request_error", "method_not_allowed", "wrong method: the completions take POST, /v1/models and /health take GET")
+}
+
 /// `Authorization: Bearer KEY` on every `/v1` route when the server has a key.
 pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {

@@ -61,6 +61,8 @@ pub(crate) fn check_output_dir(recipe: &Recipe, recipe_file: &Path, out: &Path, 
         .into_iter()
         .flatten()
         .flatten()
+        // The recipe being run may live in its own output folder, under any name.
+        .filter(|e| !crate::io::atomic::same_file(&e.path(), recipe_file))
         .map(|e| e.file_name().to_string_lossy().into_owned())
         .filter(|n| !OWN.contains(&n.as_str()) && !n.ends_with(".png") && !n.starts_with('.'))
         .collect();
@@ -186,12 +188,22 @@ fn model_inputs(recipe: &Recipe, out: &Path) -> Result<ModelInputs> {
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    check_output_dir(&recipe, &o.recipe, &out, true)?;
-    std::fs::create_dir_all(&out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
-    let ModelInputs { tokenizer, bos, eos, vocab, extended } = model_inputs(&recipe, &out)?;
+    let created = !out.exists();
+    let result = prepare_into(o, &recipe, &out);
+    // A failure leaves no folder it made (a store half built is rebuilt by the next run anyway).
+    if result.is_err() && created {
+        let _ = std::fs::remove_dir_all(&out);
+    }
+    result
+}
+
+fn prepare_into(o: &PrepareDataOptions, recipe: &Recipe, out: &Path) -> Result<PrepareDataReport> {
+    check_output_dir(recipe, &o.recipe, out, true)?;
+    std::fs::create_dir_all(out).with_context(|| format!("cannot create [output] dir {}", out.display()))?;
+    let ModelInputs { tokenizer, bos, eos, vocab, extended } = model_inputs(recipe, out)?;
     let all_tokenized = recipe.data.iter().all(|d| d.kind == data::SourceKind::Tokenized);
     let enc = data_encoder(tokenizer.as_deref(), bos, eos, vocab, all_tokenized, extended)?;
-    let dir = store_dir(&out);
+    let dir = store_dir(out);
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&dir), o.progress)?;
     let sources = sources
         .into_iter()

@@ -129,17 +129,26 @@ fn children_max_rss_kb() -> f64 {
     }
 }
 
-/// Runs the benchmark in `workdir` (created, and removed afterwards unless `keep`).
+/// Runs the benchmark in `workdir` (created, and removed afterwards unless `keep`, also when
+/// the benchmark fails).
 pub fn merge(shape: &str, rank: usize, workdir: &Path, keep: bool) -> Result<MergeBench> {
     let cfg = super::shape(shape, None)?;
     if workdir.exists() {
         bail!("{} exists; pass a fresh --workdir", workdir.display());
     }
+    let result = run(&cfg, shape, rank, workdir);
+    if !keep {
+        let _ = std::fs::remove_dir_all(workdir);
+    }
+    result
+}
+
+fn run(cfg: &crate::config::LlamaConfig, shape: &str, rank: usize, workdir: &Path) -> Result<MergeBench> {
     let base = workdir.join("base");
     eprintln!("writing a random {shape} f16 model to {} ...", base.display());
-    let bytes = write_random_model(&cfg, &base, FloatType::F16, 7)?;
-    write_random_adapter(&cfg, &workdir.join("adapter"), rank, 2.0 * rank as f64, 11)?;
-    let largest = weight_shapes(&cfg).iter().map(|(_, s)| s.iter().product::<usize>() * 2).max().unwrap_or(0);
+    let bytes = write_random_model(cfg, &base, FloatType::F16, 7)?;
+    write_random_adapter(cfg, &workdir.join("adapter"), rank, 2.0 * rank as f64, 11)?;
+    let largest = weight_shapes(cfg).iter().map(|(_, s)| s.iter().product::<usize>() * 2).max().unwrap_or(0);
     let time_copy = |k: usize| -> Result<f64> {
         let t = Instant::now();
         copy_dir(&base, &workdir.join(format!("copy{k}")))?;
@@ -162,15 +171,12 @@ pub fn merge(shape: &str, rank: usize, workdir: &Path, keep: bool) -> Result<Mer
         .context("running linly-lora merge")?;
     let merge_s = t.elapsed().as_secs_f64();
     if !status.success() {
-        bail!("merge failed");
+        bail!("the merge being timed failed (its error is above)");
     }
     let rss = children_max_rss_kb() / 1024.0;
     std::fs::remove_dir_all(workdir.join("merged"))?;
     let c2 = time_copy(2)?;
     let copy_s = c1.min(c2);
-    if !keep {
-        let _ = std::fs::remove_dir_all(workdir);
-    }
     Ok(MergeBench {
         shape: shape.into(),
         rank,
