@@ -107,6 +107,10 @@ fn text_eval_generate_and_chat_with_a_tokenizer() {
     assert!(out.contains("Alpaca") && out.contains("(history cleared)"), "{out}");
     let (ok, _, err) = run_cli(&["chat", "--model", s(&m), "--template", "chatml", "--max-new-tokens", "2"], Some("hi\n/quit\n"));
     assert!(ok, "{err}");
+    // A mistyped command is not sent to the model; a path is; --system under alpaca is named.
+    let (ok, out, err) = run_cli(&["chat", "--model", s(&m), "--system", "be brief", "--max-new-tokens", "2"], Some("/rest\n/usr/bin is what\n"));
+    assert!(ok, "{err}");
+    assert!(out.contains("unknown command /rest") && !out.contains("unknown command /usr") && out.contains("--system is not used"), "{out}");
 }
 
 #[test]

@@ -150,3 +150,14 @@ fn unknown_rope_type_is_rejected() {
     let e = load_err(dir.path());
     assert!(e.contains("dynamic") && e.contains("linear"), "{e}");
 }
+
+/// A folder with both a single weights file and a shard index is ambiguous (a re-sharding left
+/// one behind): refused by name, not loaded from whichever one was looked at first.
+#[test]
+fn single_file_beside_a_shard_index() {
+    let dir = tempfile::tempdir().unwrap();
+    copy_base(dir.path());
+    std::fs::write(dir.path().join("model.safetensors.index.json"), r#"{"weight_map": {}}"#).unwrap();
+    let e = load_err(dir.path());
+    assert!(e.contains("holds both model.safetensors and model.safetensors.index.json"), "{e}");
+}
