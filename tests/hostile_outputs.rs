@@ -240,4 +240,8 @@ fn train_refuses_rows_longer_than_the_context_and_leaves_nothing() {
     let (ok, _, err) = run_cli(&["train", s(&rp), "--quiet"], None);
     assert!(!ok && err.contains("seq_len = 100000") && err.contains("context"), "{err}");
     assert!(!dir.path().join("out").exists(), "a failed run left its folder");
+    // Nor the folders it made on the way to a nested one.
+    std::fs::write(&rp, recipe.replace("dir = \"out\"", "dir = \"made/on/the/way\"")).unwrap();
+    let (ok, _, _) = run_cli(&["train", s(&rp), "--quiet"], None);
+    assert!(!ok && !dir.path().join("made").exists(), "a failed run left the folders above its own");
 }

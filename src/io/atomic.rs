@@ -71,6 +71,22 @@ pub fn same_file(a: &Path, b: &Path) -> bool {
     }
 }
 
+/// The outermost folder on the way to `dir` that does not exist yet (`dir` itself when only it is
+/// missing): what creating `dir` makes, and so what a command that fails may remove again.
+pub fn outermost_missing(dir: &Path) -> Option<PathBuf> {
+    if dir.symlink_metadata().is_ok() {
+        return None;
+    }
+    let mut top = dir.to_path_buf();
+    while let Some(parent) = top.parent() {
+        if parent.as_os_str().is_empty() || parent.symlink_metadata().is_ok() {
+            break;
+        }
+        top = parent.to_path_buf();
+    }
+    Some(top)
+}
+
 /// What a command writes at its `--out`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutKind {
@@ -349,6 +365,17 @@ mod tests {
         fs::write(&unrelated, b"x").unwrap();
         assert_eq!(clean_stale(&out), 1);
         assert!(!stale.exists() && live.exists() && unrelated.exists());
+    }
+
+    #[test]
+    fn outermost_missing_is_what_creating_makes() {
+        let root = tempfile::tempdir().unwrap();
+        assert_eq!(outermost_missing(root.path()), None);
+        let deep = root.path().join("a/b/c");
+        assert_eq!(outermost_missing(&deep), Some(root.path().join("a")));
+        fs::create_dir_all(root.path().join("a/b")).unwrap();
+        assert_eq!(outermost_missing(&deep), Some(deep.clone()));
+        assert_eq!(outermost_missing(Path::new("surely-not-here-42")), Some(PathBuf::from("surely-not-here-42")));
     }
 
     #[test]

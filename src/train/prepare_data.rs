@@ -188,11 +188,11 @@ fn model_inputs(recipe: &Recipe, out: &Path) -> Result<ModelInputs> {
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    let created = !out.exists();
+    let created = crate::io::atomic::outermost_missing(&out);
     let result = prepare_into(o, &recipe, &out);
     // A failure leaves no folder it made (a store half built is rebuilt by the next run anyway).
-    if result.is_err() && created {
-        let _ = std::fs::remove_dir_all(&out);
+    if let (Err(_), Some(top)) = (&result, &created) {
+        let _ = std::fs::remove_dir_all(top);
     }
     result
 }

@@ -292,13 +292,13 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    let created = !out.exists();
+    let created = crate::io::atomic::outermost_missing(&out);
     let result = run(opts, t_entry, recipe, &out);
     // A run that fails before its first step leaves no folder behind, only its error. One that
     // logged steps keeps them: they are what explains the failure.
     let logged = std::fs::metadata(out.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false);
-    if result.is_err() && created && !logged && !out.join("checkpoints").exists() {
-        let _ = std::fs::remove_dir_all(&out);
+    if let (Err(_), Some(top), false, false) = (&result, &created, logged, out.join("checkpoints").exists()) {
+        let _ = std::fs::remove_dir_all(top);
     }
     result
 }
