@@ -343,9 +343,10 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized, extension.is_some())?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let weights = SourceWeights::new(&recipe);
-    let teacher = match weights.chain.iter().any(|&w| w > 0.0) {
-        true => Some(chain_teacher(&recipe, &model, &sources, &weights.chain, extension.as_deref(), hidden_layer, old_vocab, &head_moved, &device)?),
-        false => None,
+    let teacher = if weights.chain.iter().any(|&w| w > 0.0) {
+        Some(chain_teacher(&recipe, &model, &sources, &weights.chain, extension.as_deref(), hidden_layer, old_vocab, &head_moved, &device)?)
+    } else {
+        None
     };
     let mut mixer = Mixer::new(sources, mix_config(&recipe, model.config.eos_token_ids.first().copied().unwrap_or(0)))?;
     let source_names = super::metrics::source_labels(&recipe.data);
