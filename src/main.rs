@@ -52,7 +52,7 @@ fn run(cli: Cli) -> Result<()> {
             cinfer::chat(&o, &mut std::io::stdin().lock(), &mut std::io::stdout())
         }
         Cmd::Train(a) => {
-            let o = commands::train::TrainOptions { recipe: a.recipe, resume: a.resume, progress: !a.quiet, stop_after: a.stop_after };
+            let o = commands::train::TrainOptions { recipe: a.recipe, resume: a.resume, progress: !a.quiet, stop_after: a.stop_after, stop: None };
             emit(&commands::train::train(&o)?)
         }
         Cmd::Merge(a) => {

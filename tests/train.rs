@@ -437,6 +437,88 @@ plots = false
         }
     }
 
+    /// Waits until `out/metrics.jsonl` logs `n` steps, then calls `then`.
+    fn after_steps(out: PathBuf, n: usize, then: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
+        std::thread::spawn(move || {
+            while std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < n {
+                std::thread::sleep(std::time::Duration::from_millis(2));
+            }
+            then()
+        })
+    }
+
+    /// `TrainOptions::stop`, what Ctrl-C sets for the `train` command: the run ends at the next
+    /// step boundary with a checkpoint there and an error that says how to resume, and the
+    /// resumed run has the uninterrupted run's losses. Set before the first step, nothing is
+    /// trained and the output folder the run made is gone.
+    #[test]
+    fn a_stop_request_checkpoints_its_step_and_resumes_exactly() {
+        use std::sync::atomic::{AtomicBool, Ordering};
+        use std::sync::Arc;
+        let m_dir = tempfile::tempdir().unwrap();
+        let m = m_dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        // More steps than the test waits for: a stop that did not work ends in an Ok, not a hang.
+        let steps = 400;
+        let early = tempfile::tempdir().unwrap();
+        let stop = Some(Arc::new(AtomicBool::new(true)));
+        let err = train(&TrainOptions { recipe: text_recipe_d(early.path(), &m, steps, "", 0.0), stop, ..Default::default() }).unwrap_err();
+        assert!(format!("{err:#}").contains("before the first step"), "{err:#}");
+        assert!(!early.path().join("out").exists(), "a run stopped before its first step leaves no folder");
+
+        let b = tempfile::tempdir().unwrap();
+        let rb = text_recipe_d(b.path(), &m, steps, "", 0.0);
+        let flag = Arc::new(AtomicBool::new(false));
+        let set = flag.clone();
+        let watcher = after_steps(b.path().join("out"), 3, move || set.store(true, Ordering::SeqCst));
+        let err = train(&TrainOptions { recipe: rb.clone(), stop: Some(flag), ..Default::default() }).unwrap_err();
+        watcher.join().unwrap();
+        let msg = format!("{err:#}");
+        assert!(msg.contains("stopped by a signal after step") && msg.contains("--resume"), "{msg}");
+        let k = metrics(&b.path().join("out")).len();
+        assert!(k >= 3, "{k}");
+        assert!(b.path().join(format!("out/checkpoints/step-{k:08}/adapter/adapter_model.safetensors")).exists(), "no checkpoint at step {k}");
+        let rep = train(&TrainOptions { recipe: rb, resume: true, stop_after: Some(2), ..Default::default() }).unwrap();
+        assert_eq!((rep.start_step, rep.end_step), (k, k + 2));
+
+        let a = tempfile::tempdir().unwrap();
+        train(&TrainOptions { recipe: text_recipe_d(a.path(), &m, steps, "", 0.0), stop_after: Some(k + 2), ..Default::default() }).unwrap();
+        let (ma, mb) = (metrics(&a.path().join("out")), metrics(&b.path().join("out")));
+        assert_eq!((ma.len(), mb.len()), (k + 2, k + 2));
+        for (x, y) in ma.iter().zip(&mb) {
+            assert_eq!(x["loss"], y["loss"], "loss differs at step {}", x["step"]);
+        }
+    }
+
+    /// The `train` command with SIGINT: the handler lets the step under way finish, writes its
+    /// checkpoint and the command fails with how to resume (the library side is the test above).
+    #[cfg(unix)]
+    #[test]
+    fn ctrl_c_stops_the_train_command_with_a_checkpoint() {
+        use std::process::{Command, Stdio};
+        let m_dir = tempfile::tempdir().unwrap();
+        let m = m_dir.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let d = tempfile::tempdir().unwrap();
+        let r = text_recipe_d(d.path(), &m, 400, "", 0.0);
+        let child = Command::new(env!("CARGO_BIN_EXE_linly-lora")).args(["train", "--quiet"]).arg(&r).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        let pid = child.id() as libc::pid_t;
+        // SAFETY: signals the child spawned above, which has not been waited for yet.
+        after_steps(d.path().join("out"), 2, move || unsafe {
+            libc::kill(pid, libc::SIGINT);
+        })
+        .join()
+        .unwrap();
+        let out = child.wait_with_output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{err}");
+        assert!(err.contains("stopping after the step under way") && err.contains("stopped by a signal after step") && err.contains("--resume"), "{err}");
+        let k = metrics(&d.path().join("out")).len();
+        assert!(d.path().join(format!("out/checkpoints/step-{k:08}/state.json")).exists(), "no checkpoint at step {k}: {err}");
+    }
+
     /// `[train] row_map_rank`: the first step is the plain run's (the map's `B` starts at zero),
     /// the steps after it are not, and a run stopped and resumed ends with the uninterrupted
     /// run's losses and adapter, byte for byte (the map's factors ride in the checkpoint).

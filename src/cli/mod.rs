@@ -40,6 +40,10 @@ pub enum Cmd {
     /// Interactive chat REPL (/reset clears history, /quit or Ctrl-D exits)
     Chat(ChatArgs),
     /// Train LoRA + embedding/LM head from a recipe.toml (see recipes/README.md)
+    #[command(long_about = "Train LoRA + embedding/LM head from a recipe.toml (see recipes/README.md). Writes \
+metrics.jsonl, checkpoints every [output] save_every steps and, at the end, the adapter to the recipe's [output] dir. \
+Ctrl-C or SIGTERM stops the run after the step under way and writes a checkpoint there (a second signal quits at \
+once); continue it with --resume.")]
     Train(TrainArgs),
     /// Merge LoRA adapters (and their embedding/LM-head tables) into the base model, streamed
     Merge(MergeArgs),

@@ -6,9 +6,12 @@ pub use crate::train::run::{TrainOptions, TrainReport};
 use anyhow::Result;
 use std::fmt;
 
+/// Runs the recipe; Ctrl-C or SIGTERM stops it at the next step boundary with a checkpoint
+/// (a second signal quits at once; [`crate::train::interrupt`]).
 pub fn train(o: &TrainOptions) -> Result<TrainReport> {
     // Every step allocates and frees the same large tensors (see `heap`).
     crate::heap::reuse_large_buffers();
+    let _signals = crate::train::interrupt::install();
     crate::train::run::train(o)
 }
 

@@ -20,6 +20,7 @@ use burn::module::Param;
 use serde::Serialize;
 use std::io::Write;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -31,6 +32,10 @@ pub struct TrainOptions {
     pub progress: bool,
     /// Stop after this many steps in this invocation (as if killed), for resume tests.
     pub stop_after: Option<usize>,
+    /// Set it (from another thread) to end the run at the next step boundary with a checkpoint
+    /// there, as Ctrl-C does for the `train` command ([`super::interrupt`]); the run then
+    /// returns an error that says how to resume.
+    pub stop: Option<Arc<AtomicBool>>,
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -401,8 +406,12 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let mut end = end_at(total);
     let mut first_step_done: Option<Instant> = None;
     let fp32 = recipe.dtype() == crate::io::safetensors::FloatType::F32;
+    let stop_requested = || super::interrupt::requested() || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let mut step = start;
     while step < end {
+        if step == start && stop_requested() {
+            bail!("stopped by a signal before the first step; nothing was trained or saved");
+        }
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
             enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, bf16)?;
@@ -508,11 +517,25 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
             writeln!(metrics, "{}", serde_json::json!({"step": done, "eval": ev}))?;
         }
-        if done % recipe.output.save_every == 0 || done == total {
+        // A stop asked for while the run still has steps to go: a checkpoint here, then an error,
+        // so that a script does not go on to merge an adapter that was never written.
+        let stop = done < end && stop_requested();
+        if done % recipe.output.save_every == 0 || done == total || stop {
             let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
-            checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
+            let dir = checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
+            if stop {
+                if let Some(b) = &bar {
+                    b.abandon();
+                }
+                bail!(
+                    "stopped by a signal after step {done} of {total}: the checkpoint is {} (its LoRA and rows in {}); continue with `linly-lora train {} --resume`",
+                    dir.display(),
+                    dir.join("adapter").display(),
+                    opts.recipe.display()
+                );
+            }
         }
         step = done;
     }
