@@ -119,6 +119,14 @@ name = "zh held-out"
     let merged = d.join("merged");
     let (ok, _, err) = run_cli(&["merge", "--base", s(&resized), "--adapter", s(&d.join("run/adapter")), "--out", s(&merged)], None);
     assert!(ok, "{err}");
+    // The adapter's tables are the resized model's, larger than the base's, and its folder has no
+    // tokenizer (the recipe trained a model resized beforehand): on the base, the base's own
+    // tokenizer would never write the added rows, so that is refused; with the extended one it runs.
+    let on_base = |tok_flag: &[&str]| run_cli(&[&["eval", "--model", s(&base), "--adapter", s(&d.join("run/adapter")), "--text", s(&zh_eval)], tok_flag].concat(), None);
+    let (ok, _, err) = on_base(&[]);
+    assert!(!ok && err.contains("grow the vocabulary from 32000"), "{err}");
+    let (ok, _, err) = on_base(&["--tokenizer", s(&tok)]);
+    assert!(ok, "{err}");
     let after = bits_per_char(&merged, &zh_eval);
     eprintln!("held-out Chinese bits/char: {before:.3} -> {after:.3}");
     assert!(after < before, "held-out Chinese bits/char did not fall: {before} -> {after}");

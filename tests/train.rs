@@ -437,10 +437,12 @@ plots = false
         }
     }
 
-    /// Waits until `out/metrics.jsonl` logs `n` steps, then calls `then`.
+    /// Waits until `out/metrics.jsonl` logs `n` steps (or two minutes, so that a run that failed
+    /// early cannot hang the test), then calls `then`.
     fn after_steps(out: PathBuf, n: usize, then: impl FnOnce() + Send + 'static) -> std::thread::JoinHandle<()> {
         std::thread::spawn(move || {
-            while std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < n {
+            let t0 = std::time::Instant::now();
+            while std::fs::read_to_string(out.join("metrics.jsonl")).map(|t| t.lines().count()).unwrap_or(0) < n && t0.elapsed().as_secs() < 120 {
                 std::thread::sleep(std::time::Duration::from_millis(2));
             }
             then()
@@ -536,6 +538,8 @@ plots = false
         let rb = recipe(b.path(), true);
         std::fs::write(&rb, std::fs::read_to_string(&rb).unwrap().replace("save_every = 100", "save_every = 2")).unwrap();
         assert_eq!(train(&TrainOptions { recipe: rb.clone(), stop_after: Some(3), ..Default::default() }).unwrap().end_step, 3);
+        let ck = b.path().join("out/checkpoints/step-00000002/adapter");
+        assert!(ck.join("vocab_extension.json").exists() && ck.join("recipe.toml").exists(), "a checkpoint's adapter carries the files beside its tensors");
         train(&TrainOptions { recipe: rb, resume: true, ..Default::default() }).unwrap();
         let mb = metrics(&b.path().join("out"));
         assert_eq!(ma.len(), mb.len());

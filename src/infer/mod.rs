@@ -44,6 +44,7 @@ pub struct Loaded {
 pub fn load(spec: &ModelSpec) -> Result<Loaded> {
     let device = crate::device::parse(&spec.device)?;
     let mut model = Llama::load(&spec.model, &device, spec.dtype)?;
+    let base_rows = model.vocab_size();
     for a in &spec.adapters {
         model = crate::lora::adapter::apply(model, a, &device)?;
     }
@@ -51,6 +52,16 @@ pub fn load(spec: &ModelSpec) -> Result<Loaded> {
     let tok = Tok::load_optional(&tok_dir)?;
     if let Some(t) = &tok {
         let tv = t.vocab_size();
+        // Rows an adapter added that this tokenizer never writes: the text would be read in the
+        // old pieces by a model trained on the new ones (a checkpoint's adapter from before
+        // checkpoints carried their tokenizer scored 10.4 bits/char where it was worth 7.8).
+        if tv <= base_rows && base_rows < model.vocab_size() {
+            anyhow::bail!(
+                "the adapters grow the vocabulary from {base_rows} to {} pieces but the tokenizer in {} has {tv}: copy the extended tokenizer (tokenizer.json, tokenizer_config.json, vocab_extension.json) into the adapter folder or pass --tokenizer DIR",
+                model.vocab_size(),
+                tok_dir.display()
+            );
+        }
         if tv > model.vocab_size() {
             anyhow::bail!(
                 "tokenizer {} has {tv} tokens but the model has {} embedding rows: pass --adapter with the resized rows or a model resized with `linly-lora vocab resize`",

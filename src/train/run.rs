@@ -406,6 +406,10 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let mut end = end_at(total);
     let mut first_step_done: Option<Instant> = None;
     let fp32 = recipe.dtype() == crate::io::safetensors::FloatType::F32;
+    // The files beside the tensors (recipe, extended tokenizer): a checkpoint's adapter carries
+    // them too, so that `eval --adapter` reads text with the pieces its rows belong to.
+    let extra = adapter_extras(&opts.recipe, tokenizer.as_deref(), extension.as_deref());
+    let extra: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
     let stop_requested = || super::interrupt::requested() || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
     let mut step = start;
     while step < end {
@@ -524,7 +528,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
-            let dir = checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &[]))?;
+            let dir = checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &extra))?;
             if stop {
                 if let Some(b) = &bar {
                     b.abandon();
@@ -545,10 +549,8 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let mut adapter_out = None;
     if end == total {
         let ts = table_save(&stages, stages.len() - 1, old_vocab, &head_moved);
-        let extra = adapter_extras(&opts.recipe, tokenizer.as_deref(), extension.as_deref());
-        let refs: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
         let dir = out.join("adapter");
-        lora::save::save(&model, &adapter_config(&recipe), ts, &dir, &refs)?;
+        lora::save::save(&model, &adapter_config(&recipe), ts, &dir, &extra)?;
         adapter_out = Some(dir);
         if !recipe.eval.is_empty() {
             let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
