@@ -57,6 +57,16 @@ mod recipes {
         x.display().to_string()
     }
 
+    /// A random-weight model with the LLaMA-2 tokenizer in a temporary folder (kept alive by the
+    /// returned guard) and its path.
+    fn random_llama2_model() -> (tempfile::TempDir, PathBuf) {
+        let d = tempfile::tempdir().unwrap();
+        let m = d.path().join("m");
+        std::fs::create_dir(&m).unwrap();
+        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        (d, m)
+    }
+
     /// Writes a recipe into `dir` and returns its path.
     fn recipe(dir: &Path, body: &str) -> PathBuf {
         let f = dir.join("recipe.toml");
@@ -371,10 +381,7 @@ plots = false
     #[test]
     fn resume_after_kill_9_reproduces_the_uninterrupted_run() {
         use std::process::{Command, Stdio};
-        let m_dir = tempfile::tempdir().unwrap();
-        let m = m_dir.path().join("m");
-        std::fs::create_dir(&m).unwrap();
-        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let (_m_dir, m) = random_llama2_model();
         let bin = env!("CARGO_BIN_EXE_linly-lora");
         let a = tempfile::tempdir().unwrap();
         let ra = text_recipe(a.path(), &m, 10, "");
@@ -419,10 +426,7 @@ plots = false
 
     #[test]
     fn stop_and_resume_in_process_without_dropout() {
-        let m_dir = tempfile::tempdir().unwrap();
-        let m = m_dir.path().join("m");
-        std::fs::create_dir(&m).unwrap();
-        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let (_m_dir, m) = random_llama2_model();
         let a = tempfile::tempdir().unwrap();
         train(&TrainOptions { recipe: text_recipe_d(a.path(), &m, 6, "", 0.0), ..Default::default() }).unwrap();
         let b = tempfile::tempdir().unwrap();
@@ -457,10 +461,7 @@ plots = false
     fn a_stop_request_checkpoints_its_step_and_resumes_exactly() {
         use std::sync::atomic::{AtomicBool, Ordering};
         use std::sync::Arc;
-        let m_dir = tempfile::tempdir().unwrap();
-        let m = m_dir.path().join("m");
-        std::fs::create_dir(&m).unwrap();
-        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let (_m_dir, m) = random_llama2_model();
         // More steps than the test waits for: a stop that did not work ends in an Ok, not a hang.
         let steps = 400;
         let early = tempfile::tempdir().unwrap();
@@ -499,10 +500,7 @@ plots = false
     #[test]
     fn ctrl_c_stops_the_train_command_with_a_checkpoint() {
         use std::process::{Command, Stdio};
-        let m_dir = tempfile::tempdir().unwrap();
-        let m = m_dir.path().join("m");
-        std::fs::create_dir(&m).unwrap();
-        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let (_m_dir, m) = random_llama2_model();
         let d = tempfile::tempdir().unwrap();
         let r = text_recipe_d(d.path(), &m, 400, "", 0.0);
         let child = Command::new(env!("CARGO_BIN_EXE_linly-lora")).args(["train", "--quiet"]).arg(&r).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
@@ -557,10 +555,7 @@ plots = false
     /// also when the run is stopped after its plan and resumed (the checkpoint keeps the plan).
     #[test]
     fn a_time_budget_plans_where_the_run_ends() {
-        let m_dir = tempfile::tempdir().unwrap();
-        let m = m_dir.path().join("m");
-        std::fs::create_dir(&m).unwrap();
-        random_model(&m, 32000, Some(&fixture("llama2-tokenizer")));
+        let (_m_dir, m) = random_llama2_model();
         let recipe_with = |dir: &Path, minutes: Option<f64>| {
             let r = text_recipe_d(dir, &m, 14, "", 0.0);
             if let Some(x) = minutes {
