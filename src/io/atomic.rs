@@ -87,6 +87,20 @@ pub fn outermost_missing(dir: &Path) -> Option<PathBuf> {
     Some(top)
 }
 
+/// Runs `f`, which creates `dir` as it goes; when it fails, removes the folders it made on the
+/// way to `dir` ([`outermost_missing`]) unless `keep(dir)` says that what is there explains the
+/// failure. A command that fails leaves no folder of its own behind, only its error.
+pub fn remove_made_on_error<T>(dir: &Path, keep: impl FnOnce(&Path) -> bool, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    let made = outermost_missing(dir);
+    let result = f();
+    if let (Err(_), Some(top)) = (&result, &made) {
+        if !keep(dir) {
+            let _ = fs::remove_dir_all(top);
+        }
+    }
+    result
+}
+
 /// What a command writes at its `--out`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum OutKind {
@@ -157,8 +171,9 @@ fn check_replaceable_folder(out: &Path) -> Result<()> {
     if names.is_empty() || names.iter().any(|n| OUTPUT_MARKERS.contains(&n.as_str())) {
         return Ok(());
     }
-    let mut shown: Vec<&str> = names.iter().map(String::as_str).take(5).collect();
+    let mut shown: Vec<&str> = names.iter().map(String::as_str).collect();
     shown.sort_unstable();
+    shown.truncate(5);
     anyhow::bail!(
         "{} holds no model, adapter or tokenizer ({}{}): --force replaces only an earlier output; choose another --out",
         out.display(),

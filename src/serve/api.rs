@@ -193,8 +193,6 @@ fn content_text(m: &Message, i: usize) -> Result<String, ApiError> {
     }
 }
 
-/// Checks roles and order: system (or developer) messages first, then user and assistant
-/// alternating, ending with the user message to answer.
 /// Refuses a conversation whose text holds one of the tokenizer's special tokens (`markers`).
 pub fn check_no_markers(conv: &Conversation, markers: &[String]) -> Result<(), ApiError> {
     let texts = conv.system.iter().chain(conv.history.iter().flat_map(|t| [&t.user, &t.assistant])).chain([&conv.user]);
@@ -206,6 +204,8 @@ pub fn check_no_markers(conv: &Conversation, markers: &[String]) -> Result<(), A
     Ok(())
 }
 
+/// Checks roles and order: system (or developer) messages first, then user and assistant
+/// alternating, ending with the user message to answer.
 pub fn conversation(messages: &[Message]) -> Result<Conversation, ApiError> {
     if messages.is_empty() {
         return Err(ApiError::bad_request("`messages` is empty: send at least one user message", Some("messages")));

@@ -78,7 +78,7 @@ pub async fn method_not_allowed() -> ApiError {
 /// `Authorization: Bearer KEY` on every `/v1` route when the server has a key.
 pub async fn auth(State(st): St, req: Request, next: Next) -> Response {
     if let Some(key) = &st.api_key {
-        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, key)| key.trim()));
+        let given = req.headers().get(header::AUTHORIZATION).and_then(|v| v.to_str().ok()).and_then(|v| v.split_once(' ').filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer")).map(|(_, key)| key));
         let ok = given.is_some_and(|g| constant_time_eq(g.trim().as_bytes(), key.as_bytes()));
         if !ok {
             let msg = if given.is_none() { "missing `Authorization: Bearer <key>` header" } else { "wrong API key" };

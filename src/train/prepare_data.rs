@@ -188,13 +188,8 @@ fn model_inputs(recipe: &Recipe, out: &Path) -> Result<ModelInputs> {
 pub fn prepare_data(o: &PrepareDataOptions) -> Result<PrepareDataReport> {
     let recipe = Recipe::load(&o.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    let created = crate::io::atomic::outermost_missing(&out);
-    let result = prepare_into(o, &recipe, &out);
-    // A failure leaves no folder it made (a store half built is rebuilt by the next run anyway).
-    if let (Err(_), Some(top)) = (&result, &created) {
-        let _ = std::fs::remove_dir_all(top);
-    }
-    result
+    // A store half built is rebuilt by the next run anyway: nothing is kept.
+    crate::io::atomic::remove_made_on_error(&out, |_| false, || prepare_into(o, &recipe, &out))
 }
 
 fn prepare_into(o: &PrepareDataOptions, recipe: &Recipe, out: &Path) -> Result<PrepareDataReport> {

@@ -297,15 +297,10 @@ pub fn train(opts: &TrainOptions) -> Result<TrainReport> {
     let t_entry = Instant::now();
     let recipe = Recipe::load(&opts.recipe)?;
     let out = recipe.resolve(&recipe.output.dir);
-    let created = crate::io::atomic::outermost_missing(&out);
-    let result = run(opts, t_entry, recipe, &out);
-    // A run that fails before its first step leaves no folder behind, only its error. One that
-    // logged steps keeps them: they are what explains the failure.
-    let logged = std::fs::metadata(out.join("metrics.jsonl")).map(|m| m.len() > 0).unwrap_or(false);
-    if let (Err(_), Some(top), false, false) = (&result, &created, logged, out.join("checkpoints").exists()) {
-        let _ = std::fs::remove_dir_all(top);
-    }
-    result
+    // A run that logged steps or wrote a checkpoint keeps them: they explain the failure, or
+    // resume it.
+    let ran = |out: &Path| std::fs::metadata(out.join("metrics.jsonl")).is_ok_and(|m| m.len() > 0) || out.join("checkpoints").exists();
+    crate::io::atomic::remove_made_on_error(&out, ran, || run(opts, t_entry, recipe, &out))
 }
 
 fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Result<TrainReport> {
