@@ -62,6 +62,31 @@ pub fn available() -> bool {
     }
 }
 
+/// Whether the bf16 kernel outruns the f32 product here, which `frozen_products = "auto"` asks.
+/// AMD's AVX-512 cores (Zen 4 and later) run `vdpbf16ps` at twice the MACs of their f32 FMAs:
+/// the quickstart's student step was 1.33x faster on a 2-core Zen 4. Intel's Xeons issue it on
+/// one of their two 512-bit FMA ports, so it makes no more MACs a cycle than f32 FMAs and only
+/// adds the rounding: on a 2-core Emerald Rapids the step took 1.13-1.35x the f32 one (gemm's
+/// AVX-512 kernels; BENCHMARKS.md, "gemm's AVX-512 kernels").
+pub fn outruns_f32() -> bool {
+    available() && cpu_vendor() == *b"AuthenticAMD"
+}
+
+/// The CPUID vendor string (`GenuineIntel`, `AuthenticAMD`, ...); zeros off x86-64.
+fn cpu_vendor() -> [u8; 12] {
+    let mut v = [0u8; 12];
+    #[cfg(target_arch = "x86_64")]
+    {
+        // SAFETY: CPUID leaf 0 exists on every x86-64 CPU.
+        #[allow(unused_unsafe)]
+        let r = unsafe { std::arch::x86_64::__cpuid(0) };
+        for (i, w) in [r.ebx, r.edx, r.ecx].into_iter().enumerate() {
+            v[4 * i..4 * i + 4].copy_from_slice(&w.to_le_bytes());
+        }
+    }
+    v
+}
+
 /// A frozen `[n, k]` matrix packed for `x·Bᵀ` (see the module documentation).
 #[derive(Debug, Clone)]
 pub struct PackedT {
@@ -302,6 +327,17 @@ pub fn frozen_matmul_t(x: &Tensor<2>, p: &Arc<FrozenBf16>) -> Option<Tensor<2>> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn auto_picks_bf16_only_where_the_kernel_runs() {
+        let v = cpu_vendor();
+        if cfg!(target_arch = "x86_64") {
+            assert!(v.iter().all(|b| b.is_ascii_graphic()), "{v:?}");
+        } else {
+            assert_eq!(v, [0; 12]);
+        }
+        assert!(!outruns_f32() || available());
+    }
 
     fn fixed(n: usize, seed: usize) -> Vec<f32> {
         (0..n).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0).collect()

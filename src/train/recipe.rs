@@ -251,10 +251,11 @@ pub enum FrozenProducts {
     F32,
     /// The frozen weights (the projections and the LM head's old rows) packed in bf16 once and
     /// the activations rounded to bf16 as they are read, with f32 sums: ~1.5–1.8× the f32
-    /// product on a CPU with AVX512-BF16, which it needs.
+    /// product on an AMD CPU with AVX512-BF16 (which it needs), no faster on Intel's Xeons.
     Bf16,
-    /// `bf16` where it runs (f32 weights on a CPU with AVX512-BF16), `f32` elsewhere: what the
-    /// quickstart's recipe sets, so that one recipe trains fastest on every machine.
+    /// `bf16` where it runs and is the faster (f32 weights on an AMD CPU with AVX512-BF16;
+    /// on Intel's Xeons it is not, see [`crate::kernels::bf16::outruns_f32`]), `f32` elsewhere:
+    /// what the quickstart's recipe sets, so that one recipe trains fastest on every machine.
     Auto,
 }
 

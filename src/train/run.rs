@@ -238,13 +238,14 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
 /// `[train] frozen_products`: every dense frozen projection packed once for the bf16 products
 /// ([`crate::kernels::bf16`]); the f32 weights stay the model's and are what is saved. The LM
 /// head's frozen old rows are packed by [`enter_stage`], which rebuilds the tables. `bf16`
-/// refuses a machine it cannot run on; `auto` then keeps the f32 products. Returns whether the
-/// products run in bf16.
+/// refuses a machine it cannot run on; `auto` keeps the f32 products there and wherever bf16
+/// would not be faster ([`crate::kernels::bf16::outruns_f32`]). Returns whether the products run
+/// in bf16.
 fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
-    if mode == FrozenProducts::F32 {
+    let strict = mode == FrozenProducts::Bf16;
+    if mode == FrozenProducts::F32 || (!strict && !crate::kernels::bf16::outruns_f32()) {
         return Ok(false);
     }
-    let strict = mode == FrozenProducts::Bf16;
     if !crate::kernels::bf16::available() {
         ensure!(!strict, "[train] frozen_products = \"bf16\" needs a CPU with AVX512-BF16 and this one has none; set it to \"auto\" (or remove the key) to train with f32 products");
         return Ok(false);
