@@ -6,10 +6,10 @@
 //! tile's accumulators. Every result here is bit for bit what the AVX2 one-token kernels give
 //! for the same row and token (same integer lane sums, same f32 scale products, same
 //! accumulators and reduction), which is what keeps batched answers exact; the interleaved
-//! pairs of Q4_0/Q8_0 groups go through 512-bit versions for one token and for four
-//! ([`q4_0x16`], [`q8_0x16`]), whose lanes do the same.
+//! pairs of Q4_0/Q8_0/Q4_1 groups go through 512-bit versions for one, four and eight tokens
+//! ([`q4_0x16`], [`q8_0x16`], [`q4_1x16`]), whose lanes do the same.
 
-use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q5_0_BYTES, Q8_0X8_BYTES, Q8_0_BYTES};
+use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q4_1X8_BYTES, Q5_0_BYTES, Q8_0X8_BYTES, Q8_0_BYTES};
 use super::avx2::{bytes_from_bits, f16_scale, hsum, nibbles32, prefetch};
 use super::Kernels;
 use std::arch::x86_64::*;
@@ -39,6 +39,9 @@ pub fn kernels() -> Kernels {
         q8_0x16: Some(|w, a, s, d, n| unsafe { q8_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
         q8_0x16x4: Some(|w, a, s, d, n| unsafe { q8_0x16::<4>(w, a, s, d, n) }),
         q8_0x16x8: Some(|w, a, s, d, n| unsafe { q8_0x16::<8>(w, a, s, d, n) }),
+        q4_1x16: Some(|w, a, s, d, n| unsafe { q4_1x16::<1>(w, &[a], &[s], &[d], n)[0] }),
+        q4_1x16x4: Some(|w, a, s, d, n| unsafe { q4_1x16::<4>(w, a, s, d, n) }),
+        q4_1x16x8: Some(|w, a, s, d, n| unsafe { q4_1x16::<8>(w, a, s, d, n) }),
         name: "avx512vnni",
         ..super::avx2::kernels()
     }
@@ -200,7 +203,7 @@ unsafe fn x8<const N: usize, const L: usize>(w: &[u8], (bytes, stride): (usize, 
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
     let m4 = _mm512_set1_epi8(0x0F);
-    x16::<N, 5>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| {
+    x16::<N, 5, false>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| {
         let mut q = [_mm512_setzero_si512(); 8];
         for t in 0..4 {
             let raw = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
@@ -215,10 +218,31 @@ unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 9>(w, Q8_0X8_BYTES, a, act_sums, act_scales, nb, 128, |g0, g1| {
+    x16::<N, 9, false>(w, Q8_0X8_BYTES, a, act_sums, act_scales, nb, 128, |g0, g1| {
         let mut q = [_mm512_setzero_si512(); 8];
         for (t, qt) in q.iter_mut().enumerate() {
             *qt = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
+        }
+        q
+    })
+}
+
+/// Both groups of an interleaved Q4_1 pair ([`crate::ggml::blocks::X8_Q4_1`]: per block column
+/// the eight `d`, the eight `m`, then the nibbles) × `N` tokens. The nibbles are unsigned, which
+/// is `vpdpbusd`'s unsigned operand as they are, so there is no offset; each lane's integer sum
+/// is the AVX2 [`super::avx2`] `q4_1_column`'s, and its two FMAs (`d_w·d_a` times the sum, then
+/// `m_w` times `d_a·Σq_a`) come in the same order, so each output is bit for bit the AVX2
+/// kernels'. The chain teacher reads SmolLM2's exact Q4_1 weights through this product.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    let m4 = _mm512_set1_epi8(0x0F);
+    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, 0, |g0, g1| {
+        let mut q = [_mm512_setzero_si512(); 8];
+        for t in 0..4 {
+            let raw = halves(g0.add(32 + 32 * t), g1.add(32 + 32 * t));
+            q[t] = _mm512_and_si512(raw, m4);
+            q[4 + t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
         }
         q
     })
@@ -241,7 +265,7 @@ unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
+unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: usize, a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
     assert!(w.len() >= 2 * nb * bytes);
     for ((r, s), d) in a.iter().zip(act_sums).zip(act_scales) {
         assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb && d.len() >= nb);
@@ -253,6 +277,8 @@ unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: &[&[u8]
         prefetch::<L>(g0);
         let q = load(g0, g1);
         let dw = _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(g0 as *const __m128i)), _mm_loadu_si128(g1 as *const __m128i)));
+        // Q4_1's minimums: the eight f16 after the eight scales of each group.
+        let mw = if MIN { _mm512_cvtph_ps(_mm256_inserti128_si256::<1>(_mm256_castsi128_si256(_mm_loadu_si128(g0.add(16) as *const __m128i)), _mm_loadu_si128(g1.add(16) as *const __m128i))) } else { _mm512_setzero_ps() };
         for (k, acc_k) in acc.iter_mut().enumerate() {
             let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
             let at = |j: usize| _mm512_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
@@ -277,8 +303,12 @@ unsafe fn x16<const N: usize, const L: usize>(w: &[u8], bytes: usize, a: &[&[u8]
             };
             // The token's scale as f32, converted once per call (`f16_scale` here made a
             // convert-and-broadcast chain per token and block that the multiply waited on).
-            let d = _mm512_mul_ps(dw, _mm512_set1_ps(*act_scales[k].get_unchecked(b)));
+            let da = *act_scales[k].get_unchecked(b);
+            let d = _mm512_mul_ps(dw, _mm512_set1_ps(da));
             *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), *acc_k);
+            if MIN {
+                *acc_k = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * *act_sums[k].get_unchecked(b) as f32), *acc_k);
+            }
         }
     }
     let mut out = [[0f32; 16]; N];
