@@ -329,7 +329,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn auto_picks_bf16_only_where_the_kernel_runs() {
+    fn the_vendor_is_cpuid_text_and_auto_needs_the_kernel() {
         let v = cpu_vendor();
         if cfg!(target_arch = "x86_64") {
             assert!(v.iter().all(|b| b.is_ascii_graphic()), "{v:?}");
