@@ -202,16 +202,7 @@ unsafe fn x8<const N: usize, const L: usize>(w: &[u8], (bytes, stride): (usize, 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    let m4 = _mm512_set1_epi8(0x0F);
-    x16::<N, 5, false>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| {
-        let mut q = [_mm512_setzero_si512(); 8];
-        for t in 0..4 {
-            let raw = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
-            q[t] = _mm512_and_si512(raw, m4);
-            q[4 + t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
-        }
-        q
-    })
+    x16::<N, 5, false>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| nibble_pairs(g0, g1, 16))
 }
 
 /// Both groups of an interleaved Q8_0 pair × `N` tokens, as [`q4_0x16`] for [`q8_0x8`].
@@ -236,16 +227,23 @@ unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, 0, |g0, g1| nibble_pairs(g0, g1, 32))
+}
+
+/// Both groups' four chunks of nibbles of one block column, `skip` bytes (the group's f16
+/// fields) into each: the chunks' low nibbles, then their high nibbles, the first group in the
+/// low half of each register. Q4_0 (one field) and Q4_1 (two) share it.
+#[inline]
+#[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
+unsafe fn nibble_pairs(g0: *const u8, g1: *const u8, skip: usize) -> [__m512i; 8] {
     let m4 = _mm512_set1_epi8(0x0F);
-    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, 0, |g0, g1| {
-        let mut q = [_mm512_setzero_si512(); 8];
-        for t in 0..4 {
-            let raw = halves(g0.add(32 + 32 * t), g1.add(32 + 32 * t));
-            q[t] = _mm512_and_si512(raw, m4);
-            q[4 + t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
-        }
-        q
-    })
+    let mut q = [_mm512_setzero_si512(); 8];
+    for t in 0..4 {
+        let raw = halves(g0.add(skip + 32 * t), g1.add(skip + 32 * t));
+        q[t] = _mm512_and_si512(raw, m4);
+        q[4 + t] = _mm512_and_si512(_mm512_srli_epi16::<4>(raw), m4);
+    }
+    q
 }
 
 /// 32 bytes at `lo` in the low half, 32 at `hi` in the high half.
