@@ -1,7 +1,7 @@
 //! The AVX2 + FMA + F16C versions of [`super::Kernels`]' products (x86_64, detected at run time);
 //! the scalar ones in `kernels.rs` are their reference.
 
-use super::super::blocks::{f16_bits, scale_min_k4, QK, Q4_0X8_BYTES, Q4_1X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_K_BYTES};
+use super::super::blocks::{scale_min_k4, QK, Q4_0X8_BYTES, Q4_1X8_BYTES, Q8_0X8_BYTES, Q4_0_BYTES, Q4_1_BYTES, Q4_K_BYTES, Q5_0_BYTES, Q6_K_BYTES, Q8_0_BYTES, Q8_K_BYTES};
 use super::Kernels;
 use std::arch::x86_64::*;
 
@@ -299,10 +299,10 @@ unsafe fn q8_0x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], _act_su
 /// pp128 of q4_0 (alternated `bench quant` runs), so the copies stay.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
     assert!(w.len() >= nb * 2 * Q4_0X8_BYTES);
     for k in 0..N {
-        assert!(a[k].len() >= nb * Q8_0_BYTES && act_sums[k].len() >= nb && act_scales[k].len() >= nb);
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_terms[k].len() >= nb && act_scales[k].len() >= nb);
     }
     let m4 = _mm256_set1_epi8(0x0F);
     let ones = _mm256_set1_epi16(1);
@@ -328,7 +328,8 @@ unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
                     s16[1] = _mm256_add_epi16(s16[1], _mm256_maddubs_epi16(q[4 + t], at(4 + t)));
                 }
                 let s32 = _mm256_madd_epi16(_mm256_add_epi16(s16[0], s16[1]), ones);
-                let s32 = _mm256_sub_epi32(s32, _mm256_set1_epi32(8 * *act_sums[k].get_unchecked(b)));
+                // The term is `−8·Σq` (`Q4_0_PAIR_TERM`): the group kernel's `− 8·Σq`.
+                let s32 = _mm256_add_epi32(s32, _mm256_set1_epi32(*act_terms[k].get_unchecked(b)));
                 let d = _mm256_mul_ps(dw, _mm256_set1_ps(*act_scales[k].get_unchecked(b)));
                 acc[k][h] = _mm256_fmadd_ps(d, _mm256_cvtepi32_ps(s32), acc[k][h]);
             }
@@ -347,7 +348,7 @@ unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
 /// arithmetic is [`q8_0x8`]'s, so each output is bit for bit the group kernel's.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], _act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], _act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
     assert!(w.len() >= nb * 2 * Q8_0X8_BYTES);
     for k in 0..N {
         assert!(a[k].len() >= nb * Q8_0_BYTES && act_scales[k].len() >= nb);
@@ -806,11 +807,16 @@ unsafe fn act_q8_0(x: &[f32], out: &mut [u8]) {
         let v = [_mm256_loadu_ps(p), _mm256_loadu_ps(p.add(8)), _mm256_loadu_ps(p.add(16)), _mm256_loadu_ps(p.add(24))];
         // `max(|v|, m)` keeps `m` where `v` is NaN, as `f32::max` ignores a NaN.
         let m = v.iter().fold(_mm256_setzero_ps(), |m, &vi| _mm256_max_ps(_mm256_andnot_ps(sign, vi), m));
-        let mut lanes = [0f32; 8];
-        _mm256_storeu_ps(lanes.as_mut_ptr(), m);
-        let amax = lanes.iter().fold(0f32, |a, &l| a.max(l));
+        // No lane is NaN or −0 (each starts at +0 and keeps it against a NaN), so the
+        // maximum is the same folded in any order: in registers, not through memory and a
+        // scalar chain, which made this quantizer ~1 float per cycle.
+        let m = _mm_max_ps(_mm256_castps256_ps128(m), _mm256_extractf128_ps::<1>(m));
+        let m = _mm_max_ps(m, _mm_movehl_ps(m, m));
+        let amax = _mm_cvtss_f32(_mm_max_ss(m, _mm_shuffle_ps::<1>(m, m)));
         let id = if amax != 0.0 { 127.0 / amax } else { 0.0 };
-        o[..2].copy_from_slice(&f16_bits(amax / 127.0));
+        // F16C rounds to nearest even as `f16::from_f32` does; `amax / 127` is never NaN.
+        let d = _mm_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm_set_ss(amax / 127.0));
+        o[..2].copy_from_slice(&(_mm_extract_epi16::<0>(d) as u16).to_le_bytes());
         let idv = _mm256_set1_ps(id);
         let q = v.map(|vi| _mm256_cvtps_epi32(_mm256_mul_ps(vi, idv)));
         let bytes = _mm256_packs_epi16(_mm256_packs_epi32(q[0], q[1]), _mm256_packs_epi32(q[2], q[3]));

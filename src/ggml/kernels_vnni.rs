@@ -201,15 +201,15 @@ unsafe fn x8<const N: usize, const L: usize>(w: &[u8], (bytes, stride): (usize, 
 /// in the high half of each.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 5, false>(w, Q4_0X8_BYTES, a, act_sums, act_scales, nb, 8, |g0, g1| nibble_pairs(g0, g1, 16))
+unsafe fn q4_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 5, false>(w, Q4_0X8_BYTES, a, act_terms, act_scales, nb, |g0, g1| nibble_pairs(g0, g1, 16))
 }
 
 /// Both groups of an interleaved Q8_0 pair × `N` tokens, as [`q4_0x16`] for [`q8_0x8`].
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 9, false>(w, Q8_0X8_BYTES, a, act_sums, act_scales, nb, 128, |g0, g1| {
+unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 9, false>(w, Q8_0X8_BYTES, a, act_terms, act_scales, nb, |g0, g1| {
         let mut q = [_mm512_setzero_si512(); 8];
         for (t, qt) in q.iter_mut().enumerate() {
             *qt = halves(g0.add(16 + 32 * t), g1.add(16 + 32 * t));
@@ -227,7 +227,7 @@ unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, 0, |g0, g1| nibble_pairs(g0, g1, 32))
+    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, |g0, g1| nibble_pairs(g0, g1, 32))
 }
 
 /// Both groups' four chunks of nibbles of one block column, `skip` bytes (the group's f16
@@ -260,12 +260,14 @@ unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
 /// float operations in [`x8`]'s order (one scale product, one FMA per block): each row's result is bit for bit what [`x8`]
 /// (and so the AVX2 one-token kernels) gives for its group. The wider registers halve the
 /// instructions, which is what bounded the 256-bit loop on Zen 4 once its weights were cached.
+/// Where [`x8`] multiplies `−offset·Σq_a` per token and block, this takes it ready-made
+/// (`act_terms`, see [`super::Gemv16Fn`]); for Q4_1 (`MIN`) the term is `Σq_a`.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
-unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: usize, a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize, offset: i32, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
+unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: usize, a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize, load: impl Fn(*const u8, *const u8) -> [__m512i; 8]) -> [[f32; 16]; N] {
     assert!(w.len() >= 2 * nb * bytes);
-    for ((r, s), d) in a.iter().zip(act_sums).zip(act_scales) {
+    for ((r, s), d) in a.iter().zip(act_terms).zip(act_scales) {
         assert!(r.len() >= nb * Q8_0_BYTES && s.len() >= nb && d.len() >= nb);
     }
     let mut acc = [_mm512_setzero_ps(); N];
@@ -280,7 +282,10 @@ unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: 
         for (k, acc_k) in acc.iter_mut().enumerate() {
             let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
             let at = |j: usize| _mm512_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
-            let mut lo = _mm512_set1_epi32(-offset * *act_sums[k].get_unchecked(b));
+            // Q4_0/Q8_0: the term is `−offset·Σq`, where every lane's sum starts (a broadcast
+            // load); Q4_1's codes have no offset and its term is `Σq`, for the minimum below.
+            let term = *act_terms[k].get_unchecked(b);
+            let mut lo = if MIN { _mm512_setzero_si512() } else { _mm512_set1_epi32(term) };
             // The integer sum is exact in any order. With eight tokens there are enough
             // independent chains in flight for one per token, which saves an addition per block
             // and token (~2.5 % of an eight-token product, in process); with one or four tokens
@@ -305,7 +310,7 @@ unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: 
             let d = _mm512_mul_ps(dw, _mm512_set1_ps(da));
             *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), *acc_k);
             if MIN {
-                *acc_k = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * *act_sums[k].get_unchecked(b) as f32), *acc_k);
+                *acc_k = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * term as f32), *acc_k);
             }
         }
     }

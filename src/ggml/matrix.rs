@@ -5,7 +5,7 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, X8Layout, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn};
+use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn, Q4_0_PAIR_TERM, Q4_1_PAIR_TERM, Q8_0_PAIR_TERM};
 use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
@@ -130,9 +130,9 @@ impl QType {
     /// whole pair at a time where the set has them).
     fn x8(self, k: &Kernels) -> X8Kernels {
         match self {
-            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4, p8: k.q8_0x16x8 },
-            QType::Q4_1 => X8Kernels { g1: k.q4_1x8, g4: k.q4_1x8x4, p1: k.q4_1x16, p4: k.q4_1x16x4, p8: k.q4_1x16x8 },
-            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4, p8: k.q4_0x16x8 },
+            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4, p8: k.q8_0x16x8, term: Q8_0_PAIR_TERM },
+            QType::Q4_1 => X8Kernels { g1: k.q4_1x8, g4: k.q4_1x8x4, p1: k.q4_1x16, p4: k.q4_1x16x4, p8: k.q4_1x16x8, term: Q4_1_PAIR_TERM },
+            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4, p8: k.q4_0x16x8, term: Q4_0_PAIR_TERM },
         }
     }
 
@@ -250,6 +250,8 @@ struct X8Kernels {
     p1: Option<Gemv16Fn>,
     p4: Option<Gemm4x16Fn>,
     p8: Option<Gemm8x16Fn>,
+    /// The factor of `Σq` in the pair kernels' per-block term (see [`Gemv16Fn`]).
+    term: i32,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -471,6 +473,15 @@ impl QuantMatrix {
             Vec::new()
         };
         let sum = |t: usize| &sums[t * nb_act..(t + 1) * nb_act];
+        // The pair kernels' per-block terms (`factor·Σq`, see `Gemv16Fn`), one array for each
+        // factor among the matrices (at most the three interleaved types).
+        let mut terms: Vec<(i32, Vec<i32>)> = Vec::new();
+        for m in ms.iter().filter(|m| m.packed > 0) {
+            let f = m.ty.x8(k).term;
+            if !terms.iter().any(|(g, _)| *g == f) {
+                terms.push((f, sums.iter().map(|s| f * s).collect()));
+            }
+        }
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
         const TB: usize = 32;
         // Enough tasks per thread to balance, few enough that dispatch stays cheap; when a task
@@ -503,6 +514,8 @@ impl QuantMatrix {
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let x8 = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
+            let pair_terms: &[i32] = terms.iter().find(|(f, _)| *f == x8.term).map_or(&[], |(_, v)| v);
+            let term = |t: usize| &pair_terms[t * nb_act..(t + 1) * nb_act];
             // Rows r0..r1 of this task in interleaved pairs, eight or sixteen outputs per pass,
             // written straight into each token's output row (consecutive values); the rest one
             // row at a time into `o`, `[rows, n]`, scattered at the end.
@@ -538,7 +551,7 @@ impl QuantMatrix {
                 let mut dd: [&[f32]; TB] = [&[]; TB];
                 if ng > 0 && x8.p1.is_some() {
                     for t in t0..t1 {
-                        (aa[t - t0], ss[t - t0], dd[t - t0]) = (act(t), sum(t), sc(t));
+                        (aa[t - t0], ss[t - t0], dd[t - t0]) = (act(t), term(t), sc(t));
                     }
                 }
                 for pi in 0..ng / X16_ROWS {
@@ -565,7 +578,7 @@ impl QuantMatrix {
                             t += 4;
                         }
                         for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
-                            put(&mut d[j0..j0 + X16_ROWS], &p1(w, act(u), sum(u), sc(u), nb));
+                            put(&mut d[j0..j0 + X16_ROWS], &p1(w, act(u), term(u), sc(u), nb));
                         }
                         continue;
                     }
