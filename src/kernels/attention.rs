@@ -20,7 +20,7 @@
 //! the three gradients against it.
 
 use super::gemm::{gemm, View};
-use super::softmax::{exp_approx, exp_shifted_in_place};
+use super::softmax::{exp_approx, exp_shifted_in_place, exp_shifted_in_place_scalar};
 use super::{dims, flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -470,7 +470,7 @@ fn cached_group<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, dims: [usiz
 
 /// The reference arithmetic of [`cached_group`], per query and head: each score one chain of
 /// fused multiply-adds over the dimensions in order from zero, then scaled; the softmax
-/// numerators and their sum ([`exp_shifted_in_place`]); each output value one chain of fused
+/// numerators and their sum ([`exp_shifted_in_place_scalar`]); each output value one chain of fused
 /// multiply-adds over the keys in order from zero, then one multiplication by the inverse sum.
 #[allow(clippy::too_many_arguments)]
 fn cached_group_scalar<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, [h, kvh, d]: [usize; 3], g: usize, i0: usize, o: &mut [f32], p: &mut [f32]) {
@@ -482,7 +482,7 @@ fn cached_group_scalar<T: KvElem>(q: &[f32], kv: &KvStore<T>, start: usize, [h, 
             for (j, pj) in p[..n].iter_mut().enumerate() {
                 *pj = qi.iter().enumerate().fold(0f32, |s, (dd, &x)| x.mul_add(kv.key(g, j, dd).widen(), s)) * scale;
             }
-            let (_, sum) = exp_shifted_in_place(&mut p[..n]);
+            let (_, sum) = exp_shifted_in_place_scalar(&mut p[..n]);
             let inv = 1.0 / sum;
             for (dd, a) in ohl.iter_mut().enumerate() {
                 *a = p[..n].iter().enumerate().fold(0f32, |s, (j, &pj)| pj.mul_add(kv.v[g][j * d + dd].widen(), s)) * inv;

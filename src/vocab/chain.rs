@@ -49,11 +49,36 @@ pub struct Trie {
     /// New pieces that got a node of their own (a piece whose expansion is one old token, or
     /// equals another piece's, shares a node and gets no target).
     pub owns_node: Vec<bool>,
+    /// The walk of [`Trie::targets`] laid out flat, made on first use after the conditionals
+    /// are set ([`Trie::count`] clears it).
+    flat: std::sync::OnceLock<Walk>,
+}
+
+/// [`Trie::targets`]'s depth-first walk as arrays in the order it visits the nodes. The walk
+/// with an explicit stack pops a node, pushes its children in order, and so visits every
+/// subtree as one contiguous run (the last child's first). Laid out in that order, with each
+/// node's children side by side, the walk is one pass over arrays: no stack, no pointer to
+/// follow per child, and a pruned child (zero mass) skips its run. The floating-point
+/// operations and their order are the stack walk's, so the targets are the same bits.
+#[derive(Debug, Clone, Default)]
+struct Walk {
+    /// Per root of [`Trie::roots`]: its run `runs[k]..runs[k + 1]` of visit positions.
+    runs: Vec<usize>,
+    /// Per visit position: where its subtree's run ends, the token its leftover mass goes to
+    /// (its own, else its nearest ancestor's), and its children `kids[i]..kids[i + 1]`.
+    end: Vec<usize>,
+    anc: Vec<u32>,
+    kids: Vec<usize>,
+    /// Per child entry: the child's node (for the exact conditionals), its counted
+    /// conditional, and its visit position.
+    kid_node: Vec<u32>,
+    kid_cond: Vec<f32>,
+    kid_pos: Vec<usize>,
 }
 
 impl Trie {
     pub fn new(ext: &VocabExtension) -> Self {
-        let mut t = Trie { nodes: Vec::new(), roots: Vec::new(), root_of: Default::default(), old_vocab: ext.old_vocab, n_new: ext.added(), owns_node: vec![false; ext.added()] };
+        let mut t = Trie { nodes: Vec::new(), roots: Vec::new(), root_of: Default::default(), old_vocab: ext.old_vocab, n_new: ext.added(), owns_node: vec![false; ext.added()], flat: Default::default() };
         for (k, subs) in ext.subtokens.iter().enumerate() {
             let Some((&first, rest)) = subs.split_first() else { continue };
             let mut n = match t.root_of.get(&first) {
@@ -111,6 +136,7 @@ impl Trie {
             }
         }
         const A: f64 = 0.1;
+        self.flat = Default::default();
         for i in 0..self.nodes.len() {
             let (parent_count, nch) = (self.nodes[i].count, self.nodes[i].children.len());
             for j in 0..nch {
@@ -146,16 +172,20 @@ impl Trie {
         self.targets_with(p1, exact, out, roots_out, &mut Vec::new());
     }
 
-    /// [`Trie::targets`] with a caller's scratch stack (no allocation per position).
-    fn targets_with(&self, p1: &[f32], exact: &[f32], out: &mut [f32], mut roots_out: Option<&mut [f32]>, stack: &mut Vec<(usize, f32, u32)>) {
+    /// The targets by the reference walk: a depth-first walk with an explicit stack, each
+    /// node's reach probability split among its children and what is left going to its
+    /// nearest token. [`Trie::targets_with`] does the same operations in the same order over
+    /// [`Walk`]'s arrays; the tests hold the two to the same bits.
+    #[cfg(test)]
+    fn targets_by_stack(&self, p1: &[f32], exact: &[f32], out: &mut [f32], mut roots_out: Option<&mut [f32]>) {
         out.fill(0.0);
         if let Some(r) = roots_out.as_deref_mut() {
             r.fill(0.0);
         }
         let old = self.old_vocab as u32;
-        // An explicit stack: (node, reach probability, nearest token ancestor). Below a root
-        // the only old token is the root itself.
-        stack.clear();
+        // (node, reach probability, nearest token ancestor). Below a root the only old token
+        // is the root itself.
+        let mut stack = Vec::new();
         for (k, &r) in self.roots.iter().enumerate() {
             if p1[k] <= 0.0 {
                 continue;
@@ -181,7 +211,91 @@ impl Trie {
                 }
             }
         }
+    }
+
+    /// The stack walk's visit order, laid out once (see [`Walk`]).
+    fn flat_walk(&self) -> &Walk {
+        self.flat.get_or_init(|| {
+            let mut w = Walk::default();
+            // (node, its parent's nearest token, the child entry that points to it)
+            let mut stack = Vec::new();
+            for &r in &self.roots {
+                w.runs.push(w.anc.len());
+                stack.push((r, self.nodes[r].old, None));
+                while let Some((n, anc, entry)) = stack.pop() {
+                    if let Some(s) = entry {
+                        w.kid_pos[s] = w.anc.len();
+                    }
+                    let node = &self.nodes[n];
+                    let anc = node.token.unwrap_or(anc);
+                    w.anc.push(anc);
+                    w.kids.push(w.kid_node.len());
+                    for &c in &node.children {
+                        stack.push((c, anc, Some(w.kid_node.len())));
+                        w.kid_node.push(c as u32);
+                        w.kid_cond.push(self.nodes[c].cond);
+                        w.kid_pos.push(usize::MAX);
+                    }
+                }
+            }
+            let n = w.anc.len();
+            w.runs.push(n);
+            w.kids.push(w.kid_node.len());
+            // A node's run ends with its first child's run (that child is visited last), i.e.
+            // at the largest end among its children; a leaf's run is itself.
+            w.end = vec![0; n];
+            for i in (0..n).rev() {
+                let (a, b) = (w.kids[i], w.kids[i + 1]);
+                w.end[i] = (a..b).map(|s| w.end[w.kid_pos[s]]).max().unwrap_or(i + 1);
+            }
+            w
+        })
+    }
+
+    /// [`Trie::targets`] into the caller's `reach` scratch (one float per node; no allocation
+    /// per position).
+    fn targets_with(&self, p1: &[f32], exact: &[f32], out: &mut [f32], mut roots_out: Option<&mut [f32]>, reach: &mut Vec<f32>) {
+        out.fill(0.0);
+        if let Some(r) = roots_out.as_deref_mut() {
+            r.fill(0.0);
+        }
         debug_assert_eq!(out.len(), self.n_new);
+        let old = self.old_vocab as u32;
+        let w = self.flat_walk();
+        reach.resize(w.end.len(), 0.0);
+        for k in 0..self.roots.len() {
+            let (start, stop) = (w.runs[k], w.runs[k + 1]);
+            if p1[k] <= 0.0 {
+                continue;
+            }
+            reach[start] = p1[k];
+            let mut i = start;
+            while i < stop {
+                let p = reach[i];
+                // The stack walk pushes a child only when its mass is positive (a root, when
+                // it is not ≤ 0): a child that fails skips its whole run.
+                let pushed = p > 0.0; // false for NaN, as in the stack walk
+                if i != start && !pushed {
+                    i = w.end[i];
+                    continue;
+                }
+                let mut left = p;
+                for s in w.kids[i]..w.kids[i + 1] {
+                    let e = exact[w.kid_node[s] as usize];
+                    let pc = p * if e.is_nan() { w.kid_cond[s] } else { e };
+                    left -= pc;
+                    reach[w.kid_pos[s]] = pc;
+                }
+                let left = left.max(0.0);
+                let anc = w.anc[i];
+                if anc >= old {
+                    out[(anc - old) as usize] += left;
+                } else if let Some(ro) = roots_out.as_deref_mut() {
+                    ro[k] += left;
+                }
+                i += 1;
+            }
+        }
     }
 }
 
@@ -249,13 +363,13 @@ impl ChainData {
             }
         };
         out.par_chunks_mut(n_new).zip(ro.par_chunks_mut(nr)).zip(idx.par_iter()).for_each_init(
-            || (vec![f32::NAN; trie.n_nodes()], Vec::with_capacity(64)),
-            |(exact, stack), ((o, r), &i)| {
+            || (vec![f32::NAN; trie.n_nodes()], Vec::new()),
+            |(exact, reach), ((o, r), &i)| {
                 let entries = &self.path[self.path_off[i]..self.path_off[i + 1]];
                 for &(n, p) in entries {
                     exact[n as usize] = p;
                 }
-                trie.targets_with(&self.p1[i * self.n_roots..(i + 1) * self.n_roots], exact, o, Some(&mut r[..self.n_roots]), stack);
+                trie.targets_with(&self.p1[i * self.n_roots..(i + 1) * self.n_roots], exact, o, Some(&mut r[..self.n_roots]), reach);
                 for &(n, _) in entries {
                     exact[n as usize] = f32::NAN;
                 }
@@ -270,6 +384,46 @@ mod tests {
 
     fn ext(old: usize, subtokens: Vec<Vec<u32>>) -> VocabExtension {
         VocabExtension { old_vocab: old, new_vocab: old + subtokens.len(), subtokens, pieces: None }
+    }
+
+    /// The flat walk gives the stack walk's bits on a random trie: shared prefixes, pieces
+    /// that share a node, roots without mass, exact conditionals that are zero (which prune a
+    /// subtree), NaN (counts) or given, and a walk laid out before [`Trie::count`] changed the
+    /// conditionals (which must not be reused).
+    #[test]
+    fn the_flat_walk_gives_the_stack_walks_bits() {
+        let mut s = 0x9E37_79B9_7F4A_7C15u64;
+        let mut r = |n: u64| {
+            s ^= s << 13;
+            s ^= s >> 7;
+            s ^= s << 17;
+            s % n
+        };
+        let old = 12;
+        let subs: Vec<Vec<u32>> = (0..400).map(|_| (0..2 + r(4)).map(|_| r(old as u64) as u32).collect()).collect();
+        let mut t = Trie::new(&ext(old, subs));
+        let nr = t.roots.len();
+        assert!(nr > 3 && t.n_nodes() > 300, "{nr} roots, {} nodes", t.n_nodes());
+        let (mut got, mut want) = (vec![0f32; 400], vec![0f32; 400]);
+        let (mut got_r, mut want_r) = (vec![0f32; nr], vec![0f32; nr]);
+        let mut reach = Vec::new();
+        // Laid out with the default conditionals, then counted: the walk must follow.
+        t.targets(&vec![0.1; nr], &vec![f32::NAN; t.n_nodes()], &mut got, None);
+        let seqs: Vec<Vec<u32>> = (0..50).map(|_| (0..40).map(|_| r(old as u64) as u32).collect()).collect();
+        t.count(&seqs.iter().map(|v| &v[..]).collect::<Vec<_>>());
+        let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
+        for case in 0..40 {
+            let p1: Vec<f32> = (0..nr).map(|_| if r(5) == 0 { 0.0 } else { r(1000) as f32 / 997.0 / nr as f32 }).collect();
+            let mut exact = vec![f32::NAN; t.n_nodes()];
+            for _ in 0..r(30) {
+                exact[r(t.n_nodes() as u64) as usize] = if r(4) == 0 { 0.0 } else { r(1000) as f32 / 1000.0 };
+            }
+            t.targets_with(&p1, &exact, &mut got, Some(&mut got_r), &mut reach);
+            t.targets_by_stack(&p1, &exact, &mut want, Some(&mut want_r));
+            assert_eq!(bits(&got), bits(&want), "case {case}: new pieces");
+            assert_eq!(bits(&got_r), bits(&want_r), "case {case}: roots");
+            assert!(want.iter().any(|&x| x > 0.0));
+        }
     }
 
     #[test]
