@@ -20,7 +20,7 @@
 //! the three gradients against it.
 
 use super::gemm::{gemm, View};
-use super::softmax::{exp_approx, exp_shifted_in_place, exp_shifted_in_place_scalar};
+use super::softmax::{exp_minus_in_place, exp_shifted_in_place, exp_shifted_in_place_scalar};
 use super::{dims, flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::module::attention;
 use burn::tensor::ops::AttentionModuleOptions;
@@ -181,10 +181,7 @@ pub fn backward_values(v: &[f32], out: &[f32], dout: &[f32], saved: &Saved, cos:
                         let i = r0 + ri;
                         let n = i + 1;
                         let (pr, dpr) = (&mut p[ri * t..][..r1], &mut dp[ri * t..][..r1]);
-                        let l = lh[i];
-                        for x in &mut pr[..n] {
-                            *x = exp_approx(*x - l);
-                        }
+                        exp_minus_in_place(&mut pr[..n], lh[i]);
                         pr[n..].iter_mut().for_each(|x| *x = 0.0);
                         // Σⱼ Pᵢⱼ·dPᵢⱼ = dOᵢ·Oᵢ.
                         let (doi, oi) = (&dout[o_off + i * qw..][..d], &out[o_off + i * qw..][..d]);

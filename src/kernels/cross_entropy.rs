@@ -50,10 +50,10 @@ pub fn ce_backward_rows(x: &mut [f32], v: usize, lse: &[f32], targets: &[i64], g
             row.fill(0.0);
             return;
         }
-        let l = lse[i];
-        for e in row.iter_mut() {
-            *e = g * super::softmax::exp_approx(*e - l);
-        }
+        // The exponentials first (eight at a time where the CPU has AVX2), then the scale: the
+        // same two operations per value as `g · exp(x − l)`.
+        super::softmax::exp_minus_in_place(row, lse[i]);
+        row.iter_mut().for_each(|e| *e *= g);
         row[t as usize] -= g;
     });
 }
