@@ -474,11 +474,11 @@ impl QuantMatrix {
         };
         let sum = |t: usize| &sums[t * nb_act..(t + 1) * nb_act];
         // The pair kernels' per-block terms (`factor·Σq`, see `Gemv16Fn`), one array for each
-        // factor among the matrices (at most the three interleaved types).
+        // factor among the matrices other than 1 (Q4_1's terms are the sums themselves).
         let mut terms: Vec<(i32, Vec<i32>)> = Vec::new();
         for m in ms.iter().filter(|m| m.packed > 0) {
             let f = m.ty.x8(k).term;
-            if !terms.iter().any(|(g, _)| *g == f) {
+            if f != 1 && !terms.iter().any(|(g, _)| *g == f) {
                 terms.push((f, sums.iter().map(|s| f * s).collect()));
             }
         }
@@ -514,7 +514,7 @@ impl QuantMatrix {
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let x8 = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
-            let pair_terms: &[i32] = terms.iter().find(|(f, _)| *f == x8.term).map_or(&[], |(_, v)| v);
+            let pair_terms: &[i32] = if x8.term == 1 { &sums } else { terms.iter().find(|(f, _)| *f == x8.term).map_or(&[], |(_, v)| v) };
             let term = |t: usize| &pair_terms[t * nb_act..(t + 1) * nb_act];
             // Rows r0..r1 of this task in interleaved pairs, eight or sixteen outputs per pass,
             // written straight into each token's output row (consecutive values); the rest one
