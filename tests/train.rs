@@ -331,7 +331,7 @@ plots = false
     /// within bf16 rounding. `bf16` refuses weights it cannot pack (fp16) with an error that
     /// names the key.
     #[test]
-    fn frozen_products_auto_packs_where_it_pays_and_bf16_refuses_fp16() {
+    fn frozen_products_auto_packs_where_it_pays_and_copies_refuse_fp16() {
         let run = |mode: &str| {
             let dir = tempfile::tempdir().unwrap();
             let r = tiny_stage_recipe(dir.path(), "cpu", "fp32", 0.0, 1e-3, &format!("steps = 2\nfrozen_products = \"{mode}\""));
@@ -343,7 +343,7 @@ plots = false
         // The composed path (tests/composed.rs) has no f32 flex tensors to pack: auto is f32 there.
         let fused = linly_lora::kernels::kernel_path() == linly_lora::kernels::KernelPath::Fused;
         let (auto_mode, auto_loss) = run("auto");
-        assert_eq!(auto_mode, if fused && linly_lora::kernels::bf16::outruns_f32() { "bf16" } else { "f32" });
+        assert_eq!(auto_mode, if fused { linly_lora::kernels::frozen::auto() } else { "f32" });
         if auto_mode == "f32" {
             assert_eq!(f32_loss, auto_loss);
         }
@@ -356,10 +356,23 @@ plots = false
                 assert_eq!(auto_loss, bf16_loss);
             }
         }
-        let dir = tempfile::tempdir().unwrap();
-        let r = tiny_stage_recipe(dir.path(), "cpu", "fp16", 0.0, 1e-3, "steps = 2\nfrozen_products = \"bf16\"");
-        let e = format!("{:#}", train(&TrainOptions { recipe: r, ..Default::default() }).unwrap_err());
-        assert!(e.contains("frozen_products"), "{e}");
+        // int8 runs wherever the weights are f32 flex tensors. The tiny model's q/k/v/o have
+        // whole 32-value blocks and take the quantized kernels; its MLP (176 wide) stays f32.
+        if fused {
+            let (i8_mode, i8_loss) = run("int8");
+            assert_eq!(i8_mode, "int8");
+            assert!((f32_loss - i8_loss).abs() <= 1e-2 * f32_loss.abs(), "first loss: f32 {f32_loss}, int8 {i8_loss}");
+            assert_ne!(f32_loss, i8_loss, "the same loss as f32: the int8 copies were not used");
+            if auto_mode == "int8" {
+                assert_eq!(auto_loss, i8_loss);
+            }
+        }
+        for mode in ["bf16", "int8"] {
+            let dir = tempfile::tempdir().unwrap();
+            let r = tiny_stage_recipe(dir.path(), "cpu", "fp16", 0.0, 1e-3, &format!("steps = 2\nfrozen_products = \"{mode}\""));
+            let e = format!("{:#}", train(&TrainOptions { recipe: r, ..Default::default() }).unwrap_err());
+            assert!(e.contains("frozen_products"), "{mode}: {e}");
+        }
     }
 
     #[test]

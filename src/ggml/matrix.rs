@@ -282,6 +282,16 @@ impl QuantMatrix {
         Ok(QuantMatrix::new(ty, rows, cols, data))
     }
 
+    /// `x` in `ty` if that reproduces every value bit for bit, `None` otherwise. Weights
+    /// dequantized from Q4_1 are held exactly in Q4_1: each block's values are `d·q + m` with
+    /// codes 0..15 that reach 0 and 15, so min/max quantization finds the same `d` and `m`.
+    /// Costs a quantization and a dequantization.
+    pub fn quantize_exact(ty: QType, rows: usize, cols: usize, x: &[f32]) -> Option<Self> {
+        let q = Self::quantize(ty, rows, cols, x).ok()?;
+        let back = q.dequantize();
+        back.iter().zip(x).all(|(a, b)| a.to_bits() == b.to_bits()).then_some(q)
+    }
+
     /// Q4_0 by ggml's error-minimizing search ([`blocks::quantize_row_q4_0_rmse`]); `imp` is a
     /// per-column importance (`cols` values, e.g. mean squared activations), or unit.
     pub fn quantize_q4_0_rmse(rows: usize, cols: usize, x: &[f32], imp: Option<&[f32]>) -> Result<Self> {

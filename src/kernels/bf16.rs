@@ -17,14 +17,7 @@
 //! chunks of [`KC`] pairs, so that the 64 columns' panels of one chunk (256 KB) stay in L2 while
 //! every row of `x` passes over them; each chunk's sums are added to the output in turn.
 
-use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
-use burn::tensor::Tensor;
-use burn_autodiff::checkpoint::base::Checkpointer;
-use burn_autodiff::grads::Gradients;
-use burn_autodiff::ops::{Backward, Ops};
-use burn_flex::{Flex, FlexTensor};
 use rayon::prelude::*;
-use std::sync::Arc;
 
 /// Columns per panel (one 512-bit register of f32 sums).
 const LANES: usize = 16;
@@ -73,7 +66,7 @@ pub fn outruns_f32() -> bool {
 }
 
 /// The CPUID vendor string (`GenuineIntel`, `AuthenticAMD`, ...); zeros off x86-64.
-fn cpu_vendor() -> [u8; 12] {
+pub(crate) fn cpu_vendor() -> [u8; 12] {
     let mut v = [0u8; 12];
     #[cfg(target_arch = "x86_64")]
     {
@@ -277,56 +270,12 @@ impl FrozenBf16 {
     }
 }
 
-#[derive(Debug)]
-struct FrozenMatmulBackward;
-
-impl Backward<Flex, 1> for FrozenMatmulBackward {
-    type State = Arc<FrozenBf16>;
-
-    fn backward(self, ops: Ops<Self::State, 1>, grads: &mut Gradients, _: &mut Checkpointer) {
-        let p = ops.state;
-        let dy = grads.consume::<Flex>(&ops.node);
-        let [px] = ops.parents;
-        if let Some(node) = px {
-            // dx = dy·W on the transposed packing.
-            let [inp, out] = p.backward.dims();
-            let dyv = values(&dy);
-            let n = dyv.len() / out.max(1);
-            let mut dx = vec![0f32; n * inp];
-            p.backward.matmul(&dyv, n, &mut dx, inp, false);
-            grads.register::<Flex>(node.id, new_tensor(dx, vec![n, inp]));
-        }
-    }
-}
-
-/// `x·Wᵀ` `[n, out]` for an f32 flex `x` `[n, in]` against the packings of a frozen `W`, with
-/// the input's gradient `dy·W` on the transposed packing: the LM head's product with its old
-/// rows. `None` when `x` is not f32 flex or this CPU has no AVX512-BF16 (the caller multiplies
-/// by the f32 weight instead).
-pub fn frozen_matmul_t(x: &Tensor<2>, p: &Arc<FrozenBf16>) -> Option<Tensor<2>> {
-    let [n, k] = x.dims();
-    let [out, kw] = p.forward.dims();
-    assert_eq!(k, kw, "bf16 frozen product: x [{n}, {k}] against a packing of [{out}, {kw}]");
-    if !available() {
-        return None;
-    }
-    let product = |x: &FlexTensor| {
-        let mut y = vec![0f32; n * out];
-        p.forward.matmul(&values(x), n, &mut y, out, false);
-        new_tensor(y, vec![n, out])
-    };
-    match inputs([flex_f32(x)])? {
-        Inputs::Plain([xp]) => Some(from_plain(product(&xp))),
-        Inputs::Tracked([xp], nodes) => {
-            let y = product(&xp);
-            Some(from_tracked(record(FrozenMatmulBackward, nodes, || p.clone(), y)))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use burn::tensor::Tensor;
+    use std::sync::Arc;
+    use crate::kernels::frozen::{frozen_matmul_t, FrozenPacked};
 
     #[test]
     fn the_vendor_is_cpuid_text_and_auto_needs_the_kernel() {
@@ -408,8 +357,9 @@ mod tests {
         }
     }
 
-    /// The autodiff op: its output and input gradient are the packings' products (bit for bit
-    /// the kernel's), and a plain input gives the same output.
+    /// The autodiff op ([`frozen_matmul_t`]) on bf16 packings: its output and input gradient are
+    /// the packings' products (bit for bit the kernel's), and a plain input gives the same
+    /// output.
     #[test]
     fn frozen_matmul_t_forward_and_gradient_are_the_packings() {
         if !available() {
@@ -419,15 +369,16 @@ mod tests {
         let dev = burn::tensor::Device::flex().autodiff();
         let (n, out, k) = (11, 37, 50);
         let (xv, wv, upv) = (fixed(n * k, 5), fixed(out * k, 6), fixed(n * out, 7));
-        let p = Arc::new(FrozenBf16::new(&wv, out, k));
+        let p = Arc::new(crate::kernels::frozen::FrozenPacked::Bf16(FrozenBf16::new(&wv, out, k)));
+        let FrozenPacked::Bf16(b) = &*p else { unreachable!() };
         let t = |v: &Vec<f32>, d: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v.clone(), d), &dev);
         let x = t(&xv, [n, k]).require_grad();
         let y = frozen_matmul_t(&x, &p).unwrap();
         let g = (y.clone() * t(&upv, [n, out])).sum().backward();
         let v = |x: Tensor<2>| x.into_data().try_into_vec::<f32>().unwrap();
         let (mut want_y, mut want_dx) = (vec![0f32; n * out], vec![0f32; n * k]);
-        p.forward.matmul(&xv, n, &mut want_y, out, false);
-        p.backward.matmul(&upv, n, &mut want_dx, k, false);
+        b.forward.matmul(&xv, n, &mut want_y, out, false);
+        b.backward.matmul(&upv, n, &mut want_dx, k, false);
         assert_eq!(v(y.detach()), want_y);
         assert_eq!(v(x.grad(&g).unwrap()), want_dx);
         let plain = Tensor::<2>::from_data(burn::tensor::TensorData::new(xv.clone(), [n, k]), &burn::tensor::Device::flex());

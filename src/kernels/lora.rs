@@ -12,7 +12,7 @@
 //! dtype); [`lora_linear_composed`] is the same composition in f32, and the unit test checks
 //! output and every gradient against it.
 
-use super::bf16::FrozenBf16;
+use super::frozen::FrozenPacked;
 use super::gemm::{gemm, View};
 use super::{flex_f32, from_plain, from_tracked, inputs, new_tensor, record, values, Inputs};
 use burn::tensor::Tensor;
@@ -23,15 +23,18 @@ use burn_flex::{Flex, FlexTensor};
 use std::sync::Arc;
 
 /// Forward on host values: `x`, `xd` `[n, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
-/// Returns `y` `[n, out]` and `u = xd·Aᵀ` `[n, r]` (kept for the gradient of B). With `bf16`,
-/// the frozen product `x·Wᵀ` runs on its bf16 packing instead of `w`.
+/// Returns `y` `[n, out]` and `u = xd·Aᵀ` `[n, r]` (kept for the gradient of B). With `packed`,
+/// the frozen product `x·Wᵀ` runs on its packing instead of `w`.
 #[allow(clippy::too_many_arguments)]
-pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], scale: f32, [n, inp, out, r]: [usize; 4], bf16: Option<&FrozenBf16>) -> (Vec<f32>, Vec<f32>) {
-    let mut y = vec![0f32; n * out];
-    match bf16 {
-        Some(p) => p.forward.matmul(x, n, &mut y, out, false),
-        None => gemm(&mut y, out, [n, out, inp], View::rows(x, 0, inp), View::t(w, 0, inp), 1.0, false, true),
-    }
+pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], scale: f32, [n, inp, out, r]: [usize; 4], packed: Option<&FrozenPacked>) -> (Vec<f32>, Vec<f32>) {
+    let mut y = match packed {
+        Some(p) => p.forward(x, n),
+        None => {
+            let mut y = vec![0f32; n * out];
+            gemm(&mut y, out, [n, out, inp], View::rows(x, 0, inp), View::t(w, 0, inp), 1.0, false, true);
+            y
+        }
+    };
     let mut u = vec![0f32; n * r];
     gemm(&mut u, r, [n, r, inp], View::rows(xd, 0, inp), View::t(a, 0, inp), 1.0, false, true);
     gemm(&mut y, out, [n, out, r], View::rows(&u, 0, r), View::t(b, 0, r), scale, true, true);
@@ -39,17 +42,20 @@ pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], sc
 }
 
 /// Gradients from `dy` `[n, out]`: `(dx, dxd, da, db)`. With `same_input` the branch's input
-/// gradient is added into `dx` and `dxd` is `None`. With `bf16`, the frozen product `dy·W` runs
-/// on its bf16 packing.
+/// gradient is added into `dx` and `dxd` is `None`. With `packed`, the frozen product `dy·W`
+/// runs on its packing.
 #[allow(clippy::too_many_arguments)]
-pub fn backward_values(xd: &[f32], u: &[f32], w: &[f32], a: &[f32], b: &[f32], dy: &[f32], scale: f32, same_input: bool, [n, inp, out, r]: [usize; 4], bf16: Option<&FrozenBf16>) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
+pub fn backward_values(xd: &[f32], u: &[f32], w: &[f32], a: &[f32], b: &[f32], dy: &[f32], scale: f32, same_input: bool, [n, inp, out, r]: [usize; 4], packed: Option<&FrozenPacked>) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let mut dyb = vec![0f32; n * r];
     gemm(&mut dyb, r, [n, r, out], View::rows(dy, 0, out), View::rows(b, 0, r), 1.0, false, true);
-    let mut dx = vec![0f32; n * inp];
-    match bf16 {
-        Some(p) => p.backward.matmul(dy, n, &mut dx, inp, false),
-        None => gemm(&mut dx, inp, [n, inp, out], View::rows(dy, 0, out), View::rows(w, 0, inp), 1.0, false, true),
-    }
+    let mut dx = match packed {
+        Some(p) => p.backward(dy, n),
+        None => {
+            let mut dx = vec![0f32; n * inp];
+            gemm(&mut dx, inp, [n, inp, out], View::rows(dy, 0, out), View::rows(w, 0, inp), 1.0, false, true);
+            dx
+        }
+    };
     let dxd = if same_input {
         gemm(&mut dx, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, true, true);
         None
@@ -78,7 +84,7 @@ struct State {
     scale: f32,
     same_input: bool,
     sizes: [usize; 4],
-    bf16: Option<Arc<FrozenBf16>>,
+    packed: Option<Arc<FrozenPacked>>,
 }
 
 impl Backward<Flex, 4> for LoraLinearBackward {
@@ -89,7 +95,7 @@ impl Backward<Flex, 4> for LoraLinearBackward {
         let dy = grads.consume::<Flex>(&ops.node);
         let [px, pxd, pa, pb] = ops.parents;
         let [n, inp, out, r] = s.sizes;
-        let (dx, dxd, da, db) = backward_values(&values(&s.xd), &s.u, &values(&s.w), &values(&s.a), &values(&s.b), &values(&dy), s.scale, s.same_input, s.sizes, s.bf16.as_deref());
+        let (dx, dxd, da, db) = backward_values(&values(&s.xd), &s.u, &values(&s.w), &values(&s.a), &values(&s.b), &values(&dy), s.scale, s.same_input, s.sizes, s.packed.as_deref());
         if let Some(node) = px {
             grads.register::<Flex>(node.id, new_tensor(dx, vec![n, inp]));
         }
@@ -107,31 +113,33 @@ impl Backward<Flex, 4> for LoraLinearBackward {
 
 /// `x·Wᵀ + scale·(xd·Aᵀ)·Bᵀ` for f32 flex `x` `[n, in]` (and `xd`, the branch's input after
 /// dropout, `None` for `x` itself); `None` when a tensor is not f32 flex or `w` wants a
-/// gradient (the caller composes it instead). `bf16`: packings of `w` that its two products
-/// (forward and input gradient) run on instead (`[train] frozen_products = "bf16"`).
-pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f64, bf16: Option<&Arc<FrozenBf16>>) -> Option<Tensor<2>> {
+/// gradient (the caller composes it instead). `packed`: copies of `w` that its two products
+/// (forward and input gradient) run on instead (`[train] frozen_products`); where this CPU
+/// cannot run them, `w` itself.
+pub fn lora_linear(x: &Tensor<2>, xd: Option<&Tensor<2>>, w: &Tensor<2>, a: &Tensor<2>, b: &Tensor<2>, scale: f64, packed: Option<&Arc<FrozenPacked>>) -> Option<Tensor<2>> {
     let [n, inp] = x.dims();
     let [out, inw] = w.dims();
     let [r, ina] = a.dims();
     if inw != inp || ina != inp || b.dims() != [out, r] || xd.is_some_and(|t| t.dims() != [n, inp]) || w.is_require_grad() {
         return None;
     }
-    if let Some(p) = bf16 {
-        assert!(p.forward.dims() == [out, inp] && p.backward.dims() == [inp, out], "bf16 packings {:?} / {:?} for a weight [{out}, {inp}]", p.forward.dims(), p.backward.dims());
+    if let Some(p) = packed {
+        assert!(p.dims() == [out, inp], "packings of {:?} for a weight [{out}, {inp}]", p.dims());
     }
+    let packed = packed.filter(|p| p.runs());
     let sizes = [n, inp, out, r];
     let scale = scale as f32;
     let xd_t = xd.unwrap_or(x);
     match inputs([flex_f32(x), flex_f32(xd_t), flex_f32(w), flex_f32(a), flex_f32(b)])? {
         Inputs::Plain([xp, xdp, wp, ap, bp]) => {
-            let (y, _) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes, bf16.map(|p| &**p));
+            let (y, _) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes, packed.map(|p| &**p));
             Some(from_plain(new_tensor(y, vec![n, out])))
         }
         // The frozen weight's node is not a parent: it gets no gradient.
         Inputs::Tracked([xp, xdp, wp, ap, bp], [xg, xdg, _, ag, bg]) => {
-            let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes, bf16.map(|p| &**p));
+            let (y, u) = forward_values(&values(&xp), &values(&xdp), &values(&wp), &values(&ap), &values(&bp), scale, sizes, packed.map(|p| &**p));
             let y = new_tensor(y, vec![n, out]);
-            Some(from_tracked(record(LoraLinearBackward, [xg, xdg, ag, bg], || State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes, bf16: bf16.cloned() }, y)))
+            Some(from_tracked(record(LoraLinearBackward, [xg, xdg, ag, bg], || State { xd: xdp, u, w: wp, a: ap, b: bp, scale, same_input: xd.is_none(), sizes, packed: packed.cloned() }, y)))
         }
     }
 }
@@ -199,44 +207,67 @@ mod tests {
         assert_close(&vec_of(y), &vec_of(want), 1e-5, "plain");
     }
 
-    /// With bf16 packings of W, the output and the input gradient are the f32 composition's
-    /// within bf16 rounding (both products with W round their inputs to 8 significant bits), and
-    /// the LoRA gradients, which do not read W, are bit for bit the f32 fused op's. Where the CPU
-    /// lacks AVX512-BF16 there is nothing to run.
+    /// `[composition, fused f32, fused on the packing]` of `y`, `dx`, `dA`, `dB` for one weight
+    /// (`[out, in]` values `wv`) and its packing.
+    fn three_ways(wv: &[f32], packed: &Arc<FrozenPacked>, (n, inp, out, r, s): (usize, usize, usize, usize, f64)) -> [[Vec<f32>; 4]; 3] {
+        let dev = Device::flex().autodiff();
+        let fixed = |[rows, cols]: [usize; 2], seed: usize, scale: f32| -> Vec<f32> { (0..rows * cols).map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0) * scale).collect() };
+        let t = |v: &Vec<f32>, d: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v.clone(), d), &dev);
+        let (xv, av, bv, upv) = (fixed([n, inp], 1, 1.0), fixed([r, inp], 3, 0.3), fixed([out, r], 4, 0.3), fixed([n, out], 5, 1.0));
+        let run = |mode: usize| {
+            let (x, a, b) = (t(&xv, [n, inp]).require_grad(), t(&av, [r, inp]).require_grad(), t(&bv, [out, r]).require_grad());
+            let w = t(&wv.to_vec(), [out, inp]);
+            let y = match mode {
+                0 => lora_linear_composed(x.clone(), None, w, a.clone(), b.clone(), s),
+                1 => lora_linear(&x, None, &w, &a, &b, s, None).unwrap(),
+                _ => lora_linear(&x, None, &w, &a, &b, s, Some(packed)).unwrap(),
+            };
+            let g = (y.clone() * t(&upv, [n, out])).sum().backward();
+            [vec_of(y.detach()), vec_of(x.grad(&g).unwrap()), vec_of(a.grad(&g).unwrap()), vec_of(b.grad(&g).unwrap())]
+        };
+        [run(0), run(1), run(2)]
+    }
+
+    /// The packing's output and input gradient are the composition's within `per_term` times
+    /// the terms each sums (`in` forward, `out` backward) and differ from the f32 op's (so the
+    /// packing ran); the LoRA gradients, which do not read W, are bit for bit the f32 op's.
+    fn check_packing(name: &str, [composed, fused, packed]: [[Vec<f32>; 4]; 3], (inp, out): (usize, usize), per_term: f32) {
+        for (i, what, terms) in [(0, "y", inp), (1, "dx", out)] {
+            let worst = packed[i].iter().zip(&composed[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
+            assert!(worst <= terms as f32 * per_term, "{name} {what}: differs from f32 by {worst}");
+            assert!(packed[i] != fused[i], "{name} {what}: the same values as f32, so the packing was not used");
+        }
+        assert_eq!(packed[2], fused[2], "{name}: dA does not read W");
+        assert_eq!(packed[3], fused[3], "{name}: dB does not read W");
+    }
+
+    /// bf16 packings: both products with W round their inputs to 8 significant bits (2^-9
+    /// relative each; terms of magnitude ≤ 0.3). Where the CPU lacks AVX512-BF16 there is
+    /// nothing to run.
     #[test]
     fn bf16_packings_stay_within_bf16_rounding_of_the_composition() {
         if !crate::kernels::bf16::available() {
             eprintln!("this CPU has no AVX512-BF16: the bf16 path of lora_linear was not run");
             return;
         }
-        let dev = Device::flex().autodiff();
         let (n, inp, out, r, s) = (29, 64, 48, 4, 2.0);
-        let fixed = |[rows, cols]: [usize; 2], seed: usize, scale: f32| -> Vec<f32> { (0..rows * cols).map(|i| (((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0) * scale).collect() };
-        let t = |v: &Vec<f32>, d: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v.clone(), d), &dev);
-        let (xv, wv, av, bv, upv) = (fixed([n, inp], 1, 1.0), fixed([out, inp], 2, 0.3), fixed([r, inp], 3, 0.3), fixed([out, r], 4, 0.3), fixed([n, out], 5, 1.0));
-        let packed = Arc::new(FrozenBf16::new(&wv, out, inp));
-        // 0: the composition, 1: the fused op in f32, 2: the fused op on the packings.
-        let run = |mode: usize| {
-            let (x, a, b) = (t(&xv, [n, inp]).require_grad(), t(&av, [r, inp]).require_grad(), t(&bv, [out, r]).require_grad());
-            let w = t(&wv, [out, inp]);
-            let y = match mode {
-                0 => lora_linear_composed(x.clone(), None, w, a.clone(), b.clone(), s),
-                1 => lora_linear(&x, None, &w, &a, &b, s, None).unwrap(),
-                _ => lora_linear(&x, None, &w, &a, &b, s, Some(&packed)).unwrap(),
-            };
-            let g = (y.clone() * t(&upv, [n, out])).sum().backward();
-            [vec_of(y.detach()), vec_of(x.grad(&g).unwrap()), vec_of(a.grad(&g).unwrap()), vec_of(b.grad(&g).unwrap())]
-        };
-        let (composed, fused, bf16) = (run(0), run(1), run(2));
-        // Sums of `in` (forward) or `out` (input gradient) terms of magnitude ≤ 0.3, each with two
-        // bf16 roundings (2^-9 relative each).
-        for (i, what, terms) in [(0, "y", inp), (1, "dx", out)] {
-            let worst = bf16[i].iter().zip(&composed[i]).map(|(a, b)| (a - b).abs()).fold(0f32, f32::max);
-            assert!(worst <= terms as f32 * 0.3 / 256.0, "{what}: bf16 differs from f32 by {worst}");
-            assert!(bf16[i] != fused[i], "{what}: the same values as f32, so the packing was not used");
-        }
-        assert_eq!(bf16[2], fused[2], "dA does not read W");
-        assert_eq!(bf16[3], fused[3], "dB does not read W");
+        let wv: Vec<f32> = (0..out * inp).map(|i| (((i * 7919 + 2 * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0) * 0.3).collect();
+        let packed = Arc::new(FrozenPacked::Bf16(crate::kernels::bf16::FrozenBf16::new(&wv, out, inp)));
+        check_packing("bf16", three_ways(&wv, &packed, (n, inp, out, r, s)), (inp, out), 0.3 / 256.0);
+    }
+
+    /// Int8 copies (W on its Q4_1 grid forward, Wᵀ in Q8_0 backward): activations and output
+    /// gradients rounded to 8 bits per 32-value block (half a step: 1/254 of the block's
+    /// largest), and Wᵀ as well backward. Every CPU runs them.
+    #[test]
+    fn int8_copies_stay_within_eight_bit_rounding_of_the_composition() {
+        use crate::ggml::{QType, QuantMatrix};
+        let (n, inp, out, r, s) = (29, 64, 96, 4, 2.0);
+        let raw: Vec<f32> = (0..out * inp).map(|i| (((i * 7919 + 2 * 104_729) % 1009) as f32 / 1009.0 * 2.0 - 1.0) * 0.3).collect();
+        let wv = QuantMatrix::quantize(QType::Q4_1, out, inp, &raw).unwrap().dequantize();
+        let packed = Arc::new(FrozenPacked::Int8(crate::kernels::frozen::FrozenInt8::new(&wv, out, inp).unwrap()));
+        // Per term: x's rounding (|x| ≤ 1, |w| ≤ 0.3) forward; dy's (|dy| ≤ 1) and Wᵀ's backward.
+        check_packing("int8", three_ways(&wv, &packed, (n, inp, out, r, s)), (inp, out), 2.0 * 0.3 / 254.0);
     }
 
     #[test]

@@ -6,7 +6,9 @@
 //! - [`rmsnorm`], [`swiglu`], [`lora`] (a frozen projection with its LoRA branch) and
 //!   [`attention`] (causal GQA with RoPE; the cached host path of inference);
 //! - [`cross_entropy`]: the causal-LM loss over `[n, v]` logits without a softmax tensor;
-//! - [`soft_ce`]: cross-entropy against soft targets (the distillation terms), likewise.
+//! - [`soft_ce`]: cross-entropy against soft targets (the distillation terms), likewise;
+//! - [`frozen`]: a frozen weight's products on copies made for them once (bf16 packings in
+//!   [`bf16`], or the quantized kernels), `[train] frozen_products`.
 //!
 //! The AdamW step is fused the same way in `train::optim` (an update, not an op with a
 //! backward), on top of the shared pieces here.
@@ -27,6 +29,7 @@
 pub mod attention;
 pub mod bf16;
 pub mod cross_entropy;
+pub mod frozen;
 pub mod gemm;
 pub mod lora;
 pub mod rmsnorm;

@@ -103,20 +103,20 @@ fn retable(t: &TokenTable, mode: TableMode, old_vocab: usize) -> Result<TokenTab
         _ => (w.clone().slice([0..old_vocab, 0..hidden]), w.clone().slice([old_vocab..rows, 0..hidden])),
     };
     Ok(match mode {
-        TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None, extra_f32: t.extra_f32, quant: None, bf16: None },
+        TableMode::Frozen => TokenTable { base: Param::from_tensor(w).set_require_grad(false), extra: None, extra_f32: t.extra_f32, quant: None, packed: None },
         // In `all` mode the table still keeps new rows apart when there are any, so they keep
         // their f32 path (see TokenTable) and their own overflow group.
         TableMode::All if rows > old_vocab && old_vocab > 0 => {
             let (base, extra) = split();
-            TokenTable { base: master(base), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None, bf16: None }
+            TokenTable { base: master(base), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None, packed: None }
         }
-        TableMode::All => TokenTable { base: master(w), extra: None, extra_f32: t.extra_f32, quant: None, bf16: None },
+        TableMode::All => TokenTable { base: master(w), extra: None, extra_f32: t.extra_f32, quant: None, packed: None },
         TableMode::NewRows => {
             if rows <= old_vocab {
                 bail!("new_rows: the table has {rows} rows, no more than the old vocabulary of {old_vocab}; extend the vocabulary first or use `all`");
             }
             let (base, extra) = split();
-            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None, bf16: None }
+            TokenTable { base: Param::from_tensor(base).set_require_grad(false), extra: Some(master(extra)), extra_f32: t.extra_f32, quant: None, packed: None }
         }
     })
 }

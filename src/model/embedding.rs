@@ -17,6 +17,7 @@ use burn::module::{Module, Param};
 use burn::tensor::module::embedding;
 use burn::tensor::{Int, Tensor, TensorData};
 use crate::kernels::bf16::FrozenBf16;
+use crate::kernels::frozen::FrozenPacked;
 use std::sync::Arc;
 
 #[derive(Module, Debug)]
@@ -32,25 +33,25 @@ pub struct TokenTable {
     /// none and `extra` is `None`: lookups dequantize only the rows asked for, and the LM-head
     /// product runs in the quantized kernels.
     pub quant: Option<QuantWeight>,
-    /// The frozen `base` rows packed in bf16 for the head's product in training (`[train]
-    /// frozen_products`; [`crate::kernels::bf16`]); `base` stays the table's weight.
+    /// The frozen `base` rows packed for the head's product in training (`[train]
+    /// frozen_products = "bf16"`; [`crate::kernels::frozen`]); `base` stays the table's weight.
     #[module(skip)]
-    pub bf16: Option<Arc<FrozenBf16>>,
+    pub packed: Option<Arc<FrozenPacked>>,
 }
 
 impl TokenTable {
     pub fn new(weight: Tensor<2>) -> Self {
-        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true, quant: None, bf16: None }
+        TokenTable { base: Param::from_tensor(weight).set_require_grad(false), extra: None, extra_f32: true, quant: None, packed: None }
     }
 
     /// A frozen table from a loaded weight, dense or quantized.
     pub fn from_frozen(w: Frozen) -> Self {
         match w {
-            Frozen::Dense(p) => TokenTable { base: p, extra: None, extra_f32: true, quant: None, bf16: None },
+            Frozen::Dense(p) => TokenTable { base: p, extra: None, extra_f32: true, quant: None, packed: None },
             Frozen::Quant(q) => {
                 let hidden = q.matrix.cols();
                 let empty = Tensor::zeros([0, hidden], &q.device);
-                TokenTable { base: Param::from_tensor(empty).set_require_grad(false), extra: None, extra_f32: true, quant: Some(q), bf16: None }
+                TokenTable { base: Param::from_tensor(empty).set_require_grad(false), extra: None, extra_f32: true, quant: Some(q), packed: None }
             }
         }
     }
@@ -89,14 +90,14 @@ impl TokenTable {
     /// belongs to this table: a stage that rebuilds the tables (`crate::lora::set_table_modes`)
     /// packs the new ones again.
     pub fn pack_base_bf16(&mut self) -> anyhow::Result<()> {
-        self.bf16 = None;
+        self.packed = None;
         if self.quant.is_some() || self.base.is_require_grad() {
             return Ok(());
         }
         let w = self.base.val();
         let [rows, d] = w.dims();
         let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head's rows for their bf16 packing: {e:?}"))?;
-        self.bf16 = Some(Arc::new(FrozenBf16::new(&v, rows, d)));
+        self.packed = Some(Arc::new(FrozenPacked::Bf16(FrozenBf16::new(&v, rows, d))));
         Ok(())
     }
 
@@ -150,7 +151,7 @@ impl TokenTable {
         }
         // A trainable table is an f32 master; the product runs in the activation dtype.
         let base = self.base.val().cast(crate::kernels::float_dtype(h2.dtype()));
-        let old_rows = |h2: Tensor<2>| match self.bf16.as_ref().and_then(|p| crate::kernels::bf16::frozen_matmul_t(&h2, p)) {
+        let old_rows = |h2: Tensor<2>| match self.packed.as_ref().and_then(|p| crate::kernels::frozen::frozen_matmul_t(&h2, p)) {
             Some(y) => y,
             None => matmul_t(h2, base),
         };
@@ -278,7 +279,7 @@ mod tests {
             let mut table = TokenTable::new(t(&bv, [old, d]));
             table.extra = Some(Param::from_tensor(t(&ev, [new, d])).set_require_grad(true));
             if packed {
-                table.bf16 = Some(Arc::new(FrozenBf16::new(&bv, old, d)));
+                table.packed = Some(Arc::new(FrozenPacked::Bf16(FrozenBf16::new(&bv, old, d))));
             }
             let h = t(&hv, [n, d]).require_grad();
             let y = table.project(h.clone().reshape([1, n, d]));

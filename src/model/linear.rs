@@ -132,19 +132,19 @@ pub struct Linear {
     /// Installed only while an importance matrix is collected (see [`InputObserver`]).
     #[module(skip)]
     pub tap: Option<Arc<dyn InputObserver>>,
-    /// The frozen weight packed in bf16 for training's two products with it (`[train]
-    /// frozen_products = "bf16"`; [`crate::kernels::bf16`]); the dense weight stays the model's.
+    /// Copies of the frozen weight that training's two products with it run on (`[train]
+    /// frozen_products`; [`crate::kernels::frozen`]); the dense weight stays the model's.
     #[module(skip)]
-    pub bf16: Option<Arc<crate::kernels::bf16::FrozenBf16>>,
+    pub packed: Option<Arc<crate::kernels::frozen::FrozenPacked>>,
 }
 
 impl Linear {
     pub fn new(weight: Tensor<2>) -> Self {
-        Linear { weight: Frozen::dense(weight), lora: Vec::new(), tap: None, bf16: None }
+        Linear { weight: Frozen::dense(weight), lora: Vec::new(), tap: None, packed: None }
     }
 
     pub fn from_frozen(weight: Frozen) -> Self {
-        Linear { weight, lora: Vec::new(), tap: None, bf16: None }
+        Linear { weight, lora: Vec::new(), tap: None, packed: None }
     }
 
     pub fn in_features(&self) -> usize {
@@ -167,7 +167,7 @@ impl Linear {
             // One branch on a dense weight (training, unmerged inference): the fused op on f32
             // flex, else the composition below with the same dropped-out input.
             let xd = branch.dropped_input(&x2);
-            if let Some(y) = crate::kernels::lora::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale, self.bf16.as_ref()) {
+            if let Some(y) = crate::kernels::lora::lora_linear(&x2, xd.as_ref(), &w.val(), &branch.a.val(), &branch.b.val(), branch.scale, self.packed.as_ref()) {
                 return y.reshape([b, t, out]);
             }
             let y = self.weight.matmul_t(x2.clone()) + branch.delta_of_dropped(xd.unwrap_or(x2));

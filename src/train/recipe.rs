@@ -242,7 +242,7 @@ impl TrainSection {
 }
 
 /// `[train] frozen_products`: the arithmetic of the products with the frozen projections in
-/// training's forward and backward (see [`crate::kernels::bf16`]).
+/// training's forward and backward (see [`crate::kernels::frozen`]).
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum FrozenProducts {
@@ -253,10 +253,17 @@ pub enum FrozenProducts {
     /// the activations rounded to bf16 as they are read, with f32 sums: ~1.5–1.8× the f32
     /// product on an AMD CPU with AVX512-BF16 (which it needs), no faster on Intel's Xeons.
     Bf16,
-    /// `bf16` where it runs and is the faster (f32 weights on an AMD CPU with AVX512-BF16;
-    /// on Intel's Xeons it is not, see [`crate::kernels::bf16::outruns_f32`]), `f32` elsewhere:
-    /// what the quickstart's recipe sets, so that one recipe trains fastest on every machine.
+    /// What is faster on this CPU ([`crate::kernels::frozen::auto`]): `bf16` on an AMD CPU
+    /// with AVX512-BF16, `int8` on an Intel CPU with AVX-512 VNNI, `f32` elsewhere and wherever
+    /// the weights are not f32 on the CPU: what the quickstart's recipe sets, so that one
+    /// recipe trains fastest on every machine.
     Auto,
+    /// The projections in the quantized kernels that inference uses: forward on the weights'
+    /// own Q4_1 grid where they lie on one (else Q8_0), backward on a Q8_0 copy of `Wᵀ`, the
+    /// activations and output gradients rounded to 8 bits per 32-value block. The LM head stays
+    /// f32. ~2–3.4× the f32 product on a 256-token row on an Intel Xeon with AVX-512 VNNI; needs
+    /// f32 weights on the CPU and dimensions that are whole 32-value blocks (others stay f32).
+    Int8,
 }
 
 impl FrozenProducts {
@@ -778,7 +785,7 @@ mod tests {
             // `auto` is not written, so the hash of a recipe without the key is unchanged.
             assert_eq!(serde_json::to_value(&t).unwrap().get("teacher").and_then(|v| v.as_str()), (want != TeacherWeights::Auto).then_some(text));
         }
-        for (text, want) in [("f32", FrozenProducts::F32), ("bf16", FrozenProducts::Bf16), ("auto", FrozenProducts::Auto)] {
+        for (text, want) in [("f32", FrozenProducts::F32), ("bf16", FrozenProducts::Bf16), ("auto", FrozenProducts::Auto), ("int8", FrozenProducts::Int8)] {
             let t: TrainSection = toml::from_str(&format!("frozen_products = \"{text}\"")).unwrap();
             assert_eq!(t.frozen_products, want);
             assert_eq!(serde_json::to_value(&t).unwrap().get("frozen_products").and_then(|v| v.as_str()), (want != FrozenProducts::F32).then_some(text));

@@ -11,6 +11,7 @@ use super::scaler::Scaler;
 use super::schedule::{lr_factor, replanned_ramp, steps_within};
 use super::step::{train_step, MicroBatch, StepHparams};
 use crate::data::{self, MixConfig, Mixer};
+use crate::kernels::frozen::FrozenPacked;
 use crate::lora::save::TableSave;
 use crate::lora::{self, set_table_modes, TableMode};
 use crate::model::Llama;
@@ -57,7 +58,8 @@ pub struct TrainReport {
     pub planned_steps: Option<usize>,
     /// Wall seconds of this invocation, loading included.
     pub wall_s: f64,
-    /// The arithmetic the frozen products ran in (`f32` or `bf16`; `[train] frozen_products`).
+    /// The arithmetic the frozen products ran in (`f32`, `bf16` or `int8`; `[train]
+    /// frozen_products`).
     pub frozen_products: &'static str,
 }
 
@@ -159,7 +161,7 @@ fn default_init_text(recipe: &Recipe) -> Option<PathBuf> {
 }
 
 /// Applies a stage's choices: which tables train, whether LoRA trains. The tables are rebuilt,
-/// so with `bf16` products (see [`pack_frozen_bf16`]) the head's frozen rows are packed here.
+/// so with `bf16` products (see [`pack_frozen`]) the head's frozen rows are packed here.
 pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool, bf16: bool) -> Result<()> {
     model.embed_tokens.extra_f32 = new_rows_f32;
     if let Some(h) = model.lm_head.as_mut() {
@@ -235,36 +237,51 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
     Ok(burn::tensor::Tensor::from_data(burn::tensor::TensorData::new(vals, [moved.len(), d]), &device))
 }
 
-/// `[train] frozen_products`: every dense frozen projection packed once for the bf16 products
-/// ([`crate::kernels::bf16`]); the f32 weights stay the model's and are what is saved. The LM
-/// head's frozen old rows are packed by [`enter_stage`], which rebuilds the tables. `bf16`
-/// refuses a machine it cannot run on; `auto` keeps the f32 products there and wherever bf16
-/// would not be faster ([`crate::kernels::bf16::outruns_f32`]). Returns whether the products run
-/// in bf16.
-fn pack_frozen_bf16(model: &mut Llama, mode: FrozenProducts) -> Result<bool> {
-    let strict = mode == FrozenProducts::Bf16;
-    if mode == FrozenProducts::F32 || (!strict && !crate::kernels::bf16::outruns_f32()) {
-        return Ok(false);
-    }
-    if !crate::kernels::bf16::available() {
+/// `[train] frozen_products`: every dense frozen projection copied once for its products
+/// ([`crate::kernels::frozen`]): bf16 packings, or int8 copies for the quantized kernels; the f32
+/// weights stay the model's and are what is saved. With bf16 the LM head's frozen old rows are
+/// packed too, by [`enter_stage`], which rebuilds the tables. `bf16` and `int8` refuse a model
+/// they cannot run on; `auto` picks what is faster on this CPU ([`crate::kernels::frozen::auto`])
+/// and keeps the f32 products where the copies cannot run. Returns the arithmetic the products
+/// run in: `f32`, `bf16` or `int8`.
+fn pack_frozen(model: &mut Llama, mode: FrozenProducts) -> Result<&'static str> {
+    let wanted = match mode {
+        FrozenProducts::F32 => return Ok("f32"),
+        FrozenProducts::Auto => match crate::kernels::frozen::auto() {
+            "f32" => return Ok("f32"),
+            w => w,
+        },
+        FrozenProducts::Bf16 => "bf16",
+        FrozenProducts::Int8 => "int8",
+    };
+    let strict = mode != FrozenProducts::Auto;
+    if wanted == "bf16" && !crate::kernels::bf16::available() {
         ensure!(!strict, "[train] frozen_products = \"bf16\" needs a CPU with AVX512-BF16 and this one has none; set it to \"auto\" (or remove the key) to train with f32 products");
-        return Ok(false);
+        return Ok("f32");
     }
     let head = model.lm_head.as_ref().unwrap_or(&model.embed_tokens);
     let head_f32 = head.quant.is_none() && crate::kernels::flex_f32(&head.base.val()).is_some();
     let all_f32 = head_f32 && lora::adapter::linears_mut(model).into_iter().all(|(_, lin)| lin.weight.as_dense().is_none_or(|p| crate::kernels::flex_f32(&p.val()).is_some()));
     if !all_f32 {
-        ensure!(!strict, "[train] frozen_products = \"bf16\" runs on the CPU's f32 weights and this model's are not (a GPU device, a quantized folder or [precision] dtype); set it to \"auto\" or remove the key");
-        return Ok(false);
+        ensure!(!strict, "[train] frozen_products = \"{wanted}\" runs on the CPU's f32 weights and this model's are not (a GPU device, a quantized folder or [precision] dtype); set it to \"auto\" or remove the key");
+        return Ok("f32");
     }
+    let mut copied = 0;
     for (name, lin) in lora::adapter::linears_mut(model) {
         let Some(p) = lin.weight.as_dense() else { continue };
         let w = p.val();
         let [out, inp] = w.dims();
-        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {name} for its bf16 packing: {e:?}"))?;
-        lin.bf16 = Some(Arc::new(crate::kernels::bf16::FrozenBf16::new(&v, out, inp)));
+        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading {name} for its {wanted} copies: {e:?}"))?;
+        lin.packed = match wanted {
+            "bf16" => Some(FrozenPacked::Bf16(crate::kernels::bf16::FrozenBf16::new(&v, out, inp))),
+            // A projection whose dimensions are not whole blocks keeps its f32 products.
+            _ => crate::kernels::frozen::FrozenInt8::new(&v, out, inp).map(FrozenPacked::Int8),
+        }
+        .map(Arc::new);
+        copied += lin.packed.is_some() as usize;
     }
-    Ok(true)
+    ensure!(copied > 0 || !strict, "[train] frozen_products = \"{wanted}\": no projection of this model has dimensions in whole 32-value blocks; remove the key");
+    Ok(wanted)
 }
 
 /// The layer `[[data]] hidden_distill` compares after (`[train] hidden_distill_layer`, or half
@@ -333,7 +350,8 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         recipe.train.seq_len,
         recipe.model.path.display()
     );
-    let bf16 = pack_frozen_bf16(&mut model, recipe.train.frozen_products)?;
+    let products = pack_frozen(&mut model, recipe.train.frozen_products)?;
+    let bf16 = products == "bf16";
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
@@ -560,7 +578,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     }
     let secs = t_run.elapsed().as_secs_f64();
     let report = TrainReport {
-        frozen_products: if bf16 { "bf16" } else { "f32" },
+        frozen_products: products,
         out_dir: out.clone(),
         adapter_dir: adapter_out,
         start_step: start,
@@ -761,7 +779,7 @@ mod tests {
         let device = crate::device::parse("cpu").unwrap().autodiff();
         let mut model = Llama::random(&cfg, &device, crate::io::safetensors::FloatType::F32);
         let stage = |head| Stage { name: "s".into(), steps: 1, lr: 1e-3, embed_lr: 1e-3, lora: true, embed: TableMode::NewRows, head };
-        let packed = |m: &Llama| m.lm_head.as_ref().unwrap_or(&m.embed_tokens).bf16.as_ref().map(|p| p.forward.dims());
+        let packed = |m: &Llama| m.lm_head.as_ref().unwrap_or(&m.embed_tokens).packed.as_ref().map(|p| p.dims());
         enter_stage(&mut model, &stage(TableMode::NewRows), old, true, true).unwrap();
         assert_eq!(packed(&model), Some([old, hidden]));
         enter_stage(&mut model, &stage(TableMode::All), old, true, true).unwrap();

@@ -172,13 +172,10 @@ impl BaseModel {
 }
 
 /// `v` (`[rows, cols]` f32) as a Q4_1 matrix if that reproduces every value exactly, which it
-/// does for weights dequantized from Q4_1 (each block's values are `d·q + m` with codes 0..15
-/// that reach 0 and 15, so min/max quantization finds the same `d` and `m`); `None` otherwise.
+/// does for weights dequantized from Q4_1 ([`QuantMatrix::quantize_exact`]); `None` otherwise.
 /// The check costs a quantization and a dequantization per matrix, once per run.
 pub fn exact_q4_1(rows: usize, cols: usize, v: &[f32]) -> Option<QuantMatrix> {
-    let q = QuantMatrix::quantize(QType::Q4_1, rows, cols, v).ok()?;
-    let back = q.dequantize();
-    back.iter().zip(v).all(|(a, b)| a.to_bits() == b.to_bits()).then_some(q)
+    QuantMatrix::quantize_exact(QType::Q4_1, rows, cols, v)
 }
 
 /// `t` `[rows, hidden]` with rows `ids` replaced by `values` `[ids.len(), hidden]` (host copies,

@@ -45,7 +45,7 @@ pub(super) fn fit_input_rows(
             }
             let t = seqs[0].len();
             let extra = Tensor::<2>::from_data(TensorData::new(rows.clone(), [n_new, d]), &device);
-            student.embed_tokens = TokenTable { base: base_table.clone(), extra: Some(Param::from_tensor(extra).set_require_grad(true)), extra_f32: true, quant: None, bf16: None };
+            student.embed_tokens = TokenTable { base: base_table.clone(), extra: Some(Param::from_tensor(extra).set_require_grad(true)), extra_f32: true, quant: None, packed: None };
             let h = student.hidden(ids_tensor(&seqs, &device), None);
             let tgt: Vec<f32> = batch.iter().flat_map(|&i| targets[i].iter().copied()).collect();
             let tgt = Tensor::<3>::from_data(TensorData::new(tgt, [batch.len(), t, d]), &device);

@@ -310,7 +310,7 @@ fn with_new_input_rows(model: &Llama, rows: &[f32], old: usize) -> Result<Llama>
     let device = m.embed_tokens.base.val().device();
     let base = Param::from_tensor(m.embed_tokens.weight().slice([0..old, 0..d])).set_require_grad(false);
     let extra = Tensor::<2>::from_data(TensorData::new(rows.to_vec(), [n_new, d]), &device);
-    m.embed_tokens = TokenTable { base, extra: Some(Param::from_tensor(extra).set_require_grad(false)), extra_f32: true, quant: None, bf16: None };
+    m.embed_tokens = TokenTable { base, extra: Some(Param::from_tensor(extra).set_require_grad(false)), extra_f32: true, quant: None, packed: None };
     Ok(m)
 }
 
