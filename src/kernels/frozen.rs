@@ -11,9 +11,10 @@
 //!   quickstart's SmolLM2), so the weights are exact, else in Q8_0; backward, `Wᵀ` in Q8_0
 //!   (blocks of 32 along the output dimension, which the input gradient sums over). The
 //!   activations and the output gradients are rounded to 8 bits per block of 32 under one
-//!   scale, as llama.cpp's Q8_0 activations are. The products with the projections of a
-//!   256-token row run 2–3.4× faster than f32's on an Emerald Rapids Xeon (BENCHMARKS.md, "An
-//!   int8 frozen path").
+//!   scale, as llama.cpp's Q8_0 activations are; a row far below or above that format's range
+//!   is scaled by a power of two first ([`matmul_in_range`]). The products with the
+//!   projections of a 256-token row run 2–3.4× faster than f32's on an Emerald Rapids Xeon
+//!   (BENCHMARKS.md, "An int8 frozen path").
 //!
 //! The f32 product stays the default and the reference: the tests hold each packing's output
 //! and input gradient to it within the packing's rounding.
@@ -43,8 +44,9 @@ pub fn auto() -> &'static str {
 
 /// Whether the int8 copies outrun the f32 products here: on Intel CPUs with AVX-512 VNNI. On a
 /// 2-core Emerald Rapids Xeon the quickstart's student step took 1.14–1.15 s instead of
-/// 1.47–1.49, and 300 steps of its recipe ended at the f32 run's validation figures within
-/// 0.001 bit/char (BENCHMARKS.md, "An int8 frozen path"). Not measured elsewhere: AMD's Zen 4
+/// 1.47–1.49, and 300 steps of its recipe ended within ±0.013 bit/char of the f32 run's
+/// validation figures (two runs; two seeds differ by ~0.07; BENCHMARKS.md, "An int8 frozen
+/// path"). Not measured elsewhere: AMD's Zen 4
 /// keeps bf16, and CPUs without VNNI keep f32.
 pub fn int8_outruns_f32() -> bool {
     super::bf16::cpu_vendor() == *b"GenuineIntel" && crate::ggml::Kernels::best().name == "avx512vnni"
@@ -112,7 +114,7 @@ impl FrozenPacked {
                 p.forward.matmul(x, n, &mut y, out, false);
                 y
             }
-            FrozenPacked::Int8(p) => p.forward.matmul(x, n),
+            FrozenPacked::Int8(p) => matmul_in_range(&p.forward, x, n),
         }
     }
 
@@ -125,9 +127,49 @@ impl FrozenPacked {
                 p.backward.matmul(dy, n, &mut dx, inp, false);
                 dx
             }
-            FrozenPacked::Int8(p) => p.backward.matmul(dy, n),
+            FrozenPacked::Int8(p) => matmul_in_range(&p.backward, dy, n),
         }
     }
+}
+
+/// Largest magnitude of a row that the 8-bit blocks take as it is: from 2^-6 (a block scale of
+/// max/127 then stays above f16's smallest normal, 2^-14) to 2^22 (below f16's largest, 65504,
+/// times 127).
+const IN_RANGE: std::ops::Range<f32> = 0.015625..4_194_304.0;
+
+/// `q.matmul(x, n)` with each row of `x` whose largest magnitude lies outside [`IN_RANGE`]
+/// multiplied by the power of two that brings it into [1, 2), and its output row by the inverse.
+/// Why: an 8-bit block keeps its scale `max/127` in f16, whose subnormals hold few bits and
+/// which rounds below 3e-8 to zero. Gradients are small (they shrink with the number of tokens
+/// a step averages over): at the quickstart's first step some rows of `dy` peak below 2^-6,
+/// and without this the step's gradient norm was 2.4 % below f32's (1.1 % with it; the rest is
+/// the forward's rounding). Scaling by a power of two changes no code and no normal scale, so
+/// rows in range give the same bits either way.
+fn matmul_in_range(q: &QuantMatrix, x: &[f32], n: usize) -> Vec<f32> {
+    let k = q.cols();
+    let exponent = |row: &[f32]| {
+        let amax = row.iter().fold(0f32, |m, v| m.max(v.abs()));
+        // 0, NaN and ∞ stay as they are: nothing to gain, and the step's checks see them.
+        (amax.is_normal() && !IN_RANGE.contains(&amax)).then(|| amax.log2().floor().clamp(-126.0, 126.0) as i32)
+    };
+    let exps: Vec<Option<i32>> = x.chunks_exact(k).map(exponent).collect();
+    if exps.iter().all(Option::is_none) {
+        return q.matmul(x, n);
+    }
+    let pow2 = |e: i32| f32::from_bits(((127 + e) as u32) << 23);
+    let mut xs = x.to_vec();
+    for (row, e) in xs.chunks_exact_mut(k).zip(&exps) {
+        if let Some(e) = e {
+            row.iter_mut().for_each(|v| *v *= pow2(-e));
+        }
+    }
+    let mut y = q.matmul(&xs, n);
+    for (row, e) in y.chunks_exact_mut(q.rows()).zip(&exps) {
+        if let Some(e) = e {
+            row.iter_mut().for_each(|v| *v *= pow2(*e));
+        }
+    }
+    y
 }
 
 #[derive(Debug)]
@@ -223,6 +265,33 @@ mod tests {
             assert!(worst <= k as f64 * per / 4.0, "{what}: off by {worst} (products up to {size})");
             assert!(worst > 0.0, "{what}: exact, so the 8-bit kernels were not used");
         }
+    }
+
+    /// Rows far below or above the 8-bit blocks' range (gradients averaged over many tokens)
+    /// give the products of the same rows in range, scaled by the same power of two, bit for
+    /// bit; the plain quantized product loses the tiny row (its f16 block scales underflow).
+    #[test]
+    fn rows_out_of_the_blocks_range_are_scaled_exactly() {
+        let (n, out, inp) = (3, 64, 64);
+        let p = FrozenPacked::Int8(FrozenInt8::new(&fixed(out * inp, 7, 0.3), out, inp).unwrap());
+        let FrozenPacked::Int8(q) = &p else { unreachable!() };
+        let x = fixed(n * inp, 8, 1.0);
+        let (y, dx) = (p.forward(&x, n), p.backward(&x, n));
+        assert_eq!(y, q.forward.matmul(&x, n), "rows in range take the plain product");
+        for e in [-40, -20, 30] {
+            let s = 2f32.powi(e);
+            let xs: Vec<f32> = x.iter().map(|v| v * s).collect();
+            assert_eq!(p.forward(&xs, n), y.iter().map(|v| v * s).collect::<Vec<_>>(), "forward, 2^{e}");
+            assert_eq!(p.backward(&xs, n), dx.iter().map(|v| v * s).collect::<Vec<_>>(), "backward, 2^{e}");
+        }
+        let tiny: Vec<f32> = x.iter().map(|v| v * 2f32.powi(-40)).collect();
+        assert!(q.forward.matmul(&tiny, n).iter().all(|v| *v == 0.0), "the plain product keeps a row of 1e-12 (the test's premise)");
+        // One row out of range, the others not: only that row is scaled.
+        let mut mixed = x.clone();
+        mixed[..inp].iter_mut().for_each(|v| *v *= 2f32.powi(-40));
+        let ym = p.forward(&mixed, n);
+        assert_eq!(&ym[out..], &y[out..]);
+        assert_eq!(&ym[..out], &y[..out].iter().map(|v| v * 2f32.powi(-40)).collect::<Vec<_>>()[..]);
     }
 
     /// Off the grid the forward copy is Q8_0; dimensions that are not whole blocks decline.
