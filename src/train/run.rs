@@ -281,7 +281,8 @@ fn pack_frozen(model: &mut Llama, mode: FrozenProducts) -> Result<&'static str> 
         copied += lin.packed.is_some() as usize;
     }
     ensure!(copied > 0 || !strict, "[train] frozen_products = \"{wanted}\": no projection of this model has dimensions in whole 32-value blocks; remove the key");
-    Ok(wanted)
+    // `auto` on a model none of whose projections could be copied trains with f32 products.
+    Ok(if copied > 0 { wanted } else { "f32" })
 }
 
 /// The layer `[[data]] hidden_distill` compares after (`[train] hidden_distill_layer`, or half
