@@ -369,7 +369,7 @@ mod tests {
         let dev = burn::tensor::Device::flex().autodiff();
         let (n, out, k) = (11, 37, 50);
         let (xv, wv, upv) = (fixed(n * k, 5), fixed(out * k, 6), fixed(n * out, 7));
-        let p = Arc::new(crate::kernels::frozen::FrozenPacked::Bf16(FrozenBf16::new(&wv, out, k)));
+        let p = Arc::new(FrozenPacked::Bf16(FrozenBf16::new(&wv, out, k)));
         let FrozenPacked::Bf16(b) = &*p else { unreachable!() };
         let t = |v: &Vec<f32>, d: [usize; 2]| Tensor::<2>::from_data(burn::tensor::TensorData::new(v.clone(), d), &dev);
         let x = t(&xv, [n, k]).require_grad();
