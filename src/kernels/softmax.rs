@@ -87,11 +87,12 @@ pub fn max_of(x: &[f32]) -> f32 {
 }
 
 /// Turns `row` into `exp(xᵢ − max)` in place and returns `(max, Σ exp(xᵢ − max))`: the
-/// numerators of a softmax row and its normaliser, summed in order. A non-empty row. By
-/// [`x86::exp_shifted_in_place`] where the CPU has AVX2 (the same bits): in one loop with the
-/// in-order sum, the exponentials stayed scalar, ~5.5 ns a value on a 2-core Xeon against
-/// ~2 ns, and the chain teacher's softmax over 49,152 old tokens at ~500 positions and the
-/// training attention's rows went through it (BENCHMARKS.md).
+/// numerators of a softmax row and its normaliser, the sum in eight lanes as
+/// [`sum_exp_shifted`] adds (one pass). A non-empty row. By [`x86::exp_shifted_in_place`]
+/// where the CPU has AVX2 (the same bits). The chain teacher's softmax over 49,152 old tokens
+/// at ~500 positions and the training attention's rows go through it: with the exponentials
+/// scalar it cost ~5.5 ns a value on a 2-core Xeon, with them in eight lanes but the sum left
+/// to right (one chain of dependent additions) ~2.3 ns (BENCHMARKS.md).
 #[inline]
 pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     #[cfg(target_arch = "x86_64")]
@@ -102,14 +103,27 @@ pub fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
     exp_shifted_in_place_scalar(row)
 }
 
-/// [`exp_shifted_in_place`]'s reference, one scalar loop.
+/// [`exp_shifted_in_place`]'s reference: lane `k` adds the values at `k`, `k + 8`, … of the
+/// whole eights, then the tail is summed and the lanes are added to it in order, as in
+/// [`sum_exp_shifted_scalar`] (so the two give the same normaliser for the same row).
 #[inline(always)]
 pub fn exp_shifted_in_place_scalar(row: &mut [f32]) -> (f32, f32) {
     let m = max_of(row);
+    let mut acc = [0f32; 8];
+    let mut chunks = row.chunks_exact_mut(8);
+    for c in &mut chunks {
+        for k in 0..8 {
+            c[k] = exp_approx(c[k] - m);
+            acc[k] += c[k];
+        }
+    }
     let mut sum = 0f32;
-    for x in row.iter_mut() {
+    for x in chunks.into_remainder() {
         *x = exp_approx(*x - m);
         sum += *x;
+    }
+    for a in acc {
+        sum += a;
     }
     (m, sum)
 }
@@ -185,6 +199,66 @@ pub mod x86 {
         _mm256_blendv_ps(y, set(f32::INFINITY), _mm256_cmp_ps::<_CMP_GT_OQ>(x, hi))
     }
 
+    /// Whether the CPU has AVX-512F besides AVX2 and FMA: the passes below then take sixteen
+    /// values at a time through [`exp16`] (the exponentials are most of a softmax pass, and a
+    /// 512-bit register does twice the work per instruction).
+    #[inline]
+    pub fn has_avx512() -> bool {
+        static AVX512: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        crate::kernels::has_wide() && *AVX512.get_or_init(|| std::arch::is_x86_feature_detected!("avx512f"))
+    }
+
+    /// [`exp8`] on sixteen lanes, the same operations (the blends as mask blends), so each
+    /// lane equals [`super::exp_approx`] of it bit for bit.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F ([`has_avx512`]).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    pub unsafe fn exp16(x: __m512) -> __m512 {
+        let set = |v: f32| _mm512_set1_ps(v);
+        let (lo, hi) = (set(EXP_LO), set(EXP_HI));
+        let xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), x, lo);
+        let xc = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(xc, hi), xc, hi);
+        let shift = set(SHIFT);
+        let n = _mm512_sub_ps(_mm512_add_ps(_mm512_mul_ps(xc, set(std::f32::consts::LOG2_E)), shift), shift);
+        let r = _mm512_sub_ps(_mm512_sub_ps(xc, _mm512_mul_ps(n, set(LN2_HI))), _mm512_mul_ps(n, set(LN2_LO)));
+        let mut p = set(EXP_POLY[0]);
+        for &c in &EXP_POLY[1..] {
+            p = _mm512_add_ps(_mm512_mul_ps(p, r), set(c));
+        }
+        let ni = _mm512_cvttps_epi32(n);
+        let scale = _mm512_castsi512_ps(_mm512_slli_epi32::<23>(_mm512_add_epi32(ni, _mm512_set1_epi32(127))));
+        let y = _mm512_mul_ps(p, scale);
+        let y = _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_LT_OQ>(x, lo), y, _mm512_setzero_ps());
+        _mm512_mask_blend_ps(_mm512_cmp_ps_mask::<_CMP_GT_OQ>(x, hi), y, set(f32::INFINITY))
+    }
+
+    /// `exp(xᵢ − m)` over the whole sixteens of `len` values at `x` (stored back when `STORE`),
+    /// each sixteen added to an eight-lane sum as two eights, low half first: the order the
+    /// eight-lane passes add them in. Returns the sum and how many values it took.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512F ([`has_avx512`]); `x` must be valid for `len` reads (and
+    /// writes when `STORE`).
+    #[inline]
+    #[target_feature(enable = "avx2,fma,avx512f")]
+    unsafe fn exp16_pass<const STORE: bool>(x: *mut f32, len: usize, m: f32) -> (__m256, usize) {
+        let mv = _mm512_set1_ps(m);
+        let mut acc = _mm256_setzero_ps();
+        let mut i = 0;
+        while i + 16 <= len {
+            let e = exp16(_mm512_sub_ps(_mm512_loadu_ps(x.add(i)), mv));
+            if STORE {
+                _mm512_storeu_ps(x.add(i), e);
+            }
+            acc = _mm256_add_ps(acc, _mm512_castps512_ps256(e));
+            acc = _mm256_add_ps(acc, _mm256_castpd_ps(_mm512_extractf64x4_pd::<1>(_mm512_castps_pd(e))));
+            i += 16;
+        }
+        (acc, i)
+    }
+
     /// `exp(xᵢ − m)` in place by [`exp8`] (the tail by [`super::exp_approx`]).
     ///
     /// # Safety
@@ -192,6 +266,8 @@ pub mod x86 {
     #[inline]
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_minus(row: &mut [f32], m: f32) {
+        let done = if has_avx512() { exp16_pass::<true>(row.as_mut_ptr(), row.len(), m).1 } else { 0 };
+        let row = &mut row[done..];
         let mv = _mm256_set1_ps(m);
         let mut chunks = row.chunks_exact_mut(8);
         for c in &mut chunks {
@@ -211,7 +287,9 @@ pub mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn sum_exp_shifted(x: &[f32], m: f32) -> f32 {
         let mv = _mm256_set1_ps(m);
-        let mut acc = _mm256_setzero_ps();
+        // Only read: `STORE` is false.
+        let (mut acc, done) = if has_avx512() { exp16_pass::<false>(x.as_ptr() as *mut f32, x.len(), m) } else { (_mm256_setzero_ps(), 0) };
+        let x = &x[done..];
         let chunks = x.chunks_exact(8);
         let rest = chunks.remainder();
         for c in chunks {
@@ -226,8 +304,8 @@ pub mod x86 {
         s
     }
 
-    /// [`super::exp_shifted_in_place_scalar`] with the numerators made by [`exp8`]: the same max, the
-    /// same values, the same left-to-right sum.
+    /// [`super::exp_shifted_in_place_scalar`] with the numerators made by [`exp8`] and the
+    /// eight lanes in one register: the same max, the same values, the same sums.
     ///
     /// # Safety
     /// The CPU must have AVX2 (`kernels::has_wide`).
@@ -235,10 +313,23 @@ pub mod x86 {
     #[target_feature(enable = "avx2,fma")]
     pub unsafe fn exp_shifted_in_place(row: &mut [f32]) -> (f32, f32) {
         let m = max_of(row);
-        exp_minus(row, m);
+        let mv = _mm256_set1_ps(m);
+        let (mut acc, done) = if has_avx512() { exp16_pass::<true>(row.as_mut_ptr(), row.len(), m) } else { (_mm256_setzero_ps(), 0) };
+        let mut chunks = row[done..].chunks_exact_mut(8);
+        for c in &mut chunks {
+            let e = exp8(_mm256_sub_ps(_mm256_loadu_ps(c.as_ptr()), mv));
+            _mm256_storeu_ps(c.as_mut_ptr(), e);
+            acc = _mm256_add_ps(acc, e);
+        }
         let mut sum = 0f32;
-        for &x in row.iter() {
-            sum += x;
+        for x in chunks.into_remainder() {
+            *x = super::exp_approx(*x - m);
+            sum += *x;
+        }
+        let mut lanes = [0f32; 8];
+        _mm256_storeu_ps(lanes.as_mut_ptr(), acc);
+        for a in lanes {
+            sum += a;
         }
         (m, sum)
     }
@@ -348,8 +439,22 @@ mod tests {
                 assert_eq!(g.to_bits(), exp_approx(x).to_bits(), "x = {x}");
             }
         }
-        // The softmax numerator pass, on lengths off the eight-lane step.
-        for n in [1, 7, 8, 81, 200] {
+        if x86::has_avx512() {
+            for c in xs.chunks_exact(16) {
+                let mut got = [0f32; 16];
+                // SAFETY: `has_avx512` said the CPU has AVX-512F.
+                unsafe {
+                    use std::arch::x86_64::*;
+                    _mm512_storeu_ps(got.as_mut_ptr(), x86::exp16(_mm512_loadu_ps(c.as_ptr())));
+                }
+                for (g, &x) in got.iter().zip(c) {
+                    assert_eq!(g.to_bits(), exp_approx(x).to_bits(), "x = {x} (exp16)");
+                }
+            }
+        }
+        // The softmax numerator pass, on lengths off the eight- and sixteen-lane steps (where
+        // the CPU has AVX-512F, the sixteens, then an eight, then the tail).
+        for n in [1, 7, 8, 15, 16, 17, 24, 31, 81, 200, 49_152 + 27] {
             let row: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 37.0 - 12.0).sin() * 9.0).collect();
             let (mut a, mut b) = (row.clone(), row);
             // SAFETY: `has_wide` said the CPU has AVX2.
@@ -361,12 +466,16 @@ mod tests {
         }
         // The log-sum-exp's sum, in its eight lanes, on rows as long as a vocabulary, values
         // spread over many magnitudes (so that any other order of the additions shows).
-        for n in [1, 7, 8, 81, 1000, 49_152] {
+        for n in [1, 7, 8, 16, 24, 31, 81, 1000, 49_152] {
             let row: Vec<f32> = (0..n).map(|i| ((i * 7919 % 1013) as f32 / 29.0).sin() * 20.0 - 8.0 + (i % 17) as f32 * 0.37).collect();
             let m = max_of(&row);
             // SAFETY: `has_wide` said the CPU has AVX2.
             let (sx, ss) = (unsafe { x86::sum_exp_shifted(&row, m) }, sum_exp_shifted_scalar(&row, m));
             assert_eq!(sx.to_bits(), ss.to_bits(), "n = {n}: sum_exp_shifted");
+            // The in-place pass makes the same sum of the same row.
+            let mut r = row.clone();
+            // SAFETY: as above.
+            assert_eq!(unsafe { x86::exp_shifted_in_place(&mut r) }.1.to_bits(), ss.to_bits(), "n = {n}: exp_shifted_in_place");
         }
     }
 
