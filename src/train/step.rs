@@ -223,7 +223,11 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, row_maps: &mut RowMaps, sc
             continue;
         }
         let f = gs.iter().map(|t| (*t).clone().is_finite().all().float()).fold(Tensor::<1>::ones([1], &inner), |a, b| a * b);
-        let s = gs.iter().map(|t| (*t).clone().square().sum()).fold(Tensor::<1>::zeros([1], &inner), |a, b| a + b);
+        // Row sums first: flex sums a tensor of 4M values or more as parallel chunks whose
+        // partial sums rayon's reduce adds along a split tree that work stealing shapes (the
+        // new rows' gradient, 16,640 × 576, is one), so the norm and the clipping could differ
+        // in the last bits between runs. A row's sum runs on one thread in a fixed order.
+        let s = gs.iter().map(|t| (*t).clone().square().sum_dim(1).sum()).fold(Tensor::<1>::zeros([1], &inner), |a, b| a + b);
         finite.push(f);
         sumsq.push(s);
     }
