@@ -326,10 +326,11 @@ plots = false
     }
 
     /// `[train] frozen_products`: `bf16` trains on the bf16 packings where the CPU has
-    /// AVX512-BF16, `auto` does so only where they are the faster (AMD), f32 elsewhere, and the
-    /// report says which; the first step's loss (the same model, before any update) is f32's
-    /// within bf16 rounding. `bf16` refuses weights it cannot pack (fp16) with an error that
-    /// names the key.
+    /// AVX512-BF16 and `int8` on quantized copies on any CPU; `auto` picks what
+    /// `kernels::frozen::auto` says for this CPU (bf16 on AMD with AVX512-BF16, int8 on Intel
+    /// with AVX-512 VNNI, else f32), and the report says which. The first step's loss (the same
+    /// model, before any update) is f32's within the packing's rounding and not equal to it.
+    /// Both `bf16` and `int8` refuse fp16 weights with an error that names the key.
     #[test]
     fn frozen_products_auto_packs_where_it_pays_and_copies_refuse_fp16() {
         let run = |mode: &str| {
