@@ -45,22 +45,42 @@ pub type Gemm4x8Fn = fn(&[u8], usize, [&[u8]; 4], [&[i32]; 4], usize) -> [[f32; 
 /// Both groups of an interleaved pair ([`super::blocks::interleave16`]) against one activation
 /// row: the sixteen dot products, rows 0..8 from the first group, each bit for bit what
 /// [`Gemv8Fn`] of the same kernel set gives for its group. In place of the sums it takes each
-/// activation block's integer term, the type's `*_PAIR_TERM`·Σq ([`Q4_0_PAIR_TERM`],
-/// [`Q8_0_PAIR_TERM`], [`Q4_1_PAIR_TERM`]), made once per product instead of once per token,
+/// activation block's term ([`PairTerm`]), made once per product instead of once per token,
 /// block and row pair; and the blocks' scales as f32 (`f16_at` of each block's `d`), so that
 /// the kernel does not convert them either.
 pub type Gemv16Fn = fn(&[u8], &[u8], &[i32], &[f32], usize) -> [f32; 16];
 
-/// The factor of `Σq` in the Q4_0 pair kernels' per-block term ([`Gemv16Fn`]): the unsigned
-/// codes are the weights plus 8, so every lane's integer sum starts from `−8·Σq`. On AVX-512
-/// the term reaches the lanes as a broadcast load; multiplied inside the kernel it cost a
-/// scalar multiply and a broadcast from a general register per token and block (~6 % of an
-/// eight-token Q4_0 product on an Emerald Rapids core, BENCHMARKS.md).
-pub const Q4_0_PAIR_TERM: i32 = -8;
-/// [`Q4_0_PAIR_TERM`] for Q8_0, whose codes are stored plus 128.
-pub const Q8_0_PAIR_TERM: i32 = -128;
-/// Q4_1's codes need no offset; its term is `Σq` itself, for the minimum's `m·d_a·Σq`.
-pub const Q4_1_PAIR_TERM: i32 = 1;
+/// What the pair kernels ([`Gemv16Fn`]) take per activation block in place of its code sum Σq:
+/// the part of the block's product that depends on the activations alone. Made here, once per
+/// product, it costs nothing per row pair; inside the kernel it cost a scalar multiply and a
+/// broadcast from a general register per token, block and pair (~6 % of an eight-token Q4_0
+/// product on an Emerald Rapids core, BENCHMARKS.md, and as much for Q4_1's minimum).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum PairTerm {
+    /// `factor·Σq`, where every lane's integer sum starts: the codes are stored unsigned, the
+    /// weights plus `−factor` (Q4_0: 8, Q8_0: 128).
+    Offset(i32),
+    /// Q4_1's codes need no offset; the term is the minimum's factor `d_a·Σq` (the f32 product
+    /// the group kernels make, in the same order), carried as the bits of that f32.
+    MinScaled,
+}
+
+impl PairTerm {
+    /// The term of one activation block with code sum `sum` and scale `scale`.
+    pub fn of(self, sum: i32, scale: f32) -> i32 {
+        match self {
+            PairTerm::Offset(f) => f * sum,
+            PairTerm::MinScaled => (scale * sum as f32).to_bits() as i32,
+        }
+    }
+}
+
+/// Q4_0's [`PairTerm`]: the unsigned codes are the weights plus 8.
+pub const Q4_0_PAIR_TERM: PairTerm = PairTerm::Offset(-8);
+/// Q8_0's [`PairTerm`]: the codes are stored plus 128.
+pub const Q8_0_PAIR_TERM: PairTerm = PairTerm::Offset(-128);
+/// Q4_1's [`PairTerm`], for the minimum's `m·(d_a·Σq)`.
+pub const Q4_1_PAIR_TERM: PairTerm = PairTerm::MinScaled;
 
 /// [`Gemv16Fn`] for four activation rows at once. Returns `[token][row]`.
 pub type Gemm4x16Fn = fn(&[u8], &[&[u8]; 4], &[&[i32]; 4], &[&[f32]; 4], usize) -> [[f32; 16]; 4];

@@ -623,10 +623,10 @@ unsafe fn q4_1x8<const N: usize>(w: &[u8], stride: usize, a: [&[u8]; N], act_sum
 /// the group kernel's.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c")]
-unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
     assert!(w.len() >= nb * 2 * Q4_1X8_BYTES);
     for k in 0..N {
-        assert!(a[k].len() >= nb * Q8_0_BYTES && act_sums[k].len() >= nb && act_scales[k].len() >= nb);
+        assert!(a[k].len() >= nb * Q8_0_BYTES && act_terms[k].len() >= nb && act_scales[k].len() >= nb);
     }
     let mut acc = [[_mm256_setzero_ps(); 2]; N];
     for b in 0..nb {
@@ -634,7 +634,8 @@ unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; 
         prefetch::<5>(col);
         // Once per token and block, for both groups.
         let da: [f32; N] = std::array::from_fn(|k| *act_scales[k].get_unchecked(b));
-        let ms: [__m256; N] = std::array::from_fn(|k| q4_1_min_sum(da[k], *act_sums[k].get_unchecked(b)));
+        // The term is `q4_1_min_sum`'s `d_a·Σq`, made once per product (`PairTerm::MinScaled`).
+        let ms: [__m256; N] = std::array::from_fn(|k| _mm256_set1_ps(f32::from_bits(*act_terms[k].get_unchecked(b) as u32)));
         for (h, g) in [col, col.add(Q4_1X8_BYTES)].into_iter().enumerate() {
             let q = q4_1_nibbles(g);
             let dw = _mm256_cvtph_ps(_mm_loadu_si128(g as *const __m128i));

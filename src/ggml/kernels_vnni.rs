@@ -226,8 +226,8 @@ unsafe fn q8_0x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32];
 /// kernels'. The chain teacher reads SmolLM2's exact Q4_1 weights through this product.
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
-unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_sums: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
-    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_sums, act_scales, nb, |g0, g1| nibble_pairs(g0, g1, 32))
+unsafe fn q4_1x16<const N: usize>(w: &[u8], a: &[&[u8]; N], act_terms: &[&[i32]; N], act_scales: &[&[f32]; N], nb: usize) -> [[f32; 16]; N] {
+    x16::<N, 5, true>(w, Q4_1X8_BYTES, a, act_terms, act_scales, nb, |g0, g1| nibble_pairs(g0, g1, 32))
 }
 
 /// Both groups' four chunks of nibbles of one block column, `skip` bytes (the group's f16
@@ -260,8 +260,8 @@ unsafe fn halves(lo: *const u8, hi: *const u8) -> __m512i {
 /// float operations in [`x8`]'s order (one scale product, one FMA per block): each row's result is bit for bit what [`x8`]
 /// (and so the AVX2 one-token kernels) gives for its group. The wider registers halve the
 /// instructions, which is what bounded the 256-bit loop on Zen 4 once its weights were cached.
-/// Where [`x8`] multiplies `−offset·Σq_a` per token and block, this takes it ready-made
-/// (`act_terms`, see [`super::Gemv16Fn`]); for Q4_1 (`MIN`) the term is `Σq_a`.
+/// Where [`x8`] multiplies `−offset·Σq_a` (Q4_1: `d_a·Σq_a`) per token and block, this takes
+/// it ready-made (`act_terms`, see [`super::PairTerm`]).
 #[inline]
 #[target_feature(enable = "avx2,fma,f16c,avx512f,avx512bw,avx512vl,avx512vnni")]
 #[allow(clippy::too_many_arguments)]
@@ -283,7 +283,8 @@ unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: 
             let ap = a[k].as_ptr().add(b * Q8_0_BYTES);
             let at = |j: usize| _mm512_set1_epi32((ap.add(2 + 4 * j) as *const i32).read_unaligned());
             // Q4_0/Q8_0: the term is `−offset·Σq`, where every lane's sum starts (a broadcast
-            // load); Q4_1's codes have no offset and its term is `Σq`, for the minimum below.
+            // load); Q4_1's codes have no offset and its term is the f32 `d_a·Σq`, for the
+            // minimum below.
             let term = *act_terms[k].get_unchecked(b);
             let mut lo = if MIN { _mm512_setzero_si512() } else { _mm512_set1_epi32(term) };
             // The integer sum is exact in any order. With eight tokens there are enough
@@ -310,7 +311,7 @@ unsafe fn x16<const N: usize, const L: usize, const MIN: bool>(w: &[u8], bytes: 
             let d = _mm512_mul_ps(dw, _mm512_set1_ps(da));
             *acc_k = _mm512_fmadd_ps(d, _mm512_cvtepi32_ps(isum), *acc_k);
             if MIN {
-                *acc_k = _mm512_fmadd_ps(mw, _mm512_set1_ps(da * term as f32), *acc_k);
+                *acc_k = _mm512_fmadd_ps(mw, _mm512_set1_ps(f32::from_bits(term as u32)), *acc_k);
             }
         }
     }

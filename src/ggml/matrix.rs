@@ -5,7 +5,7 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, X8Layout, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, Tile2x4Fn, Q4_0_PAIR_TERM, Q4_1_PAIR_TERM, Q8_0_PAIR_TERM};
+use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, PairTerm, Tile2x4Fn, Q4_0_PAIR_TERM, Q4_1_PAIR_TERM, Q8_0_PAIR_TERM};
 use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
@@ -250,8 +250,8 @@ struct X8Kernels {
     p1: Option<Gemv16Fn>,
     p4: Option<Gemm4x16Fn>,
     p8: Option<Gemm8x16Fn>,
-    /// The factor of `Σq` in the pair kernels' per-block term (see [`Gemv16Fn`]).
-    term: i32,
+    /// What the pair kernels take per activation block in place of `Σq`.
+    term: PairTerm,
 }
 
 impl fmt::Debug for QuantMatrix {
@@ -483,13 +483,13 @@ impl QuantMatrix {
             Vec::new()
         };
         let sum = |t: usize| &sums[t * nb_act..(t + 1) * nb_act];
-        // The pair kernels' per-block terms (`factor·Σq`, see `Gemv16Fn`), one array for each
-        // factor among the matrices other than 1 (Q4_1's terms are the sums themselves).
-        let mut terms: Vec<(i32, Vec<i32>)> = Vec::new();
+        // The pair kernels' per-block terms (see `PairTerm`), one array for each kind among
+        // the matrices.
+        let mut terms: Vec<(PairTerm, Vec<i32>)> = Vec::new();
         for m in ms.iter().filter(|m| m.packed > 0) {
             let f = m.ty.x8(k).term;
-            if f != 1 && !terms.iter().any(|(g, _)| *g == f) {
-                terms.push((f, sums.iter().map(|s| f * s).collect()));
+            if !terms.iter().any(|(g, _)| *g == f) {
+                terms.push((f, sums.iter().zip(&scales).map(|(&s, &d)| f.of(s, d)).collect()));
             }
         }
         // Tokens per block: their quantized activations (≈ 20 KB for 576-wide rows) stay in L1/L2.
@@ -524,7 +524,7 @@ impl QuantMatrix {
             let (dot, dot4, tile, rb, nb) = (m.ty.dot(k), m.ty.dot4(k), m.ty.tile(k), m.row_bytes(), m.cols / m.ty.block());
             let x8 = m.ty.x8(k);
             let row = |r: usize| &m.data[r * rb..(r + 1) * rb];
-            let pair_terms: &[i32] = if x8.term == 1 { &sums } else { terms.iter().find(|(f, _)| *f == x8.term).map_or(&[], |(_, v)| v) };
+            let pair_terms: &[i32] = terms.iter().find(|(f, _)| *f == x8.term).map_or(&[], |(_, v)| v);
             let term = |t: usize| &pair_terms[t * nb_act..(t + 1) * nb_act];
             // Rows r0..r1 of this task in interleaved pairs, eight or sixteen outputs per pass,
             // written straight into each token's output row (consecutive values); the rest one

@@ -243,12 +243,12 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
                 ty.act().quantize(r, a, Kernels::best());
             }
             let sums: Vec<Vec<i32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| b[2..].iter().map(|&q| q as i8 as i32).sum()).collect()).collect();
+            let scales: Vec<Vec<f32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect()).collect();
             // The pair kernels take the type's term per block in place of the sum.
-            let terms: Vec<Vec<i32>> = sums.iter().map(|s| s.iter().map(|v| x8.term * v).collect()).collect();
+            let terms: Vec<Vec<i32>> = sums.iter().zip(&scales).map(|(s, d)| s.iter().zip(d).map(|(&v, &dv)| x8.term.of(v, dv)).collect()).collect();
             let a: [&[u8]; 4] = std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]);
             let s: [&[i32]; 4] = std::array::from_fn(|t| &sums[t][..]);
             let e: [&[i32]; 4] = std::array::from_fn(|t| &terms[t][..]);
-            let scales: Vec<Vec<f32>> = acts.chunks(ab).map(|a| a.chunks_exact(Q8_0_BYTES).map(|b| blocks::f16_at(b, 0)).collect()).collect();
             let d: [&[f32]; 4] = std::array::from_fn(|t| &scales[t][..]);
             // The second pair, so that the pair kernels do not start at the matrix's first byte.
             let w = &m.data[16 * rb..32 * rb];

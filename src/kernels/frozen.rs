@@ -14,7 +14,8 @@
 //!   scale, as llama.cpp's Q8_0 activations are; a row far below or above that format's range
 //!   is scaled by a power of two first ([`matmul_in_range`]). The products with the
 //!   projections of a 256-token row run 2–3.4× faster than f32's on an Emerald Rapids Xeon
-//!   (BENCHMARKS.md, "An int8 frozen path").
+//!   (BENCHMARKS.md, "An int8 frozen path"). The LM head's frozen old rows have the same
+//!   copies (a table's own, [`crate::model::TokenTable::pack_base`]).
 //!
 //! The f32 product stays the default and the reference: the tests hold each packing's output
 //! and input gradient to it within the packing's rounding.

@@ -34,7 +34,8 @@ pub struct TokenTable {
     /// product runs in the quantized kernels.
     pub quant: Option<QuantWeight>,
     /// The frozen `base` rows packed for the head's product in training (`[train]
-    /// frozen_products = "bf16"`; [`crate::kernels::frozen`]); `base` stays the table's weight.
+    /// frozen_products`, bf16 or int8; [`crate::kernels::frozen`]); `base` stays the table's
+    /// weight.
     #[module(skip)]
     pub packed: Option<Arc<FrozenPacked>>,
 }
@@ -85,19 +86,26 @@ impl TokenTable {
         }
     }
 
-    /// Packs the frozen `base` rows in bf16 for the head's product in training (`[train]
-    /// frozen_products`), or drops the packing where `base` trains or is quantized. The packing
-    /// belongs to this table: a stage that rebuilds the tables (`crate::lora::set_table_modes`)
-    /// packs the new ones again.
-    pub fn pack_base_bf16(&mut self) -> anyhow::Result<()> {
+    /// Packs the frozen `base` rows for the head's product in training (`[train]
+    /// frozen_products`: `products` is `bf16` or `int8`; anything else packs nothing), or drops
+    /// the packing where `base` trains or is quantized. The packing belongs to this table: a
+    /// stage that rebuilds the tables (`crate::lora::set_table_modes`) packs the new ones again.
+    /// Int8 holds the rows in Q8_0 (SmolLM2's table is Q8_0 in its GGUF, so exactly) and their
+    /// transpose in Q8_0; a table whose dimensions are not whole 32-value blocks keeps the f32
+    /// product.
+    pub fn pack_base(&mut self, products: &str) -> anyhow::Result<()> {
         self.packed = None;
-        if self.quant.is_some() || self.base.is_require_grad() {
+        if !matches!(products, "bf16" | "int8") || self.quant.is_some() || self.base.is_require_grad() {
             return Ok(());
         }
         let w = self.base.val();
         let [rows, d] = w.dims();
-        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head's rows for their bf16 packing: {e:?}"))?;
-        self.packed = Some(Arc::new(FrozenPacked::Bf16(FrozenBf16::new(&v, rows, d))));
+        let v = w.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the LM head's rows for their {products} copies: {e:?}"))?;
+        self.packed = match products {
+            "bf16" => Some(FrozenPacked::Bf16(FrozenBf16::new(&v, rows, d))),
+            _ => crate::kernels::frozen::FrozenInt8::new(&v, rows, d).map(FrozenPacked::Int8),
+        }
+        .map(Arc::new);
         Ok(())
     }
 
@@ -261,42 +269,63 @@ mod tests {
         assert!(rows[4] == 0.0 && (rows[5] - 5.0).abs() < 1e-5, "{rows:?}");
     }
 
-    /// With the old rows packed in bf16, the head's old logits and the hidden states' gradient
-    /// are the f32 product's within bf16 rounding, while the new rows' logits and their gradient,
-    /// which never read the packing, are bit for bit the f32 table's.
+    /// The head `[n, old + new]` of a table with `old` frozen rows and `new` trainable ones, the
+    /// old ones read through `pack` (or the f32 product), with fixed values: its logits, the
+    /// hidden states' gradient and the new rows' gradient under a fixed upstream gradient.
+    fn head_through(pack: Option<fn(&[f32], usize, usize) -> FrozenPacked>, (old, new, d, n): (usize, usize, usize, usize)) -> [Vec<f32>; 3] {
+        let dev = burn::tensor::Device::flex().autodiff();
+        let fixed = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5).collect() };
+        let (bv, ev, hv, upv) = (fixed(old * d, 1), fixed(new * d, 2), fixed(n * d, 3), fixed(n * (old + new), 4));
+        let t = |v: &Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v.clone(), dims), &dev);
+        let mut table = TokenTable::new(t(&bv, [old, d]));
+        table.extra = Some(Param::from_tensor(t(&ev, [new, d])).set_require_grad(true));
+        table.packed = pack.map(|f| Arc::new(f(&bv, old, d)));
+        let h = t(&hv, [n, d]).require_grad();
+        let y = table.project(h.clone().reshape([1, n, d]));
+        let g = (y.clone().reshape([n, old + new]) * t(&upv, [n, old + new])).sum().backward();
+        let e = table.extra.as_ref().unwrap().val();
+        let v = |x: Tensor<2>| x.into_data().try_into_vec::<f32>().unwrap();
+        [v(y.reshape([n, old + new]).detach()), v(h.grad(&g).unwrap()), v(e.grad(&g).unwrap())]
+    }
+
+    /// A packing of the old rows changes the old logits and the hidden states' gradient by at
+    /// most its rounding (`tol_y`, `tol_dh`), and was used; the new rows' logits and their
+    /// gradient, which never read the packing, are bit for bit the f32 table's.
+    fn packing_rounds_only_what_reads_it(pack: fn(&[f32], usize, usize) -> FrozenPacked, dims: (usize, usize, usize, usize), tol_y: f32, tol_dh: f32) {
+        let (old, new, _, n) = dims;
+        let ([y32, dh32, de32], [yp, dhp, dep]) = (head_through(None, dims), head_through(Some(pack), dims));
+        for i in 0..n {
+            let (a, b) = (&yp[i * (old + new)..(i + 1) * (old + new)], &y32[i * (old + new)..(i + 1) * (old + new)]);
+            let worst = a[..old].iter().zip(&b[..old]).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+            assert!(worst <= tol_y, "old logits of row {i}: off by {worst}, allowed {tol_y}");
+            assert_eq!(&a[old..], &b[old..], "new logits of row {i}");
+        }
+        assert!(yp != y32, "the packing was not used");
+        let worst = dhp.iter().zip(&dh32).map(|(x, y)| (x - y).abs()).fold(0f32, f32::max);
+        assert!(worst <= tol_dh && dhp != dh32, "dh: off by {worst}, allowed {tol_dh}");
+        assert_eq!(dep, de32, "the new rows' gradient does not read the packing");
+    }
+
+    /// bf16 packing: each term rounds to bf16 (8 bits of mantissa) on both sides.
     #[test]
     fn bf16_old_rows_round_only_what_reads_them() {
         if !crate::kernels::bf16::available() {
             eprintln!("this CPU has no AVX512-BF16: the head's bf16 path was not run");
             return;
         }
-        let dev = burn::tensor::Device::flex().autodiff();
         let (old, new, d, n) = (70, 9, 40, 13);
-        let fixed = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5).collect() };
-        let (bv, ev, hv, upv) = (fixed(old * d, 1), fixed(new * d, 2), fixed(n * d, 3), fixed(n * (old + new), 4));
-        let t = |v: &Vec<f32>, dims: [usize; 2]| Tensor::<2>::from_data(TensorData::new(v.clone(), dims), &dev);
-        let run = |packed: bool| {
-            let mut table = TokenTable::new(t(&bv, [old, d]));
-            table.extra = Some(Param::from_tensor(t(&ev, [new, d])).set_require_grad(true));
-            if packed {
-                table.packed = Some(Arc::new(FrozenPacked::Bf16(FrozenBf16::new(&bv, old, d))));
-            }
-            let h = t(&hv, [n, d]).require_grad();
-            let y = table.project(h.clone().reshape([1, n, d]));
-            let g = (y.clone().reshape([n, old + new]) * t(&upv, [n, old + new])).sum().backward();
-            let e = table.extra.as_ref().unwrap().val();
-            let v = |x: Tensor<2>| x.into_data().try_into_vec::<f32>().unwrap();
-            (v(y.reshape([n, old + new]).detach()), v(h.grad(&g).unwrap()), v(e.grad(&g).unwrap()))
-        };
-        let ((y32, dh32, de32), (y16, dh16, de16)) = (run(false), run(true));
-        for i in 0..n {
-            let (a, b) = (&y16[i * (old + new)..(i + 1) * (old + new)], &y32[i * (old + new)..(i + 1) * (old + new)]);
-            assert!(a[..old].iter().zip(&b[..old]).all(|(x, y)| (x - y).abs() <= d as f32 * 0.25 / 128.0), "old logits of row {i}");
-            assert_eq!(&a[old..], &b[old..], "new logits of row {i}");
-        }
-        assert!(y16 != y32, "the packing was not used");
-        assert!(dh16.iter().zip(&dh32).all(|(x, y)| (x - y).abs() <= (old + new) as f32 * 0.25 / 128.0) && dh16 != dh32, "dh");
-        assert_eq!(de16, de32, "the new rows' gradient does not read the packing");
+        packing_rounds_only_what_reads_it(|v, r, c| FrozenPacked::Bf16(FrozenBf16::new(v, r, c)), (old, new, d, n), d as f32 * 0.25 / 128.0, (old + new) as f32 * 0.25 / 128.0);
+    }
+
+    /// int8 copies (`frozen_products = "int8"`, the quantized kernels, which run on every CPU):
+    /// the rows and the activations are rounded to 8 bits per block of 32, each to at most
+    /// half a step of its block's largest value (|values| ≤ 0.5 here, so 0.5/254 each); a
+    /// term of the sums is off by at most 2 · 0.5 · 0.5/254. Both dimensions are whole blocks.
+    #[test]
+    fn int8_old_rows_round_only_what_reads_them() {
+        let (old, new, d, n) = (64, 9, 64, 13);
+        let pack = |v: &[f32], r: usize, c: usize| FrozenPacked::Int8(crate::kernels::frozen::FrozenInt8::new(v, r, c).expect("whole blocks"));
+        packing_rounds_only_what_reads_it(pack, (old, new, d, n), d as f32 * 0.5 / 254.0, old as f32 * 0.5 / 254.0);
     }
 
     #[test]

@@ -258,11 +258,13 @@ pub enum FrozenProducts {
     /// the weights are not f32 on the CPU: what the quickstart's recipe sets, so that one
     /// recipe trains fastest on every machine.
     Auto,
-    /// The projections in the quantized kernels that inference uses: forward on the weights'
-    /// own Q4_1 grid where they lie on one (else Q8_0), backward on a Q8_0 copy of `Wᵀ`, the
-    /// activations and output gradients rounded to 8 bits per 32-value block. The LM head stays
-    /// f32. ~2–3.4× the f32 product on a 256-token row on an Intel Xeon with AVX-512 VNNI; needs
-    /// f32 weights on the CPU and dimensions that are whole 32-value blocks (others stay f32).
+    /// The projections and the LM head's old rows in the quantized kernels that inference
+    /// uses: forward on the weights' own Q4_1 grid where they lie on one (else Q8_0; SmolLM2's
+    /// table is Q8_0 in its GGUF, so its rows are held exactly), backward on a Q8_0 copy of
+    /// `Wᵀ`, the activations and output gradients rounded to 8 bits per 32-value block. The
+    /// head's new rows, which train, stay f32. ~2–3.4× the f32 product on a 256-token row on
+    /// an Intel Xeon with AVX-512 VNNI; needs f32 weights on the CPU and dimensions that are
+    /// whole 32-value blocks (others stay f32).
     Int8,
 }
 

@@ -161,16 +161,15 @@ fn default_init_text(recipe: &Recipe) -> Option<PathBuf> {
 }
 
 /// Applies a stage's choices: which tables train, whether LoRA trains. The tables are rebuilt,
-/// so with `bf16` products (see [`pack_frozen`]) the head's frozen rows are packed here.
-pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool, bf16: bool) -> Result<()> {
+/// so with `bf16` or `int8` products (see [`pack_frozen`]) the head's frozen rows are packed
+/// here.
+pub fn enter_stage(model: &mut Llama, stage: &Stage, old_vocab: usize, new_rows_f32: bool, products: &str) -> Result<()> {
     model.embed_tokens.extra_f32 = new_rows_f32;
     if let Some(h) = model.lm_head.as_mut() {
         h.extra_f32 = new_rows_f32;
     }
     set_table_modes(model, stage.embed, stage.head, old_vocab)?;
-    if bf16 {
-        model.lm_head.as_mut().unwrap_or(&mut model.embed_tokens).pack_base_bf16()?;
-    }
+    model.lm_head.as_mut().unwrap_or(&mut model.embed_tokens).pack_base(products)?;
     for (_, lin) in lora::adapter::linears_mut(model) {
         for br in lin.lora.iter_mut() {
             for p in [&mut br.a, &mut br.b] {
@@ -239,8 +238,8 @@ fn refitted_rows_base_values(model: &Llama, moved: &[usize], old_vocab: usize) -
 
 /// `[train] frozen_products`: every dense frozen projection copied once for its products
 /// ([`crate::kernels::frozen`]): bf16 packings, or int8 copies for the quantized kernels; the f32
-/// weights stay the model's and are what is saved. With bf16 the LM head's frozen old rows are
-/// packed too, by [`enter_stage`], which rebuilds the tables. `bf16` and `int8` refuse a model
+/// weights stay the model's and are what is saved. The LM head's frozen old rows are copied too,
+/// by [`enter_stage`], which rebuilds the tables. `bf16` and `int8` refuse a model
 /// they cannot run on; `auto` picks what is faster on this CPU ([`crate::kernels::frozen::auto`])
 /// and keeps the f32 products where the copies cannot run. Returns the arithmetic the products
 /// run in: `f32`, `bf16` or `int8`.
@@ -352,7 +351,6 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         recipe.model.path.display()
     );
     let products = pack_frozen(&mut model, recipe.train.frozen_products)?;
-    let bf16 = products == "bf16";
     let new_vocab = model.vocab_size();
     let added_from = extension.as_ref().map(|_| old_vocab as u32);
 
@@ -433,7 +431,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         }
         let (si, stage_start) = stage_at(&stages, step);
         if si != current_stage {
-            enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, bf16)?;
+            enter_stage(&mut model, &stages[si], old_vocab, recipe.precision.new_rows_f32, products)?;
             current_stage = si;
             let trains_new_rows = [stages[si].embed, stages[si].head].contains(&TableMode::NewRows);
             if let (Some(spelling), true) = (&row_map_spelling, trains_new_rows) {
@@ -771,8 +769,9 @@ mod tests {
     use super::*;
 
     /// Every stage rebuilds the tables, so the head's packing is made where a stage is entered:
-    /// with bf16 products the head that comes out of `enter_stage` holds a packing of exactly
-    /// its frozen old rows, a head that trains whole holds none, and f32 products pack nothing.
+    /// with bf16 or int8 products the head that comes out of `enter_stage` holds a packing of
+    /// exactly its frozen old rows, a head that trains whole holds none, and f32 products pack
+    /// nothing.
     #[test]
     fn entering_a_stage_packs_the_heads_frozen_rows() {
         let (old, hidden) = (32, 64);
@@ -780,12 +779,14 @@ mod tests {
         let device = crate::device::parse("cpu").unwrap().autodiff();
         let mut model = Llama::random(&cfg, &device, crate::io::safetensors::FloatType::F32);
         let stage = |head| Stage { name: "s".into(), steps: 1, lr: 1e-3, embed_lr: 1e-3, lora: true, embed: TableMode::NewRows, head };
-        let packed = |m: &Llama| m.lm_head.as_ref().unwrap_or(&m.embed_tokens).packed.as_ref().map(|p| p.dims());
-        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, true).unwrap();
-        assert_eq!(packed(&model), Some([old, hidden]));
-        enter_stage(&mut model, &stage(TableMode::All), old, true, true).unwrap();
+        let packed = |m: &Llama| m.lm_head.as_ref().unwrap_or(&m.embed_tokens).packed.as_ref().map(|p| (p.dims(), matches!(**p, FrozenPacked::Int8(_))));
+        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, "bf16").unwrap();
+        assert_eq!(packed(&model), Some(([old, hidden], false)));
+        enter_stage(&mut model, &stage(TableMode::All), old, true, "bf16").unwrap();
         assert_eq!(packed(&model), None, "a head that trains whole");
-        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, false).unwrap();
+        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, "int8").unwrap();
+        assert_eq!(packed(&model), Some(([old, hidden], true)));
+        enter_stage(&mut model, &stage(TableMode::NewRows), old, true, "f32").unwrap();
         assert_eq!(packed(&model), None, "f32 products");
     }
 }
