@@ -269,10 +269,13 @@ mod tests {
         assert!(rows[4] == 0.0 && (rows[5] - 5.0).abs() < 1e-5, "{rows:?}");
     }
 
+    /// Makes a packing of `rows × cols` values.
+    type Packer = fn(&[f32], usize, usize) -> FrozenPacked;
+
     /// The head `[n, old + new]` of a table with `old` frozen rows and `new` trainable ones, the
     /// old ones read through `pack` (or the f32 product), with fixed values: its logits, the
     /// hidden states' gradient and the new rows' gradient under a fixed upstream gradient.
-    fn head_through(pack: Option<fn(&[f32], usize, usize) -> FrozenPacked>, (old, new, d, n): (usize, usize, usize, usize)) -> [Vec<f32>; 3] {
+    fn head_through(pack: Option<Packer>, (old, new, d, n): (usize, usize, usize, usize)) -> [Vec<f32>; 3] {
         let dev = burn::tensor::Device::flex().autodiff();
         let fixed = |len: usize, seed: usize| -> Vec<f32> { (0..len).map(|i| ((i * 7919 + seed * 104_729) % 1009) as f32 / 1009.0 - 0.5).collect() };
         let (bv, ev, hv, upv) = (fixed(old * d, 1), fixed(new * d, 2), fixed(n * d, 3), fixed(n * (old + new), 4));
@@ -291,7 +294,7 @@ mod tests {
     /// A packing of the old rows changes the old logits and the hidden states' gradient by at
     /// most its rounding (`tol_y`, `tol_dh`), and was used; the new rows' logits and their
     /// gradient, which never read the packing, are bit for bit the f32 table's.
-    fn packing_rounds_only_what_reads_it(pack: fn(&[f32], usize, usize) -> FrozenPacked, dims: (usize, usize, usize, usize), tol_y: f32, tol_dh: f32) {
+    fn packing_rounds_only_what_reads_it(pack: Packer, dims: (usize, usize, usize, usize), tol_y: f32, tol_dh: f32) {
         let (old, new, _, n) = dims;
         let ([y32, dh32, de32], [yp, dhp, dep]) = (head_through(None, dims), head_through(Some(pack), dims));
         for i in 0..n {
