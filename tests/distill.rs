@@ -283,13 +283,13 @@ mod chain_distillation {
     use burn::module::Param;
     use burn::tensor::{Int, Tensor, TensorData};
     use linly_lora::lora::{self, adapter::linears_mut, set_table_modes, LoraInit, LoraSettings, TableMode};
-    use linly_lora::train::chain_teacher::ChainTeacher;
+    use linly_lora::train::chain_teacher::{self_targets, ChainTeacher};
     use linly_lora::train::recipe::TeacherWeights;
     use linly_lora::train::teacher::BaseModel;
     use linly_lora::train::optim::{AdamW, AdamWConfig};
     use linly_lora::train::row_map::RowMaps;
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
-    use linly_lora::train::step::{train_step, MicroBatch, StepHparams};
+    use linly_lora::train::step::{forward_backward_rows, train_step, MicroBatch, StepHparams};
     use std::sync::Arc;
 
     /// Text the sharpened teacher wrote, an extension of its frequent n-grams, the text in the
@@ -526,6 +526,56 @@ mod chain_distillation {
         assert!(a[n..2 * n].iter().all(|&x| x == 0.0) && b[n..2 * n].iter().all(|&x| x == 0.0), "a row without weight has no targets");
         assert!(a[..n].iter().any(|&x| x > 0.0));
         assert!(host.neg_entropy < 0.0 && (host.neg_entropy - dev.neg_entropy).abs() < 1e-4 * host.neg_entropy.abs(), "{} vs {}", host.neg_entropy, dev.neg_entropy);
+    }
+
+    /// Self-distillation's targets made on the host by the snapshot (`self_targets`, what
+    /// training uses on the CPU where the snapshot rounds as the step does) give the composed
+    /// term's value and gradients: the base's softmax over the old rows against the model's
+    /// over all rows, only where the label is an old token.
+    #[test]
+    fn self_distillation_host_targets_equal_the_composed_term() {
+        let device = cpu().autodiff();
+        let (_, ext, new_tok, resized) = setup(&device);
+        let mut m = resized.clone();
+        with_lora(&mut m, &device, true);
+        set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        let base = BaseModel::new(&m, 320, TeacherWeights::Dense, None, &device).unwrap();
+        if !base.on_host() {
+            // LINLY_LORA_KERNELS=composed: training keeps the composed term.
+            return;
+        }
+        // Old ids only, the replay text the term is for: the text in the old tokenization.
+        let rows: Vec<Vec<u32>> = new_tok.iter().map(|s| expand(s, &ext).unwrap().old_ids).filter(|s| s.len() >= 20).take(2).map(|s| s[..20].to_vec()).collect();
+        let mut labels = labels_of(&rows);
+        labels[0][4] = -100;
+        // A new piece as the label: the term skips the position on both paths.
+        labels[1][7] = ext.new_vocab as i64 - 1;
+        let w = vec![0.5, 2.0];
+        let composed = MicroBatch { self_distill: w.clone(), ..MicroBatch::new(rows.clone(), labels.clone()) };
+        let q = self_targets(&base, &rows, &labels, &w, 320, ext.new_vocab).unwrap();
+        assert_eq!(q.dims, [2, 19, ext.new_vocab]);
+        let host = MicroBatch { self_targets: Some(Arc::new(q)), ..composed.clone() };
+        let a = forward_backward_rows(&mut m, &[composed], 1.0, &device).unwrap();
+        let b = forward_backward_rows(&mut m, &[host], 1.0, &device).unwrap();
+        let (ka, kb) = (a.kd.unwrap().into_scalar::<f32>(), b.kd.clone().unwrap().into_scalar::<f32>());
+        assert!(ka > 1e-2, "the adapted model differs from the base: {ka}");
+        assert!((ka - kb).abs() <= 1e-4 * ka, "composed {ka} vs host targets {kb}");
+        assert_eq!(a.grads.keys().collect::<Vec<_>>(), b.grads.keys().collect::<Vec<_>>());
+        for (name, ga) in &a.grads {
+            let (ga, gb) = (ga.clone().try_into_vec_as::<f32>().unwrap(), b.grads[name].clone().try_into_vec_as::<f32>().unwrap());
+            let scale = ga.iter().fold(0f32, |m, x| m.max(x.abs()));
+            let diff = ga.iter().zip(&gb).fold(0f32, |m, (x, y)| m.max((x - y).abs()));
+            assert!(diff <= 1e-4 * scale + 1e-7, "{name}: max |Δgrad| {diff} against max |grad| {scale}");
+        }
+        // Without the weighted rows' term the gradients differ: the comparison above sees it.
+        let plain = forward_backward_rows(&mut m, &[MicroBatch::new(rows.clone(), labels.clone())], 1.0, &device).unwrap();
+        let g = |f: &linly_lora::train::step::Forward| f.grads.values().map(|t| t.clone().abs().sum().into_scalar::<f32>()).sum::<f32>();
+        assert!((g(&plain) - g(&b)).abs() > 1e-3 * g(&b), "the term moves the gradients");
+        // A row holding a new piece is one the base cannot read.
+        let mut with_new = rows.clone();
+        with_new[1][3] = 330;
+        let err = self_targets(&base, &with_new, &labels, &w, 320, ext.new_vocab).unwrap_err().to_string();
+        assert!(err.contains("new piece"), "{err}");
     }
 
     /// `[[data]] hidden_distill`: the targets carry the base's residual stream after the tap

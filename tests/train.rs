@@ -288,6 +288,70 @@ plots = false
         )
     }
 
+    /// Self-distillation on the CPU reads the base snapshot's targets where the snapshot rounds as
+    /// the step does (f32 products, `teacher = "dense"`), logging `self_teacher_s`, and the run is
+    /// the one the step's own teacher gives (`teacher = "auto"`, a quantized snapshot: the step
+    /// keeps the term). Rows of old ids only, with new rows in the model.
+    #[test]
+    fn self_distillation_reads_the_snapshot_where_it_rounds_as_the_step() {
+        let run = |teacher: &str| {
+            let dir = tempfile::tempdir().unwrap();
+            let rows: Vec<String> = (0..6u32).map(|r| serde_json::json!({ "input_ids": (0..24u32).map(|i| (r * 53 + i * 29 + 7) % 320).collect::<Vec<_>>() }).to_string()).collect();
+            std::fs::write(dir.path().join("en.jsonl"), rows.join("\n")).unwrap();
+            let body = format!(
+                r#"
+[model]
+path = "{base}"
+[vocab]
+extension = "{ext}"
+init = "subtoken-mean"
+[lora]
+r = 4
+alpha = 8
+dropout = 0.0
+[trainable]
+embed_tokens = "new_rows"
+lm_head = "new_rows"
+[[data]]
+kind = "tokenized"
+path = "en.jsonl"
+self_distill = 2.0
+[mix]
+packing = false
+[train]
+seq_len = 24
+batch_size = 2
+steps = 3
+lr = 5e-3
+warmup_ratio = 0.0
+frozen_products = "f32"
+teacher = "{teacher}"
+seed = 3
+[output]
+dir = "out"
+save_every = 100
+plots = false
+"#,
+                base = p(&tiny().join("base")),
+                ext = p(&tiny().join("vocab_extension.json")),
+            );
+            train(&TrainOptions { recipe: recipe(dir.path(), &body), ..Default::default() }).unwrap();
+            metrics(&dir.path().join("out"))
+        };
+        let (host, step) = (run("dense"), run("auto"));
+        assert_eq!(host.len(), 3);
+        for (h, s) in host.iter().zip(&step) {
+            assert!(h["self_teacher_s"].as_f64().is_some_and(|t| t > 0.0), "{h}");
+            assert!(s["self_teacher_s"].is_null(), "{s}");
+            let (kh, ks) = (h["self_distill"].as_f64().unwrap(), s["self_distill"].as_f64().unwrap());
+            // After the first update the model is no longer the base: the term is not zero.
+            assert!((kh - ks).abs() <= 1e-4 * ks.abs() + 1e-6, "step {}: self_distill {kh} (snapshot) vs {ks} (step)", h["step"]);
+            let (lh, ls) = (h["loss"].as_f64().unwrap(), s["loss"].as_f64().unwrap());
+            assert!((lh - ls).abs() <= 1e-4 * ls, "step {}: loss {lh} vs {ls}", h["step"]);
+        }
+        assert!(host[2]["self_distill"].as_f64().unwrap() > 1e-4, "{}", host[2]);
+    }
+
     /// Chinese-LLaMA's two stages (new rows alone, then LoRA + new rows) in fp16: the switch
     /// rebuilds the table parameters from the last stage's, which must work on every backend
     /// (libtorch refused non-leaf tensors there) and keep training. Runs on LINLY_TEST_DEVICE.

@@ -319,6 +319,56 @@ impl ChainTeacher {
     }
 }
 
+/// Self-distillation's targets (`[[data]] self_distill`) built on the host from the snapshot
+/// `base`, for the CPU's fused soft cross-entropy: `[B, T−1, new_vocab]`, the base's softmax
+/// over its `old_vocab` rows after each position of each row with a positive `weight`, zeros on
+/// the new rows (mass the model gives them counts against it, as in
+/// [`super::loss::self_distill_sum`], the composed term these replace), and Σ w·q ln q over the
+/// positions whose label is an old token, the positions the term counts.
+///
+/// The base reads each row as it is, so rows with a weight must hold old ids only (the replay
+/// text the term is for; the caller keeps the composed term for any other row). The snapshot
+/// is the one the chain teacher reads, in the quantized kernels: the composed term ran the
+/// training model with LoRA off in f32 autodiff ops, ~0.8 s of an English row's 1.8 s on 2
+/// cores (BENCHMARKS.md, "Self-distillation's teacher in the quantized kernels").
+pub fn self_targets(base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], weight: &[f32], old_vocab: usize, new_vocab: usize) -> Result<ChainTargets> {
+    ensure!(base.on_host(), "self_distill: host targets need the base model on the CPU");
+    ensure!(new_vocab >= old_vocab, "self_distill: {new_vocab} rows in the model, fewer than the base's {old_vocab}");
+    let (b, t) = (rows.len(), rows.first().map_or(0, Vec::len));
+    let (n, v) = (t.saturating_sub(1), new_vocab);
+    let mut q = vec![0f32; b * n * v];
+    let mut neg_entropy = 0.0;
+    for r in 0..b {
+        let w = weight.get(r).copied().unwrap_or(0.0);
+        if w <= 0.0 || n == 0 {
+            continue;
+        }
+        if let Some(&id) = rows[r].iter().find(|&&id| id as usize >= old_vocab) {
+            anyhow::bail!("self_distill: row {r} holds id {id}, a new piece the base model cannot read (it has {old_vocab} rows)");
+        }
+        let (logits, _) = base.logits_rows(&[&rows[r]], None);
+        let z = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("self_distill: reading the base's logits: {e:?}"))?;
+        ensure!(z.len() == t * old_vocab, "self_distill: the base's head holds {} rows, the old vocabulary {old_vocab}", z.len() / t);
+        let xlnx = |x: f32| if x > 0.0 { x as f64 * (x as f64).ln() } else { 0.0 };
+        neg_entropy += q[r * n * v..(r + 1) * n * v]
+            .par_chunks_mut(v)
+            .zip(z.par_chunks(old_vocab))
+            .enumerate()
+            .map(|(i, (out, z))| {
+                let out = &mut out[..old_vocab];
+                out.copy_from_slice(z);
+                softmax_in_place(out);
+                if labels[r].get(i + 1).is_some_and(|&l| l >= 0 && (l as usize) < old_vocab) {
+                    w as f64 * out.iter().map(|&x| xlnx(x)).sum::<f64>()
+                } else {
+                    0.0
+                }
+            })
+            .sum::<f64>();
+    }
+    Ok(ChainTargets { q: TargetTable::Host(std::sync::Arc::new(q)), dims: [b, n, v], neg_entropy, hidden: None })
+}
+
 /// `x` `[chained rows, ..]` spread over a micro-batch of `b` rows: chained row `j` goes to row
 /// `chained[j]`, the rows without a weight get zeros.
 fn in_row_places(x: Tensor<3>, chained: &[usize], b: usize) -> Tensor<3> {

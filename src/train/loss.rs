@@ -134,9 +134,23 @@ pub fn self_distill_sum(student_logits: Tensor<3>, teacher_logits: Tensor<3>, ol
 /// the host) turns it into the KL. Its gradient with respect to the logits is
 /// `w·(softmax(z) − q)`.
 pub fn chain_distill_sum(student_logits: Tensor<3>, targets: &ChainTargets, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
+    soft_targets_sum(student_logits, targets, labels, row_weight, |_| true)
+}
+
+/// [`self_distill_sum`] (without renormalised rows) against targets the base model made on
+/// the host ([`super::chain_teacher::self_targets`]: its softmax over the old rows, zeros on
+/// the new ones): the same KL over the positions whose label is an old token, as one fused
+/// soft cross-entropy over the logits instead of the composed softmaxes.
+pub fn self_distill_targets_sum(student_logits: Tensor<3>, targets: &ChainTargets, old_vocab: usize, labels: &[Vec<i64>], row_weight: &[f32]) -> Tensor<1> {
+    soft_targets_sum(student_logits, targets, labels, row_weight, |l| (l as usize) < old_vocab)
+}
+
+/// `Σ_rows w_row Σ_pos KL(q ‖ softmax(z))` over the loss positions whose label passes `keep`,
+/// `q` from `targets` (whose `neg_entropy` must count the same positions).
+fn soft_targets_sum(student_logits: Tensor<3>, targets: &ChainTargets, labels: &[Vec<i64>], row_weight: &[f32], keep: impl Fn(i64) -> bool) -> Tensor<1> {
     let [b, t, v] = student_logits.dims();
-    assert!(targets.dims == [b, t - 1, v], "chain targets {:?} do not fit logits [{b}, {t}, {v}]", targets.dims);
-    let mask = position_weights(labels, row_weight, t, |_| true);
+    assert!(targets.dims == [b, t - 1, v], "soft targets {:?} do not fit logits [{b}, {t}, {v}]", targets.dims);
+    let mask = position_weights(labels, row_weight, t, keep);
     let table = match &targets.q {
         TargetTable::Host(q) => q.clone(),
         TargetTable::Device(q) => {

@@ -1,12 +1,12 @@
 //! `linly-lora train recipe.toml`: builds the model (base, vocabulary growth, LoRA), the data
 //! mixer, and runs the stages, writing metrics, checkpoints and the final adapter.
 
-use super::chain_teacher::ChainTeacher;
+use super::chain_teacher::{self_targets, ChainTeacher};
 use super::teacher::BaseModel;
 use super::checkpoint::{self, TrainState};
 use super::optim::AdamW;
 use super::row_map::RowMaps;
-use super::recipe::{FrozenProducts, Recipe, Stage};
+use super::recipe::{FrozenProducts, Recipe, Stage, TeacherWeights};
 use super::scaler::Scaler;
 use super::schedule::{lr_factor, replanned_ramp, steps_within};
 use super::step::{train_step, MicroBatch, StepHparams};
@@ -361,11 +361,31 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let enc = super::prepare_data::data_encoder(tokenizer.as_deref(), model.config.bos_token_id, eos, new_vocab, all_tokenized, extension.is_some())?;
     let sources = data::load_sources_with(&recipe.data, &recipe.root, &enc, Some(&super::prepare_data::store_dir(&out)), opts.progress)?;
     let weights = SourceWeights::new(&recipe);
-    let teacher = if weights.chain.iter().any(|&w| w > 0.0) {
-        Some(chain_teacher(&recipe, &model, &sources, &weights.chain, extension.as_deref(), hidden_layer, old_vocab, &head_moved, &device)?)
+    let chains = weights.chain.iter().any(|&w| w > 0.0);
+    // The base model the distillation terms read: the chain term's teacher, and on the CPU
+    // self-distillation's too, whose targets it then makes on the host (elsewhere that term
+    // runs the training model with LoRA off inside the step).
+    let self_on_host = weights.self_distills_plain() && BaseModel::host_device(&base_device) && same_rounding(products, recipe.train.teacher);
+    let base = if chains || self_on_host {
+        let refitted = if head_moved.is_empty() { Ok(None) } else { refitted_rows_base_values(&model, &head_moved, old_vocab).map(Some) };
+        match refitted {
+            Ok(refitted) => {
+                let base = BaseModel::new(&model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved.as_slice(), v)), &device).with_context(|| format!("the distillation teacher: the base model of {}", recipe.model.path.display()))?;
+                eprintln!("[teacher] the distillation terms read {}", base.describe());
+                Some(base)
+            }
+            Err(e) if chains => return Err(e.context(format!("chain_distill on {}", recipe.model.path.display()))),
+            // Self-distillation alone keeps its composed term, which reads the model's own head.
+            Err(_) => None,
+        }
     } else {
         None
     };
+    let teacher = match (&base, chains) {
+        (Some(base), true) => Some((chain_teacher(&model, &sources, &weights.chain, extension.as_deref(), hidden_layer)?, base)),
+        _ => None,
+    };
+    let self_teacher = base.as_ref().filter(|b| self_on_host && b.on_host());
     let mut mixer = Mixer::new(sources, mix_config(&recipe, model.config.eos_token_ids.first().copied().unwrap_or(0)))?;
     let source_names = super::metrics::source_labels(&recipe.data);
 
@@ -454,7 +474,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let mut batches = Vec::with_capacity(recipe.train.grad_accum);
         let mut source_of_row = Vec::new();
-        let mut teacher_s = 0.0;
+        let (mut teacher_s, mut self_teacher_s) = (0.0, 0.0);
         for _ in 0..recipe.train.grad_accum {
             let b = mixer.next_batch(recipe.train.batch_size, step as u64, total as u64)?;
             source_of_row.extend(b.source_of_row.iter().copied());
@@ -463,6 +483,11 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
                 let t0 = Instant::now();
                 mb.chain = Some(Arc::new(t.targets(base, &mb.input_ids, &mb.labels, &mb.chain_distill)?));
                 teacher_s += t0.elapsed().as_secs_f64();
+            }
+            if let Some(base) = self_teacher.filter(|_| self_targets_fit(&mb, old_vocab)) {
+                let t0 = Instant::now();
+                mb.self_targets = Some(Arc::new(self_targets(base, &mb.input_ids, &mb.labels, &mb.self_distill, old_vocab, new_vocab)?));
+                self_teacher_s += t0.elapsed().as_secs_f64();
             }
             batches.push(mb);
         }
@@ -513,7 +538,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             "loss_scale": r.loss_scale, "grad_norm": finite_or_null(r.grad_norm),
             "grad_norm_by_group": {"lora": finite_or_null(r.grad_norm_by_group[0]), "old_rows": finite_or_null(r.grad_norm_by_group[1]), "new_rows": finite_or_null(r.grad_norm_by_group[2])},
             "skipped": r.skipped, "overflow": r.overflow_groups, "tokens": r.tokens, "tokens_per_s": positions as f64 / dt, "step_s": dt,
-            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "hidden_distill": r.hidden_distill, "chain_teacher_s": teacher.as_ref().map(|_| teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
+            "events": r.events, "self_distill": r.self_distill, "chain_distill": r.chain_distill, "hidden_distill": r.hidden_distill, "chain_teacher_s": teacher.as_ref().map(|_| teacher_s), "self_teacher_s": self_teacher.map(|_| self_teacher_s), "loss_by_source": loss_by_source, "tokens_by_source": tokens_by_source,
         });
         if let Some(p) = plan {
             line["plan"] = p;
@@ -645,19 +670,43 @@ impl SourceWeights {
         }
     }
 
+    /// Whether some source has self-distillation without renormalisation (the term whose
+    /// targets the host's base model can make).
+    fn self_distills_plain(&self) -> bool {
+        self.self_distill.iter().zip(&self.renormalize).any(|(&w, &r)| w > 0.0 && !r)
+    }
+
     /// The mixer's rows with each row's weights (no chain targets yet).
     fn micro_batch(&self, b: data::Batch) -> MicroBatch {
         let per_row = |w: &[f32]| b.source_of_row.iter().map(|&s| w[s]).collect::<Vec<f32>>();
         let (self_distill, chain_distill, hidden_distill) = (per_row(&self.self_distill), per_row(&self.chain), per_row(&self.hidden));
         let self_distill_renormalize = b.source_of_row.iter().map(|&s| self.renormalize[s]).collect();
-        MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain: None }
+        MicroBatch { input_ids: b.input_ids, labels: b.labels, self_distill, self_distill_renormalize, chain_distill, hidden_distill, chain: None, self_targets: None }
     }
 }
 
+/// Whether the distillation snapshot ([`BaseModel`] with `[train] teacher = teacher`) rounds
+/// the base as training's own products (`frozen_products`, as [`pack_frozen`] resolved it) do:
+/// both int8 (the snapshot's `auto` quantizes exactly as [`crate::kernels::frozen::FrozenInt8`]
+/// packs) or both f32. Only then can self-distillation read the snapshot: its term must be zero
+/// on a model the step computes as the base. Measured on SmolLM2 at step 1 (no LoRA update yet,
+/// so the term is only the mass on the new rows): 0.006 nats either way when the two agree,
+/// 0.028 when one side rounds to 8 bits and the other does not.
+fn same_rounding(products: &str, teacher: TeacherWeights) -> bool {
+    matches!((products, teacher), ("int8", TeacherWeights::Auto) | ("f32", TeacherWeights::Dense))
+}
+
+/// Whether self-distillation's targets for `mb` can come from the host's base model
+/// ([`self_targets`]): some row has a weight, none of those renormalises, and they hold old ids
+/// only (the base model has no new rows to read). Otherwise the step composes the term.
+fn self_targets_fit(mb: &MicroBatch, old_vocab: usize) -> bool {
+    let weighted: Vec<usize> = (0..mb.input_ids.len()).filter(|&r| mb.self_distill.get(r).is_some_and(|&w| w > 0.0)).collect();
+    !weighted.is_empty() && weighted.iter().all(|&r| !mb.self_distill_renormalize.get(r).copied().unwrap_or(false) && mb.input_ids[r].iter().all(|&id| (id as usize) < old_vocab))
+}
+
 /// The chain teacher of `[[data]] chain_distill`: the extension's trie, counted on the sources
-/// with a weight, and the base model (LoRA and new rows off) that reads their old tokenization.
-#[allow(clippy::too_many_arguments)]
-fn chain_teacher(recipe: &Recipe, model: &Llama, sources: &[data::TokenizedSource], weights: &[f32], extension: Option<&Path>, hidden_layer: Option<usize>, old_vocab: usize, head_moved: &[usize], device: &burn::tensor::Device) -> Result<(ChainTeacher, BaseModel)> {
+/// with a weight (the base model that reads their old tokenization is made beside it).
+fn chain_teacher(model: &Llama, sources: &[data::TokenizedSource], weights: &[f32], extension: Option<&Path>, hidden_layer: Option<usize>) -> Result<ChainTeacher> {
     let ext_path = extension.context("chain_distill needs a [vocab] extension")?;
     // The trie's counts only estimate conditionals below the depth the base is read exactly: a
     // bounded prefix of each source is enough, and keeps RAM flat on any corpus.
@@ -679,10 +728,7 @@ fn chain_teacher(recipe: &Recipe, model: &Llama, sources: &[data::TokenizedSourc
     if let Some(layer) = hidden_layer {
         teacher = teacher.with_hidden_layer(layer);
     }
-    let refitted = if head_moved.is_empty() { None } else { Some(refitted_rows_base_values(model, head_moved, old_vocab).with_context(|| format!("chain_distill on {}", recipe.model.path.display()))?) };
-    let base = BaseModel::new(model, old_vocab, recipe.train.teacher, refitted.as_ref().map(|v| (head_moved, v)), device).with_context(|| format!("chain_distill: the base model of {}", recipe.model.path.display()))?;
-    eprintln!("[teacher] chain_distill reads {}", base.describe());
-    Ok((teacher, base))
+    Ok(teacher)
 }
 
 fn mix_config(recipe: &Recipe, pad_id: u32) -> MixConfig {

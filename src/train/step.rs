@@ -3,7 +3,7 @@
 //! scaler's decision, global-norm clipping and AdamW.
 
 use super::chain_teacher::ChainTargets;
-use super::loss::{chain_distill_sum, hidden_distill_sum, nll_sum_rows, self_distill_sum, RowSums};
+use super::loss::{chain_distill_sum, hidden_distill_sum, nll_sum_rows, self_distill_sum, self_distill_targets_sum, RowSums};
 use super::optim::AdamW;
 use super::params::{trainable, LrGroup};
 use super::row_map::RowMaps;
@@ -38,12 +38,18 @@ pub struct MicroBatch {
     /// resumed run recomputes them from the same rows).
     #[serde(skip)]
     pub chain: Option<Arc<ChainTargets>>,
+    /// Self-distillation's targets, when the base model made them on the host before the step
+    /// ([`super::chain_teacher::self_targets`]): the step then reads them in the fused soft
+    /// cross-entropy instead of running the model with LoRA off ([`base_logits`]). They must
+    /// cover every row with a `self_distill` weight, and no such row may renormalise.
+    #[serde(skip)]
+    pub self_targets: Option<Arc<ChainTargets>>,
 }
 
 impl MicroBatch {
     /// A micro-batch without self-distillation.
     pub fn new(input_ids: Vec<Vec<u32>>, labels: Vec<Vec<i64>>) -> Self {
-        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new(), chain_distill: Vec::new(), hidden_distill: Vec::new(), chain: None }
+        MicroBatch { input_ids, labels, self_distill: Vec::new(), self_distill_renormalize: Vec::new(), chain_distill: Vec::new(), hidden_distill: Vec::new(), chain: None, self_targets: None }
     }
 
     /// Positions that carry loss after the shift.
@@ -135,16 +141,24 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
         let (b, t) = (mb.input_ids.len(), mb.input_ids[0].len());
         let ids: Vec<i64> = mb.input_ids.iter().flatten().map(|&x| x as i64).collect();
         let ids: Tensor<2, Int> = Tensor::from_data(TensorData::new(ids, [b, t]), device);
-        let teacher = if mb.self_distill.iter().any(|&w| w > 0.0) { Some(base_logits(model, ids.clone())) } else { None };
+        let distils = mb.self_distill.iter().any(|&w| w > 0.0);
+        let teacher = if distils && mb.self_targets.is_none() { Some(base_logits(model, ids.clone())) } else { None };
         // The base's stream at the tap layer, where this micro-batch's rows ask for the term.
         let base_states = mb.chain.as_ref().and_then(|c| c.hidden.as_ref()).filter(|_| mb.hidden_distill.iter().any(|&w| w > 0.0));
         let (h, tapped) = model.hidden_tapped(model.embed_tokens.embed(ids), None, base_states.map(|b| b.layer));
         let logits = model.logits(h);
         let hidden_sum = tapped.zip(base_states).map(|(s, b)| hidden_distill_sum(s, &b.states, &mb.labels, &mb.hidden_distill));
-        let kd_sum = teacher.map(|tl| {
-            let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
-            self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)
-        });
+        let old = model.lm_head.as_ref().unwrap_or(&model.embed_tokens).base_rows();
+        let kd_sum = match (&mb.self_targets, teacher) {
+            (Some(q), _) if distils => {
+                if mb.self_distill_renormalize.iter().zip(&mb.self_distill).any(|(&r, &w)| r && w > 0.0) {
+                    bail!("self_distill: host targets cannot renormalise; leave `self_targets` empty for such rows");
+                }
+                Some(self_distill_targets_sum(logits.clone(), q, old, &mb.labels, &mb.self_distill))
+            }
+            (_, Some(tl)) => Some(self_distill_sum(logits.clone(), tl, old, &mb.labels, &mb.self_distill, &mb.self_distill_renormalize)),
+            _ => None,
+        };
         let chain_sum = mb.chain.as_ref().map(|c| chain_distill_sum(logits.clone(), c, &mb.labels, &mb.chain_distill));
         let r = nll_sum_rows(logits, &mb.labels);
         let mut objective = r.sum.clone();
@@ -179,8 +193,9 @@ pub fn forward_backward_rows(model: &mut Llama, batches: &[MicroBatch], scale: f
     Ok(Forward { sums, rows, row_tokens, total, grads: acc, kd, chain, hidden })
 }
 
-/// The teacher of self-distillation: the same model with every LoRA branch taken out, on the
-/// same ids, projected onto the frozen head rows only (`[B, T, base rows]`). On text of the old
+/// The teacher of self-distillation where the step runs it (a micro-batch without
+/// `self_targets`): the same model with every LoRA branch taken out, on the same ids, projected
+/// onto the frozen head rows only (`[B, T, base rows]`). On text of the old
 /// vocabulary the new input rows are never read: that is the base model, at the cost of one
 /// forward pass and no second copy of the weights. The embeddings are detached, so the pass
 /// records no graph.

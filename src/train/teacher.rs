@@ -1,6 +1,8 @@
-//! The base model that cross-tokenizer distillation reads (`[[data]] chain_distill`): a
-//! snapshot of the training model's frozen weights with every LoRA branch and every new
-//! vocabulary row left out, on the plain (non-autodiff) device.
+//! The base model that cross-tokenizer distillation reads (`[[data]] chain_distill`), and on
+//! the CPU self-distillation (`[[data]] self_distill`, where the snapshot rounds as training's
+//! products do: `train::run::same_rounding`): a snapshot of the training model's frozen
+//! weights with every LoRA branch and every new vocabulary row left out, on the plain
+//! (non-autodiff) device.
 //!
 //! It reads every Chinese row a second time in the old tokenization, 2.3× as many tokens as
 //! the row, so on the CPU it was most of a step's time (1.6–2.4 s of a row against ~3 s for
@@ -143,7 +145,12 @@ impl BaseModel {
     /// Whether the snapshot runs on the CPU's fused f32 kernels, where the distillation
     /// targets are built on the host (elsewhere they stay on the device).
     pub fn on_host(&self) -> bool {
-        crate::kernels::flex_f32(&Tensor::<1>::zeros([1], &self.device)).is_some()
+        Self::host_device(&self.device)
+    }
+
+    /// Whether a snapshot on `device` (plain or autodiff) would run [`Self::on_host`].
+    pub fn host_device(device: &Device) -> bool {
+        crate::kernels::flex_f32(&Tensor::<1>::zeros([1], &device.clone().inner())).is_some()
     }
 
     /// The width of the residual stream.
