@@ -926,3 +926,82 @@ mod self_distillation {
         assert!(f.grads.keys().any(|k| k.contains("lora_B")), "{:?}", f.grads.keys().collect::<Vec<_>>());
     }
 }
+
+/// Checkpoints written on the writer's thread (what training does between its last steps) are
+/// the files the training thread would have written, a failed write surfaces at the next wait
+/// naming its step, and dropping the writer finishes the write in flight.
+mod checkpoint_writer {
+    use super::common::*;
+    use linly_lora::io::safetensors::FloatType;
+    use linly_lora::lora::adapter::apply;
+    use linly_lora::lora::config::AdapterConfig;
+    use linly_lora::lora::save::{encode as encode_adapter, TableSave};
+    use linly_lora::lora::TableMode;
+    use linly_lora::model::Llama;
+    use linly_lora::train::checkpoint::{self, Pending, TrainState, Writer};
+    use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::row_map::RowMaps;
+    use linly_lora::train::scaler::{Scaler, ScalerConfig};
+    use std::path::Path;
+
+    fn pending(step: usize) -> Pending {
+        let base = Llama::load(&tiny().join("base"), &dev(), FloatType::F32).unwrap();
+        let model = apply(base, &tiny().join("adapter"), &dev()).unwrap();
+        let cfg = AdapterConfig::load(&tiny().join("adapter")).unwrap();
+        let adapter = encode_adapter(&model, &cfg, TableSave { embed: TableMode::All, lm_head: TableMode::All, old_vocab: 320, head_moved: vec![] }, &[]).unwrap();
+        let state = TrainState { step, scaler: Scaler::new(ScalerConfig::default()), data: serde_json::json!({"at": step}), adam_t: Default::default(), recipe_hash: 7, planned_steps: None, planned_at: None };
+        checkpoint::encode(&state, &AdamW::new(AdamWConfig::default()), &RowMaps::default(), adapter).unwrap()
+    }
+
+    fn files(dir: &Path) -> Vec<(String, Vec<u8>)> {
+        let mut out = Vec::new();
+        for e in walk(dir) {
+            out.push((e.strip_prefix(dir).unwrap().display().to_string(), std::fs::read(&e).unwrap()));
+        }
+        out.sort();
+        out
+    }
+
+    fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+        std::fs::read_dir(dir).unwrap().flatten().flat_map(|e| if e.path().is_dir() { walk(&e.path()) } else { vec![e.path()] }).collect()
+    }
+
+    #[test]
+    fn the_writer_thread_writes_what_the_training_thread_would() {
+        let d = tempfile::tempdir().unwrap();
+        let (here, there) = (d.path().join("here"), d.path().join("there"));
+        let want = pending(4).write(&here, 2).unwrap();
+        let mut w = Writer::default();
+        w.submit(&there, 2, pending(4)).unwrap();
+        let got = w.wait().unwrap().expect("a checkpoint was in flight");
+        assert_eq!(got, checkpoint::dir_for(&there, 4));
+        let (a, b) = (files(&want), files(&got));
+        assert!(a.iter().any(|(n, _)| n.ends_with("adapter_model.safetensors")) && a.iter().any(|(n, _)| n == "state.json"), "{:?}", a.iter().map(|f| &f.0).collect::<Vec<_>>());
+        assert!(a == b, "the two checkpoints differ");
+        assert!(w.wait().unwrap().is_none(), "nothing left in flight");
+        // Submitting waits for the one before; keep_last prunes on the writer's thread.
+        for step in [5, 6, 7] {
+            w.submit(&there, 2, pending(step)).unwrap();
+        }
+        w.wait().unwrap();
+        assert_eq!(checkpoint::list(&there).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![6, 7]);
+    }
+
+    #[test]
+    fn a_failed_write_names_its_step_and_a_dropped_writer_finishes() {
+        let d = tempfile::tempdir().unwrap();
+        // `out` under a regular file: the checkpoints folder cannot be made.
+        let blocked = d.path().join("file");
+        std::fs::write(&blocked, b"x").unwrap();
+        let mut w = Writer::default();
+        w.submit(&blocked.join("out"), 1, pending(9)).unwrap();
+        let e = format!("{:#}", w.wait().unwrap_err());
+        assert!(e.contains("step 9"), "{e}");
+        let out = d.path().join("out");
+        {
+            let mut w = Writer::default();
+            w.submit(&out, 1, pending(3)).unwrap();
+        }
+        assert_eq!(checkpoint::list(&out).iter().map(|(s, _)| *s).collect::<Vec<_>>(), vec![3], "the drop waited for the write");
+    }
+}

@@ -7,9 +7,9 @@ use crate::io::atomic::StagedDir;
 use crate::io::safetensors::{encode_f32, write_all, FloatType};
 use crate::io::weights::tensor_to_f32;
 use crate::model::{Llama, TokenTable};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Which parts of the token tables an adapter carries.
 #[derive(Debug, Clone)]
@@ -79,6 +79,36 @@ fn table_entries(t: &TokenTable, module: &str, key_prefix: &str, mode: TableMode
 /// Writes `dir/adapter_config.json` and `dir/adapter_model.safetensors` (f32) atomically.
 /// `extra_files` (tokenizer, vocab_extension.json, recipe) are copied in beside them.
 pub fn save(model: &Llama, base_cfg: &AdapterConfig, tables: TableSave, dir: &Path, extra_files: &[&Path]) -> Result<()> {
+    encode(model, base_cfg, tables, extra_files)?.write(dir)
+}
+
+/// An adapter read out of the model into memory, ready to be written: what [`save`] writes,
+/// apart from the writing, so that training can write a checkpoint's files on another thread
+/// while it goes on (the model's tensors are read here, on the caller's thread).
+pub struct EncodedAdapter {
+    weights: Vec<Entry>,
+    config: String,
+    extra_files: Vec<PathBuf>,
+}
+
+impl EncodedAdapter {
+    /// Writes the adapter folder `dir` atomically (a staging folder renamed into place).
+    pub fn write(&self, dir: &Path) -> Result<()> {
+        let staged = StagedDir::new(dir, true)?;
+        write_all(&staged.path().join(WEIGHTS), &self.weights, Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
+        crate::io::atomic::write(&staged.path().join(CONFIG), self.config.as_bytes())?;
+        for f in &self.extra_files {
+            if let Some(name) = f.file_name() {
+                std::fs::copy(f, staged.path().join(name)).with_context(|| format!("copying {} into the adapter {}", f.display(), dir.display()))?;
+            }
+        }
+        staged.commit()?;
+        Ok(())
+    }
+}
+
+/// The adapter of `model` in memory ([`EncodedAdapter`]; see [`save`]).
+pub fn encode(model: &Llama, base_cfg: &AdapterConfig, tables: TableSave, extra_files: &[&Path]) -> Result<EncodedAdapter> {
     let mut cfg = base_cfg.clone();
     cfg.modules_to_save = None;
     cfg.trainable_token_indices = None;
@@ -111,16 +141,7 @@ pub fn save(model: &Llama, base_cfg: &AdapterConfig, tables: TableSave, dir: &Pa
     if out.is_empty() {
         bail!("nothing to save: the model has no LoRA branches and no trainable tables");
     }
-    let staged = StagedDir::new(dir, true)?;
-    write_all(&staged.path().join(WEIGHTS), &out, Some(BTreeMap::from([("format".to_string(), "pt".to_string())])))?;
-    crate::io::atomic::write(&staged.path().join(CONFIG), cfg.to_json()?.as_bytes())?;
-    for f in extra_files {
-        if let Some(name) = f.file_name() {
-            std::fs::copy(f, staged.path().join(name))?;
-        }
-    }
-    staged.commit()?;
-    Ok(())
+    Ok(EncodedAdapter { weights: out, config: cfg.to_json()?, extra_files: extra_files.iter().map(|p| p.to_path_buf()).collect() })
 }
 
 /// What [`pack`] did, for the CLI to report.

@@ -444,6 +444,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
     let extra = adapter_extras(&opts.recipe, tokenizer.as_deref(), extension.as_deref());
     let extra: Vec<&Path> = extra.iter().map(|p| p.as_path()).collect();
     let stop_requested = || super::interrupt::requested() || opts.stop.as_ref().is_some_and(|f| f.load(Ordering::SeqCst));
+    let mut writer = checkpoint::Writer::default();
     let mut step = start;
     while step < end {
         if step == start && stop_requested() {
@@ -566,21 +567,30 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
-            let dir = checkpoint::save(&out, &st, &opt, &row_maps, recipe.output.keep_last, |dir| lora::save::save(&model, &cfg, ts, dir, &extra))?;
-            if stop {
-                if let Some(b) = &bar {
-                    b.abandon();
+            let pending = checkpoint::encode(&st, &opt, &row_maps, lora::save::encode(&model, &cfg, ts, &extra)?)?;
+            // The invocation's last checkpoint is written here: the run's report, a resume or
+            // `merge` may read it next. The others are written while training goes on.
+            if !(stop || done == end) {
+                writer.submit(&out, recipe.output.keep_last, pending)?;
+            } else {
+                writer.wait()?;
+                let dir = pending.write(&out, recipe.output.keep_last)?;
+                if stop {
+                    if let Some(b) = &bar {
+                        b.abandon();
+                    }
+                    bail!(
+                        "stopped by a signal after step {done} of {total}: the checkpoint is {} (its LoRA and rows in {}); continue with `linly-lora train {} --resume`",
+                        dir.display(),
+                        dir.join("adapter").display(),
+                        opts.recipe.display()
+                    );
                 }
-                bail!(
-                    "stopped by a signal after step {done} of {total}: the checkpoint is {} (its LoRA and rows in {}); continue with `linly-lora train {} --resume`",
-                    dir.display(),
-                    dir.join("adapter").display(),
-                    opts.recipe.display()
-                );
             }
         }
         step = done;
     }
+    writer.wait()?;
     if let Some(b) = &bar {
         b.finish();
     }
