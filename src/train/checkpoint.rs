@@ -1,6 +1,7 @@
 //! Checkpoints: the adapter (PEFT format), AdamW moments, scaler state, data position and step,
 //! written into a staging folder and renamed into place, so a `kill -9` leaves either the
-//! previous checkpoint or a complete new one. The last `keep_last` are kept.
+//! previous checkpoint or a complete new one. The last `keep_last` are kept. Training reads
+//! them into memory ([`encode`]) and writes them on a thread of their own ([`Writer`]).
 
 use super::optim::{AdamW, AdamWConfig, Moments};
 use super::row_map::RowMaps;
@@ -102,19 +103,14 @@ impl Pending {
     }
 }
 
-/// Writes a checkpoint on the calling thread ([`encode`], then [`Pending::write`]).
-pub fn save(out: &Path, state: &TrainState, opt: &AdamW, row_maps: &RowMaps, keep_last: usize, adapter: EncodedAdapter) -> Result<PathBuf> {
-    encode(state, opt, row_maps, adapter)?.write(out, keep_last)
-}
-
 /// Writes checkpoints on a thread of its own, one at a time, while training goes on. A
 /// checkpoint of the quickstart is ~310 MB (the tied table's new rows twice in the adapter, as
 /// PEFT keeps them, and their two Adam moments), and its writes wait on the disk: ~2.5–3 s a
 /// checkpoint on the 2-core machine the quickstart was timed on, every 50 steps, ~3 % of the
 /// run. The training thread only reads the tensors into memory ([`encode`]); the files, their
 /// `fsync` and the rename happen here. The next [`Writer::submit`], [`Writer::wait`] or drop
-/// waits for the one in flight, so at most one checkpoint is held in memory, and a run that
-/// ends (or fails) has finished writing it. A process killed meanwhile leaves a staging folder
+/// waits for the one in flight, so a run that ends (or fails) has finished writing it, and a
+/// caller that waits before it encodes the next holds one checkpoint in memory at a time. A process killed meanwhile leaves a staging folder
 /// that the next run removes ([`clean`]); the previous checkpoint is whole.
 #[derive(Default)]
 pub struct Writer {

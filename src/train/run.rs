@@ -567,13 +567,15 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             let ts = table_save(&stages, si, old_vocab, &head_moved);
             let st = TrainState { step: done, scaler: scaler.clone(), data: serde_json::to_value(mixer.state())?, adam_t: Default::default(), recipe_hash: hash, planned_steps: planned, planned_at };
             let cfg = adapter_config(&recipe);
+            // One checkpoint in memory at a time: the one in flight is written before the next
+            // is read.
+            writer.wait()?;
             let pending = checkpoint::encode(&st, &opt, &row_maps, lora::save::encode(&model, &cfg, ts, &extra)?)?;
             // The invocation's last checkpoint is written here: the run's report, a resume or
             // `merge` may read it next. The others are written while training goes on.
             if !(stop || done == end) {
                 writer.submit(&out, recipe.output.keep_last, pending)?;
             } else {
-                writer.wait()?;
                 let dir = pending.write(&out, recipe.output.keep_last)?;
                 if stop {
                     if let Some(b) = &bar {
