@@ -146,7 +146,6 @@ impl ChainTeacher {
             cd.push_context(&self.trie, &ctx.old_ids, &ctx.aligned, n, &probs, old);
             let (new_mass, root_mass) = self.trie_mass(&cd, n);
             let (n_new, nr) = (self.ext.added(), roots.len().max(1));
-            let xlnx = |x: f32| if x > 0.0 { x as f64 * (x as f64).ln() } else { 0.0 };
             let row_q = &mut q[r * n * v..(r + 1) * n * v];
             neg_entropy += row_q
                 .par_chunks_mut(v)
@@ -159,7 +158,7 @@ impl ChainTeacher {
                     }
                     out[old..].copy_from_slice(&new_mass[i * n_new..(i + 1) * n_new]);
                     if labels[r].get(i + 1).is_some_and(|&l| l >= 0) {
-                        w as f64 * out.iter().map(|&x| xlnx(x)).sum::<f64>()
+                        w as f64 * out.iter().map(|&x| x_ln_x(x)).sum::<f64>()
                     } else {
                         0.0
                     }
@@ -309,13 +308,28 @@ impl ChainTeacher {
     /// softmax runs on the host, where the targets are built, in one pass per position), and
     /// its residual stream `[positions, hidden]` at the hidden layer when one is asked for.
     fn teacher_probs(&self, base: &BaseModel, old_ids: &[u32]) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
-        let old = self.ext.old_vocab;
-        let (logits, tap) = base.logits_rows(&[old_ids], self.hidden_layer);
-        let mut l = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("chain_distill: reading the teacher's logits: {e:?}"))?;
-        ensure!(l.len() == old_ids.len() * old, "chain_distill: the teacher's head holds {} rows, the extension's old vocabulary {old}", l.len() / old_ids.len().max(1));
-        l.par_chunks_mut(old).for_each(softmax_in_place);
-        let tap = tap.map(|t| t.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("hidden_distill: reading the teacher's hidden states: {e:?}"))).transpose()?;
-        Ok((l, tap))
+        base_probs(base, old_ids, self.ext.old_vocab, self.hidden_layer)
+    }
+}
+
+/// The base's next-token distribution over its `old` rows after each of `old_ids`, on the host
+/// (one softmax pass per position), and its residual stream `[positions, hidden]` after `tap`
+/// layers when asked for.
+fn base_probs(base: &BaseModel, old_ids: &[u32], old: usize, tap: Option<usize>) -> Result<(Vec<f32>, Option<Vec<f32>>)> {
+    let (logits, tapped) = base.logits_rows(&[old_ids], tap);
+    let mut l = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("reading the base model's logits: {e:?}"))?;
+    ensure!(l.len() == old_ids.len() * old, "the base model's head holds {} rows, the old vocabulary {old}", l.len() / old_ids.len().max(1));
+    l.par_chunks_mut(old).for_each(softmax_in_place);
+    let tapped = tapped.map(|t| t.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("hidden_distill: reading the base model's hidden states: {e:?}"))).transpose()?;
+    Ok((l, tapped))
+}
+
+/// `x ln x`, 0 at 0: a term of a distribution's Σ q ln q (the KL's constant part).
+fn x_ln_x(x: f32) -> f64 {
+    if x > 0.0 {
+        x as f64 * (x as f64).ln()
+    } else {
+        0.0
     }
 }
 
@@ -346,20 +360,15 @@ pub fn self_targets(base: &BaseModel, rows: &[Vec<u32>], labels: &[Vec<i64>], we
         if let Some(&id) = rows[r].iter().find(|&&id| id as usize >= old_vocab) {
             anyhow::bail!("self_distill: row {r} holds id {id}, a new piece the base model cannot read (it has {old_vocab} rows)");
         }
-        let (logits, _) = base.logits_rows(&[&rows[r]], None);
-        let z = logits.try_into_vec_as::<f32>().map_err(|e| anyhow::anyhow!("self_distill: reading the base's logits: {e:?}"))?;
-        ensure!(z.len() == t * old_vocab, "self_distill: the base's head holds {} rows, the old vocabulary {old_vocab}", z.len() / t);
-        let xlnx = |x: f32| if x > 0.0 { x as f64 * (x as f64).ln() } else { 0.0 };
+        let (probs, _) = base_probs(base, &rows[r], old_vocab, None).context("self_distill")?;
         neg_entropy += q[r * n * v..(r + 1) * n * v]
             .par_chunks_mut(v)
-            .zip(z.par_chunks(old_vocab))
+            .zip(probs.par_chunks(old_vocab))
             .enumerate()
-            .map(|(i, (out, z))| {
-                let out = &mut out[..old_vocab];
-                out.copy_from_slice(z);
-                softmax_in_place(out);
+            .map(|(i, (out, p))| {
+                out[..old_vocab].copy_from_slice(p);
                 if labels[r].get(i + 1).is_some_and(|&l| l >= 0 && (l as usize) < old_vocab) {
-                    w as f64 * out.iter().map(|&x| xlnx(x)).sum::<f64>()
+                    w as f64 * p.iter().map(|&x| x_ln_x(x)).sum::<f64>()
                 } else {
                     0.0
                 }

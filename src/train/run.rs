@@ -385,7 +385,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         (Some(base), true) => Some((chain_teacher(&model, &sources, &weights.chain, extension.as_deref(), hidden_layer)?, base)),
         _ => None,
     };
-    let self_teacher = base.as_ref().filter(|b| self_on_host && b.on_host());
+    let self_teacher = base.as_ref().filter(|_| self_on_host);
     let mut mixer = Mixer::new(sources, mix_config(&recipe, model.config.eos_token_ids.first().copied().unwrap_or(0)))?;
     let source_names = super::metrics::source_labels(&recipe.data);
 
