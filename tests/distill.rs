@@ -336,7 +336,7 @@ mod chain_distillation {
     /// 24 steps of LoRA r 4 and the new rows on two rows at a time of `train_rows`, against the
     /// chain at `chain` (0: labels alone) and the hidden-state term at `hidden`.
     fn train_with_terms(resized: &Llama, teacher: &ChainTeacher, train_rows: &[Vec<u32>], chain: f32, hidden: f32, device: &burn::tensor::Device) -> Llama {
-        let hp = StepHparams { lr: 5e-4, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+        let hp = StepHparams { lr: 5e-4, lora_b_lr: 5e-4, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
         let mut m = resized.clone();
         with_lora(&mut m, device, false);
         set_table_modes(&mut m, TableMode::NewRows, TableMode::NewRows, 320).unwrap();

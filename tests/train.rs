@@ -758,7 +758,7 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, StepHparams};
     let device = dev().autodiff();
-    let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+    let hp = StepHparams { lr: 1e-3, lora_b_lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
     let blown_up = || {
         let base = Llama::load(&tiny().join("base"), &device, FloatType::F16).unwrap();
         let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
@@ -792,6 +792,50 @@ fn huge_new_rows_are_rescued_instead_of_halving_the_scale_forever() {
     assert_eq!(naive.scale, 65536.0 / 8.0);
 }
 
+/// LoRA+ (`[train] loraplus_lr_ratio`): the B factors take `lr` times the ratio, the A factors
+/// and the tables their own rates. AdamW's first step is `lr · g / (|g| + ε)` per value, so with
+/// the same gradients B's update is the ratio times the plain one, and every other update is
+/// unchanged.
+#[test]
+fn loraplus_scales_only_the_b_factors_update() {
+    use linly_lora::train::optim::{AdamW, AdamWConfig};
+    use linly_lora::train::params::trainable;
+    use linly_lora::train::row_map::RowMaps;
+    use linly_lora::train::scaler::{Scaler, ScalerConfig};
+    use linly_lora::train::step::{train_step, StepHparams};
+    use std::collections::BTreeMap;
+    let device = dev().autodiff();
+    let load = || {
+        let base = Llama::load(&tiny().join("base"), &device, FloatType::F32).unwrap();
+        let mut model = apply(base, &tiny().join("adapter"), &device).unwrap();
+        set_table_modes(&mut model, TableMode::NewRows, TableMode::NewRows, 320).unwrap();
+        model
+    };
+    let values = |m: &mut Llama| -> BTreeMap<String, Vec<f32>> { trainable(m).into_iter().map(|p| (p.name, tensor_to_f32(p.param.val()))).collect() };
+    let update = |ratio: f64| {
+        let mut model = load();
+        let before = values(&mut model);
+        let hp = StepHparams { lr: 1e-3, lora_b_lr: 1e-3 * ratio, embed_lr: 2e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+        let (mut opt, mut scaler) = (AdamW::new(AdamWConfig::default()), Scaler::new(ScalerConfig::default()));
+        let out = train_step(&mut model, &mut opt, &mut RowMaps::default(), &mut scaler, &[fixture_batch()], &hp, &device).unwrap();
+        assert!(!out.skipped);
+        let after = values(&mut model);
+        before.into_iter().map(|(k, b)| { let d = after[&k].iter().zip(&b).map(|(a, b)| a - b).collect::<Vec<f32>>(); (k, d) }).collect::<BTreeMap<_, _>>()
+    };
+    let (plain, plus) = (update(1.0), update(4.0));
+    let mut kinds = [0usize; 3];
+    for (name, d1) in &plain {
+        let d4 = &plus[name];
+        let moved = d1.iter().map(|x| x.abs()).fold(0f32, f32::max);
+        assert!(moved > 1e-4, "{name} did not move ({moved})");
+        let want = if name.contains("lora_B") { kinds[0] += 1; 4.0 } else { kinds[if name.contains("lora_A") { 1 } else { 2 }] += 1; 1.0 };
+        for (a, b) in d4.iter().zip(d1) {
+            assert!((a - want * b).abs() <= 1e-6 + 1e-3 * (want * b).abs(), "{name}: update {a} against {want} x {b}");
+        }
+    }
+    assert!(kinds.iter().all(|&k| k > 0), "B, A and table parameters all checked: {kinds:?}");
+}
+
 /// `loss_by_source` in metrics.jsonl comes from the step's per-row NLL: on both loss paths
 /// (fused in f32, composed in f16) the rows, concatenated over micro-batches, add up to the step
 /// loss, and grouped by source they give each source's loss computed on its own.
@@ -803,7 +847,7 @@ fn per_row_nll_adds_up_to_the_step_loss_and_splits_by_source() {
     use linly_lora::train::scaler::{Scaler, ScalerConfig};
     use linly_lora::train::step::{train_step, StepHparams};
     let device = dev().autodiff();
-    let hp = StepHparams { lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
+    let hp = StepHparams { lr: 1e-3, lora_b_lr: 1e-3, embed_lr: 1e-3, weight_decay: 0.0, max_grad_norm: 1.0 };
     let fx = fixture_batch();
     let row = |i: usize| MicroBatch::new(vec![fx.input_ids[i].clone()], vec![fx.labels[i].clone()]);
     let two = |a: usize, b: usize| MicroBatch::new(vec![fx.input_ids[a].clone(), fx.input_ids[b].clone()], vec![fx.labels[a].clone(), fx.labels[b].clone()]);

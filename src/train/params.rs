@@ -6,10 +6,12 @@ use crate::model::{Llama, TokenTable};
 use burn::module::Param;
 use burn::tensor::Tensor;
 
-/// Whether the parameter takes the LoRA learning rate or the embedding/head one.
+/// Which learning rate the parameter takes: LoRA's (the A factors), LoRA's times
+/// `loraplus_lr_ratio` (the B factors), or the embedding/head one.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum LrGroup {
     Lora,
+    LoraB,
     Table,
 }
 
@@ -42,7 +44,7 @@ pub fn trainable(model: &mut Llama) -> Vec<Trainable<'_>> {
                 let suffix = if k == 0 { String::new() } else { format!(".{k}") };
                 if br.a.val().is_require_grad() {
                     out.push(Trainable { name: format!("model.layers.{i}.{t}.lora_A{suffix}"), group: Group::Lora, lr_group: LrGroup::Lora, param: &mut br.a });
-                    out.push(Trainable { name: format!("model.layers.{i}.{t}.lora_B{suffix}"), group: Group::Lora, lr_group: LrGroup::Lora, param: &mut br.b });
+                    out.push(Trainable { name: format!("model.layers.{i}.{t}.lora_B{suffix}"), group: Group::Lora, lr_group: LrGroup::LoraB, param: &mut br.b });
                 }
             }
         }

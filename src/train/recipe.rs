@@ -184,6 +184,12 @@ pub struct TrainSection {
     pub minutes: Option<f64>,
     pub lr: f64,
     pub embed_lr: Option<f64>,
+    /// LoRA+ (Hayou, Ghosh and Yu, 2024; PEFT's `loraplus_lr_ratio`): the B factors train at
+    /// `lr` times this, the A factors at `lr`. B starts at zero and holds the update's output
+    /// side, and with one rate for both the pair learns slowly in wide layers. Left out of the
+    /// serialized recipe at 1 (off), so that older checkpoints still resume.
+    #[serde(skip_serializing_if = "is_one")]
+    pub loraplus_lr_ratio: f64,
     pub warmup_ratio: f64,
     pub schedule: Schedule,
     pub weight_decay: f64,
@@ -220,6 +226,10 @@ pub struct TrainSection {
 
 fn is_zero(x: &usize) -> bool {
     *x == 0
+}
+
+fn is_one(x: &f64) -> bool {
+    *x == 1.0
 }
 
 fn is_default_beta1(x: &f64) -> bool {
@@ -306,6 +316,7 @@ impl Default for TrainSection {
             minutes: None,
             lr: 2e-4,
             embed_lr: None,
+            loraplus_lr_ratio: 1.0,
             warmup_ratio: 0.05,
             schedule: Schedule::Cosine,
             weight_decay: 0.01,
@@ -472,6 +483,7 @@ impl Recipe {
             ("[lora] alpha".into(), self.lora.alpha, Positive),
             ("[lora] dropout".into(), self.lora.dropout, Fraction),
             ("[train] lr".into(), t.lr, Positive),
+            ("[train] loraplus_lr_ratio".into(), t.loraplus_lr_ratio, Positive),
             ("[train] warmup_ratio".into(), t.warmup_ratio, Fraction),
             ("[train] weight_decay".into(), t.weight_decay, NonNegative),
             ("[train] max_grad_norm".into(), t.max_grad_norm, NonNegative),
@@ -796,12 +808,14 @@ mod tests {
         // checkpoints' hashes hold), read back as written, and refused outside their ranges.
         let t: TrainSection = toml::from_str("").unwrap();
         let j = serde_json::to_value(&t).unwrap();
-        assert!(["adam_beta1", "adam_beta2", "adam_epsilon"].iter().all(|k| j.get(k).is_none()), "{j}");
+        assert!(["adam_beta1", "adam_beta2", "adam_epsilon", "loraplus_lr_ratio"].iter().all(|k| j.get(k).is_none()), "{j}");
+        let t: TrainSection = toml::from_str("loraplus_lr_ratio = 4").unwrap();
+        assert_eq!(serde_json::to_value(&t).unwrap()["loraplus_lr_ratio"].as_f64(), Some(4.0));
         let t: TrainSection = toml::from_str("adam_beta2 = 0.95\nadam_epsilon = 1e-6").unwrap();
         let (a, j) = (t.adam(), serde_json::to_value(&t).unwrap());
         assert_eq!((a.beta1, a.beta2, a.eps), (0.9, 0.95, 1e-6));
         assert_eq!((j.get("adam_beta1"), j["adam_beta2"].as_f64(), j["adam_epsilon"].as_f64()), (None, Some(0.95), Some(1e-6)));
-        for (key, bad) in [("adam_beta1", "1.0"), ("adam_beta2", "-0.1"), ("adam_beta2", "nan"), ("adam_epsilon", "0.0")] {
+        for (key, bad) in [("adam_beta1", "1.0"), ("adam_beta2", "-0.1"), ("adam_beta2", "nan"), ("adam_epsilon", "0.0"), ("loraplus_lr_ratio", "0.0"), ("loraplus_lr_ratio", "inf")] {
             let text = format!("[model]\npath = \"m\"\n[output]\ndir = \"o\"\n[train]\n{key} = {bad}");
             let e = Recipe::parse(&text, Path::new(".")).unwrap_err().to_string();
             assert!(e.contains(&format!("[train] {key}")), "{key} = {bad}: {e}");

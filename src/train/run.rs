@@ -470,7 +470,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
             let before = (recipe.train.warmup_ratio * upper as f64).ceil() as usize;
             f = f.min(replanned_ramp(step, at, before, warmup));
         }
-        let hp = StepHparams { lr: stage.lr * f, embed_lr: stage.embed_lr * f, weight_decay: recipe.train.weight_decay, max_grad_norm: recipe.train.max_grad_norm };
+        let hp = StepHparams { lr: stage.lr * f, lora_b_lr: stage.lr * f * recipe.train.loraplus_lr_ratio, embed_lr: stage.embed_lr * f, weight_decay: recipe.train.weight_decay, max_grad_norm: recipe.train.max_grad_norm };
         // Dropout masks depend only on (seed, step): a resumed run draws the same ones.
         device.seed(recipe.train.seed.wrapping_mul(1_000_003).wrapping_add(step as u64));
         let mut batches = Vec::with_capacity(recipe.train.grad_accum);

@@ -60,7 +60,10 @@ impl MicroBatch {
 
 #[derive(Debug, Clone)]
 pub struct StepHparams {
+    /// LoRA's A factors.
     pub lr: f64,
+    /// LoRA's B factors: `lr` times `[train] loraplus_lr_ratio`.
+    pub lora_b_lr: f64,
     pub embed_lr: f64,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
@@ -313,6 +316,7 @@ pub fn train_step(model: &mut Llama, opt: &mut AdamW, row_maps: &mut RowMaps, sc
         let g = g * (inv * clip);
         let (lr, wd) = match p.lr_group {
             LrGroup::Lora => (hp.lr, hp.weight_decay),
+            LrGroup::LoraB => (hp.lora_b_lr, hp.weight_decay),
             // No decay on embeddings (as for norms): it would pull trained rows towards zero.
             LrGroup::Table => (hp.embed_lr, 0.0),
         };

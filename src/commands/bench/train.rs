@@ -47,7 +47,7 @@ pub fn train(shape: &str, device_name: &str, dtype: FloatType, rank: usize, batc
     set_table_modes(&mut model, TableMode::All, TableMode::All, cfg.vocab_size)?;
     let mut opt = AdamW::default();
     let mut scaler = Scaler::new(if dtype == FloatType::F16 { ScalerConfig::default() } else { ScalerConfig { init_scale: 1.0, growth_interval: u32::MAX, ..Default::default() } });
-    let hp = StepHparams { lr: 2e-4, embed_lr: 2e-4, weight_decay: 0.0, max_grad_norm: 0.0 };
+    let hp = StepHparams { lr: 2e-4, lora_b_lr: 2e-4, embed_lr: 2e-4, weight_decay: 0.0, max_grad_norm: 0.0 };
     let mut state = 1u64;
     let mut batch_of = || {
         let ids: Vec<Vec<u32>> = (0..batch)
