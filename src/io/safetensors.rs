@@ -356,8 +356,12 @@ impl StreamWriter {
     }
 }
 
+/// One tensor as [`write_all`] takes it: name, dtype (`"F32"`, `"F16"`, …), shape, and its
+/// little-endian bytes.
+pub type Entry = (String, String, Vec<usize>, Vec<u8>);
+
 /// Writes a small in-memory set of tensors in one go (adapters, test fixtures).
-pub fn write_all(path: &Path, tensors: &[(String, String, Vec<usize>, Vec<u8>)], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
+pub fn write_all(path: &Path, tensors: &[Entry], metadata: Option<BTreeMap<String, String>>) -> Result<()> {
     let specs = tensors
         .iter()
         .map(|(n, d, s, _)| TensorSpec { name: n.clone(), dtype: d.clone(), shape: s.clone() })

@@ -4,7 +4,7 @@ use super::adapter::{linears, CONFIG, WEIGHTS};
 use super::config::{AdapterConfig, TokenIndices};
 use super::TableMode;
 use crate::io::atomic::StagedDir;
-use crate::io::safetensors::{encode_f32, write_all, FloatType};
+use crate::io::safetensors::{encode_f32, write_all, Entry, FloatType};
 use crate::io::weights::tensor_to_f32;
 use crate::model::{Llama, TokenTable};
 use anyhow::{bail, Context, Result};
@@ -25,7 +25,6 @@ pub struct TableSave {
     pub head_moved: Vec<usize>,
 }
 
-type Entry = (String, String, Vec<usize>, Vec<u8>);
 
 fn entry(key: String, shape: Vec<usize>, v: &[f32]) -> Entry {
     (key, "F32".into(), shape, encode_f32(v, FloatType::F32))

@@ -234,7 +234,7 @@ impl Imatrix {
     /// Writes the file atomically (see the module docs for the layout).
     pub fn save(&mut self, path: &Path) -> Result<()> {
         self.path = path.to_path_buf();
-        let tensors: Vec<(String, String, Vec<usize>, Vec<u8>)> = self
+        let tensors: Vec<crate::io::safetensors::Entry> = self
             .columns
             .iter()
             .map(|(n, v)| (n.clone(), "F32".to_string(), vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()))

@@ -6,7 +6,7 @@
 use super::optim::{AdamW, AdamWConfig, Moments};
 use super::row_map::RowMaps;
 use crate::io::atomic::StagedDir;
-use crate::io::safetensors::{encode_f32, write_all, FloatType, SafetensorsFile};
+use crate::io::safetensors::{encode_f32, write_all, Entry, FloatType, SafetensorsFile};
 use crate::io::weights::tensor_to_f32;
 use crate::lora::save::EncodedAdapter;
 use anyhow::{bail, Context, Result};
@@ -62,7 +62,7 @@ pub fn list(out: &Path) -> Vec<(usize, PathBuf)> {
 pub struct Pending {
     step: usize,
     adapter: EncodedAdapter,
-    optimizer: Vec<(String, String, Vec<usize>, Vec<u8>)>,
+    optimizer: Vec<Entry>,
     state_json: String,
 }
 
