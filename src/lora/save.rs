@@ -25,7 +25,6 @@ pub struct TableSave {
     pub head_moved: Vec<usize>,
 }
 
-
 fn entry(key: String, shape: Vec<usize>, v: &[f32]) -> Entry {
     (key, "F32".into(), shape, encode_f32(v, FloatType::F32))
 }

@@ -16,6 +16,7 @@
 
 use super::gptq::Hessians;
 use crate::infer::{ids_tensor, Loaded};
+use crate::io::safetensors::{encode_f32, Entry, FloatType};
 use crate::model::Llama;
 use anyhow::{anyhow, bail, Context, Result};
 use burn::tensor::Tensor;
@@ -234,11 +235,7 @@ impl Imatrix {
     /// Writes the file atomically (see the module docs for the layout).
     pub fn save(&mut self, path: &Path) -> Result<()> {
         self.path = path.to_path_buf();
-        let tensors: Vec<crate::io::safetensors::Entry> = self
-            .columns
-            .iter()
-            .map(|(n, v)| (n.clone(), "F32".to_string(), vec![v.len()], v.iter().flat_map(|x| x.to_le_bytes()).collect()))
-            .collect();
+        let tensors: Vec<Entry> = self.columns.iter().map(|(n, v)| (n.clone(), "F32".to_string(), vec![v.len()], encode_f32(v, FloatType::F32))).collect();
         let mut meta = self.meta.clone();
         meta.insert("format".into(), FORMAT.into());
         meta.insert("version".into(), "1".into());
