@@ -124,7 +124,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
             };
             emit_or_json(&cvocab::extend(&cvocab::ExtendOptions { tokenizer, pieces, out, force })?, json)
         }
-        VocabCmd::Resize { model, extension, init, seed, init_text, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, init_head_targets, init_keep_old_rows, device, out, force } => {
+        VocabCmd::Resize { model, extension, init, seed, init_text, init_steps, init_tokens, init_head_tokens, init_input_epochs, init_input_lr, init_head_epochs, init_head_lr, init_head_targets, init_keep_old_rows, device, out, force } => {
             let distill = linly_lora::vocab::distill::DistillOptions {
                 tokens: init_tokens,
                 head_tokens: init_head_tokens,
@@ -137,7 +137,7 @@ fn vocab(cmd: VocabCmd) -> Result<()> {
                 seed,
                 ..Default::default()
             };
-            let o = cvocab::ResizeOptions { model, extension, init: init.parse()?, seed, init_text, distill, device, out, force };
+            let o = cvocab::ResizeOptions { model, extension, init: init.parse()?, seed, init_text, fit_steps: init_steps, distill, device, out, force };
             emit(&cvocab::resize(&o)?)
         }
         VocabCmd::CopyTask { tokenizer, examples, min_pieces, max_pieces, char_share, seed, instruction, out, force } => {

@@ -275,6 +275,69 @@ fn chain_targets_beat_subtoken_mean_on_text_the_base_wrote() {
     assert!(got[1] < got[2], "chain targets ({}) are no better than label targets ({}) on the head", got[1], got[2]);
 }
 
+/// `vocab resize --init fit`: the new rows trained end to end towards the base on text it wrote
+/// must read held-out text of the same kind better than sub-token means, and leave the layers,
+/// the old rows of both tables and nothing else behind (no work folder, the recipe it ran).
+#[test]
+fn fit_beats_subtoken_mean_on_held_out_text_and_touches_only_new_rows() {
+    use linly_lora::data::SourceKind;
+    use linly_lora::train::fit_rows::{fit_model, FitOptions, FIT_LR, FIT_RECIPE};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The fixture with a sharper head, saved as a model folder: the teacher of the other tests.
+    let base = d.join("base");
+    std::fs::create_dir(&base).unwrap();
+    for f in ["config.json", "generation_config.json"] {
+        std::fs::copy(tiny().join("base").join(f), base.join(f)).unwrap();
+    }
+    rewrite_safetensors(&tiny().join("base/model.safetensors"), &base.join("model.safetensors"), |name, shape, v| {
+        let v = if name == "lm_head.weight" { v.iter().map(|x| x * 30.0).collect() } else { v };
+        Some((name.to_string(), FloatType::F32, shape, v))
+    });
+    let device = cpu().autodiff();
+    let t = Llama::load(&base, &device, FloatType::F32).unwrap();
+    let none = VocabExtension { old_vocab: 320, new_vocab: 320, subtokens: vec![], pieces: None };
+    let sampled = sample(&t.valid(), &none, 64, 40, 11, 0.0);
+    let ext = corpus_extension(&sampled[..48]);
+    let ext_path = d.join("vocab_extension.json");
+    ext.save(&ext_path).unwrap();
+    let new_tok: Vec<Vec<u32>> = sampled.iter().map(|s| retokenize(s, &ext)).collect();
+    let lines: Vec<String> = new_tok[..48].iter().map(|ids| serde_json::json!({ "input_ids": ids }).to_string()).collect();
+    let train = d.join("train.jsonl");
+    std::fs::write(&train, lines.join("\n")).unwrap();
+    let held_out: Vec<Vec<u32>> = new_tok[48..].to_vec();
+
+    let mut resized = t.clone();
+    resize_loaded(&mut resized, &ext, InitMethod::SubtokenMean, 0, 0.02).unwrap();
+    let stm = nll(&resized.valid(), &held_out);
+    let out = d.join("fitted");
+    let o = FitOptions { sources: vec![(train, SourceKind::Tokenized)], steps: 150, seq_len: 24, lr: FIT_LR, seed: 1, device: "cpu".into() };
+    let (report, fit) = fit_model(&base, &ext_path, &o, &out).unwrap();
+    assert_eq!((report.init.as_str(), fit.steps), ("fit", 150));
+    let (first, last) = (fit.kl_first.unwrap(), fit.kl_last.unwrap());
+    assert!(last < first, "the KL to the base fell: {first} -> {last}");
+    let m = Llama::load(&out, &device, FloatType::F32).unwrap();
+    let after = nll(&m.valid(), &held_out);
+    eprintln!("fit: held-out NLL {stm:.4} (sub-token mean) -> {after:.4}");
+    assert!(after < stm - 0.01, "fit: held-out NLL {after} is not below sub-token mean's {stm}");
+
+    let (e, h) = (rows(&m.embed_tokens), rows(m.lm_head.as_ref().unwrap()));
+    // Compared whole, reported briefly (the tables are thousands of values).
+    assert!(e[..320 * 64] == rows(&t.embed_tokens)[..], "old embedding rows changed");
+    assert!(h[..320 * 64] == rows(t.lm_head.as_ref().unwrap())[..], "old head rows changed");
+    assert!(e[320 * 64..] != rows(&resized.embed_tokens)[320 * 64..], "the new input rows did not move");
+    assert!(h[320 * 64..] != rows(resized.lm_head.as_ref().unwrap())[320 * 64..], "the new head rows did not move");
+    let layer = |m: &Llama| tensor_to_f32(m.layers[1].mlp.down_proj.weight.val());
+    assert!(layer(&m) == layer(&t), "a layer changed");
+    // The recipe it ran is kept beside the model and loads as it stands (from the base model,
+    // which training resizes in-run).
+    let kept = linly_lora::train::recipe::Recipe::load(&out.join(FIT_RECIPE)).unwrap();
+    assert_eq!(kept.train.steps, 150);
+    assert!(!kept.lora.enabled && kept.data.iter().all(|d| d.chain_distill > 0.0));
+    let left: Vec<_> = std::fs::read_dir(d).unwrap().map(|e| e.unwrap().file_name()).filter(|n| n.to_string_lossy().contains("fit-work")).collect();
+    assert!(left.is_empty(), "work folders left behind: {left:?}");
+}
+
 /// Cross-tokenizer distillation during training (`[[data]] chain_distill`): the teacher is the
 /// base reading the old tokenization, its targets are the chain of its sub-token probabilities,
 /// and training against them teaches the new pieces what labels alone do not.

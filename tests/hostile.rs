@@ -534,6 +534,17 @@ fn non_finite_weights_and_adapter_tensors_are_refused() {
     }
 }
 
+/// `[vocab] init = "fit"` is a run of its own (`vocab resize --init fit`); a recipe that names
+/// it is refused with the command to run instead of training from sub-token means unawares.
+#[test]
+fn a_recipe_cannot_name_the_fit_init() {
+    use linly_lora::train::recipe::Recipe;
+    let dir = tempfile::tempdir().unwrap();
+    let text = base_recipe(dir.path()).replace("[vocab]\n", "[vocab]\ninit = \"fit\"\n");
+    let e = format!("{:#}", Recipe::parse(&text, dir.path()).expect_err("init = fit in a recipe"));
+    assert!(e.contains("vocab resize --init fit"), "{e}");
+}
+
 /// `chain_distill` distils the base's probabilities of the new pieces, read by the model with
 /// LoRA off: a recipe without `[vocab]`, or with a table whose old rows train (in any stage),
 /// would distil from something other than the base, and is refused before any output exists.

@@ -44,6 +44,16 @@ fn extend_resize_train_merge_eval() {
     let (ok, out, err) = run_cli(&["vocab", "resize", "--model", s(&base), "--extension", s(&tok.join("vocab_extension.json")), "--out", s(&resized)], None);
     assert!(ok, "{err}");
     assert!(out.contains("32000 ->"), "{out}");
+    // 2b. the same with the rows fitted against the base on the training side's Chinese text
+    // (a few steps: the wiring, not the gain, which tests/distill.rs measures).
+    let zh_train = d.join("zh_train.txt");
+    let train_side: Vec<&str> = lines[..24].iter().map(|l| l.split('\t').next().unwrap()).collect();
+    std::fs::write(&zh_train, train_side.join("\n\n")).unwrap();
+    let fitted = d.join("fitted");
+    let (ok, out, err) = run_cli(&["vocab", "resize", "--model", s(&base), "--extension", s(&tok.join("vocab_extension.json")), "--init", "fit", "--init-text", s(&zh_train), "--init-steps", "3", "--out", s(&fitted)], None);
+    assert!(ok, "{err}");
+    assert!(out.contains("fit init") && fitted.join("fit_recipe.toml").is_file() && fitted.join("tokenizer.json").is_file(), "{out}");
+    assert!(bits_per_char(&fitted, &zh_eval).is_finite());
     let (ok, stats, err) = run_cli(&["vocab", "stats", "--tokenizer", s(&base), "--tokenizer", s(&resized), "--text", s(&zh_eval), "--json"], None);
     assert!(ok, "{err}");
     let v: serde_json::Value = serde_json::from_str(stats.trim()).unwrap();

@@ -89,4 +89,21 @@ fn cli_extend_stats_encode_resize() {
     assert!(stdout.contains("320 -> 384"), "{stdout}");
     let (ok, _, err) = run_cli(&["vocab", "resize", "--model", s(&tiny().join("base")), "--extension", s(&tiny().join("vocab_extension.json")), "--init", "bogus", "--out", s(&dir.path().join("m2"))], None);
     assert!(!ok && err.contains("bogus"), "{err}");
+    // The model-based inits name what they lack, and leave no output behind.
+    let (model, extension) = (tiny().join("base"), tiny().join("vocab_extension.json"));
+    let base = ["vocab", "resize", "--model", s(&model), "--extension", s(&extension)];
+    let m3 = dir.path().join("m3");
+    let text = dir.path().join("t.txt");
+    std::fs::write(&text, "你好世界。\n").unwrap();
+    for (extra, want) in [
+        (vec!["--init", "fit"], "--init-text"),
+        (vec!["--init", "fit", "--init-text", "missing.txt"], "missing.txt"),
+        (vec!["--init", "fit", "--init-text", s(&text), "--init-steps", "0"], "--init-steps"),
+        (vec!["--init", "distill", "--init-text", s(&text), "--init-text", s(&text)], "one --init-text"),
+    ] {
+        let args: Vec<&str> = base.iter().copied().chain(extra.iter().copied()).chain(["--out", s(&m3)]).collect();
+        let (ok, _, err) = run_cli(&args, None);
+        assert!(!ok && err.contains(want), "{extra:?}: {err}");
+        assert!(!m3.exists() && !dir.path().join(".m3.fit-work").exists(), "{extra:?} left output behind");
+    }
 }

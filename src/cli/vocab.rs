@@ -59,15 +59,22 @@ pub enum VocabCmd {
         /// subtoken-mean | mean | noisy-mean | random: table-only. distill | distill-input |
         /// distill-head: fitted against the model on --init-text (input rows by Token
         /// Distillation, head rows to the base's own probability of each piece; fitting the head
-        /// unties a tied table). See src/vocab/distill/.
+        /// unties a tied table). See src/vocab/distill/. fit: the new rows trained end to end
+        /// towards the base's own distribution on --init-text, layers and old rows frozen
+        /// (--init-steps rows of 256 tokens; ~2.3 s a row on 2 CPU cores, 30 min for the
+        /// default 800); a tied table stays tied. See src/train/fit_rows.rs.
         #[arg(long, default_value = "subtoken-mean")]
         init: String,
         #[arg(long, default_value_t = 0)]
         seed: u64,
-        /// Training text of the new language that the distill methods draw contexts from (never
-        /// the text you evaluate on)
+        /// Training text of the new language that the model-based methods read (never the text
+        /// you evaluate on). fit takes it more than once (the files weigh equally); the distill
+        /// methods take one
         #[arg(long)]
-        init_text: Option<PathBuf>,
+        init_text: Vec<PathBuf>,
+        /// fit: rows of 256 tokens (the context, if shorter) the new rows train on
+        #[arg(long, default_value_t = linly_lora::train::fit_rows::FIT_STEPS)]
+        init_steps: usize,
         /// Tokens of context (new tokenization) the distill methods fit on
         #[arg(long, default_value_t = linly_lora::vocab::distill::DistillOptions::default().tokens)]
         init_tokens: usize,

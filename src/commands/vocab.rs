@@ -2,6 +2,7 @@
 
 use super::{check_out, write_out, Report, Written};
 use crate::io::atomic::OutKind;
+use crate::train::fit_rows::{fit_model, FitOptions};
 use crate::vocab::distill::DistillOptions;
 use crate::vocab::{self, Encoded, ExtendReport, InitMethod, ResizeReport, TokenizerStats};
 use anyhow::{ensure, Context, Result};
@@ -89,23 +90,36 @@ pub struct ResizeOptions {
     pub extension: PathBuf,
     pub init: InitMethod,
     pub seed: u64,
-    /// The text the `distill*` methods draw contexts from; without it they are refused.
-    pub init_text: Option<PathBuf>,
+    /// The texts the model-based methods read (`distill*`: exactly one; `fit`: one or more);
+    /// without one they are refused.
+    pub init_text: Vec<PathBuf>,
+    /// `fit`: rows the new rows train on.
+    pub fit_steps: usize,
     /// The `distill*` settings (`sides` comes from `init`, `seed` from `seed`).
     pub distill: DistillOptions,
-    /// Device the `distill*` methods run on.
+    /// Device the model-based methods run on.
     pub device: String,
     pub out: PathBuf,
     pub force: bool,
 }
 
 pub fn resize(o: &ResizeOptions) -> Result<Written<ResizeReport>> {
-    let spec = match &o.init_text {
+    let mut inputs = vec![o.model.clone(), o.extension.clone()];
+    inputs.extend(o.init_text.iter().cloned());
+    if o.init == InitMethod::Fit {
+        // The fit is a training run: its steps allocate and free the same large tensors.
+        crate::heap::reuse_large_buffers();
+        let fit = FitOptions::texts(&o.init_text, o.fit_steps, o.seed, &o.device);
+        let (mut report, fit) = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| fit_model(&o.model, &o.extension, &fit, staged))?;
+        report.out = o.out.clone();
+        report.fit = Some(fit);
+        return Ok(Written { report, out: o.out.clone() });
+    }
+    ensure!(o.init_text.len() <= 1, "--init {} reads one --init-text (got {}); join the files, or use --init fit, which takes several", o.init, o.init_text.len());
+    let spec = match o.init_text.first() {
         Some(text) => Some(vocab::DistillSpec { text: text.clone(), opts: DistillOptions { seed: o.seed, ..o.distill.clone() }, device: crate::device::parse(&o.device)? }),
         None => None,
     };
-    let mut inputs = vec![o.model.clone(), o.extension.clone()];
-    inputs.extend(spec.as_ref().map(|s| s.text.clone()));
     let report = write_out(&o.out, &inputs, o.force, OutKind::Folder, |staged| vocab::resize_model(&o.model, &o.extension, o.init, o.seed, spec.as_ref(), staged))?;
     Ok(Written { report, out: o.out.clone() })
 }
@@ -120,7 +134,9 @@ impl fmt::Display for Written<ResizeReport> {
 
 impl Report for Written<ResizeReport> {
     fn notes(&self) -> Vec<String> {
-        self.report.distill.iter().map(|d| format!("distill: {}", serde_json::to_string(d).unwrap_or_default())).collect()
+        let distill = self.report.distill.iter().map(|d| format!("distill: {}", serde_json::to_string(d).unwrap_or_default()));
+        let fit = self.report.fit.iter().map(|f| format!("fit: {}", serde_json::to_string(f).unwrap_or_default()));
+        distill.chain(fit).collect()
     }
 }
 

@@ -2,6 +2,7 @@
 
 pub mod chain_teacher;
 pub mod checkpoint;
+pub mod fit_rows;
 pub mod interrupt;
 pub mod loss;
 pub mod metrics;

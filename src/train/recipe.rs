@@ -559,6 +559,9 @@ impl Recipe {
         if let Some(t) = self.vocab.as_ref().and_then(|v| v.init_text.as_ref()) {
             must_exist("[vocab] init_text", t)?;
         }
+        if self.vocab.as_ref().is_some_and(|v| v.init == InitMethod::Fit) {
+            bail!("[vocab] init = \"fit\" trains the new rows in a run of its own: run `linly-lora vocab resize --init fit --init-text FILE` first and point [model] path at its output (a resized model trains without an in-run resize)");
+        }
         if !self.resolve(&self.model.path).join("config.json").exists() {
             bail!("[model] path = {:?}: no config.json there; point it at an HF model folder (for GGUF, run `linly-lora import gguf` first)", self.model.path);
         }

@@ -83,7 +83,7 @@ pub use cover::{counts as cover_counts, cover, random_draw, shown, Cover, CoverC
 pub use copy_task::{copy_task, copyable_pieces, CopyExample, CopyTaskConfig, CopyablePieces, DEFAULT_INSTRUCTION};
 pub use extend::{extend, extend_json, ExtendReport, Extended, PieceSource, MAX_PIECE_CHARS};
 pub use resize::{init_new_rows, resize_table, InitMethod, VocabExtension};
-pub use model::{init_std, moved_head_rows, resize_loaded, resize_model, resize_tables, DistillSpec, ResizeReport, MOVED_ROWS_FILE};
+pub use model::{init_std, moved_head_rows, resize_loaded, resize_model, resize_tables, DistillSpec, FitReport, ResizeReport, MOVED_ROWS_FILE};
 pub use select::SelectConfig;
 pub use crate::tokenizer::{load_tokenizer, resolve_tokenizer_file};
 pub use stats::{encode, measure_lines, render_table, stats, Encoded, TextStats, TokenizerStats};

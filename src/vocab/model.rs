@@ -1,6 +1,7 @@
 //! `vocab resize`: grow a model folder's embedding and LM head for an extended vocabulary. This
-//! is where new rows are initialised (the math is [`super::init_new_rows`]); training's in-run
-//! extension calls the same [`resize_tables`].
+//! is where new rows are initialised (the math is [`super::init_new_rows`]; the model-based
+//! fits are [`super::distill`] and, for `--init fit`, `crate::train::fit_rows`, which trains the
+//! rows with the training loop); training's in-run extension calls the same [`resize_tables`].
 
 use super::distill::DistillOptions;
 use super::{init_new_rows, resize_table, InitMethod, VocabExtension};
@@ -25,6 +26,21 @@ pub struct ResizeReport {
     pub empty_subtokens: usize,
     /// What a model-based init did.
     pub distill: Option<super::distill::DistillReport>,
+    /// What `--init fit` did (`crate::train::fit_rows`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fit: Option<FitReport>,
+}
+
+/// What `--init fit` did, beside the resize.
+#[derive(Debug, Clone, Serialize)]
+pub struct FitReport {
+    pub steps: usize,
+    pub seconds: f64,
+    /// Mean KL(base ‖ model) per position, nats, over the first and the last tenth of the steps
+    /// (each step reads text the rows have not been fitted on yet).
+    pub kl_first: Option<f64>,
+    pub kl_last: Option<f64>,
+    pub texts: Vec<PathBuf>,
 }
 
 /// The model's init std (`initializer_range`, 0.02 when absent), for `random` rows.
@@ -164,6 +180,9 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
     if out.exists() {
         bail!("{} already exists: choose another --out, or pass --force to replace it", out.display());
     }
+    if init == InitMethod::Fit {
+        bail!("--init fit trains the new rows with the training loop, which `linly-lora vocab resize` runs (`train::fit_rows::fit_model`); this function writes the table-only and distill* inits");
+    }
     check_extension_matches(model, extension, &ext)?;
     let ext_dir = extension.parent().unwrap_or(Path::new("."));
     let tok_src = if ext_dir.join("tokenizer.json").exists() { Some(ext_dir) } else { None };
@@ -247,6 +266,6 @@ pub fn resize_model(model: &Path, extension: &Path, init: InitMethod, seed: u64,
         crate::io::atomic::write(&staged.path().join(MOVED_ROWS_FILE), json.as_bytes())?;
     }
     let out = staged.commit()?;
-    Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied: tied && !untie, empty_subtokens: ext.empty_subtokens(), distill: distilled })
+    Ok(ResizeReport { out, old_vocab: ext.old_vocab, new_vocab: ext.new_vocab, init: init.as_str().into(), tied: tied && !untie, empty_subtokens: ext.empty_subtokens(), distill: distilled, fit: None })
 }
 

@@ -133,6 +133,11 @@ pub enum InitMethod {
     DistillInput,
     /// Only the head rows (softmax regression); input rows stay sub-token means. Unties.
     DistillHead,
+    /// Both sides trained end to end against the base on the training text, the layers frozen:
+    /// a short run of the training loop on the new rows alone with the cross-tokenizer
+    /// distillation term. `vocab resize` runs it (`crate::train::fit_rows`); a tied table stays
+    /// tied.
+    Fit,
 }
 
 impl InitMethod {
@@ -146,11 +151,12 @@ impl InitMethod {
             InitMethod::Distill => "distill",
             InitMethod::DistillInput => "distill-input",
             InitMethod::DistillHead => "distill-head",
+            InitMethod::Fit => "fit",
         }
     }
 
     /// Every spelling, for help texts and errors.
-    pub const ALL: [InitMethod; 7] = [
+    pub const ALL: [InitMethod; 8] = [
         InitMethod::SubtokenMean,
         InitMethod::Mean,
         InitMethod::NoisyMean,
@@ -158,6 +164,7 @@ impl InitMethod {
         InitMethod::Distill,
         InitMethod::DistillInput,
         InitMethod::DistillHead,
+        InitMethod::Fit,
     ];
 
     /// The sides a model-based method fits; `None` for the table-only methods.
@@ -248,8 +255,9 @@ pub fn init_new_rows(
 
     let mut out = Vec::with_capacity(n_new * dim);
     match init {
-        // The model-based methods start from sub-token means; `super::distill` fits them.
-        InitMethod::SubtokenMean | InitMethod::Distill | InitMethod::DistillInput | InitMethod::DistillHead => {
+        // The model-based methods start from sub-token means; `super::distill` or the training
+        // loop fits them.
+        InitMethod::SubtokenMean | InitMethod::Distill | InitMethod::DistillInput | InitMethod::DistillHead | InitMethod::Fit => {
             for ids in &ext.subtokens {
                 if ids.is_empty() {
                     out.extend_from_slice(&global_mean);
