@@ -9,9 +9,10 @@
 //! sub-token probabilities on the old tokenization. Where `distill` fits the input rows to the
 //! base's hidden states and then the head rows by a regression on frozen states, here both sides
 //! move together through the frozen network towards the base's distribution, which is what the
-//! evaluation measures. It is a short training run, so it reuses the training loop as it is: the
-//! recipe it writes is kept in the output folder (`fit_recipe.toml`), and `train` runs it again
-//! with other settings.
+//! evaluation measures. It is a short training run, so it reuses the training loop as it is. The
+//! output folder keeps it as a recipe (`fit_recipe.toml`, starting from the base model, which
+//! training resizes in-run with the same sub-token means), to read or to run with other settings.
+//! Its work files stay inside the unfinished output folder, and go with it.
 
 use super::run::{train, TrainOptions};
 use crate::data::SourceKind;
@@ -53,19 +54,17 @@ impl FitOptions {
 }
 
 /// Resizes `model` for `extension` into `out` (which must not exist) with fitted new rows.
-/// Work files go to a folder beside `out` that is removed whatever happens.
+/// Work files go to a folder inside `out` that is removed whatever happens.
 pub fn fit_model(model: &Path, extension: &Path, o: &FitOptions, out: &Path) -> Result<(ResizeReport, FitReport)> {
     ensure!(!o.sources.is_empty(), "--init fit trains the new rows on a text of the new language: pass --init-text FILE (once per file; never the text you evaluate on)");
     ensure!(o.steps > 0, "--init-steps must be at least 1");
     for (p, _) in &o.sources {
         ensure!(p.is_file(), "--init-text {}: no such file", p.display());
     }
-    let name = out.file_name().context("--out names no folder")?.to_string_lossy().into_owned();
-    let work = WorkDir(out.with_file_name(format!(".{name}.fit-work")));
-    if work.0.exists() {
-        std::fs::remove_dir_all(&work.0).with_context(|| format!("cannot remove the leftover {}", work.0.display()))?;
-    }
-    std::fs::create_dir_all(&work.0).with_context(|| format!("cannot create {}", work.0.display()))?;
+    // The output is staged, with the work files inside it: a failed or killed fit leaves no
+    // output folder, and its work files go with the staging folder.
+    let staged = crate::io::atomic::StagedDir::new(out, false)?;
+    let work = WorkDir(staged.path().join(".fit-work"));
     let start = work.0.join("start");
     let resized = resize_model(model, extension, InitMethod::SubtokenMean, o.seed, None, &start)?;
 
@@ -81,21 +80,28 @@ pub fn fit_model(model: &Path, extension: &Path, o: &FitOptions, out: &Path) -> 
     let run = train(&TrainOptions { recipe: recipe_path.clone(), progress, ..Default::default() }).context("--init fit: training the new rows")?;
     let seconds = t0.elapsed().as_secs_f64();
 
+    let merged_dir = work.0.join("merged");
     let merged = crate::lora::merge::merge(&crate::lora::merge::MergeOptions {
         base: start.clone(),
         adapters: vec![work.0.join("run").join("adapter")],
-        out: out.to_path_buf(),
+        out: merged_dir.clone(),
         dtype: None,
         tokenizer: None,
         shard_size: u64::MAX,
         allow_vocab_padding: false,
     })?;
     ensure!(merged.lora_pairs_merged == 0, "internal: the fit trained {} LoRA pairs; it trains the new rows only", merged.lora_pairs_merged);
+    for e in std::fs::read_dir(&merged_dir).with_context(|| format!("cannot read {}", merged_dir.display()))? {
+        let e = e?;
+        std::fs::rename(e.path(), staged.path().join(e.file_name())).with_context(|| format!("cannot move {} into {}", e.path().display(), staged.path().display()))?;
+    }
     // The copy kept with the model starts from the base itself (training resizes it in-run with
     // the same sub-token means) and writes beside the recipe, so `train` repeats the fit from it.
     let kept = fit_recipe(&abs(model)?, &extension, o, Path::new("fit-run"))?;
-    std::fs::write(out.join(FIT_RECIPE), kept).with_context(|| format!("cannot write the fit's recipe into {}", out.display()))?;
+    std::fs::write(staged.path().join(FIT_RECIPE), kept).context("cannot write the fit's recipe into the output")?;
     let (kl_first, kl_last) = kl_ends(&work.0.join("run").join("metrics.jsonl"))?;
+    drop(work);
+    staged.commit()?;
     let report = ResizeReport { out: out.to_path_buf(), init: InitMethod::Fit.as_str().into(), ..resized };
     Ok((report, FitReport { steps: run.end_step, seconds, kl_first, kl_last, texts: o.sources.iter().map(|(p, _)| p.clone()).collect() }))
 }
