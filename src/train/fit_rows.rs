@@ -64,26 +64,26 @@ pub fn fit_model(model: &Path, extension: &Path, o: &FitOptions, out: &Path) -> 
     // The output is staged, with the work files inside it: a failed or killed fit leaves no
     // output folder, and its work files go with the staging folder.
     let staged = crate::io::atomic::StagedDir::new(out, false)?;
-    let work = WorkDir(staged.path().join(".fit-work"));
-    let start = work.0.join("start");
+    let work = staged.path().join(".fit-work");
+    let start = work.join("start");
     let resized = resize_model(model, extension, InitMethod::SubtokenMean, o.seed, None, &start)?;
 
     let extension = abs(extension)?;
     // Rows no longer than the model's context (a small model may have fewer than 256 positions).
     let ctx = crate::config::HfConfig::load(model)?.to_runtime()?.max_position_embeddings;
     let o = &FitOptions { seq_len: o.seq_len.min(ctx), ..o.clone() };
-    let recipe_path = work.0.join(FIT_RECIPE);
-    let recipe = fit_recipe(&abs(&start)?, &extension, o, &abs(&work.0.join("run"))?)?;
+    let recipe_path = work.join(FIT_RECIPE);
+    let recipe = fit_recipe(&abs(&start)?, &extension, o, &abs(&work.join("run"))?)?;
     std::fs::write(&recipe_path, &recipe).with_context(|| format!("cannot write {}", recipe_path.display()))?;
     let t0 = std::time::Instant::now();
     let progress = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let run = train(&TrainOptions { recipe: recipe_path.clone(), progress, ..Default::default() }).context("--init fit: training the new rows")?;
     let seconds = t0.elapsed().as_secs_f64();
 
-    let merged_dir = work.0.join("merged");
+    let merged_dir = work.join("merged");
     let merged = crate::lora::merge::merge(&crate::lora::merge::MergeOptions {
         base: start.clone(),
-        adapters: vec![work.0.join("run").join("adapter")],
+        adapters: vec![work.join("run").join("adapter")],
         out: merged_dir.clone(),
         dtype: None,
         tokenizer: None,
@@ -99,8 +99,8 @@ pub fn fit_model(model: &Path, extension: &Path, o: &FitOptions, out: &Path) -> 
     // the same sub-token means) and writes beside the recipe, so `train` repeats the fit from it.
     let kept = fit_recipe(&abs(model)?, &extension, o, Path::new("fit-run"))?;
     std::fs::write(staged.path().join(FIT_RECIPE), kept).context("cannot write the fit's recipe into the output")?;
-    let (kl_first, kl_last) = kl_ends(&work.0.join("run").join("metrics.jsonl"))?;
-    drop(work);
+    let (kl_first, kl_last) = kl_ends(&work.join("run").join("metrics.jsonl"))?;
+    std::fs::remove_dir_all(&work).with_context(|| format!("cannot remove {}", work.display()))?;
     staged.commit()?;
     let report = ResizeReport { out: out.to_path_buf(), init: InitMethod::Fit.as_str().into(), ..resized };
     Ok((report, FitReport { steps: run.end_step, seconds, kl_first, kl_last, texts: o.sources.iter().map(|(p, _)| p.clone()).collect() }))
@@ -145,13 +145,4 @@ fn kl_ends(metrics: &Path) -> Result<(Option<f64>, Option<f64>)> {
 
 fn abs(p: &Path) -> Result<PathBuf> {
     std::path::absolute(p).with_context(|| format!("cannot resolve {}", p.display()))
-}
-
-/// Removed when dropped, on success and on error alike.
-struct WorkDir(PathBuf);
-
-impl Drop for WorkDir {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
