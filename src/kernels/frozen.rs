@@ -30,27 +30,30 @@ use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use std::sync::Arc;
 
-/// What `[train] frozen_products = "auto"` runs on this CPU: `bf16` on AMD's AVX-512 cores
-/// with AVX512-BF16 ([`super::bf16::outruns_f32`]), `int8` on Intel CPUs with AVX-512 VNNI
-/// ([`int8_outruns_f32`]), `f32` elsewhere, where no copy has been measured to be faster.
+/// What `[train] frozen_products = "auto"` runs on this CPU: `int8` where the quantized kernels
+/// have their AVX-512 VNNI set ([`int8_outruns_f32`]), else `bf16` on AMD's AVX-512 cores with
+/// AVX512-BF16 ([`super::bf16::outruns_f32`]), `f32` elsewhere, where no copy has been
+/// measured to be faster.
 pub fn auto() -> &'static str {
-    if super::bf16::outruns_f32() {
-        "bf16"
-    } else if int8_outruns_f32() {
+    if int8_outruns_f32() {
         "int8"
+    } else if super::bf16::outruns_f32() {
+        "bf16"
     } else {
         "f32"
     }
 }
 
-/// Whether the int8 copies outrun the f32 products here: on Intel CPUs with AVX-512 VNNI. On a
-/// 2-core Emerald Rapids Xeon the quickstart's student step took 1.14–1.15 s instead of
-/// 1.47–1.49, and 300 steps of its recipe ended within ±0.013 bit/char of the f32 run's
+/// Whether the int8 copies outrun the f32 products here: on CPUs with AVX-512 VNNI. On a
+/// 2-core Emerald Rapids Xeon the quickstart's student step took 1.14-1.15 s instead of
+/// 1.47-1.49 (f32), and 300 steps of its recipe ended within +-0.013 bit/char of the f32 run's
 /// validation figures (two runs; two seeds differ by ~0.07; BENCHMARKS.md, "An int8 frozen
-/// path"). Not measured elsewhere: AMD's Zen 4
-/// keeps bf16, and CPUs without VNNI keep f32.
+/// path"). On a 2-core Zen 4, which also has bf16, the student step took 0.95-0.97 s instead
+/// of bf16's 1.06-1.14 (two pairs of 40-step runs, BENCHMARKS.md, "int8 on a Zen 4"). The
+/// integer sums are exact and the float tail is the same instructions on either vendor, so
+/// the validation figures carry over. CPUs without VNNI keep bf16 or f32.
 pub fn int8_outruns_f32() -> bool {
-    super::bf16::cpu_vendor() == *b"GenuineIntel" && crate::ggml::Kernels::best().name == "avx512vnni"
+    crate::ggml::Kernels::best().name == "avx512vnni"
 }
 
 /// `W` `[out, in]` in the quantized kernels: `forward` `[out, in]` (Q4_1 where exact, else
