@@ -45,11 +45,11 @@ pub fn auto() -> &'static str {
 }
 
 /// Whether the int8 copies outrun the f32 products here: on CPUs with AVX-512 VNNI. On a
-/// 2-core Emerald Rapids Xeon the quickstart's student step took 1.14-1.15 s instead of
-/// 1.47-1.49 (f32), and 300 steps of its recipe ended within +-0.013 bit/char of the f32 run's
+/// 2-core Emerald Rapids Xeon the quickstart's student step took 1.14–1.15 s instead of
+/// 1.47–1.49 (f32), and 300 steps of its recipe ended within ±0.013 bit/char of the f32 run's
 /// validation figures (two runs; two seeds differ by ~0.07; BENCHMARKS.md, "An int8 frozen
-/// path"). On a 2-core Zen 4, which also has bf16, the student step took 0.95-0.97 s instead
-/// of bf16's 1.06-1.14 (two pairs of 40-step runs, BENCHMARKS.md, "int8 on a Zen 4"). The
+/// path"). On a 2-core Zen 4, which also has bf16, the student step took 0.95–0.97 s instead
+/// of bf16's 1.06–1.14 (two pairs of 40-step runs, BENCHMARKS.md, "int8 on a Zen 4"). The
 /// integer sums are exact and the float tail is the same instructions on either vendor, so
 /// the validation figures carry over. CPUs without VNNI keep bf16 or f32.
 pub fn int8_outruns_f32() -> bool {

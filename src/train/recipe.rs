@@ -263,10 +263,10 @@ pub enum FrozenProducts {
     /// the activations rounded to bf16 as they are read, with f32 sums: ~1.5–1.8× the f32
     /// product on an AMD CPU with AVX512-BF16 (which it needs), no faster on Intel's Xeons.
     Bf16,
-    /// What is faster on this CPU ([`crate::kernels::frozen::auto`]): `bf16` on an AMD CPU
-    /// with AVX512-BF16, `int8` on an Intel CPU with AVX-512 VNNI, `f32` elsewhere and wherever
-    /// the weights are not f32 on the CPU: what the quickstart's recipe sets, so that one
-    /// recipe trains fastest on every machine.
+    /// What is faster on this CPU ([`crate::kernels::frozen::auto`]): `int8` on a CPU with
+    /// AVX-512 VNNI (Intel or AMD), `bf16` on an AMD CPU with AVX512-BF16 and no VNNI, `f32`
+    /// elsewhere and wherever the weights are not f32 on the CPU: what the quickstart's recipe
+    /// sets, so that one recipe trains fastest on every machine.
     Auto,
     /// The projections and the LM head's old rows in the quantized kernels that inference
     /// uses: forward on the weights' own Q4_1 grid where they lie on one (else Q8_0; SmolLM2's
