@@ -84,6 +84,39 @@ class Guard:
         return True
 
 
+# A training source's documents are shuffled whole (`[[data]]` text: one per blank-line block),
+# so a source written as one block is read front to back: gpu_data.py's first version wrote the
+# English handbook as one 1 MB block and each zh-CN manual as one. Blocks longer than LONG_DOC
+# characters are cut at line ends into pieces of at least DOC_PIECE (a manual's section, a
+# play's speeches stay whole).
+LONG_DOC = 2000
+DOC_PIECE = 800
+
+
+def cut_long_documents(text):
+    """`text` as blank-line-separated documents (each stripped, empty ones dropped, `\n`-ended),
+    with every document longer than LONG_DOC characters cut at line ends into pieces of at least
+    DOC_PIECE characters (the last piece of a document may be shorter)."""
+    out = []
+    for doc in re.split(r"\n\s*\n", text):
+        doc = doc.strip()
+        if not doc:
+            continue
+        if len(doc) <= LONG_DOC:
+            out.append(doc)
+            continue
+        piece, n = [], 0
+        for line in doc.split("\n"):
+            piece.append(line)
+            n += len(line) + 1
+            if n >= DOC_PIECE:
+                out.append("\n".join(piece))
+                piece, n = [], 0
+        if piece:
+            out.append("\n".join(piece))
+    return "\n\n".join(out) + "\n"
+
+
 def chinese_doc(files, guard, seen):
     lines = []
     for f in files:

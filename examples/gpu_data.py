@@ -27,7 +27,7 @@ import os
 import re
 import sys
 
-from docs_text import CJK, SHINGLE_EN, SHINGLE_ZH, Guard, chinese_doc, html_lines, read, write
+from docs_text import CJK, SHINGLE_EN, SHINGLE_ZH, Guard, chinese_doc, cut_long_documents, html_lines, read, write
 
 
 def main():
@@ -87,8 +87,10 @@ def main():
     if sum(len(p) for p in en_parts[:-1]) == 0:
         sys.exit("gpu_data.py: no English replay text found; did gpu_data.sh unpack the packages?")
 
-    write(os.path.join(data, "zh_docs.txt"), "\n\n".join(zh_parts) + "\n")
-    write(os.path.join(data, "en_replay_large.txt"), "\n\n".join(en_parts) + "\n")
+    # Training shuffles documents: each source's lines become documents of a few hundred
+    # characters instead of one block per source.
+    write(os.path.join(data, "zh_docs.txt"), cut_long_documents("\n\n".join(zh_parts)))
+    write(os.path.join(data, "en_replay_large.txt"), cut_long_documents("\n\n".join(en_parts)))
     write(os.path.join(data, "gpu_data.json"), json.dumps(report, ensure_ascii=False, indent=1) + "\n")
     licences = os.path.join(data, "LICENSES.txt")
     kept = [l for l in read(licences).splitlines(keepends=True) if not l.startswith(("zh_docs.txt ", "en_replay_large.txt "))]

@@ -55,5 +55,29 @@ class DocsText(unittest.TestCase):
         self.assertEqual(kept, 800 + 50 - len(valid.strip().split("\n")) - 1)
 
 
+class CutLongDocuments(unittest.TestCase):
+    def test_long_blocks_become_documents_and_nothing_is_lost(self):
+        rng = random.Random(2)
+        long_lines = [f"line {i} " + "x" * rng.randrange(10, 90) for i in range(300)]
+        short = "a short paragraph\nof two lines"
+        text = "\n".join(long_lines) + "\n\n  \n" + short + "\n\n\n"
+        out = docs_text.cut_long_documents(text)
+        self.assertTrue(out.endswith("\n") and not out.endswith("\n\n"))
+        docs = out[:-1].split("\n\n")
+        self.assertEqual(docs[-1], short)
+        pieces = docs[:-1]
+        self.assertGreater(len(pieces), 10)
+        # Every piece but the last of a cut block reaches DOC_PIECE; none is longer than it
+        # needs to be (its last line is what crossed the mark).
+        for p in pieces[:-1]:
+            n = len(p) + 1
+            self.assertGreaterEqual(n, docs_text.DOC_PIECE)
+            self.assertLess(n - len(p.split("\n")[-1]) - 1, docs_text.DOC_PIECE)
+        # The lines, in order, are the block's.
+        self.assertEqual("\n".join(pieces).split("\n"), long_lines)
+        # A text without long blocks keeps its documents.
+        self.assertEqual(docs_text.cut_long_documents("one\n\ntwo\nthree\n"), "one\n\ntwo\nthree\n")
+
+
 if __name__ == "__main__":
     unittest.main()
