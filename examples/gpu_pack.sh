@@ -5,13 +5,14 @@
 #   bash scripts/setup-libtorch.sh && bash examples/gpu_pack.sh
 #
 # Why parts: a device call carries the working tree and at most 64 MiB in all, and nothing
-# outside the device machine can be reached from it. The tracked tree is ~45 MiB (the shipped
-# adapter is most of it) and the bundle ~100 MiB (the GGUF 94 MiB, the libtorch build of
+# outside the device machine can be reached from it. The tracked tree is ~59 MiB (the shipped
+# adapter, 45 MiB, is most of it) and the bundle ~100 MiB (the GGUF 94 MiB, the libtorch build of
 # linly-lora, the data compressed), so it travels in several calls made back to back: each
 # call's examples/gpu_unpack.sh keeps its part under runs/gpu-keep (ignored paths stay on a
 # warm machine between calls), and the last call's examples/gpu_device.sh unpacks and runs.
 # Moving adapters/smollm2-135m-zh out of the work tree while the calls run (and `git checkout
-# adapters` after) leaves an 11 MiB tree and two parts: one call fewer to start and carry.
+# adapters` after) leaves a 12 MiB tree and two parts (three with INIT_FROM): without the
+# move the tree leaves no room for a part at all, so examples/gpu_prepare.sh always moves it.
 #
 # Writes .gpu/{manifest,part-NN}. LIMIT_MB (default 64) is the carry limit. INIT_FROM=DIR (an
 # adapter folder, e.g. adapters/smollm2-135m-zh) packs that adapter too, as runs/gpu-init, and
@@ -36,7 +37,7 @@ done
 # (stat skips tracked files deleted from the work tree: they do not travel.)
 tree_bytes=$( { git ls-files -z --cached --others --exclude-standard | xargs -0 stat -c %s 2>/dev/null || true; } | awk '{s += $1} END {print s + 0}')
 part_kb=$(( (LIMIT_MB * 1024 * 1024 - tree_bytes) / 1024 - 2048 ))
-[ "$part_kb" -gt 4096 ] || { echo "gpu_pack: the working tree ($((tree_bytes >> 20)) MiB) leaves no room under ${LIMIT_MB} MiB" >&2; exit 1; }
+[ "$part_kb" -gt 4096 ] || { echo "gpu_pack: the working tree ($((tree_bytes >> 20)) MiB) leaves no room under ${LIMIT_MB} MiB; move adapters/smollm2-135m-zh out of it first (examples/gpu_prepare.sh does, and says how to bring it back)" >&2; exit 1; }
 
 rm -rf .gpu && mkdir -p .gpu/stage/runs/gpu-bin .gpu/stage/$Q/data .gpu/stage/$Q/tokenizer .gpu/stage/$(dirname $GGUF)
 cp "$BIN_SRC" .gpu/stage/runs/gpu-bin/linly-lora
