@@ -6,7 +6,7 @@
 //!
 //! Each pairing has a scalar version and, on x86_64 with AVX2 + FMA + F16C detected at run
 //! time, an AVX2 version (which also reads the interleaved Q4_0/Q8_0 pairs in one pass for
-//! one, four or eight tokens); where the CPU also has AVX-512 VNNI (with VL and BW), the
+//! any count of one to eight tokens); where the CPU also has AVX-512 VNNI (with VL and BW), the
 //! many-token products come in tiles of several rows × several tokens built on `vpdpbusd`
 //! (`kernels_vnni.rs`), beside the same AVX2 one-token kernels. [`Kernels::best`] picks once
 //! per process, [`Kernels::scalar`] is the fallback and the reference the tests hold the SIMD
@@ -82,12 +82,41 @@ pub const Q8_0_PAIR_TERM: PairTerm = PairTerm::Offset(-128);
 /// Q4_1's [`PairTerm`], for the minimum's `m·(d_a·Σq)`.
 pub const Q4_1_PAIR_TERM: PairTerm = PairTerm::MinScaled;
 
-/// [`Gemv16Fn`] for four activation rows at once. Returns `[token][row]`.
-pub type Gemm4x16Fn = fn(&[u8], &[&[u8]; 4], &[&[i32]; 4], &[&[f32]; 4], usize) -> [[f32; 16]; 4];
-
-/// [`Gemm4x16Fn`] for eight tokens: each weight block is read and unpacked once for all of
-/// them (a batched decode step of eight sequences).
+/// [`Gemv16Fn`] for eight tokens: each weight block is read and unpacked once for all of
+/// them (a batched decode step of eight sequences). Returns `[token][row]`.
 pub type Gemm8x16Fn = fn(&[u8], &[&[u8]; 8], &[&[i32]; 8], &[&[f32]; 8], usize) -> [[f32; 16]; 8];
+
+/// [`Gemv16Fn`] for any count of tokens from 1 to 8 (the slices' common length), written to
+/// `out[..count]`: the tokens left after the eight-token passes (a batch of seven sequences,
+/// a prompt chunk's tail) in one pass over the weights, where a four-token pass and then
+/// single ones took up to four (a q4_0 decode step of seven sequences took 0.8× the time, of
+/// two 0.8×, on a 2-core Zen 4: BENCHMARKS.md, "Any count of tokens in one pass").
+pub type GemmNx16Fn = fn(&[u8], &[&[u8]], &[&[i32]], &[&[f32]], usize, &mut [[f32; 16]]);
+
+/// A [`GemmNx16Fn`] from a pair kernel generic over its token count (`$kernel::<N>`, an
+/// `unsafe fn` of the set's target features): the count is matched to a monomorphized copy,
+/// whose per-token lanes are the one-token copy's, so every count gives the same bits.
+/// (A set's wrappers are sound only where the set is available, as for its other entries.)
+macro_rules! any_count {
+    ($kernel:ident) => {
+        |w, a, e, d, nb, out| {
+            assert!(a.len() == e.len() && a.len() == d.len() && out.len() >= a.len(), "pair kernel: {} activation rows, {} terms, {} scales, {} outputs", a.len(), e.len(), d.len(), out.len());
+            // SAFETY: the set's target features (see above); each count's slices are arrays of that length.
+            match a.len() {
+                0 => {}
+                1 => out[..1].copy_from_slice(&unsafe { $kernel::<1>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                2 => out[..2].copy_from_slice(&unsafe { $kernel::<2>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                3 => out[..3].copy_from_slice(&unsafe { $kernel::<3>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                4 => out[..4].copy_from_slice(&unsafe { $kernel::<4>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                5 => out[..5].copy_from_slice(&unsafe { $kernel::<5>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                6 => out[..6].copy_from_slice(&unsafe { $kernel::<6>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                7 => out[..7].copy_from_slice(&unsafe { $kernel::<7>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                8 => out[..8].copy_from_slice(&unsafe { $kernel::<8>(w, a.try_into().unwrap(), e.try_into().unwrap(), d.try_into().unwrap(), nb) }),
+                n => panic!("pair kernel: {n} tokens in one pass (at most 8)"),
+            }
+        }
+    };
+}
 
 /// Quantizes f32 activations (whole blocks) into their encoding.
 pub type ActFn = fn(&[f32], &mut [u8]);
@@ -145,14 +174,14 @@ pub struct Kernels {
     /// Whole pairs of groups at once, one ascending pass over both (`None`: a group at a time
     /// through the eight-row kernels, every other block column, then the other group's).
     pub q4_0x16: Option<Gemv16Fn>,
-    pub q4_0x16x4: Option<Gemm4x16Fn>,
     pub q4_0x16x8: Option<Gemm8x16Fn>,
+    pub q4_0x16xn: Option<GemmNx16Fn>,
     pub q8_0x16: Option<Gemv16Fn>,
-    pub q8_0x16x4: Option<Gemm4x16Fn>,
     pub q8_0x16x8: Option<Gemm8x16Fn>,
+    pub q8_0x16xn: Option<GemmNx16Fn>,
     pub q4_1x16: Option<Gemv16Fn>,
-    pub q4_1x16x4: Option<Gemm4x16Fn>,
     pub q4_1x16x8: Option<Gemm8x16Fn>,
+    pub q4_1x16xn: Option<GemmNx16Fn>,
     /// Activations to Q8_0 ([`super::blocks::quantize_act_q8_0`], whose bits every version
     /// gives for finite inputs).
     pub act_q8_0: ActFn,
@@ -187,14 +216,14 @@ impl Kernels {
             q4_1x8: gemv_q4_1x8_scalar,
             q4_1x8x4: None,
             q4_0x16: None,
-            q4_0x16x4: None,
             q4_0x16x8: None,
+            q4_0x16xn: None,
             q8_0x16: None,
-            q8_0x16x4: None,
             q8_0x16x8: None,
+            q8_0x16xn: None,
             q4_1x16: None,
-            q4_1x16x4: None,
             q4_1x16x8: None,
+            q4_1x16xn: None,
             act_q8_0: super::blocks::quantize_act_q8_0,
             q8_0_sums: q8_0_sums_scalar,
             name: "scalar",

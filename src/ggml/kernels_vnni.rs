@@ -6,7 +6,7 @@
 //! tile's accumulators. Every result here is bit for bit what the AVX2 one-token kernels give
 //! for the same row and token (same integer lane sums, same f32 scale products, same
 //! accumulators and reduction), which is what keeps batched answers exact; the interleaved
-//! pairs of Q4_0/Q8_0/Q4_1 groups go through 512-bit versions for one, four and eight tokens
+//! pairs of Q4_0/Q8_0/Q4_1 groups go through 512-bit versions for one to eight tokens
 //! ([`q4_0x16`], [`q8_0x16`], [`q4_1x16`]), whose lanes do the same.
 
 use super::super::blocks::{Q4_0X8_BYTES, Q4_0_BYTES, Q4_1X8_BYTES, Q5_0_BYTES, Q8_0X8_BYTES, Q8_0_BYTES};
@@ -34,14 +34,14 @@ pub fn kernels() -> Kernels {
         q8_0x8: |w, st, a, s, n| unsafe { q8_0x8::<1>(w, st, [a], [s], n)[0] },
         q8_0x8x4: Some(|w, st, a, s, n| unsafe { q8_0x8::<4>(w, st, a, s, n) }),
         q4_0x16: Some(|w, a, s, d, n| unsafe { q4_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
-        q4_0x16x4: Some(|w, a, s, d, n| unsafe { q4_0x16::<4>(w, a, s, d, n) }),
         q4_0x16x8: Some(|w, a, s, d, n| unsafe { q4_0x16::<8>(w, a, s, d, n) }),
+        q4_0x16xn: Some(any_count!(q4_0x16)),
         q8_0x16: Some(|w, a, s, d, n| unsafe { q8_0x16::<1>(w, &[a], &[s], &[d], n)[0] }),
-        q8_0x16x4: Some(|w, a, s, d, n| unsafe { q8_0x16::<4>(w, a, s, d, n) }),
         q8_0x16x8: Some(|w, a, s, d, n| unsafe { q8_0x16::<8>(w, a, s, d, n) }),
+        q8_0x16xn: Some(any_count!(q8_0x16)),
         q4_1x16: Some(|w, a, s, d, n| unsafe { q4_1x16::<1>(w, &[a], &[s], &[d], n)[0] }),
-        q4_1x16x4: Some(|w, a, s, d, n| unsafe { q4_1x16::<4>(w, a, s, d, n) }),
         q4_1x16x8: Some(|w, a, s, d, n| unsafe { q4_1x16::<8>(w, a, s, d, n) }),
+        q4_1x16xn: Some(any_count!(q4_1x16)),
         name: "avx512vnni",
         ..super::avx2::kernels()
     }

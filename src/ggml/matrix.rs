@@ -5,7 +5,7 @@
 //! weights are never dequantized on the hot path.
 
 use super::blocks::{self, X8Layout, Q4_0X8_ROWS, X16_ROWS, Q8_0_BYTES, Q8_K_BYTES, QK, QK_K};
-use super::kernels::{Dot4Fn, DotFn, Gemm4x16Fn, Gemm4x8Fn, Gemm8x16Fn, Gemv16Fn, Gemv8Fn, Kernels, PairTerm, Tile2x4Fn, Q4_0_PAIR_TERM, Q4_1_PAIR_TERM, Q8_0_PAIR_TERM};
+use super::kernels::{Dot4Fn, DotFn, Gemm4x8Fn, Gemm8x16Fn, GemmNx16Fn, Gemv16Fn, Gemv8Fn, Kernels, PairTerm, Tile2x4Fn, Q4_0_PAIR_TERM, Q4_1_PAIR_TERM, Q8_0_PAIR_TERM};
 use super::team;
 use super::GgmlType;
 use anyhow::{bail, Result};
@@ -130,9 +130,9 @@ impl QType {
     /// whole pair at a time where the set has them).
     fn x8(self, k: &Kernels) -> X8Kernels {
         match self {
-            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p4: k.q8_0x16x4, p8: k.q8_0x16x8, term: Q8_0_PAIR_TERM },
-            QType::Q4_1 => X8Kernels { g1: k.q4_1x8, g4: k.q4_1x8x4, p1: k.q4_1x16, p4: k.q4_1x16x4, p8: k.q4_1x16x8, term: Q4_1_PAIR_TERM },
-            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p4: k.q4_0x16x4, p8: k.q4_0x16x8, term: Q4_0_PAIR_TERM },
+            QType::Q8_0 => X8Kernels { g1: k.q8_0x8, g4: k.q8_0x8x4, p1: k.q8_0x16, p8: k.q8_0x16x8, pn: k.q8_0x16xn, term: Q8_0_PAIR_TERM },
+            QType::Q4_1 => X8Kernels { g1: k.q4_1x8, g4: k.q4_1x8x4, p1: k.q4_1x16, p8: k.q4_1x16x8, pn: k.q4_1x16xn, term: Q4_1_PAIR_TERM },
+            _ => X8Kernels { g1: k.q4_0x8, g4: k.q4_0x8x4, p1: k.q4_0x16, p8: k.q4_0x16x8, pn: k.q4_0x16xn, term: Q4_0_PAIR_TERM },
         }
     }
 
@@ -248,8 +248,8 @@ struct X8Kernels {
     g1: Gemv8Fn,
     g4: Option<Gemm4x8Fn>,
     p1: Option<Gemv16Fn>,
-    p4: Option<Gemm4x16Fn>,
     p8: Option<Gemm8x16Fn>,
+    pn: Option<GemmNx16Fn>,
     /// What the pair kernels take per activation block in place of `Σq`.
     term: PairTerm,
 }
@@ -567,28 +567,27 @@ impl QuantMatrix {
                 for pi in 0..ng / X16_ROWS {
                     let (r, j0) = (r0 + pi * X16_ROWS, pi * X16_ROWS);
                     let w = &m.data[r * rb..(r + X16_ROWS) * rb];
-                    if let (Some(p1), Some(p4)) = (x8.p1, x8.p4) {
+                    if let (Some(p1), Some(p8), Some(pn)) = (x8.p1, x8.p8, x8.pn) {
                         let mut t = t0;
-                        if let Some(p8) = x8.p8 {
-                            while t + 8 <= t1 {
-                                let k = t - t0..t - t0 + 8;
-                                let y = p8(w, arr(&aa[k.clone()]), arr(&ss[k.clone()]), arr(&dd[k]), nb);
-                                for (u, yu) in y.iter().enumerate() {
-                                    put(&mut dst[t + u][j0..j0 + X16_ROWS], yu);
-                                }
-                                t += 8;
-                            }
-                        }
-                        while t + 4 <= t1 {
-                            let k = t - t0..t - t0 + 4;
-                            let y = p4(w, arr(&aa[k.clone()]), arr(&ss[k.clone()]), arr(&dd[k]), nb);
+                        while t + 8 <= t1 {
+                            let k = t - t0..t - t0 + 8;
+                            let y = p8(w, arr(&aa[k.clone()]), arr(&ss[k.clone()]), arr(&dd[k]), nb);
                             for (u, yu) in y.iter().enumerate() {
                                 put(&mut dst[t + u][j0..j0 + X16_ROWS], yu);
                             }
-                            t += 4;
+                            t += 8;
                         }
-                        for (u, d) in dst.iter_mut().enumerate().take(t1).skip(t) {
-                            put(&mut d[j0..j0 + X16_ROWS], &p1(w, act(u), term(u), sc(u), nb));
+                        // The rest in one pass: a lone token (one sequence decoding) through the
+                        // one-token kernel as it is, two to seven through the any-count one.
+                        if t + 1 == t1 {
+                            put(&mut dst[t][j0..j0 + X16_ROWS], &p1(w, act(t), term(t), sc(t), nb));
+                        } else if t < t1 {
+                            let k = t - t0..t1 - t0;
+                            let mut y = [[0f32; X16_ROWS]; 8];
+                            pn(w, &aa[k.clone()], &ss[k.clone()], &dd[k], nb, &mut y);
+                            for (u, yu) in y[..t1 - t].iter().enumerate() {
+                                put(&mut dst[t + u][j0..j0 + X16_ROWS], yu);
+                            }
                         }
                         continue;
                     }

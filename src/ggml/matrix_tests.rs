@@ -118,7 +118,7 @@ fn many_tokens_give_each_token_its_single_token_result() {
         let m = QuantMatrix::quantize(ty, rows, cols, &w).unwrap();
         for k in &kernels {
             let alone: Vec<Vec<f32>> = (0..37).map(|t| m.matmul_with(&x[t * cols..(t + 1) * cols], 1, k)).collect();
-            for n in [2, 3, 4, 5, 7, 8, 9, 13, 33, 37] {
+            for n in [2, 3, 4, 5, 6, 7, 8, 9, 13, 33, 37] {
                 let y = m.matmul_with(&x[..n * cols], n, k);
                 for t in 0..n {
                     let got: Vec<u32> = y[t * rows..(t + 1) * rows].iter().map(|v| v.to_bits()).collect();
@@ -177,7 +177,7 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
     let kernels = Kernels::all();
     if let Some(v) = kernels.iter().find(|k| k.name == "avx512vnni") {
         // The set this test exists for must really have its tiles.
-        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some() && v.q8_0x8x4.is_some() && v.q4_0x16.is_some() && v.q4_0x16x4.is_some() && v.q8_0x16.is_some() && v.q8_0x16x4.is_some());
+        assert!(v.q8_0t.is_some() && v.q4_0t.is_some() && v.q5_0t.is_some() && v.q4_0x8x4.is_some() && v.q8_0x8x4.is_some() && v.q4_0x16.is_some() && v.q4_0x16xn.is_some() && v.q8_0x16.is_some() && v.q8_0x16xn.is_some());
     }
     for ty in [QType::Q8_0, QType::Q4_0, QType::Q5_0, QType::Q4_1, QType::Q4_K, QType::Q6_K] {
         // 19 and 11 rows: one interleaved pair and row-major rows after it, or none; 300: tasks
@@ -220,15 +220,16 @@ fn tiled_products_equal_the_one_token_kernel_bit_for_bit() {
 /// The pair kernels against the eight-row kernels of the same set on each group of the pair
 /// (read with the pair's stride), bit for bit, for one and four tokens, with scrambled codes
 /// (every byte value, −128 included); the eight-token pair kernels against the four-token
-/// ones on each half of the tokens; whether a product uses them does not depend on the task
-/// split or on how many tokens it has.
+/// ones on each half of the tokens, and the any-count kernels for every count against the
+/// one-token ones; whether a product uses them does not depend on the task split or on how
+/// many tokens it has.
 #[test]
 fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
     let mut tried = 0;
     for k in Kernels::all() {
         for ty in [QType::Q4_0, QType::Q8_0, QType::Q4_1] {
             let x8 = ty.x8(&k);
-            let (Some(p1), Some(p4), Some(p8), Some(g4)) = (x8.p1, x8.p4, x8.p8, x8.g4) else { continue };
+            let (Some(p1), Some(pn), Some(p8), Some(g4)) = (x8.p1, x8.pn, x8.p8, x8.g4) else { continue };
             tried += 1;
             let (rows, cols) = (32, 160);
             let q = QuantMatrix::quantize(ty, rows, cols, &values(rows * cols, 11)).unwrap();
@@ -250,16 +251,36 @@ fn pair_kernels_equal_the_group_kernels_bit_for_bit() {
             let s: [&[i32]; 4] = std::array::from_fn(|t| &sums[t][..]);
             let e: [&[i32]; 4] = std::array::from_fn(|t| &terms[t][..]);
             let d: [&[f32]; 4] = std::array::from_fn(|t| &scales[t][..]);
+            let a8: [&[u8]; 8] = std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]);
+            let e8: [&[i32]; 8] = std::array::from_fn(|t| &terms[t][..]);
+            let d8: [&[f32]; 8] = std::array::from_fn(|t| &scales[t][..]);
             // The second pair, so that the pair kernels do not start at the matrix's first byte.
             let w = &m.data[16 * rb..32 * rb];
-            let wide = p4(w, &a, &e, &d, nb);
-            let eight = p8(w, &std::array::from_fn(|t| &acts[t * ab..(t + 1) * ab]), &std::array::from_fn(|t| &terms[t][..]), &std::array::from_fn(|t| &scales[t][..]), nb);
-            let a2: [&[u8]; 4] = std::array::from_fn(|t| &acts[(t + 4) * ab..(t + 5) * ab]);
-            let upper = p4(w, &a2, &std::array::from_fn(|t| &terms[t + 4][..]), &std::array::from_fn(|t| &scales[t + 4][..]), nb);
+            let p4 = |t0: usize| {
+                let mut y = [[0f32; 16]; 8];
+                pn(w, &a8[t0..t0 + 4], &e8[t0..t0 + 4], &d8[t0..t0 + 4], nb, &mut y);
+                <[[f32; 16]; 4]>::try_from(&y[..4]).unwrap()
+            };
+            let wide = p4(0);
+            let eight = p8(w, &a8, &e8, &d8, nb);
+            let upper = p4(4);
             let bits = |v: &[f32]| v.iter().map(|x| x.to_bits()).collect::<Vec<_>>();
             for t in 0..4 {
                 assert_eq!(bits(&eight[t]), bits(&wide[t]), "{ty} {}: token {t} of eight", k.name);
                 assert_eq!(bits(&eight[t + 4]), bits(&upper[t]), "{ty} {}: token {} of eight", k.name, t + 4);
+            }
+            // Every count from one to eight, starting anywhere: each token's sixteen outputs are
+            // the one-token kernel's.
+            for count in 1..=8 {
+                for first in [0, 8 - count] {
+                    let mut y = [[f32::NAN; 16]; 8];
+                    pn(w, &a8[first..first + count], &e8[first..first + count], &d8[first..first + count], nb, &mut y);
+                    for u in 0..count {
+                        let one = p1(w, a8[first + u], e8[first + u], d8[first + u], nb);
+                        assert_eq!(bits(&y[u]), bits(&one), "{ty} {}: token {u} of {count} from {first}", k.name);
+                    }
+                    assert!(y[count..].iter().flatten().all(|v| v.is_nan()), "{ty} {}: {count} tokens wrote past their outputs", k.name);
+                }
             }
             for h in 0..2 {
                 let narrow = g4(&w[h * 8 * bb..], 16 * bb, a, s, nb);
