@@ -19,7 +19,6 @@ use crate::vocab::VocabExtension;
 use anyhow::{bail, ensure, Context, Result};
 use burn::module::Param;
 use serde::Serialize;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -544,7 +543,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         if let Some(p) = plan {
             line["plan"] = p;
         }
-        writeln!(metrics, "{line}")?;
+        append_line(&mut metrics, &line)?;
         if let Some(b) = &bar {
             b.set_position((step + 1) as u64);
             b.set_message(format!("loss {:.4} scale {} {}", r.loss, r.loss_scale, if r.skipped { "skipped" } else { "" }));
@@ -558,7 +557,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         }
         if recipe.output.eval_every > 0 && done % recipe.output.eval_every == 0 && !recipe.eval.is_empty() {
             let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
-            writeln!(metrics, "{}", serde_json::json!({"step": done, "eval": ev}))?;
+            append_line(&mut metrics, &serde_json::json!({"step": done, "eval": ev}))?;
         }
         // A stop asked for while the run still has steps to go: a checkpoint here, then an error,
         // so that a script does not go on to merge an adapter that was never written.
@@ -604,7 +603,7 @@ fn run(opts: &TrainOptions, t_entry: Instant, recipe: Recipe, out: &Path) -> Res
         adapter_out = Some(dir);
         if !recipe.eval.is_empty() {
             let ev = evaluate(&recipe, &model, tokenizer.as_deref(), added_from, &base_device)?;
-            writeln!(metrics, "{}", serde_json::json!({"step": total, "eval": ev}))?;
+            append_line(&mut metrics, &serde_json::json!({"step": total, "eval": ev}))?;
         }
         if recipe.output.plots {
             if let Err(e) = super::plot::plot_metrics(&metrics_path, &out, &source_names) {
@@ -752,6 +751,13 @@ fn mix_config(recipe: &Recipe, pad_id: u32) -> MixConfig {
     c.packing = recipe.mix.packing;
     c.pad_id = pad_id;
     c
+}
+
+/// One line of `metrics.jsonl` in one write: `writeln!` on the file wrote a JSON value in
+/// pieces, ~160 system calls a step.
+fn append_line(f: &mut std::fs::File, v: &serde_json::Value) -> std::io::Result<()> {
+    use std::io::Write;
+    f.write_all(format!("{v}\n").as_bytes())
 }
 
 /// `metrics.jsonl` open for appending, holding exactly the lines up to step `start`, as an
