@@ -26,8 +26,8 @@ use std::sync::Arc;
 /// thread pool. They are not: the `gemm` crate's split of such a skinny product cost more than
 /// it saved at every size measured on a 2-core Zen 4 (rank 8, `in`/`out` 576–1536): at 256
 /// tokens each took 1.4–5× as long split as on one thread (the six of a 576×576 projection
-/// 238 µs against 492–672), at 4,096 tokens the two were even. On the quickstart's step that
-/// is ~0.05–0.09 s of ~1.4 (BENCHMARKS.md, "The LoRA branch's products on one thread").
+/// 238 µs against 492–672), at 4,096 tokens the two were even. The quickstart's student step
+/// took ~0.04 s less (of ~0.95; BENCHMARKS.md, "The LoRA branch's products on one thread").
 const RANK_PRODUCTS_SPLIT: bool = false;
 
 /// Forward on host values: `x`, `xd` `[n, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
