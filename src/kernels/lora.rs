@@ -22,13 +22,17 @@ use burn_autodiff::ops::{Backward, Ops};
 use burn_flex::{Flex, FlexTensor};
 use std::sync::Arc;
 
-/// Whether the branch's rank-r products (one dimension is the rank) are split over the
-/// thread pool. They are not: the `gemm` crate's split of such a skinny product cost more than
-/// it saved at every size measured on a 2-core Zen 4 (rank 8, `in`/`out` 576–1536): at 256
-/// tokens each took 1.4–5× as long split as on one thread (the six of a 576×576 projection
-/// 238 µs against 492–672), at 4,096 tokens the two were even. The quickstart's student step
-/// took ~0.04 s less (of ~0.95; BENCHMARKS.md, "The LoRA branch's products on one thread").
-const RANK_PRODUCTS_SPLIT: bool = false;
+/// Whether the branch's rank-r products (one dimension is the rank) over `n` tokens are split
+/// over the thread pool: only from 4,096 tokens. Below that, the `gemm` crate's split of such
+/// a skinny product cost more than it saved at every size measured on a 2-core Zen 4 (rank 8,
+/// `in`/`out` 576–1536): at 256 tokens each took 1.1–5× as long split as on one thread (the
+/// six of a 576×576 projection 238 µs against 492–672), at 1,024 1.2–2.3×; at 4,096 the two
+/// were even, and there a CPU with more cores can gain from the split. The quickstart's
+/// student step took ~0.04 s less (of ~0.95; BENCHMARKS.md, "The LoRA branch's products on
+/// one thread").
+fn split_rank_products(n: usize) -> bool {
+    n >= 4096
+}
 
 /// Forward on host values: `x`, `xd` `[n, in]`, `w` `[out, in]`, `a` `[r, in]`, `b` `[out, r]`.
 /// Returns `y` `[n, out]` and `u = xd·Aᵀ` `[n, r]` (kept for the gradient of B). With `packed`,
@@ -44,8 +48,8 @@ pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], sc
         }
     };
     let mut u = vec![0f32; n * r];
-    gemm(&mut u, r, [n, r, inp], View::rows(xd, 0, inp), View::t(a, 0, inp), 1.0, false, RANK_PRODUCTS_SPLIT);
-    gemm(&mut y, out, [n, out, r], View::rows(&u, 0, r), View::t(b, 0, r), scale, true, RANK_PRODUCTS_SPLIT);
+    gemm(&mut u, r, [n, r, inp], View::rows(xd, 0, inp), View::t(a, 0, inp), 1.0, false, split_rank_products(n));
+    gemm(&mut y, out, [n, out, r], View::rows(&u, 0, r), View::t(b, 0, r), scale, true, split_rank_products(n));
     (y, u)
 }
 
@@ -55,7 +59,7 @@ pub fn forward_values(x: &[f32], xd: &[f32], w: &[f32], a: &[f32], b: &[f32], sc
 #[allow(clippy::too_many_arguments)]
 pub fn backward_values(xd: &[f32], u: &[f32], w: &[f32], a: &[f32], b: &[f32], dy: &[f32], scale: f32, same_input: bool, [n, inp, out, r]: [usize; 4], packed: Option<&FrozenPacked>) -> (Vec<f32>, Option<Vec<f32>>, Vec<f32>, Vec<f32>) {
     let mut dyb = vec![0f32; n * r];
-    gemm(&mut dyb, r, [n, r, out], View::rows(dy, 0, out), View::rows(b, 0, r), 1.0, false, RANK_PRODUCTS_SPLIT);
+    gemm(&mut dyb, r, [n, r, out], View::rows(dy, 0, out), View::rows(b, 0, r), 1.0, false, split_rank_products(n));
     let mut dx = match packed {
         Some(p) => p.backward(dy, n),
         None => {
@@ -65,17 +69,17 @@ pub fn backward_values(xd: &[f32], u: &[f32], w: &[f32], a: &[f32], b: &[f32], d
         }
     };
     let dxd = if same_input {
-        gemm(&mut dx, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, true, RANK_PRODUCTS_SPLIT);
+        gemm(&mut dx, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, true, split_rank_products(n));
         None
     } else {
         let mut g = vec![0f32; n * inp];
-        gemm(&mut g, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, false, RANK_PRODUCTS_SPLIT);
+        gemm(&mut g, inp, [n, inp, r], View::rows(&dyb, 0, r), View::rows(a, 0, inp), scale, false, split_rank_products(n));
         Some(g)
     };
     let mut da = vec![0f32; r * inp];
-    gemm(&mut da, inp, [r, inp, n], View::t(&dyb, 0, r), View::rows(xd, 0, inp), scale, false, RANK_PRODUCTS_SPLIT);
+    gemm(&mut da, inp, [r, inp, n], View::t(&dyb, 0, r), View::rows(xd, 0, inp), scale, false, split_rank_products(n));
     let mut db = vec![0f32; out * r];
-    gemm(&mut db, r, [out, r, n], View::t(dy, 0, out), View::rows(u, 0, r), scale, false, RANK_PRODUCTS_SPLIT);
+    gemm(&mut db, r, [out, r, n], View::t(dy, 0, out), View::rows(u, 0, r), scale, false, split_rank_products(n));
     (dx, dxd, da, db)
 }
 
